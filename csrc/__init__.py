@@ -1,0 +1,1 @@
+"""C++ and CUDA sources of minaction, shipped as package data and compiled on first use."""

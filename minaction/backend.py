@@ -1,0 +1,133 @@
+"""Which kernel backend runs, and why.
+
+Backends: ``reference`` (plain PyTorch autograd, the oracle, always available),
+``cpu`` (C++ in ``csrc/``, JIT-built with ninja on first use and cached),
+``triton`` (``kernels/``; CUDA GPUs, or CPU tensors under ``TRITON_INTERPRET=1``),
+``cuda`` (CUDA C++ in ``csrc/``, built on first use when torch has CUDA).
+
+Selection: ``MINACTION_BACKEND`` (or :func:`set_backend` / :func:`use_backend`) forces
+one; a forced backend that cannot run on the tensor's device raises. Otherwise the
+best available backend for the device is chosen (CPU: ``cpu``; CUDA: ``triton`` then
+``cuda``), falling back to ``reference`` with a single warning that says why.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+_MODULES = {
+    "cpu": "minaction.backends.cpu",
+    "triton": "minaction.backends.triton",
+    "cuda": "minaction.backends.cuda",
+    "composite": "minaction.backends.composite",
+}
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+_lock = threading.Lock()
+_avail_cache: dict = {}
+_forced: str | None = None
+_warned: set = set()
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown minaction backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def module(name: str):
+    """The Python module implementing backend primitives (see ``minaction.backends``)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def available(name: str, device="cpu") -> tuple[bool, str]:
+    """Whether backend ``name`` can run on ``device``, and a sentence saying why (not)."""
+    _check_name(name)
+    dev = torch.device(device)
+    if name == "reference":
+        return True, "plain PyTorch autograd runs everywhere"
+    key = (name, dev.type)
+    with _lock:
+        if key not in _avail_cache:
+            try:
+                ok, why = module(name).available(dev)
+            except Exception as exc:  # an import or build failure is a reason, not a crash
+                ok, why = False, f"{type(exc).__name__}: {exc}"
+            _avail_cache[key] = (bool(ok), str(why))
+        return _avail_cache[key]
+
+
+def forced() -> str | None:
+    if _forced is not None:
+        return _forced
+    env = os.environ.get("MINACTION_BACKEND", "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    return _check_name(env)
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for this process (``None`` or ``"auto"`` restores automatic choice)."""
+    global _forced
+    _forced = None if name in (None, "auto") else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Context manager form of :func:`set_backend`."""
+    global _forced
+    old = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = old
+
+
+def select(device) -> str:
+    """The backend that will run for tensors on ``device``."""
+    dev = torch.device(device)
+    f = forced()
+    if f is not None:
+        ok, why = available(f, dev)
+        if not ok:
+            raise RuntimeError(f"minaction backend {f!r} was forced but cannot run on {dev.type}: {why}")
+        return f
+    reasons = []
+    for name in _AUTO_ORDER.get(dev.type, ()):
+        ok, why = available(name, dev)
+        if ok:
+            return name
+        reasons.append(f"{name}: {why}")
+    if dev.type not in _warned:
+        _warned.add(dev.type)
+        msg = "; ".join(reasons) if reasons else f"no fused backend exists for device type {dev.type!r}"
+        warnings.warn(f"minaction: using the slow 'reference' backend on {dev.type} ({msg})", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def backend_info(device=None) -> dict:
+    """Which backend is active for ``device`` (default: CPU, and CUDA if present) and why."""
+    devices = [torch.device(device)] if device is not None else [torch.device("cpu")] + (
+        [torch.device("cuda")] if torch.cuda.is_available() else [])
+    out = {"forced": forced(), "devices": {}}
+    for dev in devices:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                active = select(dev)
+                err = None
+            except RuntimeError as exc:
+                active, err = None, str(exc)
+        out["devices"][dev.type] = {
+            "active": active,
+            "error": err,
+            "available": {n: dict(zip(("ok", "why"), available(n, dev))) for n in BACKENDS},
+        }
+    return out

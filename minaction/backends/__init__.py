@@ -1,0 +1,32 @@
+"""Kernel backends of the fused energy operators.
+
+Every backend implements the same four primitives on 3-D "grouped" tensors
+(``G`` independent models, ``M`` rows each, ``K`` inputs, ``N`` outputs); the
+un-batched layer is simply ``G == 1``. ``composite.py`` is the executable
+specification in plain PyTorch ops; the compiled backends (``cpu`` = C++ in
+``csrc/``, ``triton`` = ``kernels/``, ``cuda`` = ``csrc/*.cu``) must match it.
+
+    linear_forward(x[G,M,K], w[G,N,K], b[G,N]|None, act, p, scale, keep_z)
+        -> y[G,M,N], z[G,M,N] (or an empty tensor when not kept), e[G]
+    linear_backward(gy[G,M,N], ge[G], x, w, y, z, act, p, scale,
+                    need_x, need_w, need_b)
+        -> gx[G,M,K]|empty, gw[G,N,K]|empty, gb[G,N]|empty
+    act_forward(z[G,M,N], act, p, scale, keep_z) -> y, z|empty, e[G]
+    act_backward(gy, ge, y, z, act, p, scale) -> gz[G,M,N]
+
+with ``y = act(z)``, ``z = x @ w^T + b``, ``e[g] = scale * sum |y[g]|^p`` (``p`` in
+{1, 2}; ``p == 0`` means no energy and ``e`` is zeros), and the backward
+``gz = (gy + ge[g] * scale * d|y|^p/dy) * act'(z)``. ``e`` is float32 for
+half/bfloat16 inputs and the input dtype otherwise. ``keep_z`` is true only for
+activations whose derivative needs ``z`` (gelu, silu).
+"""
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
+# activations whose derivative cannot be written in terms of the output y alone
+NEEDS_Z = frozenset({"gelu", "silu"})
+
+
+def energy_dtype(dtype):
+    import torch
+
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

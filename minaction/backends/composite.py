@@ -1,0 +1,103 @@
+"""The backend primitives written in plain PyTorch ops: the executable specification.
+
+Used as the fallback inside the fused operators when no compiled backend is present
+for a device, and by the kernel tests as a second oracle. See ``__init__`` for the
+contract.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import energy_dtype
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def apply_act(z: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "relu":
+        return torch.relu(z)
+    if act == "gelu":
+        return torch.nn.functional.gelu(z)
+    if act == "silu":
+        return torch.nn.functional.silu(z)
+    if act == "tanh":
+        return torch.tanh(z)
+    if act == "sigmoid":
+        return torch.sigmoid(z)
+    if act == "identity":
+        return z
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def act_grad(y: torch.Tensor, z: torch.Tensor, act: str) -> torch.Tensor:
+    """d act / d z, from the output y (or z where the derivative needs it)."""
+    if act == "relu":
+        return (y > 0).to(y.dtype)
+    if act == "identity":
+        return torch.ones_like(y)
+    if act == "tanh":
+        return 1 - y * y
+    if act == "sigmoid":
+        return y * (1 - y)
+    if act == "gelu":
+        zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        cdf = 0.5 * (1 + torch.erf(zf * _INV_SQRT2))
+        pdf = torch.exp(-0.5 * zf * zf) * _INV_SQRT2PI
+        return (cdf + zf * pdf).to(z.dtype)
+    if act == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def energy_of(y: torch.Tensor, p: int, scale: float) -> torch.Tensor:
+    G = y.shape[0]
+    edt = energy_dtype(y.dtype)
+    if p == 0:
+        return torch.zeros(G, dtype=edt, device=y.device)
+    yf = y.to(edt).reshape(G, -1)
+    if p == 2:
+        return (yf * yf).sum(1) * scale
+    return yf.abs().sum(1) * scale
+
+
+def energy_grad_term(y: torch.Tensor, ge: torch.Tensor, p: int, scale: float) -> torch.Tensor:
+    """ge[g] * scale * d|y|^p / dy, broadcast over [G, M, N]."""
+    c = (ge.to(y.dtype) * scale).view(-1, 1, 1)
+    if p == 2:
+        return 2 * c * y
+    return c * torch.sign(y)
+
+
+def act_forward(z, act, p, scale, keep_z):
+    y = apply_act(z, act)
+    e = energy_of(y, p, scale)
+    return y, (z if keep_z else z.new_empty(0)), e
+
+
+def act_backward(gy, ge, y, z, act, p, scale):
+    g = gy if p == 0 else gy + energy_grad_term(y, ge, p, scale)
+    return g * act_grad(y, z, act)
+
+
+def linear_forward(x, w, b, act, p, scale, keep_z):
+    z = torch.bmm(x, w.transpose(1, 2))
+    if b is not None:
+        z = z + b.unsqueeze(1)
+    return act_forward(z, act, p, scale, keep_z)
+
+
+def linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
+    gz = act_backward(gy, ge, y, z, act, p, scale)
+    empty = gy.new_empty(0)
+    gx = torch.bmm(gz, w) if need_x else empty
+    gw = torch.bmm(gz.transpose(1, 2), x) if need_w else empty
+    gb = gz.sum(1) if need_b else empty
+    return gx, gw, gb
+
+
+def available(device: torch.device):
+    return True, "plain PyTorch ops run on every device"

@@ -1,0 +1,47 @@
+"""The ``minaction`` command line.
+
+Subcommands live next to the code they drive: each of ``minaction.data.cli``,
+``minaction.study.cli`` and ``minaction.report.cli`` defines ``register(subparsers)``,
+which adds its parsers and sets ``func`` (called with the parsed args; its return value
+is the exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+_SUBMODULES = ("minaction.data.cli", "minaction.study.cli", "minaction.report.cli")
+
+
+def _info(args) -> int:
+    import minaction
+
+    print(json.dumps(minaction.backend_info(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minaction", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="which kernel backend is active, and why")
+    p.set_defaults(func=_info)
+    for name in _SUBMODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that part of the package is not present
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

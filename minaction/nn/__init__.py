@@ -1,0 +1,4 @@
+"""Drop-in layers that account their activation energy (see ``minaction.ops``)."""
+from .layers import EnergyLayer, EnergyLinear  # noqa: F401
+
+__all__ = ["EnergyLayer", "EnergyLinear"]

@@ -1,0 +1,249 @@
+"""The fused operators ``minaction::energy_linear`` and ``minaction::activation_energy``.
+
+Each is a ``torch.library`` custom op with a fake (meta) kernel and a registered
+autograd formula, so ``torch.library.opcheck`` and ``torch.compile`` understand it.
+The op receives the backend name as an argument and hands the work to that
+backend's primitives (``minaction.backends``); the ``reference`` backend never
+reaches these ops: it is plain PyTorch autograd, see :func:`energy_linear`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend as _backend
+from ..backends import ACTIVATIONS, NEEDS_Z, composite, energy_dtype
+
+ENERGIES = {"l2": 2, "l1": 1, None: 0, "none": 0}
+REDUCTIONS = ("sum", "mean")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def validate_energy(activation: str, energy, reduction: str) -> int:
+    """Check the layer options; return the energy exponent p (0 = no energy)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if energy not in ENERGIES:
+        raise ValueError(f"energy must be 'l2', 'l1' or None, got {energy!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"energy_reduction must be 'sum' (over units) or 'mean' (over units), got {reduction!r}")
+    return ENERGIES[energy]
+
+
+def _scale(rows: int, cols: int, mean: bool) -> float:
+    # E = mean over rows (samples) of sum (or mean) over units of |y|^p
+    return 1.0 / (max(rows, 1) * (cols if mean else 1))
+
+
+def _prims(name: str):
+    mod = _backend.module(name)
+    return mod
+
+
+# ----------------------------------------------------------------------------- energy_linear
+@torch.library.custom_op("minaction::energy_linear", mutates_args=())
+def _energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, p: int, mean: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    scale = _scale(x.shape[1], weight.shape[1], mean)
+    y, z, e = _prims(backend).linear_forward(x, weight, bias, act, p, scale, act in NEEDS_Z)
+    return y, e, z
+
+
+@_energy_linear.register_fake
+def _(x, weight, bias, act, p, mean, backend):
+    G, M, _ = x.shape
+    N = weight.shape[1]
+    y = x.new_empty((G, M, N))
+    z = x.new_empty((G, M, N)) if act in NEEDS_Z else x.new_empty(0)
+    return y, x.new_empty((G,), dtype=energy_dtype(x.dtype)), z
+
+
+@torch.library.custom_op("minaction::energy_linear_backward", mutates_args=())
+def _energy_linear_backward(gy: Tensor, ge: Tensor, x: Tensor, weight: Tensor, y: Tensor, z: Tensor, act: str,
+                            p: int, mean: bool, need_x: bool, need_w: bool, need_b: bool,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    scale = _scale(x.shape[1], weight.shape[1], mean)
+    gx, gw, gb = _prims(backend).linear_backward(gy, ge, x, weight, y, z, act, p, scale, need_x, need_w, need_b)
+    return gx, gw, gb
+
+
+@_energy_linear_backward.register_fake
+def _(gy, ge, x, weight, y, z, act, p, mean, need_x, need_w, need_b, backend):
+    G, N = weight.shape[0], weight.shape[1]
+    e = gy.new_empty(0)
+    return (x.new_empty(x.shape) if need_x else e, weight.new_empty(weight.shape) if need_w else e,
+            gy.new_empty((G, N)) if need_b else e)
+
+
+def _el_setup(ctx, inputs, output):
+    x, weight, bias, act, p, mean, backend = inputs
+    y, _, z = output
+    ctx.save_for_backward(x, weight, y, z)
+    ctx.cfg = (act, p, mean, backend, bias is not None)
+
+
+def _el_backward(ctx, gy, ge, _gz):
+    x, weight, y, z = ctx.saved_tensors
+    act, p, mean, backend, has_bias = ctx.cfg
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if gy is None:
+        gy = torch.zeros_like(y)
+    if ge is None:
+        ge = torch.zeros(y.shape[0], dtype=energy_dtype(y.dtype), device=y.device)
+    if not (need_x or need_w or need_b):
+        return None, None, None, None, None, None, None
+    gx, gw, gb = _energy_linear_backward(gy.contiguous(), ge.contiguous(), x, weight, y, z, act, p, mean,
+                                         bool(need_x), bool(need_w), bool(need_b and has_bias), backend)
+    return (gx if need_x else None, gw if need_w else None, gb if (need_b and has_bias) else None,
+            None, None, None, None)
+
+
+_energy_linear.register_autograd(_el_backward, setup_context=_el_setup)
+
+
+# ----------------------------------------------------------------------------- activation_energy
+@torch.library.custom_op("minaction::activation_energy", mutates_args=())
+def _activation_energy(z: Tensor, act: str, p: int, mean: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    scale = _scale(z.shape[1], z.shape[2], mean)
+    y, zs, e = _prims(backend).act_forward(z, act, p, scale, act in NEEDS_Z)
+    if zs.numel() and zs.data_ptr() == z.data_ptr():
+        zs = zs.clone()  # a custom op may not return an alias of its input
+    return y, e, zs
+
+
+@_activation_energy.register_fake
+def _(z, act, p, mean, backend):
+    G = z.shape[0]
+    zs = z.new_empty(z.shape) if act in NEEDS_Z else z.new_empty(0)
+    return z.new_empty(z.shape), z.new_empty((G,), dtype=energy_dtype(z.dtype)), zs
+
+
+@torch.library.custom_op("minaction::activation_energy_backward", mutates_args=())
+def _activation_energy_backward(gy: Tensor, ge: Tensor, y: Tensor, z: Tensor, act: str, p: int, mean: bool,
+                                backend: str) -> Tensor:
+    scale = _scale(y.shape[1], y.shape[2], mean)
+    return _prims(backend).act_backward(gy, ge, y, z, act, p, scale)
+
+
+@_activation_energy_backward.register_fake
+def _(gy, ge, y, z, act, p, mean, backend):
+    return gy.new_empty(gy.shape)
+
+
+def _ae_setup(ctx, inputs, output):
+    _, act, p, mean, backend = inputs
+    y, _, zs = output
+    ctx.save_for_backward(y, zs)
+    ctx.cfg = (act, p, mean, backend)
+
+
+def _ae_backward(ctx, gy, ge, _gz):
+    y, zs = ctx.saved_tensors
+    act, p, mean, backend = ctx.cfg
+    if gy is None:
+        gy = torch.zeros_like(y)
+    if ge is None:
+        ge = torch.zeros(y.shape[0], dtype=energy_dtype(y.dtype), device=y.device)
+    return _activation_energy_backward(gy.contiguous(), ge.contiguous(), y, zs, act, p, mean, backend), \
+        None, None, None, None
+
+
+_activation_energy.register_autograd(_ae_backward, setup_context=_ae_setup)
+
+
+# ----------------------------------------------------------------------------- public functions
+def _check_tensor(name, t, like=None):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; minaction supports float32, float64, bfloat16, float16")
+    if like is not None:
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}; cast one of them")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+
+
+def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "relu",
+                  energy: Optional[str] = "l2", reduction: str = "sum", backend: Optional[str] = None):
+    """``y = act(x @ weight.T + bias)`` and its activation energy ``E`` in one fused pass.
+
+    Shapes: ``weight [N, K]`` with ``x [..., K]`` -> ``y [..., N]``, ``E`` 0-dim; or the
+    batched form for G independent models, ``weight [G, N, K]``, ``bias [G, N]`` with
+    ``x [G, M, K]`` (or a shared ``x [M, K]``) -> ``y [G, M, N]``, ``E [G]``.
+    ``E = mean over rows of sum (reduction="sum") or mean ("mean") over units of |y|^p``.
+    """
+    p = validate_energy(activation, energy, reduction)
+    _check_tensor("input", x)
+    _check_tensor("weight", weight, x)
+    if bias is not None:
+        _check_tensor("bias", bias, x)
+    if weight.dim() not in (2, 3):
+        raise ValueError(f"weight must be [out, in] or [models, out, in], got shape {tuple(weight.shape)}")
+    K = weight.shape[-1]
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"input has shape {tuple(x.shape)} but the layer expects {K} input features (last dim)")
+    batched = weight.dim() == 3
+    if batched:
+        G, N = weight.shape[0], weight.shape[1]
+        if bias is not None and tuple(bias.shape) != (G, N):
+            raise ValueError(f"bias must have shape {(G, N)} for weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+        if x.dim() == 2:
+            x3 = x.unsqueeze(0).expand(G, -1, -1)
+        elif x.dim() == 3 and x.shape[0] == G:
+            x3 = x
+        else:
+            raise ValueError(f"batched layer with {G} models expects input [{G}, M, {K}] or [M, {K}], "
+                             f"got {tuple(x.shape)}")
+        w3, b2, out_shape = weight, bias, None
+    else:
+        N = weight.shape[0]
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        x3 = x.reshape(1, -1, K)
+        w3 = weight.unsqueeze(0)
+        b2 = bias.unsqueeze(0) if bias is not None else None
+        out_shape = x.shape[:-1] + (N,)
+    name = backend if backend is not None else _backend.select(x.device)
+    if name == "reference":
+        z = torch.baddbmm(b2.unsqueeze(1), x3, w3.transpose(1, 2)) if b2 is not None else torch.bmm(
+            x3, w3.transpose(1, 2))
+        y = composite.apply_act(z, activation)
+        e = composite.energy_of(y, p, _scale(y.shape[1], y.shape[2], reduction == "mean"))
+    else:
+        if not x3.is_contiguous():
+            x3 = x3.contiguous()
+        y, e, _ = _energy_linear(x3, w3.contiguous(), None if b2 is None else b2.contiguous(), activation, p,
+                                 reduction == "mean", name)
+    if out_shape is not None:
+        return y.reshape(out_shape), e.reshape(())
+    return y, e
+
+
+def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str] = "l2", reduction: str = "sum",
+                      groups: int = 0, backend: Optional[str] = None):
+    """``y = act(z)`` and the energy of ``y`` in one pass (the epilogue used after convolutions).
+
+    ``z`` is ``[B, ...]`` (one model: E is 0-dim, a mean over B of the sum/mean over all
+    other dims) or, with ``groups=G``, ``[G, B, ...]`` (G models: E is ``[G]``).
+    """
+    p = validate_energy(activation, energy, reduction)
+    _check_tensor("input", z)
+    if z.dim() < 1 + bool(groups):
+        raise ValueError(f"input of shape {tuple(z.shape)} has no batch dimension")
+    if groups:
+        if z.shape[0] != groups:
+            raise ValueError(f"expected {groups} models in dim 0, got shape {tuple(z.shape)}")
+        z3 = z.reshape(groups, z.shape[1], -1)
+    else:
+        z3 = z.reshape(1, z.shape[0], -1)
+    name = backend if backend is not None else _backend.select(z.device)
+    if name == "reference":
+        y = composite.apply_act(z3, activation)
+        e = composite.energy_of(y, p, _scale(y.shape[1], y.shape[2], reduction == "mean"))
+    else:
+        y, e, _ = _activation_energy(z3.contiguous(), activation, p, reduction == "mean", name)
+    y = y.reshape(z.shape)
+    return (y, e) if groups else (y, e.reshape(()))
