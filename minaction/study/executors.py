@@ -1,0 +1,147 @@
+"""Where groups of runs train: ``local`` (process pool), ``dask`` (dask.distributed), ``ray``.
+
+Every executor exposes the same small interface, built on ``concurrent.futures``:
+``submit(fn, task) -> concurrent.futures.Future``, ``restart()`` (after a lost worker),
+``close()``, and ``workers`` (its parallelism). The driver waits on the futures with
+``concurrent.futures.wait`` and is the only process that writes the database.
+
+- ``local``: a ``ProcessPoolExecutor`` in the ``forkserver`` context (``spawn`` where
+  forkserver does not exist); each worker runs with one torch thread. No server needed.
+- ``dask``: a ``dask.distributed.Client`` on a ``LocalCluster`` of ``workers`` processes
+  with one thread each, bound to 127.0.0.1 with no dashboard, or on ``scheduler``
+  (``tcp://host:port``) for a real cluster. ``client.get_executor()`` gives standard futures.
+- ``ray``: ``ray.init()`` (or ``ray.init(address=scheduler)``), one CPU per task; optional,
+  needs ``pip install 'minaction[ray]'``.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+
+EXECUTORS = ("local", "dask", "ray")
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _init_local_worker(threads):
+    from .trainer import init_worker
+
+    init_worker(threads)
+
+
+class LocalExecutor:
+    """A process pool; a dead worker breaks the pool, so :meth:`restart` builds a new one."""
+
+    name = "local"
+
+    def __init__(self, workers=None, threads=1):
+        self.workers = int(workers or default_workers())
+        self.threads = threads
+        methods = mp.get_all_start_methods()
+        self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+        self._pool = None
+        self.restart()
+
+    def restart(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=_init_local_worker,
+                                            initargs=(self.threads,))
+
+    def submit(self, fn, task) -> cf.Future:
+        return self._pool.submit(fn, task)
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class DaskExecutor:
+    """dask.distributed: a loopback ``LocalCluster`` by default, or an existing scheduler."""
+
+    name = "dask"
+
+    def __init__(self, workers=None, scheduler=None, threads=1):
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError as exc:  # pragma: no cover - dask is a test dependency
+            raise RuntimeError("the dask executor needs dask.distributed: pip install 'minaction[dask]'") from exc
+        self.threads = threads
+        self._cluster = None
+        if scheduler:
+            self._client = Client(scheduler)
+            info = self._client.scheduler_info()
+            self.workers = max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
+        else:
+            self.workers = int(workers or default_workers())
+            self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                         host="127.0.0.1", dashboard_address=None, silence_logs=40)
+            self._client = Client(self._cluster)
+        self._executor = self._client.get_executor(pure=False, retries=1)
+
+    def restart(self):
+        pass  # the scheduler replaces lost workers and retries the task itself
+
+    def submit(self, fn, task) -> cf.Future:
+        return self._executor.submit(fn, task)
+
+    def close(self):
+        try:
+            self._client.close()
+        finally:
+            if self._cluster is not None:
+                self._cluster.close()
+
+
+class RayExecutor:
+    """Ray tasks with one CPU each (``pip install 'minaction[ray]'``)."""
+
+    name = "ray"
+
+    def __init__(self, workers=None, scheduler=None, threads=1):
+        try:
+            import ray
+        except ImportError as exc:
+            raise RuntimeError("the ray executor needs Ray, which is not installed: "
+                               "pip install 'minaction[ray]' (or use --executor local or dask)") from exc
+        self._ray = ray
+        self.threads = threads
+        if not ray.is_initialized():
+            if scheduler:
+                ray.init(address=scheduler)
+            else:
+                ray.init(num_cpus=int(workers or default_workers()), include_dashboard=False)
+        self.workers = int(workers or ray.available_resources().get("CPU", 1))
+        self._remote = {}
+
+    def restart(self):
+        pass  # tasks are retried by Ray (max_retries)
+
+    def submit(self, fn, task) -> cf.Future:
+        r = self._remote.get(fn)
+        if r is None:
+            r = self._remote[fn] = self._ray.remote(num_cpus=1, max_retries=1)(fn)
+        return r.remote(task).future()
+
+    def close(self):
+        pass  # leave a user's Ray session to them
+
+
+def make_executor(name: str, workers=None, scheduler=None, threads: int = 1):
+    """An executor by name (see :data:`EXECUTORS`)."""
+    if name == "local":
+        if scheduler:
+            raise ValueError("--scheduler applies to the dask and ray executors, not local")
+        return LocalExecutor(workers, threads)
+    if name == "dask":
+        return DaskExecutor(workers, scheduler, threads)
+    if name == "ray":
+        return RayExecutor(workers, scheduler, threads)
+    raise ValueError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")

@@ -1,0 +1,200 @@
+"""Study presets (TOML files) and their expansion into runs.
+
+A preset file (``minaction/study/presets/<name>.toml``, or any path) holds::
+
+    name = "smoke"
+    description = "..."
+    archs = ["mlp", "cnn"]
+    datasets = ["mnist", "sst2", ...]
+    lams = [0.0, 1e-3]
+    seeds = [0, 1]
+    group_by = "seed"          # which runs share one batched model: "seed", "seed+lam" or "none"
+    max_group = 10             # at most this many members per batched model
+
+    [budget]                   # the training budget: part of every run's configuration
+    epochs = 2
+    batch_size = 64
+    lr = 1e-3
+    optimizer = "adam"
+    train_subset = 512         # samples drawn (seeded) from the train split; 0 = all
+    val_subset = 256
+    test_subset = 256
+    data_seed = 0              # batch order and subsets; shared by every seed (see below)
+    width = 64                 # passed to minaction.models.build (omit or 0 for the default)
+    depth = 0
+    energy = "l2"
+    activation = "relu"
+    energy_reduction = "sum"
+
+    [budget_by_dataset.sst2]   # optional per-dataset overrides of [budget]
+    epochs = 3
+
+    [data_opts.nmnist]         # optional keyword options for minaction.data.load(name, ...)
+    T = 8
+
+    [[extra]]                  # optional further (arch, dataset) blocks with their own lists
+    archs = [...]; datasets = [...]; lams = [...]; seeds = [...]
+
+A run's configuration is the dict returned by :func:`run_config`; its identity
+(``run_id``) is a hash of that whole dict, so any change to the budget, the data options
+or the trainer version makes a new run, and the same configuration reached from two
+presets is the same run (trained once per database).
+
+The run's ``seed`` fixes the model initialisation; the data order and subsets come from
+``data_seed``, which every seed shares. That is what lets the seeds of one
+architecture x dataset train as one batched model on the same batches, and it makes a run's
+result independent of which other runs shared its batched model.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import tomllib
+from pathlib import Path
+
+#: Bumped whenever the trainer changes in a way that changes results (part of every run_id).
+TRAINER_VERSION = 1
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+DEFAULT_BUDGET = {
+    "epochs": 2, "batch_size": 64, "lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0,
+    "train_subset": 0, "val_subset": 0, "test_subset": 0, "eval_batch_size": 512, "data_seed": 0,
+    "width": 0, "depth": 0, "energy": "l2", "activation": "relu", "energy_reduction": "sum",
+}
+GROUP_MODES = ("seed", "seed+lam", "none")
+_TOP_KEYS = {"name", "description", "archs", "datasets", "lams", "seeds", "group_by", "max_group", "budget",
+             "budget_by_dataset", "data_opts", "extra", "notes"}
+
+
+class PresetError(ValueError):
+    """A preset file is missing, unreadable or malformed."""
+
+
+def available_presets() -> list:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(preset) -> Path:
+    """The file of preset ``preset`` (a name in ``presets/`` or a path)."""
+    p = Path(str(preset))
+    if p.suffix == ".toml" or p.exists() or "/" in str(preset):
+        if not p.exists():
+            raise PresetError(f"preset file {str(p)!r} does not exist")
+        return p
+    p = PRESET_DIR / f"{preset}.toml"
+    if not p.exists():
+        raise PresetError(f"unknown preset {preset!r}; available: {', '.join(available_presets())} "
+                          f"(or give the path of a .toml file)")
+    return p
+
+
+def load_preset(preset) -> dict:
+    """Read and validate a preset (name, path or an already-loaded dict); returns a dict."""
+    if isinstance(preset, dict):
+        spec = copy.deepcopy(preset)
+        src = "<dict>"
+    else:
+        path = preset_path(preset)
+        src = str(path)
+        try:
+            spec = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise PresetError(f"preset {src}: invalid TOML: {exc}") from exc
+        spec.setdefault("name", path.stem)
+    unknown = set(spec) - _TOP_KEYS
+    if unknown:
+        raise PresetError(f"preset {src}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    for key in ("archs", "datasets", "lams", "seeds"):
+        v = spec.get(key)
+        if not isinstance(v, list) or not v:
+            raise PresetError(f"preset {src}: {key!r} must be a non-empty list")
+    spec["lams"] = [float(x) for x in spec["lams"]]
+    for s in spec["seeds"]:
+        if not isinstance(s, int):
+            raise PresetError(f"preset {src}: seeds must be integers, got {s!r}")
+    for blk in spec.get("extra", []):
+        for key in ("archs", "datasets", "lams", "seeds"):
+            if key in blk and (not isinstance(blk[key], list) or not blk[key]):
+                raise PresetError(f"preset {src}: extra block {key!r} must be a non-empty list")
+        if "lams" in blk:
+            blk["lams"] = [float(x) for x in blk["lams"]]
+    spec.setdefault("group_by", "seed")
+    if spec["group_by"] not in GROUP_MODES:
+        raise PresetError(f"preset {src}: group_by must be one of {GROUP_MODES}, got {spec['group_by']!r}")
+    spec.setdefault("max_group", 10)
+    if not isinstance(spec["max_group"], int) or spec["max_group"] < 1:
+        raise PresetError(f"preset {src}: max_group must be a positive integer")
+    budget = dict(DEFAULT_BUDGET)
+    bad = set(spec.get("budget", {})) - set(DEFAULT_BUDGET)
+    if bad:
+        raise PresetError(f"preset {src}: unknown budget keys {sorted(bad)}; allowed: {sorted(DEFAULT_BUDGET)}")
+    budget.update(spec.get("budget", {}))
+    spec["budget"] = budget
+    for ds, over in spec.get("budget_by_dataset", {}).items():
+        bad = set(over) - set(DEFAULT_BUDGET)
+        if bad:
+            raise PresetError(f"preset {src}: unknown budget keys for {ds}: {sorted(bad)}")
+    if budget["epochs"] < 1 or budget["batch_size"] < 1:
+        raise PresetError(f"preset {src}: epochs and batch_size must be >= 1")
+    if budget["optimizer"] not in ("adam", "sgd"):
+        raise PresetError(f"preset {src}: optimizer must be 'adam' or 'sgd', got {budget['optimizer']!r}")
+    return spec
+
+
+def run_config(spec: dict, arch: str, dataset: str, lam: float, seed: int) -> dict:
+    """The full configuration of one run (what its run_id hashes)."""
+    budget = dict(spec["budget"])
+    budget.update(spec.get("budget_by_dataset", {}).get(dataset, {}))
+    return {
+        "arch": arch, "dataset": dataset, "lam": float(lam), "seed": int(seed),
+        "budget": budget, "data_opts": dict(spec.get("data_opts", {}).get(dataset, {})),
+        "trainer_version": TRAINER_VERSION,
+    }
+
+
+def run_id(config: dict) -> str:
+    """Stable identity of a run: sha256 of its canonical JSON configuration (20 hex digits)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def expand(spec) -> list:
+    """Every run of a preset, in a stable order, as ``{"run_id", "config"}`` dicts (no duplicates)."""
+    spec = load_preset(spec) if not isinstance(spec, dict) or "budget" not in spec else spec
+    blocks = [spec] + [{**{k: spec[k] for k in ("archs", "datasets", "lams", "seeds")}, **b}
+                       for b in spec.get("extra", [])]
+    out, seen = [], set()
+    for b in blocks:
+        for ds, arch, lam, seed in itertools.product(b["datasets"], b["archs"], b["lams"], b["seeds"]):
+            cfg = run_config(spec, arch, ds, lam, seed)
+            rid = run_id(cfg)
+            if rid not in seen:
+                seen.add(rid)
+                out.append({"run_id": rid, "config": cfg})
+    return out
+
+
+def group_key(config: dict, group_by: str) -> str:
+    """Runs with equal keys may share one batched model."""
+    c = dict(config)
+    if group_by == "none":
+        return run_id(c)
+    c.pop("seed")
+    if group_by == "seed+lam":
+        c.pop("lam")
+    return run_id(c)
+
+
+def make_groups(runs: list, group_by: str = "seed", max_group: int = 10) -> list:
+    """Split ``runs`` into lists of runs trained together (each at most ``max_group`` long)."""
+    by: dict = {}
+    for r in runs:
+        by.setdefault(group_key(r["config"], group_by), []).append(r)
+    groups = []
+    for members in by.values():
+        for i in range(0, len(members), max_group):
+            groups.append(members[i:i + max_group])
+    return groups
