@@ -1,0 +1,92 @@
+"""Presets: the shipped files, run identity, grouping, and clear errors for bad presets."""
+import pytest
+
+from minaction.study import presets
+from minaction.study.presets import PresetError, expand, load_preset, make_groups, run_id
+
+MODALITY_OF = {"mnist": "vision", "fashion_mnist": "vision", "sst2": "text", "20newsgroups": "text",
+               "nmnist": "neuromorphic", "mnist_spikes": "neuromorphic", "fashion_mnist_spikes": "neuromorphic",
+               "ecg5000": "physiological", "ecg200": "physiological", "eog_horizontal": "physiological"}
+ARCHS = ("mlp", "cnn", "bimodal_true", "physics_lagrangian")
+
+
+def test_shipped_presets():
+    assert {"smoke", "lambda-sweep", "factorial", "full"} <= set(presets.available_presets())
+    smoke = load_preset("smoke")
+    runs = expand(smoke)
+    assert len(runs) == len(smoke["datasets"]) * 2 * 2 * 2
+    assert len(smoke["archs"]) == 2 and len(smoke["lams"]) == 2 and len(smoke["seeds"]) == 2
+    assert {MODALITY_OF[d] for d in smoke["datasets"]} == {"vision", "text", "neuromorphic", "physiological"}
+    sweep = load_preset("lambda-sweep")
+    assert sweep["lams"] == [0.0, 1e-5, 1e-4, 1e-3, 1e-2]
+    assert set(sweep["datasets"]) == {"mnist", "fashion_mnist"} and len(sweep["seeds"]) == 10
+    assert set(sweep["archs"]) == {"mlp", "bimodal_true", "physics_lagrangian"}
+    fac = load_preset("factorial")
+    assert len(fac["lams"]) == 1 and set(fac["archs"]) == set(ARCHS) and len(fac["seeds"]) == 10
+    full = load_preset("full")
+    fr = expand(full)
+    assert len(fr) >= 2000
+    assert {MODALITY_OF[r["config"]["dataset"]] for r in fr} == {"vision", "text", "neuromorphic", "physiological"}
+    assert {r["config"]["arch"] for r in fr} == set(ARCHS)
+    for r in fr[:3]:  # the training budget is part of every run's configuration
+        assert {"epochs", "train_subset", "batch_size", "lr", "optimizer", "width"} <= set(r["config"]["budget"])
+
+
+def test_run_identity():
+    spec = load_preset("smoke")
+    a, b = expand(spec), expand(load_preset("smoke"))
+    assert [r["run_id"] for r in a] == [r["run_id"] for r in b]
+    assert len({r["run_id"] for r in a}) == len(a)
+    cfg = a[0]["config"]
+    changed = dict(cfg, budget=dict(cfg["budget"], epochs=cfg["budget"]["epochs"] + 1))
+    assert run_id(changed) != run_id(cfg)
+    base = {"name": "x", "archs": ["a"], "datasets": ["d"], "seeds": [0]}
+    ints, floats = expand(dict(base, lams=[0, 1])), expand(dict(base, lams=[0.0, 1.0]))
+    assert [r["run_id"] for r in ints] == [r["run_id"] for r in floats]  # lam is normalised to float
+
+
+def test_groups():
+    spec = {"name": "g", "archs": ["a"], "datasets": ["d"], "lams": [0.0, 1.0], "seeds": list(range(5)),
+            "group_by": "seed", "max_group": 3}
+    spec = load_preset(spec)
+    runs = expand(spec)
+    g = make_groups(runs, "seed", 3)
+    assert sorted(len(x) for x in g) == [2, 2, 3, 3]
+    assert all(len({r["config"]["lam"] for r in x}) == 1 for x in g)
+    assert len(make_groups(runs, "seed+lam", 10)) == 1
+    assert len(make_groups(runs, "none", 10)) == 10
+
+
+def test_budget_by_dataset_and_extra():
+    spec = load_preset({"name": "x", "archs": ["a"], "datasets": ["d1", "d2"], "lams": [0], "seeds": [0],
+                        "budget": {"epochs": 1}, "budget_by_dataset": {"d2": {"epochs": 4}},
+                        "extra": [{"archs": ["b"], "datasets": ["d1"]}]})
+    runs = expand(spec)
+    ep = {(r["config"]["arch"], r["config"]["dataset"]): r["config"]["budget"]["epochs"] for r in runs}
+    assert ep == {("a", "d1"): 1, ("a", "d2"): 4, ("b", "d1"): 1}
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"archs": []}, "archs"),
+    ({"seeds": [1.5]}, "seeds must be integers"),
+    ({"group_by": "arch"}, "group_by"),
+    ({"budget": {"epoch": 1}}, "unknown budget keys"),
+    ({"colour": 1}, "unknown keys"),
+    ({"budget": {"optimizer": "lbfgs"}}, "optimizer"),
+])
+def test_bad_presets(bad, msg):
+    spec = {"name": "x", "archs": ["a"], "datasets": ["d"], "lams": [0], "seeds": [0]}
+    spec.update(bad)
+    with pytest.raises(PresetError, match=msg):
+        load_preset(spec)
+
+
+def test_unknown_preset_name_and_bad_file(tmp_path):
+    with pytest.raises(PresetError, match="unknown preset 'nope'.*smoke"):
+        load_preset("nope")
+    p = tmp_path / "bad.toml"
+    p.write_text("archs = [\n")
+    with pytest.raises(PresetError, match="invalid TOML"):
+        load_preset(p)
+    with pytest.raises(PresetError, match="does not exist"):
+        load_preset(tmp_path / "missing.toml")

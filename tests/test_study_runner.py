@@ -1,0 +1,229 @@
+"""The study driver on the test-only synthetic dataset/model (minaction.study.synthetic):
+resume after SIGKILL, failures, divergence, grouping invariance, dask == local, the CLI."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from minaction.study import run_study, study_status
+from minaction.study.presets import expand
+
+RESULT_COLS = "run_id, status, epochs, train_loss, val_acc, test_acc, test_loss, test_energy, test_active_frac, " \
+              "test_energy_rescaled, n_params"
+
+
+def synth(**over):
+    spec = {"name": "synth", "archs": ["tiny_mlp"], "datasets": ["synthetic"], "lams": [0.0, 1e-3],
+            "seeds": [0, 1, 2], "group_by": "seed", "max_group": 10,
+            "budget": {"epochs": 2, "batch_size": 32, "width": 16, "eval_batch_size": 64}}
+    spec.update(over)
+    return spec
+
+
+def toml_text(spec):
+    lines = []
+    for k, v in spec.items():
+        if not isinstance(v, dict):
+            lines.append(f"{k} = {json.dumps(v)}")
+    for k, v in spec.items():
+        if isinstance(v, dict):
+            lines.append(f"[{k}]")
+            lines += [f"{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def results(db):
+    con = sqlite3.connect(db)
+    try:
+        return {r[0]: r[1:] for r in con.execute(f"SELECT {RESULT_COLS} FROM runs")}
+    finally:
+        con.close()
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][:2] == b[k][:2], k
+        for x, y in zip(a[k][2:], b[k][2:]):
+            assert (x is None and y is None) or x == pytest.approx(y, rel=1e-6, abs=1e-7), (k, a[k], b[k])
+
+
+@pytest.fixture(scope="module")
+def reference_db(tmp_path_factory):
+    """The uninterrupted synthetic study (one process pool, 2 workers)."""
+    db = tmp_path_factory.mktemp("ref") / "ref.sqlite"
+    s = run_study(synth(), db, workers=2, progress=False)
+    assert s["done"] == 6 and s["failed"] == 0
+    return db
+
+
+def test_rows_and_epochs(reference_db):
+    con = sqlite3.connect(reference_db)
+    rows = con.execute("SELECT status, epochs, group_size, modality, backend, preset, test_acc, wall_time_s "
+                       "FROM runs").fetchall()
+    assert len(rows) == 6
+    for st, ep, gs, mod, be, preset, acc, wall in rows:
+        assert (st, ep, gs, mod, preset) == ("done", 2, 3, "synthetic", "synth")
+        assert be and 0 <= acc <= 1 and wall > 0
+    ep = con.execute("SELECT epoch, wall_time_s FROM epochs ORDER BY run_id, epoch").fetchall()
+    assert len(ep) == 12 and [e for e, _ in ep[:2]] == [1, 2]
+    assert ep[1][1] >= ep[0][1]  # cumulative training time
+    cfg = json.loads(con.execute("SELECT config_json FROM runs LIMIT 1").fetchone()[0])
+    assert cfg["budget"]["epochs"] == 2 and cfg["dataset"] == "synthetic"
+
+
+def test_rerun_skips_finished(reference_db):
+    s = run_study(synth(), reference_db, workers=1, progress=False)
+    assert s["already_finished"] == 6 and s["recorded"] == 0
+
+
+def test_grouping_does_not_change_results(reference_db, tmp_path):
+    """A run trained alone equals the same run trained as a member of a batched group."""
+    db = tmp_path / "alone.sqlite"
+    run_study(synth(group_by="none"), db, workers=1, progress=False)
+    assert_same(results(reference_db), results(db))
+    assert {r[0] for r in sqlite3.connect(db).execute("SELECT group_size FROM runs")} == {1}
+
+
+def test_limit_then_resume_in_process(reference_db, tmp_path):
+    db = tmp_path / "part.sqlite"
+    s = run_study(synth(), db, workers=1, progress=False, limit=2)
+    assert s["recorded"] == 2 and s["remaining"] == 4
+    assert study_status(db, synth())["pending"] == 4
+    run_study(synth(), db, workers=1, progress=False)
+    assert_same(results(reference_db), results(db))
+
+
+def test_sigkill_resume(reference_db, tmp_path):
+    """SIGKILL the driver partway; rerun; every run exactly once, same results, integrity ok."""
+    spec = synth(seeds=list(range(3)), lams=[0.0, 1e-3, 1e-2, 1e-1], group_by="none")
+    preset = tmp_path / "synth.toml"
+    preset.write_text(toml_text(spec))
+    db = tmp_path / "killed.sqlite"
+    code = ("import sys; from minaction.study import run_study; "
+            "run_study(sys.argv[1], sys.argv[2], workers=1, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        n = 0
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            if db.exists():
+                try:
+                    con = sqlite3.connect(db, timeout=1)
+                    n = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+                    con.close()
+                except sqlite3.OperationalError:
+                    n = 0
+                if n >= 3:
+                    break
+        assert proc.poll() is None, "the driver finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the orphaned pool workers, if any
+        except ProcessLookupError:
+            pass
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    partial = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    con.close()
+    assert 3 <= partial < 12
+    s = run_study(preset, db, workers=2, progress=False)
+    assert s["already_finished"] == partial and s["recorded"] == 12 - partial
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT run_id) FROM runs").fetchone() == (12, 12)
+    assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 24
+    con.close()
+    full = tmp_path / "uninterrupted.sqlite"
+    run_study(preset, full, workers=2, progress=False)
+    assert_same(results(full), results(db))
+    # the first two lambdas are the reference study's runs: same configuration, same id, same result
+    ref = results(reference_db)
+    got = results(db)
+    assert_same(ref, {k: got[k] for k in ref})
+
+
+def test_failure_is_recorded_and_study_continues(tmp_path):
+    spec = synth(archs=["tiny_fail", "tiny_mlp"], lams=[0.0], seeds=[0, 1])
+    db = tmp_path / "f.sqlite"
+    s = run_study(spec, db, workers=1, progress=False)
+    assert s["failed"] == 2 and s["done"] == 2
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT arch, status, error FROM runs WHERE status = 'failed'").fetchall()
+    assert {r[0] for r in rows} == {"tiny_fail"}
+    assert all("Traceback" in r[2] and "tiny_fail: this architecture always raises" in r[2] for r in rows)
+    # failed runs count as finished unless asked to retry them
+    assert run_study(spec, db, workers=1, progress=False)["recorded"] == 0
+    assert run_study(spec, db, workers=1, progress=False, retry_failed=True)["recorded"] == 2
+
+
+def test_divergence_freezes_one_member(tmp_path):
+    """lam = 1e39 overflows the objective of one member; the others train on unaffected."""
+    spec = synth(lams=[0.0, 1e39], seeds=[0], group_by="seed+lam")
+    db = tmp_path / "d.sqlite"
+    s = run_study(spec, db, workers=1, progress=False)
+    assert s["diverged"] == 1 and s["done"] == 1
+    con = sqlite3.connect(db)
+    st = dict(con.execute("SELECT lam, status FROM runs").fetchall())
+    assert st == {0.0: "done", 1e39: "diverged"}
+    err = con.execute("SELECT error, test_acc FROM runs WHERE status='diverged'").fetchone()
+    assert "non-finite" in err[0] and err[1] is None
+    # the surviving member matches the same run trained alone
+    alone = tmp_path / "alone.sqlite"
+    run_study(synth(lams=[0.0], seeds=[0]), alone, workers=1, progress=False)
+    a, b = results(alone), results(db)
+    assert_same(a, {k: b[k] for k in a})
+
+
+def test_dask_matches_local(reference_db, tmp_path):
+    pytest.importorskip("dask.distributed")
+    db = tmp_path / "dask.sqlite"
+    s = run_study(synth(), db, executor="dask", workers=2, progress=False)
+    assert s["done"] == 6
+    assert_same(results(reference_db), results(db))
+
+
+def test_ray_missing_is_a_clear_error(tmp_path):
+    try:
+        import ray  # noqa: F401
+        pytest.skip("ray is installed")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="pip install 'minaction\\[ray\\]'"):
+        run_study(synth(), tmp_path / "r.sqlite", executor="ray", progress=False)
+
+
+def test_bad_executor(tmp_path):
+    with pytest.raises(ValueError, match="unknown executor"):
+        run_study(synth(), tmp_path / "r.sqlite", executor="slurm", progress=False)
+
+
+def test_cli(reference_db, tmp_path, capsys):
+    from minaction.study import cli
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    cli.register(sub)
+    preset = tmp_path / "synth.toml"
+    preset.write_text(toml_text(synth()))
+    args = parser.parse_args(["study", "status", "--db", str(reference_db), "--preset", str(preset)])
+    assert args.func(args) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["total"] == 6 and st["pending"] == 0 and st["counts"] == {"done": 6}
+    args = parser.parse_args(["study", "run", "--preset", "no-such", "--db", str(tmp_path / "x.sqlite")])
+    assert args.func(args) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    args = parser.parse_args(["study", "run", "--preset", str(preset), "--db", str(tmp_path / "y.sqlite"),
+                              "--workers", "1", "--no-progress", "--limit", "1"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["recorded"] == 1
+    assert len(expand(synth())) == 6
