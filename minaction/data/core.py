@@ -1,0 +1,159 @@
+"""The dataset object handed to models and the study: :class:`DataMeta`, :class:`Dataset`
+and :class:`SpikeDataset` (rate-coded spikes generated per batch)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+MODALITIES = ("vision", "text", "neuromorphic", "physiological")
+
+
+@dataclass(frozen=True)
+class DataMeta:
+    """What a model needs to know about a dataset.
+
+    ``input_shape`` is the per-sample shape in the model layout (what ``batches`` yields
+    after the batch dimension); ``input_dtype`` the torch dtype of those inputs;
+    ``vocab_size`` (text only) counts every id including 0 (padding) and 1 (unknown);
+    ``spike_encoded`` marks inputs generated from static images (not a recording);
+    ``extra`` holds dataset-specific facts (sources, options, statistics).
+    """
+
+    name: str
+    modality: str
+    num_classes: int
+    input_shape: Tuple[int, ...]
+    input_dtype: torch.dtype
+    vocab_size: Optional[int] = None
+    spike_encoded: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+
+
+class Dataset:
+    """One split of a dataset: tensors ``x`` (inputs) and ``y`` (int64 labels ``[N]``).
+
+    ``batches`` iterates in the model layout; ``subset`` draws a seeded random subset;
+    ``to(device)`` moves the tensors (batches are then cut on that device).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, meta: DataMeta, split: str, vocab=None):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        self.x, self.y, self.meta, self.split = x, y, meta, split
+        self.vocab = vocab  # text: list of tokens, index = id
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.meta.name!r}, split={self.split!r}, n={len(self)}, "
+                f"input_shape={tuple(self.meta.input_shape)}, num_classes={self.meta.num_classes})")
+
+    def _like(self, x, y):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.x, new.y = x, y
+        return new
+
+    def to(self, device) -> "Dataset":
+        """A copy whose tensors live on ``device``."""
+        return self._like(self.x.to(device), self.y.to(device))
+
+    def encode(self, x: torch.Tensor, seed: int = 0, batch_index: int = 0) -> torch.Tensor:
+        """Map stored inputs to the model layout (identity here; spikes for ``SpikeDataset``)."""
+        return x
+
+    def __getitem__(self, idx):
+        """``(x, y)`` for an int, slice or index tensor (inputs encoded with seed 0)."""
+        if isinstance(idx, int):
+            xb, yb = self.encode(self.x[idx:idx + 1]), self.y[idx]
+            return xb[0], yb
+        return self.encode(self.x[idx]), self.y[idx]
+
+    # ------------------------------------------------------------------ iteration
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0,
+                drop_last: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x [B, *input_shape], y [B])``.
+
+        Shuffling is a ``torch.randperm`` seeded by ``seed`` (the same order for the same
+        seed); without it, batches are contiguous views (no copy). Spike datasets draw the
+        spikes of batch ``i`` from a generator seeded by ``(seed, i)``.
+        """
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size, n = int(batch_size), len(self)
+        stop = n - n % batch_size if drop_last else n
+        if shuffle:
+            g = torch.Generator().manual_seed(int(seed))
+            order = torch.randperm(n, generator=g).to(self.x.device)
+        for b, start in enumerate(range(0, stop, batch_size)):
+            end = min(start + batch_size, stop)
+            if shuffle:
+                idx = order[start:end]
+                xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            else:
+                xb, yb = self.x[start:end], self.y[start:end]
+            yield self.encode(xb, seed=seed, batch_index=b), yb
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def subset(self, n: int, seed: int = 0) -> "Dataset":
+        """``n`` samples drawn without replacement by a generator seeded by ``seed`` (kept in
+        their original order); ``n >= len(self)`` returns the whole split."""
+        if int(n) < 0:
+            raise ValueError(f"subset size must be >= 0, got {n}")
+        if n >= len(self):
+            return self
+        g = torch.Generator().manual_seed(int(seed))
+        idx = torch.randperm(len(self), generator=g)[: int(n)].sort().values.to(self.x.device)
+        return self._like(self.x.index_select(0, idx), self.y.index_select(0, idx))
+
+
+class SpikeDataset(Dataset):
+    """Rate-coded spike trains generated on the fly from images in ``[0, 1]``.
+
+    ``x`` holds the images ``[N, 1, 28, 28]``; ``batches`` yields ``[B, T, 1, 28, 28]`` float32
+    spikes in {0, 1}: pixel ``v`` fires at each of the ``T`` steps independently with
+    probability ``max_prob * v``. Nothing is materialised; batch ``i`` is seeded by ``(seed, i)``.
+    """
+
+    def encode(self, x, seed: int = 0, batch_index: int = 0):
+        T = self.meta.input_shape[0]
+        max_prob = float(self.meta.extra.get("max_prob", 1.0))
+        state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index)]).generate_state(2)
+        g = torch.Generator(device=x.device).manual_seed(int(state[0]) << 32 | int(state[1]))
+        u = torch.rand((x.shape[0], T, *x.shape[1:]), generator=g, device=x.device)
+        return (u < (x * max_prob).unsqueeze(1)).to(torch.float32)
+
+
+def carve_val(y: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Split indices ``0..N-1`` into (train, val), stratified by label: each class gives
+    ``round(fraction * n_class)`` samples to val, chosen by a permutation seeded by ``seed``.
+    Both index arrays are sorted."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    y = np.asarray(y)
+    perm = np.random.default_rng(int(seed)).permutation(len(y))
+    val = []
+    for c in np.unique(y):
+        members = perm[y[perm] == c]
+        val.append(members[: int(round(fraction * len(members)))])
+    val = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(y), dtype=bool)
+    mask[val] = False
+    return np.flatnonzero(mask), val
+
+
+def replace_meta(meta: DataMeta, **kw) -> DataMeta:
+    return dataclasses.replace(meta, **kw)

