@@ -1,0 +1,268 @@
+"""Factorial ANOVA with partial eta squared and bootstrap confidence intervals (Finding 1).
+
+The model is OLS ``dv ~ C(f1, Sum) * C(f2, Sum) * ...`` (full factorial, sum-to-zero
+contrasts). Type II and Type III sums of squares are always asked for explicitly
+(statsmodels' default, Type I, depends on the order of the terms), and Type III is only
+meaningful with sum-to-zero coding, which is why the coding is fixed here.
+
+``partial eta^2 = SS_effect / (SS_effect + SS_residual)``.
+
+Two implementations agree (tested to 1e-10 against statsmodels and ``pingouin.anova``):
+
+* :func:`anova_table` calls statsmodels' ``anova_lm`` - the reference numbers of the report;
+* :class:`FastAnova` builds the design matrix once and computes the sums of squares of the
+  nested models by least squares on row subsets, which makes a bootstrap of a few thousand
+  refits cost seconds (:func:`bootstrap_partial_eta`).
+
+The bootstrap resamples runs *within cells* (each combination of the factors keeps its
+size), so an unbalanced design stays exactly as unbalanced as the study made it, and no
+cell ever becomes empty.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+TERM_SEP = ":"
+
+
+def _check(df: pd.DataFrame, dv: str, factors: Sequence[str]) -> pd.DataFrame:
+    if not factors:
+        raise ValueError("at least one factor is needed for an ANOVA")
+    missing = [c for c in [dv, *factors] if c not in df.columns]
+    if missing:
+        raise ValueError(f"columns missing from the data: {missing}")
+    data = df[[dv, *factors]].dropna().reset_index(drop=True)
+    for f in factors:
+        if data[f].nunique() < 2:
+            raise ValueError(f"factor {f!r} has fewer than 2 levels; it cannot be in the ANOVA")
+    n_cells = int(np.prod([data[f].nunique() for f in factors]))
+    if data.groupby(list(factors), observed=True).ngroups < n_cells:
+        raise ValueError(f"the design {' x '.join(factors)} has empty cells; the interaction cannot be estimated")
+    if len(data) <= n_cells:
+        raise ValueError(f"{len(data)} observations for {n_cells} cells: no residual degrees of freedom")
+    data = data.copy()
+    for f in factors:
+        data[f] = data[f].astype(str)
+    return data
+
+
+def _formula(dv: str, factors: Sequence[str]) -> str:
+    return "Q('%s') ~ " % dv + " * ".join(f"C(Q('{f}'), Sum)" for f in factors)
+
+
+def _term_name(term_label: str, factors: Sequence[str]) -> str:
+    """'C(Q('arch'), Sum):C(Q('dataset'), Sum)' -> 'arch:dataset'."""
+    if term_label == "Residual":
+        return "Residual"
+    parts = []
+    for p in term_label.split(":"):
+        for f in factors:
+            if p == f"C(Q('{f}'), Sum)":
+                parts.append(f)
+                break
+        else:
+            parts.append(p)
+    return TERM_SEP.join(parts)
+
+
+def anova_table(df: pd.DataFrame, dv: str, factors: Sequence[str], typ: int) -> pd.DataFrame:
+    """Type II or III ANOVA table of the full factorial model, via statsmodels.
+
+    Returns a frame indexed by term (``arch``, ``dataset``, ``arch:dataset``, ...,
+    ``Residual``) with columns ``sum_sq, df, F, p, np2`` (partial eta squared; NaN for the
+    residual row).
+    """
+    if typ not in (2, 3):
+        raise ValueError(f"typ must be 2 or 3 (Type I depends on term order), got {typ!r}")
+    from statsmodels.formula.api import ols
+    from statsmodels.stats.anova import anova_lm
+
+    data = _check(df, dv, factors)
+    model = ols(_formula(dv, factors), data=data).fit()
+    aov = anova_lm(model, typ=typ)
+    aov = aov.drop(index="Intercept", errors="ignore")
+    aov.index = [_term_name(t, factors) for t in aov.index]
+    out = pd.DataFrame({"sum_sq": aov["sum_sq"], "df": aov["df"], "F": aov["F"], "p": aov["PR(>F)"]})
+    ss_res = out.loc["Residual", "sum_sq"]
+    out["np2"] = out["sum_sq"] / (out["sum_sq"] + ss_res)
+    out.loc["Residual", "np2"] = np.nan
+    out.index.name = "term"
+    return out
+
+
+class FastAnova:
+    """Type II / III sums of squares of the full factorial model by direct least squares.
+
+    The design matrix (sum-to-zero coding) is built once; :meth:`table` takes an optional
+    array of row indices (a bootstrap resample) and refits only the nested models it needs.
+    """
+
+    def __init__(self, df: pd.DataFrame, dv: str, factors: Sequence[str]):
+        import patsy
+
+        self.factors = list(factors)
+        self.data = _check(df, dv, factors)
+        rhs = _formula(dv, factors).split("~", 1)[1]
+        X = patsy.dmatrix(rhs, self.data, return_type="matrix")
+        self.X = np.asarray(X, dtype=float)
+        self.y = self.data[dv].to_numpy(dtype=float)
+        info = X.design_info
+        self.terms = []  # (name, factor set, column slice)
+        for term in info.terms:
+            sl = info.term_slices[term]
+            if not term.factors:
+                self.intercept = sl
+                continue
+            name = _term_name(term.name(), factors)
+            self.terms.append((name, frozenset(name.split(TERM_SEP)), sl))
+        cells = self.data.groupby(self.factors, observed=True).indices
+        self.cells = [np.asarray(v) for v in cells.values()]
+        self.cell_id = np.empty(len(self.y), dtype=np.int64)
+        for k, c in enumerate(self.cells):
+            self.cell_id[c] = k
+        n_c = np.array([len(c) for c in self.cells], float)
+        self.cell_n = n_c
+        # sqrt(n/(n-1)): a resample of n runs has on average (n-1)/n of the within-cell
+        # sum of squares; stretching its deviations by this factor removes that bias.
+        self.cell_stretch = np.where(n_c > 1, np.sqrt(n_c / np.maximum(n_c - 1, 1)), 1.0)
+
+    def _cols(self, exclude):
+        keep = [np.arange(self.intercept.start, self.intercept.stop)]
+        for name, _, sl in self.terms:
+            if name not in exclude:
+                keep.append(np.arange(sl.start, sl.stop))
+        return np.concatenate(keep)
+
+    def _submodels(self, typ):
+        """For each term, the (reduced, larger) column sets whose RSS difference is its SS."""
+        full = self._cols(set())
+        out = {}
+        for name, fs, _ in self.terms:
+            if typ == 3:
+                out[name] = (self._cols({name}), full)
+            elif typ == 2:
+                higher = {n for n, f2, _ in self.terms if fs < f2}
+                out[name] = (self._cols(higher | {name}), self._cols(higher))
+            else:
+                raise ValueError(f"typ must be 2 or 3, got {typ!r}")
+        return full, out
+
+    @staticmethod
+    def _rss_gram(G, b, yy, cols):
+        """RSS of the least-squares fit on columns ``cols`` from X'WX, X'Wy and y'Wy."""
+        Gs = G[np.ix_(cols, cols)]
+        bs = b[cols]
+        try:
+            beta = np.linalg.solve(Gs, bs)
+        except np.linalg.LinAlgError:  # rank deficient: fall back to the pseudo-inverse
+            beta = np.linalg.lstsq(Gs, bs, rcond=None)[0]
+        return float(yy - bs @ beta)
+
+    def sums_of_squares(self, typ: int, rows=None, y=None) -> dict:
+        """``{term: SS, ..., 'Residual': SS_res}`` on all rows or on the rows ``rows``
+        (indices, repeats allowed: a bootstrap resample).
+
+        Uses the normal equations with the weights w = how often each row is drawn: the
+        nested models share X'WX, so each refit is a small solve.
+        """
+        w = np.ones(len(self.y)) if rows is None else np.bincount(rows, minlength=len(self.y)).astype(float)
+        y = self.y if y is None else np.asarray(y, float)
+        # Every model has the intercept, so centring y (weighted) leaves each RSS unchanged
+        # and avoids cancellation in y'y - b'beta.
+        y = y - float(w @ y) / float(w.sum())
+        Xw = self.X * w[:, None]
+        G = self.X.T @ Xw
+        b = Xw.T @ y
+        yy = float(y @ (w * y))
+        full, subs = self._submodels(typ)
+        cache = {}
+
+        def rss(cols):
+            key = cols.tobytes()
+            if key not in cache:
+                cache[key] = self._rss_gram(G, b, yy, cols)
+            return cache[key]
+
+        out = {name: rss(red) - rss(big) for name, (red, big) in subs.items()}
+        out["Residual"] = rss(full)
+        return out
+
+    def partial_eta(self, typ: int, rows=None, y=None) -> dict:
+        ss = self.sums_of_squares(typ, rows, y)
+        res = ss.pop("Residual")
+        return {k: v / (v + res) if (v + res) > 0 else np.nan for k, v in ss.items()}
+
+    def resample_rows(self, rng: np.random.Generator) -> np.ndarray:
+        """Row indices of one within-cell bootstrap resample."""
+        return np.concatenate([c[rng.integers(0, len(c), len(c))] for c in self.cells])
+
+    def stretched_y(self, rows: np.ndarray) -> np.ndarray:
+        """The response for the resample ``rows`` with each cell's deviations from its
+        resample mean stretched by sqrt(n/(n-1)) (see ``bootstrap_partial_eta``)."""
+        w = np.bincount(rows, minlength=len(self.y)).astype(float)
+        m = np.bincount(self.cell_id, weights=w * self.y, minlength=len(self.cells)) / self.cell_n
+        mc = m[self.cell_id]
+        return mc + self.cell_stretch[self.cell_id] * (self.y - mc)
+
+
+def bootstrap_partial_eta(df: pd.DataFrame, dv: str, factors: Sequence[str], typs=(2, 3), n_boot: int = 1000,
+                          seed: int = 0, ci: float = 0.95, stretch: bool = True) -> pd.DataFrame:
+    """Percentile bootstrap CI of partial eta squared per term, resampling runs within cells.
+
+    A resample of a cell's n runs keeps on average only (n-1)/n of the cell's residual sum
+    of squares, which biases every partial eta squared upwards (with 3-4 seeds per cell
+    the percentile interval can miss the estimate altogether). With ``stretch`` (default)
+    the resampled runs' deviations from their cell's resample mean are stretched by
+    sqrt(n/(n-1)), which removes that bias; ``stretch=False`` gives the plain bootstrap.
+
+    Returns a frame with columns ``typ, term, np2_lo, np2_hi, n_boot``.
+    """
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    fa = FastAnova(df, dv, factors)
+    rng = np.random.default_rng(seed)
+    draws = {t: [] for t in typs}
+    for _ in range(n_boot):
+        rows = fa.resample_rows(rng)
+        y = fa.stretched_y(rows) if stretch else None
+        for t in typs:
+            draws[t].append(fa.partial_eta(t, rows, y))
+    alpha = (1 - ci) / 2
+    out = []
+    for t in typs:
+        d = pd.DataFrame(draws[t])
+        for term in d.columns:
+            lo, hi = np.nanquantile(d[term].to_numpy(), [alpha, 1 - alpha])
+            out.append({"typ": t, "term": term, "np2_lo": float(lo), "np2_hi": float(hi), "n_boot": n_boot})
+    return pd.DataFrame(out)
+
+
+def cell_counts(df: pd.DataFrame, factors: Sequence[str]) -> pd.DataFrame:
+    """Number of runs in each cell of the design (long form: factors..., n)."""
+    return df.groupby(list(factors), observed=True).size().rename("n").reset_index()
+
+
+def factorial_analysis(df: pd.DataFrame, dv: str, factors: Sequence[str], n_boot: int = 1000, seed: int = 0,
+                       ci: float = 0.95) -> pd.DataFrame:
+    """Type II and Type III tables with partial eta squared and its bootstrap CI, long form.
+
+    Columns: ``typ, term, sum_sq, df, F, p, np2, np2_lo, np2_hi``.
+    """
+    parts = []
+    for t in (2, 3):
+        tab = anova_table(df, dv, factors, t).reset_index()
+        tab.insert(0, "typ", t)
+        parts.append(tab)
+    tab = pd.concat(parts, ignore_index=True)
+    if n_boot:
+        boot = bootstrap_partial_eta(df, dv, factors, n_boot=n_boot, seed=seed, ci=ci)
+        tab = tab.merge(boot.drop(columns="n_boot"), on=["typ", "term"], how="left")
+    else:
+        tab["np2_lo"] = np.nan
+        tab["np2_hi"] = np.nan
+    return tab

@@ -1,0 +1,85 @@
+"""``minaction report`` and ``minaction replicate`` (registered by ``minaction.cli``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_report_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("report options (defaults: docs/report.md)")
+    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per CI (default 1000)")
+    g.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    g.add_argument("--ci", type=float, default=0.95, help="confidence level (default 0.95)")
+    g.add_argument("--anova-type", type=int, choices=(2, 3), default=3,
+                   help="ANOVA type the Finding 1 verdict reads; both are reported (default 3)")
+    g.add_argument("--lam", type=float, default=None,
+                   help="lambda of Findings 1 and 3 (default: the lambda with the most finished runs)")
+    g.add_argument("--target-frac", type=float, default=0.95,
+                   help="target accuracy = this x best final validation accuracy on the dataset (default 0.95)")
+    g.add_argument("--efficiency-metric", choices=("time", "epochs", "acc_per_s"), default="time",
+                   help="headline metric of Finding 3 (default time)")
+
+
+def _options(args):
+    from .build import ReportOptions
+
+    return ReportOptions(n_boot=args.n_boot, seed=args.seed, ci=args.ci, anova_type=args.anova_type, lam=args.lam,
+                         target_frac=args.target_frac, efficiency_metric=args.efficiency_metric)
+
+
+def _build(db, out, args) -> int:
+    from .build import build_report
+
+    try:
+        res = build_report(db, out, _options(args))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"minaction report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written: {res['report_md']} and {res['report_html']}")
+    for k, v in sorted(res["verdicts"].items()):
+        print(f"  Finding {k}: {v}")
+    return 0
+
+
+def _report(args) -> int:
+    return _build(args.db, args.out, args)
+
+
+def _replicate(args) -> int:
+    try:
+        from minaction.study import run_study
+    except ImportError as exc:
+        print(f"minaction replicate: error: the study runner (minaction.study) is not available: {exc}",
+              file=sys.stderr)
+        return 2
+    try:
+        summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
+                            progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"minaction replicate: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"study finished: {summary}")
+    return _build(args.db, args.out, args)
+
+
+def register(subparsers) -> None:
+    """Add ``report`` and ``replicate`` to the ``minaction`` command line."""
+    p = subparsers.add_parser("report", help="analyse a study store: the paper's three findings, reproduced or not",
+                              description="Write report.md, a self-contained report.html, figures/*.png and "
+                                          "tables/*.csv from a study store.")
+    p.add_argument("--db", required=True, help="the study store (SQLite) to read")
+    p.add_argument("--out", required=True, help="output directory (created if needed)")
+    _add_report_options(p)
+    p.set_defaults(func=_report)
+
+    p = subparsers.add_parser("replicate", help="run a study preset, then write its report",
+                              description="minaction.study.run_study(PRESET, DB) then the report of DB into OUT. "
+                                          "Resumable: finished runs in DB are skipped.")
+    p.add_argument("--preset", required=True, help="preset name (minaction/study/presets/NAME.toml) or path")
+    p.add_argument("--db", default="results.sqlite", help="study store (default results.sqlite)")
+    p.add_argument("--out", default="report", help="report directory (default report/)")
+    p.add_argument("--executor", default="local", help="study executor (default local)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the study's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_report_options(p)
+    p.set_defaults(func=_replicate)
