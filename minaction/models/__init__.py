@@ -1,0 +1,163 @@
+"""Architectures of the study: two conventional baselines and two energy-first designs.
+
+>>> from minaction import models
+>>> net = models.build("bimodal_true", ds.meta)              # one member, logits [B, C]
+>>> nets = models.build("mlp", ds.meta, num_models=10, seeds=range(10))  # logits [10, B, C]
+
+``ARCHITECTURES``: ``mlp`` and ``cnn`` (baselines), ``bimodal_true`` and
+``physics_lagrangian`` (energy-first; equations and reasoning in docs/models.md — this
+project's interpretation, the paper's are not public). Every hidden activation is an
+energy layer, so :func:`minaction.total_energy` is comparable across architectures.
+
+Default widths are *parameter-matched*: ``mlp`` uses width 256 (depth 2); every other
+architecture takes the width (a multiple of 8) whose parameter count, stem excluded, is
+closest to that ``mlp``'s on the same dataset (:func:`default_width`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .cnn import ConvNet, LoopEnsemble
+from .common import check_meta
+from .family import MLP, BimodalTrue, PhysicsLagrangian
+from .stats import activation_stats
+
+ARCHITECTURES = ("mlp", "cnn", "bimodal_true", "physics_lagrangian")
+BASELINES = ("mlp", "cnn")
+ENERGY_FIRST = ("bimodal_true", "physics_lagrangian")
+_CLASSES = {"mlp": MLP, "cnn": ConvNet, "bimodal_true": BimodalTrue, "physics_lagrangian": PhysicsLagrangian}
+DEFAULT_DEPTH = {"mlp": 2, "cnn": 2, "bimodal_true": 2, "physics_lagrangian": 2}
+REFERENCE_WIDTH = 256  # the mlp's default width; the others are matched to it
+_WIDTH_RANGE = (8, 8192)
+
+__all__ = ["ARCHITECTURES", "BASELINES", "ENERGY_FIRST", "build", "activation_stats", "count_parameters",
+           "default_width", "knobs", "MLP", "ConvNet", "BimodalTrue", "PhysicsLagrangian", "LoopEnsemble"]
+
+
+def knobs(arch: str) -> dict:
+    """The architecture-specific options of ``arch`` with their defaults."""
+    return dict(_cls(arch).KNOBS)
+
+
+def _cls(arch):
+    if arch not in _CLASSES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return _CLASSES[arch]
+
+
+def count_parameters(model: nn.Module, exclude_stem: bool = False) -> int:
+    """Trainable parameters of one member (the total divided by ``model.num_models``).
+
+    ``exclude_stem=True`` leaves out the modality stem (the text embedding table).
+    """
+    G = int(getattr(model, "num_models", 1))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if exclude_stem and hasattr(model, "stem_parameters"):
+        n -= sum(p.numel() for p in model.stem_parameters() if p.requires_grad)
+    return n // G
+
+
+def _meta_key(meta):
+    return (meta.name, meta.modality, int(meta.num_classes), tuple(int(s) for s in meta.input_shape),
+            getattr(meta, "vocab_size", None))
+
+
+class _FrozenMeta:
+    """Hashable stand-in for a DataMeta (its ``extra`` dict is unhashable)."""
+
+    def __init__(self, key):
+        self.name, self.modality, self.num_classes, self.input_shape, self.vocab_size = key
+
+
+def _count(arch, key, width, depth, knob_items):
+    with torch.device("meta"):
+        m = _cls(arch)(_FrozenMeta(key), width, depth, **dict(knob_items))
+    return count_parameters(m, exclude_stem=True)
+
+
+@functools.lru_cache(maxsize=512)
+def _matched_width(arch, key, depth, knob_items):
+    target = _count("mlp", key, REFERENCE_WIDTH, DEFAULT_DEPTH["mlp"], (("embed_dim", dict(knob_items).get(
+        "embed_dim", 64)),))
+    lo, hi = _WIDTH_RANGE[0] // 8, _WIDTH_RANGE[1] // 8  # search over multiples of 8
+    while lo < hi:  # smallest multiple of 8 whose count reaches the target (counts grow with width)
+        mid = (lo + hi) // 2
+        if _count(arch, key, 8 * mid, depth, knob_items) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    cands = {8 * lo, 8 * max(lo - 1, _WIDTH_RANGE[0] // 8)}
+    return min(sorted(cands), key=lambda w: abs(math.log(_count(arch, key, w, depth, knob_items) / target)))
+
+
+def default_width(arch: str, meta, depth: Optional[int] = None, **arch_knobs) -> int:
+    """The default width of ``arch`` on ``meta``: 256 for ``mlp``; for the others the multiple
+    of 8 whose parameter count (stem excluded) is closest in ratio to ``mlp``'s at width 256."""
+    _cls(arch)
+    check_meta(meta)
+    depth = DEFAULT_DEPTH[arch] if depth is None else int(depth)
+    if arch == "mlp":
+        return REFERENCE_WIDTH
+    items = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in arch_knobs.items()))
+    return _matched_width(arch, _meta_key(meta), depth, items)
+
+
+def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = None, energy: Optional[str] = "l2",
+          activation: str = "relu", energy_reduction: str = "sum", num_models: int = 1,
+          seeds: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None, device=None,
+          **arch_knobs) -> nn.Module:
+    """Build ``num_models`` members of architecture ``arch`` for the dataset described by ``meta``.
+
+    Args:
+        arch: one of :data:`ARCHITECTURES`.
+        meta: a :class:`minaction.data.DataMeta` (or an object with its fields).
+        width, depth: ``None`` = the defaults (:func:`default_width`, depth 2); meaning per
+            architecture in docs/models.md.
+        energy, activation, energy_reduction: passed to every hidden energy layer.
+        num_models, seeds: G members; member g is initialised exactly like a one-member
+            model built with ``seeds[g]`` (default ``range(G)``).
+        dtype, device: cast/move the built model.
+        **arch_knobs: architecture options, see :func:`knobs`.
+
+    Returns a module with ``forward(x [B, *meta.input_shape])`` -> logits ``[B, C]`` (one
+    member) or ``[G, B, C]``, and attributes ``arch``, ``num_models``, ``batched`` (True:
+    members share batched kernels; False: ``cnn``, a loop over separate members).
+    """
+    cls = _cls(arch)
+    check_meta(meta)
+    unknown = sorted(set(arch_knobs) - set(cls.KNOBS))
+    if unknown:
+        raise TypeError(f"{arch} has no option(s) {', '.join(unknown)}; its options: "
+                        f"{', '.join(f'{k}={v!r}' for k, v in cls.KNOBS.items())}")
+    if int(num_models) < 1:
+        raise ValueError(f"num_models must be >= 1, got {num_models}")
+    G = int(num_models)
+    seeds = list(range(G)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != G:
+        raise ValueError(f"seeds must list num_models={G} ints, got {len(seeds)}")
+    depth = DEFAULT_DEPTH[arch] if depth is None else int(depth)
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if width is None:
+        width = default_width(arch, meta, depth, **arch_knobs)
+    if int(width) < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    kw = dict(energy=energy, activation=activation, energy_reduction=energy_reduction, **arch_knobs)
+    if cls.batched:
+        model = cls(meta, int(width), depth, num_models=G, **kw)
+        model.init_members(seeds)
+    else:
+        members = []
+        for s in seeds:
+            m = cls(meta, int(width), depth, **kw)
+            m.init_members([s])
+            members.append(m)
+        model = members[0] if G == 1 else LoopEnsemble(members)
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model

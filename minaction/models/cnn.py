@@ -1,0 +1,167 @@
+"""The conventional convolutional baseline (``cnn``), one member per module.
+
+Per modality (``depth`` conv blocks, each an energy conv + max-pool by 2 where the size
+allows; then adaptive pooling, one dense energy layer of ``width`` units, logits):
+
+* vision ``(C, H, W)`` and neuromorphic ``(T, C, H, W)`` (mean over T first): 2-D
+  convolutions, kernel 3, padding 1; adaptive average pooling to at most 8 x 8;
+* physiological ``(C, L)``: 1-D convolutions, kernel 5, padding 2; adaptive average
+  pooling to at most 16 positions;
+* text ``(L,)`` ids: token embeddings ``[L, embed_dim]`` as channels, 1-D convolutions,
+  kernel 5, padding 2; global max pooling over positions.
+
+G members are a :class:`LoopEnsemble` of G such modules (``batched = False``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.conv import EnergyConv1d, EnergyConv2d
+from ..nn.layers import EnergyLayer
+from .common import EnergyNet, TokenEmbedding, check_input, column_norms, image_layout, time_mean
+from .family import _check_act
+
+
+def default_channels(modality: str, depth: int):
+    if modality == "text":
+        return [64] * depth
+    return [16 * 2 ** min(i, 2) for i in range(depth)]
+
+
+class ConvNet(EnergyNet):
+    """One CNN member; see the module docstring for the layout per modality.
+
+    Knobs: ``channels`` (list of ``depth`` ints; default 16, 32, 64, 64... — 64 each for
+    text), ``kernel_size`` (3 for 2-D, 5 for 1-D), ``embed_dim`` (64, text).
+    """
+
+    arch = "cnn"
+    batched = False
+    KNOBS = {"embed_dim": 64, "channels": None, "kernel_size": None}
+
+    def __init__(self, meta, width: int, depth: int, energy="l2", activation="relu", energy_reduction="sum",
+                 num_models: int = 1, embed_dim: int = 64, channels: Optional[Sequence[int]] = None,
+                 kernel_size: Optional[int] = None):
+        if num_models != 1:
+            raise ValueError("ConvNet is one member; use LoopEnsemble for several")
+        super().__init__(meta, 1)
+        _check_act("activation", activation)
+        self.width, self.depth = int(width), int(depth)
+        channels = default_channels(meta.modality, self.depth) if channels is None else [int(c) for c in channels]
+        if len(channels) != self.depth or min(channels) < 1:
+            raise ValueError(f"channels must list {self.depth} positive ints (one per conv block), got {channels}")
+        self.channels = channels
+        self.modality = meta.modality
+        if self.modality == "text":
+            self.stem = TokenEmbedding(meta.vocab_size, embed_dim)
+            cin, spatial, self.has_time = int(embed_dim), (int(meta.input_shape[0]),), False
+        else:
+            cin, spatial, self.has_time = image_layout(meta)
+            spatial = tuple(int(s) for s in spatial)
+        self.dims = len(spatial)
+        if self.dims not in (1, 2):
+            raise ValueError(f"cnn supports 1-D (C, L) and 2-D (C, H, W) inputs, got input_shape {meta.input_shape}")
+        k = int(kernel_size) if kernel_size is not None else (3 if self.dims == 2 else 5)
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {k}")
+        Conv = EnergyConv2d if self.dims == 2 else EnergyConv1d
+        self.convs = nn.ModuleList()
+        self._pool = []
+        size = list(spatial)
+        for c in channels:
+            self.convs.append(Conv(cin, c, k, padding=k // 2, activation=activation, energy=energy,
+                                   energy_reduction=energy_reduction))
+            pool = all(s >= 2 for s in size)
+            self._pool.append(pool)
+            if pool:
+                size = [s // 2 for s in size]
+            cin = c
+        if self.modality == "text":
+            self.grid = (1,)
+        else:
+            cap = 8 if self.dims == 2 else 16
+            self.grid = tuple(min(s, cap) for s in size)
+        self.flat = cin * math.prod(self.grid)
+        self.dense = self.linear(self.flat, self.width, activation, energy, energy_reduction)
+        self.out = self.logits_layer(self.width)
+
+    def stem_parameters(self):
+        return list(self.stem.parameters()) if self.modality == "text" else []
+
+    def forward(self, x):
+        check_input(x, self.meta)
+        if self.modality == "text":
+            h = self.stem.seq(x).transpose(1, 2)  # [B, d, L]
+        else:
+            h = time_mean(x.to(self.param_dtype()), self.has_time)
+            if h.dim() == 2:  # a bare series (L,) -> one channel
+                h = h.unsqueeze(1)
+        pool = F.max_pool2d if self.dims == 2 else F.max_pool1d
+        for conv, p in zip(self.convs, self._pool):
+            h = conv(h)
+            if p:
+                h = pool(h, 2)
+        if self.modality == "text":
+            h = h.amax(dim=-1)
+        elif self.dims == 2:
+            h = F.adaptive_avg_pool2d(h, self.grid)
+        else:
+            h = F.adaptive_avg_pool1d(h, self.grid)
+        h = self.dense(h.reshape(h.shape[0], -1))
+        return self.out(h)
+
+    def rescale_factors(self):
+        """Per conv channel c: L2 norm of every weight reading channel c (next conv's input
+        channel c, or the dense columns of channel c's pooled cells); dense unit j: logits column j."""
+        out = []
+        for i, conv in enumerate(self.convs):
+            if i + 1 < self.depth:
+                w = self.convs[i + 1].weight.detach()
+                f = torch.sqrt((w ** 2).transpose(0, 1).reshape(w.shape[1], -1).sum(-1))
+            else:
+                w = self.dense.weight.detach().reshape(self.width, conv.out_channels, -1)
+                f = torch.sqrt((w ** 2).sum((0, 2)))
+            out.append((conv, f))
+        out.append((self.dense, column_norms(self.out.weight)))
+        return out
+
+
+class LoopEnsemble(nn.Module):
+    """G independent one-member models run one after another; output ``[G, B, C]``.
+
+    So that :func:`minaction.total_energy` returns ``[G]``, each member's energy layers
+    record ``last_energy`` as a length-G vector that is zero except at the member's index.
+    """
+
+    batched = False
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.num_models = len(self.members)
+        self.arch = getattr(self.members[0], "arch", "")
+        self.meta = getattr(self.members[0], "meta", None)
+        G = self.num_models
+        for g, m in enumerate(self.members):
+            for lay in m.modules():
+                if isinstance(lay, EnergyLayer):
+                    lay.register_forward_hook(self._spread_hook(g, G))
+
+    @staticmethod
+    def _spread_hook(g: int, G: int):
+        def hook(mod, inp, out):
+            e = mod.last_energy
+            if e is not None and e.dim() == 0:
+                mod.last_energy = F.pad(e.reshape(1), (g, G - g - 1))
+        return hook
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.members])
+
+    def stem_parameters(self):
+        return [p for m in self.members for p in m.stem_parameters()]

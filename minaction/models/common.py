@@ -1,0 +1,227 @@
+"""Pieces shared by every architecture: meta checks, input stems, the token embedding,
+the logits layer and per-member seeded initialisation.
+
+The "MLP family" (``mlp``, ``bimodal_true``, ``physics_lagrangian``) is built once for
+G members: every :class:`~minaction.nn.EnergyLinear` holds ``[G, out, in]`` weights,
+the same input batch feeds all members, and the logits come out ``[G, B, C]``. With
+``G == 1`` the same classes build ordinary un-batched layers (``[out, in]``), output
+``[B, C]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.layers import EnergyLinear
+
+MODALITIES = ("vision", "text", "neuromorphic", "physiological")
+
+
+# ----------------------------------------------------------------------------- meta
+def check_meta(meta) -> None:
+    """Raise a clear error when ``meta`` lacks what the models need (DataMeta contract)."""
+    missing = [f for f in ("name", "modality", "num_classes", "input_shape") if not hasattr(meta, f)]
+    if missing:
+        raise TypeError(f"meta must be a minaction.data.DataMeta (or alike); it lacks {', '.join(missing)}")
+    if meta.modality not in MODALITIES:
+        raise ValueError(f"meta.modality must be one of {MODALITIES}, got {meta.modality!r}")
+    if int(meta.num_classes) < 2:
+        raise ValueError(f"meta.num_classes must be >= 2, got {meta.num_classes}")
+    shape = tuple(meta.input_shape)
+    if not shape or min(shape) < 1:
+        raise ValueError(f"meta.input_shape must be a non-empty tuple of positive ints, got {meta.input_shape!r}")
+    if meta.modality == "text":
+        if len(shape) != 1:
+            raise ValueError(f"text input_shape must be (L,) token ids, got {shape}")
+        if not getattr(meta, "vocab_size", None) or int(meta.vocab_size) < 2:
+            raise ValueError(f"text meta needs vocab_size >= 2 (ids 0 = padding, 1 = unknown), got "
+                             f"{getattr(meta, 'vocab_size', None)!r}")
+
+
+def check_input(x: torch.Tensor, meta) -> None:
+    shape = tuple(meta.input_shape)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"{meta.name}: expected input [B, {', '.join(map(str, shape))}], got {tuple(x.shape)}")
+    if meta.modality == "text" and x.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{meta.name}: text input must be integer token ids, got {x.dtype}")
+
+
+def image_layout(meta):
+    """(channels, spatial shape, has_time) of a vision/neuromorphic/physiological input.
+
+    Neuromorphic ``(T, C, H, W)`` inputs have a time axis (dim 1 of the batch) that the
+    stems average away (rate decoding).
+    """
+    shape = tuple(meta.input_shape)
+    has_time = meta.modality == "neuromorphic" and len(shape) == 4
+    if has_time:
+        shape = shape[1:]
+    if len(shape) == 1:  # a bare series (L,): one channel
+        return 1, shape, has_time
+    return shape[0], shape[1:], has_time
+
+
+def time_mean(x: torch.Tensor, has_time: bool) -> torch.Tensor:
+    return x.mean(dim=1) if has_time else x
+
+
+# ----------------------------------------------------------------------------- token embedding
+class TokenEmbedding(nn.Module):
+    """Embedding table for token ids (0 = padding, excluded; 1 = unknown, an ordinary row).
+
+    ``num_models=G`` holds ``G`` tables ``[G, V, d]``. :meth:`bag` returns the mean of the
+    embeddings of the non-padding tokens of each sample (``[B, d]`` or ``[G, B, d]``),
+    computed with one ``F.embedding_bag`` call for all members; :meth:`seq` returns the
+    sequence ``[B, L, d]`` (padding positions zero). Initialised ``N(0, 1)`` as
+    ``nn.Embedding``, the padding row set to zero.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, num_models: Optional[int] = None):
+        super().__init__()
+        self.vocab_size, self.dim, self.num_models = int(vocab_size), int(dim), num_models
+        lead = () if num_models is None else (num_models,)
+        self.weight = nn.Parameter(torch.empty(lead + (self.vocab_size, self.dim)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None, model: Optional[int] = None) -> None:
+        models = [None] if self.num_models is None else ([model] if model is not None else range(self.num_models))
+        for g in models:
+            w = self.weight if g is None else self.weight[g]
+            w.normal_(generator=generator)
+            w[0].zero_()
+
+    def _check(self, ids):
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must be [B, L], got {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+
+    def bag(self, ids: torch.Tensor) -> torch.Tensor:
+        self._check(ids)
+        ids = ids.long()
+        mask = (ids != 0).to(self.weight.dtype)
+        w = mask / mask.sum(1, keepdim=True).clamp_min(1.0)
+        if self.num_models is None:
+            return F.embedding_bag(ids, self.weight, mode="sum", per_sample_weights=w)
+        G, V = self.num_models, self.vocab_size
+        B, L = ids.shape
+        off = (torch.arange(G, device=ids.device) * V).view(G, 1, 1)
+        out = F.embedding_bag((ids.unsqueeze(0) + off).reshape(G * B, L), self.weight.reshape(G * V, self.dim),
+                              mode="sum", per_sample_weights=w.repeat(G, 1))
+        return out.view(G, B, self.dim)
+
+    def seq(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.num_models is not None:
+            raise NotImplementedError("TokenEmbedding.seq is for one model")
+        self._check(ids)
+        ids = ids.long()
+        return F.embedding(ids, self.weight) * (ids != 0).unsqueeze(-1).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        s = f"{self.vocab_size}, {self.dim}"
+        return s + (f", num_models={self.num_models}" if self.num_models is not None else "")
+
+
+# ----------------------------------------------------------------------------- feature stem (MLP family)
+class FeatureStem(nn.Module):
+    """Input ``[B, *input_shape]`` -> features ``[B, d]`` (or ``[G, B, d]`` for batched text).
+
+    * vision ``(C, H, W)`` and physiological ``(C, L)``: flattened (raw pixels / raw series);
+    * neuromorphic ``(T, C, H, W)`` (N-MNIST event counts, rate-coded spikes): mean over the
+      T time steps (rate decoding), then flattened;
+    * text ``(L,)`` ids: mean of the token embeddings of the non-padding tokens
+      (:class:`TokenEmbedding`, ``embed_dim`` wide, one table per member).
+
+    Float inputs are cast to the dtype of the model's parameters.
+    """
+
+    def __init__(self, meta, embed_dim: int = 64, num_models: Optional[int] = None):
+        super().__init__()
+        self.meta = meta
+        self.modality = meta.modality
+        if self.modality == "text":
+            self.embedding = TokenEmbedding(meta.vocab_size, embed_dim, num_models)
+            self.out_features = int(embed_dim)
+        else:
+            c, spatial, self.has_time = image_layout(meta)
+            self.out_features = c * math.prod(spatial)
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        check_input(x, self.meta)
+        if self.modality == "text":
+            return self.embedding.bag(x)
+        x = time_mean(x.to(dtype), self.has_time)
+        return x.reshape(x.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- model bases
+class EnergyNet(nn.Module):
+    """Base of one architecture instance (one member, or G batched members).
+
+    Subclasses build their layers in ``__init__`` (registration order = initialisation
+    order), implement ``forward`` and :meth:`rescale_readers`.
+    """
+
+    arch = ""
+    batched = True
+
+    def __init__(self, meta, num_models: int):
+        super().__init__()
+        check_meta(meta)
+        self.meta = meta
+        self.num_models = int(num_models)
+        self._G = None if self.num_models == 1 else self.num_models  # EnergyLinear's num_models
+
+    def param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def linear(self, i: int, o: int, activation: str, energy, reduction: str) -> EnergyLinear:
+        return EnergyLinear(i, o, activation=activation, energy=energy, energy_reduction=reduction,
+                            num_models=self._G)
+
+    def logits_layer(self, i: int) -> EnergyLinear:
+        lay = EnergyLinear(i, int(self.meta.num_classes), activation="identity", energy=None, num_models=self._G)
+        lay.is_logits = True
+        return lay
+
+    def stem_parameters(self) -> List[nn.Parameter]:
+        """Parameters of the modality stem (the token embedding), excluded from width matching."""
+        stem = getattr(self, "stem", None)
+        return list(stem.parameters()) if stem is not None else []
+
+    def rescale_readers(self) -> list:  # pragma: no cover - overridden
+        """``[(energy layer, reader spec), ...]``, see :func:`minaction.models.stats.activation_stats`."""
+        return []
+
+    @torch.no_grad()
+    def init_members(self, seeds: Sequence[int]) -> None:
+        """Member g gets exactly the initialisation of a one-member model built with ``seeds[g]``."""
+        seeds = list(seeds)
+        if len(seeds) != self.num_models:
+            raise ValueError(f"need {self.num_models} seeds, got {len(seeds)}")
+        layers = [m for m in self.modules() if m is not self and hasattr(m, "reset_parameters")
+                  and any(True for _ in m.parameters(recurse=False))]
+        for g, s in enumerate(seeds):
+            gen = torch.Generator().manual_seed(int(s))
+            for m in layers:
+                m.reset_parameters(generator=gen, model=None if self._G is None else g)
+
+
+def column_norms(*weights: torch.Tensor) -> torch.Tensor:
+    """L2 norm of the columns (input units) over all given weights that read the same units.
+
+    Each weight is ``[out, in]`` or ``[G, out, in]``; returns ``[in]`` or ``[G, in]``.
+    """
+    return torch.sqrt(sum((w.detach() ** 2).sum(-2) for w in weights))
+
+
+def as_int_list(v: Iterable) -> List[int]:
+    return [int(a) for a in v]
