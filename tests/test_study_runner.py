@@ -165,6 +165,19 @@ def test_failure_is_recorded_and_study_continues(tmp_path):
     assert run_study(spec, db, workers=1, progress=False, retry_failed=True)["recorded"] == 2
 
 
+def test_lost_worker_is_retried_then_recorded(tmp_path):
+    """A group that kills its worker process is retried alone, then recorded as failed;
+    the groups that shared the broken pool are rerun, not blamed."""
+    spec = synth(archs=["tiny_crash", "tiny_mlp"], lams=[0.0, 1e-3], seeds=[0])
+    db = tmp_path / "c.sqlite"
+    s = run_study(spec, db, workers=2, progress=False, max_attempts=2)
+    assert s["failed"] == 2 and s["done"] == 2
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT arch, status, error FROM runs").fetchall()
+    assert {(a, st) for a, st, _ in rows} == {("tiny_crash", "failed"), ("tiny_mlp", "done")}
+    assert all("worker lost in 2 attempts" in e for a, _, e in rows if a == "tiny_crash")
+
+
 def test_divergence_freezes_one_member(tmp_path):
     """lam = 1e39 overflows the objective of one member; the others train on unaffected."""
     spec = synth(lams=[0.0, 1e39], seeds=[0], group_by="seed+lam")

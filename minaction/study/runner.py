@@ -64,8 +64,10 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         limit: train at most this many of the pending runs in this call.
         retry_failed: also rerun runs recorded as ``failed`` (``done`` and ``diverged``
             runs are always skipped).
-        max_attempts: tries for a group whose worker died (a lost process, not a Python
-            exception: those are recorded as ``failed`` at once with their traceback).
+        max_attempts: tries for a group whose worker process died (a lost process, not a
+            Python exception: those are recorded as ``failed`` at once with their traceback).
+            Groups that were in flight when a pool broke rerun one at a time, so only the group
+            that really kills its worker is blamed.
         threads: torch threads per worker (1 is steadiest on small machines).
     """
     t0 = time.perf_counter()
@@ -107,27 +109,37 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
             ex = make_executor(executor, workers, scheduler, threads)
             summary["workers"] = ex.workers
             window = 2 * ex.workers
-            queue = [{"group_id": i, "runs": g, "threads": threads, "attempt": 1} for i, g in enumerate(groups)]
+            queue = [{"group_id": i, "runs": g, "threads": threads, "attempt": 0} for i, g in enumerate(groups)]
             queue.reverse()  # pop() from the end keeps the preset order
             inflight = {}
             generation = 0
+            isolated = False  # a task suspected of killing its worker runs alone, so blame is certain
             while queue or inflight:
-                while queue and len(inflight) < window:
+                while queue and not isolated and len(inflight) < window:
+                    if queue[-1].get("suspect") and inflight:
+                        break  # wait until the pool is empty, then run the suspect alone
                     task = queue.pop()
+                    isolated = bool(task.get("suspect"))
                     inflight[ex.submit(run_group, task)] = (task, generation)
                 done, _ = cf.wait(list(inflight), return_when=cf.FIRST_COMPLETED)
                 for fut in done:
                     task, gen = inflight.pop(fut)
+                    if task.get("suspect"):
+                        isolated = False
                     try:
                         res = fut.result()
-                    except Exception as exc:  # the worker died or the executor lost the task
+                    except Exception as exc:  # the worker died, or the executor lost the task
                         if isinstance(exc, BrokenProcessPool) and gen == generation:
                             ex.restart()
                             generation += 1
-                        if task["attempt"] < max_attempts:
-                            queue.append(dict(task, attempt=task["attempt"] + 1))
+                        alone = bool(task.get("suspect")) or not isinstance(exc, BrokenProcessPool)
+                        attempt = task["attempt"] + (1 if alone else 0)
+                        if attempt < max_attempts:
+                            # a task that shared the pool when it broke is not blamed yet: it reruns alone
+                            queue.append(dict(task, attempt=attempt, suspect=True))
                         else:
-                            err = (f"worker lost after {task['attempt']} attempts: "
+                            err = (f"worker lost in {attempt} attempts (the process died: out of memory, "
+                                   f"a crash in native code, or killed): "
                                    + "".join(traceback.format_exception_only(type(exc), exc)).strip())
                             record(failed_records(task["runs"], err))
                         continue

@@ -7,7 +7,8 @@ store, grouping, executors, resume and failure handling in seconds, on any machi
   ``"synthetic"``), with the ``minaction.data`` dataset interface (``meta``, ``x``, ``y``,
   ``len``, ``batches``, ``subset``). Option ``n`` (train size, default 256).
 - architectures ``"tiny_mlp"`` (a batched two-layer EnergyLinear MLP) and
-  ``"tiny_fail"`` (raises ``RuntimeError`` in its first forward: a run that fails).
+  ``"tiny_fail"`` (raises ``RuntimeError`` in its first forward: a run that fails) and
+  ``"tiny_crash"`` (kills its own worker process with ``os._exit``: a lost worker).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 from ..nn import EnergyLinear
 
 DATASETS = ("synthetic",)
-ARCHITECTURES = ("tiny_mlp", "tiny_fail")
+ARCHITECTURES = ("tiny_mlp", "tiny_fail", "tiny_crash")
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class TinyMLP(nn.Module):
     """64 -> width -> width -> classes, G members in batched EnergyLinear layers."""
 
     def __init__(self, meta, width=16, num_models=1, seeds=None, energy="l2", activation="relu",
-                 energy_reduction="sum", fail=False):
+                 energy_reduction="sum", fail=None):
         super().__init__()
         G = num_models
         self.num_models, self.batched, self.fail = G, True, fail
@@ -96,8 +97,12 @@ class TinyMLP(nn.Module):
                 layer.reset_parameters(generator=gen, model=g)
 
     def forward(self, x):
-        if self.fail:
+        if self.fail == "tiny_fail":
             raise RuntimeError("tiny_fail: this architecture always raises (test hook)")
+        if self.fail == "tiny_crash":
+            import os
+
+            os._exit(3)  # the worker process dies without a Python exception
         h = x.reshape(x.shape[0], -1)
         y = self.out(self.l2(self.l1(h)))
         return y[0] if self.num_models == 1 else y
@@ -108,7 +113,7 @@ def build(arch, meta, width=None, depth=None, energy="l2", activation="relu", en
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown synthetic architecture {arch!r}")
     return TinyMLP(meta, width=width or 16, num_models=num_models, seeds=seeds, energy=energy,
-                   activation=activation, energy_reduction=energy_reduction, fail=arch == "tiny_fail")
+                   activation=activation, energy_reduction=energy_reduction, fail=arch if arch != "tiny_mlp" else None)
 
 
 @torch.no_grad()
