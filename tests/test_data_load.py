@@ -339,3 +339,23 @@ def test_cli_list_and_fetch(monkeypatch, tmp_path, capsys):
     assert "mnist: ok" in capsys.readouterr().out
     assert cli.main(["fetch", "nonesuch"]) == 2
     assert [r["cached"] for r in data.list_datasets() if r["name"] == "mnist"] == [True]
+
+
+def test_tree_source_per_file_download_and_extracted_folder(tmp_path):
+    from minaction.data.sources import TreeSource, tree_digest
+
+    up = tmp_path / "upstream" / "NMNISTsmall"
+    up.mkdir(parents=True)
+    members = {"a.bs2": formats.nmnist_event_bytes([1], [2], [0], [5]), "list.txt": b"#sample #class\n1\t3\n"}
+    for n, b in members.items():
+        (up / n).write_bytes(b)
+    spec = FileSpec("tree", ["NMNISTsmall"], tree_digest(members))
+    remote = TreeSource(names=list(members), base_url=up.as_uri() + "/", cache_folder="t")
+    assert remote.fetch([spec])["tree"] == members
+    local = TreeSource(names=list(members), folder_name="NMNISTsmall", data_dir=tmp_path / "upstream")
+    assert local.fetch([spec])["tree"] == members
+    (up / "a.bs2").write_bytes(b"\x00" * 5)
+    with pytest.raises(data.ChecksumError, match="tree digest"):
+        local.fetch([spec])
+    with pytest.raises(sources.SourceUnavailable, match="no folder"):
+        TreeSource(names=list(members), folder_name="NMNISTsmall", data_dir=tmp_path).fetch([spec])

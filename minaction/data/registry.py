@@ -17,7 +17,7 @@ import torch
 from . import formats, text
 from .core import DataMeta, Dataset, SpikeDataset, carve_val
 from .sources import (ChecksumError, DataUnavailableError, DebSource, DirSource, FileSpec, Source,
-                      SourceUnavailable, UrlSource, WheelSource, cache_dir)
+                      SourceUnavailable, TreeSource, UrlSource, WheelSource, cache_dir)
 
 SPLITS = ("train", "val", "test")
 DECODER_VERSION = 1  # bump when a decoder's output changes: old caches are then ignored
@@ -102,6 +102,14 @@ def _decode_nmnist_tar(files):
         for m in tar.getmembers():
             if m.isfile():
                 members[m.name.rsplit("/", 1)[-1]] = tar.extractfile(m).read()
+    return _decode_nmnist_members(members)
+
+
+def _decode_nmnist_tree(files):
+    return _decode_nmnist_members(files["tree"])
+
+
+def _decode_nmnist_members(members):
     for need in ("train1K.txt", "test100.txt"):
         if need not in members:
             raise formats.FormatError(f"N-MNIST archive lacks {need}")
@@ -169,6 +177,11 @@ NG20_FILES = [FileSpec("train", ["20newsgroups-train.tab"],
                        "34a4c6261eda98d87f66d8e12a2cccba06918b7877442536ef6a13810a47ba39")]
 NMNIST_FILES = [FileSpec("tarball", ["nmnist-small.tar.gz"],
                          "7f655e166979cd062675b210cbbc6cf2489fdec1bb05ee3715fbd13add8c5d2d")]
+NMNIST_NAMES = (["train1K.txt", "test100.txt"] + [f"{i}.bs2" for i in range(1, 1001)]
+                + [f"{i}.bs2" for i in range(60001, 60101)])
+# tree digest (see sources.tree_digest) of the 1,102 files above, from the shared tarball
+NMNIST_TREE = [FileSpec("tree", ["NMNISTsmall"], "9aea38d6b429cf2b2dd8f33c627feeb6db29e5c1adfc562d552f0dafa7135c63")]
+NMNIST_COMMIT = "8f4654eef90610ed30b39894f8f614413768128e"
 UCR_SHA = {
     "ECG5000": ("df86ac15d7e283e731db6be7865f5004b65bc639014cb8b9753c26e24a9092a1",
                 "0192997dd1793880633bfb34ae3ad5129c09a8e0f210c469225451b92cdd8548"),
@@ -246,7 +259,11 @@ FAMILIES: Dict[str, Family] = {
     ], "20 Newsgroups (bydate, as cleaned by Orange): 11,293 train / 7,528 test, 20 classes"),
     "nmnist": Family("nmnist", [
         Candidate(_user("nmnist"), NMNIST_FILES, _decode_nmnist_tar),
+        Candidate(TreeSource(names=NMNIST_NAMES, folder_name="NMNISTsmall"), NMNIST_TREE, _decode_nmnist_tree),
         Candidate(_shared("nmnist"), NMNIST_FILES, _decode_nmnist_tar),
+        Candidate(TreeSource(names=NMNIST_NAMES, cache_folder="nmnist",
+                             base_url=f"https://raw.githubusercontent.com/bamsumit/slayerPytorch/{NMNIST_COMMIT}/"
+                                      "example/NMNISTsmall/"), NMNIST_TREE, _decode_nmnist_tree),
     ], "N-MNIST small (Orchard et al. 2015; slayerPytorch NMNISTsmall): 1,000 train / 100 test DVS recordings"),
     "ecg5000": Family("ecg5000", _ucr_family("ECG5000"), "UCR ECG5000: 500 train / 4,500 test, 5 classes, L=140"),
     "ecg200": Family("ecg200", _ucr_family("ECG200"), "UCR ECG200: 100 train / 100 test, 2 classes, L=96"),
@@ -300,7 +317,8 @@ def family_arrays(family: str, data_dir=None, progress: bool = False, refresh: b
         tried = []
         for cand in fam.candidates:
             src = cand.source
-            if isinstance(src, DirSource) and src.kind == "user":
+            if (isinstance(src, DirSource) and src.kind == "user") or (isinstance(src, TreeSource)
+                                                                      and not src.base_url):
                 src = dataclasses.replace(src, data_dir=data_dir)
             try:
                 files = src.fetch(cand.specs, progress=progress)

