@@ -1,0 +1,365 @@
+"""Triton kernels of the fused energy operators, and their plain-Python launchers.
+
+Three kernels, all over "grouped" tensors (``G`` independent models; program-id axis 1
+or 2 walks the groups, so the batched N-models form is native):
+
+``linear_fwd_kernel``
+    ``z = x[g] @ w[g]^T + b[g]`` as a tiled ``tl.dot`` matmul whose epilogue applies the
+    activation, stores ``y`` (and ``z`` only when ``KEEP_Z``: gelu/silu need it for the
+    backward) and writes the tile's partial sum of ``|y|^p`` to ``part[g, tile]``. The
+    launcher sums ``part`` over tiles in a fixed order (``torch.sum`` over a fixed-shape
+    buffer), so the energy is bitwise deterministic run to run.
+``act_fwd_kernel``
+    The same epilogue over an existing pre-activation (conv outputs): 1-D blocks over the
+    ``M * N`` values of each group.
+``act_bwd_kernel``
+    The fused backward elementwise pass ``gz = (gy + ge[g] * scale * d|y|^p/dy) * act'``,
+    optionally writing per-row-tile column sums of ``gz`` (the bias gradient) to a
+    ``[G, tiles_m, N]`` buffer that the launcher sums in a fixed order.
+
+The backward matrix products (``gx = gz @ w``, ``gw = gz^T @ x``) are ``torch.bmm``
+(cuBLAS on a GPU), see ``docs/kernels.md``.
+
+Activation codes (constexpr ``ACT``): 0 identity, 1 relu, 2 gelu (erf), 3 silu, 4 tanh,
+5 sigmoid. ``P``: 0 no energy, 1 L1, 2 L2. Arithmetic is float32 (float64 for float64
+inputs); outputs are rounded to the input dtype and the energy is computed from the
+rounded ``y`` like the reference backend does.
+
+On a GPU the matmul tile sizes are autotuned (``triton.autotune``); under
+``TRITON_INTERPRET=1`` exactly one configuration runs (``INTERPRET_BLOCKS``, large tiles
+so the interpreter stays fast; tests may change it to exercise multi-tile masking).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# tile sizes used under the interpreter (one configuration; no autotuning there)
+INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_EW_M": 64, "BLOCK_EW_N": 64,
+                    "BLOCK_1D": 4096}
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """act(z) for a float32/float64 block."""
+    if ACT == 1:
+        y = tl.where(z > 0, z, 0.0)
+    elif ACT == 2:
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:
+        y = z * tl.sigmoid(z)
+    elif ACT == 4:
+        # tanh via exp(-2|z|): exact sign, no overflow
+        e = tl.exp(-2.0 * tl.abs(z))
+        t = (1.0 - e) / (1.0 + e)
+        y = tl.where(z < 0, -t, t)
+    elif ACT == 5:
+        y = tl.sigmoid(z)
+    else:
+        y = z
+    return y
+
+
+@triton.jit
+def _act_grad(y, z, ACT: tl.constexpr):
+    """d act / d z from the output y (gelu and silu read z)."""
+    if ACT == 1:
+        d = tl.where(y > 0, 1.0, 0.0)
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        d = cdf + z * pdf
+    elif ACT == 3:
+        s = tl.sigmoid(z)
+        d = s * (1.0 + z * (1.0 - s))
+    elif ACT == 4:
+        d = 1.0 - y * y
+    elif ACT == 5:
+        d = y * (1.0 - y)
+    else:
+        d = y * 0.0 + 1.0
+    return d
+
+
+@triton.jit
+def _energy_partial(ye, mask, P: tl.constexpr):
+    """sum of |y|^p over the valid entries of a block (ye already in the energy dtype)."""
+    ye = tl.where(mask, ye, 0.0)
+    if P == 2:
+        s = tl.sum(ye * ye)
+    else:
+        s = tl.sum(tl.abs(ye))
+    return s
+
+
+# ----------------------------------------------------------------------------- forward: matmul + epilogue
+@triton.jit
+def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, part_ptr,
+                      M, N, K,
+                      stride_xg, stride_xm, stride_xk,
+                      stride_wg, stride_wn, stride_wk,
+                      stride_bg,
+                      stride_yg, stride_ym,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, P: tl.constexpr, KEEP_Z: tl.constexpr,
+                      ALLOW_TF32: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of y[g] = act(x[g] @ w[g]^T + b[g]) plus its energy partial.
+
+    Grid: (tiles_m * tiles_n, G). Tiles are visited in GROUP_M-row super-groups so that
+    neighbouring programs share rows of x and columns of w in L2. ``part`` is
+    [G, tiles_m * tiles_n], contiguous, in the energy dtype. y and z share strides.
+    """
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    grp = pid // per_group
+    first_m = grp * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    x_base = x_ptr + g * stride_xg + rm[:, None] * stride_xm
+    w_base = w_ptr + g * stride_wg + rn[None, :] * stride_wn
+    if x_ptr.dtype.element_ty == tl.float64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(x_base + kk[None, :] * stride_xk, mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
+        bt = tl.load(w_base + kk[:, None] * stride_wk, mask=(kk[:, None] < K) & mask_n[None, :], other=0.0)
+        if ALLOW_TF32:
+            acc = tl.dot(a, bt, acc, input_precision="tf32", out_dtype=acc.dtype)
+        else:
+            acc = tl.dot(a, bt, acc, input_precision="ieee", out_dtype=acc.dtype)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + g * stride_bg + rn, mask=mask_n, other=0.0)
+        acc += bias.to(acc.dtype)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    out_off = g * stride_yg + rm[:, None] * stride_ym + rn[None, :]
+    y = _act(acc, ACT)
+    yo = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + out_off, yo, mask=mask)
+    if KEEP_Z:
+        tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    if P != 0:
+        s = _energy_partial(yo.to(part_ptr.dtype.element_ty), mask, P)
+        tl.store(part_ptr + g * (num_m * num_n) + pid, s)
+
+
+# ----------------------------------------------------------------------------- forward: activation + energy only
+@triton.jit
+def act_fwd_kernel(z_ptr, y_ptr, part_ptr, L,
+                   ACT: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr):
+    """y = act(z) over the L = M*N contiguous values of group g, and per-block energy partials.
+
+    Grid: (cdiv(L, BLOCK), G); ``part`` is [G, cdiv(L, BLOCK)].
+    """
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    base = g * L
+    z = tl.load(z_ptr + base + offs, mask=mask, other=0.0)
+    if z_ptr.dtype.element_ty == tl.float64:
+        zf = z.to(tl.float64)
+    else:
+        zf = z.to(tl.float32)
+    yo = _act(zf, ACT).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + base + offs, yo, mask=mask)
+    if P != 0:
+        s = _energy_partial(yo.to(part_ptr.dtype.element_ty), mask, P)
+        tl.store(part_ptr + g * tl.num_programs(0) + pid, s)
+
+
+# ----------------------------------------------------------------------------- backward elementwise pass
+@triton.jit
+def act_bwd_kernel(gy_ptr, ge_ptr, y_ptr, z_ptr, gz_ptr, gb_ptr, scale,
+                   M, N,
+                   ACT: tl.constexpr, P: tl.constexpr, NEED_B: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """gz = (gy + ge[g]*scale*d|y|^p/dy) * act'(y, z) on a [BLOCK_M, BLOCK_N] tile of [G, M, N].
+
+    All of gy, y, z, gz are contiguous [G, M, N] (z is read only for gelu/silu). With
+    NEED_B the tile's column sums of gz go to gb[g, pid_m, :] ([G, tiles_m, N]).
+    Grid: (tiles_n, tiles_m, G).
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    g = tl.program_id(2).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rn < N
+    mask = (rm[:, None] < M) & mask_n[None, :]
+    off = g * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
+    y_raw = tl.load(y_ptr + off, mask=mask, other=0.0)
+    if y_ptr.dtype.element_ty == tl.float64:
+        cdt = tl.float64
+    else:
+        cdt = tl.float32
+    y = y_raw.to(cdt)
+    g_out = tl.load(gy_ptr + off, mask=mask, other=0.0).to(cdt)
+    if P != 0:
+        c = tl.load(ge_ptr + g).to(cdt) * scale
+        if P == 2:
+            g_out += 2.0 * c * y
+        else:
+            sgn = tl.where(y > 0, 1.0, tl.where(y < 0, -1.0, 0.0)).to(cdt)
+            g_out += c * sgn
+    if ACT == 2 or ACT == 3:
+        z = tl.load(z_ptr + off, mask=mask, other=0.0).to(cdt)
+    else:
+        z = y
+    gz = g_out * _act_grad(y, z, ACT)
+    gz = tl.where(mask, gz, 0.0)
+    gzo = gz.to(gz_ptr.dtype.element_ty)
+    tl.store(gz_ptr + off, gzo, mask=mask)
+    if NEED_B:
+        # column sums of the rounded gz, like the reference's gz.sum(1)
+        col = tl.sum(gzo.to(gb_ptr.dtype.element_ty), axis=0)
+        tl.store(gb_ptr + (g * tl.num_programs(1) + pid_m) * N + rn, col, mask=mask_n)
+
+
+# ----------------------------------------------------------------------------- autotuning (GPU only)
+def _mm_configs():
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4),
+        (32, 32, 64, 4, 3), (128, 128, 32, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                  num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+if not INTERPRET:
+    _linear_fwd_tuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "ACT", "P", "KEEP_Z"])(
+        linear_fwd_kernel)
+else:  # pragma: no cover - autotuning needs a GPU driver
+    _linear_fwd_tuned = None
+
+
+# ----------------------------------------------------------------------------- launchers
+def _energy_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _finish_energy(part, p, scale, G, device, edt):
+    if p == 0:
+        return torch.zeros(G, dtype=edt, device=device)
+    return part.sum(1) * scale  # fixed-order reduction over a fixed-shape buffer: deterministic
+
+
+def linear_forward(x, w, b, act, p, scale, keep_z):
+    """Grouped fused forward. x [G,M,K], w [G,N,K], b [G,N] or None -> y, z|empty, e [G]."""
+    G, M, K = x.shape
+    N = w.shape[1]
+    edt = _energy_dtype(x.dtype)
+    y = torch.empty((G, M, N), dtype=x.dtype, device=x.device)
+    z = torch.empty((G, M, N), dtype=x.dtype, device=x.device) if keep_z else x.new_empty(0)
+    if y.numel() == 0:
+        return y, z, torch.zeros(G, dtype=edt, device=x.device)
+    allow_tf32 = bool(x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    common = dict(HAS_BIAS=b is not None, ACT=ACT_CODES[act], P=p, KEEP_Z=keep_z, ALLOW_TF32=allow_tf32)
+    args = [x, w, b if b is not None else y, y, z if keep_z else y]
+    strides = [M, N, K, x.stride(0), x.stride(1), x.stride(2), w.stride(0), w.stride(1), w.stride(2),
+               b.stride(0) if b is not None else 0, y.stride(0), y.stride(1)]
+    if INTERPRET or _linear_fwd_tuned is None:
+        bm, bn, bk = INTERPRET_BLOCKS["BLOCK_M"], INTERPRET_BLOCKS["BLOCK_N"], INTERPRET_BLOCKS["BLOCK_K"]
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        part = torch.empty((G, tiles), dtype=edt, device=x.device)
+        linear_fwd_kernel[(tiles, G)](*args, part, *strides, **common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                      GROUP_M=8)
+    else:
+        # the partial buffer is sized for the smallest tile of any config, then trimmed to the
+        # tuned config's tile count (unused tail entries stay zero)
+        holder = {}
+
+        def grid(meta):
+            t = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+            holder["tiles"] = t
+            return (t, G)
+
+        max_tiles = triton.cdiv(M, 32) * triton.cdiv(N, 32)
+        part = torch.zeros((G, max_tiles), dtype=edt, device=x.device)
+        _linear_fwd_tuned[grid](*args, part, *strides, **common)
+        # the kernel indexes part as [G, tiles] contiguous: view that prefix
+        part = part.view(-1)[: G * holder["tiles"]].view(G, holder["tiles"])
+    return y, z, _finish_energy(part, p, scale, G, x.device, edt)
+
+
+def act_forward(z, act, p, scale, keep_z):
+    """Grouped activation + energy. z [G,M,N] contiguous -> y, z|empty, e [G]."""
+    z = z.contiguous()
+    G = z.shape[0]
+    L = z[0].numel() if G else 0
+    edt = _energy_dtype(z.dtype)
+    y = torch.empty_like(z)
+    zs = z if keep_z else z.new_empty(0)
+    if y.numel() == 0:
+        return y, zs, torch.zeros(G, dtype=edt, device=z.device)
+    block = INTERPRET_BLOCKS["BLOCK_1D"] if INTERPRET else 2048
+    nb = triton.cdiv(L, block)
+    part = torch.empty((G, nb), dtype=edt, device=z.device)
+    act_fwd_kernel[(nb, G)](z, y, part, L, ACT=ACT_CODES[act], P=p, BLOCK=block)
+    return y, zs, _finish_energy(part, p, scale, G, z.device, edt)
+
+
+def _ew_blocks(M, N):
+    if INTERPRET:
+        return INTERPRET_BLOCKS["BLOCK_EW_M"], INTERPRET_BLOCKS["BLOCK_EW_N"]
+    bn = min(128, triton.next_power_of_2(max(N, 16)))
+    return 64, bn
+
+
+def act_backward(gy, ge, y, z, act, p, scale, need_b=False):
+    """gz = (gy + ge*scale*d|y|^p/dy) * act'; with need_b also the bias gradient gz.sum(1).
+
+    Returns gz (and gb [G, N] when need_b).
+    """
+    gy = gy.contiguous()
+    y = y.contiguous()
+    G, M, N = y.shape
+    gz = torch.empty_like(y)
+    edt = _energy_dtype(y.dtype)
+    zz = z.contiguous() if z.numel() else y
+    if gz.numel() == 0:
+        gb = torch.zeros((G, N), dtype=y.dtype, device=y.device)
+        return (gz, gb) if need_b else gz
+    bm, bn = _ew_blocks(M, N)
+    tm, tn = triton.cdiv(M, bm), triton.cdiv(N, bn)
+    gbp = torch.empty((G, tm, N), dtype=edt, device=y.device) if need_b else y
+    ge_t = ge.contiguous() if ge.numel() else torch.zeros(G, dtype=edt, device=y.device)
+    act_bwd_kernel[(tn, tm, G)](gy, ge_t, y, zz, gz, gbp, float(scale), M, N,
+                                ACT=ACT_CODES[act], P=p, NEED_B=need_b, BLOCK_M=bm, BLOCK_N=bn)
+    if need_b:
+        return gz, gbp.sum(1).to(y.dtype)
+    return gz
+
+
+def linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
+    """Fused elementwise pass (+ bias column sums), then the two matrix products (torch.bmm)."""
+    empty = gy.new_empty(0)
+    if need_b:
+        gz, gb = act_backward(gy, ge, y, z, act, p, scale, need_b=True)
+    else:
+        gz, gb = act_backward(gy, ge, y, z, act, p, scale), empty
+    gx = torch.bmm(gz, w) if need_x else empty
+    gw = torch.bmm(gz.transpose(1, 2), x) if need_w else empty
+    return gx, gw, gb
