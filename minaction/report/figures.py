@@ -71,7 +71,9 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
                         fmt="-o", color=c, capsize=3, label=arch)
             axes[2, j].plot(lam, ga["active_frac"], "-o", color=c, label=arch)
             axes[2, j].axhline(ga["active_frac_0"].iloc[0], color=c, lw=0.8, ls=":")
-        axes[0, j].set_yscale("log")
+        ratios = g[["E_ratio", "Eresc_ratio"]].to_numpy(float)
+        if np.any(np.isfinite(ratios) & (ratios > 0)):
+            axes[0, j].set_yscale("log")
         axes[0, j].axhline(1.0, color="k", lw=0.8)
         axes[0, j].set_title(ds)
         axes[0, j].set_ylabel("E(λ) / E(0), test split")

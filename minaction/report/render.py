@@ -194,7 +194,10 @@ def check_traceable(out_dir) -> list[str]:
     out_dir = Path(out_dir)
     values = set()
     for csv in sorted((out_dir / "tables").glob("*.csv")):
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        try:
+            df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            continue
         for col in df.columns:
             for tok in _NUM.findall(" ".join(df[col].tolist()) + " " + str(col)):
                 values.add(float(tok))

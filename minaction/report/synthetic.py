@@ -114,7 +114,8 @@ def make_synthetic_store(path, *, archs: Sequence[str] = ARCHS, datasets: dict |
     inter = rng.normal(size=(len(archs), len(ds_names)))
     inter -= inter.mean(axis=0, keepdims=True)
     inter -= inter.mean(axis=1, keepdims=True)
-    inter /= np.abs(inter).max()
+    if np.abs(inter).max() > 0:
+        inter /= np.abs(inter).max()
     a_main = np.linspace(-1, 1, len(archs))
     lam_pos = sorted(l for l in lams if l > 0)
     lmax = max(lam_pos) if lam_pos else 1.0
