@@ -300,6 +300,41 @@ def _write_cache(path: Path, arrays: Dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)  # atomic: a killed writer leaves no half file under the real name
 
 
+class _FileLock:
+    """An exclusive lock across processes (``fcntl.flock``; a no-op where it is missing), so
+    that workers loading the same dataset at once fetch and decode it only once."""
+
+    def __init__(self, path: Path):
+        self.path, self.f = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a+")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.f is not None:
+            import fcntl
+
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+            self.f.close()
+            self.f = None
+
+
+def _cached(fam: Family):
+    for cand in fam.candidates:
+        arrays = _read_cache(cand.cache_path(fam.name))
+        if arrays is not None:
+            first = str(arrays["_origin"]) if "_origin" in arrays else "?"
+            return arrays, f"{first} (decoded cache {cand.cache_path(fam.name)})"
+    return None
+
+
 def family_arrays(family: str, data_dir=None, progress: bool = False, refresh: bool = False):
     """Decoded arrays of a dataset family and where they came from: ``(arrays, origin)``.
 
@@ -308,32 +343,37 @@ def family_arrays(family: str, data_dir=None, progress: bool = False, refresh: b
     (listing every source and why it failed) when nothing works."""
     fam = FAMILIES[family]
     with _LOCK:
-        if not refresh:
-            for cand in fam.candidates:
-                arrays = _read_cache(cand.cache_path(family))
-                if arrays is not None:
-                    first = str(arrays["_origin"]) if "_origin" in arrays else "?"
-                    return arrays, f"{first} (decoded cache {cand.cache_path(family)})"
-        tried = []
-        for cand in fam.candidates:
-            src = cand.source
-            if (isinstance(src, DirSource) and src.kind == "user") or (isinstance(src, TreeSource)
-                                                                      and not src.base_url):
-                src = dataclasses.replace(src, data_dir=data_dir)
-            try:
-                files = src.fetch(cand.specs, progress=progress)
-            except SourceUnavailable as exc:
-                tried.append(f"  - {src.describe()}: {exc}")
-                continue
-            arrays = cand.decode(files)
-            arrays["_origin"] = np.array(src.describe())
-            path = cand.cache_path(family)
-            _write_cache(path, arrays)
-            _MEMO[str(path)] = arrays
-            return arrays, src.describe()
-        raise DataUnavailableError(
-            f"dataset {family!r}: no source could provide its files. Tried, in order:\n" + "\n".join(tried)
-            + "\nPass data_dir= (or set MINACTION_DATA) to a folder holding the files, or see docs/data.md.")
+        hit = None if refresh else _cached(fam)
+        if hit is not None:
+            return hit
+        with _FileLock(cache_dir() / "locks" / f"{family}.lock"):
+            hit = None if refresh else _cached(fam)  # another process may have just built it
+            if hit is not None:
+                return hit
+            return _fetch_and_decode(fam, family, data_dir, progress)
+
+
+def _fetch_and_decode(fam: Family, family: str, data_dir, progress: bool):
+    tried = []
+    for cand in fam.candidates:
+        src = cand.source
+        if (isinstance(src, DirSource) and src.kind == "user") or (isinstance(src, TreeSource)
+                                                                  and not src.base_url):
+            src = dataclasses.replace(src, data_dir=data_dir)
+        try:
+            files = src.fetch(cand.specs, progress=progress)
+        except SourceUnavailable as exc:
+            tried.append(f"  - {src.describe()}: {exc}")
+            continue
+        arrays = cand.decode(files)
+        arrays["_origin"] = np.array(src.describe())
+        path = cand.cache_path(family)
+        _write_cache(path, arrays)
+        _MEMO[str(path)] = arrays
+        return arrays, src.describe()
+    raise DataUnavailableError(
+        f"dataset {family!r}: no source could provide its files. Tried, in order:\n" + "\n".join(tried)
+        + "\nPass data_dir= (or set MINACTION_DATA) to a folder holding the files, or see docs/data.md.")
 
 
 def clear_memo() -> None:
