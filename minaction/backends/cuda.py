@@ -1,0 +1,146 @@
+"""The ``cuda`` backend: CUDA C++ kernels in ``csrc/energy_cuda.cu`` with torch glue in
+``csrc/energy_cuda.cpp``, built on first use with ``torch.utils.cpp_extension.load``.
+
+The matrix products run in cuBLAS (``at::baddbmm`` with the bias folded in, ``at::bmm``);
+the activation + energy epilogue (in place over the matmul output unless gelu/silu need
+``z``) and the backward elementwise pass with the fused bias column sums are the CUDA
+kernels. Energies are reduced in two fixed-order stages (per-block partials, then a sum):
+deterministic. Needs a CUDA build of torch and nvcc; ``available`` says which is missing.
+``MINACTION_CUDA_ARCH`` overrides ``TORCH_CUDA_ARCH_LIST`` for the build (default: the
+visible GPU's).
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from . import composite
+
+ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_lock = threading.Lock()
+
+
+def source_dir():
+    """The directory holding the CUDA sources (a checkout's csrc/ or the installed package data)."""
+    from pathlib import Path
+
+    import minaction._csrc as csrc
+
+    return Path(csrc.__file__).parent
+
+_state: dict = {}
+
+
+def load():
+    """Build (once per process, cached on disk by torch) and load the extension; return its ops."""
+    with _lock:
+        if "ops" in _state:
+            return _state["ops"]
+        if "error" in _state:
+            raise _state["error"]
+        try:
+            if torch.version.cuda is None:
+                raise RuntimeError("this torch build has no CUDA support (torch.version.cuda is None)")
+            from torch.utils import cpp_extension
+
+            if cpp_extension.CUDA_HOME is None:
+                raise RuntimeError("nvcc / CUDA_HOME not found: install the CUDA toolkit or set CUDA_HOME")
+            src = source_dir()
+            sources = [str(src / "energy_cuda.cpp"), str(src / "energy_cuda.cu")]
+            for s in sources:
+                if not os.path.exists(s):
+                    raise FileNotFoundError(f"CUDA source not found: {s}")
+            if os.environ.get("MINACTION_CUDA_ARCH"):
+                os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["MINACTION_CUDA_ARCH"]
+            elif "TORCH_CUDA_ARCH_LIST" not in os.environ and torch.cuda.is_available():
+                major, minor = torch.cuda.get_device_capability()
+                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+            verbose = os.environ.get("MINACTION_VERBOSE_BUILD", "") not in ("", "0")
+            cpp_extension.load(name="minaction_cuda_ext", sources=sources, extra_include_paths=[str(src)],
+                               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+                               is_python_module=False, verbose=verbose)
+            _register_fakes()
+            _state["ops"] = torch.ops.minaction_cuda
+        except Exception as exc:  # remembered: a failed build is not retried in this process
+            _state["error"] = exc
+            raise
+        return _state["ops"]
+
+
+def _register_fakes():
+    from . import energy_dtype
+
+    lib = "minaction_cuda"
+
+    @torch.library.register_fake(f"{lib}::linear_fwd")
+    def _(x, w, b, act, p, scale, keep_z):
+        G, M, _ = x.shape
+        N = w.shape[1]
+        z = x.new_empty((G, M, N)) if keep_z else x.new_empty(0)
+        return x.new_empty((G, M, N)), z, x.new_empty((G,), dtype=energy_dtype(x.dtype))
+
+    @torch.library.register_fake(f"{lib}::linear_bwd")
+    def _(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
+        e = gy.new_empty(0)
+        return (x.new_empty(x.shape) if need_x else e, w.new_empty(w.shape) if need_w else e,
+                gy.new_empty((w.shape[0], w.shape[1])) if need_b else e)
+
+    @torch.library.register_fake(f"{lib}::act_fwd")
+    def _(z, act, p, scale, keep_z):
+        return (z.new_empty(z.shape), z.new_empty(z.shape) if keep_z else z.new_empty(0),
+                z.new_empty((z.shape[0],), dtype=energy_dtype(z.dtype)))
+
+    @torch.library.register_fake(f"{lib}::act_bwd")
+    def _(gy, ge, y, z, act, p, scale):
+        return gy.new_empty(gy.shape)
+
+
+def available(device: torch.device):
+    """(ok, why): a CUDA device, a CUDA build of torch, nvcc, and a successful build."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"the CUDA backend runs on CUDA tensors only, not {device.type}"
+    if torch.version.cuda is None:
+        return False, "this torch build has no CUDA support"
+    if not torch.cuda.is_available():
+        return False, "torch reports no CUDA device"
+    try:
+        load()
+    except Exception as exc:
+        return False, f"the CUDA extension could not be built or loaded ({type(exc).__name__}: {exc})"
+    return True, "CUDA extension built and loaded"
+
+
+def _native(t):
+    return t.is_cuda and t.dtype in _DTYPES
+
+
+# ----------------------------------------------------------------------------- backend primitives
+def linear_forward(x, w, b, act, p, scale, keep_z):
+    if not _native(x):
+        return composite.linear_forward(x, w, b, act, p, scale, keep_z)
+    return load().linear_fwd(x.contiguous(), w.contiguous(), None if b is None else b.contiguous(),
+                             ACT_CODES[act], p, scale, keep_z)
+
+
+def linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
+    if not _native(y):
+        return composite.linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b)
+    return load().linear_bwd(gy, ge, x.contiguous(), w.contiguous(), y, z, ACT_CODES[act], p, scale,
+                             need_x, need_w, need_b)
+
+
+def act_forward(z, act, p, scale, keep_z):
+    if not _native(z):
+        return composite.act_forward(z, act, p, scale, keep_z)
+    return load().act_fwd(z, ACT_CODES[act], p, scale, keep_z)
+
+
+def act_backward(gy, ge, y, z, act, p, scale):
+    if not _native(y):
+        return composite.act_backward(gy, ge, y, z, act, p, scale)
+    return load().act_bwd(gy, ge, y, z, ACT_CODES[act], p, scale)
