@@ -7,6 +7,8 @@ Every executor exposes the same small interface, built on ``concurrent.futures``
 
 - ``local``: a ``ProcessPoolExecutor`` in the ``forkserver`` context (``spawn`` where
   forkserver does not exist); each worker runs with one torch thread. No server needed.
+  The forkserver preloads torch, the data/model packages and the CPU kernels
+  (:mod:`minaction.study._preload`), so a (re)started worker is ready in milliseconds.
 - ``dask``: a ``dask.distributed.Client`` on a ``LocalCluster`` of ``workers`` processes
   with one thread each, bound to 127.0.0.1 with no dashboard, or on ``scheduler``
   (``tcp://host:port``) for a real cluster. ``client.get_executor()`` gives standard futures.
@@ -45,6 +47,9 @@ class LocalExecutor:
         self.threads = threads
         methods = mp.get_all_start_methods()
         self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if self._ctx.get_start_method() == "forkserver":
+            # workers fork from a server that already imported torch and loaded the kernels
+            self._ctx.set_forkserver_preload(["minaction.study._preload"])
         self._pool = None
         self.restart()
 
