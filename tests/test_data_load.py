@@ -296,6 +296,9 @@ def test_nmnist_binning(monkeypatch, tmp_path):
     tr, va = data.load("nmnist", "train", data_dir=d), data.load("nmnist", "val", data_dir=d)
     assert len(tr) + len(va) == 20 and tr.x.shape[1:] == (8, 2, 34, 34)
     assert not set(tr.sample_ids.tolist()) & set(va.sample_ids.tolist())
+    sub = tr.subset(5, seed=2)
+    pos = [tr.sample_ids.tolist().index(i) for i in sub.sample_ids.tolist()]
+    assert torch.equal(sub.x, tr.x[pos]) and torch.equal(sub.y, tr.y[pos])
 
 
 def test_ucr_standardised_with_train_stats(monkeypatch, tmp_path):

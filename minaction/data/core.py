@@ -49,6 +49,7 @@ class Dataset:
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
         self.x, self.y, self.meta, self.split = x, y, meta, split
         self.vocab = vocab  # text: list of tokens, index = id
+        self.sample_ids: Optional[torch.Tensor] = None  # per-sample source ids where known (nmnist)
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -58,10 +59,12 @@ class Dataset:
         return (f"{type(self).__name__}({self.meta.name!r}, split={self.split!r}, n={len(self)}, "
                 f"input_shape={tuple(self.meta.input_shape)}, num_classes={self.meta.num_classes})")
 
-    def _like(self, x, y):
+    def _like(self, x, y, idx=None):
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.x, new.y = x, y
+        if idx is not None and self.sample_ids is not None:
+            new.sample_ids = self.sample_ids.index_select(0, idx.to(self.sample_ids.device))
         return new
 
     def to(self, device) -> "Dataset":
@@ -117,7 +120,7 @@ class Dataset:
             return self
         g = torch.Generator().manual_seed(int(seed))
         idx = torch.randperm(len(self), generator=g)[: int(n)].sort().values.to(self.x.device)
-        return self._like(self.x.index_select(0, idx), self.y.index_select(0, idx))
+        return self._like(self.x.index_select(0, idx), self.y.index_select(0, idx), idx)
 
 
 class SpikeDataset(Dataset):
