@@ -1,6 +1,5 @@
 """Decoders of every native format, on small fixtures written here (no data needed)."""
 import gzip
-import io
 import pickle
 
 import numpy as np

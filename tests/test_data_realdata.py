@@ -7,7 +7,6 @@ never skipped: it fails. Decoded arrays go to the user's cache, so later runs ar
 """
 import shutil
 
-import numpy as np
 import pytest
 import torch
 

@@ -9,14 +9,14 @@ import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import formats, text
 from .core import DataMeta, Dataset, SpikeDataset, carve_val
-from .sources import (ChecksumError, DataUnavailableError, DebSource, DirSource, FileSpec, Source,
+from .sources import (DataUnavailableError, DebSource, DirSource, FileSpec, Source,
                       SourceUnavailable, TreeSource, UrlSource, WheelSource, cache_dir)
 
 SPLITS = ("train", "val", "test")
