@@ -90,9 +90,21 @@ def use_backend(name: str | None):
         _forced = old
 
 
+_select_cache: dict = {}
+
+
+@torch.compiler.assume_constant_result
 def select(device) -> str:
-    """The backend that will run for tensors on ``device``."""
-    dev = torch.device(device)
+    """The backend that will run for tensors on ``device`` (cached until the forcing changes)."""
+    key = (device.type if isinstance(device, torch.device) else str(device), _forced,
+           os.environ.get("MINACTION_BACKEND"))
+    hit = _select_cache.get(key)
+    if hit is None:
+        hit = _select_cache[key] = _select(torch.device(key[0]))
+    return hit
+
+
+def _select(dev: torch.device) -> str:
     f = forced()
     if f is not None:
         ok, why = available(f, dev)

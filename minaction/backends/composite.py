@@ -12,8 +12,14 @@ import torch
 
 from . import energy_dtype
 
+_LOW = (torch.float16, torch.bfloat16)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _up(t):
+    """half/bfloat16 -> float32: the spec computes in float32, as the kernels' accumulators do."""
+    return t.float() if t is not None and t.dtype in _LOW else t
 
 
 def apply_act(z: torch.Tensor, act: str) -> torch.Tensor:
@@ -73,29 +79,33 @@ def energy_grad_term(y: torch.Tensor, ge: torch.Tensor, p: int, scale: float) ->
 
 
 def act_forward(z, act, p, scale, keep_z):
-    y = apply_act(z, act)
+    y = apply_act(_up(z), act).to(z.dtype)
     e = energy_of(y, p, scale)
     return y, (z if keep_z else z.new_empty(0)), e
 
 
 def act_backward(gy, ge, y, z, act, p, scale):
-    g = gy if p == 0 else gy + energy_grad_term(y, ge, p, scale)
-    return g * act_grad(y, z, act)
+    yu = _up(y)
+    g = _up(gy) if p == 0 else _up(gy) + energy_grad_term(yu, ge, p, scale)
+    return (g * act_grad(yu, _up(z) if z.numel() else z, act)).to(gy.dtype)
 
 
 def linear_forward(x, w, b, act, p, scale, keep_z):
-    z = torch.bmm(x, w.transpose(1, 2))
+    # half/bfloat16: the maths runs in float32 (as the kernels' accumulators do); outputs are cast back
+    z = torch.bmm(_up(x), _up(w).transpose(1, 2))
     if b is not None:
-        z = z + b.unsqueeze(1)
+        z = z + _up(b).unsqueeze(1)
+    z = z.to(x.dtype)
     return act_forward(z, act, p, scale, keep_z)
 
 
 def linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
-    gz = act_backward(gy, ge, y, z, act, p, scale)
+    dt = gy.dtype
+    gz = _up(act_backward(gy, ge, y, z, act, p, scale))
     empty = gy.new_empty(0)
-    gx = torch.bmm(gz, w) if need_x else empty
-    gw = torch.bmm(gz.transpose(1, 2), x) if need_w else empty
-    gb = gz.sum(1) if need_b else empty
+    gx = torch.bmm(gz, _up(w)).to(dt) if need_x else empty
+    gw = torch.bmm(gz.transpose(1, 2), _up(x)).to(dt) if need_w else empty
+    gb = gz.sum(1).to(dt) if need_b else empty
     return gx, gw, gb
 
 

@@ -26,6 +26,8 @@ from .store import CONVENTIONAL, ENERGY_FIRST, Store, load_store
 
 PAPER = {
     "np2_arch": 0.001,
+    "n_experiments": 2203,
+    "seeds": 10,
     "np2_interaction": 0.44,
     "sweep_orders": 3,
     "sweep_v1_pct": 6,
@@ -91,6 +93,11 @@ def _cell_stats(df: pd.DataFrame, ci_level: float) -> pd.DataFrame:
         h = float(stats.t.ppf(0.5 + ci_level / 2, n - 1) * sd / np.sqrt(n)) if n > 1 else np.nan
         rows.append({"arch": arch, "dataset": ds, "n": n, "mean": m, "sd": sd, "ci_lo": m - h, "ci_hi": m + h})
     return pd.DataFrame(rows)
+
+
+def _span(n) -> str:
+    lo, hi = int(n.min()), int(n.max())
+    return str(lo) if lo == hi else f"{lo} to {hi}"
 
 
 class _Report:
@@ -163,7 +170,9 @@ class _Report:
         formula = "test_acc ~ " + " * ".join(f"C({f}, Sum)" for f in factors)
         d.p(f"Model: OLS `{formula}` (sum-to-zero contrasts), Type II and Type III sums of squares; "
             f"partial η² = SS_effect / (SS_effect + SS_residual) with a {fmt(100 * opt.ci)}% percentile bootstrap "
-            f"CI ({opt.n_boot} resamples of the runs within each cell). {lam_note}")
+            f"CI ({opt.n_boot} resamples of the runs within each cell). {lam_note} Near zero the percentile "
+            "interval can lie above the estimate: partial η² cannot be negative and resampling adds noise to "
+            "every effect.")
         counts = _anova.cell_counts(data, factors)
         rel_counts = self.csv("anova_cell_counts", counts)
         wide = counts.pivot_table(index="arch", columns=[f for f in factors if f != "arch"], values="n",
@@ -210,9 +219,13 @@ class _Report:
             ok = False
             parts.append(f"the arch × dataset interaction is not large and significant (partial η² = "
                          f"{fmt(i['np2'])}, p = {fmt(i['p'], 3)}; paper {PAPER['np2_interaction']})")
-        why = f"Type {typ_name}: " + "; ".join(parts) + "."
+        n_cells = counts["n"]
+        why = (f"Type {typ_name}: " + "; ".join(parts) + f". Ours from {int(n_cells.sum())} runs, "
+               f"{_span(n_cells)} per cell (paper: {PAPER['n_experiments']} "
+               f"experiments, {PAPER['seeds']} seeds per configuration).")
         d.p(self.verdict(1, "arch partial η² negligible; arch × dataset interaction large (p < 0.001)",
-                         f"arch {PAPER['np2_arch']}; arch × dataset {PAPER['np2_interaction']}", ours,
+                         f"arch {PAPER['np2_arch']}; arch × dataset {PAPER['np2_interaction']} "
+                         f"({PAPER['n_experiments']} experiments, {PAPER['seeds']} seeds)", ours,
                          "reproduced" if ok else "not reproduced", why))
 
     def finding2(self):

@@ -108,6 +108,8 @@ def efficiency_plot(gains: pd.DataFrame, path: Path) -> Path:
         err = np.nan_to_num(np.abs(np.vstack([y - g["gain_pct_lo"], g["gain_pct_hi"] - y]).astype(float)))
         ax.bar(np.arange(len(g)), np.nan_to_num(y), yerr=err, capsize=3,
                color=["tab:green" if v > 0 else "tab:red" for v in np.nan_to_num(y)])
+        for k in np.where(~np.isfinite(y))[0]:
+            ax.text(k, 0, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
         ax.axhspan(5, 33, color="tab:blue", alpha=0.12, label="paper: 5–33%")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(g)))

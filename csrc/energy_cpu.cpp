@@ -1,0 +1,439 @@
+// minaction CPU backend: fused activation + activation-energy epilogues around MKL/oneDNN GEMMs.
+//
+// Layout (see minaction/backends/__init__.py): G independent models, x [G,M,K], w [G,N,K],
+// b [G,N], y/z [G,M,N], e [G]. The un-batched layer is G == 1.
+//
+//   forward : z = x w^T + b (one BLAS call, bias folded in), then ONE pass over z that applies
+//             the activation in place and accumulates e[g] = scale * sum |y|^p.
+//   backward: ONE pass computing gz = (gy + ge[g]*scale*d|y|^p/dy) * act'(.) and, in the same
+//             pass, the bias gradient (column sums of gz); then the two BLAS products.
+//
+// The plain nn.Linear + ReLU does the same BLAS work plus a separate activation pass forward,
+// and separate threshold_backward and bias-sum passes backward, so the energy costs nothing
+// extra and the fused bias sum saves a pass.
+//
+// Reductions are deterministic: the work is cut into (model, column block, row chunk) tiles
+// whose sizes depend only on the shapes, never on the thread count, and the tile partials
+// are summed in a fixed order.
+//
+// Ops (namespace minaction_cpu):
+//   linear_fwd, linear_bwd, act_fwd, act_bwd  -- the backend primitives (CPU kernels)
+//   energy_linear                             -- the whole layer with a C++ autograd formula
+//                                                (low per-call overhead for the eager hot path)
+
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+enum Act : int64_t { IDENTITY = 0, RELU = 1, GELU = 2, SILU = 3, TANH = 4, SIGMOID = 5 };
+
+constexpr int64_t kColBlock = 64;   // columns per tile (contiguous run inside a row)
+constexpr int64_t kRowChunk = 128;  // rows per tile
+
+template <typename T>
+struct Acc { using type = float; };
+template <>
+struct Acc<double> { using type = double; };
+
+template <int ACT, typename F>
+inline F act_fn(F z) {
+  if constexpr (ACT == IDENTITY) return z;
+  if constexpr (ACT == RELU) return z > F(0) ? z : F(0);
+  if constexpr (ACT == GELU) return F(0.5) * z * (F(1) + std::erf(z * F(M_SQRT1_2)));
+  if constexpr (ACT == SILU) return z / (F(1) + std::exp(-z));
+  if constexpr (ACT == TANH) return std::tanh(z);
+  if constexpr (ACT == SIGMOID) return F(1) / (F(1) + std::exp(-z));
+}
+
+// d act / d z given the output y (and z for the activations that need it)
+template <int ACT, typename F>
+inline F dact_fn(F y, F z) {
+  if constexpr (ACT == IDENTITY) return F(1);
+  if constexpr (ACT == RELU) return y > F(0) ? F(1) : F(0);
+  if constexpr (ACT == GELU) {
+    const F cdf = F(0.5) * (F(1) + std::erf(z * F(M_SQRT1_2)));
+    const F pdf = std::exp(F(-0.5) * z * z) * F(0.3989422804014327);
+    return cdf + z * pdf;
+  }
+  if constexpr (ACT == SILU) {
+    const F s = F(1) / (F(1) + std::exp(-z));
+    return s * (F(1) + z * (F(1) - s));
+  }
+  if constexpr (ACT == TANH) return F(1) - y * y;
+  if constexpr (ACT == SIGMOID) return y * (F(1) - y);
+}
+
+template <int P, typename F>
+inline F pow_p(F v) {
+  if constexpr (P == 2) return v * v;
+  if constexpr (P == 1) return std::abs(v);
+  return F(0);
+}
+
+template <int P, typename F>
+inline F dpow_p(F v) {  // d|v|^p / dv
+  if constexpr (P == 2) return F(2) * v;
+  if constexpr (P == 1) return F((v > F(0)) - (v < F(0)));
+  return F(0);
+}
+
+// tiles per parallel chunk: about at::internal::GRAIN_SIZE elements, so small layers stay on one thread
+constexpr int64_t kGrainTiles = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kColBlock * kRowChunk));
+
+struct Tiles {
+  int64_t G, M, N, ncb, nrc;
+  Tiles(int64_t G_, int64_t M_, int64_t N_)
+      : G(G_), M(M_), N(N_), ncb((N_ + kColBlock - 1) / kColBlock), nrc(std::max<int64_t>(1, (M_ + kRowChunk - 1) / kRowChunk)) {}
+  int64_t count() const { return G * ncb * nrc; }
+};
+
+// y = act(z) (in place when y == z) and e[g] = scale * sum |y|^p
+template <typename T, int ACT, int P>
+void act_energy_fwd_kernel(const T* z, T* y, int64_t G, int64_t M, int64_t N, double scale, void* e_out, bool e_double) {
+  using F = typename Acc<T>::type;
+  Tiles tl(G, M, N);
+  std::vector<double> part(tl.count(), 0.0);
+  at::parallel_for(0, tl.count(), kGrainTiles, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / (tl.ncb * tl.nrc);
+      const int64_t cb = (t / tl.nrc) % tl.ncb;
+      const int64_t rc = t % tl.nrc;
+      const int64_t j0 = cb * kColBlock, j1 = std::min(N, j0 + kColBlock);
+      const int64_t r0 = rc * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
+      double acc_tile = 0.0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = (g * M + r) * N;
+        const T* zr = z + off;
+        T* yr = y + off;
+        F acc = F(0);
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = j0; j < j1; ++j) {
+          const F v = act_fn<ACT, F>(static_cast<F>(zr[j]));
+          const T vt = static_cast<T>(v);
+          yr[j] = vt;
+          if constexpr (P != 0) acc += pow_p<P, F>(static_cast<F>(vt));
+        }
+        acc_tile += static_cast<double>(acc);
+      }
+      part[t] = acc_tile;
+    }
+  });
+  for (int64_t g = 0; g < G; ++g) {
+    double s = 0.0;
+    for (int64_t t = g * tl.ncb * tl.nrc; t < (g + 1) * tl.ncb * tl.nrc; ++t) s += part[t];
+    s *= scale;
+    if (e_double) static_cast<double*>(e_out)[g] = s;
+    else static_cast<float*>(e_out)[g] = static_cast<float>(s);
+  }
+}
+
+// gz = (gy + ge[g]*scale*d|y|^p/dy) * act'(.), and gb[g, j] = sum_r gz[g, r, j] when gb != nullptr
+template <typename T, int ACT, int P>
+void act_energy_bwd_kernel(const T* gy, const float* ge_f, const double* ge_d, const T* y, const T* z, T* gz, T* gb,
+                           int64_t G, int64_t M, int64_t N, double scale) {
+  using F = typename Acc<T>::type;
+  Tiles tl(G, M, N);
+  const bool want_b = gb != nullptr;
+  std::vector<F> part(want_b ? tl.count() * kColBlock : 0, F(0));
+  at::parallel_for(0, tl.count(), kGrainTiles, [&](int64_t begin, int64_t end) {
+    F colacc[kColBlock];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / (tl.ncb * tl.nrc);
+      const int64_t cb = (t / tl.nrc) % tl.ncb;
+      const int64_t rc = t % tl.nrc;
+      const int64_t j0 = cb * kColBlock, j1 = std::min(N, j0 + kColBlock);
+      const int64_t r0 = rc * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
+      const F c = P == 0 ? F(0) : static_cast<F>((ge_d ? ge_d[g] : static_cast<double>(ge_f[g])) * scale);
+      for (int64_t j = 0; j < kColBlock; ++j) colacc[j] = F(0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = (g * M + r) * N;
+        const T* gyr = gy + off;
+        const T* yr = y + off;
+        const T* zr = z ? z + off : nullptr;
+        T* gzr = gz + off;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          const F yv = static_cast<F>(yr[j]);
+          const F zv = zr ? static_cast<F>(zr[j]) : yv;
+          F gv = static_cast<F>(gyr[j]);
+          if constexpr (P != 0) gv += c * dpow_p<P, F>(yv);
+          const F out = gv * dact_fn<ACT, F>(yv, zv);
+          const T outt = static_cast<T>(out);
+          gzr[j] = outt;
+          colacc[j - j0] += static_cast<F>(outt);
+        }
+      }
+      if (want_b)
+        for (int64_t j = 0; j < j1 - j0; ++j) part[t * kColBlock + j] = colacc[j];
+    }
+  });
+  if (want_b) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t cb = 0; cb < tl.ncb; ++cb) {
+        const int64_t j0 = cb * kColBlock, j1 = std::min(N, j0 + kColBlock);
+        for (int64_t j = j0; j < j1; ++j) {
+          F s = F(0);
+          for (int64_t rc = 0; rc < tl.nrc; ++rc) s += part[((g * tl.ncb + cb) * tl.nrc + rc) * kColBlock + (j - j0)];
+          gb[g * N + j] = static_cast<T>(s);
+        }
+      }
+  }
+}
+
+template <typename F>
+void dispatch_act_p(int64_t act, int64_t p, F&& f) {
+#define MA_CASE_P(A)                                                                   \
+  switch (p) {                                                                         \
+    case 0: f(std::integral_constant<int, A>(), std::integral_constant<int, 0>()); break; \
+    case 1: f(std::integral_constant<int, A>(), std::integral_constant<int, 1>()); break; \
+    case 2: f(std::integral_constant<int, A>(), std::integral_constant<int, 2>()); break; \
+    default: TORCH_CHECK(false, "minaction: energy exponent p must be 0, 1 or 2, got ", p); \
+  }
+  switch (act) {
+    case IDENTITY: MA_CASE_P(IDENTITY) break;
+    case RELU: MA_CASE_P(RELU) break;
+    case GELU: MA_CASE_P(GELU) break;
+    case SILU: MA_CASE_P(SILU) break;
+    case TANH: MA_CASE_P(TANH) break;
+    case SIGMOID: MA_CASE_P(SIGMOID) break;
+    default: TORCH_CHECK(false, "minaction: unknown activation code ", act);
+  }
+#undef MA_CASE_P
+}
+
+at::ScalarType energy_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+void check3(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, "minaction: ", name, " must be 3-D [G, rows, cols], got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "minaction: ", name, " must be a CPU tensor, got ", t.device());
+}
+
+// y = act(z) [+ energy]; writes into y (which may be z itself)
+Tensor epilogue_fwd(const Tensor& z, Tensor& y, int64_t act, int64_t p, double scale) {
+  const int64_t G = z.size(0), M = z.size(1), N = z.size(2);
+  Tensor e = at::empty({G}, z.options().dtype(energy_dtype(z.scalar_type())));
+  const bool e_double = e.scalar_type() == at::kDouble;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "minaction_act_fwd", [&] {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    void* ep = e.data_ptr();
+    dispatch_act_p(act, p, [&](auto A, auto P) {
+      act_energy_fwd_kernel<scalar_t, decltype(A)::value, decltype(P)::value>(zp, yp, G, M, N, scale, ep, e_double);
+    });
+  });
+  return e;
+}
+
+std::tuple<Tensor, Tensor> epilogue_bwd(const Tensor& gy_in, const Tensor& ge_in, const Tensor& y, const Tensor& z,
+                                        int64_t act, int64_t p, double scale, bool need_b) {
+  const int64_t G = y.size(0), M = y.size(1), N = y.size(2);
+  Tensor gy = gy_in.contiguous();
+  Tensor ge = ge_in.to(energy_dtype(y.scalar_type())).contiguous();
+  TORCH_CHECK(gy.sizes() == y.sizes(), "minaction: grad_y has shape ", gy.sizes(), ", expected ", y.sizes());
+  TORCH_CHECK(ge.numel() == G, "minaction: grad_energy must have ", G, " elements, got ", ge.numel());
+  Tensor gz = at::empty_like(y);
+  Tensor gb = need_b ? at::empty({G, N}, y.options()) : at::empty({0}, y.options());
+  const bool has_z = z.numel() > 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "minaction_act_bwd", [&] {
+    const float* gef = ge.scalar_type() == at::kFloat ? ge.const_data_ptr<float>() : nullptr;
+    const double* ged = ge.scalar_type() == at::kDouble ? ge.const_data_ptr<double>() : nullptr;
+    const scalar_t* zp = has_z ? z.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gbp = need_b ? gb.mutable_data_ptr<scalar_t>() : nullptr;
+    dispatch_act_p(act, p, [&](auto A, auto P) {
+      act_energy_bwd_kernel<scalar_t, decltype(A)::value, decltype(P)::value>(
+          gy.const_data_ptr<scalar_t>(), gef, ged, y.const_data_ptr<scalar_t>(), zp, gz.mutable_data_ptr<scalar_t>(),
+          gbp, G, M, N, scale);
+    });
+  });
+  return {gz, gb};
+}
+
+bool needs_z(int64_t act) { return act == GELU || act == SILU; }
+
+// ------------------------------------------------------------------ primitives (CPU kernels)
+std::tuple<Tensor, Tensor, Tensor> act_fwd(const Tensor& z_in, int64_t act, int64_t p, double scale, bool keep_z) {
+  check3(z_in, "z");
+  Tensor z = z_in.contiguous();
+  Tensor y = at::empty_like(z);
+  Tensor e = epilogue_fwd(z, y, act, p, scale);
+  return {y, keep_z ? z.clone() : at::empty({0}, z.options()), e};
+}
+
+Tensor act_bwd(const Tensor& gy, const Tensor& ge, const Tensor& y, const Tensor& z, int64_t act, int64_t p,
+               double scale) {
+  check3(y, "y");
+  return std::get<0>(epilogue_bwd(gy, ge, y.contiguous(), z.contiguous(), act, p, scale, false));
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& x_in, const Tensor& w_in, const std::optional<Tensor>& b,
+                                              int64_t act, int64_t p, double scale, bool keep_z) {
+  check3(x_in, "x");
+  check3(w_in, "w");
+  const int64_t G = x_in.size(0), M = x_in.size(1), K = x_in.size(2), N = w_in.size(1);
+  TORCH_CHECK(w_in.size(0) == G && w_in.size(2) == K, "minaction: weight ", w_in.sizes(), " does not match input ",
+              x_in.sizes());
+  Tensor z;
+  if (G == 1) {
+    Tensor x2 = x_in.select(0, 0), w2 = w_in.select(0, 0);
+    z = (b.has_value() && b->defined()) ? at::addmm(b->select(0, 0), x2, w2.t()) : at::mm(x2, w2.t());
+    z = z.view({1, M, N});
+  } else {
+    z = (b.has_value() && b->defined()) ? at::baddbmm(b->unsqueeze(1), x_in, w_in.transpose(1, 2))
+                                        : at::bmm(x_in, w_in.transpose(1, 2));
+  }
+  z = z.contiguous();
+  if (keep_z) {
+    Tensor y = at::empty_like(z);
+    Tensor e = epilogue_fwd(z, y, act, p, scale);
+    return {y, z, e};
+  }
+  Tensor e = epilogue_fwd(z, z, act, p, scale);  // in place: z becomes y
+  return {z, at::empty({0}, z.options()), e};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& ge, const Tensor& x, const Tensor& w,
+                                              const Tensor& y, const Tensor& z, int64_t act, int64_t p, double scale,
+                                              bool need_x, bool need_w, bool need_b) {
+  check3(y, "y");
+  const int64_t G = y.size(0);
+  Tensor gz, gb;
+  if (act == IDENTITY && p == 0) {
+    gz = gy.contiguous();
+    gb = need_b ? gz.sum(1) : at::empty({0}, y.options());
+  } else {
+    std::tie(gz, gb) = epilogue_bwd(gy, ge, y, z, act, p, scale, need_b);
+  }
+  Tensor gx = at::empty({0}, y.options()), gw = at::empty({0}, y.options());  // distinct: outputs may not alias
+  if (G == 1) {
+    Tensor gz2 = gz.select(0, 0);
+    if (need_x) gx = at::mm(gz2, w.select(0, 0)).unsqueeze(0);
+    if (need_w) gw = at::mm(gz2.t(), x.select(0, 0)).unsqueeze(0);
+  } else {
+    if (need_x) gx = at::bmm(gz, w);
+    if (need_w) gw = at::bmm(gz.transpose(1, 2), x);
+  }
+  return {gx, gw, gb};
+}
+
+// ------------------------------------------------------------------ the layer, with a C++ autograd formula
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<Tensor, Tensor, Tensor> call_linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                                                   int64_t act, int64_t p, double scale, bool keep_z) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minaction_cpu::linear_fwd", "")
+                       .typed<decltype(linear_fwd)>();
+  return op.call(x, w, b, act, p, scale, keep_z);
+}
+
+std::tuple<Tensor, Tensor, Tensor> call_linear_bwd(const Tensor& gy, const Tensor& ge, const Tensor& x,
+                                                   const Tensor& w, const Tensor& y, const Tensor& z, int64_t act,
+                                                   int64_t p, double scale, bool nx, bool nw, bool nb) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minaction_cpu::linear_bwd", "")
+                       .typed<decltype(linear_bwd)>();
+  return op.call(gy, ge, x, w, y, z, act, p, scale, nx, nw, nb);
+}
+
+// energy_linear accepts the plain layer (x [M,K], w [N,K], b [N] -> y [M,N], e 0-dim) or the
+// grouped one (x [G,M,K], w [G,N,K], b [G,N] -> y [G,M,N], e [G]); shapes are handled here,
+// below autograd, so that a Python caller pays for one op call only.
+class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& w_in,
+                               const std::optional<Tensor>& b_opt, int64_t act, int64_t p, double scale) {
+    const Tensor b_in = b_opt.has_value() ? *b_opt : Tensor();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool plain = w_in.dim() == 2;
+    TORCH_CHECK(w_in.dim() == (plain ? 2 : 3) && x_in.dim() == w_in.dim(),
+                "minaction: energy_linear expects x [M,K] with w [N,K], or x [G,M,K] with w [G,N,K]; got x ",
+                x_in.sizes(), " and w ", w_in.sizes());
+    Tensor x = plain ? x_in.unsqueeze(0) : x_in;
+    Tensor w = plain ? w_in.unsqueeze(0) : w_in;
+    std::optional<Tensor> bo = std::nullopt;
+    if (b_in.defined()) bo = plain ? b_in.unsqueeze(0) : b_in;
+    auto [y, z, e] = call_linear_fwd(x.contiguous(), w.contiguous(), bo, act, p, scale, needs_z(act));
+    ctx->save_for_backward({x, w, y, z});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["has_b"] = b_in.defined();
+    ctx->saved_data["plain"] = plain;
+    if (plain) return {y.squeeze(0), e.squeeze(0)};
+    return {y, e};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &y = saved[2], &z = saved[3];
+    const int64_t act = ctx->saved_data["act"].toInt(), p = ctx->saved_data["p"].toInt();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const bool has_b = ctx->saved_data["has_b"].toBool(), plain = ctx->saved_data["plain"].toBool();
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1), nb = has_b && ctx->needs_input_grad(2);
+    if (!(nx || nw || nb)) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    Tensor gy = grads[0].defined() ? grads[0].view(y.sizes()) : at::zeros_like(y);
+    Tensor ge = grads[1].defined() ? grads[1].reshape({y.size(0)})
+                                   : at::zeros({y.size(0)}, y.options().dtype(energy_dtype(y.scalar_type())));
+    auto [gx, gw, gb] = call_linear_bwd(gy, ge, x, w, y, z, act, p, scale, nx, nw, nb);
+    if (plain) {
+      if (nx) gx = gx.squeeze(0);
+      if (nw) gw = gw.squeeze(0);
+      if (nb) gb = gb.squeeze(0);
+    }
+    return {nx ? gx : Tensor(), nw ? gw : Tensor(), nb ? gb : Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> energy_linear_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                                                  int64_t act, int64_t p, double scale) {
+  auto out = EnergyLinearFn::apply(x, w, b, act, p, scale);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> energy_linear_noautograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                                                    int64_t act, int64_t p, double scale) {
+  const bool plain = w.dim() == 2;
+  std::optional<Tensor> bo = std::nullopt;
+  if (b.has_value() && b->defined()) bo = plain ? b->unsqueeze(0) : *b;
+  auto [y, z, e] = call_linear_fwd((plain ? x.unsqueeze(0) : x).contiguous(), (plain ? w.unsqueeze(0) : w).contiguous(),
+                                   bo, act, p, scale, false);
+  if (plain) return {y.squeeze(0), e.squeeze(0)};
+  return {y, e};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(minaction_cpu, m) {
+  m.def("linear_fwd(Tensor x, Tensor w, Tensor? b, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_bwd(Tensor gy, Tensor ge, Tensor x, Tensor w, Tensor y, Tensor z, int act, int p, float scale, "
+        "bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)");
+  m.def("act_fwd(Tensor z, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)");
+  m.def("act_bwd(Tensor gy, Tensor ge, Tensor y, Tensor z, int act, int p, float scale) -> Tensor");
+  m.def("energy_linear(Tensor x, Tensor w, Tensor? b, int act, int p, float scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(minaction_cpu, CPU, m) {
+  m.impl("linear_fwd", &linear_fwd);
+  m.impl("linear_bwd", &linear_bwd);
+  m.impl("act_fwd", &act_fwd);
+  m.impl("act_bwd", &act_bwd);
+}
+
+TORCH_LIBRARY_IMPL(minaction_cpu, Autograd, m) {
+  m.impl("energy_linear", &energy_linear_autograd);
+}
+
+TORCH_LIBRARY_IMPL(minaction_cpu, CompositeExplicitAutograd, m) {
+  m.impl("energy_linear", &energy_linear_noautograd);
+}
