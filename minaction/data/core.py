@@ -136,8 +136,9 @@ class SpikeDataset(Dataset):
         max_prob = float(self.meta.extra.get("max_prob", 1.0))
         state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index)]).generate_state(2)
         g = torch.Generator(device=x.device).manual_seed(int(state[0]) << 32 | int(state[1]))
-        u = torch.rand((x.shape[0], T, *x.shape[1:]), generator=g, device=x.device)
-        return (u < (x * max_prob).unsqueeze(1)).to(torch.float32)
+        u = torch.rand((x.shape[0], T, *x.shape[1:]), generator=g, device=x.device, dtype=torch.float32)
+        p = x if max_prob == 1.0 else x * max_prob
+        return u.lt_(p.unsqueeze(1))  # in place: 1.0 where u < p, else 0.0 (no bool temporary)
 
 
 def carve_val(y: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
