@@ -1,0 +1,74 @@
+"""report.html in a real browser: headless Chromium takes a screenshot and the embedded
+figures must show up in it (coloured plot pixels; a corrupted copy of the page must not)."""
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from minaction.report import build_report
+from minaction.report.synthetic import make_synthetic_store
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
+                 if p and os.path.exists(p)), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+HEIGHT = 10000
+
+
+def _screenshot(html, png, profile):
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           f"--screenshot={png}", f"--window-size=1200,{HEIGHT}", html.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert png.is_file(), f"Chromium wrote no screenshot (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    from PIL import Image
+
+    return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
+
+
+def _plot_bands(img):
+    """Vertical bands of rows holding many saturated (plot-coloured) pixels; text and tables
+    are grey, and a broken-image icon has only a few coloured pixels."""
+    sat = (img.max(axis=2) - img.min(axis=2)) > 80
+    per_row = sat.sum(axis=1)
+    rows = np.where(per_row > 3)[0]
+    if len(rows) == 0:
+        return sat, []
+    bands = np.split(rows, np.where(np.diff(rows) > 60)[0] + 1)
+    return sat, [b for b in bands if per_row[b].sum() > 300]
+
+
+@pytest.fixture(scope="module")
+def small_report(tmp_path_factory):
+    d = tmp_path_factory.mktemp("html")
+    db = make_synthetic_store(d / "s.sqlite", sweep_datasets=("mnist",), lams=(0.0, 1e-4, 1e-2), seeds=3,
+                              datasets={"mnist": "vision", "sst2": "text", "ecg5000": "physiological"})
+    build_report(db, d / "out", n_boot=20)
+    return d
+
+
+def test_figures_render_in_chromium(small_report):
+    d = small_report
+    html = d / "out" / "report.html"
+    n_fig = len(re.findall(r"<img ", html.read_text()))
+    assert n_fig >= 3
+    img = _screenshot(html, d / "shot.png", d / "profile")
+    nonwhite = np.where((img < 250).any(axis=(1, 2)))[0]
+    assert len(nonwhite) and nonwhite.max() < HEIGHT - 1, "the page is taller than the screenshot"
+    sat, bands = _plot_bands(img)
+    assert len(bands) >= n_fig, f"{len(bands)} coloured bands for {n_fig} figures"
+    assert sat.sum() > 2000 * n_fig
+
+
+def test_broken_images_are_detected(small_report):
+    """Negative control: the same page with the image data corrupted shows no plots."""
+    d = small_report
+    html = (d / "out" / "report.html").read_text()
+    broken = re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,AAAA", html)
+    page = d / "broken.html"
+    page.write_text(broken)
+    img = _screenshot(page, d / "broken.png", d / "profile2")
+    sat, bands = _plot_bands(img)
+    assert sat.sum() < 500 and len(bands) == 0
