@@ -30,7 +30,7 @@ class DataMeta:
     input_dtype: torch.dtype
     vocab_size: Optional[int] = None
     spike_encoded: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict, hash=False)  # compared, but not hashed
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
