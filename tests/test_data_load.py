@@ -72,6 +72,7 @@ def test_vision_splits_layout_and_seeded_val(monkeypatch, tmp_path):
     assert torch.bincount(va.y, minlength=10).tolist() == [2] * 10  # stratified
     assert tr.meta == data.DataMeta("mnist", "vision", 10, (1, 28, 28), torch.float32, extra=tr.meta.extra)
     assert hash(tr.meta) == hash(va.meta)  # usable as a key (extra is not hashed)
+    assert (tr.num_classes, tr.modality, tr.input_shape) == (10, "vision", (1, 28, 28))
     # val is disjoint from train, reproducible by seed, different for another seed
     all_rows = {bytes(r) for r in (xtr)}
     tr_rows = {bytes((r * 255).round().byte().numpy()) for r in tr.x[:, 0]}

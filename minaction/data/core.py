@@ -55,6 +55,19 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def num_classes(self) -> int:
+        return self.meta.num_classes
+
+    @property
+    def modality(self) -> str:
+        return self.meta.modality
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        """Per-sample input shape in the model layout (what ``batches`` yields per sample)."""
+        return tuple(self.meta.input_shape)
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.meta.name!r}, split={self.split!r}, n={len(self)}, "
                 f"input_shape={tuple(self.meta.input_shape)}, num_classes={self.meta.num_classes})")
