@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import backend as _backend
 from ..backends import ACTIVATIONS, NEEDS_Z, composite, energy_dtype
+from ..backends import cpu as _cpu  # importing builds nothing: the C++ extension is built on first use
 
 ENERGIES = {"l2": 2, "l1": 1, None: 0, "none": 0}
 REDUCTIONS = ("sum", "mean")
@@ -216,8 +217,6 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     if name == "cpu" and (x.dim() == 2 or batched):
         # eager hot path: one C++ op with its own autograd formula (a few us per call instead
         # of the ~50 us of a Python custom op); it takes the 2-D and the grouped shapes as is
-        from ..backends import cpu as _cpu
-
         if batched and x.dim() == 2:
             x = x.unsqueeze(0).expand(weight.shape[0], -1, -1)
         return _cpu.energy_linear(x, weight, bias, activation, p, _scale(x.shape[-2], weight.shape[-2], mean))

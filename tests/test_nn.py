@@ -1,0 +1,189 @@
+"""EnergyLinear as a drop-in layer: state_dict, convert, total_energy, energy_report, errors, backends."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import minaction
+from minaction import backend as mbackend
+from minaction.nn import EnergyLinear
+
+
+def test_state_dict_round_trip_with_nn_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(13, 7)
+    el = EnergyLinear(13, 7, activation="gelu")
+    el.load_state_dict(lin.state_dict())
+    x = torch.randn(5, 13)
+    torch.testing.assert_close(el(x), F.gelu(lin(x)))
+    lin2 = nn.Linear(13, 7)
+    lin2.load_state_dict(el.state_dict())
+    torch.testing.assert_close(lin2.weight, lin.weight)
+    # same default initialisation distribution as nn.Linear: U(-1/sqrt(in), 1/sqrt(in))
+    assert float(EnergyLinear(400, 300).weight.abs().max()) <= 1 / 20 + 1e-7
+
+
+def test_last_energy_and_total_energy_train_the_objective():
+    torch.manual_seed(0)
+    model = nn.Sequential(EnergyLinear(6, 8), EnergyLinear(8, 8, energy="l1"),
+                          EnergyLinear(8, 3, activation="identity", energy=None))
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with pytest.raises(RuntimeError, match="forward"):
+        minaction.total_energy(model)
+    out = model(x)
+    h1 = torch.relu(F.linear(x, model[0].weight, model[0].bias))
+    h2 = torch.relu(F.linear(h1, model[1].weight, model[1].bias))
+    expected = (h1 ** 2).sum(1).mean() + h2.abs().sum(1).mean()
+    e = minaction.total_energy(model)
+    assert e.dim() == 0 and e.requires_grad
+    torch.testing.assert_close(e, expected)
+    loss = F.cross_entropy(out, y) + 1e-2 * e
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(ValueError, match="no energy layers"):
+        minaction.total_energy(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_energy_reduction_mean_is_per_unit():
+    torch.manual_seed(0)
+    a, b = EnergyLinear(4, 6), EnergyLinear(4, 6, energy_reduction="mean")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 4)
+    a(x), b(x)
+    torch.testing.assert_close(b.last_energy, a.last_energy / 6)
+
+
+def test_convert_keeps_outputs_and_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 9), nn.Tanh(),
+                          nn.Sequential(nn.Linear(9, 4), nn.SiLU()), nn.Linear(4, 2))
+    x = torch.randn(7, 5)
+    before = model(x)
+    w0 = model[0].weight.detach().clone()
+    minaction.convert(model, energy="l2")
+    assert isinstance(model[0], EnergyLinear) and model[0].activation == "relu"
+    assert isinstance(model[2], EnergyLinear) and model[2].activation == "tanh"
+    assert isinstance(model[4][0], EnergyLinear) and model[4][0].activation == "silu"
+    assert isinstance(model[5], nn.Linear)  # a Linear with no activation after it stays
+    torch.testing.assert_close(model[0].weight, w0)
+    torch.testing.assert_close(model(x), before)
+    assert minaction.total_energy(model).item() > 0
+
+
+def test_energy_report_columns_and_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(EnergyLinear(6, 8), EnergyLinear(8, 3, activation="identity", energy=None))
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+    x = torch.randn(11, 6)
+    df = minaction.energy_report(model, x)
+    assert list(df.layer) == ["0", "1", "total"]
+    assert {"energy", "units", "active_fraction", "weight_density", "flops", "counted"} <= set(df.columns)
+    assert df.loc[0, "flops"] == 2 * 11 * 6 * 8 + 11 * 8
+    assert df.loc[0, "weight_density"] == pytest.approx(7 / 8)
+    h = torch.relu(F.linear(x, model[0].weight, model[0].bias))
+    assert df.loc[0, "energy"] == pytest.approx(float((h ** 2).sum(1).mean()), rel=1e-5)
+    assert df.loc[2, "energy"] == pytest.approx(df.loc[0, "energy"])  # the logits layer is not counted
+    assert df.loc[0, "active_fraction"] == pytest.approx(float((h != 0).float().mean()))
+
+
+def test_batched_layer_shapes_and_reset():
+    el = EnergyLinear(4, 3, num_models=5)
+    assert el.weight.shape == (5, 3, 4) and el.bias.shape == (5, 3)
+    y = el(torch.randn(7, 4))
+    assert y.shape == (5, 7, 3) and el.last_energy.shape == (5,)
+    g = torch.Generator().manual_seed(3)
+    el.reset_parameters(generator=g, model=2)
+    ref = EnergyLinear(4, 3)
+    ref.reset_parameters(generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(el.weight[2], ref.weight)
+    torch.testing.assert_close(el.bias[2], ref.bias)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(x=torch.randn(3, 5), match="expects 4 input features"),
+    dict(x=torch.randn(3, 4, dtype=torch.float64), match="dtype"),
+    dict(x=torch.randint(0, 3, (3, 4)), match="dtype"),
+    dict(x="not a tensor", match="torch.Tensor"),
+])
+def test_bad_input_errors_name_the_problem(bad):
+    el = EnergyLinear(4, 2)
+    with pytest.raises((ValueError, TypeError), match=bad["match"]):
+        el(bad["x"])
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="activation"):
+        EnergyLinear(2, 2, activation="swish")
+    with pytest.raises(ValueError, match="energy"):
+        EnergyLinear(2, 2, energy="l3")
+    with pytest.raises(ValueError, match="energy_reduction"):
+        EnergyLinear(2, 2, energy_reduction="max")
+    with pytest.raises(ValueError, match="positive"):
+        EnergyLinear(0, 2)
+    el = EnergyLinear(3, 2, num_models=4)
+    with pytest.raises(ValueError, match="4 models"):
+        el(torch.randn(3, 5, 3))
+
+
+def test_backend_selection_and_info(monkeypatch):
+    info = minaction.backend_info("cpu")
+    cpu = info["devices"]["cpu"]
+    assert cpu["active"] in mbackend.BACKENDS
+    assert cpu["available"]["reference"]["ok"]
+    monkeypatch.setenv("MINACTION_BACKEND", "reference")
+    assert mbackend.select(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("MINACTION_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="forced"):
+        mbackend.select(torch.device("cpu"))
+    monkeypatch.setenv("MINACTION_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown minaction backend"):
+        mbackend.select(torch.device("cpu"))
+    monkeypatch.delenv("MINACTION_BACKEND")
+    with minaction.use_backend("reference"):
+        assert mbackend.select(torch.device("cpu")) == "reference"
+    assert mbackend.select(torch.device("cpu")) == ("cpu" if mbackend.available("cpu")[0] else "reference")
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(mbackend, "_AUTO_ORDER", {"cpu": ("cuda",)})
+    monkeypatch.setattr(mbackend, "_select_cache", {})
+    monkeypatch.setattr(mbackend, "_warned", set())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert mbackend.select(torch.device("cpu")) == "reference"
+        monkeypatch.setattr(mbackend, "_select_cache", {})
+        assert mbackend.select(torch.device("cpu")) == "reference"
+    msgs = [str(w.message) for w in rec if "reference" in str(w.message)]
+    assert len(msgs) == 1 and "cuda" in msgs[0]
+
+
+@pytest.mark.skipif(not mbackend.available("cpu")[0], reason="C++ backend unavailable")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+def test_training_run_matches_reference(dtype, tol):
+    """200 Adam steps of a small MLP on fixed data: the fused loss curve follows the reference's."""
+    def run(backend):
+        torch.manual_seed(0)
+        model = nn.Sequential(EnergyLinear(20, 32, backend=backend), EnergyLinear(32, 32, activation="tanh",
+                                                                                  backend=backend),
+                              nn.Linear(32, 4)).to(dtype)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 20, generator=gen).to(dtype)
+        y = (x[:, :4].argmax(1))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(200):
+            loss = F.cross_entropy(model(x), y) + 1e-3 * minaction.total_energy(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return torch.tensor(losses, dtype=torch.float64)
+
+    ref, fused = run("reference"), run("cpu")
+    assert ref[-1] < 0.5 * ref[0]  # it actually trains
+    torch.testing.assert_close(fused, ref, rtol=tol, atol=tol)
