@@ -25,7 +25,8 @@ Activation codes (constexpr ``ACT``): 0 identity, 1 relu, 2 gelu (erf), 3 silu, 
 inputs); outputs are rounded to the input dtype and the energy is computed from the
 rounded ``y`` like the reference backend does.
 
-On a GPU the matmul tile sizes are autotuned (``triton.autotune``); under
+On a GPU the matmul tile sizes are autotuned (``triton.autotune``; set
+``MINACTION_TRITON_AUTOTUNE=0`` for a size heuristic instead, e.g. in tests); under
 ``TRITON_INTERPRET=1`` exactly one configuration runs (``INTERPRET_BLOCKS``, large tiles
 so the interpreter stays fast; tests may change it to exercise multi-tile masking).
 """
@@ -240,12 +241,26 @@ def _mm_configs():
     cfgs = []
     for bm, bn, bk, warps, stages in [
         (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 64, 4, 4),
         (32, 32, 64, 4, 3), (128, 128, 32, 4, 4),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                   num_warps=warps, num_stages=stages))
     return cfgs
+
+
+def autotune_enabled() -> bool:
+    """``MINACTION_TRITON_AUTOTUNE=0`` replaces autotuning by a size heuristic (fast first calls)."""
+    return os.environ.get("MINACTION_TRITON_AUTOTUNE", "1") not in ("0", "false", "no")
+
+
+def heuristic_blocks(M, N, K, dtype):
+    """One reasonable GPU tile configuration without tuning: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    bm = 128 if M >= 128 else max(32, triton.next_power_of_2(M))
+    bn = 128 if N >= 128 else max(32, triton.next_power_of_2(N))
+    bk = 32 if dtype == torch.float32 else 64
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return bm, bn, bk, warps, 3
 
 
 if not INTERPRET:
@@ -286,6 +301,12 @@ def linear_forward(x, w, b, act, p, scale, keep_z):
         part = torch.empty((G, tiles), dtype=edt, device=x.device)
         linear_fwd_kernel[(tiles, G)](*args, part, *strides, **common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                       GROUP_M=8)
+    elif not autotune_enabled():
+        bm, bn, bk, warps, stages = heuristic_blocks(M, N, K, x.dtype)
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        part = torch.empty((G, tiles), dtype=edt, device=x.device)
+        linear_fwd_kernel[(tiles, G)](*args, part, *strides, **common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                      GROUP_M=8, num_warps=warps, num_stages=stages)
     else:
         # the partial buffer is sized for the smallest tile of any config, then trimmed to the
         # tuned config's tile count (unused tail entries stay zero)
