@@ -81,8 +81,13 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
     """Per energy layer: E, units, active-unit fraction, weight density and forward FLOPs.
 
     Runs one forward of ``model`` on ``x`` (in eval mode, restored afterwards) and returns
-    a pandas DataFrame with one row per energy layer and a final ``total`` row.
+    a pandas DataFrame with one row per energy layer and a final ``total`` row. The joules
+    measured over that forward (RAPL / NVML where the hardware exposes them, see
+    :class:`minaction.energy_meter.EnergyMeter`) are in ``df.attrs["measured_joules"]``, with
+    ``df.attrs["measured_reasons"]`` saying why a source gave no number.
     """
+    from .energy_meter import EnergyMeter
+
     import pandas as pd
 
     rows, hooks = [], []
@@ -110,7 +115,8 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
     was_training = model.training
     model.eval()
     try:
-        model(x)
+        with EnergyMeter() as meter:
+            model(x)
     finally:
         model.train(was_training)
         for h in hooks:
@@ -124,4 +130,8 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
              "energy": float(df.loc[df.counted, "energy"].sum()), "units": int(df.units.sum()),
              "active_fraction": float("nan"), "weight_density": float("nan"), "flops": int(df.flops.sum()),
              "counted": True}
-    return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
+    out = pd.concat([df, pd.DataFrame([total])], ignore_index=True)
+    out.attrs["measured_joules"] = dict(meter.joules)
+    out.attrs["measured_reasons"] = dict(meter.reasons)
+    out.attrs["seconds"] = meter.seconds
+    return out
