@@ -53,7 +53,8 @@ def list_datasets() -> List[Dict[str, object]]:
         cached = any(c.cache_path(spec.family).is_file() for c in fam.candidates)
         out.append({"name": spec.name, "modality": spec.modality, "description": spec.description,
                     "options": dict(spec.defaults), "cached": cached,
-                    "sources": [c.source.describe() for c in fam.candidates]})
+                    "sources": [f"{c.source.describe()} [{', '.join(sp.names[0] for sp in c.specs)}]"
+                                for c in fam.candidates]})
     return out
 
 

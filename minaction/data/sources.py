@@ -170,6 +170,9 @@ class DirSource(Source):
     def describe(self) -> str:
         ds = self.dirs()
         where = ", ".join(str(d) for d in ds) if ds else "(none set)"
+        subs = "/, ".join(self.subdirs)
+        if subs:
+            where += f" ({'or ' if self.search_root else 'in '}{subs}/ below it)"
         return f"{self.label or self.kind + ' folder'}: {where}"
 
     def fetch(self, specs, progress=False):
