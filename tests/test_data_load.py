@@ -364,3 +364,13 @@ def test_tree_source_per_file_download_and_extracted_folder(tmp_path):
         local.fetch([spec])
     with pytest.raises(sources.SourceUnavailable, match="no folder"):
         TreeSource(names=list(members), folder_name="NMNISTsmall", data_dir=tmp_path).fetch([spec])
+
+
+def test_unwritable_cache_still_loads(monkeypatch, tmp_path):
+    _vision_fixture(monkeypatch, tmp_path)
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("MINACTION_CACHE", str(blocker / "cache"))  # mkdir under a file fails
+    with pytest.warns(RuntimeWarning, match="kept in memory"):
+        ds = data.load("mnist", "test", data_dir=tmp_path / "d")
+    assert len(ds) == 50

@@ -7,6 +7,7 @@ import io
 import os
 import tarfile
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -312,8 +313,12 @@ class _FileLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(self.path, "a+")
+        except OSError:  # an unwritable cache: go on unlocked (each process decodes for itself)
+            self.f = None
+            return self
         fcntl.flock(self.f, fcntl.LOCK_EX)
         return self
 
@@ -368,7 +373,11 @@ def _fetch_and_decode(fam: Family, family: str, data_dir, progress: bool):
         arrays = cand.decode(files)
         arrays["_origin"] = np.array(src.describe())
         path = cand.cache_path(family)
-        _write_cache(path, arrays)
+        try:
+            _write_cache(path, arrays)
+        except OSError as exc:
+            warnings.warn(f"cannot write the decoded cache {path} ({exc}); the arrays are kept in memory only",
+                          RuntimeWarning, stacklevel=3)
         _MEMO[str(path)] = arrays
         return arrays, src.describe()
     raise DataUnavailableError(
