@@ -374,3 +374,37 @@ def test_unwritable_cache_still_loads(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="kept in memory"):
         ds = data.load("mnist", "test", data_dir=tmp_path / "d")
     assert len(ds) == 50
+
+
+def _fetch_in_child(d):
+    data.fetch("mnist", data_dir=d, progress=False)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_parallel_processes_decode_once(monkeypatch, tmp_path):
+    import multiprocessing as mp
+
+    _vision_fixture(monkeypatch, tmp_path)
+    fam = registry.FAMILIES["mnist"]
+    log = tmp_path / "decodes.log"
+
+    def counting_decode(files):
+        with open(log, "a") as f:
+            f.write("x\n")
+        import time
+
+        time.sleep(0.3)  # hold the lock long enough for the other process to wait on it
+        return registry._decode_idx4(files)
+
+    counting_decode.__name__ = "_decode_idx4"  # same cache key as the plain decoder
+    cand = fam.candidates[0]
+    monkeypatch.setitem(registry.FAMILIES, "mnist",
+                        Family("mnist", [Candidate(cand.source, cand.specs, counting_decode)]))
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_fetch_in_child, args=(tmp_path / "d",)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert log.read_text().count("x") == 1
