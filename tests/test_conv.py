@@ -1,0 +1,117 @@
+"""EnergyConv1d / EnergyConv2d against plain PyTorch (conv + activation + energy)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minaction
+from minaction.nn.conv import EnergyConv1d, EnergyConv2d
+
+BACKENDS = ["reference", "cpu"]
+
+
+def _ref(layer, x):
+    conv = F.conv1d if isinstance(layer, EnergyConv1d) else F.conv2d
+    z = conv(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    act = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda t: t,
+           "gelu": F.gelu, "silu": F.silu}[layer.activation]
+    y = act(z)
+    p = {"l2": 2, "l1": 1}[layer.energy]
+    per = (y.abs() ** p).reshape(y.shape[0], -1)
+    e = per.sum(1).mean() if layer.energy_reduction == "sum" else per.mean(1).mean()
+    return y, e
+
+
+CASES = [
+    (EnergyConv1d, dict(in_channels=3, out_channels=5, kernel_size=5, padding=2), (4, 3, 17)),
+    (EnergyConv1d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, groups=2), (3, 4, 11)),
+    (EnergyConv2d, dict(in_channels=2, out_channels=4, kernel_size=3, padding=1), (3, 2, 9, 7)),
+    (EnergyConv2d, dict(in_channels=3, out_channels=3, kernel_size=(3, 1), dilation=2, bias=False), (2, 3, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kw,shape", CASES)
+@pytest.mark.parametrize("activation,energy,reduction", [("relu", "l2", "sum"), ("tanh", "l1", "mean"),
+                                                          ("gelu", "l2", "mean")])
+def test_matches_reference_float64(backend, cls, kw, shape, activation, energy, reduction):
+    torch.manual_seed(0)
+    layer = cls(**kw, activation=activation, energy=energy, energy_reduction=reduction, backend=backend).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    e = layer.last_energy
+    assert e.dim() == 0
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward(retain_graph=True)
+    g1 = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    e.backward()
+    g1e = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+
+    x2 = x.detach().clone().requires_grad_(True)
+    layer.zero_grad()
+    y2, e2 = _ref(layer, x2)
+    torch.testing.assert_close(y, y2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(e, e2, rtol=1e-10, atol=1e-12)
+    (y2 * gy).sum().backward(retain_graph=True)
+    g2 = [x2.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x2.grad = None
+    layer.zero_grad()
+    e2.backward()
+    g2e = [x2.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    for a, b in zip(g1 + g1e, g2 + g2e):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cls,shape", [(EnergyConv1d, (2, 3, 10)), (EnergyConv2d, (2, 3, 6, 6))])
+def test_float32_default_backend_and_total_energy(cls, shape):
+    torch.manual_seed(1)
+    layer = cls(3, 4, 3, padding=1)
+    x = torch.randn(shape)
+    y = layer(x)
+    y2, e2 = _ref(layer, x)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(minaction.total_energy(torch.nn.Sequential(layer)), e2, rtol=1e-5, atol=1e-5)
+
+
+def test_energy_none_counts_nothing():
+    layer = EnergyConv2d(1, 2, 3, energy=None)
+    assert not layer.counts_energy
+    y = layer(torch.randn(2, 1, 5, 5))
+    assert y.shape == (2, 2, 3, 3)
+
+
+def test_init_like_torch_conv():
+    gen = torch.Generator().manual_seed(3)
+    layer = EnergyConv2d(4, 8, 3)
+    layer.reset_parameters(generator=gen)
+    bound = 1 / math.sqrt(4 * 9)
+    assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
+    assert layer.weight.abs().max() > 0.8 * bound
+    gen2 = torch.Generator().manual_seed(3)
+    w = torch.empty(8, 4, 3, 3).uniform_(-bound, bound, generator=gen2)
+    torch.testing.assert_close(layer.weight.data, w)
+    with pytest.raises(ValueError, match="model"):
+        layer.reset_parameters(model=0)
+
+
+def test_flops_and_repr():
+    layer = EnergyConv1d(3, 4, 5, padding=2)
+    y = layer(torch.randn(2, 3, 10))
+    assert layer.forward_flops((2, 3, 10), tuple(y.shape)) == 2 * y.numel() * 15 + y.numel()
+    assert "activation='relu'" in repr(layer)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="input channels"):
+        EnergyConv2d(3, 4, 3)(torch.randn(2, 2, 5, 5))
+    with pytest.raises(ValueError, match="4-D"):
+        EnergyConv2d(3, 4, 3)(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="groups"):
+        EnergyConv1d(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="kernel_size"):
+        EnergyConv2d(3, 4, (3, 3, 3))
+    with pytest.raises(ValueError, match="activation"):
+        EnergyConv1d(3, 4, 3, activation="softmax")

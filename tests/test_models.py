@@ -1,0 +1,339 @@
+"""Architectures x dataset layouts: shapes, loss, gradients, energy, batched members,
+parameter matching, activation statistics. Random tensors only (no data needed)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minaction
+from minaction import models
+from minaction.data import DataMeta
+from minaction.models.cnn import LoopEnsemble
+
+# one DataMeta per input layout of the data package (text vocabularies kept small here)
+LAYOUTS = {
+    "mnist": DataMeta("mnist", "vision", 10, (1, 28, 28), torch.float32),
+    "sst2": DataMeta("sst2", "text", 2, (64,), torch.int64, vocab_size=300),
+    "nmnist": DataMeta("nmnist", "neuromorphic", 10, (8, 2, 34, 34), torch.float32),
+    "mnist_spikes": DataMeta("mnist_spikes", "neuromorphic", 10, (8, 1, 28, 28), torch.float32,
+                             spike_encoded=True),
+    "ecg5000": DataMeta("ecg5000", "physiological", 5, (1, 140), torch.float32),
+}
+# the real shapes of every dataset, for the parameter-count table
+REAL = dict(LAYOUTS, **{
+    "fashion_mnist": DataMeta("fashion_mnist", "vision", 10, (1, 28, 28), torch.float32),
+    "sst2": DataMeta("sst2", "text", 2, (64,), torch.int64, vocab_size=20000),
+    "20newsgroups": DataMeta("20newsgroups", "text", 20, (256,), torch.int64, vocab_size=20000),
+    "ecg200": DataMeta("ecg200", "physiological", 2, (1, 96), torch.float32),
+    "eog_horizontal": DataMeta("eog_horizontal", "physiological", 12, (1, 1250), torch.float32),
+})
+
+
+def batch(meta, B=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if meta.modality == "text":
+        x = torch.randint(2, meta.vocab_size, (B,) + tuple(meta.input_shape), generator=g)
+        x[:, -5:] = 0  # padding
+        x[0, 3] = 1  # an unknown token
+    elif meta.name.endswith("_spikes"):
+        x = (torch.rand((B,) + tuple(meta.input_shape), generator=g) < 0.3).to(dtype)
+    elif meta.modality == "neuromorphic":
+        x = torch.poisson(torch.full((B,) + tuple(meta.input_shape), 0.5), generator=g).to(dtype)
+    elif meta.modality == "vision":
+        x = torch.rand((B,) + tuple(meta.input_shape), generator=g, dtype=dtype)
+    else:
+        x = torch.randn((B,) + tuple(meta.input_shape), generator=g, dtype=dtype)
+    y = torch.randint(0, meta.num_classes, (B,), generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("arch", models.ARCHITECTURES)
+def test_forward_loss_gradients_energy(arch, layout):
+    meta = LAYOUTS[layout]
+    torch.manual_seed(0)
+    model = models.build(arch, meta)
+    assert model.num_models == 1 and model.arch == arch
+    x, y = batch(meta)
+    logits = model(x)
+    assert logits.shape == (len(y), meta.num_classes)
+    loss = F.cross_entropy(logits, y)
+    assert torch.isfinite(loss)
+    E = minaction.total_energy(model)
+    assert E.dim() == 0 and float(E.detach()) > 0 and E.requires_grad
+    # non-zero gradient on every parameter from the regularised objective
+    (loss + 1e-3 * E).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{arch}/{layout}: no gradient on {name}"
+    # the energy alone is differentiable and moves the hidden layers
+    model.zero_grad()
+    model(x)
+    minaction.total_energy(model).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("layout", list(REAL))
+def test_parameter_counts_within_2x(layout):
+    meta = REAL[layout]
+    counts = {a: models.count_parameters(models.build(a, meta)) for a in models.ARCHITECTURES}
+    assert max(counts.values()) <= 2 * min(counts.values()), counts
+    # the matching itself (stem excluded) is much tighter than 2x
+    inner = {a: models.count_parameters(models.build(a, meta), exclude_stem=True) for a in models.ARCHITECTURES}
+    assert max(inner.values()) <= 1.25 * min(inner.values()), inner
+
+
+def test_default_widths_and_meta_count():
+    meta = LAYOUTS["mnist"]
+    assert models.default_width("mlp", meta) == 256
+    for arch in models.ARCHITECTURES:
+        w = models.default_width(arch, meta)
+        assert w % 8 == 0 and 8 <= w <= 8192
+        m = models.build(arch, meta, width=w)
+        assert m.width == w
+    # knobs move the matched width (a wider potential branch -> a narrower state)
+    assert models.default_width("physics_lagrangian", meta, potential_ratio=2.0) < \
+        models.default_width("physics_lagrangian", meta)
+
+
+ALL_FAMILY = ["mlp", "bimodal_true", "physics_lagrangian", "cnn"]
+
+
+@pytest.mark.parametrize("layout", ["mnist", "sst2", "ecg5000"])
+@pytest.mark.parametrize("arch", ALL_FAMILY)
+def test_batched_matches_separate_float64(arch, layout):
+    """G members built at once == G models built one by one with the same seeds (float64):
+    outputs, energies, gradients, and parameters after 5 Adam steps of sum_g CE + lam_g E_g."""
+    meta = LAYOUTS[layout]
+    seeds, lams = [7, 3, 11], [0.0, 1e-3, 1e-2]
+    G = len(seeds)
+    width = 24 if arch != "cnn" else 16
+    kw = dict(width=width, depth=2, dtype=torch.float64)
+    if arch == "cnn":
+        kw["channels"] = [4, 6]
+    group = models.build(arch, meta, num_models=G, seeds=seeds, **kw)
+    assert group.num_models == G
+    assert group.batched == (arch != "cnn")
+    singles = [models.build(arch, meta, seeds=[s], **kw) for s in seeds]
+    x, y = batch(meta, B=5, dtype=torch.float64)
+    lam = torch.tensor(lams, dtype=torch.float64)
+    opt_g = torch.optim.Adam(group.parameters(), lr=1e-2)
+    opt_s = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in singles]
+
+    def group_step():
+        out = group(x)
+        assert out.shape == (G, len(y), meta.num_classes)
+        e = minaction.total_energy(group)
+        assert e.shape == (G,)
+        ce = torch.stack([F.cross_entropy(out[g], y) for g in range(G)])
+        opt_g.zero_grad()
+        (ce + lam * e).sum().backward()
+        return out.detach(), e.detach()
+
+    def single_step(g):
+        m = singles[g]
+        out = m(x)
+        e = minaction.total_energy(m)
+        opt_s[g].zero_grad()
+        (F.cross_entropy(out, y) + lams[g] * e).backward()
+        return out.detach(), e.detach()
+
+    def member_params(g):
+        if isinstance(group, LoopEnsemble):
+            return [p for p in group.members[g].parameters()]
+        return [p[g] for p in group.parameters()]
+
+    def member_grads(g):
+        if isinstance(group, LoopEnsemble):
+            return [p.grad for p in group.members[g].parameters()]
+        return [p.grad[g] for p in group.parameters()]
+
+    for step in range(6):
+        og, eg = group_step()
+        for g in range(G):
+            os_, es = single_step(g)
+            torch.testing.assert_close(og[g], os_, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(eg[g], es, rtol=1e-9, atol=1e-11)
+            for a, b in zip(member_grads(g), [p.grad for p in singles[g].parameters()]):
+                torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+            for a, b in zip(member_params(g), singles[g].parameters()):
+                torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-9, atol=1e-11)
+        if step < 5:  # 5 Adam steps, parameters compared after each
+            opt_g.step()
+            for o in opt_s:
+                o.step()
+
+
+def test_seeds_default_and_distinct_members():
+    meta = LAYOUTS["mnist"]
+    a = models.build("mlp", meta, width=16, num_models=2)
+    b = models.build("mlp", meta, width=16, seeds=[1])
+    torch.testing.assert_close(a.layers[0].weight[1], b.layers[0].weight)
+    assert not torch.equal(a.layers[0].weight[0], a.layers[0].weight[1])
+
+
+@pytest.mark.parametrize("arch", models.ARCHITECTURES)
+def test_activation_stats(arch):
+    meta = LAYOUTS["mnist"]
+    x, _ = batch(meta, B=8)
+    m = models.build(arch, meta, num_models=2, width=32)
+    st = models.activation_stats(m, x)
+    assert set(st) == {"energy", "active_frac", "energy_rescaled"}
+    for v in st.values():
+        assert v.shape == (2,) and torch.isfinite(v).all() and not v.requires_grad
+    m(x)
+    torch.testing.assert_close(st["energy"], minaction.total_energy(m).detach())
+    assert ((st["active_frac"] > 0) & (st["active_frac"] <= 1)).all()
+    assert (st["energy_rescaled"] > 0).all()
+    one = models.build(arch, meta, width=32)
+    st1 = models.activation_stats(one, x)
+    assert all(v.dim() == 0 for v in st1.values())
+    assert m.training  # mode restored
+
+
+def test_stats_relu_units_only_active_frac_matches_mlp():
+    meta = LAYOUTS["ecg5000"]
+    x, _ = batch(meta, B=16)
+    m = models.build("mlp", meta, width=20)
+    st = models.activation_stats(m, x)
+    with torch.no_grad():
+        h1 = m.layers[0](x.reshape(16, -1))
+        h2 = m.layers[1](h1)
+    frac = ((h1 != 0).sum() + (h2 != 0).sum()).double() / (h1.numel() + h2.numel())
+    assert float(st["active_frac"]) == pytest.approx(float(frac))
+    # energy_rescaled by hand
+    n1 = m.layers[1].weight.norm(dim=0)
+    n2 = m.out.weight.norm(dim=0)
+    er = ((h1 * n1) ** 2).sum(1).mean() + ((h2 * n2) ** 2).sum(1).mean()
+    assert float(st["energy_rescaled"]) == pytest.approx(float(er), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch,first,second", [
+    ("mlp", "layers.0", "layers.1"),
+    ("bimodal_true", "neurons.0", ("neurons.1", "glia.1")),
+    ("cnn", "convs.0", "convs.1"),
+])
+def test_energy_rescaled_invariant_to_relu_rescaling(arch, first, second):
+    """Scaling a ReLU layer's weights and bias by a and the weights reading it by 1/a leaves
+    the function and energy_rescaled unchanged while the raw energy changes."""
+    meta = LAYOUTS["mnist"]
+    x, _ = batch(meta, B=8)
+    m = models.build(arch, meta, width=32, dtype=torch.float64)
+    x = x.double()
+    before = models.activation_stats(m, x)
+    out0 = m(x).detach()
+    a = 3.0
+    mods = dict(m.named_modules())
+    seconds = second if isinstance(second, tuple) else (second,)
+    with torch.no_grad():
+        mods[first].weight.mul_(a)
+        mods[first].bias.mul_(a)
+        for s in seconds:
+            mods[s].weight.div_(a)
+    after = models.activation_stats(m, x)
+    torch.testing.assert_close(m(x).detach(), out0)
+    torch.testing.assert_close(after["energy_rescaled"], before["energy_rescaled"])
+    assert float(after["energy"]) > 1.5 * float(before["energy"])
+
+
+def test_bimodal_knobs():
+    meta = LAYOUTS["ecg5000"]
+    x, _ = batch(meta)
+    m = models.build("bimodal_true", meta, width=20, glia_domain=4, coupling=0.0)
+    assert m.glia_width == 5
+    mlp = models.build("mlp", meta, width=20)
+    # coupling 0: the neuronal pathway alone decides the output
+    with torch.no_grad():
+        for i in range(2):
+            m.neurons[i].weight.copy_(mlp.layers[i].weight)
+            m.neurons[i].bias.copy_(mlp.layers[i].bias)
+        m.out.weight.copy_(mlp.out.weight)
+        m.out.bias.copy_(mlp.out.bias)
+    torch.testing.assert_close(m(x), mlp(x))
+    with pytest.raises(ValueError, match="coupling"):
+        models.build("bimodal_true", meta, coupling=2.0)
+    with pytest.raises(ValueError, match="glia_domain"):
+        models.build("bimodal_true", meta, glia_domain=0)
+
+
+def test_physics_lagrangian_knobs_and_energy_identity():
+    meta = LAYOUTS["ecg5000"]
+    x, _ = batch(meta)
+    m = models.build("physics_lagrangian", meta, width=16, potential_ratio=0.5, constraint=False, step=0.5)
+    assert len(m.constraints) == 0 and m.potential_width == 8
+    m(x)
+    # the V pathway's energy is twice the potential V(q) = 1/2 |relu(W_V q + b_V)|^2 (batch mean)
+    with torch.no_grad():
+        q = m.encoder(x.reshape(len(x), -1))
+        r = torch.relu(q @ m.potential[0].weight.T + m.potential[0].bias)
+        torch.testing.assert_close(m.potential[0].last_energy, (r ** 2).sum(1).mean())
+        # update q <- q + tau (v + tau F), F = -W_V^T r
+        v = torch.tanh(q @ m.kinetic[0].weight.T + m.kinetic[0].bias)
+        q1 = q + 0.5 * (v - 0.5 * r @ m.potential[0].weight)
+        r1 = torch.relu(q1 @ m.potential[1].weight.T + m.potential[1].bias)
+        torch.testing.assert_close(m.potential[1].last_energy, (r1 ** 2).sum(1).mean(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="step"):
+        models.build("physics_lagrangian", meta, step=0)
+
+
+def test_cnn_loop_ensemble_energy_vector():
+    meta = LAYOUTS["ecg5000"]
+    x, _ = batch(meta)
+    m = models.build("cnn", meta, num_models=3, width=16)
+    assert isinstance(m, LoopEnsemble) and not m.batched
+    out = m(x)
+    assert out.shape == (3, len(x), 5)
+    e = minaction.total_energy(m)
+    assert e.shape == (3,)
+    for g in range(3):
+        single = models.build("cnn", meta, width=16, seeds=[g])
+        single(x)
+        torch.testing.assert_close(e[g], minaction.total_energy(single), rtol=1e-5, atol=1e-6)
+
+
+def test_energy_options_and_no_energy():
+    meta = LAYOUTS["mnist"]
+    x, _ = batch(meta)
+    m = models.build("mlp", meta, width=16, energy="l1", energy_reduction="mean", activation="gelu")
+    m(x)
+    assert float(minaction.total_energy(m)) > 0
+    m0 = models.build("bimodal_true", meta, width=16, energy=None)
+    st = models.activation_stats(m0, x)
+    assert float(st["energy"]) == 0 and float(st["energy_rescaled"]) > 0
+    assert models.build("mlp", meta, width=16, dtype=torch.float64)(x.double()).dtype == torch.float64
+
+
+def test_bad_arguments():
+    meta = LAYOUTS["mnist"]
+    with pytest.raises(ValueError, match="unknown architecture"):
+        models.build("resnet", meta)
+    with pytest.raises(TypeError, match="no option"):
+        models.build("mlp", meta, glia_domain=3)
+    with pytest.raises(ValueError, match="seeds"):
+        models.build("mlp", meta, num_models=2, seeds=[1])
+    with pytest.raises(ValueError, match="num_models"):
+        models.build("mlp", meta, num_models=0)
+    with pytest.raises(ValueError, match="depth"):
+        models.build("mlp", meta, depth=0)
+    with pytest.raises(TypeError, match="DataMeta"):
+        models.build("mlp", object())
+    with pytest.raises(ValueError, match="vocab_size"):
+        models.build("mlp", DataMeta("t", "text", 2, (8,), torch.int64))
+    m = models.build("mlp", meta, width=8)
+    with pytest.raises(ValueError, match="expected input"):
+        m(torch.randn(2, 784))
+    t = models.build("cnn", LAYOUTS["sst2"], width=8)
+    with pytest.raises(ValueError, match="token ids"):
+        t(torch.full((2, 64), 10 ** 6))
+    with pytest.raises(TypeError, match="integer"):
+        t(torch.rand(2, 64))
+    with pytest.raises(ValueError, match="channels"):
+        models.build("cnn", meta, channels=[4])
+
+
+def test_knobs_listing():
+    assert set(models.knobs("bimodal_true")) >= {"glia_domain", "coupling"}
+    assert set(models.knobs("physics_lagrangian")) >= {"step", "potential_ratio", "constraint"}
+    assert models.ARCHITECTURES == ("mlp", "cnn", "bimodal_true", "physics_lagrangian")
+    assert math.isclose(models.count_parameters(models.build("mlp", LAYOUTS["ecg5000"], width=10)),
+                        140 * 10 + 10 + 10 * 10 + 10 + 10 * 5 + 5)
