@@ -128,6 +128,8 @@ class FastAnova:
         # sqrt(n/(n-1)): a resample of n runs has on average (n-1)/n of the within-cell
         # sum of squares; stretching its deviations by this factor removes that bias.
         self.cell_stretch = np.where(n_c > 1, np.sqrt(n_c / np.maximum(n_c - 1, 1)), 1.0)
+        self.Xc = self.X[[c[0] for c in self.cells]]  # one design row per cell (all its runs share it)
+        self._inv_key, self._inv, self._G = None, {}, None
 
     def _cols(self, exclude):
         keep = [np.arange(self.intercept.start, self.intercept.stop)]
@@ -150,32 +152,39 @@ class FastAnova:
                 raise ValueError(f"typ must be 2 or 3, got {typ!r}")
         return full, out
 
-    @staticmethod
-    def _rss_gram(G, b, yy, cols):
-        """RSS of the least-squares fit on columns ``cols`` from X'WX, X'Wy and y'Wy."""
-        Gs = G[np.ix_(cols, cols)]
-        bs = b[cols]
-        try:
-            beta = np.linalg.solve(Gs, bs)
-        except np.linalg.LinAlgError:  # rank deficient: fall back to the pseudo-inverse
-            beta = np.linalg.lstsq(Gs, bs, rcond=None)[0]
-        return float(yy - bs @ beta)
+    def _inverse(self, Wc: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(X_s' W X_s)^-1 for the columns ``cols``, cached per cell-weight vector: a
+        within-cell resample keeps every cell's size, so all its resamples share them."""
+        key = Wc.tobytes()
+        if self._inv_key != key:
+            self._inv_key, self._inv = key, {}
+            self._G = self.Xc.T @ (Wc[:, None] * self.Xc)
+        ck = cols.tobytes()
+        if ck not in self._inv:
+            Gs = self._G[np.ix_(cols, cols)]
+            try:
+                self._inv[ck] = np.linalg.inv(Gs)
+            except np.linalg.LinAlgError:  # rank deficient: the pseudo-inverse gives the same fit
+                self._inv[ck] = np.linalg.pinv(Gs)
+        return self._inv[ck]
 
     def sums_of_squares(self, typ: int, rows=None, y=None) -> dict:
         """``{term: SS, ..., 'Residual': SS_res}`` on all rows or on the rows ``rows``
-        (indices, repeats allowed: a bootstrap resample).
+        (indices, repeats allowed: a bootstrap resample); ``y`` replaces the response.
 
-        Uses the normal equations with the weights w = how often each row is drawn: the
-        nested models share X'WX, so each refit is a small solve.
+        All runs of a cell share one design row, so with w = how often each run is drawn,
+        X'WX = Xc' diag(W_c) Xc and X'Wy = Xc' s_c, where W_c and s_c are the cell totals of
+        w and w*y: each nested model's RSS is y'Wy - b_s' (X_s'WX_s)^-1 b_s, and the inverses
+        are computed once for all resamples that keep the cell sizes.
         """
         w = np.ones(len(self.y)) if rows is None else np.bincount(rows, minlength=len(self.y)).astype(float)
         y = self.y if y is None else np.asarray(y, float)
         # Every model has the intercept, so centring y (weighted) leaves each RSS unchanged
         # and avoids cancellation in y'y - b'beta.
         y = y - float(w @ y) / float(w.sum())
-        Xw = self.X * w[:, None]
-        G = self.X.T @ Xw
-        b = Xw.T @ y
+        n_cells = len(self.cells)
+        Wc = np.bincount(self.cell_id, weights=w, minlength=n_cells)
+        b = self.Xc.T @ np.bincount(self.cell_id, weights=w * y, minlength=n_cells)
         yy = float(y @ (w * y))
         full, subs = self._submodels(typ)
         cache = {}
@@ -183,7 +192,8 @@ class FastAnova:
         def rss(cols):
             key = cols.tobytes()
             if key not in cache:
-                cache[key] = self._rss_gram(G, b, yy, cols)
+                bs = b[cols]
+                cache[key] = float(yy - bs @ (self._inverse(Wc, cols) @ bs))
             return cache[key]
 
         out = {name: rss(red) - rss(big) for name, (red, big) in subs.items()}
