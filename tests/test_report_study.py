@@ -59,7 +59,6 @@ def _require_real_stack():
     return spec
 
 
-@pytest.mark.slow
 def test_report_from_smoke_preset(tmp_path):
     spec = _require_real_stack()
     db = tmp_path / "smoke.sqlite"

@@ -251,7 +251,7 @@ class _Report:
             d.p(self.verdict(2, claim, paper, "n/a", "not comparable",
                              "the store has no dataset/architecture with λ = 0 runs and runs at another λ."))
             return
-        sw["orders_active"] = -np.log10(sw["active_frac"] / sw["active_frac_0"])
+        sw["orders_active"] = 0.0 - np.log10(sw["active_frac"] / sw["active_frac_0"])
         rel = self.csv("lambda_sweep", sw)
         d.p("Per dataset, architecture and λ, against the λ = 0 runs of the same seed: the test-split energy ratio "
             "E(λ)/E(0) (geometric mean over seeds), the same ratio for the rescaled energy (each hidden unit's "

@@ -66,7 +66,7 @@ def lambda_sweep(runs: pd.DataFrame, ci: float = 0.95) -> pd.DataFrame:
             me, lo_e, hi_e = _t_ci(le, ci)
             mr, lo_r, hi_r = _t_ci(lr, ci)
             ma, lo_a, hi_a = _t_ci(da, ci)
-            orders_e, orders_r = -me, -mr
+            orders_e, orders_r = 0.0 - me, 0.0 - mr  # 0.0 - x: no "-0.0" in the tables
             share = 1.0 - orders_r / orders_e if np.isfinite(orders_e) and orders_e > 0.05 else np.nan
             out.append({
                 "dataset": ds, "modality": modality, "arch": arch, "lam": float(lam), "n": int(len(gl)),
