@@ -134,8 +134,9 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, part_ptr,
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
-    x_base = x_ptr + g * stride_xg + rm[:, None] * stride_xm
-    w_base = w_ptr + g * stride_wg + rn[None, :] * stride_wn
+    rm64 = rm.to(tl.int64)  # 64-bit row offsets: [M, N] or [M, K] may exceed 2**31 elements
+    x_base = x_ptr + g * stride_xg + rm64[:, None] * stride_xm
+    w_base = w_ptr + g * stride_wg + rn.to(tl.int64)[None, :] * stride_wn
     if x_ptr.dtype.element_ty == tl.float64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
@@ -152,7 +153,7 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, part_ptr,
         bias = tl.load(b_ptr + g * stride_bg + rn, mask=mask_n, other=0.0)
         acc += bias.to(acc.dtype)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    out_off = g * stride_yg + rm[:, None] * stride_ym + rn[None, :]
+    out_off = g * stride_yg + rm64[:, None] * stride_ym + rn[None, :]
     y = _act(acc, ACT)
     yo = y.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + out_off, yo, mask=mask)

@@ -255,4 +255,28 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
     for cc, proc in procs.items():
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"sm_{cc} ahead-of-time compile failed:\n{out[-6000:]}"
-        assert out.count("\nok ") + out.startswith("ok ") >= 19, out[-3000:]
+        for kernel in ("linear_fwd_kernel", "act_fwd_kernel", "act_bwd_kernel"):
+            assert f"ok   sm_{cc} {kernel}" in out, f"{kernel} was not compiled for sm_{cc}:\n{out[-3000:]}"
+
+
+def test_energy_linear_layer_batched_trains_like_reference():
+    """nn.EnergyLinear(num_models=3) on the triton backend: a few SGD steps match the reference."""
+    from minaction.nn import EnergyLinear
+
+    dtype = torch.float64 if not GPU else torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(16, 12, dtype=dtype).to(DEV)
+    target = torch.randn(3, 16, 7, dtype=dtype).to(DEV)
+    layers = {}
+    for be in ("reference", "triton"):
+        torch.manual_seed(1)
+        layer = EnergyLinear(12, 7, activation="silu", energy="l2", num_models=3, backend=be, dtype=dtype).to(DEV)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            y = layer(x)
+            ((y - target).square().mean() + 0.01 * layer.last_energy.sum()).backward()
+            opt.step()
+        layers[be] = layer
+    for (n, a), (_, r) in zip(layers["triton"].named_parameters(), layers["reference"].named_parameters()):
+        _close(a.detach(), r.detach(), dtype, f"parameter {n} after 3 steps")
