@@ -363,7 +363,9 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     Tensor w = plain ? w_in.unsqueeze(0) : w_in;
     std::optional<Tensor> bo = std::nullopt;
     if (b_in.defined()) bo = plain ? b_in.unsqueeze(0) : b_in;
-    auto [y, z, e] = call_linear_fwd(x.contiguous(), w.contiguous(), bo, act, p, scale, needs_z(act));
+    // x is not made contiguous: BLAS takes transposed views, and a shared input expanded over
+    // the G models (stride 0) would otherwise be copied G times
+    auto [y, z, e] = call_linear_fwd(x, w.contiguous(), bo, act, p, scale, needs_z(act));
     ctx->save_for_backward({x, w, y, z});
     ctx->saved_data["act"] = act;
     ctx->saved_data["p"] = p;
