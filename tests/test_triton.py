@@ -280,3 +280,33 @@ def test_energy_linear_layer_batched_trains_like_reference():
         layers[be] = layer
     for (n, a), (_, r) in zip(layers["triton"].named_parameters(), layers["reference"].named_parameters()):
         _close(a.detach(), r.detach(), dtype, f"parameter {n} after 3 steps")
+
+
+def test_gpu_launch_paths_under_interpreter(monkeypatch):
+    """The GPU-only launcher branches (autotuned grid with a trimmed partial buffer, the
+    untuned size heuristic, GPU elementwise block sizes) run here with a one-config
+    autotuner, which the interpreter supports."""
+    if GPU:
+        pytest.skip("exercised for real on the GPU")
+    import triton
+
+    tuned = triton.autotune(configs=[triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})],
+                            key=["M", "N", "K", "ACT", "P", "KEEP_Z"])(K.linear_fwd_kernel)
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "_linear_fwd_tuned", tuned)
+    dtype = torch.float64
+    x, w, b, gy, ge = _inputs(2, 70, 40, 50, dtype, seed=9)
+    ry, rz, re, rgx, rgw, rgb = _reference(x, w, b, gy, ge, "gelu", 2, 0.1)
+    for autotune in ("1", "0"):
+        monkeypatch.setenv("MINACTION_TRITON_AUTOTUNE", autotune)
+        y, z, e = K.linear_forward(x, w, b, "gelu", 2, 0.1, True)
+        _close(y, ry, dtype, f"y (autotune={autotune})")
+        _close(e, re, dtype, f"energy (autotune={autotune})")
+    gx, gw, gb = K.linear_backward(gy, ge, x, w, y, z, "gelu", 2, 0.1, True, True, True)
+    _close(gb, rgb, dtype, "grad b")
+    _close(gx, rgx, dtype, "grad x")
+    za = torch.randn(2, 5, 3000, dtype=dtype)
+    ya, _, ea = K.act_forward(za, "relu", 1, 0.5, False)
+    rya, _, rea = composite.act_forward(za, "relu", 1, 0.5, False)
+    _close(ya, rya, dtype, "act y")
+    _close(ea, rea, dtype, "act energy")
