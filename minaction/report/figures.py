@@ -44,14 +44,14 @@ def interaction_plot(cells: pd.DataFrame, path: Path) -> Path:
 
 
 def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
-    """Per dataset (columns): E/E(0) and rescaled E/E(0) (log-log), accuracy change (pp),
+    """One row per dataset: E/E(0) and rescaled E/E(0) (log-log), accuracy change (pp),
     and the fraction of active units, against lambda on a log axis (lambda = 0 is the
     reference, drawn as a horizontal line)."""
     plt = _plt()
     sw = sweep[sweep["lam"] > 0]
     datasets = sorted(sw["dataset"].unique())
-    nc = max(1, len(datasets))
-    fig, axes = plt.subplots(3, nc, figsize=(4.2 * nc, 9), squeeze=False)
+    nr = max(1, len(datasets))
+    fig, axes = plt.subplots(nr, 3, figsize=(13, 3.2 * nr), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, ds in enumerate(datasets):
         g = sw[sw["dataset"] == ds]
@@ -59,37 +59,39 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
             c = colors[k % len(colors)]
             ga = ga.sort_values("lam")
             lam = ga["lam"].to_numpy(float)
-            ax = axes[0, j]
+            ax = axes[j, 0]
             ax.plot(lam, ga["E_ratio"], "-o", color=c, label=f"{arch}: E")
             ax.fill_between(lam, ga["E_ratio_lo"].fillna(ga["E_ratio"]), ga["E_ratio_hi"].fillna(ga["E_ratio"]),
                             color=c, alpha=0.15)
             ax.plot(lam, ga["Eresc_ratio"], "--s", color=c, ms=4, label=f"{arch}: rescaled E")
-            ax = axes[1, j]
+            ax = axes[j, 1]
             ax.errorbar(lam, ga["d_acc_pp"],
                         yerr=np.nan_to_num(np.abs(np.vstack([ga["d_acc_pp"] - ga["d_acc_pp_lo"],
                                                              ga["d_acc_pp_hi"] - ga["d_acc_pp"]]).astype(float))),
                         fmt="-o", color=c, capsize=3, label=arch)
-            axes[2, j].plot(lam, ga["active_frac"], "-o", color=c, label=arch)
-            axes[2, j].axhline(ga["active_frac_0"].iloc[0], color=c, lw=0.8, ls=":")
+            axes[j, 2].plot(lam, ga["active_frac"], "-o", color=c, label=arch)
+            axes[j, 2].axhline(ga["active_frac_0"].iloc[0], color=c, lw=0.8, ls=":")
         ratios = g[["E_ratio", "Eresc_ratio"]].to_numpy(float)
         if np.any(np.isfinite(ratios) & (ratios > 0)):
-            axes[0, j].set_yscale("log")
-        axes[0, j].axhline(1.0, color="k", lw=0.8)
-        axes[0, j].set_title(ds)
-        axes[0, j].set_ylabel("E(λ) / E(0), test split")
-        axes[1, j].axhline(0.0, color="k", lw=0.8)
+            axes[j, 0].set_yscale("log")
+        axes[j, 0].axhline(1.0, color="k", lw=0.8)
+        axes[j, 0].set_ylabel(f"{ds}\nE(λ) / E(0), test split")
+        axes[j, 1].axhline(0.0, color="k", lw=0.8)
         for s in (-0.5, 0.5):
-            axes[1, j].axhline(s, color="r", lw=0.6, ls="--")
-        axes[1, j].set_ylabel("accuracy change (pp)")
-        axes[2, j].set_ylabel("fraction of active units")
-        axes[2, j].set_xlabel("λ (log scale)")
+            axes[j, 1].axhline(s, color="r", lw=0.6, ls="--")
+        axes[j, 1].set_ylabel("accuracy change (pp)")
+        axes[j, 2].set_ylabel("fraction of active units")
         for i in range(3):
-            axes[i, j].set_xscale("log")
-            axes[i, j].grid(alpha=0.3)
+            axes[j, i].set_xscale("log")
+            axes[j, i].grid(alpha=0.3)
+    for i in range(3):
+        axes[-1, i].set_xlabel("λ (log scale)")
     if datasets:
-        axes[0, 0].legend(fontsize=7)
-        axes[1, 0].legend(fontsize=7)
-    fig.tight_layout()
+        axes[0, 0].legend(fontsize=6, loc="lower left")
+        axes[0, 1].legend(fontsize=7)
+    # fixed margins: tight_layout costs seconds per figure on a tall grid of log axes
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.6 / (3.2 * nr), top=1 - 0.2 / (3.2 * nr), wspace=0.3,
+                        hspace=0.3)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
