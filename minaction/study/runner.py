@@ -43,7 +43,7 @@ def study_status(db, preset=None) -> dict:
             counts = store.status_counts(con)
             out.update(total=sum(counts.values()), counts=counts)
         row = con.execute("SELECT SUM(wall_time_s * 1.0), COUNT(*) FROM runs WHERE status = 'done'").fetchone()
-        out["done_train_seconds"] = row[0] or 0.0
+        out["done_wall_time_s"] = row[0] or 0.0
         out["presets"] = dict(con.execute("SELECT preset, COUNT(*) FROM runs GROUP BY preset").fetchall())
         return out
     finally:
