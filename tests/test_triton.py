@@ -310,3 +310,16 @@ def test_gpu_launch_paths_under_interpreter(monkeypatch):
     rya, _, rea = composite.act_forward(za, "relu", 1, 0.5, False)
     _close(ya, rya, dtype, "act y")
     _close(ea, rea, dtype, "act energy")
+
+
+def test_opcheck_with_triton_backend():
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch)."""
+    from minaction.ops import energy as ops_energy
+
+    x = torch.randn(1, 6, 5, device=DEV, requires_grad=True)
+    w = torch.randn(1, 4, 5, device=DEV, requires_grad=True)
+    b = torch.randn(1, 4, device=DEV, requires_grad=True)
+    for act in ("relu", "gelu"):
+        torch.library.opcheck(ops_energy._energy_linear, (x, w, b, act, 2, False, "triton"))
+    z = torch.randn(2, 3, 4, device=DEV, requires_grad=True)
+    torch.library.opcheck(ops_energy._activation_energy, (z, "silu", 1, True, "triton"))
