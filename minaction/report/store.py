@@ -39,7 +39,7 @@ def load_store(db) -> Store:
     if not path.is_file():
         raise FileNotFoundError(f"study store not found: {path}")
     try:
-        con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # as_uri: quotes ?, #, %
     except sqlite3.Error as exc:  # pragma: no cover - depends on the filesystem
         raise ValueError(f"cannot open {path} as SQLite: {exc}") from exc
     try:
