@@ -43,10 +43,18 @@ PY
 command -v nvcc >/dev/null && nvcc --version | tail -1
 
 stamp "minaction importable?"
-if ! "$PYTHON" -c "import minaction, minaction.kernels" 2>"$OUT/import.err"; then
-  echo "minaction is not importable with $PYTHON; trying an editable install"; cat "$OUT/import.err"
-  "$PYTHON" -m pip install -q --no-deps -e "$ROOT" 2>&1 | tail -3
+if ! "$PYTHON" -c "import minaction, minaction.kernels, minaction._csrc" 2>"$OUT/import.err"; then
+  echo "minaction is not importable with $PYTHON; trying an editable install (offline)"; tail -2 "$OUT/import.err"
+  "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | tail -3
+  if ! "$PYTHON" -c "import minaction, minaction.kernels, minaction._csrc" 2>/dev/null; then
+    # last resort: a throw-away package tree mapping kernels/ and csrc/ where setup.py puts them
+    echo "editable install failed; using a package shim under $OUT/shim"
+    rm -rf "$OUT/shim" && mkdir -p "$OUT/shim" && cp -r "$ROOT/minaction" "$OUT/shim/minaction"
+    ln -s "$ROOT/kernels" "$OUT/shim/minaction/kernels" && ln -s "$ROOT/csrc" "$OUT/shim/minaction/_csrc"
+    export PYTHONPATH="$OUT/shim:$PYTHONPATH"
+  fi
 fi
+"$PYTHON" -c "import minaction, minaction.kernels as k; print('minaction from', minaction.__file__, '| kernels', k.__file__)"
 
 stamp "build the CUDA extension"
 timeout 150 "$PYTHON" - <<'PY' 2>&1 | tail -20
@@ -57,10 +65,13 @@ from minaction import backend
 try:
     cuda.load()
     print(f"cuda extension built/loaded in {time.time() - t:.1f}s")
+    ok = True
 except Exception as exc:
     print("CUDA EXTENSION BUILD FAILED:", type(exc).__name__, exc)
+    ok = False
 for name in ("triton", "cuda"):
     print(name, backend.available(name, "cuda"))
+raise SystemExit(0 if ok else 1)
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
