@@ -151,6 +151,31 @@ def test_sigkill_resume(reference_db, tmp_path):
     assert_same(ref, {k: got[k] for k in ref})
 
 
+def test_ctrl_c_stops_promptly(tmp_path):
+    """SIGINT (Ctrl-C) stops the driver without waiting for the groups in flight."""
+    spec = synth(lams=[0.0], seeds=[0, 1], group_by="none", budget={"epochs": 5000, "batch_size": 32, "width": 16})
+    preset = tmp_path / "slow.toml"
+    preset.write_text(toml_text(spec))
+    db = tmp_path / "int.sqlite"
+    code = ("import sys; from minaction.study import run_study; "
+            "run_study(sys.argv[1], sys.argv[2], workers=2, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True,
+                            stderr=subprocess.PIPE)
+    try:
+        time.sleep(4)  # the workers have started training (each run takes far longer than this)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(30)
+        assert b"KeyboardInterrupt" in proc.stderr.read()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
 def test_failure_is_recorded_and_study_continues(tmp_path):
     spec = synth(archs=["tiny_fail", "tiny_mlp"], lams=[0.0], seeds=[0, 1])
     db = tmp_path / "f.sqlite"

@@ -62,10 +62,22 @@ class LocalExecutor:
     def submit(self, fn, task) -> cf.Future:
         return self._pool.submit(fn, task)
 
-    def close(self):
-        if self._pool is not None:
+    def close(self, abort: bool = False):
+        """Shut the pool down; ``abort=True`` (Ctrl-C, an error in the driver) also
+        terminates the workers instead of waiting for the groups they are training."""
+        if self._pool is None:
+            return
+        if abort:
+            procs = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(5)
+        else:
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._pool = None
 
 
 class DaskExecutor:
@@ -97,7 +109,7 @@ class DaskExecutor:
     def submit(self, fn, task) -> cf.Future:
         return self._executor.submit(fn, task)
 
-    def close(self):
+    def close(self, abort: bool = False):
         try:
             self._client.close()
         finally:
@@ -135,7 +147,7 @@ class RayExecutor:
             r = self._remote[fn] = self._ray.remote(num_cpus=1, max_retries=1)(fn)
         return r.remote(task).future()
 
-    def close(self):
+    def close(self, abort: bool = False):
         pass  # leave a user's Ray session to them
 
 

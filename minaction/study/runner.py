@@ -89,6 +89,7 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
     bar = _progress(len(runs), already, progress and bool(todo))
     ex = None
     recorded = 0
+    completed = False
 
     def record(records):
         nonlocal recorded
@@ -144,11 +145,12 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
                             record(failed_records(task["runs"], err))
                         continue
                     record(res["records"])
+        completed = True
     finally:
         if bar is not None:
             bar.close()
         if ex is not None:
-            ex.close()
+            ex.close(abort=not completed)  # on Ctrl-C, do not wait for the groups in flight
         con.close()
     wall = time.perf_counter() - t0
     summary.update(counts, recorded=recorded, wall_s=wall, runs_per_hour=3600 * recorded / wall if wall > 0 else 0.0,
