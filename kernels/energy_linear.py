@@ -141,10 +141,14 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, part_ptr,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_ptrs = x_base + rk[None, :] * stride_xk
+    b_ptrs = w_base + rk[:, None] * stride_wk
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        a = tl.load(x_base + kk[None, :] * stride_xk, mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
-        bt = tl.load(w_base + kk[:, None] * stride_wk, mask=(kk[:, None] < K) & mask_n[None, :], other=0.0)
+        k_left = K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < k_left), other=0.0)
+        bt = tl.load(b_ptrs, mask=(rk[:, None] < k_left) & mask_n[None, :], other=0.0)
+        a_ptrs += BLOCK_K * stride_xk
+        b_ptrs += BLOCK_K * stride_wk
         if ALLOW_TF32:
             acc = tl.dot(a, bt, acc, input_precision="tf32", out_dtype=acc.dtype)
         else:
