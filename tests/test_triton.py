@@ -323,3 +323,16 @@ def test_opcheck_with_triton_backend():
         torch.library.opcheck(ops_energy._energy_linear, (x, w, b, act, 2, False, "triton"))
     z = torch.randn(2, 3, 4, device=DEV, requires_grad=True)
     torch.library.opcheck(ops_energy._activation_energy, (z, "silu", 1, True, "triton"))
+
+
+def test_strided_inputs_need_no_copy():
+    """A shared input expanded over G (stride 0) and a transposed weight view give the spec's values."""
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(12)
+    x2 = torch.randn(19, 10, generator=g).to(DEV)
+    x = x2.unsqueeze(0).expand(3, -1, -1)
+    w = torch.randn(3, 10, 14, generator=g).to(DEV).transpose(1, 2)  # [3, 14, 10], non-contiguous
+    y, _, e = tb.linear_forward(x, w, None, "relu", 2, 0.5, False)
+    ry, _, re = composite.linear_forward(x.contiguous(), w.contiguous(), None, "relu", 2, 0.5, False)
+    _close(y, ry, dtype, "y")
+    _close(e, re, dtype, "energy")

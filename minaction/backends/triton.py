@@ -65,8 +65,9 @@ def _native(t: torch.Tensor) -> bool:
 def linear_forward(x, w, b, act, p, scale, keep_z):
     if not _native(x):
         return composite.linear_forward(x, w, b, act, p, scale, keep_z)
-    return _kernels().linear_forward(x.contiguous(), w.contiguous(), None if b is None else b.contiguous(),
-                                     act, p, scale, keep_z)
+    # the matmul kernel reads x and w through their strides: a shared input expanded over the
+    # G models (stride 0) or a transposed weight needs no copy
+    return _kernels().linear_forward(x, w, None if b is None else b.contiguous(), act, p, scale, keep_z)
 
 
 def linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
