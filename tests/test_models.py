@@ -202,8 +202,8 @@ def test_stats_relu_units_only_active_frac_matches_mlp():
     frac = ((h1 != 0).sum() + (h2 != 0).sum()).double() / (h1.numel() + h2.numel())
     assert float(st["active_frac"]) == pytest.approx(float(frac))
     # energy_rescaled by hand
-    n1 = m.layers[1].weight.norm(dim=0)
-    n2 = m.out.weight.norm(dim=0)
+    n1 = m.layers[1].weight.detach().norm(dim=0)
+    n2 = m.out.weight.detach().norm(dim=0)
     er = ((h1 * n1) ** 2).sum(1).mean() + ((h2 * n2) ** 2).sum(1).mean()
     assert float(st["energy_rescaled"]) == pytest.approx(float(er), rel=1e-5)
 
@@ -329,6 +329,24 @@ def test_bad_arguments():
         t(torch.rand(2, 64))
     with pytest.raises(ValueError, match="channels"):
         models.build("cnn", meta, channels=[4])
+
+
+def test_text_embedding_init_and_padding():
+    meta = LAYOUTS["sst2"]
+    m = models.build("mlp", meta, width=8, embed_init_std=0.05, num_models=2)
+    w = m.stem.embedding.weight
+    assert w.shape == (2, meta.vocab_size, 64)
+    assert torch.all(w[:, 0] == 0)
+    assert 0.04 < float(w[:, 1:].std()) < 0.06
+    # padding does not change the bag; unknown tokens do
+    x = torch.tensor([[5, 6, 0, 0], [5, 6, 1, 0]])
+    meta4 = DataMeta("t", "text", 2, (4,), torch.int64, vocab_size=300)
+    m4 = models.build("bimodal_true", meta4, width=8)
+    bag = m4.stem.embedding.bag(x)
+    torch.testing.assert_close(bag[0], m4.stem.embedding.weight[[5, 6]].mean(0))
+    torch.testing.assert_close(bag[1], m4.stem.embedding.weight[[5, 6, 1]].mean(0))
+    with pytest.raises(ValueError, match="embed_init_std"):
+        models.build("mlp", meta, embed_init_std=0.0)
 
 
 def test_knobs_listing():

@@ -37,15 +37,17 @@ class ConvNet(EnergyNet):
     """One CNN member; see the module docstring for the layout per modality.
 
     Knobs: ``channels`` (list of ``depth`` ints; default 16, 32, 64, 64... — 64 each for
-    text), ``kernel_size`` (3 for 2-D, 5 for 1-D), ``embed_dim`` (64, text).
+    text), ``kernel_size`` (3 for 2-D, 5 for 1-D), ``embed_dim`` (64, text),
+    ``embed_init_std`` (0.1, text).
     """
 
     arch = "cnn"
     batched = False
-    KNOBS = {"embed_dim": 64, "channels": None, "kernel_size": None}
+    KNOBS = {"embed_dim": 64, "embed_init_std": 0.1, "channels": None, "kernel_size": None}
 
     def __init__(self, meta, width: int, depth: int, energy="l2", activation="relu", energy_reduction="sum",
-                 num_models: int = 1, embed_dim: int = 64, channels: Optional[Sequence[int]] = None,
+                 num_models: int = 1, embed_dim: int = 64, embed_init_std: float = 0.1,
+                 channels: Optional[Sequence[int]] = None,
                  kernel_size: Optional[int] = None):
         if num_models != 1:
             raise ValueError("ConvNet is one member; use LoopEnsemble for several")
@@ -58,7 +60,7 @@ class ConvNet(EnergyNet):
         self.channels = channels
         self.modality = meta.modality
         if self.modality == "text":
-            self.stem = TokenEmbedding(meta.vocab_size, embed_dim)
+            self.stem = TokenEmbedding(meta.vocab_size, embed_dim, None, embed_init_std)
             cin, spatial, self.has_time = int(embed_dim), (int(meta.input_shape[0]),), False
         else:
             cin, spatial, self.has_time = image_layout(meta)

@@ -78,13 +78,17 @@ class TokenEmbedding(nn.Module):
     ``num_models=G`` holds ``G`` tables ``[G, V, d]``. :meth:`bag` returns the mean of the
     embeddings of the non-padding tokens of each sample (``[B, d]`` or ``[G, B, d]``),
     computed with one ``F.embedding_bag`` call for all members; :meth:`seq` returns the
-    sequence ``[B, L, d]`` (padding positions zero). Initialised ``N(0, 1)`` as
-    ``nn.Embedding``, the padding row set to zero.
+    sequence ``[B, L, d]`` (padding positions zero). Initialised ``N(0, init_std^2)``
+    (default 0.1: with Adam at lr 1e-3, ``nn.Embedding``'s N(0, 1) learns far slower —
+    SST-2 validation 0.63 vs 0.80 after the same short run), the padding row zero.
     """
 
-    def __init__(self, vocab_size: int, dim: int, num_models: Optional[int] = None):
+    def __init__(self, vocab_size: int, dim: int, num_models: Optional[int] = None, init_std: float = 0.1):
         super().__init__()
+        if not float(init_std) > 0:
+            raise ValueError(f"embed_init_std must be positive, got {init_std}")
         self.vocab_size, self.dim, self.num_models = int(vocab_size), int(dim), num_models
+        self.init_std = float(init_std)
         lead = () if num_models is None else (num_models,)
         self.weight = nn.Parameter(torch.empty(lead + (self.vocab_size, self.dim)))
         self.reset_parameters()
@@ -94,7 +98,7 @@ class TokenEmbedding(nn.Module):
         models = [None] if self.num_models is None else ([model] if model is not None else range(self.num_models))
         for g in models:
             w = self.weight if g is None else self.weight[g]
-            w.normal_(generator=generator)
+            w.normal_(0.0, self.init_std, generator=generator)
             w[0].zero_()
 
     def _check(self, ids):
@@ -138,17 +142,18 @@ class FeatureStem(nn.Module):
     * neuromorphic ``(T, C, H, W)`` (N-MNIST event counts, rate-coded spikes): mean over the
       T time steps (rate decoding), then flattened;
     * text ``(L,)`` ids: mean of the token embeddings of the non-padding tokens
-      (:class:`TokenEmbedding`, ``embed_dim`` wide, one table per member).
+      (:class:`TokenEmbedding`, ``embed_dim`` wide, init std ``embed_init_std``, one table
+      per member).
 
     Float inputs are cast to the dtype of the model's parameters.
     """
 
-    def __init__(self, meta, embed_dim: int = 64, num_models: Optional[int] = None):
+    def __init__(self, meta, embed_dim: int = 64, num_models: Optional[int] = None, embed_init_std: float = 0.1):
         super().__init__()
         self.meta = meta
         self.modality = meta.modality
         if self.modality == "text":
-            self.embedding = TokenEmbedding(meta.vocab_size, embed_dim, num_models)
+            self.embedding = TokenEmbedding(meta.vocab_size, embed_dim, num_models, embed_init_std)
             self.out_features = int(embed_dim)
         else:
             c, spatial, self.has_time = image_layout(meta)

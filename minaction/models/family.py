@@ -29,14 +29,14 @@ class MLP(EnergyNet):
     """
 
     arch = "mlp"
-    KNOBS = {"embed_dim": 64}
+    KNOBS = {"embed_dim": 64, "embed_init_std": 0.1}
 
     def __init__(self, meta, width: int, depth: int, energy="l2", activation="relu", energy_reduction="sum",
-                 num_models: int = 1, embed_dim: int = 64):
+                 num_models: int = 1, embed_dim: int = 64, embed_init_std: float = 0.1):
         super().__init__(meta, num_models)
         _check_act("activation", activation)
         self.width, self.depth = int(width), int(depth)
-        self.stem = FeatureStem(meta, embed_dim, self._G)
+        self.stem = FeatureStem(meta, embed_dim, self._G, embed_init_std)
         d = self.stem.out_features
         self.layers = nn.ModuleList()
         for _ in range(self.depth):
@@ -74,10 +74,11 @@ class BimodalTrue(EnergyNet):
     """
 
     arch = "bimodal_true"
-    KNOBS = {"embed_dim": 64, "glia_domain": 8, "coupling": 1.0, "glia_activation": "sigmoid"}
+    KNOBS = {"embed_dim": 64, "embed_init_std": 0.1, "glia_domain": 8, "coupling": 1.0, "glia_activation": "sigmoid"}
 
     def __init__(self, meta, width: int, depth: int, energy="l2", activation="relu", energy_reduction="sum",
-                 num_models: int = 1, embed_dim: int = 64, glia_domain: int = 8, coupling: float = 1.0,
+                 num_models: int = 1, embed_dim: int = 64, embed_init_std: float = 0.1, glia_domain: int = 8,
+                 coupling: float = 1.0,
                  glia_activation: str = "sigmoid"):
         super().__init__(meta, num_models)
         _check_act("activation", activation)
@@ -89,7 +90,7 @@ class BimodalTrue(EnergyNet):
         self.width, self.depth = int(width), int(depth)
         self.glia_domain, self.coupling = int(glia_domain), float(coupling)
         self.glia_width = math.ceil(self.width / self.glia_domain)
-        self.stem = FeatureStem(meta, embed_dim, self._G)
+        self.stem = FeatureStem(meta, embed_dim, self._G, embed_init_std)
         d = self.stem.out_features
         self.neurons, self.glia = nn.ModuleList(), nn.ModuleList()
         for _ in range(self.depth):
@@ -146,11 +147,12 @@ class PhysicsLagrangian(EnergyNet):
     """
 
     arch = "physics_lagrangian"
-    KNOBS = {"embed_dim": 64, "step": 1.0, "potential_ratio": 0.5, "constraint": True,
+    KNOBS = {"embed_dim": 64, "embed_init_std": 0.1, "step": 1.0, "potential_ratio": 0.5, "constraint": True,
              "kinetic_activation": "tanh", "constraint_activation": "sigmoid"}
 
     def __init__(self, meta, width: int, depth: int, energy="l2", activation="relu", energy_reduction="sum",
-                 num_models: int = 1, embed_dim: int = 64, step: float = 1.0, potential_ratio: float = 0.5,
+                 num_models: int = 1, embed_dim: int = 64, embed_init_std: float = 0.1, step: float = 1.0,
+                 potential_ratio: float = 0.5,
                  constraint: bool = True, kinetic_activation: str = "tanh", constraint_activation: str = "sigmoid"):
         super().__init__(meta, num_models)
         for n, a in (("activation", activation), ("kinetic_activation", kinetic_activation),
@@ -163,7 +165,7 @@ class PhysicsLagrangian(EnergyNet):
         self.width, self.depth = int(width), int(depth)
         self.step, self.constraint = float(step), bool(constraint)
         self.potential_width = max(1, round(float(potential_ratio) * self.width))
-        self.stem = FeatureStem(meta, embed_dim, self._G)
+        self.stem = FeatureStem(meta, embed_dim, self._G, embed_init_std)
         w = self.width
         self.encoder = self.linear(self.stem.out_features, w, activation, energy, energy_reduction)
         self.kinetic, self.potential, self.constraints = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
