@@ -235,7 +235,9 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
         y = composite.apply_act(z, activation)
         e = composite.energy_of(y, p, _scale(y.shape[1], y.shape[2], mean))
     else:
-        y, e, _ = _energy_linear(x3.contiguous(), w3.contiguous(), None if b2 is None else b2.contiguous(),
+        if name != "triton":  # the Triton kernels read x through its strides: no copy of a shared input
+            x3 = x3.contiguous()
+        y, e, _ = _energy_linear(x3, w3.contiguous(), None if b2 is None else b2.contiguous(),
                                  activation, p, mean, name)
     if out_shape is not None:
         return y.reshape(out_shape), e.reshape(())
