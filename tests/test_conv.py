@@ -115,3 +115,23 @@ def test_bad_input_errors():
         EnergyConv2d(3, 4, (3, 3, 3))
     with pytest.raises(ValueError, match="activation"):
         EnergyConv1d(3, 4, 3, activation="softmax")
+
+
+@pytest.mark.parametrize("cls,kw,shape", [CASES[0], CASES[2]])
+def test_triton_backend_when_available(cls, kw, shape):
+    """The Triton epilogue (interpreted on CPU without a GPU) on two small cases."""
+    ok, why = minaction.backend.available("triton", "cpu")
+    if not ok:
+        pytest.skip(f"triton backend not available: {why}")
+    torch.manual_seed(0)
+    layer = cls(**kw, backend="triton")
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    (y.sum() + layer.last_energy).backward()
+    gx = x.grad.clone()
+    x2 = x.detach().clone().requires_grad_(True)
+    y2, e2 = _ref(layer, x2)
+    (y2.sum() + e2).backward()
+    torch.testing.assert_close(y, y2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.last_energy, e2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gx, x2.grad, rtol=1e-4, atol=1e-5)
