@@ -334,7 +334,7 @@ def test_bad_arguments():
 def test_text_embedding_init_and_padding():
     meta = LAYOUTS["sst2"]
     m = models.build("mlp", meta, width=8, embed_init_std=0.05, num_models=2)
-    w = m.stem.embedding.weight
+    w = m.stem.embedding.weight.detach()
     assert w.shape == (2, meta.vocab_size, 64)
     assert torch.all(w[:, 0] == 0)
     assert 0.04 < float(w[:, 1:].std()) < 0.06
