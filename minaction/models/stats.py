@@ -61,8 +61,9 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tenso
         for h in hooks:
             h.remove()
 
-    nnz = torch.zeros(G, dtype=torch.float64)
-    tot = torch.zeros(G, dtype=torch.float64)
+    dev = next(model.parameters()).device
+    nnz = torch.zeros(G, dtype=torch.float64, device=dev)
+    tot = torch.zeros(G, dtype=torch.float64, device=dev)
     resc = None
     for mod, g in members:
         factors = {id(lay): f for lay, f in mod.rescale_factors()} if hasattr(mod, "rescale_factors") else {}
@@ -92,13 +93,13 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tenso
             if lay.energy_reduction == "mean":
                 e = e / units
             if resc is None:
-                resc = torch.zeros(G, dtype=torch.float64)
+                resc = torch.zeros(G, dtype=torch.float64, device=dev)
             resc[sl] += e
     if resc is None:
-        resc = torch.zeros(G, dtype=torch.float64)
+        resc = torch.zeros(G, dtype=torch.float64, device=dev)
     dt = energy.dtype if energy is not None else torch.float32
     out = {
-        "energy": energy.detach() if energy is not None else torch.zeros(G, dtype=dt),
+        "energy": energy.detach() if energy is not None else torch.zeros(G, dtype=dt, device=dev),
         "active_frac": (nnz / tot.clamp_min(1)).to(dt),
         "energy_rescaled": resc.to(dt),
     }
