@@ -93,6 +93,12 @@ struct Tiles {
   Tiles(int64_t G_, int64_t M_, int64_t N_)
       : G(G_), M(M_), N(N_), ncb((N_ + kColBlock - 1) / kColBlock), nrc(std::max<int64_t>(1, (M_ + kRowChunk - 1) / kRowChunk)) {}
   int64_t count() const { return G * ncb * nrc; }
+  // tile t -> (model, first/last+1 column, first/last+1 row); tiles are ordered model, column block, row chunk
+  std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> tile(int64_t t) const {
+    const int64_t g = t / (ncb * nrc), cb = (t / nrc) % ncb, rc = t % nrc;
+    const int64_t j0 = cb * kColBlock, r0 = rc * kRowChunk;
+    return {g, j0, std::min(N, j0 + kColBlock), r0, std::min(M, r0 + kRowChunk)};
+  }
 };
 
 // y = act(z) (in place when y == z) and e[g] = scale * sum |y|^p
@@ -103,11 +109,7 @@ void act_energy_fwd_kernel(const T* z, T* y, int64_t G, int64_t M, int64_t N, do
   std::vector<double> part(tl.count(), 0.0);
   at::parallel_for(0, tl.count(), kGrainTiles, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / (tl.ncb * tl.nrc);
-      const int64_t cb = (t / tl.nrc) % tl.ncb;
-      const int64_t rc = t % tl.nrc;
-      const int64_t j0 = cb * kColBlock, j1 = std::min(N, j0 + kColBlock);
-      const int64_t r0 = rc * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
+      const auto [g, j0, j1, r0, r1] = tl.tile(t);
       double acc_tile = 0.0;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t off = (g * M + r) * N;
@@ -146,11 +148,7 @@ void act_energy_bwd_kernel(const T* gy, const float* ge_f, const double* ge_d, c
   at::parallel_for(0, tl.count(), kGrainTiles, [&](int64_t begin, int64_t end) {
     F colacc[kColBlock];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / (tl.ncb * tl.nrc);
-      const int64_t cb = (t / tl.nrc) % tl.ncb;
-      const int64_t rc = t % tl.nrc;
-      const int64_t j0 = cb * kColBlock, j1 = std::min(N, j0 + kColBlock);
-      const int64_t r0 = rc * kRowChunk, r1 = std::min(M, r0 + kRowChunk);
+      const auto [g, j0, j1, r0, r1] = tl.tile(t);
       const F c = P == 0 ? F(0) : static_cast<F>((ge_d ? ge_d[g] : static_cast<double>(ge_f[g])) * scale);
       for (int64_t j = 0; j < kColBlock; ++j) colacc[j] = F(0);
       for (int64_t r = r0; r < r1; ++r) {

@@ -72,31 +72,9 @@ def load():
 
 
 def _register_fakes():
-    from . import energy_dtype
+    from . import register_primitive_fakes
 
-    lib = "minaction_cuda"
-
-    @torch.library.register_fake(f"{lib}::linear_fwd")
-    def _(x, w, b, act, p, scale, keep_z):
-        G, M, _ = x.shape
-        N = w.shape[1]
-        z = x.new_empty((G, M, N)) if keep_z else x.new_empty(0)
-        return x.new_empty((G, M, N)), z, x.new_empty((G,), dtype=energy_dtype(x.dtype))
-
-    @torch.library.register_fake(f"{lib}::linear_bwd")
-    def _(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
-        e = gy.new_empty(0)
-        return (x.new_empty(x.shape) if need_x else e, w.new_empty(w.shape) if need_w else e,
-                gy.new_empty((w.shape[0], w.shape[1])) if need_b else e)
-
-    @torch.library.register_fake(f"{lib}::act_fwd")
-    def _(z, act, p, scale, keep_z):
-        return (z.new_empty(z.shape), z.new_empty(z.shape) if keep_z else z.new_empty(0),
-                z.new_empty((z.shape[0],), dtype=energy_dtype(z.dtype)))
-
-    @torch.library.register_fake(f"{lib}::act_bwd")
-    def _(gy, ge, y, z, act, p, scale):
-        return gy.new_empty(gy.shape)
+    register_primitive_fakes("minaction_cuda")
 
 
 def available(device: torch.device):

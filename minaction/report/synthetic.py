@@ -26,16 +26,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, preset TEXT, arch TEXT, dataset TEXT, modality TEXT,
-  lam REAL, seed INTEGER, config_json TEXT, status TEXT, error TEXT, epochs INTEGER, train_loss REAL,
-  val_acc REAL, test_acc REAL, test_loss REAL, test_energy REAL, test_active_frac REAL,
-  test_energy_rescaled REAL, n_params INTEGER, wall_time_s REAL, backend TEXT, group_size INTEGER,
-  finished_at TEXT);
-CREATE TABLE IF NOT EXISTS epochs (run_id TEXT, epoch INTEGER, train_loss REAL, train_acc REAL, val_loss REAL,
-  val_acc REAL, energy REAL, val_energy REAL, wall_time_s REAL, PRIMARY KEY (run_id, epoch));
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-"""
+from ..study.store import SCHEMA  # one schema: the store the study runner writes
+
 
 ARCHS = ("mlp", "cnn", "bimodal_true", "physics_lagrangian")
 DATASETS = {"mnist": "vision", "fashion_mnist": "vision", "sst2": "text", "nmnist": "neuromorphic",
