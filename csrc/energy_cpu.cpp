@@ -35,7 +35,7 @@ using at::Tensor;
 
 enum Act : int64_t { IDENTITY = 0, RELU = 1, GELU = 2, SILU = 3, TANH = 4, SIGMOID = 5 };
 
-constexpr int64_t kColBlock = 64;   // columns per tile (contiguous run inside a row)
+constexpr int64_t kColBlock = 256;  // columns per tile (contiguous run inside a row)
 constexpr int64_t kRowChunk = 128;  // rows per tile
 
 template <typename T>
