@@ -57,8 +57,7 @@ def connect(path, readonly: bool = False) -> sqlite3.Connection:
             raise FileNotFoundError(f"study database {str(path)!r} does not exist")
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None)
         return con
-    if path.parent and not path.parent.exists():
-        raise FileNotFoundError(f"directory of the study database {str(path.parent)!r} does not exist")
+    path.parent.mkdir(parents=True, exist_ok=True)  # `--db results/study.sqlite` works on a fresh checkout
     con = sqlite3.connect(str(path), timeout=30, isolation_level=None)
     mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
