@@ -24,6 +24,17 @@ activations whose derivative needs ``z`` (gelu, silu).
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 # activations whose derivative cannot be written in terms of the output y alone
 NEEDS_Z = frozenset({"gelu", "silu"})
+# the integer codes the compiled kernels (csrc/) use for the activations
+ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}
+
+
+def source_dir():
+    """The directory holding the C++/CUDA sources (a checkout's csrc/ or the installed package data)."""
+    from pathlib import Path
+
+    import minaction._csrc as csrc
+
+    return Path(csrc.__file__).parent
 
 
 def energy_dtype(dtype):

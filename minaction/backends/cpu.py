@@ -17,18 +17,11 @@ from pathlib import Path
 import torch
 
 
-ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}
+from . import ACT_CODES, source_dir  # noqa: F401  (source_dir is part of this module's API)
 
 _lock = threading.Lock()
 _state: dict = {}
 OPS = None  # torch.ops.minaction_cpu once loaded (read without the lock, so torch.compile can trace it)
-
-
-def source_dir() -> Path:
-    """The directory holding the C++/CUDA sources (a checkout's csrc/ or the installed package data)."""
-    import minaction._csrc as csrc
-
-    return Path(csrc.__file__).parent
 
 
 def _cpu_fingerprint() -> str:

@@ -16,21 +16,11 @@ import threading
 
 import torch
 
-from . import composite
-
-ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}
+from . import ACT_CODES, composite, source_dir  # noqa: F401  (source_dir is part of this module's API)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
 
-
-def source_dir():
-    """The directory holding the CUDA sources (a checkout's csrc/ or the installed package data)."""
-    from pathlib import Path
-
-    import minaction._csrc as csrc
-
-    return Path(csrc.__file__).parent
 
 _state: dict = {}
 

@@ -38,17 +38,12 @@ def _scale(rows: int, cols: int, mean: bool) -> float:
     return 1.0 / (max(rows, 1) * (cols if mean else 1))
 
 
-def _prims(name: str):
-    mod = _backend.module(name)
-    return mod
-
-
 # ----------------------------------------------------------------------------- energy_linear
 @torch.library.custom_op("minaction::energy_linear", mutates_args=())
 def _energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, p: int, mean: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     scale = _scale(x.shape[1], weight.shape[1], mean)
-    y, z, e = _prims(backend).linear_forward(x, weight, bias, act, p, scale, act in NEEDS_Z)
+    y, z, e = _backend.module(backend).linear_forward(x, weight, bias, act, p, scale, act in NEEDS_Z)
     return y, e, z
 
 
@@ -66,7 +61,7 @@ def _energy_linear_backward(gy: Tensor, ge: Tensor, x: Tensor, weight: Tensor, y
                             p: int, mean: bool, need_x: bool, need_w: bool, need_b: bool,
                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     scale = _scale(x.shape[1], weight.shape[1], mean)
-    out = _prims(backend).linear_backward(gy, ge, x, weight, y, z, act, p, scale, need_x, need_w, need_b)
+    out = _backend.module(backend).linear_backward(gy, ge, x, weight, y, z, act, p, scale, need_x, need_w, need_b)
     # a custom op's outputs may not alias each other or an input: unneeded grads are fresh empties
     return tuple(t if (want and t.numel()) else gy.new_empty(0) for t, want in zip(out, (need_x, need_w, need_b)))
 
@@ -109,7 +104,7 @@ _energy_linear.register_autograd(_el_backward, setup_context=_el_setup)
 @torch.library.custom_op("minaction::activation_energy", mutates_args=())
 def _activation_energy(z: Tensor, act: str, p: int, mean: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     scale = _scale(z.shape[1], z.shape[2], mean)
-    y, zs, e = _prims(backend).act_forward(z, act, p, scale, act in NEEDS_Z)
+    y, zs, e = _backend.module(backend).act_forward(z, act, p, scale, act in NEEDS_Z)
     if zs.numel() and zs.data_ptr() == z.data_ptr():
         zs = zs.clone()  # a custom op may not return an alias of its input
     return y, e, zs
@@ -126,7 +121,7 @@ def _(z, act, p, mean, backend):
 def _activation_energy_backward(gy: Tensor, ge: Tensor, y: Tensor, z: Tensor, act: str, p: int, mean: bool,
                                 backend: str) -> Tensor:
     scale = _scale(y.shape[1], y.shape[2], mean)
-    return _prims(backend).act_backward(gy, ge, y, z, act, p, scale)
+    return _backend.module(backend).act_backward(gy, ge, y, z, act, p, scale)
 
 
 @_activation_energy_backward.register_fake
