@@ -21,7 +21,9 @@ The backward matrix products (``gx = gz @ w``, ``gw = gz^T @ x``) are ``torch.bm
 (cuBLAS on a GPU), see ``docs/kernels.md``.
 
 Activation codes (constexpr ``ACT``): 0 identity, 1 relu, 2 gelu (erf), 3 silu, 4 tanh,
-5 sigmoid. ``P``: 0 no energy, 1 L1, 2 L2. Arithmetic is float32 (float64 for float64
+5 sigmoid. NaN and Inf behave exactly as in torch, forward and backward (``relu(nan) =
+nan``; relu's backward is a select on the output like torch's ``threshold_backward``; see
+``_act_bwd`` and ``tests/test_gpu_nan.py``). ``P``: 0 no energy, 1 L1, 2 L2. Arithmetic is float32 (float64 for float64
 inputs); outputs are rounded to the input dtype and the energy is computed from the
 rounded ``y`` like the reference backend does.
 
@@ -50,9 +52,10 @@ INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_EW_M": 6
 # ----------------------------------------------------------------------------- device helpers
 @triton.jit
 def _act(z, ACT: tl.constexpr):
-    """act(z) for a float32/float64 block."""
+    """act(z) for a float32/float64 block; NaN propagates as in torch (relu(nan) = nan)."""
     if ACT == 1:
-        y = tl.where(z > 0, z, 0.0)
+        # not `z > 0 ? z : 0`, which maps NaN to 0 and hides a diverged model
+        y = tl.where(z < 0, 0.0, z)
     elif ACT == 2:
         y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
@@ -71,10 +74,8 @@ def _act(z, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(y, z, ACT: tl.constexpr):
-    """d act / d z from the output y (gelu and silu read z)."""
-    if ACT == 1:
-        d = tl.where(y > 0, 1.0, 0.0)
-    elif ACT == 2:
+    """d act / d z from the output y (gelu and silu read z); relu and identity: see _act_bwd."""
+    if ACT == 2:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
         d = cdf + z * pdf
@@ -83,11 +84,27 @@ def _act_grad(y, z, ACT: tl.constexpr):
         d = s * (1.0 + z * (1.0 - s))
     elif ACT == 4:
         d = 1.0 - y * y
-    elif ACT == 5:
-        d = y * (1.0 - y)
     else:
-        d = y * 0.0 + 1.0
+        d = y * (1.0 - y)
     return d
+
+
+@triton.jit
+def _act_bwd(g, y, z, ACT: tl.constexpr):
+    """gz from the gradient g of the output, with torch's NaN/Inf semantics.
+
+    relu is torch's threshold_backward, a select on the output: ``y <= 0 -> 0`` else ``g``
+    (a NaN output passes g through; a NaN g where y <= 0 gives 0). identity passes g
+    unchanged (``g * (y * 0 + 1)`` would be NaN where y is +-inf). The others multiply by
+    the derivative like torch's formulas (NaN at gelu/silu's +-inf, as in torch).
+    """
+    if ACT == 1:
+        gz = tl.where(y <= 0, 0.0, g)
+    elif ACT == 0:
+        gz = g
+    else:
+        gz = g * _act_grad(y, z, ACT)
+    return gz
 
 
 @triton.jit
@@ -225,13 +242,14 @@ def act_bwd_kernel(gy_ptr, ge_ptr, y_ptr, z_ptr, gz_ptr, gb_ptr, scale,
         if P == 2:
             g_out += 2.0 * c * y
         else:
+            # torch.sign(nan) == 0: the l1 term adds nothing at a NaN output (torch's abs backward)
             sgn = tl.where(y > 0, 1.0, tl.where(y < 0, -1.0, 0.0)).to(cdt)
             g_out += c * sgn
     if ACT == 2 or ACT == 3:
         z = tl.load(z_ptr + off, mask=mask, other=0.0).to(cdt)
     else:
         z = y
-    gz = g_out * _act_grad(y, z, ACT)
+    gz = _act_bwd(g_out, y, z, ACT)
     gz = tl.where(mask, gz, 0.0)
     gzo = gz.to(gz_ptr.dtype.element_ty)
     tl.store(gz_ptr + off, gzo, mask=mask)
