@@ -44,18 +44,24 @@ template <> struct Tr<__nv_bfloat16> {
   __device__ static __nv_bfloat16 store(C v) { return __float2bfloat16_rn(v); }
 };
 
-__device__ __forceinline__ float d_erf(float x) { return erff(x); }
-__device__ __forceinline__ double d_erf(double x) { return erf(x); }
-__device__ __forceinline__ float d_exp(float x) { return expf(x); }
-__device__ __forceinline__ double d_exp(double x) { return exp(x); }
-__device__ __forceinline__ float d_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double d_tanh(double x) { return tanh(x); }
+// The scalar math is __host__ __device__ so that a host-side harness can check it without a
+// GPU (tests/test_gpu_nan.py includes this file and runs it on the CPU).
+#define MA_HD __host__ __device__ __forceinline__
 
-template <typename C> __device__ __forceinline__ C sigm(C z) { return C(1) / (C(1) + d_exp(-z)); }
+MA_HD float d_erf(float x) { return erff(x); }
+MA_HD double d_erf(double x) { return erf(x); }
+MA_HD float d_exp(float x) { return expf(x); }
+MA_HD double d_exp(double x) { return exp(x); }
+MA_HD float d_tanh(float x) { return tanhf(x); }
+MA_HD double d_tanh(double x) { return tanh(x); }
 
-template <typename C> __device__ __forceinline__ C act_fn(C z, int act) {
+template <typename C> MA_HD C sigm(C z) { return C(1) / (C(1) + d_exp(-z)); }
+
+// NaN and Inf follow torch exactly: relu(nan) = nan (not `z > 0 ? z : 0`, which maps NaN to
+// 0 and hides a diverged model), gelu(-inf) = silu(-inf) = nan, tanh(+-inf) = +-1.
+template <typename C> MA_HD C act_fn(C z, int act) {
   switch (act) {
-    case 1: return z > C(0) ? z : C(0);
+    case 1: return z < C(0) ? C(0) : z;
     case 2: return C(0.5) * z * (C(1) + d_erf(z * C(0.70710678118654752440)));
     case 3: return z * sigm(z);
     case 4: return d_tanh(z);
@@ -64,9 +70,9 @@ template <typename C> __device__ __forceinline__ C act_fn(C z, int act) {
   }
 }
 
-template <typename C> __device__ __forceinline__ C act_grad(C y, C z, int act) {
+// d act / d z for gelu, silu, tanh, sigmoid (relu and identity: see act_bwd_value)
+template <typename C> MA_HD C act_grad(C y, C z, int act) {
   switch (act) {
-    case 1: return y > C(0) ? C(1) : C(0);
     case 2: {
       C cdf = C(0.5) * (C(1) + d_erf(z * C(0.70710678118654752440)));
       C pdf = d_exp(C(-0.5) * z * z) * C(0.39894228040143267794);
@@ -77,9 +83,24 @@ template <typename C> __device__ __forceinline__ C act_grad(C y, C z, int act) {
       return s * (C(1) + z * (C(1) - s));
     }
     case 4: return C(1) - y * y;
-    case 5: return y * (C(1) - y);
-    default: return C(1);
+    default: return y * (C(1) - y);
   }
+}
+
+// gz from the output gradient g. relu is torch's threshold_backward, a select on the output
+// (y <= 0 -> 0, else g: a NaN output passes g through, a NaN g where y <= 0 gives 0);
+// identity passes g unchanged; the others multiply by the derivative as torch's formulas do.
+template <typename C> MA_HD C act_bwd_value(C g, C y, C z, int act) {
+  if (act == 1) return y <= C(0) ? C(0) : g;
+  if (act == 0) return g;
+  return g * act_grad<C>(y, z, act);
+}
+
+// c * d|y|^p / dy with c = ge[g] * scale; sign(nan) = 0 as torch's abs backward has it
+template <typename C> MA_HD C energy_grad(C y, C c, int p) {
+  if (p == 2) return C(2) * c * y;
+  if (p == 1) return c * (y > C(0) ? C(1) : (y < C(0) ? C(-1) : C(0)));
+  return C(0);
 }
 
 // block-wide sum; every thread gets the result in thread 0 only
@@ -154,10 +175,9 @@ __global__ void act_bwd_kernel(const T* __restrict__ gy, const typename Tr<T>::E
       const int64_t off = (g * M + m) * N + n;
       const C yv = Tr<T>::load(y + off);
       C go = Tr<T>::load(gy + off);
-      if (p == 2) go += C(2) * c * yv;
-      else if (p == 1) go += c * (yv > C(0) ? C(1) : (yv < C(0) ? C(-1) : C(0)));
+      if (p != 0) go += energy_grad<C>(yv, c, p);
       const C zv = need_z ? Tr<T>::load(z + off) : yv;
-      const T out = Tr<T>::store(go * act_grad<C>(yv, zv, act));
+      const T out = Tr<T>::store(act_bwd_value<C>(go, yv, zv, act));
       gz[off] = out;
       col += (E)Tr<T>::load(&out);
     }
