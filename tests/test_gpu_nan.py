@@ -11,9 +11,9 @@ torch's semantics, the oracle here (measured on torch 2.13, the same on CPU and 
   (``y * 0 + 1`` would turn an Inf output's gradient into NaN). gelu/silu have NaN
   derivatives at ``+-inf`` (``inf * 0``).
 
-The ``triton`` backend (CPU tensors under ``TRITON_INTERPRET=1``, or a GPU) is compared
-with the ``reference`` backend (plain torch autograd) through the public operators: NaN
-positions must be equal and finite values close. The CUDA kernels' element math is
+The ``triton`` backend (CPU tensors under ``TRITON_INTERPRET=1``, or a GPU) and, on a GPU,
+the ``cuda`` backend are compared with the ``reference`` backend (plain torch autograd)
+through the public operators: NaN positions must be equal and finite values close. The CUDA kernels' element math is
 checked on the host: a small harness that includes ``csrc/energy_cuda.cu`` (whose scalar
 functions are ``__host__ __device__``) is compiled with nvcc and run on the CPU.
 """
@@ -37,8 +37,19 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEV.type == "cuda"
-_OK, _WHY = mb.available("triton", DEV)
-triton_only = pytest.mark.skipif(not _OK, reason=f"triton backend unavailable on {DEV.type}: {_WHY}")
+
+
+def _backend_params():
+    """triton (the interpreter on CPU, compiled on a GPU) and cuda (GPU only), skipped with the reason."""
+    out = []
+    for name in ("triton", "cuda"):
+        ok, why = mb.available(name, DEV)
+        skip = pytest.mark.skipif(not ok, reason=f"{name} unavailable on {DEV.type}: {why}")
+        out.append(pytest.param(name, marks=skip))
+    return out
+
+
+BACKENDS = _backend_params()
 # float64 under the interpreter (tight comparisons); float32 on a GPU (the triton backend hands
 # float64 to the plain-PyTorch specification there)
 DTYPE = torch.float32 if GPU else torch.float64
@@ -74,31 +85,31 @@ def _special_z(G=2, B=3):
     return z
 
 
-@triton_only
+@pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("energy", ENERGIES, ids=str)
 @pytest.mark.parametrize("act", ACTIVATIONS)
-def test_activation_energy_special_values(act, energy):
+def test_activation_energy_special_values(be, act, energy):
     z0 = _special_z().to(DEV, DTYPE)
     g = torch.Generator().manual_seed(1)
     gy = torch.randn(z0.shape, generator=g, dtype=torch.float64).to(DEV, DTYPE)
     ge = torch.tensor([0.7, -1.3], dtype=DTYPE, device=DEV)
     res = {}
-    for be in ("reference", "triton"):
+    for name in ("reference", be):
         z = z0.clone().requires_grad_()
-        y, e = minaction.ops.activation_energy(z, act, energy, "sum", groups=2, backend=be)
+        y, e = minaction.ops.activation_energy(z, act, energy, "sum", groups=2, backend=name)
         _backward((y, e), (gy, ge))
-        res[be] = (y, e, z.grad)
-    for name, a, r in zip(("y", "energy", "grad z"), res["triton"], res["reference"]):
+        res[name] = (y, e, z.grad)
+    for name, a, r in zip(("y", "energy", "grad z"), res[be], res["reference"]):
         _same(a, r, f"{act}/{energy} {name}")
     if act == "relu":  # the bug this file guards against: NaN must not become 0
-        assert res["triton"][0][0, 0, 0, 0].isnan()
+        assert res[be][0][0, 0, 0, 0].isnan()
         if energy is not None:
-            assert res["triton"][1].isnan().all()
+            assert res[be][1].isnan().all()
 
 
-@triton_only
+@pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("act", ACTIVATIONS)
-def test_activation_energy_nonfinite_upstream_gradient(act):
+def test_activation_energy_nonfinite_upstream_gradient(be, act):
     """A NaN/Inf incoming gradient: relu zeroes it where y <= 0 (a select), others multiply."""
     z0 = _special_z().to(DEV, DTYPE)
     gy = torch.ones_like(z0)
@@ -106,12 +117,12 @@ def test_activation_energy_nonfinite_upstream_gradient(act):
     gy[1, 0, 1, :] = NAN
     ge = torch.tensor([NAN, 2.0], dtype=DTYPE, device=DEV)  # a NaN energy weight for model 0
     res = {}
-    for be in ("reference", "triton"):
+    for name in ("reference", be):
         z = z0.clone().requires_grad_()
-        y, e = minaction.ops.activation_energy(z, act, "l2", "mean", groups=2, backend=be)
+        y, e = minaction.ops.activation_energy(z, act, "l2", "mean", groups=2, backend=name)
         _backward((y, e), (gy, ge))
-        res[be] = z.grad
-    _same(res["triton"], res["reference"], f"{act} grad z")
+        res[name] = z.grad
+    _same(res[be], res["reference"], f"{act} grad z")
 
 
 # ----------------------------------------------------------------------------- energy_linear (matmul epilogue)
@@ -139,26 +150,26 @@ def _linear_inputs(case):
     return [t[k].to(DEV, DTYPE) for k in ("x", "w", "b")] + [gy.to(DEV, DTYPE)]
 
 
-@triton_only
+@pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("energy", ENERGIES, ids=str)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_energy_linear_nonfinite_inputs(case, act, energy):
+def test_energy_linear_nonfinite_inputs(be, case, act, energy):
     x0, w0, b0, gy = _linear_inputs(case)
     ge = torch.tensor(0.9, dtype=DTYPE, device=DEV)
     res = {}
-    for be in ("reference", "triton"):
+    for name in ("reference", be):
         x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
-        y, e = minaction.ops.energy_linear(x, w, b, activation=act, energy=energy, backend=be)
+        y, e = minaction.ops.energy_linear(x, w, b, activation=act, energy=energy, backend=name)
         _backward((y, e), (gy, ge))
-        res[be] = (y, e, x.grad, w.grad, b.grad)
-    for name, a, r in zip(("y", "energy", "grad x", "grad w", "grad b"), res["triton"], res["reference"]):
+        res[name] = (y, e, x.grad, w.grad, b.grad)
+    for name, a, r in zip(("y", "energy", "grad x", "grad w", "grad b"), res[be], res["reference"]):
         _same(a, r, f"{case} {act}/{energy} {name}")
 
 
-@triton_only
+@pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("act", ["relu", "identity", "gelu"])
-def test_energy_linear_batched_nan_stays_in_its_model(act):
+def test_energy_linear_batched_nan_stays_in_its_model(be, act):
     """G = 2 models, NaN in model 1's weight: model 0's outputs, energy and gradients stay finite."""
     g = torch.Generator().manual_seed(5)
     x0 = torch.randn(4, 5, generator=g, dtype=torch.float64).to(DEV, DTYPE)
@@ -168,25 +179,25 @@ def test_energy_linear_batched_nan_stays_in_its_model(act):
     gy = torch.ones(2, 4, 3, dtype=DTYPE, device=DEV)
     ge = torch.ones(2, dtype=DTYPE, device=DEV)
     res = {}
-    for be in ("reference", "triton"):
+    for name in ("reference", be):
         w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
-        y, e = minaction.ops.energy_linear(x0, w, b, activation=act, energy="l2", backend=be)
+        y, e = minaction.ops.energy_linear(x0, w, b, activation=act, energy="l2", backend=name)
         _backward((y, e), (gy, ge))
-        res[be] = (y, e, w.grad, b.grad)
-    for name, a, r in zip(("y", "energy", "grad w", "grad b"), res["triton"], res["reference"]):
+        res[name] = (y, e, w.grad, b.grad)
+    for name, a, r in zip(("y", "energy", "grad w", "grad b"), res[be], res["reference"]):
         _same(a, r, f"{act} {name}")
-    y, e, gw, gb = res["triton"]
+    y, e, gw, gb = res[be]
     assert torch.isfinite(y[0]).all() and torch.isfinite(e[0]) and torch.isfinite(gw[0]).all()
     assert e[1].isnan()
 
 
-@triton_only
-def test_layer_nan_input_reaches_the_loss():
-    """The issue's repro on the triton backend: a NaN input must give a NaN output and energy."""
+@pytest.mark.parametrize("be", BACKENDS)
+def test_layer_nan_input_reaches_the_loss(be):
+    """The issue's repro on the GPU backends: a NaN input must give a NaN output and energy."""
     from minaction.nn import EnergyLinear
 
     torch.manual_seed(0)
-    layer = EnergyLinear(8, 4, backend="triton", dtype=DTYPE).to(DEV)
+    layer = EnergyLinear(8, 4, backend=be, dtype=DTYPE).to(DEV)
     x = torch.randn(3, 8, dtype=DTYPE, device=DEV)
     x[0, 0] = NAN
     y = layer(x)
@@ -194,7 +205,7 @@ def test_layer_nan_input_reaches_the_loss():
     assert layer.last_energy.isnan()
 
 
-# ----------------------------------------------------------------------------- the CUDA kernels' element math, on the host
+# ----------------------------------------------------------------------------- CUDA element math, on the host
 CSRC = Path(source_dir())
 
 _HARNESS = r"""
