@@ -13,6 +13,15 @@ Prints one markdown table. Rows:
   10 models; the ``x loop`` column is the loop's time divided by the batched time
   (the target is >= 5x).
 
+* ``cnn epilogue``: the batched CNN's conv blocks (issue 13): G = 10 members' 3x3 convs as
+  one ``F.conv2d(groups=G)`` (output ``[B, G*C, H, W]``), then the activation + per-member
+  energy: ``plain`` (ReLU, no energy), ``naive`` (ReLU + ``[G]`` energies in PyTorch ops)
+  and each backend's ``activation_energy(groups=G)`` on the ``[G, B, C, H, W]`` view of
+  the conv output (the op makes it contiguous: that copy is counted). ``forward ms`` is
+  conv + epilogue without grad, ``full step`` adds the backward for w and b; ``x loop`` is a
+  loop over the G members (one conv + epilogue each, as ``LoopEnsemble`` runs them) over
+  the batched time. Sizes: the MNIST cnn's first two blocks (16 x 28 x 28, 32 x 14 x 14).
+
 Ratios in ``vs plain`` divide by the plain variant of the same size (target for the
 fused full step at 4096 bf16: <= 1.05). Times are medians of CUDA-event timings.
 """
@@ -183,6 +192,64 @@ def mlp_rows(dtype, batch=128, G=10):
     return single, batched, loop
 
 
+# ----------------------------------------------------------------------------- batched CNN conv epilogue
+CONV_CASES = ((1, 16, 28), (16, 32, 14))  # (in channels, out channels, H = W): the MNIST cnn's conv blocks
+
+
+def _conv_forward(mode, x, w, b, G, C):
+    """Grouped 3x3 conv of G members + activation/energy; returns (y, e or None)."""
+    z = F.conv2d(x, w, b, padding=1, groups=G)  # [B, G*C, H, W]
+    B, _, H, W = z.shape
+    if mode == "plain":
+        return torch.relu(z), None
+    if mode == "naive":
+        y = torch.relu(z)
+        return y, y.view(B, G, -1).float().square().sum(-1).mean(0)
+    zg = z.view(B, G, C, H, W).transpose(0, 1)  # [G, B, C, H, W] view of the grouped output
+    return minaction.ops.activation_energy(zg, "relu", "l2", groups=G, backend=mode)
+
+
+def conv_epilogue_rows(dtype, batch=128, G=10):
+    """{case: {variant: (forward ms, full step ms, loop step ms)}} for CONV_CASES."""
+    out = {}
+    modes = ["plain", "naive"] + backends()
+    for cin, C, hw in CONV_CASES:
+        g = torch.Generator(device=DEV).manual_seed(cin + C)
+        x = torch.randn(batch, G * cin, hw, hw, device=DEV, dtype=dtype, generator=g)
+        w = (torch.randn(G * C, cin, 3, 3, device=DEV, dtype=dtype, generator=g) / (9 * cin) ** 0.5).requires_grad_()
+        b = torch.zeros(G * C, device=DEV, dtype=dtype).requires_grad_()
+        gy = torch.randn(batch, G * C, hw, hw, device=DEV, dtype=dtype, generator=g)
+        ge = torch.full((G,), LAM, device=DEV)
+        # the loop: G members' own tensors (contiguous), as LoopEnsemble holds them
+        xs = [x[:, i * cin:(i + 1) * cin].contiguous() for i in range(G)]
+        ws = [w.detach()[i * C:(i + 1) * C].clone().requires_grad_() for i in range(G)]
+        bs = [b.detach()[i * C:(i + 1) * C].clone().requires_grad_() for i in range(G)]
+        gys = [gy[:, i * C:(i + 1) * C].contiguous() for i in range(G)]
+        rows = {}
+        for mode in modes:
+            def step(mode=mode):
+                y, e = _conv_forward(mode, x, w, b, G, C)
+                gyv = gy if y.shape == gy.shape else gy.view(y.shape[1], G, C, hw, hw).transpose(0, 1)
+                torch.autograd.backward([y] + ([e] if e is not None else []), [gyv] + ([ge] if e is not None else []))
+
+            def fwd(mode=mode):
+                with torch.no_grad():
+                    _conv_forward(mode, x, w, b, G, C)
+
+            def loop_step(mode=mode):
+                for i in range(G):
+                    y, e = _conv_forward(mode, xs[i], ws[i], bs[i], 1, C)
+                    if e is None:
+                        torch.autograd.backward([y], [gys[i]])
+                    else:
+                        torch.autograd.backward([y, e], [gys[i].view(y.shape), ge[:1].view(e.shape)])
+
+            rows[mode] = (bench(fwd), bench(step), bench(loop_step))
+            w.grad = b.grad = None
+        out[f"cnn epilogue G={G} b{batch} {cin}->{C}x{hw}x{hw}"] = rows
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=4096, help="M = K = N of the big layer")
@@ -220,6 +287,17 @@ def main(argv=None):
                      f"{s / batched['plain']:.3f} | {loop[name] / s:.2f} |")
     for name, s in loop.items():
         lines.append(f"| loop of 10 models | {name} | | {s:.3f} | {s / loop['plain']:.3f} | |")
+    t1 = time.time()
+    try:
+        conv = conv_epilogue_rows(mdtype, batch=128 if DEV == "cuda" else 4)
+    except Exception as exc:  # report, never abort the table
+        conv = {}
+        print(f"# cnn epilogue rows failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    for case, rows in conv.items():
+        base = rows["plain"][1]
+        for name, (f, s, lp) in rows.items():
+            lines.append(f"| {case} {args.mlp_dtype} | {name} | {f:.3f} | {s:.3f} | {s / base:.3f} | {lp / s:.2f} |")
+    print(f"# cnn epilogue rows done in {time.time() - t1:.0f}s", file=sys.stderr)
     best_fused = min((batched[m] for m in batched if m not in ("plain", "naive")), default=float("nan"))
     lines.append("")
     lines.append(f"batched fused (best backend) vs loop of 10 naive-energy models: {loop['naive'] / best_fused:.2f}x "

@@ -4,14 +4,18 @@
 #
 #   bash bench/gpu_check.sh            # PYTHON=... to pick the interpreter, OUT=dir for results
 #
-# Steps (each bounded by `timeout`, whole script well under 8 minutes on an H100/H200):
+# Steps (each bounded by `timeout`, 12 minutes at most in all; expected well under 8 on an H100/H200):
 #   1. environment report (GPU, torch/triton/nvcc versions)
 #   2. build the CUDA extension (torch.utils.cpp_extension, cached in TORCH_EXTENSIONS_DIR)
 #   3. the GPU tests: tests/test_triton.py + tests/test_cuda.py (bfloat16 included), with a
 #      size heuristic instead of Triton autotuning so that compiles stay few
+#   3b. NaN/Inf propagation on the GPU (tests/test_gpu_nan.py: triton and cuda against
+#      torch autograd, forward and backward)
 #   4. the benchmark table (bench/gpu_bench.py, autotuned): fused vs plain F.linear+ReLU vs
-#      naive energy vs torch.compile at 4096x4096 bf16 and at the study's MLP sizes, and the
-#      batched G=10 form vs a loop of 10 models. Written to $OUT/gpu_table.md.
+#      naive energy vs torch.compile at 4096x4096 bf16 and at the study's MLP sizes, the
+#      batched G=10 form vs a loop of 10 models, and the batched CNN's conv epilogue
+#      (grouped conv + activation_energy(groups=10) vs a loop of 10 members). Written to
+#      $OUT/gpu_table.md.
 # Exit status: non-zero if the build or the tests failed (the table is still attempted).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,8 +88,13 @@ MINACTION_TRITON_AUTOTUNE=0 timeout 180 "$PYTHON" -m pytest -q -x -p no:cachepro
   tests/test_triton.py tests/test_cuda.py --durations=5 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+stamp "NaN/Inf tests"
+MINACTION_TRITON_AUTOTUNE=0 timeout 150 "$PYTHON" -m pytest -q -x -p no:cacheprovider \
+  tests/test_gpu_nan.py --durations=3 2>&1 | tail -12
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 stamp "benchmark"
-timeout 210 "$PYTHON" bench/gpu_bench.py --out "$OUT/gpu_table.md" 2>&1 | tail -40
+timeout 240 "$PYTHON" bench/gpu_bench.py --out "$OUT/gpu_table.md" 2>&1 | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stamp "done (status $status); table in $OUT/gpu_table.md"
