@@ -221,6 +221,67 @@ def test_divergence_freezes_one_member(tmp_path):
     assert_same(a, {k: b[k] for k in a})
 
 
+def test_adam_overflow_is_diverged_not_done(tmp_path):
+    """lam = 1e30 keeps the objective finite but overflows Adam's second moment to inf, so the
+    member's updates are exactly 0: it must be recorded ``diverged``, alone or inside a group,
+    and the other member of its group trains on unaffected."""
+    spec = synth(lams=[0.0, 1e30], seeds=[0], group_by="seed+lam")
+    db = tmp_path / "o.sqlite"
+    s = run_study(spec, db, workers=1, progress=False)
+    assert s["diverged"] == 1 and s["done"] == 1, s
+    con = sqlite3.connect(db)
+    assert dict(con.execute("SELECT lam, status FROM runs").fetchall()) == {0.0: "done", 1e30: "diverged"}
+    err, acc = con.execute("SELECT error, test_acc FROM runs WHERE status = 'diverged'").fetchone()
+    assert "optimizer state" in err and acc is None
+    alone = tmp_path / "alone.sqlite"
+    s = run_study(synth(lams=[0.0, 1e30], seeds=[0], group_by="none"), alone, workers=1, progress=False)
+    assert s["diverged"] == 1 and s["done"] == 1, s
+    a, b = results(alone), results(db)
+    assert_same({k: v for k, v in a.items() if v[0] == "done"}, {k: v for k, v in b.items() if v[0] == "done"})
+
+
+def test_finite_members_per_member():
+    """The per-member check, for both model layouts: batched tensors (leading dim G) and a loop
+    ensemble (``model.members``); a shared tensor counts against every member."""
+    import torch
+    from torch import nn
+
+    from minaction.study.trainer import finite_members
+
+    class Batched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, 4, 2))
+            self.shared = nn.Parameter(torch.zeros(5))
+
+    m = Batched()
+    opt = torch.optim.Adam(m.parameters())
+    m.w.grad, m.shared.grad = torch.ones_like(m.w), torch.ones_like(m.shared)
+    opt.step()
+    assert finite_members(m, opt, 3).tolist() == [True, True, True]
+    opt.state[m.w]["exp_avg_sq"][1, 2, 0] = float("inf")
+    assert finite_members(m, opt, 3).tolist() == [True, False, True]
+    with torch.no_grad():
+        m.w[2, 0, 0] = float("nan")
+    assert finite_members(m, opt, 3).tolist() == [True, False, False]
+    with torch.no_grad():
+        m.shared[0] = float("inf")
+    assert finite_members(m, opt, 3).tolist() == [False, False, False]
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])  # weight [2, 2]: not per member
+
+    m = Loop()
+    opt = torch.optim.Adam(m.parameters())
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[m.members[1].weight]["exp_avg_sq"][0, 0] = float("inf")
+    assert finite_members(m, opt, 2).tolist() == [True, False]
+
+
 def test_dask_matches_local(reference_db, tmp_path):
     pytest.importorskip("dask.distributed")
     db = tmp_path / "dask.sqlite"
