@@ -500,3 +500,19 @@ def test_progress_says_what_happens_before_the_first_group(tmp_path, capsys):
     assert start, err
     assert all("<" not in f and "run/s" not in f and "s/run" not in f for f in start)  # no rate, no ETA
     assert any(f.startswith("training") and "3/3" in f for f in frames), err
+
+
+def test_out_pointing_at_a_file(tmp_path, capsys):
+    """`--out` naming a file: one line, rc 2, and for `replicate` before any training."""
+    pytest.importorskip("minaction.report")
+    out = tmp_path / "report.txt"
+    out.write_text("keep me")
+    db = tmp_path / "never.sqlite"
+    rc = main(["replicate", "--preset", str(_preset(tmp_path)), "--db", str(db), "--out", str(out), "--no-progress",
+               "--retry-failed"])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, str(out), "is a file")
+    assert not db.exists() and out.read_text() == "keep me"
+    rc = main(["report", "--db", str(db), "--out", str(out / "sub")])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, str(out), "is a file")
