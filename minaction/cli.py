@@ -16,9 +16,19 @@ _SUBMODULES = ("minaction.data.cli", "minaction.study.cli", "minaction.report.cl
 
 
 def _info(args) -> int:
+    import os
+
     import minaction
 
-    print(json.dumps(minaction.backend_info(), indent=2))
+    try:
+        info = minaction.backend_info()
+    except ValueError as exc:  # an unknown MINACTION_BACKEND
+        env = os.environ.get("MINACTION_BACKEND")
+        where = f"MINACTION_BACKEND={env!r}: " if env else ""
+        print(f"minaction info: error: {where}{exc} (or unset MINACTION_BACKEND for the automatic choice)",
+              file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
     return 0
 
 

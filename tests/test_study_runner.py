@@ -37,6 +37,25 @@ def toml_text(spec):
     return "\n".join(lines) + "\n"
 
 
+HANG_GUARD = 900  # seconds: only a guard against a hang, never a speed requirement
+
+
+def _grandchildren(pid):
+    """Processes whose parent is a child of ``pid`` (the pool workers under the forkserver), via /proc."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc")
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    kids = {p for p, pp in parent.items() if pp == pid}
+    return [p for p, pp in parent.items() if pp in kids]
+
+
 def results(db):
     con = sqlite3.connect(db)
     try:
@@ -94,7 +113,10 @@ def test_limit_then_resume_in_process(reference_db, tmp_path):
     db = tmp_path / "part.sqlite"
     s = run_study(synth(), db, workers=1, progress=False, limit=2)
     assert s["recorded"] == 2 and s["remaining"] == 4
-    assert study_status(db, synth())["pending"] == 4
+    st = study_status(db, synth())
+    assert (st["planned"], st["done"], st["pending"]) == (6, 2, 4)
+    st = study_status(db)  # the preset's plan is kept in the store: pending is known without --preset
+    assert (st["planned"], st["done"], st["pending"]) == (6, 2, 4)
     run_study(synth(), db, workers=1, progress=False)
     assert_same(results(reference_db), results(db))
 
@@ -109,9 +131,12 @@ def test_sigkill_resume(reference_db, tmp_path):
             "run_study(sys.argv[1], sys.argv[2], workers=1, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True)
     try:
-        deadline = time.time() + 120
+        # wait for an event (3 runs in the store), not a deadline: the guard only catches a hang
+        # (a first start may build the C++ kernels, and a loaded machine may be slow)
+        guard = time.monotonic() + HANG_GUARD
         n = 0
-        while time.time() < deadline and proc.poll() is None:
+        while proc.poll() is None:
+            assert time.monotonic() < guard, f"hang guard: fewer than 3 runs recorded in {HANG_GUARD} s"
             time.sleep(0.05)
             if db.exists():
                 try:
@@ -162,10 +187,15 @@ def test_ctrl_c_stops_promptly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True,
                             stderr=subprocess.PIPE)
     try:
-        time.sleep(4)  # the workers have started training (each run takes far longer than this)
-        assert proc.poll() is None
+        # wait until both pool workers exist (they are training: each run takes far longer than
+        # the test), an event rather than a fixed sleep; the guard only catches a hang
+        guard = time.monotonic() + HANG_GUARD
+        while len(_grandchildren(proc.pid)) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < guard, f"hang guard: the workers did not start in {HANG_GUARD} s"
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGINT)
-        proc.wait(30)
+        proc.wait(HANG_GUARD)
         assert b"KeyboardInterrupt" in proc.stderr.read()
     finally:
         try:
@@ -221,6 +251,67 @@ def test_divergence_freezes_one_member(tmp_path):
     assert_same(a, {k: b[k] for k in a})
 
 
+def test_adam_overflow_is_diverged_not_done(tmp_path):
+    """lam = 1e30 keeps the objective finite but overflows Adam's second moment to inf, so the
+    member's updates are exactly 0: it must be recorded ``diverged``, alone or inside a group,
+    and the other member of its group trains on unaffected."""
+    spec = synth(lams=[0.0, 1e30], seeds=[0], group_by="seed+lam")
+    db = tmp_path / "o.sqlite"
+    s = run_study(spec, db, workers=1, progress=False)
+    assert s["diverged"] == 1 and s["done"] == 1, s
+    con = sqlite3.connect(db)
+    assert dict(con.execute("SELECT lam, status FROM runs").fetchall()) == {0.0: "done", 1e30: "diverged"}
+    err, acc = con.execute("SELECT error, test_acc FROM runs WHERE status = 'diverged'").fetchone()
+    assert "optimizer state" in err and acc is None
+    alone = tmp_path / "alone.sqlite"
+    s = run_study(synth(lams=[0.0, 1e30], seeds=[0], group_by="none"), alone, workers=1, progress=False)
+    assert s["diverged"] == 1 and s["done"] == 1, s
+    a, b = results(alone), results(db)
+    assert_same({k: v for k, v in a.items() if v[0] == "done"}, {k: v for k, v in b.items() if v[0] == "done"})
+
+
+def test_finite_members_per_member():
+    """The per-member check, for both model layouts: batched tensors (leading dim G) and a loop
+    ensemble (``model.members``); a shared tensor counts against every member."""
+    import torch
+    from torch import nn
+
+    from minaction.study.trainer import finite_members
+
+    class Batched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3, 4, 2))
+            self.shared = nn.Parameter(torch.zeros(5))
+
+    m = Batched()
+    opt = torch.optim.Adam(m.parameters())
+    m.w.grad, m.shared.grad = torch.ones_like(m.w), torch.ones_like(m.shared)
+    opt.step()
+    assert finite_members(m, opt, 3).tolist() == [True, True, True]
+    opt.state[m.w]["exp_avg_sq"][1, 2, 0] = float("inf")
+    assert finite_members(m, opt, 3).tolist() == [True, False, True]
+    with torch.no_grad():
+        m.w[2, 0, 0] = float("nan")
+    assert finite_members(m, opt, 3).tolist() == [True, False, False]
+    with torch.no_grad():
+        m.shared[0] = float("inf")
+    assert finite_members(m, opt, 3).tolist() == [False, False, False]
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])  # weight [2, 2]: not per member
+
+    m = Loop()
+    opt = torch.optim.Adam(m.parameters())
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[m.members[1].weight]["exp_avg_sq"][0, 0] = float("inf")
+    assert finite_members(m, opt, 2).tolist() == [True, False]
+
+
 def test_dask_matches_local(reference_db, tmp_path):
     pytest.importorskip("dask.distributed")
     db = tmp_path / "dask.sqlite"
@@ -256,7 +347,14 @@ def test_cli(reference_db, tmp_path, capsys):
     args = parser.parse_args(["study", "status", "--db", str(reference_db), "--preset", str(preset)])
     assert args.func(args) == 0
     st = json.loads(capsys.readouterr().out)
-    assert st["total"] == 6 and st["pending"] == 0 and st["counts"] == {"done": 6}
+    assert {k: st[k] for k in ("planned", "done", "failed", "diverged", "pending")} == {
+        "planned": 6, "done": 6, "failed": 0, "diverged": 0, "pending": 0}
+    assert st["running"] is None
+    # without --preset: planned over every preset run into the store (kept in its meta table)
+    args = parser.parse_args(["study", "status", "--db", str(reference_db)])
+    assert args.func(args) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert (st["planned"], st["done"], st["pending"]) == (6, 6, 0) and st["presets"]["synth"]["planned"] == 6
     args = parser.parse_args(["study", "run", "--preset", "no-such", "--db", str(tmp_path / "x.sqlite")])
     assert args.func(args) == 2
     assert "unknown preset" in capsys.readouterr().err

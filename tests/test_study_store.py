@@ -1,5 +1,6 @@
 """The study store: schema, one transaction per run, replacement, NULL for non-finite values."""
 import math
+import os
 import sqlite3
 
 import pytest
@@ -65,3 +66,68 @@ def test_meta(tmp_path):
     store.set_meta(con, "k", "w")
     assert store.get_meta(con, "k") == "w" and store.get_meta(con, "x", "d") == "d"
     assert isinstance(con, sqlite3.Connection)
+
+
+def test_uri_characters_in_names(tmp_path):
+    """'#', '?', '%41' and spaces reach the named file, for the writer and the read-only reader."""
+    names = ("res#1.sqlite", "a%41b.sqlite", "q?x.sqlite", "s p.sqlite")
+    for name in names:
+        con = store.connect(tmp_path / name)
+        store.record_run(con, {"run_id": name, "status": "done"})
+        con.close()
+        ro = store.connect(tmp_path / name, readonly=True)
+        assert store.finished_ids(ro) == {name}
+        ro.close()
+    assert {p.name for p in tmp_path.iterdir() if not p.name.startswith(names)} == set()  # no 'res', 'aAb.sqlite'
+
+
+def test_full_disk_error_is_not_hidden_by_rollback(tmp_path):
+    """A commit that fails with SQLITE_FULL (simulated with ``PRAGMA max_page_count``: SQLite
+    itself returns "database or disk is full") is reported as such, not as "cannot rollback -
+    no transaction is active"; the runs before it are intact and the connection stays usable."""
+    con = store.connect(tmp_path / "r.sqlite")
+    store.record_run(con, {"run_id": "a", "status": "done"}, [{"epoch": 1}])
+    n = con.execute("PRAGMA page_count").fetchone()[0]
+    con.execute(f"PRAGMA max_page_count = {n}")
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        store.record_run(con, {"run_id": "b", "status": "done", "error": "x" * 20000},
+                         [{"epoch": e} for e in range(1, 300)])
+    assert store.status_counts(con) == {"done": 1} and store.integrity_ok(con)
+    assert con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 1
+    store.record_run(con, {"run_id": "c", "status": "done"})
+    assert store.status_counts(con) == {"done": 2}
+
+
+def test_not_a_store_is_refused_untouched(tmp_path):
+    bad = tmp_path / "notes.sqlite"
+    text = b"these are my notes, not a database\n" * 10
+    bad.write_bytes(text)
+    for ro in (False, True):
+        with pytest.raises(store.StoreError, match="not an SQLite database"):
+            store.connect(bad, readonly=ro)
+    assert bad.read_bytes() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite"]
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")  # an empty file is a new database
+    store.connect(empty).close()
+    other = tmp_path / "other.sqlite"
+    c = sqlite3.connect(other)
+    c.execute("CREATE TABLE t (x)")
+    c.commit()
+    c.close()
+    with pytest.raises(store.StoreError, match="not a study store"):
+        store.connect(other)
+
+
+def test_writer_lock(tmp_path):
+    db = tmp_path / "r.sqlite"
+    assert store.writer(db) is None
+    f = store.acquire_writer_lock(db)
+    try:
+        assert f"pid {os.getpid()}" in store.writer(db)
+        with pytest.raises(store.StoreBusyError, match=f"pid {os.getpid()}"):
+            store.acquire_writer_lock(db)  # another open file description: refused even in-process
+    finally:
+        store.release_writer_lock(f)
+    assert store.writer(db) is None
+    store.release_writer_lock(store.acquire_writer_lock(db))

@@ -27,13 +27,31 @@ def _options(args):
                          target_frac=args.target_frac, efficiency_metric=args.efficiency_metric)
 
 
+def _out_error(out):
+    """Why ``--out`` cannot be the report folder (it is a file), or None."""
+    from pathlib import Path
+
+    p = Path(out)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            return f"--out {str(out)!r}: {str(q)!r} is a file, not a folder; give a folder for the report"
+    return None
+
+
 def _build(db, out, args) -> int:
     from .build import build_report
 
+    err = _out_error(out)
+    if err:
+        print(f"minaction report: error: {err}", file=sys.stderr)
+        return 2
     try:
         res = build_report(db, out, _options(args))
     except (FileNotFoundError, ValueError) as exc:
         print(f"minaction report: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the output folder cannot be created or written
+        print(f"minaction report: error: cannot write the report to {str(out)!r}: {exc}", file=sys.stderr)
         return 2
     print(f"report written: {res['report_md']} and {res['report_html']}")
     for k, v in sorted(res["verdicts"].items()):
@@ -52,9 +70,13 @@ def _replicate(args) -> int:
         print(f"minaction replicate: error: the study runner (minaction.study) is not available: {exc}",
               file=sys.stderr)
         return 2
+    err = _out_error(args.out)  # before training, not after
+    if err:
+        print(f"minaction replicate: error: {err}", file=sys.stderr)
+        return 2
     try:
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, retry_failed=args.retry_failed)
     except (FileNotFoundError, ValueError) as exc:
         print(f"minaction replicate: error: {exc}", file=sys.stderr)
         return 2
@@ -80,6 +102,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="report", help="report directory (default report/)")
     p.add_argument("--executor", default="local", help="study executor (default local)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: the study's choice)")
+    p.add_argument("--retry-failed", action="store_true", help="train again the runs recorded as failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_report_options(p)
     p.set_defaults(func=_replicate)

@@ -32,6 +32,28 @@ class Store:
         return self.runs_all[self.runs_all["status"] == "done"].reset_index(drop=True)
 
 
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """``mode=ro``; in a folder this process cannot write (SQLite cannot create the WAL index
+    ``-shm`` there) ``immutable=1``, unless a ``-wal`` file holds changes that would be missed."""
+    base = path.resolve().as_uri()  # as_uri: quotes ?, #, %
+    con = None
+    try:
+        con = sqlite3.connect(f"{base}?mode=ro", uri=True)
+        con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return con
+    except sqlite3.OperationalError as exc:
+        if con is not None:
+            con.close()
+        if "readonly" not in str(exc) and "unable to open" not in str(exc):
+            raise
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise ValueError(f"cannot read {path}: its folder is not writable and {wal} holds changes not yet "
+                             f"merged into it; make the folder writable (or copy the store with its -wal file "
+                             f"to a writable folder)") from exc
+        return sqlite3.connect(f"{base}?mode=ro&immutable=1", uri=True)
+
+
 def load_store(db) -> Store:
     """Load ``db`` (a path to a study store). Raises ``FileNotFoundError`` / ``ValueError``
     with the problem named when the file is missing or is not a study store."""
@@ -39,7 +61,7 @@ def load_store(db) -> Store:
     if not path.is_file():
         raise FileNotFoundError(f"study store not found: {path}")
     try:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # as_uri: quotes ?, #, %
+        con = _open_readonly(path)
     except sqlite3.Error as exc:  # pragma: no cover - depends on the filesystem
         raise ValueError(f"cannot open {path} as SQLite: {exc}") from exc
     try:

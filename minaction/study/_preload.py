@@ -2,11 +2,23 @@
 
 Workers forked from the server start with torch, the data and model packages and the
 compiled CPU kernels already loaded, instead of paying seconds for each on startup.
-Only imports and library loading happen here: no parallel region runs before the fork.
+Only imports and library loading happen here: no parallel region runs before the fork
+(and no thread is started: the parent-death signal needs none).
 """
+import os
 import warnings
 
-import torch  # noqa: F401
+from .executors import DRIVER_ENV, die_with_parent
+
+# The forkserver dies with the driver that started it (even after kill -9 of the driver), and
+# with it, through their own parent-death signal, every worker it forked.
+_driver = os.environ.get(DRIVER_ENV)
+if _driver:
+    die_with_parent()
+    if str(os.getppid()) != _driver:  # the driver is already gone (we were re-parented)
+        os._exit(70)
+
+import torch  # noqa: F401,E402
 
 from . import trainer  # noqa: F401
 

@@ -1,8 +1,31 @@
-"""``minaction study run|status``."""
+"""``minaction study run|status``.
+
+Exit codes: 0 success; 1 some run of this call failed (recorded with its error); 2 the
+study could not start or could not go on (bad input, environment, store, another driver
+on the same store): one line on stderr names the cause, and the store is left as it was.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n} (omit --workers for one per available CPU)")
+    return n
+
+
+def _error(cmd: str, exc: BaseException) -> int:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"minaction study {cmd}: error: {text}", file=sys.stderr)
+    return 2
 
 
 def _run(args) -> int:
@@ -13,10 +36,13 @@ def _run(args) -> int:
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                             scheduler=args.scheduler, progress=not args.no_progress, limit=args.limit,
                             retry_failed=args.retry_failed)
-    except (PresetError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"minaction study run: error: {exc}", file=sys.stderr)
-        return 2
+    except (PresetError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+        return _error("run", exc)
     print(json.dumps(summary, indent=2))
+    if summary.get("failed_skipped"):
+        print(f"minaction study run: note: {summary['failed_skipped']} run(s) of preset {summary['preset']!r} are "
+              f"recorded as failed and were not retried; add --retry-failed to train them again "
+              f"(`minaction study status --db {args.db}` shows the counts)", file=sys.stderr)
     return 1 if summary.get("failed") else 0
 
 
@@ -26,9 +52,8 @@ def _status(args) -> int:
 
     try:
         st = study_status(args.db, args.preset)
-    except (PresetError, FileNotFoundError) as exc:
-        print(f"minaction study status: error: {exc}", file=sys.stderr)
-        return 2
+    except (PresetError, FileNotFoundError, ValueError, OSError) as exc:
+        return _error("status", exc)
     print(json.dumps(st, indent=2))
     return 0
 
@@ -45,13 +70,19 @@ def register(subparsers) -> None:
                    help=f"preset name ({', '.join(available_presets())}) or path of a .toml file")
     r.add_argument("--db", required=True, help="SQLite results file (created if missing; resumed if present)")
     r.add_argument("--executor", choices=EXECUTORS, default="local")
-    r.add_argument("--workers", type=int, default=None, help="worker processes (default: available CPUs)")
+    r.add_argument("--workers", type=positive_int, default=None,
+                   help="worker processes, >= 1 (default: one per available CPU)")
     r.add_argument("--scheduler", default=None, help="dask/ray scheduler address, e.g. tcp://host:8786")
     r.add_argument("--limit", type=int, default=None, help="train at most this many pending runs")
-    r.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="train again the runs recorded as failed (by default they count as finished)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=_run)
-    s = sub.add_parser("status", help="count finished/failed/diverged/pending runs")
+    s = sub.add_parser("status", help="count planned / done / failed / diverged / pending runs",
+                       description="Print, as JSON, the runs planned (by every preset run into the store, or by "
+                                   "--preset) and how many are done, failed, diverged and pending, and which "
+                                   "driver is writing the store now (running). Reads only; works while a study "
+                                   "runs and in a read-only folder.")
     s.add_argument("--db", required=True)
     s.add_argument("--preset", default=None, help="restrict to (and count pending runs of) this preset")
     s.set_defaults(func=_status)

@@ -9,6 +9,10 @@ Every executor exposes the same small interface, built on ``concurrent.futures``
   forkserver does not exist); each worker runs with one torch thread. No server needed.
   The forkserver preloads torch, the data/model packages and the CPU kernels
   (:mod:`minaction.study._preload`), so a (re)started worker is ready in milliseconds.
+  The forkserver and the workers die with the driver, even after ``kill -9`` of it: on
+  Linux each asks the kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``),
+  and each worker also watches the driver's pid (a ``pidfd``, else polling) and exits when
+  it is gone. Their environment carries ``MINACTION_STUDY_DRIVER=<driver pid>``.
 - ``dask``: a ``dask.distributed.Client`` on a ``LocalCluster`` of ``workers`` processes
   with one thread each, bound to 127.0.0.1 with no dashboard, or on ``scheduler``
   (``tcp://host:port``) for a real cluster. ``client.get_executor()`` gives standard futures.
@@ -20,8 +24,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
+import time
 
 EXECUTORS = ("local", "dask", "ray")
+#: Set in the driver before it starts the forkserver; the forkserver and the workers inherit it.
+DRIVER_ENV = "MINACTION_STUDY_DRIVER"
+_ORPHAN_EXIT = 70  # exit status of a worker that found its driver gone
 
 
 def default_workers() -> int:
@@ -31,7 +42,76 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _init_local_worker(threads):
+def check_workers(workers):
+    """``workers`` as a positive int, or None (the default: one per available CPU)."""
+    if workers is None:
+        return None
+    try:
+        n = int(workers)
+    except (TypeError, ValueError):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}") from None
+    if n < 1 or n != workers:
+        raise ValueError(f"workers must be a positive integer (omit it for one per available CPU), got {workers!r}")
+    return n
+
+
+def die_with_parent(sig=signal.SIGKILL) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(sig), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - no libc prctl
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - exists, owned by someone else
+        return True
+    return True
+
+
+def watch_driver(pid: int) -> None:
+    """End this process (``os._exit``) as soon as process ``pid`` has exited.
+
+    Waits on a pidfd (Linux >= 5.3: readable when the process exits), else polls every
+    second, in a daemon thread. Exits at once when ``pid`` is already gone.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(_ORPHAN_EXIT)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is None and not _alive(pid):
+        os._exit(_ORPHAN_EXIT)
+
+    def wait():
+        if fd is not None:
+            import select
+
+            while not select.select([fd], [], [])[0]:
+                pass
+        else:
+            while _alive(pid):
+                time.sleep(1.0)
+        os._exit(_ORPHAN_EXIT)
+
+    threading.Thread(target=wait, name="minaction-driver-watch", daemon=True).start()
+
+
+def _init_local_worker(threads, driver_pid=None):
+    die_with_parent()  # the parent is the forkserver (or, with spawn, the driver)
+    if driver_pid:
+        watch_driver(int(driver_pid))
     from .trainer import init_worker
 
     init_worker(threads)
@@ -43,13 +123,19 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, workers=None, threads=1):
-        self.workers = int(workers or default_workers())
+        self.workers = check_workers(workers) or default_workers()
         self.threads = threads
         methods = mp.get_all_start_methods()
         self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+        os.environ[DRIVER_ENV] = str(os.getpid())  # read by _preload in the forkserver; marks our processes
         if self._ctx.get_start_method() == "forkserver":
             # workers fork from a server that already imported torch and loaded the kernels
             self._ctx.set_forkserver_preload(["minaction.study._preload"])
+            # Start it from this thread: PR_SET_PDEATHSIG fires when the *thread* that started a
+            # process exits, and this one lives as long as the study (a pool thread would not).
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
         self._pool = None
         self.restart()
 
@@ -57,7 +143,7 @@ class LocalExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=_init_local_worker,
-                                            initargs=(self.threads,))
+                                            initargs=(self.threads, os.getpid()))
 
     def submit(self, fn, task) -> cf.Future:
         return self._pool.submit(fn, task)
@@ -97,7 +183,7 @@ class DaskExecutor:
             info = self._client.scheduler_info()
             self.workers = max(1, sum(w.get("nthreads", 1) for w in info.get("workers", {}).values()))
         else:
-            self.workers = int(workers or default_workers())
+            self.workers = check_workers(workers) or default_workers()
             self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
                                          host="127.0.0.1", dashboard_address=None, silence_logs=40)
             self._client = Client(self._cluster)
@@ -134,8 +220,8 @@ class RayExecutor:
             if scheduler:
                 ray.init(address=scheduler)
             else:
-                ray.init(num_cpus=int(workers or default_workers()), include_dashboard=False)
-        self.workers = int(workers or ray.available_resources().get("CPU", 1))
+                ray.init(num_cpus=check_workers(workers) or default_workers(), include_dashboard=False)
+        self.workers = check_workers(workers) or int(ray.available_resources().get("CPU", 1))
         self._remote = {}
 
     def restart(self):
@@ -153,6 +239,7 @@ class RayExecutor:
 
 def make_executor(name: str, workers=None, scheduler=None, threads: int = 1):
     """An executor by name (see :data:`EXECUTORS`)."""
+    check_workers(workers)
     if name == "local":
         if scheduler:
             raise ValueError("--scheduler applies to the dask and ray executors, not local")

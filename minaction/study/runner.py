@@ -9,45 +9,203 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
+import sqlite3
 import time
 import traceback
 from concurrent.futures.process import BrokenProcessPool
 
 from . import store
-from .executors import make_executor
+from .executors import check_workers, make_executor
 from .presets import expand, load_preset, make_groups
 from .trainer import failed_records, run_group
 
+STARTING = "starting workers (the first start builds the C++ kernels: minutes)"
 
-def _progress(total, initial, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="run", dynamic_ncols=True, smoothing=0.1)
+class StudyConfigError(ValueError):
+    """The environment or the preset cannot run the study (a bad MINACTION_BACKEND, an
+    unknown architecture or dataset, a dataset that cannot be had). Raised by the driver
+    before anything is scheduled or recorded, so the store is never filled with failures
+    that only say the configuration was wrong."""
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_backend() -> str:
+    """The kernel backend the workers will use on CPU, checked in the driver: an unknown or
+    unusable ``MINACTION_BACKEND`` raises :class:`StudyConfigError`. Returns its name, or
+    ``"auto"`` (the workers choose, falling back to ``reference`` with a warning)."""
+    from .. import backend as _backend
+
+    env = os.environ.get("MINACTION_BACKEND")
+    try:
+        forced = _backend.forced()
+    except ValueError as exc:
+        raise StudyConfigError(f"MINACTION_BACKEND={env!r}: {_first_line(exc)} (or unset it for the automatic "
+                               f"choice)") from None
+    if forced is None:
+        return "auto"
+    ok, why = _backend.available(forced, "cpu")
+    if not ok:
+        where = f"MINACTION_BACKEND={env!r}" if env else f"the forced backend {forced!r}"
+        raise StudyConfigError(f"{where}: the study trains on CPU and backend {forced!r} cannot run there: "
+                               f"{_first_line(why)} (unset MINACTION_BACKEND or choose another)")
+    return forced
+
+
+def check_inputs(runs) -> None:
+    """Every architecture and dataset of ``runs`` exists, and every real dataset's files can
+    be had on this machine (found in the decoded cache, or fetched and decoded once now)."""
+    from . import synthetic
+
+    archs = sorted({r["config"]["arch"] for r in runs})
+    datasets = {}
+    for r in runs:
+        datasets.setdefault(r["config"]["dataset"], r["config"].get("data_opts") or {})
+    real_archs = [a for a in archs if a not in synthetic.ARCHITECTURES]
+    if real_archs:
+        try:
+            from .. import models
+        except ImportError as exc:
+            raise StudyConfigError(f"architectures {real_archs} need minaction.models, which cannot be imported: "
+                                   f"{_first_line(exc)}") from None
+        unknown = [a for a in real_archs if a not in models.ARCHITECTURES]
+        if unknown:
+            raise StudyConfigError(f"unknown architecture(s) {unknown}; choose from {list(models.ARCHITECTURES)}")
+    real = {d: o for d, o in datasets.items() if d not in synthetic.DATASETS}
+    if not real:
+        return
+    try:
+        from .. import data
+        from ..data import registry
+    except ImportError as exc:
+        raise StudyConfigError(f"datasets {sorted(real)} need minaction.data, which cannot be imported: "
+                               f"{_first_line(exc)}") from None
+    unknown = [d for d in real if d not in registry.SPECS]
+    if unknown:
+        raise StudyConfigError(f"unknown dataset(s) {unknown}; choose from {list(registry.SPECS)}")
+    for name, opts in real.items():
+        family = registry.SPECS[name].family
+        if any(c.cache_path(family).is_file() for c in registry.FAMILIES[family].candidates):
+            continue  # decoded arrays are in the cache: a worker loads them in milliseconds
+        try:
+            registry.family_arrays(family, data_dir=opts.get("data_dir"))
+        except data.DataError as exc:
+            raise StudyConfigError(f"dataset {name!r} is not available on this machine: {_first_line(exc)} "
+                                   f"(run `minaction data fetch {name}` to see every source tried, or set "
+                                   f"MINACTION_DATA; docs/data.md)") from None
+        finally:
+            data.clear_memo()  # the driver does not keep the arrays
+
+
+def _planned(spec) -> list:
+    return [r["run_id"] for r in expand(spec)]
+
+
+def _counts(con, ids) -> dict:
+    c = store.status_counts(con, ids)
+    out = {"planned": len(ids)}
+    out.update({s: c.get(s, 0) for s in store.STATUSES})
+    out["pending"] = len(ids) - sum(c.values())
+    return out
 
 
 def study_status(db, preset=None) -> dict:
-    """Counts of runs by status in ``db`` (restricted to ``preset``'s runs when given)."""
+    """Where a store stands: ``planned``, ``done``, ``failed``, ``diverged``, ``pending`` runs.
+
+    With ``preset``, over that preset's runs; without, over every preset run into ``db``
+    (their specs are kept in the ``meta`` table) plus any other recorded run, with a
+    breakdown per preset. ``running`` names the driver writing the store now, if any.
+    Opens the store read-only (it works while a study is writing, and in a read-only folder).
+    """
     con = store.connect(db, readonly=True)
     try:
         out = {"db": str(db)}
+        recorded = {r[0] for r in con.execute("SELECT run_id FROM runs")}
+        specs = {}
         if preset is not None:
             spec = load_preset(preset)
-            runs = expand(spec)
-            ids = [r["run_id"] for r in runs]
-            counts = store.status_counts(con, ids)
-            out.update(preset=spec["name"], total=len(ids), counts=counts,
-                       pending=len(ids) - sum(counts.values()))
+            specs[spec["name"]] = spec
+        else:
+            for key, val in con.execute("SELECT key, value FROM meta WHERE key LIKE 'preset:%' ORDER BY key"):
+                try:
+                    specs[key[len("preset:"):]] = json.loads(val)
+                except ValueError:
+                    pass
+        per, planned = {}, set()
+        for name, spec in specs.items():
+            try:
+                ids = _planned(spec)
+            except ValueError:  # a preset stored by another version of the runner
+                continue
+            per[name] = _counts(con, ids)
+            planned.update(ids)
+        if preset is not None:
+            out["preset"] = next(iter(specs))
+            out.update(per[out["preset"]])
         else:
             counts = store.status_counts(con)
-            out.update(total=sum(counts.values()), counts=counts)
-        row = con.execute("SELECT SUM(wall_time_s * 1.0), COUNT(*) FROM runs WHERE status = 'done'").fetchone()
+            out["planned"] = len(planned | recorded)
+            out.update({s: counts.get(s, 0) for s in store.STATUSES})
+            out["pending"] = len(planned - recorded)
+            out["presets"] = per
+        row = con.execute("SELECT SUM(wall_time_s * 1.0) FROM runs WHERE status = 'done'").fetchone()
         out["done_wall_time_s"] = row[0] or 0.0
-        out["presets"] = dict(con.execute("SELECT preset, COUNT(*) FROM runs GROUP BY preset").fetchall())
+        out["running"] = store.writer(db)
         return out
+    except sqlite3.Error as exc:
+        raise store.diagnose(db, exc, "read") from None
     finally:
         con.close()
+
+
+class _Progress:
+    """The tqdm bar over runs. Until the first group comes back it says what is happening
+    (workers starting, kernels building) and shows no rate or ETA: those would be computed
+    from a start-up that can take minutes and then promise days. The bar with its ETA starts
+    when the first group is recorded."""
+
+    def __init__(self, total, initial, enabled):
+        self.total, self.n, self.bar = total, initial, None
+        self.enabled = enabled
+        self.started = False
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="run", dynamic_ncols=True, desc=STARTING,
+                            bar_format="{desc}: {n_fmt}/{total_fmt} runs [{elapsed}]", leave=False)
+
+    @property
+    def waiting(self) -> bool:
+        """The bar shows the start-up text (it is redrawn each second until the first group is in)."""
+        return self.bar is not None and not self.started
+
+    def tick(self):
+        """Redraw while waiting (the elapsed time shows that start-up is under way)."""
+        if self.bar is not None and not self.started:
+            self.bar.refresh()
+
+    def update(self, n, postfix):
+        self.n += n
+        if self.bar is None:
+            return
+        if not self.started:
+            self.bar.close()
+            self.started = True
+            self.bar = self._tqdm(total=self.total, initial=self.n, unit="run", dynamic_ncols=True,
+                                  smoothing=0.1, desc="training")
+        else:
+            self.bar.update(n)
+        self.bar.set_postfix(postfix, refresh=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_study(preset, db, executor="local", workers=None, scheduler=None, progress=True, limit=None,
@@ -58,35 +216,70 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         preset: a preset name (``minaction/study/presets/<name>.toml``), a path, or a dict.
         db: path of the SQLite store (created if missing).
         executor: ``"local"`` (process pool), ``"dask"`` or ``"ray"``.
-        workers: parallel worker processes (default: the CPUs this process may use).
+        workers: parallel worker processes, a positive int (default: the CPUs this process may use).
         scheduler: dask/ray scheduler address for a real cluster.
         progress: show a tqdm bar over runs (starting at the finished count).
         limit: train at most this many of the pending runs in this call.
         retry_failed: also rerun runs recorded as ``failed`` (``done`` and ``diverged``
-            runs are always skipped).
+            runs are always skipped). Without it the summary's ``failed_skipped`` says how
+            many failed runs of the preset were left alone.
         max_attempts: tries for a group whose worker process died (a lost process, not a
             Python exception: those are recorded as ``failed`` at once with their traceback).
             Groups that were in flight when a pool broke rerun one at a time, so only the group
             that really kills its worker is blamed.
         threads: torch threads per worker (1 is steadiest on small machines).
+
+    Before anything is scheduled the driver checks the environment (``MINACTION_BACKEND``,
+    the architectures and datasets, that every pending run's dataset can be had) and the store
+    (an SQLite study store, not damaged, writable) and takes the store's writer lock, so a
+    second driver on the same file stops at once. These raise :class:`StudyConfigError`,
+    :class:`minaction.study.store.StoreError` or ``StoreBusyError`` (all ``ValueError``) with
+    the cause in one line; a store write that fails later (a full disk) raises ``StoreError``
+    after stopping the workers, and every run recorded before it is kept.
     """
     t0 = time.perf_counter()
+    check_workers(workers)
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     spec = load_preset(preset)
     runs = expand(spec)
+    check_backend()
     con = store.connect(db)
-    skip_status = ("done", "diverged") if retry_failed else store.STATUSES
-    finished = store.finished_ids(con, skip_status)
-    todo = [r for r in runs if r["run_id"] not in finished]
+    lock = None
+    try:
+        lock = store.acquire_writer_lock(db)
+        recorded_status = dict(con.execute("SELECT run_id, status FROM runs").fetchall())
+    except BaseException:
+        store.release_writer_lock(lock)
+        con.close()
+        raise
+    try:
+        return _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress,
+                           limit, retry_failed, max_attempts, threads)
+    finally:
+        con.close()
+        store.release_writer_lock(lock)
+
+
+def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress, limit,
+                retry_failed, max_attempts, threads) -> dict:
+    skip = ("done", "diverged") if retry_failed else store.STATUSES
+    todo = [r for r in runs if recorded_status.get(r["run_id"]) not in skip]
     already = len(runs) - len(todo)
+    failed_skipped = 0 if retry_failed else sum(recorded_status.get(r["run_id"]) == "failed" for r in runs)
     if limit is not None:
         todo = todo[:max(0, int(limit))]
+    check_inputs(todo)
     groups = make_groups(todo, spec["group_by"], spec["max_group"])
-    store.set_meta(con, f"preset:{spec['name']}", json.dumps(spec, sort_keys=True, default=str))
+    try:
+        store.set_meta(con, f"preset:{spec['name']}", json.dumps(spec, sort_keys=True, default=str))
+    except sqlite3.Error as exc:
+        raise store.diagnose(db, exc, "write to") from None
     counts = {s: 0 for s in store.STATUSES}
     summary = {"preset": spec["name"], "db": str(db), "executor": executor, "total": len(runs),
-               "already_finished": already, "pending_before": len(runs) - already, "scheduled": len(todo),
-               "groups": len(groups)}
-    bar = _progress(len(runs), already, progress and bool(todo))
+               "already_finished": already, "failed_skipped": failed_skipped,
+               "pending_before": len(runs) - already, "scheduled": len(todo), "groups": len(groups)}
+    bar = _Progress(len(runs), already, progress and bool(todo))
     ex = None
     recorded = 0
     completed = False
@@ -95,15 +288,15 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         nonlocal recorded
         for rec in records:
             row = dict(rec["run"], preset=spec["name"])
-            store.record_run(con, row, rec["epochs"])
+            try:
+                store.record_run(con, row, rec["epochs"])
+            except sqlite3.Error as exc:
+                raise store.diagnose(db, exc, f"record run {row['run_id']} in") from None
             counts[row["status"]] += 1
             recorded += 1
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            el = time.perf_counter() - t0
-            bar.set_postfix({"runs/h": f"{3600 * recorded / max(el, 1e-9):.0f}", "failed": counts["failed"],
-                             "diverged": counts["diverged"]}, refresh=False)
+        el = time.perf_counter() - t0
+        bar.update(len(records), {"runs/h": f"{3600 * recorded / max(el, 1e-9):.0f}", "failed": counts["failed"],
+                                  "diverged": counts["diverged"]})
 
     try:
         if groups:
@@ -122,7 +315,11 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
                     task = queue.pop()
                     isolated = bool(task.get("suspect"))
                     inflight[ex.submit(run_group, task)] = (task, generation)
-                done, _ = cf.wait(list(inflight), return_when=cf.FIRST_COMPLETED)
+                done, _ = cf.wait(list(inflight), timeout=1.0 if bar.waiting else None,
+                                  return_when=cf.FIRST_COMPLETED)
+                if not done:
+                    bar.tick()
+                    continue
                 for fut in done:
                     task, gen = inflight.pop(fut)
                     if task.get("suspect"):
@@ -147,11 +344,9 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
                     record(res["records"])
         completed = True
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if ex is not None:
-            ex.close(abort=not completed)  # on Ctrl-C, do not wait for the groups in flight
-        con.close()
+            ex.close(abort=not completed)  # on Ctrl-C or a store error, do not wait for the groups in flight
     wall = time.perf_counter() - t0
     summary.update(counts, recorded=recorded, wall_s=wall, runs_per_hour=3600 * recorded / wall if wall > 0 else 0.0,
                    remaining=len(runs) - already - recorded)

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Iterable, Optional
+from urllib.parse import urlencode
 
 STATUSES = ("done", "failed", "diverged")
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, preset TEXT, arch TEXT, dataset TEXT, modality TEXT,
@@ -42,6 +46,111 @@ RUN_COLUMNS = ("run_id", "preset", "arch", "dataset", "modality", "lam", "seed",
                "test_energy_rescaled", "n_params", "wall_time_s", "backend", "group_size", "finished_at")
 EPOCH_COLUMNS = ("run_id", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "energy", "val_energy",
                  "wall_time_s")
+OUR_TABLES = {"runs", "epochs", "meta"}
+
+
+class StoreError(ValueError):
+    """The study store cannot be opened, read or written. The message is one line that names
+    the file and the cause (and what to do); nothing was changed by the failed attempt."""
+
+
+def uri(path, **params) -> str:
+    """The ``file:`` URI of ``path`` for ``sqlite3.connect(..., uri=True)``, quoted so that
+    ``#``, ``?``, ``%`` and spaces in the name reach the right file."""
+    u = Path(path).resolve().as_uri()  # as_uri percent-encodes every character a URI reserves
+    return u + ("?" + urlencode(params) if params else "")
+
+
+def _cause(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _writable(p: Path) -> bool:
+    return os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0))
+
+
+def diagnose(path, exc: BaseException, action: str = "open") -> StoreError:
+    """A :class:`StoreError` naming ``path`` and the likely cause of the SQLite/OS error ``exc``."""
+    path = Path(path)
+    folder = path.parent
+    msg = _cause(exc)
+    low = msg.lower()
+    if "full" in low or getattr(exc, "errno", None) == 28:
+        why = (f"the disk (or the database's size limit) is full: {msg}. Free some space and run the same command "
+               f"again; the runs recorded so far are kept")
+    elif "not a database" in low:
+        why = f"it is not an SQLite database ({msg}); give another --db"
+    elif "malformed" in low or "corrupt" in low:
+        why = f"the file is damaged, e.g. truncated ({msg}); restore it from a copy or give another --db"
+    elif "readonly" in low or "read-only" in low or "unable to open" in low or isinstance(exc, PermissionError):
+        if not folder.is_dir():
+            why = f"its folder {str(folder)!r} does not exist ({msg})"
+        elif path.exists() and not _writable(path):
+            why = f"the file is not writable ({msg}); check its permissions"
+        elif not _writable(folder):
+            why = (f"its folder {str(folder)!r} is not writable ({msg}): SQLite's WAL mode creates "
+                   f"{path.name}-wal and {path.name}-shm next to the file; use a writable folder")
+        else:
+            why = msg
+    else:
+        why = msg
+    return StoreError(f"cannot {action} the study store {str(path)!r}: {why}")
+
+
+def _check_header(path: Path) -> None:
+    """Refuse, before SQLite touches it, a file that is not an SQLite database."""
+    if path.is_dir():
+        raise StoreError(f"the study store {str(path)!r} is a folder; give the path of a .sqlite file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise diagnose(path, exc, "read") from None
+    if head and head != SQLITE_HEADER:
+        raise StoreError(f"cannot open the study store {str(path)!r}: it is not an SQLite database (its first bytes "
+                         f"are not the SQLite header); give another --db")
+
+
+def _check_contents(con: sqlite3.Connection, path: Path, require_runs: bool) -> None:
+    """A damaged (e.g. truncated) file, or an SQLite file that is not a study store, is refused."""
+    rows = [r[0] for r in con.execute("PRAGMA quick_check(3)")]
+    if rows != ["ok"]:
+        raise StoreError(f"cannot open the study store {str(path)!r}: the file is damaged, e.g. truncated "
+                         f"(SQLite quick_check: {'; '.join(map(str, rows))}); restore it from a copy or give "
+                         f"another --db")
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if (require_runs or tables) and "runs" not in tables:
+        raise StoreError(f"{str(path)!r} is an SQLite database but not a study store (no 'runs' table; tables: "
+                         f"{sorted(tables)}); give another --db")
+
+
+def _wal_has_changes(path: Path) -> bool:
+    wal = path.with_name(path.name + "-wal")
+    try:
+        return wal.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _precheck(path: Path, require_runs: bool) -> bool:
+    """Check an existing file through an ``immutable`` read-only connection, which creates no
+    ``-wal``/``-shm`` file, so that a damaged file or a foreign database is refused untouched.
+    Returns False (not checked) when a ``-wal`` file holds changes: those must be read through
+    the WAL, so the caller checks on its real connection (the WAL's files exist already)."""
+    if _wal_has_changes(path):
+        return False
+    con = None
+    try:
+        con = sqlite3.connect(uri(path, mode="ro", immutable=1), uri=True, isolation_level=None)
+        _check_contents(con, path, require_runs)
+    except sqlite3.Error as exc:
+        raise diagnose(path, exc, "read") from None
+    finally:
+        if con is not None:
+            con.close()
+    return True
 
 
 def connect(path, readonly: bool = False) -> sqlite3.Connection:
@@ -49,24 +158,196 @@ def connect(path, readonly: bool = False) -> sqlite3.Connection:
 
     The connection is in autocommit mode; writers use :func:`record_run`, which wraps each
     run in its own ``BEGIN IMMEDIATE ... COMMIT``. ``readonly=True`` opens an existing file
-    without creating or altering anything (for ``study status`` and reports).
+    without creating or altering anything (for ``study status`` and reports); in a folder
+    that is not writable it falls back to SQLite's ``immutable`` mode (see :func:`open_readonly`).
+
+    A file that is not SQLite, a damaged or truncated store, an SQLite file of something else,
+    a folder that cannot be written: :class:`StoreError` naming the file and the cause, raised
+    before anything in the file is changed.
     """
     path = Path(path)
     if readonly:
-        if not path.exists():
-            raise FileNotFoundError(f"study database {str(path)!r} does not exist")
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None)
-        return con
-    path.parent.mkdir(parents=True, exist_ok=True)  # `--db results/study.sqlite` works on a fresh checkout
-    con = sqlite3.connect(str(path), timeout=30, isolation_level=None)
-    mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        con.close()
-        raise RuntimeError(f"could not put {str(path)!r} in WAL mode (got {mode!r}); is it on a network filesystem?")
-    # WAL + NORMAL: a committed transaction survives a crash or SIGKILL of the process.
-    con.execute("PRAGMA synchronous=NORMAL")
-    con.executescript(SCHEMA)
+        return open_readonly(path)
+    _check_header(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # `--db results/study.sqlite` works on a fresh checkout
+    except OSError as exc:
+        raise StoreError(f"cannot create the folder {str(folder)!r} of the study store {str(path)!r}: "
+                         f"{exc.strerror or exc}") from None
+    existed = path.exists() and path.stat().st_size > 0
+    if not path.exists() and not _writable(folder):
+        raise StoreError(f"cannot create the study store {str(path)!r}: its folder {str(folder)!r} is not writable")
+    checked = _precheck(path, require_runs=False) if existed else True
+    con = None
+    try:
+        con = sqlite3.connect(uri(path, mode="rwc"), uri=True, timeout=30, isolation_level=None)
+        if not checked:
+            _check_contents(con, path, require_runs=False)  # reads only: nothing changed yet
+        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"could not put the study store {str(path)!r} in WAL mode (got {mode!r}); "
+                             f"is it on a network filesystem?")
+        # WAL + NORMAL: a committed transaction survives a crash or SIGKILL of the process.
+        con.execute("PRAGMA synchronous=NORMAL")
+        con.executescript(SCHEMA)
+    except StoreError:
+        if con is not None:
+            con.close()
+        raise
+    except (sqlite3.Error, OSError) as exc:
+        if con is not None:
+            con.close()
+        raise diagnose(path, exc) from None
     return con
+
+
+def open_readonly(path) -> sqlite3.Connection:
+    """Open an existing study store for reading only, never creating or changing a file.
+
+    SQLite reads a WAL database through its ``-shm`` index, which it must be able to create
+    next to the file. In a folder that is not writable this falls back to ``immutable=1``
+    (the file is read as a snapshot, without locks) when no ``-wal`` file holds unmerged
+    changes; otherwise it says that the folder must be writable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"study database {str(path)!r} does not exist")
+    _check_header(path)
+    checked = _precheck(path, require_runs=True)
+    con = None
+    try:
+        con = sqlite3.connect(uri(path, mode="ro"), uri=True, timeout=30, isolation_level=None)
+        if checked:
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the WAL index now
+        else:
+            _check_contents(con, path, require_runs=True)
+        return con
+    except StoreError:
+        if con is not None:
+            con.close()
+        raise
+    except sqlite3.Error as exc:
+        if con is not None:
+            con.close()
+        low = _cause(exc).lower()
+        if not ("readonly" in low or "read-only" in low or "unable to open" in low):
+            raise diagnose(path, exc, "read") from None
+        first = exc
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise StoreError(f"cannot read the study store {str(path)!r}: SQLite cannot open it read-only here "
+                         f"({_cause(first)}) and {str(wal)!r} holds changes not yet merged into it; make the folder "
+                         f"{str(path.parent)!r} writable (or copy the .sqlite file with its -wal file to a writable "
+                         f"folder) and try again") from None
+    try:
+        con = sqlite3.connect(uri(path, mode="ro", immutable=1), uri=True, isolation_level=None)
+        _check_contents(con, path, require_runs=True)
+        return con
+    except StoreError:
+        con.close()
+        raise
+    except sqlite3.Error as exc:
+        raise diagnose(path, exc, "read") from None
+
+
+class StoreBusyError(StoreError):
+    """Another driver is running a study into the same store (it holds the writer lock)."""
+
+
+def lock_path(path) -> Path:
+    """The writer lock file next to the store: ``<db>.lock``."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _lock_info(f) -> str:
+    try:
+        f.seek(0)
+        return f.read().strip()
+    except OSError:
+        return ""
+
+
+def acquire_writer_lock(path):
+    """Take the store's writer lock (``fcntl.flock`` on ``<db>.lock``) without waiting.
+
+    One driver at a time trains into a store: a second ``study run`` on the same file raises
+    :class:`StoreBusyError` naming the first one's pid. The lock belongs to the open file, so
+    it vanishes with the process (even after ``kill -9``): there is never a stale lock to delete.
+    The lock file itself stays (deleting it would race with a driver that just opened it).
+    Returns the open lock file; :func:`release_writer_lock` (or process exit) releases it.
+    Where ``fcntl`` does not exist (Windows) there is no lock and this returns None.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    lp = lock_path(path)
+    try:
+        f = open(lp, "a+")
+    except OSError as exc:
+        raise diagnose(path, exc) from None
+    try:
+        for attempt in range(5):  # a `study status` probing the lock holds it for microseconds
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.05)
+    except BlockingIOError:
+        who = _lock_info(f) or "another process"
+        f.close()
+        raise StoreBusyError(f"the study store {str(path)!r} is being written by another `minaction study run` "
+                             f"({who}); wait for it to finish or stop it, then run this again "
+                             f"(lock: {str(lp)!r})") from None
+    except OSError as exc:  # pragma: no cover - a filesystem without flock
+        f.close()
+        raise StoreError(f"cannot lock the study store {str(path)!r} ({str(lp)!r}): {exc}") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}, since {now_utc()}\n")
+        f.flush()
+    except OSError:
+        pass  # the lock holds even if its note cannot be written
+    return f
+
+
+def release_writer_lock(f) -> None:
+    if f is None:
+        return
+    import fcntl
+
+    try:
+        fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        f.close()
+
+
+def writer(path) -> Optional[str]:
+    """Who holds the store's writer lock (its note: pid, host, since), or None when no driver runs."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        f = open(lock_path(path), "r")
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_info(f) or "another process"
+        except OSError:  # pragma: no cover
+            return None
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+    finally:
+        f.close()
 
 
 def _clean(v):
@@ -111,7 +392,13 @@ def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = ()) 
                             f"({', '.join('?' * len(EPOCH_COLUMNS))})", erows)
         con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR): rolling back
+        # again would raise "cannot rollback - no transaction is active" and hide the real error.
+        if con.in_transaction:
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
         raise
 
 

@@ -11,7 +11,10 @@ which, with an element-wise optimizer (Adam, SGD), is exactly ``len(group)`` ind
 trainings. A member whose objective becomes non-finite is marked *diverged* at that step
 and frozen: its term is masked out of the loss and its non-finite gradients are zeroed,
 so the other members train on unaffected; it is recorded with status ``diverged`` and the
-epoch rows it completed.
+epoch rows it completed. The same holds for a member whose parameters or optimizer state
+stop being finite while its objective stays finite (checked after every epoch): with a huge
+``lam``, Adam's second moment overflows to inf and its updates become exactly 0, a frozen
+model that must not be recorded as ``done``.
 
 :func:`run_group` never raises: an exception anywhere in a group yields a ``failed``
 record for each member, with the traceback in ``error``.
@@ -134,6 +137,31 @@ def _f(t):
     return v if math.isfinite(v) else None
 
 
+@torch.no_grad()
+def finite_members(model, opt, G: int) -> torch.Tensor:
+    """Per member ([G] bool): all its parameters and optimizer state tensors are finite.
+
+    A parameter belongs to member ``g`` when it lives in ``model.members[g]`` (a loop
+    ensemble) or, in a batched model, is row ``g`` of a tensor whose leading dimension is G;
+    a non-finite value in any other (shared) tensor counts against every member.
+    """
+    owner = {id(p): g for g, m in enumerate(getattr(model, "members", None) or ()) for p in m.parameters()}
+    ok = torch.ones(G, dtype=torch.bool)
+    for p in model.parameters():
+        state = opt.state.get(p, {})
+        for t in [p] + [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]:
+            if not t.is_floating_point():
+                continue
+            g = owner.get(id(p))
+            if g is not None:
+                ok[g] &= bool(torch.isfinite(t).all())
+            elif G > 1 and t.dim() >= 1 and t.shape[0] == G:
+                ok &= torch.isfinite(t.reshape(G, -1)).all(1)
+            elif not bool(torch.isfinite(t).all()):
+                ok[:] = False
+    return ok
+
+
 # ----------------------------------------------------------------------------- the group
 def train_group(runs: list) -> list:
     """Train the runs of one group together; returns one ``{"run": row, "epochs": rows}`` per run."""
@@ -170,6 +198,7 @@ def train_group(runs: list) -> list:
 
     alive = torch.ones(G, dtype=torch.bool)
     diverged_at = [None] * G
+    state_bad = [False] * G  # diverged through non-finite parameters / optimizer state, not the objective
     epoch_rows = [[] for _ in range(G)]
     train_time = 0.0
     bs, ebs = int(budget["batch_size"]), int(budget.get("eval_batch_size") or 512)
@@ -209,6 +238,10 @@ def train_group(runs: list) -> list:
                 s_e += e.detach().double() * b
                 n += b
         train_time += time.perf_counter() - t0
+        bad_state = alive & ~finite_members(model, opt, G)  # e.g. Adam's second moment overflowed to inf
+        for g in bad_state.nonzero().flatten().tolist():
+            diverged_at[g], state_bad[g] = epoch, True
+        alive &= ~bad_state
         if not alive.any():
             break
         v = evaluate(model, val, G, ebs)
@@ -234,7 +267,9 @@ def train_group(runs: list) -> list:
             "n_params": int(n_params), "wall_time_s": wall, "backend": backend_name, "group_size": G,
         }
         if diverged_at[g] is not None:
-            row.update(status="diverged", error=f"non-finite training objective in epoch {diverged_at[g]} "
+            what = ("non-finite parameters or optimizer state (e.g. Adam's second moment overflowed, so its "
+                    "updates had stopped)" if state_bad[g] else "non-finite training objective")
+            row.update(status="diverged", error=f"{what} in epoch {diverged_at[g]} "
                                                 f"(member frozen; epochs before it are kept)")
         else:
             row.update(status="done", error=None, test_acc=_f(te["acc"][g]), test_loss=_f(te["loss"][g]),

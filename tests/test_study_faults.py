@@ -1,0 +1,518 @@
+"""The study driver and store under faults (issue 10): a bad environment, a second driver,
+kill -9 of the driver, odd file names, read-only folders, files that are not stores, a full
+disk, bad arguments. Each error must be one line naming the file and the cause, exit 2, and
+leave the store as it was.
+
+Every wait here is on an event (a process appearing or vanishing, a lock being held) with a
+generous timeout that only guards against a hang; no test depends on the machine's speed.
+
+Permissions: the tests run as root, for whom permission bits do not apply. Where a test needs
+a read-only folder it runs the command in a child process whose capability bounding set lacks
+CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (``prctl(PR_CAPBSET_DROP)`` before ``exec``): root then
+obeys the mode bits like any user, so the folder really is read-only for the command under
+test (checked by the child failing to create a file there). As a non-root user the mode bits
+apply anyway and the command runs unchanged.
+"""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from minaction.cli import main
+from minaction.study import run_study, store, study_status
+from minaction.study.runner import STARTING, StudyConfigError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_study_runner import synth, toml_text  # noqa: E402
+
+HANG_GUARD = 900  # seconds; only a guard against a hang (a first start may build the C++ kernels)
+
+
+def _one_line_error(err: str, *needles):
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _snapshot(folder):
+    """Names and contents of every file in ``folder`` (to show that nothing was touched)."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        p = os.path.join(folder, name)
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                out[name] = f.read()
+        else:
+            out[name] = None
+    return out
+
+
+def _preset(tmp_path, **over):
+    p = tmp_path / "synth.toml"
+    p.write_text(toml_text(synth(**over)))
+    return p
+
+
+def _wait_for(cond, what, guard=HANG_GUARD, proc=None):
+    t_end = time.monotonic() + guard
+    while True:
+        v = cond()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the driver exited (rc {proc.returncode}) before {what}")
+        if time.monotonic() > t_end:
+            raise AssertionError(f"hang guard: {what} did not happen in {guard} s")
+        time.sleep(0.05)
+
+
+def _driver(preset, db, workers=1):
+    code = ("import sys; from minaction.study import run_study; "
+            "run_study(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), progress=False)")
+    return subprocess.Popen([sys.executable, "-c", code, str(preset), str(db), str(workers)],
+                            start_new_session=True, stderr=subprocess.PIPE)
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(60)
+
+
+# ----------------------------------------------------------------------------- processes (/proc)
+def _proc_table():
+    """{pid: (ppid, starttime, state)} of every process."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(d)] = (int(rest[1]), rest[19], rest[0])
+    return out
+
+
+def _descendants(pid):
+    table = _proc_table()
+    kids = {}
+    for p, (pp, start, _) in table.items():
+        kids.setdefault(pp, []).append(p)
+    out, todo = {}, [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out[c] = (table[c][0], table[c][1])
+            todo.append(c)
+    return out
+
+
+def _alive(pid, start):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return rest[19] == start and rest[0] not in ("Z", "X")  # a zombie has exited
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+
+
+# ----------------------------------------------------------------------------- item 6: orphans
+@needs_proc
+def test_kill9_driver_leaves_no_workers(tmp_path):
+    """kill -9 of the driver: its forkserver and pool workers exit too (parent-death signal and
+    a pidfd watch on the driver), instead of living on re-parented to PID 1."""
+    preset = _preset(tmp_path, lams=[0.0], seeds=[0, 1], group_by="none",
+                     budget={"epochs": 100000, "batch_size": 32, "width": 16})
+    proc = _driver(preset, tmp_path / "k.sqlite", workers=2)
+    seen = {}
+    try:
+        def workers_up():
+            d = _descendants(proc.pid)
+            seen.update(d)
+            grandchildren = [p for p, (pp, _) in d.items() if pp != proc.pid]
+            return len(grandchildren) >= 2  # the pool's workers, forked by the forkserver
+        _wait_for(workers_up, "two pool workers started", proc=proc)
+        seen.update(_descendants(proc.pid))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+        _wait_for(lambda: not any(_alive(p, s) for p, (_, s) in seen.items()),
+                  "every process of the killed driver exited", guard=120)
+    finally:
+        for p, (_, s) in seen.items():
+            if _alive(p, s):
+                os.kill(p, signal.SIGKILL)
+        _kill_group(proc)
+
+
+def test_worker_protection_primitives():
+    """``die_with_parent`` works on Linux; ``watch_driver`` ends a process when the watched one exits."""
+    from minaction.study import executors
+
+    if sys.platform.startswith("linux"):
+        code = ("import ctypes, signal; from minaction.study.executors import die_with_parent; "
+                "assert die_with_parent(); libc = ctypes.CDLL(None); s = ctypes.c_int(); "
+                "libc.prctl(2, ctypes.byref(s), 0, 0, 0); assert s.value == signal.SIGKILL, s.value")
+        subprocess.run([sys.executable, "-c", code], check=True)  # 2 = PR_GET_PDEATHSIG
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    code = ("import sys, time; from minaction.study.executors import watch_driver; "
+            "watch_driver(int(sys.argv[1])); print('watching', flush=True); time.sleep(3600)")
+    watcher = subprocess.Popen([sys.executable, "-c", code, str(sleeper.pid)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline().strip() == "watching"
+        sleeper.stdin.close()  # the watched process exits
+        sleeper.wait(60)
+        assert watcher.wait(120) == executors._ORPHAN_EXIT
+    finally:
+        for p in (sleeper, watcher):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# ----------------------------------------------------------------------------- item 9: two drivers
+def test_second_driver_on_same_store_is_refused(tmp_path, capsys):
+    preset = _preset(tmp_path, lams=[0.0], seeds=[0], group_by="none",
+                     budget={"epochs": 100000, "batch_size": 32, "width": 16})
+    db = tmp_path / "two.sqlite"
+    first = _driver(preset, db)
+    try:
+        def held():
+            try:
+                return study_status(db)["running"]
+            except (FileNotFoundError, ValueError):  # not created yet, or its schema not yet written
+                return None
+        who = _wait_for(held, "the first driver holds the store", proc=first)
+        assert f"pid {first.pid}" in who
+        with pytest.raises(store.StoreBusyError, match=f"pid {first.pid}"):
+            run_study(preset, db, workers=1, progress=False)
+        rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress"])
+        assert rc == 2
+        _one_line_error(capsys.readouterr().err, str(db), "being written by another", f"pid {first.pid}")
+        assert study_status(db)["done"] == 0  # the second driver trained nothing
+    finally:
+        _kill_group(first)
+    # the lock died with the first driver (kill -9): no stale lock to delete
+    assert study_status(db)["running"] is None
+    quick = synth(lams=[0.0], seeds=[0], group_by="none")
+    assert run_study(quick, db, workers=1, progress=False)["recorded"] == 1
+
+
+# ----------------------------------------------------------------------------- item 5: environment
+def test_bad_backend_is_refused_before_anything_is_recorded(tmp_path, monkeypatch, capsys):
+    """`MINACTION_BACKEND=bogus` used to record every run as failed, and the rerun then skipped them all."""
+    preset = _preset(tmp_path)
+    db = tmp_path / "b.sqlite"
+    for value, needle in (("bogus", "unknown minaction backend 'bogus'"), ("cuda", "cannot run there")):
+        monkeypatch.setenv("MINACTION_BACKEND", value)
+        rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"])
+        assert rc == 2
+        _one_line_error(capsys.readouterr().err, f"MINACTION_BACKEND='{value}'", needle)
+        assert not db.exists()
+    monkeypatch.delenv("MINACTION_BACKEND")
+    rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["done"] == 6
+
+
+def test_unknown_or_unavailable_dataset_is_refused(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("minaction.data")
+    from minaction.data import DataUnavailableError, registry
+
+    db = tmp_path / "d.sqlite"
+    preset = _preset(tmp_path, datasets=["no_such_dataset"])
+    rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress"])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, "unknown dataset(s) ['no_such_dataset']")
+    # a real dataset whose files no source can give (simulated: an empty cache, every source failing)
+    monkeypatch.setenv("MINACTION_CACHE", str(tmp_path / "empty-cache"))
+
+    def unavailable(family, data_dir=None, **kw):
+        raise DataUnavailableError(f"dataset {family!r}: no source could provide its files. Tried, in order:\n"
+                                   f"  - somewhere: absent")
+
+    monkeypatch.setattr(registry, "family_arrays", unavailable)
+    preset = _preset(tmp_path, datasets=["ecg200"], archs=["tiny_mlp"])
+    rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress"])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, "dataset 'ecg200' is not available", "minaction data fetch ecg200")
+    assert study_status(db)["done"] + study_status(db)["failed"] == 0  # nothing recorded
+
+
+def test_resume_reports_failed_runs_and_retry_failed(tmp_path, capsys):
+    preset = _preset(tmp_path, archs=["tiny_fail", "tiny_mlp"], lams=[0.0], seeds=[0, 1])
+    db = tmp_path / "f.sqlite"
+    args = ["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"]
+    assert main(args) == 1  # runs of this call failed
+    capsys.readouterr()
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["failed_skipped"] == 2
+    assert "2 run(s)" in err and "--retry-failed" in err
+    assert main(["study", "status", "--db", str(db), "--preset", str(preset)]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert {k: st[k] for k in ("planned", "done", "failed", "diverged", "pending")} == {
+        "planned": 4, "done": 2, "failed": 2, "diverged": 0, "pending": 0}
+    assert main(args + ["--retry-failed"]) == 1
+    s = json.loads(capsys.readouterr().out)
+    assert s["recorded"] == 2 and s["failed"] == 2 and s["failed_skipped"] == 0
+
+
+# ----------------------------------------------------------------------------- item 13: arguments
+def test_workers_zero_and_bogus_backend_info(tmp_path, monkeypatch, capsys):
+    preset = _preset(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["study", "run", "--preset", str(preset), "--db", str(tmp_path / "w.sqlite"), "--workers", "0"])
+    assert e.value.code == 2
+    assert "--workers" in capsys.readouterr().err
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="workers must be a positive integer"):
+            run_study(synth(), tmp_path / "w.sqlite", workers=bad, progress=False)
+    assert not (tmp_path / "w.sqlite").exists()
+    monkeypatch.setenv("MINACTION_BACKEND", "bogus")
+    assert main(["info"]) == 2
+    _one_line_error(capsys.readouterr().err, "MINACTION_BACKEND='bogus'", "unknown minaction backend")
+
+
+# ----------------------------------------------------------------------------- item 10: file names
+@pytest.mark.parametrize("name", ["res#1.sqlite", "a%41b.sqlite", "q?x=1.sqlite", "with space.sqlite"])
+def test_store_names_that_a_uri_would_mangle(tmp_path, capsys, name):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    db = folder / name
+    con = store.connect(db)
+    store.record_run(con, {"run_id": "r1", "status": "done", "preset": "p"})
+    con.close()
+    assert main(["study", "status", "--db", str(db)]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["done"] == 1 and st["planned"] == 1
+    ro = store.connect(db, readonly=True)
+    assert store.status_counts(ro) == {"done": 1}
+    ro.close()
+    assert {n for n in os.listdir(folder) if not n.startswith(name)} == set()  # no 'res', 'aAb.sqlite', 'q'
+
+
+def test_study_run_into_a_hash_name(tmp_path, capsys):
+    db = tmp_path / "res#1.sqlite"
+    preset = _preset(tmp_path, lams=[0.0], seeds=[0, 1])
+    assert main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["study", "status", "--db", str(db), "--preset", str(preset)]) == 0
+    assert json.loads(capsys.readouterr().out)["done"] == 2
+    assert not (tmp_path / "res").exists()
+
+
+# ----------------------------------------------------------------------------- items 11, 12: read-only
+def _drop_dac():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def _unprivileged(args, **kw):
+    """Run ``args`` so that permission bits apply to it (see the module docstring)."""
+    pre = _drop_dac if os.geteuid() == 0 else None
+    return subprocess.run(args, preexec_fn=pre, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture
+def readonly_folder(tmp_path):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    os.chmod(tmp_path, 0o755)
+    code = f"open({str(folder / 'probe')!r}, 'x')"  # create a new file in the folder
+    os.chmod(folder, 0o555)
+    try:
+        probe = _unprivileged([sys.executable, "-c", code])
+    except (OSError, subprocess.SubprocessError) as exc:
+        os.chmod(folder, 0o755)
+        pytest.skip(f"cannot drop CAP_DAC_OVERRIDE here: {exc}")
+    if probe.returncode == 0 or "Permission denied" not in probe.stderr:
+        os.chmod(folder, 0o755)
+        pytest.skip(f"could not make a folder read-only for a child process here: {probe.stderr[-300:]}")
+    os.chmod(folder, 0o755)
+    yield folder
+    os.chmod(folder, 0o755)
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "minaction.cli", *args]
+
+
+def test_wal_store_in_readonly_folder_is_readable(readonly_folder, tmp_path):
+    """`study status` and the report's loader read a WAL store in a folder they cannot write
+    (SQLite's plain mode=ro open needs to create the -shm file there and fails)."""
+    db = readonly_folder / "s.sqlite"
+    con = store.connect(db)
+    for i in range(3):
+        store.record_run(con, {"run_id": f"r{i}", "status": "done", "preset": "p", "lam": 0.0})
+    con.close()  # the last connection merges the WAL into the file and removes -wal/-shm
+    assert sorted(os.listdir(readonly_folder)) == ["s.sqlite"]
+    before = _snapshot(readonly_folder)
+    os.chmod(readonly_folder, 0o555)
+    r = _unprivileged(_cli("study", "status", "--db", str(db)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["done"] == 3
+    code = "import sys; from minaction.report.store import load_store; print(len(load_store(sys.argv[1]).runs_all))"
+    r = _unprivileged([sys.executable, "-c", code, str(db)])
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr
+    os.chmod(readonly_folder, 0o755)
+    assert _snapshot(readonly_folder) == before
+
+
+def test_wal_with_unmerged_changes_in_readonly_folder_says_make_it_writable(readonly_folder, tmp_path):
+    """With changes still in the -wal file, a snapshot read would silently miss them: say so instead."""
+    import shutil
+
+    src = tmp_path / "live.sqlite"
+    con = store.connect(src)
+    for i in range(5):
+        store.record_run(con, {"run_id": f"r{i}", "status": "done"})
+    db = readonly_folder / "s.sqlite"
+    shutil.copy(src, db)
+    shutil.copy(str(src) + "-wal", str(db) + "-wal")  # copied while the writer is open: not yet merged
+    con.close()
+    before = _snapshot(readonly_folder)
+    os.chmod(readonly_folder, 0o555)
+    r = _unprivileged(_cli("study", "status", "--db", str(db)))
+    assert r.returncode == 2
+    _one_line_error(r.stderr, str(db), "-wal", "writable")
+    os.chmod(readonly_folder, 0o755)
+    assert _snapshot(readonly_folder) == before
+
+
+def test_db_in_readonly_folder_is_refused(readonly_folder, tmp_path):
+    preset = _preset(tmp_path)
+    os.chmod(readonly_folder, 0o555)
+    r = _unprivileged(_cli("study", "run", "--preset", str(preset), "--db", str(readonly_folder / "new.sqlite"),
+                           "--no-progress"))
+    assert r.returncode == 2
+    _one_line_error(r.stderr, str(readonly_folder / "new.sqlite"), "not writable")
+    assert os.listdir(readonly_folder) == []
+
+
+def test_db_under_a_file_is_refused(tmp_path, capsys):
+    """Needs no privileges: the store's folder is a regular file."""
+    (tmp_path / "plain").write_text("x")
+    db = tmp_path / "plain" / "s.sqlite"
+    assert main(["study", "run", "--preset", str(_preset(tmp_path)), "--db", str(db), "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, str(tmp_path / "plain"))
+
+
+# ----------------------------------------------------------------------------- item 12: not a store
+def _store_with_runs(path, n=60):
+    con = store.connect(path)
+    for i in range(n):
+        store.record_run(con, {"run_id": f"r{i}", "status": "done", "error": "x" * 500},
+                         [{"epoch": e, "train_loss": 1.0} for e in range(1, 21)])
+    con.close()
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "other-sqlite", "folder"])
+def test_files_that_are_not_stores(tmp_path, capsys, kind):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    db = folder / "s.sqlite"
+    if kind == "text":
+        db.write_bytes(b"run_id,status\n" * 300)
+        needle = "not an SQLite database"
+    elif kind == "truncated":
+        _store_with_runs(tmp_path / "full.sqlite")
+        data = (tmp_path / "full.sqlite").read_bytes()
+        db.write_bytes(data[:len(data) // 2])
+        needle = "damaged"
+    elif kind == "other-sqlite":
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE photos (id INTEGER)")
+        con.commit()
+        con.close()
+        needle = "not a study store"
+    else:
+        db.mkdir()
+        needle = "is a folder"
+    before = _snapshot(folder)
+    preset = _preset(tmp_path)
+    for args in (["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress"],
+                 ["study", "status", "--db", str(db)]):
+        assert main(args) == 2, args
+        _one_line_error(capsys.readouterr().err, str(db), needle)
+        assert _snapshot(folder) == before  # no byte changed, no -wal, -shm or lock file made
+
+
+# ----------------------------------------------------------------------------- item 12: full disk
+def test_full_disk_stops_with_one_line_and_resumes(tmp_path, monkeypatch, capsys):
+    """A full disk, simulated with SQLite's own size limit (``PRAGMA max_page_count``), which
+    fails the commit with the very error a full disk gives (SQLITE_FULL)."""
+    real_connect = store.connect
+
+    def limited(path, readonly=False):
+        con = real_connect(path, readonly)
+        if not readonly:
+            n = con.execute("PRAGMA page_count").fetchone()[0]
+            con.execute(f"PRAGMA max_page_count = {n}")
+        return con
+
+    preset = _preset(tmp_path, lams=[0.0, 1e-3, 1e-2, 1e-1], seeds=[0, 1, 2])
+    db = tmp_path / "full.sqlite"
+    store.connect(db).close()  # the schema exists: the limit leaves no room for the runs
+    monkeypatch.setattr(store, "connect", limited)
+    rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, str(db), "database or disk is full", "Free some space")
+    monkeypatch.setattr(store, "connect", real_connect)
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    k = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    assert k < 12 and con.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 2 * k  # whole runs only
+    con.close()
+    assert main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["already_finished"] == k and s["recorded"] == 12 - k
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT run_id) FROM runs").fetchone() == (12, 12)
+    con.close()
+
+
+# ----------------------------------------------------------------------------- papercut: progress
+def test_progress_says_what_happens_before_the_first_group(tmp_path, capsys):
+    run_study(synth(lams=[0.0], seeds=[0, 1, 2]), tmp_path / "p.sqlite", workers=1, progress=True)
+    err = capsys.readouterr().err
+    frames = [f for f in err.replace("\r", "\n").splitlines() if f.strip()]
+    start = [f for f in frames if STARTING in f]
+    assert start, err
+    assert all("<" not in f and "run/s" not in f and "s/run" not in f for f in start)  # no rate, no ETA
+    assert any(f.startswith("training") and "3/3" in f for f in frames), err
+
+
+def test_out_pointing_at_a_file(tmp_path, capsys):
+    """`--out` naming a file: one line, rc 2, and for `replicate` before any training."""
+    pytest.importorskip("minaction.report")
+    out = tmp_path / "report.txt"
+    out.write_text("keep me")
+    db = tmp_path / "never.sqlite"
+    rc = main(["replicate", "--preset", str(_preset(tmp_path)), "--db", str(db), "--out", str(out), "--no-progress",
+               "--retry-failed"])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, str(out), "is a file")
+    assert not db.exists() and out.read_text() == "keep me"
+    rc = main(["report", "--db", str(db), "--out", str(out / "sub")])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, str(out), "is a file")
