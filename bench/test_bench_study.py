@@ -80,6 +80,22 @@ def test_bench_batched_vs_single(benchmark, group_by):
     benchmark.extra_info.update(out)
 
 
+@pytest.mark.parametrize("mode", ["batched", "loop"])
+@pytest.mark.parametrize("modality", ["image", "series", "text"])
+def test_bench_cnn_member_step(benchmark, modality, mode):
+    """One cnn training step for G = 10 members, batched in one module or a loop of 10
+    (the table with interleaved medians: ``python bench/cnn_batched.py``)."""
+    _need_real_stack()
+    import cnn_batched as cb
+
+    meta = cb.Meta(**cb.MODALITIES[modality])
+    x, y = cb.make_batch(meta, 128)
+    step = cb.batched_stepper(meta, 10)[0] if mode == "batched" else cb.loop_stepper(meta, 10)
+    step(x, y)
+    benchmark.pedantic(step, args=(x, y), rounds=3, iterations=1)
+    benchmark.extra_info.update({"modality": modality, "mode": mode, "G": 10, "batch": 128})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", required=True)

@@ -113,7 +113,7 @@ def test_batched_matches_separate_float64(arch, layout):
         kw["channels"] = [4, 6]
     group = models.build(arch, meta, num_models=G, seeds=seeds, **kw)
     assert group.num_models == G
-    assert group.batched == (arch != "cnn")
+    assert group.batched
     singles = [models.build(arch, meta, seeds=[s], **kw) for s in seeds]
     x, y = batch(meta, B=5, dtype=torch.float64)
     lam = torch.tensor(lams, dtype=torch.float64)
@@ -277,18 +277,20 @@ def test_physics_lagrangian_knobs_and_energy_identity():
 
 
 def test_cnn_loop_ensemble_energy_vector():
+    """LoopEnsemble (kept for comparisons; ``build`` batches the cnn now) spreads each member's
+    energy into a length-G vector."""
     meta = LAYOUTS["ecg5000"]
     x, _ = batch(meta)
-    m = models.build("cnn", meta, num_models=3, width=16)
-    assert isinstance(m, LoopEnsemble) and not m.batched
+    singles = [models.build("cnn", meta, width=16, seeds=[g]) for g in range(3)]
+    m = LoopEnsemble([models.build("cnn", meta, width=16, seeds=[g]) for g in range(3)])
+    assert not m.batched and models.build("cnn", meta, num_models=3, width=16).batched
     out = m(x)
     assert out.shape == (3, len(x), 5)
     e = minaction.total_energy(m)
     assert e.shape == (3,)
     for g in range(3):
-        single = models.build("cnn", meta, width=16, seeds=[g])
-        single(x)
-        torch.testing.assert_close(e[g], minaction.total_energy(single), rtol=1e-5, atol=1e-6)
+        singles[g](x)
+        torch.testing.assert_close(e[g], minaction.total_energy(singles[g]), rtol=1e-5, atol=1e-6)
 
 
 def test_energy_options_and_no_energy():

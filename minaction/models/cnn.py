@@ -10,7 +10,16 @@ allows; then adaptive pooling, one dense energy layer of ``width`` units, logits
 * text ``(L,)`` ids: token embeddings ``[L, embed_dim]`` as channels, 1-D convolutions,
   kernel 5, padding 2; global max pooling over positions.
 
-G members are a :class:`LoopEnsemble` of G such modules (``batched = False``).
+G members are built as **one** module (``batched = True``): every conv is an
+:class:`~minaction.nn.EnergyConv2d`/``EnergyConv1d`` with ``num_models=G`` on the
+member-major channel layout ``[B, G*C, *spatial]`` (the first conv reads the shared image or
+series with the G weight sets stacked along its output channels; later convs and the text
+stem's per-member embeddings use ``groups=G``), so pooling runs once for all members, the
+dense and logits layers are :class:`~minaction.nn.EnergyLinear` with ``num_models=G``, logits
+``[G, B, C]`` and ``last_energy`` ``[G]`` per layer. Member g's initialisation equals that of a
+one-member model built with ``seeds[g]``, and it depends only on its own parameters.
+Memory layout: contiguous (NCHW), measured faster here than channels-last (docs/models.md).
+:class:`LoopEnsemble` (G separate members run one after another) is kept for comparisons.
 """
 from __future__ import annotations
 
@@ -42,16 +51,14 @@ class ConvNet(EnergyNet):
     """
 
     arch = "cnn"
-    batched = False
+    batched = True
     KNOBS = {"embed_dim": 64, "embed_init_std": 0.1, "channels": None, "kernel_size": None}
 
     def __init__(self, meta, width: int, depth: int, energy="l2", activation="relu", energy_reduction="sum",
                  num_models: int = 1, embed_dim: int = 64, embed_init_std: float = 0.1,
                  channels: Optional[Sequence[int]] = None,
                  kernel_size: Optional[int] = None):
-        if num_models != 1:
-            raise ValueError("ConvNet is one member; use LoopEnsemble for several")
-        super().__init__(meta, 1)
+        super().__init__(meta, num_models)
         _check_act("activation", activation)
         self.width, self.depth = int(width), int(depth)
         channels = default_channels(meta.modality, self.depth) if channels is None else [int(c) for c in channels]
@@ -60,7 +67,7 @@ class ConvNet(EnergyNet):
         self.channels = channels
         self.modality = meta.modality
         if self.modality == "text":
-            self.stem = TokenEmbedding(meta.vocab_size, embed_dim, None, embed_init_std)
+            self.stem = TokenEmbedding(meta.vocab_size, embed_dim, self._G, embed_init_std)
             cin, spatial, self.has_time = int(embed_dim), (int(meta.input_shape[0]),), False
         else:
             cin, spatial, self.has_time = image_layout(meta)
@@ -77,7 +84,7 @@ class ConvNet(EnergyNet):
         size = list(spatial)
         for c in channels:
             self.convs.append(Conv(cin, c, k, padding=k // 2, activation=activation, energy=energy,
-                                   energy_reduction=energy_reduction))
+                                   energy_reduction=energy_reduction, num_models=self._G))
             pool = all(s >= 2 for s in size)
             self._pool.append(pool)
             if pool:
@@ -98,7 +105,7 @@ class ConvNet(EnergyNet):
     def forward(self, x):
         check_input(x, self.meta)
         if self.modality == "text":
-            h = self.stem.seq(x).transpose(1, 2)  # [B, d, L]
+            h = self.stem.channels(x)  # [B, (G*)d, L]
         else:
             h = time_mean(x.to(self.param_dtype()), self.has_time)
             if h.dim() == 2:  # a bare series (L,) -> one channel
@@ -114,20 +121,27 @@ class ConvNet(EnergyNet):
             h = F.adaptive_avg_pool2d(h, self.grid)
         else:
             h = F.adaptive_avg_pool1d(h, self.grid)
-        h = self.dense(h.reshape(h.shape[0], -1))
+        B = h.shape[0]
+        if self._G is None:
+            h = h.reshape(B, -1)
+        else:  # [B, G*C, *grid] -> [G, B, C*prod(grid)]: each member flattens its own channels
+            h = h.reshape(B, self._G, -1).transpose(0, 1).contiguous()
+        h = self.dense(h)
         return self.out(h)
 
     def rescale_factors(self):
         """Per conv channel c: L2 norm of every weight reading channel c (next conv's input
         channel c, or the dense columns of channel c's pooled cells); dense unit j: logits column j."""
         out = []
+        lead = () if self._G is None else (self._G,)
+        d = len(lead)
         for i, conv in enumerate(self.convs):
-            if i + 1 < self.depth:
+            if i + 1 < self.depth:  # next conv's weight [(G,) out, in, *k]: per input channel
                 w = self.convs[i + 1].weight.detach()
-                f = torch.sqrt((w ** 2).transpose(0, 1).reshape(w.shape[1], -1).sum(-1))
-            else:
-                w = self.dense.weight.detach().reshape(self.width, conv.out_channels, -1)
-                f = torch.sqrt((w ** 2).sum((0, 2)))
+                f = torch.sqrt((w ** 2).transpose(d, d + 1).reshape(lead + (w.shape[d + 1], -1)).sum(-1))
+            else:  # dense weight [(G,) width, C * cells]: the columns of channel c's cells
+                w = self.dense.weight.detach().reshape(lead + (self.width, conv.out_channels, -1))
+                f = torch.sqrt((w ** 2).sum((d, d + 2)))
             out.append((conv, f))
         out.append((self.dense, column_norms(self.out.weight)))
         return out

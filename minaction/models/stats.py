@@ -72,7 +72,7 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tenso
             if y is None:
                 continue
             batched = g is None and G > 1  # [G, B, ...]
-            yg = y if batched else y.unsqueeze(0)  # [G', B, ...]
+            yg = (getattr(lay, "member_view", None) or (lambda t: t))(y) if batched else y.unsqueeze(0)  # [G', B..]
             B = yg.shape[1]
             units = yg[0, 0].numel()
             sl = slice(None) if g is None else slice(g, g + 1)
@@ -83,7 +83,7 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tenso
             if f is not None:
                 f = f.to(yg.dtype)
                 if isinstance(lay, EnergyLayer) and yg.dim() > 3:  # conv: per channel [.., C] -> [G', 1, C, 1...]
-                    f = f.reshape(1, 1, -1, *([1] * (yg.dim() - 3)))
+                    f = f.reshape(-1 if f.dim() == 2 else 1, 1, f.shape[-1], *([1] * (yg.dim() - 3)))
                 else:  # linear: [N] or [G, N] -> [G', 1, N]
                     f = f.reshape(-1 if f.dim() == 2 else 1, 1, f.shape[-1])
                 yr = yg * f

@@ -9,6 +9,17 @@ Energy follows the project definition: ``E_l`` = mean over the samples of the su
 with ``energy_reduction="mean"``, the mean) over every output unit — channels times
 positions — of ``|y|^p``. So a conv layer's energy is comparable with an
 ``EnergyLinear``'s of the same number of output units.
+
+``num_models=G`` holds G independent convolutions in one layer (weight
+``[G, out, in/groups, *k]``, bias ``[G, out]``) run as **one** grouped convolution on the
+"member-major channel" layout: activations ``[B, G*C, *spatial]`` where channels
+``g*C .. (g+1)*C - 1`` belong to member g. The input is either shared by all members
+(``[B, in, *spatial]``, e.g. the image: one ungrouped convolution with the G weight sets
+stacked along the output channels) or per member (``[B, G*in, *spatial]``: ``groups=G``).
+The activation and the energy stay one fused pass: the conv output, contiguous, is seen as
+``B*G`` groups of one row each (one (sample, member) pair per row) and the per-member
+energy is the mean of its rows, ``last_energy`` ``[G]``. Member g's output depends only on
+member g's parameters, so a non-finite member cannot leak into the others.
 """
 from __future__ import annotations
 
@@ -41,9 +52,12 @@ class _EnergyConvNd(EnergyLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrTuple, stride: _IntOrTuple = 1,
                  padding: Union[_IntOrTuple, str] = 0, dilation: _IntOrTuple = 1, groups: int = 1, bias: bool = True,
                  activation: str = "relu", energy: Optional[str] = "l2", energy_reduction: str = "sum",
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, num_models: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         n = self._dims
+        if num_models is not None and int(num_models) <= 0:
+            raise ValueError(f"num_models must be positive, got {num_models}")
+        self.num_models = None if num_models is None else int(num_models)
         if in_channels <= 0 or out_channels <= 0:
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
         if groups <= 0 or in_channels % groups or out_channels % groups:
@@ -63,8 +77,9 @@ class _EnergyConvNd(EnergyLayer):
             raise ValueError("kernel_size, stride and dilation must be positive")
         self.backend = backend
         kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((out_channels, in_channels // groups) + self.kernel_size, **kw))
-        self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
+        lead = () if self.num_models is None else (self.num_models,)
+        self.weight = nn.Parameter(torch.empty(lead + (out_channels, in_channels // groups) + self.kernel_size, **kw))
+        self.bias = nn.Parameter(torch.empty(lead + (out_channels,), **kw)) if bias else None
         self.reset_parameters()
 
     @property
@@ -73,34 +88,69 @@ class _EnergyConvNd(EnergyLayer):
 
     @torch.no_grad()
     def reset_parameters(self, generator: Optional[torch.Generator] = None, model: Optional[int] = None) -> None:
-        """``nn.ConvNd``'s initialisation: weight and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
-
-        ``model`` exists for signature compatibility with batched layers and must be None.
-        """
-        if model is not None:
-            raise ValueError("EnergyConv layers hold one model; reset_parameters(model=...) must be None")
+        """``nn.ConvNd``'s initialisation: weight and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``;
+        for G members each member (or only ``model``) in turn, weight then bias, so member g
+        drawn from a generator gets exactly what a one-model layer drawn from it gets."""
         bound = 1.0 / math.sqrt(self.fan_in)
-        self.weight.uniform_(-bound, bound, generator=generator)
-        if self.bias is not None:
-            self.bias.uniform_(-bound, bound, generator=generator)
+        if self.num_models is None:
+            if model is not None:
+                raise ValueError("this EnergyConv layer holds one model; reset_parameters(model=...) must be None")
+            members = [None]
+        else:
+            if model is not None and not 0 <= int(model) < self.num_models:
+                raise ValueError(f"model={model} is outside 0..{self.num_models - 1}")
+            members = [int(model)] if model is not None else range(self.num_models)
+        for g in members:
+            (self.weight if g is None else self.weight[g]).uniform_(-bound, bound, generator=generator)
+            if self.bias is not None:
+                (self.bias if g is None else self.bias[g]).uniform_(-bound, bound, generator=generator)
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    _convfn = None  # staticmethod(F.conv1d) / staticmethod(F.conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self._dims + 2:
             raise ValueError(f"{type(self).__name__} expects input [batch, channels, {'x'.join('*' * self._dims)}]"
                              f" ({self._dims + 2}-D), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
-                             f"(input shape {tuple(x.shape)})")
-        z = self._conv(x)
-        y, e = activation_energy(z, self.activation, self.energy, self.energy_reduction, backend=self.backend)
-        self.last_energy = e
-        return y
+        G = self.num_models
+        if G is None:
+            if x.shape[1] != self.in_channels:
+                raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
+                                 f"(input shape {tuple(x.shape)})")
+            z = self._convfn(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            y, e = activation_energy(z, self.activation, self.energy, self.energy_reduction, backend=self.backend)
+            self.last_energy = e
+            return y
+        C = x.shape[1]
+        if C == G * self.in_channels:  # per member: member-major channels
+            groups = G * self.groups
+        elif C == self.in_channels:  # one input shared by every member
+            if self.groups == 1:
+                groups = 1  # one convolution, the G weight sets stacked along the output channels
+            else:
+                x, groups = x.repeat((1, G) + (1,) * self._dims), G * self.groups
+        else:
+            raise ValueError(f"{type(self).__name__} with {G} models expects {self.in_channels} input channels "
+                             f"(shared by all models) or {G}x{self.in_channels}={G * self.in_channels} (member-major), "
+                             f"got {C} (input shape {tuple(x.shape)})")
+        w = self.weight.reshape((G * self.out_channels,) + tuple(self.weight.shape[2:]))
+        b = self.bias.reshape(-1) if self.bias is not None else None
+        z = self._convfn(x, w, b, self.stride, self.padding, self.dilation, groups)
+        B = z.shape[0]
+        # rows = (sample, member) pairs: the fused pass gives one sum per row, the energy is their batch mean
+        y, e = activation_energy(z.reshape(B * G, 1, -1), self.activation, self.energy, self.energy_reduction,
+                                 groups=B * G, backend=self.backend)
+        self.last_energy = e.view(B, G).mean(0)
+        return y.view(z.shape)
+
+    def member_view(self, y: torch.Tensor) -> torch.Tensor:
+        """This layer's output ``[B, G*out, *spatial]`` seen as ``[G, B, out, *spatial]`` (a view)."""
+        if self.num_models is None:
+            return y.unsqueeze(0)
+        G = self.num_models
+        return y.view((y.shape[0], G, self.out_channels) + tuple(y.shape[2:])).transpose(0, 1)
 
     def forward_flops(self, x_shape, y_shape) -> int:
-        out = math.prod(y_shape)
+        out = math.prod(y_shape)  # all members' outputs: the fan-in is per member
         return 2 * out * self.fan_in + (out if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
@@ -112,6 +162,8 @@ class _EnergyConvNd(EnergyLayer):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.num_models is not None:
+            s += f", num_models={self.num_models}"
         s += f", activation={self.activation!r}, energy={self.energy!r}"
         if self.energy_reduction != "sum":
             s += f", energy_reduction={self.energy_reduction!r}"
@@ -121,25 +173,25 @@ class _EnergyConvNd(EnergyLayer):
 class EnergyConv1d(_EnergyConvNd):
     """``act(conv1d(x))`` with its activation energy; parameters as ``nn.Conv1d``.
 
-    Input ``[B, C_in, L]`` -> output ``[B, C_out, L_out]``; ``last_energy`` is 0-dim.
+    Input ``[B, C_in, L]`` -> output ``[B, C_out, L_out]``; ``last_energy`` is 0-dim. With
+    ``num_models=G``: input ``[B, C_in, L]`` (shared) or ``[B, G*C_in, L]`` -> ``[B, G*C_out, L_out]``,
+    ``last_energy`` ``[G]``.
     """
 
     _dims = 1
-
-    def _conv(self, x):
-        return F.conv1d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    _convfn = staticmethod(F.conv1d)
 
 
 class EnergyConv2d(_EnergyConvNd):
     """``act(conv2d(x))`` with its activation energy; parameters as ``nn.Conv2d``.
 
-    Input ``[B, C_in, H, W]`` -> output ``[B, C_out, H_out, W_out]``; ``last_energy`` is 0-dim.
+    Input ``[B, C_in, H, W]`` -> output ``[B, C_out, H_out, W_out]``; ``last_energy`` is 0-dim. With
+    ``num_models=G``: input ``[B, C_in, H, W]`` (shared) or ``[B, G*C_in, H, W]`` ->
+    ``[B, G*C_out, H_out, W_out]``, ``last_energy`` ``[G]``.
     """
 
     _dims = 2
-
-    def _conv(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    _convfn = staticmethod(F.conv2d)
 
 
 __all__ = ["EnergyConv1d", "EnergyConv2d"]

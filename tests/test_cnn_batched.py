@@ -1,0 +1,227 @@
+"""The batched cnn (G members as one module: grouped convolutions on member-major channels)
+against G members built one by one, in float64, for every modality stem the cnn has.
+Random tensors only (no data needed)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minaction
+from minaction import models
+from minaction.data import DataMeta
+from minaction.models.common import TokenEmbedding
+from minaction.nn.conv import EnergyConv1d, EnergyConv2d
+
+# every stem of the cnn: 2-D (vision; neuromorphic events and spikes, averaged over T) and
+# 1-D (physiological (C, L) and bare (L,) series; text as embedding channels)
+STEMS = {
+    "vision": DataMeta("img", "vision", 4, (1, 12, 10), torch.float32),
+    "vision_rgb": DataMeta("rgb", "vision", 3, (3, 8, 8), torch.float32),
+    "events": DataMeta("ev", "neuromorphic", 4, (3, 2, 9, 9), torch.float32),
+    "spikes": DataMeta("sp_spikes", "neuromorphic", 3, (4, 1, 10, 10), torch.float32, spike_encoded=True),
+    "series": DataMeta("ecg", "physiological", 5, (1, 40), torch.float32),
+    "bare_series": DataMeta("bare", "physiological", 2, (33,), torch.float32),
+    "text": DataMeta("txt", "text", 3, (20,), torch.int64, vocab_size=50),
+}
+
+
+def batch(meta, B=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (B,) + tuple(meta.input_shape)
+    if meta.modality == "text":
+        x = torch.randint(2, meta.vocab_size, shape, generator=g)
+        x[:, -4:] = 0
+        x[1, 2] = 1
+    elif meta.modality == "neuromorphic":
+        x = (torch.rand(shape, generator=g, dtype=torch.float64) < 0.3).double()
+    else:
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, meta.num_classes, (B,), generator=g)
+
+
+def _build(meta, seeds, **kw):
+    kw = dict(dict(width=8, depth=2, channels=[3, 4], dtype=torch.float64), **kw)
+    group = models.build("cnn", meta, num_models=len(seeds), seeds=seeds, **kw)
+    singles = [models.build("cnn", meta, seeds=[s], **kw) for s in seeds]
+    return group, singles
+
+
+def _member_params(group, g):
+    return [p[g] for p in group.parameters()]
+
+
+@pytest.mark.parametrize("stem", list(STEMS))
+@pytest.mark.parametrize("opts", [dict(), dict(activation="gelu", energy="l1", energy_reduction="mean", depth=3,
+                                              channels=[2, 3, 2])])
+def test_batched_equals_separate_through_adam_steps(stem, opts):
+    """Outputs, per-layer energies [G], gradients and parameters after each of 4 Adam steps of
+    sum_g (CE_g + lam_g E_g): the batched module equals G separately built members."""
+    meta = STEMS[stem]
+    seeds, lams = [5, 0, 9], [1e-2, 0.0, 1e-1]
+    G = len(seeds)
+    group, singles = _build(meta, seeds, **opts)
+    assert group.batched and group.num_models == G
+    assert all(c.weight.shape[0] == G for c in group.convs)  # one module, not a loop
+    for g in range(G):  # initialisation: member g == a one-member model with seeds[g]
+        for a, b in zip(_member_params(group, g), singles[g].parameters()):
+            assert torch.equal(a, b)
+    x, y = batch(meta)
+    lam = torch.tensor(lams, dtype=torch.float64)
+    opt_g = torch.optim.Adam(group.parameters(), lr=1e-2)
+    opt_s = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in singles]
+    for step in range(5):
+        out = group(x)
+        assert out.shape == (G, len(y), meta.num_classes)
+        layer_e = [lay.last_energy for lay in group.convs] + [group.dense.last_energy]
+        assert all(e.shape == (G,) for e in layer_e)
+        e = minaction.total_energy(group)
+        assert e.shape == (G,)
+        ce = torch.stack([F.cross_entropy(out[g], y) for g in range(G)])
+        opt_g.zero_grad()
+        (ce + lam * e).sum().backward()
+        for g, m in enumerate(singles):
+            o = m(x)
+            es = minaction.total_energy(m)
+            torch.testing.assert_close(out[g].detach(), o.detach(), rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(e[g].detach(), es.detach(), rtol=1e-9, atol=1e-11)
+            for lg, ls in zip(layer_e, [lay.last_energy for lay in m.convs] + [m.dense.last_energy]):
+                assert ls.dim() == 0
+                torch.testing.assert_close(lg[g].detach(), ls.detach(), rtol=1e-9, atol=1e-11)
+            opt_s[g].zero_grad()
+            (F.cross_entropy(o, y) + lams[g] * es).backward()
+            for pg, ps in zip(group.parameters(), m.parameters()):
+                torch.testing.assert_close(pg.grad[g], ps.grad, rtol=1e-8, atol=1e-11)
+                torch.testing.assert_close(pg[g].detach(), ps.detach(), rtol=1e-9, atol=1e-11)
+        if step < 4:
+            opt_g.step()
+            for o in opt_s:
+                o.step()
+
+
+@pytest.mark.parametrize("stem", ["vision", "series", "text"])
+def test_nonfinite_member_does_not_touch_the_others(stem):
+    """The trainer freezes a diverged member by masking its loss term and zeroing its
+    non-finite gradients; that only works if no member's outputs, energies or gradients depend
+    on another's parameters. Member 1 is poisoned with NaN; members 0 and 2 stay exact."""
+    meta = STEMS[stem]
+    seeds = [1, 2, 3]
+    group, singles = _build(meta, seeds)
+    with torch.no_grad():
+        group.convs[0].weight[1].fill_(float("nan"))
+        group.dense.bias[1].fill_(float("inf"))
+    x, y = batch(meta)
+    out = group(x)
+    e = minaction.total_energy(group)
+    ce = torch.stack([F.cross_entropy(out[g], y) for g in range(3)])
+    obj = ce + 1e-2 * e
+    alive = torch.isfinite(obj.detach())
+    assert alive.tolist() == [True, False, True]
+    torch.where(alive, obj, torch.zeros_like(obj)).sum().backward()
+    for g in (0, 2):
+        m = singles[g]
+        o = m(x)
+        es = minaction.total_energy(m)
+        (F.cross_entropy(o, y) + 1e-2 * es).backward()
+        torch.testing.assert_close(out[g].detach(), o.detach(), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(e[g].detach(), es.detach(), rtol=1e-9, atol=1e-11)
+        for pg, ps in zip(group.parameters(), m.parameters()):
+            assert torch.isfinite(pg.grad[g]).all()
+            torch.testing.assert_close(pg.grad[g], ps.grad, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("stem", ["vision", "events", "series", "text"])
+def test_activation_stats_per_member(stem):
+    """energy, active_frac and energy_rescaled of the batched cnn are the members' own."""
+    meta = STEMS[stem]
+    group, singles = _build(meta, [4, 8])
+    x, _ = batch(meta, B=6)
+    st = models.activation_stats(group, x)
+    for g, m in enumerate(singles):
+        s1 = models.activation_stats(m, x)
+        for k in ("energy", "active_frac", "energy_rescaled"):
+            assert st[k].shape == (2,)
+            torch.testing.assert_close(st[k][g], s1[k], rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the layer
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("cls,kw,shape", [
+    (EnergyConv1d, dict(in_channels=3, out_channels=4, kernel_size=5, padding=2), (4, 3, 13)),
+    (EnergyConv1d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, groups=2), (3, 4, 11)),
+    (EnergyConv2d, dict(in_channels=2, out_channels=3, kernel_size=3, padding=1), (3, 2, 7, 6)),
+    (EnergyConv2d, dict(in_channels=4, out_channels=2, kernel_size=(3, 1), groups=2, bias=False), (2, 4, 6, 5)),
+])
+@pytest.mark.parametrize("shared", [True, False])
+def test_layer_num_models_equals_separate_layers(backend, cls, kw, shape, shared):
+    """EnergyConv(num_models=G) on a shared input [B, in, ...] or a member-major one
+    [B, G*in, ...] == G one-model layers (outputs, energies [G], gradients of both)."""
+    G = 3
+    layer = cls(**kw, num_models=G, backend=backend, activation="tanh", energy="l2").double()
+    singles = []
+    for g in range(G):
+        s = cls(**kw, backend=backend, activation="tanh", energy="l2").double()
+        with torch.no_grad():
+            s.weight.copy_(layer.weight[g])
+            if s.bias is not None:
+                s.bias.copy_(layer.bias[g])
+        singles.append(s)
+    torch.manual_seed(0)
+    B, cin = shape[0], shape[1]
+    xs = [torch.randn(shape, dtype=torch.float64) for _ in range(G)]
+    if shared:
+        xs = [xs[0]] * G
+    x = (xs[0] if shared else torch.cat(xs, 1)).clone().requires_grad_(True)
+    y = layer(x)
+    assert y.shape[1] == G * kw["out_channels"] and layer.last_energy.shape == (G,)
+    gy = torch.randn_like(y)
+    ge = torch.randn(G, dtype=torch.float64)
+    ((y * gy).sum() + (layer.last_energy * ge).sum()).backward()
+    yv, gyv = layer.member_view(y), layer.member_view(gy)
+    gx = x.grad if shared else x.grad.view(B, G, cin, *shape[2:])
+    gx_sum = torch.zeros_like(xs[0])
+    for g, s in enumerate(singles):
+        xg = xs[g].clone().requires_grad_(True)
+        yg = s(xg)
+        torch.testing.assert_close(yv[g], yg, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.last_energy[g], s.last_energy, rtol=1e-10, atol=1e-12)
+        ((yg * gyv[g]).sum() + s.last_energy * ge[g]).backward()
+        torch.testing.assert_close(layer.weight.grad[g], s.weight.grad, rtol=1e-9, atol=1e-11)
+        if s.bias is not None:
+            torch.testing.assert_close(layer.bias.grad[g], s.bias.grad, rtol=1e-9, atol=1e-11)
+        if shared:
+            gx_sum += xg.grad
+        else:
+            torch.testing.assert_close(gx[:, g], xg.grad, rtol=1e-9, atol=1e-11)
+    if shared:
+        torch.testing.assert_close(gx, gx_sum, rtol=1e-9, atol=1e-11)
+
+
+def test_layer_num_models_init_and_errors():
+    a = EnergyConv2d(2, 3, 3, num_models=2)
+    gen = torch.Generator().manual_seed(3)
+    a.reset_parameters(generator=gen, model=1)
+    b = EnergyConv2d(2, 3, 3)
+    b.reset_parameters(generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.weight[1], b.weight) and torch.equal(a.bias[1], b.bias)
+    assert "num_models=2" in repr(a)
+    with pytest.raises(ValueError, match=r"expects 2 input channels \(shared by all models\) or 2x2=4"):
+        a(torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="outside"):
+        a.reset_parameters(model=2)
+    with pytest.raises(ValueError, match="must be None"):
+        b.reset_parameters(model=0)
+    with pytest.raises(ValueError, match="num_models must be positive"):
+        EnergyConv1d(1, 1, 1, num_models=0)
+
+
+def test_text_channels_member_major():
+    emb = TokenEmbedding(30, 4, num_models=3)
+    ids = torch.randint(0, 30, (5, 7))
+    ids[:, -2:] = 0
+    out = emb.channels(ids)
+    assert out.shape == (5, 12, 7)
+    for g in range(3):
+        one = TokenEmbedding(30, 4)
+        with torch.no_grad():
+            one.weight.copy_(emb.weight[g])
+        torch.testing.assert_close(out[:, 4 * g:4 * (g + 1)], one.channels(ids))
+    assert (out[:, :, -2:] == 0).all()
