@@ -48,14 +48,14 @@ def test_mixed_store_is_refused_and_names_the_budgets(mixed_db, tmp_path):
 def test_preset_flag_picks_one_budget(mixed_db, tmp_path):
     res = build_report(mixed_db, tmp_path / "sweep", n_boot=5, preset="lambda-sweep")
     b = pd.read_csv(tmp_path / "sweep" / "tables" / "budgets.csv")
-    assert list(b["presets"]) == ["lambda-sweep"] and list(b["dataset"]) == ["mnist"]
+    assert list(b["presets"]) == ["lambda-sweep"] and list(b["datasets"]) == ["mnist"]
     assert b["runs"].sum() == 2 * 2 * 3
     assert "train_subset=4000" in b.loc[0, "budget"]
     assert check_traceable(tmp_path / "sweep") == []
     assert res["verdicts"][1] == "not comparable"  # one dataset only
     res = build_report(mixed_db, tmp_path / "smoke", n_boot=5, preset="smoke")
     b = pd.read_csv(tmp_path / "smoke" / "tables" / "budgets.csv")
-    assert set(b["dataset"]) == {"mnist", "sst2"} and set(b["presets"]) == {"smoke"}
+    assert list(b["datasets"]) == ["mnist, sst2"] and list(b["presets"]) == ["smoke"] and b["runs"].sum() == 12 + 6
     with pytest.raises(ValueError, match=r"no runs of preset 'full' \(presets in the store: lambda-sweep, smoke\)"):
         build_report(mixed_db, tmp_path / "x", n_boot=5, preset="full")
 

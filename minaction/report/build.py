@@ -151,13 +151,13 @@ class _Report:
         for r in budgets.itertuples():
             f = json.loads(r.all_fields)
             if r.budget.startswith("unknown"):
-                reasons.append(f"{r.dataset}: the training budget is not recorded")
+                reasons.append(f"{r.datasets}: the training budget is not recorded")
                 continue
             if f.get("train_subset", 0):
-                reasons.append(f"{r.dataset}: train_subset={f['train_subset']} training samples, not the full "
+                reasons.append(f"{r.datasets}: train_subset={f['train_subset']} training samples, not the full "
                                "training split")
             if f.get("test_subset", 0):
-                reasons.append(f"{r.dataset}: test_subset={f['test_subset']} test samples, not the full official "
+                reasons.append(f"{r.datasets}: test_subset={f['test_subset']} test samples, not the full official "
                                "test split")
         for p in sorted({str(x) for x in self.store.runs_all["preset"].dropna()}):
             if any(w in p.lower() for w in self.opt.quick_preset_words):
@@ -186,7 +186,7 @@ class _Report:
                    "share one training budget (runs of different budgets are never pooled; a store that mixes "
                    "them is refused unless `--preset` or `--budget` picks one).")
         self.doc.table(budgets.drop(columns="all_fields"), rel_b,
-                       "Training budget per dataset (every field in the CSV's all_fields column)")
+                       "Training budgets: one per dataset, never pooled (every field in the CSV's all_fields column)")
         self.doc.table(st, rel, "Runs by status")
         design = (runs.groupby(["modality", "dataset"])
                   .agg(archs=("arch", "nunique"), lambdas=("lam", "nunique"), seeds=("seed", "nunique"),
@@ -230,12 +230,15 @@ class _Report:
             "every effect.")
         counts = _anova.cell_counts(data, factors)
         rel_counts = self.csv("anova_cell_counts", counts)
-        if not counts.empty:
-            rows = [f for f in factors if f != "arch"]  # datasets (and λ) down, architectures across
-            wide = counts.pivot_table(index=rows, columns="arch", values="n", aggfunc="sum").reset_index()
+        if not counts.empty:  # datasets down, architectures across (the CSV has every cell, long form)
+            rng = counts.groupby(["dataset", "arch"])["n"].agg(["min", "max"])
+            rng["n"] = [str(lo) if lo == hi else f"{lo}–{hi}" for lo, hi in zip(rng["min"], rng["max"])]
+            wide = rng["n"].unstack("arch").reset_index()
             wide.columns = [str(c) for c in wide.columns]
-            d.table(wide, rel_counts, "Runs per cell (n; rows: " + " × ".join(rows) + ", columns: architectures; "
-                                      "the design may be unbalanced)")
+            over = (f"; with λ a factor, each entry is the range over the {data['lam'].nunique()} λ values"
+                    if "lam" in factors else "")
+            d.table(wide, rel_counts, f"Runs per cell (n; rows: datasets, columns: architectures{over}; the design "
+                                      "may be unbalanced)")
         gaps = _anova.factorial_design_gaps(data, factors, min_levels=2, min_reps=opt.min_replicates,
                                             max_thin_frac=opt.max_thin_frac)
         if gaps and dropped:
@@ -346,6 +349,7 @@ class _Report:
             "*orders* = -log10 of a ratio; *rescaling share* = 1 - orders(rescaled E) / orders(E) is the part of "
             "the energy drop that rescaling alone explains; *orders(active)* = -log10 of the active-fraction ratio "
             "is the part explained by units switching off.")
+        sw = sw[sw["lam"] > 0]  # the λ = 0 rows are 1 and 0 by construction (they stay in the CSV)
         disp = pd.DataFrame({
             "dataset": sw["dataset"], "arch": sw["arch"], "λ": sw["lam"].map(fmt), "n": sw["n"],
             "E(λ)/E(0) [CI]": [ci(m, lo, hi) for m, lo, hi in zip(sw["E_ratio"], sw["E_ratio_lo"], sw["E_ratio_hi"])],

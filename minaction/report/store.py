@@ -128,18 +128,18 @@ SHOWN_BUDGET_KEYS = ("epochs", "batch_size", "lr", "optimizer", "train_subset", 
 
 
 def budget_table(runs: pd.DataFrame, budgets: dict) -> pd.DataFrame:
-    """One row per (budget, dataset): ``budget_id, presets, dataset, runs, budget`` (the
-    budget's main fields as ``key=value`` text) and ``all_fields`` (every field)."""
+    """One row per budget: ``budget_id, presets, datasets, runs, budget`` (the budget's main
+    fields as ``key=value`` text) and ``all_fields`` (every field, JSON)."""
     rows = []
-    for (bid, ds), g in runs.groupby(["budget_id", "dataset"], sort=True):
+    for bid, g in runs.groupby("budget_id", sort=True):
         flat = _flat(budgets.get(bid))
         shown = {k: flat[k] for k in SHOWN_BUDGET_KEYS if k in flat}
         rest = {k: v for k, v in flat.items() if k not in SHOWN_BUDGET_KEYS}
         text = ", ".join(f"{k}={v}" for k, v in shown.items()) if flat else "unknown (no budget recorded)"
         rows.append({"budget_id": bid, "presets": ", ".join(sorted(str(p) for p in g["preset"].dropna().unique())),
-                     "dataset": ds, "runs": int(len(g)), "budget": text,
-                     "all_fields": json.dumps({**shown, **rest}, sort_keys=True)})
-    return pd.DataFrame(rows, columns=["budget_id", "presets", "dataset", "runs", "budget", "all_fields"])
+                     "datasets": ", ".join(sorted(str(d) for d in g["dataset"].unique())), "runs": int(len(g)),
+                     "budget": text, "all_fields": json.dumps({**shown, **rest}, sort_keys=True)})
+    return pd.DataFrame(rows, columns=["budget_id", "presets", "datasets", "runs", "budget", "all_fields"])
 
 
 class MixedBudgetError(ValueError):
