@@ -148,17 +148,20 @@ class _Report:
     def quick_reasons(self, budgets: pd.DataFrame) -> list:
         """Why this store's budget cannot test the paper's claims (empty: it can)."""
         reasons = []
+        every = ", ".join(sorted(str(d) for d in self.store.runs_all["dataset"].unique()))
         for r in budgets.itertuples():
             f = json.loads(r.all_fields)
+            where = "every dataset" if r.datasets == every else r.datasets
             if r.budget.startswith("unknown"):
-                reasons.append(f"{r.datasets}: the training budget is not recorded")
+                reasons.append(f"{where}: the training budget is not recorded")
                 continue
+            small = []
             if f.get("train_subset", 0):
-                reasons.append(f"{r.datasets}: train_subset={f['train_subset']} training samples, not the full "
-                               "training split")
+                small.append(f"train_subset={f['train_subset']} training samples, not the full training split")
             if f.get("test_subset", 0):
-                reasons.append(f"{r.datasets}: test_subset={f['test_subset']} test samples, not the full official "
-                               "test split")
+                small.append(f"test_subset={f['test_subset']} test samples, not the full official test split")
+            if small:
+                reasons.append(f"{where}: " + " and ".join(small))
         for p in sorted({str(x) for x in self.store.runs_all["preset"].dropna()}):
             if any(w in p.lower() for w in self.opt.quick_preset_words):
                 reasons.append(f"preset `{p}` is a quick-look preset")
