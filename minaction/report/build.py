@@ -183,7 +183,7 @@ class _Report:
         rel = self.csv("runs_by_status", st)
         self.doc.h(1, "The store")
         presets = ", ".join(sorted(str(p) for p in ra["preset"].dropna().unique())) or "n/a"
-        sel = f" (selected: {self.store.selection})" if self.store.selection else ""
+        sel = f" (selected: `{self.store.selection}`)" if self.store.selection else ""
         self.doc.p(f"Store `{self.store.path}`, preset(s) `{presets}`{sel}. Only finished runs (status `done`) are "
                    "analysed; failed and diverged runs are counted here and nowhere else. Every dataset's runs "
                    "share one training budget (runs of different budgets are never pooled; a store that mixes "
