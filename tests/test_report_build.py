@@ -198,3 +198,21 @@ def test_cli_report(tmp_path, capsys):
     assert "Finding 1" in capsys.readouterr().out
     assert main(["report", "--db", str(tmp_path / "nope.sqlite"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cell_count_table_stays_narrow(tmp_path):
+    """λ crossed with arch and dataset used to give one column per dataset x λ (50 for the
+    factorial preset); now datasets are rows, architectures columns, λ summarised as a range."""
+    ds = {"mnist": "vision", "fashion_mnist": "vision", "sst2": "text", "ecg5000": "physiological"}
+    db = make_synthetic_store(tmp_path / "s.sqlite", archs=("mlp", "cnn"), datasets=ds, sweep_datasets=tuple(ds),
+                              lams=(0.0, 1e-4, 1e-2), seeds=3, seed=5, n_failed=0)
+    build_report(db, tmp_path / "o", n_boot=5)
+    md = (tmp_path / "o" / "report.md").read_text()
+    block = md.split("*Runs per cell", 1)[1].split("\n\n", 2)[1]
+    header = [c.strip() for c in block.splitlines()[0].strip("|").split("|")]
+    assert header == ["dataset", "cnn", "mlp"]
+    assert len(block.splitlines()) == 2 + len(ds)
+    assert "range over the 3 λ values" in md
+    counts = pd.read_csv(tmp_path / "o" / "tables" / "anova_cell_counts.csv")
+    assert len(counts) == 2 * len(ds) * 3  # the CSV keeps every cell
+    assert check_traceable(tmp_path / "o") == []

@@ -72,3 +72,47 @@ def test_broken_images_are_detected(small_report):
     img = _screenshot(page, d / "broken.png", d / "profile2")
     sat, bands = _plot_bands(img)
     assert sat.sum() < 500 and len(bands) == 0
+
+
+# --- each figure checked at the size it is shown (no Chromium needed) --------------------
+
+TEN = {"mnist": "vision", "fashion_mnist": "vision", "sst2": "text", "20newsgroups": "text", "nmnist": "neuromorphic",
+       "mnist_spikes": "neuromorphic", "fmnist_spikes": "neuromorphic", "ecg5000": "physiological",
+       "ecg200": "physiological", "eog": "physiological"}
+
+
+@pytest.mark.parametrize("datasets, archs", [
+    (TEN, ("mlp", "cnn", "bimodal_true", "physics_lagrangian")),  # a full factorial store
+    ({"mnist": "vision", "fashion_mnist": "vision"}, ("mlp", "bimodal_true", "physics_lagrangian")),  # a λ-sweep
+    ({"mnist": "vision"}, ("mlp",)),
+])
+def test_own_figures_have_no_layout_problems(tmp_path, datasets, archs):
+    from minaction.report import figures, lambda_sweep, load_store
+    from minaction.report.build import _cell_stats
+
+    db = make_synthetic_store(tmp_path / "s.sqlite", datasets=datasets, archs=archs, seeds=3, seed=1,
+                              sweep_datasets=tuple(datasets))
+    runs = load_store(db).runs
+    figures.PROBLEMS.clear()
+    figures.interaction_plot(_cell_stats(runs, 0.95), tmp_path / "interaction.png")
+    figures.sweep_plot(lambda_sweep(runs), tmp_path / "lambda_sweep.png")
+    assert figures.PROBLEMS == {"interaction.png": [], "lambda_sweep.png": []}
+
+
+def test_layout_check_catches_bad_figures():
+    """Negative control: an empty panel, overlapping labels, tiny text and a cut-off label."""
+    from minaction.report.figures import _plt, layout_problems
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(4, 2))
+    axes[0].plot([1, 2], [1, 2])
+    axes[0].set_xticks([1, 1.02])
+    axes[0].set_xticklabels(["a long label", "another long one"])
+    axes[1].axhline(0, gid="ref")  # a reference line only: still an empty panel
+    axes[1].set_ylabel("y", fontsize=3)
+    axes[0].set_title("a title far too long to fit inside this little figure at all, it runs off")
+    fig.set_dpi(80)
+    probs = layout_problems(fig)
+    plt.close(fig)
+    text = " | ".join(probs)
+    assert "empty panel" in text and "overlaps" in text and "smallest text" in text and "cut off" in text

@@ -5,7 +5,16 @@ contrasts). Type II and Type III sums of squares are always asked for explicitly
 (statsmodels' default, Type I, depends on the order of the terms), and Type III is only
 meaningful with sum-to-zero coding, which is why the coding is fixed here.
 
-``partial eta^2 = SS_effect / (SS_effect + SS_residual)``.
+``partial eta^2 = SS_effect / (SS_effect + SS_residual)`` and
+``plain eta^2 = SS_effect / SS_total`` with ``SS_total = sum (y - mean y)^2`` (the corrected
+total). In a balanced design the Type II/III sums of squares add up to SS_total; in an
+unbalanced one they do not, and SS_total is still the denominator here (pingouin's unbalanced
+``n2`` divides by the sum of the table's rows instead; the two agree when balanced).
+
+Partial eta^2 divides by the effect plus the seed-to-seed noise only, so with a few seeds
+of small noise every real effect has partial eta^2 near 1; plain eta^2 is the share of all
+the variance (datasets included), which is what "architecture alone explains little" reads
+most naturally as.
 
 Two implementations agree (tested to 1e-10 against statsmodels and ``pingouin.anova``):
 
@@ -72,8 +81,8 @@ def anova_table(df: pd.DataFrame, dv: str, factors: Sequence[str], typ: int) -> 
     """Type II or III ANOVA table of the full factorial model, via statsmodels.
 
     Returns a frame indexed by term (``arch``, ``dataset``, ``arch:dataset``, ...,
-    ``Residual``) with columns ``sum_sq, df, F, p, np2`` (partial eta squared; NaN for the
-    residual row).
+    ``Residual``) with columns ``sum_sq, df, F, p, np2, eta2`` (partial eta squared, NaN for
+    the residual row; plain eta squared = SS / SS_total, for the residual row its share).
     """
     if typ not in (2, 3):
         raise ValueError(f"typ must be 2 or 3 (Type I depends on term order), got {typ!r}")
@@ -89,6 +98,8 @@ def anova_table(df: pd.DataFrame, dv: str, factors: Sequence[str], typ: int) -> 
     ss_res = out.loc["Residual", "sum_sq"]
     out["np2"] = out["sum_sq"] / (out["sum_sq"] + ss_res)
     out.loc["Residual", "np2"] = np.nan
+    y = data[dv].to_numpy(float)
+    out["eta2"] = out["sum_sq"] / float(((y - y.mean()) ** 2).sum())  # the residual row: its share too
     out.index.name = "term"
     return out
 
@@ -168,7 +179,7 @@ class FastAnova:
                 self._inv[ck] = np.linalg.pinv(Gs)
         return self._inv[ck]
 
-    def sums_of_squares(self, typ: int, rows=None, y=None) -> dict:
+    def sums_of_squares(self, typ: int, rows=None, y=None, total: bool = False) -> dict:
         """``{term: SS, ..., 'Residual': SS_res}`` on all rows or on the rows ``rows``
         (indices, repeats allowed: a bootstrap resample); ``y`` replaces the response.
 
@@ -198,12 +209,24 @@ class FastAnova:
 
         out = {name: rss(red) - rss(big) for name, (red, big) in subs.items()}
         out["Residual"] = rss(full)
+        if total:  # SS_total = the weighted corrected sum of squares (y is centred above)
+            out["Total"] = yy
         return out
 
     def partial_eta(self, typ: int, rows=None, y=None) -> dict:
-        ss = self.sums_of_squares(typ, rows, y)
+        return self.eta(typ, rows, y)[0]
+
+    def plain_eta(self, typ: int, rows=None, y=None) -> dict:
+        return self.eta(typ, rows, y)[1]
+
+    def eta(self, typ: int, rows=None, y=None):
+        """``(partial, plain)``: two ``{term: eta^2}`` dicts from one set of sums of squares."""
+        ss = self.sums_of_squares(typ, rows, y, total=True)
+        tot = ss.pop("Total")
         res = ss.pop("Residual")
-        return {k: v / (v + res) if (v + res) > 0 else np.nan for k, v in ss.items()}
+        partial = {k: v / (v + res) if (v + res) > 0 else np.nan for k, v in ss.items()}
+        plain = {k: v / tot if tot > 0 else np.nan for k, v in ss.items()}
+        return partial, plain
 
     def resample_rows(self, rng: np.random.Generator) -> np.ndarray:
         """Row indices of one within-cell bootstrap resample."""
@@ -228,7 +251,9 @@ def bootstrap_partial_eta(df: pd.DataFrame, dv: str, factors: Sequence[str], typ
     the resampled runs' deviations from their cell's resample mean are stretched by
     sqrt(n/(n-1)), which removes that bias; ``stretch=False`` gives the plain bootstrap.
 
-    Returns a frame with columns ``typ, term, np2_lo, np2_hi, n_boot``.
+    The same resamples give the CI of plain eta squared (SS_effect / SS_total).
+
+    Returns a frame with columns ``typ, term, np2_lo, np2_hi, eta2_lo, eta2_hi, n_boot``.
     """
     if n_boot < 1:
         raise ValueError("n_boot must be >= 1")
@@ -237,18 +262,23 @@ def bootstrap_partial_eta(df: pd.DataFrame, dv: str, factors: Sequence[str], typ
     fa = FastAnova(df, dv, factors)
     rng = np.random.default_rng(seed)
     draws = {t: [] for t in typs}
+    plain = {t: [] for t in typs}
     for _ in range(n_boot):
         rows = fa.resample_rows(rng)
         y = fa.stretched_y(rows) if stretch else None
         for t in typs:
-            draws[t].append(fa.partial_eta(t, rows, y))
+            pe, ee = fa.eta(t, rows, y)
+            draws[t].append(pe)
+            plain[t].append(ee)
     alpha = (1 - ci) / 2
     out = []
     for t in typs:
-        d = pd.DataFrame(draws[t])
+        d, e = pd.DataFrame(draws[t]), pd.DataFrame(plain[t])
         for term in d.columns:
             lo, hi = np.nanquantile(d[term].to_numpy(), [alpha, 1 - alpha])
-            out.append({"typ": t, "term": term, "np2_lo": float(lo), "np2_hi": float(hi), "n_boot": n_boot})
+            elo, ehi = np.nanquantile(e[term].to_numpy(), [alpha, 1 - alpha])
+            out.append({"typ": t, "term": term, "np2_lo": float(lo), "np2_hi": float(hi), "eta2_lo": float(elo),
+                        "eta2_hi": float(ehi), "n_boot": n_boot})
     return pd.DataFrame(out)
 
 
@@ -259,9 +289,10 @@ def cell_counts(df: pd.DataFrame, factors: Sequence[str]) -> pd.DataFrame:
 
 def factorial_analysis(df: pd.DataFrame, dv: str, factors: Sequence[str], n_boot: int = 1000, seed: int = 0,
                        ci: float = 0.95) -> pd.DataFrame:
-    """Type II and Type III tables with partial eta squared and its bootstrap CI, long form.
+    """Type II and Type III tables with partial and plain eta squared and their bootstrap
+    CIs, long form.
 
-    Columns: ``typ, term, sum_sq, df, F, p, np2, np2_lo, np2_hi``.
+    Columns: ``typ, term, sum_sq, df, F, p, np2, eta2, np2_lo, np2_hi, eta2_lo, eta2_hi``.
     """
     parts = []
     for t in (2, 3):
@@ -273,6 +304,80 @@ def factorial_analysis(df: pd.DataFrame, dv: str, factors: Sequence[str], n_boot
         boot = bootstrap_partial_eta(df, dv, factors, n_boot=n_boot, seed=seed, ci=ci)
         tab = tab.merge(boot.drop(columns="n_boot"), on=["typ", "term"], how="left")
     else:
-        tab["np2_lo"] = np.nan
-        tab["np2_hi"] = np.nan
+        for c in ("np2_lo", "np2_hi", "eta2_lo", "eta2_hi"):
+            tab[c] = np.nan
     return tab
+
+
+def _names(items, limit: int = 8) -> str:
+    items = list(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def factorial_design_gaps(df: pd.DataFrame, factors: Sequence[str] = ("arch", "dataset"), min_levels: int = 2,
+                          min_reps: int = 2, max_thin_frac: float = 0.0) -> list:
+    """What a factorial analysis of ``df`` lacks, one sentence per gap (empty: nothing).
+
+    The design needs every factor at ``min_levels`` levels or more, every combination of
+    the levels present (no empty cell) and ``min_reps`` runs (replicates, e.g. seeds) in
+    every cell - except that up to ``max_thin_frac`` of the cells may have fewer (a run
+    that failed in one cell); without replicates there is no residual to test against.
+    """
+    gaps = []
+    factors = list(factors)
+    for f in factors:
+        lv = sorted(str(x) for x in df[f].dropna().unique()) if f in df.columns else []
+        if len(lv) < min_levels:
+            gaps.append(f"{len(lv)} {f} level(s) ({', '.join(lv) or 'none'}); at least {min_levels} are needed")
+    if df.empty or any(f not in df.columns for f in factors):
+        return gaps
+    sizes = df.groupby(factors, observed=True).size()
+    levels = [sorted(df[f].unique(), key=str) for f in factors]
+    full = pd.MultiIndex.from_product(levels, names=factors) if len(factors) > 1 else pd.Index(levels[0])
+    empty = [c for c in full if c not in sizes.index]
+    if empty:
+        gaps.append(f"{len(empty)} empty cell(s) of the {' x '.join(factors)} design: "
+                    + _names("/".join(str(x) for x in (c if isinstance(c, tuple) else (c,))) for c in empty))
+    thin = sizes[sizes < min_reps]
+    if len(thin) > max_thin_frac * len(full):
+        gaps.append(f"{len(thin)} of {len(full)} cell(s) with fewer than {min_reps} runs (no replicate seeds): "
+                    + _names(f"{'/'.join(str(x) for x in (k if isinstance(k, tuple) else (k,)))} (n = {v})"
+                             for k, v in thin.items()))
+    return gaps
+
+
+#: The paper's Finding 1 effect sizes (its abstract calls them partial eta squared).
+PAPER_ETA = {"arch": 0.001, "arch:dataset": 0.44}
+
+
+def eta_reading(tab: pd.DataFrame, typ: int, paper=PAPER_ETA) -> pd.DataFrame:
+    """Which eta squared the paper's Finding 1 numbers most plausibly are, on this store's evidence.
+
+    Rows: the paper's pair, this store's partial pair and plain pair (``arch``,
+    ``arch_dataset``), each with ``log_distance`` = sum over the two terms of
+    |log10(ours / paper)| (values floored at 1e-6), and the residual (seed-to-seed) share of
+    the total variance plus SS_interaction / SS_residual, which the paper's pair fixes if it
+    is partial: SS_int / SS_res = np2 / (1 - np2).
+    """
+    t = tab[tab["typ"] == typ].set_index("term")
+    inter = "arch:dataset"
+
+    def dist(a, i):
+        return float(abs(np.log10(max(a, 1e-6) / paper["arch"])) + abs(np.log10(max(i, 1e-6) / paper[inter])))
+
+    ss_ratio = float(t.loc[inter, "sum_sq"] / t.loc["Residual", "sum_sq"]) if t.loc["Residual", "sum_sq"] > 0 \
+        else np.nan
+    res_share = float(t.loc["Residual", "eta2"])
+    rows = [{"reading": "paper (abstract: partial)", "arch": paper["arch"], "arch_dataset": paper[inter],
+             "log_distance": 0.0, "ss_int_over_ss_res": paper[inter] / (1 - paper[inter]),
+             "residual_share": np.nan},
+            {"reading": "ours, partial η²", "arch": float(t.loc["arch", "np2"]),
+             "arch_dataset": float(t.loc[inter, "np2"]),
+             "log_distance": dist(t.loc["arch", "np2"], t.loc[inter, "np2"]), "ss_int_over_ss_res": ss_ratio,
+             "residual_share": res_share},
+            {"reading": "ours, plain η²", "arch": float(t.loc["arch", "eta2"]),
+             "arch_dataset": float(t.loc[inter, "eta2"]),
+             "log_distance": dist(t.loc["arch", "eta2"], t.loc[inter, "eta2"]), "ss_int_over_ss_res": ss_ratio,
+             "residual_share": res_share}]
+    return pd.DataFrame(rows)

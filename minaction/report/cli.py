@@ -24,7 +24,8 @@ def _options(args):
     from .build import ReportOptions
 
     return ReportOptions(n_boot=args.n_boot, seed=args.seed, ci=args.ci, anova_type=args.anova_type, lam=args.lam,
-                         target_frac=args.target_frac, efficiency_metric=args.efficiency_metric)
+                         target_frac=args.target_frac, efficiency_metric=args.efficiency_metric,
+                         preset=getattr(args, "preset", None), budget=tuple(getattr(args, "budget", None) or ()))
 
 
 def _out_error(out):
@@ -91,6 +92,12 @@ def register(subparsers) -> None:
                                           "tables/*.csv from a study store.")
     p.add_argument("--db", required=True, help="the study store (SQLite) to read")
     p.add_argument("--out", required=True, help="output directory (created if needed)")
+    p.add_argument("--preset", default=None,
+                   help="report only the runs of this preset (name or .toml path); needed when the store holds "
+                        "runs of one dataset under different training budgets")
+    p.add_argument("--budget", action="append", default=None, metavar="ID",
+                   help="report only the runs of this budget id (see tables/budgets.csv or the error that lists "
+                        "them); repeatable, one per dataset")
     _add_report_options(p)
     p.set_defaults(func=_report)
 

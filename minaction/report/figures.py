@@ -16,30 +16,110 @@ def _plt():
     return plt
 
 
+#: Width (CSS px) of the report.html column a figure is shown in (max-width 1100 px minus padding).
+SHOWN_WIDTH_PX = 1068
+#: Smallest text height (px, at the size shown) that stays legible.
+MIN_TEXT_PX = 7.5
+#: Layout problems found when each figure was saved: {file name: [problem, ...]}.
+PROBLEMS: dict = {}
+REF = "ref"  # gid of reference lines/bands (they do not make a panel non-empty)
+
+
+def layout_problems(fig, shown_width_px: float = SHOWN_WIDTH_PX, min_text_px: float = MIN_TEXT_PX) -> list:
+    """What is wrong with ``fig`` as shown in the report, one sentence per problem.
+
+    Checks, after drawing: every visible axes shows data besides reference lines (no empty
+    panel); no two texts (tick labels, axis labels, titles, legends) overlap; no text leaves
+    the figure; a legend outside every axes covers none of them; and the smallest text is at
+    least ``min_text_px`` pixels high once the figure is scaled to ``shown_width_px``.
+    """
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    W, H = fig.bbox.width, fig.bbox.height
+    scale = min(1.0, shown_width_px / W)
+    probs, boxes = [], []
+    for k, ax in enumerate(fig.axes):
+        if not ax.get_visible():
+            continue
+        name = ax.get_title() or ax.get_ylabel().replace("\n", " ") or f"axes {k}"
+        data = [a for a in (*ax.lines, *ax.collections, *ax.patches, *ax.images) if a.get_gid() != REF]
+        if not data:
+            probs.append(f"empty panel: {name!r}")
+        (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        texts = [(t, f"{name}: x tick {t.get_text()!r}") for t in ax.get_xticklabels()
+                 if x0 <= t.get_position()[0] <= x1]  # matplotlib keeps (undrawn) ticks outside the view
+        texts += [(t, f"{name}: y tick {t.get_text()!r}") for t in ax.get_yticklabels()
+                  if y0 <= t.get_position()[1] <= y1]
+        texts += [(ax.xaxis.label, f"{name}: x label"), (ax.yaxis.label, f"{name}: y label"),
+                  (ax.title, f"{name}: title")]
+        for t, what in texts:
+            if t.get_visible() and t.get_text().strip():
+                boxes.append((t.get_window_extent(r), what, t.get_fontsize()))
+        leg = ax.get_legend()
+        if leg is not None:
+            boxes.append((leg.get_window_extent(r), f"{name}: legend", min(t.get_fontsize() for t in leg.get_texts())))
+    for leg in fig.legends:
+        bb = leg.get_window_extent(r)
+        boxes.append((bb, "figure legend", min(t.get_fontsize() for t in leg.get_texts())))
+        for ax in fig.axes:
+            if ax.get_visible() and bb.overlaps(ax.get_window_extent(r)):
+                probs.append("the figure legend covers a panel")
+                break
+    for i, (b1, w1, _) in enumerate(boxes):
+        if b1.x0 < -1 or b1.y0 < -1 or b1.x1 > W + 1 or b1.y1 > H + 1:
+            probs.append(f"{w1} is cut off at the figure's edge")
+        for b2, w2, _ in boxes[i + 1:]:
+            if b1.overlaps(b2) and (min(b1.x1, b2.x1) - max(b1.x0, b2.x0)) > 1 and \
+                    (min(b1.y1, b2.y1) - max(b1.y0, b2.y0)) > 1:
+                probs.append(f"{w1} overlaps {w2}")
+    if boxes:
+        px = min(fs for _, _, fs in boxes) * fig.dpi / 72 * scale
+        if px < min_text_px:
+            probs.append(f"smallest text is {px:.1f} px high when shown {min(W, shown_width_px):.0f} px wide "
+                         f"(at least {min_text_px} needed)")
+    return probs
+
+
+def _save(fig, path: Path, dpi: float):
+    """Save ``fig`` at ``dpi`` and record its layout problems (at that dpi) in :data:`PROBLEMS`."""
+    plt = _plt()
+    fig.set_dpi(dpi)
+    PROBLEMS[Path(path).name] = layout_problems(fig)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def interaction_plot(cells: pd.DataFrame, path: Path) -> Path:
     """Mean accuracy per dataset (x) with one line per architecture, 95% CI error bars.
 
-    ``cells``: columns ``arch, dataset, mean, ci_lo, ci_hi``.
+    ``cells``: columns ``arch, dataset, mean, ci_lo, ci_hi``. The legend sits above the
+    panel (it never hides a point); the architectures are spread a little along x so that
+    their error bars do not cover each other.
     """
     plt = _plt()
     datasets = sorted(cells["dataset"].unique())
+    archs = sorted(cells["arch"].unique())
     x = np.arange(len(datasets))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(datasets)), 4.2))
-    for k, (arch, g) in enumerate(cells.groupby("arch", sort=True)):
-        g = g.set_index("dataset").reindex(datasets)
+    fig, ax = plt.subplots(figsize=(max(7.0, min(13.0, 1.2 * len(datasets) + 2)), 4.6))
+    spread = min(0.3, 0.6 / max(1, len(archs)))
+    for k, arch in enumerate(archs):
+        g = cells[cells["arch"] == arch].set_index("dataset").reindex(datasets)
         m = 100 * g["mean"].to_numpy(float)
         err = np.abs(100 * np.vstack([g["mean"] - g["ci_lo"], g["ci_hi"] - g["mean"]]).astype(float))
         err = np.nan_to_num(err)
-        ax.errorbar(x + 0.04 * (k - 1.5), m, yerr=err, marker="o", capsize=3, label=arch)
+        ax.errorbar(x + spread * (k - (len(archs) - 1) / 2), m, yerr=err, marker="o", ms=4, capsize=3, lw=1.2,
+                    label=arch)
     ax.set_xticks(x)
-    ax.set_xticklabels(datasets, rotation=20)
+    width_in = fig.get_size_inches()[0] * 0.85
+    fits = max(len(d) for d in datasets) * 0.6 * 9 / 72 < width_in / len(datasets)  # ~0.6 em per character
+    ax.set_xticklabels(datasets, fontsize=9, **({} if fits else {"rotation": 30, "ha": "right"}))
+    ax.set_xlim(-0.6, len(datasets) - 0.4)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Architecture x dataset: mean test accuracy (95% CI)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title("Architecture × dataset: mean test accuracy (95% CI)", pad=28)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(archs), 5), fontsize=9, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, 90)
     return path
 
 
@@ -60,25 +140,25 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
             ga = ga.sort_values("lam")
             lam = ga["lam"].to_numpy(float)
             ax = axes[j, 0]
-            ax.plot(lam, ga["E_ratio"], "-o", color=c, label=f"{arch}: E")
+            ax.plot(lam, ga["E_ratio"], "-o", color=c, label=arch)
             ax.fill_between(lam, ga["E_ratio_lo"].fillna(ga["E_ratio"]), ga["E_ratio_hi"].fillna(ga["E_ratio"]),
                             color=c, alpha=0.15)
-            ax.plot(lam, ga["Eresc_ratio"], "--s", color=c, ms=4, label=f"{arch}: rescaled E")
+            ax.plot(lam, ga["Eresc_ratio"], "--s", color=c, ms=4)
             ax = axes[j, 1]
             ax.errorbar(lam, ga["d_acc_pp"],
                         yerr=np.nan_to_num(np.abs(np.vstack([ga["d_acc_pp"] - ga["d_acc_pp_lo"],
                                                              ga["d_acc_pp_hi"] - ga["d_acc_pp"]]).astype(float))),
                         fmt="-o", color=c, capsize=3, label=arch)
             axes[j, 2].plot(lam, ga["active_frac"], "-o", color=c, label=arch)
-            axes[j, 2].axhline(ga["active_frac_0"].iloc[0], color=c, lw=0.8, ls=":")
+            axes[j, 2].axhline(ga["active_frac_0"].iloc[0], color=c, lw=0.8, ls=":", gid=REF)
         ratios = g[["E_ratio", "Eresc_ratio"]].to_numpy(float)
         if np.any(np.isfinite(ratios) & (ratios > 0)):
             axes[j, 0].set_yscale("log")
-        axes[j, 0].axhline(1.0, color="k", lw=0.8)
+        axes[j, 0].axhline(1.0, color="k", lw=0.8, gid=REF)
         axes[j, 0].set_ylabel(f"{ds}\nE(λ) / E(0), test split")
-        axes[j, 1].axhline(0.0, color="k", lw=0.8)
+        axes[j, 1].axhline(0.0, color="k", lw=0.8, gid=REF)
         for s in (-0.5, 0.5):
-            axes[j, 1].axhline(s, color="r", lw=0.6, ls="--")
+            axes[j, 1].axhline(s, color="r", lw=0.6, ls="--", gid=REF)
         axes[j, 1].set_ylabel("accuracy change (pp)")
         axes[j, 2].set_ylabel("fraction of active units")
         for i in range(3):
@@ -86,14 +166,22 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
             axes[j, i].grid(alpha=0.3)
     for i in range(3):
         axes[-1, i].set_xlabel("λ (log scale)")
-    if datasets:
-        axes[0, 0].legend(fontsize=6, loc="lower left")
-        axes[0, 1].legend(fontsize=7)
+    if datasets:  # one legend for the whole figure, above the panels (never over the data)
+        from matplotlib.lines import Line2D
+
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        handles += [Line2D([], [], color="0.3", ls="-", marker="o"), Line2D([], [], color="0.3", ls="--", marker="s",
+                                                                             ms=4),
+                    Line2D([], [], color="r", ls="--", lw=0.6), Line2D([], [], color="0.3", ls=":", lw=0.8)]
+        labels += ["E(λ)/E(0)", "rescaled E ratio", "±0.5 pp", "active fraction at λ = 0"]
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=9, frameon=False,
+                   bbox_to_anchor=(0.5, 1.0))
     # fixed margins: tight_layout costs seconds per figure on a tall grid of log axes
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.6 / (3.2 * nr), top=1 - 0.2 / (3.2 * nr), wspace=0.3,
+    height = 3.2 * nr + 0.5
+    fig.set_size_inches(13, height)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.6 / height, top=1 - 0.75 / height, wspace=0.3,
                         hspace=0.3)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(fig, path, 80)
     return path
 
 

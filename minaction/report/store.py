@@ -5,6 +5,8 @@ while the study is still writing (WAL mode lets readers see the last committed r
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ class Store:
     runs_all: pd.DataFrame
     epochs: pd.DataFrame
     meta: dict = field(default_factory=dict)
+    budgets: dict = field(default_factory=dict)  # budget_id -> the budget (None: not recorded)
+    selection: str = ""  # how the runs were selected (preset / budget), empty: all
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -81,4 +85,168 @@ def load_store(db) -> Store:
     finally:
         con.close()
     runs["lam"] = runs["lam"].astype(float)
-    return Store(path=str(path), runs_all=runs, epochs=epochs, meta=meta)
+    runs["budget_id"], budgets = _budget_ids(runs)
+    return Store(path=str(path), runs_all=runs, epochs=epochs, meta=meta, budgets=budgets)
+
+
+# --- training budgets ------------------------------------------------------------------
+#
+# A run's configuration (``config_json``, see ``minaction.study.presets.run_config``) is its
+# design cell (arch, dataset, lam, seed) plus everything else that decides how it was
+# trained: the budget, the data options, the trainer version. That remainder is the run's
+# *training budget*; runs of one dataset trained under different budgets (a 256-sample smoke
+# run and a 4,000-sample lambda-sweep run) measure different things and are never pooled.
+
+#: Keys of a run configuration that place the run in the design; all others are its budget.
+DESIGN_KEYS = ("arch", "dataset", "lam", "seed")
+
+
+def budget_of(config_json) -> dict | None:
+    """The training budget of a run: its configuration without the design keys, or None
+    when the configuration is missing or holds no budget (then the preset name stands in)."""
+    if not isinstance(config_json, str) or not config_json:
+        return None
+    try:
+        cfg = json.loads(config_json)
+    except ValueError:
+        return None
+    if not isinstance(cfg, dict) or "budget" not in cfg:
+        return None
+    return {k: v for k, v in cfg.items() if k not in DESIGN_KEYS}
+
+
+def _budget_ids(runs: pd.DataFrame):
+    ids, budgets = [], {}
+    for cfg, preset in zip(runs["config_json"] if "config_json" in runs.columns else [None] * len(runs),
+                           runs["preset"]):
+        b = budget_of(cfg)
+        if b is None:  # no recorded budget: the preset name is all we know
+            bid = f"preset:{preset}"
+        else:
+            bid = hashlib.sha256(json.dumps(b, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
+        budgets.setdefault(bid, b)
+        ids.append(bid)
+    return ids, budgets
+
+
+def _flat(budget: dict | None) -> dict:
+    """A budget as one level of ``key: value`` (``budget.`` prefix dropped, nested dicts dotted)."""
+    out = {}
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k in sorted(v):
+                walk(f"{prefix}{k}." if prefix or k != "budget" else "", v[k])
+        else:
+            out[prefix.rstrip(".")] = v
+
+    walk("", budget or {})
+    return out
+
+
+#: Budget fields shown in the report's budget table (all of them are in the CSV).
+SHOWN_BUDGET_KEYS = ("epochs", "batch_size", "lr", "optimizer", "train_subset", "val_subset", "test_subset",
+                     "width", "data_seed")
+
+
+def budget_table(runs: pd.DataFrame, budgets: dict) -> pd.DataFrame:
+    """One row per budget: ``budget_id, presets, datasets, runs, budget`` (the budget's main
+    fields as ``key=value`` text) and ``all_fields`` (every field, JSON)."""
+    rows = []
+    for bid, g in runs.groupby("budget_id", sort=True):
+        flat = _flat(budgets.get(bid))
+        shown = {k: flat[k] for k in SHOWN_BUDGET_KEYS if k in flat}
+        rest = {k: v for k, v in flat.items() if k not in SHOWN_BUDGET_KEYS}
+        text = ", ".join(f"{k}={v}" for k, v in shown.items()) if flat else "unknown (no budget recorded)"
+        rows.append({"budget_id": bid, "presets": ", ".join(sorted(str(p) for p in g["preset"].dropna().unique())),
+                     "datasets": ", ".join(sorted(str(d) for d in g["dataset"].unique())), "runs": int(len(g)),
+                     "budget": text, "all_fields": json.dumps({**shown, **rest}, sort_keys=True)})
+    return pd.DataFrame(rows, columns=["budget_id", "presets", "datasets", "runs", "budget", "all_fields"])
+
+
+class MixedBudgetError(ValueError):
+    """The store holds runs of one dataset trained under different budgets."""
+
+
+def _differences(flats: list) -> list:
+    keys = sorted(set().union(*flats)) if flats else []
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+
+
+def mixed_budgets(runs: pd.DataFrame, budgets: dict) -> dict:
+    """``{dataset: [budget_id, ...]}`` for every dataset with runs of more than one budget."""
+    per = runs.groupby("dataset")["budget_id"].unique()
+    return {ds: sorted(ids) for ds, ids in per.items() if len(ids) > 1}
+
+
+def describe_mixed(runs: pd.DataFrame, budgets: dict, mixed: dict) -> str:
+    """One paragraph naming, per mixed dataset, each budget: id, presets, runs, what differs."""
+    parts = []
+    for ds, ids in mixed.items():
+        flats = {b: _flat(budgets.get(b)) for b in ids}
+        diff = _differences([f for f in flats.values() if f])
+        items = []
+        for b in ids:
+            g = runs[(runs["dataset"] == ds) & (runs["budget_id"] == b)]
+            presets = ", ".join(sorted(str(p) for p in g["preset"].dropna().unique())) or "?"
+            what = ", ".join(f"{k}={flats[b].get(k)}" for k in diff) if flats[b] else "budget not recorded"
+            items.append(f"budget {b} (preset {presets}; {len(g)} runs; {what})")
+        parts.append(f"{ds}: " + " vs ".join(items))
+    return "; ".join(parts)
+
+
+def select_budget(store: "Store", preset: str | None = None, budget=()) -> "Store":
+    """The runs of one training budget per dataset.
+
+    With neither ``preset`` nor ``budget``: the store itself when no dataset mixes budgets,
+    else :class:`MixedBudgetError` naming every budget found (id, presets, runs, the fields
+    that differ). ``preset``: the runs recorded under that preset name, plus (when it names a
+    preset file) every stored run of that preset's configurations (a run shared by two presets
+    is stored once, under the first). ``budget``: budget ids (or unique prefixes) to keep.
+    The selection must leave one budget per dataset.
+    """
+    runs = store.runs_all
+    keep = pd.Series(True, index=runs.index)
+    what = []
+    if preset is not None:
+        sel = runs["preset"].astype(str) == str(preset)
+        try:  # the preset's own run ids, where its file is readable
+            from minaction.study.presets import PresetError, expand
+
+            try:
+                ids = {r["run_id"] for r in expand(preset)}
+                sel |= runs["run_id"].isin(ids)
+            except PresetError:
+                pass
+        except ImportError:  # pragma: no cover - the study package is part of minaction
+            pass
+        if not sel.any():
+            found = ", ".join(sorted(str(p) for p in runs["preset"].dropna().unique())) or "none"
+            raise ValueError(f"{store.path}: no runs of preset {preset!r} (presets in the store: {found})")
+        keep &= sel
+        what.append(f"preset {preset}")
+    budget = [str(b) for b in (budget or ())]
+    if budget:
+        ids = sorted(runs["budget_id"].unique())
+        chosen = set()
+        for b in budget:
+            m = [i for i in ids if i.startswith(b)]
+            if len(m) != 1:
+                raise ValueError(f"{store.path}: budget {b!r} matches {len(m)} budgets of the store "
+                                 f"(budgets: {', '.join(ids)})")
+            chosen.add(m[0])
+        keep &= runs["budget_id"].isin(chosen)
+        what.append("budget " + ", ".join(sorted(chosen)))
+    sub = runs[keep].reset_index(drop=True)
+    mixed = mixed_budgets(sub, store.budgets)
+    if mixed:
+        presets = ", ".join(sorted(str(p) for p in sub["preset"].dropna().unique()))
+        scope = f" after selecting {' and '.join(what)}" if what else ""
+        raise MixedBudgetError(
+            f"{store.path}: runs of different training budgets would be pooled{scope}: "
+            f"{describe_mixed(sub, store.budgets, mixed)}. Report one budget at a time: pass --preset NAME "
+            f"(presets here: {presets}) or --budget ID (repeatable, one per dataset).")
+    ids = set(sub["run_id"])
+    epochs = store.epochs[store.epochs["run_id"].isin(ids)].reset_index(drop=True)
+    return Store(path=store.path, runs_all=sub, epochs=epochs, meta=store.meta, budgets=store.budgets,
+                 selection="; ".join(what))

@@ -82,17 +82,26 @@ def lambda_sweep(runs: pd.DataFrame, ci: float = 0.95) -> pd.DataFrame:
 
 
 def sweep_verdicts(sweep: pd.DataFrame, datasets=("mnist", "fashion_mnist"), max_acc_pp: float = 0.5,
-                   min_orders: float = 2.5) -> pd.DataFrame:
+                   min_orders: float = 2.5, tost: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per (dataset, arch) of the paper's datasets: the largest energy cut at a lambda whose
-    mean accuracy change stays within ``max_acc_pp`` points, and whether it reaches
-    ``min_orders`` orders of magnitude ("about three"). Columns: ``dataset, arch, best_lam,
-    orders_E, orders_resc, rescaling_share, d_acc_pp, E_ratio, passes``."""
+    accuracy stays within ``max_acc_pp`` points of lambda = 0, and whether it reaches
+    ``min_orders`` orders of magnitude ("about three"). "Within" is the TOST equivalence of
+    ``tost`` (:func:`tost_equivalence`) when given - rows without a test are left out - else
+    the mean change. Columns: ``dataset, arch, best_lam, orders_E, orders_resc,
+    rescaling_share, d_acc_pp, E_ratio, equivalent, passes``."""
     rows = []
     if sweep.empty:
         return pd.DataFrame(columns=["dataset", "arch", "best_lam", "orders_E", "orders_resc", "rescaling_share",
-                                     "d_acc_pp", "E_ratio", "passes"])
-    for (ds, arch), g in sweep[sweep["dataset"].isin(datasets) & (sweep["lam"] > 0)].groupby(["dataset", "arch"]):
-        ok = g[g["d_acc_pp"].abs() < max_acc_pp]
+                                     "d_acc_pp", "E_ratio", "equivalent", "passes"])
+    sw = sweep[sweep["dataset"].isin(datasets) & (sweep["lam"] > 0)].copy()
+    if tost is not None:
+        eq = tost.set_index(["dataset", "arch", "lam"])["equivalent"]
+        sw["equivalent"] = [eq.get((r.dataset, r.arch, r.lam), np.nan) for r in sw.itertuples()]
+        sw = sw[sw["equivalent"].notna()]
+    else:
+        sw["equivalent"] = sw["d_acc_pp"].abs() < max_acc_pp
+    for (ds, arch), g in sw.groupby(["dataset", "arch"]):
+        ok = g[g["equivalent"].astype(bool)]
         if ok.empty:
             best = g.loc[g["orders_E"].idxmax()]
             passes = False
@@ -101,5 +110,110 @@ def sweep_verdicts(sweep: pd.DataFrame, datasets=("mnist", "fashion_mnist"), max
             passes = bool(best["orders_E"] >= min_orders)
         rows.append({"dataset": ds, "arch": arch, "best_lam": best["lam"], "orders_E": best["orders_E"],
                      "orders_resc": best["orders_resc"], "rescaling_share": best["rescaling_share"],
-                     "d_acc_pp": best["d_acc_pp"], "E_ratio": best["E_ratio"], "passes": passes})
+                     "d_acc_pp": best["d_acc_pp"], "E_ratio": best["E_ratio"],
+                     "equivalent": bool(best["equivalent"]), "passes": passes})
     return pd.DataFrame(rows)
+
+
+def _tost_row(d_pp, margin_pp: float, alpha: float, se: float, df: float) -> dict:
+    """The two one-sided t tests of H0: diff <= -margin and H0: diff >= +margin."""
+    if not (np.isfinite(se) and np.isfinite(df)) or df <= 0:
+        return {"se_pp": se, "df": df, "t_lower": np.nan, "p_lower": np.nan, "t_upper": np.nan, "p_upper": np.nan,
+                "p_tost": np.nan, "ci_lo": np.nan, "ci_hi": np.nan}
+    if se == 0:  # no spread at all: the difference is known exactly
+        inside = abs(d_pp) < margin_pp
+        p = 0.0 if inside else 1.0
+        return {"se_pp": 0.0, "df": df, "t_lower": np.nan, "p_lower": p, "t_upper": np.nan, "p_upper": p,
+                "p_tost": p, "ci_lo": d_pp, "ci_hi": d_pp}
+    t_lo = (d_pp + margin_pp) / se
+    t_hi = (d_pp - margin_pp) / se
+    p_lo = float(stats.t.sf(t_lo, df))  # H0: diff <= -margin
+    p_hi = float(stats.t.cdf(t_hi, df))  # H0: diff >= +margin
+    h = float(stats.t.ppf(1 - alpha, df) * se)  # the (1 - 2 alpha) CI: equivalent <=> inside +-margin
+    return {"se_pp": float(se), "df": float(df), "t_lower": float(t_lo), "p_lower": p_lo, "t_upper": float(t_hi),
+            "p_upper": p_hi, "p_tost": max(p_lo, p_hi), "ci_lo": d_pp - h, "ci_hi": d_pp + h}
+
+
+def tost_equivalence(runs: pd.DataFrame, margin_pp: float = 0.5, alpha: float = 0.05,
+                     min_replicates: int = 2) -> pd.DataFrame:
+    """TOST equivalence test of "test accuracy within +-``margin_pp`` points of lambda = 0",
+    per (dataset, arch, lambda > 0) of a dataset/arch with lambda = 0 runs.
+
+    **Paired t** (on the per-seed differences acc(lambda, s) - acc(0, s), df = n - 1) when
+    every run at lambda has a lambda = 0 run of the same seed and there are at least
+    ``min_replicates`` pairs: a seed fixes the initialisation (and the data order), so the
+    pair differs only by lambda and the difference removes the seed's own variation - the
+    claim is about the change that lambda causes in the same model. Otherwise **Welch t**
+    (two independent samples, unequal variances: the penalty may change the spread), with the
+    Welch-Satterthwaite df. Equivalence: both one-sided p-values below ``alpha``, the same
+    as the (1 - 2 alpha) CI of the difference lying inside +-margin.
+
+    Columns: ``dataset, arch, lam, test, n, n0, d_acc_pp, se_pp, df, t_lower, p_lower,
+    t_upper, p_upper, p_tost, ci_lo, ci_hi, margin_pp, alpha, equivalent, note``
+    (``equivalent`` is NaN and ``note`` says why when there are too few replicates).
+    """
+    rows = []
+    for (ds, arch), g in runs.groupby(["dataset", "arch"], sort=True):
+        base = g[g["lam"] == 0]
+        if base.empty:
+            continue
+        b_seed = base.groupby("seed")["test_acc"].mean()
+        for lam, gl in g[g["lam"] > 0].groupby("lam", sort=True):
+            x1 = gl.groupby("seed")["test_acc"].mean()
+            row = {"dataset": ds, "arch": arch, "lam": float(lam), "n": int(len(x1)), "n0": int(len(b_seed)),
+                   "margin_pp": margin_pp, "alpha": alpha, "note": ""}
+            paired = x1.index.isin(b_seed.index).all() and len(x1) >= min_replicates
+            if paired:
+                dd = 100.0 * (x1.to_numpy(float) - b_seed.reindex(x1.index).to_numpy(float))
+                m = float(dd.mean())
+                se = float(dd.std(ddof=1) / np.sqrt(len(dd)))
+                row.update(test="paired t", d_acc_pp=m, **_tost_row(m, margin_pp, alpha, se, len(dd) - 1))
+            elif len(x1) >= min_replicates and len(b_seed) >= min_replicates:
+                a1, a0 = 100.0 * x1.to_numpy(float), 100.0 * b_seed.to_numpy(float)
+                v1, v0 = a1.var(ddof=1) / len(a1), a0.var(ddof=1) / len(a0)
+                se = float(np.sqrt(v1 + v0))
+                df = (v1 + v0) ** 2 / (v1 ** 2 / (len(a1) - 1) + v0 ** 2 / (len(a0) - 1)) if se > 0 else float(
+                    len(a1) + len(a0) - 2)
+                m = float(a1.mean() - a0.mean())
+                row.update(test="Welch t", d_acc_pp=m, **_tost_row(m, margin_pp, alpha, se, df))
+            else:
+                m = float(100.0 * (x1.mean() - b_seed.mean()))
+                row.update(test="none", d_acc_pp=m, **_tost_row(m, margin_pp, alpha, np.nan, np.nan))
+                row["note"] = (f"fewer than {min_replicates} seeds (λ: {len(x1)}, λ = 0: {len(b_seed)}): "
+                               "no equivalence test")
+            row["equivalent"] = (bool(row["p_tost"] < alpha) if np.isfinite(row["p_tost"]) else np.nan)
+            rows.append(row)
+    cols = ["dataset", "arch", "lam", "test", "n", "n0", "d_acc_pp", "se_pp", "df", "t_lower", "p_lower", "t_upper",
+            "p_upper", "p_tost", "ci_lo", "ci_hi", "margin_pp", "alpha", "equivalent", "note"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def sweep_design_gaps(runs: pd.DataFrame, datasets=("mnist", "fashion_mnist"), min_replicates: int = 2) -> list:
+    """What the store lacks for the paper's lambda-sweep, one sentence per gap (empty: nothing).
+
+    Each of ``datasets`` needs at least one architecture with ``min_replicates`` or more
+    seeds at lambda = 0 and at some lambda > 0.
+    """
+    gaps = []
+    for ds in datasets:
+        g = runs[runs["dataset"] == ds]
+        if g.empty:
+            gaps.append(f"no finished runs on {ds}")
+            continue
+        ok, why = False, []
+        for arch, ga in g.groupby("arch", sort=True):
+            n0 = ga.loc[ga["lam"] == 0, "seed"].nunique()
+            pos = ga[ga["lam"] > 0].groupby("lam")["seed"].nunique()
+            if n0 >= min_replicates and (pos >= min_replicates).any():
+                ok = True
+                break
+            if n0 == 0:
+                why.append(f"{arch}: no λ = 0 runs")
+            elif pos.empty:
+                why.append(f"{arch}: no λ > 0 runs")
+            else:
+                why.append(f"{arch}: {n0} seed(s) at λ = 0, at most {int(pos.max())} at a λ > 0")
+        if not ok:
+            gaps.append(f"{ds} has no architecture with at least {min_replicates} seeds at λ = 0 and at a λ > 0 ("
+                        + "; ".join(why) + ")")
+    return gaps

@@ -33,6 +33,9 @@ ARCHS = ("mlp", "cnn", "bimodal_true", "physics_lagrangian")
 DATASETS = {"mnist": "vision", "fashion_mnist": "vision", "sst2": "text", "nmnist": "neuromorphic",
             "ecg5000": "physiological"}
 LAMS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
+#: The budget recorded in every synthetic run's configuration (the full splits, like a faithful preset).
+SYNTHETIC_BUDGET = {"epochs": 8, "batch_size": 128, "lr": 1e-3, "optimizer": "adam", "train_subset": 0,
+                    "val_subset": 0, "test_subset": 0, "data_seed": 0}
 
 
 def factorial_frame(levels_a: int = 4, levels_b: int = 5, n_per_cell=6, a_effect: float = 0.0,
@@ -83,7 +86,8 @@ def make_synthetic_store(path, *, archs: Sequence[str] = ARCHS, datasets: dict |
                          arch_effect: float = 0.0, interaction: float = 0.05, noise: float = 0.005,
                          energy_drop: float = 3.0, rescale_share: float = 0.4, acc_cost_pp: float = 0.3,
                          ef_speedup: float = 0.25, epochs: int = 8, unbalanced: bool = True,
-                         n_failed: int = 2, seed: int = 0, preset: str = "synthetic") -> Path:
+                         n_failed: int = 2, seed: int = 0, preset: str = "synthetic", budget: dict | None = None,
+                         append: bool = False) -> Path:
     """Write a synthetic store at ``path`` (overwritten) and return its path.
 
     The design: every (arch, dataset) at ``main_lam`` with ``seeds`` seeds (one seed
@@ -94,10 +98,15 @@ def make_synthetic_store(path, *, archs: Sequence[str] = ARCHS, datasets: dict |
     orders of magnitude only. Energy-first architectures (bimodal_true,
     physics_lagrangian) learn ``ef_speedup`` faster per epoch at equal cost per epoch.
     ``n_failed`` runs are stored as failed/diverged (the report must ignore them).
+
+    Every run's ``config_json`` holds ``budget`` (default: :data:`SYNTHETIC_BUDGET` with
+    ``epochs``), as the study runner records it. ``append=True`` adds the runs to an existing
+    store (run ids prefixed with ``preset``): a store mixing two budgets.
     """
     datasets = dict(DATASETS if datasets is None else datasets)
+    budget = {**SYNTHETIC_BUDGET, "epochs": epochs, **(budget or {})}
     path = Path(path)
-    if path.exists():
+    if path.exists() and not append:
         path.unlink()
     rng = np.random.default_rng(seed)
     archs = list(archs)
@@ -145,7 +154,7 @@ def make_synthetic_store(path, *, archs: Sequence[str] = ARCHS, datasets: dict |
         energy_first = arch in ("bimodal_true", "physics_lagrangian")
         rate = 0.6 * (1 + ef_speedup) if energy_first else 0.6
         per_epoch = 2.0 * (1 + 0.05 * rng.normal())
-        run_id = f"{arch}-{ds}-lam{lam:g}-s{s}"
+        run_id = (f"{preset}-" if append else "") + f"{arch}-{ds}-lam{lam:g}-s{s}"
         curve = [acc * (1 - np.exp(-rate * e)) + 0.002 * rng.normal() for e in range(1, epochs + 1)]
         for e, va in enumerate(curve, start=1):
             epoch_rows.append((run_id, e, float(1.5 * np.exp(-0.5 * e)), float(va), float(1.6 * np.exp(-0.5 * e)),
@@ -154,13 +163,14 @@ def make_synthetic_store(path, *, archs: Sequence[str] = ARCHS, datasets: dict |
         if k < n_failed:
             status = "failed" if k % 2 == 0 else "diverged"
         run_rows.append((run_id, preset, arch, ds, datasets[ds], float(lam), s,
-                         json.dumps({"arch": arch, "dataset": ds, "lam": lam, "seed": s}), status,
+                         json.dumps({"arch": arch, "dataset": ds, "lam": lam, "seed": s, "budget": budget,
+                                    "data_opts": {}, "trainer_version": 1}), status,
                          "synthetic failure" if status != "done" else None, epochs, 0.1,
                          float(np.clip(curve[-1], 0, 1)), acc, 0.3, energy, active, energy_resc, 10000,
                          per_epoch * epochs, "composite", 1, "2026-01-01T00:00:00"))
     con.executemany(f"INSERT INTO runs VALUES ({','.join('?' * 23)})", run_rows)
     con.executemany(f"INSERT INTO epochs VALUES ({','.join('?' * 9)})", epoch_rows)
-    con.executemany("INSERT INTO meta VALUES (?, ?)", [("preset", preset), ("generator", "synthetic")])
+    con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [("preset", preset), ("generator", "synthetic")])
     con.commit()
     con.close()
     return path

@@ -1,0 +1,127 @@
+"""Runs of different training budgets are never pooled (issue 10 item 4, issue 14 item 4).
+
+A store holding smoke-sized runs (256 training samples) and lambda-sweep runs (4,000) of the
+same dataset used to be reported as one cell. Now the report refuses such a store, naming
+each budget (id, preset, runs, the fields that differ), and ``--preset`` / ``--budget``
+pick one; a report of a quick budget says at the top that it cannot test the paper."""
+import json
+import sqlite3
+
+import pandas as pd
+import pytest
+
+from minaction.report import build_report, check_traceable, load_store
+from minaction.report.store import MixedBudgetError, budget_table, select_budget
+from minaction.report.synthetic import make_synthetic_store
+
+SMOKE = {"train_subset": 256, "val_subset": 128, "test_subset": 128, "epochs": 2}
+SWEEP = {"train_subset": 4000, "val_subset": 1000, "test_subset": 2000, "epochs": 3}
+SMALL = dict(archs=("mlp", "bimodal_true"), datasets={"mnist": "vision", "sst2": "text"}, seeds=3,
+             lams=(0.0, 1e-3), unbalanced=False, n_failed=0)
+
+
+@pytest.fixture()
+def mixed_db(tmp_path):
+    db = tmp_path / "mixed.sqlite"
+    make_synthetic_store(db, preset="smoke", budget=SMOKE, seed=1, **SMALL)
+    make_synthetic_store(db, preset="lambda-sweep", budget=SWEEP, seed=2, append=True,
+                         **{**SMALL, "datasets": {"mnist": "vision"}})
+    return db
+
+
+def test_mixed_store_is_refused_and_names_the_budgets(mixed_db, tmp_path):
+    store = load_store(mixed_db)
+    assert store.runs_all["budget_id"].nunique() == 2
+    with pytest.raises(MixedBudgetError) as ei:
+        build_report(mixed_db, tmp_path / "out", n_boot=5)
+    msg = str(ei.value)
+    # which dataset, which presets, how many runs, what differs, and how to pick one
+    assert "mnist" in msg and "sst2" not in msg.split("Report one budget")[0]
+    assert "preset smoke" in msg and "preset lambda-sweep" in msg
+    assert "train_subset=256" in msg and "train_subset=4000" in msg and "epochs=2" in msg
+    assert "--preset" in msg and "--budget" in msg
+    for bid in store.runs_all["budget_id"].unique():
+        assert bid in msg
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_preset_flag_picks_one_budget(mixed_db, tmp_path):
+    res = build_report(mixed_db, tmp_path / "sweep", n_boot=5, preset="lambda-sweep")
+    b = pd.read_csv(tmp_path / "sweep" / "tables" / "budgets.csv")
+    assert list(b["presets"]) == ["lambda-sweep"] and list(b["datasets"]) == ["mnist"]
+    assert b["runs"].sum() == 2 * 2 * 3
+    assert "train_subset=4000" in b.loc[0, "budget"]
+    assert check_traceable(tmp_path / "sweep") == []
+    assert res["verdicts"][1] == "not comparable"  # one dataset only
+    res = build_report(mixed_db, tmp_path / "smoke", n_boot=5, preset="smoke")
+    b = pd.read_csv(tmp_path / "smoke" / "tables" / "budgets.csv")
+    assert list(b["datasets"]) == ["mnist, sst2"] and list(b["presets"]) == ["smoke"] and b["runs"].sum() == 12 + 6
+    with pytest.raises(ValueError, match=r"no runs of preset 'full' \(presets in the store: lambda-sweep, smoke\)"):
+        build_report(mixed_db, tmp_path / "x", n_boot=5, preset="full")
+
+
+def test_budget_flag_picks_by_id(mixed_db, tmp_path):
+    store = load_store(mixed_db)
+    bt = budget_table(store.runs_all, store.budgets)
+    sweep_id = bt.loc[bt["presets"] == "lambda-sweep", "budget_id"].iloc[0]
+    sel = select_budget(store, budget=[sweep_id[:5]])
+    assert set(sel.runs_all["preset"]) == {"lambda-sweep"}
+    assert set(sel.epochs["run_id"]) <= set(sel.runs_all["run_id"]) and len(sel.epochs)
+    with pytest.raises(ValueError, match="matches 0 budgets"):
+        select_budget(store, budget=["zzzz"])
+
+
+def test_cli_refuses_then_selects(mixed_db, tmp_path, capsys):
+    from minaction.cli import main
+
+    assert main(["report", "--db", str(mixed_db), "--out", str(tmp_path / "o"), "--n-boot", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "different training budgets" in err and "smoke" in err and "lambda-sweep" in err
+    assert main(["report", "--db", str(mixed_db), "--out", str(tmp_path / "o"), "--n-boot", "5",
+                 "--preset", "smoke"]) == 0
+
+
+def test_same_preset_name_two_budgets_is_refused(tmp_path):
+    """A preset edited between two runs of one database: same name, two budgets."""
+    db = tmp_path / "edited.sqlite"
+    make_synthetic_store(db, preset="lambda-sweep", budget=SWEEP, seed=1, **SMALL)
+    make_synthetic_store(db, preset="lambda-sweep", budget={**SWEEP, "lr": 3e-3}, seed=2, append=True,
+                         **{**SMALL, "archs": ("mlp",)})
+    with pytest.raises(MixedBudgetError, match=r"lr=0\.001.* vs .*lr=0\.003|lr=0\.003.* vs .*lr=0\.001") as ei:
+        build_report(db, tmp_path / "o", n_boot=5, preset="lambda-sweep")
+    assert "--budget" in str(ei.value)
+
+
+def test_runs_without_recorded_budget_fall_back_to_preset_name(tmp_path):
+    db = tmp_path / "old.sqlite"
+    make_synthetic_store(db, preset="smoke", seed=1, **SMALL)
+    make_synthetic_store(db, preset="lambda-sweep", seed=2, append=True, **SMALL)
+    con = sqlite3.connect(db)
+    for rid, cfg in con.execute("SELECT run_id, config_json FROM runs").fetchall():
+        c = json.loads(cfg)
+        c.pop("budget")
+        con.execute("UPDATE runs SET config_json = ? WHERE run_id = ?", (json.dumps(c), rid))
+    con.commit()
+    con.close()
+    with pytest.raises(MixedBudgetError, match="budget preset:smoke .*budget not recorded"):
+        build_report(db, tmp_path / "o", n_boot=5)
+
+
+def test_quick_budget_is_flagged_at_the_top(tmp_path):
+    db = tmp_path / "smoke.sqlite"
+    make_synthetic_store(db, preset="smoke", budget=SMOKE, seed=1, **SMALL)
+    build_report(db, tmp_path / "o", n_boot=5)
+    md = (tmp_path / "o" / "report.md").read_text()
+    first = md.split("\n## ", 1)[0]  # before the first section
+    assert "too small to test the paper's claims" in first
+    assert "train_subset=256" in first and "test_subset=128" in first and "preset `smoke`" in first
+    assert check_traceable(tmp_path / "o") == []
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert html.index("too small to test") < html.index("The store")
+
+
+def test_full_budget_is_not_flagged(tmp_path):
+    db = tmp_path / "full.sqlite"
+    make_synthetic_store(db, preset="full", seed=1, **SMALL)
+    build_report(db, tmp_path / "o", n_boot=5)
+    assert "too small to test" not in (tmp_path / "o" / "report.md").read_text()
