@@ -195,8 +195,13 @@ def _validate_linear(x, weight, bias):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # a cheap first test (private API)
+
+
 def _autocast_dtype(device_type: str):
-    """The autocast dtype if autocast is on for ``device_type`` (outside ``torch.compile`` tracing), else None."""
+    """The autocast dtype if autocast is on for ``device_type``, else None."""
+    if _any_autocast is not None and not _any_autocast():
+        return None
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
@@ -212,25 +217,26 @@ def _autocast_cast(t: Optional[Tensor], dtype) -> Optional[Tensor]:
     return t.to(dtype)
 
 
-def _functorch_active() -> bool:
-    """True inside a ``torch.func`` transform (grad, jacrev, jvp, vmap, ...).
-
-    The fused ops carry no vmap batching rule and no forward-mode formula, so under a
-    transform the layer runs the ``reference`` path, which is plain PyTorch and composes
-    with every transform.
-    """
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def _plain_path(backend: Optional[str]) -> bool:
-    """Whether to run plain PyTorch ops (the ``reference`` path) instead of a fused op."""
+    """Whether to run plain PyTorch ops (the ``reference`` path) instead of a fused op.
+
+    - inside a ``torch.func`` transform (grad, jacrev, jvp, vmap, ...): the fused ops carry
+      no vmap batching rule and no forward-mode formula, and their C++ autograd formula
+      cannot run under a transform; the reference path is plain PyTorch and composes with
+      every transform;
+    - while ``torch.export`` (or ``torch.onnx.export(..., dynamo=True)``) traces: the exported
+      graph then holds standard aten ops that any runtime executes, not minaction's custom ops.
+
+    ``torch.compile`` keeps the fused ops (they have fake kernels).
+    """
     if torch.compiler.is_exporting():
-        # torch.export / torch.onnx.export(dynamo=True): a graph of standard aten ops that any
-        # runtime can execute, not minaction's custom ops
         return True
-    if torch.compiler.is_compiling():
-        return False  # torch.compile traces the fused ops (they have fake kernels)
-    return _functorch_active()
+    if _interpreter_stack() is None:  # no torch.func transform: the eager fast exit
+        return False
+    return not torch.compiler.is_compiling()
+
+
+_interpreter_stack = torch._C._functorch.peek_interpreter_stack
 
 
 def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "relu",
