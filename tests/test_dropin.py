@@ -530,16 +530,18 @@ def test_torch_export_gives_a_graph_of_standard_ops(which):
                for m in model.modules() if isinstance(m, EnergyLayer))
 
 
-def test_onnx_export_dynamo():
+@pytest.mark.parametrize("which", ["quickstart", "mnist"])
+def test_onnx_export_dynamo(which):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    name, model, x = _energy_models()[0]
+    name, model, x = next(m for m in _energy_models() if m[0] == which)
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(model, (x,), dynamo=True)
     ops = {n.op_type for n in prog.model_proto.graph.node}
     assert "Relu" in ops and not any("minaction" in o for o in ops)
+    assert ("Conv" in ops) == (which == "mnist")
 
 
 # ----------------------------------------------------------------------------- lazy submodules
@@ -556,3 +558,17 @@ def test_submodules_load_lazily_like_torch():
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_torch_compile_fullgraph_step_with_total_energy():
+    """The last_energy property (functorch staleness check) stays traceable by torch.compile."""
+    model = _converted_quickstart()
+    x, y = torch.randn(5, 6, 6), torch.randint(0, 10, (5,))
+
+    def step(inp):
+        return F.cross_entropy(model(inp), y) + 0.1 * minaction.total_energy(model)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(step, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, step(x))

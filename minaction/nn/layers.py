@@ -49,7 +49,7 @@ class EnergyLayer(nn.Module):
     def last_energy(self) -> Optional[torch.Tensor]:
         """``E_l`` of the last forward (on the autograd graph), or None before the first one."""
         e = self.__dict__.get("_last_energy")
-        if e is not None and _dead_functorch_tensor(e):
+        if e is not None and not torch.compiler.is_compiling() and _dead_functorch_tensor(e):
             # a vmap/grad transform's wrapper is meaningless after the transform returned
             self.__dict__["_last_energy"] = e = None
         return e
