@@ -131,6 +131,11 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
         act = _act_name(act_mod) if act_mod is not None else None
         if act is None:
             why = _unsupported_act_reason(act_mod) if act_mod is not None else None
+            after = seq._modules[keys[act_idx + 1]] if act_idx + 1 < len(keys) else None
+            if why is None and after is not None and _act_name(after) is not None:
+                why = (f"{type(act_mod).__name__} sits between the layer and {type(after).__name__}: the fused layer "
+                       "applies the activation right after the affine map (Conv-BatchNorm-ReLU stays plain; "
+                       "an energy layer after the norm needs the model written with minaction.nn layers)")
             if why is None:
                 what = "nothing" if act_mod is None else type(act_mod).__name__
                 why = (f"followed by {what}, not by an activation module ({_SUPPORTED}): left as is "

@@ -572,3 +572,9 @@ def test_torch_compile_fullgraph_step_with_total_energy():
         warnings.simplefilter("ignore")
         compiled = torch.compile(step, fullgraph=True)(x)
     torch.testing.assert_close(compiled, step(x))
+
+
+def test_convert_conv_batchnorm_relu_says_why():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+    with pytest.warns(UserWarning, match="BatchNorm2d sits between the layer and ReLU"):
+        minaction.convert(model)
