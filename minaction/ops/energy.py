@@ -229,7 +229,7 @@ def _plain_path(backend: Optional[str]) -> bool:
 
     ``torch.compile`` keeps the fused ops (they have fake kernels).
     """
-    if torch.compiler.is_exporting():
+    if _is_exporting():
         return True
     if _interpreter_stack() is None:  # no torch.func transform: the eager fast exit
         return False
@@ -237,6 +237,7 @@ def _plain_path(backend: Optional[str]) -> bool:
 
 
 _interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_is_exporting = torch.compiler.is_exporting
 
 
 def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "relu",
@@ -254,7 +255,7 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     ``torch.export`` traces, the ``reference`` path (plain PyTorch ops) runs.
     """
     p = _exponent(activation, energy, reduction)
-    if isinstance(x, Tensor):
+    if (_any_autocast is None or _any_autocast()) and isinstance(x, Tensor):  # x.device costs ~1 us: only here
         ac = _autocast_dtype(x.device.type)
         if ac is not None:
             x, weight, bias = _autocast_cast(x, ac), _autocast_cast(weight, ac), _autocast_cast(bias, ac)
@@ -262,7 +263,9 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
                 return energy_linear(x, weight, bias, activation, energy, reduction, backend)
     _validate_linear(x, weight, bias)
     batched = weight.dim() == 3
-    name = "reference" if _plain_path(backend) else (backend if backend is not None else _backend.select(x.device))
+    # _plain_path, inlined (this is the per-call hot path)
+    plain = _is_exporting() or (_interpreter_stack() is not None and not torch.compiler.is_compiling())
+    name = "reference" if plain else (backend if backend is not None else _backend.select(x.device))
     mean = reduction == "mean"
     if name == "cpu" and (x.dim() == 2 or batched):
         # eager hot path: one C++ op with its own autograd formula (a few us per call instead
