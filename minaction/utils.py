@@ -1,14 +1,27 @@
 """Model-level helpers: ``total_energy``, ``convert`` and ``energy_report``."""
 from __future__ import annotations
 
+import logging
 import math
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
+from .nn.conv import EnergyConv1d, EnergyConv2d
 from .nn.layers import EnergyLayer, EnergyLinear
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+# dropout commutes with ReLU (it multiplies by a mask >= 0), so Linear-Dropout-ReLU can run as EnergyLinear-Dropout
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_SUPPORTED = "nn.ReLU, nn.GELU() (exact), nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity"
+_FUNCTIONAL_HINT = ("activations called in forward() (F.relu(self.fc1(x)), torch.relu, x.relu()) are invisible to "
+                    "module conversion: build those layers as minaction.nn.EnergyLinear / EnergyConv2d(..., "
+                    "activation='relu') (they take nn.Linear's / nn.Conv2d's arguments and state_dict), or put the "
+                    "layer and an activation module in an nn.Sequential")
+_log = logging.getLogger("minaction")
 
 
 def energy_layers(model: nn.Module):
@@ -25,11 +38,20 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     total = None
     layers = energy_layers(model)
     if not layers:
-        raise ValueError("model has no energy layers (use minaction.convert or minaction.nn layers)")
+        if any(isinstance(m, EnergyLayer) for m in model.modules()):
+            raise ValueError(f"every energy layer of {type(model).__name__} was built with energy=None: "
+                             "nothing to sum; give the hidden layers energy='l2' or 'l1'")
+        raise ValueError(
+            f"{type(model).__name__} has no energy layers, so there is no activation energy to sum. "
+            "minaction.convert(model) replaces nn.Linear / nn.Conv1d / nn.Conv2d followed by an activation "
+            f"module ({_SUPPORTED}) inside an nn.Sequential; {_FUNCTIONAL_HINT}")
     for name, m in layers:
-        if m.last_energy is None:
-            raise RuntimeError(f"energy layer {name or type(m).__name__!r} has no energy yet: run a forward first")
-        total = m.last_energy if total is None else total + m.last_energy
+        e = m.last_energy
+        if e is None:
+            raise RuntimeError(f"energy layer {name or type(m).__name__!r} has no energy yet: run a forward first "
+                               "(a forward inside a torch.func transform leaves none after the transform returns: "
+                               "call total_energy inside the transformed function)")
+        total = e if total is None else total + e
     return total
 
 
@@ -42,29 +64,145 @@ def _act_name(mod: nn.Module):
     return None
 
 
-def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backend=None) -> nn.Module:
-    """Replace every ``nn.Linear`` followed by an activation module inside ``nn.Sequential``
-    containers with an :class:`~minaction.nn.EnergyLinear` carrying the same weights
-    (the activation becomes ``nn.Identity``). Works in place and returns ``model``.
+def _unsupported_act_reason(mod: nn.Module):
+    """Why an activation-like module cannot be fused (None if it does not look like an activation)."""
+    if isinstance(mod, nn.GELU) and mod.approximate != "none":
+        return (f"GELU(approximate={mod.approximate!r}) is not implemented by the fused kernels (only the exact, "
+                "erf-based GELU is); use nn.GELU() if the approximation is not essential")
+    if type(mod).__module__ == "torch.nn.modules.activation" and _act_name(mod) is None:
+        return (f"{type(mod).__name__} is not an activation the fused kernels implement (they do relu, exact gelu, "
+                "silu, tanh, sigmoid, identity)")
+    return None
 
-    A ``Linear`` with no activation after it (e.g. the logits layer) is left alone.
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: ``converted`` and ``skipped`` are lists of (module path, description)."""
+
+    converted: List[Tuple[str, str]] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layer(s)"] + [f"  {n}: {d}" for n, d in self.converted]
+        if self.skipped:
+            lines += [f"left {len(self.skipped)} layer(s) unchanged"] + [f"  {n}: {d}" for n, d in self.skipped]
+        return "\n".join(lines)
+
+
+def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
+    """The energy layer replacing ``mod`` + ``act`` with the same weights, or a reason string why none can."""
+    kw = dict(activation=act, energy=energy, energy_reduction=energy_reduction, backend=backend,
+              device=mod.weight.device, dtype=mod.weight.dtype)
+    if type(mod) is nn.Linear:
+        new = EnergyLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, **kw)
+    elif type(mod) in (nn.Conv1d, nn.Conv2d):
+        if mod.padding_mode != "zeros":
+            return (f"padding_mode={mod.padding_mode!r}: EnergyConv{type(mod).__name__[-2:]} pads with zeros only")
+        cls = EnergyConv1d if type(mod) is nn.Conv1d else EnergyConv2d
+        new = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride, padding=mod.padding,
+                  dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None, **kw)
+    else:
+        return f"{type(mod).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"
+    new.load_state_dict(mod.state_dict())
+    new.train(mod.training)
+    return new
+
+
+_CONVERTIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_LAYER_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+               nn.ConvTranspose3d, nn.Bilinear)
+
+
+def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, opts) -> set:
+    """Convert the (layer, [dropout,] activation) runs of one Sequential; return the ids of the layers looked at."""
+    keys = list(seq._modules.keys())
+    seen = set()
+    for i, k in enumerate(keys):
+        mod = seq._modules[k]
+        if not isinstance(mod, _LAYER_LIKE) or isinstance(mod, EnergyLayer):
+            continue
+        seen.add(id(mod))
+        path = f"{prefix}{k}"
+        nxt = seq._modules[keys[i + 1]] if i + 1 < len(keys) else None
+        act_idx, drop = i + 1, None
+        if isinstance(nxt, _DROPOUTS) and i + 2 < len(keys):
+            drop, act_idx = nxt, i + 2
+        act_mod = seq._modules[keys[act_idx]] if act_idx < len(keys) else None
+        act = _act_name(act_mod) if act_mod is not None else None
+        if act is None:
+            why = _unsupported_act_reason(act_mod) if act_mod is not None else None
+            after = seq._modules[keys[act_idx + 1]] if act_idx + 1 < len(keys) else None
+            if why is None and after is not None and _act_name(after) is not None:
+                why = (f"{type(act_mod).__name__} sits between the layer and {type(after).__name__}: the fused layer "
+                       "applies the activation right after the affine map (Conv-BatchNorm-ReLU stays plain; "
+                       "an energy layer after the norm needs the model written with minaction.nn layers)")
+            if why is None:
+                what = "nothing" if act_mod is None else type(act_mod).__name__
+                why = (f"followed by {what}, not by an activation module ({_SUPPORTED}): left as is "
+                       "(a logits layer stays a plain layer)")
+            rep.skipped.append((path, why))
+            continue
+        if drop is not None and act not in ("relu", "identity"):
+            rep.skipped.append((path, f"{type(drop).__name__} sits between the layer and {type(act_mod).__name__}, "
+                                      f"and {act} does not commute with dropout (only ReLU does)"))
+            continue
+        if type(mod) not in _CONVERTIBLE:
+            rep.skipped.append((path, f"{type(mod).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"))
+            continue
+        new = _energy_twin(mod, act, *opts)
+        if isinstance(new, str):
+            rep.skipped.append((path, new))
+            continue
+        seq._modules[k] = new
+        seq._modules[keys[act_idx]] = nn.Identity()
+        desc = f"{type(mod).__name__}+{type(act_mod).__name__} -> {type(new).__name__}(activation={act!r})"
+        if drop is not None:
+            desc += (f"; the {type(drop).__name__} now follows the activation (identical output: dropout commutes "
+                     "with ReLU), so the energy is that of the activation before dropout")
+        rep.converted.append((path, desc))
+    return seen
+
+
+def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backend=None, *,
+            return_report: bool = False):
+    """Replace layer + activation pairs inside ``nn.Sequential`` containers with energy layers.
+
+    ``nn.Linear`` -> :class:`~minaction.nn.EnergyLinear`, ``nn.Conv1d`` / ``nn.Conv2d`` ->
+    :class:`~minaction.nn.EnergyConv1d` / ``EnergyConv2d``, when the next module of the same
+    Sequential is one of ``nn.ReLU``, ``nn.GELU()`` (exact), ``nn.SiLU``, ``nn.Tanh``,
+    ``nn.Sigmoid``, ``nn.Identity``. The new layer carries the same weights and training flag;
+    the activation module becomes ``nn.Identity``. ``layer, Dropout, ReLU`` is converted too
+    (the dropout then follows the fused layer: same output, since dropout commutes with ReLU;
+    the energy is that of the activation before dropout). Works in place.
+
+    Left unchanged, each with its reason in the report: layers with no activation after them
+    (the logits layer), ``GELU(approximate="tanh")``, ``LeakyReLU`` and other activations the
+    kernels do not implement, layers that are not in an ``nn.Sequential`` (their activation is
+    applied in ``forward()``, e.g. ``F.relu``, which module conversion cannot see).
+
+    Each conversion is logged (logger ``"minaction"``, INFO); when nothing was converted and
+    the model has no energy layers, a warning says why. Returns ``model``, or
+    ``(model, ConversionReport)`` with ``return_report=True``.
     """
-    for child in list(model.children()):
-        convert(child, energy=energy, energy_reduction=energy_reduction, backend=backend)
-    if isinstance(model, nn.Sequential):
-        keys = list(model._modules.keys())
-        for k, nxt in zip(keys[:-1], keys[1:]):
-            lin, act_mod = model._modules[k], model._modules[nxt]
-            act = _act_name(act_mod)
-            if type(lin) is nn.Linear and act is not None:
-                new = EnergyLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, activation=act,
-                                   energy=energy, energy_reduction=energy_reduction, backend=backend,
-                                   device=lin.weight.device, dtype=lin.weight.dtype)
-                new.load_state_dict(lin.state_dict())
-                new.train(lin.training)
-                model._modules[k] = new
-                model._modules[nxt] = nn.Identity()
-    return model
+    rep = ConversionReport()
+    opts = (energy, energy_reduction, backend)
+    seen: set = set()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Sequential):
+            seen |= _convert_sequential(mod, f"{name}." if name else "", rep, opts)
+    for name, mod in model.named_modules():
+        if isinstance(mod, _LAYER_LIKE) and not isinstance(mod, EnergyLayer) and id(mod) not in seen:
+            rep.skipped.append((name or type(mod).__name__,
+                                f"{type(mod).__name__} is not inside an nn.Sequential: its activation, if any, "
+                                "is applied in forward(), which module conversion cannot see"))
+    for path, desc in rep.converted:
+        _log.info("minaction.convert: %s: %s", path, desc)
+    if not rep.converted and not any(isinstance(m, EnergyLayer) for m in model.modules()):
+        reasons = "; ".join(f"{n}: {d}" for n, d in rep.skipped[:6]) or "it has no Linear or Conv layers"
+        more = f" (and {len(rep.skipped) - 6} more)" if len(rep.skipped) > 6 else ""
+        warnings.warn(f"minaction.convert converted nothing in {type(model).__name__}: {reasons}{more}. "
+                      f"Note: {_FUNCTIONAL_HINT}.", UserWarning, stacklevel=2)
+    return (model, rep) if return_report else model
 
 
 def weight_density(w: torch.Tensor, rel_tol: float = 1e-3) -> float:
@@ -122,7 +260,8 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
         for h in hooks:
             h.remove()
     if not rows:
-        raise ValueError("model has no energy layers (use minaction.convert or minaction.nn layers)")
+        raise ValueError(f"{type(model).__name__} has no energy layers: see minaction.convert, or build it from "
+                         "minaction.nn layers (EnergyLinear, EnergyConv1d/2d)")
     df = pd.DataFrame(rows)
     counted = {n for n, _ in energy_layers(model)}
     df["counted"] = df["layer"].isin(counted)

@@ -3,6 +3,12 @@
 After each forward, ``layer.last_energy`` holds ``E_l`` (a 0-dim tensor, or ``[G]`` for a
 batched layer of G models) on the autograd graph, so ``loss + lam * E`` trains with the
 energy term and its gradient flows through the fused backward.
+
+Lifetime of ``last_energy`` (see docs/core.md): it is replaced by the layer's next forward;
+a backward through it frees the graph's saved tensors as for any other tensor; it is never
+part of ``state_dict``, and pickling / ``copy.deepcopy`` / ``torch.save(model)`` drop it
+(the copy starts with ``last_energy = None``). A value computed inside a ``torch.func``
+transform reads as None once that transform has returned.
 """
 from __future__ import annotations
 
@@ -15,21 +21,54 @@ from torch import nn
 from ..ops import energy_linear, validate_energy
 
 
+def _dead_functorch_tensor(t: torch.Tensor) -> bool:
+    """True for a tensor wrapped by a ``torch.func`` transform (vmap/grad/jacrev) that has returned."""
+    fc = torch._C._functorch
+    if not fc.is_functorch_wrapped_tensor(t):
+        return False
+    top = fc.peek_interpreter_stack()
+    return top is None or fc.maybe_get_level(t) > top.level()
+
+
 class EnergyLayer(nn.Module):
     """Base of every layer whose activation energy ``minaction.total_energy`` sums.
 
-    Subclasses set ``self.last_energy`` in ``forward``; ``counts_energy`` is False when
-    the layer was built with ``energy=None``.
+    Subclasses store the energy of each forward with ``self.__dict__["_last_energy"] = e``
+    (or ``self.last_energy = e``); ``counts_energy`` is False when the layer was built with
+    ``energy=None``.
     """
-
-    last_energy: Optional[torch.Tensor]
 
     def _init_energy(self, activation, energy, energy_reduction):
         self.p = validate_energy(activation, energy, energy_reduction)
         self.activation = activation
         self.energy = energy
         self.energy_reduction = energy_reduction
-        self.last_energy = None
+        self.__dict__["_last_energy"] = None
+
+    @property
+    def last_energy(self) -> Optional[torch.Tensor]:
+        """``E_l`` of the last forward (on the autograd graph), or None before the first one."""
+        e = self.__dict__.get("_last_energy")
+        if e is not None and not torch.compiler.is_compiling() and _dead_functorch_tensor(e):
+            # a vmap/grad transform's wrapper is meaningless after the transform returned
+            self.__dict__["_last_energy"] = e = None
+        return e
+
+    @last_energy.setter
+    def last_energy(self, value: Optional[torch.Tensor]) -> None:
+        self.__dict__["_last_energy"] = value
+
+    def __getstate__(self):
+        # deepcopy, pickle and torch.save(model) copy the layer, never the last step's graph
+        state = super().__getstate__()
+        state["_last_energy"] = None
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        state.pop("last_energy", None)  # pickles written before last_energy became a property
+        state.setdefault("_last_energy", None)
+        super().__setstate__(state)
 
     @property
     def counts_energy(self) -> bool:
@@ -39,8 +78,16 @@ class EnergyLayer(nn.Module):
         return 0
 
 
-class EnergyLinear(EnergyLayer):
+class EnergyLinear(EnergyLayer, nn.Linear):
     """``act(x @ W.T + b)`` with its activation energy computed in the same pass.
+
+    A subclass of ``nn.Linear`` (same ``in_features``, ``out_features``, ``weight``,
+    ``bias``), so code that finds linear layers with ``isinstance(m, nn.Linear)`` (weight
+    decay / no-decay splits, ``_init_weights`` functions, FSDP wrap policies) treats it as
+    one. Its ``forward`` is not ``nn.Linear``'s: it also applies the activation. Code that
+    re-implements a Linear from ``m.weight``/``m.bias`` (``F.linear(x, m.weight, m.bias)``,
+    LoRA adapters, Linear+BatchNorm fusion) would miss the activation; eager
+    ``quantize_dynamic({nn.Linear})`` looks types up exactly and leaves it in float.
 
     Args:
         in_features, out_features, bias: as ``nn.Linear`` (same parameter names and
@@ -59,7 +106,7 @@ class EnergyLinear(EnergyLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "relu",
                  energy: Optional[str] = "l2", energy_reduction: str = "sum", num_models: Optional[int] = None,
                  backend: Optional[str] = None, device=None, dtype=None):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are built below (and batched)
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         if num_models is not None and num_models <= 0:
@@ -70,7 +117,10 @@ class EnergyLinear(EnergyLayer):
         lead = () if num_models is None else (num_models,)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(lead + (out_features, in_features), **kw))
-        self.bias = nn.Parameter(torch.empty(lead + (out_features,), **kw)) if bias else None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(lead + (out_features,), **kw))
+        else:
+            self.register_parameter("bias", None)  # as nn.Linear
         self.reset_parameters()
 
     @torch.no_grad()
@@ -88,7 +138,7 @@ class EnergyLinear(EnergyLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, e = energy_linear(x, self.weight, self.bias, self.activation, self.energy, self.energy_reduction,
                              backend=self.backend)
-        self.__dict__["last_energy"] = e  # a plain attribute: skips nn.Module.__setattr__'s bookkeeping
+        self.__dict__["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
         return y
 
     def forward_flops(self, x_shape, y_shape) -> int:

@@ -195,6 +195,51 @@ def _validate_linear(x, weight, bias):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # a cheap first test (private API)
+
+
+def _autocast_dtype(device_type: str):
+    """The autocast dtype if autocast is on for ``device_type``, else None."""
+    if _any_autocast is not None and not _any_autocast():
+        return None
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    return None
+
+
+def _autocast_cast(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    # autocast's own rule ("eligible" tensors): floating point and not float64 are cast
+    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+        return t
+    return t.to(dtype)
+
+
+def _plain_path(backend: Optional[str]) -> bool:
+    """Whether to run plain PyTorch ops (the ``reference`` path) instead of a fused op.
+
+    - inside a ``torch.func`` transform (grad, jacrev, jvp, vmap, ...): the fused ops carry
+      no vmap batching rule and no forward-mode formula, and their C++ autograd formula
+      cannot run under a transform; the reference path is plain PyTorch and composes with
+      every transform;
+    - while ``torch.export`` (or ``torch.onnx.export(..., dynamo=True)``) traces: the exported
+      graph then holds standard aten ops that any runtime executes, not minaction's custom ops.
+
+    ``torch.compile`` keeps the fused ops (they have fake kernels).
+    """
+    if _is_exporting():
+        return True
+    if _interpreter_stack() is None:  # no torch.func transform: the eager fast exit
+        return False
+    return not torch.compiler.is_compiling()
+
+
+_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_is_exporting = torch.compiler.is_exporting
+
+
 def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "relu",
                   energy: Optional[str] = "l2", reduction: str = "sum", backend: Optional[str] = None):
     """``y = act(x @ weight.T + bias)`` and its activation energy ``E`` in one fused pass.
@@ -203,11 +248,24 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     batched form for G independent models, ``weight [G, N, K]``, ``bias [G, N]`` with
     ``x [G, M, K]`` (or a shared ``x [M, K]``) -> ``y [G, M, N]``, ``E [G]``.
     ``E = mean over rows of sum (reduction="sum") or mean ("mean") over units of |y|^p``.
+
+    Under ``torch.autocast`` it follows ``F.linear``'s rule: input, weight and bias are cast
+    to the autocast dtype (float64 tensors are left alone, as autocast does), ``y`` comes out
+    in that dtype and ``E`` in float32. Inside a ``torch.func`` transform, or while
+    ``torch.export`` traces, the ``reference`` path (plain PyTorch ops) runs.
     """
     p = _exponent(activation, energy, reduction)
+    if (_any_autocast is None or _any_autocast()) and isinstance(x, Tensor):  # x.device costs ~1 us: only here
+        ac = _autocast_dtype(x.device.type)
+        if ac is not None:
+            x, weight, bias = _autocast_cast(x, ac), _autocast_cast(weight, ac), _autocast_cast(bias, ac)
+            with torch.autocast(x.device.type, enabled=False):
+                return energy_linear(x, weight, bias, activation, energy, reduction, backend)
     _validate_linear(x, weight, bias)
     batched = weight.dim() == 3
-    name = backend if backend is not None else _backend.select(x.device)
+    # _plain_path, inlined (this is the per-call hot path)
+    plain = _is_exporting() or (_interpreter_stack() is not None and not torch.compiler.is_compiling())
+    name = "reference" if plain else (backend if backend is not None else _backend.select(x.device))
     mean = reduction == "mean"
     if name == "cpu" and (x.dim() == 2 or batched):
         # eager hot path: one C++ op with its own autograd formula (a few us per call instead
@@ -256,7 +314,7 @@ def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str]
         z3 = z.reshape(groups, z.shape[1], -1)
     else:
         z3 = z.reshape(1, z.shape[0], -1)
-    name = backend if backend is not None else _backend.select(z.device)
+    name = "reference" if _plain_path(backend) else (backend if backend is not None else _backend.select(z.device))
     if name == "reference":
         y = composite.apply_act(z3, activation)
         e = composite.energy_of(y, p, _scale(y.shape[1], y.shape[2], reduction == "mean"))

@@ -1,0 +1,580 @@
+"""EnergyLinear / EnergyConv as drop-ins, run through two real clients' patterns (issue 11, item 3).
+
+Clients, written here in the style of the projects users tried:
+- a conv net whose activations are functional calls in ``forward`` (pytorch/examples' MNIST);
+- an ``nn.Sequential`` MLP behind ``nn.Flatten`` (the PyTorch quickstart);
+- minGPT's ``configure_optimizers`` weight-decay split and ``_init_weights``.
+Each is pushed through: copy/pickle, autocast, convert, isinstance, torch.func, double
+backward, torch.export / ONNX, lazy submodules.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import logging
+import pickle
+import subprocess
+import sys
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import minaction
+from minaction.nn import EnergyConv2d, EnergyLayer, EnergyLinear
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- the clients
+class MnistNet(nn.Module):
+    """pytorch/examples MNIST style, shrunk: activations are F.relu calls in forward()."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, 1)
+        self.conv2 = nn.Conv2d(4, 8, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.fc1 = nn.Linear(8 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class MnistEnergyNet(MnistNet):
+    """The same net written with minaction layers: what convert's warning tells the user to do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = EnergyConv2d(1, 4, 3, 1)
+        self.conv2 = EnergyConv2d(4, 8, 3, 1)
+        self.fc1 = EnergyLinear(8 * 4 * 4, 16)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.conv2(self.conv1(x)), 2)
+        x = torch.flatten(self.dropout1(x), 1)
+        return F.log_softmax(self.fc2(self.fc1(x)), dim=1)
+
+
+class QuickstartNet(nn.Module):
+    """PyTorch quickstart style: Flatten + an nn.Sequential of Linear/ReLU."""
+
+    def __init__(self, side=6, width=16):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.linear_relu_stack = nn.Sequential(
+            nn.Linear(side * side, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+    def forward(self, x):
+        return self.linear_relu_stack(self.flatten(x))
+
+
+class Block(nn.Module):
+    """A minGPT-like block: LayerNorm, an MLP whose first layer is an EnergyLinear, a projection."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.c_fc = EnergyLinear(d, 4 * d, activation="gelu")
+        self.c_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.c_proj(self.c_fc(self.ln(x)))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(Block(d), Block(d))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):  # minGPT's pattern
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+    def forward(self, idx):
+        return self.lm_head(self.ln_f(self.blocks(self.wte(idx))))
+
+    def configure_optimizers(self, weight_decay=0.1, lr=1e-3):
+        """minGPT's split: weights of whitelisted modules decay; biases and blacklisted modules do not."""
+        decay, no_decay = set(), set()
+        whitelist, blacklist = (torch.nn.Linear,), (torch.nn.LayerNorm, torch.nn.Embedding)
+        for mn, m in self.named_modules():
+            for pn, p in m.named_parameters(recurse=False):
+                fpn = f"{mn}.{pn}" if mn else pn
+                if pn.endswith("bias"):
+                    no_decay.add(fpn)
+                elif pn.endswith("weight") and isinstance(m, whitelist):
+                    decay.add(fpn)
+                elif pn.endswith("weight") and isinstance(m, blacklist):
+                    no_decay.add(fpn)
+        params = dict(self.named_parameters())
+        assert not decay & no_decay, f"in both sets: {decay & no_decay}"
+        missing = params.keys() - (decay | no_decay)
+        assert not missing, f"parameters {missing} were not separated into either decay/no_decay set"
+        groups = [{"params": [params[n] for n in sorted(decay)], "weight_decay": weight_decay},
+                  {"params": [params[n] for n in sorted(no_decay)], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr), decay, no_decay
+
+
+def _mnist_x(n=6):
+    return torch.randn(n, 1, 12, 12)
+
+
+def _converted_quickstart():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converting something must not warn
+        return minaction.convert(QuickstartNet())
+
+
+def _energy_models():
+    torch.manual_seed(0)
+    return [("quickstart", _converted_quickstart(), torch.randn(5, 6, 6)),
+            ("mnist", MnistEnergyNet(), _mnist_x())]
+
+
+def _energy_of(model):
+    return minaction.total_energy(model)
+
+
+# ----------------------------------------------------------------------------- copy, pickle, lifetime
+@pytest.mark.parametrize("which", ["quickstart", "mnist"])
+def test_deepcopy_after_forward_and_ema(which):
+    name, model, x = next(m for m in _energy_models() if m[0] == which)
+    out = model(x)
+    (out.sum() + 0.1 * _energy_of(model)).backward()
+    ema = copy.deepcopy(model)  # the EMA / best-model copy of a training loop
+    layers = [m for m in ema.modules() if isinstance(m, EnergyLayer)]
+    assert layers and all(m.last_energy is None for m in layers)
+    assert all(m.last_energy is not None for m in model.modules() if isinstance(m, EnergyLayer))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.mul_(0.9).add_(p, alpha=0.1)
+    ema.eval(), model.eval()  # no dropout noise in the comparison
+    torch.testing.assert_close(ema(x), model(x))
+    assert _energy_of(ema).item() > 0  # the copy works as a model of its own
+
+
+def test_torch_save_and_pickle_never_carry_the_energy():
+    name, model, x = _energy_models()[0]
+    model(x)
+    assert all("energy" not in k for k in model.state_dict())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert all(m.last_energy is None for m in loaded.modules() if isinstance(m, EnergyLayer))
+    again = pickle.loads(pickle.dumps(model))
+    assert all(m.last_energy is None for m in again.modules() if isinstance(m, EnergyLayer))
+    torch.testing.assert_close(loaded(x), model(x))
+    # a pickle written when last_energy was a plain attribute still loads
+    layer = EnergyLinear(3, 2)
+    state = layer.__getstate__()
+    state.pop("_last_energy")
+    state["last_energy"] = torch.ones(())
+    fresh = EnergyLinear.__new__(EnergyLinear)
+    fresh.__setstate__(state)
+    assert fresh.last_energy is None and fresh(torch.randn(4, 3)).shape == (4, 2)
+
+
+def test_backward_frees_the_saved_activations_last_energy_pins_only_a_scalar():
+    """After a training step last_energy keeps its value, but no saved activation stays alive."""
+    name, model, x = _energy_models()[0]
+    packed = []
+
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        b = Box(t)
+        packed.append(weakref.ref(b))
+        return b
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda b: b.t):
+        out = model(x)
+        loss = out.square().mean() + 1e-3 * _energy_of(model)
+    assert any(r() is not None for r in packed)
+    loss.backward()
+    del out, loss
+    gc.collect()
+    assert all(r() is None for r in packed), "a saved tensor outlived backward"
+    assert _energy_of(model).item() > 0  # the value stays readable for logging
+
+
+# ----------------------------------------------------------------------------- autocast
+def test_autocast_bf16_two_layers_close_to_nn_linear():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3))
+    x = torch.randn(9, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = plain(x)
+    model = minaction.convert(copy.deepcopy(plain))
+    assert [type(m).__name__ for m in model][:4] == ["EnergyLinear", "Identity", "EnergyLinear", "Identity"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        e = minaction.total_energy(model)
+    assert out.dtype == torch.bfloat16 == ref.dtype
+    assert e.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h1 = torch.relu(F.linear(x, plain[0].weight, plain[0].bias))
+        h2 = F.gelu(F.linear(h1, plain[2].weight, plain[2].bias))
+    expected = h1.float().square().sum(1).mean() + h2.float().square().sum(1).mean()
+    torch.testing.assert_close(e, expected, rtol=2e-2, atol=1e-2)
+    (out.float().sum() + 1e-2 * e).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_autocast_conv_net_and_training_step():
+    torch.manual_seed(0)
+    model = MnistEnergyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _mnist_x(), torch.randint(0, 10, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = F.nll_loss(out.float(), y) + 1e-3 * minaction.total_energy(model)
+    assert model.fc1.last_energy.dtype == torch.float32 and model.conv1.last_energy.dtype == torch.float32
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- convert
+def test_convert_quickstart_reports_and_logs(caplog):
+    torch.manual_seed(0)
+    model = QuickstartNet()
+    x = torch.randn(4, 6, 6)
+    before = model(x)
+    with caplog.at_level(logging.INFO, logger="minaction"):
+        same, rep = minaction.convert(model, return_report=True)
+    assert same is model
+    assert [n for n, _ in rep.converted] == ["linear_relu_stack.0", "linear_relu_stack.2"]
+    assert [n for n, _ in rep.skipped] == ["linear_relu_stack.4"] and "logits" in rep.skipped[0][1]
+    assert "linear_relu_stack.0" in caplog.text and "EnergyLinear" in caplog.text
+    assert isinstance(model.linear_relu_stack[0], EnergyLinear)
+    torch.testing.assert_close(model(x), before)
+    assert "converted 2 layer(s)" in str(rep)
+
+
+def test_convert_functional_relu_net_says_why_and_what_to_do():
+    model = MnistNet()
+    with pytest.warns(UserWarning, match=r"converted nothing in MnistNet.*F\.relu.*EnergyLinear"):
+        out = minaction.convert(model)
+    assert out is model and not any(isinstance(m, EnergyLayer) for m in model.modules())
+    model(_mnist_x())
+    with pytest.raises(ValueError, match=r"MnistNet has no energy layers.*minaction.convert.*F\.relu.*EnergyLinear"):
+        minaction.total_energy(model)
+    # the suggested rewrite takes the plain net's state_dict and computes the same function
+    torch.manual_seed(0)
+    energy_net = MnistEnergyNet().eval()
+    plain = MnistNet().eval()
+    energy_net.load_state_dict(plain.state_dict())
+    x = _mnist_x()
+    torch.testing.assert_close(energy_net(x), plain(x))
+
+
+@pytest.mark.parametrize("act,name", [(nn.ReLU(), "relu"), (nn.GELU(), "gelu"), (nn.SiLU(), "silu"),
+                                      (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid")])
+def test_convert_every_supported_activation_linear_and_conv(act, name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), copy.deepcopy(act), nn.Flatten(),
+                          nn.Linear(3 * 5 * 5, 4), copy.deepcopy(act), nn.Linear(4, 2))
+    x = torch.randn(3, 2, 5, 5)
+    before = model(x)
+    w = model[0].weight.detach().clone()
+    _, rep = minaction.convert(model, return_report=True)
+    assert isinstance(model[0], EnergyConv2d) and model[0].activation == name
+    assert isinstance(model[3], EnergyLinear) and model[3].activation == name
+    assert len(rep.converted) == 2
+    torch.testing.assert_close(model[0].weight, w)
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    assert minaction.total_energy(model).item() > 0
+
+
+def test_convert_conv1d_pair():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding="same"), nn.ReLU())
+    x = torch.randn(3, 2, 9)
+    before = model(x)
+    minaction.convert(model)
+    assert type(model[0]).__name__ == "EnergyConv1d"
+    torch.testing.assert_close(model(x), before)
+
+
+def test_convert_says_why_for_unsupported_activations():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 4), nn.LeakyReLU())
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(model, return_report=True)
+    why = dict(rep.skipped)
+    assert "approximate='tanh'" in why["0"] and "exact" in why["0"]
+    assert "LeakyReLU" in why["2"] and "not an activation the fused kernels implement" in why["2"]
+    reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.ReLU())
+    with pytest.warns(UserWarning, match="padding_mode='reflect'"):
+        minaction.convert(reflect)
+
+
+def test_convert_linear_dropout_relu_keeps_the_output_and_says_where_energy_is_taken():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 2))
+    x = torch.randn(8, 6)
+    torch.manual_seed(1)
+    before = model(x)  # training mode: dropout active
+    _, rep = minaction.convert(model, return_report=True)
+    assert [type(m).__name__ for m in model] == ["EnergyLinear", "Dropout", "Identity", "Linear"]
+    assert "commutes with ReLU" in rep.converted[0][1] and "before dropout" in rep.converted[0][1]
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), before)  # same mask, same output
+    h = torch.relu(F.linear(x, model[0].weight, model[0].bias))
+    torch.testing.assert_close(model[0].last_energy, h.square().sum(1).mean())
+    gelu = nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5), nn.GELU())
+    with pytest.warns(UserWarning, match="does not commute with dropout"):
+        minaction.convert(gelu)
+
+
+def test_convert_twice_and_on_energy_models_is_silent():
+    model = _converted_quickstart()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, rep = minaction.convert(model, return_report=True)
+        minaction.convert(MnistEnergyNet())
+    assert rep.converted == []
+
+
+def test_total_energy_message_when_every_layer_has_energy_none():
+    model = nn.Sequential(EnergyLinear(3, 3, energy=None))
+    model(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="energy=None"):
+        minaction.total_energy(model)
+
+
+# ----------------------------------------------------------------------------- isinstance, optimizer split
+def test_mingpt_optimizer_split_and_init_see_energy_linear():
+    torch.manual_seed(0)
+    gpt = TinyGPT()
+    assert isinstance(gpt.blocks[0].c_fc, nn.Linear)
+    # _init_weights reached the EnergyLinear: std 0.02 weights, zero bias
+    assert float(gpt.blocks[0].c_fc.weight.std()) < 0.03 and float(gpt.blocks[0].c_fc.bias.abs().max()) == 0
+    opt, decay, no_decay = gpt.configure_optimizers()
+    assert "blocks.0.c_fc.weight" in decay and "blocks.0.c_fc.bias" in no_decay
+    assert "wte.weight" in no_decay and "blocks.0.ln.weight" in no_decay
+    idx = torch.randint(0, 11, (3, 5))
+    logits = gpt(idx)
+    loss = F.cross_entropy(logits.reshape(-1, 11), idx.reshape(-1)) + 1e-3 * minaction.total_energy(gpt)
+    loss.backward()
+    opt.step()
+    assert gpt.blocks[0].c_fc.weight.grad is not None
+
+
+def test_energy_linear_is_an_nn_linear_in_state_and_repr():
+    el = EnergyLinear(5, 3, bias=False)
+    assert isinstance(el, nn.Linear) and el.bias is None
+    assert "bias" in el._parameters  # registered as None, as nn.Linear(bias=False) does
+    assert list(el.state_dict()) == list(nn.Linear(5, 3, bias=False).state_dict()) == ["weight"]
+    assert "activation='relu'" in repr(el)
+
+
+def test_quantize_dynamic_leaves_energy_linear_in_float():
+    """quantize_dynamic({nn.Linear}) looks modules up by exact type: plain Linears are quantized,
+    EnergyLinear (activation + energy) is kept as is and computes what it did."""
+    quant = pytest.importorskip("torch.ao.quantization")
+    if "fbgemm" not in torch.backends.quantized.supported_engines and \
+            "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no quantized CPU engine in this torch build")
+    model = _converted_quickstart().eval()
+    x = torch.randn(4, 6, 6)
+    ref = model.linear_relu_stack[0](model.flatten(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        q = quant.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert type(q.linear_relu_stack[0]) is EnergyLinear
+    assert "quantized" in type(q.linear_relu_stack[4]).__module__  # the logits Linear was quantized
+    torch.testing.assert_close(q.linear_relu_stack[0](q.flatten(x)), ref)
+    assert q(x).shape == (4, 10)
+
+
+# ----------------------------------------------------------------------------- torch.func, double backward
+def _functional_loss(model):
+    from torch.func import functional_call
+
+    def loss(params, x):
+        out = functional_call(model, params, (x,))
+        return out.square().mean() + 0.1 * minaction.total_energy(model)
+    return loss
+
+
+@pytest.mark.parametrize("which", ["quickstart", "mnist"])
+def test_torch_func_grad_matches_autograd(which):
+    from torch.func import grad
+
+    name, model, x = next(m for m in _energy_models() if m[0] == which)
+    model.eval()  # no dropout randomness between the two evaluations
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = grad(_functional_loss(model))(params, x)
+    assert all(m.last_energy is None for m in model.modules() if isinstance(m, EnergyLayer))
+    model.zero_grad()
+    with minaction.use_backend("reference"):
+        (model(x).square().mean() + 0.1 * minaction.total_energy(model)).backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(g[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_jacrev_and_vmap_match_a_loop():
+    from torch.func import jacrev, vmap
+
+    torch.manual_seed(0)
+    el = EnergyLinear(4, 3, activation="tanh")
+    xs = torch.randn(5, 4)
+    jac = jacrev(el)(xs[0])
+    expected = torch.autograd.functional.jacobian(lambda v: torch.tanh(F.linear(v, el.weight, el.bias)), xs[0])
+    torch.testing.assert_close(jac, expected)
+
+    def per_sample(v):
+        y = el(v.unsqueeze(0))
+        return y.squeeze(0), el.last_energy
+
+    ys, es = vmap(per_sample)(xs)
+    loop_y = torch.stack([el(v.unsqueeze(0)).squeeze(0) for v in xs])
+    loop_e = torch.stack([(torch.tanh(F.linear(v, el.weight, el.bias)) ** 2).sum() for v in xs])
+    torch.testing.assert_close(ys, loop_y)
+    torch.testing.assert_close(es, loop_e)
+    vmap(el)(torch.randn(2, 3, 4))
+    assert el.last_energy is None  # no BatchedTensor left behind after vmap returned
+    el(xs)
+    assert type(el.last_energy) is torch.Tensor and el.last_energy.dim() == 0
+
+
+def test_per_sample_gradients_with_vmap_grad():
+    """Opacus-style per-sample gradients: vmap(grad(loss)) equals a loop of single-sample grads."""
+    from torch.func import functional_call, grad, vmap
+
+    model = _converted_quickstart()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    xs = torch.randn(3, 6, 6)
+
+    def loss(p, x):
+        out = functional_call(model, p, (x.unsqueeze(0),))
+        return out.square().sum() + 0.5 * minaction.total_energy(model)
+
+    per = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for i in range(3):
+        one = grad(loss)(params, xs[i])
+        for k in params:
+            torch.testing.assert_close(per[k][i], one[k], rtol=1e-5, atol=1e-6)
+
+
+def test_hessian_through_torch_func_matches_plain_pytorch():
+    from torch.func import hessian
+
+    torch.manual_seed(0)
+    el = EnergyLinear(3, 4, activation="silu")
+    x = torch.randn(2, 3)
+
+    def f(v):
+        y = el(v)
+        return y.sum() + el.last_energy
+
+    def plain(v):
+        y = F.silu(F.linear(v, el.weight, el.bias))
+        return y.sum() + y.square().sum(1).mean()
+
+    torch.testing.assert_close(hessian(f)(x), hessian(plain)(x))
+
+
+def test_double_backward_on_the_reference_backend():
+    """create_graph=True through the plain path (the CPU kernels' double backward is tested with them)."""
+    torch.manual_seed(0)
+    el = EnergyLinear(3, 4, activation="tanh", backend="reference")
+    x = torch.randn(5, 3, requires_grad=True)
+    y = el(x)
+    gx, = torch.autograd.grad(y.square().sum() + el.last_energy, x, create_graph=True)
+    gw, = torch.autograd.grad(gx.square().sum(), el.weight)
+    x2 = x.detach().requires_grad_()
+    y2 = torch.tanh(F.linear(x2, el.weight, el.bias))
+    g2, = torch.autograd.grad(y2.square().sum() + y2.square().sum(1).mean(), x2, create_graph=True)
+    w2, = torch.autograd.grad(g2.square().sum(), el.weight)
+    torch.testing.assert_close(gw, w2)
+
+
+# ----------------------------------------------------------------------------- export
+@pytest.mark.parametrize("which", ["quickstart", "mnist"])
+def test_torch_export_gives_a_graph_of_standard_ops(which):
+    name, model, x = next(m for m in _energy_models() if m[0] == which)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("minaction" in t for t in targets), targets
+    torch.testing.assert_close(ep.module()(x), model(x))
+    assert all(m.last_energy is None or type(m.last_energy) is torch.Tensor
+               for m in model.modules() if isinstance(m, EnergyLayer))
+
+
+@pytest.mark.parametrize("which", ["quickstart", "mnist"])
+def test_onnx_export_dynamo(which):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    name, model, x = next(m for m in _energy_models() if m[0] == which)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(model, (x,), dynamo=True)
+    ops = {n.op_type for n in prog.model_proto.graph.node}
+    assert "Relu" in ops and not any("minaction" in o for o in ops)
+    assert ("Conv" in ops) == (which == "mnist")
+
+
+# ----------------------------------------------------------------------------- lazy submodules
+def test_submodules_load_lazily_like_torch():
+    code = ("import sys, minaction\n"
+            "assert 'minaction.study' not in sys.modules and 'minaction.report' not in sys.modules\n"
+            "assert 'minaction.data' not in sys.modules and 'pandas' not in sys.modules, 'eager import'\n"
+            "assert 'data' in dir(minaction)\n"
+            "d = minaction.data\n"
+            "assert d is sys.modules['minaction.data'] and minaction.data is d\n"
+            "assert minaction.models.__name__ == 'minaction.models'\n"
+            "try:\n    minaction.no_such_thing\nexcept AttributeError as e:\n    assert 'no_such_thing' in str(e)\n"
+            "else:\n    raise SystemExit('no AttributeError')\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_torch_compile_fullgraph_step_with_total_energy():
+    """The last_energy property (functorch staleness check) stays traceable by torch.compile."""
+    model = _converted_quickstart()
+    x, y = torch.randn(5, 6, 6), torch.randint(0, 10, (5,))
+
+    def step(inp):
+        return F.cross_entropy(model(inp), y) + 0.1 * minaction.total_energy(model)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(step, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, step(x))
+
+
+def test_convert_conv_batchnorm_relu_says_why():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+    with pytest.warns(UserWarning, match="BatchNorm2d sits between the layer and ReLU"):
+        minaction.convert(model)
