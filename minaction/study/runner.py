@@ -95,7 +95,7 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         nonlocal recorded
         for rec in records:
             row = dict(rec["run"], preset=spec["name"])
-            store.record_run(con, row, rec["epochs"])
+            store.record_run(con, row, rec["epochs"], rec.get("evals", ()))
             counts[row["status"]] += 1
             recorded += 1
             if bar is not None:
