@@ -178,3 +178,87 @@ def test_plan_reports_what_it_cannot_measure():
 def test_evals_per_epoch():
     assert _plan.evals_per_epoch(4, 4) == 1 and _plan.evals_per_epoch(4, 0) == 1
     assert _plan.evals_per_epoch(10, 5) == 2 and _plan.evals_per_epoch(10, 3) == pytest.approx(4.0, abs=0.35)
+
+
+# ----------------------------------------------------------------------------- Finding 3 in model terms
+def _eff_frames(ds_arch_curves, modality_of):
+    """runs/evals frames from {(dataset, arch): [per-seed list of (step, val_acc)]}; flops = 10 x samples x
+    (2 for physics_lagrangian), samples = 100 x step, wall time = 0.01 x step."""
+    import pandas as pd
+
+    runs, evals = [], []
+    for (ds, arch), per_seed in ds_arch_curves.items():
+        for seed, curve in enumerate(per_seed):
+            rid = f"{ds}-{arch}-{seed}"
+            runs.append({"run_id": rid, "dataset": ds, "modality": modality_of[ds], "arch": arch, "lam": 0.0,
+                         "seed": seed, "val_acc": max(a for _, a in curve), "test_acc": 0.9, "wall_time_s": 1.0})
+            for step, acc in curve:
+                evals.append({"run_id": rid, "step": step, "samples": 100 * step, "epoch": step / 10,
+                              "flops": 10.0 * 100 * step * (2 if arch == "physics_lagrangian" else 1),
+                              "val_acc": acc, "wall_time_s": 0.01 * step})
+    return pd.DataFrame(runs), pd.DataFrame(evals)
+
+
+def test_efficiency_steps_samples_flops_to_target():
+    from minaction.report import efficiency as eff
+
+    cur = {("mnist", "mlp"): [[(10, 0.5), (20, 0.96), (30, 1.0)], [(10, 0.5), (20, 0.9), (30, 1.0)]],
+           ("mnist", "bimodal_true"): [[(10, 0.78), (20, 0.8)], [(10, 0.7), (20, 0.8)]]}
+    runs, evals = _eff_frames(cur, {"mnist": "vision"})
+    e = eff.per_run_efficiency(runs, None, 0.95, evals=evals).set_index("run_id")
+    # the architecture's own best final accuracy: mlp 1.0 -> target 0.95; bimodal_true 0.8 -> 0.76
+    assert e.loc["mnist-mlp-0", "target"] == pytest.approx(0.95)
+    assert e.loc["mnist-bimodal_true-0", "target"] == pytest.approx(0.76)
+    assert e.loc["mnist-mlp-0", "steps_to_target"] == 20 and e.loc["mnist-mlp-1", "steps_to_target"] == 30
+    assert e.loc["mnist-mlp-1", "samples_to_target"] == 3000 and e.loc["mnist-mlp-1", "flops_to_target"] == 30000
+    assert e.loc["mnist-bimodal_true-0", "steps_to_target"] == 10
+    assert e.loc["mnist-bimodal_true-1", "steps_to_target"] == 20
+    g = eff.dataset_gains(e.reset_index(), 0.0, "steps", n_boot=200).iloc[0]
+    assert g["baseline"] == "mlp" and g["gain_pct"] == pytest.approx(100 * (25 - 15) / 25)
+    assert g["gain_pct_lo"] < g["gain_pct"] < g["gain_pct_hi"]  # seeds differ: a real interval
+
+
+def test_efficiency_not_comparable_names_what_is_missing():
+    from minaction.report import efficiency as eff
+
+    up = [[(10, 0.5), (20, 0.9)], [(10, 0.6), (20, 0.9)]]
+    cur = {("mnist", "mlp"): up, ("mnist", "bimodal_true"): up, ("sst2", "bimodal_true"): up,
+           ("ecg200", "cnn"): up}
+    mods = {"mnist": "vision", "sst2": "text", "ecg200": "physiological"}
+    runs, evals = _eff_frames(cur, mods)
+    e = eff.per_run_efficiency(runs, None, 0.95, evals=evals)
+    gains = eff.efficiency_gains(e, 0.0, "flops", n_boot=50)
+    v, why = eff.verdict(gains, runs)
+    assert v == "not comparable"
+    assert "text: no conventional architecture" in why
+    assert "physiological: no energy-first architecture" in why and "neuromorphic: no runs" in why
+    assert "vision" not in why.split("Missing:")[1]
+
+
+def test_efficiency_gains_per_dataset_with_exact_reasons():
+    from minaction.report import efficiency as eff
+
+    fast = [[(10, 0.93), (20, 0.95)], [(10, 0.92), (20, 0.95)], [(10, 0.91), (20, 0.95)]]
+    slow = [[(10, 0.5), (20, 0.95)], [(10, 0.6), (20, 0.95)], [(10, 0.5), (20, 0.95)]]
+    never = [[(10, 0.5), (20, 0.95)], [(10, 0.1), (20, 0.2)], [(10, 0.1), (20, 0.3)]]  # 1 of 3 reach 0.9025
+    cur = {}
+    mods = {}
+    for mod, ds in (("vision", "mnist"), ("text", "sst2"), ("neuromorphic", "nmnist"),
+                    ("physiological", "ecg200")):
+        mods[ds] = mod
+        cur[(ds, "mlp")] = slow
+        cur[(ds, "bimodal_true")] = fast
+    cur[("fashion_mnist", "mlp")] = never
+    cur[("fashion_mnist", "bimodal_true")] = fast
+    mods["fashion_mnist"] = "vision"
+    runs, evals = _eff_frames(cur, mods)
+    e = eff.per_run_efficiency(runs, None, 0.95, evals=evals)
+    per_ds = eff.dataset_gains(e, 0.0, "steps", n_boot=100).set_index("dataset")
+    assert per_ds.loc["mnist", "gain_pct"] == pytest.approx(50.0)  # 10 vs 20 steps to 0.9025
+    assert np.isnan(per_ds.loc["fashion_mnist", "gain_pct"])
+    assert per_ds.loc["fashion_mnist", "reason"] == "mlp reached the target in 1 of 3 runs (fewer than half)"
+    gains = eff.efficiency_gains(e, 0.0, "steps", n_boot=100).set_index("modality")
+    assert gains.loc["vision", "datasets"] == "mnist"  # fashion_mnist left out, and said why
+    assert "fashion_mnist: mlp reached the target in 1 of 3 runs" in gains.loc["vision", "not_compared"]
+    v, why = eff.verdict(gains.reset_index(), runs)
+    assert v == "reproduced" and "4 of 4" in why

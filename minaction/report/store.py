@@ -25,6 +25,7 @@ class Store:
     runs_all: pd.DataFrame
     epochs: pd.DataFrame
     meta: dict = field(default_factory=dict)
+    evals: pd.DataFrame | None = None  # validation every N steps (study trainer v2); None in older stores
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -55,8 +56,9 @@ def load_store(db) -> Store:
             raise ValueError(f"{path}: the runs table lacks the columns {missing}")
         epochs = (pd.read_sql_query("SELECT * FROM epochs", con) if "epochs" in tables
                   else pd.DataFrame(columns=["run_id", "epoch", "val_acc", "wall_time_s"]))
+        evals = pd.read_sql_query("SELECT * FROM evals", con) if "evals" in tables else None
         meta = (dict(con.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {})
     finally:
         con.close()
     runs["lam"] = runs["lam"].astype(float)
-    return Store(path=str(path), runs_all=runs, epochs=epochs, meta=meta)
+    return Store(path=str(path), runs_all=runs, epochs=epochs, meta=meta, evals=evals)
