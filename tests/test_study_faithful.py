@@ -262,3 +262,26 @@ def test_efficiency_gains_per_dataset_with_exact_reasons():
     assert "fashion_mnist: mlp reached the target in 1 of 3 runs" in gains.loc["vision", "not_compared"]
     v, why = eff.verdict(gains.reset_index(), runs)
     assert v == "reproduced" and "4 of 4" in why
+
+
+@pytest.mark.parametrize("arch", ["mlp", "bimodal_true", "physics_lagrangian", "cnn"])
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_models_take_one_batch_per_member(arch, modality):
+    """x [G, B, ...]: member g computes on x[g] exactly as a one-member model built with its seed."""
+    from minaction import models
+    from minaction.data.core import DataMeta
+
+    if modality == "vision":
+        meta = DataMeta("toy", "vision", 3, (1, 8, 8), torch.float32)
+        x = torch.rand(2, 5, 1, 8, 8, dtype=torch.float64)
+    else:
+        meta = DataMeta("toy", "text", 3, (6,), torch.int64, vocab_size=20)
+        x = torch.randint(0, 20, (2, 5, 6))
+    group = models.build(arch, meta, width=16, num_models=2, seeds=[3, 4], dtype=torch.float64)
+    out = group(x)
+    assert out.shape == (2, 5, 3)
+    for g, s in enumerate((3, 4)):
+        alone = models.build(arch, meta, width=16, num_models=1, seeds=[s], dtype=torch.float64)
+        torch.testing.assert_close(out[g], alone(x[g]), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="G = 2"):
+        group(x[:1].expand(3, *x.shape[1:]) if x.dim() else x)
