@@ -73,6 +73,13 @@ def test_budget_by_dataset_and_extra():
     ({"budget": {"epoch": 1}}, "unknown budget keys"),
     ({"colour": 1}, "unknown keys"),
     ({"budget": {"optimizer": "lbfgs"}}, "optimizer"),
+    ({"budget": {"data_order": "random"}}, "data_order"),
+    ({"budget": {"eval_every": -1}}, "eval_every"),
+    ({"budget": {"patience_epochs": -2}}, "patience_epochs"),
+    ({"budget": {"dtype": "float16"}}, "dtype"),
+    ({"budget": {"restore_best": "yes"}}, "restore_best"),
+    ({"budget": {"epochs": 0}}, "epochs"),
+    ({"budget_by_dataset": {"d": {"eval_every": 1.5}}}, "budget_by_dataset.d: eval_every"),
 ])
 def test_bad_presets(bad, msg):
     spec = {"name": "x", "archs": ["a"], "datasets": ["d"], "lams": [0], "seeds": [0]}
@@ -90,3 +97,40 @@ def test_unknown_preset_name_and_bad_file(tmp_path):
         load_preset(p)
     with pytest.raises(PresetError, match="does not exist"):
         load_preset(tmp_path / "missing.toml")
+
+
+FAITHFUL = ("lambda-sweep", "factorial", "full")
+
+
+def test_faithful_presets_train_on_full_splits_with_early_stopping():
+    for name in FAITHFUL:
+        spec = load_preset(name)
+        for r in expand(spec):
+            b = r["config"]["budget"]
+            assert b["name"] == "faithful", name
+            # the whole training split, the whole official test split, the whole validation split
+            assert b["train_subset"] == b["val_subset"] == b["test_subset"] == 0, (name, r["config"]["dataset"])
+            assert b["patience_epochs"] > 0 and b["restore_best"] is True and b["epochs"] >= 30
+            assert b["eval_every"] >= 1 and b["data_order"] == "seed"
+    # several evaluations per epoch where epochs are long (mnist: 54,000 / 128 = 422 steps)
+    b = expand(load_preset("lambda-sweep"))[0]["config"]["budget"]
+    assert 422 / b["eval_every"] >= 3
+
+
+def test_quick_preset_keeps_todays_budgets_and_says_so():
+    quick = load_preset("quick")
+    b = quick["budget"]
+    assert b["name"] == "quick" and b["train_subset"] == 2000 and b["epochs"] == 3 and b["patience_epochs"] == 0
+    assert "too small" in quick["description"]
+    assert {r["config"]["arch"] for r in expand(quick)} == set(ARCHS)
+    smoke = load_preset("smoke")
+    assert smoke["budget"]["name"] == "smoke"
+
+
+def test_every_run_records_its_budget_and_data_order():
+    for name in ("smoke", "quick") + FAITHFUL:
+        for r in expand(load_preset(name))[:5]:
+            b = r["config"]["budget"]
+            assert {"name", "epochs", "patience_epochs", "eval_every", "restore_best", "data_order", "data_seed",
+                    "train_subset", "test_subset"} <= set(b)
+            assert r["config"]["trainer_version"] == presets.TRAINER_VERSION >= 2

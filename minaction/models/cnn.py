@@ -177,6 +177,12 @@ class LoopEnsemble(nn.Module):
         return hook
 
     def forward(self, x):
+        """``x [B, *input_shape]`` feeds every member; ``[G, B, *input_shape]`` gives member g ``x[g]``."""
+        shape = tuple(getattr(self.meta, "input_shape", ()))
+        if shape and x.dim() == len(shape) + 2:
+            if x.shape[0] != self.num_models:
+                raise ValueError(f"a per-member input [G, B, ...] needs G = {self.num_models}, got {tuple(x.shape)}")
+            return torch.stack([m(xg) for m, xg in zip(self.members, x)])
         return torch.stack([m(x) for m in self.members])
 
     def stem_parameters(self):

@@ -42,14 +42,23 @@ def check_meta(meta) -> None:
                              f"{getattr(meta, 'vocab_size', None)!r}")
 
 
-def check_input(x: torch.Tensor, meta) -> None:
+def check_input(x: torch.Tensor, meta, num_models: Optional[int] = None) -> bool:
+    """Check ``x`` against ``meta``; returns True when ``x`` holds one batch per member
+    (``[G, B, *input_shape]`` with ``G == num_models``), False for a shared ``[B, *input_shape]``."""
     shape = tuple(meta.input_shape)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    if tuple(x.shape[1:]) != shape:
-        raise ValueError(f"{meta.name}: expected input [B, {', '.join(map(str, shape))}], got {tuple(x.shape)}")
+    per_member = bool(num_models) and x.dim() == len(shape) + 2 and tuple(x.shape[2:]) == shape
+    if per_member and x.shape[0] != num_models:
+        raise ValueError(f"{meta.name}: a per-member input [G, B, ...] needs G = {num_models} (the model's "
+                         f"members), got {tuple(x.shape)}")
+    if not per_member and tuple(x.shape[1:]) != shape:
+        more = (f" or one batch per member [{num_models}, B, {', '.join(map(str, shape))}]" if num_models else "")
+        raise ValueError(f"{meta.name}: expected input [B, {', '.join(map(str, shape))}]{more}, "
+                         f"got {tuple(x.shape)}")
     if meta.modality == "text" and x.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{meta.name}: text input must be integer token ids, got {x.dtype}")
+    return per_member
 
 
 def image_layout(meta):
@@ -110,17 +119,20 @@ class TokenEmbedding(nn.Module):
                              f"[{int(ids.min())}, {int(ids.max())}]")
 
     def bag(self, ids: torch.Tensor) -> torch.Tensor:
-        self._check(ids)
+        """``ids [B, L]`` (shared by the members) or ``[G, B, L]`` (one batch per member)."""
+        per_member = self.num_models is not None and ids.dim() == 3
+        self._check(ids.flatten(0, 1) if per_member else ids)
         ids = ids.long()
         mask = (ids != 0).to(self.weight.dtype)
-        w = mask / mask.sum(1, keepdim=True).clamp_min(1.0)
+        w = mask / mask.sum(-1, keepdim=True).clamp_min(1.0)
         if self.num_models is None:
             return F.embedding_bag(ids, self.weight, mode="sum", per_sample_weights=w)
         G, V = self.num_models, self.vocab_size
-        B, L = ids.shape
+        B, L = ids.shape[-2:]
         off = (torch.arange(G, device=ids.device) * V).view(G, 1, 1)
-        out = F.embedding_bag((ids.unsqueeze(0) + off).reshape(G * B, L), self.weight.reshape(G * V, self.dim),
-                              mode="sum", per_sample_weights=w.repeat(G, 1))
+        flat = (ids + off) if per_member else (ids.unsqueeze(0) + off)
+        out = F.embedding_bag(flat.reshape(G * B, L), self.weight.reshape(G * V, self.dim),
+                              mode="sum", per_sample_weights=w.reshape(G * B, L) if per_member else w.repeat(G, 1))
         return out.view(G, B, self.dim)
 
     def seq(self, ids: torch.Tensor) -> torch.Tensor:
@@ -167,6 +179,7 @@ class FeatureStem(nn.Module):
         super().__init__()
         self.meta = meta
         self.modality = meta.modality
+        self.num_models = num_models
         if self.modality == "text":
             self.embedding = TokenEmbedding(meta.vocab_size, embed_dim, num_models, embed_init_std)
             self.out_features = int(embed_dim)
@@ -175,9 +188,13 @@ class FeatureStem(nn.Module):
             self.out_features = c * math.prod(spatial)
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        check_input(x, self.meta)
+        per_member = check_input(x, self.meta, self.num_models)
         if self.modality == "text":
             return self.embedding.bag(x)
+        if per_member:  # [G, B, ...] -> [G, B, d]
+            G, B = x.shape[:2]
+            x = time_mean(x.to(dtype).flatten(0, 1), self.has_time)
+            return x.reshape(G, B, -1)
         x = time_mean(x.to(dtype), self.has_time)
         return x.reshape(x.shape[0], -1)
 

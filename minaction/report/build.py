@@ -54,7 +54,7 @@ class ReportOptions:
     sweep_min_orders: float = 2.5  # "about three orders of magnitude"
     sweep_moderate_lam: float = 1e-3  # v1's "moderate lambda" (E "to 6% of baseline")
     target_frac: float = 0.95  # target accuracy = target_frac x best final val accuracy on the dataset
-    efficiency_metric: str = "time"  # headline metric of Finding 3: time, epochs or acc_per_s
+    efficiency_metric: str = "flops"  # headline metric of Finding 3: steps, samples or flops (time: secondary)
     energy_first: tuple = ENERGY_FIRST
     conventional: tuple = CONVENTIONAL
     preset: str | None = None  # report only this preset's runs (needed when the store mixes budgets)
@@ -430,86 +430,7 @@ class _Report:
         d.p(self.verdict(2, claim, paper, ours, verdict, why))
 
     def finding3(self):
-        opt = self.opt
-        d = self.doc
-        d.h(1, "Finding 3: training efficiency, energy-first against the best conventional baseline")
-        claim = "5–33% within-modality training-efficiency gains (bimodal_true, physics_lagrangian vs mlp, cnn)"
-        paper = f"{PAPER['gain_lo_pct']}–{PAPER['gain_hi_pct']}%"
-        eff = _eff.per_run_efficiency(self.store.runs, self.store.epochs, opt.target_frac)
-        if eff.empty:
-            d.p(self.verdict(3, claim, paper, "n/a", "not comparable", "the store has no epochs table rows."))
-            return
-        lam = self.main_lam
-        rel_runs = self.csv("efficiency_runs", eff)
-        summ = _eff.arch_summary(eff)
-        rel_s = self.csv("efficiency_by_arch", summ)
-        d.p(f"Target accuracy: {fmt(100 * opt.target_frac)}% of the best final validation accuracy of any run on the "
-            f"dataset at the same λ. Per run: epochs and cumulative training time until the validation accuracy "
-            f"first reaches the target, and final test accuracy per training second (per-run table "
-            f"`{rel_runs}`). An architecture's value is the mean over its runs that reached the target, and it has "
-            f"none when fewer than half did. Gains: (baseline - energy-first) / baseline for epochs and time, "
-            f"(energy-first - baseline) / baseline for accuracy per second, against the best conventional "
-            f"architecture on each dataset ({', '.join(opt.conventional)}), averaged over the datasets of a "
-            f"modality; {fmt(100 * opt.ci)}% percentile bootstrap CI ({opt.n_boot} resamples of runs within "
-            f"each dataset and architecture, the baseline picked again in each). λ = {fmt(lam)}.")
-        s = summ[summ["lam"] == lam]
-        disp = pd.DataFrame({"modality": s["modality"], "dataset": s["dataset"], "arch": s["arch"], "n": s["n"],
-                             "reached": s["n_reached"], "target acc": s["target"].map(fmt),
-                             "epochs to target": s["epochs_to_target"].map(fmt),
-                             "time to target (s)": s["time_to_target_s"].map(fmt),
-                             "acc per s": s["acc_per_s"].map(fmt)})
-        d.table(disp, rel_s, f"Per architecture at λ = {fmt(lam)}")
-        gains = pd.concat([_eff.efficiency_gains(eff, lam, m, n_boot=opt.n_boot, seed=opt.seed, ci=opt.ci,
-                                                 energy_first=opt.energy_first, conventional=opt.conventional)
-                           for m in ("time", "epochs", "acc_per_s")], ignore_index=True)
-        rel_g = self.csv("efficiency_gains", gains)
-        names = {"time": "time to target", "epochs": "epochs to target", "acc_per_s": "accuracy per second"}
-        disp = pd.DataFrame({"modality": gains["modality"], "arch": gains["arch"],
-                             "metric": gains["metric"].map(names), "baseline (per dataset)": gains["baseline"],
-                             f"gain % [{fmt(100 * opt.ci)}% CI]": [ci(m, lo, hi, 3) for m, lo, hi in zip(
-                                 gains["gain_pct"], gains["gain_pct_lo"], gains["gain_pct_hi"])]})
-        d.table(disp, rel_g, "Relative gain of each energy-first architecture over the best conventional baseline")
-        if not gains.empty:
-            d.figure(_fig.efficiency_plot(gains, self.fig_dir / "efficiency.png"),
-                     "Gain of the energy-first architectures over the best conventional baseline per modality "
-                     "(bars: ours with CI; band: the paper's 5–33%).")
-        d.figure(_fig.curves_plot(self.store.runs, self.store.epochs, lam, self.fig_dir / "learning_curves.png"),
-                 f"Mean validation accuracy against cumulative training time, λ = {fmt(lam)}.")
-        other = [l for l in sorted(eff["lam"].unique()) if l != lam]
-        if other:
-            by_lam = pd.concat([gains] + [_eff.efficiency_gains(eff, l, opt.efficiency_metric, n_boot=opt.n_boot,
-                                                                seed=opt.seed, ci=opt.ci,
-                                                                energy_first=opt.energy_first,
-                                                                conventional=opt.conventional) for l in other],
-                               ignore_index=True)
-            by_lam = by_lam[by_lam["metric"] == opt.efficiency_metric].sort_values(["modality", "arch", "lam"])
-            rel_l = self.csv("efficiency_gains_by_lambda", by_lam)
-            disp = pd.DataFrame({"modality": by_lam["modality"], "arch": by_lam["arch"], "λ": by_lam["lam"].map(fmt),
-                                 f"gain % [{fmt(100 * opt.ci)}% CI]": [ci(m, lo, hi, 3) for m, lo, hi in zip(
-                                     by_lam["gain_pct"], by_lam["gain_pct_lo"], by_lam["gain_pct_hi"])]})
-            d.table(disp, rel_l, f"The headline gain ({names[opt.efficiency_metric]}) at every λ of the store "
-                                 "(the verdict reads λ = " + fmt(lam) + ")")
-        head = gains[(gains["metric"] == opt.efficiency_metric) & gains["gain_pct"].notna()]
-        if head.empty:
-            d.p(self.verdict(3, claim, paper, "n/a", "not comparable",
-                             "no modality has both an energy-first and a conventional architecture that reached "
-                             "the target."))
-            return
-        best = head.loc[head.groupby("modality")["gain_pct"].idxmax()]
-        pos = best[best["gain_pct_lo"] > 0]
-        in_band = best[(best["gain_pct"] >= PAPER["gain_lo_pct"]) & (best["gain_pct"] <= PAPER["gain_hi_pct"])]
-        per_mod = "; ".join(f"{r.modality}: {r.arch} {ci(r.gain_pct, r.gain_pct_lo, r.gain_pct_hi, 3)}%"
-                            for r in best.itertuples())
-        ours = f"{names[opt.efficiency_metric]}: {per_mod}"
-        why = (f"Headline metric {names[opt.efficiency_metric]}. The best energy-first architecture is faster with a "
-               f"CI above zero in {len(pos)} of {len(best)} modalities, and inside the paper's range in "
-               f"{len(in_band)} ({per_mod}).")
-        missing = sorted(set(gains["modality"]) - set(best["modality"]))
-        if missing:
-            why += (f" No comparison in {', '.join(missing)}: no energy-first or no conventional architecture "
-                    "reached the target there.")
-        verdict = "reproduced" if len(pos) == len(best) else "not reproduced"
-        d.p(self.verdict(3, claim, paper, ours, verdict, why))
+        _eff.finding3_section(self)  # minaction/report/efficiency.py: steps, samples, FLOPs to target
 
     def definitions_section(self):
         opt = self.opt
@@ -549,7 +470,7 @@ class _Report:
         self.define("target accuracy", f"{fmt(100 * opt.target_frac)}% of the best final validation accuracy",
                     "per dataset and λ")
         self.define("headline efficiency metric", opt.efficiency_metric,
-                    "time = cumulative training wall time to target; batched groups: group time / group size")
+                    "steps, samples or FLOPs to the first evaluation at the target; wall time is secondary")
         self.define("energy-first / conventional", f"{', '.join(opt.energy_first)} / {', '.join(opt.conventional)}",
                     "the paper's Figure 1 names")
         self.define("λ-sweep pairing", "same seed at λ = 0", "the λ = 0 mean when that seed is missing")

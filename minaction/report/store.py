@@ -29,6 +29,7 @@ class Store:
     meta: dict = field(default_factory=dict)
     budgets: dict = field(default_factory=dict)  # budget_id -> the budget (None: not recorded)
     selection: str = ""  # how the runs were selected (preset / budget), empty: all
+    evals: pd.DataFrame | None = None  # validation every N steps (study trainer v2); None in older stores
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -81,12 +82,13 @@ def load_store(db) -> Store:
             raise ValueError(f"{path}: the runs table lacks the columns {missing}")
         epochs = (pd.read_sql_query("SELECT * FROM epochs", con) if "epochs" in tables
                   else pd.DataFrame(columns=["run_id", "epoch", "val_acc", "wall_time_s"]))
+        evals = pd.read_sql_query("SELECT * FROM evals", con) if "evals" in tables else None
         meta = (dict(con.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {})
     finally:
         con.close()
     runs["lam"] = runs["lam"].astype(float)
     runs["budget_id"], budgets = _budget_ids(runs)
-    return Store(path=str(path), runs_all=runs, epochs=epochs, meta=meta, budgets=budgets)
+    return Store(path=str(path), runs_all=runs, epochs=epochs, meta=meta, budgets=budgets, evals=evals)
 
 
 # --- training budgets ------------------------------------------------------------------
@@ -248,5 +250,8 @@ def select_budget(store: "Store", preset: str | None = None, budget=()) -> "Stor
             f"(presets here: {presets}) or --budget ID (repeatable, one per dataset).")
     ids = set(sub["run_id"])
     epochs = store.epochs[store.epochs["run_id"].isin(ids)].reset_index(drop=True)
+    evals = store.evals
+    if evals is not None:
+        evals = evals[evals["run_id"].isin(ids)].reset_index(drop=True)
     return Store(path=store.path, runs_all=sub, epochs=epochs, meta=store.meta, budgets=store.budgets,
-                 selection="; ".join(what))
+                 selection="; ".join(what), evals=evals)

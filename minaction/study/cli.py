@@ -32,6 +32,8 @@ def _run(args) -> int:
     from .presets import PresetError
     from .runner import run_study
 
+    from .plan import announce
+    announce(args.preset, args.db, args.workers)  # runs and estimated wall time before the study starts
     try:
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                             scheduler=args.scheduler, progress=not args.no_progress, limit=args.limit,
@@ -86,3 +88,5 @@ def register(subparsers) -> None:
     s.add_argument("--db", required=True)
     s.add_argument("--preset", default=None, help="restrict to (and count pending runs of) this preset")
     s.set_defaults(func=_status)
+    from .plan import register as _register_plan
+    _register_plan(sub)  # study plan --preset NAME

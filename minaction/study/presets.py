@@ -12,14 +12,22 @@ A preset file (``minaction/study/presets/<name>.toml``, or any path) holds::
     max_group = 10             # at most this many members per batched model
 
     [budget]                   # the training budget: part of every run's configuration
-    epochs = 2
+    name = "quick"             # a label reports print ("quick", "faithful", ...)
+    epochs = 2                 # the epoch cap (with early stopping, the most epochs a run may train)
     batch_size = 64
     lr = 1e-3
     optimizer = "adam"
     train_subset = 512         # samples drawn (seeded) from the train split; 0 = all
     val_subset = 256
     test_subset = 256
-    data_seed = 0              # batch order and subsets; shared by every seed (see below)
+    eval_every = 25            # evaluate on validation every this many optimizer steps (and at each epoch end)
+    patience_epochs = 3.0      # early stopping: stop a member after this many epochs without a better
+                               # validation accuracy (0 = off: train every epoch)
+    restore_best = true        # test the best-validation checkpoint (false: the last weights)
+    data_order = "seed"        # "seed": each run's seed draws its own batch order and train subset;
+                               # "shared": every seed uses the order drawn from data_seed
+    data_seed = 0
+    dtype = "float32"          # or "float64" (tests)
     width = 64                 # passed to minaction.models.build (omit or 0 for the default)
     depth = 0
     energy = "l2"
@@ -40,10 +48,12 @@ A run's configuration is the dict returned by :func:`run_config`; its identity
 or the trainer version makes a new run, and the same configuration reached from two
 presets is the same run (trained once per database).
 
-The run's ``seed`` fixes the model initialisation; the data order and subsets come from
-``data_seed``, which every seed shares. That is what lets the seeds of one
-architecture x dataset train as one batched model on the same batches, and it makes a run's
-result independent of which other runs shared its batched model.
+With ``data_order = "seed"`` (the default) a run's ``seed`` fixes everything random about
+it: its initialisation, its training subset and its batch order (members of one batched
+model each get their own batches). ``data_order = "shared"`` draws subset and order from
+``data_seed`` for every seed (the order then varies with ``data_seed`` only). Validation and
+test subsets always come from ``data_seed`` (every run is evaluated on the same samples).
+Either way a run's result does not depend on which other runs shared its batched model.
 """
 from __future__ import annotations
 
@@ -55,15 +65,18 @@ import tomllib
 from pathlib import Path
 
 #: Bumped whenever the trainer changes in a way that changes results (part of every run_id).
-TRAINER_VERSION = 1
+TRAINER_VERSION = 2  # 2: per-seed data order, early stopping, evaluation every N steps
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 DEFAULT_BUDGET = {
-    "epochs": 2, "batch_size": 64, "lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0,
-    "train_subset": 0, "val_subset": 0, "test_subset": 0, "eval_batch_size": 512, "data_seed": 0,
-    "width": 0, "depth": 0, "energy": "l2", "activation": "relu", "energy_reduction": "sum",
+    "name": "custom", "epochs": 2, "batch_size": 64, "lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0,
+    "train_subset": 0, "val_subset": 0, "test_subset": 0, "eval_batch_size": 512,
+    "eval_every": 0, "patience_epochs": 0.0, "restore_best": True, "data_order": "seed", "data_seed": 0,
+    "dtype": "float32", "width": 0, "depth": 0, "energy": "l2", "activation": "relu", "energy_reduction": "sum",
 }
+DATA_ORDERS = ("seed", "shared")
+DTYPES = ("float32", "float64")
 GROUP_MODES = ("seed", "seed+lam", "none")
 _TOP_KEYS = {"name", "description", "archs", "datasets", "lams", "seeds", "group_by", "max_group", "budget",
              "budget_by_dataset", "data_opts", "extra", "notes"}
@@ -137,11 +150,34 @@ def load_preset(preset) -> dict:
         bad = set(over) - set(DEFAULT_BUDGET)
         if bad:
             raise PresetError(f"preset {src}: unknown budget keys for {ds}: {sorted(bad)}")
-    if budget["epochs"] < 1 or budget["batch_size"] < 1:
-        raise PresetError(f"preset {src}: epochs and batch_size must be >= 1")
-    if budget["optimizer"] not in ("adam", "sgd"):
-        raise PresetError(f"preset {src}: optimizer must be 'adam' or 'sgd', got {budget['optimizer']!r}")
+    check_budget(budget, f"preset {src}")
+    for ds, over in spec.get("budget_by_dataset", {}).items():
+        check_budget({**budget, **over}, f"preset {src}, budget_by_dataset.{ds}")
     return spec
+
+
+def check_budget(budget: dict, where: str = "budget") -> None:
+    """Raise :class:`PresetError` naming the key when a budget value is out of range."""
+    for key in ("epochs", "batch_size"):
+        if not isinstance(budget[key], int) or budget[key] < 1:
+            raise PresetError(f"{where}: {key} must be an integer >= 1, got {budget[key]!r}")
+    if budget["optimizer"] not in ("adam", "sgd"):
+        raise PresetError(f"{where}: optimizer must be 'adam' or 'sgd', got {budget['optimizer']!r}")
+    if not isinstance(budget["eval_every"], int) or budget["eval_every"] < 0:
+        raise PresetError(f"{where}: eval_every must be an integer >= 0 (optimizer steps; 0 = at epoch ends "
+                          f"only), got {budget['eval_every']!r}")
+    if not isinstance(budget["patience_epochs"], (int, float)) or budget["patience_epochs"] < 0:
+        raise PresetError(f"{where}: patience_epochs must be a number >= 0 (0 = no early stopping), "
+                          f"got {budget['patience_epochs']!r}")
+    if not isinstance(budget["restore_best"], bool):
+        raise PresetError(f"{where}: restore_best must be true or false, got {budget['restore_best']!r}")
+    if budget["data_order"] not in DATA_ORDERS:
+        raise PresetError(f"{where}: data_order must be one of {DATA_ORDERS}, got {budget['data_order']!r}")
+    if budget["dtype"] not in DTYPES:
+        raise PresetError(f"{where}: dtype must be one of {DTYPES}, got {budget['dtype']!r}")
+    for key in ("train_subset", "val_subset", "test_subset"):
+        if not isinstance(budget[key], int) or budget[key] < 0:
+            raise PresetError(f"{where}: {key} must be an integer >= 0 (0 = the whole split), got {budget[key]!r}")
 
 
 def run_config(spec: dict, arch: str, dataset: str, lam: float, seed: int) -> dict:

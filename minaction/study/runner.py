@@ -289,7 +289,7 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
         for rec in records:
             row = dict(rec["run"], preset=spec["name"])
             try:
-                store.record_run(con, row, rec["epochs"])
+                store.record_run(con, row, rec["epochs"], rec.get("evals", ()))
             except sqlite3.Error as exc:
                 raise store.diagnose(db, exc, f"record run {row['run_id']} in") from None
             counts[row["status"]] += 1

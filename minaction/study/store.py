@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, preset TEXT, arch TEXT
 CREATE TABLE IF NOT EXISTS epochs (run_id TEXT, epoch INTEGER, train_loss REAL, train_acc REAL, val_loss REAL,
   val_acc REAL, energy REAL, val_energy REAL, wall_time_s REAL, PRIMARY KEY (run_id, epoch));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS evals (run_id TEXT, step INTEGER, epoch REAL, samples INTEGER, flops REAL,
+  train_loss REAL, val_loss REAL, val_acc REAL, val_energy REAL, wall_time_s REAL, best INTEGER,
+  PRIMARY KEY (run_id, step));
 """
 
 RUN_COLUMNS = ("run_id", "preset", "arch", "dataset", "modality", "lam", "seed", "config_json", "status", "error",
@@ -46,7 +49,7 @@ RUN_COLUMNS = ("run_id", "preset", "arch", "dataset", "modality", "lam", "seed",
                "test_energy_rescaled", "n_params", "wall_time_s", "backend", "group_size", "finished_at")
 EPOCH_COLUMNS = ("run_id", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "energy", "val_energy",
                  "wall_time_s")
-OUR_TABLES = {"runs", "epochs", "meta"}
+OUR_TABLES = {"runs", "epochs", "evals", "meta"}
 
 
 class StoreError(ValueError):
@@ -151,6 +154,9 @@ def _precheck(path: Path, require_runs: bool) -> bool:
         if con is not None:
             con.close()
     return True
+#: One row per validation evaluation of a run (every ``eval_every`` optimizer steps and at epoch ends).
+EVAL_COLUMNS = ("run_id", "step", "epoch", "samples", "flops", "train_loss", "val_loss", "val_acc", "val_energy",
+                "wall_time_s", "best")
 
 
 def connect(path, readonly: bool = False) -> sqlite3.Connection:
@@ -361,7 +367,7 @@ def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = ()) -> None:
+def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), evals: Iterable[dict] = ()) -> None:
     """Write one finished run (its ``runs`` row and its ``epochs`` rows) in one transaction.
 
     ``run`` maps column names of ``runs`` to values (missing ones are NULL); ``status``
@@ -382,9 +388,19 @@ def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = ()) 
         if bad:
             raise ValueError(f"unknown epochs columns: {sorted(bad)}")
         erows.append([_clean(row["run_id"] if c == "run_id" else e.get(c)) for c in EPOCH_COLUMNS])
+    vrows = []
+    for e in evals:
+        bad = set(e) - set(EVAL_COLUMNS)
+        if bad:
+            raise ValueError(f"unknown evals columns: {sorted(bad)}")
+        vrows.append([_clean(row["run_id"] if c == "run_id" else e.get(c)) for c in EVAL_COLUMNS])
     con.execute("BEGIN IMMEDIATE")
     try:
         con.execute("DELETE FROM epochs WHERE run_id = ?", (row["run_id"],))
+        con.execute("DELETE FROM evals WHERE run_id = ?", (row["run_id"],))
+        if vrows:
+            con.executemany(f"INSERT INTO evals ({', '.join(EVAL_COLUMNS)}) VALUES "
+                            f"({', '.join('?' * len(EVAL_COLUMNS))})", vrows)
         con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
                     f"({', '.join('?' * len(RUN_COLUMNS))})", vals)
         if erows:

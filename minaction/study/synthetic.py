@@ -103,7 +103,8 @@ class TinyMLP(nn.Module):
             import os
 
             os._exit(3)  # the worker process dies without a Python exception
-        h = x.reshape(x.shape[0], -1)
+        per_member = self.num_models > 1 and x.dim() == 5  # [G, B, 1, 8, 8]: one batch per member
+        h = x.reshape(x.shape[0], x.shape[1], -1) if per_member else x.reshape(x.shape[0], -1)
         y = self.out(self.l2(self.l1(h)))
         return y[0] if self.num_models == 1 else y
 

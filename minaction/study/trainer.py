@@ -2,19 +2,35 @@
 
 A *group* is a list of runs whose configurations differ only in ``seed`` (and, with
 ``group_by = "seed+lam"``, in ``lam``). It trains as **one** model built with
-``num_models = len(group)`` and ``seeds = [run seeds]``: every member sees the same batches
-(the data order comes from the budget's ``data_seed``), and the loss is
+``num_models = len(group)`` and ``seeds = [run seeds]``, and the loss is
 
     loss = sum_g ( CE_g + lam_g * E_g )
 
 which, with an element-wise optimizer (Adam, SGD), is exactly ``len(group)`` independent
-trainings. A member whose objective becomes non-finite is marked *diverged* at that step
-and frozen: its term is masked out of the loss and its non-finite gradients are zeroed,
-so the other members train on unaffected; it is recorded with status ``diverged`` and the
-epoch rows it completed. The same holds for a member whose parameters or optimizer state
-stop being finite while its objective stays finite (checked after every epoch): with a huge
-``lam``, Adam's second moment overflows to inf and its updates become exactly 0, a frozen
-model that must not be recorded as ``done``.
+trainings. With ``data_order = "seed"`` (the default) **each member draws its own training
+subset and batch order from its run's seed**: the batch fed to the model is ``x[G, B, ...]``,
+member g's rows gathered by its own index order. With ``data_order = "shared"`` every
+member sees the order drawn from ``data_seed`` (one shared ``x[B, ...]``).
+
+Evaluation and early stopping, per member:
+
+* every ``eval_every`` optimizer steps and at the end of every epoch, each member still
+  training is evaluated on the validation split; the point is recorded (``evals`` rows:
+  steps, training samples, training FLOPs, validation loss/accuracy/energy, the member's
+  training time);
+* the member's best validation accuracy so far (strictly better counts) is kept as a copy
+  of its weights; a member with no better validation accuracy for ``patience_epochs``
+  epochs' worth of optimizer steps stops (its term leaves the loss);
+* after training, each member's best-validation weights are restored (``restore_best``)
+  and evaluated on the test split.
+
+A member whose objective becomes non-finite is marked *diverged* at that step and frozen:
+its term is masked out of the loss and its non-finite gradients are zeroed, so the other
+members train on unaffected; it is recorded with status ``diverged`` and the epoch rows it
+completed. The same holds for a member whose parameters or optimizer state stop being
+finite while its objective stays finite (checked after every epoch): with a huge ``lam``,
+Adam's second moment overflows to inf and its updates become exactly 0, a frozen model
+that must not be recorded as ``done``.
 
 :func:`run_group` never raises: an exception anywhere in a group yields a ``failed``
 record for each member, with the traceback in ``error``.
@@ -29,6 +45,7 @@ import time
 import traceback
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -77,14 +94,16 @@ def _load_split(name: str, split: str, opts_json: str):
     return _data_module(name).load(name, split, **opts)
 
 
-def load_splits(dataset: str, budget: dict, data_opts: dict):
-    """(train, val, test) datasets for one configuration, subset as the budget says."""
+def load_splits(dataset: str, budget: dict, data_opts: dict, subset_train: bool = True):
+    """(train, val, test) datasets for one configuration; val and test subset (seeded by
+    ``data_seed``) as the budget says. The train split is subset here only with
+    ``subset_train`` (the trainer draws per-member train subsets itself)."""
     opts = json.dumps(data_opts, sort_keys=True)
     out = []
     for split, key in (("train", "train_subset"), ("val", "val_subset"), ("test", "test_subset")):
         ds = _load_split(dataset, split, opts)
         n = int(budget.get(key) or 0)
-        if n > 0 and n < len(ds):
+        if n > 0 and n < len(ds) and (split != "train" or subset_train):
             ds = ds.subset(n, seed=int(budget["data_seed"]))
         out.append(ds)
     return tuple(out)
@@ -104,7 +123,7 @@ def _energy(model, G):
 
 
 @torch.no_grad()
-def evaluate(model, ds, G: int, batch_size: int, stats_fn=None):
+def evaluate(model, ds, G: int, batch_size: int, stats_fn=None, dtype=None):
     """Per member: mean CE, accuracy, mean E (and, with ``stats_fn``, mean active_frac and
     energy_rescaled), each a float64 tensor [G]; weighted by batch size."""
     was = model.training
@@ -114,6 +133,8 @@ def evaluate(model, ds, G: int, batch_size: int, stats_fn=None):
                                                               "energy_rescaled")}
     for x, y in ds.batches(batch_size, shuffle=False):
         b = len(y)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
         logits = _as_group(model(x), G)
         C = logits.shape[-1]
         ce = F.cross_entropy(logits.reshape(-1, C).float(), y.repeat(G), reduction="none").view(G, b).mean(1)
@@ -162,9 +183,102 @@ def finite_members(model, opt, G: int) -> torch.Tensor:
     return ok
 
 
+# ----------------------------------------------------------------------------- per-member data order
+def _rng(*keys) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]))
+
+
+def _order_keys(budget: dict, seed: int) -> tuple:
+    """The entropy a member's data draws come from: its run seed, or the shared data_seed."""
+    if budget.get("data_order", "seed") == "shared":
+        return (int(budget["data_seed"]), 0)
+    return (int(budget["data_seed"]), 1, int(seed))
+
+
+def member_train_indices(n_total: int, budget: dict, seed: int) -> np.ndarray:
+    """Indices into the train split that form this member's training set (sorted)."""
+    n = int(budget.get("train_subset") or 0)
+    if n <= 0 or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(_rng(*_order_keys(budget, seed), 7).permutation(n_total)[:n])
+
+
+def member_epoch_order(indices: np.ndarray, budget: dict, seed: int, epoch: int) -> np.ndarray:
+    """This member's training indices in the order of epoch ``epoch``."""
+    return indices[_rng(*_order_keys(budget, seed), 11, epoch).permutation(len(indices))]
+
+
+def _spike_seed(budget: dict, seed: int, epoch: int) -> int:
+    return int(_rng(*_order_keys(budget, seed), 13, epoch).integers(0, 2 ** 31))
+
+
+def _gather(train, orders: list, sl: slice, budget: dict, seeds: list, epoch: int, batch_index: int, shared: bool):
+    """The step's inputs and labels: shared ``(x [B, ...], y [B])`` or per member
+    ``(x [G, B, ...], y [G, B])``, member g's rows taken from ``orders[g][sl]``."""
+    encode = getattr(train, "encode", None)
+
+    def one(order, seed):
+        idx = torch.from_numpy(order[sl])
+        x = train.x.index_select(0, idx.to(train.x.device))
+        if encode is not None:
+            x = encode(x, seed=_spike_seed(budget, seed, epoch), batch_index=batch_index)
+        return x, train.y.index_select(0, idx.to(train.y.device))
+
+    if shared:
+        return one(orders[0], seeds[0])
+    xs, ys = zip(*(one(o, s) for o, s in zip(orders, seeds)))
+    return torch.stack(xs), torch.stack(ys)
+
+
+# ----------------------------------------------------------------------------- per-member weights
+def member_tensors(model, G: int) -> list:
+    """For each member g, the list of tensors (views) holding its parameters and buffers.
+
+    A model may define ``member_parameters(g)``; otherwise: one member (G == 1), a loop of
+    members (``model.members``), or batched tensors whose leading dimension is G.
+    """
+    if hasattr(model, "member_parameters"):
+        return [list(model.member_parameters(g)) for g in range(G)]
+    if G == 1:
+        return [list(model.parameters()) + list(model.buffers())]
+    if hasattr(model, "members"):
+        return [list(m.parameters()) + list(m.buffers()) for m in model.members]
+    tensors = list(model.parameters()) + list(model.buffers())
+    bad = [tuple(t.shape) for t in tensors if t.dim() == 0 or t.shape[0] != G]
+    if bad:
+        raise ValueError(f"cannot split the batched model into its {G} members: tensors of shape {bad} have no "
+                         f"leading member dimension (give the model a member_parameters(g) method)")
+    return [[t[g] for t in tensors] for g in range(G)]
+
+
+def _forward_flops_per_sample(model, x, G: int) -> float:
+    """Forward FLOPs of one member on one sample, summed over the energy layers (the dense and
+    convolution layers, logits included; stems and pooling not counted)."""
+    from ..nn.layers import EnergyLayer
+
+    tot = [0]
+    hooks = []
+
+    def hook(mod, inp, out):
+        y = out[0] if isinstance(out, tuple) else out
+        tot[0] += int(mod.forward_flops(tuple(inp[0].shape) if inp else (), tuple(y.shape)))
+
+    for m in model.modules():
+        if isinstance(m, EnergyLayer):
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return tot[0] / (G * len(x))
+
+
 # ----------------------------------------------------------------------------- the group
 def train_group(runs: list) -> list:
-    """Train the runs of one group together; returns one ``{"run": row, "epochs": rows}`` per run."""
+    """Train the runs of one group together; returns one ``{"run": row, "epochs": rows,
+    "evals": rows}`` per run."""
     from .. import backend as _backend
 
     t_start = time.perf_counter()
@@ -178,16 +292,19 @@ def train_group(runs: list) -> list:
             raise ValueError("runs of one group must differ only in seed and lam")
     arch, dataset, budget = cfg0["arch"], cfg0["dataset"], cfg0["budget"]
     torch.manual_seed(int(budget["data_seed"]))
-    train, val, test = load_splits(dataset, budget, cfg0["data_opts"])
+    dtype = torch.float64 if budget.get("dtype") == "float64" else None
+    train, val, test = load_splits(dataset, budget, cfg0["data_opts"], subset_train=False)
     meta = train.meta
     mm = _model_module(arch)
     seeds = [int(r["config"]["seed"]) for r in runs]
     model = mm.build(arch, meta, width=budget.get("width") or None, depth=budget.get("depth") or None,
                      energy=budget["energy"], activation=budget["activation"],
                      energy_reduction=budget["energy_reduction"], num_models=G, seeds=seeds)
+    if dtype is not None:
+        model = model.to(dtype)
     stats_fn = getattr(mm, "activation_stats", None)
     n_params = sum(p.numel() for p in model.parameters()) // G
-    lam = torch.tensor([float(r["config"]["lam"]) for r in runs], dtype=torch.float32)
+    lam = torch.tensor([float(r["config"]["lam"]) for r in runs], dtype=dtype or torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     if budget["optimizer"] == "adam":
         opt = torch.optim.Adam(params, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0),
@@ -196,35 +313,95 @@ def train_group(runs: list) -> list:
         opt = torch.optim.SGD(params, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0))
     backend_name = _backend.select("cpu")
 
-    alive = torch.ones(G, dtype=torch.bool)
+    # each member's training set and (per epoch) order
+    shared = budget.get("data_order", "seed") == "shared" or G == 1
+    indices = [member_train_indices(len(train), budget, s) for s in seeds]
+    n_train = len(indices[0])
+    bs, ebs = int(budget["batch_size"]), int(budget.get("eval_batch_size") or 512)
+    steps_per_epoch = -(-n_train // bs)
+    eval_every = int(budget.get("eval_every") or 0)
+    patience = float(budget.get("patience_epochs") or 0.0)
+    patience_steps = math.ceil(patience * steps_per_epoch) if patience > 0 else None
+    restore = bool(budget.get("restore_best", True))
+    flops_fwd = None
+
+    members = member_tensors(model, G)
+    alive = torch.ones(G, dtype=torch.bool)       # not diverged
+    stopped = torch.zeros(G, dtype=torch.bool)    # early-stopped
     diverged_at = [None] * G
     state_bad = [False] * G  # diverged through non-finite parameters / optimizer state, not the objective
     epoch_rows = [[] for _ in range(G)]
-    train_time = 0.0
-    bs, ebs = int(budget["batch_size"]), int(budget.get("eval_batch_size") or 512)
+    eval_rows = [[] for _ in range(G)]
+    best_acc = [-math.inf] * G
+    best_step = [0] * G
+    best_w = [None] * G
+    member_time = torch.zeros(G, dtype=torch.float64)  # each member's own training time
+    step = 0
+    samples = 0
+    last_epoch = [0] * G
+    win = {"ce": torch.zeros(G, dtype=torch.float64), "n": 0}  # training CE since the last evaluation
+
+    def do_eval(epoch):
+        nonlocal flops_fwd
+        active = alive & ~stopped
+        if flops_fwd is None:
+            x0 = val.x[:min(len(val), 8)]
+            x0 = val.encode(x0) if hasattr(val, "encode") else x0
+            flops_fwd = _forward_flops_per_sample(model, x0.to(dtype) if dtype and x0.is_floating_point() else x0, G)
+        v = evaluate(model, val, G, ebs, dtype=dtype)
+        for g in active.nonzero().flatten().tolist():
+            acc = _f(v["acc"][g])
+            eval_rows[g].append({
+                "step": step, "epoch": samples / n_train, "samples": samples,
+                "flops": 3.0 * flops_fwd * samples,  # forward + backward ~ 3x forward
+                "train_loss": _f(win["ce"][g] / win["n"]) if win["n"] else None,
+                "val_loss": _f(v["loss"][g]), "val_acc": acc, "val_energy": _f(v["energy"][g]),
+                "wall_time_s": float(member_time[g]), "best": 0,
+            })
+            if acc is not None and acc > best_acc[g]:
+                best_acc[g], best_step[g] = acc, step
+                eval_rows[g][-1]["best"] = 1
+                if restore:
+                    best_w[g] = [t.detach().clone() for t in members[g]]
+            elif patience_steps is not None and step - best_step[g] >= patience_steps:
+                stopped[g] = True
+        win["ce"].zero_()
+        win["n"] = 0
+        return v
+
+    model.train()
     for epoch in range(1, int(budget["epochs"]) + 1):
-        t0 = time.perf_counter()
-        model.train()
         s_ce = torch.zeros(G, dtype=torch.float64)
         s_acc = torch.zeros(G, dtype=torch.float64)
         s_e = torch.zeros(G, dtype=torch.float64)
-        n = 0
-        for x, y in train.batches(bs, shuffle=True, seed=int(budget["data_seed"]) * 100003 + epoch):
-            b = len(y)
+        n_ep = torch.zeros(G, dtype=torch.float64)
+        orders = [member_epoch_order(ix, budget, s, epoch) for ix, s in zip(indices, seeds)]
+        v = None
+        for b in range(steps_per_epoch):
+            active = alive & ~stopped
+            if not active.any():
+                break
+            t0 = time.perf_counter()
+            x, y = _gather(train, orders, slice(b * bs, (b + 1) * bs), budget, seeds, epoch, b, shared)
+            nb = y.shape[-1]
+            if dtype is not None and x.is_floating_point():
+                x = x.to(dtype)
             logits = _as_group(model(x), G)
             C = logits.shape[-1]
-            ce = F.cross_entropy(logits.reshape(-1, C), y.repeat(G), reduction="none").view(G, b).mean(1)
+            yy = y.repeat(G) if y.dim() == 1 else y.reshape(-1)
+            ce = F.cross_entropy(logits.reshape(-1, C), yy, reduction="none").view(G, nb).mean(1)
             e = _energy(model, G)
             obj = ce + lam.to(e.dtype) * e
             ok = torch.isfinite(obj.detach())
-            newly = alive & ~ok
+            newly = active & ~ok
             if newly.any():
                 for g in newly.nonzero().flatten().tolist():
                     diverged_at[g] = epoch
                 alive &= ok
-            if not alive.any():
+                active &= ok
+            if not active.any():
                 break
-            loss = torch.where(alive, obj, torch.zeros_like(obj)).sum()
+            loss = torch.where(active, obj, torch.zeros_like(obj)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if not bool(alive.all()):
@@ -232,38 +409,66 @@ def train_group(runs: list) -> list:
                     if p.grad is not None:
                         p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             opt.step()
+            dt = time.perf_counter() - t0
+            step += 1
+            samples += nb
             with torch.no_grad():
-                s_ce += ce.detach().double() * b
-                s_acc += (logits.detach().argmax(-1) == y).double().sum(1)
-                s_e += e.detach().double() * b
-                n += b
-        train_time += time.perf_counter() - t0
+                a = active.double()
+                member_time += a * dt / G
+                yg = y if y.dim() == 2 else y.unsqueeze(0)
+                s_ce += ce.detach().double() * nb * a
+                s_acc += (logits.detach().argmax(-1) == yg).double().sum(1) * a
+                s_e += e.detach().double() * nb * a
+                n_ep += nb * a
+                win["ce"] += ce.detach().double() * nb
+                win["n"] += nb
+            for g in active.nonzero().flatten().tolist():
+                last_epoch[g] = epoch
+            end_of_epoch = b == steps_per_epoch - 1
+            if end_of_epoch or (eval_every and step % eval_every == 0):
+                was_active = alive & ~stopped
+                v = do_eval(epoch)
+                for g in was_active.nonzero().flatten().tolist():
+                    if end_of_epoch or bool(stopped[g]):  # an epoch row at each epoch end or early stop
+                        ev = eval_rows[g][-1]
+                        epoch_rows[g].append({
+                            "epoch": epoch, "train_loss": _f(s_ce[g] / max(float(n_ep[g]), 1)),
+                            "train_acc": _f(s_acc[g] / max(float(n_ep[g]), 1)), "val_loss": ev["val_loss"],
+                            "val_acc": ev["val_acc"], "energy": _f(s_e[g] / max(float(n_ep[g]), 1)),
+                            "val_energy": ev["val_energy"], "wall_time_s": float(member_time[g]),
+                        })
         bad_state = alive & ~finite_members(model, opt, G)  # e.g. Adam's second moment overflowed to inf
         for g in bad_state.nonzero().flatten().tolist():
             diverged_at[g], state_bad[g] = epoch, True
         alive &= ~bad_state
-        if not alive.any():
+        if not (alive & ~stopped).any():
             break
-        v = evaluate(model, val, G, ebs)
-        for g in range(G):
-            if diverged_at[g] is not None:
-                continue
-            epoch_rows[g].append({
-                "epoch": epoch, "train_loss": _f(s_ce[g] / max(n, 1)), "train_acc": _f(s_acc[g] / max(n, 1)),
-                "val_loss": _f(v["loss"][g]), "val_acc": _f(v["acc"][g]), "energy": _f(s_e[g] / max(n, 1)),
-                "val_energy": _f(v["energy"][g]), "wall_time_s": train_time / G,
-            })
-    te = evaluate(model, test, G, ebs, stats_fn=stats_fn) if alive.any() else None
+    if restore:
+        with torch.no_grad():
+            for g in range(G):
+                if best_w[g] is not None and diverged_at[g] is None:
+                    for t, w in zip(members[g], best_w[g]):
+                        t.copy_(w)
+    te = evaluate(model, test, G, ebs, stats_fn=stats_fn, dtype=dtype) if alive.any() else None
     wall = (time.perf_counter() - t_start) / G
     out = []
     for g, r in enumerate(runs):
         c = r["config"]
         rows = epoch_rows[g]
         last = rows[-1] if rows else {}
+        if not restore:
+            for ev in eval_rows[g]:
+                ev["best"] = 0
+            if eval_rows[g]:
+                eval_rows[g][-1]["best"] = 1  # the weights tested are the last ones
+        else:  # exactly one row marks the checkpoint that was tested
+            for ev in eval_rows[g]:
+                ev["best"] = int(ev["step"] == best_step[g] and ev["val_acc"] == best_acc[g])
         row = {
             "run_id": r["run_id"], "arch": arch, "dataset": dataset, "modality": getattr(meta, "modality", None),
             "lam": float(c["lam"]), "seed": int(c["seed"]), "config_json": json.dumps(c, sort_keys=True),
-            "epochs": len(rows), "train_loss": last.get("train_loss"), "val_acc": last.get("val_acc"),
+            "epochs": len(rows), "train_loss": last.get("train_loss"),
+            "val_acc": (best_acc[g] if restore and math.isfinite(best_acc[g]) else last.get("val_acc")),
             "n_params": int(n_params), "wall_time_s": wall, "backend": backend_name, "group_size": G,
         }
         if diverged_at[g] is not None:
@@ -275,7 +480,7 @@ def train_group(runs: list) -> list:
             row.update(status="done", error=None, test_acc=_f(te["acc"][g]), test_loss=_f(te["loss"][g]),
                        test_energy=_f(te["energy"][g]), test_active_frac=_f(te["active_frac"][g]),
                        test_energy_rescaled=_f(te["energy_rescaled"][g]))
-        out.append({"run": row, "epochs": rows})
+        out.append({"run": row, "epochs": rows, "evals": eval_rows[g]})
     return out
 
 

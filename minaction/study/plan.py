@@ -1,0 +1,291 @@
+"""What a study will cost before it runs: ``minaction study plan --preset NAME``.
+
+For every (architecture, dataset) of a preset the plan counts runs and batched groups,
+reads the training split's size (so steps per epoch and evaluations per epoch are exact),
+and measures on *this* machine, with the trainer's own code, the seconds of
+
+* one optimizer step of a batched group of the preset's size (data gather, forward,
+  backward, optimizer step), and
+* one validation evaluation (the whole validation split),
+
+by training a few steps of the real model on the real data (``calibrate_steps`` timed
+steps after one warm-up step; the fastest of the timed steps is used, which is least
+disturbed by other load). The estimate of one group is
+
+    epochs x (steps_per_epoch x t_step + evals_per_epoch x t_eval) + t_test
+
+at the epoch cap (an **upper bound** when the budget stops early: early stopping ends runs
+sooner, by an amount no plan can know). The study's estimate is the sum over its pending
+groups divided by the number of workers (groups are independent; one torch thread each).
+
+Measured costs are kept in a JSON table (``$MINACTION_CACHE/study_plan_costs.json``,
+default ``~/.cache/minaction``), keyed by the machine (hostname, CPU count, torch version),
+architecture, dataset, group size and budget, so a second plan or a study start reads them
+instead of measuring again (``refresh=True`` measures again).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import presets as _presets
+from . import trainer as _trainer
+
+
+def cost_table_path() -> Path:
+    root = Path(os.environ.get("MINACTION_CACHE") or Path.home() / ".cache" / "minaction")
+    return root / "study_plan_costs.json"
+
+
+def _machine() -> str:
+    return f"{platform.node()}|cpus={os.cpu_count()}|torch={torch.__version__}|threads={torch.get_num_threads()}"
+
+
+def _key(arch, dataset, G, budget, data_opts) -> str:
+    blob = json.dumps({"m": _machine(), "arch": arch, "dataset": dataset, "G": G, "budget": budget,
+                       "data_opts": data_opts, "v": _presets.TRAINER_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _load_table(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_table(path: Path, table: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: the plan still works, it just measures again next time
+
+
+def measure(group_runs: list, calibrate_steps: int = 3) -> dict:
+    """Time one group of the preset on this machine, with the trainer's code.
+
+    Returns ``{"t_step", "t_eval", "t_test", "t_setup", "n_train", "n_val", "steps_per_epoch"}``
+    (seconds; ``t_step`` is one optimizer step of the whole group).
+    """
+    _trainer.init_worker(1)
+    runs = group_runs
+    cfg0 = runs[0]["config"]
+    budget = dict(cfg0["budget"])
+    G = len(runs)
+    t0 = time.perf_counter()
+    train, val, test = _trainer.load_splits(cfg0["dataset"], budget, cfg0["data_opts"], subset_train=False)
+    seeds = [int(r["config"]["seed"]) for r in runs]
+    mm = _trainer._model_module(cfg0["arch"])
+    dtype = torch.float64 if budget.get("dtype") == "float64" else None
+    model = mm.build(cfg0["arch"], train.meta, width=budget.get("width") or None, depth=budget.get("depth") or None,
+                     energy=budget["energy"], activation=budget["activation"],
+                     energy_reduction=budget["energy_reduction"], num_models=G, seeds=seeds)
+    if dtype is not None:
+        model = model.to(dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if budget["optimizer"] == "adam":
+        opt = torch.optim.Adam(params, lr=budget["lr"], fused=params[0].device.type == "cpu" or None)
+    else:
+        opt = torch.optim.SGD(params, lr=budget["lr"])
+    t_setup = time.perf_counter() - t0
+    shared = budget.get("data_order", "seed") == "shared" or G == 1
+    indices = [_trainer.member_train_indices(len(train), budget, s) for s in seeds]
+    n_train = len(indices[0])
+    bs = int(budget["batch_size"])
+    steps_per_epoch = -(-n_train // bs)
+    orders = [_trainer.member_epoch_order(ix, budget, s, 1) for ix, s in zip(indices, seeds)]
+    lam = torch.tensor([float(r["config"]["lam"]) for r in runs], dtype=dtype or torch.float32)
+    times = []
+    model.train()
+    for b in range(calibrate_steps + 1):
+        bb = b % steps_per_epoch
+        t = time.perf_counter()
+        x, y = _trainer._gather(train, orders, slice(bb * bs, (bb + 1) * bs), budget, seeds, 1, bb, shared)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        logits = _trainer._as_group(model(x), G)
+        C = logits.shape[-1]
+        yy = y.repeat(G) if y.dim() == 1 else y.reshape(-1)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, C), yy, reduction="none").view(G, -1).mean(1)
+        e = _trainer._energy(model, G)
+        loss = (ce + lam.to(e.dtype) * e).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if b:  # the first step warms up (allocations, kernel selection)
+            times.append(time.perf_counter() - t)
+    ebs = int(budget.get("eval_batch_size") or 512)
+    t = time.perf_counter()
+    _trainer.evaluate(model, val, G, ebs, dtype=dtype)
+    t_eval = time.perf_counter() - t
+    stats_fn = getattr(mm, "activation_stats", None)
+    t = time.perf_counter()
+    _trainer.evaluate(model, test, G, ebs, stats_fn=stats_fn, dtype=dtype)
+    t_test = time.perf_counter() - t
+    return {"t_step": min(times), "t_eval": t_eval, "t_test": t_test, "t_setup": t_setup, "n_train": n_train,
+            "n_val": len(val), "steps_per_epoch": steps_per_epoch}
+
+
+def evals_per_epoch(steps_per_epoch: int, eval_every: int) -> float:
+    """Validation evaluations per epoch: every ``eval_every`` steps, plus the epoch end when it
+    does not coincide (averaged over epochs, since the step count runs on across epochs)."""
+    if not eval_every:
+        return 1.0
+    # over L = lcm epochs the pattern repeats; count exactly over a long horizon
+    E = 50
+    total, n = 0, 0
+    for ep in range(E):
+        lo, hi = ep * steps_per_epoch, (ep + 1) * steps_per_epoch
+        k = hi // eval_every - lo // eval_every
+        total += k + (0 if hi % eval_every == 0 else 1)
+        n += 1
+    return total / n
+
+
+def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool = False, measure_fn=None) -> dict:
+    """The plan of ``preset``: runs, groups and the estimated wall time on this machine.
+
+    ``db``: count only runs not yet recorded there (a resumed study). ``workers``: parallel
+    worker processes (default: the CPUs this process may use). Returns ``{"preset", "runs",
+    "pending", "groups", "workers", "est_wall_s", "rows": [...]}`` with one row per
+    (arch, dataset): ``runs, groups, group_size, n_train, steps_per_epoch, epochs_cap,
+    evals_per_epoch, t_step_s, t_eval_s, member_epoch_s, est_s`` (``est_s``: that block's
+    groups one after another) or ``error`` when its data or model could not be measured.
+    """
+    spec = _presets.load_preset(preset)
+    runs = _presets.expand(spec)
+    done = set()
+    if db is not None and Path(db).exists():
+        from . import store
+
+        con = store.connect(db, readonly=True)
+        try:
+            done = store.finished_ids(con)
+        finally:
+            con.close()
+    todo = [r for r in runs if r["run_id"] not in done]
+    groups = _presets.make_groups(todo, spec["group_by"], spec["max_group"])
+    if not workers:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = int(workers)
+    path = cost_table_path()
+    table = {} if refresh else _load_table(path)
+    measure_fn = measure_fn or measure
+    blocks: dict = {}
+    for g in groups:
+        c = g[0]["config"]
+        blocks.setdefault((c["arch"], c["dataset"]), []).append(g)
+    rows = []
+    total = 0.0
+    for (arch, ds), gs in blocks.items():
+        row = {"arch": arch, "dataset": ds, "runs": sum(len(g) for g in gs), "groups": len(gs),
+               "group_size": max(len(g) for g in gs)}
+        try:
+            est = 0.0
+            for g in gs:
+                cfg = g[0]["config"]
+                budget = cfg["budget"]
+                k = _key(arch, ds, len(g), budget, cfg["data_opts"])
+                m = table.get(k)
+                if m is None:
+                    m = measure_fn(g, calibrate_steps)
+                    table[k] = m
+                epochs = int(budget["epochs"])
+                epe = evals_per_epoch(m["steps_per_epoch"], int(budget.get("eval_every") or 0))
+                est += (m["t_setup"] + epochs * (m["steps_per_epoch"] * m["t_step"] + epe * m["t_eval"])
+                        + m["t_test"])
+            row.update(n_train=m["n_train"], steps_per_epoch=m["steps_per_epoch"], epochs_cap=epochs,
+                       evals_per_epoch=epe, t_step_s=m["t_step"], t_eval_s=m["t_eval"],
+                       member_epoch_s=(m["steps_per_epoch"] * m["t_step"] + epe * m["t_eval"]) / len(gs[0]),
+                       est_s=est)
+            total += est
+        except Exception as exc:  # missing data, a model that cannot be built: say which, keep going
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        rows.append(row)
+    _save_table(path, table)
+    return {"preset": spec["name"], "budget": spec["budget"].get("name"), "runs": len(runs), "pending": len(todo),
+            "groups": len(groups), "workers": workers, "est_wall_s": total / max(workers, 1),
+            "est_serial_s": total, "rows": rows, "upper_bound": any(float(r["config"]["budget"].get(
+                "patience_epochs") or 0) > 0 for r in todo), "machine": _machine()}
+
+
+def _hms(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_plan(p: dict, per_block: bool = True) -> str:
+    """The plan as text (a table per architecture x dataset, then the total)."""
+    lines = [f"preset {p['preset']} (budget {p['budget']}): {p['runs']} runs, {p['pending']} pending in "
+             f"{p['groups']} groups"]
+    if per_block and p["rows"]:
+        hdr = (f"{'arch':<19} {'dataset':<21} {'runs':>5} {'grp':>4} {'G':>3} {'n_train':>7} {'steps/ep':>8} "
+               f"{'ep cap':>6} {'evals/ep':>8} {'s/step':>8} {'s/eval':>8} {'s/member-ep':>11} {'time':>8}")
+        lines.append(hdr)
+        for r in p["rows"]:
+            if "error" in r:
+                lines.append(f"{r['arch']:<19} {r['dataset']:<21} {r['runs']:>5} {r['groups']:>4} "
+                             f"{r['group_size']:>3}  not measured: {r['error']}")
+                continue
+            lines.append(f"{r['arch']:<19} {r['dataset']:<21} {r['runs']:>5} {r['groups']:>4} {r['group_size']:>3} "
+                         f"{r['n_train']:>7} {r['steps_per_epoch']:>8} {r['epochs_cap']:>6} "
+                         f"{r['evals_per_epoch']:>8.2f} {r['t_step_s']:>8.4f} {r['t_eval_s']:>8.3f} "
+                         f"{r['member_epoch_s']:>11.3f} {_hms(r['est_s']):>8}")
+    missing = [r for r in p["rows"] if "error" in r]
+    bound = "at most " if p.get("upper_bound") else ""
+    lines.append(f"estimated wall time on this machine with {p['workers']} worker(s): {bound}"
+                 f"{_hms(p['est_wall_s'])} ({_hms(p['est_serial_s'])} of single-worker time"
+                 + (", at the epoch caps; early stopping ends runs sooner" if p.get("upper_bound") else "")
+                 + (f"; {len(missing)} block(s) not measured, not included" if missing else "") + ")")
+    return "\n".join(lines)
+
+
+def announce(preset, db=None, workers=None, file=None) -> None:
+    """Print the number of runs and the estimated wall time before a study starts (never raises:
+    a plan that cannot be made is reported, and the study goes on)."""
+    file = file or sys.stderr
+    try:
+        p = plan(preset, db=db, workers=workers)
+        print(format_plan(p, per_block=False), file=file, flush=True)
+    except Exception as exc:  # the study itself reports bad presets; the estimate is a courtesy
+        print(f"minaction study: no time estimate ({type(exc).__name__}: {exc})", file=file, flush=True)
+
+
+def _cli(args) -> int:
+    from .presets import PresetError
+
+    try:
+        p = plan(args.preset, db=getattr(args, "db", None), workers=args.workers, refresh=args.refresh)
+    except (PresetError, FileNotFoundError, ValueError) as exc:
+        print(f"minaction study plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(p, indent=2, default=str) if args.json else format_plan(p))
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``study plan`` to the ``minaction study`` subcommands."""
+    from .presets import available_presets
+
+    q = sub.add_parser("plan", help="print runs and the estimated wall time of a preset on this machine, "
+                                     "per architecture x dataset, without running it")
+    q.add_argument("--preset", required=True,
+                   help=f"preset name ({', '.join(available_presets())}) or path of a .toml file")
+    q.add_argument("--db", default=None, help="count only the runs not yet recorded in this database")
+    q.add_argument("--workers", type=int, default=None, help="worker processes (default: available CPUs)")
+    q.add_argument("--refresh", action="store_true", help="measure again instead of reading the cost table")
+    q.add_argument("--json", action="store_true", help="print the plan as JSON")
+    q.set_defaults(func=_cli)
