@@ -87,6 +87,8 @@ def act_forward(z, act, p, scale, keep_z):
 def act_backward(gy, ge, y, z, act, p, scale):
     yu = _up(y)
     g = _up(gy) if p == 0 else _up(gy) + energy_grad_term(yu, ge, p, scale)
+    if act == "relu":  # a select, as torch's threshold_backward: NaN outputs pass g, NaN g at y <= 0 gives 0
+        return torch.where(yu <= 0, torch.zeros_like(g), g).to(gy.dtype)
     return (g * act_grad(yu, _up(z) if z.numel() else z, act)).to(gy.dtype)
 
 

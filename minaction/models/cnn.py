@@ -103,13 +103,17 @@ class ConvNet(EnergyNet):
         return list(self.stem.parameters()) if self.modality == "text" else []
 
     def forward(self, x):
-        check_input(x, self.meta)
+        per_member = check_input(x, self.meta, self._G)  # x [G, B, ...]: one batch per member
         if self.modality == "text":
             h = self.stem.channels(x)  # [B, (G*)d, L]
         else:
-            h = time_mean(x.to(self.param_dtype()), self.has_time)
+            xs = x.flatten(0, 1) if per_member else x
+            h = time_mean(xs.to(self.param_dtype()), self.has_time)
             if h.dim() == 2:  # a bare series (L,) -> one channel
                 h = h.unsqueeze(1)
+            if per_member:  # [G*B, C, ...] -> member-major channels [B, G*C, ...] (grouped first conv)
+                G, B = x.shape[0], x.shape[1]
+                h = h.view(G, B, *h.shape[1:]).transpose(0, 1).reshape(B, G * h.shape[1], *h.shape[2:])
         pool = F.max_pool2d if self.dims == 2 else F.max_pool1d
         for conv, p in zip(self.convs, self._pool):
             h = conv(h)

@@ -144,12 +144,21 @@ class TokenEmbedding(nn.Module):
 
     def channels(self, ids: torch.Tensor) -> torch.Tensor:
         """The sequence as conv channels: ``[B, d, L]`` (one model) or ``[B, G*d, L]`` with
-        member g's embeddings in channels ``g*d .. (g+1)*d - 1`` (padding positions zero)."""
+        member g's embeddings in channels ``g*d .. (g+1)*d - 1`` (padding positions zero);
+        ``ids`` is ``[B, L]`` (shared by the members) or ``[G, B, L]`` (one batch per member)."""
         if self.num_models is None:
             return self.seq(ids).transpose(1, 2)
+        G, V = self.num_models, self.vocab_size
+        if ids.dim() == 3:  # one batch per member [G, B, L]
+            self._check(ids.flatten(0, 1))
+            ids = ids.long()
+            B, L = ids.shape[1:]
+            off = (torch.arange(G, device=ids.device) * V).view(G, 1, 1)
+            e = F.embedding(ids + off, self.weight.reshape(G * V, self.dim))  # [G, B, L, d]
+            e = e * (ids != 0).unsqueeze(-1).to(self.weight.dtype)
+            return e.permute(1, 0, 3, 2).reshape(B, G * self.dim, L)
         self._check(ids)
         ids = ids.long()
-        G, V = self.num_models, self.vocab_size
         B, L = ids.shape
         off = (torch.arange(G, device=ids.device) * V).view(1, G, 1)
         e = F.embedding(ids.unsqueeze(1) + off, self.weight.reshape(G * V, self.dim))  # [B, G, L, d]
