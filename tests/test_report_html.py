@@ -1,5 +1,6 @@
 """report.html in a real browser: headless Chromium takes a screenshot and the embedded
-figures must show up in it (coloured plot pixels; a corrupted copy of the page must not)."""
+figures must show up in it (coloured plot pixels; a corrupted copy of the page must not).
+Each figure's layout at the size it is shown is checked without a browser (always runs)."""
 import os
 import re
 import shutil
@@ -13,7 +14,8 @@ from minaction.report.synthetic import make_synthetic_store
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
                  if p and os.path.exists(p)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="Chromium is not installed (Debian: apt-get install chromium)")
 HEIGHT = 10000
 
 
@@ -49,6 +51,7 @@ def small_report(tmp_path_factory):
     return d
 
 
+@needs_chromium
 def test_figures_render_in_chromium(small_report):
     d = small_report
     html = d / "out" / "report.html"
@@ -62,6 +65,7 @@ def test_figures_render_in_chromium(small_report):
     assert sat.sum() > 2000 * n_fig
 
 
+@needs_chromium
 def test_broken_images_are_detected(small_report):
     """Negative control: the same page with the image data corrupted shows no plots."""
     d = small_report

@@ -284,8 +284,9 @@ class _Report:
             f"{fmt(r.iloc[0]['ss_int_over_ss_res'])}: the seed-to-seed variance would exceed the whole "
             f"architecture × dataset interaction. In this store SS_interaction / SS_residual = "
             f"{fmt(r.loc['ours, partial η²', 'ss_int_over_ss_res'])} and the residual is "
-            f"{fmt(r.loc['ours, partial η²', 'residual_share'])} of the total variance, so partial η² of every real "
-            f"effect is close to 1 while plain η² stays small for the architecture. The paper's pair is closer to our "
+            f"{fmt(r.loc['ours, partial η²', 'residual_share'])} of the total variance: the smaller that share, the "
+            f"closer to 1 every real effect's partial η² is, while plain η² keeps each effect's share of all the "
+            f"variance. The paper's pair is closer to our "
             f"**{likely} η²** (log10 distance {fmt(plain_d)} for plain, {fmt(part_d)} for partial), so its numbers "
             f"are most plausibly {likely} η²{'' if likely == 'partial' else ' despite the label'}. The verdict "
             f"below reads {opt.eta_kind} η² (option `eta_kind`); both are shown.")
