@@ -20,7 +20,7 @@
 // gradient where NOT (y <= 0) (torch's threshold_backward), sign(NaN) = 0 (abs backward), and
 // gelu/silu/tanh/sigmoid and their derivatives use torch's own CPU formulas.
 //
-// Reductions are deterministic: the work is cut into (model, column block, row chunk) tiles
+// Reductions are deterministic: the work is cut into (model, chunk of whole rows) tiles
 // whose sizes depend only on the shapes, never on the thread count, and the tile partials
 // are summed in a fixed order.
 //
@@ -186,20 +186,26 @@ inline void seg_bwd(const F* gy, const F* y, const F* z, F* gz, F* colacc, int64
   if (j < n) one(j, n - j);
 }
 
-// tiles per parallel chunk: about at::internal::GRAIN_SIZE elements, so small layers stay on one thread
-constexpr int64_t kGrainTiles = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (kColBlock * kRowChunk));
+// Tiles are (model, chunk of whole rows): a tile never splits a row, since half-row segments
+// with a row stride made the pass ~10x slower than streaming whole rows (measured on AVX2).
+constexpr int64_t kTileElems = kColBlock * kRowChunk;
+constexpr int64_t kMinTileRows = 16;
 
 struct Tiles {
-  int64_t G, M, N, ncb, nrc;
+  int64_t G, M, N, rows, nrc;
   Tiles(int64_t G_, int64_t M_, int64_t N_)
-      : G(G_), M(M_), N(N_), ncb((N_ + kColBlock - 1) / kColBlock), nrc(std::max<int64_t>(1, (M_ + kRowChunk - 1) / kRowChunk)) {}
-  int64_t count() const { return G * ncb * nrc; }
-  // tile t -> (model, first/last+1 column, first/last+1 row); tiles are ordered model, column block, row chunk
-  std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> tile(int64_t t) const {
-    const int64_t g = t / (ncb * nrc), cb = (t / nrc) % ncb, rc = t % nrc;
-    const int64_t j0 = cb * kColBlock, r0 = rc * kRowChunk;
-    return {g, j0, std::min(N, j0 + kColBlock), r0, std::min(M, r0 + kRowChunk)};
+      : G(G_), M(M_), N(N_),
+        rows(std::max<int64_t>(kMinTileRows, (kTileElems + std::max<int64_t>(N_, 1) - 1) / std::max<int64_t>(N_, 1))),
+        nrc(std::max<int64_t>(1, (M_ + rows - 1) / rows)) {}
+  int64_t count() const { return G * nrc; }
+  // tile t -> (model, first/last+1 row); tiles are ordered model, row chunk
+  std::tuple<int64_t, int64_t, int64_t> tile(int64_t t) const {
+    const int64_t g = t / nrc, rc = t % nrc;
+    const int64_t r0 = rc * rows;
+    return {g, r0, std::min(M, r0 + rows)};
   }
+  // tiles per parallel chunk: about at::internal::GRAIN_SIZE elements, so small layers stay on one thread
+  int64_t grain() const { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, rows * N)); }
 };
 
 // y = act(z) (in place when y == z) and e[g] = scale * sum |y|^p
@@ -209,23 +215,25 @@ void act_energy_fwd_kernel(const T* z, T* y, int64_t G, int64_t M, int64_t N, do
   constexpr bool same = std::is_same_v<T, F>;
   Tiles tl(G, M, N);
   std::vector<double> part(tl.count(), 0.0);
-  at::parallel_for(0, tl.count(), kGrainTiles, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tl.count(), tl.grain(), [&](int64_t begin, int64_t end) {
     std::array<F, BufLen<T>::value> zb, yb;  // conversion buffers (half/bfloat16 only)
     for (int64_t t = begin; t < end; ++t) {
-      const auto [g, j0, j1, r0, r1] = tl.tile(t);
-      const int64_t n = j1 - j0;
+      const auto [g, r0, r1] = tl.tile(t);
       double acc_tile = 0.0;
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t off = (g * M + r) * N + j0;
-        if constexpr (same) {
-          acc_tile += seg_fwd<F, ACT, P>(z + off, y + off, n);
-        } else {  // half/bfloat16: compute in float, energy of the rounded output (as the reference)
-          at::vec::convert(z + off, zb.data(), n);
-          seg_fwd<F, ACT, 0>(zb.data(), yb.data(), n);
-          at::vec::convert(yb.data(), y + off, n);
-          if constexpr (P != 0) {
-            at::vec::convert(y + off, yb.data(), n);
-            acc_tile += seg_energy<F, P>(yb.data(), n);
+        for (int64_t j0 = 0; j0 < N; j0 += kColBlock) {  // row segments of <= kColBlock columns
+          const int64_t n = std::min(kColBlock, N - j0);
+          const int64_t off = (g * M + r) * N + j0;
+          if constexpr (same) {
+            acc_tile += seg_fwd<F, ACT, P>(z + off, y + off, n);
+          } else {  // half/bfloat16: compute in float, energy of the rounded output (as the reference)
+            at::vec::convert(z + off, zb.data(), n);
+            seg_fwd<F, ACT, 0>(zb.data(), yb.data(), n);
+            at::vec::convert(yb.data(), y + off, n);
+            if constexpr (P != 0) {
+              at::vec::convert(y + off, yb.data(), n);
+              acc_tile += seg_energy<F, P>(yb.data(), n);
+            }
           }
         }
       }
@@ -234,7 +242,7 @@ void act_energy_fwd_kernel(const T* z, T* y, int64_t G, int64_t M, int64_t N, do
   });
   for (int64_t g = 0; g < G; ++g) {
     double s = 0.0;
-    for (int64_t t = g * tl.ncb * tl.nrc; t < (g + 1) * tl.ncb * tl.nrc; ++t) s += part[t];
+    for (int64_t t = g * tl.nrc; t < (g + 1) * tl.nrc; ++t) s += part[t];
     s *= scale;
     if (e_double) static_cast<double*>(e_out)[g] = s;
     else static_cast<float*>(e_out)[g] = static_cast<float>(s);
@@ -249,47 +257,44 @@ void act_energy_bwd_kernel(const T* gy, const float* ge_f, const double* ge_d, c
   constexpr bool same = std::is_same_v<T, F>;
   Tiles tl(G, M, N);
   const bool want_b = gb != nullptr;
-  std::vector<F> part(want_b ? tl.count() * kColBlock : 0, F(0));
-  at::parallel_for(0, tl.count(), kGrainTiles, [&](int64_t begin, int64_t end) {
-    alignas(64) F colacc[kColBlock];
+  std::vector<F> part(want_b ? tl.count() * N : 0, F(0));  // per-tile column sums, reduced in a fixed order
+  at::parallel_for(0, tl.count(), tl.grain(), [&](int64_t begin, int64_t end) {
     std::array<F, BufLen<T>::value> gyb, yb, zb, gzb;  // conversion buffers (half/bfloat16 only)
     for (int64_t t = begin; t < end; ++t) {
-      const auto [g, j0, j1, r0, r1] = tl.tile(t);
-      const int64_t n = j1 - j0;
+      const auto [g, r0, r1] = tl.tile(t);
       const F c = P == 0 ? F(0) : static_cast<F>((ge_d ? ge_d[g] : static_cast<double>(ge_f[g])) * scale);
-      for (int64_t j = 0; j < kColBlock; ++j) colacc[j] = F(0);
+      F* colacc = want_b ? part.data() + t * N : nullptr;
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t off = (g * M + r) * N + j0;
-        if constexpr (same) {
-          seg_bwd<F, ACT, P>(gy + off, y + off, z ? z + off : nullptr, gz + off, want_b ? colacc : nullptr, n, c);
-        } else {
-          at::vec::convert(gy + off, gyb.data(), n);
-          at::vec::convert(y + off, yb.data(), n);
-          if (z) at::vec::convert(z + off, zb.data(), n);
-          seg_bwd<F, ACT, P>(gyb.data(), yb.data(), z ? zb.data() : nullptr, gzb.data(), nullptr, n, c);
-          at::vec::convert(gzb.data(), gz + off, n);
-          if (want_b) {  // bias gradient from the rounded gz, as the reference sums it
-            at::vec::convert(gz + off, gzb.data(), n);
-            for (int64_t j = 0; j < n; ++j) colacc[j] += gzb[j];
+        for (int64_t j0 = 0; j0 < N; j0 += kColBlock) {
+          const int64_t n = std::min(kColBlock, N - j0);
+          const int64_t off = (g * M + r) * N + j0;
+          if constexpr (same) {
+            seg_bwd<F, ACT, P>(gy + off, y + off, z ? z + off : nullptr, gz + off, want_b ? colacc + j0 : nullptr, n, c);
+          } else {
+            at::vec::convert(gy + off, gyb.data(), n);
+            at::vec::convert(y + off, yb.data(), n);
+            if (z) at::vec::convert(z + off, zb.data(), n);
+            seg_bwd<F, ACT, P>(gyb.data(), yb.data(), z ? zb.data() : nullptr, gzb.data(), nullptr, n, c);
+            at::vec::convert(gzb.data(), gz + off, n);
+            if (want_b) {  // bias gradient from the rounded gz, as the reference sums it
+              at::vec::convert(gz + off, gzb.data(), n);
+              for (int64_t j = 0; j < n; ++j) colacc[j0 + j] += gzb[j];
+            }
           }
         }
       }
-      if (want_b)
-        for (int64_t j = 0; j < n; ++j) part[t * kColBlock + j] = colacc[j];
     }
   });
   if (want_b) {
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t cb = 0; cb < tl.ncb; ++cb) {
-        const int64_t j0 = cb * kColBlock, j1 = std::min(N, j0 + kColBlock);
-        for (int64_t j = j0; j < j1; ++j) {
-          F s = F(0);
-          for (int64_t rc = 0; rc < tl.nrc; ++rc) s += part[((g * tl.ncb + cb) * tl.nrc + rc) * kColBlock + (j - j0)];
-          gb[g * N + j] = static_cast<T>(s);
-        }
+      for (int64_t j = 0; j < N; ++j) {
+        F s = F(0);
+        for (int64_t rc = 0; rc < tl.nrc; ++rc) s += part[(g * tl.nrc + rc) * N + j];
+        gb[g * N + j] = static_cast<T>(s);
       }
   }
 }
+
 template <typename F>
 void dispatch_act_p(int64_t act, int64_t p, F&& f) {
 #define MA_CASE_P(A)                                                                   \

@@ -26,7 +26,7 @@ source, the flags, the ISA and the torch version, in ``TORCH_EXTENSIONS_DIR`` (d
 without taking torch's build lock, so a read-only cache folder works. Otherwise the build runs
 (``minaction: building the CPU kernels (first use, ~1-2 min) in <dir>`` is printed once on
 stderr). A ``lock`` file left by a killed build is waited on for at most
-``MINACTION_BUILD_LOCK_TIMEOUT`` seconds (default 300); then the load fails with an error naming
+``MINACTION_BUILD_LOCK_TIMEOUT`` seconds (default 600); then the load fails with an error naming
 the file to delete, and the automatic backend choice falls back to ``reference`` with a warning
 that says so.
 """
@@ -60,7 +60,7 @@ _ISA_FLAGS = {
 _ISA_CPU_FLAGS = {"default": set(), "avx2": {"avx2", "fma", "f16c"},
                   "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}}
 MARKER = "minaction_build.json"
-DEFAULT_LOCK_TIMEOUT = 300.0
+DEFAULT_LOCK_TIMEOUT = 600.0  # a first build on a loaded 2-core machine took 8-9 min
 
 
 class BuildLockTimeout(RuntimeError):
