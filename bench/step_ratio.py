@@ -11,11 +11,20 @@ rounds of per-variant times and of per-round ratios to `plain` (interleaving can
 drift of a shared, noisy machine). Phases: forward (loss), backward, full step (incl. Adam).
 
     python bench/step_ratio.py --rounds 200 [--json out.json] [--no-compile]
+    python bench/step_ratio.py --batched 10 --sizes 784,256,256,10 --batch 128   # G models at once
+    python bench/step_ratio.py --epilogue [--threads 1]    # activation+energy pass vs torch's activation
+
+``--batched G``: the study's batched MLP, ``EnergyLinear(num_models=G)`` layers against the same
+network written with ``torch.baddbmm`` + ReLU (weights ``[G, out, in]``, plain has no energy).
+``--epilogue``: the C++ activation+energy pass (``act_fwd`` on a ``[1, 2048, 512]`` tensor) against
+torch's activation alone on the same tensor, per activation/energy, interleaved.
+Every result line carries the CPU model, the ISA of the loaded build and the load average.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -40,6 +49,121 @@ def build(kind, sizes, seed=0):
             if not last:
                 layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+class BmmMLP(nn.Module):
+    """G independent MLPs as one network of batched matmuls (the plain baseline of --batched)."""
+
+    def __init__(self, G, sizes, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.ws = nn.ParameterList()
+        self.bs = nn.ParameterList()
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            bound = 1 / a ** 0.5
+            self.ws.append(nn.Parameter(torch.empty(G, a, b).uniform_(-bound, bound)))
+            self.bs.append(nn.Parameter(torch.empty(G, 1, b).uniform_(-bound, bound)))
+
+    def forward(self, x):  # x [G, B, in]
+        h = x
+        for i, (w, b) in enumerate(zip(self.ws, self.bs)):
+            h = torch.baddbmm(b, h, w)
+            if i < len(self.ws) - 1:
+                h = torch.relu(h)
+        return h
+
+
+def build_batched(kind, G, sizes, seed=0):
+    if kind == "plain":
+        return BmmMLP(G, sizes, seed)
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        last = i == len(sizes) - 2
+        layers.append(minaction.nn.EnergyLinear(a, b, activation="identity" if last else "relu",
+                                                energy=None if last else "l2", num_models=G))
+    return nn.Sequential(*layers)
+
+
+def make_batched_step(kind, model, lam):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+
+    def loss_fn(x, y):  # x [G, B, in], y [B]
+        out = model(x)
+        ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.repeat(out.shape[0]), reduction="sum") / y.shape[0]
+        return ce + lam * minaction.total_energy(model).sum() if kind == "fused" else ce
+
+    def step(x, y):
+        t0 = time.perf_counter()
+        loss = loss_fn(x, y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t0
+    return step
+
+
+def machine_info():
+    """CPU model, ISA of the loaded C++ build, threads, load average: printed with every result."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    from minaction.backends import cpu as cpu_backend
+
+    try:
+        cpu_backend.load()
+        isa = cpu_backend.loaded_isa()
+    except Exception as exc:  # noqa: BLE001
+        isa = f"none ({type(exc).__name__})"
+    try:
+        load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        load = "?"
+    return {"cpu": model, "isa": isa, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "loadavg_before": load}
+
+
+def epilogue_bench(rounds, shape=(1, 2048, 512)):
+    """Median time of the C++ activation+energy pass vs torch's activation alone, interleaved."""
+    from minaction.backends import ACT_CODES
+    from minaction.backends import cpu as cpu_backend
+
+    ops = cpu_backend.load()
+    z = torch.randn(shape)
+    scale = 1.0 / shape[1]
+    torch_act = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+    cases = [("relu", 2), ("relu", 1), ("gelu", 2), ("silu", 2), ("tanh", 2), ("sigmoid", 2)]
+    out = {}
+    for act, p in cases:
+        fns = {"torch": lambda: torch_act[act](z),
+               "fused": lambda: ops.act_fwd(z, ACT_CODES[act], p, scale, False),
+               "torch_naive_energy": lambda: torch_act[act](z).pow(2).sum() if p == 2 else torch_act[act](z).abs().sum()}
+        for f in fns.values():
+            for _ in range(5):
+                f()
+        t = {k: [] for k in fns}
+        rng = random.Random(0)
+        for _ in range(rounds):
+            order = list(fns)
+            rng.shuffle(order)
+            for k in order:
+                t0 = time.perf_counter()
+                fns[k]()
+                t[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1e6 for k, v in t.items()}
+        ratio = statistics.median(a / b for a, b in zip(t["fused"], t["torch"]))
+        out[f"{act}+l{p}"] = {"fused_us": med["fused"], "torch_act_us": med["torch"],
+                              "torch_act_plus_energy_us": med["torch_naive_energy"], "ratio": ratio}
+    return out
 
 
 def naive_loss(model, x, y, lam):
@@ -108,12 +232,42 @@ def main(argv=None):
     ap.add_argument("--lam", type=float, default=1e-3)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--batched", type=int, default=0, metavar="G",
+                    help="G models at once: EnergyLinear(num_models=G) vs torch.baddbmm + ReLU")
+    ap.add_argument("--epilogue", action="store_true",
+                    help="activation+energy pass vs torch's activation alone ([1, 2048, 512])")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.epilogue:
+        info = machine_info()
+        res = {"machine": info, "torch": torch.__version__, "rounds": args.rounds,
+               "epilogue": epilogue_bench(args.rounds)}
+        res["machine"]["loadavg_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        print(json.dumps(res["machine"]))
+        print(f"{'case':12s} {'fused us':>9s} {'torch act us':>13s} {'act+energy us':>14s} {'ratio':>6s}")
+        for k, r in res["epilogue"].items():
+            print(f"{k:12s} {r['fused_us']:9.1f} {r['torch_act_us']:13.1f} {r['torch_act_plus_energy_us']:14.1f} "
+                  f"{r['ratio']:6.3f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return res
+    if args.batched:
+        G = args.batched
+        kinds = ["plain", "fused"]
+        steps = {k: make_batched_step(k, build_batched(k, G, sizes), args.lam) for k in kinds}
+        x = torch.randn(G, args.batch, sizes[0])
+        y = torch.randint(0, sizes[-1], (args.batch,))
+        return _interleave(args, kinds, steps, x, y, sizes, batched=True)
     kinds = ["plain", "naive", "fused"] + ([] if args.no_compile else ["compiled"])
     steps = {k: make_step(k, build(k, sizes), args.lam) for k in kinds}
     x, y = torch.randn(args.batch, sizes[0]), torch.randint(0, sizes[-1], (args.batch,))
+    return _interleave(args, kinds, steps, x, y, sizes, batched=False)
+
+
+def _interleave(args, kinds, steps, x, y, sizes, batched):
+    info = machine_info()
     for _ in range(args.warmup):
         for k in kinds:
             steps[k](x, y)
@@ -124,17 +278,20 @@ def main(argv=None):
         rng.shuffle(order)
         for k in order:
             times[k].append(steps[k](x, y))
-    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-           "torch": torch.__version__, "backend": minaction.backend_info("cpu")["devices"]["cpu"]["active"],
-           "sizes": sizes, "batch": args.batch, "rounds": args.rounds, "variants": {}}
+    info["loadavg_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    res = {"machine": info, "torch": torch.__version__,
+           "backend": minaction.backend_info("cpu")["devices"]["cpu"]["active"],
+           "sizes": sizes, "batch": args.batch, "models": args.batched or 1, "rounds": args.rounds, "variants": {}}
     for k in kinds:
         row = {}
         for i, phase in enumerate(("forward", "backward", "step")):
             med = statistics.median(t[i] for t in times[k])
             ratio = statistics.median(a[i] / b[i] for a, b in zip(times[k], times["plain"]))
             row[phase] = {"median_ms": med * 1e3, "ratio_to_plain": ratio}
-        row["peak_mem_mb"] = peak_memory(k, sizes, args.batch, args.lam) / 2**20 if k != "compiled" else None
+        row["peak_mem_mb"] = (peak_memory(k, sizes, args.batch, args.lam) / 2**20
+                              if k != "compiled" and not batched else None)
         res["variants"][k] = row
+    print(json.dumps(info))
     print(f"{'variant':10s} {'fwd ms':>8s} {'bwd ms':>8s} {'step ms':>8s} {'fwd x':>6s} {'bwd x':>6s} "
           f"{'step x':>6s} {'peak MB':>8s}")
     for k, r in res["variants"].items():

@@ -1,21 +1,47 @@
 """The ``cpu`` backend: C++ kernels in ``csrc/energy_cpu.cpp``, JIT-built on first use.
 
-Built with ``torch.utils.cpp_extension.load`` (ninja) into ``TORCH_EXTENSIONS_DIR``
-(default ``~/.cache/torch_extensions``); a rebuild happens only when the source or the
-flags change. ``MINACTION_CPU_CFLAGS`` replaces the default optimisation flags
-(``-O3 -march=native``: the build is for this machine only, and the extension name
-carries a fingerprint of the CPU so a shared cache never serves another CPU's binary).
+**One build per instruction set.** The kernels use ATen's ``at::vec::Vectorized`` whose width is
+fixed when the file is compiled, so the source is built as a separate extension per ISA, the way
+torch compiles its own CPU kernels once per capability:
+
+==========  ===========================================================  ===========================
+ISA         flags                                                         runs on
+==========  ===========================================================  ===========================
+default     ``-O3`` (plain C++, the compiler's baseline for the platform)  every CPU
+avx2        ``-O3 -mavx2 -mfma -mf16c -DCPU_CAPABILITY_AVX2``              x86-64 with AVX2 + FMA
+avx512      ``-O3 -mavx512f -mavx512bw -mavx512vl -mavx512dq ...``        x86-64 with AVX-512 F/BW/VL/DQ
+==========  ===========================================================  ===========================
+
+At load the widest ISA the running CPU supports is chosen (``torch.backends.cpu.get_cpu_capability()``
+checked against ``/proc/cpuinfo``); ``MINACTION_CPU_ISA=default|avx2|avx512`` forces one, and forcing
+an ISA this CPU lacks is an error, never a crash. ``-march=native`` is never used by default, so a
+build is valid on every CPU with its ISA. ``MINACTION_CPU_CFLAGS`` replaces the optimisation flags
+(``-O3``); a custom-flags build is also keyed by this CPU's model and flags, since such flags may
+target this CPU only.
+
+**The build cache.** The extension name is ``minaction_cpu_<isa>_<key>`` where ``key`` hashes the
+source, the flags, the ISA and the torch version, in ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions/...``). A finished build writes ``minaction_build.json`` next to its
+``.so``; when that file matches, the library is loaded directly with ``torch.ops.load_library``,
+without taking torch's build lock, so a read-only cache folder works. Otherwise the build runs
+(``minaction: building the CPU kernels (first use, ~1-2 min) in <dir>`` is printed once on
+stderr). A ``lock`` file left by a killed build is waited on for at most
+``MINACTION_BUILD_LOCK_TIMEOUT`` seconds (default 600); then the load fails with an error naming
+the file to delete, and the automatic backend choice falls back to ``reference`` with a warning
+that says so.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
-
 
 from . import ACT_CODES, source_dir  # noqa: F401  (source_dir is part of this module's API)
 
@@ -23,22 +49,173 @@ _lock = threading.Lock()
 _state: dict = {}
 OPS = None  # torch.ops.minaction_cpu once loaded (read without the lock, so torch.compile can trace it)
 
+ISAS = ("default", "avx2", "avx512")
+_ISA_FLAGS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+# /proc/cpuinfo flags each ISA build needs
+_ISA_CPU_FLAGS = {"default": set(), "avx2": {"avx2", "fma", "f16c"},
+                  "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}}
+MARKER = "minaction_build.json"
+DEFAULT_LOCK_TIMEOUT = 600.0  # a first build on a loaded 2-core machine took 8-9 min
 
-def _cpu_fingerprint() -> str:
-    model = platform.machine()
+
+class BuildLockTimeout(RuntimeError):
+    """A build lock stayed in place longer than ``MINACTION_BUILD_LOCK_TIMEOUT``."""
+
+
+def _cpuinfo() -> tuple[str, set]:
+    model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                model += line
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return hashlib.sha1(model.encode()).hexdigest()[:8]
+    return model, flags
 
 
-def _flags():
+def _cpu_fingerprint() -> str:
+    model, flags = _cpuinfo()
+    return hashlib.sha1((platform.machine() + model + " ".join(sorted(flags))).encode()).hexdigest()[:8]
+
+
+def cpu_isa() -> str:
+    """The widest ISA build this CPU can run (``default``, ``avx2`` or ``avx512``)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "default"
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    _, flags = _cpuinfo()
+    for isa in ("avx512", "avx2"):
+        if cap.startswith(isa) and (not flags or _ISA_CPU_FLAGS[isa] <= flags):
+            return isa
+    if cap.startswith("avx512") and (not flags or _ISA_CPU_FLAGS["avx2"] <= flags):
+        return "avx2"
+    return "default"
+
+
+def chosen_isa() -> str:
+    """The ISA build this process loads: ``MINACTION_CPU_ISA`` if set (and runnable here), else :func:`cpu_isa`."""
+    want = os.environ.get("MINACTION_CPU_ISA", "").strip().lower()
+    best = cpu_isa()
+    if want in ("", "auto"):
+        return best
+    if want not in ISAS:
+        raise ValueError(f"MINACTION_CPU_ISA={want!r} is not one of auto, {', '.join(ISAS)}")
+    if ISAS.index(want) > ISAS.index(best):
+        raise RuntimeError(f"MINACTION_CPU_ISA={want} was requested but this CPU supports at most {best} "
+                           f"(torch reports capability {torch.backends.cpu.get_cpu_capability()}); "
+                           f"a {want} build would crash here with an illegal instruction")
+    return want
+
+
+def _flags(isa: str) -> list:
     env = os.environ.get("MINACTION_CPU_CFLAGS")
-    opt = env.split() if env else ["-O3", "-march=native"]
-    return opt + ["-fopenmp"]
+    opt = env.split() if env else ["-O3"]
+    return opt + _ISA_FLAGS[isa] + ["-fopenmp"]
+
+
+def build_spec(isa: str | None = None) -> dict:
+    """Name, flags and cache key of the extension build for ``isa`` (default: :func:`chosen_isa`)."""
+    isa = isa or chosen_isa()
+    src = source_dir() / "energy_cpu.cpp"
+    if not src.exists():
+        raise FileNotFoundError(f"C++ source not found: {src}")
+    flags = _flags(isa)
+    h = hashlib.sha1()
+    h.update(src.read_bytes())
+    h.update(("\0".join(flags) + "\0" + isa + "\0" + torch.__version__).encode())
+    if os.environ.get("MINACTION_CPU_CFLAGS"):  # custom flags may target this very CPU (-march=native)
+        h.update(_cpu_fingerprint().encode())
+    key = h.hexdigest()[:12]
+    name = f"minaction_cpu_{isa}_{key}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or _default_root())
+    return {"isa": isa, "flags": flags, "key": key, "name": name, "source": src, "dir": root / name,
+            "so": root / name / f"{name}.so"}
+
+
+def _default_root() -> str:
+    from torch.utils import cpp_extension
+
+    return cpp_extension.get_default_build_root()
+
+
+def lock_timeout() -> float:
+    env = os.environ.get("MINACTION_BUILD_LOCK_TIMEOUT", "").strip()
+    if not env:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        return float(env)
+    except ValueError:
+        raise ValueError(f"MINACTION_BUILD_LOCK_TIMEOUT={env!r} is not a number of seconds") from None
+
+
+def _lock_message(lock: Path, waited: float) -> str:
+    return (f"minaction: the C++ build lock {lock} has been held for {waited:.0f} s "
+            f"(MINACTION_BUILD_LOCK_TIMEOUT). A build killed mid-way leaves it behind: if no other process "
+            f"is building minaction's CPU kernels, delete {lock} (or the whole folder {lock.parent}) and retry")
+
+
+def wait_for_lock(lock: Path, timeout: float, poll: float = 0.2) -> None:
+    """Wait until ``lock`` disappears; raise :class:`BuildLockTimeout` naming it after ``timeout`` s."""
+    t0 = time.monotonic()
+    while lock.exists():
+        waited = time.monotonic() - t0
+        if waited >= timeout:
+            raise BuildLockTimeout(_lock_message(lock, waited))
+        time.sleep(min(poll, max(timeout - waited, 0.01)))
+
+
+def _marker_ok(spec: dict) -> bool:
+    try:
+        data = json.loads((spec["dir"] / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("name") == spec["name"] and data.get("key") == spec["key"] and spec["so"].is_file()
+
+
+def _say_building(spec: dict) -> None:
+    if not _state.get("announced"):
+        _state["announced"] = True
+        print(f"minaction: building the CPU kernels (first use, ~1-2 min) in {spec['dir']}", file=sys.stderr,
+              flush=True)
+
+
+def _build(spec: dict, verbose: bool) -> None:
+    """Build with ``torch.utils.cpp_extension`` (ninja); never wait on its lock for ever."""
+    from torch.utils import cpp_extension
+
+    timeout = lock_timeout()
+    spec["dir"].mkdir(parents=True, exist_ok=True)
+    wait_for_lock(spec["dir"] / "lock", timeout)
+    _say_building(spec)
+    # cpp_extension waits on its lock without a limit; give the baton it creates our time-out
+    base = getattr(cpp_extension, "FileBaton", None)
+    patched = False
+    if base is not None:
+        class _TimedBaton(base):
+            def wait(self):
+                wait_for_lock(Path(self.lock_file_path), timeout)
+
+        cpp_extension.FileBaton = _TimedBaton
+        patched = True
+    try:
+        cpp_extension.load(name=spec["name"], sources=[str(spec["source"])], extra_cflags=spec["flags"],
+                           build_directory=str(spec["dir"]), is_python_module=False, verbose=verbose)
+    finally:
+        if patched:
+            cpp_extension.FileBaton = base
+    try:
+        (spec["dir"] / MARKER).write_text(json.dumps({"name": spec["name"], "key": spec["key"],
+                                                      "isa": spec["isa"], "flags": spec["flags"],
+                                                      "torch": torch.__version__}))
+    except OSError:
+        pass
 
 
 def load():
@@ -52,20 +229,23 @@ def load():
         if "error" in _state:
             raise _state["error"]
         try:
-            from torch.utils import cpp_extension
-
-            src = source_dir() / "energy_cpu.cpp"
-            if not src.exists():
-                raise FileNotFoundError(f"C++ source not found: {src}")
-            verbose = os.environ.get("MINACTION_VERBOSE_BUILD", "") not in ("", "0")
-            cpp_extension.load(name=f"minaction_cpu_{_cpu_fingerprint()}", sources=[str(src)],
-                               extra_cflags=_flags(), is_python_module=False, verbose=verbose)
+            spec = build_spec()
+            if _marker_ok(spec):
+                torch.ops.load_library(str(spec["so"]))  # a finished build: no lock, works read-only
+            else:
+                _build(spec, os.environ.get("MINACTION_VERBOSE_BUILD", "") not in ("", "0"))
             _register_fakes()
+            _state["spec"] = spec
             _state["ops"] = OPS = torch.ops.minaction_cpu
         except Exception as exc:  # remembered: one failed build is not retried in this process
             _state["error"] = exc
             raise
         return _state["ops"]
+
+
+def loaded_isa() -> str | None:
+    """The ISA of the loaded build (asked from the library itself), or None before :func:`load`."""
+    return torch.ops.minaction_cpu.isa().lower() if OPS is not None else None
 
 
 def _register_fakes():
@@ -81,7 +261,7 @@ def available(device: torch.device):
         load()
     except Exception as exc:
         return False, f"the C++ extension could not be built or loaded ({type(exc).__name__}: {exc})"
-    return True, "C++ extension built and loaded"
+    return True, f"C++ extension built and loaded ({_state['spec']['isa']} build)"
 
 
 # ----------------------------------------------------------------------------- backend primitives

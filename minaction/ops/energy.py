@@ -77,20 +77,53 @@ def _(gy, ge, x, weight, y, z, act, p, mean, need_x, need_w, need_b, backend):
 def _el_setup(ctx, inputs, output):
     x, weight, bias, act, p, mean, backend = inputs
     y, _, z = output
-    ctx.save_for_backward(x, weight, y, z)
+    ctx.save_for_backward(x, weight, y, z, bias)  # bias: only read by a create_graph backward
+    ctx.set_materialize_grads(False)  # an unused energy output arrives as None, not zeros (0 * inf = NaN)
     ctx.cfg = (act, p, mean, backend, bias is not None)
 
 
+def _grad_of_recomputed(inputs, needs, forward, gy, ge, p):
+    """backward(create_graph=True): recompute with differentiable ops and return autograd.grad of
+    ``<y, gy> + <e, ge>``, so the gradients carry a graph (gradient penalties, gradgradcheck)."""
+    y, e = forward()
+    obj = (y * gy).sum() if gy is not None else y.new_zeros(())
+    if ge is not None and p:
+        obj = obj + (e * ge.to(e.dtype)).sum()
+    want = [t for t, n in zip(inputs, needs) if n]
+    got = iter(torch.autograd.grad(obj, want, create_graph=True, allow_unused=True)
+               if want and obj.requires_grad else [None] * len(want))
+    out = []
+    for t, n in zip(inputs, needs):
+        g = next(got) if n else None
+        out.append(torch.zeros_like(t) if (n and g is None) else g)
+    return out
+
+
 def _el_backward(ctx, gy, ge, _gz):
-    x, weight, y, z = ctx.saved_tensors
+    x, weight, y, z, bias = ctx.saved_tensors
     act, p, mean, backend, has_bias = ctx.cfg
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and has_bias
+    if not (need_x or need_w or need_b):
+        return None, None, None, None, None, None, None
+    if ge is None:
+        p = 0  # the energy did not reach the loss: no 0 * d|y|^p term (NaN at y = inf)
+    if torch.is_grad_enabled():
+        scale = _scale(x.shape[1], weight.shape[1], mean)
+
+        def forward():
+            zz = torch.bmm(x, weight.transpose(1, 2))
+            if bias is not None:
+                zz = zz + bias.unsqueeze(1)
+            yy = composite.apply_act(zz, act)
+            return yy, composite.energy_of(yy, p, scale)
+
+        gx, gw, gb = _grad_of_recomputed((x, weight, bias), (need_x, need_w, need_b), forward, gy, ge, p)
+        return gx, gw, gb, None, None, None, None
     if gy is None:
         gy = torch.zeros_like(y)
     if ge is None:
         ge = torch.zeros(y.shape[0], dtype=energy_dtype(y.dtype), device=y.device)
-    if not (need_x or need_w or need_b):
-        return None, None, None, None, None, None, None
     gx, gw, gb = _energy_linear_backward(gy.contiguous(), ge.contiguous(), x, weight, y, z, act, p, mean,
                                          bool(need_x), bool(need_w), bool(need_b and has_bias), backend)
     return (gx if need_x else None, gw if need_w else None, gb if (need_b and has_bias) else None,
@@ -130,15 +163,27 @@ def _(gy, ge, y, z, act, p, mean, backend):
 
 
 def _ae_setup(ctx, inputs, output):
-    _, act, p, mean, backend = inputs
+    z, act, p, mean, backend = inputs
     y, _, zs = output
-    ctx.save_for_backward(y, zs)
+    ctx.save_for_backward(y, zs, z)  # z: only read by a create_graph backward
+    ctx.set_materialize_grads(False)  # an unused energy output arrives as None, not zeros (0 * inf = NaN)
     ctx.cfg = (act, p, mean, backend)
 
 
 def _ae_backward(ctx, gy, ge, _gz):
-    y, zs = ctx.saved_tensors
+    y, zs, z = ctx.saved_tensors
     act, p, mean, backend = ctx.cfg
+    if ge is None:
+        p = 0  # the energy did not reach the loss: no 0 * d|y|^p term (NaN at y = inf)
+    if torch.is_grad_enabled():
+        scale = _scale(z.shape[1], z.shape[2], mean)
+
+        def forward():
+            yy = composite.apply_act(z, act)
+            return yy, composite.energy_of(yy, p, scale)
+
+        gz, = _grad_of_recomputed((z,), (True,), forward, gy, ge, p)
+        return gz, None, None, None, None
     if gy is None:
         gy = torch.zeros_like(y)
     if ge is None:

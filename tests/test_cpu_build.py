@@ -1,0 +1,183 @@
+"""Building and loading the C++ extension: a stale lock must not hang, a finished build loads
+without the lock (read-only cache folders), the first build says so once on stderr.
+
+Timeouts here are hang guards, not speed assertions.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import minaction
+from minaction.backends import cpu as cpu_backend
+
+
+@pytest.fixture(scope="module")
+def real_build():
+    """The build this process uses (built once per test session), to copy into temp caches."""
+    ok, why = minaction.backend.available("cpu", "cpu")
+    if not ok:
+        pytest.fail(f"the cpu backend must build on this machine: {why}")
+    return cpu_backend._state["spec"]
+
+
+def _sub(code, env_extra, timeout=600):
+    env = dict(os.environ, **env_extra)
+    env.pop("MINACTION_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_wait_for_lock_times_out_naming_the_file(tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    with pytest.raises(cpu_backend.BuildLockTimeout) as ei:
+        cpu_backend.wait_for_lock(lock, timeout=0.3, poll=0.05)
+    msg = str(ei.value)
+    assert str(lock) in msg and "delete" in msg and "MINACTION_BUILD_LOCK_TIMEOUT" in msg
+    lock.unlink()
+    cpu_backend.wait_for_lock(lock, timeout=0.3)  # no lock: returns at once
+
+
+def test_lock_timeout_env(monkeypatch):
+    monkeypatch.delenv("MINACTION_BUILD_LOCK_TIMEOUT", raising=False)
+    assert cpu_backend.lock_timeout() == cpu_backend.DEFAULT_LOCK_TIMEOUT
+    monkeypatch.setenv("MINACTION_BUILD_LOCK_TIMEOUT", "2.5")
+    assert cpu_backend.lock_timeout() == 2.5
+    monkeypatch.setenv("MINACTION_BUILD_LOCK_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="MINACTION_BUILD_LOCK_TIMEOUT"):
+        cpu_backend.lock_timeout()
+
+
+def test_stale_lock_falls_back_with_a_warning_naming_it(tmp_path):
+    """A `lock` left by a killed build: the layer runs on `reference` with a warning that names the
+    lock file, instead of waiting for ever (the old behaviour: FileBaton.wait without limit)."""
+    code = """
+        import warnings, torch, minaction
+        from minaction.backends import cpu
+        spec = cpu.build_spec()
+        spec["dir"].mkdir(parents=True)
+        (spec["dir"] / "lock").write_text("")
+        print("LOCK", spec["dir"] / "lock")
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            layer = minaction.nn.EnergyLinear(8, 4)
+            y = layer(torch.randn(3, 8))
+        print("BACKEND", minaction.backend.select(torch.device("cpu")))
+        for m in w:
+            print("WARN", m.message)
+    """
+    r = _sub(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path), "MINACTION_BUILD_LOCK_TIMEOUT": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lock = next(line[5:] for line in r.stdout.splitlines() if line.startswith("LOCK "))
+    assert "BACKEND reference" in r.stdout
+    warn = "\n".join(line for line in r.stdout.splitlines() if line.startswith("WARN"))
+    assert lock in warn and "delete" in warn, r.stdout
+    assert "building the CPU kernels" not in r.stderr  # nothing was built
+
+
+def test_lock_taken_during_the_build_call_also_times_out(tmp_path, monkeypatch):
+    """The lock may appear between our check and torch's: torch's own wait gets the time-out too."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("MINACTION_BUILD_LOCK_TIMEOUT", "0.5")
+    spec = cpu_backend.build_spec()
+
+    def fake_load(name, sources, extra_cflags, build_directory, **kw):
+        lock = os.path.join(build_directory, "lock")
+        open(lock, "w").close()  # another process "holds" it
+        cpp_extension.FileBaton(lock).wait()  # what _jit_compile does when try_acquire fails
+        raise AssertionError("the wait should have timed out")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    original = cpp_extension.FileBaton
+    with pytest.raises(cpu_backend.BuildLockTimeout, match="lock"):
+        cpu_backend._build(spec, verbose=False)
+    assert cpp_extension.FileBaton is original  # restored
+
+
+def _copy_build(spec, root: Path) -> Path:
+    dst = root / spec["name"]
+    shutil.copytree(spec["dir"], dst, ignore=shutil.ignore_patterns("lock"))
+    return dst
+
+
+def _snapshot(folder: Path):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_existing_build_loads_without_lock_or_writes(real_build, tmp_path):
+    """A cache folder we cannot write to (simulated: tests run as root, which ignores permission
+    bits, so every write path is made to fail) that holds a finished build for this exact source,
+    flags and ISA: the kernels load from it; the lock is never taken, nothing is written."""
+    folder = _copy_build(real_build, tmp_path)
+    for p in folder.rglob("*"):
+        p.chmod(0o444 if p.is_file() else 0o555)
+    folder.chmod(0o555)
+    before = _snapshot(tmp_path)
+    code = """
+        import os, torch, minaction
+        from torch.utils import cpp_extension, file_baton
+        def refuse(*a, **k):
+            raise PermissionError("read-only cache folder: no build, no lock")
+        cpp_extension.load = refuse
+        file_baton.FileBaton.try_acquire = refuse
+        cpp_extension.FileBaton.try_acquire = refuse
+        real_open = os.open
+        def ro_open(path, flags, *a, **k):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise PermissionError(f"read-only: {path}")
+            return real_open(path, flags, *a, **k)
+        os.open = ro_open
+        x = torch.randn(3, 8)
+        layer = minaction.nn.EnergyLinear(8, 4)
+        layer(x)
+        print("BACKEND", minaction.backend.select(torch.device("cpu")))
+        from minaction.backends import cpu
+        print("ISA", cpu.loaded_isa())
+    """
+    try:
+        r = _sub(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path)}, timeout=300)
+    finally:
+        folder.chmod(0o755)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "BACKEND cpu" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert f"ISA {real_build['isa']}" in r.stdout
+    assert "building the CPU kernels" not in r.stderr
+    assert _snapshot(tmp_path) == before  # no lock file, no marker rewrite, nothing
+
+
+def test_incomplete_build_is_not_loaded_directly(real_build, tmp_path, monkeypatch):
+    """A .so without the completion marker (a build killed before it finished) goes through the
+    locked build path, which says it is building, once."""
+    folder = _copy_build(real_build, tmp_path)
+    (folder / cpu_backend.MARKER).unlink()
+    code = """
+        import torch, minaction
+        from torch.utils import cpp_extension
+        from minaction.backends import cpu
+        calls = []
+        real = cpp_extension.load
+        def counting_load(*a, **k):
+            calls.append(1)
+            return real(*a, **k)  # ninja finds the objects up to date only if sources match; fine either way
+        cpp_extension.load = counting_load
+        cpu.load()
+        print("CALLS", len(calls))
+    """
+    r = _sub(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path)}, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CALLS 1" in r.stdout
+    assert r.stderr.count("minaction: building the CPU kernels (first use, ~1-2 min) in") == 1
+    assert str(folder) in r.stderr
+    assert (folder / cpu_backend.MARKER).exists()
+    # and the next process loads it directly, silently
+    r2 = _sub(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path)}, timeout=300)
+    assert r2.returncode == 0 and "CALLS 0" in r2.stdout and "building" not in r2.stderr
