@@ -46,11 +46,11 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
         con = sqlite3.connect(f"{base}?mode=ro", uri=True)
         con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         return con
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
         if con is not None:
             con.close()
         if "readonly" not in str(exc) and "unable to open" not in str(exc):
-            raise
+            return sqlite3.connect(f"{base}?mode=ro", uri=True)  # the caller names what is wrong
         wal = path.with_name(path.name + "-wal")
         if wal.exists() and wal.stat().st_size > 0:
             raise ValueError(f"cannot read {path}: its folder is not writable and {wal} holds changes not yet "
