@@ -528,16 +528,25 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
       // carry a graph (gradient penalties, gradgradcheck)
       Tensor yv, ev;
       std::tie(yv, ev) = energy_linear_composite(x_in, w_in, b_in, act, p, scale);
-      Tensor obj = grads[0].defined() ? (yv * grads[0]).sum() : at::zeros({}, yv.options());
-      if (p != 0) obj = obj + (ev * grads[1].to(ev.scalar_type())).sum();
+      // the incoming gradients are grad_outputs, not factors of a scalar objective: autograd must
+      // not differentiate through their own graph (it leads back into this node, whose lock we hold)
+      std::vector<Tensor> outs_v, seeds;
+      if (grads[0].defined() && yv.requires_grad()) {
+        outs_v.push_back(yv);
+        seeds.push_back(grads[0].view(yv.sizes()));
+      }
+      if (p != 0 && ev.requires_grad()) {
+        outs_v.push_back(ev);
+        seeds.push_back(grads[1].to(ev.scalar_type()).view(ev.sizes()));
+      }
       std::vector<Tensor> inputs, outs(3);
       std::vector<int> which;
       if (nx) { inputs.push_back(x_in); which.push_back(0); }
       if (nw) { inputs.push_back(w_in); which.push_back(1); }
       if (nb) { inputs.push_back(b_in); which.push_back(2); }
       std::vector<Tensor> res(inputs.size());
-      if (obj.requires_grad())
-        res = torch::autograd::grad({obj}, inputs, {}, /*retain_graph=*/true, /*create_graph=*/true,
+      if (!outs_v.empty())
+        res = torch::autograd::grad(outs_v, inputs, seeds, /*retain_graph=*/true, /*create_graph=*/true,
                                     /*allow_unused=*/true);
       for (size_t i = 0; i < which.size(); ++i)
         outs[which[i]] = res[i].defined() ? res[i] : at::zeros_like(inputs[i]);

@@ -262,7 +262,7 @@ def test_gradient_penalty_step_matches_reference(backend, num_models):
         for _ in range(2):
             xi = x.clone().requires_grad_(True)
             out = model(xi)
-            loss = out.pow(2).mean() + 0.1 * minaction.total_energy(model)
+            loss = out.pow(2).mean() + 0.1 * minaction.total_energy(model).sum()  # [G] when batched
             gx, = torch.autograd.grad(loss, xi, create_graph=True)
             total = loss + gx.pow(2).sum()
             opt.zero_grad()

@@ -86,12 +86,18 @@ def _grad_of_recomputed(inputs, needs, forward, gy, ge, p):
     """backward(create_graph=True): recompute with differentiable ops and return autograd.grad of
     ``<y, gy> + <e, ge>``, so the gradients carry a graph (gradient penalties, gradgradcheck)."""
     y, e = forward()
-    obj = (y * gy).sum() if gy is not None else y.new_zeros(())
-    if ge is not None and p:
-        obj = obj + (e * ge.to(e.dtype)).sum()
+    # gy, ge enter as grad_outputs, not as factors of a scalar: autograd must not differentiate
+    # through their own graph (it leads back into this very node)
+    outs, seeds = [], []
+    if gy is not None and y.requires_grad:
+        outs.append(y)
+        seeds.append(gy)
+    if ge is not None and p and e.requires_grad:
+        outs.append(e)
+        seeds.append(ge.to(e.dtype))
     want = [t for t, n in zip(inputs, needs) if n]
-    got = iter(torch.autograd.grad(obj, want, create_graph=True, allow_unused=True)
-               if want and obj.requires_grad else [None] * len(want))
+    got = iter(torch.autograd.grad(outs, want, seeds, create_graph=True, allow_unused=True)
+               if want and outs else [None] * len(want))
     out = []
     for t, n in zip(inputs, needs):
         g = next(got) if n else None
