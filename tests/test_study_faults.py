@@ -476,7 +476,11 @@ def test_full_disk_stops_with_one_line_and_resumes(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(store, "connect", limited)
     rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"])
     assert rc == 2
-    _one_line_error(capsys.readouterr().err, str(db), "database or disk is full", "Free some space")
+    err = capsys.readouterr().err
+    # the study had started (its run count and time estimate come first); the failure is one line, the last
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert sum("error" in ln for ln in lines) == 1 and "error" in lines[-1], err
+    _one_line_error(lines[-1], str(db), "database or disk is full", "Free some space")
     monkeypatch.setattr(store, "connect", real_connect)
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -33,11 +33,12 @@ def _run(args) -> int:
     from .runner import run_study
 
     from .plan import announce
-    announce(args.preset, args.db, args.workers)  # runs and estimated wall time before the study starts
-    try:
+
+    try:  # runs and estimated wall time, printed once the environment and the store have been checked
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                             scheduler=args.scheduler, progress=not args.no_progress, limit=args.limit,
-                            retry_failed=args.retry_failed)
+                            retry_failed=args.retry_failed,
+                            on_start=lambda: announce(args.preset, args.db, args.workers))
     except (PresetError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         return _error("run", exc)
     print(json.dumps(summary, indent=2))

@@ -209,7 +209,7 @@ class _Progress:
 
 
 def run_study(preset, db, executor="local", workers=None, scheduler=None, progress=True, limit=None,
-              retry_failed=False, max_attempts=2, threads=1) -> dict:
+              retry_failed=False, max_attempts=2, threads=1, on_start=None) -> dict:
     """Run (or resume) a study; returns a summary dict.
 
     Args:
@@ -228,6 +228,9 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
             Groups that were in flight when a pool broke rerun one at a time, so only the group
             that really kills its worker is blamed.
         threads: torch threads per worker (1 is steadiest on small machines).
+        on_start: called with no arguments after every check below passed and before any
+            training starts (the CLI prints the run count and time estimate there, so a
+            refused study prints one error line and nothing else).
 
     Before anything is scheduled the driver checks the environment (``MINACTION_BACKEND``,
     the architectures and datasets, that every pending run's dataset can be had) and the store
@@ -255,14 +258,14 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         raise
     try:
         return _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress,
-                           limit, retry_failed, max_attempts, threads)
+                           limit, retry_failed, max_attempts, threads, on_start)
     finally:
         con.close()
         store.release_writer_lock(lock)
 
 
 def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress, limit,
-                retry_failed, max_attempts, threads) -> dict:
+                retry_failed, max_attempts, threads, on_start=None) -> dict:
     skip = ("done", "diverged") if retry_failed else store.STATUSES
     todo = [r for r in runs if recorded_status.get(r["run_id"]) not in skip]
     already = len(runs) - len(todo)
@@ -275,6 +278,8 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
         store.set_meta(con, f"preset:{spec['name']}", json.dumps(spec, sort_keys=True, default=str))
     except sqlite3.Error as exc:
         raise store.diagnose(db, exc, "write to") from None
+    if on_start is not None and todo:
+        on_start()
     counts = {s: 0 for s in store.STATUSES}
     summary = {"preset": spec["name"], "db": str(db), "executor": executor, "total": len(runs),
                "already_finished": already, "failed_skipped": failed_skipped,
