@@ -117,12 +117,9 @@ def _el_backward(ctx, gy, ge, _gz):
     if torch.is_grad_enabled():
         scale = _scale(x.shape[1], weight.shape[1], mean)
 
-        def forward():
-            zz = torch.bmm(x, weight.transpose(1, 2))
-            if bias is not None:
-                zz = zz + bias.unsqueeze(1)
-            yy = composite.apply_act(zz, act)
-            return yy, composite.energy_of(yy, p, scale)
+        def forward():  # the executable spec is made of differentiable ops
+            yy, _, ee = composite.linear_forward(x, weight, bias, act, p, scale, False)
+            return yy, ee
 
         gx, gw, gb = _grad_of_recomputed((x, weight, bias), (need_x, need_w, need_b), forward, gy, ge, p)
         return gx, gw, gb, None, None, None, None
@@ -185,8 +182,8 @@ def _ae_backward(ctx, gy, ge, _gz):
         scale = _scale(z.shape[1], z.shape[2], mean)
 
         def forward():
-            yy = composite.apply_act(z, act)
-            return yy, composite.energy_of(yy, p, scale)
+            yy, _, ee = composite.act_forward(z, act, p, scale, False)
+            return yy, ee
 
         gz, = _grad_of_recomputed((z,), (True,), forward, gy, ge, p)
         return gz, None, None, None, None
@@ -314,9 +311,7 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
                 return energy_linear(x, weight, bias, activation, energy, reduction, backend)
     _validate_linear(x, weight, bias)
     batched = weight.dim() == 3
-    # _plain_path, inlined (this is the per-call hot path)
-    plain = _is_exporting() or (_interpreter_stack() is not None and not torch.compiler.is_compiling())
-    name = "reference" if plain else (backend if backend is not None else _backend.select(x.device))
+    name = "reference" if _plain_path(backend) else (backend if backend is not None else _backend.select(x.device))
     mean = reduction == "mean"
     if name == "cpu" and (x.dim() == 2 or batched):
         # eager hot path: one C++ op with its own autograd formula (a few us per call instead

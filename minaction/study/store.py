@@ -367,6 +367,17 @@ def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _child_rows(run_id, items: Iterable[dict], columns: tuple, table: str) -> list:
+    """The value lists of a run's ``epochs``/``evals`` rows, in ``columns`` order (unknown keys refused)."""
+    rows = []
+    for e in items:
+        bad = set(e) - set(columns)
+        if bad:
+            raise ValueError(f"unknown {table} columns: {sorted(bad)}")
+        rows.append([_clean(run_id if c == "run_id" else e.get(c)) for c in columns])
+    return rows
+
+
 def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), evals: Iterable[dict] = ()) -> None:
     """Write one finished run (its ``runs`` row and its ``epochs`` rows) in one transaction.
 
@@ -382,18 +393,8 @@ def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), 
     row = dict(run)
     row.setdefault("finished_at", now_utc())
     vals = [_clean(row.get(c)) for c in RUN_COLUMNS]
-    erows = []
-    for e in epochs:
-        bad = set(e) - set(EPOCH_COLUMNS)
-        if bad:
-            raise ValueError(f"unknown epochs columns: {sorted(bad)}")
-        erows.append([_clean(row["run_id"] if c == "run_id" else e.get(c)) for c in EPOCH_COLUMNS])
-    vrows = []
-    for e in evals:
-        bad = set(e) - set(EVAL_COLUMNS)
-        if bad:
-            raise ValueError(f"unknown evals columns: {sorted(bad)}")
-        vrows.append([_clean(row["run_id"] if c == "run_id" else e.get(c)) for c in EVAL_COLUMNS])
+    erows = _child_rows(row["run_id"], epochs, EPOCH_COLUMNS, "epochs")
+    vrows = _child_rows(row["run_id"], evals, EVAL_COLUMNS, "evals")
     con.execute("BEGIN IMMEDIATE")
     try:
         con.execute("DELETE FROM epochs WHERE run_id = ?", (row["run_id"],))
