@@ -3,7 +3,10 @@
 The driver is the only process that writes the database. Groups of runs (see
 :mod:`minaction.study.trainer`) go to an executor; as each group comes back, each of its
 runs is committed in its own transaction. Killing the driver at any moment loses only the
-groups in flight; the next call with the same preset and database trains exactly those.
+work of the groups in flight since their last checkpoint (``<db>.ckpt/``, written by the
+workers at every epoch end and every few minutes, :mod:`minaction.study.checkpoint`); the
+next call with the same preset and database trains exactly those groups, resuming each from
+its checkpoint, and deletes a group's checkpoint once its runs are recorded.
 """
 from __future__ import annotations
 
