@@ -3,7 +3,10 @@
 The driver is the only process that writes the database. Groups of runs (see
 :mod:`minaction.study.trainer`) go to an executor; as each group comes back, each of its
 runs is committed in its own transaction. Killing the driver at any moment loses only the
-groups in flight; the next call with the same preset and database trains exactly those.
+work of the groups in flight since their last checkpoint (``<db>.ckpt/``, written by the
+workers at every epoch end and every few minutes, :mod:`minaction.study.checkpoint`); the
+next call with the same preset and database trains exactly those groups, resuming each from
+its checkpoint, and deletes a group's checkpoint once its runs are recorded.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import time
 import traceback
 from concurrent.futures.process import BrokenProcessPool
 
-from . import store
+from . import checkpoint, store
 from .executors import check_workers, make_executor
 from .presets import expand, load_preset, make_groups
 from .trainer import failed_records, run_group
@@ -209,7 +212,8 @@ class _Progress:
 
 
 def run_study(preset, db, executor="local", workers=None, scheduler=None, progress=True, limit=None,
-              retry_failed=False, max_attempts=2, threads=1, on_start=None) -> dict:
+              retry_failed=False, max_attempts=2, threads=1, on_start=None, checkpoints=True,
+              checkpoint_every_s=None) -> dict:
     """Run (or resume) a study; returns a summary dict.
 
     Args:
@@ -231,6 +235,11 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         on_start: called with no arguments after every check below passed and before any
             training starts (the CLI prints the run count and time estimate there, so a
             refused study prints one error line and nothing else).
+        checkpoints: let each group save its training state to ``<db>.ckpt/`` (end of every
+            epoch, and mid-epoch every ``checkpoint_every_s`` seconds, default
+            :data:`minaction.study.checkpoint.DEFAULT_EVERY_S`) and resume from it after a kill;
+            a group's checkpoint is deleted once its runs are recorded
+            (:mod:`minaction.study.checkpoint`).
 
     Before anything is scheduled the driver checks the environment (``MINACTION_BACKEND``,
     the architectures and datasets, that every pending run's dataset can be had) and the store
@@ -257,15 +266,17 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         con.close()
         raise
     try:
+        ckpt = {"checkpoint_dir": str(checkpoint.directory(db)), "checkpoint_every_s": checkpoint_every_s} \
+            if checkpoints else {}
         return _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress,
-                           limit, retry_failed, max_attempts, threads, on_start)
+                           limit, retry_failed, max_attempts, threads, on_start, ckpt)
     finally:
         con.close()
         store.release_writer_lock(lock)
 
 
 def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress, limit,
-                retry_failed, max_attempts, threads, on_start=None) -> dict:
+                retry_failed, max_attempts, threads, on_start=None, ckpt=None) -> dict:
     skip = ("done", "diverged") if retry_failed else store.STATUSES
     todo = [r for r in runs if recorded_status.get(r["run_id"]) not in skip]
     already = len(runs) - len(todo)
@@ -278,6 +289,9 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
         store.set_meta(con, f"preset:{spec['name']}", json.dumps(spec, sort_keys=True, default=str))
     except sqlite3.Error as exc:
         raise store.diagnose(db, exc, "write to") from None
+    ckpt = ckpt or {}
+    if ckpt:  # stale files of a killed driver (the writer lock is held: no other driver writes here)
+        checkpoint.clean(ckpt["checkpoint_dir"], [i for i, st in recorded_status.items() if st in skip])
     if on_start is not None and todo:
         on_start()
     counts = {s: 0 for s in store.STATUSES}
@@ -308,7 +322,7 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
             ex = make_executor(executor, workers, scheduler, threads)
             summary["workers"] = ex.workers
             window = 2 * ex.workers
-            queue = [{"group_id": i, "runs": g, "threads": threads, "attempt": 0} for i, g in enumerate(groups)]
+            queue = [dict(ckpt, group_id=i, runs=g, threads=threads, attempt=0) for i, g in enumerate(groups)]
             queue.reverse()  # pop() from the end keeps the preset order
             inflight = {}
             generation = 0
@@ -345,8 +359,12 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
                                    f"a crash in native code, or killed): "
                                    + "".join(traceback.format_exception_only(type(exc), exc)).strip())
                             record(failed_records(task["runs"], err))
+                            if ckpt:
+                                checkpoint.remove(ckpt["checkpoint_dir"], task["runs"])
                         continue
                     record(res["records"])
+                    if ckpt:  # the group's runs are committed: its checkpoint is no longer needed
+                        checkpoint.remove(ckpt["checkpoint_dir"], task["runs"])
         completed = True
     finally:
         bar.close()

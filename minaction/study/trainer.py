@@ -276,9 +276,13 @@ def _forward_flops_per_sample(model, x, G: int) -> float:
 
 
 # ----------------------------------------------------------------------------- the group
-def train_group(runs: list) -> list:
+def train_group(runs: list, ckpt=None) -> list:
     """Train the runs of one group together; returns one ``{"run": row, "epochs": rows,
-    "evals": rows}`` per run."""
+    "evals": rows}`` per run (plus ``"resumed_from"``: ``{"epoch", "batch", "step"}`` or None).
+
+    ``ckpt``: a :class:`minaction.study.checkpoint.GroupCheckpoint`; the group resumes from it
+    when it holds a matching checkpoint, and saves to it at the end of every epoch and at the
+    first mid-epoch evaluation once ``ckpt.every_s`` seconds passed since the last save."""
     from .. import backend as _backend
 
     t_start = time.perf_counter()
@@ -369,15 +373,46 @@ def train_group(runs: list) -> list:
         win["n"] = 0
         return v
 
+    # ---- checkpoint / resume (minaction.study.checkpoint): the whole loop state at a safe point
+    def loop_state(epoch, next_batch, sums):
+        return {"epoch": epoch, "next_batch": next_batch, "epoch_sums": sums, "step": step, "samples": samples,
+                "alive": alive.clone(), "stopped": stopped.clone(), "diverged_at": list(diverged_at),
+                "state_bad": list(state_bad), "epoch_rows": epoch_rows, "eval_rows": eval_rows,
+                "best_acc": list(best_acc), "best_step": list(best_step), "best_w": best_w,
+                "member_time": member_time.clone(), "last_epoch": list(last_epoch), "flops_fwd": flops_fwd,
+                "win_ce": win["ce"].clone(), "win_n": win["n"], "elapsed_s": time.perf_counter() - t_start,
+                "torch_rng": torch.get_rng_state()}
+
+    first_epoch, first_batch, resume_sums, resumed_from = 1, 0, None, None
+    saved = ckpt.load(model, opt) if ckpt is not None else None
+    if saved is not None:
+        step, samples, flops_fwd = saved["step"], saved["samples"], saved["flops_fwd"]
+        alive.copy_(saved["alive"])
+        stopped.copy_(saved["stopped"])
+        member_time.copy_(saved["member_time"])
+        diverged_at[:], state_bad[:] = saved["diverged_at"], saved["state_bad"]
+        epoch_rows[:], eval_rows[:] = saved["epoch_rows"], saved["eval_rows"]
+        best_acc[:], best_step[:], best_w[:] = saved["best_acc"], saved["best_step"], saved["best_w"]
+        last_epoch[:] = saved["last_epoch"]
+        win["ce"].copy_(saved["win_ce"])
+        win["n"] = saved["win_n"]
+        t_start = time.perf_counter() - saved["elapsed_s"]
+        torch.set_rng_state(saved["torch_rng"])
+        first_epoch, first_batch, resume_sums = saved["epoch"], saved["next_batch"], saved["epoch_sums"]
+        resumed_from = {"epoch": first_epoch, "batch": first_batch, "step": step}
+
     model.train()
-    for epoch in range(1, int(budget["epochs"]) + 1):
+    for epoch in range(first_epoch, int(budget["epochs"]) + 1):
         s_ce = torch.zeros(G, dtype=torch.float64)
         s_acc = torch.zeros(G, dtype=torch.float64)
         s_e = torch.zeros(G, dtype=torch.float64)
         n_ep = torch.zeros(G, dtype=torch.float64)
+        if resume_sums is not None:  # resumed mid-epoch: the epoch's running sums so far
+            s_ce, s_acc, s_e, n_ep = (t.clone() for t in resume_sums)
+            resume_sums = None
         orders = [member_epoch_order(ix, budget, s, epoch) for ix, s in zip(indices, seeds)]
         v = None
-        for b in range(steps_per_epoch):
+        for b in range(first_batch, steps_per_epoch):
             active = alive & ~stopped
             if not active.any():
                 break
@@ -437,12 +472,17 @@ def train_group(runs: list) -> list:
                             "val_acc": ev["val_acc"], "energy": _f(s_e[g] / max(float(n_ep[g]), 1)),
                             "val_energy": ev["val_energy"], "wall_time_s": float(member_time[g]),
                         })
+                if ckpt is not None and not end_of_epoch and ckpt.due():
+                    ckpt.save(model, opt, loop_state(epoch, b + 1, [s_ce, s_acc, s_e, n_ep]))
+        first_batch = 0
         bad_state = alive & ~finite_members(model, opt, G)  # e.g. Adam's second moment overflowed to inf
         for g in bad_state.nonzero().flatten().tolist():
             diverged_at[g], state_bad[g] = epoch, True
         alive &= ~bad_state
         if not (alive & ~stopped).any():
             break
+        if ckpt is not None and epoch < int(budget["epochs"]):
+            ckpt.save(model, opt, loop_state(epoch + 1, 0, None))
     if restore:
         with torch.no_grad():
             for g in range(G):
@@ -480,7 +520,7 @@ def train_group(runs: list) -> list:
             row.update(status="done", error=None, test_acc=_f(te["acc"][g]), test_loss=_f(te["loss"][g]),
                        test_energy=_f(te["energy"][g]), test_active_frac=_f(te["active_frac"][g]),
                        test_energy_rescaled=_f(te["energy_rescaled"][g]))
-        out.append({"run": row, "epochs": rows, "evals": eval_rows[g]})
+        out.append({"run": row, "epochs": rows, "evals": eval_rows[g], "resumed_from": resumed_from})
     return out
 
 
@@ -497,14 +537,21 @@ def failed_records(runs: list, error: str) -> list:
 
 
 def run_group(task: dict) -> dict:
-    """Executor entry point: ``task = {"group_id", "runs", "threads"}``; never raises.
+    """Executor entry point: ``task = {"group_id", "runs", "threads"}`` and, optionally,
+    ``"checkpoint_dir"`` (resume from / save to the group's checkpoint there) and
+    ``"checkpoint_every_s"``; never raises.
 
     Returns ``{"group_id", "records"}`` where records are :func:`train_group`'s, or
     ``failed`` records with the traceback when the group raised.
     """
     init_worker(int(task.get("threads", 1)))
     try:
-        records = train_group(task["runs"])
+        ckpt = None
+        if task.get("checkpoint_dir"):
+            from .checkpoint import GroupCheckpoint
+
+            ckpt = GroupCheckpoint(task["checkpoint_dir"], task["runs"], task.get("checkpoint_every_s"))
+        records = train_group(task["runs"], ckpt=ckpt)
     except Exception:
         records = failed_records(task["runs"], traceback.format_exc())
     return {"group_id": task["group_id"], "records": records}
