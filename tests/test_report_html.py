@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minaction.report import build_report
-from minaction.report.synthetic import make_synthetic_store
+from doubles.stores import make_synthetic_store
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
                  if p and os.path.exists(p)), None)

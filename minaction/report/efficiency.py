@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..data.core import MODALITIES
 from .store import CONVENTIONAL, ENERGY_FIRST
 
 #: metric -> (column, direction). The first three are the headline (model terms).
@@ -42,7 +43,6 @@ HEADLINE = ("steps", "samples", "flops")
 NAMES = {"steps": "optimizer steps to target", "samples": "training samples to target",
          "flops": "training FLOPs to target", "epochs": "epochs to target", "time": "wall time to target (s)",
          "acc_per_s": "accuracy per second"}
-MODALITIES = ("vision", "text", "neuromorphic", "physiological")
 _RUN_COLS = ["run_id", "dataset", "modality", "arch", "lam", "seed", "target", "final_val", "reached",
              "steps_to_target", "samples_to_target", "flops_to_target", "epochs_to_target", "time_to_target_s",
              "acc_per_s"]

@@ -49,8 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import synthetic
-
+from .plugins import import_plugins
 _WORKER_READY = False
 
 
@@ -72,19 +71,16 @@ def init_worker(threads: int = 1) -> None:
 
 # ----------------------------------------------------------------------------- data and models
 def _data_module(name):
-    if name in synthetic.DATASETS:
-        return synthetic
     import minaction.data as data
 
     return data
 
 
 def _model_module(arch):
-    if arch in synthetic.ARCHITECTURES:
-        return synthetic
+    """The architecture's ``build`` and ``activation_stats`` (built in or registered)."""
     import minaction.models as models
 
-    return models
+    return models.architecture(arch)
 
 
 @functools.lru_cache(maxsize=16)
@@ -504,6 +500,7 @@ def run_group(task: dict) -> dict:
     """
     init_worker(int(task.get("threads", 1)))
     try:
+        import_plugins(task.get("plugins"))  # registered architectures/datasets (minaction.study.plugins)
         records = train_group(task["runs"])
     except Exception:
         records = failed_records(task["runs"], traceback.format_exc())
