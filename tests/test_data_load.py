@@ -408,3 +408,30 @@ def test_parallel_processes_decode_once(monkeypatch, tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert log.read_text().count("x") == 1
+
+
+# ----------------------------------------------------------------------------- register_dataset
+def test_register_dataset_loads_through_data_load(monkeypatch):
+    monkeypatch.setattr(catalogue, "REGISTERED", {})
+    from minaction.data import splits
+
+    monkeypatch.setattr(splits, "REGISTERED", catalogue.REGISTERED)
+    calls = []
+
+    def fake(name, split, data_dir=None, seed=0, n=4):
+        calls.append((name, split, data_dir, seed, n))
+        meta = data.DataMeta(name, "vision", 2, (1, 2, 2), torch.float32)
+        return data.Dataset(torch.zeros(n, 1, 2, 2), torch.zeros(n, dtype=torch.int64), meta, split)
+
+    data.register_dataset("fake", fake)
+    ds = data.load("fake", "val", seed=3, n=5)
+    assert len(ds) == 5 and calls == [("fake", "val", None, 3, 5)]
+    assert catalogue.REGISTERED["fake"].module == __name__
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.load("fake", "dev")
+    with pytest.raises(ValueError, match="catalogue"):
+        data.register_dataset("mnist", fake)
+    with pytest.raises(ValueError, match="non-empty string"):
+        data.register_dataset(None, fake)
+    with pytest.raises(TypeError, match="load must be callable"):
+        data.register_dataset("x", 42)

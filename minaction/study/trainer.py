@@ -113,7 +113,7 @@ def _as_group(t: torch.Tensor, G: int) -> torch.Tensor:
 
 
 def _energy(model, G):
-    from ..utils import total_energy
+    from ..model_api import total_energy
 
     return _as_group(total_energy(model), G).reshape(G)
 
