@@ -429,7 +429,7 @@ def test_register_dataset_loads_through_data_load(monkeypatch):
     assert catalogue.REGISTERED["fake"].module == __name__
     with pytest.raises(ValueError, match="split must be one of"):
         data.load("fake", "dev")
-    with pytest.raises(ValueError, match="catalogue"):
+    with pytest.raises(ValueError, match="built-in dataset"):
         data.register_dataset("mnist", fake)
     with pytest.raises(ValueError, match="non-empty string"):
         data.register_dataset(None, fake)

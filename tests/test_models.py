@@ -390,7 +390,7 @@ def test_register_architecture_bad_input(clean_registry):
         models.register_architecture("mlp", _tiny)
     with pytest.raises(TypeError, match="build must be callable"):
         models.register_architecture("x", "not a function")
-    with pytest.raises(TypeError, match="activation_stats"):
+    with pytest.raises(TypeError, match="activation_stats must be callable or None"):
         models.register_architecture("x", _tiny, activation_stats=3)
     with pytest.raises(ValueError, match="unknown architecture 'nope'"):
         models.architecture("nope")

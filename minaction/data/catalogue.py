@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..registration import check_registration
 from .decoders import (_decode_20ng, _decode_idx4, _decode_mnist_pickle, _decode_nmnist_tar, _decode_nmnist_tree,
                        _decode_sst2, _decode_ucr)
 from .sources import DebSource, DirSource, FileSpec, Source, TreeSource, UrlSource, WheelSource, cache_dir
@@ -235,12 +236,7 @@ def register_dataset(name: str, load: Callable) -> None:
     Register at the top level of an importable module (not inside a function, not in a
     script run as ``__main__``): the study's workers are other processes, and they import
     that module (``load.__module__``) to register the name there. Registering a name again
-    replaces the earlier registration; the catalogue's names cannot be replaced.
+    replaces the earlier registration; the catalogue's (built-in) names cannot be replaced.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a dataset name must be a non-empty string, got {name!r}")
-    if name in SPECS:
-        raise ValueError(f"{name!r} is a dataset of the catalogue and cannot be registered again; choose another name")
-    if not callable(load):
-        raise TypeError(f"load must be callable, got {type(load).__name__}")
+    check_registration("dataset", name, SPECS, {"load": load})
     REGISTERED[name] = Registered(name, load, getattr(load, "__module__", None))

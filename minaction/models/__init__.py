@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..registration import check_registration
 from .cnn import ConvNet, LoopEnsemble
 from .common import check_meta
 from .family import MLP, BimodalTrue, PhysicsLagrangian
@@ -75,14 +76,7 @@ def register_architecture(name: str, build: Callable, activation_stats: Optional
     that module (``build.__module__``) to register the name there. Registering a name again
     replaces the earlier registration; the built-in names cannot be replaced.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an architecture name must be a non-empty string, got {name!r}")
-    if name in _CLASSES:
-        raise ValueError(f"{name!r} is a built-in architecture and cannot be registered again; choose another name")
-    if not callable(build):
-        raise TypeError(f"build must be callable, got {type(build).__name__}")
-    if activation_stats is not None and not callable(activation_stats):
-        raise TypeError(f"activation_stats must be callable or None, got {type(activation_stats).__name__}")
+    check_registration("architecture", name, _CLASSES, {"build": build}, {"activation_stats": activation_stats})
     _REGISTERED[name] = Architecture(name, build, activation_stats or globals()["activation_stats"],
                                      getattr(build, "__module__", None))
 
