@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import definitions, finding1, finding2, finding3, overview
 from . import efficiency as _eff
-from .context import PAPER, ReportContext  # noqa: F401  (PAPER: the paper's numbers, read by the sections)
+from .context import ReportContext
 from .render import to_html, to_markdown
 from .store import CONVENTIONAL, ENERGY_FIRST, load_store, select_budget
 

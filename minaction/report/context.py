@@ -1,6 +1,6 @@
 """What every section of the report writes into: the document, its tables (CSV), figures,
-the verdict rows of the paper comparison and the definitions; the paper's numbers; number
-formats shared by the sections."""
+the verdict rows of the paper comparison and the definitions; number formats shared by the
+sections."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,19 +14,6 @@ from .store import Store
 
 if TYPE_CHECKING:  # the options live with the builder, which imports this module
     from .build import ReportOptions
-
-PAPER = {
-    "np2_arch": 0.001,
-    "n_experiments": 2203,
-    "seeds": 10,
-    "np2_interaction": 0.44,
-    "sweep_orders": 3,
-    "sweep_v1_pct": 6,
-    "sweep_acc_pp": 0.5,
-    "gain_lo_pct": 5,
-    "gain_hi_pct": 33,
-}
-
 
 P_FLOOR = 1e-16  # p-values below this are shown as "< 1e-16" (double precision cannot resolve them)
 

@@ -6,7 +6,8 @@ import pandas as pd
 
 from . import anova as _anova
 from . import figures as _fig
-from .context import PAPER, fmt_p, span
+from .context import fmt_p, span
+from .paper import PAPER
 from .render import ci, fmt
 
 

@@ -6,7 +6,8 @@ import pandas as pd
 
 from . import figures as _fig
 from . import sweep as _sweep
-from .context import PAPER, fmt_p
+from .context import fmt_p
+from .paper import PAPER
 from .render import ci, fmt
 
 

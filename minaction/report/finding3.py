@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .context import PAPER
 from .efficiency import (HEADLINE, NAMES, arch_summary, dataset_gains, efficiency_gains, per_run_efficiency,
                          verdict)
+from .paper import PAPER
 from .render import ci as _ci
 from .render import fmt
 
