@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .plugins import import_plugins
+
 _WORKER_READY = False
 
 
@@ -493,7 +494,7 @@ def failed_records(runs: list, error: str) -> list:
 
 
 def run_group(task: dict) -> dict:
-    """Executor entry point: ``task = {"group_id", "runs", "threads"}``; never raises.
+    """Executor entry point: ``task = {"group_id", "runs", "threads", "plugins"}``; never raises.
 
     Returns ``{"group_id", "records"}`` where records are :func:`train_group`'s, or
     ``failed`` records with the traceback when the group raised.
