@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib as _importlib
 
 from .backend import backend_info, set_backend, use_backend  # noqa: F401
-from .utils import convert, energy_report, total_energy  # noqa: F401
+from .model_api import convert, energy_report, total_energy  # noqa: F401
 from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
@@ -18,7 +18,7 @@ __all__ = ["nn", "total_energy", "convert", "energy_report", "backend_info", "se
 
 # submodules imported on first attribute access (they pull pandas, statsmodels, matplotlib, ...)
 _LAZY_SUBMODULES = frozenset({"backend", "backends", "cli", "data", "energy_meter", "models", "ops", "report",
-                              "study", "utils"})
+                              "study", "model_api"})
 
 
 def __getattr__(name: str):

@@ -1,6 +1,6 @@
 """``minaction.data.load`` end to end on fixtures written in each native format.
 
-The registry's pinned checksums are swapped for the fixtures' own (monkeypatch), its
+The catalogue's pinned checksums are swapped for the fixtures' own (monkeypatch), its
 sources for the fixture folder, and the cache for a temporary one: no real data, no network.
 """
 import gzip
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from minaction import data
-from minaction.data import formats, registry, sources
-from minaction.data.registry import Candidate, Family
+from minaction.data import catalogue, decoders, formats, sources
+from minaction.data.catalogue import Candidate, Family
 from minaction.data.sources import DirSource, FileSpec, UrlSource
 
 N_CLASSES = 10
@@ -43,7 +43,7 @@ def _install(monkeypatch, family, files, decode, folder):
         (folder / name).write_bytes(blob)
         specs.append(FileSpec(key, [name], _sha(blob)))
     cand = Candidate(DirSource(kind="user"), specs, decode)
-    monkeypatch.setitem(registry.FAMILIES, family, Family(family, [cand], "fixture"))
+    monkeypatch.setitem(catalogue.FAMILIES, family, Family(family, [cand], "fixture"))
     return specs
 
 
@@ -57,7 +57,7 @@ def _vision_fixture(monkeypatch, tmp_path, family="mnist", n_train=200, n_test=5
              "train_labels": ("train-labels-idx1-ubyte.gz", gzip.compress(formats.idx_bytes(ytr))),
              "test_images": ("t10k-images-idx3-ubyte.gz", gzip.compress(formats.idx_bytes(xte))),
              "test_labels": ("t10k-labels-idx1-ubyte.gz", gzip.compress(formats.idx_bytes(yte)))}
-    _install(monkeypatch, family, files, registry._decode_idx4, tmp_path / "d")
+    _install(monkeypatch, family, files, decoders._decode_idx4, tmp_path / "d")
     return xtr, ytr, xte, yte
 
 
@@ -144,7 +144,7 @@ def _write_mnist_pickle(tmp_path, monkeypatch):
     parts = tuple(((rng.integers(0, 256, (k, 784)) / 256).astype(np.float32), np.arange(k) % 10)
                   for k in (40, 10, 20))
     blob = gzip.compress(pickle.dumps(parts, protocol=2))
-    _install(monkeypatch, "mnist", {"pickle": ("mnist.pkl.gz", blob)}, registry._decode_mnist_pickle, tmp_path / "d")
+    _install(monkeypatch, "mnist", {"pickle": ("mnist.pkl.gz", blob)}, decoders._decode_mnist_pickle, tmp_path / "d")
     return parts
 
 
@@ -174,11 +174,11 @@ def test_content_hash_accepts_recompressed_and_plain_idx(tmp_path):
 
 def test_nothing_works_lists_every_source(monkeypatch, tmp_path):
     spec = FileSpec("k", ["f.bin"], "0" * 64)
-    cands = [Candidate(DirSource(label="data_dir / $MINACTION_DATA", kind="user"), [spec], registry._decode_idx4),
-             Candidate(DirSource(label="shared data folder", kind="shared"), [spec], registry._decode_idx4),
+    cands = [Candidate(DirSource(label="data_dir / $MINACTION_DATA", kind="user"), [spec], decoders._decode_idx4),
+             Candidate(DirSource(label="shared data folder", kind="shared"), [spec], decoders._decode_idx4),
              Candidate(UrlSource(urls={"k": (tmp_path / "absent.bin").as_uri()}, folder="t"), [spec],
-                       registry._decode_idx4)]
-    monkeypatch.setitem(registry.FAMILIES, "mnist", Family("mnist", cands))
+                       decoders._decode_idx4)]
+    monkeypatch.setitem(catalogue.FAMILIES, "mnist", Family("mnist", cands))
     with pytest.raises(data.DataUnavailableError) as err:
         data.load("mnist", "train", data_dir=tmp_path / "nowhere")
     msg = str(err.value)
@@ -212,8 +212,8 @@ def _text_fixture(monkeypatch, tmp_path):
     for key, (name, blob) in files.items():
         (folder / name).write_bytes(blob)
         specs.append(FileSpec(key, [name], _sha(blob)))
-    cand = Candidate(DirSource(kind="user", subdirs=("sst2",), search_root=False), specs, registry._decode_sst2)
-    monkeypatch.setitem(registry.FAMILIES, "sst2", Family("sst2", [cand]))
+    cand = Candidate(DirSource(kind="user", subdirs=("sst2",), search_root=False), specs, decoders._decode_sst2)
+    monkeypatch.setitem(catalogue.FAMILIES, "sst2", Family("sst2", [cand]))
 
 
 def test_text_vocab_from_train_only_and_padding(monkeypatch, tmp_path):
@@ -253,7 +253,7 @@ def test_20newsgroups_carves_val(monkeypatch, tmp_path):
     te = head + "sci.space\trocket launch\nalt.atheism\tgod\n"
     _install(monkeypatch, "20newsgroups", {"train": ("20newsgroups-train.tab", tr.encode()),
                                            "test": ("20newsgroups-test.tab", te.encode())},
-             registry._decode_20ng, tmp_path / "d")
+             decoders._decode_20ng, tmp_path / "d")
     d = tmp_path / "d"
     a, b, c = (data.load("20newsgroups", s, data_dir=d) for s in ("train", "val", "test"))
     assert (len(a), len(b), len(c)) == (27, 3, 2) and a.meta.num_classes == 2
@@ -279,7 +279,7 @@ def _nmnist_fixture(monkeypatch, tmp_path):
                 recs[i] = ev
                 add(f"{i}.bs2", formats.nmnist_event_bytes(*ev))
     _install(monkeypatch, "nmnist", {"tarball": ("nmnist-small.tar.gz", buf.getvalue())},
-             registry._decode_nmnist_tar, tmp_path / "d")
+             decoders._decode_nmnist_tar, tmp_path / "d")
     return recs
 
 
@@ -312,7 +312,7 @@ def test_ucr_standardised_with_train_stats(monkeypatch, tmp_path):
         return "".join("\t".join([str(l)] + [f"{v:.6f}" for v in row]) + "\n" for l, row in zip(lab, x)).encode()
 
     _install(monkeypatch, "ecg5000", {"train": ("ECG5000_TRAIN.tsv", tsv(60)), "test": ("ECG5000_TEST.tsv", tsv(30))},
-             registry._decode_ucr, tmp_path / "d")
+             decoders._decode_ucr, tmp_path / "d")
     d = tmp_path / "d"
     tr, te = data.load("ecg5000", "train", data_dir=d), data.load("ecg5000", "test", data_dir=d)
     assert tr.x.shape[1:] == (1, 16) and tr.meta.input_shape == (1, 16) and tr.meta.num_classes == 3
@@ -385,7 +385,7 @@ def test_parallel_processes_decode_once(monkeypatch, tmp_path):
     import multiprocessing as mp
 
     _vision_fixture(monkeypatch, tmp_path)
-    fam = registry.FAMILIES["mnist"]
+    fam = catalogue.FAMILIES["mnist"]
     log = tmp_path / "decodes.log"
 
     def counting_decode(files):
@@ -394,11 +394,11 @@ def test_parallel_processes_decode_once(monkeypatch, tmp_path):
         import time
 
         time.sleep(0.3)  # hold the lock long enough for the other process to wait on it
-        return registry._decode_idx4(files)
+        return decoders._decode_idx4(files)
 
     counting_decode.__name__ = "_decode_idx4"  # same cache key as the plain decoder
     cand = fam.candidates[0]
-    monkeypatch.setitem(registry.FAMILIES, "mnist",
+    monkeypatch.setitem(catalogue.FAMILIES, "mnist",
                         Family("mnist", [Candidate(cand.source, cand.specs, counting_decode)]))
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_fetch_in_child, args=(tmp_path / "d",)) for _ in range(3)]
@@ -408,3 +408,30 @@ def test_parallel_processes_decode_once(monkeypatch, tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert log.read_text().count("x") == 1
+
+
+# ----------------------------------------------------------------------------- register_dataset
+def test_register_dataset_loads_through_data_load(monkeypatch):
+    monkeypatch.setattr(catalogue, "REGISTERED", {})
+    from minaction.data import splits
+
+    monkeypatch.setattr(splits, "REGISTERED", catalogue.REGISTERED)
+    calls = []
+
+    def fake(name, split, data_dir=None, seed=0, n=4):
+        calls.append((name, split, data_dir, seed, n))
+        meta = data.DataMeta(name, "vision", 2, (1, 2, 2), torch.float32)
+        return data.Dataset(torch.zeros(n, 1, 2, 2), torch.zeros(n, dtype=torch.int64), meta, split)
+
+    data.register_dataset("fake", fake)
+    ds = data.load("fake", "val", seed=3, n=5)
+    assert len(ds) == 5 and calls == [("fake", "val", None, 3, 5)]
+    assert catalogue.REGISTERED["fake"].module == __name__
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.load("fake", "dev")
+    with pytest.raises(ValueError, match="built-in dataset"):
+        data.register_dataset("mnist", fake)
+    with pytest.raises(ValueError, match="non-empty string"):
+        data.register_dataset(None, fake)
+    with pytest.raises(TypeError, match="load must be callable"):
+        data.register_dataset("x", 42)

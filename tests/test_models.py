@@ -357,3 +357,43 @@ def test_knobs_listing():
     assert models.ARCHITECTURES == ("mlp", "cnn", "bimodal_true", "physics_lagrangian")
     assert math.isclose(models.count_parameters(models.build("mlp", LAYOUTS["ecg5000"], width=10)),
                         140 * 10 + 10 + 10 * 10 + 10 + 10 * 5 + 5)
+
+
+# ----------------------------------------------------------------------------- register_architecture
+@pytest.fixture
+def clean_registry(monkeypatch):
+    monkeypatch.setattr(models, "_REGISTERED", {})
+
+
+def _tiny(arch, meta, width=None, depth=None, energy="l2", activation="relu", energy_reduction="sum",
+          num_models=1, seeds=None, **options):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), minaction.nn.EnergyLinear(28 * 28, meta.num_classes,
+                                                                             activation="identity", energy=None))
+
+
+def test_register_architecture_builds_and_names(clean_registry):
+    models.register_architecture("my_net", _tiny)
+    assert models.architecture_names() == models.ARCHITECTURES + ("my_net",)
+    assert models.ARCHITECTURES == ("mlp", "cnn", "bimodal_true", "physics_lagrangian")  # the built-ins stay
+    m = models.build("my_net", LAYOUTS["mnist"], dtype=torch.float64)
+    assert m(torch.rand(3, 1, 28, 28, dtype=torch.float64)).shape == (3, 10)
+    a = models.architecture("my_net")
+    assert a.build is _tiny and a.activation_stats is models.activation_stats and a.module == __name__
+    assert models.architecture("mlp").build is models.build and models.architecture("mlp").module is None
+
+
+def test_register_architecture_bad_input(clean_registry):
+    with pytest.raises(ValueError, match="non-empty string"):
+        models.register_architecture("", _tiny)
+    with pytest.raises(ValueError, match="built-in"):
+        models.register_architecture("mlp", _tiny)
+    with pytest.raises(TypeError, match="build must be callable"):
+        models.register_architecture("x", "not a function")
+    with pytest.raises(TypeError, match="activation_stats must be callable or None"):
+        models.register_architecture("x", _tiny, activation_stats=3)
+    with pytest.raises(ValueError, match="unknown architecture 'nope'"):
+        models.architecture("nope")
+    models.register_architecture("x", _tiny)
+    with pytest.raises(ValueError, match="registered"):
+        models.knobs("x")  # no knobs or matched widths for a registered architecture

@@ -6,7 +6,7 @@ import pytest
 
 from minaction.report.anova import (FastAnova, anova_table, bootstrap_partial_eta, cell_counts,
                                     factorial_analysis)
-from minaction.report.synthetic import factorial_frame
+from doubles.stores import factorial_frame
 
 pg = pytest.importorskip("pingouin", reason="pingouin is a test dependency (the reference ANOVA)")
 

@@ -12,7 +12,7 @@ import pytest
 
 from minaction.report import build_report, check_traceable, load_store
 from minaction.report.store import MixedBudgetError, budget_table, select_budget
-from minaction.report.synthetic import make_synthetic_store
+from doubles.stores import make_synthetic_store
 
 SMOKE = {"train_subset": 256, "val_subset": 128, "test_subset": 128, "epochs": 2}
 SWEEP = {"train_subset": 4000, "val_subset": 1000, "test_subset": 2000, "epochs": 3}

@@ -10,7 +10,7 @@ import pytest
 
 from minaction.report import build_report, check_traceable, lambda_sweep, load_store
 from minaction.report.efficiency import efficiency_gains, per_run_efficiency
-from minaction.report.synthetic import make_synthetic_store
+from doubles.stores import make_synthetic_store
 
 N_BOOT = 60
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minaction.report import build_report
-from minaction.report.synthetic import make_synthetic_store
+from doubles.stores import make_synthetic_store
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "")
                  if p and os.path.exists(p)), None)
@@ -92,7 +92,7 @@ TEN = {"mnist": "vision", "fashion_mnist": "vision", "sst2": "text", "20newsgrou
 ])
 def test_own_figures_have_no_layout_problems(tmp_path, datasets, archs):
     from minaction.report import figures, lambda_sweep, load_store
-    from minaction.report.build import _cell_stats
+    from minaction.report.finding1 import cell_stats as _cell_stats
 
     db = make_synthetic_store(tmp_path / "s.sqlite", datasets=datasets, archs=archs, seeds=3, seed=1,
                               sweep_datasets=tuple(datasets))

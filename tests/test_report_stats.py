@@ -10,7 +10,7 @@ from minaction.report import build_report, check_traceable
 from minaction.report.anova import (FastAnova, anova_table, bootstrap_partial_eta, eta_reading, factorial_analysis,
                                     factorial_design_gaps)
 from minaction.report.sweep import sweep_design_gaps, tost_equivalence
-from minaction.report.synthetic import factorial_frame, make_synthetic_store
+from doubles.stores import factorial_frame, make_synthetic_store
 
 pg = pytest.importorskip("pingouin", reason="pingouin is a test dependency (the reference ANOVA)")
 

@@ -8,6 +8,7 @@ import pytest
 
 study = pytest.importorskip("minaction.study", reason="the study runner (minaction.study) is not available")
 
+import doubles.study  # noqa: E402,F401  (registers the dataset "synthetic" and the tiny_* architectures)
 from minaction.report import build_report, check_traceable  # noqa: E402
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import doubles.study  # noqa: F401  (registers the dataset "synthetic" and the tiny_* architectures)
 from minaction.study import plan as _plan
 from minaction.study import presets, run_study, trainer
 

@@ -28,7 +28,7 @@ from minaction.study import run_study, store, study_status
 from minaction.study.runner import STARTING, StudyConfigError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_study_runner import synth, toml_text  # noqa: E402
+from test_study_runner import DRIVER_PRELUDE, synth, toml_text  # noqa: E402  (also registers the doubles)
 
 HANG_GUARD = 900  # seconds; only a guard against a hang (a first start may build the C++ kernels)
 
@@ -75,7 +75,7 @@ def _wait_for(cond, what, guard=HANG_GUARD, proc=None):
 
 
 def _driver(preset, db, workers=1):
-    code = ("import sys; from minaction.study import run_study; "
+    code = (DRIVER_PRELUDE + "from minaction.study import run_study; "
             "run_study(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), progress=False)")
     return subprocess.Popen([sys.executable, "-c", code, str(preset), str(db), str(workers)],
                             start_new_session=True, stderr=subprocess.PIPE)
@@ -230,7 +230,7 @@ def test_bad_backend_is_refused_before_anything_is_recorded(tmp_path, monkeypatc
 
 def test_unknown_or_unavailable_dataset_is_refused(tmp_path, monkeypatch, capsys):
     pytest.importorskip("minaction.data")
-    from minaction.data import DataUnavailableError, registry
+    from minaction.data import DataUnavailableError, cache
 
     db = tmp_path / "d.sqlite"
     preset = _preset(tmp_path, datasets=["no_such_dataset"])
@@ -244,7 +244,7 @@ def test_unknown_or_unavailable_dataset_is_refused(tmp_path, monkeypatch, capsys
         raise DataUnavailableError(f"dataset {family!r}: no source could provide its files. Tried, in order:\n"
                                    f"  - somewhere: absent")
 
-    monkeypatch.setattr(registry, "family_arrays", unavailable)
+    monkeypatch.setattr(cache, "family_arrays", unavailable)
     preset = _preset(tmp_path, datasets=["ecg200"], archs=["tiny_mlp"])
     rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress"])
     assert rc == 2

@@ -18,6 +18,8 @@ import torch
 
 from minaction.study import checkpoint, presets, run_study, trainer
 
+import doubles.study  # noqa: F401,E402  (registers the dataset "synthetic" and the tiny_* architectures)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -113,7 +115,9 @@ def _killed_in_subprocess(tmp_path, ckpt_dir, at_save):
     """Train the group in a child process that SIGKILLs itself right after its ``at_save``-th
     checkpoint save (an event, not a deadline)."""
     code = f"""
-import os, signal
+import os, signal, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import doubles.study
 from minaction.study import checkpoint, presets, trainer
 sp = presets.load_preset({spec()!r})
 (runs,) = presets.make_groups(presets.expand(sp), sp["group_by"], sp["max_group"])

@@ -1,4 +1,4 @@
-"""The study driver on the test-only synthetic dataset/model (minaction.study.synthetic):
+"""The study driver on the test-only synthetic dataset/model (tests/doubles/study.py):
 resume after SIGKILL, failures, divergence, grouping invariance, dask == local, the CLI."""
 import json
 import os
@@ -10,8 +10,14 @@ import time
 
 import pytest
 
+import doubles.study  # noqa: F401  (registers the dataset "synthetic" and the tiny_* architectures)
 from minaction.study import run_study, study_status
 from minaction.study.presets import expand
+
+#: The start of a driver run in a fresh process (python -c): like any user script it registers the
+#: test doubles by importing their module, from this folder.
+DRIVER_PRELUDE = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+                  "import doubles.study; ")
 
 RESULT_COLS = "run_id, status, epochs, train_loss, val_acc, test_acc, test_loss, test_energy, test_active_frac, " \
               "test_energy_rescaled, n_params"
@@ -127,7 +133,7 @@ def test_sigkill_resume(reference_db, tmp_path):
     preset = tmp_path / "synth.toml"
     preset.write_text(toml_text(spec))
     db = tmp_path / "killed.sqlite"
-    code = ("import sys; from minaction.study import run_study; "
+    code = (DRIVER_PRELUDE + "from minaction.study import run_study; "
             "run_study(sys.argv[1], sys.argv[2], workers=1, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True)
     try:
@@ -182,7 +188,7 @@ def test_ctrl_c_stops_promptly(tmp_path):
     preset = tmp_path / "slow.toml"
     preset.write_text(toml_text(spec))
     db = tmp_path / "int.sqlite"
-    code = ("import sys; from minaction.study import run_study; "
+    code = (DRIVER_PRELUDE + "from minaction.study import run_study; "
             "run_study(sys.argv[1], sys.argv[2], workers=2, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True,
                             stderr=subprocess.PIPE)

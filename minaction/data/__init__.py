@@ -8,20 +8,27 @@
 Names: ``mnist``, ``fashion_mnist`` (vision); ``sst2``, ``20newsgroups`` (text);
 ``nmnist``, ``mnist_spikes``, ``fashion_mnist_spikes`` (neuromorphic); ``ecg5000``,
 ``ecg200``, ``eog_horizontal`` (physiological). See docs/data.md for sources, checksums,
-splits, the tokenizer and every option.
+splits, the tokenizer and every option. Other datasets join through
+:func:`register_dataset`.
+
+Inside: :mod:`.catalogue` (which datasets exist, their files, checksums and sources),
+:mod:`.sources` (fetching), :mod:`.decoders` (files -> arrays), :mod:`.cache` (the decoded
+arrays on disk, under a file lock), :mod:`.splits` (arrays -> train/val/test datasets).
 """
 from __future__ import annotations
 
 from typing import Dict, List
 
+from .cache import clear_memo, family_arrays
+from .catalogue import FAMILIES, SPECS, register_dataset
 from .core import DataMeta, Dataset, SpikeDataset
 from .formats import FormatError
-from .registry import FAMILIES, SPECS, SPLITS, clear_memo, family_arrays
-from .registry import load as _load
 from .sources import ChecksumError, DataError, DataUnavailableError, cache_dir
+from .splits import SPLITS
+from .splits import load as _load
 
 __all__ = ["load", "DataMeta", "Dataset", "SpikeDataset", "list_datasets", "fetch", "cache_dir",
-           "DataError", "ChecksumError", "DataUnavailableError", "FormatError", "SPLITS"]
+           "DataError", "ChecksumError", "DataUnavailableError", "FormatError", "SPLITS", "register_dataset"]
 
 
 def load(name: str, split: str, data_dir=None, seed: int = 0, **opts) -> Dataset:

@@ -24,7 +24,7 @@ def _list(args) -> int:
 
 def _fetch(args) -> int:
     from . import DataError, fetch
-    from .registry import SPECS
+    from .catalogue import SPECS
 
     names = args.names or list(SPECS)
     unknown = [n for n in names if n not in SPECS]

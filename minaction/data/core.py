@@ -9,6 +9,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+#: The study's four modalities (one definition: models and the report import it from here).
 MODALITIES = ("vision", "text", "neuromorphic", "physiological")
 
 

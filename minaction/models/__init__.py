@@ -12,23 +12,28 @@ energy layer, so :func:`minaction.total_energy` is comparable across architectur
 Default widths are *parameter-matched*: ``mlp`` uses width 256 (depth 2); every other
 architecture takes the width (a multiple of 8) whose parameter count, stem excluded, is
 closest to that ``mlp``'s on the same dataset (:func:`default_width`).
+
+Other architectures (a user's experiment, the study runner's test doubles) join through
+:func:`register_architecture`; :func:`build` and the study then accept their names.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ..registration import check_registration
 from .cnn import ConvNet, LoopEnsemble
 from .common import check_meta
 from .family import MLP, BimodalTrue, PhysicsLagrangian
 from .stats import activation_stats
 
 ARCHITECTURES = ("mlp", "cnn", "bimodal_true", "physics_lagrangian")
-BASELINES = ("mlp", "cnn")
+BASELINES = ("mlp", "cnn")  # the report's "conventional" architectures
 ENERGY_FIRST = ("bimodal_true", "physics_lagrangian")
 _CLASSES = {"mlp": MLP, "cnn": ConvNet, "bimodal_true": BimodalTrue, "physics_lagrangian": PhysicsLagrangian}
 DEFAULT_DEPTH = {"mlp": 2, "cnn": 2, "bimodal_true": 2, "physics_lagrangian": 2}
@@ -36,7 +41,58 @@ REFERENCE_WIDTH = 256  # the mlp's default width; the others are matched to it
 _WIDTH_RANGE = (8, 8192)
 
 __all__ = ["ARCHITECTURES", "BASELINES", "ENERGY_FIRST", "build", "activation_stats", "count_parameters",
-           "default_width", "knobs", "MLP", "ConvNet", "BimodalTrue", "PhysicsLagrangian", "LoopEnsemble"]
+           "default_width", "knobs", "MLP", "ConvNet", "BimodalTrue", "PhysicsLagrangian", "LoopEnsemble",
+           "Architecture", "register_architecture", "architecture", "architecture_names"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the study needs of an architecture: ``build(arch, meta, width=, depth=, energy=,
+    activation=, energy_reduction=, num_models=, seeds=)`` (the signature of :func:`build`),
+    ``activation_stats(model, x)`` and ``module``, the importable module that registered it
+    (``None`` for the four built in): the study's worker processes import it to register the
+    architecture there too."""
+
+    name: str
+    build: Callable
+    activation_stats: Callable
+    module: Optional[str] = None
+
+
+_REGISTERED: Dict[str, Architecture] = {}
+
+
+def register_architecture(name: str, build: Callable, activation_stats: Optional[Callable] = None) -> None:
+    """Make ``name`` an architecture: :func:`build` and the study then accept it.
+
+    ``build`` is called as ``build(name, meta, width=..., depth=..., energy=..., activation=...,
+    energy_reduction=..., num_models=G, seeds=[...], **options)`` and returns a module whose
+    forward gives logits ``[B, C]`` (G = 1) or ``[G, B, C]``. ``activation_stats(model, x)``
+    (default: :func:`activation_stats`) gives the per-member ``energy``, ``active_frac`` and
+    ``energy_rescaled`` the study records.
+
+    Register at the top level of an importable module (not inside a function, not in a
+    script run as ``__main__``): the study's workers are other processes, and they import
+    that module (``build.__module__``) to register the name there. Registering a name again
+    replaces the earlier registration; the built-in names cannot be replaced.
+    """
+    check_registration("architecture", name, _CLASSES, {"build": build}, {"activation_stats": activation_stats})
+    _REGISTERED[name] = Architecture(name, build, activation_stats or globals()["activation_stats"],
+                                     getattr(build, "__module__", None))
+
+
+def architecture_names() -> Tuple[str, ...]:
+    """The built-in :data:`ARCHITECTURES`, then every registered name."""
+    return ARCHITECTURES + tuple(n for n in _REGISTERED if n not in ARCHITECTURES)
+
+
+def architecture(name: str) -> Architecture:
+    """The :class:`Architecture` named ``name`` (built in or registered)."""
+    if name in _CLASSES:
+        return Architecture(name, build, activation_stats)
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(architecture_names())}")
 
 
 def knobs(arch: str) -> dict:
@@ -46,7 +102,10 @@ def knobs(arch: str) -> dict:
 
 def _cls(arch):
     if arch not in _CLASSES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if arch in _REGISTERED:
+            raise ValueError(f"architecture {arch!r} is registered (register_architecture), not built in: "
+                             f"it has no knobs or matched default width here")
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(architecture_names())}")
     return _CLASSES[arch]
 
 
@@ -114,7 +173,7 @@ def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = N
     """Build ``num_models`` members of architecture ``arch`` for the dataset described by ``meta``.
 
     Args:
-        arch: one of :data:`ARCHITECTURES`.
+        arch: one of :data:`ARCHITECTURES`, or a registered name.
         meta: a :class:`minaction.data.DataMeta` (or an object with its fields).
         width, depth: ``None`` = the defaults (:func:`default_width`, depth 2); meaning per
             architecture in docs/models.md.
@@ -127,7 +186,15 @@ def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = N
     Returns a module with ``forward(x [B, *meta.input_shape])`` -> logits ``[B, C]`` (one
     member) or ``[G, B, C]``, and attributes ``arch``, ``num_models``, ``batched`` (True:
     members share batched kernels; False: ``cnn``, a loop over separate members).
+    A registered architecture (:func:`register_architecture`) is built by its own ``build``.
     """
+    if arch in _REGISTERED:
+        model = _REGISTERED[arch].build(arch, meta, width=width, depth=depth, energy=energy, activation=activation,
+                                        energy_reduction=energy_reduction, num_models=num_models, seeds=seeds,
+                                        **arch_knobs)
+        if dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        return model
     cls = _cls(arch)
     check_meta(meta)
     unknown = sorted(set(arch_knobs) - set(cls.KNOBS))

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.core import MODALITIES
 from ..nn.layers import EnergyLinear
-
-MODALITIES = ("vision", "text", "neuromorphic", "physiological")
 
 
 # ----------------------------------------------------------------------------- meta

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..nn.layers import EnergyLayer
 from ..ops.energy import ENERGIES
-from ..utils import total_energy
+from ..model_api import total_energy
 
 
 def _members(model):

@@ -34,6 +34,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .paper import PAPER
+
 TERM_SEP = ":"
 
 
@@ -348,7 +350,7 @@ def factorial_design_gaps(df: pd.DataFrame, factors: Sequence[str] = ("arch", "d
 
 
 #: The paper's Finding 1 effect sizes (its abstract calls them partial eta squared).
-PAPER_ETA = {"arch": 0.001, "arch:dataset": 0.44}
+PAPER_ETA = {"arch": PAPER["np2_arch"], "arch:dataset": PAPER["np2_interaction"]}
 
 
 def eta_reading(tab: pd.DataFrame, typ: int, paper=PAPER_ETA) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from . import checkpoint, store
 from .executors import check_workers, make_executor
+from .plugins import plugins_for
 from .presets import expand, load_preset, make_groups
 from .trainer import failed_records, run_group
 
@@ -63,40 +64,39 @@ def check_backend() -> str:
 def check_inputs(runs) -> None:
     """Every architecture and dataset of ``runs`` exists, and every real dataset's files can
     be had on this machine (found in the decoded cache, or fetched and decoded once now)."""
-    from . import synthetic
-
     archs = sorted({r["config"]["arch"] for r in runs})
     datasets = {}
     for r in runs:
         datasets.setdefault(r["config"]["dataset"], r["config"].get("data_opts") or {})
-    real_archs = [a for a in archs if a not in synthetic.ARCHITECTURES]
-    if real_archs:
+    if archs:
         try:
             from .. import models
         except ImportError as exc:
-            raise StudyConfigError(f"architectures {real_archs} need minaction.models, which cannot be imported: "
+            raise StudyConfigError(f"architectures {archs} need minaction.models, which cannot be imported: "
                                    f"{_first_line(exc)}") from None
-        unknown = [a for a in real_archs if a not in models.ARCHITECTURES]
+        unknown = [a for a in archs if a not in models.architecture_names()]
         if unknown:
-            raise StudyConfigError(f"unknown architecture(s) {unknown}; choose from {list(models.ARCHITECTURES)}")
-    real = {d: o for d, o in datasets.items() if d not in synthetic.DATASETS}
-    if not real:
+            raise StudyConfigError(f"unknown architecture(s) {unknown}; choose from {list(models.ARCHITECTURES)} "
+                                   f"(or register one: minaction.models.register_architecture)")
+    if not datasets:
         return
     try:
         from .. import data
-        from ..data import registry
+        from ..data import cache, catalogue
     except ImportError as exc:
-        raise StudyConfigError(f"datasets {sorted(real)} need minaction.data, which cannot be imported: "
+        raise StudyConfigError(f"datasets {sorted(datasets)} need minaction.data, which cannot be imported: "
                                f"{_first_line(exc)}") from None
-    unknown = [d for d in real if d not in registry.SPECS]
+    real = {d: o for d, o in datasets.items() if d not in catalogue.REGISTERED}  # registered ones own their data
+    unknown = [d for d in real if d not in catalogue.SPECS]
     if unknown:
-        raise StudyConfigError(f"unknown dataset(s) {unknown}; choose from {list(registry.SPECS)}")
+        raise StudyConfigError(f"unknown dataset(s) {unknown}; choose from {list(catalogue.SPECS)} "
+                               f"(or register one: minaction.data.register_dataset)")
     for name, opts in real.items():
-        family = registry.SPECS[name].family
-        if any(c.cache_path(family).is_file() for c in registry.FAMILIES[family].candidates):
+        family = catalogue.SPECS[name].family
+        if any(c.cache_path(family).is_file() for c in catalogue.FAMILIES[family].candidates):
             continue  # decoded arrays are in the cache: a worker loads them in milliseconds
         try:
-            registry.family_arrays(family, data_dir=opts.get("data_dir"))
+            cache.family_arrays(family, data_dir=opts.get("data_dir"))
         except data.DataError as exc:
             raise StudyConfigError(f"dataset {name!r} is not available on this machine: {_first_line(exc)} "
                                    f"(run `minaction data fetch {name}` to see every source tried, or set "
@@ -322,7 +322,9 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
             ex = make_executor(executor, workers, scheduler, threads)
             summary["workers"] = ex.workers
             window = 2 * ex.workers
-            queue = [dict(ckpt, group_id=i, runs=g, threads=threads, attempt=0) for i, g in enumerate(groups)]
+            plugins = plugins_for(todo)  # the workers import the modules that registered these names
+            queue = [dict(ckpt, group_id=i, runs=g, threads=threads, attempt=0, plugins=plugins)
+                     for i, g in enumerate(groups)]
             queue.reverse()  # pop() from the end keeps the preset order
             inflight = {}
             generation = 0

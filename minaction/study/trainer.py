@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import synthetic
+from .plugins import import_plugins
 
 _WORKER_READY = False
 
@@ -72,19 +72,16 @@ def init_worker(threads: int = 1) -> None:
 
 # ----------------------------------------------------------------------------- data and models
 def _data_module(name):
-    if name in synthetic.DATASETS:
-        return synthetic
     import minaction.data as data
 
     return data
 
 
 def _model_module(arch):
-    if arch in synthetic.ARCHITECTURES:
-        return synthetic
+    """The architecture's ``build`` and ``activation_stats`` (built in or registered)."""
     import minaction.models as models
 
-    return models
+    return models.architecture(arch)
 
 
 @functools.lru_cache(maxsize=16)
@@ -117,7 +114,7 @@ def _as_group(t: torch.Tensor, G: int) -> torch.Tensor:
 
 
 def _energy(model, G):
-    from ..utils import total_energy
+    from ..model_api import total_energy
 
     return _as_group(total_energy(model), G).reshape(G)
 
@@ -537,7 +534,7 @@ def failed_records(runs: list, error: str) -> list:
 
 
 def run_group(task: dict) -> dict:
-    """Executor entry point: ``task = {"group_id", "runs", "threads"}`` and, optionally,
+    """Executor entry point: ``task = {"group_id", "runs", "threads", "plugins"}`` and, optionally,
     ``"checkpoint_dir"`` (resume from / save to the group's checkpoint there) and
     ``"checkpoint_every_s"``; never raises.
 
@@ -546,6 +543,7 @@ def run_group(task: dict) -> dict:
     """
     init_worker(int(task.get("threads", 1)))
     try:
+        import_plugins(task.get("plugins"))  # registered architectures/datasets (minaction.study.plugins)
         ckpt = None
         if task.get("checkpoint_dir"):
             from .checkpoint import GroupCheckpoint

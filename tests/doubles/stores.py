@@ -13,8 +13,8 @@ which a known part (``rescale_share``) is pure ReLU rescaling (the rescaled ener
 by the rest only). The epochs table has learning curves in which the energy-first
 architectures reach their plateau faster (``ef_speedup``), so Finding 3 has a known gain.
 
-Nothing here is used by the real study; it only needs the standard library, numpy and
-sqlite3.
+Nothing here is used by the real study or the report (a test double, outside the package);
+it needs the standard library, numpy, pandas and sqlite3, and the study store's schema.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..study.store import SCHEMA  # one schema: the store the study runner writes
+from minaction.study.store import SCHEMA  # one schema: the store the study runner writes
 
 
 ARCHS = ("mlp", "cnn", "bimodal_true", "physics_lagrangian")

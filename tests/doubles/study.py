@@ -1,7 +1,10 @@
-"""Test-only stand-ins for ``minaction.data`` and ``minaction.models``.
+"""Test-only stand-ins for ``minaction.data`` and ``minaction.models``, registered on import.
 
 Never used by the shipped presets. They let the study runner's own tests exercise the
-store, grouping, executors, resume and failure handling in seconds, on any machine:
+store, grouping, executors, resume and failure handling in seconds, on any machine.
+Importing this module registers them through the public hooks
+(:func:`minaction.data.register_dataset`, :func:`minaction.models.register_architecture`);
+the study's workers import it again by name (:mod:`minaction.study.plugins`):
 
 - dataset ``"synthetic"``: a seeded 4-class problem of 1x8x8 "images" (modality
   ``"synthetic"``), with the ``minaction.data`` dataset interface (``meta``, ``x``, ``y``,
@@ -17,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..nn import EnergyLinear
+from minaction import data, models
+from minaction.nn import EnergyLinear
 
 DATASETS = ("synthetic",)
 ARCHITECTURES = ("tiny_mlp", "tiny_fail", "tiny_crash")
@@ -135,3 +139,9 @@ def activation_stats(model, x):
     er = ((a1 * n1.unsqueeze(1)) ** 2).sum(-1).mean(-1) + ((a2 * n2.unsqueeze(1)) ** 2).sum(-1).mean(-1)
     G = model.num_models
     return {"energy": e.reshape(G), "active_frac": act.mean(1).reshape(G), "energy_rescaled": er.reshape(G)}
+
+
+for _name in DATASETS:
+    data.register_dataset(_name, load)
+for _name in ARCHITECTURES:
+    models.register_architecture(_name, build, activation_stats=activation_stats)

@@ -1,4 +1,5 @@
-"""Model-level helpers: ``total_energy``, ``convert`` and ``energy_report``."""
+"""The public model-level API (re-exported from ``minaction``): ``convert`` (swap a model's
+Linear/Conv + activation pairs for energy layers), ``total_energy`` and ``energy_report``."""
 from __future__ import annotations
 
 import logging

@@ -1,0 +1,151 @@
+"""Split builders: a family's cached arrays -> one split (train / val / test) of a dataset
+name as a :class:`~minaction.data.Dataset`, and :func:`load`, which picks the builder."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import formats, text
+from .cache import family_arrays
+from .catalogue import REGISTERED, SPECS
+from .core import DataMeta, Dataset, SpikeDataset, carve_val
+
+SPLITS = ("train", "val", "test")
+
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _train_val(y_train, split, seed, val_fraction):
+    tr, va = carve_val(y_train, val_fraction, seed)
+    if split == "val" and len(va) == 0:
+        raise ValueError("split 'val' is empty: val_fraction is 0")
+    return tr if split == "train" else va
+
+
+def _vision_arrays(name, split, seed, val_fraction, data_dir, progress):
+    a, origin = family_arrays(name, data_dir, progress)
+    if split == "test":
+        x, y = a["x_test"], a["y_test"]
+    else:
+        idx = _train_val(a["y_train"], split, seed, val_fraction)
+        x, y = a["x_train"][idx], a["y_train"][idx]
+    return x, y, origin
+
+
+def _build_vision(name, split, seed, data_dir, progress, val_fraction):
+    x, y, origin = _vision_arrays(name, split, seed, val_fraction, data_dir, progress)
+    xt = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1).to(torch.float32).div_(255.0)
+    meta = DataMeta(name, "vision", 10, (1, 28, 28), torch.float32,
+                    extra={"origin": origin, "val_fraction": val_fraction, "seed": seed, "scale": "pixel / 255"})
+    return Dataset(xt, torch.from_numpy(np.asarray(y, dtype=np.int64)), meta, split)
+
+
+def _build_spikes(name, split, seed, data_dir, progress, val_fraction, T, max_prob):
+    base = name[: -len("_spikes")]
+    if int(T) < 1:
+        raise ValueError(f"T must be >= 1, got {T}")
+    if not 0.0 < float(max_prob) <= 1.0:
+        raise ValueError(f"max_prob must be in (0, 1], got {max_prob}")
+    x, y, origin = _vision_arrays(base, split, seed, val_fraction, data_dir, progress)
+    xt = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1).to(torch.float32).div_(255.0)
+    meta = DataMeta(name, "neuromorphic", 10, (int(T), 1, 28, 28), torch.float32, spike_encoded=True,
+                    extra={"origin": origin, "source_dataset": base, "encoding": "rate (Bernoulli per step)",
+                           "label": "spike-encoded", "T": int(T), "max_prob": float(max_prob),
+                           "val_fraction": val_fraction, "seed": seed})
+    return SpikeDataset(xt, torch.from_numpy(np.asarray(y, dtype=np.int64)), meta, split)
+
+
+def _build_text(name, split, seed, data_dir, progress, val_fraction, min_freq, max_size, max_len):
+    a, origin = family_arrays(name, data_dir, progress)
+    words = str(a["words"]).split("\n") if a["words"].size and str(a["words"]) else []
+    n_words = len(words)
+    split_of_doc, labels = a["split"], a["labels"]
+    if "classes" in a:  # 20 Newsgroups: splits 0 train, 1 test; carve val from train
+        train_docs = np.flatnonzero(split_of_doc == 0)
+        tr, va = carve_val(labels[train_docs], val_fraction, seed)
+        docs = {"train": train_docs[tr], "val": train_docs[va], "test": np.flatnonzero(split_of_doc == 1)}
+        classes = str(a["classes"]).split("\n")
+    else:  # SST-2: official dev is the val split
+        docs = {s: np.flatnonzero(split_of_doc == i) for i, s in enumerate(SPLITS)}
+        classes = ["negative", "positive"]
+        val_fraction = None
+    if split == "val" and len(docs["val"]) == 0:
+        raise ValueError("split 'val' is empty: val_fraction is 0")
+    kept = text.build_vocab(a["ids"], a["offsets"], docs["train"], n_words, min_freq, max_size)
+    ids = text.encode_docs(a["ids"], a["offsets"], docs[split], kept, n_words, max_len)
+    vocab = ["<pad>", "<unk>"] + [words[i] for i in kept]
+    meta = DataMeta(name, "text", len(classes), (int(max_len),), torch.int64, vocab_size=len(vocab),
+                    extra={"origin": origin, "classes": tuple(classes), "tokenizer": "lowercase regex words "
+                           "(minaction.data.text.TOKEN_RE)", "min_freq": min_freq, "max_size": max_size,
+                           "max_len": int(max_len), "pad_id": 0, "unk_id": 1, "val_fraction": val_fraction,
+                           "seed": seed})
+    return Dataset(torch.from_numpy(ids), torch.from_numpy(labels[docs[split]].copy()), meta, split, vocab=vocab)
+
+
+def _build_nmnist(name, split, seed, data_dir, progress, val_fraction, T, duration_us):
+    a, origin = family_arrays(name, data_dir, progress)
+    split_of = a["split"]
+    train_s = np.flatnonzero(split_of == 0)
+    if split == "test":
+        sel = np.flatnonzero(split_of == 1)
+    else:
+        sel = train_s[_train_val(a["labels"][train_s], split, seed, val_fraction)]
+    offsets = a["offsets"]
+    starts, ends = offsets[sel], offsets[sel + 1]
+    lengths = ends - starts
+    take = np.repeat(starts, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+    events = (a["ex"][take].astype(np.int64), a["ey"][take].astype(np.int64), a["ep"][take].astype(np.int64),
+              a["et"][take])
+    sub_off = np.concatenate([[0], np.cumsum(lengths)])
+    x = formats.bin_events(events, sub_off, len(sel), int(T), duration_us=duration_us)
+    meta = DataMeta(name, "neuromorphic", 10, (int(T), 2, 34, 34), torch.float32,
+                    extra={"origin": origin, "T": int(T), "duration_us": duration_us,
+                           "binning": "event counts per (time bin, polarity, y, x)", "recording": "DVS (real)",
+                           "val_fraction": val_fraction, "seed": seed})
+    ds = Dataset(torch.from_numpy(x), torch.from_numpy(a["labels"][sel].copy()), meta, split)
+    ds.sample_ids = torch.from_numpy(a["ids"][sel].copy())
+    return ds
+
+
+def _build_ucr(name, split, seed, data_dir, progress, val_fraction, standardize):
+    a, origin = family_arrays(name, data_dir, progress)
+    tr, va = carve_val(a["y_train"], val_fraction, seed)
+    if split == "val" and len(va) == 0:
+        raise ValueError("split 'val' is empty: val_fraction is 0")
+    x_train = a["x_train"][tr]
+    mean, std = float(x_train.mean()), float(x_train.std())
+    x, y = {"train": (x_train, a["y_train"][tr]), "val": (a["x_train"][va], a["y_train"][va]),
+            "test": (a["x_test"], a["y_test"])}[split]
+    x = x.astype(np.float32)
+    if standardize:
+        x = (x - mean) / (std if std > 0 else 1.0)
+    L = a["x_train"].shape[1]
+    meta = DataMeta(name, "physiological", int(len(a["classes"])), (1, int(L)), torch.float32,
+                    extra={"origin": origin, "standardize": bool(standardize), "train_mean": mean, "train_std": std,
+                           "classes": tuple(float(c) for c in a["classes"]), "val_fraction": val_fraction,
+                           "seed": seed})
+    return Dataset(torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1), torch.from_numpy(y.copy()), meta, split)
+
+
+BUILDERS = {"vision": _build_vision, "spikes": _build_spikes, "text": _build_text, "nmnist": _build_nmnist,
+            "ucr": _build_ucr}
+
+
+def load(name: str, split: str, data_dir=None, seed: int = 0, progress: bool = False, **opts) -> Dataset:
+    """Load one split of a dataset (see :func:`minaction.data.load`); a registered dataset
+    (:func:`minaction.data.register_dataset`) by its own loader."""
+    if name in REGISTERED:
+        _check_split(split)
+        return REGISTERED[name].load(name, split, data_dir=data_dir, seed=seed, **opts)
+    if name not in SPECS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list(SPECS) + list(REGISTERED))}")
+    _check_split(split)
+    spec = SPECS[name]
+    unknown = set(opts) - set(spec.defaults)
+    if unknown:
+        raise TypeError(f"dataset {name!r} takes no option(s) {sorted(unknown)}; its options: {sorted(spec.defaults)}")
+    kw = {**spec.defaults, **opts}
+    return BUILDERS[spec.builder](name, split, seed, data_dir, progress, **kw)

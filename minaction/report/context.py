@@ -1,0 +1,60 @@
+"""What every section of the report writes into: the document, its tables (CSV), figures,
+the verdict rows of the paper comparison and the definitions; number formats shared by the
+sections."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from .render import Document, fmt
+from .store import Store
+
+if TYPE_CHECKING:  # the options live with the builder, which imports this module
+    from .build import ReportOptions
+
+P_FLOOR = 1e-16  # p-values below this are shown as "< 1e-16" (double precision cannot resolve them)
+
+
+def fmt_p(v, with_op: bool = False) -> str:
+    """A p-value as shown: 3 significant digits, '< 1e-16' below the floor."""
+    if v is not None and np.isfinite(v) and v < P_FLOOR:
+        return f"< {fmt(P_FLOOR)}"
+    return ("= " if with_op else "") + fmt(v, 3)
+
+
+def span(n) -> str:
+    lo, hi = int(n.min()), int(n.max())
+    return str(lo) if lo == hi else f"{lo} to {hi}"
+
+
+class ReportContext:
+    """The report being written: ``store``, ``opt`` (the ReportOptions), ``doc``, the output
+    folders, and (set by the builder) ``main_lam``. Each section is a function of it."""
+
+    def __init__(self, store: Store, out_dir: Path, opt: ReportOptions):
+        self.store, self.out, self.opt = store, out_dir, opt
+        self.tables_dir = out_dir / "tables"
+        self.fig_dir = out_dir / "figures"
+        self.tables_dir.mkdir(parents=True, exist_ok=True)
+        self.fig_dir.mkdir(parents=True, exist_ok=True)
+        self.doc = Document("minaction replication report: Frasch, minAction.net (arXiv 2604.24805)")
+        self.comparison = []
+        self.definitions = []
+        self.csvs = []
+
+    def csv(self, name: str, frame: pd.DataFrame) -> str:
+        rel = f"tables/{name}.csv"
+        frame.to_csv(self.out / rel, index=False)
+        self.csvs.append(rel)
+        return rel
+
+    def define(self, name, value, meaning):
+        self.definitions.append({"name": name, "value": value, "meaning": meaning})
+
+    def verdict(self, finding, claim, paper, ours, verdict, why):
+        self.comparison.append({"finding": finding, "claim": claim, "paper": paper, "ours": ours,
+                                "verdict": verdict, "why": why})
+        return f"**Finding {finding}: {verdict}.** {why}"

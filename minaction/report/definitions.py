@@ -1,0 +1,50 @@
+"""The report's definitions: every choice this project makes where the paper is silent."""
+from __future__ import annotations
+
+from .context import P_FLOOR
+from .render import fmt
+
+
+def section(rep) -> None:
+    """Write every definition this project adopts where the paper is silent (with the options)."""
+    opt = rep.opt
+    rep.define("paper", "Frasch, minAction.net, arXiv 2604.24805",
+                "only its abstract (v1 and v2) is public; its numbers are labelled paper")
+    rep.define("energy E", "sum over hidden layers of mean over samples of sum over units of |a|^p, p = 2",
+                "measured on the test split after training; the logits layer is not counted")
+    rep.define("rescaled energy", "each hidden unit's activation times the L2 norm of the weights reading it",
+                "invariant to the ReLU rescaling symmetry (models module documents it per architecture)")
+    rep.define("p-values", f"shown with 3 significant digits; below {fmt(P_FLOOR)} as < {fmt(P_FLOOR)}",
+                "double precision cannot resolve smaller p-values")
+    rep.define("confidence level", f"{fmt(100 * opt.ci)}%", "all intervals")
+    rep.define("bootstrap", f"{opt.n_boot} resamples, seed {opt.seed}", "runs resampled within cells")
+    rep.define("ANOVA", f"OLS, sum-to-zero contrasts, Type II and III; verdict on Type "
+                         f"{'II' if opt.anova_type == 2 else 'III'}",
+                "partial η² = SS_effect / (SS_effect + SS_residual)")
+    rep.define("η² of the Finding 1 verdict", f"{opt.eta_kind} η²",
+                "plain η² = SS_effect / SS_total (corrected total); both are shown with bootstrap CIs")
+    rep.define("negligible / large η²", f"< {fmt(opt.negligible_np2)} / ≥ {fmt(opt.large_np2)}",
+                "Cohen's small and large effects; interaction p threshold " + fmt(opt.alpha))
+    rep.define("design needed for a verdict", f"≥ {opt.min_replicates} seeds per cell",
+                f"Finding 1: ≥ 2 architectures × ≥ 2 datasets, no empty cell, at most "
+                f"{fmt(100 * opt.max_thin_frac)}% of cells with fewer; Finding 2: on each sweep dataset an "
+                "architecture with seeds at λ = 0 and at a λ > 0; otherwise the finding is not comparable")
+    rep.define("TOST equivalence", f"margin ±{fmt(opt.sweep_max_acc_pp)} pp, α = {fmt(opt.tost_alpha)} per side "
+                f"({fmt(100 * (1 - 2 * opt.tost_alpha))}% CI)",
+                "paired t on per-seed differences when every λ run has its λ = 0 seed, else Welch t")
+    rep.define("training budget", "the run configuration without arch, dataset, λ and seed",
+                "runs of one dataset under different budgets are never pooled (tables/budgets.csv)")
+    rep.define("λ of Findings 1 and 3", fmt(rep.main_lam),
+                "the λ with the most finished runs unless set (λ is a factor when fully crossed)")
+    rep.define("about three orders of magnitude", f"≥ {fmt(opt.sweep_min_orders)} orders",
+                f"at a λ whose accuracy is TOST-equivalent within ±{fmt(opt.sweep_max_acc_pp)} pp on "
+                f"{', '.join(opt.sweep_datasets)}; "
+                "reproduced when more than half the (dataset, arch) combinations meet it")
+    rep.define("moderate λ", fmt(opt.sweep_moderate_lam), "where v1's 'to 6% of baseline' is compared")
+    rep.define("target accuracy", f"{fmt(100 * opt.target_frac)}% of the best final validation accuracy",
+                "per dataset and λ")
+    rep.define("headline efficiency metric", opt.efficiency_metric,
+                "steps, samples or FLOPs to the first evaluation at the target; wall time is secondary")
+    rep.define("energy-first / conventional", f"{', '.join(opt.energy_first)} / {', '.join(opt.conventional)}",
+                "the paper's Figure 1 names")
+    rep.define("λ-sweep pairing", "same seed at λ = 0", "the λ = 0 mean when that seed is missing")
