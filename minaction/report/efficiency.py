@@ -141,18 +141,21 @@ def _cell_reason(g: pd.DataFrame, col: str) -> str | None:
     return None
 
 
+def _gain_setup(eff: pd.DataFrame, lam: float, metric: str, seed: int, ci: float) -> tuple:
+    """The shared start of the gain tables: ``(column, direction, rows at lam, rng, alpha)``."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    col, direction = METRICS[metric]
+    return col, direction, eff[eff["lam"] == lam], np.random.default_rng(seed), (1 - ci) / 2
+
+
 def dataset_gains(eff: pd.DataFrame, lam: float, metric: str = "flops", n_boot: int = 1000, seed: int = 0,
                   ci: float = 0.95, energy_first=ENERGY_FIRST, conventional=CONVENTIONAL) -> pd.DataFrame:
     """Per (modality, dataset, energy-first arch) at ``lam``: the gain (%) on ``metric`` against
     the best conventional arch on that dataset, with its bootstrap CI over seeds, or the exact
     reason why there is none. Columns: ``modality, dataset, arch, metric, lam, baseline, ef_value,
     base_value, gain_pct, gain_pct_lo, gain_pct_hi, n_ef, n_base, reason``."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
-    col, direction = METRICS[metric]
-    e = eff[eff["lam"] == lam]
-    rng = np.random.default_rng(seed)
-    alpha = (1 - ci) / 2
+    col, direction, e, rng, alpha = _gain_setup(eff, lam, metric, seed, ci)
     rows = []
     for (mod, ds), gd in e.groupby(["modality", "dataset"], sort=True):
         cells = {a: g for a, g in gd.groupby("arch")}
@@ -204,12 +207,7 @@ def efficiency_gains(eff: pd.DataFrame, lam: float, metric: str = "flops", n_boo
     modality where both it and a conventional arch reached the target, with a bootstrap CI
     (each dataset's gains resampled over seeds, then averaged). Columns: ``modality, arch,
     metric, lam, datasets, baseline, gain_pct, gain_pct_lo, gain_pct_hi, n_boot, not_compared``."""
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
-    col, direction = METRICS[metric]
-    e = eff[eff["lam"] == lam]
-    rng = np.random.default_rng(seed)
-    alpha = (1 - ci) / 2
+    col, direction, e, rng, alpha = _gain_setup(eff, lam, metric, seed, ci)
     per_ds = dataset_gains(eff, lam, metric, n_boot=2, seed=seed, ci=ci, energy_first=energy_first,
                            conventional=conventional)
     rows = []
@@ -255,6 +253,7 @@ def design_gaps(runs: pd.DataFrame, energy_first=ENERGY_FIRST, conventional=CONV
                 modalities=MODALITIES) -> list:
     """What the store lacks for a Finding 3 verdict: one sentence per modality that has no
     energy-first or no conventional architecture (or no runs at all). Empty = comparable."""
+    # (report/sweep.py's sweep_design_gaps has the same loop shape over datasets; the checks differ)
     gaps = []
     for mod in modalities:
         r = runs[runs["modality"] == mod]
