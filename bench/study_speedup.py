@@ -551,6 +551,32 @@ def format_profile(rows: list) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the faithful preset's estimate
+def plan_estimate(preset: str = "full", workers: int = 2, eval_subset: int = 500, steps: int = 3) -> dict:
+    """``minaction.study.plan.plan(preset)`` with its own per-group measurement (``plan.measure``:
+    the trainer's step on the real data and model, G = the preset's group), except that the
+    validation and test evaluations are timed on ``eval_subset`` samples and scaled linearly to the
+    whole split (the plain plan evaluates whole splits: tens of minutes per preset on 2 busy cores)."""
+    from minaction.study import plan, trainer
+
+    def measure_fn(group, calibrate_steps):
+        cfg = group[0]["config"]
+        b = cfg["budget"]
+        _, va, te = trainer.load_splits(cfg["dataset"], dict(b, val_subset=0, test_subset=0), cfg["data_opts"],
+                                        subset_train=False)
+        sv, st = min(eval_subset, len(va)), min(eval_subset, len(te))
+        small = [dict(r, config=dict(r["config"], budget=dict(b, val_subset=sv, test_subset=st))) for r in group]
+        m = plan.measure(small, calibrate_steps)
+        m.update(t_eval=m["t_eval"] * len(va) / sv, t_test=m["t_test"] * len(te) / st, n_val=len(va))
+        return m
+
+    t = time.perf_counter()
+    p = plan.plan(preset, workers=workers, calibrate_steps=steps, refresh=True, measure_fn=measure_fn)
+    p["measured_in_s"] = time.perf_counter() - t
+    p["load"] = _load()
+    return p
+
+
 # ----------------------------------------------------------------------------- driver
 def _load() -> str:
     try:
@@ -666,11 +692,24 @@ def main(argv=None) -> int:
                     default=None, metavar="CELLS", help="instead of the race: profile one member-epoch of the "
                     "trainer per arch:dataset cell (G = 10; default the four architectures on mnist)")
     ap.add_argument("--profile-steps", type=int, default=32, help="steps profiled per epoch (scaled to the epoch)")
+    ap.add_argument("--plan", nargs="?", const="full", default=None, metavar="PRESET",
+                    help="instead of the race: the faithful preset's estimated wall time on this machine "
+                         "(minaction study plan's model; evaluations timed on --plan-eval-subset samples)")
+    ap.add_argument("--plan-eval-subset", type=int, default=500)
     ap.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--plain-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.plain_worker:
         plain_main(a.plain_worker, a.plain_out, a.workers)
+        return 0
+    if a.plan:
+        from minaction.study.plan import format_plan
+
+        p = plan_estimate(a.plan, a.workers, a.plan_eval_subset)
+        print(format_plan(p))
+        print(f"(measured in {p['measured_in_s']:.0f} s; load average {p['load']})")
+        if a.out:
+            Path(a.out).write_text(json.dumps(p, indent=1, default=str))
         return 0
     if a.profile:
         rows = [profile_member_epoch(arch, ds, G=a.seeds, steps=2 if a.quick else a.profile_steps, base=a.base)
