@@ -646,6 +646,9 @@ def summarize(rounds: list, cells: list, n_runs: int, workers: int) -> dict:
             row[who] = v
             row[who + "_mean"] = statistics.fmean(v) if v else float("nan")
             row[who + "_sd"] = statistics.stdev(v) if len(v) > 1 else float("nan")
+            row[who + "_worker_s"] = statistics.median(
+                sum(x["seconds"] or 0.0 for x in r[who]["rows"] if x["arch"] == arch and x["dataset"] == ds)
+                for r in rounds)
         row["t"] = welch(row["library"], row["plain"])
         row["equal"] = bool(math.isfinite(row["t"]) and abs(row["t"]) < 3.0) or row["t"] == 0.0
         acc.append(row)
@@ -666,11 +669,13 @@ def format_tables(s: dict, info: dict) -> str:
     lines.append(f"| **ratio library / plain** | | **{s['ratio']:.2f}x** (rounds: "
                  f"{', '.join(f'{x:.2f}' for x in s['ratio_per_round'])}) | {s['ratio_steady']:.2f}x | | |")
     lines += ["", "| cell | plain test acc mean ± sd (n) | library test acc mean ± sd (n) | Welch t | "
-                  "equal in distribution (abs t < 3) |", "| --- | ---: | ---: | ---: | --- |"]
+                  "equal in distribution (abs t < 3) | worker-s plain / library (ratio) |",
+              "| --- | ---: | ---: | ---: | --- | ---: |"]
     for a in s["accuracy"]:
         lines.append(f"| {a['arch']} × {a['dataset']} | {a['plain_mean']:.4f} ± {a['plain_sd']:.4f} "
                      f"({len(a['plain'])}) | {a['library_mean']:.4f} ± {a['library_sd']:.4f} ({len(a['library'])}) | "
-                     f"{a['t']:.2f} | {'yes' if a['equal'] else 'NO'} |")
+                     f"{a['t']:.2f} | {'yes' if a['equal'] else 'NO'} | {a['plain_worker_s']:.1f} / "
+                     f"{a['library_worker_s']:.1f} ({a['plain_worker_s'] / max(a['library_worker_s'], 1e-9):.2f}x) |")
     return "\n".join(lines)
 
 

@@ -122,6 +122,7 @@ def test_tables_from_rounds(ss):
     text = ss.format_tables(s, {"slice": "mlp×ecg200", "seeds": 3, "lams": [0.0], "budget": "b",
                                 "loads": {"plain": ["1 → 1"], "library": ["1 → 1"]}})
     assert "**2.50x**" in text and "| mlp × ecg200 |" in text and "yes" in text
+    assert s["accuracy"][0]["plain_worker_s"] == 6.0 and "6.0 / 6.0 (1.00x)" in text
 
 
 def _need(*names):
