@@ -148,3 +148,27 @@ def test_quick_profile_prints_the_table(ss, capsys):
     assert ss.main(["--profile", "mlp:ecg200", "--quick", "--seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "| mlp × ecg200" in out and "backward" in out
+
+
+def test_plan_estimate_scales_subset_evaluations(ss, monkeypatch, tmp_path):
+    """--plan: the plan's own measurement per group, with validation and test timed on a subset and
+    scaled by split size / subset size (synthetic data: val and test hold 64 samples each)."""
+    from minaction.study import plan
+
+    monkeypatch.setenv("MINACTION_CACHE", str(tmp_path))
+    seen = []
+
+    def fake_measure(group, calibrate_steps):
+        b = group[0]["config"]["budget"]
+        seen.append((len(group), b["val_subset"], b["test_subset"]))
+        return {"t_step": 0.5, "t_eval": 1.0, "t_test": 2.0, "t_setup": 0.0, "n_train": 256,
+                "n_val": b["val_subset"], "steps_per_epoch": 4}
+
+    monkeypatch.setattr(plan, "measure", fake_measure)
+    spec = {"name": "p", "archs": ["tiny_mlp"], "datasets": ["synthetic"], "lams": [0.0], "seeds": [0, 1, 2],
+            "budget": {"epochs": 2, "batch_size": 64, "eval_every": 0}}
+    p = ss.plan_estimate(spec, workers=1, eval_subset=16)
+    assert seen == [(3, 16, 16)]
+    row = p["rows"][0]
+    assert row["t_eval_s"] == 4.0 and row["n_train"] == 256  # 1.0 s on 16 of 64 samples
+    assert math.isclose(p["est_serial_s"], 2 * (4 * 0.5 + 1 * 4.0) + 2.0 * 4)
