@@ -286,3 +286,20 @@ def test_models_take_one_batch_per_member(arch, modality):
         torch.testing.assert_close(out[g], alone(x[g]), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="G = 2"):
         group(x[:1].expand(3, *x.shape[1:]) if x.dim() else x)
+
+
+def test_plan_cost_key_does_not_follow_the_process_thread_count():
+    """measure() sets one torch thread (as the workers train); the cost table's key must name
+    that count, not whatever the calling process had when a block started."""
+    from minaction.study import plan as _plan
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        k2 = _plan._key("mlp", "mnist", 10, {"epochs": 1}, {})
+        torch.set_num_threads(1)
+        k1 = _plan._key("mlp", "mnist", 10, {"epochs": 1}, {})
+    finally:
+        torch.set_num_threads(before)
+    assert k1 == k2
+    assert f"threads={_plan.MEASURE_THREADS}" in _plan._machine()

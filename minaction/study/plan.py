@@ -45,8 +45,14 @@ def cost_table_path() -> Path:
     return root / "study_plan_costs.json"
 
 
+#: measure() times with this many torch threads, as the study's workers train (one thread each)
+MEASURE_THREADS = 1
+
+
 def _machine() -> str:
-    return f"{platform.node()}|cpus={os.cpu_count()}|torch={torch.__version__}|threads={torch.get_num_threads()}"
+    # keyed by the threads the costs were measured with, not by the calling process's current
+    # count (measure() changes it, so a key read from the process changed after the first block)
+    return f"{platform.node()}|cpus={os.cpu_count()}|torch={torch.__version__}|threads={MEASURE_THREADS}"
 
 
 def _key(arch, dataset, G, budget, data_opts) -> str:
@@ -78,7 +84,7 @@ def measure(group_runs: list, calibrate_steps: int = 3) -> dict:
     Returns ``{"t_step", "t_eval", "t_test", "t_setup", "n_train", "n_val", "steps_per_epoch"}``
     (seconds; ``t_step`` is one optimizer step of the whole group).
     """
-    _trainer.init_worker(1)
+    _trainer.init_worker(MEASURE_THREADS)
     runs = group_runs
     cfg0 = runs[0]["config"]
     budget = dict(cfg0["budget"])
