@@ -29,11 +29,13 @@
 // differentiable ATen ops and returns autograd.grad of it, so the gradients are themselves
 // differentiable (gradient penalties). The normal backward (grad mode off) uses the kernels.
 //
-// Ops (namespace minaction_cpu):
-//   linear_fwd, linear_bwd, act_fwd, act_bwd  -- the backend primitives (CPU kernels)
-//   energy_linear                             -- the whole layer with a C++ autograd formula
-//                                                (low per-call overhead for the eager hot path)
-//   isa                                       -- the instruction set this build was compiled for
+// Registered here: implementations only. The schemas of the minaction:: ops are declared once,
+// in minaction/backends/library.py, which is imported before this library is loaded.
+//   minaction::linear_fwd, linear_bwd, act_fwd, act_bwd  -- CPU: the backend primitives
+//   minaction::layer  -- Autograd: the whole layer with a C++ autograd formula (one call per
+//                        direction for the eager hot path); CompositeExplicitAutograd: the same
+//                        without autograd
+// and the plain C symbol minaction_cpu_isa(): the instruction set this build was compiled for.
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -439,7 +441,7 @@ using torch::autograd::variable_list;
 std::tuple<Tensor, Tensor, Tensor> call_linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
                                                    int64_t act, int64_t p, double scale, bool keep_z) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("minaction_cpu::linear_fwd", "")
+                       .findSchemaOrThrow("minaction::linear_fwd", "")
                        .typed<decltype(linear_fwd)>();
   return op.call(x, w, b, act, p, scale, keep_z);
 }
@@ -448,7 +450,7 @@ std::tuple<Tensor, Tensor, Tensor> call_linear_bwd(const Tensor& gy, const Tenso
                                                    const Tensor& w, const Tensor& y, const Tensor& z, int64_t act,
                                                    int64_t p, double scale, bool nx, bool nw, bool nb) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("minaction_cpu::linear_bwd", "")
+                       .findSchemaOrThrow("minaction::linear_bwd", "")
                        .typed<decltype(linear_bwd)>();
   return op.call(gy, ge, x, w, y, z, act, p, scale, nx, nw, nb);
 }
@@ -586,27 +588,19 @@ std::tuple<Tensor, Tensor> energy_linear_noautograd(const Tensor& x, const Tenso
 
 }  // namespace
 
-TORCH_LIBRARY(minaction_cpu, m) {
-  m.def("isa() -> str", []() -> std::string { return MINACTION_ISA; });
-  m.def("linear_fwd(Tensor x, Tensor w, Tensor? b, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)");
-  m.def("linear_bwd(Tensor gy, Tensor ge, Tensor x, Tensor w, Tensor y, Tensor z, int act, int p, float scale, "
-        "bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)");
-  m.def("act_fwd(Tensor z, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)");
-  m.def("act_bwd(Tensor gy, Tensor ge, Tensor y, Tensor z, int act, int p, float scale) -> Tensor");
-  m.def("energy_linear(Tensor x, Tensor w, Tensor? b, int act, int p, float scale) -> (Tensor, Tensor)");
-}
+extern "C" const char* minaction_cpu_isa() { return MINACTION_ISA; }
 
-TORCH_LIBRARY_IMPL(minaction_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(minaction, CPU, m) {
   m.impl("linear_fwd", &linear_fwd);
   m.impl("linear_bwd", &linear_bwd);
   m.impl("act_fwd", &act_fwd);
   m.impl("act_bwd", &act_bwd);
 }
 
-TORCH_LIBRARY_IMPL(minaction_cpu, Autograd, m) {
-  m.impl("energy_linear", &energy_linear_autograd);
+TORCH_LIBRARY_IMPL(minaction, Autograd, m) {
+  m.impl("layer", &energy_linear_autograd);
 }
 
-TORCH_LIBRARY_IMPL(minaction_cpu, CompositeExplicitAutograd, m) {
-  m.impl("energy_linear", &energy_linear_noautograd);
+TORCH_LIBRARY_IMPL(minaction, CompositeExplicitAutograd, m) {
+  m.impl("layer", &energy_linear_noautograd);
 }

@@ -21,7 +21,7 @@ from minaction.backends import cpu as cpu_backend
 @pytest.fixture(scope="module")
 def real_build():
     """The build this process uses (built once per test session), to copy into temp caches."""
-    ok, why = minaction.backend.available("cpu", "cpu")
+    ok, why = minaction.backends.select.available("cpu", "cpu")
     if not ok:
         pytest.fail(f"the cpu backend must build on this machine: {why}")
     return cpu_backend._state["spec"]
@@ -69,7 +69,7 @@ def test_stale_lock_falls_back_with_a_warning_naming_it(tmp_path):
             warnings.simplefilter("always")
             layer = minaction.nn.EnergyLinear(8, 4)
             y = layer(torch.randn(3, 8))
-        print("BACKEND", minaction.backend.select(torch.device("cpu")))
+        print("BACKEND", minaction.backends.select.select(torch.device("cpu")))
         for m in w:
             print("WARN", m.message)
     """
@@ -139,7 +139,7 @@ def test_existing_build_loads_without_lock_or_writes(real_build, tmp_path):
         x = torch.randn(3, 8)
         layer = minaction.nn.EnergyLinear(8, 4)
         layer(x)
-        print("BACKEND", minaction.backend.select(torch.device("cpu")))
+        print("BACKEND", minaction.backends.select.select(torch.device("cpu")))
         from minaction.backends import cpu
         print("ISA", cpu.loaded_isa())
     """

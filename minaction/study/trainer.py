@@ -279,7 +279,7 @@ def _forward_flops_per_sample(model, x, G: int) -> float:
 def train_group(runs: list) -> list:
     """Train the runs of one group together; returns one ``{"run": row, "epochs": rows,
     "evals": rows}`` per run."""
-    from .. import backend as _backend
+    from ..backends import select as _backend
 
     t_start = time.perf_counter()
     cfg0 = runs[0]["config"]
