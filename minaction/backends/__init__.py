@@ -24,7 +24,9 @@ with ``y = act(z)``, ``z = x @ w^T + b``, ``e[g] = scale * sum |y[g]|^p`` (``p``
 {1, 2}; ``p == 0`` means no energy and ``e`` is zeros), and the backward
 ``gz = (gy + ge[g] * scale * d|y|^p/dy) * act'(z)``. ``e`` is float32 for
 half/bfloat16 inputs and the input dtype otherwise. ``keep_z`` is true only for
-activations whose derivative needs ``z`` (gelu, silu).
+activations whose derivative needs ``z`` (gelu, silu). The CPU kernels of ``linear_fwd`` /
+``linear_bwd`` also take the plain layer with ``G`` omitted (``x [M,K]``, ``w [N,K]``, ``b [N]``
+-> ``y [M,N]``, ``e`` 0-dim, ``gb [N]``): the ``layer`` op passes it so, without views.
 """
 
 import torch

@@ -8,7 +8,8 @@ op                                    implementations
 ====================================  ===============================================================
 ``linear_fwd`` ``linear_bwd``         the backend primitives on grouped 3-D tensors (contract in
 ``act_fwd`` ``act_bwd``               ``minaction/backends/__init__.py``): ``CPU`` in
-                                      ``csrc/energy_cpu.cpp``, ``CUDA`` in ``csrc/energy_cuda.cpp``
+                                      ``csrc/energy_cpu.cpp`` (whose linear ones also take the
+                                      plain 2-D layer, G omitted), ``CUDA`` in ``csrc/energy_cuda.cpp``
 ``layer``                             the whole layer, plain ``[M,K]`` or grouped ``[G,M,K]``: one
                                       call per direction. ``Autograd`` (a C++ autograd formula) and
                                       ``CompositeExplicitAutograd`` in ``csrc/energy_cpu.cpp``; the
@@ -58,22 +59,28 @@ for _schema in SCHEMAS.values():
 
 
 # ----------------------------------------------------------------------------- output shapes
-def fwd_outputs(t, G, M, N, keep_z):
-    """Empty ``y [G,M,N]``, ``z`` (``[G,M,N]`` if kept, else ``[0]``) and ``e [G]`` like ``t``."""
-    z = t.new_empty((G, M, N)) if keep_z else t.new_empty(0)
-    return t.new_empty((G, M, N)), z, t.new_empty((G,), dtype=energy_dtype(t.dtype))
+def fwd_outputs(t, shape, keep_z):
+    """Empty ``y`` of ``shape`` (``[G,M,N]``, or ``[M,N]`` for the plain layer), ``z`` (as ``y``
+    if kept, else ``[0]``) and ``e`` (``[G]``, or 0-dim) like ``t``."""
+    shape = tuple(shape)
+    z = t.new_empty(shape) if keep_z else t.new_empty(0)
+    return t.new_empty(shape), z, t.new_empty(shape[:-2], dtype=energy_dtype(t.dtype))
 
 
 def linear_bwd_outputs(gy, x, w, need_x, need_w, need_b):
-    """Empty ``gx`` (as ``x``), ``gw`` (as ``w``), ``gb [G,N]``; ``[0]`` for an unneeded one."""
+    """Empty ``gx`` (as ``x``), ``gw`` (as ``w``), ``gb`` (``[G,N]``, or ``[N]``); ``[0]`` for an unneeded one."""
     return (x.new_empty(x.shape) if need_x else gy.new_empty(0), w.new_empty(w.shape) if need_w else gy.new_empty(0),
-            gy.new_empty((w.shape[0], w.shape[1])) if need_b else gy.new_empty(0))
+            gy.new_empty(w.shape[:-1]) if need_b else gy.new_empty(0))
+
+
+def _linear_shape(x, w):
+    return tuple(x.shape[:-1]) + (w.shape[-2],)
 
 
 # ----------------------------------------------------------------------------- fakes
 @torch.library.register_fake("minaction::linear_fwd", lib=lib)
 def _(x, w, b, act, p, scale, keep_z):
-    return fwd_outputs(x, x.shape[0], x.shape[1], w.shape[1], keep_z)
+    return fwd_outputs(x, _linear_shape(x, w), keep_z)
 
 
 @torch.library.register_fake("minaction::linear_bwd", lib=lib)
@@ -83,7 +90,7 @@ def _(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
 
 @torch.library.register_fake("minaction::act_fwd", lib=lib)
 def _(z, act, p, scale, keep_z):
-    return fwd_outputs(z, *z.shape, keep_z)
+    return fwd_outputs(z, z.shape, keep_z)
 
 
 @torch.library.register_fake("minaction::act_bwd", lib=lib)
@@ -93,15 +100,13 @@ def _(gy, ge, y, z, act, p, scale):
 
 @torch.library.register_fake("minaction::layer", lib=lib)
 def _(x, w, b, act, p, scale):
-    if w.dim() == 2:  # plain: x [M,K], w [N,K] -> y [M,N], e 0-dim
-        return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((), dtype=energy_dtype(x.dtype))
-    y, _, e = fwd_outputs(x, x.shape[0], x.shape[1], w.shape[1], False)
+    y, _, e = fwd_outputs(x, _linear_shape(x, w), False)
     return y, e
 
 
 @torch.library.register_fake("minaction::energy_linear", lib=lib)
 def _(x, weight, bias, act, p, mean, backend):
-    y, z, e = fwd_outputs(x, x.shape[0], x.shape[1], weight.shape[1], act in NEEDS_Z)
+    y, z, e = fwd_outputs(x, _linear_shape(x, weight), act in NEEDS_Z)
     return y, e, z
 
 
@@ -112,7 +117,7 @@ def _(gy, ge, x, weight, y, z, act, p, mean, need_x, need_w, need_b, backend):
 
 @torch.library.register_fake("minaction::activation_energy", lib=lib)
 def _(z, act, p, mean, backend):
-    y, zs, e = fwd_outputs(z, *z.shape, act in NEEDS_Z)
+    y, zs, e = fwd_outputs(z, z.shape, act in NEEDS_Z)
     return y, e, zs
 
 

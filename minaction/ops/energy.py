@@ -15,7 +15,6 @@ The path of a call, top-down (docs/kernels.md draws it file by file):
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -345,10 +344,10 @@ class LinearPlan:
         self.code, self.p, self.mean = _cpu.ACT_CODES[act], p, mean
         self.cols = weight.shape[-2]
         self.auto = backend is None  # chosen by backends.select: valid while the forcing is unchanged
-        self.forced, self.env = _select._forced, _environ.get("MINACTION_BACKEND")
+        self.forced, self.env = _select._forced, _env_backend()
 
 
-_environ = os.environ
+_env_backend = _select.env_backend
 
 
 def make_plan(x, weight, bias, activation, energy, reduction, backend) -> Optional[LinearPlan]:
@@ -368,9 +367,9 @@ def make_plan(x, weight, bias, activation, energy, reduction, backend) -> Option
 
 
 def _fast_world() -> bool:
-    """No autocast, no torch.func transform, not exporting or compiling."""
-    return not ((_any_autocast is None or _any_autocast()) or _interpreter_stack() is not None or _is_exporting()
-                or torch.compiler.is_compiling())
+    """No autocast, no torch.func transform, not exporting (the caller, ``EnergyLinear.forward``,
+    has checked that it is not being compiled)."""
+    return not ((_any_autocast is None or _any_autocast()) or _interpreter_stack() is not None or _is_exporting())
 
 
 def run_plan(plan: LinearPlan, x, weight, bias, activation, energy, reduction, backend):
@@ -383,7 +382,7 @@ def run_plan(plan: LinearPlan, x, weight, bias, activation, energy, reduction, b
         return None
     if bias is not None and (bias.dtype != plan.dtype or not bias.is_cpu or bias.shape != plan.bshape):
         return None
-    if plan.auto and (_select._forced != plan.forced or _environ.get("MINACTION_BACKEND") != plan.env):
+    if plan.auto and (_select._forced != plan.forced or _env_backend() != plan.env):
         return None
     if plan.G and x.shape[0] != plan.G:
         return None
