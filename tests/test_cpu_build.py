@@ -181,3 +181,26 @@ def test_incomplete_build_is_not_loaded_directly(real_build, tmp_path, monkeypat
     # and the next process loads it directly, silently
     r2 = _sub(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path)}, timeout=300)
     assert r2.returncode == 0 and "CALLS 0" in r2.stdout and "building" not in r2.stderr
+
+
+def test_once_loader_runs_once_and_remembers_a_failure():
+    from minaction.backends.loader import Once
+
+    calls = []
+
+    def ok():
+        calls.append(1)
+        return "ops"
+
+    once = Once()
+    assert once(ok) == "ops" and once(ok) == "ops" and len(calls) == 1
+
+    def bad():
+        calls.append(2)
+        raise RuntimeError("build failed")
+
+    failing = Once()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="build failed"):
+            failing(bad)
+    assert calls.count(2) == 1  # a failed build is not retried in the same process
