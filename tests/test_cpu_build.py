@@ -99,7 +99,7 @@ def test_lock_taken_during_the_build_call_also_times_out(tmp_path, monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     original = cpp_extension.FileBaton
     with pytest.raises(cpu_backend.BuildLockTimeout, match="lock"):
-        cpu_backend._build(spec, verbose=False)
+        cpu_backend._build(spec)
     assert cpp_extension.FileBaton is original  # restored
 
 
