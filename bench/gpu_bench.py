@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import minaction
-from minaction import backend as mb
+from minaction.backends import select as mb
 
 LAM = 1e-3
 NO_COMPILE = False

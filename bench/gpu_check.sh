@@ -69,7 +69,7 @@ timeout 150 "$PYTHON" - <<'PY' 2>&1 | tail -20
 import time, torch
 t = time.time()
 from minaction.backends import cuda
-from minaction import backend
+from minaction.backends import select as backend
 try:
     cuda.load()
     print(f"cuda extension built/loaded in {time.time() - t:.1f}s")

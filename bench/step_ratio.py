@@ -85,14 +85,8 @@ def build_batched(kind, G, sizes, seed=0):
     return nn.Sequential(*layers)
 
 
-def make_batched_step(kind, model, lam):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-
-    def loss_fn(x, y):  # x [G, B, in], y [B]
-        out = model(x)
-        ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.repeat(out.shape[0]), reduction="sum") / y.shape[0]
-        return ce + lam * minaction.total_energy(model).sum() if kind == "fused" else ce
-
+def timed_step(loss_fn, opt):
+    """One training step returning (forward, backward, whole step) seconds."""
     def step(x, y):
         t0 = time.perf_counter()
         loss = loss_fn(x, y)
@@ -104,6 +98,17 @@ def make_batched_step(kind, model, lam):
         t3 = time.perf_counter()
         return t1 - t0, t2 - t1, t3 - t0
     return step
+
+
+def make_batched_step(kind, model, lam):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+
+    def loss_fn(x, y):  # x [G, B, in], y [B]
+        out = model(x)
+        ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.repeat(out.shape[0]), reduction="sum") / y.shape[0]
+        return ce + lam * minaction.total_energy(model).sum() if kind == "fused" else ce
+
+    return timed_step(loss_fn, opt)
 
 
 def machine_info():
@@ -191,17 +196,7 @@ def make_step(kind, model, lam):
     else:
         raise ValueError(kind)
 
-    def step(x, y):
-        t0 = time.perf_counter()
-        loss = loss_fn(x, y)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t0
-    return step
+    return timed_step(loss_fn, opt)
 
 
 def peak_memory(kind, sizes, batch, lam):

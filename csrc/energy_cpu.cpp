@@ -29,11 +29,13 @@
 // differentiable ATen ops and returns autograd.grad of it, so the gradients are themselves
 // differentiable (gradient penalties). The normal backward (grad mode off) uses the kernels.
 //
-// Ops (namespace minaction_cpu):
-//   linear_fwd, linear_bwd, act_fwd, act_bwd  -- the backend primitives (CPU kernels)
-//   energy_linear                             -- the whole layer with a C++ autograd formula
-//                                                (low per-call overhead for the eager hot path)
-//   isa                                       -- the instruction set this build was compiled for
+// Registered here: implementations only. The schemas of the minaction:: ops are declared once,
+// in minaction/backends/library.py, which is imported before this library is loaded.
+//   minaction::linear_fwd, linear_bwd, act_fwd, act_bwd  -- CPU: the backend primitives
+//   minaction::layer  -- Autograd: the whole layer with a C++ autograd formula (one call per
+//                        direction for the eager hot path); CompositeExplicitAutograd: the same
+//                        without autograd
+// and the plain C symbol minaction_cpu_isa(): the instruction set this build was compiled for.
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -320,6 +322,14 @@ at::ScalarType energy_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// the linear primitives also take the plain layer (G omitted: x [M,K], w [N,K], b [N], y/z [M,N],
+// e 0-dim), which minaction::layer passes as is: no unsqueeze/select/squeeze views per call
+void check23(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 || t.dim() == 3, "minaction: ", name, " must be [rows, cols] or [G, rows, cols], got ",
+              t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "minaction: ", name, " must be a CPU tensor, got ", t.device());
+}
+
 void check3(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3, "minaction: ", name, " must be 3-D [G, rows, cols], got ", t.sizes());
   TORCH_CHECK(t.device().is_cpu(), "minaction: ", name, " must be a CPU tensor, got ", t.device());
@@ -327,8 +337,10 @@ void check3(const Tensor& t, const char* name) {
 
 // y = act(z) [+ energy]; writes into y (which may be z itself)
 Tensor epilogue_fwd(const Tensor& z, Tensor& y, int64_t act, int64_t p, double scale) {
-  const int64_t G = z.size(0), M = z.size(1), N = z.size(2);
-  Tensor e = at::empty({G}, z.options().dtype(energy_dtype(z.scalar_type())));
+  const bool plain = z.dim() == 2;
+  const int64_t G = plain ? 1 : z.size(0), M = z.size(-2), N = z.size(-1);
+  Tensor e = plain ? at::empty({}, z.options().dtype(energy_dtype(z.scalar_type())))
+                   : at::empty({G}, z.options().dtype(energy_dtype(z.scalar_type())));
   const bool e_double = e.scalar_type() == at::kDouble;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "minaction_act_fwd", [&] {
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
@@ -343,13 +355,15 @@ Tensor epilogue_fwd(const Tensor& z, Tensor& y, int64_t act, int64_t p, double s
 
 std::tuple<Tensor, Tensor> epilogue_bwd(const Tensor& gy_in, const Tensor& ge_in, const Tensor& y, const Tensor& z,
                                         int64_t act, int64_t p, double scale, bool need_b) {
-  const int64_t G = y.size(0), M = y.size(1), N = y.size(2);
+  const bool plain = y.dim() == 2;
+  const int64_t G = plain ? 1 : y.size(0), M = y.size(-2), N = y.size(-1);
   Tensor gy = gy_in.contiguous();
   Tensor ge = ge_in.to(energy_dtype(y.scalar_type())).contiguous();
   TORCH_CHECK(gy.sizes() == y.sizes(), "minaction: grad_y has shape ", gy.sizes(), ", expected ", y.sizes());
   TORCH_CHECK(ge.numel() == G, "minaction: grad_energy must have ", G, " elements, got ", ge.numel());
   Tensor gz = at::empty_like(y);
-  Tensor gb = need_b ? at::empty({G, N}, y.options()) : at::empty({0}, y.options());
+  Tensor gb = need_b ? (plain ? at::empty({N}, y.options()) : at::empty({G, N}, y.options()))
+                     : at::empty({0}, y.options());
   const bool has_z = z.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "minaction_act_bwd", [&] {
     const float* gef = ge.scalar_type() == at::kFloat ? ge.const_data_ptr<float>() : nullptr;
@@ -384,21 +398,27 @@ Tensor act_bwd(const Tensor& gy, const Tensor& ge, const Tensor& y, const Tensor
 
 std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& x_in, const Tensor& w_in, const std::optional<Tensor>& b,
                                               int64_t act, int64_t p, double scale, bool keep_z) {
-  check3(x_in, "x");
-  check3(w_in, "w");
-  const int64_t G = x_in.size(0), M = x_in.size(1), K = x_in.size(2), N = w_in.size(1);
-  TORCH_CHECK(w_in.size(0) == G && w_in.size(2) == K, "minaction: weight ", w_in.sizes(), " does not match input ",
-              x_in.sizes());
+  check23(x_in, "x");
+  check23(w_in, "w");
+  const bool has_b = b.has_value() && b->defined();
   Tensor z;
-  if (G == 1) {
-    Tensor x2 = x_in.select(0, 0), w2 = w_in.select(0, 0);
-    z = (b.has_value() && b->defined()) ? at::addmm(b->select(0, 0), x2, w2.t()) : at::mm(x2, w2.t());
-    z = z.view({1, M, N});
+  if (x_in.dim() == 2) {  // the plain layer
+    TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == x_in.size(1), "minaction: weight ", w_in.sizes(),
+                " does not match input ", x_in.sizes());
+    z = has_b ? at::addmm(*b, x_in, w_in.t()) : at::mm(x_in, w_in.t());
   } else {
-    z = (b.has_value() && b->defined()) ? at::baddbmm(b->unsqueeze(1), x_in, w_in.transpose(1, 2))
-                                        : at::bmm(x_in, w_in.transpose(1, 2));
+    const int64_t G = x_in.size(0), M = x_in.size(1), K = x_in.size(2), N = w_in.size(1);
+    TORCH_CHECK(w_in.dim() == 3 && w_in.size(0) == G && w_in.size(2) == K, "minaction: weight ", w_in.sizes(),
+                " does not match input ", x_in.sizes());
+    if (G == 1) {
+      Tensor x2 = x_in.select(0, 0), w2 = w_in.select(0, 0);
+      z = has_b ? at::addmm(b->select(0, 0), x2, w2.t()) : at::mm(x2, w2.t());
+      z = z.view({1, M, N});
+    } else {
+      z = has_b ? at::baddbmm(b->unsqueeze(1), x_in, w_in.transpose(1, 2)) : at::bmm(x_in, w_in.transpose(1, 2));
+    }
   }
-  z = z.contiguous();
+  if (!z.is_contiguous()) z = z.contiguous();
   if (keep_z) {
     Tensor y = at::empty_like(z);
     Tensor e = epilogue_fwd(z, y, act, p, scale);
@@ -411,17 +431,21 @@ std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& x_in, const Tensor& 
 std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& ge, const Tensor& x, const Tensor& w,
                                               const Tensor& y, const Tensor& z, int64_t act, int64_t p, double scale,
                                               bool need_x, bool need_w, bool need_b) {
-  check3(y, "y");
-  const int64_t G = y.size(0);
+  check23(y, "y");
+  const bool plain = y.dim() == 2;
+  const int64_t G = plain ? 1 : y.size(0);
   Tensor gz, gb;
   if (act == IDENTITY && p == 0) {
     gz = gy.contiguous();
-    gb = need_b ? gz.sum(1) : at::empty({0}, y.options());
+    gb = need_b ? gz.sum(plain ? 0 : 1) : at::empty({0}, y.options());
   } else {
     std::tie(gz, gb) = epilogue_bwd(gy, ge, y, z, act, p, scale, need_b);
   }
   Tensor gx = at::empty({0}, y.options()), gw = at::empty({0}, y.options());  // distinct: outputs may not alias
-  if (G == 1) {
+  if (plain) {
+    if (need_x) gx = at::mm(gz, w);
+    if (need_w) gw = at::mm(gz.t(), x);
+  } else if (G == 1) {
     Tensor gz2 = gz.select(0, 0);
     if (need_x) gx = at::mm(gz2, w.select(0, 0)).unsqueeze(0);
     if (need_w) gw = at::mm(gz2.t(), x.select(0, 0)).unsqueeze(0);
@@ -439,7 +463,7 @@ using torch::autograd::variable_list;
 std::tuple<Tensor, Tensor, Tensor> call_linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
                                                    int64_t act, int64_t p, double scale, bool keep_z) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("minaction_cpu::linear_fwd", "")
+                       .findSchemaOrThrow("minaction::linear_fwd", "")
                        .typed<decltype(linear_fwd)>();
   return op.call(x, w, b, act, p, scale, keep_z);
 }
@@ -448,7 +472,7 @@ std::tuple<Tensor, Tensor, Tensor> call_linear_bwd(const Tensor& gy, const Tenso
                                                    const Tensor& w, const Tensor& y, const Tensor& z, int64_t act,
                                                    int64_t p, double scale, bool nx, bool nw, bool nb) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("minaction_cpu::linear_bwd", "")
+                       .findSchemaOrThrow("minaction::linear_bwd", "")
                        .typed<decltype(linear_bwd)>();
   return op.call(gy, ge, x, w, y, z, act, p, scale, nx, nw, nb);
 }
@@ -493,13 +517,10 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     TORCH_CHECK(w_in.dim() == (plain ? 2 : 3) && x_in.dim() == w_in.dim(),
                 "minaction: energy_linear expects x [M,K] with w [N,K], or x [G,M,K] with w [G,N,K]; got x ",
                 x_in.sizes(), " and w ", w_in.sizes());
-    Tensor x = plain ? x_in.unsqueeze(0) : x_in;
-    Tensor w = plain ? w_in.unsqueeze(0) : w_in;
-    std::optional<Tensor> bo = std::nullopt;
-    if (b_in.defined()) bo = plain ? b_in.unsqueeze(0) : b_in;
-    // x is not made contiguous: BLAS takes transposed views, and a shared input expanded over
-    // the G models (stride 0) would otherwise be copied G times
-    auto [y, z, e] = call_linear_fwd(x, w.contiguous(), bo, act, p, scale, needs_z(act));
+    // the plain layer goes to the primitive as is (2-D), without views. x is not made
+    // contiguous: BLAS takes transposed views, and a shared input expanded over the G models
+    // (stride 0) would otherwise be copied G times
+    auto [y, z, e] = call_linear_fwd(x_in, w_in.contiguous(), b_opt, act, p, scale, needs_z(act));
     // the inputs themselves are saved (not the unsqueezed views) so that a create_graph
     // backward can differentiate through them
     ctx->save_for_backward({x_in, w_in, b_in, y, z});
@@ -508,7 +529,6 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     ctx->saved_data["p"] = p;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["plain"] = plain;
-    if (plain) return {y.squeeze(0), e.squeeze(0)};
     return {y, e};
   }
 
@@ -552,17 +572,13 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
         outs[which[i]] = res[i].defined() ? res[i] : at::zeros_like(inputs[i]);
       return {outs[0], outs[1], outs[2], Tensor(), Tensor(), Tensor()};
     }
-    Tensor x = plain ? x_in.unsqueeze(0) : x_in;
-    Tensor w = (plain ? w_in.unsqueeze(0) : w_in).contiguous();
-    Tensor gy = grads[0].defined() ? grads[0].contiguous().view(y.sizes()) : at::zeros_like(y);
-    Tensor ge = grads[1].defined() ? grads[1].reshape({y.size(0)})
-                                   : at::zeros({y.size(0)}, y.options().dtype(energy_dtype(y.scalar_type())));
-    auto [gx, gw, gb] = call_linear_bwd(gy, ge, x, w, y, z, act, p, scale, nx, nw, nb);
-    if (plain) {
-      if (nx) gx = gx.squeeze(0);
-      if (nw) gw = gw.squeeze(0);
-      if (nb) gb = gb.squeeze(0);
-    }
+    Tensor gy = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(y);
+    Tensor ge = grads[1].defined()
+                    ? grads[1]
+                    : (plain ? at::zeros({}, y.options().dtype(energy_dtype(y.scalar_type())))
+                             : at::zeros({y.size(0)}, y.options().dtype(energy_dtype(y.scalar_type()))));
+    // plain: 2-D in, 2-D gradients out (the primitive takes both forms)
+    auto [gx, gw, gb] = call_linear_bwd(gy, ge, x_in, w_in.contiguous(), y, z, act, p, scale, nx, nw, nb);
     return {nx ? gx : Tensor(), nw ? gw : Tensor(), nb ? gb : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -575,38 +591,28 @@ std::tuple<Tensor, Tensor> energy_linear_autograd(const Tensor& x, const Tensor&
 
 std::tuple<Tensor, Tensor> energy_linear_noautograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
                                                     int64_t act, int64_t p, double scale) {
-  const bool plain = w.dim() == 2;
-  std::optional<Tensor> bo = std::nullopt;
-  if (b.has_value() && b->defined()) bo = plain ? b->unsqueeze(0) : *b;
-  auto [y, z, e] = call_linear_fwd((plain ? x.unsqueeze(0) : x).contiguous(), (plain ? w.unsqueeze(0) : w).contiguous(),
-                                   bo, act, p, scale, false);
-  if (plain) return {y.squeeze(0), e.squeeze(0)};
+  TORCH_CHECK((w.dim() == 2 || w.dim() == 3) && x.dim() == w.dim(),
+              "minaction: energy_linear expects x [M,K] with w [N,K], or x [G,M,K] with w [G,N,K]; got x ",
+              x.sizes(), " and w ", w.sizes());
+  auto [y, z, e] = call_linear_fwd(x, w.contiguous(), b, act, p, scale, false);
   return {y, e};
 }
 
 }  // namespace
 
-TORCH_LIBRARY(minaction_cpu, m) {
-  m.def("isa() -> str", []() -> std::string { return MINACTION_ISA; });
-  m.def("linear_fwd(Tensor x, Tensor w, Tensor? b, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)");
-  m.def("linear_bwd(Tensor gy, Tensor ge, Tensor x, Tensor w, Tensor y, Tensor z, int act, int p, float scale, "
-        "bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)");
-  m.def("act_fwd(Tensor z, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)");
-  m.def("act_bwd(Tensor gy, Tensor ge, Tensor y, Tensor z, int act, int p, float scale) -> Tensor");
-  m.def("energy_linear(Tensor x, Tensor w, Tensor? b, int act, int p, float scale) -> (Tensor, Tensor)");
-}
+extern "C" const char* minaction_cpu_isa() { return MINACTION_ISA; }
 
-TORCH_LIBRARY_IMPL(minaction_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(minaction, CPU, m) {
   m.impl("linear_fwd", &linear_fwd);
   m.impl("linear_bwd", &linear_bwd);
   m.impl("act_fwd", &act_fwd);
   m.impl("act_bwd", &act_bwd);
 }
 
-TORCH_LIBRARY_IMPL(minaction_cpu, Autograd, m) {
-  m.impl("energy_linear", &energy_linear_autograd);
+TORCH_LIBRARY_IMPL(minaction, Autograd, m) {
+  m.impl("layer", &energy_linear_autograd);
 }
 
-TORCH_LIBRARY_IMPL(minaction_cpu, CompositeExplicitAutograd, m) {
-  m.impl("energy_linear", &energy_linear_noautograd);
+TORCH_LIBRARY_IMPL(minaction, CompositeExplicitAutograd, m) {
+  m.impl("layer", &energy_linear_noautograd);
 }

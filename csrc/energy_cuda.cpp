@@ -1,8 +1,9 @@
 // Torch glue of the CUDA backend: the matrix products in cuBLAS (at::baddbmm / at::bmm),
 // the activation + energy epilogue and the backward elementwise pass in the plain-C CUDA
-// launchers of energy_cuda.cu. Registered as the operators minaction_cuda::{linear_fwd,
-// linear_bwd, act_fwd, act_bwd} for CUDA tensors, with the semantics of
-// minaction/backends/composite.py (see minaction/backends/__init__.py).
+// launchers of energy_cuda.cu. Registered as the CUDA implementations of the operators
+// minaction::{linear_fwd, linear_bwd, act_fwd, act_bwd}, whose schemas are declared once in
+// minaction/backends/library.py, with the semantics of minaction/backends/composite.py (see
+// minaction/backends/__init__.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -125,15 +126,7 @@ Tensor act_bwd(const Tensor& gy, const Tensor& ge, const Tensor& y, const Tensor
 
 }  // namespace
 
-TORCH_LIBRARY(minaction_cuda, m) {
-  m.def("linear_fwd(Tensor x, Tensor w, Tensor? b, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)");
-  m.def("linear_bwd(Tensor gy, Tensor ge, Tensor x, Tensor w, Tensor y, Tensor z, int act, int p, float scale, "
-        "bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)");
-  m.def("act_fwd(Tensor z, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)");
-  m.def("act_bwd(Tensor gy, Tensor ge, Tensor y, Tensor z, int act, int p, float scale) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(minaction_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(minaction, CUDA, m) {
   m.impl("linear_fwd", &linear_fwd);
   m.impl("linear_bwd", &linear_bwd);
   m.impl("act_fwd", &act_fwd);

@@ -20,8 +20,8 @@ or 2 walks the groups, so the batched N-models form is native):
 The backward matrix products (``gx = gz @ w``, ``gw = gz^T @ x``) are ``torch.bmm``
 (cuBLAS on a GPU), see ``docs/kernels.md``.
 
-Activation codes (constexpr ``ACT``): 0 identity, 1 relu, 2 gelu (erf), 3 silu, 4 tanh,
-5 sigmoid. NaN and Inf behave exactly as in torch, forward and backward (``relu(nan) =
+Activation codes (constexpr ``ACT``, ``minaction.backends.ACT_CODES``): 0 identity, 1 relu,
+2 gelu (erf), 3 silu, 4 tanh, 5 sigmoid. NaN and Inf behave exactly as in torch, forward and backward (``relu(nan) =
 nan``; relu's backward is a select on the output like torch's ``threshold_backward``; see
 ``_act_bwd`` and ``tests/test_gpu_nan.py``). ``P``: 0 no energy, 1 L1, 2 L2. Arithmetic is float32 (float64 for float64
 inputs); outputs are rounded to the input dtype and the energy is computed from the
@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}
+# the activation codes and the energy dtype have one home, shared with the C++ and CUDA kernels
+from minaction.backends import ACT_CODES, energy_dtype as _energy_dtype  # noqa: F401
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -295,10 +296,6 @@ else:  # pragma: no cover - autotuning needs a GPU driver
 
 
 # ----------------------------------------------------------------------------- launchers
-def _energy_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _finish_energy(part, p, scale, G, device, edt):
     if p == 0:
         return torch.zeros(G, dtype=edt, device=device)

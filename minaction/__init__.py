@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib as _importlib
 
-from .backend import backend_info, set_backend, use_backend  # noqa: F401
+from .backends.select import backend_info, set_backend, use_backend  # noqa: F401
 from .model_api import convert, energy_report, total_energy  # noqa: F401
 from . import nn  # noqa: F401
 
@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 __all__ = ["nn", "total_energy", "convert", "energy_report", "backend_info", "set_backend", "use_backend"]
 
 # submodules imported on first attribute access (they pull pandas, statsmodels, matplotlib, ...)
-_LAZY_SUBMODULES = frozenset({"backend", "backends", "cli", "data", "energy_meter", "models", "ops", "report",
-                              "study", "model_api"})
+_LAZY_SUBMODULES = frozenset({"backends", "cli", "data", "energy_meter", "models", "model_api", "ops", "report",
+                              "study"})
 
 
 def __getattr__(name: str):

@@ -120,7 +120,7 @@ def test_bad_input_errors():
 @pytest.mark.parametrize("cls,kw,shape", [CASES[0], CASES[2]])
 def test_triton_backend_when_available(cls, kw, shape):
     """The Triton epilogue (interpreted on CPU without a GPU) on two small cases."""
-    ok, why = minaction.backend.available("triton", "cpu")
+    ok, why = minaction.backends.select.available("triton", "cpu")
     if not ok:
         pytest.skip(f"triton backend not available: {why}")
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from minaction.backends import cpu as cpu_backend
 @pytest.fixture(scope="module")
 def real_build():
     """The build this process uses (built once per test session), to copy into temp caches."""
-    ok, why = minaction.backend.available("cpu", "cpu")
+    ok, why = minaction.backends.select.available("cpu", "cpu")
     if not ok:
         pytest.fail(f"the cpu backend must build on this machine: {why}")
     return cpu_backend._state["spec"]
@@ -69,7 +69,7 @@ def test_stale_lock_falls_back_with_a_warning_naming_it(tmp_path):
             warnings.simplefilter("always")
             layer = minaction.nn.EnergyLinear(8, 4)
             y = layer(torch.randn(3, 8))
-        print("BACKEND", minaction.backend.select(torch.device("cpu")))
+        print("BACKEND", minaction.backends.select.select(torch.device("cpu")))
         for m in w:
             print("WARN", m.message)
     """
@@ -99,7 +99,7 @@ def test_lock_taken_during_the_build_call_also_times_out(tmp_path, monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     original = cpp_extension.FileBaton
     with pytest.raises(cpu_backend.BuildLockTimeout, match="lock"):
-        cpu_backend._build(spec, verbose=False)
+        cpu_backend._build(spec)
     assert cpp_extension.FileBaton is original  # restored
 
 
@@ -139,7 +139,7 @@ def test_existing_build_loads_without_lock_or_writes(real_build, tmp_path):
         x = torch.randn(3, 8)
         layer = minaction.nn.EnergyLinear(8, 4)
         layer(x)
-        print("BACKEND", minaction.backend.select(torch.device("cpu")))
+        print("BACKEND", minaction.backends.select.select(torch.device("cpu")))
         from minaction.backends import cpu
         print("ISA", cpu.loaded_isa())
     """
@@ -181,3 +181,26 @@ def test_incomplete_build_is_not_loaded_directly(real_build, tmp_path, monkeypat
     # and the next process loads it directly, silently
     r2 = _sub(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path)}, timeout=300)
     assert r2.returncode == 0 and "CALLS 0" in r2.stdout and "building" not in r2.stderr
+
+
+def test_once_loader_runs_once_and_remembers_a_failure():
+    from minaction.backends.loader import Once
+
+    calls = []
+
+    def ok():
+        calls.append(1)
+        return "ops"
+
+    once = Once()
+    assert once(ok) == "ops" and once(ok) == "ops" and len(calls) == 1
+
+    def bad():
+        calls.append(2)
+        raise RuntimeError("build failed")
+
+    failing = Once()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="build failed"):
+            failing(bad)
+    assert calls.count(2) == 1  # a failed build is not retried in the same process

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import minaction
-from minaction import backend as mbackend
+from minaction.backends import select as mbackend
 from minaction.backends import ACTIVATIONS
 from minaction.ops import activation_energy, energy_linear
 
@@ -197,13 +197,49 @@ def test_opcheck_library_ops():
 
     ops = cpu.load()
     # the layer op carries a C++ autograd formula; the primitives below it have none by design
-    opcheck(ops.energy_linear.default, (x.clone().requires_grad_(True), w.clone().requires_grad_(True), b, 1, 2, 0.2))
-    opcheck(ops.energy_linear.default, (x3, w3, b2, 2, 2, 0.2))
+    opcheck(ops.layer.default, (x.clone().requires_grad_(True), w.clone().requires_grad_(True), b, 1, 2, 0.2))
+    opcheck(ops.layer.default, (x3, w3, b2, 2, 2, 0.2))
     opcheck(ops.linear_fwd.default, (x3, w3.detach(), b2.detach(), 3, 2, 0.2, True))
     opcheck(ops.act_fwd.default, (x3, 4, 1, 0.2, False))
     y, z, _ = ops.linear_fwd(x3, w3.detach(), b2.detach(), 3, 2, 0.2, True)
     opcheck(ops.linear_bwd.default, (torch.randn_like(y), torch.ones(1, dtype=y.dtype), x3, w3.detach(), y, z, 3, 2,
                                      0.2, True, True, True))
+
+
+def test_one_namespace_each_schema_declared_once():
+    """Every op is minaction::<name>, declared in backends/library.py only; the C++ sources
+    register implementations (TORCH_LIBRARY_IMPL) and never declare a namespace themselves."""
+    import pathlib
+    import re
+
+    from minaction.backends import library, source_dir
+
+    for name in library.SCHEMAS:
+        assert hasattr(torch.ops.minaction, name), name
+    with pytest.raises(RuntimeError, match="minaction"):  # a second declaration of the namespace is refused
+        torch.library.Library("minaction", "DEF")
+    for src in pathlib.Path(source_dir()).glob("*.cpp"):
+        text = src.read_text()
+        assert not re.search(r"TORCH_LIBRARY(_FRAGMENT)?\s*\(", text), f"{src.name} declares schemas"
+        assert set(re.findall(r"TORCH_LIBRARY_IMPL\s*\(\s*(\w+)", text)) == {"minaction"}, src.name
+    pkg = pathlib.Path(minaction.__file__).parent
+    defs = [f for f in pkg.rglob("*.py") if re.search(r"Library\(\"minaction\", \"DEF\"\)|custom_op\(",
+                                                       f.read_text())]
+    assert [f.name for f in defs] == ["library.py"], defs
+
+
+def test_composite_is_a_listed_selectable_backend():
+    assert "composite" in mbackend.BACKENDS and mbackend.available("composite", "cpu")[0]
+    x, w, b = make(6, 5, 4, torch.float64)
+    with minaction.use_backend("composite"):
+        assert mbackend.select(torch.device("cpu")) == "composite"
+        y, e = energy_linear(x, w, b, "gelu", "l2")
+    yr, er = ref_layer(x, w, b, "gelu", "l2", "sum")
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(e, er)
+    assert mbackend.module("composite").available(torch.device("cpu"))[0]
+    with pytest.raises(ValueError, match="no primitives"):
+        mbackend.module("reference")
 
 
 def test_torch_compile_over_layers():

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import minaction
-from minaction import backend as mb
+from minaction.backends import select as mb
 from minaction.backends import ACT_CODES, ACTIVATIONS, composite, source_dir
 
 # the interpreter's numpy matmul warns about inf - inf; that NaN is the point of these tests

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minaction
-from minaction import backend as mbackend
+from minaction.backends import select as mbackend
 from minaction.nn import EnergyLinear
 
 
@@ -187,3 +187,75 @@ def test_training_run_matches_reference(dtype, tol):
     ref, fused = run("reference"), run("cpu")
     assert ref[-1] < 0.5 * ref[0]  # it actually trains
     torch.testing.assert_close(fused, ref, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------- the cached fast path
+@pytest.mark.skipif(not mbackend.available("cpu")[0], reason="C++ backend unavailable")
+def test_forward_reuses_its_plan_and_drops_it_when_a_fact_changes(monkeypatch):
+    from minaction.nn import layers as layers_mod
+
+    calls = []
+    full = layers_mod.energy_linear
+
+    def counting(*a, **k):
+        calls.append(1)
+        return full(*a, **k)
+
+    monkeypatch.setattr(layers_mod, "energy_linear", counting)
+    torch.manual_seed(0)
+    el = minaction.nn.EnergyLinear(5, 4)
+    x = torch.randn(6, 5)
+    y0 = el(x)
+    y1 = el(x)
+    assert len(calls) == 1  # the second call ran the plan: one C++ op, no re-validation
+    torch.testing.assert_close(y0, y1)
+    ref = torch.relu(F.linear(x, el.weight, el.bias))
+    torch.testing.assert_close(y1, ref)
+    torch.testing.assert_close(el.last_energy, ref.pow(2).sum(1).mean())
+    el(torch.randn(9, 5))  # another batch size: still the plan (the scale follows the rows)
+    assert len(calls) == 1
+    # bad input after a good one: the full path, with its clear errors
+    with pytest.raises(ValueError, match="expects 5 input features"):
+        el(torch.randn(6, 4))
+    with pytest.raises(TypeError, match="dtype"):
+        el(torch.randn(6, 5, dtype=torch.float64))
+    n = len(calls)
+    el.double()  # same Parameter objects, new dtype
+    assert el(x.double()).dtype == torch.float64 and len(calls) == n + 1
+    el(x.double())
+    assert len(calls) == n + 1
+    el.activation = "tanh"  # an option changed on the module
+    y = el(x.double())
+    assert len(calls) == n + 2
+    torch.testing.assert_close(y, torch.tanh(F.linear(x.double(), el.weight, el.bias)))
+    with minaction.use_backend("reference"):  # forcing changed
+        el(x.double())
+    assert len(calls) == n + 3
+    monkeypatch.setenv("MINACTION_BACKEND", "reference")
+    el(x.double())
+    assert len(calls) == n + 4
+    monkeypatch.delenv("MINACTION_BACKEND")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert el(x.double()).dtype == torch.float64  # autocast leaves float64 alone, via the full path
+    assert len(calls) == n + 5
+    el.weight = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))  # a new weight object
+    torch.testing.assert_close(el(x.double()), torch.tanh(F.linear(x.double(), el.weight, el.bias)))
+    assert len(calls) == n + 6
+
+
+@pytest.mark.skipif(not mbackend.available("cpu")[0], reason="C++ backend unavailable")
+def test_plan_is_not_copied_and_batched_layers_use_it(monkeypatch):
+    import copy
+
+    el = minaction.nn.EnergyLinear(3, 2, num_models=4)
+    x = torch.randn(4, 5, 3)
+    el(x)
+    assert el.__dict__.get("_plan") is not None
+    twin = copy.deepcopy(el)
+    assert twin.__dict__.get("_plan") is None
+    y = el(x)
+    ref = torch.relu(torch.baddbmm(el.bias.unsqueeze(1), x, el.weight.transpose(1, 2)))
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(el.last_energy, ref.pow(2).sum(2).mean(1))
+    with pytest.raises(ValueError, match="batched layer with 4 models"):
+        el(torch.randn(3, 5, 3))

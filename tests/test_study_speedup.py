@@ -45,7 +45,7 @@ def test_plain_model_is_the_library_architecture(ss, arch, modality):
     """With the library model's weights copied in, the plain model gives the same logits and the same
     activation energy (sum over hidden layers of the batch mean of sum(act^2)) in float64."""
     from minaction import models
-    from minaction.utils import total_energy
+    from minaction.model_api import total_energy
 
     meta = _metas()[modality]
     plain = ss.build_plain(arch, meta, BUDGET).double()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import minaction
-from minaction import backend as mb
+from minaction.backends import select as mb
 from minaction.backends import ACTIVATIONS, NEEDS_Z, composite
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,10 @@
-"""Kernel backends of the fused energy operators.
+"""Kernel backends of the fused energy operators, and the one home of what they share.
+
+Here: the primitives' contract (below), the activation names and integer codes, the energy
+dtype. Beside it: ``select.py`` (which backend runs, and loading one by name),
+``library.py`` (every ``minaction::`` op schema, declared once, with its fake), ``loader.py``
+(building/loading a C++ extension), and one module per backend (``composite``, ``cpu``,
+``triton``, ``cuda``). ``kernels/`` (the Triton kernels) imports its constants from here.
 
 Every backend implements the same four primitives on 3-D "grouped" tensors
 (``G`` independent models, ``M`` rows each, ``K`` inputs, ``N`` outputs); the
@@ -18,8 +24,12 @@ with ``y = act(z)``, ``z = x @ w^T + b``, ``e[g] = scale * sum |y[g]|^p`` (``p``
 {1, 2}; ``p == 0`` means no energy and ``e`` is zeros), and the backward
 ``gz = (gy + ge[g] * scale * d|y|^p/dy) * act'(z)``. ``e`` is float32 for
 half/bfloat16 inputs and the input dtype otherwise. ``keep_z`` is true only for
-activations whose derivative needs ``z`` (gelu, silu).
+activations whose derivative needs ``z`` (gelu, silu). The CPU kernels of ``linear_fwd`` /
+``linear_bwd`` also take the plain layer with ``G`` omitted (``x [M,K]``, ``w [N,K]``, ``b [N]``
+-> ``y [M,N]``, ``e`` 0-dim, ``gb [N]``): the ``layer`` op passes it so, without views.
 """
+
+import torch
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
 # activations whose derivative cannot be written in terms of the output y alone
@@ -38,33 +48,5 @@ def source_dir():
 
 
 def energy_dtype(dtype):
-    import torch
-
+    """The dtype of the energy for inputs of ``dtype``: float32 for half/bfloat16, else ``dtype``."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def register_primitive_fakes(lib: str) -> None:
-    """Fake (meta) kernels for a compiled backend's ``lib::{linear_fwd,linear_bwd,act_fwd,act_bwd}``
-    ops, whose schemas follow the contract above, so ``torch.compile`` can trace them."""
-    import torch
-
-    @torch.library.register_fake(f"{lib}::linear_fwd")
-    def _(x, w, b, act, p, scale, keep_z):
-        G, M, _ = x.shape
-        N = w.shape[1]
-        z = x.new_empty((G, M, N)) if keep_z else x.new_empty(0)
-        return x.new_empty((G, M, N)), z, x.new_empty((G,), dtype=energy_dtype(x.dtype))
-
-    @torch.library.register_fake(f"{lib}::linear_bwd")
-    def _(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
-        return (x.new_empty(x.shape) if need_x else gy.new_empty(0), w.new_empty(w.shape) if need_w else gy.new_empty(0),
-                gy.new_empty((w.shape[0], w.shape[1])) if need_b else gy.new_empty(0))
-
-    @torch.library.register_fake(f"{lib}::act_fwd")
-    def _(z, act, p, scale, keep_z):
-        return (z.new_empty(z.shape), z.new_empty(z.shape) if keep_z else z.new_empty(0),
-                z.new_empty((z.shape[0],), dtype=energy_dtype(z.dtype)))
-
-    @torch.library.register_fake(f"{lib}::act_bwd")
-    def _(gy, ge, y, z, act, p, scale):
-        return gy.new_empty(gy.shape)

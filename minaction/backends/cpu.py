@@ -32,22 +32,23 @@ that says so.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from . import ACT_CODES, source_dir  # noqa: F401  (source_dir is part of this module's API)
+from .loader import Once, load_extension, load_library
 
-_lock = threading.Lock()
+_once = Once()
 _state: dict = {}
-OPS = None  # torch.ops.minaction_cpu once loaded (read without the lock, so torch.compile can trace it)
+OPS = None  # torch.ops.minaction once this backend's kernels are loaded (read without a lock: compile traces it)
 
 ISAS = ("default", "avx2", "avx512")
 _ISA_FLAGS = {
@@ -186,7 +187,7 @@ def _say_building(spec: dict) -> None:
               flush=True)
 
 
-def _build(spec: dict, verbose: bool) -> None:
+def _build(spec: dict) -> None:
     """Build with ``torch.utils.cpp_extension`` (ninja); never wait on its lock for ever."""
     from torch.utils import cpp_extension
 
@@ -205,8 +206,7 @@ def _build(spec: dict, verbose: bool) -> None:
         cpp_extension.FileBaton = _TimedBaton
         patched = True
     try:
-        cpp_extension.load(name=spec["name"], sources=[str(spec["source"])], extra_cflags=spec["flags"],
-                           build_directory=str(spec["dir"]), is_python_module=False, verbose=verbose)
+        load_extension(spec["name"], [spec["source"]], extra_cflags=spec["flags"], build_directory=str(spec["dir"]))
     finally:
         if patched:
             cpp_extension.FileBaton = base
@@ -218,40 +218,31 @@ def _build(spec: dict, verbose: bool) -> None:
         pass
 
 
-def load():
-    """Build (once) and load the C++ extension; return ``torch.ops.minaction_cpu``."""
+def _load():
     global OPS
-    if OPS is not None:
-        return OPS
-    with _lock:
-        if "ops" in _state:
-            return _state["ops"]
-        if "error" in _state:
-            raise _state["error"]
-        try:
-            spec = build_spec()
-            if _marker_ok(spec):
-                torch.ops.load_library(str(spec["so"]))  # a finished build: no lock, works read-only
-            else:
-                _build(spec, os.environ.get("MINACTION_VERBOSE_BUILD", "") not in ("", "0"))
-            _register_fakes()
-            _state["spec"] = spec
-            _state["ops"] = OPS = torch.ops.minaction_cpu
-        except Exception as exc:  # remembered: one failed build is not retried in this process
-            _state["error"] = exc
-            raise
-        return _state["ops"]
+    spec = build_spec()
+    if _marker_ok(spec):
+        load_library(spec["so"])  # a finished build: no lock, works read-only
+    else:
+        _build(spec)
+    _state["spec"] = spec
+    OPS = torch.ops.minaction
+    return OPS
+
+
+def load():
+    """Build (once) and load the C++ extension; return ``torch.ops.minaction`` (whose CPU kernels it holds).
+    A failure is remembered: one failed build is not retried in this process."""
+    return OPS if OPS is not None else _once(_load)
 
 
 def loaded_isa() -> str | None:
     """The ISA of the loaded build (asked from the library itself), or None before :func:`load`."""
-    return torch.ops.minaction_cpu.isa().lower() if OPS is not None else None
-
-
-def _register_fakes():
-    from . import register_primitive_fakes
-
-    register_primitive_fakes("minaction_cpu")
+    if OPS is None:
+        return None
+    fn = ctypes.CDLL(str(_state["spec"]["so"])).minaction_cpu_isa
+    fn.restype = ctypes.c_char_p
+    return fn().decode().lower()
 
 
 def available(device: torch.device):
@@ -282,6 +273,6 @@ def act_backward(gy, ge, y, z, act, p, scale):
     return load().act_bwd(gy, ge, y, z, ACT_CODES[act], p, scale)
 
 
-def energy_linear(x, w, b, act, p, scale):
-    """The whole layer with its C++ autograd formula (the eager fast path)."""
-    return (OPS if OPS is not None else load()).energy_linear(x, w, b, ACT_CODES[act], p, scale)
+def layer(x, w, b, act, p, scale):
+    """The whole layer, ``minaction::layer`` (one C++ op with a C++ autograd formula)."""
+    return (OPS if OPS is not None else load()).layer(x, w, b, ACT_CODES[act], p, scale)

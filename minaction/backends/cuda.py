@@ -12,59 +12,41 @@ visible GPU's).
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
 from . import ACT_CODES, composite, source_dir  # noqa: F401  (source_dir is part of this module's API)
+from .loader import Once, load_extension
+
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_once = Once()
 
-_lock = threading.Lock()
 
+def _load():
+    if torch.version.cuda is None:
+        raise RuntimeError("this torch build has no CUDA support (torch.version.cuda is None)")
+    from torch.utils import cpp_extension
 
-_state: dict = {}
+    if cpp_extension.CUDA_HOME is None:
+        raise RuntimeError("nvcc / CUDA_HOME not found: install the CUDA toolkit or set CUDA_HOME")
+    src = source_dir()
+    sources = [src / "energy_cuda.cpp", src / "energy_cuda.cu"]
+    for s in sources:
+        if not s.exists():
+            raise FileNotFoundError(f"CUDA source not found: {s}")
+    if os.environ.get("MINACTION_CUDA_ARCH"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["MINACTION_CUDA_ARCH"]
+    elif "TORCH_CUDA_ARCH_LIST" not in os.environ and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    return load_extension("minaction_cuda_ext", sources, extra_include_paths=[str(src)], extra_cflags=["-O3"],
+                          extra_cuda_cflags=["-O3", "-lineinfo"])
 
 
 def load():
-    """Build (once per process, cached on disk by torch) and load the extension; return its ops."""
-    with _lock:
-        if "ops" in _state:
-            return _state["ops"]
-        if "error" in _state:
-            raise _state["error"]
-        try:
-            if torch.version.cuda is None:
-                raise RuntimeError("this torch build has no CUDA support (torch.version.cuda is None)")
-            from torch.utils import cpp_extension
-
-            if cpp_extension.CUDA_HOME is None:
-                raise RuntimeError("nvcc / CUDA_HOME not found: install the CUDA toolkit or set CUDA_HOME")
-            src = source_dir()
-            sources = [str(src / "energy_cuda.cpp"), str(src / "energy_cuda.cu")]
-            for s in sources:
-                if not os.path.exists(s):
-                    raise FileNotFoundError(f"CUDA source not found: {s}")
-            if os.environ.get("MINACTION_CUDA_ARCH"):
-                os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["MINACTION_CUDA_ARCH"]
-            elif "TORCH_CUDA_ARCH_LIST" not in os.environ and torch.cuda.is_available():
-                major, minor = torch.cuda.get_device_capability()
-                os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-            verbose = os.environ.get("MINACTION_VERBOSE_BUILD", "") not in ("", "0")
-            cpp_extension.load(name="minaction_cuda_ext", sources=sources, extra_include_paths=[str(src)],
-                               extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
-                               is_python_module=False, verbose=verbose)
-            _register_fakes()
-            _state["ops"] = torch.ops.minaction_cuda
-        except Exception as exc:  # remembered: a failed build is not retried in this process
-            _state["error"] = exc
-            raise
-        return _state["ops"]
-
-
-def _register_fakes():
-    from . import register_primitive_fakes
-
-    register_primitive_fakes("minaction_cuda")
+    """Build (once per process, cached on disk by torch) and load the extension; return
+    ``torch.ops.minaction`` (whose CUDA kernels it holds). A failure is remembered."""
+    return _once(_load)
 
 
 def available(device: torch.device):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..ops import energy_linear, validate_energy
+from ..ops.energy import make_plan, run_plan
 
 
 def _dead_functorch_tensor(t: torch.Tensor) -> bool:
@@ -62,6 +63,7 @@ class EnergyLayer(nn.Module):
         # deepcopy, pickle and torch.save(model) copy the layer, never the last step's graph
         state = super().__getstate__()
         state["_last_energy"] = None
+        state.pop("_plan", None)  # a cached call plan refers to this copy's tensors: rebuilt on first forward
         return state
 
     def __setstate__(self, state):
@@ -136,8 +138,19 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                 (self.bias if g is None else self.bias[g]).uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, e = energy_linear(x, self.weight, self.bias, self.activation, self.energy, self.energy_reduction,
-                             backend=self.backend)
+        w, b = self.weight, self.bias
+        if torch.compiler.is_compiling():  # traced: the plain function, no cached plan
+            y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend)
+            self.__dict__["_last_energy"] = e
+            return y
+        plan = self.__dict__.get("_plan")
+        out = run_plan(plan, x, w, b, self.activation, self.energy, self.energy_reduction, self.backend) \
+            if plan is not None else None  # eager cpu: one C++ call, checks only
+        if out is None:  # the full path: validation, autocast, backend choice; then remember the decision
+            out = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend)
+            self.__dict__["_plan"] = make_plan(x, w, b, self.activation, self.energy, self.energy_reduction,
+                                               self.backend)
+        y, e = out
         self.__dict__["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
         return y
 

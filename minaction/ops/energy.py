@@ -1,20 +1,26 @@
-"""The fused operators ``minaction::energy_linear`` and ``minaction::activation_energy``.
+"""The public functions :func:`energy_linear` and :func:`activation_energy`, and the Python
+implementations and autograd formulas of the routed ops ``minaction::energy_linear`` and
+``minaction::activation_energy`` (schemas and fakes: ``minaction/backends/library.py``).
 
-Each is a ``torch.library`` custom op with a fake (meta) kernel and a registered
-autograd formula, so ``torch.library.opcheck`` and ``torch.compile`` understand it.
-The op receives the backend name as an argument and hands the work to that
-backend's primitives (``minaction.backends``); the ``reference`` backend never
-reaches these ops: it is plain PyTorch autograd, see :func:`energy_linear`.
+The path of a call, top-down (docs/kernels.md draws it file by file):
+
+1. :func:`energy_linear` checks the options and tensors, applies autocast, and asks
+   ``backends.select`` which backend runs for the input's device;
+2. it runs exactly one of three paths:
+   ``reference`` -> :func:`_reference_linear` (plain PyTorch autograd);
+   ``cpu``       -> ``backends.cpu.layer`` -> the C++ op ``minaction::layer`` (C++ autograd);
+   any other     -> :func:`_routed_linear` -> the routed op ``minaction::energy_linear``, whose
+   implementation calls the backend's primitives (``backends.select.module(name)``).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import backend as _backend
-from ..backends import ACTIVATIONS, NEEDS_Z, composite, energy_dtype
+from ..backends import ACTIVATIONS, NEEDS_Z, composite, energy_dtype, library, select as _select
 from ..backends import cpu as _cpu  # importing builds nothing: the C++ extension is built on first use
 
 ENERGIES = {"l2": 2, "l1": 1, None: 0, "none": 0}
@@ -38,40 +44,24 @@ def _scale(rows: int, cols: int, mean: bool) -> float:
     return 1.0 / (max(rows, 1) * (cols if mean else 1))
 
 
-# ----------------------------------------------------------------------------- energy_linear
-@torch.library.custom_op("minaction::energy_linear", mutates_args=())
-def _energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, p: int, mean: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+# ----------------------------------------------------------------------------- minaction::energy_linear
+def _energy_linear_impl(x, weight, bias, act, p, mean, backend):
     scale = _scale(x.shape[1], weight.shape[1], mean)
-    y, z, e = _backend.module(backend).linear_forward(x, weight, bias, act, p, scale, act in NEEDS_Z)
+    y, z, e = _select.module(backend).linear_forward(x, weight, bias, act, p, scale, act in NEEDS_Z)
     return y, e, z
 
 
-@_energy_linear.register_fake
-def _(x, weight, bias, act, p, mean, backend):
-    G, M, _ = x.shape
-    N = weight.shape[1]
-    y = x.new_empty((G, M, N))
-    z = x.new_empty((G, M, N)) if act in NEEDS_Z else x.new_empty(0)
-    return y, x.new_empty((G,), dtype=energy_dtype(x.dtype)), z
-
-
-@torch.library.custom_op("minaction::energy_linear_backward", mutates_args=())
-def _energy_linear_backward(gy: Tensor, ge: Tensor, x: Tensor, weight: Tensor, y: Tensor, z: Tensor, act: str,
-                            p: int, mean: bool, need_x: bool, need_w: bool, need_b: bool,
-                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _energy_linear_backward_impl(gy, ge, x, weight, y, z, act, p, mean, need_x, need_w, need_b, backend):
     scale = _scale(x.shape[1], weight.shape[1], mean)
-    out = _backend.module(backend).linear_backward(gy, ge, x, weight, y, z, act, p, scale, need_x, need_w, need_b)
-    # a custom op's outputs may not alias each other or an input: unneeded grads are fresh empties
+    out = _select.module(backend).linear_backward(gy, ge, x, weight, y, z, act, p, scale, need_x, need_w, need_b)
+    # an op's outputs may not alias each other or an input: unneeded grads are fresh empties
     return tuple(t if (want and t.numel()) else gy.new_empty(0) for t, want in zip(out, (need_x, need_w, need_b)))
 
 
-@_energy_linear_backward.register_fake
-def _(gy, ge, x, weight, y, z, act, p, mean, need_x, need_w, need_b, backend):
-    G, N = weight.shape[0], weight.shape[1]
-    e = gy.new_empty(0)
-    return (x.new_empty(x.shape) if need_x else e, weight.new_empty(weight.shape) if need_w else e,
-            gy.new_empty((G, N)) if need_b else e)
+library.lib.impl("energy_linear", _energy_linear_impl, "CompositeExplicitAutograd")
+library.lib.impl("energy_linear_backward", _energy_linear_backward_impl, "CompositeExplicitAutograd")
+_energy_linear = torch.ops.minaction.energy_linear.default
+_energy_linear_backward = torch.ops.minaction.energy_linear_backward.default
 
 
 def _el_setup(ctx, inputs, output):
@@ -133,36 +123,27 @@ def _el_backward(ctx, gy, ge, _gz):
             None, None, None, None)
 
 
-_energy_linear.register_autograd(_el_backward, setup_context=_el_setup)
+torch.library.register_autograd("minaction::energy_linear", _el_backward, setup_context=_el_setup, lib=library.lib)
 
 
-# ----------------------------------------------------------------------------- activation_energy
-@torch.library.custom_op("minaction::activation_energy", mutates_args=())
-def _activation_energy(z: Tensor, act: str, p: int, mean: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+# ----------------------------------------------------------------------------- minaction::activation_energy
+def _activation_energy_impl(z, act, p, mean, backend):
     scale = _scale(z.shape[1], z.shape[2], mean)
-    y, zs, e = _backend.module(backend).act_forward(z, act, p, scale, act in NEEDS_Z)
+    y, zs, e = _select.module(backend).act_forward(z, act, p, scale, act in NEEDS_Z)
     if zs.numel() and zs.data_ptr() == z.data_ptr():
-        zs = zs.clone()  # a custom op may not return an alias of its input
+        zs = zs.clone()  # an op may not return an alias of its input
     return y, e, zs
 
 
-@_activation_energy.register_fake
-def _(z, act, p, mean, backend):
-    G = z.shape[0]
-    zs = z.new_empty(z.shape) if act in NEEDS_Z else z.new_empty(0)
-    return z.new_empty(z.shape), z.new_empty((G,), dtype=energy_dtype(z.dtype)), zs
-
-
-@torch.library.custom_op("minaction::activation_energy_backward", mutates_args=())
-def _activation_energy_backward(gy: Tensor, ge: Tensor, y: Tensor, z: Tensor, act: str, p: int, mean: bool,
-                                backend: str) -> Tensor:
+def _activation_energy_backward_impl(gy, ge, y, z, act, p, mean, backend):
     scale = _scale(y.shape[1], y.shape[2], mean)
-    return _backend.module(backend).act_backward(gy, ge, y, z, act, p, scale)
+    return _select.module(backend).act_backward(gy, ge, y, z, act, p, scale)
 
 
-@_activation_energy_backward.register_fake
-def _(gy, ge, y, z, act, p, mean, backend):
-    return gy.new_empty(gy.shape)
+library.lib.impl("activation_energy", _activation_energy_impl, "CompositeExplicitAutograd")
+library.lib.impl("activation_energy_backward", _activation_energy_backward_impl, "CompositeExplicitAutograd")
+_activation_energy = torch.ops.minaction.activation_energy.default
+_activation_energy_backward = torch.ops.minaction.activation_energy_backward.default
 
 
 def _ae_setup(ctx, inputs, output):
@@ -195,7 +176,8 @@ def _ae_backward(ctx, gy, ge, _gz):
         None, None, None, None
 
 
-_activation_energy.register_autograd(_ae_backward, setup_context=_ae_setup)
+torch.library.register_autograd("minaction::activation_energy", _ae_backward, setup_context=_ae_setup,
+                                lib=library.lib)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -310,37 +292,138 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
             with torch.autocast(x.device.type, enabled=False):
                 return energy_linear(x, weight, bias, activation, energy, reduction, backend)
     _validate_linear(x, weight, bias)
-    batched = weight.dim() == 3
-    name = "reference" if _plain_path(backend) else (backend if backend is not None else _backend.select(x.device))
+    name = _route(x, backend)
     mean = reduction == "mean"
-    if name == "cpu" and (x.dim() == 2 or batched):
-        # eager hot path: one C++ op with its own autograd formula (a few us per call instead
-        # of the ~50 us of a Python custom op); it takes the 2-D and the grouped shapes as is
-        if batched and x.dim() == 2:
-            x = x.unsqueeze(0).expand(weight.shape[0], -1, -1)
-        return _cpu.energy_linear(x, weight, bias, activation, p, _scale(x.shape[-2], weight.shape[-2], mean))
-    if batched:
-        G = weight.shape[0]
-        x3 = x.unsqueeze(0).expand(G, -1, -1) if x.dim() == 2 else x
-        w3, b2, out_shape = weight, bias, None
-    else:
-        x3 = x.reshape(1, -1, weight.shape[1])
-        w3 = weight.unsqueeze(0)
-        b2 = bias.unsqueeze(0) if bias is not None else None
-        out_shape = x.shape[:-1] + (weight.shape[0],)
+    if name == "cpu":
+        return _cpu_linear(x, weight, bias, activation, p, mean)
     if name == "reference":
-        z = torch.baddbmm(b2.unsqueeze(1), x3, w3.transpose(1, 2)) if b2 is not None else torch.bmm(
-            x3, w3.transpose(1, 2))
-        y = composite.apply_act(z, activation)
-        e = composite.energy_of(y, p, _scale(y.shape[1], y.shape[2], mean))
-    else:
-        if name != "triton":  # the Triton kernels read x through its strides: no copy of a shared input
-            x3 = x3.contiguous()
-        y, e, _ = _energy_linear(x3, w3.contiguous(), None if b2 is None else b2.contiguous(),
-                                 activation, p, mean, name)
-    if out_shape is not None:
-        return y.reshape(out_shape), e.reshape(())
-    return y, e
+        return _reference_linear(x, weight, bias, activation, p, mean)
+    return _routed_linear(x, weight, bias, activation, p, mean, name)
+
+
+def _route(t: Tensor, backend: Optional[str]) -> str:
+    """The backend that runs for ``t``: ``reference`` under a transform or export, else the
+    layer's forced one, else ``backends.select``'s choice for the device."""
+    if _plain_path(backend):
+        return "reference"
+    return backend if backend is not None else _select.select(t.device)
+
+
+def _cpu_linear(x, weight, bias, act, p, mean):
+    """The ``cpu`` path: one call of the C++ op ``minaction::layer`` per direction (its autograd
+    formula is C++ too); it takes the plain ``[M, K]`` and the grouped ``[G, M, K]`` shapes."""
+    if weight.dim() == 3:
+        if x.dim() == 2:  # a shared input: a stride-0 view, no copy
+            x = x.unsqueeze(0).expand(weight.shape[0], -1, -1)
+        return _cpu.layer(x, weight, bias, act, p, _scale(x.shape[1], weight.shape[1], mean))
+    if x.dim() == 2:
+        return _cpu.layer(x, weight, bias, act, p, _scale(x.shape[0], weight.shape[0], mean))
+    rows = math.prod(x.shape[:-1])  # x [..., K]: the leading dims are the rows
+    y, e = _cpu.layer(x.reshape(rows, x.shape[-1]), weight, bias, act, p, _scale(rows, weight.shape[0], mean))
+    return y.view(x.shape[:-1] + (weight.shape[0],)), e
+
+
+# ----------------------------------------------------------------------------- the layer's cached fast path
+class LinearPlan:
+    """What :func:`energy_linear` decided for one layer's call on the ``cpu`` path, reused by
+    :func:`run_plan` while every fact it rests on still holds: the same weight and bias objects
+    with the same dtype, device (CPU) and shape, an input of that dtype on CPU with the same
+    feature count and rank, no autocast, no ``torch.func`` transform, no export or compile
+    tracing, and the same backend forcing. Anything else takes the full path (which validates
+    and raises the same clear errors)."""
+
+    __slots__ = ("weight", "bias", "dtype", "wshape", "bshape", "xdim", "K", "G", "code", "p", "cols", "mean",
+                 "auto", "forced", "env", "options")
+
+    def __init__(self, x, weight, bias, act, p, mean, backend, options):
+        self.options = options  # (activation, energy, reduction, backend) as the layer passed them
+        self.weight, self.bias, self.dtype = weight, bias, x.dtype
+        self.wshape, self.bshape = weight.shape, (bias.shape if bias is not None else None)
+        self.xdim, self.K = x.dim(), weight.shape[-1]
+        self.G = weight.shape[0] if weight.dim() == 3 else 0
+        self.code, self.p, self.mean = _cpu.ACT_CODES[act], p, mean
+        self.cols = weight.shape[-2]
+        self.auto = backend is None  # chosen by backends.select: valid while the forcing is unchanged
+        self.forced, self.env = _select._forced, _env_backend()
+
+
+_env_backend = _select.env_backend
+
+
+def make_plan(x, weight, bias, activation, energy, reduction, backend) -> Optional[LinearPlan]:
+    """A :class:`LinearPlan` when this call (already validated by :func:`energy_linear`) took
+    the ``cpu`` path with a plain ``[M, K]`` or grouped ``[G, M, K]`` input, else None."""
+    if not (type(x) is Tensor and x.is_cpu and _fast_world()):
+        return None
+    if weight.dim() == 2 and x.dim() != 2 or weight.dim() == 3 and x.dim() != 3:
+        return None
+    try:
+        if _route(x, backend) != "cpu":
+            return None
+    except RuntimeError:
+        return None
+    return LinearPlan(x, weight, bias, activation, _exponent(activation, energy, reduction), reduction == "mean",
+                      backend, (activation, energy, reduction, backend))
+
+
+def _fast_world() -> bool:
+    """No autocast, no torch.func transform, not exporting (the caller, ``EnergyLinear.forward``,
+    has checked that it is not being compiled)."""
+    return not ((_any_autocast is None or _any_autocast()) or _interpreter_stack() is not None or _is_exporting())
+
+
+def run_plan(plan: LinearPlan, x, weight, bias, activation, energy, reduction, backend):
+    """``(y, e)`` from one ``minaction::layer`` call if ``plan`` still holds for these arguments, else None."""
+    o = plan.options
+    if (weight is not plan.weight or activation != o[0] or energy != o[1] or reduction != o[2] or backend != o[3]
+            or bias is not plan.bias or type(x) is not Tensor or x.dtype != plan.dtype
+            or not x.is_cpu or x.dim() != plan.xdim or x.shape[-1] != plan.K or weight.dtype != plan.dtype
+            or not weight.is_cpu or weight.shape != plan.wshape or not _fast_world()):
+        return None
+    if bias is not None and (bias.dtype != plan.dtype or not bias.is_cpu or bias.shape != plan.bshape):
+        return None
+    if plan.auto and (_select._forced != plan.forced or _env_backend() != plan.env):
+        return None
+    if plan.G and x.shape[0] != plan.G:
+        return None
+    rows = x.shape[-2]
+    scale = 1.0 / (max(rows, 1) * (plan.cols if plan.mean else 1))
+    ops = _cpu.OPS
+    return ops.layer(x, weight, bias, plan.code, plan.p, scale) if ops is not None else None
+
+
+def _grouped(x, weight, bias):
+    """``x [G,M,K]``, ``w [G,N,K]``, ``b [G,N]`` views of the arguments, and the output shape
+    of the plain layer (None for the batched one)."""
+    if weight.dim() == 3:
+        x3 = x.unsqueeze(0).expand(weight.shape[0], -1, -1) if x.dim() == 2 else x
+        return x3, weight, bias, None
+    b2 = bias.unsqueeze(0) if bias is not None else None
+    return x.reshape(1, -1, weight.shape[1]), weight.unsqueeze(0), b2, x.shape[:-1] + (weight.shape[0],)
+
+
+def _ungrouped(y, e, out_shape):
+    return (y, e) if out_shape is None else (y.reshape(out_shape), e.reshape(()))
+
+
+def _reference_linear(x, weight, bias, act, p, mean):
+    """The ``reference`` path: plain PyTorch ops under PyTorch's own autograd."""
+    x3, w3, b2, out_shape = _grouped(x, weight, bias)
+    z = torch.baddbmm(b2.unsqueeze(1), x3, w3.transpose(1, 2)) if b2 is not None else torch.bmm(
+        x3, w3.transpose(1, 2))
+    y = composite.apply_act(z, act)
+    e = composite.energy_of(y, p, _scale(y.shape[1], y.shape[2], mean))
+    return _ungrouped(y, e, out_shape)
+
+
+def _routed_linear(x, weight, bias, act, p, mean, name):
+    """Every other backend: the routed op ``minaction::energy_linear``, which calls backend
+    ``name``'s primitives (``backends.select.module(name).linear_forward``)."""
+    x3, w3, b2, out_shape = _grouped(x, weight, bias)
+    if name != "triton":  # the Triton kernels read x through its strides: no copy of a shared input
+        x3 = x3.contiguous()
+    y, e, _ = _energy_linear(x3, w3.contiguous(), None if b2 is None else b2.contiguous(), act, p, mean, name)
+    return _ungrouped(y, e, out_shape)
 
 
 def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str] = "l2", reduction: str = "sum",
@@ -360,7 +443,7 @@ def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str]
         z3 = z.reshape(groups, z.shape[1], -1)
     else:
         z3 = z.reshape(1, z.shape[0], -1)
-    name = "reference" if _plain_path(backend) else (backend if backend is not None else _backend.select(z.device))
+    name = _route(z, backend)
     if name == "reference":
         y = composite.apply_act(z3, activation)
         e = composite.energy_of(y, p, _scale(y.shape[1], y.shape[2], reduction == "mean"))

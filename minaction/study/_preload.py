@@ -30,7 +30,7 @@ for _mod in ("minaction.data", "minaction.models"):
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     try:
-        from .. import backend as _backend
+        from ..backends import select as _backend
 
         _backend.select("cpu")  # builds or loads the cpu backend's extension once
     except Exception:  # a failure here is reported again, properly, inside the run

@@ -43,7 +43,7 @@ def check_backend() -> str:
     """The kernel backend the workers will use on CPU, checked in the driver: an unknown or
     unusable ``MINACTION_BACKEND`` raises :class:`StudyConfigError`. Returns its name, or
     ``"auto"`` (the workers choose, falling back to ``reference`` with a warning)."""
-    from .. import backend as _backend
+    from ..backends import select as _backend
 
     env = os.environ.get("MINACTION_BACKEND")
     try:

@@ -280,7 +280,7 @@ def train_group(runs: list, ckpt=None) -> list:
     ``ckpt``: a :class:`minaction.study.checkpoint.GroupCheckpoint`; the group resumes from it
     when it holds a matching checkpoint, and saves to it at the end of every epoch and at the
     first mid-epoch evaluation once ``ckpt.every_s`` seconds passed since the last save."""
-    from .. import backend as _backend
+    from ..backends import select as _backend
 
     t_start = time.perf_counter()
     cfg0 = runs[0]["config"]

@@ -1,9 +1,15 @@
-"""Which kernel backend runs, and why.
+"""Which kernel backend runs, and why: the one place that selects and loads a backend.
 
-Backends: ``reference`` (plain PyTorch autograd, the oracle, always available),
-``cpu`` (C++ in ``csrc/``, JIT-built with ninja on first use and cached),
-``triton`` (``kernels/``; CUDA GPUs, or CPU tensors under ``TRITON_INTERPRET=1``),
-``cuda`` (CUDA C++ in ``csrc/``, built on first use when torch has CUDA).
+Backends (``BACKENDS``):
+
+``reference``  plain PyTorch autograd, no custom op (the oracle; always available; what
+               ``torch.func`` transforms and ``torch.export`` run)
+``composite``  the executable specification (``backends/composite.py``, plain PyTorch ops)
+               run *through* the fused ``minaction::`` ops: every device, slow; a test oracle
+               of the op plumbing, never chosen automatically
+``cpu``        C++ in ``csrc/energy_cpu.cpp``, JIT-built with ninja on first use and cached
+``triton``     ``kernels/``; CUDA GPUs, or CPU tensors under ``TRITON_INTERPRET=1``
+``cuda``       CUDA C++ in ``csrc/energy_cuda.{cpp,cu}``, built on first use when torch has CUDA
 
 Selection: ``MINACTION_BACKEND`` (or :func:`set_backend` / :func:`use_backend`) forces
 one; a forced backend that cannot run on the tensor's device raises. Otherwise the
@@ -20,14 +26,25 @@ import warnings
 
 import torch
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
-_MODULES = {
-    "cpu": "minaction.backends.cpu",
-    "triton": "minaction.backends.triton",
-    "cuda": "minaction.backends.cuda",
-    "composite": "minaction.backends.composite",
-}
+BACKENDS = ("reference", "composite", "cpu", "triton", "cuda")
+# the module implementing each backend's primitives (``reference`` has none: it is plain autograd)
+_MODULES = {name: f"minaction.backends.{name}" for name in BACKENDS if name != "reference"}
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+_ENV = "MINACTION_BACKEND"
+# os.environ.get costs ~0.5 us (it encodes the key each time); its backing dict with the key
+# encoded once is read on every call of the hot path instead (falls back where it is absent)
+_env_data = getattr(os.environ, "_data", None)
+_env_key = os.environ.encodekey(_ENV) if _env_data is not None and hasattr(os.environ, "encodekey") else None
+
+
+def env_backend():
+    """The raw ``MINACTION_BACKEND`` value (None when unset), read cheaply."""
+    if _env_key is None:
+        return os.environ.get(_ENV)
+    v = _env_data.get(_env_key)
+    return None if v is None else os.environ.decodevalue(v)
+
 
 _lock = threading.Lock()
 _avail_cache: dict = {}
@@ -41,9 +58,21 @@ def _check_name(name: str) -> str:
     return name
 
 
+_loaded: dict = {}
+
+
 def module(name: str):
-    """The Python module implementing backend primitives (see ``minaction.backends``)."""
-    return importlib.import_module(_MODULES[name])
+    """The Python module implementing backend ``name``'s primitives (see ``minaction.backends``).
+
+    This is the one function that loads a backend by name; it imports the module only (a
+    compiled backend builds its extension on first use of a primitive or of ``available``)."""
+    mod = _loaded.get(name)
+    if mod is None:
+        if name not in _MODULES:
+            _check_name(name)
+            raise ValueError(f"backend {name!r} has no primitives: it is plain PyTorch autograd")
+        mod = _loaded[name] = importlib.import_module(_MODULES[name])
+    return mod
 
 
 def available(name: str, device="cpu") -> tuple[bool, str]:
@@ -52,6 +81,8 @@ def available(name: str, device="cpu") -> tuple[bool, str]:
     dev = torch.device(device)
     if name == "reference":
         return True, "plain PyTorch autograd runs everywhere"
+    if name == "composite":
+        return True, "the plain-op specification runs on every device (slow: a test oracle of the fused ops)"
     key = (name, dev.type)
     with _lock:
         if key not in _avail_cache:
@@ -66,7 +97,7 @@ def available(name: str, device="cpu") -> tuple[bool, str]:
 def forced() -> str | None:
     if _forced is not None:
         return _forced
-    env = os.environ.get("MINACTION_BACKEND", "").strip().lower()
+    env = (env_backend() or "").strip().lower()
     if env in ("", "auto"):
         return None
     return _check_name(env)
@@ -96,8 +127,7 @@ _select_cache: dict = {}
 @torch.compiler.assume_constant_result
 def select(device) -> str:
     """The backend that will run for tensors on ``device`` (cached until the forcing changes)."""
-    key = (device.type if isinstance(device, torch.device) else str(device), _forced,
-           os.environ.get("MINACTION_BACKEND"))
+    key = (device.type if isinstance(device, torch.device) else str(device), _forced, env_backend())
     hit = _select_cache.get(key)
     if hit is None:
         hit = _select_cache[key] = _select(torch.device(key[0]))

@@ -1,0 +1,126 @@
+"""The ``minaction::`` operator namespace: every schema, declared once, with its fake kernel.
+
+Implementations are registered per dispatch key elsewhere (see docs/kernels.md, "Adding an op
+or a backend"):
+
+====================================  ===============================================================
+op                                    implementations
+====================================  ===============================================================
+``linear_fwd`` ``linear_bwd``         the backend primitives on grouped 3-D tensors (contract in
+``act_fwd`` ``act_bwd``               ``minaction/backends/__init__.py``): ``CPU`` in
+                                      ``csrc/energy_cpu.cpp`` (whose linear ones also take the
+                                      plain 2-D layer, G omitted), ``CUDA`` in ``csrc/energy_cuda.cpp``
+``layer``                             the whole layer, plain ``[M,K]`` or grouped ``[G,M,K]``: one
+                                      call per direction. ``Autograd`` (a C++ autograd formula) and
+                                      ``CompositeExplicitAutograd`` in ``csrc/energy_cpu.cpp``; the
+                                      ``cpu`` backend's path from ``EnergyLinear.forward``
+``energy_linear`` (+``_backward``)    the layer / epilogue routed by a ``backend`` name to that
+``activation_energy`` (+``_backward``)  backend's Python primitives (``triton``, ``cuda``,
+                                      ``composite``; ``cpu`` for the epilogue):
+                                      ``CompositeExplicitAutograd`` and autograd formulas in
+                                      ``minaction/ops/energy.py``
+====================================  ===============================================================
+
+Integer codes: ``act`` is :data:`minaction.backends.ACT_CODES`; ``p`` is 0 (no energy), 1 or 2.
+The fakes below are the only statement of each op's output shapes (``torch.compile`` and
+``torch.library.opcheck`` trace with them).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import NEEDS_Z, energy_dtype
+
+SCHEMAS = {
+    # backend primitives (C++ per dispatch key)
+    "linear_fwd": "linear_fwd(Tensor x, Tensor w, Tensor? b, int act, int p, float scale, bool keep_z) "
+                  "-> (Tensor, Tensor, Tensor)",
+    "linear_bwd": "linear_bwd(Tensor gy, Tensor ge, Tensor x, Tensor w, Tensor y, Tensor z, int act, int p, "
+                  "float scale, bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)",
+    "act_fwd": "act_fwd(Tensor z, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)",
+    "act_bwd": "act_bwd(Tensor gy, Tensor ge, Tensor y, Tensor z, int act, int p, float scale) -> Tensor",
+    # the whole layer with a C++ autograd formula
+    "layer": "layer(Tensor x, Tensor w, Tensor? b, int act, int p, float scale) -> (Tensor, Tensor)",
+    # routed by backend name to Python primitives
+    "energy_linear": "energy_linear(Tensor x, Tensor weight, Tensor? bias, str act, int p, bool mean, "
+                     "str backend) -> (Tensor, Tensor, Tensor)",
+    "energy_linear_backward": "energy_linear_backward(Tensor gy, Tensor ge, Tensor x, Tensor weight, Tensor y, "
+                              "Tensor z, str act, int p, bool mean, bool need_x, bool need_w, bool need_b, "
+                              "str backend) -> (Tensor, Tensor, Tensor)",
+    "activation_energy": "activation_energy(Tensor z, str act, int p, bool mean, str backend) "
+                         "-> (Tensor, Tensor, Tensor)",
+    "activation_energy_backward": "activation_energy_backward(Tensor gy, Tensor ge, Tensor y, Tensor z, str act, "
+                                  "int p, bool mean, str backend) -> Tensor",
+}
+
+lib = torch.library.Library("minaction", "DEF")  # "DEF": a second declaration of the namespace raises
+for _schema in SCHEMAS.values():
+    lib.define(_schema)
+
+
+# ----------------------------------------------------------------------------- output shapes
+def fwd_outputs(t, shape, keep_z):
+    """Empty ``y`` of ``shape`` (``[G,M,N]``, or ``[M,N]`` for the plain layer), ``z`` (as ``y``
+    if kept, else ``[0]``) and ``e`` (``[G]``, or 0-dim) like ``t``."""
+    shape = tuple(shape)
+    z = t.new_empty(shape) if keep_z else t.new_empty(0)
+    return t.new_empty(shape), z, t.new_empty(shape[:-2], dtype=energy_dtype(t.dtype))
+
+
+def linear_bwd_outputs(gy, x, w, need_x, need_w, need_b):
+    """Empty ``gx`` (as ``x``), ``gw`` (as ``w``), ``gb`` (``[G,N]``, or ``[N]``); ``[0]`` for an unneeded one."""
+    return (x.new_empty(x.shape) if need_x else gy.new_empty(0), w.new_empty(w.shape) if need_w else gy.new_empty(0),
+            gy.new_empty(w.shape[:-1]) if need_b else gy.new_empty(0))
+
+
+def _linear_shape(x, w):
+    return tuple(x.shape[:-1]) + (w.shape[-2],)
+
+
+# ----------------------------------------------------------------------------- fakes
+@torch.library.register_fake("minaction::linear_fwd", lib=lib)
+def _(x, w, b, act, p, scale, keep_z):
+    return fwd_outputs(x, _linear_shape(x, w), keep_z)
+
+
+@torch.library.register_fake("minaction::linear_bwd", lib=lib)
+def _(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
+    return linear_bwd_outputs(gy, x, w, need_x, need_w, need_b)
+
+
+@torch.library.register_fake("minaction::act_fwd", lib=lib)
+def _(z, act, p, scale, keep_z):
+    return fwd_outputs(z, z.shape, keep_z)
+
+
+@torch.library.register_fake("minaction::act_bwd", lib=lib)
+def _(gy, ge, y, z, act, p, scale):
+    return gy.new_empty(gy.shape)
+
+
+@torch.library.register_fake("minaction::layer", lib=lib)
+def _(x, w, b, act, p, scale):
+    y, _, e = fwd_outputs(x, _linear_shape(x, w), False)
+    return y, e
+
+
+@torch.library.register_fake("minaction::energy_linear", lib=lib)
+def _(x, weight, bias, act, p, mean, backend):
+    y, z, e = fwd_outputs(x, _linear_shape(x, weight), act in NEEDS_Z)
+    return y, e, z
+
+
+@torch.library.register_fake("minaction::energy_linear_backward", lib=lib)
+def _(gy, ge, x, weight, y, z, act, p, mean, need_x, need_w, need_b, backend):
+    return linear_bwd_outputs(gy, x, weight, need_x, need_w, need_b)
+
+
+@torch.library.register_fake("minaction::activation_energy", lib=lib)
+def _(z, act, p, mean, backend):
+    y, zs, e = fwd_outputs(z, z.shape, act in NEEDS_Z)
+    return y, e, zs
+
+
+@torch.library.register_fake("minaction::activation_energy_backward", lib=lib)
+def _(gy, ge, y, z, act, p, mean, backend):
+    return gy.new_empty(gy.shape)
