@@ -225,3 +225,37 @@ def test_text_channels_member_major():
             one.weight.copy_(emb.weight[g])
         torch.testing.assert_close(out[:, 4 * g:4 * (g + 1)], one.channels(ids))
     assert (out[:, :, -2:] == 0).all()
+
+
+def test_evaluation_in_chunks_equals_whole_batches():
+    """The cnn asks the trainer to evaluate in pieces of ``eval_rows`` rows (memory-bound
+    feature maps); per-sample results do not depend on the piece size."""
+    from minaction.study.trainer import evaluate
+
+    meta = STEMS["vision"]
+    G, n = 3, 23
+    torch.manual_seed(0)
+    x = torch.randn(n, *meta.input_shape, dtype=torch.float64)
+    y = torch.randint(0, meta.num_classes, (n,))
+
+    class DS:
+        def batches(self, batch_size, shuffle=False):
+            for i in range(0, n, batch_size):
+                yield x[i:i + batch_size], y[i:i + batch_size]
+
+    model = models.build("cnn", meta, num_models=G, seeds=[0, 1, 2], dtype=torch.float64)
+    assert model.eval_rows > 0
+    seen = []
+    h = model.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))
+    with torch.no_grad():
+        model.eval_rows = 4
+        pieces = evaluate(model, DS(), G, batch_size=10)
+        cut = list(seen)
+        seen.clear()
+        model.eval_rows = 0
+        whole = evaluate(model, DS(), G, batch_size=10)
+    h.remove()
+    assert max(cut) == 4 and sum(cut) == n and seen == [10, 10, 3]
+    torch.testing.assert_close(pieces["acc"], whole["acc"], rtol=0, atol=0)
+    for k in ("loss", "energy"):  # evaluate's cross-entropy runs in float32: summation order only
+        torch.testing.assert_close(pieces[k], whole[k], rtol=1e-6, atol=1e-9)

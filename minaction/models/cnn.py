@@ -52,6 +52,11 @@ class ConvNet(EnergyNet):
 
     arch = "cnn"
     batched = True
+    #: evaluation runs in chunks of at most this many rows (per member): a 2,000-row batch of
+    #: 10 members' 28x28 feature maps is ~1 GB and memory-bound; measured on 2 cores (AVX2,
+    #: load ~5), a cnn evaluation pass took 0.62x (mnist) and 0.49x (sst2) the time at 64 rows
+    #: than at 1,000 (bench/RESULTS.md). Results are per sample, so chunks change nothing.
+    eval_rows = 64
     KNOBS = {"embed_dim": 64, "embed_init_std": 0.1, "channels": None, "kernel_size": None}
 
     def __init__(self, meta, width: int, depth: int, energy="l2", activation="relu", energy_reduction="sum",

@@ -120,6 +120,16 @@ def _energy(model, G):
 
 
 @torch.no_grad()
+def _chunks(batches, rows: int):
+    """The batches, each cut into pieces of at most ``rows`` rows (``rows`` <= 0: as they are)."""
+    for x, y in batches:
+        if rows <= 0 or len(y) <= rows:
+            yield x, y
+            continue
+        for i in range(0, len(y), rows):
+            yield x[i:i + rows], y[i:i + rows]
+
+
 def evaluate(model, ds, G: int, batch_size: int, stats_fn=None, dtype=None):
     """Per member: mean CE, accuracy, mean E (and, with ``stats_fn``, mean active_frac and
     energy_rescaled), each a float64 tensor [G]; weighted by batch size."""
@@ -128,7 +138,8 @@ def evaluate(model, ds, G: int, batch_size: int, stats_fn=None, dtype=None):
     n = 0
     tot = {k: torch.zeros(G, dtype=torch.float64) for k in ("loss", "acc", "energy", "active_frac",
                                                               "energy_rescaled")}
-    for x, y in ds.batches(batch_size, shuffle=False):
+    chunk = int(getattr(model, "eval_rows", 0) or 0)  # a model may ask for smaller pieces
+    for x, y in _chunks(ds.batches(batch_size, shuffle=False), chunk):
         b = len(y)
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
