@@ -4,7 +4,7 @@ Measures, in one process and under the same conditions: the plan's estimate for 
 (one architecture x dataset group, a small train subset, a fixed number of epochs, no early
 stopping) and the actual time of training that group with the trainer. Prints both and
 their ratio; the issue's acceptance is |ratio - 1| <= 0.3. Timing depends on machine load,
-so this is never asserted in the test suite (tests/test_study_faithful.py checks the
+so this is never asserted in the test suite (tests/study/test_study_faithful.py checks the
 plan's step and evaluation counts exactly instead)::
 
     python bench/bench_plan.py --arch mlp --dataset mnist --members 10 --train-subset 4000 --epochs 2

@@ -7,9 +7,9 @@
 # Steps (each bounded by `timeout`, 12 minutes at most in all; expected well under 8 on an H100/H200):
 #   1. environment report (GPU, torch/triton/nvcc versions)
 #   2. build the CUDA extension (torch.utils.cpp_extension, cached in TORCH_EXTENSIONS_DIR)
-#   3. the GPU tests: tests/test_triton.py + tests/test_cuda.py (bfloat16 included), with a
+#   3. the GPU tests: tests/backends/test_triton.py + tests/backends/test_cuda.py (bfloat16 included), with a
 #      size heuristic instead of Triton autotuning so that compiles stay few
-#   3b. NaN/Inf propagation on the GPU (tests/test_gpu_nan.py: triton and cuda against
+#   3b. NaN/Inf propagation on the GPU (tests/backends/test_gpu_nan.py: triton and cuda against
 #      torch autograd, forward and backward)
 #   4. the benchmark table (bench/gpu_bench.py, autotuned): fused vs plain F.linear+ReLU vs
 #      naive energy vs torch.compile at 4096x4096 bf16 and at the study's MLP sizes, the
@@ -85,12 +85,12 @@ PY
 
 stamp "GPU tests"
 MINACTION_TRITON_AUTOTUNE=0 timeout 180 "$PYTHON" -m pytest -q -x -p no:cacheprovider \
-  tests/test_triton.py tests/test_cuda.py --durations=5 2>&1 | tail -25
+  tests/backends/test_triton.py tests/backends/test_cuda.py --durations=5 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stamp "NaN/Inf tests"
 MINACTION_TRITON_AUTOTUNE=0 timeout 150 "$PYTHON" -m pytest -q -x -p no:cacheprovider \
-  tests/test_gpu_nan.py --durations=3 2>&1 | tail -12
+  tests/backends/test_gpu_nan.py --durations=3 2>&1 | tail -12
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stamp "benchmark"

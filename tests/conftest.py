@@ -5,6 +5,10 @@ kernel module is imported: without a GPU the Triton kernels run on CPU tensors u
 the interpreter.
 """
 import os
+import sys
+
+# tests/ on the path, so that every test folder imports the test doubles as `doubles`
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("MINACTION_TEST", "1")
 try:

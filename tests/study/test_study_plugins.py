@@ -16,7 +16,7 @@ def test_plugins_for_names_the_registering_modules():
     runs = [{"config": {"arch": "tiny_mlp", "dataset": "synthetic"}},
             {"config": {"arch": "mlp", "dataset": "mnist"}}]
     (mod, root), = plugins_for(runs)
-    assert mod == "doubles.study" and root == str(__import__("pathlib").Path(__file__).resolve().parent)
+    assert mod == "doubles.study" and root == str(doubles.TESTS_DIR)
     assert plugins_for(runs[1:]) == []  # built-in names need no module
 
 

@@ -20,7 +20,7 @@ from minaction.study import checkpoint, presets, run_study, trainer
 
 import doubles.study  # noqa: F401,E402  (registers the dataset "synthetic" and the tiny_* architectures)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +116,7 @@ def _killed_in_subprocess(tmp_path, ckpt_dir, at_save):
     checkpoint save (an event, not a deadline)."""
     code = f"""
 import os, signal, sys
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+sys.path.insert(0, {str(doubles.TESTS_DIR)!r})
 import doubles.study
 from minaction.study import checkpoint, presets, trainer
 sp = presets.load_preset({spec()!r})

@@ -16,7 +16,7 @@ from minaction.study.presets import expand
 
 #: The start of a driver run in a fresh process (python -c): like any user script it registers the
 #: test doubles by importing their module, from this folder.
-DRIVER_PRELUDE = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+DRIVER_PRELUDE = (f"import sys; sys.path.insert(0, {str(doubles.TESTS_DIR)!r}); "
                   "import doubles.study; ")
 
 RESULT_COLS = "run_id, status, epochs, train_loss, val_acc, test_acc, test_loss, test_energy, test_active_frac, " \
