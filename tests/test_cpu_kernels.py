@@ -421,3 +421,17 @@ def test_activation_energy_cpu_clear_errors():
         op(z, 1, 3, False, 0)
     with pytest.raises(RuntimeError, match="unknown activation"):
         op(z, 9, 2, False, 0)
+
+
+def test_activation_energy_cpu_under_compile():
+    """torch.compile traces minaction::epilogue's C++ autograd with fake tensors (act_fwd/act_bwd fakes)."""
+    def f(z):
+        y, e = activation_energy(z, "gelu", "l2", groups=2, backend="cpu")
+        return y.sum() + e.sum()
+
+    z = torch.randn(2, 4, 3, 5, requires_grad=True)
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(z)
+    g, = torch.autograd.grad(out, z)
+    ref = f(z)
+    g0, = torch.autograd.grad(ref, z)
+    torch.testing.assert_close((out, g), (ref, g0))
