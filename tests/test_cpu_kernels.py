@@ -408,6 +408,12 @@ def test_activation_energy_cpu_clear_errors():
         activation_energy(z, groups=-1, backend="cpu")
     with pytest.raises(ValueError, match="groups must be"):
         activation_energy(z, groups=2.0, backend="cpu")
+    with pytest.raises(ValueError, match="groups must be"):
+        activation_energy(z, groups=True, backend="cpu")
+    import numpy as np
+
+    y, e = activation_energy(z, groups=np.int64(2), backend="cpu")  # an integer-like is accepted
+    assert e.shape == (2,)
     with pytest.raises(TypeError, match="dtype"):
         activation_energy(z.long(), backend="cpu")
     with pytest.raises(ValueError, match="activation must be"):

@@ -16,6 +16,7 @@ The path of a call, top-down (docs/kernels.md draws it file by file):
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -428,9 +429,14 @@ def _routed_linear(x, weight, bias, act, p, mean, name):
 
 
 def _groups_arg(groups) -> int:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0:
+    """``groups`` as a Python int (integer-likes such as numpy ints accepted; bool, float, negative rejected)."""
+    try:
+        g = None if isinstance(groups, bool) else operator.index(groups)
+    except TypeError:
+        g = None
+    if g is None or g < 0:
         raise ValueError(f"groups must be 0 (one model) or the number of models (a positive int), got {groups!r}")
-    return int(groups)
+    return g
 
 
 def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str] = "l2", reduction: str = "sum",
