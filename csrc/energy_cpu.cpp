@@ -35,6 +35,7 @@
 //   minaction::layer  -- Autograd: the whole layer with a C++ autograd formula (one call per
 //                        direction for the eager hot path); CompositeExplicitAutograd: the same
 //                        without autograd
+//   minaction::epilogue -- the same for activation_energy (the epilogue after a convolution)
 // and the plain C symbol minaction_cpu_isa(): the instruction set this build was compiled for.
 
 #include <torch/extension.h>
@@ -45,6 +46,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -125,12 +127,11 @@ inline Vec<F> add_energy_grad_v(const Vec<F>& gy, const Vec<F>& y, const Vec<F>&
 }
 
 template <typename F>
-inline double hsum(const Vec<F>& v) {  // fixed-order horizontal sum
-  F buf[Vec<F>::size()];
-  v.store(buf);
-  double s = 0.0;
-  for (int i = 0; i < Vec<F>::size(); ++i) s += static_cast<double>(buf[i]);
-  return s;
+inline double hsum(const Vec<F>& v) {
+  // fixed-order horizontal sum by in-register shuffles (deterministic). It runs once per row
+  // segment (<= kColBlock columns): a scalar store-and-add chain here was a serial ~30-cycle
+  // tail per 32 vectors, a large share of the relu+l2 pass
+  return static_cast<double>(at::vec::vec_reduce_all<F>(std::plus<Vec<F>>(), v));
 }
 
 // ---------------------------------------------------------------- one row segment, compute type F
@@ -598,6 +599,143 @@ std::tuple<Tensor, Tensor> energy_linear_noautograd(const Tensor& x, const Tenso
   return {y, e};
 }
 
+// ------------------------------------------------------------------ the epilogue, with a C++ autograd formula
+// minaction::epilogue(z, act, p, mean, groups) is activation_energy's cpu path in one call per
+// direction: z [B, ...] (groups == 0: one model, e 0-dim) or [G, B, ...] (groups == G: e [G]).
+// Shapes, the scale and the contiguous copy are handled here, below autograd; the kernels are
+// reached through the dispatcher (minaction::act_fwd / act_bwd), so fake tensors (torch.compile)
+// take those ops' fakes.
+std::tuple<Tensor, Tensor, Tensor> call_act_fwd(const Tensor& z, int64_t act, int64_t p, double scale, bool keep_z) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minaction::act_fwd", "")
+                       .typed<decltype(act_fwd)>();
+  return op.call(z, act, p, scale, keep_z);
+}
+
+Tensor call_act_bwd(const Tensor& gy, const Tensor& ge, const Tensor& y, const Tensor& z, int64_t act, int64_t p,
+                    double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minaction::act_bwd", "")
+                       .typed<decltype(act_bwd)>();
+  return op.call(gy, ge, y, z, act, p, scale);
+}
+
+struct EpiShape {
+  int64_t G, M, N;
+  double scale;
+};
+
+// E = mean over the B rows of the sum (mean: the mean) over the other dims of |y|^p
+EpiShape epilogue_shape(const Tensor& z, bool mean, int64_t groups) {
+  TORCH_CHECK(groups >= 0, "minaction: groups must be 0 (one model) or the number of models, got ", groups);
+  const int64_t lead = groups > 0 ? 2 : 1;
+  TORCH_CHECK(z.dim() >= lead, "minaction: activation_energy input of shape ", z.sizes(), " has no batch dimension",
+              groups > 0 ? " (with groups, the input is [models, batch, ...])" : "");
+  TORCH_CHECK(groups == 0 || z.size(0) == groups, "minaction: expected ", groups, " models in dim 0, got shape ",
+              z.sizes());
+  const int64_t M = z.size(lead - 1);
+  int64_t N = 1;
+  for (int64_t d = lead; d < z.dim(); ++d) N *= z.size(d);
+  const double scale = 1.0 / (static_cast<double>(std::max<int64_t>(M, 1)) *
+                              (mean ? static_cast<double>(std::max<int64_t>(N, 1)) : 1.0));
+  return {groups > 0 ? groups : 1, M, N, scale};
+}
+
+Tensor apply_act_composite(const Tensor& z, int64_t act) {
+  switch (act) {
+    case IDENTITY: return z;
+    case RELU: return at::relu(z);
+    case GELU: return at::gelu(z);
+    case SILU: return at::silu(z);
+    case TANH: return at::tanh(z);
+    case SIGMOID: return at::sigmoid(z);
+    default: TORCH_CHECK(false, "minaction: unknown activation code ", act);
+  }
+}
+
+class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& z_in, int64_t act, int64_t p, bool mean,
+                               int64_t groups) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const EpiShape s = epilogue_shape(z_in, mean, groups);
+    auto [y3, unused, e] = call_act_fwd(z_in.contiguous().view({s.G, s.M, s.N}), act, p, s.scale, false);
+    Tensor y = y3.view(z_in.sizes());
+    if (groups == 0) e = e.view(c10::IntArrayRef{});  // ({} alone would pick view(ScalarType))
+    // z itself: read by the gelu/silu derivative and by a create_graph backward
+    ctx->save_for_backward({z_in, y});
+    ctx->set_materialize_grads(false);  // an unused energy output must stay "undefined", not zeros
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["G"] = s.G;
+    ctx->saved_data["M"] = s.M;
+    ctx->saved_data["N"] = s.N;
+    ctx->saved_data["scale"] = s.scale;
+    return {y, e};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &z_in = saved[0], &y = saved[1];
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const int64_t G = ctx->saved_data["G"].toInt(), M = ctx->saved_data["M"].toInt(), N = ctx->saved_data["N"].toInt();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const variable_list none = {Tensor(), Tensor(), Tensor(), Tensor()};
+    auto with = [&](Tensor gz) {
+      variable_list out = {std::move(gz)};
+      out.insert(out.end(), none.begin(), none.end());
+      return out;
+    };
+    if (!ctx->needs_input_grad(0)) return with(Tensor());
+    // an energy output that did not reach the loss contributes nothing (not 0 * d|y|^p, which is NaN at y = inf)
+    const int64_t p = grads[1].defined() ? ctx->saved_data["p"].toInt() : 0;
+    if (at::GradMode::is_enabled()) {
+      // backward(create_graph=True): differentiable recomputation from z (gradient penalties, gradgradcheck)
+      Tensor yv = apply_act_composite(z_in, act);
+      std::vector<Tensor> outs_v, seeds;
+      if (grads[0].defined() && yv.requires_grad()) {
+        outs_v.push_back(yv);
+        seeds.push_back(grads[0].reshape(yv.sizes()));
+      }
+      if (p != 0) {
+        Tensor yf = yv.to(energy_dtype(yv.scalar_type()));
+        Tensor a = p == 2 ? yf * yf : yf.abs();
+        std::vector<int64_t> dims;
+        for (int64_t d = groups > 0 ? 1 : 0; d < a.dim(); ++d) dims.push_back(d);
+        Tensor ev = a.sum(dims) * scale;
+        if (ev.requires_grad()) {
+          outs_v.push_back(ev);
+          seeds.push_back(grads[1].to(ev.scalar_type()).reshape(ev.sizes()));
+        }
+      }
+      Tensor gz;
+      if (!outs_v.empty())
+        gz = torch::autograd::grad(outs_v, {z_in}, seeds, /*retain_graph=*/true, /*create_graph=*/true,
+                                   /*allow_unused=*/true)[0];
+      return with(gz.defined() ? gz : at::zeros_like(z_in));
+    }
+    Tensor gy = grads[0].defined() ? grads[0].contiguous().view({G, M, N}) : at::zeros({G, M, N}, y.options());
+    Tensor ge = grads[1].defined() ? grads[1].reshape({G})
+                                   : at::zeros({G}, y.options().dtype(energy_dtype(y.scalar_type())));
+    Tensor z3 = needs_z(act) ? z_in.contiguous().view({G, M, N}) : at::empty({0}, y.options());
+    Tensor gz = call_act_bwd(gy, ge, y.view({G, M, N}), z3, act, p, scale);
+    return with(gz.view(z_in.sizes()));
+  }
+};
+
+std::tuple<Tensor, Tensor> epilogue_autograd(const Tensor& z, int64_t act, int64_t p, bool mean, int64_t groups) {
+  auto out = ActEnergyFn::apply(z, act, p, mean, groups);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> epilogue_noautograd(const Tensor& z, int64_t act, int64_t p, bool mean, int64_t groups) {
+  const EpiShape s = epilogue_shape(z, mean, groups);
+  auto [y3, unused, e] = call_act_fwd(z.contiguous().view({s.G, s.M, s.N}), act, p, s.scale, false);
+  return {y3.view(z.sizes()), groups == 0 ? e.view(c10::IntArrayRef{}) : e};
+}
+
 }  // namespace
 
 extern "C" const char* minaction_cpu_isa() { return MINACTION_ISA; }
@@ -611,8 +749,10 @@ TORCH_LIBRARY_IMPL(minaction, CPU, m) {
 
 TORCH_LIBRARY_IMPL(minaction, Autograd, m) {
   m.impl("layer", &energy_linear_autograd);
+  m.impl("epilogue", &epilogue_autograd);
 }
 
 TORCH_LIBRARY_IMPL(minaction, CompositeExplicitAutograd, m) {
   m.impl("layer", &energy_linear_noautograd);
+  m.impl("epilogue", &epilogue_noautograd);
 }

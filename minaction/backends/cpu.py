@@ -276,3 +276,9 @@ def act_backward(gy, ge, y, z, act, p, scale):
 def layer(x, w, b, act, p, scale):
     """The whole layer, ``minaction::layer`` (one C++ op with a C++ autograd formula)."""
     return (OPS if OPS is not None else load()).layer(x, w, b, ACT_CODES[act], p, scale)
+
+
+def epilogue(z, act, p, mean, groups):
+    """``activation_energy``'s epilogue, ``minaction::epilogue`` (one C++ op with a C++ autograd
+    formula): ``z [B, ...]`` (``groups`` 0, ``e`` 0-dim) or ``[G, B, ...]`` (``groups`` G, ``e [G]``)."""
+    return (OPS if OPS is not None else load()).epilogue(z, ACT_CODES[act], p, mean, groups)

@@ -14,6 +14,10 @@ op                                    implementations
                                       call per direction. ``Autograd`` (a C++ autograd formula) and
                                       ``CompositeExplicitAutograd`` in ``csrc/energy_cpu.cpp``; the
                                       ``cpu`` backend's path from ``EnergyLinear.forward``
+``epilogue``                          ``activation_energy``'s ``cpu`` path (the epilogue after a
+                                      convolution), ``z [B, ...]`` or, with ``groups=G``,
+                                      ``[G, B, ...]``: one call per direction; ``Autograd`` and
+                                      ``CompositeExplicitAutograd`` in ``csrc/energy_cpu.cpp``
 ``energy_linear`` (+``_backward``)    the layer / epilogue routed by a ``backend`` name to that
 ``activation_energy`` (+``_backward``)  backend's Python primitives (``triton``, ``cuda``,
                                       ``composite``; ``cpu`` for the epilogue):
@@ -41,6 +45,8 @@ SCHEMAS = {
     "act_bwd": "act_bwd(Tensor gy, Tensor ge, Tensor y, Tensor z, int act, int p, float scale) -> Tensor",
     # the whole layer with a C++ autograd formula
     "layer": "layer(Tensor x, Tensor w, Tensor? b, int act, int p, float scale) -> (Tensor, Tensor)",
+    # activation_energy's epilogue with a C++ autograd formula: z [B, ...] (groups 0) or [G, B, ...]
+    "epilogue": "epilogue(Tensor z, int act, int p, bool mean, int groups) -> (Tensor, Tensor)",
     # routed by backend name to Python primitives
     "energy_linear": "energy_linear(Tensor x, Tensor weight, Tensor? bias, str act, int p, bool mean, "
                      "str backend) -> (Tensor, Tensor, Tensor)",
@@ -102,6 +108,11 @@ def _(gy, ge, y, z, act, p, scale):
 def _(x, w, b, act, p, scale):
     y, _, e = fwd_outputs(x, _linear_shape(x, w), False)
     return y, e
+
+
+@torch.library.register_fake("minaction::epilogue", lib=lib)
+def _(z, act, p, mean, groups):
+    return z.new_empty(z.shape), z.new_empty((groups,) if groups else (), dtype=energy_dtype(z.dtype))
 
 
 @torch.library.register_fake("minaction::energy_linear", lib=lib)

@@ -9,12 +9,14 @@ The path of a call, top-down (docs/kernels.md draws it file by file):
 2. it runs exactly one of three paths:
    ``reference`` -> :func:`_reference_linear` (plain PyTorch autograd);
    ``cpu``       -> ``backends.cpu.layer`` -> the C++ op ``minaction::layer`` (C++ autograd);
+   (:func:`activation_energy`: ``backends.cpu.epilogue`` -> ``minaction::epilogue``, likewise)
    any other     -> :func:`_routed_linear` -> the routed op ``minaction::energy_linear``, whose
    implementation calls the backend's primitives (``backends.select.module(name)``).
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -426,24 +428,42 @@ def _routed_linear(x, weight, bias, act, p, mean, name):
     return _ungrouped(y, e, out_shape)
 
 
+def _groups_arg(groups) -> int:
+    """``groups`` as a Python int (integer-likes such as numpy ints accepted; bool, float, negative rejected)."""
+    try:
+        g = None if isinstance(groups, bool) else operator.index(groups)
+    except TypeError:
+        g = None
+    if g is None or g < 0:
+        raise ValueError(f"groups must be 0 (one model) or the number of models (a positive int), got {groups!r}")
+    return g
+
+
 def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str] = "l2", reduction: str = "sum",
                       groups: int = 0, backend: Optional[str] = None):
     """``y = act(z)`` and the energy of ``y`` in one pass (the epilogue used after convolutions).
 
     ``z`` is ``[B, ...]`` (one model: E is 0-dim, a mean over B of the sum/mean over all
     other dims) or, with ``groups=G``, ``[G, B, ...]`` (G models: E is ``[G]``).
+
+    On the ``cpu`` backend this is one call of the C++ op ``minaction::epilogue`` per direction
+    (its autograd formula is C++ too; ``backward(create_graph=True)`` recomputes with
+    differentiable ops). Inside a ``torch.func`` transform, or while ``torch.export`` traces,
+    the ``reference`` path (plain PyTorch ops) runs.
     """
-    p = validate_energy(activation, energy, reduction)
-    _check_tensor("input", z)
-    if z.dim() < 1 + bool(groups):
+    p = _exponent(activation, energy, reduction)
+    if type(z) is not Tensor or z.dtype not in _FLOAT_DTYPES:
+        _check_tensor("input", z)
+    if type(groups) is not int or groups < 0:
+        groups = _groups_arg(groups)
+    if z.dim() < (2 if groups else 1):
         raise ValueError(f"input of shape {tuple(z.shape)} has no batch dimension")
-    if groups:
-        if z.shape[0] != groups:
-            raise ValueError(f"expected {groups} models in dim 0, got shape {tuple(z.shape)}")
-        z3 = z.reshape(groups, z.shape[1], -1)
-    else:
-        z3 = z.reshape(1, z.shape[0], -1)
+    if groups and z.shape[0] != groups:
+        raise ValueError(f"expected {groups} models in dim 0, got shape {tuple(z.shape)}")
     name = _route(z, backend)
+    if name == "cpu":
+        return _cpu.epilogue(z, activation, p, reduction == "mean", groups)
+    z3 = z.reshape(groups, z.shape[1], -1) if groups else z.reshape(1, z.shape[0], -1)
     if name == "reference":
         y = composite.apply_act(z3, activation)
         e = composite.energy_of(y, p, _scale(y.shape[1], y.shape[2], reduction == "mean"))

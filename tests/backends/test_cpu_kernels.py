@@ -286,3 +286,158 @@ def test_first_order_backward_still_uses_the_kernels():
     y, e = energy_linear(x, w, None, "relu", "l2", backend="cpu")
     gx, gw = torch.autograd.grad((y.sum() + e), (x, w), create_graph=True)
     assert gx.grad_fn is not None and gw.grad_fn is not None
+
+
+# ----------------------------------------------------------------------------- activation_energy: one C++ op
+def _profiled_ops(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [ev.name for ev in prof.events()]
+
+
+@pytest.mark.parametrize("backend", ["cpu", None])
+@pytest.mark.parametrize("act,groups", [("relu", 0), ("gelu", 3)])
+def test_activation_energy_cpu_is_one_op_per_direction(backend, act, groups):
+    """The cpu path is one call of minaction::epilogue forward (C++ autograd), one act_bwd backward;
+    the Python custom op minaction::activation_energy is not involved."""
+    shape = (groups, 4, 3, 5) if groups else (4, 3, 5)
+    z = torch.randn(shape, requires_grad=True)
+    out = {}
+    fwd = _profiled_ops(lambda: out.update(ye=activation_energy(z, act, "l2", groups=groups, backend=backend)))
+    y, e = out["ye"]
+    bwd = _profiled_ops(lambda: (y.sum() + e.sum()).backward())
+    mine = [n for n in fwd + bwd if n.startswith("minaction::")]
+    assert fwd.count("minaction::epilogue") == 1, fwd
+    assert mine.count("minaction::act_fwd") == 1 and mine.count("minaction::act_bwd") == 1, mine
+    assert not any("activation_energy" in n for n in mine), mine
+    assert any("ActEnergyFn" in n for n in bwd), bwd  # the C++ autograd node ran the backward
+    assert z.grad is not None and z.grad.shape == z.shape
+
+
+CASES_AE = [(a, en, red, grp) for a in ACTIVATIONS for en, red in [("l2", "sum"), ("l1", "mean"), (None, "sum")]
+            for grp in (0, 2)]
+
+
+@pytest.mark.parametrize("act,energy,reduction,groups", CASES_AE)
+def test_activation_energy_cpu_gradcheck_gradgradcheck(act, energy, reduction, groups):
+    g = torch.Generator().manual_seed(11)
+    shape = (groups, 3, 2, 3) if groups else (3, 2, 3)
+    z = torch.randn(shape, generator=g, dtype=torch.float64)
+    z = (z + 0.1 * z.sign()).requires_grad_(True)  # away from relu's kink
+
+    def fn(t):
+        return activation_energy(t, act, energy, reduction, groups=groups, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (z,))
+    assert torch.autograd.gradgradcheck(fn, (z,))
+    # and the op itself, called directly
+    code = minaction.backends.ACT_CODES[act]
+    p = {"l2": 2, "l1": 1, None: 0}[energy]
+    op = torch.ops.minaction.epilogue.default
+    assert torch.autograd.gradcheck(lambda t: op(t, code, p, reduction == "mean", groups), (z,))
+
+
+def test_activation_energy_cpu_matches_reference_noncontiguous_and_unused_outputs():
+    g = torch.Generator().manual_seed(3)
+    base = _with_specials(torch.randn(6, 4, 5, generator=g, dtype=torch.float64), 2)
+    z = base.transpose(1, 2)  # not contiguous
+    for act in ACTIVATIONS:
+        for uses in ("y", "e", "both"):
+            res = {}
+            for be in ("reference", "cpu"):
+                zz = z.detach().clone().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+                assert not zz.is_contiguous()
+                y, e = activation_energy(zz, act, "l2", "mean", backend=be)
+                loss = {"y": y.sum(), "e": e, "both": (y * 0.3).sum() + 2 * e}[uses]
+                if not loss.requires_grad:
+                    continue
+                gz, = torch.autograd.grad(loss, zz)
+                res[be] = (y.detach(), e.detach(), gz)
+            for what, a, c in zip(("y", "energy", "grad z"), res["cpu"], res["reference"]):
+                _same(a, c, f"{act} {uses} {what}", rtol=1e-10, atol=1e-10)
+
+
+def test_activation_energy_cpu_opcheck_and_modes():
+    from torch.library import opcheck
+
+    ops = torch.ops.minaction
+    z = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    opcheck(ops.epilogue.default, (z, 1, 2, False, 0))
+    opcheck(ops.epilogue.default, (torch.randn(2, 4, 6), 2, 1, True, 2))
+    ref = activation_energy(z.detach(), "silu", "l2", groups=4, backend="reference")
+    with torch.inference_mode():  # below autograd: the CompositeExplicitAutograd kernel
+        y, e = activation_energy(z.detach(), "silu", "l2", groups=4, backend="cpu")
+    torch.testing.assert_close((y, e), ref)
+    with torch.no_grad():
+        y, e = activation_energy(z, "silu", "l2", groups=4, backend="cpu")
+    assert not y.requires_grad and e.shape == (4,)
+    y, e = activation_energy(torch.randn(0, 3), "relu", "l2", "mean", backend="cpu")  # empty batch
+    assert y.shape == (0, 3) and e.item() == 0.0
+    for dtype in (torch.bfloat16, torch.float16):
+        zl = torch.randn(5, 7).to(dtype)
+        y, e = activation_energy(zl, "gelu", "l2", backend="cpu")
+        yr, er = activation_energy(zl, "gelu", "l2", backend="reference")
+        assert y.dtype == dtype and e.dtype == torch.float32
+        torch.testing.assert_close((y.float(), e), (yr.float(), er), rtol=2e-2, atol=2e-2)
+
+
+def test_activation_energy_cpu_transforms_take_reference_path():
+    z = torch.randn(3, 4, dtype=torch.float64)
+    g_cpu = torch.func.grad(lambda t: activation_energy(t, "tanh", "l2", backend="cpu")[1])(z)
+    zz = z.clone().requires_grad_(True)
+    g_ref, = torch.autograd.grad(activation_energy(zz, "tanh", "l2", backend="reference")[1], zz)
+    torch.testing.assert_close(g_cpu, g_ref)
+
+    class M(torch.nn.Module):
+        def forward(self, t):
+            return activation_energy(t, "relu", "l1", backend="cpu")
+
+    ep = torch.export.export(M(), (torch.randn(3, 4),))
+    assert "minaction" not in str(ep.graph)
+
+
+def test_activation_energy_cpu_clear_errors():
+    z = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="expected 3 models"):
+        activation_energy(z, groups=3, backend="cpu")
+    with pytest.raises(ValueError, match="no batch dimension"):
+        activation_energy(torch.randn(()), backend="cpu")
+    with pytest.raises(ValueError, match="groups must be"):
+        activation_energy(z, groups=-1, backend="cpu")
+    with pytest.raises(ValueError, match="groups must be"):
+        activation_energy(z, groups=2.0, backend="cpu")
+    with pytest.raises(ValueError, match="groups must be"):
+        activation_energy(z, groups=True, backend="cpu")
+    import numpy as np
+
+    y, e = activation_energy(z, groups=np.int64(2), backend="cpu")  # an integer-like is accepted
+    assert e.shape == (2,)
+    with pytest.raises(TypeError, match="dtype"):
+        activation_energy(z.long(), backend="cpu")
+    with pytest.raises(ValueError, match="activation must be"):
+        activation_energy(z, "swish", backend="cpu")
+    op = torch.ops.minaction.epilogue.default  # the op's own checks, without the Python front
+    with pytest.raises(RuntimeError, match="expected 3 models"):
+        op(z, 1, 2, False, 3)
+    with pytest.raises(RuntimeError, match="no batch dimension"):
+        op(torch.randn(4), 1, 2, False, 4)
+    with pytest.raises(RuntimeError, match="energy exponent"):
+        op(z, 1, 3, False, 0)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        op(z, 9, 2, False, 0)
+
+
+def test_activation_energy_cpu_under_compile():
+    """torch.compile traces minaction::epilogue's C++ autograd with fake tensors (act_fwd/act_bwd fakes)."""
+    def f(z):
+        y, e = activation_energy(z, "gelu", "l2", groups=2, backend="cpu")
+        return y.sum() + e.sum()
+
+    z = torch.randn(2, 4, 3, 5, requires_grad=True)
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(z)
+    g, = torch.autograd.grad(out, z)
+    ref = f(z)
+    g0, = torch.autograd.grad(ref, z)
+    torch.testing.assert_close((out, g), (ref, g0))
