@@ -28,12 +28,35 @@ def _error(cmd: str, exc: BaseException) -> int:
     return 2
 
 
+def load_plugins(modules) -> None:
+    """Import each ``--plugin`` module (the current folder first on the path, as ``python -m``
+    does), so that the architectures and datasets it registers exist for this study; a module
+    that cannot be imported raises ``RuntimeError`` naming it."""
+    import importlib
+    import os
+
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules or ():
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any failure of a user's module: one line, rc 2
+            raise RuntimeError(f"--plugin {name!r} could not be imported ({type(exc).__name__}: {exc}); it must be "
+                               f"an importable module (on PYTHONPATH or in the current folder) that registers its "
+                               f"architectures/datasets with minaction.models.register_architecture / "
+                               f"minaction.data.register_dataset") from None
+
+
 def _run(args) -> int:
     from .presets import PresetError
     from .runner import run_study
 
     from .plan import announce
 
+    try:
+        load_plugins(args.plugin)
+    except RuntimeError as exc:
+        return _error("run", exc)
     try:  # runs and estimated wall time, printed once the environment and the store have been checked
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                             scheduler=args.scheduler, progress=not args.no_progress, limit=args.limit,
@@ -80,6 +103,10 @@ def register(subparsers) -> None:
     r.add_argument("--retry-failed", action="store_true",
                    help="train again the runs recorded as failed (by default they count as finished)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module first (repeatable): it registers your own architectures/datasets "
+                        "(minaction.models.register_architecture, minaction.data.register_dataset); the workers "
+                        "import it too")
     r.set_defaults(func=_run)
     s = sub.add_parser("status", help="count planned / done / failed / diverged / pending runs",
                        description="Print, as JSON, the runs planned (by every preset run into the store, or by "

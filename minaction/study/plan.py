@@ -271,11 +271,13 @@ def announce(preset, db=None, workers=None, file=None) -> None:
 
 
 def _cli(args) -> int:
+    from .cli import load_plugins
     from .presets import PresetError
 
     try:
+        load_plugins(getattr(args, "plugin", None))
         p = plan(args.preset, db=getattr(args, "db", None), workers=args.workers, refresh=args.refresh)
-    except (PresetError, FileNotFoundError, ValueError) as exc:
+    except (PresetError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"minaction study plan: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(p, indent=2, default=str) if args.json else format_plan(p))
@@ -294,4 +296,6 @@ def register(sub) -> None:
     q.add_argument("--workers", type=int, default=None, help="worker processes (default: available CPUs)")
     q.add_argument("--refresh", action="store_true", help="measure again instead of reading the cost table")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
+    q.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module first (repeatable): it registers your own architectures/datasets")
     q.set_defaults(func=_cli)

@@ -369,3 +369,29 @@ def test_cli(reference_db, tmp_path, capsys):
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["recorded"] == 1
     assert len(expand(synth())) == 6
+
+
+def test_cli_plugin_registers_user_architectures_in_a_fresh_process(tmp_path):
+    """``study run --plugin MODULE`` imports a user's module that registers its own
+    architecture and dataset, in the driver and (through the task) in the workers; a module
+    that cannot be imported is one error line, rc 2, and nothing recorded."""
+    preset = tmp_path / "synth.toml"
+    preset.write_text(toml_text(synth(lams=[0.0], seeds=[0])))
+    db = tmp_path / "plugin.sqlite"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(doubles.TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    base = [sys.executable, "-m", "minaction.cli", "study", "run", "--preset", str(preset), "--db", str(db),
+            "--workers", "1", "--no-progress"]
+    bad = subprocess.run(base + ["--plugin", "no_such_plugin_module"], env=env, capture_output=True, text=True,
+                         timeout=HANG_GUARD)
+    assert bad.returncode == 2, bad.stderr
+    lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--plugin 'no_such_plugin_module' could not be imported" in lines[0]
+    assert not db.exists()
+    without = subprocess.run(base, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert without.returncode == 2 and "tiny_mlp" in without.stderr  # unknown without the plugin
+    ok = subprocess.run(base + ["--plugin", "doubles.study"], env=env, capture_output=True, text=True,
+                        timeout=HANG_GUARD)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    con = sqlite3.connect(db)
+    assert con.execute("select count(*) from runs where status = 'done'").fetchone()[0] == 1
+    con.close()
