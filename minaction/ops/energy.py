@@ -388,10 +388,9 @@ def run_plan(plan: LinearPlan, x, weight, bias, activation, energy, reduction, b
         return None
     if plan.G and x.shape[0] != plan.G:
         return None
-    rows = x.shape[-2]
-    scale = 1.0 / (max(rows, 1) * (plan.cols if plan.mean else 1))
     ops = _cpu.OPS
-    return ops.layer(x, weight, bias, plan.code, plan.p, scale) if ops is not None else None
+    return ops.layer(x, weight, bias, plan.code, plan.p, _scale(x.shape[-2], plan.cols, plan.mean)) \
+        if ops is not None else None
 
 
 def _grouped(x, weight, bias):

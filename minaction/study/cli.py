@@ -29,17 +29,16 @@ def _error(cmd: str, exc: BaseException) -> int:
 
 
 def load_plugins(modules) -> None:
-    """Import each ``--plugin`` module (the current folder first on the path, as ``python -m``
-    does), so that the architectures and datasets it registers exist for this study; a module
-    that cannot be imported raises ``RuntimeError`` naming it."""
-    import importlib
+    """Import each ``--plugin`` module (the current folder on the path, as for ``python -m``),
+    so that the architectures and datasets it registers exist for this study; a module that
+    cannot be imported raises ``RuntimeError`` naming it."""
     import os
 
-    if modules and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    from .plugins import import_plugins
+
     for name in modules or ():
         try:
-            importlib.import_module(name)
+            import_plugins([(name, os.getcwd())])
         except Exception as exc:  # any failure of a user's module: one line, rc 2
             raise RuntimeError(f"--plugin {name!r} could not be imported ({type(exc).__name__}: {exc}); it must be "
                                f"an importable module (on PYTHONPATH or in the current folder) that registers its "
