@@ -34,8 +34,13 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     """``E = sum_l E_l`` over the energy layers of ``model`` from its last forward.
 
     0-dim for ordinary models; ``[G]`` for batched models of G members. Layers built
-    with ``energy=None`` (by default the logits layer) are not counted.
+    with ``energy=None`` (by default the logits layer) are not counted. The sum runs in
+    module order (``model.modules()``).
     """
+    if not _compiling():
+        total = _fast_total(model)
+        if total is not None:
+            return total
     total = None
     layers = energy_layers(model)
     if not layers:
@@ -53,6 +58,33 @@ def total_energy(model: nn.Module) -> torch.Tensor:
                                "(a forward inside a torch.func transform leaves none after the transform returns: "
                                "call total_energy inside the transformed function)")
         total = e if total is None else total + e
+    return total
+
+
+_compiling = torch.compiler.is_compiling
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _fast_total(model: nn.Module):
+    """The sum in the common case, without ``named_modules``' bookkeeping: every counting layer
+    has a plain (not ``torch.func``-wrapped) energy. None sends the caller to the full path,
+    which explains what is missing."""
+    total = None
+    seen = set()
+    stack = [model]
+    while stack:  # pre-order, as model.modules(): a module shared twice is counted once
+        m = stack.pop()
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, EnergyLayer) and m.p:
+            e = m.__dict__.get("_last_energy")
+            if e is None or _wrapped(e):
+                return None
+            total = e if total is None else total + e
+        sub = m._modules
+        if sub:
+            stack.extend(reversed(sub.values()))
     return total
 
 

@@ -16,10 +16,21 @@ import math
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..backends import select as _select
 from ..ops import energy_linear, validate_energy
-from ..ops.energy import make_plan, run_plan
+from ..ops.energy import make_plan
+
+# the fast path's checks, bound once (each is one C call or a flag read)
+_compiling = torch.compiler.is_compiling
+_exporting = torch.compiler.is_exporting
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_env_backend = _select.env_backend
+# attributes whose assignment invalidates a layer's cached plan
+_PLAN_FACTS = frozenset({"activation", "energy", "energy_reduction", "backend", "p", "weight", "bias",
+                         "num_models", "in_features", "out_features"})
 
 
 def _dead_functorch_tensor(t: torch.Tensor) -> bool:
@@ -65,6 +76,21 @@ class EnergyLayer(nn.Module):
         state["_last_energy"] = None
         state.pop("_plan", None)  # a cached call plan refers to this copy's tensors: rebuilt on first forward
         return state
+
+    def __setattr__(self, name, value):
+        if name in _PLAN_FACTS:
+            self.__dict__.pop("_plan", None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name in _PLAN_FACTS:
+            self.__dict__.pop("_plan", None)
+        super().__delattr__(name)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .double() / .cuda() keep the Parameter objects but change their dtype or device
+        self.__dict__.pop("_plan", None)
+        return super()._apply(fn, recurse)
 
     def __setstate__(self, state):
         state = dict(state)
@@ -138,20 +164,30 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                 (self.bias if g is None else self.bias[g]).uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if torch.compiler.is_compiling():  # traced: the plain function, no cached plan
-            y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend)
-            self.__dict__["_last_energy"] = e
-            return y
+        # The fast path: one C++ call, with only the checks that the op cannot make itself (see
+        # ops.energy.LinearPlan). A call the op rejects (shape, dtype, device) falls through to
+        # the full path, which validates and raises the clear error.
         plan = self.__dict__.get("_plan")
-        out = run_plan(plan, x, w, b, self.activation, self.energy, self.energy_reduction, self.backend) \
-            if plan is not None else None  # eager cpu: one C++ call, checks only
-        if out is None:  # the full path: validation, autocast, backend choice; then remember the decision
-            out = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend)
+        if (plan is not None and type(x) is Tensor and x.is_cpu
+                and not (_compiling() or _any_autocast() or _interpreter_stack() is not None or _exporting())):
+            w = self.weight
+            b = self.bias
+            if w is plan.weight and b is plan.bias and (
+                    not plan.auto or (_select._forced is plan.forced and _env_backend() == plan.env)):
+                try:
+                    y, e = plan.op(x, w, b, plan.code, plan.p, plan.inv / (x.shape[1] if plan.G else len(x)))
+                except (RuntimeError, ValueError, TypeError, IndexError):
+                    pass
+                else:
+                    self.__dict__["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
+                    return y
+        # the full path: validation, autocast, backend choice; then remember the decision
+        w, b = self.weight, self.bias
+        y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend)
+        self.__dict__["_last_energy"] = e
+        if not torch.compiler.is_compiling():  # traced: the plain function, no cached plan
             self.__dict__["_plan"] = make_plan(x, w, b, self.activation, self.energy, self.energy_reduction,
                                                self.backend)
-        y, e = out
-        self.__dict__["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
         return y
 
     def forward_flops(self, x_shape, y_shape) -> int:

@@ -328,25 +328,26 @@ def _cpu_linear(x, weight, bias, act, p, mean):
 # ----------------------------------------------------------------------------- the layer's cached fast path
 class LinearPlan:
     """What :func:`energy_linear` decided for one layer's call on the ``cpu`` path, reused by
-    :func:`run_plan` while every fact it rests on still holds: the same weight and bias objects
-    with the same dtype, device (CPU) and shape, an input of that dtype on CPU with the same
-    feature count and rank, no autocast, no ``torch.func`` transform, no export or compile
-    tracing, and the same backend forcing. Anything else takes the full path (which validates
-    and raises the same clear errors)."""
+    ``EnergyLinear.forward`` (the fast path, see there) while the facts it rests on still hold.
 
-    __slots__ = ("weight", "bias", "dtype", "wshape", "bshape", "xdim", "K", "G", "code", "p", "cols", "mean",
-                 "auto", "forced", "env", "options")
+    The layer drops its plan when an option (``activation``, ``energy``, ``energy_reduction``,
+    ``backend``) or a parameter is assigned, and when ``.to()``/``.double()``/... converts it.
+    Each call checks the rest in Python (the same weight and bias objects, a plain CPU tensor,
+    no autocast, no ``torch.func`` transform, no compile or export tracing, the same backend
+    forcing); shape and dtype mismatches make the C++ op raise, and the layer then takes the
+    full path, which validates and raises the clear error.
+    """
 
-    def __init__(self, x, weight, bias, act, p, mean, backend, options):
-        self.options = options  # (activation, energy, reduction, backend) as the layer passed them
-        self.weight, self.bias, self.dtype = weight, bias, x.dtype
-        self.wshape, self.bshape = weight.shape, (bias.shape if bias is not None else None)
-        self.xdim, self.K = x.dim(), weight.shape[-1]
+    __slots__ = ("weight", "bias", "G", "code", "p", "inv", "auto", "forced", "env", "op")
+
+    def __init__(self, x, weight, bias, act, p, mean, backend):
+        self.weight, self.bias = weight, bias
         self.G = weight.shape[0] if weight.dim() == 3 else 0
-        self.code, self.p, self.mean = _cpu.ACT_CODES[act], p, mean
-        self.cols = weight.shape[-2]
+        self.code, self.p = _cpu.ACT_CODES[act], p
+        self.inv = 1.0 / weight.shape[-2] if mean else 1.0  # scale = inv / rows
         self.auto = backend is None  # chosen by backends.select: valid while the forcing is unchanged
         self.forced, self.env = _select._forced, _env_backend()
+        self.op = _cpu.OPS.layer
 
 
 _env_backend = _select.env_backend
@@ -355,7 +356,7 @@ _env_backend = _select.env_backend
 def make_plan(x, weight, bias, activation, energy, reduction, backend) -> Optional[LinearPlan]:
     """A :class:`LinearPlan` when this call (already validated by :func:`energy_linear`) took
     the ``cpu`` path with a plain ``[M, K]`` or grouped ``[G, M, K]`` input, else None."""
-    if not (type(x) is Tensor and x.is_cpu and _fast_world()):
+    if not (type(x) is Tensor and x.is_cpu and _fast_world()) or _cpu.OPS is None:
         return None
     if weight.dim() == 2 and x.dim() != 2 or weight.dim() == 3 and x.dim() != 3:
         return None
@@ -365,32 +366,13 @@ def make_plan(x, weight, bias, activation, energy, reduction, backend) -> Option
     except RuntimeError:
         return None
     return LinearPlan(x, weight, bias, activation, _exponent(activation, energy, reduction), reduction == "mean",
-                      backend, (activation, energy, reduction, backend))
+                      backend)
 
 
 def _fast_world() -> bool:
     """No autocast, no torch.func transform, not exporting (the caller, ``EnergyLinear.forward``,
     has checked that it is not being compiled)."""
     return not ((_any_autocast is None or _any_autocast()) or _interpreter_stack() is not None or _is_exporting())
-
-
-def run_plan(plan: LinearPlan, x, weight, bias, activation, energy, reduction, backend):
-    """``(y, e)`` from one ``minaction::layer`` call if ``plan`` still holds for these arguments, else None."""
-    o = plan.options
-    if (weight is not plan.weight or activation != o[0] or energy != o[1] or reduction != o[2] or backend != o[3]
-            or bias is not plan.bias or type(x) is not Tensor or x.dtype != plan.dtype
-            or not x.is_cpu or x.dim() != plan.xdim or x.shape[-1] != plan.K or weight.dtype != plan.dtype
-            or not weight.is_cpu or weight.shape != plan.wshape or not _fast_world()):
-        return None
-    if bias is not None and (bias.dtype != plan.dtype or not bias.is_cpu or bias.shape != plan.bshape):
-        return None
-    if plan.auto and (_select._forced != plan.forced or _env_backend() != plan.env):
-        return None
-    if plan.G and x.shape[0] != plan.G:
-        return None
-    ops = _cpu.OPS
-    return ops.layer(x, weight, bias, plan.code, plan.p, _scale(x.shape[-2], plan.cols, plan.mean)) \
-        if ops is not None else None
 
 
 def _grouped(x, weight, bias):

@@ -244,6 +244,36 @@ def test_forward_reuses_its_plan_and_drops_it_when_a_fact_changes(monkeypatch):
 
 
 @pytest.mark.skipif(not mbackend.available("cpu")[0], reason="C++ backend unavailable")
+def test_plan_falls_back_to_the_full_path_when_the_op_rejects_a_call():
+    """The fast path leaves shape and dtype checks to the C++ op; whatever it rejects must
+    reach the full path, which either handles the call or raises its clear error."""
+    torch.manual_seed(0)
+    el = minaction.nn.EnergyLinear(5, 4)
+    x = torch.randn(6, 5)
+    el(x)
+    assert el.__dict__.get("_plan") is not None
+    x3 = torch.randn(2, 3, 5)  # [B, T, K]: the op takes 2-D only, the full path flattens the rows
+    y3 = el(x3)
+    ref3 = torch.relu(F.linear(x3, el.weight, el.bias))
+    torch.testing.assert_close(y3, ref3)
+    torch.testing.assert_close(el.last_energy, ref3.pow(2).sum(-1).mean())
+    x1 = torch.randn(5)  # one sample, as nn.Linear takes it
+    torch.testing.assert_close(el(x1), torch.relu(F.linear(x1, el.weight, el.bias)))
+    el(x)
+    with torch.no_grad():
+        el.weight.data = el.weight.data.double()  # same Parameter object, another dtype: no plan drop
+    with pytest.raises(TypeError, match="dtype"):
+        el(x)
+    el.bias.data = el.bias.data.double()
+    y = el(x.double())
+    torch.testing.assert_close(y, torch.relu(F.linear(x.double(), el.weight, el.bias)))
+    with torch.no_grad():
+        el.bias.data = torch.zeros(1, dtype=torch.float64)  # a bias addmm would broadcast
+    with pytest.raises(ValueError, match="bias must have shape"):
+        el(x.double())
+
+
+@pytest.mark.skipif(not mbackend.available("cpu")[0], reason="C++ backend unavailable")
 def test_plan_is_not_copied_and_batched_layers_use_it(monkeypatch):
     import copy
 
