@@ -9,6 +9,31 @@ from __future__ import annotations
 
 import importlib as _importlib
 
+
+def _bind_checkout_sources() -> None:
+    """Imported from a source checkout (``minaction/`` beside ``setup.py``, ``csrc/`` and
+    ``kernels/``), ``minaction._csrc`` and ``minaction.kernels`` are that checkout's folders.
+    Without this, an editable install of another checkout (its import hook maps those two
+    names) made a second checkout run with ``PYTHONPATH`` build the first one's C++ sources."""
+    import sys
+    from importlib import util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "setup.py").is_file():
+        return
+    for name, folder in (("minaction._csrc", "csrc"), ("minaction.kernels", "kernels")):
+        init = root / folder / "__init__.py"
+        if name in sys.modules or not init.is_file():
+            continue
+        spec = util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+        module = util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+_bind_checkout_sources()
+
 from .backends.select import backend_info, set_backend, use_backend  # noqa: F401
 from .model_api import convert, energy_report, total_energy  # noqa: F401
 from . import nn  # noqa: F401

@@ -1,0 +1,23 @@
+"""Where the backends find their sources."""
+
+def test_a_second_checkout_builds_its_own_sources(tmp_path):
+    """A checkout imported with PYTHONPATH uses its own csrc/ and kernels/, even when an
+    editable install of another checkout maps minaction._csrc and minaction.kernels."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    other = tmp_path / "checkout"
+    other.mkdir()
+    shutil.copytree(root / "minaction", other / "minaction", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "csrc", other / "csrc", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "kernels", other / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "setup.py", other / "setup.py")
+    code = ("import minaction, minaction.backends as b, minaction.kernels as k; "
+            "print(b.source_dir()); print(k.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(other)}, check=True).stdout.split()
+    assert Path(out[0]) == other / "csrc"
+    assert Path(out[1]) == other / "kernels" / "__init__.py"
