@@ -5,6 +5,8 @@ Variants (same weights, same data, same optimizer):
   naive      nn.Linear + ReLU, loss = CE + lam * sum_l mean_b sum_u a^2   (PyTorch penalty)
   compiled   torch.compile of `naive`
   fused      minaction.nn.EnergyLinear (backend auto), loss = CE + lam * total_energy
+  glue       nn.Linear + ReLU, loss = CE + lam * (e_1 + ... + e_L) on constant leaves: the loss
+             arithmetic alone, the floor under `fused` that no kernel can remove
 
 Each round runs every variant once in a shuffled order; reported numbers are medians over
 rounds of per-variant times and of per-round ratios to `plain` (interleaving cancels the
@@ -217,6 +219,19 @@ def make_step(kind, model, lam):
     elif kind == "fused":
         def loss_fn(x, y):
             return F.cross_entropy(model(x), y) + lam * minaction.total_energy(model)
+    elif kind == "glue":
+        # the floor of any energy term: plain layers, and the loss arithmetic of `ce + lam * total_energy`
+        # (one add per extra energy layer, the mul, the add) on constant leaves: what no kernel can remove
+        n = sum(isinstance(m, nn.ReLU) for m in model)
+        leaves = [torch.zeros((), requires_grad=True) for _ in range(n)]
+
+        def loss_fn(x, y):
+            total = leaves[0]
+            for e in leaves[1:]:
+                total = total + e
+            for e in leaves:
+                e.grad = None
+            return F.cross_entropy(model(x), y) + lam * total
     else:
         raise ValueError(kind)
 
@@ -280,8 +295,8 @@ def main(argv=None):
         x = torch.randn(G, args.batch, sizes[0])
         y = torch.randint(0, sizes[-1], (args.batch,))
         return _interleave(args, kinds, steps, x, y, sizes, batched=True)
-    kinds = ["plain", "naive", "fused"] + ([] if args.no_compile else ["compiled"])
-    steps = {k: make_step(k, build(k, sizes), args.lam) for k in kinds}
+    kinds = ["plain", "naive", "fused", "glue"] + ([] if args.no_compile else ["compiled"])
+    steps = {k: make_step(k, build("plain" if k == "glue" else k, sizes), args.lam) for k in kinds}
     x, y = torch.randn(args.batch, sizes[0]), torch.randint(0, sizes[-1], (args.batch,))
     return _interleave(args, kinds, steps, x, y, sizes, batched=False)
 
@@ -309,7 +324,7 @@ def _interleave(args, kinds, steps, x, y, sizes, batched):
             ratio = statistics.median(a[i] / b[i] for a, b in zip(times[k], times["plain"]))
             row[phase] = {"median_ms": med * 1e3, "ratio_to_plain": ratio}
         row["peak_mem_mb"] = (peak_memory(k, sizes, args.batch, args.lam) / 2**20
-                              if k != "compiled" and not batched else None)
+                              if k not in ("compiled", "glue") and not batched else None)
         res["variants"][k] = row
     print(json.dumps(info))
     print(f"{'variant':10s} {'fwd ms':>8s} {'bwd ms':>8s} {'step ms':>8s} {'fwd x':>6s} {'bwd x':>6s} "
