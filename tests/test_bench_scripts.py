@@ -1,0 +1,64 @@
+"""The interleaved benchmark scripts run (tiny sizes, few rounds: a smoke test; no timing is asserted)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from minaction.backends import select as mbackend
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+pytestmark = pytest.mark.skipif(not mbackend.available("cpu")[0], reason="C++ backend unavailable")
+
+
+@pytest.fixture()
+def bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    yield
+    for name in ("step_ratio", "step_phases"):
+        sys.modules.pop(name, None)
+
+
+def test_step_ratio_has_the_glue_floor(bench_path, capsys):
+    import torch
+
+    import step_ratio
+
+    threads = torch.get_num_threads()
+    try:
+        res = step_ratio.main(["--sizes", "12,6,5,3", "--batch", "4", "--rounds", "3", "--warmup", "1",
+                               "--no-compile", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(res["variants"]) == {"plain", "naive", "fused", "glue"}
+    assert res["variants"]["plain"]["step"]["ratio_to_plain"] == 1.0
+    assert "glue" in capsys.readouterr().out
+
+
+def test_step_ratio_epilogue_and_allocator_pin(bench_path):
+    import torch
+
+    import step_ratio
+
+    threads = torch.get_num_threads()
+    try:
+        res = step_ratio.epilogue_bench(2, shape=(1, 8, 16))
+    finally:
+        torch.set_num_threads(threads)
+    assert set(res) == {"relu+l2", "relu+l1", "gelu+l2", "silu+l2", "tanh+l2", "sigmoid+l2"}
+    assert all(r["ratio"] > 0 for r in res.values())
+
+
+def test_step_phases_runs_every_variant(bench_path, capsys):
+    import torch
+
+    import step_phases
+
+    threads = torch.get_num_threads()
+    try:
+        res = step_phases.main(["--sizes", "12,6,5,3", "--batch", "4", "--rounds", "3", "--warmup", "1",
+                                "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(res) == {"plain", "fused", "fused_noE", "glue"}
+    assert set(res["fused"]["phases_us"]) == set(step_phases.PHASES)
+    assert "fused_noE" in capsys.readouterr().out
