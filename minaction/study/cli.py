@@ -50,7 +50,7 @@ def _run(args) -> int:
     from .presets import PresetError
     from .runner import run_study
 
-    from .plan import announce
+    from .plan import announce, cost_lookup
 
     try:
         load_plugins(args.plugin)
@@ -60,7 +60,7 @@ def _run(args) -> int:
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                             scheduler=args.scheduler, progress=not args.no_progress, limit=args.limit,
                             retry_failed=args.retry_failed,
-                            on_start=lambda: announce(args.preset, args.db, args.workers))
+                            on_start=lambda: announce(args.preset, args.db, args.workers), balance=cost_lookup)
     except (PresetError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         return _error("run", exc)
     print(json.dumps(summary, indent=2))

@@ -143,6 +143,26 @@ def measure(group_runs: list, calibrate_steps: int = 3) -> dict:
             "n_val": len(val), "steps_per_epoch": steps_per_epoch}
 
 
+def _group_seconds(m: dict, budget: dict) -> float:
+    """A group's time at the epoch cap from its measured costs ``m``."""
+    epe = evals_per_epoch(m["steps_per_epoch"], int(budget.get("eval_every") or 0))
+    return (m["t_setup"] + int(budget["epochs"]) * (m["steps_per_epoch"] * m["t_step"] + epe * m["t_eval"])
+            + m["t_test"])
+
+
+def cost_lookup():
+    """``cost(group) -> seconds or None`` from the measured cost table alone (nothing is measured:
+    None for a group whose arch x dataset x size x budget was never timed on this machine)."""
+    table = _load_table(cost_table_path())
+
+    def cost(group):
+        cfg = group[0]["config"]
+        m = table.get(_key(cfg["arch"], cfg["dataset"], len(group), cfg["budget"], cfg["data_opts"]))
+        return None if m is None else _group_seconds(m, cfg["budget"])
+
+    return cost
+
+
 def evals_per_epoch(steps_per_epoch: int, eval_every: int) -> float:
     """Validation evaluations per epoch: every ``eval_every`` steps, plus the epoch end when it
     does not coincide (averaged over epochs, since the step count runs on across epochs)."""
@@ -209,8 +229,7 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
                     table[k] = m
                 epochs = int(budget["epochs"])
                 epe = evals_per_epoch(m["steps_per_epoch"], int(budget.get("eval_every") or 0))
-                est += (m["t_setup"] + epochs * (m["steps_per_epoch"] * m["t_step"] + epe * m["t_eval"])
-                        + m["t_test"])
+                est += _group_seconds(m, budget)
             row.update(n_train=m["n_train"], steps_per_epoch=m["steps_per_epoch"], epochs_cap=epochs,
                        evals_per_epoch=epe, t_step_s=m["t_step"], t_eval_s=m["t_eval"],
                        member_epoch_s=(m["steps_per_epoch"] * m["t_step"] + epe * m["t_eval"]) / len(gs[0]),

@@ -18,7 +18,7 @@ import time
 import traceback
 from concurrent.futures.process import BrokenProcessPool
 
-from . import checkpoint, store
+from . import checkpoint, schedule, store
 from .executors import check_workers, make_executor
 from .plugins import plugins_for
 from .presets import expand, load_preset, make_groups
@@ -213,7 +213,7 @@ class _Progress:
 
 def run_study(preset, db, executor="local", workers=None, scheduler=None, progress=True, limit=None,
               retry_failed=False, max_attempts=2, threads=1, on_start=None, checkpoints=True,
-              checkpoint_every_s=None) -> dict:
+              checkpoint_every_s=None, balance=None) -> dict:
     """Run (or resume) a study; returns a summary dict.
 
     Args:
@@ -240,6 +240,11 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
             :data:`minaction.study.checkpoint.DEFAULT_EVERY_S`) and resume from it after a kill;
             a group's checkpoint is deleted once its runs are recorded
             (:mod:`minaction.study.checkpoint`).
+        balance: None, or a callable returning ``cost(group) -> seconds or None``, called after
+            ``on_start``: a group costing more than an even share of the work per worker is
+            halved so that it does not run alone while the other workers idle
+            (:mod:`minaction.study.schedule`; the CLI passes ``plan.cost_lookup``, the costs
+            ``study plan`` measured).
 
     Before anything is scheduled the driver checks the environment (``MINACTION_BACKEND``,
     the architectures and datasets, that every pending run's dataset can be had) and the store
@@ -269,14 +274,14 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         ckpt = {"checkpoint_dir": str(checkpoint.directory(db)), "checkpoint_every_s": checkpoint_every_s} \
             if checkpoints else {}
         return _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress,
-                           limit, retry_failed, max_attempts, threads, on_start, ckpt)
+                           limit, retry_failed, max_attempts, threads, on_start, ckpt, balance)
     finally:
         con.close()
         store.release_writer_lock(lock)
 
 
 def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress, limit,
-                retry_failed, max_attempts, threads, on_start=None, ckpt=None) -> dict:
+                retry_failed, max_attempts, threads, on_start=None, ckpt=None, balance=None) -> dict:
     skip = ("done", "diverged") if retry_failed else store.STATUSES
     todo = [r for r in runs if recorded_status.get(r["run_id"]) not in skip]
     already = len(runs) - len(todo)
@@ -321,6 +326,9 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
         if groups:
             ex = make_executor(executor, workers, scheduler, threads)
             summary["workers"] = ex.workers
+            if balance is not None:
+                groups = schedule.balance(groups, ex.workers, balance(), ckpt.get("checkpoint_dir"))
+                summary["groups"] = len(groups)
             window = 2 * ex.workers
             plugins = plugins_for(todo)  # the workers import the modules that registered these names
             queue = [dict(ckpt, group_id=i, runs=g, threads=threads, attempt=0, plugins=plugins)
