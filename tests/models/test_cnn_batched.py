@@ -257,5 +257,10 @@ def test_evaluation_in_chunks_equals_whole_batches():
     h.remove()
     assert max(cut) == 4 and sum(cut) == n and seen == [10, 10, 3]
     torch.testing.assert_close(pieces["acc"], whole["acc"], rtol=0, atol=0)
+    # called with gradients on (as the training loop does), evaluation builds no graph
+    out = evaluate(model, DS(), G, batch_size=10)
+    assert not any(v.requires_grad for v in out.values())
+    assert all(m.last_energy.grad_fn is None for m in model.modules()
+               if getattr(m, "counts_energy", False) and m.last_energy is not None)
     for k in ("loss", "energy"):  # evaluate's cross-entropy runs in float32: summation order only
         torch.testing.assert_close(pieces[k], whole[k], rtol=1e-6, atol=1e-9)
