@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 from .cache import clear_memo, family_arrays
+from . import catalogue as _catalogue
 from .catalogue import FAMILIES, SPECS, register_dataset
 from .core import DataMeta, Dataset, SpikeDataset
 from .formats import FormatError
@@ -52,29 +53,48 @@ def load(name: str, split: str, data_dir=None, seed: int = 0, **opts) -> Dataset
 
 
 def list_datasets() -> List[Dict[str, object]]:
-    """One dict per dataset: name, modality, description, options (defaults), and whether
-    decoded arrays are already in the cache."""
+    """One dict per dataset: name, modality, description, options (defaults), whether
+    decoded arrays are already in the cache, and the sources tried. Datasets added with
+    :func:`register_dataset` come last (``registered: True``; their loader owns their data, so
+    ``modality`` and ``cached`` are None: nothing is loaded to list them)."""
     out = []
     for spec in SPECS.values():
         fam = FAMILIES[spec.family]
         cached = any(c.cache_path(spec.family).is_file() for c in fam.candidates)
         out.append({"name": spec.name, "modality": spec.modality, "description": spec.description,
-                    "options": dict(spec.defaults), "cached": cached,
+                    "options": dict(spec.defaults), "cached": cached, "registered": False,
                     "sources": [f"{c.source.describe()} [{', '.join(sp.names[0] for sp in c.specs)}]"
                                 for c in fam.candidates]})
+    for reg in _catalogue.REGISTERED.values():
+        where = f"{reg.module}.{getattr(reg.load, '__qualname__', reg.load)}" if reg.module else repr(reg.load)
+        out.append({"name": reg.name, "modality": None, "description": f"registered with register_dataset by {where}",
+                    "options": {}, "cached": None, "registered": True, "sources": [f"the registered loader {where}"]})
     return out
+
+
+def _known() -> str:
+    return ", ".join(list(SPECS) + list(_catalogue.REGISTERED))
 
 
 def fetch(*names: str, data_dir=None, progress: bool = True, refresh: bool = False) -> Dict[str, str]:
     """Obtain, verify, decode and cache the named datasets (all when none are named).
 
     Returns ``{name: where the data came from}``; raises the first error met
-    (:class:`DataUnavailableError` lists every source tried)."""
-    names = names or tuple(SPECS)
+    (:class:`DataUnavailableError` lists every source tried). A dataset added with
+    :func:`register_dataset` is checked by loading its splits through its loader (which
+    owns its data: nothing is cached here)."""
+    registered = _catalogue.REGISTERED
+    names = names or tuple(SPECS) + tuple(registered)
     out = {}
     for n in names:
+        if n in registered:
+            reg = registered[n]
+            for split in SPLITS:
+                reg.load(n, split, data_dir=data_dir)
+            out[n] = f"the registered loader of {reg.module or '?'}"
+            continue
         if n not in SPECS:
-            raise ValueError(f"unknown dataset {n!r}; known: {', '.join(SPECS)}")
+            raise ValueError(f"unknown dataset {n!r}; known: {_known()}")
         _, origin = family_arrays(SPECS[n].family, data_dir=data_dir, progress=progress, refresh=refresh)
         out[n] = origin
     return out

@@ -13,7 +13,7 @@ def _list(args) -> int:
     print(f"cache: {cache_dir()}")
     for r in rows:
         mark = "cached" if r["cached"] else "-"
-        print(f"{r['name']:<{width}}  {r['modality']:<13}  {mark:<6}  {r['description']}")
+        print(f"{r['name']:<{width}}  {r['modality'] or '?':<13}  {mark:<6}  {r['description']}")
         if args.verbose:
             opts = ", ".join(f"{k}={v!r}" for k, v in r["options"].items())
             print(f"{'':<{width}}  options: {opts}")
@@ -24,12 +24,13 @@ def _list(args) -> int:
 
 def _fetch(args) -> int:
     from . import DataError, fetch
-    from .catalogue import SPECS
+    from .catalogue import REGISTERED, SPECS
 
-    names = args.names or list(SPECS)
-    unknown = [n for n in names if n not in SPECS]
+    names = args.names or list(SPECS) + list(REGISTERED)
+    unknown = [n for n in names if n not in SPECS and n not in REGISTERED]
     if unknown:
-        print(f"unknown dataset(s): {', '.join(unknown)}; known: {', '.join(SPECS)}", file=sys.stderr)
+        print(f"unknown dataset(s): {', '.join(unknown)}; known: {', '.join(list(SPECS) + list(REGISTERED))}",
+              file=sys.stderr)
         return 2
     failed = 0
     for n in names:

@@ -435,3 +435,28 @@ def test_register_dataset_loads_through_data_load(monkeypatch):
         data.register_dataset(None, fake)
     with pytest.raises(TypeError, match="load must be callable"):
         data.register_dataset("x", 42)
+
+
+def test_registered_datasets_are_listed_and_fetched(monkeypatch, capsys):
+    monkeypatch.setattr(catalogue, "REGISTERED", {})
+    from minaction.data import cli as data_cli
+    from minaction.data import splits
+
+    monkeypatch.setattr(splits, "REGISTERED", catalogue.REGISTERED)
+    seen = []
+
+    def fake(name, split, data_dir=None, seed=0):
+        seen.append(split)
+        meta = data.DataMeta(name, "vision", 2, (1, 2, 2), torch.float32)
+        return data.Dataset(torch.zeros(3, 1, 2, 2), torch.zeros(3, dtype=torch.int64), meta, split)
+
+    data.register_dataset("fake_listed", fake)
+    rows = {r["name"]: r for r in data.list_datasets()}
+    assert rows["fake_listed"]["registered"] and not rows["mnist"]["registered"]
+    assert __name__ in rows["fake_listed"]["description"]
+    out = data.fetch("fake_listed")
+    assert seen == ["train", "val", "test"] and __name__ in out["fake_listed"]
+    with pytest.raises(ValueError, match="fake_listed"):  # the known names include the registered one
+        data.fetch("no_such_set")
+    assert data_cli._list(type("A", (), {"verbose": True})()) == 0
+    assert "fake_listed" in capsys.readouterr().out
