@@ -43,7 +43,7 @@ def validate_energy(activation: str, energy, reduction: str) -> int:
 
 def _scale(rows: int, cols: int, mean: bool) -> float:
     # E = mean over rows (samples) of sum (or mean) over units of |y|^p
-    return 1.0 / (max(rows, 1) * (cols if mean else 1))
+    return 1.0 / (max(rows, 1) * (max(cols, 1) if mean else 1))  # zero units: no energy to scale (p = 0)
 
 
 # ----------------------------------------------------------------------------- minaction::energy_linear
@@ -441,6 +441,9 @@ def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str]
         raise ValueError(f"input of shape {tuple(z.shape)} has no batch dimension")
     if groups and z.shape[0] != groups:
         raise ValueError(f"expected {groups} models in dim 0, got shape {tuple(z.shape)}")
+    if p and reduction == "mean" and math.prod(z.shape[(2 if groups else 1):]) == 0:
+        raise ValueError(f"energy_reduction='mean' averages over a sample's units, and the input of shape "
+                         f"{tuple(z.shape)} has none: the mean is undefined (use reduction='sum', which is 0 here)")
     name = _route(z, backend)
     if name == "cpu":
         return _cpu.epilogue(z, activation, p, reduction == "mean", groups)

@@ -256,3 +256,18 @@ def test_torch_compile_over_layers():
     torch.testing.assert_close(e, e_ref)
     (out.sum() + e).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_mean_energy_over_zero_units_is_a_clear_error(backend):
+    """A mean over a sample's units is undefined when there are none: the same clear error on
+    every path (the cpu path returned 0 and the reference path raised ZeroDivisionError)."""
+    z = torch.randn(4, 0)
+    with pytest.raises(ValueError, match="mean is undefined"):
+        activation_energy(z, "relu", "l2", "mean", backend=backend)
+    with pytest.raises(ValueError, match="mean is undefined"):
+        activation_energy(torch.randn(2, 4, 0, 3), "relu", "l2", "mean", groups=2, backend=backend)
+    y, e = activation_energy(z, "relu", "l2", "sum", backend=backend)  # a sum over no units is 0
+    assert y.shape == (4, 0) and float(e) == 0.0
+    y, e = activation_energy(z, "relu", None, "mean", backend=backend)  # no energy asked: nothing to average
+    assert y.shape == (4, 0)
