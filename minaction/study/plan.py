@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint as _checkpoint
 from . import presets as _presets
 from . import trainer as _trainer
 
@@ -56,8 +57,11 @@ def _machine() -> str:
 
 
 def _key(arch, dataset, G, budget, data_opts) -> str:
+    # "code": a hash of the trainer's source, so that a change to the training loop (which changes
+    # what a step or an evaluation costs) is measured afresh instead of read from an old entry
     blob = json.dumps({"m": _machine(), "arch": arch, "dataset": dataset, "G": G, "budget": budget,
-                       "data_opts": data_opts, "v": _presets.TRAINER_VERSION}, sort_keys=True, default=str)
+                       "data_opts": data_opts, "v": _presets.TRAINER_VERSION, "code": _checkpoint.code_version()},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -313,6 +313,16 @@ def test_models_take_one_batch_per_member(arch, modality):
         group(x[:1].expand(3, *x.shape[1:]) if x.dim() else x)
 
 
+def test_plan_cost_key_follows_the_trainer_code(monkeypatch):
+    """A changed training loop is measured afresh: the cost key includes the trainer's code hash."""
+    from minaction.study import checkpoint
+    from minaction.study import plan as _plan
+
+    k1 = _plan._key("mlp", "mnist", 10, {"epochs": 1}, {})
+    monkeypatch.setattr(checkpoint, "code_version", lambda: "another trainer")
+    assert _plan._key("mlp", "mnist", 10, {"epochs": 1}, {}) != k1
+
+
 def test_plan_cost_key_does_not_follow_the_process_thread_count():
     """measure() sets one torch thread (as the workers train); the cost table's key must name
     that count, not whatever the calling process had when a block started."""
