@@ -144,15 +144,9 @@ def pin_allocator() -> bool:
     4 MB output is not 1,024 page faults. Unpinned, the faults cost 2-4x the kernel itself and
     land on whichever variant's allocation the shuffled order made fresh: the ratio then measured
     the allocator (1.04x-1.25x for the same build from run to run). Returns False off glibc."""
-    import ctypes
-    import ctypes.util
+    from minaction._alloc import keep_freed_memory
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        return False
+    return keep_freed_memory()
 
 
 def epilogue_bench(rounds, shape=(1, 2048, 512)):

@@ -72,8 +72,9 @@ def list_datasets() -> List[Dict[str, object]]:
     return out
 
 
-def _known() -> str:
-    return ", ".join(list(SPECS) + list(_catalogue.REGISTERED))
+def _known_names() -> List[str]:
+    """Every dataset name: the catalogue's, then those added with :func:`register_dataset`."""
+    return list(SPECS) + list(_catalogue.REGISTERED)
 
 
 def fetch(*names: str, data_dir=None, progress: bool = True, refresh: bool = False) -> Dict[str, str]:
@@ -84,7 +85,7 @@ def fetch(*names: str, data_dir=None, progress: bool = True, refresh: bool = Fal
     :func:`register_dataset` is checked by loading its splits through its loader (which
     owns its data: nothing is cached here)."""
     registered = _catalogue.REGISTERED
-    names = names or tuple(SPECS) + tuple(registered)
+    names = names or tuple(_known_names())
     out = {}
     for n in names:
         if n in registered:
@@ -94,7 +95,7 @@ def fetch(*names: str, data_dir=None, progress: bool = True, refresh: bool = Fal
             out[n] = f"the registered loader of {reg.module or '?'}"
             continue
         if n not in SPECS:
-            raise ValueError(f"unknown dataset {n!r}; known: {_known()}")
+            raise ValueError(f"unknown dataset {n!r}; known: {', '.join(_known_names())}")
         _, origin = family_arrays(SPECS[n].family, data_dir=data_dir, progress=progress, refresh=refresh)
         out[n] = origin
     return out

@@ -23,14 +23,13 @@ def _list(args) -> int:
 
 
 def _fetch(args) -> int:
-    from . import DataError, fetch
-    from .catalogue import REGISTERED, SPECS
+    from . import DataError, _known_names, fetch
 
-    names = args.names or list(SPECS) + list(REGISTERED)
-    unknown = [n for n in names if n not in SPECS and n not in REGISTERED]
+    known = _known_names()
+    names = args.names or known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"unknown dataset(s): {', '.join(unknown)}; known: {', '.join(list(SPECS) + list(REGISTERED))}",
-              file=sys.stderr)
+        print(f"unknown dataset(s): {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
         return 2
     failed = 0
     for n in names:

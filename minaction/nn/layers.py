@@ -19,15 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import select as _select
+from ..ops import energy as _energy
 from ..ops import energy_linear, validate_energy
 from ..ops.energy import make_plan
 
-# the fast path's checks, bound once (each is one C call or a flag read)
+# the fast path's checks (ops.energy._fast_world's, inlined: a call per check costs in a step)
 _compiling = torch.compiler.is_compiling
-_exporting = torch.compiler.is_exporting
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
-_interpreter_stack = torch._C._functorch.peek_interpreter_stack
-_env_backend = _select.env_backend
+_exporting = _energy._is_exporting
+_any_autocast = _energy._any_autocast or (lambda: True)
+_interpreter_stack = _energy._interpreter_stack
+_env_backend = _energy._env_backend
 # attributes whose assignment invalidates a layer's cached plan
 _PLAN_FACTS = frozenset({"activation", "energy", "energy_reduction", "backend", "p", "weight", "bias",
                          "num_models", "in_features", "out_features"})

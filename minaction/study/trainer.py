@@ -81,15 +81,9 @@ def _pin_allocator() -> bool:
     glibc."""
     if os.environ.get("MINACTION_PIN_ALLOCATOR", "1").strip() in ("0", "false", "no"):
         return False
-    try:
-        import ctypes
-        import ctypes.util
+    from .._alloc import keep_freed_memory
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        return False
+    return keep_freed_memory()
 
 
 # ----------------------------------------------------------------------------- data and models
