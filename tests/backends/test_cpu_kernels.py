@@ -203,6 +203,20 @@ _ISA_CHECK = textwrap.dedent("""
         for a, c in zip(*res):
             assert torch.equal(a.isnan(), c.isnan()), (act, energy, dtype, G, M, K, N)
             torch.testing.assert_close(a.float(), c.float(), rtol=tol, atol=tol, equal_nan=True)
+    # the inline float exp/erf (gelu, silu, sigmoid) over their whole range, torch's own as the reference
+    import torch.nn.functional as F
+    z = torch.cat([torch.linspace(-110, 110, 40001), torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0,
+                                                                  -0.0, 88.37, 88.38, -86.49, -86.51, 1e-30])])
+    for act, f in (("gelu", F.gelu), ("silu", F.silu), ("sigmoid", torch.sigmoid)):
+        zz = z.clone().requires_grad_(True)
+        y, e = activation_energy(zz.view(1, -1), act, "l2", backend="cpu")
+        gz, = torch.autograd.grad(y.sum(), zz)
+        zr = z.clone().requires_grad_(True)
+        yr = f(zr)
+        gr, = torch.autograd.grad(yr.sum(), zr)
+        torch.testing.assert_close(y.view(-1), yr, rtol=2e-6, atol=1e-6, equal_nan=True)
+        fin = torch.isfinite(z)
+        torch.testing.assert_close(gz[fin], gr[fin], rtol=2e-6, atol=2e-6, equal_nan=True)
     print("OK")
 """)
 
