@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import doubles.study  # noqa: F401  (registers the dataset "synthetic" and the tiny_* architectures)
 import pytest
 import torch
 
