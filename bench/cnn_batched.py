@@ -8,7 +8,7 @@ cross-entropy + lam * E summed, backward, fused Adam step), at the study's defau
 * series (1, 140), 5 classes (ECG5000; 1-D stem)
 * text   (64,) ids, vocabulary 13,395, 2 classes (SST-2; embedding channels, 1-D stem)
 
-``batched``: ``models.build("cnn", meta, num_models=G)`` and one optimizer; ``loop``: G
+``batched``: ``models.build("cnn", meta, num_models=G, batched=True)`` and one optimizer; ``loop``: G
 one-member models, each with its own optimizer, stepped one after another. The two are
 interleaved (alternating which goes first) for ``--rounds`` rounds of ``--steps`` steps;
 the table gives medians per step and per member, and the member-epoch cost on the full
@@ -67,7 +67,7 @@ def batched_stepper(meta, G, lam=1e-4):
     import minaction
     from minaction import models
 
-    model = models.build("cnn", meta, num_models=G, seeds=range(G))
+    model = models.build("cnn", meta, num_models=G, seeds=range(G), batched=True)
     assert model.batched
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     lam_t = torch.full((G,), lam)

@@ -18,6 +18,10 @@ op                                    implementations
                                       convolution), ``z [B, ...]`` or, with ``groups=G``,
                                       ``[G, B, ...]``: one call per direction; ``Autograd`` and
                                       ``CompositeExplicitAutograd`` in ``csrc/energy_cpu.cpp``
+``maxpool2_fwd`` ``maxpool2_bwd``     max-pool by 2 over the last 1 or 2 dims (``F.max_pool1d/2d(x, 2)``
+``max_pool2``                         exactly) with uint8 window positions: ``CPU`` primitives, and the
+                                      op with ``Autograd`` / ``CompositeExplicitAutograd`` in
+                                      ``csrc/energy_cpu.cpp`` (``minaction.ops.max_pool2``)
 ``energy_linear`` (+``_backward``)    the layer / epilogue routed by a ``backend`` name to that
 ``activation_energy`` (+``_backward``)  backend's Python primitives (``triton``, ``cuda``,
                                       ``composite``; ``cpu`` for the epilogue):
@@ -47,6 +51,10 @@ SCHEMAS = {
     "layer": "layer(Tensor x, Tensor w, Tensor? b, int act, int p, float scale) -> (Tensor, Tensor)",
     # activation_energy's epilogue with a C++ autograd formula: z [B, ...] (groups 0) or [G, B, ...]
     "epilogue": "epilogue(Tensor z, int act, int p, bool mean, int groups) -> (Tensor, Tensor)",
+    # max-pool by 2 over the last 1 or 2 dims (the cnn's pooling), uint8 window positions
+    "maxpool2_fwd": "maxpool2_fwd(Tensor x, int dims) -> (Tensor, Tensor)",
+    "maxpool2_bwd": "maxpool2_bwd(Tensor gy, Tensor idx, SymInt[] in_size, int dims) -> Tensor",
+    "max_pool2": "max_pool2(Tensor x, int dims) -> Tensor",
     # routed by backend name to Python primitives
     "energy_linear": "energy_linear(Tensor x, Tensor weight, Tensor? bias, str act, int p, bool mean, "
                      "str backend) -> (Tensor, Tensor, Tensor)",
@@ -113,6 +121,25 @@ def _(x, w, b, act, p, scale):
 @torch.library.register_fake("minaction::epilogue", lib=lib)
 def _(z, act, p, mean, groups):
     return z.new_empty(z.shape), z.new_empty((groups,) if groups else (), dtype=energy_dtype(z.dtype))
+
+
+def _pooled(x, dims):
+    return tuple(x.shape[:-dims]) + tuple(s // 2 for s in x.shape[-dims:])
+
+
+@torch.library.register_fake("minaction::maxpool2_fwd", lib=lib)
+def _(x, dims):
+    return x.new_empty(_pooled(x, dims)), x.new_empty(_pooled(x, dims), dtype=torch.uint8)
+
+
+@torch.library.register_fake("minaction::maxpool2_bwd", lib=lib)
+def _(gy, idx, in_size, dims):
+    return gy.new_empty(in_size)
+
+
+@torch.library.register_fake("minaction::max_pool2", lib=lib)
+def _(x, dims):
+    return x.new_empty(_pooled(x, dims))
 
 
 @torch.library.register_fake("minaction::energy_linear", lib=lib)

@@ -169,7 +169,7 @@ def default_width(arch: str, meta, depth: Optional[int] = None, **arch_knobs) ->
 def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = None, energy: Optional[str] = "l2",
           activation: str = "relu", energy_reduction: str = "sum", num_models: int = 1,
           seeds: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None, device=None,
-          **arch_knobs) -> nn.Module:
+          batched: Optional[bool] = None, **arch_knobs) -> nn.Module:
     """Build ``num_models`` members of architecture ``arch`` for the dataset described by ``meta``.
 
     Args:
@@ -181,14 +181,23 @@ def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = N
         num_models, seeds: G members; member g is initialised exactly like a one-member
             model built with ``seeds[g]`` (default ``range(G)``).
         dtype, device: cast/move the built model.
+        batched: G members as one module sharing batched kernels (True) or a
+            :class:`~minaction.models.cnn.LoopEnsemble` of separate members run one after another
+            (False). ``None``: the architecture's choice for ``device`` (None = the CPU): every
+            built-in is batched, except ``cnn`` on a CPU, whose members run faster one by one
+            there (idle 2-core AVX2, after the uint8 max-pool: 37-38 against 46-50 ms per member-step
+            on images, 0.88-0.90x for series and text; bench/RESULTS.md); on a GPU it is batched.
         **arch_knobs: architecture options, see :func:`knobs`.
 
     Returns a module with ``forward(x [B, *meta.input_shape])`` -> logits ``[B, C]`` (one
     member) or ``[G, B, C]``, and attributes ``arch``, ``num_models``, ``batched`` (True:
-    members share batched kernels; False: ``cnn``, a loop over separate members).
+    members share batched kernels; False: a loop over separate members, see ``batched``).
     A registered architecture (:func:`register_architecture`) is built by its own ``build``.
     """
     if arch in _REGISTERED:
+        if batched is not None:
+            raise ValueError(f"batched= applies to the built-in architectures; {arch!r} is registered and "
+                             "builds its members its own way")
         model = _REGISTERED[arch].build(arch, meta, width=width, depth=depth, energy=energy, activation=activation,
                                         energy_reduction=energy_reduction, num_models=num_models, seeds=seeds,
                                         **arch_knobs)
@@ -215,7 +224,12 @@ def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = N
     if int(width) < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     kw = dict(energy=energy, activation=activation, energy_reduction=energy_reduction, **arch_knobs)
-    if cls.batched:
+    if batched is None:
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        batched = cls.batched and not (on_cpu and getattr(cls, "loop_on_cpu", False))
+    elif batched and not cls.batched:
+        raise ValueError(f"{arch} cannot be built as one batched module (batched=True); it runs as a loop")
+    if batched:
         model = cls(meta, int(width), depth, num_models=G, **kw)
         model.init_members(seeds)
     else:

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..nn.conv import EnergyConv1d, EnergyConv2d
 from ..nn.layers import EnergyLayer
+from ..ops import max_pool2
 from .common import EnergyNet, TokenEmbedding, check_input, column_norms, image_layout, time_mean
 from .family import _check_act
 
@@ -52,6 +53,12 @@ class ConvNet(EnergyNet):
 
     arch = "cnn"
     batched = True
+    #: models.build(batched=None) runs the members as a LoopEnsemble on a CPU: there, once the
+    #: pooling stopped being the bottleneck (ops.max_pool2), a loop of members beat the grouped
+    #: convolutions at every G measured (idle 2-core AVX2, G = 2-10: 0.76-0.91x on images,
+    #: 0.90x series, 0.88x text; bench/RESULTS.md): G members' feature maps together overflow
+    #: the caches between the conv, the epilogue and the pool, one member's do not
+    loop_on_cpu = True
     #: evaluation runs in chunks of at most this many rows (per member): a 2,000-row batch of
     #: 10 members' 28x28 feature maps is ~1 GB and memory-bound; measured on 2 cores (AVX2,
     #: load ~5), a cnn evaluation pass took 0.62x (mnist) and 0.49x (sst2) the time at 64 rows
@@ -119,11 +126,10 @@ class ConvNet(EnergyNet):
             if per_member:  # [G*B, C, ...] -> member-major channels [B, G*C, ...] (grouped first conv)
                 G, B = x.shape[0], x.shape[1]
                 h = h.view(G, B, *h.shape[1:]).transpose(0, 1).reshape(B, G * h.shape[1], *h.shape[2:])
-        pool = F.max_pool2d if self.dims == 2 else F.max_pool1d
         for conv, p in zip(self.convs, self._pool):
             h = conv(h)
-            if p:
-                h = pool(h, 2)
+            if p:  # F.max_pool1d/2d(h, 2) exactly, faster on the CPU (minaction.ops.max_pool2)
+                h = max_pool2(h, self.dims)
         if self.modality == "text":
             h = h.amax(dim=-1)
         elif tuple(h.shape[2:]) == self.grid:
@@ -172,6 +178,9 @@ class LoopEnsemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.num_models = len(self.members)
+        rows = getattr(self.members[0], "eval_rows", None)
+        if rows:
+            self.eval_rows = rows  # the trainer's evaluation pieces, as the members ask
         self.arch = getattr(self.members[0], "arch", "")
         self.meta = getattr(self.members[0], "meta", None)
         G = self.num_models

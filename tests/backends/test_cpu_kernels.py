@@ -217,6 +217,18 @@ _ISA_CHECK = textwrap.dedent("""
         torch.testing.assert_close(y.view(-1), yr, rtol=2e-6, atol=1e-6, equal_nan=True)
         fin = torch.isfinite(z)
         torch.testing.assert_close(gz[fin], gr[fin], rtol=2e-6, atol=2e-6, equal_nan=True)
+    # max_pool2 (vector path on float/double, per ISA) against torch's pooling
+    from minaction.ops import max_pool2
+    for shape, dims in (((2, 3, 29, 30), 2), ((3, 4, 35), 1)):
+        for dtype in (torch.float32, torch.float64):
+            xp = torch.relu(torch.randn(shape, generator=g)).to(dtype)
+            xp.view(-1)[5] = float("nan")
+            xa, xb = xp.clone().requires_grad_(), xp.clone().requires_grad_()
+            ya = max_pool2(xa, dims)
+            yb = (torch.nn.functional.max_pool2d if dims == 2 else torch.nn.functional.max_pool1d)(xb, 2)
+            assert torch.equal(ya.nan_to_num(), yb.nan_to_num()) and torch.equal(ya.isnan(), yb.isnan())
+            gp = torch.randn(ya.shape, generator=g).to(dtype)
+            assert torch.equal(torch.autograd.grad(ya, xa, gp)[0], torch.autograd.grad(yb, xb, gp)[0])
     print("OK")
 """)
 

@@ -40,7 +40,7 @@ def batch(meta, B=5, seed=0):
 
 def _build(meta, seeds, **kw):
     kw = dict(dict(width=8, depth=2, channels=[3, 4], dtype=torch.float64), **kw)
-    group = models.build("cnn", meta, num_models=len(seeds), seeds=seeds, **kw)
+    group = models.build("cnn", meta, num_models=len(seeds), seeds=seeds, batched=True, **kw)
     singles = [models.build("cnn", meta, seeds=[s], **kw) for s in seeds]
     return group, singles
 
@@ -243,7 +243,7 @@ def test_evaluation_in_chunks_equals_whole_batches():
             for i in range(0, n, batch_size):
                 yield x[i:i + batch_size], y[i:i + batch_size]
 
-    model = models.build("cnn", meta, num_models=G, seeds=[0, 1, 2], dtype=torch.float64)
+    model = models.build("cnn", meta, num_models=G, seeds=[0, 1, 2], dtype=torch.float64, batched=True)
     assert model.eval_rows > 0
     seen = []
     h = model.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))

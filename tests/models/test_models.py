@@ -100,8 +100,8 @@ ALL_FAMILY = ["mlp", "bimodal_true", "physics_lagrangian", "cnn"]
 
 
 @pytest.mark.parametrize("layout", ["mnist", "sst2", "ecg5000"])
-@pytest.mark.parametrize("arch", ALL_FAMILY)
-def test_batched_matches_separate_float64(arch, layout):
+@pytest.mark.parametrize("arch,batched", [(a, None) for a in ALL_FAMILY] + [("cnn", True)])
+def test_batched_matches_separate_float64(arch, batched, layout):
     """G members built at once == G models built one by one with the same seeds (float64):
     outputs, energies, gradients, and parameters after 5 Adam steps of sum_g CE + lam_g E_g."""
     meta = LAYOUTS[layout]
@@ -111,9 +111,9 @@ def test_batched_matches_separate_float64(arch, layout):
     kw = dict(width=width, depth=2, dtype=torch.float64)
     if arch == "cnn":
         kw["channels"] = [4, 6]
-    group = models.build(arch, meta, num_models=G, seeds=seeds, **kw)
+    group = models.build(arch, meta, num_models=G, seeds=seeds, batched=batched, **kw)
     assert group.num_models == G
-    assert group.batched
+    assert group.batched == (arch != "cnn" or bool(batched))  # the cnn runs as a loop on a CPU by default
     singles = [models.build(arch, meta, seeds=[s], **kw) for s in seeds]
     x, y = batch(meta, B=5, dtype=torch.float64)
     lam = torch.tensor(lams, dtype=torch.float64)
@@ -277,13 +277,16 @@ def test_physics_lagrangian_knobs_and_energy_identity():
 
 
 def test_cnn_loop_ensemble_energy_vector():
-    """LoopEnsemble (kept for comparisons; ``build`` batches the cnn now) spreads each member's
-    energy into a length-G vector."""
+    """LoopEnsemble (``build``'s cnn on a CPU) spreads each member's energy into a length-G vector."""
     meta = LAYOUTS["ecg5000"]
     x, _ = batch(meta)
     singles = [models.build("cnn", meta, width=16, seeds=[g]) for g in range(3)]
     m = LoopEnsemble([models.build("cnn", meta, width=16, seeds=[g]) for g in range(3)])
-    assert not m.batched and models.build("cnn", meta, num_models=3, width=16).batched
+    assert not m.batched and models.build("cnn", meta, num_models=3, width=16, batched=True).batched
+    # the default on a CPU is the loop; for another device, batched; either can be asked for
+    assert not models.build("cnn", meta, num_models=3, width=16).batched
+    assert models.build("cnn", meta, num_models=3, width=16, device="meta").batched
+    assert isinstance(models.build("cnn", meta, num_models=3, width=16, batched=False), LoopEnsemble)
     out = m(x)
     assert out.shape == (3, len(x), 5)
     e = minaction.total_energy(m)
