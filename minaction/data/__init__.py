@@ -46,7 +46,8 @@ def load(name: str, split: str, data_dir=None, seed: int = 0, **opts) -> Dataset
 
     Options (``**opts``) per dataset — ``val_fraction``; text: ``min_freq`` (2), ``max_size``
     (20000), ``max_len`` (64 for sst2, 256 for 20newsgroups); ``nmnist``: ``T`` (8),
-    ``duration_us`` (None: each recording's own span); ``*_spikes``: ``T`` (8), ``max_prob``
+    ``duration_us`` (None: each recording's own span), ``fold_time`` (False; True: the T bins
+    become channels, input ``(1, 2T, 34, 34)``); ``*_spikes``: ``T`` (8), ``max_prob``
     (1.0); physiological: ``standardize`` (True). ``progress=True`` prints download progress.
     """
     return _load(name, split, data_dir=data_dir, seed=seed, **opts)

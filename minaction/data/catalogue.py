@@ -195,7 +195,7 @@ SPECS: Dict[str, Spec] = {
     "20newsgroups": Spec("20newsgroups", "text", "20newsgroups", "text",
                          {"val_fraction": 0.1, "min_freq": 2, "max_size": 20000, "max_len": 256}),
     "nmnist": Spec("nmnist", "neuromorphic", "nmnist", "nmnist",
-                   {"val_fraction": 0.1, "T": 8, "duration_us": None}),
+                   {"val_fraction": 0.1, "T": 8, "duration_us": None, "fold_time": False}),
     "mnist_spikes": Spec("mnist_spikes", "neuromorphic", "mnist", "spikes",
                          {"val_fraction": 0.1, "T": 8, "max_prob": 1.0}, "MNIST, rate-coded spikes (spike-encoded)"),
     "fashion_mnist_spikes": Spec("fashion_mnist_spikes", "neuromorphic", "fashion_mnist", "spikes",

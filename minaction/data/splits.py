@@ -85,7 +85,7 @@ def _build_text(name, split, seed, data_dir, progress, val_fraction, min_freq, m
     return Dataset(torch.from_numpy(ids), torch.from_numpy(labels[docs[split]].copy()), meta, split, vocab=vocab)
 
 
-def _build_nmnist(name, split, seed, data_dir, progress, val_fraction, T, duration_us):
+def _build_nmnist(name, split, seed, data_dir, progress, val_fraction, T, duration_us, fold_time=False):
     a, origin = family_arrays(name, data_dir, progress)
     split_of = a["split"]
     train_s = np.flatnonzero(split_of == 0)
@@ -101,10 +101,17 @@ def _build_nmnist(name, split, seed, data_dir, progress, val_fraction, T, durati
               a["et"][take])
     sub_off = np.concatenate([[0], np.cumsum(lengths)])
     x = formats.bin_events(events, sub_off, len(sel), int(T), duration_us=duration_us)
-    meta = DataMeta(name, "neuromorphic", 10, (int(T), 2, 34, 34), torch.float32,
-                    extra={"origin": origin, "T": int(T), "duration_us": duration_us,
-                           "binning": "event counts per (time bin, polarity, y, x)", "recording": "DVS (real)",
-                           "val_fraction": val_fraction, "seed": seed})
+    if not isinstance(fold_time, bool):
+        raise TypeError(f"fold_time must be True or False, got {fold_time!r}")
+    shape = (int(T), 2, 34, 34)
+    if fold_time:  # the T bins become channels (bin-major): one time step, nothing for a stem to average away
+        shape = (1, 2 * int(T), 34, 34)
+        x = x.reshape((len(sel),) + shape)
+    meta = DataMeta(name, "neuromorphic", 10, shape, torch.float32,
+                    extra={"origin": origin, "T": int(T), "duration_us": duration_us, "fold_time": fold_time,
+                           "binning": "event counts per (time bin, polarity, y, x)" + (
+                               "; channel = 2 * time bin + polarity" if fold_time else ""),
+                           "recording": "DVS (real)", "val_fraction": val_fraction, "seed": seed})
     ds = Dataset(torch.from_numpy(x), torch.from_numpy(a["labels"][sel].copy()), meta, split)
     ds.sample_ids = torch.from_numpy(a["ids"][sel].copy())
     return ds

@@ -303,6 +303,26 @@ def test_nmnist_binning(monkeypatch, tmp_path):
     assert torch.equal(sub.x, tr.x[pos]) and torch.equal(sub.y, tr.y[pos])
 
 
+def test_nmnist_fold_time_keeps_the_bins_apart(monkeypatch, tmp_path):
+    _nmnist_fixture(monkeypatch, tmp_path)
+    d = tmp_path / "d"
+    bins = data.load("nmnist", "test", data_dir=d, T=3)
+    folded = data.load("nmnist", "test", data_dir=d, T=3, fold_time=True)
+    assert folded.x.shape == (5, 1, 6, 34, 34) and folded.meta.input_shape == (1, 6, 34, 34)
+    assert folded.meta.extra["fold_time"] is True and bins.meta.extra["fold_time"] is False
+    for b in range(3):
+        for p in range(2):  # channel 2 * bin + polarity
+            assert torch.equal(folded.x[:, 0, 2 * b + p], bins.x[:, b, p])
+    # the stems average over the time axis: folded, the bins reach the model as separate features
+    from minaction import models
+
+    net = models.build("mlp", folded.meta)
+    assert net.stem.out_features == 6 * 34 * 34 and net(folded.x).shape == (5, 10)
+    assert models.build("mlp", bins.meta).stem.out_features == 2 * 34 * 34
+    with pytest.raises(TypeError, match="fold_time"):
+        data.load("nmnist", "test", data_dir=d, fold_time="yes")
+
+
 def test_ucr_standardised_with_train_stats(monkeypatch, tmp_path):
     rng = np.random.default_rng(6)
 

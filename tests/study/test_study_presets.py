@@ -110,8 +110,15 @@ def test_faithful_presets_train_on_full_splits_with_early_stopping():
             assert b["name"] == "faithful", name
             # the whole training split, the whole official test split, the whole validation split
             assert b["train_subset"] == b["val_subset"] == b["test_subset"] == 0, (name, r["config"]["dataset"])
-            assert b["patience_epochs"] > 0 and b["restore_best"] is True and b["epochs"] >= 30
+            if r["config"]["dataset"] == "ecg200":
+                # its 10-series validation split cannot pick a checkpoint (docs/replication/baseline-gaps.md):
+                # a fixed 300 epochs, the last weights tested
+                assert b["patience_epochs"] == 0 and b["restore_best"] is False and b["epochs"] == 300
+            else:
+                assert b["patience_epochs"] > 0 and b["restore_best"] is True and b["epochs"] >= 30
             assert b["eval_every"] >= 1 and b["data_order"] == "seed"
+            if r["config"]["dataset"] == "nmnist":  # one time bin per saccade, kept apart as channels
+                assert r["config"]["data_opts"] == {"T": 3, "fold_time": True}, name
     # several evaluations per epoch where epochs are long (mnist: 54,000 / 128 = 422 steps)
     b = expand(load_preset("lambda-sweep"))[0]["config"]["budget"]
     assert 422 / b["eval_every"] >= 3
