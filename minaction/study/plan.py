@@ -25,6 +25,7 @@ instead of measuring again (``refresh=True`` measures again).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -56,11 +57,35 @@ def _machine() -> str:
     return f"{platform.node()}|cpus={os.cpu_count()}|torch={torch.__version__}|threads={MEASURE_THREADS}"
 
 
+@functools.lru_cache(maxsize=1)
+def _perf_version() -> str:
+    """A hash of the sources a step's cost depends on beyond the trainer: the models, the layers,
+    the ops and the C++ kernels (a faster kernel or a model run as a loop of members changes the
+    cost table; the checkpoint's code_version rightly ignores them)."""
+    from ..backends import source_dir
+
+    pkg = Path(__file__).resolve().parents[1]
+    files = sorted(f for d in ("models", "nn", "ops") for f in (pkg / d).glob("*.py"))
+    try:
+        files.append(source_dir() / "energy_cpu.cpp")
+    except Exception:  # pragma: no cover - an install without the sources: the Python files alone
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            h.update(f.name.encode() + f.read_bytes())
+        except OSError:  # pragma: no cover - a zipped install
+            h.update(f.name.encode())
+    return h.hexdigest()[:16]
+
+
 def _key(arch, dataset, G, budget, data_opts) -> str:
     # "code": a hash of the trainer's source, so that a change to the training loop (which changes
-    # what a step or an evaluation costs) is measured afresh instead of read from an old entry
+    # what a step or an evaluation costs) is measured afresh instead of read from an old entry;
+    # "perf": likewise for the models, layers, ops and kernels
     blob = json.dumps({"m": _machine(), "arch": arch, "dataset": dataset, "G": G, "budget": budget,
-                       "data_opts": data_opts, "v": _presets.TRAINER_VERSION, "code": _checkpoint.code_version()},
+                       "data_opts": data_opts, "v": _presets.TRAINER_VERSION, "code": _checkpoint.code_version(),
+                       "perf": _perf_version()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -323,6 +323,34 @@ def test_plan_cost_key_follows_the_trainer_code(monkeypatch):
     assert _plan._key("mlp", "mnist", 10, {"epochs": 1}, {}) != k1
 
 
+def test_plan_cost_key_follows_the_models_and_kernels(monkeypatch, tmp_path):
+    """A faster kernel or a model run another way is measured afresh: the key includes a hash of
+    the models, layers, ops and C++ sources (read from the package; a changed file changes it)."""
+    from pathlib import Path
+
+    from minaction.study import plan as _plan
+
+    k1 = _plan._key("mlp", "mnist", 10, {"epochs": 1}, {})
+    v1 = _plan._perf_version()
+    fake = tmp_path / "minaction"
+    for d in ("models", "nn", "ops", "study"):
+        (fake / d).mkdir(parents=True)
+    real = Path(_plan.__file__).resolve().parents[1]
+    for d in ("models", "nn", "ops"):
+        for f in (real / d).glob("*.py"):
+            (fake / d / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(_plan, "__file__", str(fake / "study" / "plan.py"))
+    _plan._perf_version.cache_clear()
+    try:
+        assert _plan._perf_version() == v1  # the same sources: the same hash
+        (fake / "models" / "cnn.py").write_text("# a changed model\n")
+        _plan._perf_version.cache_clear()
+        assert _plan._perf_version() != v1
+        assert _plan._key("mlp", "mnist", 10, {"epochs": 1}, {}) != k1
+    finally:
+        _plan._perf_version.cache_clear()
+
+
 def test_plan_cost_key_does_not_follow_the_process_thread_count():
     """measure() sets one torch thread (as the workers train); the cost table's key must name
     that count, not whatever the calling process had when a block started."""
