@@ -188,7 +188,10 @@ def test_ctrl_c_stops_promptly(tmp_path):
     preset = tmp_path / "slow.toml"
     preset.write_text(toml_text(spec))
     db = tmp_path / "int.sqlite"
-    code = (DRIVER_PRELUDE + "from minaction.study import run_study; "
+    # Python's own Ctrl-C handling, as in a terminal: a test run started in the background by a
+    # non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored, and Python then keeps it ignored
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); " + DRIVER_PRELUDE +
+            "from minaction.study import run_study; "
             "run_study(sys.argv[1], sys.argv[2], workers=2, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True,
                             stderr=subprocess.PIPE)
