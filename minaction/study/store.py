@@ -100,10 +100,44 @@ def diagnose(path, exc: BaseException, action: str = "open") -> StoreError:
     return StoreError(f"cannot {action} the study store {str(path)!r}: {why}")
 
 
+# Files this process has opened through SQLite, by (device, inode). POSIX drops *every* lock a
+# process holds on a file when it closes *any* descriptor of that file. SQLite guards its own
+# descriptors against this, but a plain open()/close() of the store in a process that has it
+# open (the driver announcing its plan through a read-only connection while it writes) silently
+# released the writer's locks: another process's sqlite3 (a `study status`, a report) then took
+# itself for the last connection and deleted the -wal and -shm files on closing, and the driver
+# went on committing runs into a deleted WAL, visible to nobody and lost when it was killed.
+# So no header read and no side connection ever touch a file in this set.
+_OPENED: set = set()
+
+
+def _inode(path: Path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _remember(path: Path) -> None:
+    key = _inode(path)
+    if key is not None:
+        _OPENED.add(key)
+
+
+def _opened_here(path: Path) -> bool:
+    """Whether this process has (or had) an SQLite connection on this very file: its header and
+    contents were checked then, and a second descriptor's close could drop that connection's locks."""
+    key = _inode(path)
+    return key is not None and key in _OPENED
+
+
 def _check_header(path: Path) -> None:
     """Refuse, before SQLite touches it, a file that is not an SQLite database."""
     if path.is_dir():
         raise StoreError(f"the study store {str(path)!r} is a folder; give the path of a .sqlite file")
+    if _opened_here(path):
+        return  # checked when this process first opened it; a read here would drop its locks
     try:
         with open(path, "rb") as f:
             head = f.read(len(SQLITE_HEADER))
@@ -141,8 +175,10 @@ def _precheck(path: Path, require_runs: bool) -> bool:
     """Check an existing file through an ``immutable`` read-only connection, which creates no
     ``-wal``/``-shm`` file, so that a damaged file or a foreign database is refused untouched.
     Returns False (not checked) when a ``-wal`` file holds changes: those must be read through
-    the WAL, so the caller checks on its real connection (the WAL's files exist already)."""
-    if _wal_has_changes(path):
+    the WAL, so the caller checks on its real connection (the WAL's files exist already), and
+    when this process has the file open already (a side connection's close could drop the open
+    one's locks, see ``_OPENED``)."""
+    if _wal_has_changes(path) or _opened_here(path):
         return False
     con = None
     try:
@@ -197,6 +233,7 @@ def connect(path, readonly: bool = False) -> sqlite3.Connection:
         # WAL + NORMAL: a committed transaction survives a crash or SIGKILL of the process.
         con.execute("PRAGMA synchronous=NORMAL")
         con.executescript(SCHEMA)
+        _remember(path)
     except StoreError:
         if con is not None:
             con.close()
@@ -228,6 +265,7 @@ def open_readonly(path) -> sqlite3.Connection:
             con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # opens the WAL index now
         else:
             _check_contents(con, path, require_runs=True)
+        _remember(path)
         return con
     except StoreError:
         if con is not None:

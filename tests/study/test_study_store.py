@@ -131,3 +131,47 @@ def test_writer_lock(tmp_path):
         store.release_writer_lock(f)
     assert store.writer(db) is None
     store.release_writer_lock(store.acquire_writer_lock(db))
+
+
+def _other_process_reads(db, key):
+    """A separate process opens the store with plain sqlite3, reads one meta value, closes (as
+    `study status`, a report or the sqlite3 shell do while a study runs)."""
+    import subprocess
+    import sys
+
+    code = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+            "r = c.execute('SELECT value FROM meta WHERE key = ?', (sys.argv[2],)).fetchone(); c.close(); "
+            "print(r[0] if r else '<none>')")
+    out = subprocess.run([sys.executable, "-c", code, str(db), key], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("opened_check", [True, False])
+def test_a_side_open_keeps_the_writers_locks(tmp_path, monkeypatch, opened_check):
+    """The driver opens a read-only connection on its own store while writing (announcing the plan).
+    That must not drop the writer's POSIX locks: with them dropped, another process's close deleted
+    the live -wal file and every later commit of the writer was invisible (and lost on a kill)."""
+    if not opened_check:  # the old behaviour: header read and side connection on the open file
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            pytest.skip("demonstrates Linux's POSIX lock semantics")
+        monkeypatch.setattr(store, "_opened_here", lambda path: False)
+    db = tmp_path / "s.sqlite"
+    writer = store.connect(db)
+    try:
+        store.set_meta(writer, "k", "one")
+        side = store.connect(db, readonly=True)  # header check + read-only connection, then closed
+        assert store.get_meta(side, "k") == "one"
+        side.close()
+        assert _other_process_reads(db, "k") == "one"
+        store.set_meta(writer, "k", "two")  # a commit after the other process's open and close
+        seen = _other_process_reads(db, "k")
+        wal_exists = (tmp_path / "s.sqlite-wal").exists()
+    finally:
+        writer.close()
+    if opened_check:
+        assert wal_exists and seen == "two"
+    else:  # documents the failure the check prevents (POSIX lock semantics, Linux)
+        assert not wal_exists or seen == "one"
