@@ -196,6 +196,13 @@ def test_cli_report(tmp_path, capsys):
     assert main(["report", "--db", str(db), "--out", str(tmp_path / "o"), "--n-boot", "10"]) == 0
     assert (tmp_path / "o" / "report.html").is_file()
     assert "Finding 1" in capsys.readouterr().out
+    # the CLI's default headline metric is the one Finding 3 uses (it said "time" while the text used FLOPs)
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "| headline efficiency metric | flops |" in md
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "o2"), "--n-boot", "10",
+                 "--efficiency-metric", "steps"]) == 0
+    assert "| headline efficiency metric | steps |" in (tmp_path / "o2" / "report.md").read_text()
+    capsys.readouterr()
     assert main(["report", "--db", str(tmp_path / "nope.sqlite"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
 
