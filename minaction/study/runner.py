@@ -280,6 +280,12 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         store.release_writer_lock(lock)
 
 
+def _group_label(runs) -> str:
+    """'arch x dataset (n runs)' for a group's log lines."""
+    c = runs[0]["config"]
+    return f"{c.get('arch')} x {c.get('dataset')} ({len(runs)} run{'s' if len(runs) != 1 else ''})"
+
+
 def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress, limit,
                 retry_failed, max_attempts, threads, on_start=None, ckpt=None, balance=None) -> dict:
     skip = ("done", "diverged") if retry_failed else store.STATUSES
@@ -361,10 +367,17 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
                             generation += 1
                         alone = bool(task.get("suspect")) or not isinstance(exc, BrokenProcessPool)
                         attempt = task["attempt"] + (1 if alone else 0)
+                        what = _group_label(task["runs"])
+                        why = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[0]
                         if attempt < max_attempts:
                             # a task that shared the pool when it broke is not blamed yet: it reruns alone
                             queue.append(dict(task, attempt=attempt, suspect=True))
+                            checkpoint.warn(f"the worker training {what} was lost ({why}); the group runs again, "
+                                            f"alone (attempt {attempt + 1} of {max_attempts})"
+                                            + (", from its checkpoint if it wrote one" if ckpt else ""))
                         else:
+                            checkpoint.warn(f"the worker training {what} was lost in {attempt} attempts ({why}); "
+                                            f"its runs are recorded as failed")
                             err = (f"worker lost in {attempt} attempts (the process died: out of memory, "
                                    f"a crash in native code, or killed): "
                                    + "".join(traceback.format_exception_only(type(exc), exc)).strip())

@@ -229,13 +229,17 @@ def test_failure_is_recorded_and_study_continues(tmp_path):
     assert run_study(spec, db, workers=1, progress=False, retry_failed=True)["recorded"] == 2
 
 
-def test_lost_worker_is_retried_then_recorded(tmp_path):
+def test_lost_worker_is_retried_then_recorded(tmp_path, capfd):
     """A group that kills its worker process is retried alone, then recorded as failed;
-    the groups that shared the broken pool are rerun, not blamed."""
+    the groups that shared the broken pool are rerun, not blamed. Each loss is one line on
+    stderr (a long run with --no-progress otherwise showed no trace of it)."""
     spec = synth(archs=["tiny_crash", "tiny_mlp"], lams=[0.0, 1e-3], seeds=[0])
     db = tmp_path / "c.sqlite"
     s = run_study(spec, db, workers=2, progress=False, max_attempts=2)
     assert s["failed"] == 2 and s["done"] == 2
+    err = capfd.readouterr().err
+    assert "the worker training tiny_crash x synthetic" in err and "runs again, alone (attempt" in err
+    assert "was lost in 2 attempts" in err and "recorded as failed" in err
     con = sqlite3.connect(db)
     rows = con.execute("SELECT arch, status, error FROM runs").fetchall()
     assert {(a, st) for a, st, _ in rows} == {("tiny_crash", "failed"), ("tiny_mlp", "done")}
