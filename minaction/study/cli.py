@@ -60,7 +60,8 @@ def _run(args) -> int:
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                             scheduler=args.scheduler, progress=not args.no_progress, limit=args.limit,
                             retry_failed=args.retry_failed,
-                            on_start=lambda: announce(args.preset, args.db, args.workers), balance=cost_lookup)
+                            on_start=lambda: announce(args.preset, args.db, args.workers), balance=cost_lookup,
+                            max_group=args.max_group)
     except (PresetError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         return _error("run", exc)
     print(json.dumps(summary, indent=2))
@@ -83,6 +84,28 @@ def _status(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .archive import export_runs
+
+    try:
+        out = export_runs(args.db, args.out)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        return _error("export", exc)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _import(args) -> int:
+    from .archive import import_runs
+
+    try:
+        out = import_runs(args.db, args.archive)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        return _error("import", exc)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def register(subparsers) -> None:
     """Add ``study run`` and ``study status`` to the ``minaction`` command line."""
     from .executors import EXECUTORS
@@ -101,6 +124,9 @@ def register(subparsers) -> None:
     r.add_argument("--limit", type=int, default=None, help="train at most this many pending runs")
     r.add_argument("--retry-failed", action="store_true",
                    help="train again the runs recorded as failed (by default they count as finished)")
+    r.add_argument("--max-group", type=positive_int, default=None, metavar="N",
+                   help="train at most N runs per batched group (default: the preset's max_group); smaller groups "
+                        "lose less work when the machine is taken away, results do not depend on it")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import this module first (repeatable): it registers your own architectures/datasets "
@@ -115,5 +141,20 @@ def register(subparsers) -> None:
     s.add_argument("--db", required=True)
     s.add_argument("--preset", default=None, help="restrict to (and count pending runs of) this preset")
     s.set_defaults(func=_status)
+    e = sub.add_parser("export", help="write a store's finished runs to a portable archive (.jsonl.gz)",
+                       description="Write the done and diverged runs of a study store (their runs, epochs and evals "
+                                   "rows, and the presets' specifications) to gzip JSON lines, sorted by run. Reads "
+                                   "only; safe while a study runs. `study import` puts them into another store, so a "
+                                   "study can move between machines and resume there.")
+    e.add_argument("--db", required=True)
+    e.add_argument("--out", required=True, help="archive file to write, e.g. runs.jsonl.gz")
+    e.set_defaults(func=_export)
+    i = sub.add_parser("import", help="write an archive's finished runs into a store, so `study run` resumes after them",
+                       description="Import the runs of a `study export` archive into a store (created if missing). "
+                                   "Runs already done or diverged in the store are kept; runs recorded as failed "
+                                   "are replaced. Refused while a `study run` writes the store.")
+    i.add_argument("--db", required=True)
+    i.add_argument("archive", help="a file written by `minaction study export`")
+    i.set_defaults(func=_import)
     from .plan import register as _register_plan
     _register_plan(sub)  # study plan --preset NAME

@@ -213,7 +213,7 @@ class _Progress:
 
 def run_study(preset, db, executor="local", workers=None, scheduler=None, progress=True, limit=None,
               retry_failed=False, max_attempts=2, threads=1, on_start=None, checkpoints=True,
-              checkpoint_every_s=None, balance=None) -> dict:
+              checkpoint_every_s=None, balance=None, max_group=None) -> dict:
     """Run (or resume) a study; returns a summary dict.
 
     Args:
@@ -245,6 +245,10 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
             halved so that it does not run alone while the other workers idle
             (:mod:`minaction.study.schedule`; the CLI passes ``plan.cost_lookup``, the costs
             ``study plan`` measured).
+        max_group: at most this many runs per batched group (default: the preset's
+            ``max_group``; a larger value than the preset's is refused). Smaller groups finish
+            sooner, so a machine that is taken away mid-study loses less; the runs and their
+            results do not depend on it (a run's identity is its configuration).
 
     Before anything is scheduled the driver checks the environment (``MINACTION_BACKEND``,
     the architectures and datasets, that every pending run's dataset can be had) and the store
@@ -259,6 +263,13 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     spec = load_preset(preset)
+    if max_group is not None:
+        if isinstance(max_group, bool) or not isinstance(max_group, int) or max_group < 1:
+            raise ValueError(f"max_group must be a positive integer, got {max_group!r}")
+        if max_group > spec["max_group"]:
+            raise ValueError(f"max_group {max_group} exceeds the preset's max_group {spec['max_group']} "
+                             f"(groups can only be made smaller)")
+        spec = {**spec, "max_group": max_group}
     runs = expand(spec)
     check_backend()
     con = store.connect(db)

@@ -1,0 +1,160 @@
+"""Finished runs as a portable text archive: ``study export`` and ``study import``.
+
+A study store is one SQLite file on one machine. A long study (the faithful λ-sweep: ~20 hours
+of a 2-core machine) can outlive that machine, or the session that holds it, and a store is
+not something to commit to a repository. An archive carries exactly the finished runs (their
+``runs`` row, their per-epoch and per-evaluation rows) and the presets' specifications, as
+gzip-compressed JSON lines:
+
+* line 1: ``{"format": "minaction-runs/1", "exported_at": ..., "meta": {key: value}, "runs": N}``
+* then one line per run: ``{"run": {...}, "epochs": [...], "evals": [...]}``
+
+``study import`` writes an archive's runs into a store (created if missing) under the store's
+writer lock, so ``study run`` on that store resumes after them: a run's identity is the hash
+of its configuration (:func:`minaction.study.presets.run_id`), the same on every machine and
+commit that shares the trainer version. A run already recorded as done or diverged in the
+store is kept as it is; one recorded as failed is replaced by the archive's finished record.
+Rows are sorted (runs by ``run_id``, children by step), so exporting the same store twice gives
+the same bytes apart from ``exported_at``, and a committed archive diffs by run.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+from . import store
+
+FORMAT = "minaction-runs/1"
+
+
+def _value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _rows(con, sql, args=()):
+    cur = con.execute(sql, args)
+    names = [d[0] for d in cur.description]
+    return [{k: _value(v) for k, v in zip(names, r)} for r in cur.fetchall()]
+
+
+def export_runs(db, out, statuses=("done", "diverged")) -> dict:
+    """Write the runs of ``db`` with one of ``statuses`` to the archive ``out`` (``.jsonl.gz``).
+
+    Reads the store read-only (safe while a ``study run`` writes it: only committed runs are
+    seen). The file is written to a temporary name and renamed, so an interrupted export never
+    leaves a truncated archive in place of a good one. Returns ``{"runs": n, "path": out}``."""
+    db, out = Path(db), Path(out)
+    if not db.exists():
+        raise FileNotFoundError(f"no study store at {str(db)!r}")
+    bad = set(statuses) - set(store.STATUSES)
+    if bad:
+        raise ValueError(f"unknown run statuses {sorted(bad)}; choose from {store.STATUSES}")
+    con = store.connect(db, readonly=True)
+    try:
+        con.execute("BEGIN")  # one snapshot: a run committed meanwhile is either wholly in or out
+        marks = ", ".join("?" * len(statuses))
+        runs = _rows(con, f"SELECT {', '.join(store.RUN_COLUMNS)} FROM runs WHERE status IN ({marks}) "
+                          f"ORDER BY run_id", tuple(statuses))
+        meta = {k: v for k, v in con.execute("SELECT key, value FROM meta ORDER BY key")
+                if k.startswith("preset:")}
+        epochs: dict = {}
+        for e in _rows(con, f"SELECT {', '.join(store.EPOCH_COLUMNS)} FROM epochs ORDER BY run_id, epoch"):
+            epochs.setdefault(e.pop("run_id"), []).append(e)
+        evals: dict = {}
+        for e in _rows(con, f"SELECT {', '.join(store.EVAL_COLUMNS)} FROM evals ORDER BY run_id, step"):
+            evals.setdefault(e.pop("run_id"), []).append(e)
+        con.execute("COMMIT")
+    finally:
+        con.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    header = {"format": FORMAT, "exported_at": store.now_utc(), "runs": len(runs), "meta": meta}
+    # mtime=0: the gzip header carries no timestamp, so equal contents give equal bytes
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write((json.dumps(header, sort_keys=True) + "\n").encode())
+        for r in runs:
+            rid = r["run_id"]
+            line = {"run": r, "epochs": epochs.get(rid, []), "evals": evals.get(rid, [])}
+            f.write((json.dumps(line, sort_keys=True, allow_nan=False) + "\n").encode())
+    tmp.replace(out)
+    return {"runs": len(runs), "path": str(out)}
+
+
+def read_archive(path):
+    """``(header, iterator of run records)`` of an archive; a file that is not one raises
+    ``ValueError`` naming it and the cause."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no run archive at {str(path)!r}")
+    try:
+        f = gzip.open(path, "rt", encoding="utf-8")
+        first = f.readline()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{str(path)!r} is not a minaction run archive (gzip JSON lines): {exc}") from None
+    try:
+        header = json.loads(first)
+    except json.JSONDecodeError:
+        f.close()
+        raise ValueError(f"{str(path)!r} is not a minaction run archive: its first line is not JSON") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        f.close()
+        raise ValueError(f"{str(path)!r} is not a minaction run archive of format {FORMAT!r} "
+                         f"(first line: {first[:80]!r})")
+
+    def records():
+        with f:
+            for n, line in enumerate(f, start=2):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    run = rec["run"]
+                    run["run_id"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{str(path)!r} line {n} is not a run record ({type(exc).__name__}: {exc}); "
+                                     f"the archive is damaged") from None
+                yield rec
+    return header, records()
+
+
+def import_runs(db, archive) -> dict:
+    """Write the runs of ``archive`` into the store ``db`` (see the module docstring).
+
+    Takes the store's writer lock (a running ``study run`` on ``db`` makes this raise
+    ``StoreBusyError`` at once). Each run is its own transaction, so an interrupted import keeps
+    every run it wrote and a rerun finishes it. Returns counts: ``imported``, ``kept`` (already
+    done or diverged in the store) and ``replaced_failed``."""
+    header, records = read_archive(archive)
+    expected = header.get("runs")
+    con = store.connect(db)
+    lock = None
+    try:
+        lock = store.acquire_writer_lock(db)
+        recorded = dict(con.execute("SELECT run_id, status FROM runs").fetchall())
+        for key, value in (header.get("meta") or {}).items():
+            if key.startswith("preset:") and store.get_meta(con, key) is None:
+                store.set_meta(con, key, value)
+        counts = {"imported": 0, "kept": 0, "replaced_failed": 0}
+        seen = 0
+        for rec in records:
+            seen += 1
+            run = rec["run"]
+            before = recorded.get(run["run_id"])
+            if before in ("done", "diverged"):
+                counts["kept"] += 1
+                continue
+            store.record_run(con, run, rec.get("epochs", ()), rec.get("evals", ()))
+            counts["replaced_failed" if before == "failed" else "imported"] += 1
+        if expected is not None and seen != expected:
+            raise ValueError(f"{str(archive)!r} holds {seen} run records but its header says {expected}: the archive "
+                             f"is truncated or damaged ({counts['imported']} runs were imported; they are kept)")
+        store.set_meta(con, f"imported:{Path(archive).name}", json.dumps(
+            {"at": store.now_utc(), "exported_at": header.get("exported_at"), **counts}, sort_keys=True))
+        return {**counts, "archive": str(archive), "db": str(db)}
+    finally:
+        con.close()
+        store.release_writer_lock(lock)

@@ -1,0 +1,173 @@
+"""study export / import: finished runs move between stores, and a study resumes after them."""
+import gzip
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+import doubles.study  # noqa: F401  (registers the dataset "synthetic" and the tiny_* architectures)
+from minaction.study import run_study, store
+from minaction.study.archive import export_runs, import_runs, read_archive
+
+from test_study_runner import assert_same, results, synth
+
+
+def _all_rows(db):
+    con = sqlite3.connect(db)
+    try:
+        return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in ("runs", "epochs", "evals")}
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def source_db(tmp_path_factory):
+    db = tmp_path_factory.mktemp("src") / "src.sqlite"
+    s = run_study(synth(), db, workers=1, progress=False)
+    assert s["done"] == 6
+    con = store.connect(db)
+    try:  # one failed run beside the finished ones: export leaves it out
+        store.record_run(con, {"run_id": "f" * 20, "preset": "synth", "status": "failed", "error": "boom"})
+    finally:
+        con.close()
+    return db
+
+
+def test_round_trip_keeps_every_row(source_db, tmp_path):
+    arc = tmp_path / "runs.jsonl.gz"
+    out = export_runs(source_db, arc)
+    assert out["runs"] == 6
+    header, recs = read_archive(arc)
+    recs = list(recs)
+    assert header["runs"] == 6 and "preset:synth" in header["meta"]
+    assert all(r["run"]["status"] == "done" and r["epochs"] and r["evals"] for r in recs)
+    db = tmp_path / "copy.sqlite"
+    got = import_runs(db, arc)
+    assert (got["imported"], got["kept"], got["replaced_failed"]) == (6, 0, 0)
+    src, dst = _all_rows(source_db), _all_rows(db)
+    assert dst["runs"] == [r for r in src["runs"] if r[8] == "done"]  # column 9: status
+    assert dst["epochs"] == src["epochs"] and dst["evals"] == src["evals"]
+    # the importing store knows the preset, so status counts pending runs without --preset
+    from minaction.study import study_status
+    assert study_status(db)["pending"] == 0
+
+
+def test_export_is_deterministic(source_db, tmp_path):
+    a, b = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"
+    export_runs(source_db, a)
+    export_runs(source_db, b)
+    la = gzip.open(a, "rt").read().splitlines()
+    lb = gzip.open(b, "rt").read().splitlines()
+    assert la[1:] == lb[1:]  # only the header's exported_at may differ
+    ha, hb = json.loads(la[0]), json.loads(lb[0])
+    ha.pop("exported_at"), hb.pop("exported_at")
+    assert ha == hb
+
+
+def test_study_resumes_after_an_import(source_db, tmp_path):
+    """Half the runs come from an archive; `study run` trains only the rest; results equal one uninterrupted run."""
+    part = tmp_path / "part.sqlite"
+    run_study(synth(), part, workers=1, progress=False, limit=3)
+    arc = tmp_path / "part.jsonl.gz"
+    assert export_runs(part, arc)["runs"] == 3
+    db = tmp_path / "resumed.sqlite"
+    import_runs(db, arc)
+    s = run_study(synth(), db, workers=1, progress=False)
+    assert s["already_finished"] == 3 and s["recorded"] == 3
+    ref = {k: v for k, v in results(source_db).items() if v[0] == "done"}
+    assert_same(ref, results(db))
+
+
+def test_done_kept_failed_replaced(source_db, tmp_path):
+    arc = tmp_path / "runs.jsonl.gz"
+    export_runs(source_db, arc)
+    _, recs = read_archive(arc)
+    ids = [r["run"]["run_id"] for r in recs]
+    db = tmp_path / "mixed.sqlite"
+    con = store.connect(db)
+    try:
+        store.record_run(con, {"run_id": ids[0], "preset": "synth", "status": "failed", "error": "lost worker"})
+        store.record_run(con, {"run_id": ids[1], "preset": "synth", "status": "done", "test_acc": 0.123})
+    finally:
+        con.close()
+    got = import_runs(db, arc)
+    assert (got["imported"], got["kept"], got["replaced_failed"]) == (4, 1, 1)
+    con = sqlite3.connect(db)
+    st = dict(con.execute("SELECT run_id, status FROM runs").fetchall())
+    acc = con.execute("SELECT test_acc FROM runs WHERE run_id = ?", (ids[1],)).fetchone()[0]
+    con.close()
+    assert st[ids[0]] == "done" and acc == 0.123  # the store's own finished record wins
+    again = import_runs(db, arc)  # idempotent
+    assert (again["imported"], again["kept"]) == (0, 6)
+
+
+def test_bad_archives_are_named(tmp_path, source_db):
+    with pytest.raises(FileNotFoundError, match="no run archive"):
+        import_runs(tmp_path / "db.sqlite", tmp_path / "missing.jsonl.gz")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("hello\n")
+    with pytest.raises(ValueError, match="not a minaction run archive"):
+        import_runs(tmp_path / "db.sqlite", plain)
+    other = tmp_path / "other.jsonl.gz"
+    with gzip.open(other, "wt") as f:
+        f.write(json.dumps({"format": "something-else"}) + "\n")
+    with pytest.raises(ValueError, match="format"):
+        import_runs(tmp_path / "db.sqlite", other)
+    # truncated: the header says 6 runs, 2 follow; the two are kept, the error says so
+    arc = tmp_path / "runs.jsonl.gz"
+    export_runs(source_db, arc)
+    lines = gzip.open(arc, "rt").read().splitlines()
+    cut = tmp_path / "cut.jsonl.gz"
+    with gzip.open(cut, "wt") as f:
+        f.write("\n".join(lines[:3]) + "\n")
+    db = tmp_path / "cut.sqlite"
+    with pytest.raises(ValueError, match="holds 2 run records but its header says 6"):
+        import_runs(db, cut)
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
+    with pytest.raises(FileNotFoundError, match="no study store"):
+        export_runs(tmp_path / "nothing.sqlite", tmp_path / "x.jsonl.gz")
+
+
+def test_import_refused_while_a_driver_writes(source_db, tmp_path):
+    arc = tmp_path / "runs.jsonl.gz"
+    export_runs(source_db, arc)
+    db = tmp_path / "busy.sqlite"
+    store.connect(db).close()
+    lock = store.acquire_writer_lock(db)
+    try:
+        with pytest.raises(store.StoreBusyError):
+            import_runs(db, arc)
+    finally:
+        store.release_writer_lock(lock)
+
+
+def test_cli_export_import_and_max_group(source_db, tmp_path):
+    arc = tmp_path / "cli.jsonl.gz"
+    r = subprocess.run([sys.executable, "-m", "minaction.cli", "study", "export", "--db", str(source_db),
+                        "--out", str(arc)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["runs"] == 6
+    db = tmp_path / "cli.sqlite"
+    r = subprocess.run([sys.executable, "-m", "minaction.cli", "study", "import", "--db", str(db), str(arc)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["imported"] == 6
+    r = subprocess.run([sys.executable, "-m", "minaction.cli", "study", "import", "--db", str(db),
+                        str(tmp_path / "none.gz")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no run archive" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_max_group_makes_smaller_groups_same_results(source_db, tmp_path):
+    db = tmp_path / "small.sqlite"
+    run_study(synth(), db, workers=1, progress=False, max_group=2)
+    con = sqlite3.connect(db)
+    assert {r[0] for r in con.execute("SELECT group_size FROM runs")} == {1, 2}  # 3 seeds per lambda: 2 + 1
+    con.close()
+    ref = {k: v for k, v in results(source_db).items() if v[0] == "done"}
+    assert_same(ref, results(db))
+    with pytest.raises(ValueError, match="exceeds the preset's max_group"):
+        run_study(synth(), tmp_path / "x.sqlite", workers=1, progress=False, max_group=11)
+    with pytest.raises(ValueError, match="positive integer"):
+        run_study(synth(), tmp_path / "y.sqlite", workers=1, progress=False, max_group=0)
