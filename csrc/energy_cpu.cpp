@@ -42,6 +42,7 @@
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>  // vec_reduce_all (vec256 pulls it in, vec512 does not)
 
 #include <algorithm>
 #include <array>

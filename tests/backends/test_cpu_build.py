@@ -204,3 +204,25 @@ def test_once_loader_runs_once_and_remembers_a_failure():
         with pytest.raises(RuntimeError, match="build failed"):
             failing(bad)
     assert calls.count(2) == 1  # a failed build is not retried in the same process
+
+
+@pytest.mark.parametrize("isa", cpu_backend.ISAS)
+def test_every_isa_build_compiles_on_any_cpu(isa):
+    """Every ISA variant of the C++ source compiles here, whether or not this CPU could run it: the
+    AVX-512 build was once broken (a missing include that AVX2's headers happened to pull in) and no
+    AVX2 machine noticed, because a build it cannot run was never attempted. ``-fsyntax-only``
+    instantiates every template the dispatch reaches, which is where such errors live."""
+    import shutil
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    spec = cpu_backend.build_spec(isa)
+    cmd = [cxx, "-fsyntax-only", "-std=c++20", "-fPIC", "-DTORCH_EXTENSION_NAME=minaction_isa_check",
+           "-DTORCH_API_INCLUDE_EXTENSION_H"] + [f"-isystem{p}" for p in include_paths()] + \
+          [f"-isystem{sysconfig.get_paths()['include']}"] + spec["flags"] + [str(spec["source"])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)  # hang guard only
+    assert r.returncode == 0, f"the {isa} build does not compile:\n" + r.stderr[-4000:]
