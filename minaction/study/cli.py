@@ -60,7 +60,8 @@ def _run(args) -> int:
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                             scheduler=args.scheduler, progress=not args.no_progress, limit=args.limit,
                             retry_failed=args.retry_failed,
-                            on_start=lambda: announce(args.preset, args.db, args.workers), balance=cost_lookup,
+                            on_start=lambda: announce(args.preset, args.db, args.workers,
+                                                     max_group=args.max_group), balance=cost_lookup,
                             max_group=args.max_group)
     except (PresetError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         return _error("run", exc)

@@ -208,17 +208,19 @@ def evals_per_epoch(steps_per_epoch: int, eval_every: int) -> float:
     return total / n
 
 
-def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool = False, measure_fn=None) -> dict:
+def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool = False, measure_fn=None,
+         max_group=None) -> dict:
     """The plan of ``preset``: runs, groups and the estimated wall time on this machine.
 
     ``db``: count only runs not yet recorded there (a resumed study). ``workers``: parallel
-    worker processes (default: the CPUs this process may use). Returns ``{"preset", "runs",
+    worker processes (default: the CPUs this process may use). ``max_group``: as ``study run
+    --max-group`` (smaller groups than the preset's). Returns ``{"preset", "runs",
     "pending", "groups", "workers", "est_wall_s", "rows": [...]}`` with one row per
     (arch, dataset): ``runs, groups, group_size, n_train, steps_per_epoch, epochs_cap,
     evals_per_epoch, t_step_s, t_eval_s, member_epoch_s, est_s`` (``est_s``: that block's
     groups one after another) or ``error`` when its data or model could not be measured.
     """
-    spec = _presets.load_preset(preset)
+    spec = _presets.with_max_group(_presets.load_preset(preset), max_group)
     runs = _presets.expand(spec)
     done = set()
     if db is not None and Path(db).exists():
@@ -307,12 +309,12 @@ def format_plan(p: dict, per_block: bool = True) -> str:
     return "\n".join(lines)
 
 
-def announce(preset, db=None, workers=None, file=None) -> None:
+def announce(preset, db=None, workers=None, file=None, max_group=None) -> None:
     """Print the number of runs and the estimated wall time before a study starts (never raises:
     a plan that cannot be made is reported, and the study goes on)."""
     file = file or sys.stderr
     try:
-        p = plan(preset, db=db, workers=workers)
+        p = plan(preset, db=db, workers=workers, max_group=max_group)
         print(format_plan(p, per_block=False), file=file, flush=True)
     except Exception as exc:  # the study itself reports bad presets; the estimate is a courtesy
         print(f"minaction study: no time estimate ({type(exc).__name__}: {exc})", file=file, flush=True)
@@ -324,7 +326,8 @@ def _cli(args) -> int:
 
     try:
         load_plugins(getattr(args, "plugin", None))
-        p = plan(args.preset, db=getattr(args, "db", None), workers=args.workers, refresh=args.refresh)
+        p = plan(args.preset, db=getattr(args, "db", None), workers=args.workers, refresh=args.refresh,
+                 max_group=args.max_group)
     except (PresetError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"minaction study plan: error: {exc}", file=sys.stderr)
         return 2
@@ -342,6 +345,8 @@ def register(sub) -> None:
                    help=f"preset name ({', '.join(available_presets())}) or path of a .toml file")
     q.add_argument("--db", default=None, help="count only the runs not yet recorded in this database")
     q.add_argument("--workers", type=int, default=None, help="worker processes (default: available CPUs)")
+    q.add_argument("--max-group", type=int, default=None, metavar="N",
+                   help="as `study run --max-group`: at most N runs per batched group")
     q.add_argument("--refresh", action="store_true", help="measure again instead of reading the cost table")
     q.add_argument("--json", action="store_true", help="print the plan as JSON")
     q.add_argument("--plugin", action="append", default=[], metavar="MODULE",

@@ -224,6 +224,19 @@ def group_key(config: dict, group_by: str) -> str:
     return run_id(c)
 
 
+def with_max_group(spec: dict, max_group) -> dict:
+    """``spec`` with at most ``max_group`` runs per batched group (None: unchanged). Groups can only
+    be made smaller than the preset's; a run's identity does not depend on its group."""
+    if max_group is None:
+        return spec
+    if isinstance(max_group, bool) or not isinstance(max_group, int) or max_group < 1:
+        raise ValueError(f"max_group must be a positive integer, got {max_group!r}")
+    if max_group > spec["max_group"]:
+        raise ValueError(f"max_group {max_group} exceeds the preset's max_group {spec['max_group']} "
+                         f"(groups can only be made smaller)")
+    return {**spec, "max_group": max_group}
+
+
 def make_groups(runs: list, group_by: str = "seed", max_group: int = 10) -> list:
     """Split ``runs`` into lists of runs trained together (each at most ``max_group`` long)."""
     by: dict = {}

@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from . import checkpoint, schedule, store
 from .executors import check_workers, make_executor
 from .plugins import plugins_for
-from .presets import expand, load_preset, make_groups
+from .presets import expand, load_preset, make_groups, with_max_group
 from .trainer import failed_records, run_group
 
 STARTING = "starting workers (the first start builds the C++ kernels: minutes)"
@@ -262,14 +262,7 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
     check_workers(workers)
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-    spec = load_preset(preset)
-    if max_group is not None:
-        if isinstance(max_group, bool) or not isinstance(max_group, int) or max_group < 1:
-            raise ValueError(f"max_group must be a positive integer, got {max_group!r}")
-        if max_group > spec["max_group"]:
-            raise ValueError(f"max_group {max_group} exceeds the preset's max_group {spec['max_group']} "
-                             f"(groups can only be made smaller)")
-        spec = {**spec, "max_group": max_group}
+    spec = with_max_group(load_preset(preset), max_group)
     runs = expand(spec)
     check_backend()
     con = store.connect(db)

@@ -171,3 +171,15 @@ def test_max_group_makes_smaller_groups_same_results(source_db, tmp_path):
         run_study(synth(), tmp_path / "x.sqlite", workers=1, progress=False, max_group=11)
     with pytest.raises(ValueError, match="positive integer"):
         run_study(synth(), tmp_path / "y.sqlite", workers=1, progress=False, max_group=0)
+
+
+def test_plan_counts_max_group(tmp_path, monkeypatch):
+    from minaction.study.plan import plan
+
+    monkeypatch.setenv("MINACTION_CACHE", str(tmp_path))
+    def fake(group, steps):
+        return {"n_train": 10, "steps_per_epoch": 1, "t_step": 0.01, "t_eval": 0.01}
+
+    p = plan(synth(), workers=1, measure_fn=fake, max_group=2)
+    assert p["groups"] == 4  # two lambdas x (2 + 1) seeds
+    assert plan(synth(), workers=1, measure_fn=fake)["groups"] == 2
