@@ -28,22 +28,13 @@ def _cpu_ok():
     return ok, why
 
 
+pytestmark = pytest.mark.usefixtures("aten_reference")  # tests/backends/conftest.py
+
+
 def setup_module(module):
     ok, why = _cpu_ok()
     if not ok:
         pytest.fail(f"the cpu backend must build on this machine: {why}")
-
-
-@pytest.fixture(autouse=True)
-def _aten_reference():
-    """The reference is ATen's own formulas: oneDNN's JIT gelu, which torch picks for float on some
-    CPUs, returns NaN for gelu(+inf) on AVX-512 machines (inf elsewhere, and in double)."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False  # (mkldnn.flags() would also warn about TF32 on every test)
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 def _with_specials(t, seed):
@@ -191,7 +182,7 @@ def test_forcing_an_isa_this_cpu_lacks_is_refused(monkeypatch):
 _ISA_CHECK = textwrap.dedent("""
     import itertools, torch, minaction
     from minaction.backends import ACTIVATIONS, cpu
-    torch.backends.mkldnn.enabled = False  # ATen's formulas as the reference (see _aten_reference)
+    torch.backends.mkldnn.enabled = False  # ATen's formulas as the reference (see tests/backends/conftest.py)
     from minaction.ops import energy_linear, activation_energy
     assert minaction.backends.select.available("cpu", "cpu")[0], minaction.backends.select.available("cpu", "cpu")
     print("ISA", cpu.loaded_isa())

@@ -33,7 +33,8 @@ from minaction.backends import ACT_CODES, ACTIVATIONS, composite, source_dir
 
 # the interpreter's numpy matmul warns about inf - inf; that NaN is the point of these tests
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.usefixtures("aten_reference")]  # tests/backends/conftest.py
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEV.type == "cuda"
