@@ -117,17 +117,60 @@ inline Vec<float> exp_f(const Vec<float>& x) {
 #endif
 }
 
-inline Vec<float> erf_f(const Vec<float>& x) {
+// exp(x) for x in [-86.5, 0] (or NaN), as erf needs it: no range clamps, and the rounding of
+// x log2(e) to an integer n is the float "magic number" trick: adding 1.5 * 2^23 (+ 127, the
+// exponent bias) leaves n + 127 in the low mantissa bits, so 2^n is those bits shifted into the
+// exponent field; no round, no float-to-int conversion, no bias add. n + 127 stays in 2..127.
+inline Vec<float> exp_le0_f(const Vec<float>& x) {
+  const Vec<float> magic(12583039.f);  // 1.5 * 2^23 + 127
+  const Vec<float> t = at::vec::fmadd(x, Vec<float>(1.44269504088896341f), magic);
+  const Vec<float> n = t - magic;
+  Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693359375f), x);  // x = n ln2 + r, ln2 in two parts
+  r = at::vec::fmadd(n, Vec<float>(2.12194440e-4f), r);
+  Vec<float> q = at::vec::fmadd(Vec<float>(1.9875691500e-4f), r, Vec<float>(1.3981999507e-3f));
+  q = at::vec::fmadd(q, r, Vec<float>(8.3334519073e-3f));
+  q = at::vec::fmadd(q, r, Vec<float>(4.1665795894e-2f));
+  q = at::vec::fmadd(q, r, Vec<float>(1.6666665459e-1f));
+  q = at::vec::fmadd(q, r, Vec<float>(5.0000001201e-1f));
+  const Vec<float> er = at::vec::fmadd(q, r * r, r + Vec<float>(1.f));  // exp(r), |r| <= ln2 / 2
+  const at::vec::Vectorized<int32_t> bits = at::vec::cast<int32_t>(t) << at::vec::Vectorized<int32_t>(23);
+  return er * at::vec::cast<float>(bits);
+}
+
+// erf(x) = sign(x) (1 - t poly(t) exp(-x^2)), t = 1 / (1 + p|x|). |x| is capped at 9.3: erf rounds
+// to 1 there already, and exp(-x^2) keeps to exp_le0_f's range; NaN passes the cap (minps returns
+// its second operand, and the DEFAULT build's comparison keeps it). Returns |erf(x)| and the sign
+// bit of x separately, so that gelu folds the sign into its own arithmetic.
+inline Vec<float> erf_abs_f(const Vec<float>& x, Vec<float>& sign) {
   const Vec<float> one(1.f);
-  const Vec<float> sign = x & Vec<float>(-0.f);
-  const Vec<float> ax = x ^ sign;  // |x|
+  sign = x & Vec<float>(-0.f);
+  const Vec<float> ax = at::vec::clamp_max(x ^ sign, Vec<float>(9.3f));
   const Vec<float> t = one / at::vec::fmadd(Vec<float>(0.3275911f), ax, one);
   Vec<float> r = at::vec::fmadd(Vec<float>(1.061405429f), t, Vec<float>(-1.453152027f));
   r = at::vec::fmadd(r, t, Vec<float>(1.421413741f));
   r = at::vec::fmadd(r, t, Vec<float>(-0.284496736f));
   r = at::vec::fmadd(r, t, Vec<float>(0.254829592f));
-  const Vec<float> e = exp_f(ax * ax ^ Vec<float>(-0.f));  // exp(-x^2)
-  return at::vec::fmadd(r * t, e ^ Vec<float>(-0.f), one) | sign;  // sign(x) (1 - r t exp(-x^2))
+  const Vec<float> e = exp_le0_f(ax * (ax ^ Vec<float>(-0.f)));  // exp(-x^2)
+  return at::vec::fnmadd(r * t, e, one);  // 1 - r t exp(-x^2)
+}
+
+inline Vec<float> erf_f(const Vec<float>& x) {
+  Vec<float> sign;
+  const Vec<float> a = erf_abs_f(x, sign);
+  return a | sign;
+}
+
+// gelu(z) = z/2 (1 + erf(z/sqrt 2)), as one fused multiply-add after erf
+template <typename F>
+inline Vec<F> gelu_v(const Vec<F>& z) {
+  const Vec<F> hz = z * Vec<F>(F(0.5));
+  if constexpr (std::is_same_v<F, float>) {
+    Vec<float> sign;
+    const Vec<float> a = erf_abs_f(z * Vec<float>(float(M_SQRT1_2)), sign);
+    return at::vec::fmadd(hz, a | sign, hz);
+  } else {
+    return at::vec::fmadd(hz, (z * Vec<F>(F(M_SQRT1_2))).erf(), hz);
+  }
 }
 
 template <typename F>
@@ -147,7 +190,7 @@ inline Vec<F> act_v(const Vec<F>& z) {
   const Vec<F> one(F(1));
   if constexpr (ACT == IDENTITY) return z;
   if constexpr (ACT == RELU) return at::vec::clamp_min(z, Vec<F>(F(0)));  // NaN -> NaN, as torch.relu
-  if constexpr (ACT == GELU) return z * Vec<F>(F(0.5)) * (one + erf_v<F>(z * Vec<F>(F(M_SQRT1_2))));
+  if constexpr (ACT == GELU) return gelu_v<F>(z);
   if constexpr (ACT == SILU) return z / (one + exp_v<F>(z.neg()));
   if constexpr (ACT == TANH) return z.tanh();
   if constexpr (ACT == SIGMOID) return (one + exp_v<F>(z.neg())).reciprocal();
