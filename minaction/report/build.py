@@ -44,10 +44,12 @@ class ReportOptions:
     conventional: tuple = CONVENTIONAL
     preset: str | None = None  # report only this preset's runs (needed when the store mixes budgets)
     budget: tuple = ()  # ... or only these budget ids (prefixes; one per dataset)
+    design: str | None = None  # the preset this store is measured against: the report names its missing runs
     quick_preset_words: tuple = ("smoke", "quick")  # a preset whose name has one of these is a quick look
     eta_kind: str = "partial"  # the eta squared the Finding 1 verdict reads: partial or plain (both are shown)
     min_replicates: int = 2  # runs (seeds) every cell of a design needs before a verdict ...
     max_thin_frac: float = 0.25  # ... except this fraction of Finding 1's cells (e.g. one failed run)
+    finding1_min_modalities: int = 2  # Finding 1 needs datasets of this many modalities (and every architecture)
     tost_alpha: float = 0.05  # TOST level of Finding 2 (each one-sided test; margin: sweep_max_acc_pp)
     extra: dict = field(default_factory=dict)
 

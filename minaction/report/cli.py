@@ -26,7 +26,8 @@ def _options(args):
 
     return ReportOptions(n_boot=args.n_boot, seed=args.seed, ci=args.ci, anova_type=args.anova_type, lam=args.lam,
                          target_frac=args.target_frac, efficiency_metric=args.efficiency_metric,
-                         preset=getattr(args, "preset", None), budget=tuple(getattr(args, "budget", None) or ()))
+                         preset=getattr(args, "preset", None), budget=tuple(getattr(args, "budget", None) or ()),
+                         design=getattr(args, "design", None))
 
 
 def _out_error(out):
@@ -83,6 +84,7 @@ def _replicate(args) -> int:
         print(f"minaction replicate: error: {exc}", file=sys.stderr)
         return 2
     print(f"study finished: {summary}")
+    args.design = args.preset  # the report says which of the preset's runs are missing (failed ones)
     return _build(args.db, args.out, args)
 
 
@@ -99,6 +101,9 @@ def register(subparsers) -> None:
     p.add_argument("--budget", action="append", default=None, metavar="ID",
                    help="report only the runs of this budget id (see tables/budgets.csv or the error that lists "
                         "them); repeatable, one per dataset")
+    p.add_argument("--design", default=None, metavar="PRESET",
+                   help="the preset (name or .toml path) this store is a run of: the report opens with how many "
+                        "of its runs finished and names the missing ones (PARTIAL), per dataset x architecture")
     _add_report_options(p)
     p.set_defaults(func=_report)
 

@@ -26,7 +26,8 @@ def section(rep) -> None:
     rep.define("negligible / large η²", f"< {fmt(opt.negligible_np2)} / ≥ {fmt(opt.large_np2)}",
                 "Cohen's small and large effects; interaction p threshold " + fmt(opt.alpha))
     rep.define("design needed for a verdict", f"≥ {opt.min_replicates} seeds per cell",
-                f"Finding 1: ≥ 2 architectures × ≥ 2 datasets, no empty cell, at most "
+                f"Finding 1: every conventional and energy-first architecture × datasets of ≥ "
+                f"{opt.finding1_min_modalities} modalities, no empty cell, at most "
                 f"{fmt(100 * opt.max_thin_frac)}% of cells with fewer; Finding 2: on each sweep dataset an "
                 "architecture with seeds at λ = 0 and at a λ > 0; otherwise the finding is not comparable")
     rep.define("TOST equivalence", f"margin ±{fmt(opt.sweep_max_acc_pp)} pp, α = {fmt(opt.tost_alpha)} per side "

@@ -31,6 +31,51 @@ def quick_reasons(rep, budgets: pd.DataFrame) -> list:
     return list(dict.fromkeys(reasons))
 
 
+def coverage(rep):
+    """Against ``rep.opt.design`` (a preset name or path): the design's runs per dataset x arch,
+    how many of them finished, and the total (planned, done); None without a design."""
+    if not rep.opt.design:
+        return None
+    from ..study.presets import expand
+
+    planned = pd.DataFrame([{k: r["config"][k] for k in ("arch", "dataset", "lam", "seed")}
+                            for r in expand(rep.opt.design)])
+    planned["lam"] = planned["lam"].astype(float).round(12)
+    done = rep.store.runs[["arch", "dataset", "lam", "seed"]].copy()
+    done["lam"] = done["lam"].astype(float).round(12)
+    done = done.drop_duplicates().assign(done=1)
+    cells = planned.merge(done, on=["arch", "dataset", "lam", "seed"], how="left").fillna({"done": 0})
+    table = (cells.groupby(["dataset", "arch"], sort=False)
+             .agg(planned=("seed", "size"), done=("done", "sum")).reset_index())
+    table["done"] = table["done"].astype(int)
+    table["missing"] = table["planned"] - table["done"]
+    return table
+
+
+def _with_totals(table: pd.DataFrame) -> pd.DataFrame:
+    """The coverage table with a per-dataset row (arch "all") after each dataset and the grand total."""
+    rows = []
+    for ds, sub in table.groupby("dataset", sort=False):
+        rows += sub.to_dict("records")
+        rows.append({"dataset": ds, "arch": "all", **sub[["planned", "done", "missing"]].sum().to_dict()})
+    rows.append({"dataset": "all", "arch": "all", **table[["planned", "done", "missing"]].sum().to_dict()})
+    return pd.DataFrame(rows)
+
+
+def _missing_text(table: pd.DataFrame) -> str:
+    """'mnist (all 4 architectures, 40 runs); ecg200: cnn (3 runs)' for the cells with missing runs."""
+    parts = []
+    for ds, sub in table.groupby("dataset", sort=False):
+        miss = sub[sub["missing"] > 0]
+        if miss.empty:
+            continue
+        if len(miss) == len(sub) and (miss["done"] == 0).all():
+            parts.append(f"{ds} (all {len(sub)} architectures, {int(miss['missing'].sum())} runs)")
+        else:
+            parts.append(f"{ds}: " + ", ".join(f"{r.arch} ({r.missing} runs)" for r in miss.itertuples()))
+    return "; ".join(parts)
+
+
 def section(rep) -> None:
     """Write the store overview (budgets, runs by status, the design) and, for a quick budget, the
     banner that says its verdicts do not test the paper."""
@@ -45,6 +90,17 @@ def section(rep) -> None:
                    "gain accuracy with λ and reach the target in fewer epochs for the wrong reasons. Use a "
                    "faithful preset (full training split, full official test split, trained to convergence) "
                    "before comparing with the paper.")
+    cov = coverage(rep)
+    if cov is not None:
+        planned, done = int(cov["planned"].sum()), int(cov["done"].sum())
+        if done < planned:
+            rep.doc.p(f"**PARTIAL: {done} of the {planned} runs of the design `{rep.opt.design}` have finished.** "
+                      f"Missing: {_missing_text(cov)}. Every verdict below reads the finished runs only; a "
+                      "finding whose design lacks a cell says *not comparable* and names it (table: "
+                      f"`{rep.csv('coverage', _with_totals(cov))}`).")
+        else:
+            rep.doc.p(f"Complete: all {planned} runs of the design `{rep.opt.design}` have finished (table: "
+                      f"`{rep.csv('coverage', _with_totals(cov))}`).")
     st = ra.groupby("status").size().rename("runs").reset_index()
     rel = rep.csv("runs_by_status", st)
     rep.doc.h(1, "The store")

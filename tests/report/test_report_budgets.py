@@ -6,6 +6,7 @@ each budget (id, preset, runs, the fields that differ), and ``--preset`` / ``--b
 pick one; a report of a quick budget says at the top that it cannot test the paper."""
 import json
 import sqlite3
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -125,3 +126,45 @@ def test_full_budget_is_not_flagged(tmp_path):
     make_synthetic_store(db, preset="full", seed=1, **SMALL)
     build_report(db, tmp_path / "o", n_boot=5)
     assert "too small to test" not in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_design_flag_names_the_missing_runs(tmp_path):
+    """``--design PRESET``: a store that holds part of a preset's runs is reported as PARTIAL, with the
+    missing dataset x architecture cells named (issue 14 item 6)."""
+    from minaction.study.presets import load_preset
+
+    spec = load_preset("factorial")
+    db = tmp_path / "slice.sqlite"
+    # the factorial's design on two of its datasets, one run short on one cell
+    make_synthetic_store(db, archs=tuple(spec["archs"]), datasets={"ecg200": "physiological", "nmnist": "neuromorphic"},
+                         seeds=len(spec["seeds"]), lams=tuple(spec["lams"]), main_lam=spec["lams"][0],
+                         sweep_datasets=(), unbalanced=False, n_failed=0)
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM runs WHERE arch = 'cnn' AND dataset = 'nmnist' AND seed = 3")
+    build_report(db, tmp_path / "out", n_boot=5, design="factorial")
+    md = (tmp_path / "out" / "report.md").read_text()
+    n_design = len(spec["archs"]) * len(spec["datasets"]) * len(spec["seeds"])
+    head = md.split("# The store")[0]
+    assert f"**PARTIAL: 79 of the {n_design} runs of the design `factorial` have finished.**" in head
+    assert "mnist (all 4 architectures, 40 runs)" in head and "nmnist: cnn (1 runs)" in head
+    assert "ecg200" not in head.split("Missing:")[1].split(".")[0]
+    cov = pd.read_csv(tmp_path / "out" / "tables" / "coverage.csv")
+    total = cov[(cov["dataset"] == "all") & (cov["arch"] == "all")].iloc[0]
+    assert (total["planned"], total["done"], total["missing"]) == (n_design, 79, n_design - 79)
+    cells = cov[cov["arch"] != "all"]
+    assert len(cells) == len(spec["archs"]) * len(spec["datasets"]) and cells["planned"].sum() == n_design
+    assert check_traceable(tmp_path / "out") == []
+    # the whole design finished: it says so, and there is no banner
+    make_synthetic_store(db, archs=("mlp", "cnn"), datasets={"ecg200": "physiological"}, seeds=2, lams=(1e-4,),
+                         main_lam=1e-4, sweep_datasets=(), unbalanced=False, n_failed=0)
+    small = tmp_path / "small.toml"
+    text = (Path(load_preset.__globals__["preset_path"]("factorial")).read_text()
+            .replace('name = "factorial"', 'name = "small"'))
+    import re
+    text = re.sub(r"archs = \[.*?\]", 'archs = ["mlp", "cnn"]', text, count=1)
+    text = re.sub(r"datasets = \[.*?\]", 'datasets = ["ecg200"]', text, count=1, flags=re.S)
+    text = re.sub(r"seeds = \[.*?\]", "seeds = [0, 1]", text, count=1)
+    small.write_text(text)
+    build_report(db, tmp_path / "out2", n_boot=5, design=str(small))
+    md = (tmp_path / "out2" / "report.md").read_text()
+    assert "PARTIAL" not in md and f"Complete: all 4 runs of the design `{small}` have finished" in md

@@ -234,9 +234,25 @@ def test_not_comparable_for_each_missing_design(tmp_path, case, kwargs, finding,
     assert check_traceable(tmp_path / "o") == []
 
 
+def test_finding1_needs_the_papers_design_for_a_verdict(tmp_path):
+    """A factorial of two vision datasets and three architectures (the λ-sweep's store) is analysed, but
+    Finding 1 (architectures across modalities) gets no verdict: it names the missing architecture and
+    the single modality."""
+    db = make_synthetic_store(tmp_path / "s.sqlite", seed=4, seeds=3, archs=("mlp", "bimodal_true",
+                              "physics_lagrangian"), datasets={"mnist": "vision", "fashion_mnist": "vision"},
+                              lams=(0.0, 1e-3), unbalanced=False, n_failed=0)
+    res = build_report(db, tmp_path / "o", n_boot=20)
+    assert res["verdicts"][1] == "not comparable"
+    comp = pd.read_csv(tmp_path / "o" / "tables" / "paper_comparison.csv").set_index("finding")
+    why = comp.loc[1, "why"]
+    assert "no finished runs of cnn" in why and "1 modality (vision)" in why
+    assert (tmp_path / "o" / "tables" / "anova.csv").is_file()  # the ANOVA is still shown
+
+
 def test_complete_design_gets_verdicts_and_both_etas(tmp_path):
     db = make_synthetic_store(tmp_path / "s.sqlite", seed=4, seeds=3, **STORE)
-    res = build_report(db, tmp_path / "o", n_boot=20)
+    # the two architectures stand for the paper's two kinds here (Finding 1 needs every architecture of both)
+    res = build_report(db, tmp_path / "o", n_boot=20, conventional=("mlp",), energy_first=("bimodal_true",))
     assert res["verdicts"][1] != "not comparable" and res["verdicts"][2] != "not comparable"
     md = (tmp_path / "o" / "report.md").read_text()
     assert "plain η² [95% CI]" in md and "partial η² [95% CI]" in md
