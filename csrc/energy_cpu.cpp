@@ -735,7 +735,8 @@ std::tuple<Tensor, Tensor> energy_linear_composite(const Tensor& x, const Tensor
 class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& w_in,
-                               const std::optional<Tensor>& b_opt, int64_t act, int64_t p, double scale) {
+                               const std::optional<Tensor>& b_opt, int64_t act, int64_t p, double scale,
+                               double penalty) {
     const Tensor b_in = b_opt.has_value() ? *b_opt : Tensor();
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool plain = w_in.dim() == 2;
@@ -754,6 +755,7 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     ctx->saved_data["p"] = p;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["plain"] = plain;
+    ctx->saved_data["penalty"] = penalty;
     return {y, e};
   }
 
@@ -765,9 +767,22 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     const bool plain = ctx->saved_data["plain"].toBool();
     const bool has_b = b_in.defined();
     const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1), nb = has_b && ctx->needs_input_grad(2);
-    if (!(nx || nw || nb)) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    if (!(nx || nw || nb)) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    // penalty != 0: the layer adds penalty * dE/d(inputs) itself, as if `penalty * e` were in the loss
+    // (the energy's incoming gradient is penalty, plus whatever reached e through the loss). Once per
+    // forward, as a term of the loss would be: a later backward through this node (retain_graph, or the
+    // second pass of a double backward, which comes back here for the seeds' graph) adds nothing.
+    const double penalty = ctx->saved_data["penalty"].toDouble();
+    if (penalty != 0.0) ctx->saved_data["penalty"] = 0.0;
     // an energy output that did not reach the loss contributes nothing (not 0 * d|y|^p, which is NaN at y = inf)
-    const int64_t p = grads[1].defined() ? ctx->saved_data["p"].toInt() : 0;
+    const int64_t p = (grads[1].defined() || penalty != 0.0) ? ctx->saved_data["p"].toInt() : 0;
+    const auto e_options = y.options().dtype(energy_dtype(y.scalar_type()));
+    const auto e_sizes = plain ? std::vector<int64_t>{} : std::vector<int64_t>{y.size(0)};
+    auto energy_grad = [&]() -> Tensor {  // e's gradient: the loss's, plus the layer's own penalty
+      if (penalty == 0.0) return grads[1];
+      Tensor own = at::full(e_sizes, penalty, e_options);
+      return grads[1].defined() ? grads[1].to(own.scalar_type()).view(own.sizes()) + own : own;
+    };
     if (at::GradMode::is_enabled()) {
       // backward(create_graph=True): differentiable recomputation, so the returned gradients
       // carry a graph (gradient penalties, gradgradcheck)
@@ -782,7 +797,7 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
       }
       if (p != 0 && ev.requires_grad()) {
         outs_v.push_back(ev);
-        seeds.push_back(grads[1].to(ev.scalar_type()).view(ev.sizes()));
+        seeds.push_back(energy_grad().to(ev.scalar_type()).view(ev.sizes()));
       }
       std::vector<Tensor> inputs, outs(3);
       std::vector<int> which;
@@ -795,27 +810,24 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
                                     /*allow_unused=*/true);
       for (size_t i = 0; i < which.size(); ++i)
         outs[which[i]] = res[i].defined() ? res[i] : at::zeros_like(inputs[i]);
-      return {outs[0], outs[1], outs[2], Tensor(), Tensor(), Tensor()};
+      return {outs[0], outs[1], outs[2], Tensor(), Tensor(), Tensor(), Tensor()};
     }
     Tensor gy = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(y);
-    Tensor ge = grads[1].defined()
-                    ? grads[1]
-                    : (plain ? at::zeros({}, y.options().dtype(energy_dtype(y.scalar_type())))
-                             : at::zeros({y.size(0)}, y.options().dtype(energy_dtype(y.scalar_type()))));
+    Tensor ge = p != 0 ? energy_grad() : at::zeros(e_sizes, e_options);
     // plain: 2-D in, 2-D gradients out (the primitive takes both forms)
     auto [gx, gw, gb] = call_linear_bwd(gy, ge, x_in, w_in.contiguous(), y, z, act, p, scale, nx, nw, nb);
-    return {nx ? gx : Tensor(), nw ? gw : Tensor(), nb ? gb : Tensor(), Tensor(), Tensor(), Tensor()};
+    return {nx ? gx : Tensor(), nw ? gw : Tensor(), nb ? gb : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 std::tuple<Tensor, Tensor> energy_linear_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
-                                                  int64_t act, int64_t p, double scale) {
-  auto out = EnergyLinearFn::apply(x, w, b, act, p, scale);
+                                                  int64_t act, int64_t p, double scale, double penalty) {
+  auto out = EnergyLinearFn::apply(x, w, b, act, p, scale, penalty);
   return {out[0], out[1]};
 }
 
 std::tuple<Tensor, Tensor> energy_linear_noautograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
-                                                    int64_t act, int64_t p, double scale) {
+                                                    int64_t act, int64_t p, double scale, double /*penalty*/) {
   TORCH_CHECK((w.dim() == 2 || w.dim() == 3) && x.dim() == w.dim(),
               "minaction: energy_linear expects x [M,K] with w [N,K], or x [G,M,K] with w [G,N,K]; got x ",
               x.sizes(), " and w ", w.sizes());
@@ -880,7 +892,7 @@ Tensor apply_act_composite(const Tensor& z, int64_t act) {
 class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& z_in, int64_t act, int64_t p, bool mean,
-                               int64_t groups) {
+                               int64_t groups, double penalty) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const EpiShape s = epilogue_shape(z_in, mean, groups);
     auto [y3, unused, e] = call_act_fwd(z_in.contiguous().view({s.G, s.M, s.N}), act, p, s.scale, false);
@@ -896,6 +908,7 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
     ctx->saved_data["M"] = s.M;
     ctx->saved_data["N"] = s.N;
     ctx->saved_data["scale"] = s.scale;
+    ctx->saved_data["penalty"] = penalty;
     return {y, e};
   }
 
@@ -906,15 +919,25 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const int64_t G = ctx->saved_data["G"].toInt(), M = ctx->saved_data["M"].toInt(), N = ctx->saved_data["N"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
-    const variable_list none = {Tensor(), Tensor(), Tensor(), Tensor()};
+    const variable_list none = {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     auto with = [&](Tensor gz) {
       variable_list out = {std::move(gz)};
       out.insert(out.end(), none.begin(), none.end());
       return out;
     };
     if (!ctx->needs_input_grad(0)) return with(Tensor());
+    // penalty: as the layer's (EnergyLinearFn): the energy's gradient gets + penalty, once per forward
+    const double penalty = ctx->saved_data["penalty"].toDouble();
+    if (penalty != 0.0) ctx->saved_data["penalty"] = 0.0;
     // an energy output that did not reach the loss contributes nothing (not 0 * d|y|^p, which is NaN at y = inf)
-    const int64_t p = grads[1].defined() ? ctx->saved_data["p"].toInt() : 0;
+    const int64_t p = (grads[1].defined() || penalty != 0.0) ? ctx->saved_data["p"].toInt() : 0;
+    const auto e_options = y.options().dtype(energy_dtype(y.scalar_type()));
+    auto energy_grad = [&]() -> Tensor {  // [G]: the loss's gradient of e, plus the penalty
+      Tensor own = penalty != 0.0 ? at::full({G}, penalty, e_options) : Tensor();
+      if (!grads[1].defined()) return own;
+      Tensor g = grads[1].to(e_options.dtype()).reshape({G});
+      return own.defined() ? g + own : g;
+    };
     if (at::GradMode::is_enabled()) {
       // backward(create_graph=True): differentiable recomputation from z (gradient penalties, gradgradcheck)
       Tensor yv = apply_act_composite(z_in, act);
@@ -931,7 +954,7 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
         Tensor ev = a.sum(dims) * scale;
         if (ev.requires_grad()) {
           outs_v.push_back(ev);
-          seeds.push_back(grads[1].to(ev.scalar_type()).reshape(ev.sizes()));
+          seeds.push_back(energy_grad().to(ev.scalar_type()).reshape(ev.sizes()));
         }
       }
       Tensor gz;
@@ -941,20 +964,21 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
       return with(gz.defined() ? gz : at::zeros_like(z_in));
     }
     Tensor gy = grads[0].defined() ? grads[0].contiguous().view({G, M, N}) : at::zeros({G, M, N}, y.options());
-    Tensor ge = grads[1].defined() ? grads[1].reshape({G})
-                                   : at::zeros({G}, y.options().dtype(energy_dtype(y.scalar_type())));
+    Tensor ge = p != 0 ? energy_grad() : at::zeros({G}, e_options);
     Tensor z3 = needs_z(act) ? z_in.contiguous().view({G, M, N}) : at::empty({0}, y.options());
     Tensor gz = call_act_bwd(gy, ge, y.view({G, M, N}), z3, act, p, scale);
     return with(gz.view(z_in.sizes()));
   }
 };
 
-std::tuple<Tensor, Tensor> epilogue_autograd(const Tensor& z, int64_t act, int64_t p, bool mean, int64_t groups) {
-  auto out = ActEnergyFn::apply(z, act, p, mean, groups);
+std::tuple<Tensor, Tensor> epilogue_autograd(const Tensor& z, int64_t act, int64_t p, bool mean, int64_t groups,
+                                             double penalty) {
+  auto out = ActEnergyFn::apply(z, act, p, mean, groups, penalty);
   return {out[0], out[1]};
 }
 
-std::tuple<Tensor, Tensor> epilogue_noautograd(const Tensor& z, int64_t act, int64_t p, bool mean, int64_t groups) {
+std::tuple<Tensor, Tensor> epilogue_noautograd(const Tensor& z, int64_t act, int64_t p, bool mean, int64_t groups,
+                                               double /*penalty*/) {
   const EpiShape s = epilogue_shape(z, mean, groups);
   auto [y3, unused, e] = call_act_fwd(z.contiguous().view({s.G, s.M, s.N}), act, p, s.scale, false);
   return {y3.view(z.sizes()), groups == 0 ? e.view(c10::IntArrayRef{}) : e};

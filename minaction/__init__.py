@@ -35,11 +35,12 @@ def _bind_checkout_sources() -> None:
 _bind_checkout_sources()
 
 from .backends.select import backend_info, set_backend, use_backend  # noqa: F401
-from .model_api import convert, energy_report, total_energy  # noqa: F401
+from .model_api import convert, energy_report, set_penalty, total_energy  # noqa: F401
 from . import nn  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["nn", "total_energy", "convert", "energy_report", "backend_info", "set_backend", "use_backend"]
+__all__ = ["nn", "total_energy", "convert", "energy_report", "set_penalty", "backend_info", "set_backend",
+           "use_backend"]
 
 # submodules imported on first attribute access (they pull pandas, statsmodels, matplotlib, ...)
 _LAZY_SUBMODULES = frozenset({"backends", "cli", "data", "energy_meter", "models", "model_api", "ops", "report",

@@ -1,5 +1,6 @@
 """The public model-level API (re-exported from ``minaction``): ``convert`` (swap a model's
-Linear/Conv + activation pairs for energy layers), ``total_energy`` and ``energy_report``."""
+Linear/Conv + activation pairs for energy layers), ``total_energy``, ``energy_report`` and
+``set_penalty``."""
 from __future__ import annotations
 
 import logging
@@ -23,6 +24,23 @@ _FUNCTIONAL_HINT = ("activations called in forward() (F.relu(self.fc1(x)), torch
                     "activation='relu') (they take nn.Linear's / nn.Conv2d's arguments and state_dict), or put the "
                     "layer and an activation module in an nn.Sequential")
 _log = logging.getLogger("minaction")
+
+
+def set_penalty(model: nn.Module, lam: float) -> int:
+    """Give every energy layer of ``model`` that counts energy the in-layer penalty ``lam``
+    (``EnergyLinear``'s ``penalty``): ``loss.backward()`` then trains ``loss + lam * E``
+    without ``E`` in the loss. ``lam = 0`` turns it off. Returns the number of layers set;
+    a model without counting energy layers is an error (as for :func:`total_energy`)."""
+    layers = energy_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no energy layers that count energy: nothing to penalise "
+                         "(minaction.convert(model) swaps Linear/Conv + activation pairs for energy layers)")
+    from .ops import validate_penalty
+
+    value = validate_penalty(lam, 1) if lam else 0.0
+    for _, m in layers:
+        m.penalty = value
+    return len(layers)
 
 
 def energy_layers(model: nn.Module):

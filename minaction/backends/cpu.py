@@ -273,12 +273,14 @@ def act_backward(gy, ge, y, z, act, p, scale):
     return load().act_bwd(gy, ge, y, z, ACT_CODES[act], p, scale)
 
 
-def layer(x, w, b, act, p, scale):
-    """The whole layer, ``minaction::layer`` (one C++ op with a C++ autograd formula)."""
-    return (OPS if OPS is not None else load()).layer(x, w, b, ACT_CODES[act], p, scale)
+def layer(x, w, b, act, p, scale, penalty=0.0):
+    """The whole layer, ``minaction::layer`` (one C++ op with a C++ autograd formula; its backward
+    adds ``penalty * dE/d(inputs)`` itself)."""
+    return (OPS if OPS is not None else load()).layer(x, w, b, ACT_CODES[act], p, scale, penalty)
 
 
-def epilogue(z, act, p, mean, groups):
+def epilogue(z, act, p, mean, groups, penalty=0.0):
     """``activation_energy``'s epilogue, ``minaction::epilogue`` (one C++ op with a C++ autograd
-    formula): ``z [B, ...]`` (``groups`` 0, ``e`` 0-dim) or ``[G, B, ...]`` (``groups`` G, ``e [G]``)."""
-    return (OPS if OPS is not None else load()).epilogue(z, ACT_CODES[act], p, mean, groups)
+    formula): ``z [B, ...]`` (``groups`` 0, ``e`` 0-dim) or ``[G, B, ...]`` (``groups`` G, ``e [G]``);
+    its backward adds ``penalty`` to each energy's gradient."""
+    return (OPS if OPS is not None else load()).epilogue(z, ACT_CODES[act], p, mean, groups, penalty)

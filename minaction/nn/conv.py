@@ -52,7 +52,8 @@ class _EnergyConvNd(EnergyLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrTuple, stride: _IntOrTuple = 1,
                  padding: Union[_IntOrTuple, str] = 0, dilation: _IntOrTuple = 1, groups: int = 1, bias: bool = True,
                  activation: str = "relu", energy: Optional[str] = "l2", energy_reduction: str = "sum",
-                 backend: Optional[str] = None, num_models: Optional[int] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, num_models: Optional[int] = None, device=None, dtype=None,
+                 penalty: float = 0.0):
         super().__init__()
         n = self._dims
         if num_models is not None and int(num_models) <= 0:
@@ -62,7 +63,7 @@ class _EnergyConvNd(EnergyLayer):
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
         if groups <= 0 or in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        self._init_energy(activation, energy, energy_reduction)
+        self._init_energy(activation, energy, energy_reduction, penalty)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _tuple(kernel_size, n, "kernel_size")
         self.stride = _tuple(stride, n, "stride")
@@ -117,7 +118,8 @@ class _EnergyConvNd(EnergyLayer):
                 raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
                                  f"(input shape {tuple(x.shape)})")
             z = self._convfn(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-            y, e = activation_energy(z, self.activation, self.energy, self.energy_reduction, backend=self.backend)
+            y, e = activation_energy(z, self.activation, self.energy, self.energy_reduction, backend=self.backend,
+                                     penalty=self.penalty)
             self.last_energy = e
             return y
         C = x.shape[1]
@@ -137,8 +139,9 @@ class _EnergyConvNd(EnergyLayer):
         z = self._convfn(x, w, b, self.stride, self.padding, self.dilation, groups)
         B = z.shape[0]
         # rows = (sample, member) pairs: the fused pass gives one sum per row, the energy is their batch mean
+        # the penalty on last_energy = the mean of each member's B rows: lam / B on each row's energy
         y, e = activation_energy(z.reshape(B * G, 1, -1), self.activation, self.energy, self.energy_reduction,
-                                 groups=B * G, backend=self.backend)
+                                 groups=B * G, backend=self.backend, penalty=self.penalty / B if B else 0.0)
         self.last_energy = e.view(B, G).mean(0)
         return y.view(z.shape)
 

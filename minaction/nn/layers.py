@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..backends import select as _select
 from ..ops import energy as _energy
-from ..ops import energy_linear, validate_energy
+from ..ops import energy_linear, validate_energy, validate_penalty
 from ..ops.energy import make_plan
 
 # the fast path's checks (ops.energy._fast_world's, inlined: a call per check costs in a step)
@@ -31,7 +31,7 @@ _interpreter_stack = _energy._interpreter_stack
 _env_backend = _energy._env_backend
 # attributes whose assignment invalidates a layer's cached plan
 _PLAN_FACTS = frozenset({"activation", "energy", "energy_reduction", "backend", "p", "weight", "bias",
-                         "num_models", "in_features", "out_features"})
+                         "num_models", "in_features", "out_features", "penalty"})
 
 
 def _dead_functorch_tensor(t: torch.Tensor) -> bool:
@@ -51,11 +51,12 @@ class EnergyLayer(nn.Module):
     ``energy=None``.
     """
 
-    def _init_energy(self, activation, energy, energy_reduction):
+    def _init_energy(self, activation, energy, energy_reduction, penalty=0.0):
         self.p = validate_energy(activation, energy, energy_reduction)
         self.activation = activation
         self.energy = energy
         self.energy_reduction = energy_reduction
+        self.penalty = penalty
         self.__dict__["_last_energy"] = None
 
     @property
@@ -81,6 +82,8 @@ class EnergyLayer(nn.Module):
     def __setattr__(self, name, value):
         if name in _PLAN_FACTS:
             self.__dict__.pop("_plan", None)
+            if name == "penalty":  # checked on every assignment: layer.penalty = lam is the scheduling API
+                value = validate_penalty(value, self.p) if value else 0.0
         super().__setattr__(name, value)
 
     def __delattr__(self, name):
@@ -97,6 +100,7 @@ class EnergyLayer(nn.Module):
         state = dict(state)
         state.pop("last_energy", None)  # pickles written before last_energy became a property
         state.setdefault("_last_energy", None)
+        state.setdefault("penalty", 0.0)  # pickles written before the in-layer penalty
         super().__setstate__(state)
 
     @property
@@ -130,17 +134,23 @@ class EnergyLinear(EnergyLayer, nn.Linear):
             ``last_energy`` ``[G]``.
         backend: force a kernel backend for this layer (default: automatic, see
             ``minaction.backend_info()``).
+        penalty: ``lam`` of an energy penalty that the layer applies itself (default 0: none).
+            The backward then adds ``lam * dE_l/d(inputs)``, so ``loss.backward()`` trains
+            ``loss + lam * E_l`` without ``E_l`` in the loss (no loss arithmetic per step:
+            on the ``cpu`` backend the coefficient goes straight into the backward kernel).
+            ``last_energy`` still holds ``E_l``; adding it to the loss as well counts it twice.
+            Assign ``layer.penalty`` (or call ``minaction.set_penalty(model, lam)``) to change it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "relu",
                  energy: Optional[str] = "l2", energy_reduction: str = "sum", num_models: Optional[int] = None,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: Optional[str] = None, device=None, dtype=None, penalty: float = 0.0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are built below (and batched)
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         if num_models is not None and num_models <= 0:
             raise ValueError(f"num_models must be positive, got {num_models}")
-        self._init_energy(activation, energy, energy_reduction)
+        self._init_energy(activation, energy, energy_reduction, penalty)
         self.in_features, self.out_features, self.num_models = in_features, out_features, num_models
         self.backend = backend
         lead = () if num_models is None else (num_models,)
@@ -171,12 +181,14 @@ class EnergyLinear(EnergyLayer, nn.Linear):
         plan = self.__dict__.get("_plan")
         if (plan is not None and type(x) is Tensor and x.is_cpu
                 and not (_compiling() or _any_autocast() or _interpreter_stack() is not None or _exporting())):
-            w = self.weight
-            b = self.bias
+            params = self._parameters  # not self.weight: nn.Module.__getattr__ costs ~0.5 us per lookup
+            w = params.get("weight")  # None under parametrize / weight_norm: the full path below
+            b = params.get("bias")
             if w is plan.weight and b is plan.bias and (
                     not plan.auto or (_select._forced is plan.forced and _env_backend() == plan.env)):
                 try:
-                    y, e = plan.op(x, w, b, plan.code, plan.p, plan.inv / (x.shape[1] if plan.G else len(x)))
+                    y, e = plan.op(x, w, b, plan.code, plan.p, plan.inv / (x.shape[1] if plan.G else len(x)),
+                                   plan.penalty)
                 except (RuntimeError, ValueError, TypeError, IndexError):
                     pass
                 else:
@@ -184,11 +196,12 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                     return y
         # the full path: validation, autocast, backend choice; then remember the decision
         w, b = self.weight, self.bias
-        y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend)
+        y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend,
+                             penalty=self.penalty)
         self.__dict__["_last_energy"] = e
         if not torch.compiler.is_compiling():  # traced: the plain function, no cached plan
             self.__dict__["_plan"] = make_plan(x, w, b, self.activation, self.energy, self.energy_reduction,
-                                               self.backend)
+                                               self.backend, self.penalty)
         return y
 
     def forward_flops(self, x_shape, y_shape) -> int:
@@ -203,4 +216,6 @@ class EnergyLinear(EnergyLayer, nn.Linear):
             s += f", energy_reduction={self.energy_reduction!r}"
         if self.num_models is not None:
             s += f", num_models={self.num_models}"
+        if self.penalty:
+            s += f", penalty={self.penalty:g}"
         return s

@@ -16,6 +16,7 @@ The path of a call, top-down (docs/kernels.md draws it file by file):
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Optional
 
@@ -28,6 +29,56 @@ from ..backends import cpu as _cpu  # importing builds nothing: the C++ extensio
 ENERGIES = {"l2": 2, "l1": 1, None: 0, "none": 0}
 REDUCTIONS = ("sum", "mean")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def validate_penalty(penalty, p: int) -> float:
+    """``penalty`` as a float: finite, >= 0, and only on a layer that has an energy (``p != 0``)."""
+    if isinstance(penalty, Tensor):
+        raise TypeError("penalty must be a Python number (it is a constant of the backward kernel), got a tensor; "
+                        "for a learned or scheduled coefficient add lam * E to the loss instead")
+    if not isinstance(penalty, numbers.Real) or isinstance(penalty, bool):
+        raise TypeError(f"penalty must be a number, got {type(penalty).__name__}")
+    value = float(penalty)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"penalty must be a finite number >= 0 (the energy's coefficient lam), got {penalty!r}")
+    if value and not p:
+        raise ValueError("penalty needs an energy: this layer was built with energy=None, so it has none to penalise")
+    return value
+
+
+class _Penalty(torch.autograd.Function):
+    """``y`` unchanged; its first backward also sends ``penalty`` to ``e``, as ``penalty * e`` in the loss
+    would (a later backward through the same node, after ``retain_graph`` or in a double backward's
+    second pass, adds nothing: the term is in the objective once)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y, e, penalty):
+        return y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, e, penalty = inputs
+        ctx.penalty = penalty
+        ctx.e_meta = (e.shape, e.dtype, e.device)
+
+    @staticmethod
+    def backward(ctx, gy):
+        shape, dtype, device = ctx.e_meta
+        penalty, ctx.penalty = ctx.penalty, 0.0  # once per forward, as a term of the loss (see the C++ layer)
+        if not penalty:
+            return gy, None, None
+        return gy, torch.full(shape, penalty, dtype=dtype, device=device), None
+
+
+def with_penalty(y: Tensor, e: Tensor, penalty: float) -> Tensor:
+    """``y``, whose backward also gives ``e`` the gradient ``penalty``: the generic form of a
+    layer's ``penalty`` (the ``cpu`` linear path has it inside its C++ backward instead). The
+    result is a view of ``y``; modifying it in place is refused by autograd."""
+    if not penalty or not e.requires_grad:
+        return y
+    return _Penalty.apply(y, e, penalty)
 
 
 def validate_energy(activation: str, energy, reduction: str) -> int:
@@ -273,7 +324,8 @@ _is_exporting = torch.compiler.is_exporting
 
 
 def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "relu",
-                  energy: Optional[str] = "l2", reduction: str = "sum", backend: Optional[str] = None):
+                  energy: Optional[str] = "l2", reduction: str = "sum", backend: Optional[str] = None,
+                  penalty: float = 0.0):
     """``y = act(x @ weight.T + bias)`` and its activation energy ``E`` in one fused pass.
 
     Shapes: ``weight [N, K]`` with ``x [..., K]`` -> ``y [..., N]``, ``E`` 0-dim; or the
@@ -285,22 +337,31 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     to the autocast dtype (float64 tensors are left alone, as autocast does), ``y`` comes out
     in that dtype and ``E`` in float32. Inside a ``torch.func`` transform, or while
     ``torch.export`` traces, the ``reference`` path (plain PyTorch ops) runs.
+
+    ``penalty=lam`` (see :func:`validate_penalty`): the backward adds ``lam * dE/d(inputs)``
+    itself, as if ``lam * E`` were part of the loss; ``E`` is still returned (and may still be
+    added to the loss, which then counts twice). On the ``cpu`` path this costs nothing: the
+    energy's gradient is the backward kernel's coefficient.
     """
     p = _exponent(activation, energy, reduction)
+    if penalty:
+        penalty = validate_penalty(penalty, p)
     if (_any_autocast is None or _any_autocast()) and isinstance(x, Tensor):  # x.device costs ~1 us: only here
         ac = _autocast_dtype(x.device.type)
         if ac is not None:
             x, weight, bias = _autocast_cast(x, ac), _autocast_cast(weight, ac), _autocast_cast(bias, ac)
             with torch.autocast(x.device.type, enabled=False):
-                return energy_linear(x, weight, bias, activation, energy, reduction, backend)
+                return energy_linear(x, weight, bias, activation, energy, reduction, backend, penalty)
     _validate_linear(x, weight, bias)
     name = _route(x, backend)
     mean = reduction == "mean"
     if name == "cpu":
-        return _cpu_linear(x, weight, bias, activation, p, mean)
+        return _cpu_linear(x, weight, bias, activation, p, mean, penalty)
     if name == "reference":
-        return _reference_linear(x, weight, bias, activation, p, mean)
-    return _routed_linear(x, weight, bias, activation, p, mean, name)
+        y, e = _reference_linear(x, weight, bias, activation, p, mean)
+    else:
+        y, e = _routed_linear(x, weight, bias, activation, p, mean, name)
+    return (with_penalty(y, e, penalty), e) if penalty else (y, e)
 
 
 def _route(t: Tensor, backend: Optional[str]) -> str:
@@ -311,17 +372,19 @@ def _route(t: Tensor, backend: Optional[str]) -> str:
     return backend if backend is not None else _select.select(t.device)
 
 
-def _cpu_linear(x, weight, bias, act, p, mean):
+def _cpu_linear(x, weight, bias, act, p, mean, penalty=0.0):
     """The ``cpu`` path: one call of the C++ op ``minaction::layer`` per direction (its autograd
-    formula is C++ too); it takes the plain ``[M, K]`` and the grouped ``[G, M, K]`` shapes."""
+    formula is C++ too, and applies ``penalty``); it takes the plain ``[M, K]`` and the grouped
+    ``[G, M, K]`` shapes."""
     if weight.dim() == 3:
         if x.dim() == 2:  # a shared input: a stride-0 view, no copy
             x = x.unsqueeze(0).expand(weight.shape[0], -1, -1)
-        return _cpu.layer(x, weight, bias, act, p, _scale(x.shape[1], weight.shape[1], mean))
+        return _cpu.layer(x, weight, bias, act, p, _scale(x.shape[1], weight.shape[1], mean), penalty)
     if x.dim() == 2:
-        return _cpu.layer(x, weight, bias, act, p, _scale(x.shape[0], weight.shape[0], mean))
+        return _cpu.layer(x, weight, bias, act, p, _scale(x.shape[0], weight.shape[0], mean), penalty)
     rows = math.prod(x.shape[:-1])  # x [..., K]: the leading dims are the rows
-    y, e = _cpu.layer(x.reshape(rows, x.shape[-1]), weight, bias, act, p, _scale(rows, weight.shape[0], mean))
+    y, e = _cpu.layer(x.reshape(rows, x.shape[-1]), weight, bias, act, p, _scale(rows, weight.shape[0], mean),
+                      penalty)
     return y.view(x.shape[:-1] + (weight.shape[0],)), e
 
 
@@ -338,10 +401,10 @@ class LinearPlan:
     full path, which validates and raises the clear error.
     """
 
-    __slots__ = ("weight", "bias", "G", "code", "p", "inv", "auto", "forced", "env", "op")
+    __slots__ = ("weight", "bias", "G", "code", "p", "inv", "auto", "forced", "env", "op", "penalty")
 
-    def __init__(self, x, weight, bias, act, p, mean, backend):
-        self.weight, self.bias = weight, bias
+    def __init__(self, x, weight, bias, act, p, mean, backend, penalty=0.0):
+        self.weight, self.bias, self.penalty = weight, bias, float(penalty)
         self.G = weight.shape[0] if weight.dim() == 3 else 0
         self.code, self.p = _cpu.ACT_CODES[act], p
         self.inv = 1.0 / weight.shape[-2] if mean else 1.0  # scale = inv / rows
@@ -353,7 +416,7 @@ class LinearPlan:
 _env_backend = _select.env_backend
 
 
-def make_plan(x, weight, bias, activation, energy, reduction, backend) -> Optional[LinearPlan]:
+def make_plan(x, weight, bias, activation, energy, reduction, backend, penalty=0.0) -> Optional[LinearPlan]:
     """A :class:`LinearPlan` when this call (already validated by :func:`energy_linear`) took
     the ``cpu`` path with a plain ``[M, K]`` or grouped ``[G, M, K]`` input, else None."""
     if not (type(x) is Tensor and x.is_cpu and _fast_world()) or _cpu.OPS is None:
@@ -366,7 +429,7 @@ def make_plan(x, weight, bias, activation, energy, reduction, backend) -> Option
     except RuntimeError:
         return None
     return LinearPlan(x, weight, bias, activation, _exponent(activation, energy, reduction), reduction == "mean",
-                      backend)
+                      backend, penalty)
 
 
 def _fast_world() -> bool:
@@ -421,7 +484,7 @@ def _groups_arg(groups) -> int:
 
 
 def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str] = "l2", reduction: str = "sum",
-                      groups: int = 0, backend: Optional[str] = None):
+                      groups: int = 0, backend: Optional[str] = None, penalty: float = 0.0):
     """``y = act(z)`` and the energy of ``y`` in one pass (the epilogue used after convolutions).
 
     ``z`` is ``[B, ...]`` (one model: E is 0-dim, a mean over B of the sum/mean over all
@@ -430,9 +493,12 @@ def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str]
     On the ``cpu`` backend this is one call of the C++ op ``minaction::epilogue`` per direction
     (its autograd formula is C++ too; ``backward(create_graph=True)`` recomputes with
     differentiable ops). Inside a ``torch.func`` transform, or while ``torch.export`` traces,
-    the ``reference`` path (plain PyTorch ops) runs.
+    the ``reference`` path (plain PyTorch ops) runs. ``penalty``: as :func:`energy_linear`'s,
+    added to each of the ``G`` energies' gradients (in the C++ backward on the ``cpu`` path).
     """
     p = _exponent(activation, energy, reduction)
+    if penalty:
+        penalty = validate_penalty(penalty, p)
     if type(z) is not Tensor or z.dtype not in _FLOAT_DTYPES:
         _check_tensor("input", z)
     if type(groups) is not int or groups < 0:
@@ -446,7 +512,7 @@ def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str]
                          f"{tuple(z.shape)} has none: the mean is undefined (use reduction='sum', which is 0 here)")
     name = _route(z, backend)
     if name == "cpu":
-        return _cpu.epilogue(z, activation, p, reduction == "mean", groups)
+        return _cpu.epilogue(z, activation, p, reduction == "mean", groups, penalty)
     z3 = z.reshape(groups, z.shape[1], -1) if groups else z.reshape(1, z.shape[0], -1)
     if name == "reference":
         y = composite.apply_act(z3, activation)
@@ -454,4 +520,6 @@ def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str]
     else:
         y, e, _ = _activation_energy(z3.contiguous(), activation, p, reduction == "mean", name)
     y = y.reshape(z.shape)
-    return (y, e) if groups else (y, e.reshape(()))
+    if not groups:
+        e = e.reshape(())
+    return (with_penalty(y, e, penalty) if penalty else y), e
