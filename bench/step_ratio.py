@@ -5,6 +5,8 @@ Variants (same weights, same data, same optimizer):
   naive      nn.Linear + ReLU, loss = CE + lam * sum_l mean_b sum_u a^2   (PyTorch penalty)
   compiled   torch.compile of `naive`
   fused      minaction.nn.EnergyLinear (backend auto), loss = CE + lam * total_energy
+  penalty    the same layers with the penalty inside them (minaction.set_penalty(model, lam)),
+             loss = CE: the same gradients (bitwise), no loss arithmetic per step
   glue       nn.Linear + ReLU, loss = CE + lam * (e_1 + ... + e_L) on constant leaves: the loss
              arithmetic alone, the floor under `fused` that no kernel can remove
 
@@ -44,7 +46,7 @@ def build(kind, sizes, seed=0):
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         last = i == len(sizes) - 2
-        if kind == "fused" and not last:
+        if kind in ("fused", "penalty") and not last:
             layers.append(minaction.nn.EnergyLinear(a, b, activation="relu", energy="l2"))
         else:
             layers.append(nn.Linear(a, b))
@@ -213,6 +215,11 @@ def make_step(kind, model, lam):
     elif kind == "fused":
         def loss_fn(x, y):
             return F.cross_entropy(model(x), y) + lam * minaction.total_energy(model)
+    elif kind == "penalty":
+        minaction.set_penalty(model, lam)
+
+        def loss_fn(x, y):
+            return F.cross_entropy(model(x), y)
     elif kind == "glue":
         # the floor of any energy term: plain layers, and the loss arithmetic of `ce + lam * total_energy`
         # (one add per extra energy layer, the mul, the add) on constant leaves: what no kernel can remove
@@ -289,7 +296,7 @@ def main(argv=None):
         x = torch.randn(G, args.batch, sizes[0])
         y = torch.randint(0, sizes[-1], (args.batch,))
         return _interleave(args, kinds, steps, x, y, sizes, batched=True)
-    kinds = ["plain", "naive", "fused", "glue"] + ([] if args.no_compile else ["compiled"])
+    kinds = ["plain", "naive", "fused", "penalty", "glue"] + ([] if args.no_compile else ["compiled"])
     steps = {k: make_step(k, build("plain" if k == "glue" else k, sizes), args.lam) for k in kinds}
     x, y = torch.randn(args.batch, sizes[0]), torch.randint(0, sizes[-1], (args.batch,))
     return _interleave(args, kinds, steps, x, y, sizes, batched=False)
