@@ -29,9 +29,32 @@ def test_step_ratio_has_the_glue_floor(bench_path, capsys):
                                "--no-compile", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
-    assert set(res["variants"]) == {"plain", "naive", "fused", "glue"}
+    assert set(res["variants"]) == {"plain", "naive", "fused", "penalty", "glue"}
     assert res["variants"]["plain"]["step"]["ratio_to_plain"] == 1.0
-    assert "glue" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "glue" in out and "penalty" in out
+
+
+def test_step_ratio_penalty_variant_trains_the_same_objective(bench_path):
+    """The bench's `penalty` step (lambda inside the layers, loss = CE) and its `fused` step (CE + lambda * E)
+    compute the same gradients from the same weights: the two variants time the same training."""
+    import torch
+
+    import step_ratio
+
+    sizes, lam = [12, 6, 5, 3], 0.3
+    x, y = torch.randn(4, 12), torch.randint(0, 3, (4,))
+    grads = {}
+    for kind in ("fused", "penalty"):
+        model = step_ratio.build(kind, sizes)
+        step_ratio.make_step(kind, model, lam)  # sets the penalty for "penalty"
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if kind == "fused":
+            loss = loss + lam * __import__("minaction").total_energy(model)
+        loss.backward()
+        grads[kind] = [p.grad for p in model.parameters()]
+    for a, b in zip(grads["fused"], grads["penalty"]):
+        torch.testing.assert_close(a, b)
 
 
 def test_step_ratio_epilogue_and_allocator_pin(bench_path):
