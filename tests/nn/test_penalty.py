@@ -242,3 +242,22 @@ def test_penalty_ops_pass_opcheck():
     opcheck(ops.epilogue.default, (torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True), 1, 2, False, 0, 0.3))
     opcheck(ops.epilogue.default, (torch.randn(2, 4, 6, requires_grad=True), 2, 1, True, 2, 0.5))
 
+
+
+@needs_cpu
+def test_penalty_under_torch_compile():
+    """A compiled model with the penalty (the backward is traced once) trains the explicit objective, step after step."""
+    torch.manual_seed(0)
+    m1 = nn.Sequential(EnergyLinear(8, 6), EnergyLinear(6, 6), nn.Linear(6, 3))
+    m2 = copy.deepcopy(m1)
+    minaction.set_penalty(m2, LAM)
+    c2 = torch.compile(m2)
+    x, y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+    for _ in range(2):
+        for m in (m1, m2):
+            for p in m.parameters():
+                p.grad = None
+        (F.cross_entropy(m1(x), y) + LAM * minaction.total_energy(m1)).backward()
+        F.cross_entropy(c2(x), y).backward()
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
