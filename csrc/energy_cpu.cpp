@@ -86,6 +86,21 @@ struct BufLen : std::integral_constant<int64_t, std::is_same_v<T, typename Acc<T
 // are inlined: exp is Cephes' expf (range reduction by ln 2 split in two parts, a degree-6
 // polynomial, ~1 ulp); erf is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula
 // ATen's Vectorized<float>::erf uses. Double keeps Sleef (gradcheck runs in double).
+// exp(x - n ln2) for the integer-valued n nearest x log2(e): Cephes' range reduction (ln 2 split in
+// two parts) and degree-6 polynomial, shared by exp_f and exp_le0_f, which differ in how they get n
+// and build 2^n.
+inline Vec<float> exp_reduced_f(const Vec<float>& x, const Vec<float>& n) {
+  Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693359375f), x);
+  r = at::vec::fmadd(n, Vec<float>(2.12194440e-4f), r);
+  Vec<float> q = at::vec::fmadd(Vec<float>(1.9875691500e-4f), r, Vec<float>(1.3981999507e-3f));
+  q = at::vec::fmadd(q, r, Vec<float>(8.3334519073e-3f));
+  q = at::vec::fmadd(q, r, Vec<float>(4.1665795894e-2f));
+  q = at::vec::fmadd(q, r, Vec<float>(1.6666665459e-1f));
+  q = at::vec::fmadd(q, r, Vec<float>(5.0000001201e-1f));
+  const Vec<float> er = at::vec::fmadd(q, r * r, r + Vec<float>(1.f));  // exp(r), |r| <= ln2 / 2
+  return er;
+}
+
 inline Vec<float> exp_f(const Vec<float>& x) {
   // The input is clamped, not blended: below lo the exponent field of 2^(n-1) is 0, so the result
   // is exactly 0 (exp(-87.3) ~ 1.2e-38 is the smallest normal float); above hi the final products
@@ -94,14 +109,7 @@ inline Vec<float> exp_f(const Vec<float>& x) {
   const Vec<float> hi(89.f), lo(-87.5f);
   const Vec<float> xc = at::vec::clamp(x, lo, hi);
   const Vec<float> n = (xc * Vec<float>(1.44269504088896341f)).round();  // x = n ln2 + r
-  Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693359375f), xc);       // ln2 in two parts
-  r = at::vec::fmadd(n, Vec<float>(2.12194440e-4f), r);
-  Vec<float> q = at::vec::fmadd(Vec<float>(1.9875691500e-4f), r, Vec<float>(1.3981999507e-3f));
-  q = at::vec::fmadd(q, r, Vec<float>(8.3334519073e-3f));
-  q = at::vec::fmadd(q, r, Vec<float>(4.1665795894e-2f));
-  q = at::vec::fmadd(q, r, Vec<float>(1.6666665459e-1f));
-  q = at::vec::fmadd(q, r, Vec<float>(5.0000001201e-1f));
-  const Vec<float> er = at::vec::fmadd(q, r * r, r + Vec<float>(1.f));  // exp(r), |r| <= ln2 / 2
+  const Vec<float> er = exp_reduced_f(xc, n);
   // 2^(n-1) from its exponent bits (n - 1 + 127 is in 0..254 over [lo, hi]; 0 gives +0.0), times 2:
   // at x = hi, er * 2^127 is finite and the last product overflows to inf
   const at::vec::Vectorized<int32_t> bits =
@@ -125,14 +133,7 @@ inline Vec<float> exp_le0_f(const Vec<float>& x) {
   const Vec<float> magic(12583039.f);  // 1.5 * 2^23 + 127
   const Vec<float> t = at::vec::fmadd(x, Vec<float>(1.44269504088896341f), magic);
   const Vec<float> n = t - magic;
-  Vec<float> r = at::vec::fmadd(n, Vec<float>(-0.693359375f), x);  // x = n ln2 + r, ln2 in two parts
-  r = at::vec::fmadd(n, Vec<float>(2.12194440e-4f), r);
-  Vec<float> q = at::vec::fmadd(Vec<float>(1.9875691500e-4f), r, Vec<float>(1.3981999507e-3f));
-  q = at::vec::fmadd(q, r, Vec<float>(8.3334519073e-3f));
-  q = at::vec::fmadd(q, r, Vec<float>(4.1665795894e-2f));
-  q = at::vec::fmadd(q, r, Vec<float>(1.6666665459e-1f));
-  q = at::vec::fmadd(q, r, Vec<float>(5.0000001201e-1f));
-  const Vec<float> er = at::vec::fmadd(q, r * r, r + Vec<float>(1.f));  // exp(r), |r| <= ln2 / 2
+  const Vec<float> er = exp_reduced_f(x, n);
   const at::vec::Vectorized<int32_t> bits = at::vec::cast<int32_t>(t) << at::vec::Vectorized<int32_t>(23);
   return er * at::vec::cast<float>(bits);
 }

@@ -74,8 +74,9 @@ class _Penalty(torch.autograd.Function):
 
 def with_penalty(y: Tensor, e: Tensor, penalty: float) -> Tensor:
     """``y``, whose backward also gives ``e`` the gradient ``penalty``: the generic form of a
-    layer's ``penalty`` (the ``cpu`` linear path has it inside its C++ backward instead). The
-    result is a view of ``y``; modifying it in place is refused by autograd."""
+    layer's ``penalty`` (the ``cpu`` backend's ops, ``minaction::layer`` and ``::epilogue``, have
+    it inside their C++ backward instead). The result is a view of ``y``; modifying it in place
+    is refused by autograd."""
     if not penalty or not e.requires_grad:
         return y
     return _Penalty.apply(y, e, penalty)

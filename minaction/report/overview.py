@@ -93,14 +93,14 @@ def section(rep) -> None:
     cov = coverage(rep)
     if cov is not None:
         planned, done = int(cov["planned"].sum()), int(cov["done"].sum())
+        rel_cov = rep.csv("coverage", _with_totals(cov))
         if done < planned:
             rep.doc.p(f"**PARTIAL: {done} of the {planned} runs of the design `{rep.opt.design}` have finished.** "
                       f"Missing: {_missing_text(cov)}. Every verdict below reads the finished runs only; a "
-                      "finding whose design lacks a cell says *not comparable* and names it (table: "
-                      f"`{rep.csv('coverage', _with_totals(cov))}`).")
+                      f"finding whose design lacks a cell says *not comparable* and names it (table: `{rel_cov}`).")
         else:
             rep.doc.p(f"Complete: all {planned} runs of the design `{rep.opt.design}` have finished (table: "
-                      f"`{rep.csv('coverage', _with_totals(cov))}`).")
+                      f"`{rel_cov}`).")
     st = ra.groupby("status").size().rename("runs").reset_index()
     rel = rep.csv("runs_by_status", st)
     rep.doc.h(1, "The store")
