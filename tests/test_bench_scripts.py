@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not mbackend.available("cpu")[0], reason="C++ ba
 def bench_path(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     yield
-    for name in ("step_ratio", "step_phases"):
+    for name in ("step_ratio", "step_phases", "shed_stopped"):
         sys.modules.pop(name, None)
 
 
@@ -85,3 +85,18 @@ def test_step_phases_runs_every_variant(bench_path, capsys):
     assert set(res) == {"plain", "fused", "fused_noE", "glue"}
     assert set(res["fused"]["phases_us"]) == set(step_phases.PHASES)
     assert "fused_noE" in capsys.readouterr().out
+
+
+def test_shed_stopped_times_both_ways_with_the_same_results(bench_path, monkeypatch, tmp_path):
+    import torch
+
+    import doubles.study  # noqa: F401  (the dataset "synthetic" and the architecture "tiny_mlp")
+    import shed_stopped
+
+    monkeypatch.setenv("MINACTION_CACHE", str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        res = shed_stopped.main(["--arch", "tiny_mlp", "--dataset", "synthetic", "--members", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res["same_results"] and len(res["keep_s"]) == len(res["shed_s"]) == 1 and len(res["epochs"]) == 3

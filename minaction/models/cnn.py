@@ -170,6 +170,11 @@ class LoopEnsemble(nn.Module):
 
     So that :func:`minaction.total_energy` returns ``[G]``, each member's energy layers
     record ``last_energy`` as a length-G vector that is zero except at the member's index.
+
+    :meth:`set_active_members` leaves members out of the following forwards (a training loop
+    whose members stop at different times): a member left out costs nothing, its logits are
+    zeros and its energy is 0, neither connected to its parameters (so it gets no gradient and
+    an optimizer leaves it as it is).
     """
 
     batched = False
@@ -184,6 +189,7 @@ class LoopEnsemble(nn.Module):
         self.arch = getattr(self.members[0], "arch", "")
         self.meta = getattr(self.members[0], "meta", None)
         G = self.num_models
+        self._active = None  # None: every member runs; else a list of G bools
         for g, m in enumerate(self.members):
             for lay in m.modules():
                 if isinstance(lay, EnergyLayer):
@@ -197,14 +203,47 @@ class LoopEnsemble(nn.Module):
                 mod.last_energy = F.pad(e.reshape(1), (g, G - g - 1))
         return hook
 
+    def set_active_members(self, mask=None):
+        """Run only the members where ``mask`` (G bools, a list or a bool tensor) is true in the
+        forwards that follow; ``None`` (or all true) runs every member again. At least one
+        member must stay active."""
+        if mask is None:
+            self._active = None
+            return
+        m = [bool(v) for v in (mask.tolist() if torch.is_tensor(mask) else mask)]
+        if len(m) != self.num_models:
+            raise ValueError(f"set_active_members needs {self.num_models} flags (one per member), got {len(m)}")
+        if not any(m):
+            raise ValueError("set_active_members: at least one member must stay active (got none); "
+                             "stop calling the model instead")
+        self._active = None if all(m) else m
+
+    @property
+    def active_members(self):
+        """The members the next forward runs (a list of G bools)."""
+        return [True] * self.num_models if self._active is None else list(self._active)
+
     def forward(self, x):
         """``x [B, *input_shape]`` feeds every member; ``[G, B, *input_shape]`` gives member g ``x[g]``."""
         shape = tuple(getattr(self.meta, "input_shape", ()))
+        G = self.num_models
         if shape and x.dim() == len(shape) + 2:
-            if x.shape[0] != self.num_models:
-                raise ValueError(f"a per-member input [G, B, ...] needs G = {self.num_models}, got {tuple(x.shape)}")
-            return torch.stack([m(xg) for m, xg in zip(self.members, x)])
-        return torch.stack([m(x) for m in self.members])
+            if x.shape[0] != G:
+                raise ValueError(f"a per-member input [G, B, ...] needs G = {G}, got {tuple(x.shape)}")
+            xs = x.unbind(0)
+        else:
+            xs = [x] * G
+        if self._active is None:
+            return torch.stack([m(xg) for m, xg in zip(self.members, xs)])
+        outs = [m(xg) if on else None for m, xg, on in zip(self.members, xs, self._active)]
+        ref = next(o for o in outs if o is not None)
+        zeros = torch.zeros_like(ref, requires_grad=False)
+        for g, o in enumerate(outs):
+            if o is None:
+                for lay in self.members[g].modules():
+                    if isinstance(lay, EnergyLayer):
+                        lay.last_energy = torch.zeros(G, dtype=ref.dtype, device=ref.device)
+        return torch.stack([zeros if o is None else o for o in outs])
 
     def stem_parameters(self):
         return [p for m in self.members for p in m.stem_parameters()]

@@ -5,7 +5,9 @@ when the whole group is done. So that a killed session loses at most a few minut
 group, the trainer (:func:`minaction.study.trainer.train_group`) saves the group's whole
 training state
 
-* at the end of every epoch, and
+* at the end of an epoch once :data:`DEFAULT_EPOCH_EVERY_S` seconds (30) have passed since the
+  last save (every epoch of a long epoch; a group whose epochs take milliseconds — ecg5000,
+  nmnist — saved a ~0.1–1 s file after each one, which cost as much as its training), and
 * mid-epoch, at the first validation evaluation after :data:`DEFAULT_EVERY_S` seconds
   (5 minutes) of wall time since the last save (an MNIST epoch of a G = 50 group takes
   longer than that on a 2-core machine),
@@ -51,6 +53,22 @@ import torch
 FORMAT = 1
 #: Seconds of wall time after which a mid-epoch evaluation also saves the checkpoint.
 DEFAULT_EVERY_S = 300.0
+#: Seconds of wall time after which an epoch end saves the checkpoint
+#: (``MINACTION_CHECKPOINT_EPOCH_S`` overrides it; 0 saves at every epoch end).
+DEFAULT_EPOCH_EVERY_S = 30.0
+
+
+def _epoch_every_default() -> float:
+    v = os.environ.get("MINACTION_CHECKPOINT_EPOCH_S")
+    if v is None or v.strip() == "":
+        return DEFAULT_EPOCH_EVERY_S
+    try:
+        out = float(v)
+    except ValueError:
+        raise ValueError(f"MINACTION_CHECKPOINT_EPOCH_S must be a number of seconds, got {v!r}") from None
+    if out < 0:
+        raise ValueError(f"MINACTION_CHECKPOINT_EPOCH_S must be >= 0, got {v!r}")
+    return out
 SUFFIX = ".pt"
 _TMP = ".tmp"
 
@@ -132,18 +150,38 @@ def _tensors_fit(saved, fresh) -> bool:
 class GroupCheckpoint:
     """The checkpoint of one group: :meth:`load` on start, :meth:`save` at safe points."""
 
-    def __init__(self, ckpt_dir, runs, every_s: Optional[float] = None):
+    def __init__(self, ckpt_dir, runs, every_s: Optional[float] = None, epoch_every_s: Optional[float] = None):
         self.dir = Path(ckpt_dir)
         self.path = path_for(self.dir, runs)
         self.key = group_key(runs)
         self.run_ids = [str(r["run_id"]) for r in runs]
         self.every_s = DEFAULT_EVERY_S if every_s is None else float(every_s)
+        self.epoch_every_s = _epoch_every_default() if epoch_every_s is None else float(epoch_every_s)
         self._last = time.monotonic()
         self._save_failed = False
 
     def due(self) -> bool:
         """Whether a mid-epoch save is due (``every_s`` elapsed since the start or the last save)."""
         return time.monotonic() - self._last >= self.every_s
+
+    def due_at_epoch_end(self) -> bool:
+        """Whether an epoch end saves (``epoch_every_s`` elapsed, or ``every_s`` if shorter)."""
+        return time.monotonic() - self._last >= min(self.epoch_every_s, self.every_s)
+
+    def peek_live(self) -> Optional[list]:
+        """The members the checkpointed model held (run indices, ``loop["live"]``) when the
+        group had shrunk since its start (its stopped members left the model), else None;
+        the trainer builds a model of those members before :meth:`load`."""
+        if not self.path.exists():
+            return None
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            live = payload["loop"].get("live") if payload.get("key") == self.key else None
+        except Exception:  # load() says what is wrong with the file
+            return None
+        if live is None or len(live) == len(self.run_ids):
+            return None
+        return [int(g) for g in live]
 
     def load(self, model, opt) -> Optional[dict]:
         """The saved loop state, after loading the model's and optimizer's state into

@@ -20,7 +20,9 @@ Evaluation and early stopping, per member:
   training time);
 * the member's best validation accuracy so far (strictly better counts) is kept as a copy
   of its weights; a member with no better validation accuracy for ``patience_epochs``
-  epochs' worth of optimizer steps stops (its term leaves the loss);
+  epochs' worth of optimizer steps stops (its term leaves the loss; a model that can skip
+  members, ``set_active_members`` — the cnn's loop of members on a CPU — no longer runs it
+  at all, so a group costs what its members still training cost, as separate runs would);
 * after training, each member's best-validation weights are restored (``restore_best``)
   and evaluated on the test split.
 
@@ -37,6 +39,7 @@ record for each member, with the traceback in ``error``.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -310,14 +313,71 @@ def _forward_flops_per_sample(model, x, G: int) -> float:
     return tot[0] / (G * len(x))
 
 
+def _set_active(model, active) -> None:
+    """Tell a model that can skip members (``set_active_members``, e.g. the cnn's loop of
+    members on a CPU) which ones still train: an early-stopped or diverged member then costs
+    no forward, backward, optimizer or validation work. Its results are unchanged: it is
+    tested with its best-validation weights (``restore_best``), and otherwise with the
+    weights it had when it stopped. Batched modules run every member regardless."""
+    f = getattr(model, "set_active_members", None)
+    if f is not None:
+        f(None if active is None or bool(active.all()) else active)
+
+
+def _spread(t: torch.Tensor, live: list, G: int) -> torch.Tensor:
+    """Per-member values of the model's members ``live`` -> a [G] vector over the group (0 elsewhere)."""
+    if len(live) == G:
+        return t
+    out = torch.zeros(G, dtype=t.dtype, device=t.device)
+    out[live] = t
+    return out
+
+
+def _compactable(model, G: int) -> bool:
+    """A batched model whose every parameter and buffer has the member dimension first, so a
+    model of fewer members can take over a subset of them (see ``train_group``'s compaction)."""
+    if G < 2 or hasattr(model, "member_parameters") or hasattr(model, "members"):
+        return False
+    return all(t.dim() >= 1 and t.shape[0] == G for t in list(model.parameters()) + list(model.buffers()))
+
+
+@torch.no_grad()
+def _take(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst`` <- the members ``pos`` of ``src`` (member dimension first; a one-member model may
+    have none)."""
+    part = src.index_select(0, pos)
+    dst.copy_(part if dst.shape == part.shape else part.reshape(dst.shape))
+
+
+@torch.no_grad()
+def _carry_over(old, old_opt, old_params, new, new_opt, new_params, pos: torch.Tensor) -> None:
+    """The members ``pos`` of ``old`` (weights, buffers, optimizer state) into ``new``, built
+    with those members' seeds: the same modules, one member dimension shorter."""
+    for a, b in zip(list(old.parameters()) + list(old.buffers()), list(new.parameters()) + list(new.buffers())):
+        _take(a, pos, b)
+    for a, b in zip(old_params, new_params):
+        st = old_opt.state.get(a)
+        if not st:
+            continue
+        carried = {}
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.shape == a.shape:  # per-element state (Adam's moments, momentum)
+                carried[k] = torch.empty_like(b)
+                _take(v, pos, carried[k])
+            else:  # per-tensor state (Adam's step count)
+                carried[k] = v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+        new_opt.state[b] = carried
+
+
 # ----------------------------------------------------------------------------- the group
 def train_group(runs: list, ckpt=None) -> list:
     """Train the runs of one group together; returns one ``{"run": row, "epochs": rows,
     "evals": rows}`` per run (plus ``"resumed_from"``: ``{"epoch", "batch", "step"}`` or None).
 
     ``ckpt``: a :class:`minaction.study.checkpoint.GroupCheckpoint`; the group resumes from it
-    when it holds a matching checkpoint, and saves to it at the end of every epoch and at the
-    first mid-epoch evaluation once ``ckpt.every_s`` seconds passed since the last save."""
+    when it holds a matching checkpoint, and saves to it at an epoch end once
+    ``ckpt.epoch_every_s`` seconds passed since the last save and at the first mid-epoch
+    evaluation once ``ckpt.every_s`` seconds passed."""
     from ..backends import select as _backend
 
     t_start = time.perf_counter()
@@ -336,20 +396,28 @@ def train_group(runs: list, ckpt=None) -> list:
     meta = train.meta
     mm = _model_module(arch)
     seeds = [int(r["config"]["seed"]) for r in runs]
-    model = mm.build(arch, meta, width=budget.get("width") or None, depth=budget.get("depth") or None,
+
+    def make(live):
+        """The model of the members ``live`` (run indices, in order) and its optimizer."""
+        m = mm.build(arch, meta, width=budget.get("width") or None, depth=budget.get("depth") or None,
                      energy=budget["energy"], activation=budget["activation"],
-                     energy_reduction=budget["energy_reduction"], num_models=G, seeds=seeds)
-    if dtype is not None:
-        model = model.to(dtype)
+                     energy_reduction=budget["energy_reduction"], num_models=len(live),
+                     seeds=[seeds[g] for g in live])
+        if dtype is not None:
+            m = m.to(dtype)
+        ps = [p for p in m.parameters() if p.requires_grad]
+        if budget["optimizer"] == "adam":
+            o = torch.optim.Adam(ps, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0),
+                                 fused=ps[0].device.type == "cpu" or None)
+        else:
+            o = torch.optim.SGD(ps, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0))
+        return m, o, ps
+
+    live = list(range(G))  # the runs the model holds, in its member order (see _compact)
+    model, opt, params = make(live)
     stats_fn = getattr(mm, "activation_stats", None)
     n_params = sum(p.numel() for p in model.parameters()) // G
     lam = torch.tensor([float(r["config"]["lam"]) for r in runs], dtype=dtype or torch.float32)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if budget["optimizer"] == "adam":
-        opt = torch.optim.Adam(params, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0),
-                               fused=params[0].device.type == "cpu" or None)
-    else:
-        opt = torch.optim.SGD(params, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0))
     backend_name = _backend.select("cpu")
 
     # each member's training set and (per epoch) order
@@ -364,7 +432,10 @@ def train_group(runs: list, ckpt=None) -> list:
     restore = bool(budget.get("restore_best", True))
     flops_fwd = None
 
-    members = member_tensors(model, G)
+    skips = hasattr(model, "set_active_members")
+    compacts = not skips and _compactable(model, G)
+    members = dict(enumerate(member_tensors(model, G)))  # run index -> the views of its weights in the model
+    dropped_w = {}  # run index -> its weights when it left the model (see _compact)
     alive = torch.ones(G, dtype=torch.bool)       # not diverged
     stopped = torch.zeros(G, dtype=torch.bool)    # early-stopped
     diverged_at = [None] * G
@@ -386,8 +457,11 @@ def train_group(runs: list, ckpt=None) -> list:
         if flops_fwd is None:
             x0 = val.x[:min(len(val), 8)]
             x0 = val.encode(x0) if hasattr(val, "encode") else x0
-            flops_fwd = _forward_flops_per_sample(model, x0.to(dtype) if dtype and x0.is_floating_point() else x0, G)
-        v = evaluate(model, val, G, ebs, dtype=dtype)
+            _set_active(model, None)  # every member's layers counted
+            flops_fwd = _forward_flops_per_sample(model, x0.to(dtype) if dtype and x0.is_floating_point() else x0,
+                                                  len(live))
+            _set_active(model, active[live])
+        v = {k: _spread(t, live, G) for k, t in evaluate(model, val, len(live), ebs, dtype=dtype).items()}
         for g in active.nonzero().flatten().tolist():
             acc = _f(v["acc"][g])
             eval_rows[g].append({
@@ -415,12 +489,43 @@ def train_group(runs: list, ckpt=None) -> list:
                 "state_bad": list(state_bad), "epoch_rows": epoch_rows, "eval_rows": eval_rows,
                 "best_acc": list(best_acc), "best_step": list(best_step), "best_w": best_w,
                 "member_time": member_time.clone(), "last_epoch": list(last_epoch), "flops_fwd": flops_fwd,
+                "live": list(live), "dropped_w": dropped_w,
                 "win_ce": win["ce"].clone(), "win_n": win["n"], "elapsed_s": time.perf_counter() - t_start,
                 "torch_rng": torch.get_rng_state()}
 
+    def compact():
+        """Rebuild the model without the members that stopped or diverged, carrying the
+        others' weights and optimizer state over (a batched model runs every member it
+        holds; a smaller one costs what its members still training cost)."""
+        nonlocal model, opt, params, live, members
+        keep = [g for g in live if bool(alive[g]) and not bool(stopped[g])]
+        if not compacts or not keep or len(keep) == len(live):
+            return
+        for g in live:
+            if g not in keep:
+                dropped_w[g] = [t.detach().clone() for t in members[g]]
+        pos = torch.tensor([live.index(g) for g in keep])
+        new, new_opt, new_params = make(keep)
+        _carry_over(model, opt, params, new, new_opt, new_params, pos)
+        model, opt, params, live = new, new_opt, new_params, keep
+        members = dict(zip(live, member_tensors(model, len(live))))
+
     first_epoch, first_batch, resume_sums, resumed_from = 1, 0, None, None
-    saved = ckpt.load(model, opt) if ckpt is not None else None
+    saved = None
+    if ckpt is not None:
+        want = ckpt.peek_live()  # a checkpoint of a compacted group: build that model, then load into it
+        if compacts and want is not None and list(want) != live:
+            model, opt, params = make(list(want))
+            saved = ckpt.load(model, opt)
+            if saved is None:  # unusable after all: the group starts over, whole
+                model, opt, params = make(live)
+            else:
+                live = list(want)
+                members = dict(zip(live, member_tensors(model, len(live))))
+        else:
+            saved = ckpt.load(model, opt)
     if saved is not None:
+        dropped_w.update(saved.get("dropped_w") or {})
         step, samples, flops_fwd = saved["step"], saved["samples"], saved["flops_fwd"]
         alive.copy_(saved["alive"])
         stopped.copy_(saved["stopped"])
@@ -451,18 +556,22 @@ def train_group(runs: list, ckpt=None) -> list:
             active = alive & ~stopped
             if not active.any():
                 break
+            Gm = len(live)
+            _set_active(model, active[live])  # members that stopped or diverged cost nothing (where the model can skip them)
             t0 = time.perf_counter()
-            x, y = _gather(train, orders, slice(b * bs, (b + 1) * bs), budget, seeds, epoch, b, shared)
+            x, y = _gather(train, [orders[g] for g in live], slice(b * bs, (b + 1) * bs), budget,
+                           [seeds[g] for g in live], epoch, b, shared)
             nb = y.shape[-1]
             if dtype is not None and x.is_floating_point():
                 x = x.to(dtype)
-            logits = _as_group(model(x), G)
+            logits = _as_group(model(x[0] if Gm == 1 and not shared else x), Gm)
             C = logits.shape[-1]
-            yy = y.repeat(G) if y.dim() == 1 else y.reshape(-1)
-            ce = F.cross_entropy(logits.reshape(-1, C), yy, reduction="none").view(G, nb).mean(1)
-            e = _energy(model, G)
-            obj = ce + lam.to(e.dtype) * e
-            ok = torch.isfinite(obj.detach())
+            yy = y.repeat(Gm) if y.dim() == 1 else y.reshape(-1)
+            ce = F.cross_entropy(logits.reshape(-1, C), yy, reduction="none").view(Gm, nb).mean(1)
+            e = _energy(model, Gm)
+            obj = ce + lam[live].to(e.dtype) * e
+            ok = torch.ones(G, dtype=torch.bool)
+            ok[live] = torch.isfinite(obj.detach())
             newly = active & ~ok
             if newly.any():
                 for g in newly.nonzero().flatten().tolist():
@@ -471,10 +580,10 @@ def train_group(runs: list, ckpt=None) -> list:
                 active &= ok
             if not active.any():
                 break
-            loss = torch.where(active, obj, torch.zeros_like(obj)).sum()
+            loss = torch.where(active[live], obj, torch.zeros_like(obj)).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if not bool(alive.all()):
+            if not bool(alive[live].all()):
                 for p in params:
                     if p.grad is not None:
                         p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -484,13 +593,14 @@ def train_group(runs: list, ckpt=None) -> list:
             samples += nb
             with torch.no_grad():
                 a = active.double()
-                member_time += a * dt / G
+                member_time += a * dt / (float(active.sum()) if skips else Gm)  # the members that ran share dt
                 yg = y if y.dim() == 2 else y.unsqueeze(0)
-                s_ce += ce.detach().double() * nb * a
-                s_acc += (logits.detach().argmax(-1) == yg).double().sum(1) * a
-                s_e += e.detach().double() * nb * a
+                ce_g = _spread(ce.detach().double(), live, G)
+                s_ce += ce_g * nb * a
+                s_acc += _spread((logits.detach().argmax(-1) == yg).double().sum(1), live, G) * a
+                s_e += _spread(e.detach().double(), live, G) * nb * a
                 n_ep += nb * a
-                win["ce"] += ce.detach().double() * nb
+                win["ce"] += ce_g * nb
                 win["n"] += nb
             for g in active.nonzero().flatten().tolist():
                 last_epoch[g] = epoch
@@ -507,23 +617,39 @@ def train_group(runs: list, ckpt=None) -> list:
                             "val_acc": ev["val_acc"], "energy": _f(s_e[g] / max(float(n_ep[g]), 1)),
                             "val_energy": ev["val_energy"], "wall_time_s": float(member_time[g]),
                         })
+                if not end_of_epoch:
+                    compact()  # members that stopped at this evaluation leave the model
                 if ckpt is not None and not end_of_epoch and ckpt.due():
                     ckpt.save(model, opt, loop_state(epoch, b + 1, [s_ce, s_acc, s_e, n_ep]))
         first_batch = 0
-        bad_state = alive & ~finite_members(model, opt, G)  # e.g. Adam's second moment overflowed to inf
+        fin = torch.ones(G, dtype=torch.bool)
+        fin[live] = finite_members(model, opt, len(live))
+        bad_state = alive & ~fin  # e.g. Adam's second moment overflowed to inf
         for g in bad_state.nonzero().flatten().tolist():
             diverged_at[g], state_bad[g] = epoch, True
         alive &= ~bad_state
         if not (alive & ~stopped).any():
             break
-        if ckpt is not None and epoch < int(budget["epochs"]):
+        compact()
+        if ckpt is not None and epoch < int(budget["epochs"]) and ckpt.due_at_epoch_end():
             ckpt.save(model, opt, loop_state(epoch + 1, 0, None))
+    _set_active(model, None)  # every member is tested
+    if len(live) < G:  # members left the model: the whole group again, each with its weights
+        full, _, _ = make(list(range(G)))
+        views = member_tensors(full, G)
+        with torch.no_grad():
+            for g in range(G):
+                src = members[g] if g in members else dropped_w[g]
+                for t, w in zip(views[g], src):
+                    t.copy_(w.view_as(t))  # a one-member model may keep a member dimension of 1
+        model, live = full, list(range(G))
+        members = dict(enumerate(views))
     if restore:
         with torch.no_grad():
             for g in range(G):
                 if best_w[g] is not None and diverged_at[g] is None:
                     for t, w in zip(members[g], best_w[g]):
-                        t.copy_(w)
+                        t.copy_(w.view_as(t))  # a one-member model may keep a member dimension of 1
     te = evaluate(model, test, G, ebs, stats_fn=stats_fn, dtype=dtype) if alive.any() else None
     wall = (time.perf_counter() - t_start) / G
     out = []

@@ -23,7 +23,7 @@ from torch import nn
 from minaction import data, models
 from minaction.nn import EnergyLinear
 
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic", "synthetic_vision")  # the second: the same data, modality "vision" (for the cnn)
 ARCHITECTURES = ("tiny_mlp", "tiny_fail", "tiny_crash")
 
 
@@ -40,8 +40,8 @@ class SyntheticMeta:
 
 
 class SyntheticDataset:
-    def __init__(self, x, y):
-        self.x, self.y, self.meta = x, y, SyntheticMeta()
+    def __init__(self, x, y, meta=None):
+        self.x, self.y, self.meta = x, y, meta or SyntheticMeta()
 
     def __len__(self):
         return len(self.y)
@@ -51,7 +51,7 @@ class SyntheticDataset:
             return self
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=g)[:n]
-        return SyntheticDataset(self.x[idx], self.y[idx])
+        return SyntheticDataset(self.x[idx], self.y[idx], self.meta)
 
     def batches(self, batch_size, shuffle=True, seed=0, drop_last=False):
         n = len(self)
@@ -76,7 +76,8 @@ def load(name, split, data_dir=None, seed=0, n=256, **opts):
     y = torch.randint(0, 4, (sizes[split],), generator=g)
     x = centers[y] + 1.5 * torch.randn(sizes[split], 64, generator=g)
     x = torch.sigmoid(x).reshape(-1, 1, 8, 8).float()
-    return SyntheticDataset(x, y)
+    meta = SyntheticMeta(name=name, modality="vision") if name == "synthetic_vision" else SyntheticMeta()
+    return SyntheticDataset(x, y, meta)
 
 
 class TinyMLP(nn.Module):

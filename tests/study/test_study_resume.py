@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _isolate(tmp_path, monkeypatch):
     monkeypatch.setenv("MINACTION_CACHE", str(tmp_path / "cache"))  # never write the user's cost table
     monkeypatch.setattr(checkpoint, "after_save", None)
+    monkeypatch.setenv("MINACTION_CHECKPOINT_EPOCH_S", "0")  # these tests kill at epoch-end saves: save at each
 
 
 def spec(**budget):
@@ -109,6 +110,26 @@ def test_no_mid_epoch_save_before_the_interval(tmp_path, monkeypatch):
     saves = kill_at_save(monkeypatch, 99)
     trainer.train_group(runs, ckpt=checkpoint.GroupCheckpoint(tmp_path, runs, every_s=1e9))
     assert [s["batch"] for s in saves] == [0]  # only the end of epoch 1 (not after the last epoch)
+
+
+def test_epoch_end_saves_wait_for_their_interval(tmp_path, monkeypatch):
+    """A group whose epochs take milliseconds does not write a checkpoint after each of them:
+    an epoch end saves only once ``epoch_every_s`` passed since the last save."""
+    runs = group(spec(epochs=3))
+    saves = kill_at_save(monkeypatch, 99)
+    trainer.train_group(runs, ckpt=checkpoint.GroupCheckpoint(tmp_path, runs, epoch_every_s=1e9))
+    assert saves == []
+    monkeypatch.setenv("MINACTION_CHECKPOINT_EPOCH_S", "1e9")
+    assert checkpoint.GroupCheckpoint(tmp_path, runs).epoch_every_s == 1e9
+    monkeypatch.delenv("MINACTION_CHECKPOINT_EPOCH_S")
+    assert checkpoint.GroupCheckpoint(tmp_path, runs).epoch_every_s == checkpoint.DEFAULT_EPOCH_EVERY_S == 30.0
+    monkeypatch.setenv("MINACTION_CHECKPOINT_EPOCH_S", "soon")
+    with pytest.raises(ValueError, match="MINACTION_CHECKPOINT_EPOCH_S must be a number"):
+        checkpoint.GroupCheckpoint(tmp_path, runs)
+    # the shorter of the two intervals counts: a mid-epoch interval of 0 saves at every epoch end too
+    monkeypatch.setenv("MINACTION_CHECKPOINT_EPOCH_S", "1e9")
+    ck = checkpoint.GroupCheckpoint(tmp_path, runs, every_s=0)
+    assert ck.due_at_epoch_end()
 
 
 def _killed_in_subprocess(tmp_path, ckpt_dir, at_save):
