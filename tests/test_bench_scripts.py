@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not mbackend.available("cpu")[0], reason="C++ ba
 def bench_path(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     yield
-    for name in ("step_ratio", "step_phases", "shed_stopped"):
+    for name in ("step_ratio", "step_phases", "shed_stopped", "full_estimate"):
         sys.modules.pop(name, None)
 
 
@@ -100,3 +100,38 @@ def test_shed_stopped_times_both_ways_with_the_same_results(bench_path, monkeypa
     finally:
         torch.set_num_threads(threads)
     assert res["same_results"] and len(res["keep_s"]) == len(res["shed_s"]) == 1 and len(res["epochs"]) == 3
+
+
+def test_full_estimate_weights_the_plan_by_stopping_epochs(bench_path, tmp_path):
+    import json
+    import sqlite3
+
+    import full_estimate
+
+    db = tmp_path / "s.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("create table runs (arch text, dataset text, lam real, epochs integer, status text)")
+    # mlp x mnist: two groups (two lambdas) of two seeds; epochs 10, 20 | 4, 6; a failed run is ignored
+    con.executemany("insert into runs values (?, ?, ?, ?, ?)",
+                    [("mlp", "mnist", 0.0, 10, "done"), ("mlp", "mnist", 0.0, 20, "done"),
+                     ("mlp", "mnist", 1e-3, 4, "done"), ("mlp", "mnist", 1e-3, 6, "done"),
+                     ("mlp", "mnist", 1e-3, 1, "failed")])
+    con.commit()
+    con.close()
+    plan = {"workers": 2, "rows": [
+        {"arch": "mlp", "dataset": "mnist", "runs": 4, "epochs_cap": 30, "member_epoch_s": 900.0},
+        {"arch": "mlp", "dataset": "mnist_spikes", "runs": 4, "epochs_cap": 30, "member_epoch_s": 1800.0},
+        {"arch": "cnn", "dataset": "sst2", "runs": 2, "epochs_cap": 10, "member_epoch_s": 3600.0}]}
+    pj = tmp_path / "plan.json"
+    pj.write_text(json.dumps(plan))
+    res = full_estimate.main(["--plan-json", str(pj), "--store", str(db)])
+    rows = {(r["arch"], r["dataset"]): r for r in res["rows"]}
+    m = rows[("mlp", "mnist")]
+    assert m["mean_epochs"] == 10.0 and m["group_max_epochs"] == 13.0  # (20 + 6) / 2
+    assert m["cap_h"] == 4 * 900 * 30 / 3600 / 2 and m["now_h"] == 4 * 900 * 10 / 3600 / 2
+    assert m["before_h"] == 4 * 900 * 13 / 3600 / 2
+    s = rows[("mlp", "mnist_spikes")]
+    assert s["mean_epochs"] == 10.0 and "mnist" in s["stand_in"]  # the source dataset's epochs
+    c = rows[("cnn", "sst2")]
+    assert c["now_h"] == c["cap_h"] == 10.0 and "at the cap" in c["stand_in"]  # nothing to borrow
+    assert res["total"]["now_h"] == m["now_h"] + s["now_h"] + c["now_h"]
