@@ -186,27 +186,31 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
 
 
 def efficiency_plot(gains: pd.DataFrame, path: Path) -> Path:
-    """Relative gain (%) of each energy-first arch per modality, with CI, per metric."""
+    """Relative gain (%) of each energy-first arch per modality, with CI, per metric: horizontal
+    bars, one labelled row per (modality, architecture), so the labels never overlap."""
     plt = _plt()
     metrics = list(dict.fromkeys(gains["metric"]))
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.5 * max(1, len(metrics)), 4), squeeze=False)
+    n = max((int((gains["metric"] == m).sum()) for m in metrics), default=1)
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.8 * max(1, len(metrics)), 1.2 + 0.38 * n),
+                             squeeze=False, sharey=True)
     for j, metric in enumerate(metrics):
         ax = axes[0, j]
         g = gains[gains["metric"] == metric].reset_index(drop=True)
-        labels = [f"{m}\n{a}" for m, a in zip(g["modality"], g["arch"])]
+        labels = [f"{m} · {a}" for m, a in zip(g["modality"], g["arch"])]
         y = g["gain_pct"].to_numpy(float)
         err = np.nan_to_num(np.abs(np.vstack([y - g["gain_pct_lo"], g["gain_pct_hi"] - y]).astype(float)))
-        ax.bar(np.arange(len(g)), np.nan_to_num(y), yerr=err, capsize=3,
-               color=["tab:green" if v > 0 else "tab:red" for v in np.nan_to_num(y)])
+        pos = np.arange(len(g))[::-1]  # first row on top
+        ax.barh(pos, np.nan_to_num(y), xerr=err, capsize=3,
+                color=["tab:green" if v > 0 else "tab:red" for v in np.nan_to_num(y)])
         for k in np.where(~np.isfinite(y))[0]:
-            ax.text(k, 0, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
-        ax.axhspan(5, 33, color="tab:blue", alpha=0.12, label="paper: 5–33%")
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(np.arange(len(g)))
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylabel(f"gain vs best conventional (%), {metric}")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, axis="y")
+            ax.text(0, pos[k], " n/a", ha="left", va="center", fontsize=7, color="0.4")
+        ax.axvspan(5, 33, color="tab:blue", alpha=0.12, label="paper: 5–33%")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(pos)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_xlabel(f"gain vs best conventional (%), {metric}")
+        ax.legend(fontsize=7, loc="lower left")
+        ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
