@@ -348,7 +348,7 @@ def _compactable(model, G: int) -> bool:
 def _take(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst`` <- the members ``pos`` of ``src`` (member dimension first; a one-member model may
     have none)."""
-    part = src.index_select(0, pos)
+    part = src.index_select(0, pos.to(src.device))
     dst.copy_(part if dst.shape == part.shape else part.reshape(dst.shape))
 
 
