@@ -8,7 +8,7 @@ plan's measured seconds per member-epoch by the epochs that finished runs of a s
 trained, per (architecture, dataset)::
 
     python bench/full_estimate.py --plan-json bench/data/plan_full_avx512_2026-12-05.json \\
-        --store docs/replication/factorial-partial/runs.jsonl.gz
+        --store docs/replication/factorial/runs.jsonl.gz
 
 ``--plan-json``: ``minaction study plan --preset full --json`` output (or a file of the same
 rows); ``--store``: a study store (``.sqlite``) or an archive (``.jsonl.gz``,
