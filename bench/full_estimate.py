@@ -35,7 +35,6 @@ SPIKE_SOURCE = {"mnist_spikes": "mnist", "fashion_mnist_spikes": "fashion_mnist"
 def finished_runs(path):
     """[(arch, dataset, lam, group key, epochs)] of the store's done runs (ecg200's fixed epochs included)."""
     path = Path(path)
-    out = []
     if path.suffix == ".sqlite":
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -50,9 +49,7 @@ def finished_runs(path):
                 run = rec.get("run", rec)
                 if run.get("status") == "done":
                     rows.append((run["arch"], run["dataset"], run["lam"], run["epochs"]))
-    for arch, dataset, lam, epochs in rows:
-        out.append((arch, dataset, float(lam), int(epochs)))
-    return out
+    return [(arch, dataset, float(lam), int(epochs)) for arch, dataset, lam, epochs in rows]
 
 
 def stopping_stats(runs):
@@ -71,6 +68,7 @@ def stopping_stats(runs):
 
 def estimate(plan_rows, stats, workers):
     lines, tot = [], collections.Counter()
+    caps = {(r["arch"], r["dataset"]): r["epochs_cap"] for r in plan_rows}
     for r in plan_rows:
         arch, ds = r["arch"], r["dataset"]
         src, note = (arch, ds), ""
@@ -81,9 +79,7 @@ def estimate(plan_rows, stats, workers):
         else:
             base = SPIKE_SOURCE.get(ds, ds)
             # the other architectures' epochs on this dataset, as fractions of their caps
-            others = [(stats[(a, d)], c) for (a, d), c in ((k, next((p["epochs_cap"] for p in plan_rows
-                                                                   if (p["arch"], p["dataset"]) == k), None))
-                                                         for k in stats) if d == base and c]
+            others = [(stats[k], caps[k]) for k in stats if k[1] == base and caps.get(k)]
             if not others:
                 mean_ep = max_ep = float(r["epochs_cap"])
                 n, note = 0, "no finished runs: at the cap"

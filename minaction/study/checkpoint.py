@@ -56,6 +56,8 @@ DEFAULT_EVERY_S = 300.0
 #: Seconds of wall time after which an epoch end saves the checkpoint
 #: (``MINACTION_CHECKPOINT_EPOCH_S`` overrides it; 0 saves at every epoch end).
 DEFAULT_EPOCH_EVERY_S = 30.0
+SUFFIX = ".pt"
+_TMP = ".tmp"
 
 
 def _epoch_every_default() -> float:
@@ -69,8 +71,7 @@ def _epoch_every_default() -> float:
     if out < 0:
         raise ValueError(f"MINACTION_CHECKPOINT_EPOCH_S must be >= 0, got {v!r}")
     return out
-SUFFIX = ".pt"
-_TMP = ".tmp"
+
 
 #: Test hook: called as ``after_save(path, loop_state)`` after every successful save.
 after_save = None

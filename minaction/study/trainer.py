@@ -348,8 +348,7 @@ def _compactable(model, G: int) -> bool:
 def _take(src: torch.Tensor, pos: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst`` <- the members ``pos`` of ``src`` (member dimension first; a one-member model may
     have none)."""
-    part = src.index_select(0, pos.to(src.device))
-    dst.copy_(part if dst.shape == part.shape else part.reshape(dst.shape))
+    dst.copy_(src.index_select(0, pos.to(src.device)).reshape(dst.shape))
 
 
 @torch.no_grad()
@@ -516,8 +515,8 @@ def train_group(runs: list, ckpt=None) -> list:
     first_epoch, first_batch, resume_sums, resumed_from = 1, 0, None, None
     saved = None
     if ckpt is not None:
-        want = ckpt.peek_live()  # a checkpoint of a compacted group: build that model, then load into it
-        if compacts and want is not None and list(want) != live:
+        want = ckpt.peek_live() if compacts else None  # a checkpoint of a compacted group: build that model first
+        if want is not None and list(want) != live:
             model, opt, params = make(list(want))
             saved = ckpt.load(model, opt)
             if saved is None:  # unusable after all: the group starts over, whole
