@@ -1265,6 +1265,414 @@ Tensor max_pool2_noautograd(const Tensor& x, int64_t dims) {
   return std::get<0>(maxpool2_fwd(x, dims));
 }
 
+
+// ------------------------------------------------------------------ activation + energy + max-pool by 2, fused
+// minaction::epilogue_pool2(z, act, p, mean, groups, dims): (max_pool2(act(z), dims), E) in one pass,
+// E exactly as minaction::epilogue's (every element of act(z) counts, those outside the windows of an
+// odd size too). The cnn's conv blocks run it: the full-size activation is never written, nor are
+// window positions; the backward reads z and the pooled gradient, finds each window's element again
+// (the same vector code as the forward, so the same choice) and writes gz once. The epilogue +
+// max_pool2 pair wrote and read a full-size y, a full-size gradient of y and the positions.
+// The element chosen in each window is max_pool2's on act(z) (same scan, same NaN rule), and gz is
+// computed with the epilogue backward's formula per element, so values and gradients equal that pair
+// bit for bit; only E's summation order differs (float rounding).
+// float and double only (ops/pool.py runs the pair for other dtypes).
+
+// |y|^p of the first `cnt` lanes of y, into a
+template <int P, typename F>
+inline void acc_masked(Vec<F>& a, const Vec<F>& y, int64_t cnt) {
+  if constexpr (P != 0) {
+    if (cnt >= Vec<F>::size()) acc_p<P>(a, y);
+    else if (cnt > 0) acc_p<P>(a, Vec<F>::set(Vec<F>(F(0)), y, cnt));
+  }
+}
+
+// energy of act(z[0:n]) (elements in no window)
+template <typename F, int ACT, int P>
+inline void energy_only(const F* z, int64_t n, Acc4<F>& acc) {
+  constexpr int64_t V = Vec<F>::size();
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t c = std::min(V, n - j);
+    const Vec<F> y = act_v<ACT, F>(c == V ? Vec<F>::loadu(z + j) : Vec<F>::loadu(z + j, c));
+    acc_masked<P, F>(acc.a3, y, c);
+  }
+}
+
+// act(z) of the 2n inputs at r (n <= V windows of 2), split into window positions 0 and 1 (even and
+// odd elements); with P != 0, |act(z)|^p of the 2n inputs added into ea, eb
+template <typename F, int ACT, int P>
+inline void load_pairs(const F* r, int64_t n, Vec<F>& y0, Vec<F>& y1, Vec<F>* z0, Vec<F>* z1, Vec<F>* ea,
+                       Vec<F>* eb) {
+  constexpr int64_t V = Vec<F>::size();
+  const int64_t n2 = 2 * n;
+  Vec<F> za, zb;
+  if (n2 == 2 * V) {
+    za = Vec<F>::loadu(r);
+    zb = Vec<F>::loadu(r + V);
+  } else {
+    za = Vec<F>::loadu(r, std::min(n2, V));
+    zb = n2 > V ? Vec<F>::loadu(r + V, n2 - V) : Vec<F>(F(0));
+  }
+  if constexpr (P != 0) {
+    if (ea) {
+      const Vec<F> ya = act_v<ACT, F>(za), yb = act_v<ACT, F>(zb);
+      acc_masked<P, F>(*ea, ya, std::min(n2, V));
+      acc_masked<P, F>(*eb, yb, n2 - V);
+    }
+  }
+  auto [ze, zo] = at::vec::deinterleave2(za, zb);
+  y0 = act_v<ACT, F>(ze);
+  y1 = act_v<ACT, F>(zo);
+  if (z0) {
+    *z0 = ze;
+    *z1 = zo;
+  }
+}
+
+// the window maximum of up to 4 candidates, max_pool2's rule: a later element wins when greater or NaN
+template <typename F>
+struct WinMax {
+  Vec<F> m, k{F(0)};
+  explicit WinMax(const Vec<F>& first) : m(first) {}
+  template <bool IDX>
+  void take(const Vec<F>& v, F i) {
+    const Vec<F> c = (v > m) | (v != v);
+    m = Vec<F>::blendv(m, v, c);
+    if constexpr (IDX) k = Vec<F>::blendv(k, Vec<F>(i), c);
+  }
+};
+
+// one output row of the fused forward: y[0:OW] (and ip[0:OW] when KEEP) from input rows r0 (and r1)
+template <typename F, int ACT, int P, int KH, bool KEEP>
+inline void act_pool_row(const F* r0, const F* r1, F* y, uint8_t* ip, int64_t OW, Acc4<F>& acc) {
+  constexpr int64_t V = Vec<F>::size();
+  for (int64_t ow = 0; ow < OW; ow += V) {
+    const int64_t n = std::min(V, OW - ow);
+    Vec<F> y0, y1, y2, y3;
+    load_pairs<F, ACT, P>(r0 + 2 * ow, n, y0, y1, nullptr, nullptr, &acc.a0, &acc.a1);
+    WinMax<F> w(y0);
+    w.template take<KEEP>(y1, F(1));
+    if constexpr (KH == 2) {
+      load_pairs<F, ACT, P>(r1 + 2 * ow, n, y2, y3, nullptr, nullptr, &acc.a2, &acc.a3);
+      w.template take<KEEP>(y2, F(2));
+      w.template take<KEEP>(y3, F(3));
+    }
+    if (n == V) w.m.store(y + ow);
+    else w.m.store(y + ow, static_cast<int>(n));
+    if constexpr (KEEP) {
+      F kb[V];
+      w.k.store(kb);
+      for (int64_t j = 0; j < n; ++j) ip[ow + j] = static_cast<uint8_t>(kb[j]);
+    }
+  }
+}
+
+// gz of one element from its output gradient g: the epilogue backward's formula
+template <typename F, int ACT, int P>
+inline Vec<F> act_grad_v(const Vec<F>& g, const Vec<F>& y, const Vec<F>& z, const Vec<F>& cv) {
+  return dact_mul_v<ACT, F>(add_energy_grad_v<P, F>(g, y, cv), y, z);
+}
+
+// gz of elements in no window (their output gradient is 0)
+template <typename F, int ACT, int P>
+inline void grad_only(const F* z, F* gz, int64_t n, const Vec<F>& cv) {
+  constexpr int64_t V = Vec<F>::size();
+  const Vec<F> zero(F(0));
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t c = std::min(V, n - j);
+    const Vec<F> zv = c == V ? Vec<F>::loadu(z + j) : Vec<F>::loadu(z + j, c);
+    const Vec<F> out = act_grad_v<F, ACT, P>(zero, act_v<ACT, F>(zv), zv, cv);
+    if (c == V) out.store(gz + j);
+    else out.store(gz + j, static_cast<int>(c));
+  }
+}
+
+// one output row of the fused backward: gz rows q0 (and q1) from the pooled gradient g and the input
+// rows r0 (and r1), each window's element found again as the forward found it
+template <typename F, int ACT, int P, int KH>
+inline void act_unpool_row(const F* g, const F* r0, const F* r1, F* q0, F* q1, int64_t OW, const Vec<F>& cv) {
+  constexpr int64_t V = Vec<F>::size();
+  const Vec<F> zero(F(0));
+  auto store2 = [&](F* q, int64_t n2, const Vec<F>& a, const Vec<F>& b) {
+    if (n2 == 2 * V) {
+      a.store(q);
+      b.store(q + V);
+    } else {
+      a.store(q, static_cast<int>(std::min(n2, V)));
+      if (n2 > V) b.store(q + V, static_cast<int>(n2 - V));
+    }
+  };
+  for (int64_t ow = 0; ow < OW; ow += V) {
+    const int64_t n = std::min(V, OW - ow);
+    Vec<F> y0, y1, y2, y3, z0, z1, z2, z3;
+    load_pairs<F, ACT, 0>(r0 + 2 * ow, n, y0, y1, &z0, &z1, nullptr, nullptr);
+    WinMax<F> w(y0);
+    w.template take<true>(y1, F(1));
+    if constexpr (KH == 2) {
+      load_pairs<F, ACT, 0>(r1 + 2 * ow, n, y2, y3, &z2, &z3, nullptr, nullptr);
+      w.template take<true>(y2, F(2));
+      w.template take<true>(y3, F(3));
+    }
+    const Vec<F> gv = n == V ? Vec<F>::loadu(g + ow) : Vec<F>::loadu(g + ow, n);
+    auto pick = [&](F i) { return Vec<F>::blendv(zero, gv, w.k == Vec<F>(i)); };
+    auto [a, b] = at::vec::interleave2(act_grad_v<F, ACT, P>(pick(F(0)), y0, z0, cv),
+                                       act_grad_v<F, ACT, P>(pick(F(1)), y1, z1, cv));
+    store2(q0 + 2 * ow, 2 * n, a, b);
+    if constexpr (KH == 2) {
+      auto [c, d] = at::vec::interleave2(act_grad_v<F, ACT, P>(pick(F(2)), y2, z2, cv),
+                                         act_grad_v<F, ACT, P>(pick(F(3)), y3, z3, cv));
+      store2(q1 + 2 * ow, 2 * n, c, d);
+    }
+  }
+}
+
+// z viewed as R = G*M rows of `pr` planes of H x W (H = 1 for dims 1); energy per row, then e[g]
+template <typename F, int ACT, int P, int KH, bool KEEP>
+void act_pool2_fwd_kernel(const F* z, F* y, uint8_t* idx, int64_t G, int64_t M, int64_t pr, int64_t H, int64_t W,
+                          double scale, F* e) {
+  const int64_t OH = KH == 2 ? H / 2 : H, OW = W / 2, R = G * M;
+  std::vector<double> part(R, 0.0);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, pr * H * W));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      double s = 0.0;
+      for (int64_t pl = 0; pl < pr; ++pl) {
+        const int64_t plane = r * pr + pl;
+        const F* zp = z + plane * H * W;
+        F* yp = y + plane * OH * OW;
+        uint8_t* ipp = KEEP ? idx + plane * OH * OW : nullptr;
+        Acc4<F> acc;
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const F* r0 = zp + (KH == 2 ? 2 * oh : oh) * W;
+          const F* r1 = KH == 2 ? r0 + W : nullptr;
+          act_pool_row<F, ACT, P, KH, KEEP>(r0, r1, yp + oh * OW, KEEP ? ipp + oh * OW : nullptr, OW, acc);
+          if (P != 0 && W % 2) {  // the last column is in no window
+            energy_only<F, ACT, P>(r0 + W - 1, 1, acc);
+            if constexpr (KH == 2) energy_only<F, ACT, P>(r1 + W - 1, 1, acc);
+          }
+        }
+        if (P != 0 && KH == 2 && H % 2) energy_only<F, ACT, P>(zp + (H - 1) * W, W, acc);  // nor is the last row
+        if constexpr (P != 0) s += acc.flush();
+      }
+      part[r] = s;
+    }
+  });
+  for (int64_t g = 0; g < G; ++g) {
+    double s = 0.0;
+    for (int64_t m = 0; m < M; ++m) s += part[g * M + m];
+    e[g] = static_cast<F>(s * scale);
+  }
+}
+
+template <typename F, int ACT, int P, int KH>
+void act_pool2_bwd_kernel(const F* gy, const F* ge, const F* z, F* gz, int64_t G, int64_t M, int64_t pr, int64_t H,
+                          int64_t W, double scale) {
+  const int64_t OH = KH == 2 ? H / 2 : H, OW = W / 2, R = G * M;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, pr * H * W));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const F c = P == 0 ? F(0) : static_cast<F>(static_cast<double>(ge[r / M]) * scale);
+      const Vec<F> cv(P == 2 ? F(2) * c : c);
+      for (int64_t pl = 0; pl < pr; ++pl) {
+        const int64_t plane = r * pr + pl;
+        const F* zp = z + plane * H * W;
+        F* qp = gz + plane * H * W;
+        const F* gp = gy + plane * OH * OW;
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t h0 = KH == 2 ? 2 * oh : oh;
+          act_unpool_row<F, ACT, P, KH>(gp + oh * OW, zp + h0 * W, KH == 2 ? zp + (h0 + 1) * W : nullptr,
+                                        qp + h0 * W, KH == 2 ? qp + (h0 + 1) * W : nullptr, OW, cv);
+          if (W % 2) {
+            grad_only<F, ACT, P>(zp + h0 * W + W - 1, qp + h0 * W + W - 1, 1, cv);
+            if constexpr (KH == 2) grad_only<F, ACT, P>(zp + (h0 + 1) * W + W - 1, qp + (h0 + 1) * W + W - 1, 1, cv);
+          }
+        }
+        if (KH == 2 && H % 2) grad_only<F, ACT, P>(zp + (H - 1) * W, qp + (H - 1) * W, W, cv);
+      }
+    }
+  });
+}
+
+struct PoolShape {
+  int64_t G, M, pr, H, W;
+  double scale;
+};
+
+// z [B, ...] (groups 0) or [G, B, ...] (groups G), pooled over its last `dims` dims, which follow the lead dims
+PoolShape pool_shape(const Tensor& z, bool mean, int64_t groups, int64_t dims) {
+  const EpiShape s = epilogue_shape(z, mean, groups);
+  const int64_t lead = groups > 0 ? 2 : 1;
+  TORCH_CHECK(dims == 1 || dims == 2, "minaction: epilogue_pool2 pools the last 1 or 2 dims, got dims=", dims);
+  TORCH_CHECK(z.dim() >= lead + dims, "minaction: epilogue_pool2 with dims=", dims, " needs ", dims,
+              " pooled dims after the ", lead == 2 ? "[models, batch]" : "batch", " dims, got shape ", z.sizes());
+  const int64_t W = z.size(-1), H = dims == 2 ? z.size(-2) : 1;
+  TORCH_CHECK(W >= 2 && (dims == 1 || H >= 2), "minaction: epilogue_pool2 needs every pooled dim >= 2, got shape ",
+              z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+              "minaction: epilogue_pool2 takes float32 or float64, got ", z.scalar_type());
+  TORCH_CHECK(z.device().is_cpu(), "minaction: epilogue_pool2 input must be a CPU tensor, got ", z.device());
+  return {s.G, s.M, s.N / (H * W), H, W, s.scale};
+}
+
+// primitives. Forward: (y pooled, uint8 window positions when keep_idx (else empty), e)
+std::tuple<Tensor, Tensor, Tensor> act_pool2_fwd(const Tensor& z_in, int64_t act, int64_t p, bool mean, int64_t groups,
+                                                 int64_t dims, bool keep_idx) {
+  const PoolShape s = pool_shape(z_in, mean, groups, dims);
+  Tensor z = z_in.contiguous();
+  Tensor y = at::empty(pooled_shape(z, dims), z.options());
+  Tensor idx = keep_idx ? at::empty(pooled_shape(z, dims), z.options().dtype(at::kByte))
+                        : at::empty({0}, z.options().dtype(at::kByte));
+  Tensor e = groups > 0 ? at::empty({s.G}, z.options()) : at::empty({}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "minaction_act_pool2_fwd", [&] {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    uint8_t* ip = keep_idx ? idx.mutable_data_ptr<uint8_t>() : nullptr;
+    scalar_t* ep = e.mutable_data_ptr<scalar_t>();
+    dispatch_act_p(act, p, [&](auto A, auto P) {
+      constexpr int a = decltype(A)::value, pp = decltype(P)::value;
+      auto run = [&](auto KH, auto KEEP) {
+        act_pool2_fwd_kernel<scalar_t, a, pp, decltype(KH)::value, decltype(KEEP)::value>(zp, yp, ip, s.G, s.M, s.pr,
+                                                                                         s.H, s.W, s.scale, ep);
+      };
+      using one = std::integral_constant<int, 1>;
+      using two = std::integral_constant<int, 2>;
+      if (dims == 2) keep_idx ? run(two(), std::true_type()) : run(two(), std::false_type());
+      else keep_idx ? run(one(), std::true_type()) : run(one(), std::false_type());
+    });
+  });
+  return {y, idx, e};
+}
+
+Tensor act_pool2_bwd(const Tensor& gy_in, const Tensor& ge_in, const Tensor& z_in, int64_t act, int64_t p, bool mean,
+                     int64_t groups, int64_t dims) {
+  const PoolShape s = pool_shape(z_in, mean, groups, dims);
+  Tensor z = z_in.contiguous();
+  const auto pooled = pooled_shape(z, dims);
+  TORCH_CHECK(gy_in.sizes() == c10::IntArrayRef(pooled), "minaction: epilogue_pool2 backward: grad ", gy_in.sizes(),
+              " does not match the pooled input ", c10::IntArrayRef(pooled));
+  TORCH_CHECK(ge_in.numel() == s.G, "minaction: grad_energy must have ", s.G, " elements, got ", ge_in.numel());
+  Tensor gy = gy_in.to(z.scalar_type()).contiguous();
+  Tensor ge = ge_in.to(z.scalar_type()).contiguous();
+  Tensor gz = at::empty_like(z);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "minaction_act_pool2_bwd", [&] {
+    const scalar_t* gp = gy.const_data_ptr<scalar_t>();
+    const scalar_t* gep = ge.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* qp = gz.mutable_data_ptr<scalar_t>();
+    dispatch_act_p(act, p, [&](auto A, auto P) {
+      constexpr int a = decltype(A)::value, pp = decltype(P)::value;
+      if (dims == 2) act_pool2_bwd_kernel<scalar_t, a, pp, 2>(gp, gep, zp, qp, s.G, s.M, s.pr, s.H, s.W, s.scale);
+      else act_pool2_bwd_kernel<scalar_t, a, pp, 1>(gp, gep, zp, qp, s.G, s.M, s.pr, s.H, s.W, s.scale);
+    });
+  });
+  return gz;
+}
+
+std::tuple<Tensor, Tensor, Tensor> call_act_pool2_fwd(const Tensor& z, int64_t act, int64_t p, bool mean,
+                                                      int64_t groups, int64_t dims, bool keep_idx) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minaction::act_pool2_fwd", "")
+                       .typed<decltype(act_pool2_fwd)>();
+  return op.call(z, act, p, mean, groups, dims, keep_idx);
+}
+
+Tensor call_act_pool2_bwd(const Tensor& gy, const Tensor& ge, const Tensor& z, int64_t act, int64_t p, bool mean,
+                          int64_t groups, int64_t dims) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minaction::act_pool2_bwd", "")
+                       .typed<decltype(act_pool2_bwd)>();
+  return op.call(gy, ge, z, act, p, mean, groups, dims);
+}
+
+class ActPool2Fn : public torch::autograd::Function<ActPool2Fn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& z, int64_t act, int64_t p, bool mean,
+                               int64_t groups, int64_t dims, double penalty) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, unused, e] = call_act_pool2_fwd(z, act, p, mean, groups, dims, false);
+    ctx->save_for_backward({z});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["mean"] = mean;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["dims"] = dims;
+    ctx->saved_data["penalty"] = penalty;
+    return {y, e};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor z = ctx->get_saved_variables()[0];
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const bool mean = ctx->saved_data["mean"].toBool();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const int64_t dims = ctx->saved_data["dims"].toInt();
+    const variable_list none = {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    auto with = [&](Tensor gz) {
+      variable_list out = {std::move(gz)};
+      out.insert(out.end(), none.begin(), none.end());
+      return out;
+    };
+    if (!ctx->needs_input_grad(0)) return with(Tensor());
+    // the penalty as the epilogue's: + penalty on the energy's gradient, once per forward
+    const double penalty = ctx->saved_data["penalty"].toDouble();
+    if (penalty != 0.0) ctx->saved_data["penalty"] = 0.0;
+    const int64_t p = (grads[1].defined() || penalty != 0.0) ? ctx->saved_data["p"].toInt() : 0;
+    const EpiShape s = epilogue_shape(z, mean, groups);
+    auto energy_grad = [&]() -> Tensor {
+      Tensor own = penalty != 0.0 ? at::full({s.G}, penalty, z.options()) : Tensor();
+      if (!grads[1].defined()) return own;
+      Tensor g = grads[1].to(z.scalar_type()).reshape({s.G});
+      return own.defined() ? g + own : g;
+    };
+    if (at::GradMode::is_enabled()) {
+      // backward(create_graph=True): differentiable recomputation (the epilogue's) through the forward's
+      // windows, whose positions the forward kernel gives again
+      Tensor idx;
+      {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        idx = std::get<1>(call_act_pool2_fwd(z.detach(), act, 0, mean, groups, dims, true));
+      }
+      Tensor yv = apply_act_composite(z, act);
+      std::vector<Tensor> outs_v, seeds;
+      if (grads[0].defined() && yv.requires_grad()) {
+        outs_v.push_back(yv);
+        seeds.push_back(maxpool2_bwd_composite(grads[0], idx, z.sizes(), dims));
+      }
+      if (p != 0) {
+        Tensor a = p == 2 ? yv * yv : yv.abs();
+        std::vector<int64_t> rd;
+        for (int64_t d = groups > 0 ? 1 : 0; d < a.dim(); ++d) rd.push_back(d);
+        Tensor ev = a.sum(rd) * s.scale;
+        if (ev.requires_grad()) {
+          outs_v.push_back(ev);
+          seeds.push_back(energy_grad().reshape(ev.sizes()));
+        }
+      }
+      Tensor gz;
+      if (!outs_v.empty())
+        gz = torch::autograd::grad(outs_v, {z}, seeds, /*retain_graph=*/true, /*create_graph=*/true,
+                                   /*allow_unused=*/true)[0];
+      return with(gz.defined() ? gz : at::zeros_like(z));
+    }
+    Tensor gy = grads[0].defined() ? grads[0] : at::zeros(pooled_shape(z, dims), z.options());
+    Tensor ge = p != 0 ? energy_grad() : at::zeros({s.G}, z.options());
+    return with(call_act_pool2_bwd(gy, ge, z, act, p, mean, groups, dims));
+  }
+};
+
+std::tuple<Tensor, Tensor> epilogue_pool2_autograd(const Tensor& z, int64_t act, int64_t p, bool mean, int64_t groups,
+                                                   int64_t dims, double penalty) {
+  auto out = ActPool2Fn::apply(z, act, p, mean, groups, dims, penalty);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> epilogue_pool2_noautograd(const Tensor& z, int64_t act, int64_t p, bool mean,
+                                                     int64_t groups, int64_t dims, double /*penalty*/) {
+  auto [y, idx, e] = call_act_pool2_fwd(z, act, p, mean, groups, dims, false);
+  return {y, e};
+}
+
 }  // namespace
 
 extern "C" const char* minaction_cpu_isa() { return MINACTION_ISA; }
@@ -1276,16 +1684,20 @@ TORCH_LIBRARY_IMPL(minaction, CPU, m) {
   m.impl("act_bwd", &act_bwd);
   m.impl("maxpool2_fwd", &maxpool2_fwd);
   m.impl("maxpool2_bwd", &maxpool2_bwd);
+  m.impl("act_pool2_fwd", &act_pool2_fwd);
+  m.impl("act_pool2_bwd", &act_pool2_bwd);
 }
 
 TORCH_LIBRARY_IMPL(minaction, Autograd, m) {
   m.impl("layer", &energy_linear_autograd);
   m.impl("epilogue", &epilogue_autograd);
   m.impl("max_pool2", &max_pool2_autograd);
+  m.impl("epilogue_pool2", &epilogue_pool2_autograd);
 }
 
 TORCH_LIBRARY_IMPL(minaction, CompositeExplicitAutograd, m) {
   m.impl("layer", &energy_linear_noautograd);
   m.impl("epilogue", &epilogue_noautograd);
   m.impl("max_pool2", &max_pool2_noautograd);
+  m.impl("epilogue_pool2", &epilogue_pool2_noautograd);
 }

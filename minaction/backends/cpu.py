@@ -279,6 +279,12 @@ def layer(x, w, b, act, p, scale, penalty=0.0):
     return (OPS if OPS is not None else load()).layer(x, w, b, ACT_CODES[act], p, scale, penalty)
 
 
+def epilogue_pool2(z, act, p, mean, groups, dims, penalty=0.0):
+    """``epilogue`` followed by ``max_pool2`` over the last ``dims`` dims, one C++ op
+    (``minaction::epilogue_pool2``, float32/float64): returns the pooled activation and ``e``."""
+    return (OPS if OPS is not None else load()).epilogue_pool2(z, ACT_CODES[act], p, mean, groups, dims, penalty)
+
+
 def epilogue(z, act, p, mean, groups, penalty=0.0):
     """``activation_energy``'s epilogue, ``minaction::epilogue`` (one C++ op with a C++ autograd
     formula): ``z [B, ...]`` (``groups`` 0, ``e`` 0-dim) or ``[G, B, ...]`` (``groups`` G, ``e [G]``);

@@ -22,6 +22,10 @@ op                                    implementations
 ``max_pool2``                         exactly) with uint8 window positions: ``CPU`` primitives, and the
                                       op with ``Autograd`` / ``CompositeExplicitAutograd`` in
                                       ``csrc/energy_cpu.cpp`` (``minaction.ops.max_pool2``)
+``act_pool2_fwd`` ``act_pool2_bwd``   the epilogue and ``max_pool2`` in one pass (float32/float64): the
+``epilogue_pool2``                    ``CPU`` primitives, and the op with ``Autograd`` /
+                                      ``CompositeExplicitAutograd`` in ``csrc/energy_cpu.cpp``
+                                      (``minaction.ops.activation_energy_max_pool2``)
 ``energy_linear`` (+``_backward``)    the layer / epilogue routed by a ``backend`` name to that
 ``activation_energy`` (+``_backward``)  backend's Python primitives (``triton``, ``cuda``,
                                       ``composite``; ``cpu`` for the epilogue):
@@ -55,6 +59,13 @@ SCHEMAS = {
     "maxpool2_fwd": "maxpool2_fwd(Tensor x, int dims) -> (Tensor, Tensor)",
     "maxpool2_bwd": "maxpool2_bwd(Tensor gy, Tensor idx, SymInt[] in_size, int dims) -> Tensor",
     "max_pool2": "max_pool2(Tensor x, int dims) -> Tensor",
+    # the epilogue and max_pool2 in one pass (the cnn's conv blocks): z as epilogue's, pooled over its last dims
+    "act_pool2_fwd": "act_pool2_fwd(Tensor z, int act, int p, bool mean, int groups, int dims, bool keep_idx) "
+                     "-> (Tensor, Tensor, Tensor)",
+    "act_pool2_bwd": "act_pool2_bwd(Tensor gy, Tensor ge, Tensor z, int act, int p, bool mean, int groups, "
+                     "int dims) -> Tensor",
+    "epilogue_pool2": "epilogue_pool2(Tensor z, int act, int p, bool mean, int groups, int dims, "
+                      "float penalty=0.) -> (Tensor, Tensor)",
     # routed by backend name to Python primitives
     "energy_linear": "energy_linear(Tensor x, Tensor weight, Tensor? bias, str act, int p, bool mean, "
                      "str backend) -> (Tensor, Tensor, Tensor)",
@@ -140,6 +151,22 @@ def _(gy, idx, in_size, dims):
 @torch.library.register_fake("minaction::max_pool2", lib=lib)
 def _(x, dims):
     return x.new_empty(_pooled(x, dims))
+
+
+@torch.library.register_fake("minaction::act_pool2_fwd", lib=lib)
+def _(z, act, p, mean, groups, dims, keep_idx):
+    return (z.new_empty(_pooled(z, dims)), z.new_empty(_pooled(z, dims) if keep_idx else (0,), dtype=torch.uint8),
+            z.new_empty((groups,) if groups else ()))
+
+
+@torch.library.register_fake("minaction::act_pool2_bwd", lib=lib)
+def _(gy, ge, z, act, p, mean, groups, dims):
+    return z.new_empty(z.shape)
+
+
+@torch.library.register_fake("minaction::epilogue_pool2", lib=lib)
+def _(z, act, p, mean, groups, dims, penalty=0.0):
+    return z.new_empty(_pooled(z, dims)), z.new_empty((groups,) if groups else ())
 
 
 @torch.library.register_fake("minaction::energy_linear", lib=lib)

@@ -32,7 +32,6 @@ from torch import nn
 
 from ..nn.conv import EnergyConv1d, EnergyConv2d
 from ..nn.layers import EnergyLayer
-from ..ops import max_pool2
 from .common import EnergyNet, TokenEmbedding, check_input, column_norms, image_layout, time_mean
 from .family import _check_act
 
@@ -127,9 +126,9 @@ class ConvNet(EnergyNet):
                 G, B = x.shape[0], x.shape[1]
                 h = h.view(G, B, *h.shape[1:]).transpose(0, 1).reshape(B, G * h.shape[1], *h.shape[2:])
         for conv, p in zip(self.convs, self._pool):
-            h = conv(h)
-            if p:  # F.max_pool1d/2d(h, 2) exactly, faster on the CPU (minaction.ops.max_pool2)
-                h = max_pool2(h, self.dims)
+            # pooled: F.max_pool1d/2d(conv(h), 2) exactly, the activation, energy and pooling in one pass
+            # where the backend allows (EnergyConvNd.forward_max_pool2)
+            h = conv.forward_max_pool2(h) if p else conv(h)
         if self.modality == "text":
             h = h.amax(dim=-1)
         elif tuple(h.shape[2:]) == self.grid:
@@ -201,6 +200,7 @@ class LoopEnsemble(nn.Module):
             e = mod.last_energy
             if e is not None and e.dim() == 0:
                 mod.last_energy = F.pad(e.reshape(1), (g, G - g - 1))
+        hook._minaction_energy_only = True  # reads last_energy only: a conv block may still fuse its pooling
         return hook
 
     def set_active_members(self, mask=None):

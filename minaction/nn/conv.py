@@ -29,8 +29,9 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
-from ..ops import activation_energy
+from ..ops import activation_energy, activation_energy_max_pool2, max_pool2
 from .layers import EnergyLayer
 
 _IntOrTuple = Union[int, Tuple[int, ...]]
@@ -109,6 +110,35 @@ class _EnergyConvNd(EnergyLayer):
     _convfn = None  # staticmethod(F.conv1d) / staticmethod(F.conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, pool=False)
+
+    def forward_max_pool2(self, x: torch.Tensor) -> torch.Tensor:
+        """``max_pool2(self(x), dims)`` (the conv block of a CNN: this layer, then a max-pool by 2
+        over its spatial dims), with ``last_energy`` set as ``self(x)`` sets it.
+
+        The activation, its energy and the pooling run as one fused pass where the backend
+        allows (:func:`minaction.ops.activation_energy_max_pool2`): the full-size activation
+        is never stored. The layer's own forward (pre-)hooks, backward hooks and global module
+        hooks observe ``self(x)`` itself, so while any is registered this runs ``self(x)`` then
+        the pooling, and the hooks see what they always see."""
+        if not self._hooks_allow_fusion():
+            return max_pool2(self(x), self._dims)
+        y = self._run(x, pool=True)
+        for hook in self._forward_hooks.values():  # energy-only hooks (see _hooks_allow_fusion)
+            hook(self, (x,), y)
+        return y
+
+    def _hooks_allow_fusion(self) -> bool:
+        """No hook could observe the unpooled output: only forward hooks marked
+        ``_minaction_energy_only`` (they read ``last_energy``, not the output), no pre-, backward or
+        global hooks."""
+        if (self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+                or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks):
+            return False
+        return all(getattr(h, "_minaction_energy_only", False) for h in self._forward_hooks.values())
+
+    def _run(self, x: torch.Tensor, pool: bool) -> torch.Tensor:
         if x.dim() != self._dims + 2:
             raise ValueError(f"{type(self).__name__} expects input [batch, channels, {'x'.join('*' * self._dims)}]"
                              f" ({self._dims + 2}-D), got shape {tuple(x.shape)}")
@@ -118,8 +148,12 @@ class _EnergyConvNd(EnergyLayer):
                 raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
                                  f"(input shape {tuple(x.shape)})")
             z = self._convfn(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-            y, e = activation_energy(z, self.activation, self.energy, self.energy_reduction, backend=self.backend,
-                                     penalty=self.penalty)
+            if pool:
+                y, e = activation_energy_max_pool2(z, self.activation, self.energy, self.energy_reduction,
+                                                   dims=self._dims, backend=self.backend, penalty=self.penalty)
+            else:
+                y, e = activation_energy(z, self.activation, self.energy, self.energy_reduction, backend=self.backend,
+                                         penalty=self.penalty)
             self.last_energy = e
             return y
         C = x.shape[1]
@@ -140,8 +174,15 @@ class _EnergyConvNd(EnergyLayer):
         B = z.shape[0]
         # rows = (sample, member) pairs: the fused pass gives one sum per row, the energy is their batch mean
         # the penalty on last_energy = the mean of each member's B rows: lam / B on each row's energy
+        penalty = self.penalty / B if B else 0.0
+        if pool:  # [B*G, 1, out, *spatial]: the same rows, the spatial dims kept for the pooling
+            y, e = activation_energy_max_pool2(z.reshape((B * G, 1, self.out_channels) + tuple(z.shape[2:])),
+                                               self.activation, self.energy, self.energy_reduction, groups=B * G,
+                                               dims=self._dims, backend=self.backend, penalty=penalty)
+            self.last_energy = e.view(B, G).mean(0)
+            return y.reshape((B, G * self.out_channels) + tuple(y.shape[3:]))
         y, e = activation_energy(z.reshape(B * G, 1, -1), self.activation, self.energy, self.energy_reduction,
-                                 groups=B * G, backend=self.backend, penalty=self.penalty / B if B else 0.0)
+                                 groups=B * G, backend=self.backend, penalty=penalty)
         self.last_energy = e.view(B, G).mean(0)
         return y.view(z.shape)
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .energy import _any_autocast, _interpreter_stack, _is_exporting
+from .energy import (_any_autocast, _exponent, _groups_arg, _interpreter_stack, _is_exporting, _route,
+                     activation_energy, validate_penalty)
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _op = None
@@ -51,3 +52,34 @@ def max_pool2(x: Tensor, dims: int = 2) -> Tensor:
         return torch_pool(x, 2)
     op = _fused_op()
     return torch_pool(x, 2) if op is None else op(x, dims)
+
+
+def activation_energy_max_pool2(z: Tensor, activation: str = "relu", energy="l2", reduction: str = "sum",
+                                groups: int = 0, dims: int = 2, backend=None, penalty: float = 0.0):
+    """``max_pool2(y, dims)`` and ``E``, where ``y, E = activation_energy(z, activation, energy,
+    reduction, groups, backend, penalty)``: the epilogue of a conv block and its max-pool by 2.
+
+    On the ``cpu`` backend, for float32/float64, this is one C++ op per direction
+    (``minaction::epilogue_pool2``): the full-size activation ``y`` is never written, and the
+    backward writes the gradient of ``z`` in one pass from ``z``, the pooled gradient and the
+    uint8 window positions. Values and gradients equal the two-op composition exactly (the same
+    element chosen in each window, the same per-element gradient formula); ``E`` equals it up
+    to float rounding (another summation order). Anything else runs the two ops.
+    """
+    if dims not in (1, 2):
+        raise ValueError(f"max_pool2 pools the last 1 or 2 dims, got dims={dims!r}")
+    lead = 2 if groups else 1
+    if (type(z) is Tensor and z.dtype in (torch.float32, torch.float64) and z.is_cpu
+            and z.dim() >= lead + dims and min(z.shape[-dims:]) >= 2
+            and not torch.compiler.is_compiling() and not (_any_autocast is not None and _any_autocast())
+            and _route(z, backend) == "cpu"):
+        p = _exponent(activation, energy, reduction)
+        if penalty:
+            penalty = validate_penalty(penalty, p)
+        g = groups if type(groups) is int else _groups_arg(groups)
+        if not g or z.shape[0] == g:
+            from ..backends import cpu
+
+            return cpu.epilogue_pool2(z, activation, p, reduction == "mean", g, dims, penalty)
+    y, e = activation_energy(z, activation, energy, reduction, groups=groups, backend=backend, penalty=penalty)
+    return max_pool2(y, dims), e

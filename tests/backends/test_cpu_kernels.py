@@ -233,6 +233,20 @@ _ISA_CHECK = textwrap.dedent("""
             assert torch.equal(ya.nan_to_num(), yb.nan_to_num()) and torch.equal(ya.isnan(), yb.isnan())
             gp = torch.randn(ya.shape, generator=g).to(dtype)
             assert torch.equal(torch.autograd.grad(ya, xa, gp)[0], torch.autograd.grad(yb, xb, gp)[0])
+    # the fused epilogue + max_pool2 (minaction::epilogue_pool2) against the two ops, per ISA
+    from minaction.ops import activation_energy_max_pool2
+    for shape, dims, groups in (((2, 3, 29, 30), 2, 0), ((3, 4, 35), 1, 3), ((2, 2, 14, 14), 2, 2)):
+        for dtype in (torch.float32, torch.float64):
+            zp = torch.randn(shape, generator=g).to(dtype)
+            zp.view(-1)[5] = float("nan")
+            za, zb = zp.clone().requires_grad_(), zp.clone().requires_grad_()
+            ya, ea = activation_energy_max_pool2(za, "relu", "l2", groups=groups, dims=dims, penalty=0.5)
+            yr, eb = activation_energy(zb, "relu", "l2", groups=groups, penalty=0.5)
+            yb = max_pool2(yr, dims)
+            assert torch.equal(ya.nan_to_num(), yb.nan_to_num()) and torch.equal(ya.isnan(), yb.isnan())
+            assert torch.equal(ea.isnan(), eb.isnan())
+            gp = torch.randn(ya.shape, generator=g).to(dtype)
+            assert torch.equal(torch.autograd.grad(ya, za, gp)[0].nan_to_num(), torch.autograd.grad(yb, zb, gp)[0].nan_to_num())
     print("OK")
 """)
 
