@@ -1673,6 +1673,79 @@ std::tuple<Tensor, Tensor> epilogue_pool2_noautograd(const Tensor& z, int64_t ac
   return {y, e};
 }
 
+// ------------------------------------------------------------------ rate-coded spikes (the spike datasets)
+// minaction::rate_spikes(p, seed, T) -> s [B, T, *rest] float: s[b, t, j] = 1 where u < p[b, j], else 0,
+// with u the uniform float32 numbers torch.rand((B, T, *rest), generator=torch.Generator().manual_seed(seed))
+// draws, in the same order: torch's CPU generator is MT19937 seeded with the seed's low 32 bits
+// (init_genrand), and a float32 uniform is (output & (2^24 - 1)) * 2^-24. So the spikes equal
+// torch.rand(...).lt_(p.unsqueeze(1)) bit for bit (tests/data check it against torch). torch draws one
+// number per element through a locked, serial, per-element kernel (~3 ns each here); this generates
+// the stream 624 words at a time in plain loops the ISA build vectorises, and compares in the same pass.
+struct MT19937 {
+  static constexpr int N = 624, Mm = 397;
+  uint32_t s[N];
+  explicit MT19937(uint32_t seed) {
+    s[0] = seed;
+    for (int j = 1; j < N; ++j) s[j] = 1812433253u * (s[j - 1] ^ (s[j - 1] >> 30)) + static_cast<uint32_t>(j);
+  }
+  static inline uint32_t mix(uint32_t a, uint32_t b, uint32_t c) {  // c ^ twist(a's upper bit, b's lower bits)
+    const uint32_t y = (a & 0x80000000u) | (b & 0x7fffffffu);
+    return c ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908b0dfu);
+  }
+  void twist() {  // three loops without wrap-around indexing (each one vectorisable)
+    for (int k = 0; k < N - Mm; ++k) s[k] = mix(s[k], s[k + 1], s[k + Mm]);
+    for (int k = N - Mm; k < N - 1; ++k) s[k] = mix(s[k], s[k + 1], s[k + Mm - N]);
+    s[N - 1] = mix(s[N - 1], s[0], s[Mm - 1]);
+  }
+};
+
+template <typename T>
+void rate_spikes_kernel(const T* p, T* out, int64_t B, int64_t Tn, int64_t R, uint32_t seed) {
+  MT19937 mt(seed);
+  const int64_t total = B * Tn * R;
+  alignas(64) float u[MT19937::N];
+  int64_t o = 0;  // output element = the o-th number of the stream
+  while (o < total) {
+    mt.twist();
+    for (int k = 0; k < MT19937::N; ++k) {  // tempering and torch's float32 uniform
+      uint32_t y = mt.s[k];
+      y ^= y >> 11;
+      y ^= (y << 7) & 0x9d2c5680u;
+      y ^= (y << 15) & 0xefc60000u;
+      y ^= y >> 18;
+      u[k] = static_cast<float>(static_cast<int32_t>(y & 0xffffffu)) * (1.0f / 16777216.0f);
+    }
+    int64_t k = 0;
+    while (k < MT19937::N && o < total) {  // compare, row by row of the pixel vector
+      const int64_t j = o % R, row = o / R;  // row = b * Tn + t
+      const T* pr = p + (row / Tn) * R;
+      const int64_t n = std::min<int64_t>(R - j, MT19937::N - k);
+      T* dst = out + o;
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(u[k + i]) < static_cast<float>(pr[j + i]) ? T(1) : T(0);
+      k += n;
+      o += n;
+    }
+  }
+}
+
+Tensor rate_spikes(const Tensor& p_in, int64_t seed, int64_t T) {
+  TORCH_CHECK(p_in.device().is_cpu(), "minaction: rate_spikes takes a CPU tensor, got ", p_in.device());
+  TORCH_CHECK(p_in.scalar_type() == at::kFloat, "minaction: rate_spikes takes float32 probabilities, got ",
+              p_in.scalar_type());
+  TORCH_CHECK(p_in.dim() >= 1, "minaction: rate_spikes needs a batch dim, got shape ", p_in.sizes());
+  TORCH_CHECK(T >= 1, "minaction: rate_spikes needs T >= 1, got ", T);
+  Tensor p = p_in.contiguous();
+  std::vector<int64_t> shape(p.sizes().begin(), p.sizes().end());
+  shape.insert(shape.begin() + 1, T);
+  Tensor out = at::empty(shape, p.options());
+  const int64_t B = p.size(0);
+  const int64_t R = B ? p.numel() / B : 0;
+  if (out.numel() > 0)
+    rate_spikes_kernel<float>(p.const_data_ptr<float>(), out.mutable_data_ptr<float>(), B, T, R,
+                              static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffu));
+  return out;
+}
+
 }  // namespace
 
 extern "C" const char* minaction_cpu_isa() { return MINACTION_ISA; }
@@ -1686,6 +1759,7 @@ TORCH_LIBRARY_IMPL(minaction, CPU, m) {
   m.impl("maxpool2_bwd", &maxpool2_bwd);
   m.impl("act_pool2_fwd", &act_pool2_fwd);
   m.impl("act_pool2_bwd", &act_pool2_bwd);
+  m.impl("rate_spikes", &rate_spikes);
 }
 
 TORCH_LIBRARY_IMPL(minaction, Autograd, m) {

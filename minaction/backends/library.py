@@ -26,6 +26,9 @@ op                                    implementations
 ``epilogue_pool2``                    ``CPU`` primitives, and the op with ``Autograd`` /
                                       ``CompositeExplicitAutograd`` in ``csrc/energy_cpu.cpp``
                                       (``minaction.ops.activation_energy_max_pool2``)
+``rate_spikes``                       rate-coded spikes equal to ``torch.rand(...) < p`` drawn from a CPU
+                                      generator seeded with ``seed``: ``CPU`` in ``csrc/energy_cpu.cpp``
+                                      (``minaction.data``'s spike datasets)
 ``energy_linear`` (+``_backward``)    the layer / epilogue routed by a ``backend`` name to that
 ``activation_energy`` (+``_backward``)  backend's Python primitives (``triton``, ``cuda``,
                                       ``composite``; ``cpu`` for the epilogue):
@@ -66,6 +69,8 @@ SCHEMAS = {
                      "int dims) -> Tensor",
     "epilogue_pool2": "epilogue_pool2(Tensor z, int act, int p, bool mean, int groups, int dims, "
                       "float penalty=0.) -> (Tensor, Tensor)",
+    # rate-coded spikes: torch.rand((B, T, ...), generator=manual_seed(seed)) < p, the same numbers, faster
+    "rate_spikes": "rate_spikes(Tensor p, int seed, int T) -> Tensor",
     # routed by backend name to Python primitives
     "energy_linear": "energy_linear(Tensor x, Tensor weight, Tensor? bias, str act, int p, bool mean, "
                      "str backend) -> (Tensor, Tensor, Tensor)",
@@ -167,6 +172,11 @@ def _(gy, ge, z, act, p, mean, groups, dims):
 @torch.library.register_fake("minaction::epilogue_pool2", lib=lib)
 def _(z, act, p, mean, groups, dims, penalty=0.0):
     return z.new_empty(_pooled(z, dims)), z.new_empty((groups,) if groups else ())
+
+
+@torch.library.register_fake("minaction::rate_spikes", lib=lib)
+def _(p, seed, T):
+    return p.new_empty((p.shape[0], T) + tuple(p.shape[1:]))
 
 
 @torch.library.register_fake("minaction::energy_linear", lib=lib)

@@ -480,3 +480,31 @@ def test_registered_datasets_are_listed_and_fetched(monkeypatch, capsys):
         data.fetch("no_such_set")
     assert data_cli._list(type("A", (), {"verbose": True})()) == 0
     assert "fake_listed" in capsys.readouterr().out
+
+
+def test_spikes_from_the_cpu_kernels_equal_torch_rand(monkeypatch):
+    """With the C++ kernels loaded, SpikeDataset draws its spikes with minaction::rate_spikes: the
+    same numbers as torch.rand from a CPU generator with the batch's seed (MT19937 on the seed's low
+    32 bits), bit for bit, for every seed, shape and max_prob; without them, torch.rand itself."""
+    from minaction.backends import cpu, select
+    from minaction.data.core import DataMeta, SpikeDataset
+
+    if not select.available("cpu", "cpu")[0]:
+        pytest.skip("the cpu backend does not build here")
+    cpu.load()
+    g = torch.Generator().manual_seed(0)
+    for shape, T, max_prob in (((33, 1, 28, 28), 8, 1.0), ((5, 2, 3), 3, 0.7), ((1, 1), 1, 1.0)):
+        x = torch.rand(shape, generator=g)
+        x.view(-1)[0] = float("nan")  # never fires (u < NaN is false), as in torch
+        meta = DataMeta("s", "neuromorphic", 10, (T,) + shape[1:], torch.float32, spike_encoded=True,
+                        extra={"max_prob": max_prob})
+        ds = SpikeDataset(x, torch.zeros(len(x), dtype=torch.int64), meta, "train")
+        for seed, b in ((0, 0), (7, 3), (2**31 + 5, 11)):
+            fast = ds.encode(x, seed=seed, batch_index=b)
+            with monkeypatch.context() as m:
+                m.setattr(cpu, "OPS", None)  # as before the kernels are loaded: torch.rand
+                slow = ds.encode(x, seed=seed, batch_index=b)
+            assert fast.shape == (shape[0], T) + shape[1:] and fast.dtype == torch.float32
+            assert torch.equal(fast, slow), (shape, seed, b)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.minaction.rate_spikes(torch.rand(2, 3, dtype=torch.float64), 1, 2)
