@@ -11,7 +11,7 @@ trained, per (architecture, dataset)::
         --store docs/replication/factorial/runs.jsonl.gz
 
 ``--plan-json``: ``minaction study plan --preset full --json`` output (or a file of the same
-rows); ``--store``: a study store (``.sqlite``) or an archive (``.jsonl.gz``,
+rows), repeatable: with several plans (``--refresh`` runs), each block's median cost is used; ``--store``: a study store (``.sqlite``) or an archive (``.jsonl.gz``,
 ``minaction study export``). A block without finished runs borrows the epochs of a stand-in,
 named in the output: a spike-encoded dataset its source dataset's, a missing architecture the
 mean over the architectures that have that dataset. Per block and in total it prints the wall
@@ -99,25 +99,49 @@ def estimate(plan_rows, stats, workers):
     return lines, dict(tot)
 
 
+def median_rows(plans):
+    """One plan's rows with each block's ``member_epoch_s`` the median over ``plans`` (repeated
+    ``study plan --refresh`` runs: a block is timed from a few steps, so single plans vary by
+    5-10% per block)."""
+    rows = [dict(r) for r in plans[0]["rows"]]
+    for i, r in enumerate(rows):
+        vals = []
+        for p in plans:
+            q = p["rows"][i]
+            if (q["arch"], q["dataset"]) != (r["arch"], r["dataset"]):
+                raise ValueError("the plans list different blocks: give plans of the same preset")
+            vals.append(float(q["member_epoch_s"]))
+        r["member_epoch_s"] = statistics.median(vals)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan-json", required=True)
+    ap.add_argument("--plan-json", required=True, action="append",
+                    help="a plan (repeatable: each block's median cost over the plans is used)")
     ap.add_argument("--store", required=True, action="append", help="a .sqlite store or .jsonl.gz archive (repeatable)")
     ap.add_argument("--workers", type=int, default=None, help="default: the plan's")
     a = ap.parse_args(argv)
-    plan = json.loads(Path(a.plan_json).read_text())
+    plans = [json.loads(Path(f).read_text()) for f in a.plan_json]
+    plan = plans[0]
     workers = a.workers or int(plan.get("workers") or 1)
     runs = [r for s in a.store for r in finished_runs(s)]
-    lines, tot = estimate(plan["rows"], stopping_stats(runs), workers)
-    print(f"plan: {a.plan_json} ({plan.get('machine', '?')}, {plan.get('measured', '?')}); "
+    stats = stopping_stats(runs)
+    lines, tot = estimate(median_rows(plans), stats, workers)
+    print(f"plan: {', '.join(a.plan_json)} ({plan.get('machine', '?')}, {plan.get('measured', '?')}); "
           f"stores: {', '.join(a.store)} ({len(runs)} finished runs); {workers} workers")
+    if len(plans) > 1:
+        each = [estimate(p["rows"], stats, workers)[1] for p in plans]
+        print("each plan alone (at caps / before / now h): "
+              + "; ".join(f"{t['cap_h']:.2f} / {t['before_h']:.2f} / {t['now_h']:.2f}" for t in each)
+              + "; below, each block's median")
     print("| arch × dataset | cap | group max epochs | mean epochs | at caps h | before h | now h | stand-in |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in lines:
         print(f"| {r['arch']} × {r['dataset']} | {r['cap']} | {r['group_max_epochs']} | {r['mean_epochs']} | "
               f"{r['cap_h']:.2f} | {r['before_h']:.2f} | {r['now_h']:.2f} | {r['stand_in']} |")
-    print(f"| **total (wall, {workers} workers)** | | | | **{tot['cap_h']:.1f}** | **{tot['before_h']:.1f}** | "
-          f"**{tot['now_h']:.1f}** | |")
+    print(f"| **total (wall, {workers} workers)** | | | | **{tot['cap_h']:.2f}** | **{tot['before_h']:.2f}** | "
+          f"**{tot['now_h']:.2f}** | |")
     return {"rows": lines, "total": tot, "workers": workers}
 
 

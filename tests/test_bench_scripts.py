@@ -135,3 +135,16 @@ def test_full_estimate_weights_the_plan_by_stopping_epochs(bench_path, tmp_path)
     c = rows[("cnn", "sst2")]
     assert c["now_h"] == c["cap_h"] == 10.0 and "at the cap" in c["stand_in"]  # nothing to borrow
     assert res["total"]["now_h"] == m["now_h"] + s["now_h"] + c["now_h"]
+    # several plans: each block's median member-epoch cost
+    plans = []
+    for k, f in enumerate((1.0, 1.2, 0.7)):
+        p = {"workers": 2, "rows": [dict(r, member_epoch_s=r["member_epoch_s"] * f) for r in plan["rows"]]}
+        plans.append(tmp_path / f"plan{k}.json")
+        plans[-1].write_text(json.dumps(p))
+    args = [a for f in plans for a in ("--plan-json", str(f))]
+    res3 = full_estimate.main(args + ["--store", str(db)])
+    assert res3["total"]["now_h"] == pytest.approx(res["total"]["now_h"])  # the median plan is the first
+    bad = dict(plan, rows=plan["rows"][::-1])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="different blocks"):
+        full_estimate.main(["--plan-json", str(pj), "--plan-json", str(tmp_path / "bad.json"), "--store", str(db)])
