@@ -1673,6 +1673,368 @@ std::tuple<Tensor, Tensor> epilogue_pool2_noautograd(const Tensor& z, int64_t ac
   return {y, e};
 }
 
+// ------------------------------------------------------------------ the cnn's first block on images, fused
+// minaction::conv_pool2(x, w, b, act, p, mean, pad): max_pool2(act(conv2d(x, w, b, padding=pad)), 2) and the
+// epilogue's E of act(conv2d(...)), for one input channel: x [B, 1, H, W] with H, W even, w [C, 1, k, k]
+// with k odd and pad = k / 2, stride 1. The study's image and spike models start so (1 x 28 x 28, 16
+// channels): oneDNN ran that convolution at ~30 GFLOP/s (9 multiply-adds per output) and its output and
+// gradient (the block's largest tensors) went through memory four times. Here the conv output is never
+// stored: per sample, the padded image is split into even and odd columns (it stays in L1), each pooled
+// row's 2 x 2 windows are computed in registers, activated, summed into E and pooled; the backward computes
+// them again and accumulates the weight and bias gradients directly. Deterministic: per-sample partial sums
+// reduced in sample order. Values equal the unfused block to float rounding (another summation order than
+// oneDNN's); the element chosen in a window is max_pool2's rule on these values. No input gradient: the
+// Python side uses this op only when x does not require one (a create_graph backward recomputes with
+// differentiable ops, input gradient included).
+
+template <typename F>
+struct SplitImage {  // one sample's zero-padded image, even columns in e, odd in o, rows of stride S
+  int64_t Hp, Q, S;
+  std::vector<F> e, o;
+  SplitImage(int64_t H, int64_t W, int64_t pad)
+      : Hp(H + 2 * pad), Q((W + 2 * pad) / 2), S(Q + Vec<F>::size()), e(Hp * S, F(0)), o(Hp * S, F(0)) {}
+  void fill(const F* x, int64_t H, int64_t W, int64_t pad) {
+    for (int64_t r = 0; r < H; ++r) {
+      const F* xr = x + r * W;
+      F* er = e.data() + (r + pad) * S;
+      F* orow = o.data() + (r + pad) * S;
+      for (int64_t c = 0; c < W; ++c) {  // padded column c + pad: even -> e, odd -> o
+        const int64_t pc = c + pad;
+        ((pc & 1) ? orow : er)[pc >> 1] = xr[c];
+      }
+    }
+  }
+};
+
+// the 2 x 2 window rows (h0 = 2 oh, h1 = 2 oh + 1) of one channel at pooled columns ow.. (V lanes):
+// z_e0/z_o0 = conv output at row h0, even/odd columns; z_e1/z_o1 at row h1
+// (K a compile-time constant: the loops unroll and the K*K weights stay in registers)
+template <typename F, int K>
+inline void conv_window_rows(const SplitImage<F>& im, int64_t oh, int64_t ow, const Vec<F>* wv, const Vec<F>& bv,
+                             Vec<F>& ze0, Vec<F>& zo0, Vec<F>& ze1, Vec<F>& zo1) {
+  constexpr int pad = K / 2, k = K;
+  ze0 = zo0 = ze1 = zo1 = bv;
+  Vec<F> xe[pad + 1], xo[pad + 1];
+  for (int r = 0; r <= K; ++r) {  // padded input rows 2 oh + r feed rows h0 (kernel row r) and h1 (r - 1)
+    const F* er = im.e.data() + (2 * oh + r) * im.S + ow;
+    const F* orow = im.o.data() + (2 * oh + r) * im.S + ow;
+    for (int s = 0; s <= pad; ++s) {
+      xe[s] = Vec<F>::loadu(er + s);
+      xo[s] = Vec<F>::loadu(orow + s);
+    }
+    const int i0 = r, i1 = r - 1;  // the kernel row this input row is for h0 / h1
+    for (int j = 0; j < k; ++j) {
+      // z_e[ow] += w_ij x[2ow + j];  z_o[ow] += w_ij x[2ow + 1 + j]
+      const Vec<F>& a = (j & 1) ? xo[j >> 1] : xe[j >> 1];
+      const Vec<F>& c = (j & 1) ? xe[(j + 1) >> 1] : xo[j >> 1];
+      if (i0 < k) {
+        ze0 = at::vec::fmadd(wv[i0 * k + j], a, ze0);
+        zo0 = at::vec::fmadd(wv[i0 * k + j], c, zo0);
+      }
+      if (i1 >= 0) {
+        ze1 = at::vec::fmadd(wv[i1 * k + j], a, ze1);
+        zo1 = at::vec::fmadd(wv[i1 * k + j], c, zo1);
+      }
+    }
+  }
+}
+
+template <typename F, int ACT, int P, int K>
+void conv_pool2_fwd_kernel(const F* x, const F* w, const F* b, F* y, F* e, int64_t B, int64_t C, int64_t H,
+                           int64_t W, double scale) {
+  constexpr int64_t k = K;
+  constexpr int64_t V = Vec<F>::size();
+  const int64_t OH = H / 2, OW = W / 2, pad = k / 2;
+  std::vector<double> part(B, 0.0);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    SplitImage<F> im(H, W, pad);
+    Vec<F> wv[K * K];
+    for (int64_t s = begin; s < end; ++s) {
+      im.fill(x + s * H * W, H, W, pad);
+      double es = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t q = 0; q < k * k; ++q) wv[q] = Vec<F>(w[c * k * k + q]);
+        const Vec<F> bv(b ? b[c] : F(0));
+        F* yc = y + (s * C + c) * OH * OW;
+        Acc4<F> acc;
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          for (int64_t ow = 0; ow < OW; ow += V) {
+            const int64_t n = std::min(V, OW - ow);
+            Vec<F> z0, z1, z2, z3;
+            conv_window_rows<F, K>(im, oh, ow, wv, bv, z0, z1, z2, z3);
+            const Vec<F> y0 = act_v<ACT, F>(z0), y1 = act_v<ACT, F>(z1), y2 = act_v<ACT, F>(z2),
+                         y3 = act_v<ACT, F>(z3);
+            acc_masked<P, F>(acc.a0, y0, n);
+            acc_masked<P, F>(acc.a1, y1, n);
+            acc_masked<P, F>(acc.a2, y2, n);
+            acc_masked<P, F>(acc.a3, y3, n);
+            WinMax<F> wm(y0);
+            wm.template take<false>(y1, F(1));
+            wm.template take<false>(y2, F(2));
+            wm.template take<false>(y3, F(3));
+            if (n == V) wm.m.store(yc + oh * OW + ow);
+            else wm.m.store(yc + oh * OW + ow, static_cast<int>(n));
+          }
+        }
+        if constexpr (P != 0) es += acc.flush();
+      }
+      part[s] = es;
+    }
+  });
+  double tot = 0.0;
+  for (int64_t s = 0; s < B; ++s) tot += part[s];
+  e[0] = static_cast<F>(tot * scale);
+}
+
+template <typename F, int ACT, int P, int K>
+void conv_pool2_bwd_kernel(const F* gy, F ge, const F* x, const F* w, const F* b, F* gw, F* gb, int64_t B, int64_t C,
+                           int64_t H, int64_t W, double scale) {
+  constexpr int64_t k = K;
+  constexpr int64_t V = Vec<F>::size();
+  const int64_t OH = H / 2, OW = W / 2, pad = k / 2, KK = k * k;
+  const F cs = P == 0 ? F(0) : static_cast<F>(static_cast<double>(ge) * scale);
+  const Vec<F> cv(P == 2 ? F(2) * cs : cs);
+  std::vector<double> pw(B * C * KK, 0.0), pb(B * C, 0.0);  // per-sample partial sums
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    SplitImage<F> im(H, W, pad);
+    Vec<F> wv[K * K], aw[K * K];
+    const Vec<F> zero(F(0));
+    for (int64_t s = begin; s < end; ++s) {
+      im.fill(x + s * H * W, H, W, pad);
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t q = 0; q < KK; ++q) {
+          wv[q] = Vec<F>(w[c * KK + q]);
+          aw[q] = zero;
+        }
+        Vec<F> ab = zero;
+        const Vec<F> bv(b ? b[c] : F(0));
+        const F* gc = gy + (s * C + c) * OH * OW;
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          for (int64_t ow = 0; ow < OW; ow += V) {
+            const int64_t n = std::min(V, OW - ow);
+            Vec<F> z0, z1, z2, z3;
+            conv_window_rows<F, K>(im, oh, ow, wv, bv, z0, z1, z2, z3);
+            const Vec<F> y0 = act_v<ACT, F>(z0), y1 = act_v<ACT, F>(z1), y2 = act_v<ACT, F>(z2),
+                         y3 = act_v<ACT, F>(z3);
+            WinMax<F> wm(y0);
+            wm.template take<true>(y1, F(1));
+            wm.template take<true>(y2, F(2));
+            wm.template take<true>(y3, F(3));
+            const Vec<F> gv = n == V ? Vec<F>::loadu(gc + oh * OW + ow) : Vec<F>::loadu(gc + oh * OW + ow, n);
+            auto grad = [&](F i, const Vec<F>& yy, const Vec<F>& zz) {
+              const Vec<F> g = act_grad_v<F, ACT, P>(Vec<F>::blendv(zero, gv, wm.k == Vec<F>(i)), yy, zz, cv);
+              return n == V ? g : Vec<F>::set(zero, g, n);  // lanes past the row: no gradient
+            };
+            const Vec<F> g0 = grad(F(0), y0, z0), g1 = grad(F(1), y1, z1), g2 = grad(F(2), y2, z2),
+                         g3 = grad(F(3), y3, z3);
+            ab = ab + ((g0 + g1) + (g2 + g3));
+            for (int r = 0; r <= K; ++r) {
+              const F* er = im.e.data() + (2 * oh + r) * im.S + ow;
+              const F* orow = im.o.data() + (2 * oh + r) * im.S + ow;
+              const int i0 = r, i1 = r - 1;
+              for (int j = 0; j < K; ++j) {
+                const Vec<F> a = Vec<F>::loadu(((j & 1) ? orow : er) + (j >> 1));
+                const Vec<F> cc = Vec<F>::loadu(((j & 1) ? er + ((j + 1) >> 1) : orow + (j >> 1)));
+                if (i0 < k) aw[i0 * k + j] = at::vec::fmadd(g0, a, at::vec::fmadd(g1, cc, aw[i0 * k + j]));
+                if (i1 >= 0) aw[i1 * k + j] = at::vec::fmadd(g2, a, at::vec::fmadd(g3, cc, aw[i1 * k + j]));
+              }
+            }
+          }
+        }
+        for (int64_t q = 0; q < KK; ++q) pw[(s * C + c) * KK + q] = hsum(aw[q]);
+        pb[s * C + c] = hsum(ab);
+      }
+    }
+  });
+  for (int64_t q = 0; q < C * KK; ++q) {
+    double t = 0.0;
+    for (int64_t s = 0; s < B; ++s) t += pw[s * C * KK + q];
+    gw[q] = static_cast<F>(t);
+  }
+  if (gb)
+    for (int64_t c = 0; c < C; ++c) {
+      double t = 0.0;
+      for (int64_t s = 0; s < B; ++s) t += pb[s * C + c];
+      gb[c] = static_cast<F>(t);
+    }
+}
+
+template <typename Fn>
+void dispatch_k(int64_t k, Fn&& f) {
+  switch (k) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    default: TORCH_CHECK(false, "minaction: conv_pool2 takes kernel sizes 1, 3, 5 or 7, got ", k);
+  }
+}
+
+void check_conv_pool2(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == 1, "minaction: conv_pool2 takes x [B, 1, H, W], got ", x.sizes());
+  TORCH_CHECK(x.size(2) % 2 == 0 && x.size(3) % 2 == 0 && x.size(2) >= 2 && x.size(3) >= 2,
+              "minaction: conv_pool2 needs even H and W, got ", x.sizes());
+  TORCH_CHECK(w.dim() == 4 && w.size(1) == 1 && w.size(2) == w.size(3) && w.size(2) % 2 == 1 && w.size(2) <= 7,
+              "minaction: conv_pool2 takes w [C, 1, k, k] with k 1, 3, 5 or 7, got ", w.sizes());
+  TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->size(0) == w.size(0)), "minaction: conv_pool2 bias must be [",
+              w.size(0), "]");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "minaction: conv_pool2 takes CPU tensors");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && w.scalar_type() == x.scalar_type() &&
+                  (!b.has_value() || b->scalar_type() == x.scalar_type()),
+              "minaction: conv_pool2 takes float32 or float64 tensors of one dtype");
+}
+
+double conv_pool2_scale(const Tensor& x, const Tensor& w, bool mean) {
+  const double B = static_cast<double>(std::max<int64_t>(x.size(0), 1));
+  const double N = static_cast<double>(w.size(0) * x.size(2) * x.size(3));
+  return 1.0 / (B * (mean ? N : 1.0));
+}
+
+std::tuple<Tensor, Tensor> conv_pool2_fwd(const Tensor& x_in, const Tensor& w_in, const std::optional<Tensor>& b_in,
+                                          int64_t act, int64_t p, bool mean) {
+  check_conv_pool2(x_in, w_in, b_in);
+  Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  Tensor b = b_in.has_value() ? b_in->contiguous() : Tensor();
+  const int64_t B = x.size(0), C = w.size(0), H = x.size(2), W = x.size(3), k = w.size(2);
+  Tensor y = at::empty({B, C, H / 2, W / 2}, x.options());
+  Tensor e = at::empty({}, x.options());
+  const double scale = conv_pool2_scale(x, w, mean);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "minaction_conv_pool2_fwd", [&] {
+    dispatch_act_p(act, p, [&](auto A, auto P) {
+      dispatch_k(k, [&](auto KC) {
+        conv_pool2_fwd_kernel<scalar_t, decltype(A)::value, decltype(P)::value, decltype(KC)::value>(
+            x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+            b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
+            e.mutable_data_ptr<scalar_t>(), B, C, H, W, scale);
+      });
+    });
+  });
+  return {y, e};
+}
+
+std::tuple<Tensor, Tensor> conv_pool2_bwd(const Tensor& gy_in, const Tensor& ge_in, const Tensor& x_in,
+                                          const Tensor& w_in, const std::optional<Tensor>& b_in, int64_t act, int64_t p,
+                                          bool mean) {
+  check_conv_pool2(x_in, w_in, b_in);
+  Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  Tensor b = b_in.has_value() ? b_in->contiguous() : Tensor();
+  const int64_t B = x.size(0), C = w.size(0), H = x.size(2), W = x.size(3), k = w.size(2);
+  TORCH_CHECK(gy_in.sizes() == c10::IntArrayRef({B, C, H / 2, W / 2}), "minaction: conv_pool2 backward: grad ",
+              gy_in.sizes(), " does not match the output [", B, ", ", C, ", ", H / 2, ", ", W / 2, "]");
+  Tensor gy = gy_in.to(x.scalar_type()).contiguous();
+  Tensor gw = at::empty_like(w);
+  Tensor gb = b.defined() ? at::empty_like(b) : at::empty({0}, x.options());
+  const double scale = conv_pool2_scale(x, w, mean);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "minaction_conv_pool2_bwd", [&] {
+    const scalar_t ge = p != 0 ? ge_in.to(x.scalar_type()).item<scalar_t>() : scalar_t(0);
+    dispatch_act_p(act, p, [&](auto A, auto P) {
+      dispatch_k(k, [&](auto KC) {
+        conv_pool2_bwd_kernel<scalar_t, decltype(A)::value, decltype(P)::value, decltype(KC)::value>(
+            gy.const_data_ptr<scalar_t>(), ge, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+            b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, gw.mutable_data_ptr<scalar_t>(),
+            b.defined() ? gb.mutable_data_ptr<scalar_t>() : nullptr, B, C, H, W, scale);
+      });
+    });
+  });
+  return {gw, gb};
+}
+
+class ConvPool2Fn : public torch::autograd::Function<ConvPool2Fn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                               int64_t act, int64_t p, bool mean, double penalty) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("minaction::conv_pool2_fwd", "")
+                         .typed<decltype(conv_pool2_fwd)>();
+    auto [y, e] = op.call(x, w, b, act, p, mean);
+    ctx->save_for_backward({x, w, b.has_value() ? *b : Tensor()});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["mean"] = mean;
+    ctx->saved_data["penalty"] = penalty;
+    return {y, e};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2];
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const bool mean = ctx->saved_data["mean"].toBool();
+    const variable_list none = {Tensor(), Tensor(), Tensor(), Tensor()};
+    auto with = [&](Tensor gx, Tensor gw, Tensor gb) {
+      variable_list out = {std::move(gx), std::move(gw), std::move(gb)};
+      out.insert(out.end(), none.begin(), none.end());
+      return out;
+    };
+    const double penalty = ctx->saved_data["penalty"].toDouble();
+    if (penalty != 0.0) ctx->saved_data["penalty"] = 0.0;
+    const int64_t p = (grads[1].defined() || penalty != 0.0) ? ctx->saved_data["p"].toInt() : 0;
+    Tensor ge;
+    if (p != 0) {
+      ge = penalty != 0.0 ? at::full({}, penalty, x.options()) : at::zeros({}, x.options());
+      if (grads[1].defined()) ge = ge + grads[1].to(x.scalar_type()).reshape({});
+    }
+    const bool nb = b.defined() && ctx->needs_input_grad(2);
+    if (at::GradMode::is_enabled() || ctx->needs_input_grad(0)) {
+      // differentiable recomputation (a create_graph backward, or an input gradient): the unfused block,
+      // its windows found on the recomputed activation (oneDNN's values may differ from the kernel's by
+      // rounding, so in a near tie the window's element may differ from the forward's)
+      const bool create_graph = at::GradMode::is_enabled();
+      at::AutoGradMode grad_on(true);
+      Tensor z = at::conv2d(x, w, b, 1, w.size(2) / 2);
+      Tensor yv = apply_act_composite(z, act);
+      std::vector<Tensor> outs, seeds;
+      if (grads[0].defined()) {
+        Tensor idx = std::get<1>(call_act_pool2_fwd(z.detach(), act, 0, mean, 0, 2, true));
+        outs.push_back(yv);
+        seeds.push_back(maxpool2_bwd_composite(grads[0], idx, z.sizes(), 2));
+      }
+      if (p != 0) {
+        Tensor a = p == 2 ? yv * yv : yv.abs();
+        Tensor ev = a.sum() * conv_pool2_scale(x, w, mean);
+        outs.push_back(ev);
+        seeds.push_back(ge.reshape(ev.sizes()));
+      }
+      std::vector<Tensor> inputs;
+      std::vector<int> which;
+      if (ctx->needs_input_grad(0)) { inputs.push_back(x); which.push_back(0); }
+      if (ctx->needs_input_grad(1)) { inputs.push_back(w); which.push_back(1); }
+      if (nb) { inputs.push_back(b); which.push_back(2); }
+      Tensor out3[3];
+      if (!outs.empty() && !inputs.empty()) {
+        auto gs = torch::autograd::grad(outs, inputs, seeds, true, create_graph, true);
+        for (size_t q = 0; q < which.size(); ++q) out3[which[q]] = gs[q];
+      }
+      return with(out3[0], out3[1], out3[2]);
+    }
+    if (!ctx->needs_input_grad(1) && !nb) return with(Tensor(), Tensor(), Tensor());
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("minaction::conv_pool2_bwd", "")
+                         .typed<decltype(conv_pool2_bwd)>();
+    Tensor gy = grads[0].defined() ? grads[0] : at::zeros({x.size(0), w.size(0), x.size(2) / 2, x.size(3) / 2},
+                                                          x.options());
+    auto [gw, gb] = op.call(gy, p != 0 ? ge : at::zeros({}, x.options()), x, w,
+                            b.defined() ? std::optional<Tensor>(b) : std::nullopt, act, p, mean);
+    return with(Tensor(), ctx->needs_input_grad(1) ? gw : Tensor(), nb ? gb : Tensor());
+  }
+};
+
+std::tuple<Tensor, Tensor> conv_pool2_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                                               int64_t act, int64_t p, bool mean, double penalty) {
+  auto out = ConvPool2Fn::apply(x, w, b, act, p, mean, penalty);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> conv_pool2_noautograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
+                                                 int64_t act, int64_t p, bool mean, double /*penalty*/) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("minaction::conv_pool2_fwd", "")
+                       .typed<decltype(conv_pool2_fwd)>();
+  return op.call(x, w, b, act, p, mean);
+}
+
 // ------------------------------------------------------------------ rate-coded spikes (the spike datasets)
 // minaction::rate_spikes(p, seed, T) -> s [B, T, *rest] float: s[b, t, j] = 1 where u < p[b, j], else 0,
 // with u the uniform float32 numbers torch.rand((B, T, *rest), generator=torch.Generator().manual_seed(seed))
@@ -1760,6 +2122,8 @@ TORCH_LIBRARY_IMPL(minaction, CPU, m) {
   m.impl("act_pool2_fwd", &act_pool2_fwd);
   m.impl("act_pool2_bwd", &act_pool2_bwd);
   m.impl("rate_spikes", &rate_spikes);
+  m.impl("conv_pool2_fwd", &conv_pool2_fwd);
+  m.impl("conv_pool2_bwd", &conv_pool2_bwd);
 }
 
 TORCH_LIBRARY_IMPL(minaction, Autograd, m) {
@@ -1767,6 +2131,7 @@ TORCH_LIBRARY_IMPL(minaction, Autograd, m) {
   m.impl("epilogue", &epilogue_autograd);
   m.impl("max_pool2", &max_pool2_autograd);
   m.impl("epilogue_pool2", &epilogue_pool2_autograd);
+  m.impl("conv_pool2", &conv_pool2_autograd);
 }
 
 TORCH_LIBRARY_IMPL(minaction, CompositeExplicitAutograd, m) {
@@ -1774,4 +2139,5 @@ TORCH_LIBRARY_IMPL(minaction, CompositeExplicitAutograd, m) {
   m.impl("epilogue", &epilogue_noautograd);
   m.impl("max_pool2", &max_pool2_noautograd);
   m.impl("epilogue_pool2", &epilogue_pool2_noautograd);
+  m.impl("conv_pool2", &conv_pool2_noautograd);
 }

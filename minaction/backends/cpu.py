@@ -285,6 +285,12 @@ def epilogue_pool2(z, act, p, mean, groups, dims, penalty=0.0):
     return (OPS if OPS is not None else load()).epilogue_pool2(z, ACT_CODES[act], p, mean, groups, dims, penalty)
 
 
+def conv_pool2(x, w, b, act, p, mean, penalty=0.0):
+    """A CNN's first image block, ``minaction::conv_pool2`` (one C++ op with a C++ autograd formula):
+    conv2d of one input channel (padding k // 2), the activation, its energy and a max-pool by 2."""
+    return (OPS if OPS is not None else load()).conv_pool2(x, w, b, ACT_CODES[act], p, mean, penalty)
+
+
 def epilogue(z, act, p, mean, groups, penalty=0.0):
     """``activation_energy``'s epilogue, ``minaction::epilogue`` (one C++ op with a C++ autograd
     formula): ``z [B, ...]`` (``groups`` 0, ``e`` 0-dim) or ``[G, B, ...]`` (``groups`` G, ``e [G]``);

@@ -26,6 +26,10 @@ op                                    implementations
 ``epilogue_pool2``                    ``CPU`` primitives, and the op with ``Autograd`` /
                                       ``CompositeExplicitAutograd`` in ``csrc/energy_cpu.cpp``
                                       (``minaction.ops.activation_energy_max_pool2``)
+``conv_pool2_fwd`` ``conv_pool2_bwd``  the first block on images in one pass: conv2d of one input channel
+``conv_pool2``                        (k x k, k <= 7, padding k // 2) + act + energy + max-pool by 2, float32/64:
+                                      ``CPU`` primitives, ``Autograd`` / ``CompositeExplicitAutograd`` in
+                                      ``csrc/energy_cpu.cpp`` (``EnergyConv2d.forward_max_pool2``)
 ``rate_spikes``                       rate-coded spikes equal to ``torch.rand(...) < p`` drawn from a CPU
                                       generator seeded with ``seed``: ``CPU`` in ``csrc/energy_cpu.cpp``
                                       (``minaction.data``'s spike datasets)
@@ -69,6 +73,12 @@ SCHEMAS = {
                      "int dims) -> Tensor",
     "epilogue_pool2": "epilogue_pool2(Tensor z, int act, int p, bool mean, int groups, int dims, "
                       "float penalty=0.) -> (Tensor, Tensor)",
+    # the first image block (one input channel, k x k, padding k // 2): conv + act + energy + max-pool by 2
+    "conv_pool2_fwd": "conv_pool2_fwd(Tensor x, Tensor w, Tensor? b, int act, int p, bool mean) -> (Tensor, Tensor)",
+    "conv_pool2_bwd": "conv_pool2_bwd(Tensor gy, Tensor ge, Tensor x, Tensor w, Tensor? b, int act, int p, "
+                      "bool mean) -> (Tensor, Tensor)",
+    "conv_pool2": "conv_pool2(Tensor x, Tensor w, Tensor? b, int act, int p, bool mean, float penalty=0.) "
+                  "-> (Tensor, Tensor)",
     # rate-coded spikes: torch.rand((B, T, ...), generator=manual_seed(seed)) < p, the same numbers, faster
     "rate_spikes": "rate_spikes(Tensor p, int seed, int T) -> Tensor",
     # routed by backend name to Python primitives
@@ -172,6 +182,21 @@ def _(gy, ge, z, act, p, mean, groups, dims):
 @torch.library.register_fake("minaction::epilogue_pool2", lib=lib)
 def _(z, act, p, mean, groups, dims, penalty=0.0):
     return z.new_empty(_pooled(z, dims)), z.new_empty((groups,) if groups else ())
+
+
+@torch.library.register_fake("minaction::conv_pool2_fwd", lib=lib)
+def _(x, w, b, act, p, mean):
+    return x.new_empty((x.shape[0], w.shape[0], x.shape[2] // 2, x.shape[3] // 2)), x.new_empty(())
+
+
+@torch.library.register_fake("minaction::conv_pool2_bwd", lib=lib)
+def _(gy, ge, x, w, b, act, p, mean):
+    return w.new_empty(w.shape), (b.new_empty(b.shape) if b is not None else w.new_empty((0,)))
+
+
+@torch.library.register_fake("minaction::conv_pool2", lib=lib)
+def _(x, w, b, act, p, mean, penalty=0.0):
+    return x.new_empty((x.shape[0], w.shape[0], x.shape[2] // 2, x.shape[3] // 2)), x.new_empty(())
 
 
 @torch.library.register_fake("minaction::rate_spikes", lib=lib)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from ..ops import activation_energy, activation_energy_max_pool2, max_pool2
+from ..ops import activation_energy, activation_energy_max_pool2, conv2d_act_energy_max_pool2, max_pool2
 from .layers import EnergyLayer
 
 _IntOrTuple = Union[int, Tuple[int, ...]]
@@ -138,6 +138,14 @@ class _EnergyConvNd(EnergyLayer):
             return False
         return all(getattr(h, "_minaction_energy_only", False) for h in self._forward_hooks.values())
 
+    def _first_block_shape(self, x: torch.Tensor) -> bool:
+        """A 2-D layer of one input channel, square odd kernel, padding k // 2, stride and dilation 1, no
+        groups (a CNN's first block on images): :func:`conv2d_act_energy_max_pool2` applies."""
+        k = self.kernel_size
+        return (self._dims == 2 and self.in_channels == 1 and self.groups == 1 and k[0] == k[1] and k[0] % 2 == 1
+                and tuple(self.padding) == (k[0] // 2,) * 2 and tuple(self.stride) == (1, 1)
+                and tuple(self.dilation) == (1, 1))
+
     def _run(self, x: torch.Tensor, pool: bool) -> torch.Tensor:
         if x.dim() != self._dims + 2:
             raise ValueError(f"{type(self).__name__} expects input [batch, channels, {'x'.join('*' * self._dims)}]"
@@ -147,6 +155,11 @@ class _EnergyConvNd(EnergyLayer):
             if x.shape[1] != self.in_channels:
                 raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
                                  f"(input shape {tuple(x.shape)})")
+            if pool and self._first_block_shape(x):  # one input channel: conv, epilogue and pooling in one op
+                y, e = conv2d_act_energy_max_pool2(x, self.weight, self.bias, self.activation, self.energy,
+                                                   self.energy_reduction, backend=self.backend, penalty=self.penalty)
+                self.last_energy = e
+                return y
             z = self._convfn(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
             if pool:
                 y, e = activation_energy_max_pool2(z, self.activation, self.energy, self.energy_reduction,

@@ -22,6 +22,7 @@ from .energy import (_any_autocast, _exponent, _groups_arg, _interpreter_stack, 
                      activation_energy, validate_penalty)
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_PLAIN = (Tensor, torch.nn.Parameter)  # a layer's weights are Parameters; any other subclass takes the two ops
 _op = None
 
 
@@ -83,3 +84,35 @@ def activation_energy_max_pool2(z: Tensor, activation: str = "relu", energy="l2"
             return cpu.epilogue_pool2(z, activation, p, reduction == "mean", g, dims, penalty)
     y, e = activation_energy(z, activation, energy, reduction, groups=groups, backend=backend, penalty=penalty)
     return max_pool2(y, dims), e
+
+
+def conv2d_act_energy_max_pool2(x: Tensor, weight: Tensor, bias=None, activation: str = "relu", energy="l2",
+                                reduction: str = "sum", backend=None, penalty: float = 0.0):
+    """``max_pool2(y, 2)`` and ``E`` of ``y, E = activation_energy(F.conv2d(x, weight, bias,
+    padding=k // 2), ...)`` (one model, ``groups`` 0): a CNN's first block on images.
+
+    For one input channel (``x [B, 1, H, W]``, ``H`` and ``W`` even, ``weight [C, 1, k, k]``, ``k``
+    1, 3, 5 or 7), float32/float64, on the ``cpu`` backend, with ``x`` not requiring a gradient, this is one
+    C++ op per direction (``minaction::conv_pool2``): the conv output is never stored (forward
+    and backward compute each 2 x 2 window in registers from the image, the backward accumulates
+    the weight and bias gradients directly). The values equal the unfused block to float
+    rounding (another summation order than oneDNN's). Anything else runs ``F.conv2d`` then
+    :func:`activation_energy_max_pool2`.
+    """
+    k = weight.shape[-1] if weight.dim() == 4 else 0
+    if (type(x) is Tensor and type(weight) in _PLAIN and x.dim() == 4 and x.shape[1] == 1 and weight.dim() == 4
+            and weight.shape[1] == 1 and weight.shape[2] == k and k % 2 == 1 and k <= 7
+            and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.shape[2] >= 2 and x.shape[3] >= 2
+            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
+            and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype))
+            and not x.requires_grad and x.is_cpu and weight.is_cpu
+            and not torch.compiler.is_compiling() and not (_any_autocast is not None and _any_autocast())
+            and _route(x, backend) == "cpu"):
+        p = _exponent(activation, energy, reduction)
+        if penalty:
+            penalty = validate_penalty(penalty, p)
+        from ..backends import cpu
+
+        return cpu.conv_pool2(x, weight, bias, activation, p, reduction == "mean", penalty)
+    z = F.conv2d(x, weight, bias, padding=k // 2)
+    return activation_energy_max_pool2(z, activation, energy, reduction, dims=2, backend=backend, penalty=penalty)
