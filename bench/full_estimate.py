@@ -7,11 +7,12 @@ sheds stopped members (docs/study.md, "A stopped member costs nothing"). This we
 plan's measured seconds per member-epoch by the epochs that finished runs of a store really
 trained, per (architecture, dataset)::
 
-    python bench/full_estimate.py --plan-json bench/data/plan_full_avx512_2026-12-05.json \\
+    python bench/full_estimate.py --plan-json bench/data/plans_full_avx512_2026-12-06.json \\
         --store docs/replication/factorial/runs.jsonl.gz
 
 ``--plan-json``: ``minaction study plan --preset full --json`` output (or a file of the same
-rows), repeatable: with several plans (``--refresh`` runs), each block's median cost is used; ``--store``: a study store (``.sqlite``) or an archive (``.jsonl.gz``,
+rows; or ``{"plans": [...]}``, several), repeatable: with several plans (``--refresh`` runs), each
+block's median cost is used; ``--store``: a study store (``.sqlite``) or an archive (``.jsonl.gz``,
 ``minaction study export``). A block without finished runs borrows the epochs of a stand-in,
 named in the output: a spike-encoded dataset its source dataset's, a missing architecture the
 mean over the architectures that have that dataset. Per block and in total it prints the wall
@@ -122,7 +123,10 @@ def main(argv=None):
     ap.add_argument("--store", required=True, action="append", help="a .sqlite store or .jsonl.gz archive (repeatable)")
     ap.add_argument("--workers", type=int, default=None, help="default: the plan's")
     a = ap.parse_args(argv)
-    plans = [json.loads(Path(f).read_text()) for f in a.plan_json]
+    plans = []
+    for f in a.plan_json:  # a plan, or a file of several ({"plans": [...]}: bench/data's repeated plans)
+        d = json.loads(Path(f).read_text())
+        plans.extend([dict(d, **p) for p in d["plans"]] if "plans" in d else [d])
     plan = plans[0]
     workers = a.workers or int(plan.get("workers") or 1)
     runs = [r for s in a.store for r in finished_runs(s)]
