@@ -890,6 +890,33 @@ Tensor apply_act_composite(const Tensor& z, int64_t act) {
   }
 }
 
+// A create_graph backward's differentiable recomputation: the gradients, with respect to `inputs`, of
+// <gy, yv> + <ge, E>, where yv = act(z) was recomputed from the inputs with differentiable ops and
+// E = scale * the sum of |yv|^p over every dim after the first (groups > 0: E [G]) or over all (groups 0).
+// An undefined gy or ge leaves its term out; an input no term reaches gets an undefined gradient.
+std::vector<Tensor> recomputed_grads(const Tensor& yv, const Tensor& gy, const Tensor& ge, int64_t p, int64_t groups,
+                                     double scale, const std::vector<Tensor>& inputs, bool create_graph) {
+  std::vector<Tensor> outs, seeds;
+  if (gy.defined() && yv.requires_grad()) {
+    outs.push_back(yv);
+    seeds.push_back(gy.reshape(yv.sizes()));
+  }
+  if (p != 0 && ge.defined()) {
+    Tensor yf = yv.to(energy_dtype(yv.scalar_type()));
+    Tensor a = p == 2 ? yf * yf : yf.abs();
+    std::vector<int64_t> dims;
+    for (int64_t d = groups > 0 ? 1 : 0; d < a.dim(); ++d) dims.push_back(d);
+    Tensor ev = a.sum(dims) * scale;
+    if (ev.requires_grad()) {
+      outs.push_back(ev);
+      seeds.push_back(ge.to(ev.scalar_type()).reshape(ev.sizes()));
+    }
+  }
+  if (outs.empty() || inputs.empty()) return std::vector<Tensor>(inputs.size());
+  return torch::autograd::grad(outs, inputs, seeds, /*retain_graph=*/true, create_graph, /*allow_unused=*/true);
+}
+
+
 class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& z_in, int64_t act, int64_t p, bool mean,
@@ -941,27 +968,8 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
     };
     if (at::GradMode::is_enabled()) {
       // backward(create_graph=True): differentiable recomputation from z (gradient penalties, gradgradcheck)
-      Tensor yv = apply_act_composite(z_in, act);
-      std::vector<Tensor> outs_v, seeds;
-      if (grads[0].defined() && yv.requires_grad()) {
-        outs_v.push_back(yv);
-        seeds.push_back(grads[0].reshape(yv.sizes()));
-      }
-      if (p != 0) {
-        Tensor yf = yv.to(energy_dtype(yv.scalar_type()));
-        Tensor a = p == 2 ? yf * yf : yf.abs();
-        std::vector<int64_t> dims;
-        for (int64_t d = groups > 0 ? 1 : 0; d < a.dim(); ++d) dims.push_back(d);
-        Tensor ev = a.sum(dims) * scale;
-        if (ev.requires_grad()) {
-          outs_v.push_back(ev);
-          seeds.push_back(energy_grad().to(ev.scalar_type()).reshape(ev.sizes()));
-        }
-      }
-      Tensor gz;
-      if (!outs_v.empty())
-        gz = torch::autograd::grad(outs_v, {z_in}, seeds, /*retain_graph=*/true, /*create_graph=*/true,
-                                   /*allow_unused=*/true)[0];
+      Tensor gz = recomputed_grads(apply_act_composite(z_in, act), grads[0], p != 0 ? energy_grad() : Tensor(), p,
+                                   groups, scale, {z_in}, /*create_graph=*/true)[0];
       return with(gz.defined() ? gz : at::zeros_like(z_in));
     }
     Tensor gy = grads[0].defined() ? grads[0].contiguous().view({G, M, N}) : at::zeros({G, M, N}, y.options());
@@ -993,46 +1001,100 @@ std::tuple<Tensor, Tensor> epilogue_noautograd(const Tensor& z, int64_t act, int
 // batched cnn image step (131 ms of 595, G = 10, 1 thread): it keeps int64 indices, and its
 // backward zero-fills the input gradient before scattering. Here the window's position is one
 // uint8, and the backward writes every input gradient element once (0 or the output gradient).
-// one output row: y[0:OW], ip[0:OW] from input rows r0 (and r1 for 2x2 windows), 2*OW inputs
-// each. Vector path (F = float/double): a window's pair sits in even/odd lanes, split by
-// deinterleave2; branch-free selects (a scalar loop with data-dependent branches mispredicted
-// on ReLU outputs: 74 ms for the cnn's first pooling, against 124 ms for torch's).
-template <typename F, int KH>
-inline void pool_row(const F* r0, const F* r1, F* y, uint8_t* ip, int64_t OW) {
+// One output row is act_pool_row below with the identity and no energy: y[0:OW], ip[0:OW] from input
+// rows r0 (and r1 for 2x2 windows), 2*OW inputs each. Vector path (F = float/double): a window's pair
+// sits in even/odd lanes, split by deinterleave2; branch-free selects (a scalar loop with data-dependent
+// branches mispredicted on ReLU outputs: 74 ms for the cnn's first pooling, against 124 ms for torch's).
+// The window helpers (the fused epilogue + pool's too, further down):
+
+// |y|^p of the first `cnt` lanes of y, into a
+template <int P, typename F>
+inline void acc_masked(Vec<F>& a, const Vec<F>& y, int64_t cnt) {
+  if constexpr (P != 0) {
+    if (cnt >= Vec<F>::size()) acc_p<P>(a, y);
+    else if (cnt > 0) acc_p<P>(a, Vec<F>::set(Vec<F>(F(0)), y, cnt));
+  }
+}
+
+// act(z) of the 2n inputs at r (n <= V windows of 2), split into window positions 0 and 1 (even and
+// odd elements); with P != 0, |act(z)|^p of the 2n inputs added into ea, eb
+template <typename F, int ACT, int P>
+inline void load_pairs(const F* r, int64_t n, Vec<F>& y0, Vec<F>& y1, Vec<F>* z0, Vec<F>* z1, Vec<F>* ea,
+                       Vec<F>* eb) {
   constexpr int64_t V = Vec<F>::size();
-  const Vec<F> zero(F(0));
-  auto load2 = [&](const F* r, int64_t n2, Vec<F>& a, Vec<F>& b) {  // n2 inputs, <= 2V
-    if (n2 == 2 * V) {
-      a = Vec<F>::loadu(r);
-      b = Vec<F>::loadu(r + V);
-    } else {
-      a = Vec<F>::loadu(r, std::min(n2, V));
-      b = n2 > V ? Vec<F>::loadu(r + V, n2 - V) : zero;
+  const int64_t n2 = 2 * n;
+  Vec<F> za, zb;
+  if (n2 == 2 * V) {
+    za = Vec<F>::loadu(r);
+    zb = Vec<F>::loadu(r + V);
+  } else {
+    za = Vec<F>::loadu(r, std::min(n2, V));
+    zb = n2 > V ? Vec<F>::loadu(r + V, n2 - V) : Vec<F>(F(0));
+  }
+  if constexpr (P != 0) {
+    if (ea) {
+      const Vec<F> ya = act_v<ACT, F>(za), yb = act_v<ACT, F>(zb);
+      acc_masked<P, F>(*ea, ya, std::min(n2, V));
+      acc_masked<P, F>(*eb, yb, n2 - V);
     }
-  };
+  }
+  auto [ze, zo] = at::vec::deinterleave2(za, zb);
+  y0 = act_v<ACT, F>(ze);
+  y1 = act_v<ACT, F>(zo);
+  if (z0) {
+    *z0 = ze;
+    *z1 = zo;
+  }
+}
+
+// the window maximum of up to 4 candidates, max_pool2's rule: a later element wins when greater or NaN
+template <typename F>
+struct WinMax {
+  Vec<F> m, k{F(0)};
+  explicit WinMax(const Vec<F>& first) : m(first) {}
+  template <bool IDX>
+  void take(const Vec<F>& v, F i) {
+    const Vec<F> c = (v > m) | (v != v);
+    m = Vec<F>::blendv(m, v, c);
+    if constexpr (IDX) k = Vec<F>::blendv(k, Vec<F>(i), c);
+  }
+};
+
+// one output row of the fused forward: y[0:OW] (and ip[0:OW] when KEEP) from input rows r0 (and r1)
+template <typename F, int ACT, int P, int KH, bool KEEP>
+inline void act_pool_row(const F* r0, const F* r1, F* y, uint8_t* ip, int64_t OW, Acc4<F>& acc) {
+  constexpr int64_t V = Vec<F>::size();
   for (int64_t ow = 0; ow < OW; ow += V) {
     const int64_t n = std::min(V, OW - ow);
-    Vec<F> a, b;
-    load2(r0 + 2 * ow, 2 * n, a, b);
-    auto [e0, o0] = at::vec::deinterleave2(a, b);
-    Vec<F> m = e0, k = zero;
-    auto take = [&](const Vec<F>& v, F i) {  // torch's rule: a later element wins when greater or NaN
-      const Vec<F> c = (v > m) | (v != v);
-      m = Vec<F>::blendv(m, v, c);
-      k = Vec<F>::blendv(k, Vec<F>(i), c);
-    };
-    take(o0, F(1));
+    Vec<F> y0, y1, y2, y3;
+    load_pairs<F, ACT, P>(r0 + 2 * ow, n, y0, y1, nullptr, nullptr, &acc.a0, &acc.a1);
+    WinMax<F> w(y0);
+    w.template take<KEEP>(y1, F(1));
     if constexpr (KH == 2) {
-      load2(r1 + 2 * ow, 2 * n, a, b);
-      auto [e1, o1] = at::vec::deinterleave2(a, b);
-      take(e1, F(2));
-      take(o1, F(3));
+      load_pairs<F, ACT, P>(r1 + 2 * ow, n, y2, y3, nullptr, nullptr, &acc.a2, &acc.a3);
+      w.template take<KEEP>(y2, F(2));
+      w.template take<KEEP>(y3, F(3));
     }
-    if (n == V) m.store(y + ow);
-    else m.store(y + ow, static_cast<int>(n));
-    F kb[V];
-    k.store(kb);
-    for (int64_t j = 0; j < n; ++j) ip[ow + j] = static_cast<uint8_t>(kb[j]);
+    if (n == V) w.m.store(y + ow);
+    else w.m.store(y + ow, static_cast<int>(n));
+    if constexpr (KEEP) {
+      F kb[V];
+      w.k.store(kb);
+      for (int64_t j = 0; j < n; ++j) ip[ow + j] = static_cast<uint8_t>(kb[j]);
+    }
+  }
+}
+
+// the 2n elements at q from a and b (n2 = 2n <= 2V), the tail masked
+template <typename F>
+inline void store_pair(F* q, int64_t n2, const Vec<F>& a, const Vec<F>& b) {
+  constexpr int64_t V = Vec<F>::size();
+  if (n2 == 2 * V) {
+    a.store(q);
+    b.store(q + V);
+  } else {
+    a.store(q, static_cast<int>(std::min(n2, V)));
+    if (n2 > V) b.store(q + V, static_cast<int>(n2 - V));
   }
 }
 
@@ -1041,15 +1103,6 @@ template <typename F, int KH>
 inline void unpool_row(const F* g, const uint8_t* ip, F* r0, F* r1, int64_t OW) {
   constexpr int64_t V = Vec<F>::size();
   const Vec<F> zero(F(0));
-  auto store2 = [&](F* r, int64_t n2, const Vec<F>& a, const Vec<F>& b) {
-    if (n2 == 2 * V) {
-      a.store(r);
-      b.store(r + V);
-    } else {
-      a.store(r, static_cast<int>(std::min(n2, V)));
-      if (n2 > V) b.store(r + V, static_cast<int>(n2 - V));
-    }
-  };
   for (int64_t ow = 0; ow < OW; ow += V) {
     const int64_t n = std::min(V, OW - ow);
     F kb[V] = {};
@@ -1058,10 +1111,10 @@ inline void unpool_row(const F* g, const uint8_t* ip, F* r0, F* r1, int64_t OW) 
     const Vec<F> gv = n == V ? Vec<F>::loadu(g + ow) : Vec<F>::loadu(g + ow, n);
     auto pick = [&](F i) { return Vec<F>::blendv(zero, gv, k == Vec<F>(i)); };
     auto [a, b] = at::vec::interleave2(pick(F(0)), pick(F(1)));
-    store2(r0 + 2 * ow, 2 * n, a, b);
+    store_pair(r0 + 2 * ow, 2 * n, a, b);
     if constexpr (KH == 2) {
       auto [c, d] = at::vec::interleave2(pick(F(2)), pick(F(3)));
-      store2(r1 + 2 * ow, 2 * n, c, d);
+      store_pair(r1 + 2 * ow, 2 * n, c, d);
     }
   }
 }
@@ -1079,7 +1132,8 @@ void maxpool2_fwd_kernel(const T* x, T* y, uint8_t* idx, int64_t planes, int64_t
         const T* r0 = xp + (KH == 2 ? 2 * oh : oh) * W;
         const T* r1 = r0 + W;
         if constexpr (std::is_same_v<T, typename Acc<T>::type>) {
-          pool_row<T, KH>(r0, r1, yp + oh * OW, ip + oh * OW, OW);
+          Acc4<T> unused;  // no energy (P = 0)
+          act_pool_row<T, IDENTITY, 0, KH, true>(r0, r1, yp + oh * OW, ip + oh * OW, OW, unused);
           continue;
         }
         for (int64_t ow = 0; ow < OW; ++ow) {  // half/bfloat16: compared in float, branch-free
@@ -1278,15 +1332,6 @@ Tensor max_pool2_noautograd(const Tensor& x, int64_t dims) {
 // bit for bit; only E's summation order differs (float rounding).
 // float and double only (ops/pool.py runs the pair for other dtypes).
 
-// |y|^p of the first `cnt` lanes of y, into a
-template <int P, typename F>
-inline void acc_masked(Vec<F>& a, const Vec<F>& y, int64_t cnt) {
-  if constexpr (P != 0) {
-    if (cnt >= Vec<F>::size()) acc_p<P>(a, y);
-    else if (cnt > 0) acc_p<P>(a, Vec<F>::set(Vec<F>(F(0)), y, cnt));
-  }
-}
-
 // energy of act(z[0:n]) (elements in no window)
 template <typename F, int ACT, int P>
 inline void energy_only(const F* z, int64_t n, Acc4<F>& acc) {
@@ -1295,75 +1340,6 @@ inline void energy_only(const F* z, int64_t n, Acc4<F>& acc) {
     const int64_t c = std::min(V, n - j);
     const Vec<F> y = act_v<ACT, F>(c == V ? Vec<F>::loadu(z + j) : Vec<F>::loadu(z + j, c));
     acc_masked<P, F>(acc.a3, y, c);
-  }
-}
-
-// act(z) of the 2n inputs at r (n <= V windows of 2), split into window positions 0 and 1 (even and
-// odd elements); with P != 0, |act(z)|^p of the 2n inputs added into ea, eb
-template <typename F, int ACT, int P>
-inline void load_pairs(const F* r, int64_t n, Vec<F>& y0, Vec<F>& y1, Vec<F>* z0, Vec<F>* z1, Vec<F>* ea,
-                       Vec<F>* eb) {
-  constexpr int64_t V = Vec<F>::size();
-  const int64_t n2 = 2 * n;
-  Vec<F> za, zb;
-  if (n2 == 2 * V) {
-    za = Vec<F>::loadu(r);
-    zb = Vec<F>::loadu(r + V);
-  } else {
-    za = Vec<F>::loadu(r, std::min(n2, V));
-    zb = n2 > V ? Vec<F>::loadu(r + V, n2 - V) : Vec<F>(F(0));
-  }
-  if constexpr (P != 0) {
-    if (ea) {
-      const Vec<F> ya = act_v<ACT, F>(za), yb = act_v<ACT, F>(zb);
-      acc_masked<P, F>(*ea, ya, std::min(n2, V));
-      acc_masked<P, F>(*eb, yb, n2 - V);
-    }
-  }
-  auto [ze, zo] = at::vec::deinterleave2(za, zb);
-  y0 = act_v<ACT, F>(ze);
-  y1 = act_v<ACT, F>(zo);
-  if (z0) {
-    *z0 = ze;
-    *z1 = zo;
-  }
-}
-
-// the window maximum of up to 4 candidates, max_pool2's rule: a later element wins when greater or NaN
-template <typename F>
-struct WinMax {
-  Vec<F> m, k{F(0)};
-  explicit WinMax(const Vec<F>& first) : m(first) {}
-  template <bool IDX>
-  void take(const Vec<F>& v, F i) {
-    const Vec<F> c = (v > m) | (v != v);
-    m = Vec<F>::blendv(m, v, c);
-    if constexpr (IDX) k = Vec<F>::blendv(k, Vec<F>(i), c);
-  }
-};
-
-// one output row of the fused forward: y[0:OW] (and ip[0:OW] when KEEP) from input rows r0 (and r1)
-template <typename F, int ACT, int P, int KH, bool KEEP>
-inline void act_pool_row(const F* r0, const F* r1, F* y, uint8_t* ip, int64_t OW, Acc4<F>& acc) {
-  constexpr int64_t V = Vec<F>::size();
-  for (int64_t ow = 0; ow < OW; ow += V) {
-    const int64_t n = std::min(V, OW - ow);
-    Vec<F> y0, y1, y2, y3;
-    load_pairs<F, ACT, P>(r0 + 2 * ow, n, y0, y1, nullptr, nullptr, &acc.a0, &acc.a1);
-    WinMax<F> w(y0);
-    w.template take<KEEP>(y1, F(1));
-    if constexpr (KH == 2) {
-      load_pairs<F, ACT, P>(r1 + 2 * ow, n, y2, y3, nullptr, nullptr, &acc.a2, &acc.a3);
-      w.template take<KEEP>(y2, F(2));
-      w.template take<KEEP>(y3, F(3));
-    }
-    if (n == V) w.m.store(y + ow);
-    else w.m.store(y + ow, static_cast<int>(n));
-    if constexpr (KEEP) {
-      F kb[V];
-      w.k.store(kb);
-      for (int64_t j = 0; j < n; ++j) ip[ow + j] = static_cast<uint8_t>(kb[j]);
-    }
   }
 }
 
@@ -1393,15 +1369,6 @@ template <typename F, int ACT, int P, int KH>
 inline void act_unpool_row(const F* g, const F* r0, const F* r1, F* q0, F* q1, int64_t OW, const Vec<F>& cv) {
   constexpr int64_t V = Vec<F>::size();
   const Vec<F> zero(F(0));
-  auto store2 = [&](F* q, int64_t n2, const Vec<F>& a, const Vec<F>& b) {
-    if (n2 == 2 * V) {
-      a.store(q);
-      b.store(q + V);
-    } else {
-      a.store(q, static_cast<int>(std::min(n2, V)));
-      if (n2 > V) b.store(q + V, static_cast<int>(n2 - V));
-    }
-  };
   for (int64_t ow = 0; ow < OW; ow += V) {
     const int64_t n = std::min(V, OW - ow);
     Vec<F> y0, y1, y2, y3, z0, z1, z2, z3;
@@ -1417,11 +1384,11 @@ inline void act_unpool_row(const F* g, const F* r0, const F* r1, F* q0, F* q1, i
     auto pick = [&](F i) { return Vec<F>::blendv(zero, gv, w.k == Vec<F>(i)); };
     auto [a, b] = at::vec::interleave2(act_grad_v<F, ACT, P>(pick(F(0)), y0, z0, cv),
                                        act_grad_v<F, ACT, P>(pick(F(1)), y1, z1, cv));
-    store2(q0 + 2 * ow, 2 * n, a, b);
+    store_pair(q0 + 2 * ow, 2 * n, a, b);
     if constexpr (KH == 2) {
       auto [c, d] = at::vec::interleave2(act_grad_v<F, ACT, P>(pick(F(2)), y2, z2, cv),
                                          act_grad_v<F, ACT, P>(pick(F(3)), y3, z3, cv));
-      store2(q1 + 2 * ow, 2 * n, c, d);
+      store_pair(q1 + 2 * ow, 2 * n, c, d);
     }
   }
 }
@@ -1633,26 +1600,9 @@ class ActPool2Fn : public torch::autograd::Function<ActPool2Fn> {
         at::AutoDispatchBelowADInplaceOrView guard;
         idx = std::get<1>(call_act_pool2_fwd(z.detach(), act, 0, mean, groups, dims, true));
       }
-      Tensor yv = apply_act_composite(z, act);
-      std::vector<Tensor> outs_v, seeds;
-      if (grads[0].defined() && yv.requires_grad()) {
-        outs_v.push_back(yv);
-        seeds.push_back(maxpool2_bwd_composite(grads[0], idx, z.sizes(), dims));
-      }
-      if (p != 0) {
-        Tensor a = p == 2 ? yv * yv : yv.abs();
-        std::vector<int64_t> rd;
-        for (int64_t d = groups > 0 ? 1 : 0; d < a.dim(); ++d) rd.push_back(d);
-        Tensor ev = a.sum(rd) * s.scale;
-        if (ev.requires_grad()) {
-          outs_v.push_back(ev);
-          seeds.push_back(energy_grad().reshape(ev.sizes()));
-        }
-      }
-      Tensor gz;
-      if (!outs_v.empty())
-        gz = torch::autograd::grad(outs_v, {z}, seeds, /*retain_graph=*/true, /*create_graph=*/true,
-                                   /*allow_unused=*/true)[0];
+      Tensor gy = grads[0].defined() ? maxpool2_bwd_composite(grads[0], idx, z.sizes(), dims) : Tensor();
+      Tensor gz = recomputed_grads(apply_act_composite(z, act), gy, p != 0 ? energy_grad() : Tensor(), p, groups,
+                                   s.scale, {z}, /*create_graph=*/true)[0];
       return with(gz.defined() ? gz : at::zeros_like(z));
     }
     Tensor gy = grads[0].defined() ? grads[0] : at::zeros(pooled_shape(z, dims), z.options());
@@ -1984,29 +1934,20 @@ class ConvPool2Fn : public torch::autograd::Function<ConvPool2Fn> {
       const bool create_graph = at::GradMode::is_enabled();
       at::AutoGradMode grad_on(true);
       Tensor z = at::conv2d(x, w, b, 1, w.size(2) / 2);
-      Tensor yv = apply_act_composite(z, act);
-      std::vector<Tensor> outs, seeds;
+      Tensor gy;
       if (grads[0].defined()) {
         Tensor idx = std::get<1>(call_act_pool2_fwd(z.detach(), act, 0, mean, 0, 2, true));
-        outs.push_back(yv);
-        seeds.push_back(maxpool2_bwd_composite(grads[0], idx, z.sizes(), 2));
-      }
-      if (p != 0) {
-        Tensor a = p == 2 ? yv * yv : yv.abs();
-        Tensor ev = a.sum() * conv_pool2_scale(x, w, mean);
-        outs.push_back(ev);
-        seeds.push_back(ge.reshape(ev.sizes()));
+        gy = maxpool2_bwd_composite(grads[0], idx, z.sizes(), 2);
       }
       std::vector<Tensor> inputs;
       std::vector<int> which;
       if (ctx->needs_input_grad(0)) { inputs.push_back(x); which.push_back(0); }
       if (ctx->needs_input_grad(1)) { inputs.push_back(w); which.push_back(1); }
       if (nb) { inputs.push_back(b); which.push_back(2); }
+      auto gs = recomputed_grads(apply_act_composite(z, act), gy, ge, p, 0, conv_pool2_scale(x, w, mean), inputs,
+                                 create_graph);
       Tensor out3[3];
-      if (!outs.empty() && !inputs.empty()) {
-        auto gs = torch::autograd::grad(outs, inputs, seeds, true, create_graph, true);
-        for (size_t q = 0; q < which.size(); ++q) out3[which[q]] = gs[q];
-      }
+      for (size_t q = 0; q < which.size(); ++q) out3[which[q]] = gs[q];
       return with(out3[0], out3[1], out3[2]);
     }
     if (!ctx->needs_input_grad(1) && !nb) return with(Tensor(), Tensor(), Tensor());

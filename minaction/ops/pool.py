@@ -55,25 +55,32 @@ def max_pool2(x: Tensor, dims: int = 2) -> Tensor:
     return torch_pool(x, 2) if op is None else op(x, dims)
 
 
+def _fused_cpu_path(t: Tensor, backend) -> bool:
+    """Whether a fused C++ op may run for ``t``: not compiling, no autocast, and the ``cpu`` backend
+    routed (``_route``: not under a ``torch.func`` transform or an export, not another forced backend)."""
+    return (not torch.compiler.is_compiling() and not (_any_autocast is not None and _any_autocast())
+            and _route(t, backend) == "cpu")
+
+
 def activation_energy_max_pool2(z: Tensor, activation: str = "relu", energy="l2", reduction: str = "sum",
                                 groups: int = 0, dims: int = 2, backend=None, penalty: float = 0.0):
     """``max_pool2(y, dims)`` and ``E``, where ``y, E = activation_energy(z, activation, energy,
     reduction, groups, backend, penalty)``: the epilogue of a conv block and its max-pool by 2.
 
     On the ``cpu`` backend, for float32/float64, this is one C++ op per direction
-    (``minaction::epilogue_pool2``): the full-size activation ``y`` is never written, and the
-    backward writes the gradient of ``z`` in one pass from ``z``, the pooled gradient and the
-    uint8 window positions. Values and gradients equal the two-op composition exactly (the same
-    element chosen in each window, the same per-element gradient formula); ``E`` equals it up
-    to float rounding (another summation order). Anything else runs the two ops.
+    (``minaction::epilogue_pool2``): neither the full-size activation ``y`` nor the window
+    positions are written; the backward finds each window's element again from ``z`` and writes
+    the gradient of ``z`` in one pass. Values equal the two-op composition exactly (the same
+    element chosen in each window); gradients too for ReLU and the identity (the same per-element
+    formula), to rounding for the smooth activations; ``E`` to rounding (another summation
+    order). Anything else runs the two ops.
     """
     if dims not in (1, 2):
         raise ValueError(f"max_pool2 pools the last 1 or 2 dims, got dims={dims!r}")
     lead = 2 if groups else 1
     if (type(z) is Tensor and z.dtype in (torch.float32, torch.float64) and z.is_cpu
             and z.dim() >= lead + dims and min(z.shape[-dims:]) >= 2
-            and not torch.compiler.is_compiling() and not (_any_autocast is not None and _any_autocast())
-            and _route(z, backend) == "cpu"):
+            and _fused_cpu_path(z, backend)):
         p = _exponent(activation, energy, reduction)
         if penalty:
             penalty = validate_penalty(penalty, p)
@@ -106,8 +113,7 @@ def conv2d_act_energy_max_pool2(x: Tensor, weight: Tensor, bias=None, activation
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
             and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype))
             and not x.requires_grad and x.is_cpu and weight.is_cpu
-            and not torch.compiler.is_compiling() and not (_any_autocast is not None and _any_autocast())
-            and _route(x, backend) == "cpu"):
+            and _fused_cpu_path(x, backend)):
         p = _exponent(activation, energy, reduction)
         if penalty:
             penalty = validate_penalty(penalty, p)
