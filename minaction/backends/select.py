@@ -124,7 +124,24 @@ def use_backend(name: str | None):
 _select_cache: dict = {}
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo``.
+
+    The decorator only marks the function (``fn._dynamo_marked_constant = True``, the way
+    torch marks its own ``justknobs_check``), but importing it loads ``torch._dynamo``:
+    a second of every ``import minaction`` and of every study worker's start. Where dynamo
+    is loaded already the official decorator runs; ``tests/test_import.py`` checks that it
+    sets exactly this mark.
+    """
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
 def select(device) -> str:
     """The backend that will run for tensors on ``device`` (cached until the forcing changes)."""
     key = (device.type if isinstance(device, torch.device) else str(device), _forced, env_backend())

@@ -5,13 +5,33 @@ self-contained ``report.html``, ``figures/*.png`` and ``tables/*.csv``. The anal
 functions are usable on their own: :mod:`.anova` (Type II/III ANOVA, partial eta squared,
 bootstrap CIs), :mod:`.sweep` (the lambda-sweep), :mod:`.efficiency` (training efficiency).
 """
-from .anova import (FastAnova, anova_table, bootstrap_partial_eta, cell_counts, eta_reading,  # noqa: F401
-                    factorial_analysis, factorial_design_gaps)
-from .build import ReportOptions, build_report, choose_main_lam  # noqa: F401
-from .efficiency import arch_summary, efficiency_gains, per_run_efficiency  # noqa: F401
-from .render import check_traceable  # noqa: F401
-from .store import MixedBudgetError, Store, load_store, select_budget  # noqa: F401
-from .sweep import lambda_sweep, sweep_design_gaps, sweep_verdicts, tost_equivalence  # noqa: F401
+import importlib
+
+# name -> submodule; loaded on first use (PEP 562), so that `minaction study run` and every
+# other subcommand do not import scipy.stats and statsmodels (about a second) to build the parser
+_WHERE = {
+    "FastAnova": "anova", "anova_table": "anova", "bootstrap_partial_eta": "anova", "cell_counts": "anova",
+    "eta_reading": "anova", "factorial_analysis": "anova", "factorial_design_gaps": "anova",
+    "ReportOptions": "build", "build_report": "build", "choose_main_lam": "build",
+    "arch_summary": "efficiency", "efficiency_gains": "efficiency", "per_run_efficiency": "efficiency",
+    "check_traceable": "render",
+    "MixedBudgetError": "store", "Store": "store", "load_store": "store", "select_budget": "store",
+    "lambda_sweep": "sweep", "sweep_design_gaps": "sweep", "sweep_verdicts": "sweep", "tost_equivalence": "sweep",
+}
+
+
+def __getattr__(name):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = ["build_report", "ReportOptions", "choose_main_lam", "load_store", "Store", "anova_table", "FastAnova",
            "bootstrap_partial_eta", "cell_counts", "factorial_analysis", "factorial_design_gaps", "eta_reading",

@@ -560,6 +560,28 @@ def test_submodules_load_lazily_like_torch():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+def test_import_and_a_training_step_do_not_load_dynamo():
+    """torch._dynamo costs a second per process (every study worker's start): import minaction and
+    a forward/backward leave it unloaded, and the mark that replaces torch.compiler's decorator is
+    exactly the one that decorator sets."""
+    code = ("import sys, torch, minaction\n"
+            "from minaction.backends.select import select\n"
+            "m = minaction.nn.EnergyLinear(5, 3)\n"
+            "m(torch.randn(4, 5)).sum().backward()\n"
+            "assert 'torch._dynamo' not in sys.modules, 'dynamo loaded'\n"
+            "assert select._dynamo_marked_constant is True\n"
+            "def f(): pass\n"
+            "def g(): pass\n"
+            "import torch._dynamo\n"
+            "torch.compiler.assume_constant_result(f)\n"
+            "from minaction.backends.select import _constant_result\n"
+            "_constant_result(g)\n"
+            "assert vars(f) == vars(g) == {'_dynamo_marked_constant': True}, (vars(f), vars(g))\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_torch_compile_fullgraph_step_with_total_energy():
     """The last_energy property (functorch staleness check) stays traceable by torch.compile."""
     model = _converted_quickstart()
