@@ -168,7 +168,12 @@ def evaluate(model, ds, G: int, batch_size: int, stats_fn=None, dtype=None):
         b = len(y)
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
-        logits = _as_group(model(x), G)
+        st = None
+        if stats_fn is not None and getattr(stats_fn, "gives_output", False):
+            st = stats_fn(model, x, output=True)  # the logits come from the stats' own forward
+            logits = _as_group(st["output"], G)
+        else:
+            logits = _as_group(model(x), G)
         C = logits.shape[-1]
         ce = F.cross_entropy(logits.reshape(-1, C).float(), y.repeat(G), reduction="none").view(G, b).mean(1)
         tot["loss"] += ce.double() * b
@@ -176,7 +181,8 @@ def evaluate(model, ds, G: int, batch_size: int, stats_fn=None, dtype=None):
         if stats_fn is None:
             tot["energy"] += _energy(model, G).double() * b
         else:
-            st = stats_fn(model, x)
+            if st is None:
+                st = stats_fn(model, x)
             for k in ("energy", "active_frac", "energy_rescaled"):
                 v = st.get(k)
                 tot[k] += (torch.full((G,), float("nan")) if v is None else
@@ -208,11 +214,23 @@ def finite_members(model, opt, G: int) -> torch.Tensor:
                 continue
             g = owner.get(id(p))
             if g is not None:
-                ok[g] &= bool(torch.isfinite(t).all())
+                ok[g] &= bool(_finite_rows(t.reshape(1, -1))[0])
             elif G > 1 and t.dim() >= 1 and t.shape[0] == G:
-                ok &= torch.isfinite(t.reshape(G, -1)).all(1)
-            elif not bool(torch.isfinite(t).all()):
+                ok &= _finite_rows(t.reshape(G, -1))
+            elif not bool(_finite_rows(t.reshape(1, -1))[0]):
                 ok[:] = False
+    return ok
+
+
+def _finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """[rows] bool: every value of the row is finite. A row's sum is finite when all its values
+    are (a NaN or an infinity reaches the sum), so only rows whose sum is not (a non-finite
+    value, or finite values that overflow) are checked element by element: ``t.sum(1)`` reads
+    at memory speed, ``isfinite(t).all(1)`` was ~40x slower (a tenth of an MLP group on sst2)."""
+    ok = torch.isfinite(t.sum(1))
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten()
+        ok[bad] = torch.isfinite(t.index_select(0, bad)).all(1)
     return ok
 
 
@@ -248,7 +266,8 @@ def _spike_seed(budget: dict, seed: int, epoch: int) -> int:
 def _gather(train, orders: list, sl: slice, budget: dict, seeds: list, epoch: int, batch_index: int, shared: bool):
     """The step's inputs and labels: shared ``(x [B, ...], y [B])`` or per member
     ``(x [G, B, ...], y [G, B])``, member g's rows taken from ``orders[g][sl]``."""
-    encode = getattr(train, "encode", None)
+    # a dataset that does not say its encode is the identity (a plugin's) is encoded per member
+    encode = getattr(train, "encode", None) if getattr(train, "encodes", True) else None
 
     def one(order, seed):
         idx = torch.from_numpy(order[sl])

@@ -73,6 +73,38 @@ def test_per_member_gather_is_each_members_rows():
         assert torch.equal(x[g], DS.x[idx]) and torch.equal(y[g], DS.y[idx])
 
 
+def test_plain_datasets_take_the_one_copy_gather_spike_datasets_do_not(monkeypatch):
+    """Dataset.encode is the identity (encodes False): the trainer gathers every member's rows in one
+    index_select, equal to the per-member gather; a SpikeDataset (encodes True) is encoded per member."""
+    from minaction.data.core import DataMeta, Dataset, SpikeDataset
+
+    meta = DataMeta("toy", "vision", 3, (1, 2, 2), torch.float32)
+    ds = Dataset(torch.rand(30, 1, 2, 2), torch.arange(30) % 3, meta, "train")
+    spikes = SpikeDataset(ds.x, ds.y, DataMeta("toy_spikes", "neuromorphic", 3, (4, 1, 2, 2), torch.float32,
+                                               spike_encoded=True), "train")
+    assert Dataset.encodes is False and SpikeDataset.encodes is True
+    orders = [np.random.RandomState(g).permutation(30) for g in range(3)]
+    calls = []
+    real = torch.Tensor.index_select
+
+    def counting(self, dim, index):
+        calls.append(len(index))
+        return real(self, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", counting)
+    x, y = trainer._gather(ds, orders, slice(4, 12), {}, [0, 1, 2], 1, 0, False)
+    assert calls == [24, 24]  # x and y, once each, for the three members together
+    for g in range(3):
+        idx = torch.from_numpy(orders[g][4:12])
+        assert torch.equal(x[g], ds.x[idx]) and torch.equal(y[g], ds.y[idx])
+    calls.clear()
+    xs, ys = trainer._gather(spikes, orders, slice(4, 12), {"data_order": "seed", "data_seed": 0}, [0, 1, 2], 1, 0,
+                             False)
+    assert calls == [8, 8] * 3 and xs.shape == (3, 8, 4, 1, 2, 2)
+    for g in range(3):
+        assert torch.equal(ys[g], ds.y[torch.from_numpy(orders[g][4:12])])
+
+
 def test_workers_pin_the_allocator(monkeypatch):
     monkeypatch.setenv("MINACTION_PIN_ALLOCATOR", "0")
     assert trainer._pin_allocator() is False

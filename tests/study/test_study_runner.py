@@ -325,6 +325,22 @@ def test_finite_members_per_member():
     assert finite_members(m, opt, 2).tolist() == [True, False]
 
 
+def test_finite_rows_is_exact_where_a_sum_overflows():
+    """The fast check sums each row first; a finite row whose sum overflows is still finite, and a
+    +inf/-inf pair (sum NaN) or a lone NaN is not."""
+    import torch
+
+    from minaction.study.trainer import _finite_rows
+
+    big = torch.finfo(torch.float32).max
+    t = torch.tensor([[big, big, 1.0], [1.0, 2.0, 3.0], [float("inf"), -float("inf"), 0.0], [0.0, float("nan"), 1.0],
+                      [-big, -big, 0.0]])
+    assert _finite_rows(t).tolist() == [True, True, False, False, True]
+    h = torch.full((2, 3), 60000.0, dtype=torch.float16)  # a half row's sum overflows too
+    h[1, 1] = float("inf")
+    assert _finite_rows(h).tolist() == [True, False]
+
+
 def test_dask_matches_local(reference_db, tmp_path):
     pytest.importorskip("dask.distributed")
     db = tmp_path / "dask.sqlite"
