@@ -242,9 +242,9 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
             (:mod:`minaction.study.checkpoint`).
         balance: None, or a callable returning ``cost(group) -> seconds or None``, called after
             ``on_start``: a group costing more than an even share of the work per worker is
-            halved so that it does not run alone while the other workers idle
-            (:mod:`minaction.study.schedule`; the CLI passes ``plan.cost_lookup``, the costs
-            ``study plan`` measured).
+            halved so that it does not run alone while the other workers idle, and the groups
+            are submitted costliest first (:mod:`minaction.study.schedule`; the CLI passes
+            ``plan.cost_lookup``, the costs ``study plan`` measured).
         max_group: at most this many runs per batched group (default: the preset's
             ``max_group``; a larger value than the preset's is refused). Smaller groups finish
             sooner, so a machine that is taken away mid-study loses less; the runs and their
@@ -337,7 +337,7 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
             ex = make_executor(executor, workers, scheduler, threads)
             summary["workers"] = ex.workers
             if balance is not None:
-                groups = schedule.balance(groups, ex.workers, balance(), ckpt.get("checkpoint_dir"))
+                groups = schedule.arrange(groups, ex.workers, balance(), ckpt.get("checkpoint_dir"))
                 summary["groups"] = len(groups)
             window = 2 * ex.workers
             plugins = plugins_for(todo)  # the workers import the modules that registered these names

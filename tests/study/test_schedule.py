@@ -6,7 +6,7 @@ import pytest
 
 import doubles.study  # noqa: F401  (registers the dataset "synthetic" and the tiny_* architectures)
 from minaction.study import checkpoint, run_study
-from minaction.study.schedule import balance
+from minaction.study.schedule import arrange, balance, makespan
 
 
 def group(name, n):
@@ -48,6 +48,42 @@ def test_a_lone_group_is_spread_over_the_workers():
     out = balance([group("mlp", 4)], 2, cost)
     assert sizes(out) == [("mlp", 2), ("mlp", 2)]
     assert sizes(balance([group("mlp", 1)], 2, cost)) == [("mlp", 1)]
+
+
+def test_halving_goes_on_while_it_shortens_the_busiest_worker():
+    """The diagonal race on 2 workers: a 10-member cnn group (11.7 s) beside 5.6 / 1.8 / 1.3 s groups.
+    Even halves of the cnn leave 5.8 + 5.6 s on one worker; halving on to quarters gets near the
+    10.2 s even share, and no piece is split where that would not shorten the busiest worker."""
+    per = {"cnn": 1.17, "nm": 0.56, "sst": 0.18, "ecg": 0.13}
+
+    def c(g):
+        return per[g[0]["config"]["cell"]] * len(g)
+
+    groups = [group("cnn", 10), group("sst", 10), group("nm", 10), group("ecg", 10)]
+    out = balance(groups, 2, c)
+    total = sum(c(g) for g in groups)
+    assert sum(len(g) for g in out) == 40
+    assert [r["run_id"] for g in out for r in g] == [r["run_id"] for g in groups for r in g]  # order kept
+    assert makespan([c(g) for g in out], 2) <= 1.03 * total / 2 < makespan([5.85, 5.85, 5.6, 1.8, 1.3], 2)
+    assert {n for cell, n in sizes(out) if cell != "cnn"} == {10}  # the small groups stay whole
+    # nothing to gain: two equal groups on two workers are left alone
+    assert sizes(balance([group("mlp", 10), group("mlp", 10)], 2, cost)) == [("mlp", 10), ("mlp", 10)]
+
+
+def test_arrange_submits_the_costliest_piece_first_and_makespan():
+    groups = [group("tiny", 2), group("cnn", 1), group("mlp", 3), group("tiny", 4)]
+    assert sizes(arrange(groups, 1, cost)) == [("cnn", 1), ("mlp", 3), ("tiny", 4), ("tiny", 2)]
+    assert arrange(groups, 2, lambda g: None) == groups  # unknown costs: the given order
+    # the costs are measured for whole groups only (a piece of another size is None in the table):
+    # pieces are ordered by their members' share
+    whole = {("cnn", 10): 100.0, ("mlp", 10): 10.0, ("tiny", 10): 5.0}
+
+    def table(g):
+        return whole.get((g[0]["config"]["cell"], len(g)))
+
+    out = arrange([group("tiny", 10), group("mlp", 10), group("cnn", 10)], 2, table)
+    assert sizes(out) == [("cnn", 5), ("cnn", 5), ("mlp", 10), ("tiny", 10)]
+    assert makespan([5, 4, 3, 3, 3], 2) == 10 and makespan([3, 3, 2, 2, 2], 2) == 7 and makespan([5, 4, 3], 1) == 12 and makespan([], 3) == 0
 
 
 def test_checkpoints_decide_before_costs(tmp_path):
