@@ -206,37 +206,55 @@ def read_label_list(src):
     return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 
 
-def bin_events(events, offsets, n_samples, T, height=34, width=34, duration_us=None) -> np.ndarray:
+def bin_events(events, offsets, n_samples, T, height=34, width=34, duration_us=None,
+               chunk_bins: int = 1 << 20) -> np.ndarray:
     """Count events per (sample, time bin, polarity, y, x): float32 ``[N, T, 2, H, W]``.
 
-    ``events``: ``(x, y, p, t)`` concatenated over samples; ``offsets``: ``[N + 1]`` start
-    positions. Time bins split ``[0, duration)`` into ``T`` equal parts, ``duration`` being
-    ``duration_us`` when given (events after it are dropped) or, per recording, its last
-    timestamp + 1 (so every event of a recording lands in a bin).
+    ``events``: ``(x, y, p, t)`` concatenated over samples (any integer dtypes); ``offsets``:
+    ``[N + 1]`` start positions. Time bins split ``[0, duration)`` into ``T`` equal parts,
+    ``duration`` being ``duration_us`` when given (events after it are dropped) or, per
+    recording, its last timestamp + 1 (so every event of a recording lands in a bin).
+
+    Samples are binned in chunks of about ``chunk_bins`` output bins, so the int64 index
+    arithmetic and the counts stay in cache and the whole-split int64 temporaries (~0.7 s
+    of page faults and copies for N-MNIST's 900 training recordings) are never made.
     """
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
+    if duration_us is not None and duration_us <= 0:
+        raise ValueError(f"duration_us must be > 0, got {duration_us}")
     x, y, p, t = events
-    counts = np.diff(offsets)
-    sample = np.repeat(np.arange(n_samples, dtype=np.int64), counts)
-    t = t.astype(np.int64)
-    if duration_us is None:
-        # last timestamp of each recording (events are not assumed sorted)
-        last = np.zeros(n_samples, dtype=np.int64)
-        if len(t):
-            np.maximum.at(last, sample, t)
-        dur = last[sample] + 1
-        keep = np.ones(len(t), dtype=bool)
-    else:
-        if duration_us <= 0:
-            raise ValueError(f"duration_us must be > 0, got {duration_us}")
-        dur = np.int64(duration_us)
-        keep = t < duration_us
-    tb = np.minimum(t * T // dur, T - 1)
-    inside = keep & (x < width) & (y < height)
-    flat = (((sample * T + tb) * 2 + p) * height + y) * width + x
-    out = np.bincount(flat[inside], minlength=n_samples * T * 2 * height * width)
-    return out.astype(np.float32).reshape(n_samples, T, 2, height, width)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if len(offsets) != n_samples + 1 or (n_samples and (offsets[0] != 0 or np.any(np.diff(offsets) < 0))):
+        raise ValueError(f"offsets must be {n_samples + 1} non-decreasing start positions from 0, "
+                         f"got {len(offsets)} values")
+    per = int(T) * 2 * int(height) * int(width)
+    out = np.empty((n_samples, T, 2, height, width), dtype=np.float32)
+    step = max(1, int(chunk_bins) // per)
+    for s0 in range(0, n_samples, step):
+        s1 = min(n_samples, s0 + step)
+        e0, e1 = int(offsets[s0]), int(offsets[s1])
+        sample = np.repeat(np.arange(s1 - s0, dtype=np.int64), np.diff(offsets[s0:s1 + 1]))
+        tt = t[e0:e1].astype(np.int64)
+        if duration_us is None:
+            # last timestamp of each recording (events are not assumed sorted)
+            last = np.zeros(s1 - s0, dtype=np.int64)
+            if len(tt):
+                np.maximum.at(last, sample, tt)
+            dur = last[sample] + 1
+            keep = None
+        else:
+            dur = np.int64(duration_us)
+            keep = tt < duration_us
+        tb = np.minimum(tt * T // dur, T - 1)
+        xx, yy = x[e0:e1].astype(np.int64), y[e0:e1].astype(np.int64)
+        inside = (xx < width) & (yy < height)
+        if keep is not None:
+            inside &= keep
+        flat = (((sample * T + tb) * 2 + p[e0:e1].astype(np.int64)) * height + yy) * width + xx
+        counts = np.bincount(flat[inside], minlength=(s1 - s0) * per)
+        out[s0:s1] = counts.reshape((s1 - s0, T, 2, height, width))
+    return out
 
 
 # --------------------------------------------------------------------------- UCR tsv

@@ -97,8 +97,7 @@ def _build_nmnist(name, split, seed, data_dir, progress, val_fraction, T, durati
     starts, ends = offsets[sel], offsets[sel + 1]
     lengths = ends - starts
     take = np.repeat(starts, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-    events = (a["ex"][take].astype(np.int64), a["ey"][take].astype(np.int64), a["ep"][take].astype(np.int64),
-              a["et"][take])
+    events = (a["ex"][take], a["ey"][take], a["ep"][take], a["et"][take])  # bin_events widens them per chunk
     sub_off = np.concatenate([[0], np.cumsum(lengths)])
     x = formats.bin_events(events, sub_off, len(sel), int(T), duration_us=duration_us)
     if not isinstance(fold_time, bool):

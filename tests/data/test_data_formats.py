@@ -110,6 +110,14 @@ def test_bin_events_matches_a_loop():
     assert got.sum() == sum(counts)
     fixed = formats.bin_events(ev, offsets, n, T, duration_us=150_000)
     assert fixed.sum() == (ev[3] < 150_000).sum()
+    # binned a sample at a time (chunks cross samples, an empty one among them), from the narrow
+    # dtypes the N-MNIST cache stores: the same counts
+    narrow = [ev[0].astype(np.uint8), ev[1].astype(np.uint8), ev[2].astype(np.uint8), ev[3].astype(np.int32)]
+    np.testing.assert_array_equal(formats.bin_events(narrow, offsets, n, T, chunk_bins=1), got)
+    np.testing.assert_array_equal(formats.bin_events(narrow, offsets, n, T, duration_us=150_000, chunk_bins=2 * 9248),
+                                  fixed)
+    with pytest.raises(ValueError, match="offsets"):
+        formats.bin_events(ev, offsets[::-1], n, T)
 
 
 def test_label_list_and_ucr():
