@@ -69,7 +69,9 @@ def register_architecture(name: str, build: Callable, activation_stats: Optional
     energy_reduction=..., num_models=G, seeds=[...], **options)`` and returns a module whose
     forward gives logits ``[B, C]`` (G = 1) or ``[G, B, C]``. ``activation_stats(model, x)``
     (default: :func:`activation_stats`) gives the per-member ``energy``, ``active_frac`` and
-    ``energy_rescaled`` the study records.
+    ``energy_rescaled`` the study records; one that sets the attribute ``gives_output = True``
+    also takes ``output=True`` and then returns the forward's logits under ``"output"``, so the
+    study's test evaluation runs the model once per batch instead of twice.
 
     Register at the top level of an importable module (not inside a function, not in a
     script run as ``__main__``): the study's workers are other processes, and they import

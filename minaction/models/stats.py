@@ -6,6 +6,7 @@ from typing import Dict
 import torch
 from torch import nn
 
+from ..nn.conv import _EnergyConvNd
 from ..nn.layers import EnergyLayer
 from ..ops.energy import ENERGIES
 from ..model_api import total_energy
@@ -24,7 +25,7 @@ def _hidden_layers(module):
 
 
 @torch.no_grad()
-def activation_stats(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+def activation_stats(model: nn.Module, x: torch.Tensor, output: bool = False) -> Dict[str, torch.Tensor]:
     """One forward of ``model`` on ``x`` (eval mode, no grad; the mode is restored) and:
 
     * ``energy``: :func:`minaction.total_energy` (E as trained against);
@@ -38,6 +39,8 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tenso
 
     Each value is 0-dim for a one-member model, ``[G]`` for G members. For a model built
     with ``energy=None`` ``energy`` is zeros and ``energy_rescaled`` uses p = 2.
+    ``output=True`` adds ``"output"``: the model's output on ``x`` from that same forward (an
+    evaluation loop need not run the model a second time for its logits).
     """
     G = int(getattr(model, "num_models", 1))
     captured = {}
@@ -51,7 +54,7 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tenso
     was = model.training
     model.eval()
     try:
-        model(x)
+        y_out = model(x)
         try:
             energy = total_energy(model)
         except ValueError:  # energy=None: no counting layers
@@ -73,23 +76,23 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tenso
                 continue
             batched = g is None and G > 1  # [G, B, ...]
             yg = (getattr(lay, "member_view", None) or (lambda t: t))(y) if batched else y.unsqueeze(0)  # [G', B..]
-            B = yg.shape[1]
+            Gp, B = yg.shape[0], yg.shape[1]
             units = yg[0, 0].numel()
             sl = slice(None) if g is None else slice(g, g + 1)
-            nnz[sl] += (yg != 0).reshape(yg.shape[0], -1).sum(1).double()
+            nnz[sl] += _nonzeros(yg.reshape(Gp, -1))
             tot[sl] += float(yg[0].numel())
             p = ENERGIES[lay.energy] or 2
+            # sum of |y|^p per unit (linear: the last dim) or per channel (conv: dim 2), then weighted
+            # by f^p: sum |y f|^p = sum_c f_c^p sum |y_c|^p, as f >= 0 (a norm); one pass and one
+            # temporary, where |y * f| ** p made four (the cnn's test evaluation spent 2.2 of 11.7 s here)
+            conv = isinstance(lay, _EnergyConvNd)  # [G', B, C, *spatial]; a linear layer: [G', B, ..., N]
+            dims = (1,) + tuple(range(3, yg.dim())) if conv else tuple(range(1, yg.dim() - 1))
+            per = _abs_pow_sum(yg, p, dims)  # [G', C or N]
             f = factors.get(id(lay))
             if f is not None:
                 f = f.to(yg.dtype)
-                if isinstance(lay, EnergyLayer) and yg.dim() > 3:  # conv: per channel [.., C] -> [G', 1, C, 1...]
-                    f = f.reshape(-1 if f.dim() == 2 else 1, 1, f.shape[-1], *([1] * (yg.dim() - 3)))
-                else:  # linear: [N] or [G, N] -> [G', 1, N]
-                    f = f.reshape(-1 if f.dim() == 2 else 1, 1, f.shape[-1])
-                yr = yg * f
-            else:
-                yr = yg
-            e = (yr.abs() ** p).reshape(yg.shape[0], -1).sum(1).double() / B
+                per = per * f.reshape(-1 if f.dim() == 2 else 1, f.shape[-1]).pow(p)
+            e = per.sum(1).double() / B
             if lay.energy_reduction == "mean":
                 e = e / units
             if resc is None:
@@ -105,4 +108,28 @@ def activation_stats(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tenso
     }
     if G == 1:
         out = {k: v.reshape(()) for k, v in out.items()}
+    if output:
+        out["output"] = y_out
     return out
+
+
+activation_stats.gives_output = True  # takes output=True (read by the study's evaluation loop)
+
+
+def _nonzeros(t: torch.Tensor) -> torch.Tensor:
+    """[rows] float64: the non-zero values of each row of ``t`` (a NaN counts). |sign(t)| summed in
+    float64: ~8x faster on the CPU than ``(t != 0).sum(1)``, whose bool-to-int64 sum is scalar."""
+    s = t.sign().abs_()
+    if s.is_floating_point():
+        s = torch.nan_to_num_(s, nan=1.0)
+    return s.sum(1, dtype=torch.float64)
+
+
+def _abs_pow_sum(y: torch.Tensor, p, dims) -> torch.Tensor:
+    """sum of |y|^p over ``dims`` (p = 2: y * y; p = 1: |y|)."""
+    if p == 2:
+        return (y * y).sum(dims)
+    if p == 1:
+        return y.abs().sum(dims)
+    return y.abs().pow(p).sum(dims)
+
