@@ -264,3 +264,37 @@ def test_evaluation_in_chunks_equals_whole_batches():
                if getattr(m, "counts_energy", False) and m.last_energy is not None)
     for k in ("loss", "energy"):  # evaluate's cross-entropy runs in float32: summation order only
         torch.testing.assert_close(pieces[k], whole[k], rtol=1e-6, atol=1e-9)
+
+
+def test_evaluation_with_stats_runs_the_model_once_per_piece():
+    """The test evaluation takes its logits from activation_stats' own forward (output=True): one
+    forward per piece, and the same accuracy, loss and statistics as a separate forward and stats call."""
+    from minaction.study.trainer import evaluate
+
+    meta = STEMS["vision"]
+    G, n = 3, 11
+    torch.manual_seed(1)
+    x = torch.randn(n, *meta.input_shape, dtype=torch.float64)
+    y = torch.randint(0, meta.num_classes, (n,))
+
+    class DS:
+        def batches(self, batch_size, shuffle=False):
+            for i in range(0, n, batch_size):
+                yield x[i:i + batch_size], y[i:i + batch_size]
+
+    def separate(model, xb):  # the same statistics without gives_output: the trainer runs model(x) too
+        return models.activation_stats(model, xb)
+
+    model = models.build("cnn", meta, num_models=G, seeds=[0, 1, 2], dtype=torch.float64)
+    model.eval_rows = 0
+    seen = []
+    h = model.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))
+    one = evaluate(model, DS(), G, batch_size=4, stats_fn=models.activation_stats)
+    assert seen == [4, 4, 3]
+    seen.clear()
+    two = evaluate(model, DS(), G, batch_size=4, stats_fn=separate)
+    assert seen == [4, 4, 4, 4, 3, 3]
+    h.remove()
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-12, atol=1e-12)
+    assert models.activation_stats(model, x[:2], output=True)["output"].shape == (G, 2, meta.num_classes)
