@@ -85,9 +85,12 @@ class Dataset:
         """A copy whose tensors live on ``device``."""
         return self._like(self.x.to(device), self.y.to(device))
 
-    #: False where :meth:`encode` is the identity (stored rows are model inputs): a consumer may then
-    #: gather rows of several index sets in one copy instead of encoding each set
-    encodes = False
+    @property
+    def encodes(self) -> bool:
+        """False where :meth:`encode` is the identity (stored rows are model inputs), so a consumer
+        may gather the rows of several index sets in one copy instead of encoding each set; True
+        for any subclass that overrides :meth:`encode`."""
+        return type(self).encode is not Dataset.encode
 
     def encode(self, x: torch.Tensor, seed: int = 0, batch_index: int = 0) -> torch.Tensor:
         """Map stored inputs to the model layout (identity here; spikes for ``SpikeDataset``)."""
@@ -148,8 +151,6 @@ class SpikeDataset(Dataset):
     spikes in {0, 1}: pixel ``v`` fires at each of the ``T`` steps independently with
     probability ``max_prob * v``. Nothing is materialised; batch ``i`` is seeded by ``(seed, i)``.
     """
-
-    encodes = True
 
     def encode(self, x, seed: int = 0, batch_index: int = 0):
         T = self.meta.input_shape[0]

@@ -75,14 +75,20 @@ def test_per_member_gather_is_each_members_rows():
 
 def test_plain_datasets_take_the_one_copy_gather_spike_datasets_do_not(monkeypatch):
     """Dataset.encode is the identity (encodes False): the trainer gathers every member's rows in one
-    index_select, equal to the per-member gather; a SpikeDataset (encodes True) is encoded per member."""
+    index_select, equal to the per-member gather; a SpikeDataset, or any subclass overriding encode
+    (encodes True), is encoded per member."""
     from minaction.data.core import DataMeta, Dataset, SpikeDataset
 
     meta = DataMeta("toy", "vision", 3, (1, 2, 2), torch.float32)
     ds = Dataset(torch.rand(30, 1, 2, 2), torch.arange(30) % 3, meta, "train")
     spikes = SpikeDataset(ds.x, ds.y, DataMeta("toy_spikes", "neuromorphic", 3, (4, 1, 2, 2), torch.float32,
                                                spike_encoded=True), "train")
-    assert Dataset.encodes is False and SpikeDataset.encodes is True
+    class Flipped(Dataset):  # a plugin's dataset that overrides encode is encoded per member
+        def encode(self, x, seed=0, batch_index=0):
+            return -x
+
+    assert ds.encodes is False and spikes.encodes is True
+    assert Flipped(ds.x, ds.y, meta, "train").encodes is True
     orders = [np.random.RandomState(g).permutation(30) for g in range(3)]
     calls = []
     real = torch.Tensor.index_select
