@@ -1,9 +1,10 @@
 """minaction: fused kernels for energy-regularized neural networks, and the replication study of
 Frasch, "minAction.net" (arXiv 2604.24805).
 
-``import minaction`` loads the core (``minaction.nn``, ``minaction.ops``, the helpers below);
-the other submodules (``data``, ``models``, ``study``, ``report``, ...) load on first access,
-as torch's do: ``minaction.data`` works after a plain ``import minaction``.
+``import minaction`` loads the core (``minaction.nn``, ``minaction.ops``, the helpers below)
+when torch is already imported, else on the first use of one of them; the other submodules
+(``data``, ``models``, ``study``, ``report``, ...) load on first access, as torch's do:
+``minaction.data`` works after a plain ``import minaction``.
 """
 from __future__ import annotations
 
@@ -34,13 +35,32 @@ def _bind_checkout_sources() -> None:
 
 _bind_checkout_sources()
 
-from .backends.select import backend_info, set_backend, use_backend  # noqa: F401
-from .model_api import convert, energy_report, set_penalty, total_energy  # noqa: F401
-from . import nn  # noqa: F401
-
 __version__ = "0.1.0"
 __all__ = ["nn", "total_energy", "convert", "energy_report", "set_penalty", "backend_info", "set_backend",
            "use_backend"]
+
+# the core's names and where they live
+_CORE = {"backend_info": "backends.select", "set_backend": "backends.select", "use_backend": "backends.select",
+         "convert": "model_api", "energy_report": "model_api", "set_penalty": "model_api",
+         "total_energy": "model_api"}
+
+
+def _load_core() -> None:
+    from .backends.select import backend_info, set_backend, use_backend  # noqa: F401
+    from .model_api import convert, energy_report, set_penalty, total_energy  # noqa: F401
+    from . import nn  # noqa: F401
+
+    g = globals()
+    g.update(backend_info=backend_info, set_backend=set_backend, use_backend=use_backend, convert=convert,
+             energy_report=energy_report, set_penalty=set_penalty, total_energy=total_energy, nn=nn)
+
+
+# With torch already imported (`import torch; import minaction`, any script or test) the core loads
+# now, its ops registered with torch as before. Imported first, as the `minaction` command is, the
+# core loads on first use: `minaction study run` then starts its workers' process before it spends
+# a second importing torch itself (the two imports overlap).
+if "torch" in __import__("sys").modules:
+    _load_core()
 
 # submodules imported on first attribute access (they pull pandas, statsmodels, matplotlib, ...)
 _LAZY_SUBMODULES = frozenset({"backends", "cli", "data", "energy_meter", "models", "model_api", "ops", "report",
@@ -48,6 +68,9 @@ _LAZY_SUBMODULES = frozenset({"backends", "cli", "data", "energy_meter", "models
 
 
 def __getattr__(name: str):
+    if name in _CORE or name == "nn":
+        _load_core()
+        return globals()[name]
     if name in _LAZY_SUBMODULES:
         module = _importlib.import_module(f".{name}", __name__)
         globals()[name] = module
@@ -56,4 +79,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | _LAZY_SUBMODULES)
+    return sorted(set(globals()) | _LAZY_SUBMODULES | set(_CORE) | {"nn"})

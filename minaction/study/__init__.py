@@ -10,9 +10,26 @@ See ``docs/study.md`` for the presets, the store's schema and the executors, and
 instead of) training are ``ValueError`` subclasses with a one-line message: ``StudyConfigError``
 (environment, preset), ``StoreError`` (the store's file), ``StoreBusyError`` (another driver).
 """
-from .presets import available_presets, expand, load_preset, make_groups, run_id  # noqa: F401
-from .runner import StudyConfigError, run_study, study_status  # noqa: F401
-from .store import StoreBusyError, StoreError  # noqa: F401
+import importlib
 
 __all__ = ["run_study", "study_status", "load_preset", "expand", "make_groups", "run_id", "available_presets",
            "StudyConfigError", "StoreError", "StoreBusyError"]
+
+# name -> submodule, loaded on first use (PEP 562): `minaction study run` imports this package to
+# start its workers' process before anything imports torch (see minaction/cli.py)
+_WHERE = {"available_presets": "presets", "expand": "presets", "load_preset": "presets", "make_groups": "presets",
+          "run_id": "presets", "StudyConfigError": "runner", "run_study": "runner", "study_status": "runner",
+          "StoreBusyError": "store", "StoreError": "store"}
+
+
+def __getattr__(name):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

@@ -117,6 +117,25 @@ def _init_local_worker(threads, driver_pid=None):
     init_worker(threads)
 
 
+def start_forkserver():
+    """The local executor's multiprocessing context; with ``forkserver`` (Linux), also start the
+    server now, preloading torch, the data and model packages and the kernels
+    (:mod:`minaction.study._preload`). Idempotent. ``minaction study run`` calls it before the
+    driver imports torch, so the server's imports and the driver's overlap."""
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    os.environ[DRIVER_ENV] = str(os.getpid())  # read by _preload in the forkserver; marks our processes
+    if ctx.get_start_method() == "forkserver":
+        # workers fork from a server that already imported torch and loaded the kernels
+        ctx.set_forkserver_preload(["minaction.study._preload"])
+        # Start it from the main thread: PR_SET_PDEATHSIG fires when the *thread* that started a
+        # process exits, and this one lives as long as the study (a pool thread would not).
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    return ctx
+
+
 class LocalExecutor:
     """A process pool; a dead worker breaks the pool, so :meth:`restart` builds a new one."""
 
@@ -126,16 +145,7 @@ class LocalExecutor:
         self.workers = check_workers(workers) or default_workers()
         self.threads = threads
         methods = mp.get_all_start_methods()
-        self._ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-        os.environ[DRIVER_ENV] = str(os.getpid())  # read by _preload in the forkserver; marks our processes
-        if self._ctx.get_start_method() == "forkserver":
-            # workers fork from a server that already imported torch and loaded the kernels
-            self._ctx.set_forkserver_preload(["minaction.study._preload"])
-            # Start it from this thread: PR_SET_PDEATHSIG fires when the *thread* that started a
-            # process exits, and this one lives as long as the study (a pool thread would not).
-            from multiprocessing import forkserver
-
-            forkserver.ensure_running()
+        self._ctx = start_forkserver()
         self._pool = None
         self.restart()
 

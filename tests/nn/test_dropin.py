@@ -560,6 +560,28 @@ def test_submodules_load_lazily_like_torch():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+def test_import_before_torch_loads_the_core_on_first_use():
+    """Imported before torch (as the `minaction` command is), the core waits for its first use; every
+    name is there all the same. Imported after torch, it loads at once (its ops registered)."""
+    code = ("import sys, minaction\n"
+            "assert 'torch' not in sys.modules, 'import minaction loaded torch'\n"
+            "assert {'nn', 'total_energy', 'convert', 'backend_info'} <= set(dir(minaction))\n"
+            "from minaction import total_energy, nn\n"
+            "assert minaction.total_energy is total_energy and nn.EnergyLinear.__name__ == 'EnergyLinear'\n"
+            "import torch\n"
+            "m = nn.EnergyLinear(3, 2)\n"
+            "m(torch.randn(4, 3))\n"
+            "assert float(total_energy(m)) > 0\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    code = ("import sys, torch, minaction\n"
+            "assert 'minaction.nn' in sys.modules and hasattr(torch.ops.minaction, 'layer')\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_import_and_a_training_step_do_not_load_dynamo():
     """torch._dynamo costs a second per process (every study worker's start): import minaction and
     a forward/backward leave it unloaded, and the mark that replaces torch.compiler's decorator is

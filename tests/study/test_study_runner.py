@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -323,6 +324,40 @@ def test_finite_members_per_member():
     opt.step()
     opt.state[m.members[1].weight]["exp_avg_sq"][0, 0] = float("inf")
     assert finite_members(m, opt, 2).tolist() == [True, False]
+
+
+def test_cli_study_run_starts_the_forkserver_before_importing_torch(tmp_path):
+    """`minaction study run` (local executor) starts its workers' forkserver before the driver imports
+    torch, so the two imports overlap; the study then runs as before. With another executor, or torch
+    already imported (minaction.cli.main called from a script), nothing starts early."""
+    preset = tmp_path / "synth.toml"
+    preset.write_text(toml_text(synth(lams=[0.0], seeds=[0])))
+    code = textwrap.dedent(f"""
+        import sys
+        import minaction.study.executors as ex
+        assert "torch" not in sys.modules, "importing the executors loaded torch"
+        seen, real = [], ex.start_forkserver
+
+        def spy():
+            seen.append("torch" in sys.modules)
+            return real()
+
+        ex.start_forkserver = spy
+        from minaction.cli import _start_study_workers_early, main
+        _start_study_workers_early(["study", "run", "--executor", "dask"])
+        _start_study_workers_early(["study", "run", "--executor=ray"])
+        assert seen == []
+        rc = main(["study", "run", "--preset", {str(preset)!r}, "--db", {str(tmp_path / "s.sqlite")!r},
+                   "--workers", "1", "--no-progress", "--plugin", "doubles.study"])
+        assert rc == 0 and seen[0] is False and seen[1:] == [True], (rc, seen)
+        print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(doubles.TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    con = sqlite3.connect(tmp_path / "s.sqlite")
+    assert con.execute("select count(*) from runs where status = 'done'").fetchone()[0] == 1
+    con.close()
 
 
 def test_finite_rows_is_exact_where_a_sum_overflows():
