@@ -146,3 +146,22 @@ for _name in DATASETS:
     data.register_dataset(_name, load)
 for _name in ARCHITECTURES:
     models.register_architecture(_name, build, activation_stats=activation_stats)
+
+
+# ----------------------------------------------------------------------------- helpers for the study's tests
+def one_group(spec) -> list:
+    """The runs of ``spec`` (a preset dict that makes exactly one group), as that group."""
+    from minaction.study import presets
+
+    (g,) = presets.make_groups(presets.expand(spec), spec["group_by"], spec["max_group"])
+    return g
+
+
+def without_timings(records) -> list:
+    """Everything a group records but its timings (``wall_time_s``), comparable across runs."""
+    out = []
+    for rec in records:
+        run = {k: v for k, v in rec["run"].items() if k != "wall_time_s"}
+        rows = [[{k: v for k, v in r.items() if k != "wall_time_s"} for r in rec[t]] for t in ("epochs", "evals")]
+        out.append((run, rows))
+    return out

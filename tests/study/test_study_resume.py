@@ -41,19 +41,7 @@ def spec(**budget):
                                 "budget": b, "data_opts": {"synthetic": {"n": 64}}})
 
 
-def group(sp):
-    (g,) = presets.make_groups(presets.expand(sp), sp["group_by"], sp["max_group"])
-    return g
-
-
-def strip(records):
-    """Everything a group records but its timings."""
-    out = []
-    for rec in records:
-        run = {k: v for k, v in rec["run"].items() if k != "wall_time_s"}
-        rows = [[{k: v for k, v in r.items() if k != "wall_time_s"} for r in rec[t]] for t in ("epochs", "evals")]
-        out.append((run, rows))
-    return out
+group, strip = doubles.study.one_group, doubles.study.without_timings
 
 
 class Killed(Exception):
