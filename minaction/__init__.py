@@ -37,7 +37,9 @@ _bind_checkout_sources()
 
 __version__ = "0.1.0"
 __all__ = ["nn", "total_energy", "convert", "energy_report", "set_penalty", "backend_info", "set_backend",
-           "use_backend"]
+           "use_backend", "keep_freed_memory"]
+
+from ._alloc import keep_freed_memory  # noqa: E402,F401  (ctypes only: no torch)
 
 # the core's names and where they live
 _CORE = {"backend_info": "backends.select", "set_backend": "backends.select", "use_backend": "backends.select",
