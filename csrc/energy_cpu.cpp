@@ -2031,6 +2031,58 @@ void rate_spikes_kernel(const T* p, T* out, int64_t B, int64_t Tn, int64_t R, ui
   }
 }
 
+// The same stream, counted: c[b, j] = number of t with u[b, t, j] < p[b, j] (a float32 count, exact), so
+// rate_spike_counts(p, seed, T) == rate_spikes(p, seed, T).sum(1, keepdim=True) without writing the T
+// spike frames (a model that reads only their time mean divides by T).
+template <typename T>
+void rate_spike_counts_kernel(const T* p, T* out, int64_t B, int64_t Tn, int64_t R, uint32_t seed) {
+  MT19937 mt(seed);
+  const int64_t total = B * Tn * R;
+  alignas(64) float u[MT19937::N];
+  std::fill(out, out + B * R, T(0));
+  int64_t o = 0;
+  while (o < total) {
+    mt.twist();
+    for (int k = 0; k < MT19937::N; ++k) {
+      uint32_t y = mt.s[k];
+      y ^= y >> 11;
+      y ^= (y << 7) & 0x9d2c5680u;
+      y ^= (y << 15) & 0xefc60000u;
+      y ^= y >> 18;
+      u[k] = static_cast<float>(static_cast<int32_t>(y & 0xffffffu)) * (1.0f / 16777216.0f);
+    }
+    int64_t k = 0;
+    while (k < MT19937::N && o < total) {
+      const int64_t j = o % R, row = o / R;  // row = b * Tn + t
+      const int64_t b = row / Tn;
+      const T* pr = p + b * R;
+      T* dst = out + b * R;
+      const int64_t n = std::min<int64_t>(R - j, MT19937::N - k);
+      for (int64_t i = 0; i < n; ++i) dst[j + i] += static_cast<float>(u[k + i]) < static_cast<float>(pr[j + i]) ? T(1) : T(0);
+      k += n;
+      o += n;
+    }
+  }
+}
+
+Tensor rate_spike_counts(const Tensor& p_in, int64_t seed, int64_t T) {
+  TORCH_CHECK(p_in.device().is_cpu(), "minaction: rate_spike_counts takes a CPU tensor, got ", p_in.device());
+  TORCH_CHECK(p_in.scalar_type() == at::kFloat, "minaction: rate_spike_counts takes float32 probabilities, got ",
+              p_in.scalar_type());
+  TORCH_CHECK(p_in.dim() >= 1, "minaction: rate_spike_counts needs a batch dim, got shape ", p_in.sizes());
+  TORCH_CHECK(T >= 1, "minaction: rate_spike_counts needs T >= 1, got ", T);
+  Tensor p = p_in.contiguous();
+  std::vector<int64_t> shape(p.sizes().begin(), p.sizes().end());
+  shape.insert(shape.begin() + 1, 1);
+  Tensor out = at::empty(shape, p.options());
+  const int64_t B = p.size(0);
+  const int64_t R = B ? p.numel() / B : 0;
+  if (out.numel() > 0)
+    rate_spike_counts_kernel<float>(p.const_data_ptr<float>(), out.mutable_data_ptr<float>(), B, T, R,
+                                    static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffu));
+  return out;
+}
+
 Tensor rate_spikes(const Tensor& p_in, int64_t seed, int64_t T) {
   TORCH_CHECK(p_in.device().is_cpu(), "minaction: rate_spikes takes a CPU tensor, got ", p_in.device());
   TORCH_CHECK(p_in.scalar_type() == at::kFloat, "minaction: rate_spikes takes float32 probabilities, got ",
@@ -2063,6 +2115,7 @@ TORCH_LIBRARY_IMPL(minaction, CPU, m) {
   m.impl("act_pool2_fwd", &act_pool2_fwd);
   m.impl("act_pool2_bwd", &act_pool2_bwd);
   m.impl("rate_spikes", &rate_spikes);
+  m.impl("rate_spike_counts", &rate_spike_counts);
   m.impl("conv_pool2_fwd", &conv_pool2_fwd);
   m.impl("conv_pool2_bwd", &conv_pool2_bwd);
 }

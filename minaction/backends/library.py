@@ -32,7 +32,8 @@ op                                    implementations
                                       ``csrc/energy_cpu.cpp`` (``EnergyConv2d.forward_max_pool2``)
 ``rate_spikes``                       rate-coded spikes equal to ``torch.rand(...) < p`` drawn from a CPU
                                       generator seeded with ``seed``: ``CPU`` in ``csrc/energy_cpu.cpp``
-                                      (``minaction.data``'s spike datasets)
+                                      (``minaction.data``'s spike datasets); ``rate_spike_counts``: the
+                                      same spikes summed over time (their time mean, times T)
 ``energy_linear`` (+``_backward``)    the layer / epilogue routed by a ``backend`` name to that
 ``activation_energy`` (+``_backward``)  backend's Python primitives (``triton``, ``cuda``,
                                       ``composite``; ``cpu`` for the epilogue):
@@ -81,6 +82,8 @@ SCHEMAS = {
                   "-> (Tensor, Tensor)",
     # rate-coded spikes: torch.rand((B, T, ...), generator=manual_seed(seed)) < p, the same numbers, faster
     "rate_spikes": "rate_spikes(Tensor p, int seed, int T) -> Tensor",
+    # the same spikes counted over time, [B, 1, ...]: rate_spikes(p, seed, T).sum(1, keepdim=True)
+    "rate_spike_counts": "rate_spike_counts(Tensor p, int seed, int T) -> Tensor",
     # routed by backend name to Python primitives
     "energy_linear": "energy_linear(Tensor x, Tensor weight, Tensor? bias, str act, int p, bool mean, "
                      "str backend) -> (Tensor, Tensor, Tensor)",
@@ -202,6 +205,11 @@ def _(x, w, b, act, p, mean, penalty=0.0):
 @torch.library.register_fake("minaction::rate_spikes", lib=lib)
 def _(p, seed, T):
     return p.new_empty((p.shape[0], T) + tuple(p.shape[1:]))
+
+
+@torch.library.register_fake("minaction::rate_spike_counts", lib=lib)
+def _(p, seed, T):
+    return p.new_empty((p.shape[0], 1) + tuple(p.shape[1:]))
 
 
 @torch.library.register_fake("minaction::energy_linear", lib=lib)

@@ -132,6 +132,24 @@ class Dataset:
         n = len(self)
         return n // batch_size if drop_last else -(-n // batch_size)
 
+    def time_steps(self) -> int:
+        """T of a neuromorphic ``(T, C, H, W)`` input (its time axis), else 1."""
+        shape = tuple(self.meta.input_shape)
+        return int(shape[0]) if self.meta.modality == "neuromorphic" and len(shape) == 4 else 1
+
+    def time_averaged(self) -> "Dataset":
+        """The same split with each sample averaged over its time axis, the axis kept with length 1:
+        its batches are exactly ``x.mean(1, keepdim=True)`` of this split's batches (the same spikes,
+        for a spike dataset), at a fraction of the memory traffic. For a model that reads its input
+        only through that mean (the MLP family's stems: ``reads_time_mean``). Itself where there is
+        no time axis (or T = 1)."""
+        T = self.time_steps()
+        if T <= 1:
+            return self
+        new = self._like(self.x.mean(dim=1, keepdim=True), self.y)
+        new.meta = _averaged_meta(self.meta, T)
+        return new
+
     def subset(self, n: int, seed: int = 0) -> "Dataset":
         """``n`` samples drawn without replacement by a generator seeded by ``seed`` (kept in
         their original order); ``n >= len(self)`` returns the whole split."""
@@ -152,8 +170,23 @@ class SpikeDataset(Dataset):
     probability ``max_prob * v``. Nothing is materialised; batch ``i`` is seeded by ``(seed, i)``.
     """
 
+    _steps = None  # T of a time-averaged copy (its meta says 1); None: meta.input_shape[0]
+
+    def time_steps(self) -> int:
+        return int(self._steps or self.meta.input_shape[0])
+
+    def time_averaged(self) -> "SpikeDataset":
+        """The spikes' time mean, ``[B, 1, 1, 28, 28]`` per batch, drawn from the same numbers as
+        :meth:`batches` (the C++ kernels count them without writing the T frames)."""
+        T = self.time_steps()
+        if T <= 1 or self._steps is not None:
+            return self
+        new = self._like(self.x, self.y)
+        new._steps, new.meta = T, _averaged_meta(self.meta, T)
+        return new
+
     def encode(self, x, seed: int = 0, batch_index: int = 0):
-        T = self.meta.input_shape[0]
+        T = self.time_steps()
         max_prob = float(self.meta.extra.get("max_prob", 1.0))
         state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(batch_index)]).generate_state(2)
         seed64 = int(state[0]) << 32 | int(state[1])
@@ -162,10 +195,18 @@ class SpikeDataset(Dataset):
         if ops is not None:
             # the same numbers as below (torch's CPU generator keeps the seed's low 32 bits), drawn ~5x faster:
             # torch.rand's per-element serial kernel was half of an MLP step on the spike datasets
+            if self._steps is not None:  # their time mean: counts / T, as torch's mean divides a sum
+                return ops.rate_spike_counts(p, seed64 & 0xFFFFFFFF, T).div_(T)
             return ops.rate_spikes(p, seed64 & 0xFFFFFFFF, T)
         g = torch.Generator(device=x.device).manual_seed(seed64)
         u = torch.rand((x.shape[0], T, *x.shape[1:]), generator=g, device=x.device, dtype=torch.float32)
-        return u.lt_(p.unsqueeze(1))  # in place: 1.0 where u < p, else 0.0 (no bool temporary)
+        s = u.lt_(p.unsqueeze(1))  # in place: 1.0 where u < p, else 0.0 (no bool temporary)
+        return s.mean(dim=1, keepdim=True) if self._steps is not None else s
+
+
+def _averaged_meta(meta: DataMeta, T: int) -> DataMeta:
+    return dataclasses.replace(meta, input_shape=(1,) + tuple(meta.input_shape[1:]),
+                               extra={**meta.extra, "time_averaged_over": int(T)})
 
 
 def _loaded_cpu_ops():

@@ -41,17 +41,20 @@ def check_meta(meta) -> None:
                              f"{getattr(meta, 'vocab_size', None)!r}")
 
 
-def check_input(x: torch.Tensor, meta, num_models: Optional[int] = None) -> bool:
+def check_input(x: torch.Tensor, meta, num_models: Optional[int] = None, time_mean_ok: bool = False) -> bool:
     """Check ``x`` against ``meta``; returns True when ``x`` holds one batch per member
-    (``[G, B, *input_shape]`` with ``G == num_models``), False for a shared ``[B, *input_shape]``."""
+    (``[G, B, *input_shape]`` with ``G == num_models``), False for a shared ``[B, *input_shape]``.
+    ``time_mean_ok``: a time axis (neuromorphic ``(T, C, H, W)``) may also come averaged already,
+    with length 1 (``Dataset.time_averaged``), for a stem that reads only its time mean."""
     shape = tuple(meta.input_shape)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-    per_member = bool(num_models) and x.dim() == len(shape) + 2 and tuple(x.shape[2:]) == shape
+    shapes = (shape, (1,) + shape[1:]) if time_mean_ok and image_layout(meta)[2] else (shape,)
+    per_member = bool(num_models) and x.dim() == len(shape) + 2 and tuple(x.shape[2:]) in shapes
     if per_member and x.shape[0] != num_models:
         raise ValueError(f"{meta.name}: a per-member input [G, B, ...] needs G = {num_models} (the model's "
                          f"members), got {tuple(x.shape)}")
-    if not per_member and tuple(x.shape[1:]) != shape:
+    if not per_member and tuple(x.shape[1:]) not in shapes:
         more = (f" or one batch per member [{num_models}, B, {', '.join(map(str, shape))}]" if num_models else "")
         raise ValueError(f"{meta.name}: expected input [B, {', '.join(map(str, shape))}]{more}, "
                          f"got {tuple(x.shape)}")
@@ -175,7 +178,9 @@ class FeatureStem(nn.Module):
 
     * vision ``(C, H, W)`` and physiological ``(C, L)``: flattened (raw pixels / raw series);
     * neuromorphic ``(T, C, H, W)`` (N-MNIST event counts, rate-coded spikes): mean over the
-      T time steps (rate decoding), then flattened;
+      T time steps (rate decoding), then flattened; ``(1, C, H, W)`` is taken as that mean
+      already made (the study feeds ``Dataset.time_averaged()`` to models that declare
+      ``reads_time_mean``);
     * text ``(L,)`` ids: mean of the token embeddings of the non-padding tokens
       (:class:`TokenEmbedding`, ``embed_dim`` wide, init std ``embed_init_std``, one table
       per member).
@@ -196,7 +201,8 @@ class FeatureStem(nn.Module):
             self.out_features = c * math.prod(spatial)
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        per_member = check_input(x, self.meta, self.num_models)
+        # a time axis may arrive averaged already (length 1): its mean is then itself, exactly
+        per_member = check_input(x, self.meta, self.num_models, time_mean_ok=True)
         if self.modality == "text":
             return self.embedding.bag(x)
         if per_member:  # [G, B, ...] -> [G, B, d]

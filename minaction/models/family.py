@@ -29,6 +29,7 @@ class MLP(EnergyNet):
     """
 
     arch = "mlp"
+    reads_time_mean = True  # its input reaches the layers only through FeatureStem (time mean)
     KNOBS = {"embed_dim": 64, "embed_init_std": 0.1}
 
     def __init__(self, meta, width: int, depth: int, energy="l2", activation="relu", energy_reduction="sum",
@@ -74,6 +75,7 @@ class BimodalTrue(EnergyNet):
     """
 
     arch = "bimodal_true"
+    reads_time_mean = True  # its input reaches the layers only through FeatureStem (time mean)
     KNOBS = {"embed_dim": 64, "embed_init_std": 0.1, "glia_domain": 8, "coupling": 1.0, "glia_activation": "sigmoid"}
 
     def __init__(self, meta, width: int, depth: int, energy="l2", activation="relu", energy_reduction="sum",
@@ -147,6 +149,7 @@ class PhysicsLagrangian(EnergyNet):
     """
 
     arch = "physics_lagrangian"
+    reads_time_mean = True  # its input reaches the layers only through FeatureStem (time mean)
     KNOBS = {"embed_dim": 64, "embed_init_std": 0.1, "step": 1.0, "potential_ratio": 0.5, "constraint": True,
              "kinetic_activation": "tanh", "constraint_activation": "sigmoid"}
 

@@ -113,6 +113,15 @@ def _load_split(name: str, split: str, opts_json: str):
     return _data_module(name).load(name, split, **opts)
 
 
+#: feed Dataset.time_averaged() to models that declare ``reads_time_mean`` (tests turn it off to compare)
+TIME_MEAN_INPUTS = True
+
+
+def model_dtype(model) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None else torch.get_default_dtype()
+
+
 def load_splits(dataset: str, budget: dict, data_opts: dict, subset_train: bool = True):
     """(train, val, test) datasets for one configuration; val and test subset (seeded by
     ``data_seed``) as the budget says. The train split is subset here only with
@@ -436,6 +445,10 @@ def train_group(runs: list, ckpt=None) -> list:
 
     live = list(range(G))  # the runs the model holds, in its member order (see _compact)
     model, opt, params = make(live)
+    if TIME_MEAN_INPUTS and getattr(model, "reads_time_mean", False) and train.x.dtype == model_dtype(model):
+        # the model reads its input only through the mean over the time axis: give it that mean (the same
+        # values, bit for bit), not T frames to gather, copy and average at every step
+        train, val, test = train.time_averaged(), val.time_averaged(), test.time_averaged()
     stats_fn = getattr(mm, "activation_stats", None)
     n_params = sum(p.numel() for p in model.parameters()) // G
     lam = torch.tensor([float(r["config"]["lam"]) for r in runs], dtype=dtype or torch.float32)

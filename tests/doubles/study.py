@@ -142,8 +142,31 @@ def activation_stats(model, x):
     return {"energy": e.reshape(G), "active_frac": act.mean(1).reshape(G), "energy_rescaled": er.reshape(G)}
 
 
+TIME_DATASETS = ("synthetic_events", "synthetic_spikes")  # with a time axis, as minaction.data datasets
+
+
+def load_timed(name, split, data_dir=None, seed=0, n=96, **opts):
+    """minaction.data datasets with a time axis: ``synthetic_events`` (event counts ``[N, 4, 2, 6, 6]``,
+    a plain ``Dataset``) and ``synthetic_spikes`` (a ``SpikeDataset``: images ``[N, 1, 6, 6]`` drawn as
+    T = 5 rate-coded frames)."""
+    from minaction.data.core import DataMeta, Dataset, SpikeDataset
+
+    sizes = {"train": int(n), "val": max(int(n) // 4, 8), "test": max(int(n) // 4, 8)}
+    g = torch.Generator().manual_seed({"train": 1, "val": 2, "test": 3}[split] + 100 * int(seed))
+    y = torch.randint(0, 3, (sizes[split],), generator=g)
+    if name == "synthetic_events":
+        rate = 0.5 + y.float().view(-1, 1, 1, 1, 1)
+        x = torch.poisson(rate.expand(-1, 4, 2, 6, 6).contiguous(), generator=g)
+        return Dataset(x, y, DataMeta(name, "neuromorphic", 3, (4, 2, 6, 6), torch.float32), split)
+    img = torch.rand(sizes[split], 1, 6, 6, generator=g) * (0.3 + 0.3 * y.float().view(-1, 1, 1, 1))
+    return SpikeDataset(img, y, DataMeta(name, "neuromorphic", 3, (5, 1, 6, 6), torch.float32, spike_encoded=True),
+                        split)
+
+
 for _name in DATASETS:
     data.register_dataset(_name, load)
+for _name in TIME_DATASETS:
+    data.register_dataset(_name, load_timed)
 for _name in ARCHITECTURES:
     models.register_architecture(_name, build, activation_stats=activation_stats)
 

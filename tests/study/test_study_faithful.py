@@ -111,6 +111,71 @@ def test_plain_datasets_take_the_one_copy_gather_spike_datasets_do_not(monkeypat
         assert torch.equal(ys[g], ds.y[torch.from_numpy(orders[g][4:12])])
 
 
+@pytest.mark.parametrize("dataset", ["synthetic_events", "synthetic_spikes"])
+@pytest.mark.parametrize("arch", ["mlp", "bimodal_true"])
+def test_time_averaged_inputs_train_exactly_as_the_frames(monkeypatch, arch, dataset):
+    """The MLP family reads a time axis only through its mean: the trainer feeds
+    Dataset.time_averaged() ([B, 1, ...]: the events' mean, or the spikes counted in C++ and divided
+    by T) and every record equals training on the T frames, bit for bit (float32)."""
+    from minaction.data.core import Dataset, SpikeDataset
+
+    sp = presets.load_preset({"name": "time-mean", "archs": [arch], "datasets": [dataset], "lams": [1e-3],
+                              "seeds": [0, 1, 2], "group_by": "seed", "max_group": 10,
+                              "budget": {"name": "t", "epochs": 2, "batch_size": 16, "width": 16, "depth": 1,
+                                         "eval_batch_size": 40, "eval_every": 3},
+                              "data_opts": {dataset: {"n": 64}}})
+    runs = presets.expand(sp)
+    calls = []
+    for cls in (Dataset, SpikeDataset):
+        def spy(self, real=cls.time_averaged):
+            calls.append(self.split)
+            return real(self)
+
+        monkeypatch.setattr(cls, "time_averaged", spy)
+    fast = trainer.train_group(runs)
+    assert sorted(calls) == ["test", "train", "val"]
+    monkeypatch.setattr(trainer, "TIME_MEAN_INPUTS", False)
+    frames = trainer.train_group(runs)
+    assert len(calls) == 3
+    for a, b in zip(fast, frames):
+        assert strip([a["run"]]) == strip([b["run"]]) and a["run"]["status"] == "done"
+        assert strip(a["epochs"]) == strip(b["epochs"]) and strip(a["evals"]) == strip(b["evals"])
+
+
+def test_time_averaged_datasets():
+    """Dataset.time_averaged: [N, 1, ...] = x.mean(1, keepdim=True), its batches the per-batch means, the
+    meta saying so; the spikes' time mean is the same draw as the frames' (C++ counts and torch.rand);
+    no time axis: the dataset itself."""
+    import doubles.study as ds_mod
+    from minaction.backends import select
+    from minaction.data import core
+
+    ev = ds_mod.load_timed("synthetic_events", "train", n=40)
+    av = ev.time_averaged()
+    assert av.meta.input_shape == (1, 2, 6, 6) and av.meta.extra["time_averaged_over"] == 4
+    assert av.time_averaged() is av and len(av) == len(ev)
+    for (xa, ya), (xf, yf) in zip(av.batches(16, seed=3), ev.batches(16, seed=3)):
+        assert torch.equal(xa, xf.mean(1, keepdim=True)) and torch.equal(ya, yf)
+    sp = ds_mod.load_timed("synthetic_spikes", "val", n=64)
+    sa = sp.time_averaged()
+    assert sa.time_steps() == 5 and sa.meta.input_shape == (1, 1, 6, 6) and sa.time_averaged() is sa
+    select.select("cpu")
+    for loaded in (True, False):  # C++ counts, then torch.rand
+        if not loaded:
+            from minaction.backends import cpu
+
+            ops, cpu.OPS = cpu.OPS, None
+        try:
+            for (xa, _), (xf, _) in zip(sa.batches(7, seed=5), sp.batches(7, seed=5)):
+                assert xf.shape[1] == 5 and torch.equal(xa, xf.mean(1, keepdim=True))
+        finally:
+            if not loaded:
+                cpu.OPS = ops
+    flat = core.Dataset(torch.rand(5, 1, 4, 4), torch.arange(5), core.DataMeta("v", "vision", 5, (1, 4, 4),
+                                                                            torch.float32), "train")
+    assert flat.time_averaged() is flat and flat.time_steps() == 1
+
+
 def test_workers_pin_the_allocator(monkeypatch):
     monkeypatch.setenv("MINACTION_PIN_ALLOCATOR", "0")
     assert trainer._pin_allocator() is False
