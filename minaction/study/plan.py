@@ -128,6 +128,7 @@ def measure(group_runs: list, calibrate_steps: int = 3) -> dict:
                      energy_reduction=budget["energy_reduction"], num_models=G, seeds=seeds)
     if dtype is not None:
         model = model.to(dtype)
+    train, val, test = _trainer.inputs_for(model, train, val, test)  # as the trainer feeds them
     params = [p for p in model.parameters() if p.requires_grad]
     if budget["optimizer"] == "adam":
         opt = torch.optim.Adam(params, lr=budget["lr"], fused=params[0].device.type == "cpu" or None)

@@ -122,6 +122,17 @@ def model_dtype(model) -> torch.dtype:
     return p.dtype if p is not None else torch.get_default_dtype()
 
 
+def inputs_for(model, *datasets) -> tuple:
+    """The datasets as ``model`` is fed them (by the trainer and by ``study plan``'s timing): for a
+    model that reads its input only through the mean over a time axis (``reads_time_mean``), that
+    mean (``Dataset.time_averaged()``: the same values, bit for bit, not T frames to gather, copy
+    and average at every step); else as they are."""
+    if (TIME_MEAN_INPUTS and getattr(model, "reads_time_mean", False) and datasets
+            and datasets[0].x.dtype == model_dtype(model)):
+        return tuple(d.time_averaged() for d in datasets)
+    return datasets
+
+
 def load_splits(dataset: str, budget: dict, data_opts: dict, subset_train: bool = True):
     """(train, val, test) datasets for one configuration; val and test subset (seeded by
     ``data_seed``) as the budget says. The train split is subset here only with
@@ -445,10 +456,7 @@ def train_group(runs: list, ckpt=None) -> list:
 
     live = list(range(G))  # the runs the model holds, in its member order (see _compact)
     model, opt, params = make(live)
-    if TIME_MEAN_INPUTS and getattr(model, "reads_time_mean", False) and train.x.dtype == model_dtype(model):
-        # the model reads its input only through the mean over the time axis: give it that mean (the same
-        # values, bit for bit), not T frames to gather, copy and average at every step
-        train, val, test = train.time_averaged(), val.time_averaged(), test.time_averaged()
+    train, val, test = inputs_for(model, train, val, test)
     stats_fn = getattr(mm, "activation_stats", None)
     n_params = sum(p.numel() for p in model.parameters()) // G
     lam = torch.tensor([float(r["config"]["lam"]) for r in runs], dtype=dtype or torch.float32)

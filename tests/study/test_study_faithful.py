@@ -134,9 +134,11 @@ def test_time_averaged_inputs_train_exactly_as_the_frames(monkeypatch, arch, dat
         monkeypatch.setattr(cls, "time_averaged", spy)
     fast = trainer.train_group(runs)
     assert sorted(calls) == ["test", "train", "val"]
+    _plan.measure(runs, calibrate_steps=1)  # study plan times the same inputs
+    assert sorted(calls) == ["test", "test", "train", "train", "val", "val"]
     monkeypatch.setattr(trainer, "TIME_MEAN_INPUTS", False)
     frames = trainer.train_group(runs)
-    assert len(calls) == 3
+    assert len(calls) == 6
     for a, b in zip(fast, frames):
         assert strip([a["run"]]) == strip([b["run"]]) and a["run"]["status"] == "done"
         assert strip(a["epochs"]) == strip(b["epochs"]) and strip(a["evals"]) == strip(b["evals"])
