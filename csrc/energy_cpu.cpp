@@ -2000,6 +2000,18 @@ struct MT19937 {
     for (int k = N - Mm; k < N - 1; ++k) s[k] = mix(s[k], s[k + 1], s[k + Mm - N]);
     s[N - 1] = mix(s[N - 1], s[0], s[Mm - 1]);
   }
+  // the next N numbers of the stream as torch's float32 uniforms: twist, tempering, (word & 2^24-1) * 2^-24
+  void next_uniforms(float* u) {
+    twist();
+    for (int k = 0; k < N; ++k) {
+      uint32_t y = s[k];
+      y ^= y >> 11;
+      y ^= (y << 7) & 0x9d2c5680u;
+      y ^= (y << 15) & 0xefc60000u;
+      y ^= y >> 18;
+      u[k] = static_cast<float>(static_cast<int32_t>(y & 0xffffffu)) * (1.0f / 16777216.0f);
+    }
+  }
 };
 
 template <typename T>
@@ -2009,15 +2021,7 @@ void rate_spikes_kernel(const T* p, T* out, int64_t B, int64_t Tn, int64_t R, ui
   alignas(64) float u[MT19937::N];
   int64_t o = 0;  // output element = the o-th number of the stream
   while (o < total) {
-    mt.twist();
-    for (int k = 0; k < MT19937::N; ++k) {  // tempering and torch's float32 uniform
-      uint32_t y = mt.s[k];
-      y ^= y >> 11;
-      y ^= (y << 7) & 0x9d2c5680u;
-      y ^= (y << 15) & 0xefc60000u;
-      y ^= y >> 18;
-      u[k] = static_cast<float>(static_cast<int32_t>(y & 0xffffffu)) * (1.0f / 16777216.0f);
-    }
+    mt.next_uniforms(u);
     int64_t k = 0;
     while (k < MT19937::N && o < total) {  // compare, row by row of the pixel vector
       const int64_t j = o % R, row = o / R;  // row = b * Tn + t
@@ -2042,15 +2046,7 @@ void rate_spike_counts_kernel(const T* p, T* out, int64_t B, int64_t Tn, int64_t
   std::fill(out, out + B * R, T(0));
   int64_t o = 0;
   while (o < total) {
-    mt.twist();
-    for (int k = 0; k < MT19937::N; ++k) {
-      uint32_t y = mt.s[k];
-      y ^= y >> 11;
-      y ^= (y << 7) & 0x9d2c5680u;
-      y ^= (y << 15) & 0xefc60000u;
-      y ^= y >> 18;
-      u[k] = static_cast<float>(static_cast<int32_t>(y & 0xffffffu)) * (1.0f / 16777216.0f);
-    }
+    mt.next_uniforms(u);
     int64_t k = 0;
     while (k < MT19937::N && o < total) {
       const int64_t j = o % R, row = o / R;  // row = b * Tn + t

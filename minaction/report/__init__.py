@@ -5,7 +5,7 @@ self-contained ``report.html``, ``figures/*.png`` and ``tables/*.csv``. The anal
 functions are usable on their own: :mod:`.anova` (Type II/III ANOVA, partial eta squared,
 bootstrap CIs), :mod:`.sweep` (the lambda-sweep), :mod:`.efficiency` (training efficiency).
 """
-import importlib
+from .._lazy import lazy_names
 
 # name -> submodule; loaded on first use (PEP 562), so that `minaction study run` and every
 # other subcommand do not import scipy.stats and statsmodels (about a second) to build the parser
@@ -20,17 +20,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name):
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)
 
 
 __all__ = ["build_report", "ReportOptions", "choose_main_lam", "load_store", "Store", "anova_table", "FastAnova",

@@ -10,7 +10,7 @@ See ``docs/study.md`` for the presets, the store's schema and the executors, and
 instead of) training are ``ValueError`` subclasses with a one-line message: ``StudyConfigError``
 (environment, preset), ``StoreError`` (the store's file), ``StoreBusyError`` (another driver).
 """
-import importlib
+from .._lazy import lazy_names
 
 __all__ = ["run_study", "study_status", "load_preset", "expand", "make_groups", "run_id", "available_presets",
            "StudyConfigError", "StoreError", "StoreBusyError"]
@@ -22,14 +22,4 @@ _WHERE = {"available_presets": "presets", "expand": "presets", "load_preset": "p
           "StoreBusyError": "store", "StoreError": "store"}
 
 
-def __getattr__(name):
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -117,18 +117,13 @@ def _load_split(name: str, split: str, opts_json: str):
 TIME_MEAN_INPUTS = True
 
 
-def model_dtype(model) -> torch.dtype:
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None else torch.get_default_dtype()
-
-
 def inputs_for(model, *datasets) -> tuple:
     """The datasets as ``model`` is fed them (by the trainer and by ``study plan``'s timing): for a
     model that reads its input only through the mean over a time axis (``reads_time_mean``), that
     mean (``Dataset.time_averaged()``: the same values, bit for bit, not T frames to gather, copy
     and average at every step); else as they are."""
     if (TIME_MEAN_INPUTS and getattr(model, "reads_time_mean", False) and datasets
-            and datasets[0].x.dtype == model_dtype(model)):
+            and datasets[0].x.dtype == next(model.parameters()).dtype):
         return tuple(d.time_averaged() for d in datasets)
     return datasets
 

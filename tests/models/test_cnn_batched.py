@@ -227,6 +227,17 @@ def test_text_channels_member_major():
     assert (out[:, :, -2:] == 0).all()
 
 
+class _InOrder:
+    """The evaluation's dataset interface over tensors: unshuffled batches of (x, y)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def batches(self, batch_size, shuffle=False):
+        for i in range(0, len(self.y), batch_size):
+            yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+
+
 def test_evaluation_in_chunks_equals_whole_batches():
     """The cnn asks the trainer to evaluate in pieces of ``eval_rows`` rows (memory-bound
     feature maps); per-sample results do not depend on the piece size."""
@@ -238,27 +249,22 @@ def test_evaluation_in_chunks_equals_whole_batches():
     x = torch.randn(n, *meta.input_shape, dtype=torch.float64)
     y = torch.randint(0, meta.num_classes, (n,))
 
-    class DS:
-        def batches(self, batch_size, shuffle=False):
-            for i in range(0, n, batch_size):
-                yield x[i:i + batch_size], y[i:i + batch_size]
-
     model = models.build("cnn", meta, num_models=G, seeds=[0, 1, 2], dtype=torch.float64, batched=True)
     assert model.eval_rows > 0
     seen = []
     h = model.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))
     with torch.no_grad():
         model.eval_rows = 4
-        pieces = evaluate(model, DS(), G, batch_size=10)
+        pieces = evaluate(model, _InOrder(x, y), G, batch_size=10)
         cut = list(seen)
         seen.clear()
         model.eval_rows = 0
-        whole = evaluate(model, DS(), G, batch_size=10)
+        whole = evaluate(model, _InOrder(x, y), G, batch_size=10)
     h.remove()
     assert max(cut) == 4 and sum(cut) == n and seen == [10, 10, 3]
     torch.testing.assert_close(pieces["acc"], whole["acc"], rtol=0, atol=0)
     # called with gradients on (as the training loop does), evaluation builds no graph
-    out = evaluate(model, DS(), G, batch_size=10)
+    out = evaluate(model, _InOrder(x, y), G, batch_size=10)
     assert not any(v.requires_grad for v in out.values())
     assert all(m.last_energy.grad_fn is None for m in model.modules()
                if getattr(m, "counts_energy", False) and m.last_energy is not None)
@@ -277,11 +283,6 @@ def test_evaluation_with_stats_runs_the_model_once_per_piece():
     x = torch.randn(n, *meta.input_shape, dtype=torch.float64)
     y = torch.randint(0, meta.num_classes, (n,))
 
-    class DS:
-        def batches(self, batch_size, shuffle=False):
-            for i in range(0, n, batch_size):
-                yield x[i:i + batch_size], y[i:i + batch_size]
-
     def separate(model, xb):  # the same statistics without gives_output: the trainer runs model(x) too
         return models.activation_stats(model, xb)
 
@@ -289,10 +290,10 @@ def test_evaluation_with_stats_runs_the_model_once_per_piece():
     model.eval_rows = 0
     seen = []
     h = model.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))
-    one = evaluate(model, DS(), G, batch_size=4, stats_fn=models.activation_stats)
+    one = evaluate(model, _InOrder(x, y), G, batch_size=4, stats_fn=models.activation_stats)
     assert seen == [4, 4, 3]
     seen.clear()
-    two = evaluate(model, DS(), G, batch_size=4, stats_fn=separate)
+    two = evaluate(model, _InOrder(x, y), G, batch_size=4, stats_fn=separate)
     assert seen == [4, 4, 4, 4, 3, 3]
     h.remove()
     for k in one:

@@ -545,6 +545,12 @@ def test_onnx_export_dynamo(which):
 
 
 # ----------------------------------------------------------------------------- lazy submodules
+def _prints_ok(code):
+    """Run ``code`` in a fresh interpreter; it must exit 0 having printed only "ok"."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_submodules_load_lazily_like_torch():
     code = ("import sys, minaction\n"
             "assert 'minaction.study' not in sys.modules and 'minaction.report' not in sys.modules\n"
@@ -556,8 +562,7 @@ def test_submodules_load_lazily_like_torch():
             "try:\n    minaction.no_such_thing\nexcept AttributeError as e:\n    assert 'no_such_thing' in str(e)\n"
             "else:\n    raise SystemExit('no AttributeError')\n"
             "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    _prints_ok(code)
 
 
 def test_import_before_torch_loads_the_core_on_first_use():
@@ -574,13 +579,11 @@ def test_import_before_torch_loads_the_core_on_first_use():
             "m(torch.randn(4, 3))\n"
             "assert float(total_energy(m)) > 0\n"
             "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    _prints_ok(code)
     code = ("import sys, torch, minaction\n"
             "assert 'minaction.nn' in sys.modules and hasattr(torch.ops.minaction, 'layer')\n"
             "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    _prints_ok(code)
 
 
 def test_import_and_a_training_step_do_not_load_dynamo():
@@ -601,8 +604,7 @@ def test_import_and_a_training_step_do_not_load_dynamo():
             "_constant_result(g)\n"
             "assert vars(f) == vars(g) == {'_dynamo_marked_constant': True}, (vars(f), vars(g))\n"
             "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    _prints_ok(code)
 
 
 def test_torch_compile_fullgraph_step_with_total_energy():
