@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as _checkpoint
+from . import optim as _optim
 from . import presets as _presets
 from . import trainer as _trainer
 
@@ -130,10 +131,7 @@ def measure(group_runs: list, calibrate_steps: int = 3) -> dict:
         model = model.to(dtype)
     train, val, test = _trainer.inputs_for(model, train, val, test)  # as the trainer feeds them
     params = [p for p in model.parameters() if p.requires_grad]
-    if budget["optimizer"] == "adam":
-        opt = torch.optim.Adam(params, lr=budget["lr"], fused=params[0].device.type == "cpu" or None)
-    else:
-        opt = torch.optim.SGD(params, lr=budget["lr"])
+    opt = _optim.make(budget["optimizer"], params, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0))
     t_setup = time.perf_counter() - t0
     shared = budget.get("data_order", "seed") == "shared" or G == 1
     indices = [_trainer.member_train_indices(len(train), budget, s) for s in seeds]

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import optim
 from .plugins import import_plugins
 
 _WORKER_READY = False
@@ -68,13 +69,26 @@ def init_worker(threads: int = 1) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass  # already set in this process
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _deterministic()
     # ... but not its debugging aid of filling every torch.empty with NaN: it changes no result (every
     # kernel writes its whole output) and cost 5.5% of a cnn member-step (idle AVX-512 EPYC, interleaved)
     torch.utils.deterministic.fill_uninitialized_memory = False
     warnings.filterwarnings("ignore", message=r"minaction: using the slow 'reference' backend")
     _pin_allocator()
     _WORKER_READY = True
+
+
+def _deterministic() -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)``, less its import of
+    ``torch._inductor.config`` (which pulls in ``torch._dynamo``: 1.2-1.6 s in every fresh worker,
+    2-core AMD EPYC) for a setting that only compiled code reads; set there too if it is loaded."""
+    import sys
+
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        setter(True, warn_only=True)
 
 
 def _pin_allocator() -> bool:
@@ -442,11 +456,7 @@ def train_group(runs: list, ckpt=None) -> list:
         if dtype is not None:
             m = m.to(dtype)
         ps = [p for p in m.parameters() if p.requires_grad]
-        if budget["optimizer"] == "adam":
-            o = torch.optim.Adam(ps, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0),
-                                 fused=ps[0].device.type == "cpu" or None)
-        else:
-            o = torch.optim.SGD(ps, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0))
+        o = optim.make(budget["optimizer"], ps, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0))
         return m, o, ps
 
     live = list(range(G))  # the runs the model holds, in its member order (see _compact)
