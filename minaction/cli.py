@@ -75,5 +75,22 @@ def main(argv=None) -> int:
     return int(args.func(args) or 0)
 
 
+def console_main() -> int:
+    """The ``minaction`` command: :func:`main`, then a quicker interpreter exit. With torch
+    loaded, Python's shutdown spends 0.3-0.5 s (2-core AMD EPYC) in full garbage collections
+    over the million objects torch's import made. Frozen (``gc.freeze``), the collector no
+    longer walks them (0.45 -> 0.13 s); ``atexit`` handlers and ``weakref.finalize`` still run
+    and objects are still freed by reference counting, only garbage that a reference cycle
+    alone keeps is left to the OS (nothing of ours needs it: the study commits every record
+    and closes its store before returning). Only for the process's last act: a script that
+    calls :func:`main` and goes on keeps its collector as it was."""
+    try:
+        return main()
+    finally:
+        import gc
+
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -453,3 +453,21 @@ def test_cli_plugin_registers_user_architectures_in_a_fresh_process(tmp_path):
     con = sqlite3.connect(db)
     assert con.execute("select count(*) from runs where status = 'done'").fetchone()[0] == 1
     con.close()
+
+
+def test_the_console_command_freezes_the_collector_only_on_its_way_out(tmp_path):
+    """`minaction` (console_main) returns main's exit code and freezes the garbage collector for
+    a quick interpreter exit; main() called from a script leaves the collector alone."""
+    code = textwrap.dedent("""
+        import gc, sys
+        from minaction import cli
+        sys.argv = ["minaction", "info"]
+        assert cli.main(["info"]) == 0 and gc.get_freeze_count() == 0
+        assert cli.console_main() == 0 and gc.get_freeze_count() > 0
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "minaction.cli", "study", "status", "--db", str(tmp_path / "none.sqlite")],
+                       capture_output=True, text=True, timeout=HANG_GUARD)
+    assert r.returncode == 2 and "minaction study status: error" in r.stderr, (r.returncode, r.stderr[-2000:])
