@@ -2097,6 +2097,101 @@ Tensor rate_spikes(const Tensor& p_in, int64_t seed, int64_t T) {
   return out;
 }
 
+// unit_stats(y, p, unit_dim): y [G, ...] viewed as [G, A, U, S] (U = y.size(unit_dim), A the dims between the
+// first and unit_dim, S the dims after it): sums[g, u] = sum over a, s of |y|^p (p 1 or 2) and nnz[g] = the
+// non-zero elements of member g (a NaN counts; -0.0 does not), both accumulated in double. One pass over y,
+// where the torch ops it replaces (activation statistics: (y * y).sum(dims), sign().abs_(), nan_to_num_,
+// a float64 sum) made four and a temporary per pass.
+template <typename F, int P>
+void unit_stats_kernel(const F* y, int64_t G, int64_t A, int64_t U, int64_t S, double* sums, double* nnz) {
+  constexpr int64_t V = Vec<F>::size();
+  const Vec<F> zero(F(0)), one(F(1));
+  auto powv = [](const Vec<F>& v) { return P == 2 ? v * v : v.abs(); };
+  auto pows = [](F v) { return static_cast<double>(P == 2 ? v * v : std::abs(v)); };
+  at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
+    for (int64_t g = gb; g < ge; ++g) {
+      double* sg = sums + g * U;
+      std::fill(sg, sg + U, 0.0);
+      double count = 0.0;
+      const F* yg = y + g * A * U * S;
+      if (S >= V) {  // a plane of S values per (a, u): reduce it in vector lanes, then into its unit
+        for (int64_t a = 0; a < A; ++a) {
+          for (int64_t u = 0; u < U; ++u) {
+            const F* pl = yg + (a * U + u) * S;
+            Vec<F> sv = zero, cv = zero;
+            int64_t i = 0;
+            for (; i + V <= S; i += V) {
+              const Vec<F> v = Vec<F>::loadu(pl + i);
+              sv = sv + powv(v);
+              cv = cv + Vec<F>::blendv(zero, one, v != zero);
+            }
+            double sd = hsum(sv), cd = hsum(cv);
+            for (; i < S; ++i) {
+              sd += pows(pl[i]);
+              cd += pl[i] != F(0) ? 1.0 : 0.0;
+            }
+            sg[u] += sd;
+            count += cd;
+          }
+        }
+      } else {  // rows of R = U * S values (a linear layer: S = 1): per-position vector partials over
+        // blocks of rows (at most 512 per block: float counts stay exact), then into the units in double
+        const int64_t R = U * S;
+        std::vector<F> ps(R), pc(R);
+        for (int64_t a0 = 0; a0 < A; a0 += 512) {
+          const int64_t a1 = std::min<int64_t>(A, a0 + 512);
+          std::fill(ps.begin(), ps.end(), F(0));
+          std::fill(pc.begin(), pc.end(), F(0));
+          for (int64_t a = a0; a < a1; ++a) {
+            const F* row = yg + a * R;
+            int64_t j = 0;
+            for (; j + V <= R; j += V) {
+              const Vec<F> v = Vec<F>::loadu(row + j);
+              (Vec<F>::loadu(ps.data() + j) + powv(v)).store(ps.data() + j);
+              (Vec<F>::loadu(pc.data() + j) + Vec<F>::blendv(zero, one, v != zero)).store(pc.data() + j);
+            }
+            for (; j < R; ++j) {
+              ps[j] += P == 2 ? row[j] * row[j] : std::abs(row[j]);
+              pc[j] += row[j] != F(0) ? F(1) : F(0);
+            }
+          }
+          for (int64_t j = 0; j < R; ++j) {
+            sg[j / S] += static_cast<double>(ps[j]);
+            count += static_cast<double>(pc[j]);
+          }
+        }
+      }
+      nnz[g] = count;
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> unit_stats(const Tensor& y_in, int64_t p, int64_t unit_dim) {
+  TORCH_CHECK(y_in.device().is_cpu(), "minaction: unit_stats takes a CPU tensor, got ", y_in.device());
+  TORCH_CHECK(y_in.scalar_type() == at::kFloat || y_in.scalar_type() == at::kDouble,
+              "minaction: unit_stats takes float32 or float64, got ", y_in.scalar_type());
+  TORCH_CHECK(p == 1 || p == 2, "minaction: unit_stats takes p 1 or 2, got ", p);
+  TORCH_CHECK(y_in.dim() >= 2 && unit_dim >= 1 && unit_dim < y_in.dim(),
+              "minaction: unit_stats needs y [G, ...] with 1 <= unit_dim < y.dim(), got shape ", y_in.sizes(),
+              " and unit_dim ", unit_dim);
+  Tensor y = y_in.contiguous();
+  const int64_t G = y.size(0), U = y.size(unit_dim);
+  int64_t A = 1, S = 1;
+  for (int64_t d = 1; d < unit_dim; ++d) A *= y.size(d);
+  for (int64_t d = unit_dim + 1; d < y.dim(); ++d) S *= y.size(d);
+  Tensor sums = at::empty({G, U}, y.options().dtype(at::kDouble));
+  Tensor nnz = at::empty({G}, y.options().dtype(at::kDouble));
+  if (G == 0 || U == 0) return {sums.zero_(), nnz.zero_()};
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "minaction_unit_stats", [&] {
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    double* sp = sums.mutable_data_ptr<double>();
+    double* np = nnz.mutable_data_ptr<double>();
+    if (p == 2) unit_stats_kernel<scalar_t, 2>(yp, G, A, U, S, sp, np);
+    else unit_stats_kernel<scalar_t, 1>(yp, G, A, U, S, sp, np);
+  });
+  return {sums, nnz};
+}
+
 }  // namespace
 
 extern "C" const char* minaction_cpu_isa() { return MINACTION_ISA; }
@@ -2112,6 +2207,7 @@ TORCH_LIBRARY_IMPL(minaction, CPU, m) {
   m.impl("act_pool2_bwd", &act_pool2_bwd);
   m.impl("rate_spikes", &rate_spikes);
   m.impl("rate_spike_counts", &rate_spike_counts);
+  m.impl("unit_stats", &unit_stats);
   m.impl("conv_pool2_fwd", &conv_pool2_fwd);
   m.impl("conv_pool2_bwd", &conv_pool2_bwd);
 }

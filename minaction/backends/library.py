@@ -34,6 +34,10 @@ op                                    implementations
                                       generator seeded with ``seed``: ``CPU`` in ``csrc/energy_cpu.cpp``
                                       (``minaction.data``'s spike datasets); ``rate_spike_counts``: the
                                       same spikes summed over time (their time mean, times T)
+``unit_stats``                        activation statistics of ``y [G, ...]`` in one pass: per unit
+                                      (``unit_dim``) the sum of ``|y|^p``, per member the non-zeros
+                                      (float64): ``CPU`` in ``csrc/energy_cpu.cpp``
+                                      (``minaction.models.stats``)
 ``energy_linear`` (+``_backward``)    the layer / epilogue routed by a ``backend`` name to that
 ``activation_energy`` (+``_backward``)  backend's Python primitives (``triton``, ``cuda``,
                                       ``composite``; ``cpu`` for the epilogue):
@@ -84,6 +88,8 @@ SCHEMAS = {
     "rate_spikes": "rate_spikes(Tensor p, int seed, int T) -> Tensor",
     # the same spikes counted over time, [B, 1, ...]: rate_spikes(p, seed, T).sum(1, keepdim=True)
     "rate_spike_counts": "rate_spike_counts(Tensor p, int seed, int T) -> Tensor",
+    # activation statistics of y [G, ...]: per unit (dim unit_dim) sum of |y|^p, per member the non-zeros (float64)
+    "unit_stats": "unit_stats(Tensor y, int p, int unit_dim) -> (Tensor, Tensor)",
     # routed by backend name to Python primitives
     "energy_linear": "energy_linear(Tensor x, Tensor weight, Tensor? bias, str act, int p, bool mean, "
                      "str backend) -> (Tensor, Tensor, Tensor)",
@@ -210,6 +216,12 @@ def _(p, seed, T):
 @torch.library.register_fake("minaction::rate_spike_counts", lib=lib)
 def _(p, seed, T):
     return p.new_empty((p.shape[0], 1) + tuple(p.shape[1:]))
+
+
+@torch.library.register_fake("minaction::unit_stats", lib=lib)
+def _(y, p, unit_dim):
+    return (y.new_empty((y.shape[0], y.shape[unit_dim]), dtype=torch.float64),
+            y.new_empty((y.shape[0],), dtype=torch.float64))
 
 
 @torch.library.register_fake("minaction::energy_linear", lib=lib)

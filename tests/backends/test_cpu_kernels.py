@@ -247,6 +247,18 @@ _ISA_CHECK = textwrap.dedent("""
             assert torch.equal(ea.isnan(), eb.isnan())
             gp = torch.randn(ya.shape, generator=g).to(dtype)
             assert torch.equal(torch.autograd.grad(ya, za, gp)[0].nan_to_num(), torch.autograd.grad(yb, zb, gp)[0].nan_to_num())
+    # unit_stats (vector planes and vector rows, per ISA) against torch's reductions
+    for shape, ud in (((2, 3, 5, 9, 7), 2), ((2, 33, 4, 3), 2), ((3, 70, 37), 2), ((2, 5, 6, 19), 3)):
+        for dtype in (torch.float32, torch.float64):
+            y = torch.relu(torch.randn(shape, generator=g)).to(dtype)
+            y.view(-1)[7] = float("nan")
+            y.view(-1)[8] = -0.0
+            for p in (1, 2):
+                s, nz = torch.ops.minaction.unit_stats(y, p, ud)
+                dims = tuple(d for d in range(1, y.dim()) if d != ud)
+                ref = (y.double().abs() ** p).sum(dims)
+                torch.testing.assert_close(s, ref, rtol=1e-6, atol=1e-9, equal_nan=True)
+                assert nz.tolist() == ((y != 0) | y.isnan()).flatten(1).sum(1).double().tolist()
     print("OK")
 """)
 
