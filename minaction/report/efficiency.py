@@ -29,6 +29,8 @@ Definitions (the project's; the paper does not publish its own):
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -237,7 +239,9 @@ def efficiency_gains(eff: pd.DataFrame, lam: float, metric: str = "flops", n_boo
                 base = (vb.min() if direction == "lower" else vb.max()) if len(vb) else np.nan
                 draws.append(_gain(v_ef, base, direction))
             boots.append(np.array(draws))
-        gbm = np.nanmean(np.stack(boots), axis=0) if boots else np.array([])
+        with warnings.catch_warnings():  # a draw with no finite gain in any dataset: NaN, dropped below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gbm = np.nanmean(np.stack(boots), axis=0) if boots else np.array([])
         gbm = gbm[np.isfinite(gbm)]
         lo, hi = (np.quantile(gbm, [alpha, 1 - alpha]) if len(gbm) >= max(10, n_boot // 2) else (np.nan, np.nan))
         rows.append({"modality": mod, "arch": ef, "metric": metric, "lam": lam,

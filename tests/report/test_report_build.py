@@ -142,6 +142,16 @@ def test_efficiency_definitions():
     assert g["gain_pct"] == pytest.approx(100 * (6 - 1.5) / 6) and g["baseline"] == "d: mlp"
     g = efficiency_gains(eff.reset_index(), 0.0, "acc_per_s", n_boot=10).iloc[0]
     assert g["gain_pct"] == pytest.approx(100 * (0.2 - 0.09) / 0.09)
+    # bootstrap draws that pick only runs that never reached the target have no gain: dropped, without a
+    # RuntimeWarning from averaging them (the smoke preset's report printed 15)
+    two = pd.concat([eff.reset_index(), eff.reset_index().assign(run_id=["c", "d"], seed=1)], ignore_index=True)
+    two.loc[two["run_id"] == "d", "reached"] = False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = efficiency_gains(two, 0.0, "time", n_boot=50).iloc[0]
+    assert np.isfinite(g["gain_pct"])
     with pytest.raises(ValueError, match="target_frac"):
         per_run_efficiency(runs, epochs, target_frac=1.5)
     with pytest.raises(ValueError, match="metric"):
