@@ -317,6 +317,20 @@ def announce(preset, db=None, workers=None, file=None, max_group=None) -> None:
         print(format_plan(p, per_block=False), file=file, flush=True)
     except Exception as exc:  # the study itself reports bad presets; the estimate is a courtesy
         print(f"minaction study: no time estimate ({type(exc).__name__}: {exc})", file=file, flush=True)
+    if _gpu_visible():
+        print(GPU_NOTE, file=file, flush=True)
+
+
+#: said at the start of a study on a machine with a CUDA GPU (the trainer has no device option yet)
+GPU_NOTE = ("minaction study: note: a CUDA GPU is visible, but the study trains on the CPU (its worker "
+            "processes); the GPU kernels serve the layers in your own training code")
+
+
+def _gpu_visible() -> bool:
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - a broken CUDA install: nothing to say
+        return False
 
 
 def _cli(args) -> int:

@@ -485,3 +485,17 @@ def test_plan_cost_key_does_not_follow_the_process_thread_count():
         torch.set_num_threads(before)
     assert k1 == k2
     assert f"threads={_plan.MEASURE_THREADS}" in _plan._machine()
+
+
+def test_announce_says_the_study_trains_on_the_cpu_when_a_gpu_is_visible(monkeypatch):
+    import io
+
+    import torch
+
+    sp = spec(epochs=1, eval_every=0, patience_epochs=0, train_subset=32)
+    for visible in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda v=visible: v)
+        out = io.StringIO()
+        _plan.announce(sp, workers=1, file=out)
+        assert "estimated wall time" in out.getvalue()
+        assert (_plan.GPU_NOTE in out.getvalue()) is visible
