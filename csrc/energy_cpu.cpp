@@ -2014,87 +2014,63 @@ struct MT19937 {
   }
 };
 
-template <typename T>
+// COUNT false: out [B, T, R] = (u < p) per number of the stream, o-th output element = o-th number.
+// COUNT true, the same stream counted: out [B, 1, R], c[b, j] = number of t with u[b, t, j] < p[b, j] (a
+// float32 count, exact), so rate_spike_counts(p, seed, T) == rate_spikes(p, seed, T).sum(1, keepdim=True)
+// without writing the T spike frames (a model that reads only their time mean divides by T).
+template <typename T, bool COUNT>
 void rate_spikes_kernel(const T* p, T* out, int64_t B, int64_t Tn, int64_t R, uint32_t seed) {
   MT19937 mt(seed);
   const int64_t total = B * Tn * R;
   alignas(64) float u[MT19937::N];
-  int64_t o = 0;  // output element = the o-th number of the stream
+  if constexpr (COUNT) std::fill(out, out + B * R, T(0));
+  int64_t o = 0;  // the o-th number of the stream
   while (o < total) {
     mt.next_uniforms(u);
     int64_t k = 0;
     while (k < MT19937::N && o < total) {  // compare, row by row of the pixel vector
       const int64_t j = o % R, row = o / R;  // row = b * Tn + t
-      const T* pr = p + (row / Tn) * R;
-      const int64_t n = std::min<int64_t>(R - j, MT19937::N - k);
-      T* dst = out + o;
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(u[k + i]) < static_cast<float>(pr[j + i]) ? T(1) : T(0);
-      k += n;
-      o += n;
-    }
-  }
-}
-
-// The same stream, counted: c[b, j] = number of t with u[b, t, j] < p[b, j] (a float32 count, exact), so
-// rate_spike_counts(p, seed, T) == rate_spikes(p, seed, T).sum(1, keepdim=True) without writing the T
-// spike frames (a model that reads only their time mean divides by T).
-template <typename T>
-void rate_spike_counts_kernel(const T* p, T* out, int64_t B, int64_t Tn, int64_t R, uint32_t seed) {
-  MT19937 mt(seed);
-  const int64_t total = B * Tn * R;
-  alignas(64) float u[MT19937::N];
-  std::fill(out, out + B * R, T(0));
-  int64_t o = 0;
-  while (o < total) {
-    mt.next_uniforms(u);
-    int64_t k = 0;
-    while (k < MT19937::N && o < total) {
-      const int64_t j = o % R, row = o / R;  // row = b * Tn + t
       const int64_t b = row / Tn;
-      const T* pr = p + b * R;
-      T* dst = out + b * R;
+      const T* pr = p + b * R + j;
       const int64_t n = std::min<int64_t>(R - j, MT19937::N - k);
-      for (int64_t i = 0; i < n; ++i) dst[j + i] += static_cast<float>(u[k + i]) < static_cast<float>(pr[j + i]) ? T(1) : T(0);
+      if constexpr (COUNT) {
+        T* dst = out + b * R + j;
+        for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<float>(u[k + i]) < static_cast<float>(pr[i]) ? T(1) : T(0);
+      } else {
+        T* dst = out + o;
+        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(u[k + i]) < static_cast<float>(pr[i]) ? T(1) : T(0);
+      }
       k += n;
       o += n;
     }
   }
 }
 
-Tensor rate_spike_counts(const Tensor& p_in, int64_t seed, int64_t T) {
-  TORCH_CHECK(p_in.device().is_cpu(), "minaction: rate_spike_counts takes a CPU tensor, got ", p_in.device());
-  TORCH_CHECK(p_in.scalar_type() == at::kFloat, "minaction: rate_spike_counts takes float32 probabilities, got ",
+// rate_spikes (count false: [B, T, ...]) and rate_spike_counts (count true: [B, 1, ...]) of p [B, ...]
+Tensor spikes_op(const Tensor& p_in, int64_t seed, int64_t T, bool count, const char* name) {
+  TORCH_CHECK(p_in.device().is_cpu(), "minaction: ", name, " takes a CPU tensor, got ", p_in.device());
+  TORCH_CHECK(p_in.scalar_type() == at::kFloat, "minaction: ", name, " takes float32 probabilities, got ",
               p_in.scalar_type());
-  TORCH_CHECK(p_in.dim() >= 1, "minaction: rate_spike_counts needs a batch dim, got shape ", p_in.sizes());
-  TORCH_CHECK(T >= 1, "minaction: rate_spike_counts needs T >= 1, got ", T);
+  TORCH_CHECK(p_in.dim() >= 1, "minaction: ", name, " needs a batch dim, got shape ", p_in.sizes());
+  TORCH_CHECK(T >= 1, "minaction: ", name, " needs T >= 1, got ", T);
   Tensor p = p_in.contiguous();
   std::vector<int64_t> shape(p.sizes().begin(), p.sizes().end());
-  shape.insert(shape.begin() + 1, 1);
+  shape.insert(shape.begin() + 1, count ? 1 : T);
   Tensor out = at::empty(shape, p.options());
   const int64_t B = p.size(0);
   const int64_t R = B ? p.numel() / B : 0;
-  if (out.numel() > 0)
-    rate_spike_counts_kernel<float>(p.const_data_ptr<float>(), out.mutable_data_ptr<float>(), B, T, R,
-                                    static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffu));
+  const uint32_t s32 = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffu);
+  if (out.numel() > 0) {
+    if (count) rate_spikes_kernel<float, true>(p.const_data_ptr<float>(), out.mutable_data_ptr<float>(), B, T, R, s32);
+    else rate_spikes_kernel<float, false>(p.const_data_ptr<float>(), out.mutable_data_ptr<float>(), B, T, R, s32);
+  }
   return out;
 }
 
-Tensor rate_spikes(const Tensor& p_in, int64_t seed, int64_t T) {
-  TORCH_CHECK(p_in.device().is_cpu(), "minaction: rate_spikes takes a CPU tensor, got ", p_in.device());
-  TORCH_CHECK(p_in.scalar_type() == at::kFloat, "minaction: rate_spikes takes float32 probabilities, got ",
-              p_in.scalar_type());
-  TORCH_CHECK(p_in.dim() >= 1, "minaction: rate_spikes needs a batch dim, got shape ", p_in.sizes());
-  TORCH_CHECK(T >= 1, "minaction: rate_spikes needs T >= 1, got ", T);
-  Tensor p = p_in.contiguous();
-  std::vector<int64_t> shape(p.sizes().begin(), p.sizes().end());
-  shape.insert(shape.begin() + 1, T);
-  Tensor out = at::empty(shape, p.options());
-  const int64_t B = p.size(0);
-  const int64_t R = B ? p.numel() / B : 0;
-  if (out.numel() > 0)
-    rate_spikes_kernel<float>(p.const_data_ptr<float>(), out.mutable_data_ptr<float>(), B, T, R,
-                              static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffu));
-  return out;
+Tensor rate_spikes(const Tensor& p, int64_t seed, int64_t T) { return spikes_op(p, seed, T, false, "rate_spikes"); }
+
+Tensor rate_spike_counts(const Tensor& p, int64_t seed, int64_t T) {
+  return spikes_op(p, seed, T, true, "rate_spike_counts");
 }
 
 // unit_stats(y, p, unit_dim): y [G, ...] viewed as [G, A, U, S] (U = y.size(unit_dim), A the dims between the

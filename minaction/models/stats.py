@@ -119,7 +119,7 @@ def _unit_stats(y: torch.Tensor, p, unit_dim: int):
     """(sum of |y|^p per unit of dim ``unit_dim`` [G', U], non-zeros per member [G'] float64) of
     ``y [G', ...]``: the C++ kernels' one pass (``minaction::unit_stats``, float64 sums) where they
     are loaded and y is a CPU float32/float64 tensor (test evaluation of a 5-member cnn group on
-    2000 MNIST images: 0.52 -> 0.0x s of statistics), else torch ops."""
+    2000 MNIST images: 26 ms where the torch ops took ~420 ms), else torch ops."""
     from ..backends import cpu
 
     if (cpu.OPS is not None and p in (1, 2) and type(y) is torch.Tensor and y.device.type == "cpu"

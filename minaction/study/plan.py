@@ -308,6 +308,11 @@ def format_plan(p: dict, per_block: bool = True) -> str:
     return "\n".join(lines)
 
 
+#: said at the start of a study on a machine with a CUDA GPU (the trainer has no device option yet)
+GPU_NOTE = ("minaction study: note: a CUDA GPU is visible, but the study trains on the CPU (its worker "
+            "processes); the GPU kernels serve the layers in your own training code")
+
+
 def announce(preset, db=None, workers=None, file=None, max_group=None) -> None:
     """Print the number of runs and the estimated wall time before a study starts (never raises:
     a plan that cannot be made is reported, and the study goes on)."""
@@ -319,11 +324,6 @@ def announce(preset, db=None, workers=None, file=None, max_group=None) -> None:
         print(f"minaction study: no time estimate ({type(exc).__name__}: {exc})", file=file, flush=True)
     if _gpu_visible():
         print(GPU_NOTE, file=file, flush=True)
-
-
-#: said at the start of a study on a machine with a CUDA GPU (the trainer has no device option yet)
-GPU_NOTE = ("minaction study: note: a CUDA GPU is visible, but the study trains on the CPU (its worker "
-            "processes); the GPU kernels serve the layers in your own training code")
 
 
 def _gpu_visible() -> bool:
