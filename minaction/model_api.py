@@ -58,6 +58,8 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     if not _compiling():
         total = _fast_total(model)
         if total is not None:
+            if not total.requires_grad and _grad_enabled():
+                _warn_if_reentrant_checkpoint(model)
             return total
     total = None
     layers = energy_layers(model)
@@ -76,9 +78,27 @@ def total_energy(model: nn.Module) -> torch.Tensor:
                                "(a forward inside a torch.func transform leaves none after the transform returns: "
                                "call total_energy inside the transformed function)")
         total = e if total is None else total + e
+    if not _compiling() and not total.requires_grad and _grad_enabled():
+        _warn_if_reentrant_checkpoint(model)
     return total
 
 
+def _warn_if_reentrant_checkpoint(model: nn.Module) -> None:
+    """Warn when the energy about to go into a loss was computed in the first, autograd-free
+    forward of ``torch.utils.checkpoint(..., use_reentrant=True)`` (see nn.layers._note_no_grad_energy)."""
+    names = [n or type(m).__name__ for n, m in energy_layers(model)
+             if m.__dict__.get("_reentrant_energy") is m.__dict__.get("_last_energy")]
+    if names:
+        warnings.warn(
+            f"the energy of {len(names)} layer(s) ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) was "
+            "computed inside torch.utils.checkpoint(..., use_reentrant=True) (torch's default when use_reentrant is "
+            "not given), whose forward runs without autograd: lam * total_energy(model) has no gradient, and a loss "
+            "that adds it trains without the energy term. Checkpoint with use_reentrant=False, or put the term in "
+            "the layers with minaction.set_penalty(model, lam) (the recomputation in backward applies it)",
+            UserWarning, stacklevel=3)
+
+
+_grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 

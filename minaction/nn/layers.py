@@ -13,6 +13,7 @@ transform reads as None once that transform has returned.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -26,9 +27,11 @@ from ..ops.energy import make_plan
 # the fast path's checks (ops.energy._fast_world's, inlined: a call per check costs in a step)
 _compiling = torch.compiler.is_compiling
 _exporting = _energy._is_exporting
+_jit_tracing = _energy._jit_tracing
 _any_autocast = _energy._any_autocast or (lambda: True)
 _interpreter_stack = _energy._interpreter_stack
 _env_backend = _energy._env_backend
+_grad_enabled = torch.is_grad_enabled
 # attributes whose assignment invalidates a layer's cached plan
 _PLAN_FACTS = frozenset({"activation", "energy", "energy_reduction", "backend", "p", "weight", "bias",
                          "num_models", "in_features", "out_features", "penalty"})
@@ -41,6 +44,35 @@ def _dead_functorch_tensor(t: torch.Tensor) -> bool:
         return False
     top = fc.peek_interpreter_stack()
     return top is None or fc.maybe_get_level(t) > top.level()
+
+
+_REENTRANT_FORWARD = []  # [code object of torch.utils.checkpoint.CheckpointFunction.forward], found lazily
+
+
+def _note_no_grad_energy(layer: nn.Module, e: torch.Tensor) -> None:
+    """Called for a forward run without autograd. Inside ``torch.utils.checkpoint(...,
+    use_reentrant=True)`` (torch's default when ``use_reentrant`` is not given) the first forward
+    runs under ``no_grad`` and only the recomputation in backward is differentiable, so ``lam * E``
+    taken from this forward has no gradient: remember ``e`` so that ``total_energy`` can say so.
+    Costs a walk up the Python stack (~0.05 us a frame, 32 at most), and only for forwards
+    without autograd outside inference mode."""
+    if torch.is_inference_mode_enabled():  # no training step can follow
+        return
+    if not _REENTRANT_FORWARD:
+        ckpt = sys.modules.get("torch.utils.checkpoint")
+        fn = getattr(getattr(ckpt, "CheckpointFunction", None), "forward", None)
+        if fn is None:
+            return
+        _REENTRANT_FORWARD.append(fn.__code__)
+    code = _REENTRANT_FORWARD[0]
+    f = sys._getframe(1)
+    for _ in range(32):  # the checkpointed function's own depth: 3 frames per module call
+        if f is None:
+            return
+        if f.f_code is code:
+            layer.__dict__["_reentrant_energy"] = e
+            return
+        f = f.f_back
 
 
 class EnergyLayer(nn.Module):
@@ -71,11 +103,14 @@ class EnergyLayer(nn.Module):
     @last_energy.setter
     def last_energy(self, value: Optional[torch.Tensor]) -> None:
         self.__dict__["_last_energy"] = value
+        if value is not None and not _grad_enabled() and not _compiling():
+            _note_no_grad_energy(self, value)
 
     def __getstate__(self):
         # deepcopy, pickle and torch.save(model) copy the layer, never the last step's graph
         state = super().__getstate__()
         state["_last_energy"] = None
+        state.pop("_reentrant_energy", None)
         state.pop("_plan", None)  # a cached call plan refers to this copy's tensors: rebuilt on first forward
         return state
 
@@ -102,6 +137,14 @@ class EnergyLayer(nn.Module):
         state.setdefault("_last_energy", None)
         state.setdefault("penalty", 0.0)  # pickles written before the in-layer penalty
         super().__setstate__(state)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: say what works instead
+        raise RuntimeError(
+            f"torch.jit.script cannot compile minaction's {type(self).__name__} (its forward is Python that "
+            "TorchScript does not support). Use torch.jit.trace(model, example_input), which records the fused op "
+            "(import minaction before torch.jit.load), or torch.export.export / torch.onnx.export(..., dynamo=True), "
+            "which give standard aten ops; see docs/core.md, Export")
 
     @property
     def counts_energy(self) -> bool:
@@ -180,7 +223,8 @@ class EnergyLinear(EnergyLayer, nn.Linear):
         # the full path, which validates and raises the clear error.
         plan = self.__dict__.get("_plan")
         if (plan is not None and type(x) is Tensor and x.is_cpu
-                and not (_compiling() or _any_autocast() or _interpreter_stack() is not None or _exporting())):
+                and not (_compiling() or _any_autocast() or _interpreter_stack() is not None or _exporting()
+                         or _jit_tracing() is not None)):
             params = self._parameters  # not self.weight: nn.Module.__getattr__ costs ~0.5 us per lookup
             w = params.get("weight")  # None under parametrize / weight_norm: the full path below
             b = params.get("bias")
@@ -193,13 +237,19 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                     pass
                 else:
                     self.__dict__["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
+                    if not _grad_enabled():
+                        _note_no_grad_energy(self, e)
                     return y
         # the full path: validation, autocast, backend choice; then remember the decision
         w, b = self.weight, self.bias
         y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend,
                              penalty=self.penalty)
         self.__dict__["_last_energy"] = e
-        if not torch.compiler.is_compiling():  # traced: the plain function, no cached plan
+        if not _grad_enabled() and not _compiling():
+            _note_no_grad_energy(self, e)
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            # compiled: the plain function; torch.jit.trace: no plan made while tracing, so the trace's
+            # check run (a second trace) takes this same path and records the same graph
             self.__dict__["_plan"] = make_plan(x, w, b, self.activation, self.energy, self.energy_reduction,
                                                self.backend, self.penalty)
         return y

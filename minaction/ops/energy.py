@@ -94,7 +94,9 @@ def validate_energy(activation: str, energy, reduction: str) -> int:
 
 
 def _scale(rows: int, cols: int, mean: bool) -> float:
-    # E = mean over rows (samples) of sum (or mean) over units of |y|^p
+    # E = mean over rows (samples) of sum (or mean) over units of |y|^p. int(): under torch.jit.trace
+    # sizes are 0-dim tensors, whose quotient would be rounded to float32
+    rows, cols = int(rows), int(cols)
     return 1.0 / (max(rows, 1) * (max(cols, 1) if mean else 1))  # zero units: no energy to scale (p = 0)
 
 
@@ -308,12 +310,13 @@ def _plain_path(backend: Optional[str]) -> bool:
       no vmap batching rule and no forward-mode formula, and their C++ autograd formula
       cannot run under a transform; the reference path is plain PyTorch and composes with
       every transform;
-    - while ``torch.export`` (or ``torch.onnx.export(..., dynamo=True)``) traces: the exported
-      graph then holds standard aten ops that any runtime executes, not minaction's custom ops.
+    - while ``torch.export`` (or ``torch.onnx.export(..., dynamo=True)``) or ``torch.jit.trace``
+      traces: the exported graph then holds standard aten ops that any runtime executes (a
+      traced module loads and runs without minaction), not minaction's custom ops.
 
     ``torch.compile`` keeps the fused ops (they have fake kernels).
     """
-    if _is_exporting():
+    if _is_exporting() or _jit_tracing() is not None:
         return True
     if _interpreter_stack() is None:  # no torch.func transform: the eager fast exit
         return False
@@ -322,6 +325,7 @@ def _plain_path(backend: Optional[str]) -> bool:
 
 _interpreter_stack = torch._C._functorch.peek_interpreter_stack
 _is_exporting = torch.compiler.is_exporting
+_jit_tracing = torch._C._get_tracing_state  # None unless torch.jit.trace is recording
 
 
 def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: str = "relu",
@@ -436,7 +440,8 @@ def make_plan(x, weight, bias, activation, energy, reduction, backend, penalty=0
 def _fast_world() -> bool:
     """No autocast, no torch.func transform, not exporting (the caller, ``EnergyLinear.forward``,
     has checked that it is not being compiled)."""
-    return not ((_any_autocast is None or _any_autocast()) or _interpreter_stack() is not None or _is_exporting())
+    return not ((_any_autocast is None or _any_autocast()) or _interpreter_stack() is not None or _is_exporting()
+                or _jit_tracing() is not None)
 
 
 def _grouped(x, weight, bias):

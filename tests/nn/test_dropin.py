@@ -544,6 +544,116 @@ def test_onnx_export_dynamo(which):
     assert ("Conv" in ops) == (which == "mnist")
 
 
+# ----------------------------------------------------------------------------- gradient checkpointing
+def _grads_of(model, x, y, lam, run=None, penalty=False):
+    """Parameter gradients of ``nll + lam * E``: the loss written out (or, with ``penalty``, the
+    layers' in-layer penalty), the forward run as ``run(model, x)``."""
+    model.zero_grad()
+    out = (run or (lambda m, t: m(t)))(model, x)
+    loss = F.nll_loss(F.log_softmax(out.flatten(1)[:, :3], 1), y)
+    if not penalty:
+        loss = loss + lam * minaction.total_energy(model)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("which", ["quickstart", "mnist"])
+def test_checkpoint_non_reentrant_trains_the_energy_term(which):
+    """torch.utils.checkpoint(use_reentrant=False): the loss with total_energy has the gradients of
+    the plain forward, with no warning."""
+    name, model, x = next(m for m in _energy_models() if m[0] == which)
+    model.eval()  # no dropout draws in the comparison
+    y = torch.arange(len(x)) % 3
+    want = _grads_of(model, x, y, 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _grads_of(model, x, y, 0.1, run=lambda m, t: torch.utils.checkpoint.checkpoint(m, t, use_reentrant=False))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("which", ["quickstart", "mnist"])
+def test_checkpoint_reentrant_warns_for_the_loss_term_and_the_penalty_form_trains(which):
+    """torch.utils.checkpoint(use_reentrant=True), torch's default when use_reentrant is not given,
+    runs its forward without autograd: ``lam * total_energy`` from it has no gradient. total_energy
+    says so (naming the layers); the in-layer penalty, applied by the recomputation, trains."""
+    name, model, x = next(m for m in _energy_models() if m[0] == which)
+    model.eval()
+    y = torch.arange(len(x)) % 3
+    want = _grads_of(model, x, y, 0.1)
+    reentrant = lambda m, t: torch.utils.checkpoint.checkpoint(m, t.requires_grad_(), use_reentrant=True)
+    with pytest.warns(UserWarning, match=r"use_reentrant=True.*no gradient.*set_penalty") as rec:
+        lost = _grads_of(model, x.clone(), y, 0.1, run=reentrant)
+    names = [n for n, m in minaction.model_api.energy_layers(model)]
+    assert any(all(n in str(w.message) for n in names) for w in rec)
+    assert not all(torch.allclose(g, w) for g, w in zip(lost, want))  # the warned-about loss of the term
+    # after the backward the layers hold the recomputed energies: logging them does not warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert minaction.total_energy(model).requires_grad
+    minaction.set_penalty(model, 0.1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            got = _grads_of(model, x.clone(), y, 0.1, run=reentrant, penalty=True)
+    finally:
+        minaction.set_penalty(model, 0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_evaluation_without_autograd_does_not_warn():
+    """A no_grad / inference_mode evaluation followed by total_energy (for logging, with grad mode
+    on) is not a checkpoint: no warning."""
+    name, model, x = next(m for m in _energy_models() if m[0] == "mnist")
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ctx in (torch.no_grad, torch.inference_mode):
+            with ctx():
+                model(x)
+            assert not minaction.total_energy(model).requires_grad
+
+
+# ----------------------------------------------------------------------------- TorchScript
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript for torch.export
+@pytest.mark.parametrize("which", ["quickstart", "mnist"])
+def test_jit_trace_records_standard_ops_and_loads_without_minaction(which, tmp_path):
+    """torch.jit.trace runs the reference path, as torch.export does: the traced module equals the
+    eager one (values and gradients, at another batch size), holds no minaction op, passes trace's
+    own check run whether or not the layers ran before, and loads in an interpreter without minaction."""
+    name, model, x = next(m for m in _energy_models() if m[0] == which)
+    model.eval()
+    for warm in (False, True):
+        if warm:
+            model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, x)  # check_trace on: a second trace must record the same graph
+        assert not any("minaction" in n.kind() for n in traced.inlined_graph.nodes())
+        x2 = torch.cat([x, x[:1] * 0.5]).requires_grad_()
+        a, b = traced(x2), model(x2)
+        torch.testing.assert_close(a, b)
+        params = list(model.parameters())
+        for ga, gb in zip(torch.autograd.grad(a.square().sum(), [x2] + params),
+                          torch.autograd.grad(b.square().sum(), [x2] + params)):
+            torch.testing.assert_close(ga, gb)
+    traced.save(str(tmp_path / "m.pt"))
+    torch.save((x, model(x).detach()), tmp_path / "xy.pt")
+    _prints_ok("import sys, torch\n"
+               f"m = torch.jit.load({str(tmp_path / 'm.pt')!r}); x, y = torch.load({str(tmp_path / 'xy.pt')!r})\n"
+               "torch.testing.assert_close(m(x), y)\n"
+               "assert 'minaction' not in sys.modules\n"
+               "print('ok')")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_jit_script_says_what_to_use_instead():
+    name, model, x = next(m for m in _energy_models() if m[0] == "quickstart")
+    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile minaction's EnergyLinear.*jit.trace"):
+        torch.jit.script(model)
+
+
 # ----------------------------------------------------------------------------- lazy submodules
 def _prints_ok(code):
     """Run ``code`` in a fresh interpreter; it must exit 0 having printed only "ok"."""
