@@ -244,3 +244,9 @@ def _(z, act, p, mean, backend):
 @torch.library.register_fake("minaction::activation_energy_backward", lib=lib)
 def _(gy, ge, y, z, act, p, mean, backend):
     return gy.new_empty(gy.shape)
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+from . import flops as _flops  # noqa: E402
+
+_flops.install()  # formulas for torch.utils.flop_counter.FlopCounterMode (see flops.py)
