@@ -733,10 +733,31 @@ std::tuple<Tensor, Tensor> energy_linear_composite(const Tensor& x, const Tensor
 // energy_linear accepts the plain layer (x [M,K], w [N,K], b [N] -> y [M,N], e 0-dim) or the
 // grouped one (x [G,M,K], w [G,N,K], b [G,N] -> y [G,M,N], e [G]); shapes are handled here,
 // below autograd, so that a Python caller pays for one op call only.
+//
+// unit_scale is 1 (energy_reduction "sum") or 1/N ("mean"); the op divides by its own row count M,
+// so that the caller passes a constant of the layer: under torch.compile a scale computed from the
+// batch size in Python is a float specialised to one batch size, and every new size recompiled.
+// While torch.compile traces with a symbolic M (dynamic shapes) the division cannot be folded into
+// the kernels' double: the kernels then take unit_scale and the division is a traced tensor op
+// (on e in forward, on e's gradient in backward), so one graph serves every batch size.
+static c10::SymInt layer_rows(const Tensor& x, bool plain) {
+  return (plain ? x.sym_size(0) : x.sym_size(1)).max(c10::SymInt(1));
+}
+
+// the double the kernels take: unit_scale / M, or unit_scale alone for a symbolic M
+static double layer_scale(const Tensor& x, bool plain, double unit_scale) {
+  const auto rows = layer_rows(x, plain).maybe_as_int();
+  return rows.has_value() ? unit_scale / static_cast<double>(*rows) : unit_scale;
+}
+
+static bool symbolic_rows(const Tensor& x, bool plain) {
+  return !layer_rows(x, plain).maybe_as_int().has_value();
+}
+
 class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& w_in,
-                               const std::optional<Tensor>& b_opt, int64_t act, int64_t p, double scale,
+                               const std::optional<Tensor>& b_opt, int64_t act, int64_t p, double unit_scale,
                                double penalty) {
     const Tensor b_in = b_opt.has_value() ? *b_opt : Tensor();
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -744,10 +765,13 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     TORCH_CHECK(w_in.dim() == (plain ? 2 : 3) && x_in.dim() == w_in.dim(),
                 "minaction: energy_linear expects x [M,K] with w [N,K], or x [G,M,K] with w [G,N,K]; got x ",
                 x_in.sizes(), " and w ", w_in.sizes());
+    const double scale = layer_scale(x_in, plain, unit_scale);
+    const bool symbolic = symbolic_rows(x_in, plain);
     // the plain layer goes to the primitive as is (2-D), without views. x is not made
     // contiguous: BLAS takes transposed views, and a shared input expanded over the G models
     // (stride 0) would otherwise be copied G times
     auto [y, z, e] = call_linear_fwd(x_in, w_in.contiguous(), b_opt, act, p, scale, needs_z(act));
+    if (symbolic) e = e.div(c10::Scalar(layer_rows(x_in, plain)));
     // the inputs themselves are saved (not the unsqueezed views) so that a create_graph
     // backward can differentiate through them
     ctx->save_for_backward({x_in, w_in, b_in, y, z});
@@ -755,6 +779,7 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     ctx->saved_data["act"] = act;
     ctx->saved_data["p"] = p;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["symbolic"] = symbolic;
     ctx->saved_data["plain"] = plain;
     ctx->saved_data["penalty"] = penalty;
     return {y, e};
@@ -766,6 +791,7 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     const int64_t act = ctx->saved_data["act"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const bool plain = ctx->saved_data["plain"].toBool();
+    const bool symbolic = ctx->saved_data["symbolic"].toBool();  // scale lacks the 1/M (see layer_rows)
     const bool has_b = b_in.defined();
     const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1), nb = has_b && ctx->needs_input_grad(2);
     if (!(nx || nw || nb)) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
@@ -789,6 +815,7 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
       // carry a graph (gradient penalties, gradgradcheck)
       Tensor yv, ev;
       std::tie(yv, ev) = energy_linear_composite(x_in, w_in, b_in, act, p, scale);
+      if (symbolic) ev = ev.div(c10::Scalar(layer_rows(x_in, plain)));
       // the incoming gradients are grad_outputs, not factors of a scalar objective: autograd must
       // not differentiate through their own graph (it leads back into this node, whose lock we hold)
       std::vector<Tensor> outs_v, seeds;
@@ -815,6 +842,7 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     }
     Tensor gy = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(y);
     Tensor ge = p != 0 ? energy_grad() : at::zeros(e_sizes, e_options);
+    if (symbolic && p != 0) ge = ge.div(c10::Scalar(layer_rows(x_in, plain)));
     // plain: 2-D in, 2-D gradients out (the primitive takes both forms)
     auto [gx, gw, gb] = call_linear_bwd(gy, ge, x_in, w_in.contiguous(), y, z, act, p, scale, nx, nw, nb);
     return {nx ? gx : Tensor(), nw ? gw : Tensor(), nb ? gb : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
@@ -822,17 +850,19 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
 };
 
 std::tuple<Tensor, Tensor> energy_linear_autograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
-                                                  int64_t act, int64_t p, double scale, double penalty) {
-  auto out = EnergyLinearFn::apply(x, w, b, act, p, scale, penalty);
+                                                  int64_t act, int64_t p, double unit_scale, double penalty) {
+  auto out = EnergyLinearFn::apply(x, w, b, act, p, unit_scale, penalty);
   return {out[0], out[1]};
 }
 
 std::tuple<Tensor, Tensor> energy_linear_noautograd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b,
-                                                    int64_t act, int64_t p, double scale, double /*penalty*/) {
+                                                    int64_t act, int64_t p, double unit_scale, double /*penalty*/) {
   TORCH_CHECK((w.dim() == 2 || w.dim() == 3) && x.dim() == w.dim(),
               "minaction: energy_linear expects x [M,K] with w [N,K], or x [G,M,K] with w [G,N,K]; got x ",
               x.sizes(), " and w ", w.sizes());
-  auto [y, z, e] = call_linear_fwd(x, w.contiguous(), b, act, p, scale, false);
+  const bool plain = w.dim() == 2;
+  auto [y, z, e] = call_linear_fwd(x, w.contiguous(), b, act, p, layer_scale(x, plain, unit_scale), false);
+  if (symbolic_rows(x, plain)) e = e.div(c10::Scalar(layer_rows(x, plain)));
   return {y, e};
 }
 

@@ -273,10 +273,11 @@ def act_backward(gy, ge, y, z, act, p, scale):
     return load().act_bwd(gy, ge, y, z, ACT_CODES[act], p, scale)
 
 
-def layer(x, w, b, act, p, scale, penalty=0.0):
+def layer(x, w, b, act, p, unit_scale, penalty=0.0):
     """The whole layer, ``minaction::layer`` (one C++ op with a C++ autograd formula; its backward
-    adds ``penalty * dE/d(inputs)`` itself)."""
-    return (OPS if OPS is not None else load()).layer(x, w, b, ACT_CODES[act], p, scale, penalty)
+    adds ``penalty * dE/d(inputs)`` itself). ``unit_scale`` is 1, or 1/N for the mean over units:
+    the op divides by the rows (``x``'s ``M``) itself."""
+    return (OPS if OPS is not None else load()).layer(x, w, b, ACT_CODES[act], p, unit_scale, penalty)
 
 
 def epilogue_pool2(z, act, p, mean, groups, dims, penalty=0.0):

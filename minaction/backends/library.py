@@ -64,7 +64,9 @@ SCHEMAS = {
     "act_fwd": "act_fwd(Tensor z, int act, int p, float scale, bool keep_z) -> (Tensor, Tensor, Tensor)",
     "act_bwd": "act_bwd(Tensor gy, Tensor ge, Tensor y, Tensor z, int act, int p, float scale) -> Tensor",
     # the whole layer with a C++ autograd formula
-    "layer": "layer(Tensor x, Tensor w, Tensor? b, int act, int p, float scale, float penalty=0.) -> (Tensor, Tensor)",
+    # (unit_scale: 1, or 1/N for energy_reduction "mean"; the op divides by its row count M itself)
+    "layer": "layer(Tensor x, Tensor w, Tensor? b, int act, int p, float unit_scale, float penalty=0.) "
+             "-> (Tensor, Tensor)",
     # activation_energy's epilogue with a C++ autograd formula: z [B, ...] (groups 0) or [G, B, ...]
     "epilogue": "epilogue(Tensor z, int act, int p, bool mean, int groups, float penalty=0.) -> (Tensor, Tensor)",
     # max-pool by 2 over the last 1 or 2 dims (the cnn's pooling), uint8 window positions
@@ -148,7 +150,7 @@ def _(gy, ge, y, z, act, p, scale):
 
 
 @torch.library.register_fake("minaction::layer", lib=lib)
-def _(x, w, b, act, p, scale, penalty=0.0):
+def _(x, w, b, act, p, unit_scale, penalty=0.0):
     y, _, e = fwd_outputs(x, _linear_shape(x, w), False)
     return y, e
 

@@ -231,8 +231,7 @@ class EnergyLinear(EnergyLayer, nn.Linear):
             if w is plan.weight and b is plan.bias and (
                     not plan.auto or (_select._forced is plan.forced and _env_backend() == plan.env)):
                 try:
-                    y, e = plan.op(x, w, b, plan.code, plan.p, plan.inv / (x.shape[1] if plan.G else len(x)),
-                                   plan.penalty)
+                    y, e = plan.op(x, w, b, plan.code, plan.p, plan.inv, plan.penalty)
                 except (RuntimeError, ValueError, TypeError, IndexError):
                     pass
                 else:

@@ -39,7 +39,7 @@ def validate_penalty(penalty, p: int) -> float:
     if not isinstance(penalty, numbers.Real) or isinstance(penalty, bool):
         raise TypeError(f"penalty must be a number, got {type(penalty).__name__}")
     value = float(penalty)
-    if not math.isfinite(value) or value < 0:
+    if not 0.0 <= value < math.inf:  # also NaN; comparisons, not math.isfinite: torch.compile traces them
         raise ValueError(f"penalty must be a finite number >= 0 (the energy's coefficient lam), got {penalty!r}")
     if value and not p:
         raise ValueError("penalty needs an energy: this layer was built with energy=None, so it has none to penalise")
@@ -249,6 +249,8 @@ def _check_tensor(name, t, like=None):
             raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
 
 
+# every valid combination, filled once: a dict that never changes keeps torch.compile's guard on it
+# true (one filled on first use made the second call recompile)
 _P_CACHE: dict = {}
 
 
@@ -258,6 +260,9 @@ def _exponent(activation, energy, reduction) -> int:
     if p is None:
         p = _P_CACHE[key] = validate_energy(activation, energy, reduction)
     return p
+
+
+_P_CACHE.update({(a, en, r): validate_energy(a, en, r) for a in ACTIVATIONS for en in ENERGIES for r in REDUCTIONS})
 
 
 def _validate_linear(x, weight, bias):
@@ -381,15 +386,15 @@ def _cpu_linear(x, weight, bias, act, p, mean, penalty=0.0):
     """The ``cpu`` path: one call of the C++ op ``minaction::layer`` per direction (its autograd
     formula is C++ too, and applies ``penalty``); it takes the plain ``[M, K]`` and the grouped
     ``[G, M, K]`` shapes."""
+    unit_scale = 1.0 / weight.shape[-2] if mean else 1.0  # the op divides by the rows itself
     if weight.dim() == 3:
         if x.dim() == 2:  # a shared input: a stride-0 view, no copy
             x = x.unsqueeze(0).expand(weight.shape[0], -1, -1)
-        return _cpu.layer(x, weight, bias, act, p, _scale(x.shape[1], weight.shape[1], mean), penalty)
+        return _cpu.layer(x, weight, bias, act, p, unit_scale, penalty)
     if x.dim() == 2:
-        return _cpu.layer(x, weight, bias, act, p, _scale(x.shape[0], weight.shape[0], mean), penalty)
+        return _cpu.layer(x, weight, bias, act, p, unit_scale, penalty)
     rows = math.prod(x.shape[:-1])  # x [..., K]: the leading dims are the rows
-    y, e = _cpu.layer(x.reshape(rows, x.shape[-1]), weight, bias, act, p, _scale(rows, weight.shape[0], mean),
-                      penalty)
+    y, e = _cpu.layer(x.reshape(rows, x.shape[-1]), weight, bias, act, p, unit_scale, penalty)
     return y.view(x.shape[:-1] + (weight.shape[0],)), e
 
 
@@ -412,7 +417,7 @@ class LinearPlan:
         self.weight, self.bias, self.penalty = weight, bias, float(penalty)
         self.G = weight.shape[0] if weight.dim() == 3 else 0
         self.code, self.p = _cpu.ACT_CODES[act], p
-        self.inv = 1.0 / weight.shape[-2] if mean else 1.0  # scale = inv / rows
+        self.inv = 1.0 / weight.shape[-2] if mean else 1.0  # the op's unit_scale (it divides by the rows)
         self.auto = backend is None  # chosen by backends.select: valid while the forcing is unchanged
         self.forced, self.env = _select._forced, _env_backend()
         self.op = _cpu.OPS.layer

@@ -732,6 +732,48 @@ def test_torch_compile_fullgraph_step_with_total_energy():
     torch.testing.assert_close(compiled, step(x))
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("energy_reduction", ["sum", "mean"])
+def test_torch_compile_one_graph_for_every_batch_size(dynamic, energy_reduction):
+    """The energy's 1/M is taken inside minaction::layer (a symbolic division while compiling with
+    dynamic shapes), so a compiled step serves new batch sizes, and sequence lengths of 3-D input,
+    without recompiling: before, the scale computed from the batch size was a float specialised
+    to it and every size compiled again (until torch's cache limit sent it back to eager).
+    Values and gradients equal the eager step's at each size, the in-layer penalty's too."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(EnergyLinear(6, 8, energy_reduction=energy_reduction), EnergyLinear(8, 5, energy=None))
+    pen = nn.Sequential(EnergyLinear(6, 8, energy_reduction=energy_reduction, penalty=0.1),
+                        EnergyLinear(8, 5, energy=None))
+    pen.load_state_dict(model.state_dict())
+
+    def step(m, inp, tgt, explicit):
+        loss = F.cross_entropy(m(inp).flatten(0, -2), tgt.flatten())
+        return loss + 0.1 * minaction.total_energy(m) if explicit else loss
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, dynamic=dynamic, fullgraph=True)
+    shapes = [(5,), (7,), (9,), (4, 3), (2, 5), (6, 7)]
+    for shape in shapes:
+        x, y = torch.randn(*shape, 6), torch.randint(0, 5, shape)
+        for m, explicit in ((model, True), (pen, False)):
+            want = step(m, x, y, explicit)
+            gw = torch.autograd.grad(want, list(m.parameters()))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = compiled(m, x, y, explicit)
+            gg = torch.autograd.grad(got, list(m.parameters()))
+            torch.testing.assert_close(got, want)
+            for a, b in zip(gg, gw):
+                torch.testing.assert_close(a, b)
+    # one graph per (model, input rank) with dynamic=True: 4; dynamic=None first compiles each model's
+    # first size statically, then once dynamically: 6 (12 before, one per model and shape)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= (6 if dynamic is None else 4), dict(counters["stats"])
+
+
 def test_convert_conv_batchnorm_relu_says_why():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
     with pytest.warns(UserWarning, match="BatchNorm2d sits between the layer and ReLU"):
