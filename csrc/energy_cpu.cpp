@@ -893,19 +893,64 @@ struct EpiShape {
 };
 
 // E = mean over the B rows of the sum (mean: the mean) over the other dims of |y|^p
-EpiShape epilogue_shape(const Tensor& z, bool mean, int64_t groups) {
+void epilogue_shape_checks(const Tensor& z, int64_t groups) {
   TORCH_CHECK(groups >= 0, "minaction: groups must be 0 (one model) or the number of models, got ", groups);
   const int64_t lead = groups > 0 ? 2 : 1;
-  TORCH_CHECK(z.dim() >= lead, "minaction: activation_energy input of shape ", z.sizes(), " has no batch dimension",
-              groups > 0 ? " (with groups, the input is [models, batch, ...])" : "");
-  TORCH_CHECK(groups == 0 || z.size(0) == groups, "minaction: expected ", groups, " models in dim 0, got shape ",
-              z.sizes());
+  TORCH_CHECK(z.dim() >= lead, "minaction: activation_energy input of shape ", z.sym_sizes(),
+              " has no batch dimension", groups > 0 ? " (with groups, the input is [models, batch, ...])" : "");
+  TORCH_CHECK(groups == 0 || z.sym_size(0) == groups, "minaction: expected ", groups,
+              " models in dim 0, got shape ", z.sym_sizes());
+}
+
+EpiShape epilogue_shape(const Tensor& z, bool mean, int64_t groups) {
+  epilogue_shape_checks(z, groups);
+  const int64_t lead = groups > 0 ? 2 : 1;
   const int64_t M = z.size(lead - 1);
   int64_t N = 1;
   for (int64_t d = lead; d < z.dim(); ++d) N *= z.size(d);
   const double scale = 1.0 / (static_cast<double>(std::max<int64_t>(M, 1)) *
                               (mean ? static_cast<double>(std::max<int64_t>(N, 1)) : 1.0));
   return {groups > 0 ? groups : 1, M, N, scale};
+}
+
+// epilogue_shape for the epilogue op with a C++ autograd formula, in SymInts: while torch.compile
+// traces with dynamic shapes, M (the batch) and N (e.g. a sequence length) may be symbolic; the
+// kernels then take scale 1 and the division by `denom` is a traced op (on e forward, on its
+// gradient backward), as in EnergyLinearFn, so that one graph serves every size. Eagerly every
+// size is concrete and scale = 1 / denom as before.
+struct SymEpiShape {
+  int64_t G;
+  c10::SymInt M, N, denom;
+  double scale;
+  bool symbolic;
+};
+
+// t (contiguous, as many elements) seen with the sizes of `like`. For concrete sizes a view; for
+// symbolic ones an as_strided with the contiguous strides written out as products, because a
+// view's strides come out as floor divisions (s**2 // s) that inductor cannot order
+Tensor view_like(const Tensor& t, const Tensor& like) {
+  const auto sizes = like.sym_sizes();
+  bool symbolic = false;
+  for (const auto& d : sizes) symbolic = symbolic || !d.maybe_as_int().has_value();
+  if (!symbolic) return t.view(like.sizes());
+  std::vector<c10::SymInt> strides(sizes.size());
+  c10::SymInt acc = 1;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    strides[d] = acc;
+    acc = acc * sizes[d];
+  }
+  return t.as_strided_symint(sizes, strides);
+}
+
+SymEpiShape sym_epilogue_shape(const Tensor& z, bool mean, int64_t groups) {
+  epilogue_shape_checks(z, groups);
+  const int64_t lead = groups > 0 ? 2 : 1;
+  c10::SymInt M = z.sym_size(lead - 1), N = 1;
+  for (int64_t d = lead; d < z.dim(); ++d) N = N * z.sym_size(d);
+  c10::SymInt denom = M.max(c10::SymInt(1));
+  if (mean) denom = denom * N.max(c10::SymInt(1));
+  const auto known = denom.maybe_as_int();
+  return {groups > 0 ? groups : 1, M, N, denom, known ? 1.0 / static_cast<double>(*known) : 1.0, !known};
 }
 
 Tensor apply_act_composite(const Tensor& z, int64_t act) {
@@ -952,10 +997,11 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& z_in, int64_t act, int64_t p, bool mean,
                                int64_t groups, double penalty) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const EpiShape s = epilogue_shape(z_in, mean, groups);
-    auto [y3, unused, e] = call_act_fwd(z_in.contiguous().view({s.G, s.M, s.N}), act, p, s.scale, false);
-    Tensor y = y3.view(z_in.sizes());
+    const SymEpiShape s = sym_epilogue_shape(z_in, mean, groups);
+    auto [y3, unused, e] = call_act_fwd(z_in.contiguous().view_symint({c10::SymInt(s.G), s.M, s.N}), act, p, s.scale, false);
+    Tensor y = view_like(y3, z_in);
     if (groups == 0) e = e.view(c10::IntArrayRef{});  // ({} alone would pick view(ScalarType))
+    if (s.symbolic) e = e.div(c10::Scalar(s.denom));
     // z itself: read by the gelu/silu derivative and by a create_graph backward
     ctx->save_for_backward({z_in, y});
     ctx->set_materialize_grads(false);  // an unused energy output must stay "undefined", not zeros
@@ -965,6 +1011,8 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
     ctx->saved_data["G"] = s.G;
     ctx->saved_data["M"] = s.M;
     ctx->saved_data["N"] = s.N;
+    ctx->saved_data["denom"] = s.denom;
+    ctx->saved_data["symbolic"] = s.symbolic;
     ctx->saved_data["scale"] = s.scale;
     ctx->saved_data["penalty"] = penalty;
     return {y, e};
@@ -975,7 +1023,10 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
     const Tensor &z_in = saved[0], &y = saved[1];
     const int64_t act = ctx->saved_data["act"].toInt();
     const int64_t groups = ctx->saved_data["groups"].toInt();
-    const int64_t G = ctx->saved_data["G"].toInt(), M = ctx->saved_data["M"].toInt(), N = ctx->saved_data["N"].toInt();
+    const int64_t G = ctx->saved_data["G"].toInt();
+    const c10::SymInt M = ctx->saved_data["M"].toSymInt(), N = ctx->saved_data["N"].toSymInt();
+    const bool symbolic = ctx->saved_data["symbolic"].toBool();  // scale lacks 1/denom (see sym_epilogue_shape)
+    const c10::SymInt denom = ctx->saved_data["denom"].toSymInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const variable_list none = {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     auto with = [&](Tensor gz) {
@@ -992,9 +1043,9 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
     const auto e_options = y.options().dtype(energy_dtype(y.scalar_type()));
     auto energy_grad = [&]() -> Tensor {  // [G]: the loss's gradient of e, plus the penalty
       Tensor own = penalty != 0.0 ? at::full({G}, penalty, e_options) : Tensor();
-      if (!grads[1].defined()) return own;
-      Tensor g = grads[1].to(e_options.dtype()).reshape({G});
-      return own.defined() ? g + own : g;
+      Tensor g = grads[1].defined() ? grads[1].to(e_options.dtype()).reshape({G}) : Tensor();
+      g = own.defined() ? (g.defined() ? g + own : own) : g;
+      return symbolic && g.defined() ? g.div(c10::Scalar(denom)) : g;
     };
     if (at::GradMode::is_enabled()) {
       // backward(create_graph=True): differentiable recomputation from z (gradient penalties, gradgradcheck)
@@ -1002,11 +1053,12 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
                                    groups, scale, {z_in}, /*create_graph=*/true)[0];
       return with(gz.defined() ? gz : at::zeros_like(z_in));
     }
-    Tensor gy = grads[0].defined() ? grads[0].contiguous().view({G, M, N}) : at::zeros({G, M, N}, y.options());
+    const std::vector<c10::SymInt> gmn = {c10::SymInt(G), M, N};
+    Tensor gy = grads[0].defined() ? grads[0].contiguous().view_symint(gmn) : at::zeros_symint(gmn, y.options());
     Tensor ge = p != 0 ? energy_grad() : at::zeros({G}, e_options);
-    Tensor z3 = needs_z(act) ? z_in.contiguous().view({G, M, N}) : at::empty({0}, y.options());
-    Tensor gz = call_act_bwd(gy, ge, y.view({G, M, N}), z3, act, p, scale);
-    return with(gz.view(z_in.sizes()));
+    Tensor z3 = needs_z(act) ? z_in.contiguous().view_symint(gmn) : at::empty({0}, y.options());
+    Tensor gz = call_act_bwd(gy, ge, y.view_symint(gmn), z3, act, p, scale);
+    return with(view_like(gz, z_in));
   }
 };
 
@@ -1018,9 +1070,11 @@ std::tuple<Tensor, Tensor> epilogue_autograd(const Tensor& z, int64_t act, int64
 
 std::tuple<Tensor, Tensor> epilogue_noautograd(const Tensor& z, int64_t act, int64_t p, bool mean, int64_t groups,
                                                double /*penalty*/) {
-  const EpiShape s = epilogue_shape(z, mean, groups);
-  auto [y3, unused, e] = call_act_fwd(z.contiguous().view({s.G, s.M, s.N}), act, p, s.scale, false);
-  return {y3.view(z.sizes()), groups == 0 ? e.view(c10::IntArrayRef{}) : e};
+  const SymEpiShape s = sym_epilogue_shape(z, mean, groups);
+  auto [y3, unused, e] = call_act_fwd(z.contiguous().view_symint({c10::SymInt(s.G), s.M, s.N}), act, p, s.scale, false);
+  if (groups == 0) e = e.view(c10::IntArrayRef{});
+  if (s.symbolic) e = e.div(c10::Scalar(s.denom));
+  return {view_like(y3, z), e};
 }
 
 // ------------------------------------------------------------------ max-pool by 2 (the cnn's pooling)
