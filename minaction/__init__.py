@@ -36,7 +36,7 @@ def _bind_checkout_sources() -> None:
 _bind_checkout_sources()
 
 __version__ = "0.1.0"
-__all__ = ["nn", "total_energy", "convert", "energy_report", "set_penalty", "backend_info", "set_backend",
+__all__ = ["nn", "total_energy", "record_energy", "convert", "energy_report", "set_penalty", "backend_info", "set_backend",
            "use_backend", "keep_freed_memory"]
 
 from ._alloc import keep_freed_memory  # noqa: E402,F401  (ctypes only: no torch)
@@ -44,17 +44,18 @@ from ._alloc import keep_freed_memory  # noqa: E402,F401  (ctypes only: no torch
 # the core's names and where they live
 _CORE = {"backend_info": "backends.select", "set_backend": "backends.select", "use_backend": "backends.select",
          "convert": "model_api", "energy_report": "model_api", "set_penalty": "model_api",
-         "total_energy": "model_api"}
+         "total_energy": "model_api", "record_energy": "model_api"}
 
 
 def _load_core() -> None:
     from .backends.select import backend_info, set_backend, use_backend  # noqa: F401
-    from .model_api import convert, energy_report, set_penalty, total_energy  # noqa: F401
+    from .model_api import convert, energy_report, record_energy, set_penalty, total_energy  # noqa: F401
     from . import nn  # noqa: F401
 
     g = globals()
     g.update(backend_info=backend_info, set_backend=set_backend, use_backend=use_backend, convert=convert,
-             energy_report=energy_report, set_penalty=set_penalty, total_energy=total_energy, nn=nn)
+             energy_report=energy_report, set_penalty=set_penalty, total_energy=total_energy,
+             record_energy=record_energy, nn=nn)
 
 
 # With torch already imported (`import torch; import minaction`, any script or test) the core loads

@@ -3,11 +3,12 @@ Linear/Conv + activation pairs for energy layers), ``total_energy``, ``energy_re
 ``set_penalty``."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -53,7 +54,8 @@ def total_energy(model: nn.Module) -> torch.Tensor:
 
     0-dim for ordinary models; ``[G]`` for batched models of G members. Layers built
     with ``energy=None`` (by default the logits layer) are not counted. The sum runs in
-    module order (``model.modules()``).
+    module order (``model.modules()``). A layer called more than once in a forward counts
+    with its last call only: record such a forward with :func:`record_energy`.
     """
     if not _compiling():
         total = _fast_total(model)
@@ -81,6 +83,59 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     if not _compiling() and not total.requires_grad and _grad_enabled():
         _warn_if_reentrant_checkpoint(model)
     return total
+
+
+class EnergyTape:
+    """The energies of every energy-layer call made while :func:`record_energy` was active, in call
+    order: ``records`` is a list of (layer, ``E_l`` of that call)."""
+
+    def __init__(self, model: Optional[nn.Module] = None):
+        self.records: List[Tuple[nn.Module, torch.Tensor]] = []
+        self._only = None if model is None else {id(m) for m in model.modules()}
+
+    def _add(self, layer: nn.Module, e: torch.Tensor) -> None:
+        if layer.p and (self._only is None or id(layer) in self._only):
+            self.records.append((layer, e))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def total(self) -> torch.Tensor:
+        """``sum`` of the recorded energies, every call counted (0-dim, or ``[G]`` for batched layers)."""
+        if not self.records:
+            raise ValueError("no energy layer that counts energy ran while recording: run the model's forward "
+                             "inside `with minaction.record_energy(...) as tape:` (layers built with energy=None, "
+                             "and layers outside the model given to record_energy, are not recorded)")
+        total = self.records[0][1]
+        for _, e in self.records[1:]:
+            total = total + e
+        return total
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+@contextlib.contextmanager
+def record_energy(model: Optional[nn.Module] = None):
+    """Record the energy of every energy-layer call inside the ``with`` block, for models that call a
+    layer more than once per forward (shared weights, a cell unrolled over time), where
+    ``total_energy`` (each layer's ``last_energy``) counts only the last call::
+
+        with minaction.record_energy(model) as tape:
+            out = model(x)
+        loss = F.cross_entropy(out, y) + lam * tape.total()
+
+    ``model`` limits the recording to its layers (None: every energy layer). Tapes nest; each keeps
+    the energies on the autograd graph until the tape is dropped. The in-layer penalty
+    (``set_penalty``) already counts every call and needs no tape."""
+    from .nn import layers as _layers
+
+    tape = EnergyTape(model)
+    _layers._TAPES.append(tape)
+    try:
+        yield tape
+    finally:
+        _layers._TAPES.remove(tape)
 
 
 def _warn_if_reentrant_checkpoint(model: nn.Module) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from ..ops import activation_energy, activation_energy_max_pool2, conv2d_act_energy_max_pool2, max_pool2
+from . import layers as _layers
 from .layers import EnergyLayer
 
 _IntOrTuple = Union[int, Tuple[int, ...]]
@@ -110,7 +111,10 @@ class _EnergyConvNd(EnergyLayer):
     _convfn = None  # staticmethod(F.conv1d) / staticmethod(F.conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, pool=False)
+        y = self._run(x, pool=False)
+        if _layers._TAPES:
+            _layers._record(self, self.__dict__["_last_energy"])
+        return y
 
     def forward_max_pool2(self, x: torch.Tensor) -> torch.Tensor:
         """``max_pool2(self(x), dims)`` (the conv block of a CNN: this layer, then a max-pool by 2
@@ -124,6 +128,8 @@ class _EnergyConvNd(EnergyLayer):
         if not self._hooks_allow_fusion():
             return max_pool2(self(x), self._dims)
         y = self._run(x, pool=True)
+        if _layers._TAPES:
+            _layers._record(self, self.__dict__["_last_energy"])
         for hook in self._forward_hooks.values():  # energy-only hooks (see _hooks_allow_fusion)
             hook(self, (x,), y)
         return y

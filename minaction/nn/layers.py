@@ -46,6 +46,16 @@ def _dead_functorch_tensor(t: torch.Tensor) -> bool:
     return top is None or fc.maybe_get_level(t) > top.level()
 
 
+# the active minaction.record_energy tapes (model_api.EnergyTape), innermost last; a layer's forward
+# hands each its energy. Read on every forward: an empty list is one global lookup
+_TAPES: list = []
+
+
+def _record(layer: nn.Module, e: torch.Tensor) -> None:
+    for tape in _TAPES:
+        tape._add(layer, e)
+
+
 _REENTRANT_FORWARD = []  # [code object of torch.utils.checkpoint.CheckpointFunction.forward], found lazily
 
 
@@ -236,6 +246,8 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                     pass
                 else:
                     self.__dict__["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
+                    if _TAPES:
+                        _record(self, e)
                     if not _grad_enabled():
                         _note_no_grad_energy(self, e)
                     return y
@@ -244,6 +256,8 @@ class EnergyLinear(EnergyLayer, nn.Linear):
         y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend,
                              penalty=self.penalty)
         self.__dict__["_last_energy"] = e
+        if _TAPES:
+            _record(self, e)
         if not _grad_enabled() and not _compiling():
             _note_no_grad_energy(self, e)
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):

@@ -615,6 +615,82 @@ def test_evaluation_without_autograd_does_not_warn():
             assert not minaction.total_energy(model).requires_grad
 
 
+# ----------------------------------------------------------------------------- layers called more than once
+class _Unrolled(nn.Module):
+    """A cell applied T times (shared weights): an RNN-style use of one energy layer."""
+
+    def __init__(self, plain=False, T=4):
+        super().__init__()
+        self.T = T
+        self.inp = nn.Linear(5, 6) if plain else EnergyLinear(5, 6, activation="tanh")
+        self.cell = nn.Linear(6, 6) if plain else EnergyLinear(6, 6, activation="tanh")
+        self.head = nn.Linear(6, 3) if plain else EnergyLinear(6, 3, activation="identity", energy=None)
+        self.plain, self.acts = plain, []
+
+    def forward(self, x):
+        self.acts = []
+        h = torch.tanh(self.inp(x)) if self.plain else self.inp(x)
+        self.acts.append(h)
+        for _ in range(self.T):
+            h = torch.tanh(self.cell(h)) if self.plain else self.cell(h)
+            self.acts.append(h)
+        return self.head(h)
+
+
+def test_record_energy_counts_every_call_and_trains_as_plain_pytorch():
+    """total_energy sees each layer's last call; record_energy's tape counts every call, and its loss
+    has the gradients of the plain-PyTorch penalty over all calls (and of the in-layer penalty)."""
+    torch.manual_seed(0)
+    model, plain = _Unrolled(), _Unrolled(plain=True)
+    plain.load_state_dict(model.state_dict())
+    x, y, lam = torch.randn(7, 5), torch.arange(7) % 3, 0.1
+    with minaction.record_energy(model) as tape:
+        out = model(x)
+    assert len(tape) == 1 + model.T
+    torch.testing.assert_close(minaction.total_energy(model), model.acts[-1].square().sum(1).mean() +
+                               model.acts[0].square().sum(1).mean())  # the last call of each layer only
+    loss = F.cross_entropy(out, y) + lam * tape.total()
+    want = F.cross_entropy(plain(x), y) + lam * sum(a.square().sum(1).mean() for a in plain.acts)
+    torch.testing.assert_close(loss, want)
+    got_g = torch.autograd.grad(loss, list(model.parameters()))
+    want_g = torch.autograd.grad(want, list(plain.parameters()))
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b)
+    minaction.set_penalty(model, lam)  # the in-layer penalty counts every call without a tape
+    pen_g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    for a, b in zip(pen_g, want_g):
+        torch.testing.assert_close(a, b)
+
+
+def test_record_energy_scoping_nesting_convs_and_errors():
+    torch.manual_seed(0)
+    conv = EnergyConv2d(1, 1, 3, padding=1)
+    other = EnergyLinear(4, 4)
+    quiet = EnergyLinear(4, 4, energy=None)
+    x, v = torch.randn(2, 1, 6, 6), torch.randn(3, 4)
+    with minaction.record_energy() as outer:
+        with minaction.record_energy(nn.Sequential(conv)) as inner:
+            conv(x)
+            conv.forward_max_pool2(x)  # the fused block is a call of its own
+            other(v)
+            quiet(v)
+        other(v)
+    assert [m for m, _ in inner.records] == [conv, conv]
+    assert [m for m, _ in outer.records] == [conv, conv, other, other]
+    torch.testing.assert_close(inner.total(), 2 * F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1))
+                               .square().sum((1, 2, 3)).mean())
+    conv(x)  # after the block: nothing recorded, no tape left behind
+    assert len(inner) == 2 and not minaction.nn.layers._TAPES
+    with pytest.raises(RuntimeError, match="boom"):
+        with minaction.record_energy():
+            raise RuntimeError("boom")
+    assert not minaction.nn.layers._TAPES
+    with minaction.record_energy() as empty:
+        quiet(v)
+    with pytest.raises(ValueError, match="no energy layer that counts energy ran while recording"):
+        empty.total()
+
+
 # ----------------------------------------------------------------------------- TorchScript
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript for torch.export
 @pytest.mark.parametrize("which", ["quickstart", "mnist"])
