@@ -141,8 +141,8 @@ def record_energy(model: Optional[nn.Module] = None):
 def _warn_if_reentrant_checkpoint(model: nn.Module) -> None:
     """Warn when the energy about to go into a loss was computed in the first, autograd-free
     forward of ``torch.utils.checkpoint(..., use_reentrant=True)`` (see nn.layers._note_no_grad_energy)."""
-    names = [n or type(m).__name__ for n, m in energy_layers(model)
-             if m.__dict__.get("_reentrant_energy") is m.__dict__.get("_last_energy")]
+    names = [n or type(m).__name__ for n, m in energy_layers(model)  # a layer with its own penalty trains
+             if m.__dict__.get("_reentrant_energy") is m.__dict__.get("_last_energy") and not m.penalty]
     if names:
         warnings.warn(
             f"the energy of {len(names)} layer(s) ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) was "
