@@ -31,6 +31,14 @@ def _fwd(x_shape, w_shape, *args, out_shape=None, **kwargs):
     return _linear(x_shape, w_shape)
 
 
+def _bwd_plain(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b, out_shape=None, **kwargs):
+    return _linear(x, w) * (bool(need_x) + bool(need_w))
+
+
+def _bwd_routed(gy, ge, x, w, y, z, act, p, mean, need_x, need_w, need_b, backend, out_shape=None, **kwargs):
+    return _linear(x, w) * (bool(need_x) + bool(need_w))
+
+
 def _conv_pool2(x_shape, w_shape, *args, out_shape=None, **kwargs):
     """One input channel, k x k, padding k // 2, stride 1: the convolution's output is H x W."""
     return 2 * x_shape[0] * math.prod(x_shape[2:]) * math.prod(w_shape)
@@ -50,14 +58,6 @@ def register(fc) -> None:
     fc.register_flop_formula([ops.energy_linear_backward])(_bwd_routed)
     fc.register_flop_formula([ops.conv_pool2, ops.conv_pool2_fwd])(_conv_pool2)
     fc.register_flop_formula([ops.conv_pool2_bwd])(_conv_pool2_bwd)
-
-
-def _bwd_plain(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b, out_shape=None, **kwargs):
-    return _linear(x, w) * (bool(need_x) + bool(need_w))
-
-
-def _bwd_routed(gy, ge, x, w, y, z, act, p, mean, need_x, need_w, need_b, backend, out_shape=None, **kwargs):
-    return _linear(x, w) * (bool(need_x) + bool(need_w))
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

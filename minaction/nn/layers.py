@@ -152,9 +152,9 @@ class EnergyLayer(nn.Module):
         # torch.jit.script calls this on every submodule before compiling: say what works instead
         raise RuntimeError(
             f"torch.jit.script cannot compile minaction's {type(self).__name__} (its forward is Python that "
-            "TorchScript does not support). Use torch.jit.trace(model, example_input), which records the fused op "
-            "(import minaction before torch.jit.load), or torch.export.export / torch.onnx.export(..., dynamo=True), "
-            "which give standard aten ops; see docs/core.md, Export")
+            "TorchScript does not support). Use torch.jit.trace(model, example_input), or torch.export.export / "
+            "torch.onnx.export(..., dynamo=True): all three record standard aten ops (the traced or exported model "
+            "runs without minaction); see docs/core.md, Export")
 
     @property
     def counts_energy(self) -> bool:
