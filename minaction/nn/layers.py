@@ -65,8 +65,9 @@ def _note_no_grad_energy(layer: nn.Module, e: torch.Tensor) -> None:
     runs under ``no_grad`` and only the recomputation in backward is differentiable, so ``lam * E``
     taken from this forward has no gradient: remember ``e`` so that ``total_energy`` can say so.
     Costs a walk up the Python stack (~0.05 us a frame, 32 at most), and only for forwards
-    without autograd outside inference mode."""
-    if torch.is_inference_mode_enabled():  # no training step can follow
+    without autograd of a layer in training mode, outside inference mode (an evaluation does not
+    look)."""
+    if not layer.training or torch.is_inference_mode_enabled():  # no training step follows
         return
     if not _REENTRANT_FORWARD:
         ckpt = sys.modules.get("torch.utils.checkpoint")

@@ -580,7 +580,9 @@ def test_checkpoint_reentrant_warns_for_the_loss_term_and_the_penalty_form_train
     runs its forward without autograd: ``lam * total_energy`` from it has no gradient. total_energy
     says so (naming the layers); the in-layer penalty, applied by the recomputation, trains."""
     name, model, x = next(m for m in _energy_models() if m[0] == which)
-    model.eval()
+    for m in model.modules():  # training mode, but no dropout draws in the comparison
+        if isinstance(m, nn.Dropout):
+            m.eval()
     y = torch.arange(len(x)) % 3
     want = _grads_of(model, x, y, 0.1)
     reentrant = lambda m, t: torch.utils.checkpoint.checkpoint(m, t.requires_grad_(), use_reentrant=True)
@@ -606,15 +608,21 @@ def test_checkpoint_reentrant_warns_for_the_loss_term_and_the_penalty_form_train
 
 def test_evaluation_without_autograd_does_not_warn():
     """A no_grad / inference_mode evaluation followed by total_energy (for logging, with grad mode
-    on) is not a checkpoint: no warning."""
+    on) is not a checkpoint: no warning, in training mode too; in eval mode (even inside a
+    reentrant checkpoint, as models that checkpoint unconditionally do) the layers do not look."""
     name, model, x = next(m for m in _energy_models() if m[0] == "mnist")
-    model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for ctx in (torch.no_grad, torch.inference_mode):
-            with ctx():
-                model(x)
-            assert not minaction.total_energy(model).requires_grad
+        for training in (True, False):
+            model.train(training)
+            for ctx in (torch.no_grad, torch.inference_mode):
+                with ctx():
+                    model(x)
+                assert not minaction.total_energy(model).requires_grad
+        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")  # torch's own
+        with torch.no_grad():
+            torch.utils.checkpoint.checkpoint(model, x, use_reentrant=True)
+        assert not minaction.total_energy(model).requires_grad
 
 
 # ----------------------------------------------------------------------------- layers called more than once
