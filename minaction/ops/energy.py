@@ -94,9 +94,8 @@ def validate_energy(activation: str, energy, reduction: str) -> int:
 
 
 def _scale(rows: int, cols: int, mean: bool) -> float:
-    # E = mean over rows (samples) of sum (or mean) over units of |y|^p. int(): under torch.jit.trace
-    # sizes are 0-dim tensors, whose quotient would be rounded to float32
-    rows, cols = int(rows), int(cols)
+    # E = mean over rows (samples) of sum (or mean) over units of |y|^p. No int(): under torch.export
+    # with a dynamic batch the sizes are SymInts, which int() would specialise
     return 1.0 / (max(rows, 1) * (max(cols, 1) if mean else 1))  # zero units: no energy to scale (p = 0)
 
 

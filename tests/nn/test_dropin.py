@@ -530,6 +530,17 @@ def test_torch_export_gives_a_graph_of_standard_ops(which):
                for m in model.modules() if isinstance(m, EnergyLayer))
 
 
+def test_torch_export_with_a_dynamic_batch():
+    """The reference path's energy scale stays symbolic: a dynamic batch dim is not specialised."""
+    name, model, x = next(m for m in _energy_models() if m[0] == "quickstart")
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("B")},))
+    x2 = torch.randn((len(x) + 3,) + tuple(x.shape[1:]))
+    torch.testing.assert_close(ep.module()(x2), model(x2))
+
+
 @pytest.mark.parametrize("which", ["quickstart", "mnist"])
 def test_onnx_export_dynamo(which):
     pytest.importorskip("onnx")
