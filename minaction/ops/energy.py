@@ -250,18 +250,17 @@ def _check_tensor(name, t, like=None):
 
 # every valid combination, filled once: a dict that never changes keeps torch.compile's guard on it
 # true (one filled on first use made the second call recompile)
-_P_CACHE: dict = {}
+_P_CACHE = {(a, en, r): validate_energy(a, en, r) for a in ACTIVATIONS for en in ENERGIES for r in REDUCTIONS}
 
 
 def _exponent(activation, energy, reduction) -> int:
-    key = (activation, energy, reduction)
-    p = _P_CACHE.get(key)
-    if p is None:
-        p = _P_CACHE[key] = validate_energy(activation, energy, reduction)
-    return p
+    p = _P_CACHE.get((activation, energy, reduction))
+    return validate_energy(activation, energy, reduction) if p is None else p  # not in the table: raises
 
 
-_P_CACHE.update({(a, en, r): validate_energy(a, en, r) for a in ACTIVATIONS for en in ENERGIES for r in REDUCTIONS})
+def _unit_scale(weight: Tensor, mean: bool) -> float:
+    """``minaction::layer``'s ``unit_scale``: 1, or 1/N for the mean over units (the op divides by the rows)."""
+    return 1.0 / weight.shape[-2] if mean else 1.0
 
 
 def _validate_linear(x, weight, bias):
@@ -385,7 +384,7 @@ def _cpu_linear(x, weight, bias, act, p, mean, penalty=0.0):
     """The ``cpu`` path: one call of the C++ op ``minaction::layer`` per direction (its autograd
     formula is C++ too, and applies ``penalty``); it takes the plain ``[M, K]`` and the grouped
     ``[G, M, K]`` shapes."""
-    unit_scale = 1.0 / weight.shape[-2] if mean else 1.0  # the op divides by the rows itself
+    unit_scale = _unit_scale(weight, mean)
     if weight.dim() == 3:
         if x.dim() == 2:  # a shared input: a stride-0 view, no copy
             x = x.unsqueeze(0).expand(weight.shape[0], -1, -1)
@@ -416,7 +415,7 @@ class LinearPlan:
         self.weight, self.bias, self.penalty = weight, bias, float(penalty)
         self.G = weight.shape[0] if weight.dim() == 3 else 0
         self.code, self.p = _cpu.ACT_CODES[act], p
-        self.inv = 1.0 / weight.shape[-2] if mean else 1.0  # the op's unit_scale (it divides by the rows)
+        self.inv = _unit_scale(weight, mean)
         self.auto = backend is None  # chosen by backends.select: valid while the forcing is unchanged
         self.forced, self.env = _select._forced, _env_backend()
         self.op = _cpu.OPS.layer
