@@ -740,18 +740,16 @@ std::tuple<Tensor, Tensor> energy_linear_composite(const Tensor& x, const Tensor
 // While torch.compile traces with a symbolic M (dynamic shapes) the division cannot be folded into
 // the kernels' double: the kernels then take unit_scale and the division is a traced tensor op
 // (on e in forward, on e's gradient in backward), so one graph serves every batch size.
-static c10::SymInt layer_rows(const Tensor& x, bool plain) {
-  return (plain ? x.sym_size(0) : x.sym_size(1)).max(c10::SymInt(1));
-}
+struct LayerScale {
+  c10::SymInt rows;  // max(M, 1)
+  double scale;      // what the kernels take: unit_scale / M, or unit_scale alone for a symbolic M
+  bool symbolic;     // then e (and e's gradient) is divided by `rows` as a traced op
+};
 
-// the double the kernels take: unit_scale / M, or unit_scale alone for a symbolic M
-static double layer_scale(const Tensor& x, bool plain, double unit_scale) {
-  const auto rows = layer_rows(x, plain).maybe_as_int();
-  return rows.has_value() ? unit_scale / static_cast<double>(*rows) : unit_scale;
-}
-
-static bool symbolic_rows(const Tensor& x, bool plain) {
-  return !layer_rows(x, plain).maybe_as_int().has_value();
+static LayerScale layer_scale(const Tensor& x, bool plain, double unit_scale) {
+  c10::SymInt rows = (plain ? x.sym_size(0) : x.sym_size(1)).max(c10::SymInt(1));
+  const auto known = rows.maybe_as_int();
+  return {rows, known ? unit_scale / static_cast<double>(*known) : unit_scale, !known};
 }
 
 class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
@@ -765,13 +763,14 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     TORCH_CHECK(w_in.dim() == (plain ? 2 : 3) && x_in.dim() == w_in.dim(),
                 "minaction: energy_linear expects x [M,K] with w [N,K], or x [G,M,K] with w [G,N,K]; got x ",
                 x_in.sizes(), " and w ", w_in.sizes());
-    const double scale = layer_scale(x_in, plain, unit_scale);
-    const bool symbolic = symbolic_rows(x_in, plain);
+    const LayerScale ls = layer_scale(x_in, plain, unit_scale);
+    const double scale = ls.scale;
+    const bool symbolic = ls.symbolic;
     // the plain layer goes to the primitive as is (2-D), without views. x is not made
     // contiguous: BLAS takes transposed views, and a shared input expanded over the G models
     // (stride 0) would otherwise be copied G times
     auto [y, z, e] = call_linear_fwd(x_in, w_in.contiguous(), b_opt, act, p, scale, needs_z(act));
-    if (symbolic) e = e.div(c10::Scalar(layer_rows(x_in, plain)));
+    if (symbolic) e = e.div(c10::Scalar(ls.rows));
     // the inputs themselves are saved (not the unsqueezed views) so that a create_graph
     // backward can differentiate through them
     ctx->save_for_backward({x_in, w_in, b_in, y, z});
@@ -791,7 +790,7 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     const int64_t act = ctx->saved_data["act"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
     const bool plain = ctx->saved_data["plain"].toBool();
-    const bool symbolic = ctx->saved_data["symbolic"].toBool();  // scale lacks the 1/M (see layer_rows)
+    const bool symbolic = ctx->saved_data["symbolic"].toBool();  // scale lacks the 1/M (see LayerScale)
     const bool has_b = b_in.defined();
     const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1), nb = has_b && ctx->needs_input_grad(2);
     if (!(nx || nw || nb)) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
@@ -815,7 +814,7 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
       // carry a graph (gradient penalties, gradgradcheck)
       Tensor yv, ev;
       std::tie(yv, ev) = energy_linear_composite(x_in, w_in, b_in, act, p, scale);
-      if (symbolic) ev = ev.div(c10::Scalar(layer_rows(x_in, plain)));
+      if (symbolic) ev = ev.div(c10::Scalar(layer_scale(x_in, plain, 1.0).rows));
       // the incoming gradients are grad_outputs, not factors of a scalar objective: autograd must
       // not differentiate through their own graph (it leads back into this node, whose lock we hold)
       std::vector<Tensor> outs_v, seeds;
@@ -842,7 +841,7 @@ class EnergyLinearFn : public torch::autograd::Function<EnergyLinearFn> {
     }
     Tensor gy = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(y);
     Tensor ge = p != 0 ? energy_grad() : at::zeros(e_sizes, e_options);
-    if (symbolic && p != 0) ge = ge.div(c10::Scalar(layer_rows(x_in, plain)));
+    if (symbolic && p != 0) ge = ge.div(c10::Scalar(layer_scale(x_in, plain, 1.0).rows));
     // plain: 2-D in, 2-D gradients out (the primitive takes both forms)
     auto [gx, gw, gb] = call_linear_bwd(gy, ge, x_in, w_in.contiguous(), y, z, act, p, scale, nx, nw, nb);
     return {nx ? gx : Tensor(), nw ? gw : Tensor(), nb ? gb : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
@@ -860,9 +859,9 @@ std::tuple<Tensor, Tensor> energy_linear_noautograd(const Tensor& x, const Tenso
   TORCH_CHECK((w.dim() == 2 || w.dim() == 3) && x.dim() == w.dim(),
               "minaction: energy_linear expects x [M,K] with w [N,K], or x [G,M,K] with w [G,N,K]; got x ",
               x.sizes(), " and w ", w.sizes());
-  const bool plain = w.dim() == 2;
-  auto [y, z, e] = call_linear_fwd(x, w.contiguous(), b, act, p, layer_scale(x, plain, unit_scale), false);
-  if (symbolic_rows(x, plain)) e = e.div(c10::Scalar(layer_rows(x, plain)));
+  const LayerScale ls = layer_scale(x, w.dim() == 2, unit_scale);
+  auto [y, z, e] = call_linear_fwd(x, w.contiguous(), b, act, p, ls.scale, false);
+  if (ls.symbolic) e = e.div(c10::Scalar(ls.rows));
   return {y, e};
 }
 
@@ -892,38 +891,40 @@ struct EpiShape {
   double scale;
 };
 
-// E = mean over the B rows of the sum (mean: the mean) over the other dims of |y|^p
-void epilogue_shape_checks(const Tensor& z, int64_t groups) {
-  TORCH_CHECK(groups >= 0, "minaction: groups must be 0 (one model) or the number of models, got ", groups);
-  const int64_t lead = groups > 0 ? 2 : 1;
-  TORCH_CHECK(z.dim() >= lead, "minaction: activation_energy input of shape ", z.sym_sizes(),
-              " has no batch dimension", groups > 0 ? " (with groups, the input is [models, batch, ...])" : "");
-  TORCH_CHECK(groups == 0 || z.sym_size(0) == groups, "minaction: expected ", groups,
-              " models in dim 0, got shape ", z.sym_sizes());
-}
-
-EpiShape epilogue_shape(const Tensor& z, bool mean, int64_t groups) {
-  epilogue_shape_checks(z, groups);
-  const int64_t lead = groups > 0 ? 2 : 1;
-  const int64_t M = z.size(lead - 1);
-  int64_t N = 1;
-  for (int64_t d = lead; d < z.dim(); ++d) N *= z.size(d);
-  const double scale = 1.0 / (static_cast<double>(std::max<int64_t>(M, 1)) *
-                              (mean ? static_cast<double>(std::max<int64_t>(N, 1)) : 1.0));
-  return {groups > 0 ? groups : 1, M, N, scale};
-}
-
-// epilogue_shape for the epilogue op with a C++ autograd formula, in SymInts: while torch.compile
-// traces with dynamic shapes, M (the batch) and N (e.g. a sequence length) may be symbolic; the
-// kernels then take scale 1 and the division by `denom` is a traced op (on e forward, on its
-// gradient backward), as in EnergyLinearFn, so that one graph serves every size. Eagerly every
-// size is concrete and scale = 1 / denom as before.
+// E = mean over the B rows of the sum (mean: the mean) over the other dims of |y|^p. In SymInts, for the
+// epilogue op with a C++ autograd formula: while torch.compile traces with dynamic shapes, M (the batch)
+// and N (e.g. a sequence length) may be symbolic; the kernels then take scale 1 and the division by
+// `denom` is a traced op (on e forward, on its gradient backward), as in EnergyLinearFn, so that one
+// graph serves every size. Eagerly every size is concrete and scale = 1 / denom.
 struct SymEpiShape {
   int64_t G;
   c10::SymInt M, N, denom;
   double scale;
   bool symbolic;
 };
+
+SymEpiShape sym_epilogue_shape(const Tensor& z, bool mean, int64_t groups) {
+  TORCH_CHECK(groups >= 0, "minaction: groups must be 0 (one model) or the number of models, got ", groups);
+  const int64_t lead = groups > 0 ? 2 : 1;
+  TORCH_CHECK(z.dim() >= lead, "minaction: activation_energy input of shape ", z.sym_sizes(),
+              " has no batch dimension", groups > 0 ? " (with groups, the input is [models, batch, ...])" : "");
+  TORCH_CHECK(groups == 0 || z.sym_size(0) == groups, "minaction: expected ", groups,
+              " models in dim 0, got shape ", z.sym_sizes());
+  c10::SymInt M = z.sym_size(lead - 1), N = 1;
+  for (int64_t d = lead; d < z.dim(); ++d) N = N * z.sym_size(d);
+  c10::SymInt denom = M.max(c10::SymInt(1));
+  if (mean) denom = denom * N.max(c10::SymInt(1));
+  const auto known = denom.maybe_as_int();
+  return {groups > 0 ? groups : 1, M, N, denom, known ? 1.0 / static_cast<double>(*known) : 1.0, !known};
+}
+
+// the same in concrete sizes, for the ops that take only those (the fused epilogue + pool): a symbolic
+// size is specialised (guarded), as z.size() does
+EpiShape epilogue_shape(const Tensor& z, bool mean, int64_t groups) {
+  const SymEpiShape s = sym_epilogue_shape(z, mean, groups);
+  const int64_t denom = s.denom.guard_int(__FILE__, __LINE__);
+  return {s.G, s.M.guard_int(__FILE__, __LINE__), s.N.guard_int(__FILE__, __LINE__), 1.0 / static_cast<double>(denom)};
+}
 
 // t (contiguous, as many elements) seen with the sizes of `like`. For concrete sizes a view; for
 // symbolic ones an as_strided with the contiguous strides written out as products, because a
@@ -940,17 +941,6 @@ Tensor view_like(const Tensor& t, const Tensor& like) {
     acc = acc * sizes[d];
   }
   return t.as_strided_symint(sizes, strides);
-}
-
-SymEpiShape sym_epilogue_shape(const Tensor& z, bool mean, int64_t groups) {
-  epilogue_shape_checks(z, groups);
-  const int64_t lead = groups > 0 ? 2 : 1;
-  c10::SymInt M = z.sym_size(lead - 1), N = 1;
-  for (int64_t d = lead; d < z.dim(); ++d) N = N * z.sym_size(d);
-  c10::SymInt denom = M.max(c10::SymInt(1));
-  if (mean) denom = denom * N.max(c10::SymInt(1));
-  const auto known = denom.maybe_as_int();
-  return {groups > 0 ? groups : 1, M, N, denom, known ? 1.0 / static_cast<double>(*known) : 1.0, !known};
 }
 
 Tensor apply_act_composite(const Tensor& z, int64_t act) {
