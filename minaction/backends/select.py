@@ -164,7 +164,7 @@ def _select(dev: torch.device) -> str:
         if ok:
             return name
         reasons.append(f"{name}: {why}")
-    if dev.type not in _warned:
+    if dev.type not in _warned and dev.type != "meta":  # meta tensors compute shapes only: no speed to lose
         _warned.add(dev.type)
         msg = "; ".join(reasons) if reasons else f"no fused backend exists for device type {dev.type!r}"
         warnings.warn(f"minaction: using the slow 'reference' backend on {dev.type} ({msg})", RuntimeWarning, stacklevel=3)

@@ -162,6 +162,19 @@ def test_fallback_warns_once(monkeypatch):
     assert len(msgs) == 1 and "cuda" in msgs[0]
 
 
+def test_meta_device_computes_shapes_without_a_speed_warning(monkeypatch):
+    """Meta tensors (shape inference, ``torch.device("meta")`` construction) take the reference
+    path silently: the slow-backend warning is about speed, and meta tensors compute nothing."""
+    monkeypatch.setattr(mbackend, "_select_cache", {})
+    monkeypatch.setattr(mbackend, "_warned", set())
+    model = nn.Sequential(EnergyLinear(20, 16), EnergyLinear(16, 8, activation="tanh")).to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model(torch.empty(32, 20, device="meta"))
+        e = minaction.total_energy(model)
+    assert out.shape == (32, 8) and out.is_meta and e.shape == () and e.is_meta
+
+
 @pytest.mark.skipif(not mbackend.available("cpu")[0], reason="C++ backend unavailable")
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
 def test_training_run_matches_reference(dtype, tol):
