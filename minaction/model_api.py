@@ -20,10 +20,10 @@ _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "
 # dropout commutes with ReLU (it multiplies by a mask >= 0), so Linear-Dropout-ReLU can run as EnergyLinear-Dropout
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _SUPPORTED = "nn.ReLU, nn.GELU() (exact), nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity"
-_FUNCTIONAL_HINT = ("activations called in forward() (F.relu(self.fc1(x)), torch.relu, x.relu()) are invisible to "
-                    "module conversion: build those layers as minaction.nn.EnergyLinear / EnergyConv2d(..., "
-                    "activation='relu') (they take nn.Linear's / nn.Conv2d's arguments and state_dict), or put the "
-                    "layer and an activation module in an nn.Sequential")
+_FUNCTIONAL_HINT = ("activations called as functions in forward() (F.relu(self.fc1(x)), torch.relu, x.relu()) "
+                    "cannot be removed by module conversion: build those layers as minaction.nn.EnergyLinear / "
+                    "EnergyConv2d(..., activation='relu') (they take nn.Linear's / nn.Conv2d's arguments and "
+                    "state_dict), or apply an activation module (nn.ReLU()) instead of the function")
 _log = logging.getLogger("minaction")
 
 
@@ -72,7 +72,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
         raise ValueError(
             f"{type(model).__name__} has no energy layers, so there is no activation energy to sum. "
             "minaction.convert(model) replaces nn.Linear / nn.Conv1d / nn.Conv2d followed by an activation "
-            f"module ({_SUPPORTED}) inside an nn.Sequential; {_FUNCTIONAL_HINT}")
+            f"module ({_SUPPORTED}) in an nn.Sequential or a forward() that torch.fx can read; {_FUNCTIONAL_HINT}")
     for name, m in layers:
         e = m.last_energy
         if e is None:
@@ -229,7 +229,12 @@ def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
                   dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None, **kw)
     else:
         return f"{type(mod).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"
-    new.load_state_dict(mod.state_dict())
+    for name in ("weight", "bias"):  # the same Parameter objects: ties, optimizers and hooks on them still hold
+        old_p, new_p = getattr(mod, name), getattr(new, name)
+        if (old_p is None) != (new_p is None) or (old_p is not None and old_p.shape != new_p.shape):
+            raise RuntimeError(f"internal: {type(new).__name__}.{name} does not mirror {type(mod).__name__}'s")
+        if old_p is not None:
+            setattr(new, name, old_p)
     new.train(mod.training)
     return new
 
@@ -289,22 +294,98 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
     return seen
 
 
+def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) -> set:
+    """Convert the layer + activation pairs that modules other than ``nn.Sequential`` apply in their
+    ``forward()`` (read with torch.fx, see ``_fx_pairs``); return the ids of the layers decided."""
+    from ._fx_pairs import find_pairs
+
+    uses: dict = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+
+    def shared(m):
+        return uses.get(id(m), 0) > 1
+
+    decided: set = set()
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict) + _LAYER_LIKE
+    for name, mod in list(model.named_modules()):  # parents first: a forward that calls self.block.fc decides it
+        if isinstance(mod, containers) or isinstance(mod, EnergyLayer):
+            continue
+        todo = [p for p, m in mod.named_modules(remove_duplicate=False)
+                if p and isinstance(m, _LAYER_LIKE) and not isinstance(m, EnergyLayer)
+                and id(m) not in seen and id(m) not in decided]
+        if not todo:
+            continue
+        pairs, reasons = find_pairs(mod, todo, _act_name, _DROPOUTS, shared, _unsupported_act_reason, _SUPPORTED)
+        prefix = f"{name}." if name else ""
+        swaps = []  # every pair is read before any module is replaced: an activation may serve several layers
+        for path, act_path, drop in pairs:
+            layer, act_mod = mod.get_submodule(path), mod.get_submodule(act_path)
+            act = _act_name(act_mod)
+            if type(layer) not in _CONVERTIBLE:
+                reasons[path] = f"{type(layer).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"
+                continue
+            new = _energy_twin(layer, act, *opts)
+            if isinstance(new, str):
+                reasons[path] = new
+                continue
+            desc = (f"{type(layer).__name__}+{type(act_mod).__name__} -> {type(new).__name__}(activation={act!r}), "
+                    f"paired in {type(mod).__name__}.forward(); {prefix}{act_path} is now nn.Identity")
+            if drop is not None:
+                desc += (f"; {prefix}{drop} now follows the activation (identical output: dropout commutes with "
+                         "ReLU), so the energy is that of the activation before dropout")
+            swaps.append((path, act_path, layer, new, desc))
+        for path, act_path, layer, new, desc in swaps:
+            _set_submodule(mod, path, new)
+            _set_submodule(mod, act_path, nn.Identity())
+            decided.add(id(layer))
+            rep.converted.append((prefix + path, desc))
+        for path, why in reasons.items():
+            m = mod.get_submodule(path)
+            if id(m) in decided:
+                continue
+            parent = path.rpartition(".")[0]
+            if "could not be traced" in why and parent and not isinstance(mod.get_submodule(parent),
+                                                                          (nn.ModuleList, nn.ModuleDict)):
+                continue  # a layer inside a child module: that module's own forward may still be readable
+            decided.add(id(m))
+            rep.skipped.append((prefix + path, why))
+    return decided
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    (root.get_submodule(parent) if parent else root)._modules[leaf] = new
+
+
 def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backend=None, *,
             return_report: bool = False):
-    """Replace layer + activation pairs inside ``nn.Sequential`` containers with energy layers.
+    """Replace layer + activation-module pairs with energy layers, in place.
 
     ``nn.Linear`` -> :class:`~minaction.nn.EnergyLinear`, ``nn.Conv1d`` / ``nn.Conv2d`` ->
-    :class:`~minaction.nn.EnergyConv1d` / ``EnergyConv2d``, when the next module of the same
-    Sequential is one of ``nn.ReLU``, ``nn.GELU()`` (exact), ``nn.SiLU``, ``nn.Tanh``,
-    ``nn.Sigmoid``, ``nn.Identity``. The new layer carries the same weights and training flag;
-    the activation module becomes ``nn.Identity``. ``layer, Dropout, ReLU`` is converted too
-    (the dropout then follows the fused layer: same output, since dropout commutes with ReLU;
-    the energy is that of the activation before dropout). Works in place.
+    :class:`~minaction.nn.EnergyConv1d` / ``EnergyConv2d``, when the layer's output goes only to
+    an activation module: ``nn.ReLU``, ``nn.GELU()`` (exact), ``nn.SiLU``, ``nn.Tanh``,
+    ``nn.Sigmoid``, ``nn.Identity``. Pairs are found in two places:
+
+    - inside an ``nn.Sequential``: the next module;
+    - in any other module's ``forward()``, read with ``torch.fx`` (each submodule a leaf), as
+      nanoGPT's MLP ``x = self.c_fc(x); x = self.gelu(x); x = self.c_proj(x)``. The activation
+      module must be applied only to such layers in that forward and be used nowhere else in
+      the model (a ResNet's ``self.relu``, applied after a residual add too, cannot go).
+
+    The new layer holds the same ``Parameter`` objects (weight ties and optimizers that hold them
+    stay valid) and training flag; the activation module becomes ``nn.Identity``.
+    ``layer, Dropout, ReLU`` is converted too (the dropout then follows the fused layer: same
+    output, since dropout commutes with ReLU; the energy is that of the activation before
+    dropout).
 
     Left unchanged, each with its reason in the report: layers with no activation after them
     (the logits layer), ``GELU(approximate="tanh")``, ``LeakyReLU`` and other activations the
-    kernels do not implement, layers that are not in an ``nn.Sequential`` (their activation is
-    applied in ``forward()``, e.g. ``F.relu``, which module conversion cannot see).
+    kernels do not implement, layers followed by an activation *function* (``F.relu``,
+    ``x.relu()``: conversion cannot remove a call from ``forward()``; the report says what to
+    write instead), layers in a ``forward()`` that ``torch.fx`` cannot trace (Python control flow
+    on tensor values; tracing runs the forward's Python code on proxies, with optional arguments
+    at their defaults).
 
     Each conversion is logged (logger ``"minaction"``, INFO); when nothing was converted and
     the model has no energy layers, a warning says why. Returns ``model``, or
@@ -312,15 +393,18 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     """
     rep = ConversionReport()
     opts = (energy, energy_reduction, backend)
+    _order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     seen: set = set()
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Sequential):
             seen |= _convert_sequential(mod, f"{name}." if name else "", rep, opts)
+    seen |= _convert_traced(model, seen, rep, opts)
     for name, mod in model.named_modules():
         if isinstance(mod, _LAYER_LIKE) and not isinstance(mod, EnergyLayer) and id(mod) not in seen:
             rep.skipped.append((name or type(mod).__name__,
-                                f"{type(mod).__name__} is not inside an nn.Sequential: its activation, if any, "
-                                "is applied in forward(), which module conversion cannot see"))
+                                f"{type(mod).__name__} is not called by a forward() that torch.fx could read "
+                                "(nor inside an nn.Sequential), so no activation could be paired with it"))
+    rep.skipped.sort(key=lambda item: _order.get(item[0], len(_order)))
     for path, desc in rep.converted:
         _log.info("minaction.convert: %s: %s", path, desc)
     if not rep.converted and not any(isinstance(m, EnergyLayer) for m in model.modules()):

@@ -1,0 +1,168 @@
+"""Find layer + activation pairs in a module's ``forward()`` with ``torch.fx`` (for ``minaction.convert``).
+
+``nn.Sequential`` shows its order in its structure; any other module applies its children in
+``forward()``, e.g. nanoGPT's MLP::
+
+    x = self.c_fc(x); x = self.gelu(x); x = self.c_proj(x)
+
+:func:`find_pairs` traces one module's ``forward`` symbolically, every submodule a leaf (only
+this forward's own code is read), and reports each child layer whose only use is an activation
+module, as ``(layer path, activation path, dropout path or None)``, with a reason for every other
+child layer. A pair is convertible only when the activation module is applied nowhere else in
+that forward and neither module is shared with another part of the model. Tracing runs the
+forward's Python code on proxies: a forward that branches on a tensor value cannot be traced,
+and then every child layer gets that reason.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+# functional activations: what to write instead of them
+_FUNCTIONAL = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu", torch.tanh: "tanh",
+               F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
+_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
+class _LeafTracer(fx.Tracer):
+    """Reads only the traced module's own forward: every submodule call is one node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _describe(node: fx.Node, module: nn.Module) -> str:
+    if node.op == "call_module":
+        return f"{type(module.get_submodule(node.target)).__name__} ({node.target})"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        owner = getattr(node.target, "__module__", None)
+        if owner in ("torch.nn.functional", "torch._C._nn"):
+            return f"F.{name}"
+        return f"torch.{name}" if owner in (None, "torch") else (f"operator.{name}" if owner == "_operator" else name)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "output":
+        return "the module's output"
+    return node.op
+
+
+def _functional_act(node: fx.Node, arg: fx.Node) -> Optional[str]:
+    """The kernel activation a functional call on ``arg`` computes (None if it is not one)."""
+    if not node.args or node.args[0] is not arg:
+        return None
+    if node.op == "call_function" and node.target in _FUNCTIONAL:
+        act = _FUNCTIONAL[node.target]
+        if act == "gelu" and node.kwargs.get("approximate", "none") != "none":
+            return None
+        return act
+    if node.op == "call_method" and node.target in _METHODS and len(node.args) == 1:
+        return _METHODS[node.target]
+    return None
+
+
+def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dropouts: tuple,
+               shared: Callable[[nn.Module], bool], unsupported: Callable = lambda m: None, supported: str = "") -> Tuple[List[Tuple[str, str, Optional[str]]], Dict[str, str]]:
+    """Pairs ``(layer, activation, dropout)`` among ``layer_paths`` (paths relative to ``module``)
+    and ``{layer path: reason}`` for the rest of those that ``forward()`` calls. ``act_name(m)``
+    names a supported activation module (or None); ``shared(m)`` says ``m`` is used elsewhere in
+    the model; ``unsupported(m)`` says why an activation-like module cannot be fused, and
+    ``supported`` lists the modules that can."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    # optional arguments at their defaults: the path a model takes when called on its input alone
+    concrete = {p.name: p.default for p in params[1:]
+                if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+    saved = dict(module.__dict__)  # a forward that stores an intermediate would keep a proxy
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _LeafTracer().trace(module, concrete_args=concrete or None)
+    except Exception as exc:  # noqa: BLE001 - any failure means: no pairs can be read from this forward
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = (f"{type(module).__name__}.forward() could not be traced by torch.fx ({msg[:160]}), so its "
+               "activations cannot be seen")
+        return [], {p: why for p in layer_paths}
+    finally:
+        module.__dict__.clear()
+        module.__dict__.update(saved)
+
+    calls: Dict[str, List[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    reasons: Dict[str, str] = {}
+    found: Dict[str, Tuple[str, Optional[str]]] = {}
+    for path in layer_paths:
+        nodes = calls.get(path)
+        if not nodes:
+            continue  # not called by this forward: another module's forward may call it
+        pairs = set()
+        for a in nodes:
+            users = list(a.users)
+            if len(users) != 1:
+                reasons[path] = (f"its output is used {len(users)} times in {type(module).__name__}.forward(), "
+                                 "so no single activation follows it" if users else
+                                 f"its output is unused in {type(module).__name__}.forward()")
+                break
+            b, drop = users[0], None
+            if (b.op == "call_module" and isinstance(module.get_submodule(b.target), dropouts)
+                    and len(b.users) == 1 and b.args == (a,) and not b.kwargs):
+                drop, b = b.target, next(iter(b.users))
+                arg = users[0]
+            else:
+                arg = a
+            functional = _functional_act(b, arg)
+            if functional is not None:
+                reasons[path] = (f"followed by {_describe(b, module)} in {type(module).__name__}.forward(), which "
+                                 "module conversion cannot remove: build it as minaction.nn.EnergyLinear / "
+                                 f"EnergyConv2d(..., activation={functional!r}) and drop that call")
+                break
+            act = act_name(module.get_submodule(b.target)) if b.op == "call_module" else None
+            if act is None or b.args != (arg,) or b.kwargs:
+                where = f"in {type(module).__name__}.forward()"
+                if b.op == "output":
+                    reasons[path] = f"its output is returned by {type(module).__name__}.forward(): left as is " \
+                                    "(a logits or projection layer stays a plain layer)"
+                else:
+                    why = unsupported(module.get_submodule(b.target)) if b.op == "call_module" else None
+                    reasons[path] = f"followed by {_describe(b, module)} {where}: " + (
+                        why or f"not an activation module the kernels implement ({supported})")
+                break
+            if drop is not None and act not in ("relu", "identity"):
+                reasons[path] = (f"a dropout sits between it and {b.target}, and {act} does not commute with "
+                                 "dropout (only ReLU does)")
+                break
+            pairs.add((b.target, drop))
+        else:
+            if len(pairs) != 1:
+                reasons[path] = f"called {len(nodes)} times in {type(module).__name__}.forward() with different uses"
+            else:
+                found[path] = next(iter(pairs))
+
+    # an activation module becomes nn.Identity: every one of its calls must follow a converted layer
+    fed = {}
+    for path, (act, drop) in found.items():
+        fed.setdefault(act, set()).update(id(n) for n in calls[path])
+    out = []
+    for path, (act, drop) in found.items():
+        sources = set()
+        for n in calls[act]:
+            src = n.args[0] if n.args else None
+            if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(
+                    module.get_submodule(src.target), dropouts) and src.args:
+                src = src.args[0]
+            sources.add(id(src))
+        layer, act_mod = module.get_submodule(path), module.get_submodule(act)
+        if not sources <= fed[act]:
+            reasons[path] = (f"{type(act_mod).__name__} ({act}) is also applied to other values in "
+                             f"{type(module).__name__}.forward(), so it cannot become nn.Identity")
+        elif shared(layer) or shared(act_mod):
+            reasons[path] = "the layer or its activation module is shared with another part of the model"
+        else:
+            out.append((path, act, drop))
+    return out, reasons

@@ -1,0 +1,271 @@
+"""``minaction.convert`` on modules that apply their children in ``forward()`` (read with torch.fx):
+nanoGPT's MLP, a loop over an ``nn.ModuleList``, pytorch/examples' functional MNIST net, a ResNet
+block whose ReLU module is shared. Each conversion keeps the model's output and its Parameter
+objects, and trains as plain PyTorch with the hand-written penalty."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import minaction
+from minaction.nn import EnergyConv2d, EnergyLayer, EnergyLinear
+
+torch.set_num_threads(1)
+LAM = 0.05
+
+
+class NanoMLP(nn.Module):
+    """nanoGPT's MLP, verbatim in structure."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * d, d)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x):
+        x = self.c_fc(x)
+        x = self.gelu(x)
+        x = self.c_proj(x)
+        return self.dropout(x)
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = NanoMLP(d)
+
+    def forward(self, x):
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """Tied embedding and head; a forward that asserts on a size (not traceable as a whole)."""
+
+    def __init__(self, vocab=13, d=8, block_size=6):
+        super().__init__()
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab, d)
+        self.h = nn.ModuleList([NanoBlock(d) for _ in range(2)])
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        assert t <= self.block_size, f"sequence of {t} > block size {self.block_size}"
+        x = self.wte(idx)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(x)
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+def _hand_penalty(model: nn.Module, act_type):
+    """Plain PyTorch: record every output of the activation modules of ``act_type``; the energy is
+    sum over units of y^2, mean over rows (every leading dimension a row)."""
+    outs = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: outs.append(o)) for m in model.modules()
+             if isinstance(m, act_type)]
+    return outs, hooks
+
+
+def _energy(outs):
+    return sum(o.pow(2).sum(-1).mean() if o.dim() <= 2 else o.pow(2).flatten(0, -2).sum(-1).mean()
+               for o in outs)
+
+
+def test_nanogpt_mlp_converts_and_trains_as_plain_pytorch():
+    torch.manual_seed(0)
+    model = NanoGPT().double()
+    plain = copy.deepcopy(model)
+    idx = torch.randint(0, 13, (3, 5))
+    targets = torch.randint(0, 13, (3, 5))
+    before, _ = model(idx)
+    fc_weight = model.h[0].mlp.c_fc.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converting something must not warn
+        same, rep = minaction.convert(model, return_report=True)
+    assert same is model
+    assert [n for n, _ in rep.converted] == ["h.0.mlp.c_fc", "h.1.mlp.c_fc"]
+    assert "NanoMLP.forward()" in rep.converted[0][1] and "h.0.mlp.gelu is now nn.Identity" in rep.converted[0][1]
+    skipped = dict(rep.skipped)
+    assert set(skipped) == {"h.0.mlp.c_proj", "h.1.mlp.c_proj", "lm_head"}
+    assert "returned" in skipped["h.0.mlp.c_proj"]
+    assert "could not be traced by torch.fx" in skipped["lm_head"]
+    for blk in model.h:
+        assert isinstance(blk.mlp.c_fc, EnergyLinear) and blk.mlp.c_fc.activation == "gelu"
+        assert type(blk.mlp.gelu) is nn.Identity and type(blk.mlp.c_proj) is nn.Linear
+    assert model.h[0].mlp.c_fc.weight is fc_weight  # the same Parameter objects
+    assert model.wte.weight is model.lm_head.weight  # the tie holds
+    torch.testing.assert_close(model(idx)[0], before)
+
+    # training: the converted model's loss + lam*E equals plain PyTorch's hand-written penalty
+    outs, hooks = _hand_penalty(plain, nn.GELU)
+    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    opt_m = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        outs.clear()
+        _, loss_p = plain(idx, targets)
+        loss_p = loss_p + LAM * _energy(outs)
+        _, loss_m = model(idx, targets)
+        loss_m = loss_m + LAM * minaction.total_energy(model)
+        torch.testing.assert_close(loss_m, loss_p)
+        for opt, loss in ((opt_p, loss_p), (opt_m, loss_m)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for hook in hooks:
+        hook.remove()
+    for (n, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, msg=n)
+
+
+class Loop(nn.Module):
+    """One tanh module after every layer of a ModuleList, then Linear-Dropout-ReLU, then logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.act = nn.Tanh()
+        self.fin = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.3)
+        self.relu = nn.ReLU()
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = self.act(layer(x))
+        return self.out(self.relu(self.drop(self.fin(x))))
+
+
+def test_a_shared_activation_over_a_module_list_and_dropout_relu():
+    torch.manual_seed(0)
+    model = Loop()
+    x = torch.randn(7, 8)
+    torch.manual_seed(1)
+    before = model(x)  # training mode: dropout draws from the global generator
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["layers.0", "layers.1", "layers.2", "fin"]
+    assert all(model.layers[i].activation == "tanh" for i in range(3))
+    assert model.fin.activation == "relu" and "dropout commutes" in rep.converted[3][1]
+    assert type(model.act) is nn.Identity and type(model.relu) is nn.Identity
+    assert [n for n, _ in rep.skipped] == ["out"]
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), before)  # the same dropout mask, after the fused relu
+    assert minaction.total_energy(model).shape == ()
+
+
+class MnistNet(nn.Module):
+    """pytorch/examples' MNIST net, shrunk: functional activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, 1)
+        self.fc1 = nn.Linear(4 * 5 * 5, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(x, 2)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x).relu()
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+def test_functional_activations_are_named_with_the_fix():
+    model = MnistNet()
+    with pytest.warns(UserWarning, match="converted nothing in MnistNet"):
+        _, rep = minaction.convert(model, return_report=True)
+    skipped = dict(rep.skipped)
+    assert list(skipped) == ["conv1", "fc1", "fc2"]
+    assert "F.relu in MnistNet.forward()" in skipped["conv1"] and "activation='relu'" in skipped["conv1"]
+    assert ".relu() in MnistNet.forward()" in skipped["fc1"]
+    assert "F.log_softmax" in skipped["fc2"]
+    assert not any(isinstance(m, EnergyLayer) for m in model.modules())
+
+
+class ResBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.conv1(x))
+        out = self.conv2(out)
+        return self.relu(out + x)
+
+
+def test_a_relu_module_also_applied_after_a_residual_add_stays():
+    torch.manual_seed(0)
+    model = ResBlock()
+    x = torch.randn(2, 3, 5, 5)
+    before = model(x)
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(model, return_report=True)
+    skipped = dict(rep.skipped)
+    assert "also applied to other values" in skipped["conv1"]
+    assert "operator.add" in skipped["conv2"]
+    torch.testing.assert_close(model(x), before)
+
+
+class Pair(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def test_an_activation_module_registered_twice_stays_and_a_single_one_converts_a_conv():
+    torch.manual_seed(0)
+    shared = nn.SiLU()
+    model = nn.ModuleDict({"a": Pair(shared), "b": Pair(shared)})
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(model, return_report=True)
+    assert all("shared" in why for _, why in rep.skipped) and len(rep.skipped) == 2
+
+    one = Pair(nn.SiLU())
+    x = torch.randn(2, 2, 6, 6)
+    before = one(x)
+    minaction.convert(one)
+    assert isinstance(one.conv, EnergyConv2d) and one.conv.activation == "silu"
+    torch.testing.assert_close(one(x), before)
+
+
+class Caching(nn.Module):
+    """A forward that stores an intermediate on the module (tracing must not leave a proxy there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.Sigmoid()
+        self.seen = None
+
+    def forward(self, x, scale: float = 1.0):
+        self.seen = x
+        return self.act(self.fc(x)) * scale
+
+
+def test_tracing_leaves_the_module_state_as_it_was_and_an_earlier_optimizer_still_trains():
+    model = Caching()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # built before convert: holds the same Parameters
+    minaction.convert(model)
+    assert model.seen is None
+    assert isinstance(model.fc, EnergyLinear) and model.fc.activation == "sigmoid"
+    w0 = model.fc.weight.detach().clone()
+    model(torch.randn(3, 4))
+    (minaction.total_energy(model)).backward()
+    opt.step()
+    assert not torch.equal(model.fc.weight, w0)
