@@ -111,6 +111,8 @@ class _EnergyConvNd(EnergyLayer):
     _convfn = None  # staticmethod(F.conv1d) / staticmethod(F.conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == self._dims + 1 and self.num_models is None:  # unbatched [C, *spatial], as nn.Conv accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         y = self._run(x, pool=False)
         if _layers._TAPES:
             _layers._record(self, self.__dict__["_last_energy"])
@@ -125,6 +127,8 @@ class _EnergyConvNd(EnergyLayer):
         is never stored. The layer's own forward (pre-)hooks, backward hooks and global module
         hooks observe ``self(x)`` itself, so while any is registered this runs ``self(x)`` then
         the pooling, and the hooks see what they always see."""
+        if x.dim() == self._dims + 1 and self.num_models is None:  # unbatched [C, *spatial]
+            return self.forward_max_pool2(x.unsqueeze(0)).squeeze(0)
         if not self._hooks_allow_fusion():
             return max_pool2(self(x), self._dims)
         y = self._run(x, pool=True)
@@ -154,8 +158,10 @@ class _EnergyConvNd(EnergyLayer):
 
     def _run(self, x: torch.Tensor, pool: bool) -> torch.Tensor:
         if x.dim() != self._dims + 2:
+            unbatched = f" or [channels, {'x'.join('*' * self._dims)}] ({self._dims + 1}-D)" if self.num_models is None \
+                else f" (a layer of {self.num_models} models needs the batch dimension)"
             raise ValueError(f"{type(self).__name__} expects input [batch, channels, {'x'.join('*' * self._dims)}]"
-                             f" ({self._dims + 2}-D), got shape {tuple(x.shape)}")
+                             f" ({self._dims + 2}-D){unbatched}, got shape {tuple(x.shape)}")
         G = self.num_models
         if G is None:
             if x.shape[1] != self.in_channels:
@@ -170,6 +176,12 @@ class _EnergyConvNd(EnergyLayer):
             if pool:
                 y, e = activation_energy_max_pool2(z, self.activation, self.energy, self.energy_reduction,
                                                    dims=self._dims, backend=self.backend, penalty=self.penalty)
+            elif z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
+                # channels-last (oneDNN/cuDNN keep the input's format): the epilogue runs on the [B, H, W, C]
+                # view, where each sample's units are still one block, and the output stays channels-last
+                y, e = activation_energy(z.permute(0, 2, 3, 1), self.activation, self.energy, self.energy_reduction,
+                                         backend=self.backend, penalty=self.penalty)
+                y = y.permute(0, 3, 1, 2)
             else:
                 y, e = activation_energy(z, self.activation, self.energy, self.energy_reduction, backend=self.backend,
                                          penalty=self.penalty)

@@ -107,8 +107,12 @@ def test_flops_and_repr():
 def test_bad_input_errors():
     with pytest.raises(ValueError, match="input channels"):
         EnergyConv2d(3, 4, 3)(torch.randn(2, 2, 5, 5))
-    with pytest.raises(ValueError, match="4-D"):
+    with pytest.raises(ValueError, match=r"4-D\) or \[channels, \*x\*\] \(3-D\)"):
+        EnergyConv2d(3, 4, 3)(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="input channels"):  # unbatched [C, H, W] with the wrong C
         EnergyConv2d(3, 4, 3)(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="needs the batch dimension"):
+        EnergyConv2d(3, 4, 3, num_models=2)(torch.randn(3, 5, 5))
     with pytest.raises(ValueError, match="groups"):
         EnergyConv1d(3, 4, 3, groups=2)
     with pytest.raises(ValueError, match="kernel_size"):
@@ -135,3 +139,52 @@ def test_triton_backend_when_available(cls, kw, shape):
     torch.testing.assert_close(y, y2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer.last_energy, e2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gx, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls,kw,shape", [CASES[0], CASES[2]])
+def test_unbatched_input_as_nn_conv(backend, cls, kw, shape):
+    """``[C, *spatial]`` works as in nn.Conv1d/2d: the output drops the batch dim again and the energy
+    is that of the one sample; the fused conv + pool block takes it too."""
+    torch.manual_seed(0)
+    layer = cls(**kw, backend=backend).double()
+    x = torch.randn(shape[1:], dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    y_ref, e_ref = _ref(layer, x.unsqueeze(0))
+    assert y.shape == y_ref.shape[1:]
+    torch.testing.assert_close(y, y_ref.squeeze(0))
+    torch.testing.assert_close(layer.last_energy, e_ref)
+    (y.sum() + layer.last_energy).backward()
+    g = x.grad.clone()
+    x.grad = None
+    (y_ref.sum() + e_ref).backward()
+    torch.testing.assert_close(g, x.grad)
+    pooled = layer.forward_max_pool2(x.detach())
+    dims = 1 if cls is EnergyConv1d else 2
+    torch.testing.assert_close(pooled, minaction.ops.max_pool2(y_ref, dims).squeeze(0))
+    torch.testing.assert_close(layer.last_energy, e_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("penalty", [0.0, 0.3])
+def test_channels_last_stays_channels_last(backend, penalty):
+    """A channels-last input gives a channels-last output, as nn.Conv2d + ReLU does, with the same
+    values, energy and gradients (input, weight, bias), the penalty form included."""
+    torch.manual_seed(0)
+    layer = EnergyConv2d(3, 5, 3, padding=1, activation="silu", backend=backend, penalty=penalty).double()
+    layer = layer.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_(True)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    gy = torch.randn_like(y)
+    ((y * gy).sum() + 0.7 * layer.last_energy).backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+
+    x2 = x.detach().contiguous().requires_grad_(True)
+    layer.zero_grad()
+    y2, e2 = _ref(layer, x2)
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(layer.last_energy, e2)
+    ((y2 * gy).sum() + (0.7 + penalty) * e2).backward()
+    for a, b in zip(got, [x2.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(a, b)
