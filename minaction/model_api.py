@@ -344,13 +344,22 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
             m = mod.get_submodule(path)
             if id(m) in decided:
                 continue
-            parent = path.rpartition(".")[0]
-            if "could not be traced" in why and parent and not isinstance(mod.get_submodule(parent),
-                                                                          (nn.ModuleList, nn.ModuleDict)):
+            if "could not be traced" in why and _owner(mod, path) is not mod:
                 continue  # a layer inside a child module: that module's own forward may still be readable
             decided.add(id(m))
             rep.skipped.append((prefix + path, why))
     return decided
+
+
+def _owner(root: nn.Module, path: str) -> nn.Module:
+    """The module whose ``forward()`` applies the submodule at ``path``: its nearest ancestor that is
+    not a plain container (ModuleList / ModuleDict / Sequential)."""
+    owner = cur = root
+    for part in path.split(".")[:-1]:
+        cur = cur._modules[part]
+        if not isinstance(cur, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            owner = cur
+    return owner
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

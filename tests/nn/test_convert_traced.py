@@ -269,3 +269,17 @@ def test_tracing_leaves_the_module_state_as_it_was_and_an_earlier_optimizer_stil
     (minaction.total_energy(model)).backward()
     opt.step()
     assert not torch.equal(model.fc.weight, w0)
+
+
+def test_a_wrapper_module_does_not_hide_the_model_inside():
+    """A module whose forward fx cannot read (here torch.compile's OptimizedModule, never run) reports
+    nothing for the layers of the model it wraps: that model's own forward decides them."""
+    torch.manual_seed(0)
+    model = Loop().eval()
+    x = torch.randn(3, 8)
+    before = model(x)
+    _, rep = minaction.convert(torch.compile(model), return_report=True)
+    assert [n for n, _ in rep.converted] == ["_orig_mod.layers.0", "_orig_mod.layers.1", "_orig_mod.layers.2",
+                                             "_orig_mod.fin"]
+    assert [n for n, _ in rep.skipped] == ["_orig_mod.out"]
+    torch.testing.assert_close(model(x), before)
