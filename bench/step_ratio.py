@@ -160,8 +160,9 @@ def epilogue_bench(rounds, shape=(1, 2048, 512)):
     ops = cpu_backend.load()
     z = torch.randn(shape)
     scale = 1.0 / shape[1]
-    torch_act = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
-    cases = [("relu", 2), ("relu", 1), ("gelu", 2), ("silu", 2), ("tanh", 2), ("sigmoid", 2)]
+    torch_act = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+                 "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+    cases = [("relu", 2), ("relu", 1), ("gelu", 2), ("silu", 2), ("tanh", 2), ("sigmoid", 2), ("gelu_tanh", 2)]
     out = {}
     for act, p in cases:
         fns = {"torch": lambda: torch_act[act](z),

@@ -66,7 +66,7 @@ using at::Tensor;
 template <typename F>
 using Vec = at::vec::Vectorized<F>;
 
-enum Act : int64_t { IDENTITY = 0, RELU = 1, GELU = 2, SILU = 3, TANH = 4, SIGMOID = 5 };
+enum Act : int64_t { IDENTITY = 0, RELU = 1, GELU = 2, SILU = 3, TANH = 4, SIGMOID = 5, GELU_TANH = 6 };
 
 constexpr int64_t kColBlock = 256;  // columns per tile (contiguous run inside a row)
 constexpr int64_t kRowChunk = 128;  // rows per tile
@@ -186,6 +186,20 @@ inline Vec<F> erf_v(const Vec<F>& x) {
   else return x.erf();
 }
 
+// gelu's tanh approximation, torch's gelu(z, approximate="tanh") = z/2 (1 + tanh(u)) with
+// u = sqrt(2/pi) (z + 0.044715 z^3), written as z * sigmoid(2u) = z / (1 + exp(-2u)): the same
+// function without the cancellation of 1 + tanh(u) for negative u, and with the inline exp.
+// NaN and +-inf as torch: gelu_tanh(-inf) = -inf / inf = nan, gelu_tanh(inf) = inf.
+constexpr double kGeluTanhK2 = 2.0 * 0.79788456080286535588;  // 2 sqrt(2/pi)
+constexpr double kGeluTanhC = 0.044715;
+
+template <typename F>
+inline Vec<F> gelu_tanh_sig_v(const Vec<F>& z) {  // sigmoid(2u)
+  const Vec<F> z2 = z * z;
+  const Vec<F> inner = at::vec::fmadd(z2, Vec<F>(F(kGeluTanhC)), Vec<F>(F(1))) * z;  // z + c z^3
+  return (Vec<F>(F(1)) + exp_v<F>(inner * Vec<F>(F(-kGeluTanhK2)))).reciprocal();
+}
+
 template <int ACT, typename F>
 inline Vec<F> act_v(const Vec<F>& z) {
   const Vec<F> one(F(1));
@@ -195,6 +209,7 @@ inline Vec<F> act_v(const Vec<F>& z) {
   if constexpr (ACT == SILU) return z / (one + exp_v<F>(z.neg()));
   if constexpr (ACT == TANH) return z.tanh();
   if constexpr (ACT == SIGMOID) return (one + exp_v<F>(z.neg())).reciprocal();
+  if constexpr (ACT == GELU_TANH) return z * gelu_tanh_sig_v<F>(z);
 }
 
 // g * act'(.), from the output y (and z for gelu/silu)
@@ -214,6 +229,12 @@ inline Vec<F> dact_mul_v(const Vec<F>& g, const Vec<F>& y, const Vec<F>& z) {
   }
   if constexpr (ACT == TANH) return g * (one - y * y);
   if constexpr (ACT == SIGMOID) return g * (one - y) * y;
+  if constexpr (ACT == GELU_TANH) {
+    // d/dz z s(v) = s + z s (1 - s) v',  v = 2u,  v' = 2 sqrt(2/pi) (1 + 3c z^2)
+    const Vec<F> sg = gelu_tanh_sig_v<F>(z);
+    const Vec<F> dv = at::vec::fmadd(z * z, Vec<F>(F(3 * kGeluTanhC * kGeluTanhK2)), Vec<F>(F(kGeluTanhK2)));
+    return g * at::vec::fmadd(z * sg * (one - sg), dv, sg);
+  }
 }
 
 template <int P, typename F>
@@ -533,6 +554,7 @@ void dispatch_act_p(int64_t act, int64_t p, F&& f) {
     case SILU: MA_CASE_P(SILU) break;
     case TANH: MA_CASE_P(TANH) break;
     case SIGMOID: MA_CASE_P(SIGMOID) break;
+    case GELU_TANH: MA_CASE_P(GELU_TANH) break;
     default: TORCH_CHECK(false, "minaction: unknown activation code ", act);
   }
 #undef MA_CASE_P
@@ -599,7 +621,7 @@ std::tuple<Tensor, Tensor> epilogue_bwd(const Tensor& gy_in, const Tensor& ge_in
   return {gz, gb};
 }
 
-bool needs_z(int64_t act) { return act == GELU || act == SILU; }
+bool needs_z(int64_t act) { return act == GELU || act == SILU || act == GELU_TANH; }
 
 // ------------------------------------------------------------------ primitives (CPU kernels)
 std::tuple<Tensor, Tensor, Tensor> act_fwd(const Tensor& z_in, int64_t act, int64_t p, double scale, bool keep_z) {
@@ -717,6 +739,7 @@ std::tuple<Tensor, Tensor> energy_linear_composite(const Tensor& x, const Tensor
     case SILU: y = at::silu(z); break;
     case TANH: y = at::tanh(z); break;
     case SIGMOID: y = at::sigmoid(z); break;
+    case GELU_TANH: y = at::gelu(z, "tanh"); break;
     default: TORCH_CHECK(false, "minaction: unknown activation code ", act);
   }
   const bool plain = w.dim() == 2;
@@ -951,6 +974,7 @@ Tensor apply_act_composite(const Tensor& z, int64_t act) {
     case SILU: return at::silu(z);
     case TANH: return at::tanh(z);
     case SIGMOID: return at::sigmoid(z);
+    case GELU_TANH: return at::gelu(z, "tanh");
     default: TORCH_CHECK(false, "minaction: unknown activation code ", act);
   }
 }

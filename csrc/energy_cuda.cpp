@@ -37,7 +37,7 @@ void check_cuda(int err, const char* what) {
 }
 
 void check_act(int64_t act, int64_t p) {
-  TORCH_CHECK(act >= 0 && act <= 5, "minaction cuda backend: unknown activation code ", act);
+  TORCH_CHECK(act >= 0 && act <= 6, "minaction cuda backend: unknown activation code ", act);
   TORCH_CHECK(p == 0 || p == 1 || p == 2, "minaction cuda backend: energy exponent must be 0, 1 or 2, got ", p);
 }
 
@@ -76,8 +76,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& x, const Tensor& w, 
 Tensor backward_pass(const Tensor& gy_, const Tensor& ge, const Tensor& y_, const Tensor& z_, int64_t act, int64_t p,
                      double scale, bool need_b, Tensor* gb) {
   Tensor gy = gy_.contiguous(), y = y_.contiguous();
-  const bool need_z = act == 2 || act == 3;
-  TORCH_CHECK(!need_z || z_.numel() == y.numel(), "gelu/silu backward needs the saved pre-activation z");
+  const bool need_z = act == 2 || act == 3 || act == 6;
+  TORCH_CHECK(!need_z || z_.numel() == y.numel(), "gelu/silu/gelu_tanh backward needs the saved pre-activation z");
   Tensor z = need_z ? z_.contiguous() : Tensor();
   const int64_t G = y.size(0), M = y.size(1), N = y.numel() / std::max<int64_t>(G * M, 1);
   Tensor gz = at::empty_like(y);

@@ -56,6 +56,9 @@ MA_HD float d_tanh(float x) { return tanhf(x); }
 MA_HD double d_tanh(double x) { return tanh(x); }
 
 template <typename C> MA_HD C sigm(C z) { return C(1) / (C(1) + d_exp(-z)); }
+// gelu(z, approximate="tanh") = z/2 (1 + tanh(u)) = z sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3):
+// this is 2u (the sigmoid form has no cancellation in 1 + tanh(u) for negative u)
+template <typename C> MA_HD C gelu_tanh_v(C z) { return C(1.5957691216057307) * (z + C(0.044715) * z * z * z); }
 
 // NaN and Inf follow torch exactly: relu(nan) = nan (not `z > 0 ? z : 0`, which maps NaN to
 // 0 and hides a diverged model), gelu(-inf) = silu(-inf) = nan, tanh(+-inf) = +-1.
@@ -66,6 +69,7 @@ template <typename C> MA_HD C act_fn(C z, int act) {
     case 3: return z * sigm(z);
     case 4: return d_tanh(z);
     case 5: return sigm(z);
+    case 6: return z * sigm(gelu_tanh_v(z));
     default: return z;
   }
 }
@@ -83,6 +87,10 @@ template <typename C> MA_HD C act_grad(C y, C z, int act) {
       return s * (C(1) + z * (C(1) - s));
     }
     case 4: return C(1) - y * y;
+    case 6: {
+      C s = sigm(gelu_tanh_v(z));
+      return s + z * s * (C(1) - s) * C(1.5957691216057307) * (C(1) + C(3 * 0.044715) * z * z);
+    }
     default: return y * (C(1) - y);
   }
 }
@@ -166,7 +174,7 @@ __global__ void act_bwd_kernel(const T* __restrict__ gy, const typename Tr<T>::E
   const int64_t n = (int64_t)blockIdx.x * kBwdCols + threadIdx.x;
   const int64_t m0 = (int64_t)blockIdx.y * kBwdRows;
   const C c = p != 0 ? (C)ge[g] * (C)scale : C(0);
-  const bool need_z = act == 2 || act == 3;
+  const bool need_z = act == 2 || act == 3 || act == 6;
   E col = E(0);
   if (n < N) {
     for (int r = 0; r < kBwdRowsPerThread; ++r) {

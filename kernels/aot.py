@@ -17,27 +17,32 @@ def variants(full=False):
     """(kernel, signature, constexprs) covering every kernel.
 
     The default is a covering set: every dtype, activation, energy exponent and flag of each
-    kernel appears at least once (19 variants; a second target compiles the 7 matmul variants
+    kernel appears at least once (22 variants; a second target compiles the 8 matmul variants
     and one of each elementwise kernel, see ``_lean``); ``full=True``
-    is the whole product (219 variants).
+    is the whole product (378 variants).
     """
+    from minaction.backends import ACT_CODES, NEEDS_Z
+
     from . import energy_linear as k
 
     dts = ("fp32", "fp16", "bf16")
+    n_act = len(ACT_CODES)
+    keep_z = {ACT_CODES[a] for a in NEEDS_Z}
     out = []
     if full:
-        fwd = [(dt, a, p, hb, dt == "fp32") for dt in dts for a in range(6) for p in (0, 1, 2) for hb in (True, False)]
-        ew = [(dt, a, p, nb) for dt in dts for a in range(6) for p in (0, 1, 2) for nb in (True, False)]
+        fwd = [(dt, a, p, hb, dt == "fp32") for dt in dts for a in range(n_act) for p in (0, 1, 2)
+               for hb in (True, False)]
+        ew = [(dt, a, p, nb) for dt in dts for a in range(n_act) for p in (0, 1, 2) for nb in (True, False)]
     else:
-        fwd = [(dts[i % 3], i, i % 3, i % 2 == 0, True) for i in range(6)] + [("fp32", 1, 2, True, False)]
-        ew = [(dts[i % 3], i, (i + 1) % 3, i % 2 == 1) for i in range(6)]
+        fwd = [(dts[i % 3], i, i % 3, i % 2 == 0, True) for i in range(n_act)] + [("fp32", 1, 2, True, False)]
+        ew = [(dts[i % 3], i, (i + 1) % 3, i % 2 == 1) for i in range(n_act)]
     for dt, act, p, has_b, tf32 in fwd:
         sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "z_ptr": f"*{dt}",
                "part_ptr": "*fp32"}
         for n in ("M", "N", "K", "stride_xg", "stride_xm", "stride_xk", "stride_wg", "stride_wn", "stride_wk",
                   "stride_bg", "stride_yg", "stride_ym"):
             sig[n] = "i32"
-        const = {"HAS_BIAS": has_b, "ACT": act, "P": p, "KEEP_Z": act in (2, 3), "ALLOW_TF32": tf32 and dt == "fp32",
+        const = {"HAS_BIAS": has_b, "ACT": act, "P": p, "KEEP_Z": act in keep_z, "ALLOW_TF32": tf32 and dt == "fp32",
                  "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64 if dt != "fp32" else 32, "GROUP_M": 8}
         for c in const:
             sig[c] = "constexpr"

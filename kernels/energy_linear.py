@@ -5,7 +5,7 @@ or 2 walks the groups, so the batched N-models form is native):
 
 ``linear_fwd_kernel``
     ``z = x[g] @ w[g]^T + b[g]`` as a tiled ``tl.dot`` matmul whose epilogue applies the
-    activation, stores ``y`` (and ``z`` only when ``KEEP_Z``: gelu/silu need it for the
+    activation, stores ``y`` (and ``z`` only when ``KEEP_Z``: gelu/silu/gelu_tanh need it for the
     backward) and writes the tile's partial sum of ``|y|^p`` to ``part[g, tile]``. The
     launcher sums ``part`` over tiles in a fixed order (``torch.sum`` over a fixed-shape
     buffer), so the energy is bitwise deterministic run to run.
@@ -21,8 +21,8 @@ The backward matrix products (``gx = gz @ w``, ``gw = gz^T @ x``) are ``torch.bm
 (cuBLAS on a GPU), see ``docs/kernels.md``.
 
 Activation codes (constexpr ``ACT``, ``minaction.backends.ACT_CODES``): 0 identity, 1 relu,
-2 gelu (erf), 3 silu, 4 tanh, 5 sigmoid. NaN and Inf behave exactly as in torch, forward and backward (``relu(nan) =
-nan``; relu's backward is a select on the output like torch's ``threshold_backward``; see
+2 gelu (erf), 3 silu, 4 tanh, 5 sigmoid, 6 gelu_tanh (gelu's tanh approximation). NaN and Inf
+behave exactly as in torch, forward and backward (``relu(nan) = nan``; relu's backward is a select on the output like torch's ``threshold_backward``; see
 ``_act_bwd`` and ``tests/test_gpu_nan.py``). ``P``: 0 no energy, 1 L1, 2 L2. Arithmetic is float32 (float64 for float64
 inputs); outputs are rounded to the input dtype and the energy is computed from the
 rounded ``y`` like the reference backend does.
@@ -68,6 +68,9 @@ def _act(z, ACT: tl.constexpr):
         y = tl.where(z < 0, -t, t)
     elif ACT == 5:
         y = tl.sigmoid(z)
+    elif ACT == 6:
+        # gelu(z, approximate="tanh") = z/2 (1 + tanh(u)) = z sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
+        y = z * tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
     else:
         y = z
     return y
@@ -85,6 +88,9 @@ def _act_grad(y, z, ACT: tl.constexpr):
         d = s * (1.0 + z * (1.0 - s))
     elif ACT == 4:
         d = 1.0 - y * y
+    elif ACT == 6:
+        s = tl.sigmoid(1.5957691216057308 * (z + 0.044715 * z * z * z))
+        d = s + z * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
     else:
         d = y * (1.0 - y)
     return d
@@ -219,7 +225,7 @@ def act_bwd_kernel(gy_ptr, ge_ptr, y_ptr, z_ptr, gz_ptr, gb_ptr, scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """gz = (gy + ge[g]*scale*d|y|^p/dy) * act'(y, z) on a [BLOCK_M, BLOCK_N] tile of [G, M, N].
 
-    All of gy, y, z, gz are contiguous [G, M, N] (z is read only for gelu/silu). With
+    All of gy, y, z, gz are contiguous [G, M, N] (z is read only for gelu/silu/gelu_tanh). With
     NEED_B the tile's column sums of gz go to gb[g, pid_m, :] ([G, tiles_m, N]).
     Grid: (tiles_n, tiles_m, G).
     """
@@ -246,7 +252,7 @@ def act_bwd_kernel(gy_ptr, ge_ptr, y_ptr, z_ptr, gz_ptr, gb_ptr, scale,
             # torch.sign(nan) == 0: the l1 term adds nothing at a NaN output (torch's abs backward)
             sgn = tl.where(y > 0, 1.0, tl.where(y < 0, -1.0, 0.0)).to(cdt)
             g_out += c * sgn
-    if ACT == 2 or ACT == 3:
+    if ACT == 2 or ACT == 3 or ACT == 6:
         z = tl.load(z_ptr + off, mask=mask, other=0.0).to(cdt)
     else:
         z = y

@@ -58,8 +58,8 @@ def _functional_act(node: fx.Node, arg: fx.Node) -> Optional[str]:
         return None
     if node.op == "call_function" and node.target in _FUNCTIONAL:
         act = _FUNCTIONAL[node.target]
-        if act == "gelu" and node.kwargs.get("approximate", "none") != "none":
-            return None
+        if act == "gelu":
+            return {"none": "gelu", "tanh": "gelu_tanh"}.get(node.kwargs.get("approximate", "none"))
         return act
     if node.op == "call_method" and node.target in _METHODS and len(node.args) == 1:
         return _METHODS[node.target]

@@ -19,7 +19,7 @@ from .nn.layers import EnergyLayer, EnergyLinear
 _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
 # dropout commutes with ReLU (it multiplies by a mask >= 0), so Linear-Dropout-ReLU can run as EnergyLinear-Dropout
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_SUPPORTED = "nn.ReLU, nn.GELU() (exact), nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity"
+_SUPPORTED = "nn.ReLU, nn.GELU() and nn.GELU(approximate='tanh'), nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity"
 _FUNCTIONAL_HINT = ("activations called as functions in forward() (F.relu(self.fc1(x)), torch.relu, x.relu()) "
                     "cannot be removed by module conversion: build those layers as minaction.nn.EnergyLinear / "
                     "EnergyConv2d(..., activation='relu') (they take nn.Linear's / nn.Conv2d's arguments and "
@@ -183,7 +183,7 @@ def _fast_total(model: nn.Module):
 
 def _act_name(mod: nn.Module):
     if isinstance(mod, nn.GELU):
-        return "gelu" if mod.approximate == "none" else None
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(mod.approximate)
     for cls, name in _ACT_MODULES.items():
         if type(mod) is cls:
             return name
@@ -192,12 +192,9 @@ def _act_name(mod: nn.Module):
 
 def _unsupported_act_reason(mod: nn.Module):
     """Why an activation-like module cannot be fused (None if it does not look like an activation)."""
-    if isinstance(mod, nn.GELU) and mod.approximate != "none":
-        return (f"GELU(approximate={mod.approximate!r}) is not implemented by the fused kernels (only the exact, "
-                "erf-based GELU is); use nn.GELU() if the approximation is not essential")
     if type(mod).__module__ == "torch.nn.modules.activation" and _act_name(mod) is None:
-        return (f"{type(mod).__name__} is not an activation the fused kernels implement (they do relu, exact gelu, "
-                "silu, tanh, sigmoid, identity)")
+        return (f"{type(mod).__name__} is not an activation the fused kernels implement (they do relu, gelu (exact "
+                "and tanh-approximated), silu, tanh, sigmoid, identity)")
     return None
 
 
@@ -373,8 +370,8 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
 
     ``nn.Linear`` -> :class:`~minaction.nn.EnergyLinear`, ``nn.Conv1d`` / ``nn.Conv2d`` ->
     :class:`~minaction.nn.EnergyConv1d` / ``EnergyConv2d``, when the layer's output goes only to
-    an activation module: ``nn.ReLU``, ``nn.GELU()`` (exact), ``nn.SiLU``, ``nn.Tanh``,
-    ``nn.Sigmoid``, ``nn.Identity``. Pairs are found in two places:
+    an activation module: ``nn.ReLU``, ``nn.GELU()`` (exact, or ``approximate="tanh"``),
+    ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid``, ``nn.Identity``. Pairs are found in two places:
 
     - inside an ``nn.Sequential``: the next module;
     - in any other module's ``forward()``, read with ``torch.fx`` (each submodule a leaf), as
@@ -389,7 +386,7 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     dropout).
 
     Left unchanged, each with its reason in the report: layers with no activation after them
-    (the logits layer), ``GELU(approximate="tanh")``, ``LeakyReLU`` and other activations the
+    (the logits layer), ``LeakyReLU``, custom GELU modules and other activations the
     kernels do not implement, layers followed by an activation *function* (``F.relu``,
     ``x.relu()``: conversion cannot remove a call from ``forward()``; the report says what to
     write instead), layers in a ``forward()`` that ``torch.fx`` cannot trace (Python control flow

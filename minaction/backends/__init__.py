@@ -31,11 +31,11 @@ activations whose derivative needs ``z`` (gelu, silu). The CPU kernels of ``line
 
 import torch
 
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sigmoid", "identity", "gelu_tanh")
 # activations whose derivative cannot be written in terms of the output y alone
-NEEDS_Z = frozenset({"gelu", "silu"})
+NEEDS_Z = frozenset({"gelu", "silu", "gelu_tanh"})
 # the integer codes the compiled kernels (csrc/) use for the activations
-ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5}
+ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4, "sigmoid": 5, "gelu_tanh": 6}
 
 
 def source_dir():

@@ -15,6 +15,7 @@ from . import energy_dtype
 _LOW = (torch.float16, torch.bfloat16)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def _up(t):
@@ -27,6 +28,8 @@ def apply_act(z: torch.Tensor, act: str) -> torch.Tensor:
         return torch.relu(z)
     if act == "gelu":
         return torch.nn.functional.gelu(z)
+    if act == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
     if act == "silu":
         return torch.nn.functional.silu(z)
     if act == "tanh":
@@ -56,6 +59,11 @@ def act_grad(y: torch.Tensor, z: torch.Tensor, act: str) -> torch.Tensor:
     if act == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
+    if act == "gelu_tanh":  # torch's gelu_backward(approximate="tanh") formula
+        zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        t = torch.tanh(_SQRT_2_OVER_PI * (zf + 0.044715 * zf * zf * zf))
+        d = 0.5 * (1 + t) + 0.5 * zf * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * zf * zf)
+        return d.to(z.dtype)
     raise ValueError(f"unknown activation {act!r}")
 
 

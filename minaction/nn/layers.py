@@ -179,7 +179,8 @@ class EnergyLinear(EnergyLayer, nn.Linear):
     Args:
         in_features, out_features, bias: as ``nn.Linear`` (same parameter names and
             shapes, so ``state_dict`` moves freely between the two).
-        activation: one of "relu", "gelu", "silu", "tanh", "sigmoid", "identity".
+        activation: one of "relu", "gelu" (exact, erf), "gelu_tanh" (``F.gelu(z, approximate="tanh")``),
+            "silu", "tanh", "sigmoid", "identity".
         energy: "l2" (sum of y^2, default), "l1" (sum of |y|) or None (no energy).
         energy_reduction: "sum" over units (default) or "mean" over units; always a
             mean over the samples (rows) of the batch.

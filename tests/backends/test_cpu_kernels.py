@@ -207,11 +207,12 @@ _ISA_CHECK = textwrap.dedent("""
         for a, c in zip(*res):
             assert torch.equal(a.isnan(), c.isnan()), (act, energy, dtype, G, M, K, N)
             torch.testing.assert_close(a.float(), c.float(), rtol=tol, atol=tol, equal_nan=True)
-    # the inline float exp/erf (gelu, silu, sigmoid) over their whole range, torch's own as the reference
+    # the inline float exp/erf (gelu, silu, sigmoid, gelu_tanh) over their whole range, torch's own as the reference
     import torch.nn.functional as F
     z = torch.cat([torch.linspace(-110, 110, 40001), torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0,
                                                                   -0.0, 88.37, 88.38, -86.49, -86.51, 1e-30])])
-    for act, f in (("gelu", F.gelu), ("silu", F.silu), ("sigmoid", torch.sigmoid)):
+    for act, f in (("gelu", F.gelu), ("silu", F.silu), ("sigmoid", torch.sigmoid),
+                   ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"))):
         zz = z.clone().requires_grad_(True)
         y, e = activation_energy(zz.view(1, -1), act, "l2", backend="cpu")
         gz, = torch.autograd.grad(y.sum(), zz)
@@ -277,7 +278,7 @@ def test_every_isa_build_matches_reference(isa):
 
 # ----------------------------------------------------------------------------- double backward
 GG_CASES = [("relu", "l2", False), ("gelu", "l1", False), ("tanh", "l2", True), ("sigmoid", None, False),
-            ("silu", "l2", True), ("identity", "l1", True)]
+            ("silu", "l2", True), ("identity", "l1", True), ("gelu_tanh", "l2", True)]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "composite"])

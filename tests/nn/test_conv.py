@@ -15,7 +15,7 @@ def _ref(layer, x):
     conv = F.conv1d if isinstance(layer, EnergyConv1d) else F.conv2d
     z = conv(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
     act = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda t: t,
-           "gelu": F.gelu, "silu": F.silu}[layer.activation]
+           "gelu": F.gelu, "silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[layer.activation]
     y = act(z)
     p = {"l2": 2, "l1": 1}[layer.energy]
     per = (y.abs() ** p).reshape(y.shape[0], -1)
@@ -34,7 +34,7 @@ CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kw,shape", CASES)
 @pytest.mark.parametrize("activation,energy,reduction", [("relu", "l2", "sum"), ("tanh", "l1", "mean"),
-                                                          ("gelu", "l2", "mean")])
+                                                          ("gelu", "l2", "mean"), ("gelu_tanh", "l2", "sum")])
 def test_matches_reference_float64(backend, cls, kw, shape, activation, energy, reduction):
     torch.manual_seed(0)
     layer = cls(**kw, activation=activation, energy=energy, energy_reduction=reduction, backend=backend).double()

@@ -284,3 +284,32 @@ def test_a_wrapper_module_does_not_hide_the_model_inside():
                                              "_orig_mod.fin"]
     assert [n for n, _ in rep.skipped] == ["_orig_mod.out"]
     torch.testing.assert_close(model(x), before)
+
+
+class TanhGeluMLP(nn.Module):
+    """GPT-2's MLP: the tanh approximation of GELU, as a module and as a function."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.act = nn.GELU(approximate="tanh")
+        self.c_mid = nn.Linear(4 * d, 4 * d)
+        self.c_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = self.act(self.c_fc(x))
+        x = F.gelu(self.c_mid(x), approximate="tanh")
+        return self.c_proj(x)
+
+
+def test_tanh_gelu_module_converts_and_the_function_is_named():
+    torch.manual_seed(0)
+    model = TanhGeluMLP().double()
+    x = torch.randn(5, 3, 6, dtype=torch.float64)
+    before = model(x)
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["c_fc"] and model.c_fc.activation == "gelu_tanh"
+    assert "activation='gelu_tanh'" in dict(rep.skipped)["c_mid"]
+    torch.testing.assert_close(model(x), before)
+    hidden = F.gelu(F.linear(x, model.c_fc.weight, model.c_fc.bias), approximate="tanh")
+    torch.testing.assert_close(minaction.total_energy(model), hidden.pow(2).sum(-1).mean())

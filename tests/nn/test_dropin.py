@@ -293,7 +293,8 @@ def test_convert_functional_relu_net_says_why_and_what_to_do():
 
 
 @pytest.mark.parametrize("act,name", [(nn.ReLU(), "relu"), (nn.GELU(), "gelu"), (nn.SiLU(), "silu"),
-                                      (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid")])
+                                      (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid"),
+                                      (nn.GELU(approximate="tanh"), "gelu_tanh")])
 def test_convert_every_supported_activation_linear_and_conv(act, name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), copy.deepcopy(act), nn.Flatten(),
@@ -321,11 +322,11 @@ def test_convert_conv1d_pair():
 
 
 def test_convert_says_why_for_unsupported_activations():
-    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 4), nn.LeakyReLU())
+    model = nn.Sequential(nn.Linear(4, 4), nn.Hardswish(), nn.Linear(4, 4), nn.LeakyReLU())
     with pytest.warns(UserWarning, match="converted nothing"):
         _, rep = minaction.convert(model, return_report=True)
     why = dict(rep.skipped)
-    assert "approximate='tanh'" in why["0"] and "exact" in why["0"]
+    assert "Hardswish" in why["0"] and "not an activation the fused kernels implement" in why["0"]
     assert "LeakyReLU" in why["2"] and "not an activation the fused kernels implement" in why["2"]
     reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.ReLU())
     with pytest.warns(UserWarning, match="padding_mode='reflect'"):

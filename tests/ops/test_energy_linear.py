@@ -23,7 +23,7 @@ def ref_layer(x, w, b, act, energy, reduction):
     """The oracle written from the definition, independent of minaction's code paths."""
     z = F.linear(x, w, b)
     y = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-         "identity": lambda t: t}[act](z)
+         "identity": lambda t: t, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[act](z)
     if energy is None:
         return y, torch.zeros((), dtype=y.dtype)
     yf = y.float() if y.dtype == torch.bfloat16 else y
