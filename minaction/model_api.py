@@ -332,7 +332,13 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
                 desc += (f"; {prefix}{drop} now follows the activation (identical output: dropout commutes with "
                          "ReLU), so the energy is that of the activation before dropout")
             swaps.append((path, act_path, layer, new, desc))
+        # an activation module that also follows a layer which cannot be converted must keep working for it
+        blocked = {act_path: path for path, act_path, _ in pairs if path in reasons}
         for path, act_path, layer, new, desc in swaps:
+            if act_path in blocked:
+                reasons[path] = (f"{act_path} also follows {prefix}{blocked[act_path]}, which cannot be converted, "
+                                 "so it cannot become nn.Identity")
+                continue
             _set_submodule(mod, path, new)
             _set_submodule(mod, act_path, nn.Identity())
             decided.add(id(layer))

@@ -313,3 +313,30 @@ def test_tanh_gelu_module_converts_and_the_function_is_named():
     torch.testing.assert_close(model(x), before)
     hidden = F.gelu(F.linear(x, model.c_fc.weight, model.c_fc.bias), approximate="tanh")
     torch.testing.assert_close(minaction.total_energy(model), hidden.pow(2).sum(-1).mean())
+
+
+class SharedWithUnconvertible(nn.Module):
+    """One ReLU module after a Linear and after a reflect-padded conv (which has no energy twin)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.fc(self.relu(self.conv(x)).flatten(1)))
+
+
+def test_an_activation_shared_with_an_unconvertible_layer_stays():
+    torch.manual_seed(0)
+    model = SharedWithUnconvertible()
+    x = torch.randn(2, 1, 4, 4)
+    before = model(x)
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(model, return_report=True)
+    skipped = dict(rep.skipped)
+    assert "padding_mode='reflect'" in skipped["conv"]
+    assert "also follows conv, which cannot be converted" in skipped["fc"]
+    assert type(model.relu) is nn.ReLU and type(model.fc) is nn.Linear
+    torch.testing.assert_close(model(x), before)
