@@ -165,4 +165,11 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
             reasons[path] = "the layer or its activation module is shared with another part of the model"
         else:
             out.append((path, act, drop))
+    # an activation module becomes nn.Identity only if every layer it follows is fused
+    failed = {act: path for path, (act, _) in found.items() if path in reasons}
+    for path, act, drop in list(out):
+        if act in failed:
+            out.remove((path, act, drop))
+            reasons[path] = (f"{act} also follows {failed[act]}, which cannot be converted, so it cannot become "
+                             "nn.Identity")
     return out, reasons

@@ -340,3 +340,29 @@ def test_an_activation_shared_with_an_unconvertible_layer_stays():
     assert "also follows conv, which cannot be converted" in skipped["fc"]
     assert type(model.relu) is nn.ReLU and type(model.fc) is nn.Linear
     torch.testing.assert_close(model(x), before)
+
+
+class TwoLayersOneTanh(nn.Module):
+    def __init__(self, shared_fc):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = shared_fc
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.act(self.b(self.act(self.a(x))))
+
+
+def test_an_activation_that_also_follows_a_shared_layer_stays():
+    """``b`` is registered twice in the model (so it stays plain); the tanh after ``a`` is the same
+    module, so ``a`` must stay plain too."""
+    torch.manual_seed(0)
+    fc = nn.Linear(4, 4)
+    model = nn.ModuleDict({"net": TwoLayersOneTanh(fc), "other": fc})
+    x = torch.randn(3, 4)
+    before = model["net"](x)
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(model, return_report=True)
+    skipped = dict(rep.skipped)
+    assert "shared" in skipped["net.b"] and "also follows b, which cannot be converted" in skipped["net.a"]
+    torch.testing.assert_close(model["net"](x), before)
