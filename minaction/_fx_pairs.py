@@ -36,6 +36,17 @@ class _LeafTracer(fx.Tracer):
         return True
 
 
+def owner_of(root: nn.Module, path: str) -> nn.Module:
+    """The module whose ``forward()`` applies the submodule at ``path`` (relative to ``root``): its
+    nearest ancestor that is not a plain container (ModuleList / ModuleDict / Sequential)."""
+    owner = cur = root
+    for part in path.split(".")[:-1]:
+        cur = cur._modules[part]
+        if not isinstance(cur, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            owner = cur
+    return owner
+
+
 def _describe(node: fx.Node, module: nn.Module) -> str:
     if node.op == "call_module":
         return f"{type(module.get_submodule(node.target)).__name__} ({node.target})"
@@ -67,12 +78,14 @@ def _functional_act(node: fx.Node, arg: fx.Node) -> Optional[str]:
 
 
 def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dropouts: tuple,
-               shared: Callable[[nn.Module], bool], unsupported: Callable = lambda m: None, supported: str = "") -> Tuple[List[Tuple[str, str, Optional[str]]], Dict[str, str]]:
+               shared: Callable[[nn.Module], bool], unsupported: Callable = lambda m: None, supported: str = "",
+               called: Optional[List[str]] = None) -> Tuple[List[Tuple[str, str, Optional[str]]], Dict[str, str]]:
     """Pairs ``(layer, activation, dropout)`` among ``layer_paths`` (paths relative to ``module``)
     and ``{layer path: reason}`` for the rest of those that ``forward()`` calls. ``act_name(m)``
     names a supported activation module (or None); ``shared(m)`` says ``m`` is used elsewhere in
     the model; ``unsupported(m)`` says why an activation-like module cannot be fused, and
-    ``supported`` lists the modules that can."""
+    ``supported`` lists the modules that can. The paths of every submodule this forward calls are
+    appended to ``called`` when given."""
     params = list(inspect.signature(module.forward).parameters.values())
     # optional arguments at their defaults: the path a model takes when called on its input alone
     concrete = {p.name: p.default for p in params[1:]
@@ -95,6 +108,8 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
     for node in graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
+    if called is not None:
+        called.extend(calls)
     reasons: Dict[str, str] = {}
     found: Dict[str, Tuple[str, Optional[str]]] = {}
     for path in layer_paths:
@@ -161,8 +176,10 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
         if not sources <= fed[act]:
             reasons[path] = (f"{type(act_mod).__name__} ({act}) is also applied to other values in "
                              f"{type(module).__name__}.forward(), so it cannot become nn.Identity")
-        elif shared(layer) or shared(act_mod):
-            reasons[path] = "the layer or its activation module is shared with another part of the model"
+        elif (shared(layer) or shared(act_mod) or owner_of(module, act) is not module
+              or owner_of(module, path) is not module):
+            reasons[path] = ("the layer or its activation module is shared with another part of the model (registered "
+                             "twice, or applied by another module's forward)")
         else:
             out.append((path, act, drop))
     # an activation module becomes nn.Identity only if every layer it follows is fused

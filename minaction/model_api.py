@@ -294,14 +294,16 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
 def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) -> set:
     """Convert the layer + activation pairs that modules other than ``nn.Sequential`` apply in their
     ``forward()`` (read with torch.fx, see ``_fx_pairs``); return the ids of the layers decided."""
-    from ._fx_pairs import find_pairs
+    from ._fx_pairs import find_pairs, owner_of
 
     uses: dict = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
 
+    foreign: set = set()  # modules that a forward other than their owner's applies (parent.forward: self.block.act)
+
     def shared(m):
-        return uses.get(id(m), 0) > 1
+        return uses.get(id(m), 0) > 1 or id(m) in foreign
 
     decided: set = set()
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict) + _LAYER_LIKE
@@ -313,7 +315,10 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
                 and id(m) not in seen and id(m) not in decided]
         if not todo:
             continue
-        pairs, reasons = find_pairs(mod, todo, _act_name, _DROPOUTS, shared, _unsupported_act_reason, _SUPPORTED)
+        called: list = []
+        pairs, reasons = find_pairs(mod, todo, _act_name, _DROPOUTS, shared, _unsupported_act_reason, _SUPPORTED,
+                                    called)
+        foreign.update(id(mod.get_submodule(t)) for t in called if owner_of(mod, t) is not mod)
         prefix = f"{name}." if name else ""
         swaps = []  # every pair is read before any module is replaced: an activation may serve several layers
         for path, act_path, drop in pairs:
@@ -347,22 +352,11 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
             m = mod.get_submodule(path)
             if id(m) in decided:
                 continue
-            if "could not be traced" in why and _owner(mod, path) is not mod:
+            if "could not be traced" in why and owner_of(mod, path) is not mod:
                 continue  # a layer inside a child module: that module's own forward may still be readable
             decided.add(id(m))
             rep.skipped.append((prefix + path, why))
     return decided
-
-
-def _owner(root: nn.Module, path: str) -> nn.Module:
-    """The module whose ``forward()`` applies the submodule at ``path``: its nearest ancestor that is
-    not a plain container (ModuleList / ModuleDict / Sequential)."""
-    owner = cur = root
-    for part in path.split(".")[:-1]:
-        cur = cur._modules[part]
-        if not isinstance(cur, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
-            owner = cur
-    return owner
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -366,3 +366,36 @@ def test_an_activation_that_also_follows_a_shared_layer_stays():
     skipped = dict(rep.skipped)
     assert "shared" in skipped["net.b"] and "also follows b, which cannot be converted" in skipped["net.a"]
     torch.testing.assert_close(model["net"](x), before)
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+class Outer(nn.Module):
+    """Applies the inner module's activation to its own projection too (parents are read first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(self.inner.act(self.proj(x)))
+
+
+def test_an_activation_a_parent_forward_also_applies_stays():
+    torch.manual_seed(0)
+    model = Outer()
+    x = torch.randn(3, 4)
+    before = model(x)
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(model, return_report=True)
+    assert "shared" in dict(rep.skipped)["inner.fc"]
+    torch.testing.assert_close(model(x), before)
