@@ -316,8 +316,8 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
         if not todo:
             continue
         called: list = []
-        pairs, reasons = find_pairs(mod, todo, _act_name, _DROPOUTS, shared, _unsupported_act_reason, _SUPPORTED,
-                                    called)
+        pairs, reasons = find_pairs(mod, todo, _traced_act_name, _DROPOUTS, shared, _traced_unsupported_reason,
+                                    _SUPPORTED.replace(", nn.Identity", ""), called)
         foreign.update(id(mod.get_submodule(t)) for t in called if owner_of(mod, t) is not mod)
         prefix = f"{name}." if name else ""
         swaps = []  # every pair is read before any module is replaced: an activation may serve several layers
@@ -357,6 +357,17 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
             decided.add(id(m))
             rep.skipped.append((prefix + path, why))
     return decided
+
+
+def _traced_act_name(mod: nn.Module):
+    # in a forward(), an nn.Identity is a placeholder (timm's drop_path / norm / act slots), not a chosen activation
+    return None if isinstance(mod, nn.Identity) else _act_name(mod)
+
+
+def _traced_unsupported_reason(mod: nn.Module):
+    if isinstance(mod, nn.Identity):
+        return "an nn.Identity in forward() is a placeholder, not an activation: left as is"
+    return _unsupported_act_reason(mod)
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

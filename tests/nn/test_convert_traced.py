@@ -399,3 +399,21 @@ def test_an_activation_a_parent_forward_also_applies_stays():
         _, rep = minaction.convert(model, return_report=True)
     assert "shared" in dict(rep.skipped)["inner.fc"]
     torch.testing.assert_close(model(x), before)
+
+
+class Placeholders(nn.Module):
+    """timm-style slots: an nn.Identity where a drop-path or a norm could be."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        return x + self.drop_path(self.proj(x))
+
+
+def test_an_identity_placeholder_in_forward_is_not_an_activation():
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(Placeholders(), return_report=True)
+    assert "placeholder" in dict(rep.skipped)["proj"]
