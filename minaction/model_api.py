@@ -192,6 +192,9 @@ def _act_name(mod: nn.Module):
 
 def _unsupported_act_reason(mod: nn.Module):
     """Why an activation-like module cannot be fused (None if it does not look like an activation)."""
+    hint = _custom_gelu_hint(mod)
+    if hint:
+        return hint
     if type(mod).__module__ == "torch.nn.modules.activation" and _act_name(mod) is None:
         return (f"{type(mod).__name__} is not an activation the fused kernels implement (they do relu, gelu (exact "
                 "and tanh-approximated), silu, tanh, sigmoid, identity)")
@@ -368,6 +371,14 @@ def _traced_unsupported_reason(mod: nn.Module):
     if isinstance(mod, nn.Identity):
         return "an nn.Identity in forward() is a placeholder, not an activation: left as is"
     return _unsupported_act_reason(mod)
+
+
+def _custom_gelu_hint(mod: nn.Module):
+    if "gelu" in type(mod).__name__.lower() and not isinstance(mod, nn.GELU):
+        return (f"{type(mod).__name__} is a custom module the kernels cannot see into; if it computes GELU's tanh "
+                "approximation (as minGPT's NewGELU does), nn.GELU(approximate='tanh') computes the same function "
+                "and converts to activation='gelu_tanh'")
+    return None
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

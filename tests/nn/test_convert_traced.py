@@ -5,6 +5,7 @@ objects, and trains as plain PyTorch with the hand-written penalty."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -417,3 +418,51 @@ def test_an_identity_placeholder_in_forward_is_not_an_activation():
     with pytest.warns(UserWarning, match="converted nothing"):
         _, rep = minaction.convert(Placeholders(), return_report=True)
     assert "placeholder" in dict(rep.skipped)["proj"]
+
+
+class NewGELU(nn.Module):
+    """minGPT's GELU: the tanh approximation written out."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class MinGPTBlock(nn.Module):
+    """minGPT's current Block layout: the MLP's modules in an nn.ModuleDict, applied by a lambda."""
+
+    def __init__(self, act, d=8):
+        super().__init__()
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(d, 4 * d), c_proj=nn.Linear(4 * d, d), act=act,
+                                      dropout=nn.Dropout(0.0)))
+        m = self.mlp
+        self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))
+
+    def forward(self, x):
+        return x + self.mlpf(self.ln_2(x))
+
+
+def test_mingpt_block_newgelu_says_what_to_use_and_tanh_gelu_converts():
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(MinGPTBlock(NewGELU()), return_report=True)
+    skipped = dict(rep.skipped)
+    assert "nn.GELU(approximate='tanh')" in skipped["mlp.c_fc"] and "gelu_tanh" in skipped["mlp.c_fc"]
+    assert "operator.add" in skipped["mlp.c_proj"] and "projection" in skipped["mlp.c_proj"]
+
+    torch.manual_seed(0)
+    block = MinGPTBlock(nn.GELU(approximate="tanh")).double()
+    torch.manual_seed(0)
+    plain = MinGPTBlock(nn.GELU(approximate="tanh")).double()  # not deepcopy: mlpf's closure would be shared
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    _, rep = minaction.convert(block, return_report=True)
+    assert [n for n, _ in rep.converted] == ["mlp.c_fc"] and block.mlp.c_fc.activation == "gelu_tanh"
+    outs, hooks = _hand_penalty(plain, nn.GELU)
+    loss_p = plain(x).square().mean() + LAM * _energy(outs)
+    loss_m = block(x).square().mean() + LAM * minaction.total_energy(block)
+    torch.testing.assert_close(loss_m, loss_p)
+    loss_p.backward()
+    loss_m.backward()
+    for (n, p), q in zip(plain.named_parameters(), block.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)
+    for hook in hooks:
+        hook.remove()
