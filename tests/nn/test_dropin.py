@@ -373,7 +373,8 @@ def test_mingpt_optimizer_split_and_init_see_energy_linear():
     gpt = TinyGPT()
     assert isinstance(gpt.blocks[0].c_fc, nn.Linear)
     # _init_weights reached the EnergyLinear: std 0.02 weights, zero bias
-    assert float(gpt.blocks[0].c_fc.weight.detach().std()) < 0.03 and float(gpt.blocks[0].c_fc.bias.detach().abs().max()) == 0
+    fc = gpt.blocks[0].c_fc
+    assert float(fc.weight.detach().std()) < 0.03 and float(fc.bias.detach().abs().max()) == 0
     opt, decay, no_decay = gpt.configure_optimizers()
     assert "blocks.0.c_fc.weight" in decay and "blocks.0.c_fc.bias" in no_decay
     assert "wte.weight" in no_decay and "blocks.0.ln.weight" in no_decay
