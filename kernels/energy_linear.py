@@ -22,8 +22,9 @@ The backward matrix products (``gx = gz @ w``, ``gw = gz^T @ x``) are ``torch.bm
 
 Activation codes (constexpr ``ACT``, ``minaction.backends.ACT_CODES``): 0 identity, 1 relu,
 2 gelu (erf), 3 silu, 4 tanh, 5 sigmoid, 6 gelu_tanh (gelu's tanh approximation). NaN and Inf
-behave exactly as in torch, forward and backward (``relu(nan) = nan``; relu's backward is a select on the output like torch's ``threshold_backward``; see
-``_act_bwd`` and ``tests/test_gpu_nan.py``). ``P``: 0 no energy, 1 L1, 2 L2. Arithmetic is float32 (float64 for float64
+behave exactly as in torch, forward and backward (``relu(nan) = nan``; relu's backward is a
+select on the output like torch's ``threshold_backward``; see ``_act_bwd`` and
+``tests/test_gpu_nan.py``). ``P``: 0 no energy, 1 L1, 2 L2. Arithmetic is float32 (float64 for float64
 inputs); outputs are rounded to the input dtype and the energy is computed from the
 rounded ``y`` like the reference backend does.
 

@@ -158,8 +158,9 @@ class _EnergyConvNd(EnergyLayer):
 
     def _run(self, x: torch.Tensor, pool: bool) -> torch.Tensor:
         if x.dim() != self._dims + 2:
-            unbatched = f" or [channels, {'x'.join('*' * self._dims)}] ({self._dims + 1}-D)" if self.num_models is None \
-                else f" (a layer of {self.num_models} models needs the batch dimension)"
+            spatial = 'x'.join('*' * self._dims)
+            unbatched = (f" or [channels, {spatial}] ({self._dims + 1}-D)" if self.num_models is None
+                         else f" (a layer of {self.num_models} models needs the batch dimension)")
             raise ValueError(f"{type(self).__name__} expects input [batch, channels, {'x'.join('*' * self._dims)}]"
                              f" ({self._dims + 2}-D){unbatched}, got shape {tuple(x.shape)}")
         G = self.num_models
