@@ -174,10 +174,14 @@ class _EnergyConvNd(EnergyLayer):
                 self.last_energy = e
                 return y
             z = self._convfn(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            channels_last = z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(
+                memory_format=torch.channels_last)
             if pool:
                 y, e = activation_energy_max_pool2(z, self.activation, self.energy, self.energy_reduction,
                                                    dims=self._dims, backend=self.backend, penalty=self.penalty)
-            elif z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
+                if channels_last:  # as F.max_pool2d keeps it (the fused pass itself runs on NCHW)
+                    y = y.contiguous(memory_format=torch.channels_last)
+            elif channels_last:
                 # channels-last (oneDNN/cuDNN keep the input's format): the epilogue runs on the [B, H, W, C]
                 # view, where each sample's units are still one block, and the output stays channels-last
                 y, e = activation_energy(z.permute(0, 2, 3, 1), self.activation, self.energy, self.energy_reduction,

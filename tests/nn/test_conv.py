@@ -168,8 +168,8 @@ def test_unbatched_input_as_nn_conv(backend, cls, kw, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("penalty", [0.0, 0.3])
 def test_channels_last_stays_channels_last(backend, penalty):
-    """A channels-last input gives a channels-last output, as nn.Conv2d + ReLU does, with the same
-    values, energy and gradients (input, weight, bias), the penalty form included."""
+    """A channels-last input gives a channels-last output, as nn.Conv2d + ReLU (+ max_pool2d) does,
+    with the same values, energy and gradients (input, weight, bias), the penalty form included."""
     torch.manual_seed(0)
     layer = EnergyConv2d(3, 5, 3, padding=1, activation="silu", backend=backend, penalty=penalty).double()
     layer = layer.to(memory_format=torch.channels_last)
@@ -187,4 +187,22 @@ def test_channels_last_stays_channels_last(backend, penalty):
     torch.testing.assert_close(layer.last_energy, e2)
     ((y2 * gy).sum() + (0.7 + penalty) * e2).backward()
     for a, b in zip(got, [x2.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(a, b)
+
+    # the fused conv + max-pool block too (max_pool2d keeps the format as well)
+    layer.zero_grad()
+    x3 = x.detach().clone().requires_grad_(True)
+    pooled = layer.forward_max_pool2(x3)
+    assert pooled.is_contiguous(memory_format=torch.channels_last) and not pooled.is_contiguous()
+    gp = torch.randn_like(pooled)
+    ((pooled * gp).sum() + 0.7 * layer.last_energy).backward()
+    got = [x3.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    x4 = x.detach().contiguous().requires_grad_(True)
+    y4, e4 = _ref(layer, x4)
+    ref_pooled = F.max_pool2d(y4, 2)
+    torch.testing.assert_close(pooled, ref_pooled)
+    torch.testing.assert_close(layer.last_energy, e4)
+    ((ref_pooled * gp).sum() + (0.7 + penalty) * e4).backward()
+    for a, b in zip(got, [x4.grad] + [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(a, b)
