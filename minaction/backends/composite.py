@@ -72,7 +72,7 @@ def energy_of(y: torch.Tensor, p: int, scale: float) -> torch.Tensor:
     edt = energy_dtype(y.dtype)
     if p == 0:
         return torch.zeros(G, dtype=edt, device=y.device)
-    yf = y.to(edt).reshape(G, -1)
+    yf = y.to(edt).reshape(G, math.prod(y.shape[1:]))  # not -1: an empty batch has no size to infer
     if p == 2:
         return (yf * yf).sum(1) * scale
     return yf.abs().sum(1) * scale

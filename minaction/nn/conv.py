@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
+from ..backends import energy_dtype
 from ..ops import activation_energy, activation_energy_max_pool2, conv2d_act_energy_max_pool2, max_pool2
 from . import layers as _layers
 from .layers import EnergyLayer
@@ -208,6 +209,9 @@ class _EnergyConvNd(EnergyLayer):
         b = self.bias.reshape(-1) if self.bias is not None else None
         z = self._convfn(x, w, b, self.stride, self.padding, self.dilation, groups)
         B = z.shape[0]
+        if B == 0:  # no samples (groups=B*G would read as "no groups"): an empty output, each member's energy 0
+            self.last_energy = torch.zeros(G, dtype=energy_dtype(z.dtype), device=z.device)
+            return max_pool2(z, self._dims) if pool else z
         # rows = (sample, member) pairs: the fused pass gives one sum per row, the energy is their batch mean
         # the penalty on last_energy = the mean of each member's B rows: lam / B on each row's energy
         penalty = self.penalty / B if B else 0.0

@@ -110,7 +110,7 @@ def _energy_linear_backward_impl(gy, ge, x, weight, y, z, act, p, mean, need_x, 
     scale = _scale(x.shape[1], weight.shape[1], mean)
     out = _select.module(backend).linear_backward(gy, ge, x, weight, y, z, act, p, scale, need_x, need_w, need_b)
     # an op's outputs may not alias each other or an input: unneeded grads are fresh empties
-    return tuple(t if (want and t.numel()) else gy.new_empty(0) for t, want in zip(out, (need_x, need_w, need_b)))
+    return tuple(t if want else gy.new_empty(0) for t, want in zip(out, (need_x, need_w, need_b)))
 
 
 library.lib.impl("energy_linear", _energy_linear_impl, "CompositeExplicitAutograd")
@@ -522,7 +522,9 @@ def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str]
     name = _route(z, backend)
     if name == "cpu":
         return _cpu.epilogue(z, activation, p, reduction == "mean", groups, penalty)
-    z3 = z.reshape(groups, z.shape[1], -1) if groups else z.reshape(1, z.shape[0], -1)
+    # explicit unit counts, not -1: an empty batch has no size to infer
+    z3 = (z.reshape(groups, z.shape[1], math.prod(z.shape[2:])) if groups
+          else z.reshape(1, z.shape[0], math.prod(z.shape[1:])))
     if name == "reference":
         y = composite.apply_act(z3, activation)
         e = composite.energy_of(y, p, _scale(y.shape[1], y.shape[2], reduction == "mean"))

@@ -302,3 +302,31 @@ def test_plan_is_not_copied_and_batched_layers_use_it(monkeypatch):
     torch.testing.assert_close(el.last_energy, ref.pow(2).sum(2).mean(1))
     with pytest.raises(ValueError, match="batched layer with 4 models"):
         el(torch.randn(3, 5, 3))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "composite", "triton"])
+def test_an_empty_batch_works_as_in_nn_linear_and_nn_conv(backend):
+    """Zero rows (a mask that selects nothing, an expert that gets no tokens): outputs and gradients
+    have the plain layers' shapes, every energy is 0 and the weight gradients are 0, on every
+    backend, for plain and batched linear and conv layers and the fused conv + pool block."""
+    ok, why = mbackend.available(backend, "cpu")
+    if not ok:
+        pytest.skip(why)
+    from minaction.nn import EnergyConv2d
+
+    torch.manual_seed(0)
+    layers = [(EnergyLinear(5, 3, backend=backend), (0, 5), (0, 3), ()),
+              (EnergyLinear(5, 3, num_models=2, backend=backend), (0, 5), (2, 0, 3), (2,)),
+              (EnergyConv2d(2, 3, 3, backend=backend), (0, 2, 6, 6), (0, 3, 4, 4), ()),
+              (EnergyConv2d(2, 3, 3, num_models=2, backend=backend), (0, 2, 6, 6), (0, 6, 4, 4), (2,))]
+    for layer, x_shape, y_shape, e_shape in layers:
+        x = torch.randn(x_shape, requires_grad=True)
+        y = layer(x)
+        e = layer.last_energy
+        assert tuple(y.shape) == y_shape and tuple(e.shape) == e_shape and not e.any()
+        (y.sum() + e.sum()).backward()
+        assert tuple(x.grad.shape) == x_shape
+        assert layer.weight.grad is not None and not layer.weight.grad.any()
+        if isinstance(layer, EnergyConv2d):
+            pooled = layer.forward_max_pool2(x.detach())
+            assert tuple(pooled.shape) == y_shape[:2] + (2, 2) and not layer.last_energy.any()
