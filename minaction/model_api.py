@@ -432,7 +432,8 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
             rep.skipped.append((name or type(mod).__name__,
                                 f"{type(mod).__name__} is not called by a forward() that torch.fx could read "
                                 "(nor inside an nn.Sequential), so no activation could be paired with it"))
-    rep.skipped.sort(key=lambda item: _order.get(item[0], len(_order)))
+    for entries in (rep.converted, rep.skipped):  # module order, whichever way each layer was read
+        entries.sort(key=lambda item: _order.get(item[0], len(_order)))
     for path, desc in rep.converted:
         _log.info("minaction.convert: %s: %s", path, desc)
     if not rep.converted and not any(isinstance(m, EnergyLayer) for m in model.modules()):

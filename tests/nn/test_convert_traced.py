@@ -466,3 +466,21 @@ def test_mingpt_block_newgelu_says_what_to_use_and_tanh_gelu_converts():
         torch.testing.assert_close(q.grad, p.grad, msg=n)
     for hook in hooks:
         hook.remove()
+
+
+class Mixed(nn.Module):
+    """A forward-applied pair before a Sequential one: the report lists both in module order."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.seq = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
+    def forward(self, x):
+        return self.seq(self.act(self.fc(x)))
+
+
+def test_the_report_is_in_module_order():
+    _, rep = minaction.convert(Mixed(), return_report=True)
+    assert [n for n, _ in rep.converted] == ["fc", "seq.0"]
