@@ -146,3 +146,25 @@ def test_energy_deterministic():
     e1 = cb.linear_forward(x, w, None, "relu", 2, 1.0, False)[2]
     e2 = cb.linear_forward(x, w, None, "relu", 2, 1.0, False)[2]
     assert torch.equal(e1, e2)
+
+
+@gpu
+@pytest.mark.parametrize("be", ["cuda", "triton"])
+def test_empty_batch_on_the_gpu(be):
+    """Zero rows on the GPU backends: the plain layers' shapes, energies 0, zero weight gradients
+    (the CPU backends' twin is tests/nn/test_nn.py::test_an_empty_batch_works_...)."""
+    ok, why = minaction.backends.select.available(be, "cuda")
+    if not ok:
+        pytest.skip(why)
+    from minaction.nn import EnergyConv2d, EnergyLinear
+
+    for layer, x_shape, y_shape in ((EnergyLinear(5, 3, backend=be), (0, 5), (0, 3)),
+                                    (EnergyLinear(5, 3, num_models=2, backend=be), (0, 5), (2, 0, 3)),
+                                    (EnergyConv2d(2, 3, 3, backend=be), (0, 2, 6, 6), (0, 3, 4, 4)),
+                                    (EnergyConv2d(2, 3, 3, num_models=2, backend=be), (0, 2, 6, 6), (0, 6, 4, 4))):
+        layer = layer.cuda()
+        x = torch.randn(x_shape, device="cuda", requires_grad=True)
+        y = layer(x)
+        assert tuple(y.shape) == y_shape and not layer.last_energy.any()
+        (y.sum() + layer.last_energy.sum()).backward()
+        assert tuple(x.grad.shape) == x_shape and not layer.weight.grad.any()
