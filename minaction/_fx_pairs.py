@@ -47,6 +47,27 @@ def owner_of(root: nn.Module, path: str) -> nn.Module:
     return owner
 
 
+def _snapshot(module: nn.Module) -> list:
+    """The attributes of ``module`` and its submodules, with their lists and sets copied: tracing runs
+    the forward's Python code, and one that stores an intermediate (``self.cache = x``,
+    ``self.attn_maps.append(att)``, ``self.block.last = x``) would leave an fx proxy there. Dicts
+    are not copied: nn.Module's own (``_modules``, the hook dicts, which hook handles refer to)
+    must stay the same objects."""
+    return [(m, {k: (type(v)(v) if type(v) in (list, set) else v) for k, v in m.__dict__.items()},
+             {k: v for k, v in m.__dict__.items() if type(v) in (list, set)})
+            for m in module.modules()]
+
+
+def _restore(saved: list) -> None:
+    for m, state, containers in saved:
+        for k, v in containers.items():  # the original list/set objects, with their original contents
+            v.clear()
+            v.update(state[k]) if isinstance(v, set) else v.extend(state[k])
+            state[k] = v
+        m.__dict__.clear()
+        m.__dict__.update(state)
+
+
 def _describe(node: fx.Node, module: nn.Module) -> str:
     if node.op == "call_module":
         return f"{type(module.get_submodule(node.target)).__name__} ({node.target})"
@@ -90,7 +111,7 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
     # optional arguments at their defaults: the path a model takes when called on its input alone
     concrete = {p.name: p.default for p in params[1:]
                 if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
-    saved = dict(module.__dict__)  # a forward that stores an intermediate would keep a proxy
+    saved = _snapshot(module)  # a forward that stores an intermediate would keep a proxy
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -101,8 +122,7 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
                "activations cannot be seen")
         return [], {p: why for p in layer_paths}
     finally:
-        module.__dict__.clear()
-        module.__dict__.update(saved)
+        _restore(saved)
 
     calls: Dict[str, List[fx.Node]] = {}
     for node in graph.nodes:

@@ -484,3 +484,33 @@ class Mixed(nn.Module):
 def test_the_report_is_in_module_order():
     _, rep = minaction.convert(Mixed(), return_report=True)
     assert [n for n, _ in rep.converted] == ["fc", "seq.0"]
+
+
+class Recording(nn.Module):
+    """A forward that keeps intermediates on itself and on a child (attention-map style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.inner = nn.Module()
+        self.inner.last = None
+        self.maps = []
+        self.seen = {"calls": 0}
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        self.maps.append(h)
+        self.inner.last = h
+        return h
+
+
+def test_tracing_leaves_no_proxy_in_lists_or_child_attributes():
+    model = Recording()
+    maps = model.maps
+    model(torch.randn(2, 4))
+    first = model.maps[0]
+    minaction.convert(model)
+    assert isinstance(model.fc, EnergyLinear)
+    assert model.maps is maps and len(maps) == 1 and maps[0] is first  # the same list, unchanged
+    assert model.inner.last is not None and type(model.inner.last) is torch.Tensor
