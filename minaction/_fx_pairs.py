@@ -62,7 +62,10 @@ def _restore(saved: list) -> None:
     for m, state, containers in saved:
         for k, v in containers.items():  # the original list/set objects, with their original contents
             v.clear()
-            v.update(state[k]) if isinstance(v, set) else v.extend(state[k])
+            if isinstance(v, set):
+                v.update(state[k])
+            else:
+                v.extend(state[k])
             state[k] = v
         m.__dict__.clear()
         m.__dict__.update(state)
