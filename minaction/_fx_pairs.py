@@ -110,12 +110,12 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
     the model; ``unsupported(m)`` says why an activation-like module cannot be fused, and
     ``supported`` lists the modules that can. The paths of every submodule this forward calls are
     appended to ``called`` when given."""
-    params = list(inspect.signature(module.forward).parameters.values())
-    # optional arguments at their defaults: the path a model takes when called on its input alone
-    concrete = {p.name: p.default for p in params[1:]
-                if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
     saved = _snapshot(module)  # a forward that stores an intermediate would keep a proxy
     try:
+        params = list(inspect.signature(module.forward).parameters.values())
+        # optional arguments at their defaults: the path a model takes when called on its input alone
+        concrete = {p.name: p.default for p in params[1:]
+                    if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = _LeafTracer().trace(module, concrete_args=concrete or None)
