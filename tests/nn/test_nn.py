@@ -24,7 +24,7 @@ def test_state_dict_round_trip_with_nn_linear():
     lin2.load_state_dict(el.state_dict())
     torch.testing.assert_close(lin2.weight, lin.weight)
     # same default initialisation distribution as nn.Linear: U(-1/sqrt(in), 1/sqrt(in))
-    assert float(EnergyLinear(400, 300).weight.abs().max()) <= 1 / 20 + 1e-7
+    assert float(EnergyLinear(400, 300).weight.detach().abs().max()) <= 1 / 20 + 1e-7
 
 
 def test_last_energy_and_total_energy_train_the_objective():
@@ -86,7 +86,7 @@ def test_energy_report_columns_and_values():
     assert df.loc[0, "flops"] == 2 * 11 * 6 * 8 + 11 * 8
     assert df.loc[0, "weight_density"] == pytest.approx(7 / 8)
     h = torch.relu(F.linear(x, model[0].weight, model[0].bias))
-    assert df.loc[0, "energy"] == pytest.approx(float((h ** 2).sum(1).mean()), rel=1e-5)
+    assert df.loc[0, "energy"] == pytest.approx(float((h.detach() ** 2).sum(1).mean()), rel=1e-5)
     assert df.loc[2, "energy"] == pytest.approx(df.loc[0, "energy"])  # the logits layer is not counted
     assert df.loc[0, "active_fraction"] == pytest.approx(float((h != 0).float().mean()))
 
