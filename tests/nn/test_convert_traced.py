@@ -272,6 +272,7 @@ def test_tracing_leaves_the_module_state_as_it_was_and_an_earlier_optimizer_stil
     assert not torch.equal(model.fc.weight, w0)
 
 
+def test_a_wrapper_module_does_not_hide_the_model_inside():
     """A module whose forward fx cannot read (here torch.compile's OptimizedModule, never run) reports
     nothing for the layers of the model it wraps: that model's own forward decides them."""
     torch.manual_seed(0)
