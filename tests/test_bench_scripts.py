@@ -148,3 +148,18 @@ def test_full_estimate_weights_the_plan_by_stopping_epochs(bench_path, tmp_path)
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="different blocks"):
         full_estimate.main(["--plan-json", str(pj), "--plan-json", str(tmp_path / "bad.json"), "--store", str(db)])
+
+
+def test_readme_python_examples_run():
+    """Every ```python block of the README runs as written (a fresh interpreter each)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "no python example in the README"
+    for code in blocks:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"README example failed:\n{code}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
