@@ -7,8 +7,8 @@
 
 :func:`find_pairs` traces one module's ``forward`` symbolically, every submodule a leaf (only
 this forward's own code is read), and reports each child layer whose only use is an activation
-module, as ``(layer path, activation path, dropout path or None)``, with a reason for every other
-child layer. A pair is convertible only when the activation module is applied nowhere else in
+module, or a ``relu`` call (relu is idempotent: after a fused relu layer the call changes nothing),
+with a reason for every other child layer. A pair is convertible only when the activation module is applied nowhere else in
 that forward and neither module is shared with another part of the model. Tracing runs the
 forward's Python code on proxies: a forward that branches on a tensor value cannot be traced,
 and then every child layer gets that reason.
@@ -71,6 +71,11 @@ def _restore(saved: list) -> None:
         m.__dict__.update(state)
 
 
+def _inplace(node: fx.Node) -> bool:
+    return bool(node.kwargs.get("inplace")) or (node.op == "call_function" and len(node.args) > 1
+                                                and node.args[1] is True)
+
+
 def _describe(node: fx.Node, module: nn.Module) -> str:
     if node.op == "call_module":
         return f"{type(module.get_submodule(node.target)).__name__} ({node.target})"
@@ -103,9 +108,11 @@ def _functional_act(node: fx.Node, arg: fx.Node) -> Optional[str]:
 
 def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dropouts: tuple,
                shared: Callable[[nn.Module], bool], unsupported: Callable = lambda m: None, supported: str = "",
-               called: Optional[List[str]] = None) -> Tuple[List[Tuple[str, str, Optional[str]]], Dict[str, str]]:
-    """Pairs ``(layer, activation, dropout)`` among ``layer_paths`` (paths relative to ``module``)
-    and ``{layer path: reason}`` for the rest of those that ``forward()`` calls. ``act_name(m)``
+               called: Optional[List[str]] = None) -> Tuple[List[tuple], Dict[str, str]]:
+    """Pairs ``(layer, activation module, dropout, relu call)`` among ``layer_paths`` (paths relative
+    to ``module``; the activation module is None where a relu *call* follows the layer, and the call
+    is named instead), and ``{layer path: reason}`` for the rest of those that ``forward()`` calls.
+    ``act_name(m)``
     names a supported activation module (or None); ``shared(m)`` says ``m`` is used elsewhere in
     the model; ``unsupported(m)`` says why an activation-like module cannot be fused, and
     ``supported`` lists the modules that can. The paths of every submodule this forward calls are
@@ -155,9 +162,15 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
             else:
                 arg = a
             functional = _functional_act(b, arg)
+            if functional == "relu" and not _inplace(b):
+                # relu is idempotent: the fused layer applies it and the call then leaves its output unchanged
+                pairs.add((None, drop, _describe(b, module)))
+                continue
             if functional is not None:
-                reasons[path] = (f"followed by {_describe(b, module)} in {type(module).__name__}.forward(), which "
-                                 "module conversion cannot remove: build it as minaction.nn.EnergyLinear / "
+                why = ("an in-place relu would modify the output that the energy layer keeps for its backward"
+                       if functional == "relu" else "which module conversion cannot remove")
+                reasons[path] = (f"followed by {_describe(b, module)} in {type(module).__name__}.forward(), {why}: "
+                                 "build it as minaction.nn.EnergyLinear / "
                                  f"EnergyConv2d(..., activation={functional!r}) and drop that call")
                 break
             act = act_name(module.get_submodule(b.target)) if b.op == "call_module" else None
@@ -178,7 +191,7 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
                 reasons[path] = (f"a dropout sits between it and {b.target}, and {act} does not commute with "
                                  "dropout (only ReLU does)")
                 break
-            pairs.add((b.target, drop))
+            pairs.add((b.target, drop, None))
         else:
             if len(pairs) != 1:
                 reasons[path] = f"called {len(nodes)} times in {type(module).__name__}.forward() with different uses"
@@ -187,10 +200,18 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
 
     # an activation module becomes nn.Identity: every one of its calls must follow a converted layer
     fed = {}
-    for path, (act, drop) in found.items():
-        fed.setdefault(act, set()).update(id(n) for n in calls[path])
+    for path, (act, drop, _) in found.items():
+        if act is not None:
+            fed.setdefault(act, set()).update(id(n) for n in calls[path])
     out = []
-    for path, (act, drop) in found.items():
+    for path, (act, drop, fn) in found.items():
+        if act is None:  # a relu call: nothing becomes nn.Identity, only the layer must be this forward's own
+            if shared(module.get_submodule(path)) or owner_of(module, path) is not module:
+                reasons[path] = ("the layer is shared with another part of the model (registered twice, or applied "
+                                 "by another module's forward)")
+            else:
+                out.append((path, None, drop, fn))
+            continue
         sources = set()
         for n in calls[act]:
             src = n.args[0] if n.args else None
@@ -207,12 +228,12 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
             reasons[path] = ("the layer or its activation module is shared with another part of the model (registered "
                              "twice, or applied by another module's forward)")
         else:
-            out.append((path, act, drop))
+            out.append((path, act, drop, None))
     # an activation module becomes nn.Identity only if every layer it follows is fused
-    failed = {act: path for path, (act, _) in found.items() if path in reasons}
-    for path, act, drop in list(out):
-        if act in failed:
-            out.remove((path, act, drop))
+    failed = {act: path for path, (act, _, _) in found.items() if path in reasons and act is not None}
+    for path, act, drop, fn in list(out):
+        if act is not None and act in failed:
+            out.remove((path, act, drop, fn))
             reasons[path] = (f"{act} also follows {failed[act]}, which cannot be converted, so it cannot become "
                              "nn.Identity")
     return out, reasons

@@ -20,10 +20,11 @@ _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "
 # dropout commutes with ReLU (it multiplies by a mask >= 0), so Linear-Dropout-ReLU can run as EnergyLinear-Dropout
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _SUPPORTED = "nn.ReLU, nn.GELU() and nn.GELU(approximate='tanh'), nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity"
-_FUNCTIONAL_HINT = ("activations called as functions in forward() (F.relu(self.fc1(x)), torch.relu, x.relu()) "
-                    "cannot be removed by module conversion: build those layers as minaction.nn.EnergyLinear / "
-                    "EnergyConv2d(..., activation='relu') (they take nn.Linear's / nn.Conv2d's arguments and "
-                    "state_dict), or apply an activation module (nn.ReLU()) instead of the function")
+_FUNCTIONAL_HINT = ("activation functions called in forward() (torch.tanh(self.fc1(x)), F.gelu; relu calls are fused, "
+                    "since relu is idempotent) cannot be removed by module conversion: build those layers as "
+                    "minaction.nn.EnergyLinear / EnergyConv2d(..., activation='tanh') (they take nn.Linear's / "
+                    "nn.Conv2d's arguments and state_dict), or apply an activation module (nn.Tanh()) instead of "
+                    "the function")
 _log = logging.getLogger("minaction")
 
 
@@ -324,9 +325,9 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
         foreign.update(id(mod.get_submodule(t)) for t in called if owner_of(mod, t) is not mod)
         prefix = f"{name}." if name else ""
         swaps = []  # every pair is read before any module is replaced: an activation may serve several layers
-        for path, act_path, drop in pairs:
-            layer, act_mod = mod.get_submodule(path), mod.get_submodule(act_path)
-            act = _act_name(act_mod)
+        for path, act_path, drop, fn in pairs:
+            layer = mod.get_submodule(path)
+            act = _act_name(mod.get_submodule(act_path)) if act_path is not None else "relu"
             if type(layer) not in _CONVERTIBLE:
                 reasons[path] = f"{type(layer).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"
                 continue
@@ -334,21 +335,29 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
             if isinstance(new, str):
                 reasons[path] = new
                 continue
-            desc = (f"{type(layer).__name__}+{type(act_mod).__name__} -> {type(new).__name__}(activation={act!r}), "
-                    f"paired in {type(mod).__name__}.forward(); {prefix}{act_path} is now nn.Identity")
+            if act_path is None:
+                desc = (f"{type(layer).__name__}+{fn} -> {type(new).__name__}(activation='relu'), paired in "
+                        f"{type(mod).__name__}.forward(); the {fn} call stays and now re-applies relu to an "
+                        "output that is already rectified (the same values and gradients, one extra pass; drop "
+                        "the call for the fused speed)")
+            else:
+                desc = (f"{type(layer).__name__}+{type(mod.get_submodule(act_path)).__name__} -> "
+                        f"{type(new).__name__}(activation={act!r}), paired in {type(mod).__name__}.forward(); "
+                        f"{prefix}{act_path} is now nn.Identity")
             if drop is not None:
                 desc += (f"; {prefix}{drop} now follows the activation (identical output: dropout commutes with "
                          "ReLU), so the energy is that of the activation before dropout")
             swaps.append((path, act_path, layer, new, desc))
         # an activation module that also follows a layer which cannot be converted must keep working for it
-        blocked = {act_path: path for path, act_path, _ in pairs if path in reasons}
+        blocked = {act_path: path for path, act_path, _, _ in pairs if path in reasons and act_path is not None}
         for path, act_path, layer, new, desc in swaps:
             if act_path in blocked:
                 reasons[path] = (f"{act_path} also follows {prefix}{blocked[act_path]}, which cannot be converted, "
                                  "so it cannot become nn.Identity")
                 continue
             _set_submodule(mod, path, new)
-            _set_submodule(mod, act_path, nn.Identity())
+            if act_path is not None:
+                _set_submodule(mod, act_path, nn.Identity())
             decided.add(id(layer))
             rep.converted.append((prefix + path, desc))
         for path, why in reasons.items():
@@ -407,13 +416,19 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     output, since dropout commutes with ReLU; the energy is that of the activation before
     dropout).
 
+    A layer followed by a relu *call* (``F.relu(self.fc1(x))``, ``torch.relu``, ``x.relu()``, as
+    in pytorch/examples' MNIST net) is converted too, with ``activation="relu"``: relu is
+    idempotent, so the call, which stays in ``forward()``, leaves the fused output unchanged (the
+    same values and gradients; one extra pass, which dropping the call saves).
+
     Left unchanged, each with its reason in the report: layers with no activation after them
     (the logits layer), ``LeakyReLU``, custom GELU modules and other activations the
-    kernels do not implement, layers followed by an activation *function* (``F.relu``,
-    ``x.relu()``: conversion cannot remove a call from ``forward()``; the report says what to
-    write instead), layers in a ``forward()`` that ``torch.fx`` cannot trace (Python control flow
-    on tensor values; tracing runs the forward's Python code on proxies, with optional arguments
-    at their defaults).
+    kernels do not implement, layers followed by another activation *function* (``torch.tanh``,
+    ``F.gelu``: applied twice, it would change the output; an in-place ``F.relu(..., inplace=True)``
+    would modify the output the layer keeps for backward; the report says what to write instead),
+    layers in a ``forward()`` that ``torch.fx`` cannot trace (Python control flow on tensor
+    values; tracing runs the forward's Python code on proxies, with optional arguments at their
+    defaults).
 
     Each conversion is logged (logger ``"minaction"``, INFO); when nothing was converted and
     the model has no energy layers, a warning says why. Returns ``model``, or

@@ -181,16 +181,34 @@ class MnistNet(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
-def test_functional_activations_are_named_with_the_fix():
+def test_relu_calls_fuse_and_stay_and_other_functions_are_named_with_the_fix():
+    torch.manual_seed(0)
     model = MnistNet()
-    with pytest.warns(UserWarning, match="converted nothing in MnistNet"):
-        _, rep = minaction.convert(model, return_report=True)
+    x = torch.randn(3, 1, 12, 12)
+    before = model(x)
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["conv1", "fc1"]
+    assert isinstance(model.conv1, EnergyConv2d) and model.fc1.activation == "relu"
+    assert "F.relu call stays" in rep.converted[0][1] and ".relu() call stays" in rep.converted[1][1]
+    assert "F.log_softmax" in dict(rep.skipped)["fc2"]
+    torch.testing.assert_close(model(x), before)
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = torch.tanh(self.a(x))  # not idempotent: the call would apply tanh twice
+            x = F.relu(self.b(x), inplace=True)  # in place on the output the energy layer keeps
+            return F.gelu(self.c(x), approximate="tanh")
+
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(Other(), return_report=True)
     skipped = dict(rep.skipped)
-    assert list(skipped) == ["conv1", "fc1", "fc2"]
-    assert "F.relu in MnistNet.forward()" in skipped["conv1"] and "activation='relu'" in skipped["conv1"]
-    assert ".relu() in MnistNet.forward()" in skipped["fc1"]
-    assert "F.log_softmax" in skipped["fc2"]
-    assert not any(isinstance(m, EnergyLayer) for m in model.modules())
+    assert "torch.tanh" in skipped["a"] and "activation='tanh'" in skipped["a"]
+    assert "in-place relu" in skipped["b"]
+    assert "activation='gelu_tanh'" in skipped["c"]
 
 
 class ResBlock(nn.Module):

@@ -275,21 +275,48 @@ def test_convert_quickstart_reports_and_logs(caplog):
     assert "converted 2 layer(s)" in str(rep)
 
 
-def test_convert_functional_relu_net_says_why_and_what_to_do():
-    model = MnistNet()
-    with pytest.warns(UserWarning, match=r"converted nothing in MnistNet.*F\.relu.*EnergyLinear"):
-        out = minaction.convert(model)
-    assert out is model and not any(isinstance(m, EnergyLayer) for m in model.modules())
-    model(_mnist_x())
-    with pytest.raises(ValueError, match=r"MnistNet has no energy layers.*minaction.convert.*F\.relu.*EnergyLinear"):
-        minaction.total_energy(model)
-    # the suggested rewrite takes the plain net's state_dict and computes the same function
+def test_convert_functional_relu_net_converts_and_trains_as_the_hand_written_penalty():
+    """pytorch/examples' MNIST net calls F.relu in forward(): relu is idempotent, so convert fuses it
+    into the layers and the calls, left in place, change nothing. The converted net trains as the
+    plain net with the penalty written by hand on the F.relu outputs."""
     torch.manual_seed(0)
+    model = MnistNet().eval()  # eval: dropout off, so both nets see the same values
+    plain = copy.deepcopy(model)
+    x, y = _mnist_x(), torch.randint(0, 10, (6,))
+    before = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converting something must not warn
+        out, rep = minaction.convert(model, return_report=True)
+    assert out is model
+    assert [n for n, _ in rep.converted] == ["conv1", "conv2", "fc1"]
+    assert "F.relu call stays" in rep.converted[0][1]
+    assert [n for n, _ in rep.skipped] == ["fc2"]
+    torch.testing.assert_close(model(x), before)
+
+    lam = 0.01
+    loss = F.cross_entropy(model(x), y) + lam * minaction.total_energy(model)
+    a1 = F.relu(plain.conv1(x))
+    a2 = F.relu(plain.conv2(a1))
+    h = torch.flatten(plain.dropout1(F.max_pool2d(a2, 2)), 1)
+    a3 = F.relu(plain.fc1(h))
+    hand = sum(a.pow(2).flatten(1).sum(1).mean() for a in (a1, a2, a3))
+    loss_plain = F.cross_entropy(F.log_softmax(plain.fc2(a3), dim=1), y) + lam * hand
+    torch.testing.assert_close(loss, loss_plain)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    grads_plain = torch.autograd.grad(loss_plain, list(plain.parameters()))
+    for g, gp in zip(grads, grads_plain):
+        torch.testing.assert_close(g, gp)
+
+    # the rewrite the report suggests (build the layers as energy layers and drop the calls) takes the
+    # plain net's state_dict and computes the same function
     energy_net = MnistEnergyNet().eval()
-    plain = MnistNet().eval()
     energy_net.load_state_dict(plain.state_dict())
-    x = _mnist_x()
     torch.testing.assert_close(energy_net(x), plain(x))
+
+
+def test_total_energy_on_a_model_without_energy_layers_says_what_to_do():
+    with pytest.raises(ValueError, match=r"QuickstartNet has no energy layers.*minaction.convert.*relu calls are fused"):
+        minaction.total_energy(QuickstartNet())
 
 
 @pytest.mark.parametrize("act,name", [(nn.ReLU(), "relu"), (nn.GELU(), "gelu"), (nn.SiLU(), "silu"),
