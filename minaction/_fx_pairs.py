@@ -181,7 +181,7 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
                                     "(a logits or projection layer stays a plain layer)"
                 elif b.op != "call_module":
                     reasons[path] = (f"its output goes to {_describe(b, module)} {where}, not to an activation: "
-                                     "left as is (a projection stays a plain layer)")
+                                     "left as is (a logits or projection layer stays a plain layer)")
                 else:
                     why = unsupported(module.get_submodule(b.target))
                     reasons[path] = f"followed by {_describe(b, module)} {where}: " + (
