@@ -8,8 +8,9 @@
 :func:`find_pairs` traces one module's ``forward`` symbolically, every submodule a leaf (only
 this forward's own code is read), and reports each child layer whose only use is an activation
 module, or a ``relu`` call (relu is idempotent: after a fused relu layer the call changes nothing),
-with a reason for every other child layer. A pair is convertible only when the activation module is applied nowhere else in
-that forward and neither module is shared with another part of the model. Tracing runs the
+with a reason for every other child layer. A pair is convertible only when the activation module
+is applied nowhere else in that forward and neither module is shared with another part of the
+model. Tracing runs the
 forward's Python code on proxies: a forward that branches on a tensor value cannot be traced,
 and then every child layer gets that reason.
 """
