@@ -118,23 +118,43 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
     the model; ``unsupported(m)`` says why an activation-like module cannot be fused, and
     ``supported`` lists the modules that can. The paths of every submodule this forward calls are
     appended to ``called`` when given."""
-    saved = _snapshot(module)  # a forward that stores an intermediate would keep a proxy
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())
-        # optional arguments at their defaults: the path a model takes when called on its input alone
-        concrete = {p.name: p.default for p in params[1:]
-                    if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = _LeafTracer().trace(module, concrete_args=concrete or None)
-    except Exception as exc:  # noqa: BLE001 - any failure means: no pairs can be read from this forward
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        why = (f"{type(module).__name__}.forward() could not be traced by torch.fx ({msg[:160]}), so its "
-               "activations cannot be seen")
-        return [], {p: why for p in layer_paths}
-    finally:
-        _restore(saved)
+    graphs = []
+    for flip in (False, True):  # the forward as it runs now, and in the other of train / eval mode
+        saved = _snapshot(module)  # a forward that stores an intermediate would keep a proxy
+        try:
+            if flip:
+                module.train(not module.training)  # undone by _restore: every submodule's flag is in its __dict__
+            params = list(inspect.signature(module.forward).parameters.values())
+            # optional arguments at their defaults: the path a model takes when called on its input alone
+            concrete = {p.name: p.default for p in params[1:]
+                        if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graphs.append(_LeafTracer().trace(module, concrete_args=concrete or None))
+        except Exception as exc:  # noqa: BLE001 - any failure means: no pairs can be read from this forward
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            mode = f" in {'eval' if module.training else 'train'} mode" if flip else ""
+            why = (f"{type(module).__name__}.forward() could not be traced by torch.fx{mode} ({msg[:160]}), so "
+                   "its activations cannot be seen")
+            return [], {p: why for p in layer_paths}
+        finally:
+            _restore(saved)
+    (out, reasons), (out_flipped, reasons_flipped) = (
+        _analyse(module, g, layer_paths, act_name, dropouts, shared, unsupported, supported, called) for g in graphs)
+    # a pair holds only if the forward makes it in train and in eval mode alike
+    for path, why in reasons_flipped.items():
+        reasons.setdefault(path, why)
+    for entry in out + out_flipped:
+        if (entry in out) != (entry in out_flipped) and entry[0] not in reasons:
+            reasons[entry[0]] = (f"{type(module).__name__}.forward() applies a different activation to it in "
+                                 "train and in eval mode")
+    return [e for e in out if e in out_flipped and e[0] not in reasons], reasons
 
+
+def _analyse(module: nn.Module, graph: fx.Graph, layer_paths: List[str], act_name: Callable, dropouts: tuple,
+             shared: Callable[[nn.Module], bool], unsupported: Callable, supported: str,
+             called: Optional[List[str]]) -> Tuple[List[tuple], Dict[str, str]]:
+    """``find_pairs``' reading of one traced graph of ``module.forward``."""
     calls: Dict[str, List[fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module":

@@ -286,7 +286,7 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
             rep.skipped.append((path, new))
             continue
         seq._modules[k] = new
-        seq._modules[keys[act_idx]] = nn.Identity()
+        seq._modules[keys[act_idx]] = nn.Identity().train(act_mod.training)
         desc = f"{type(mod).__name__}+{type(act_mod).__name__} -> {type(new).__name__}(activation={act!r})"
         if drop is not None:
             desc += (f"; the {type(drop).__name__} now follows the activation (identical output: dropout commutes "
@@ -357,7 +357,7 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
                 continue
             _set_submodule(mod, path, new)
             if act_path is not None:
-                _set_submodule(mod, act_path, nn.Identity())
+                _set_submodule(mod, act_path, nn.Identity().train(mod.get_submodule(act_path).training))
             decided.add(id(layer))
             rep.converted.append((prefix + path, desc))
         for path, why in reasons.items():

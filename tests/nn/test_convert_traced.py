@@ -531,3 +531,42 @@ def test_tracing_leaves_no_proxy_in_lists_or_child_attributes():
     assert isinstance(model.fc, EnergyLinear)
     assert model.maps is maps and len(maps) == 1 and maps[0] is first  # the same list, unchanged
     assert model.inner.last is not None and type(model.inner.last) is torch.Tensor
+
+
+class ModeBranch(nn.Module):
+    """A forward whose activation depends on the mode: relu in training, tanh in evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.act_eval = nn.Tanh()
+        self.same = nn.Linear(4, 4)
+        self.silu = nn.SiLU()
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = self.act(h) if self.training else self.act_eval(h)
+        return self.silu(self.same(h))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_layer_whose_activation_depends_on_the_mode_stays(train):
+    torch.manual_seed(0)
+    model = ModeBranch().train(train)
+    x = torch.randn(3, 4)
+    before = {mode: model.train(mode)(x) for mode in (True, False)}
+    model.train(train)
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["same"]  # the same pairing in both modes
+    assert "train and in eval mode" in dict(rep.skipped)["fc"]
+    assert model.training is train and all(m.training is train for m in model.modules())
+    for mode in (True, False):
+        torch.testing.assert_close(model.train(mode)(x), before[mode])
+
+
+def test_converted_modules_keep_the_models_mode():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Inner()).eval()
+    minaction.convert(model)
+    assert isinstance(model[0], EnergyLinear) and isinstance(model[2].fc, EnergyLinear)
+    assert not any(m.training for m in model.modules())
