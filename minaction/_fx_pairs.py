@@ -10,9 +10,9 @@ this forward's own code is read), and reports each child layer whose only use is
 module, or a ``relu`` call (relu is idempotent: after a fused relu layer the call changes nothing),
 with a reason for every other child layer. A pair is convertible only when the activation module
 is applied nowhere else in that forward and neither module is shared with another part of the
-model. Tracing runs the
-forward's Python code on proxies: a forward that branches on a tensor value cannot be traced,
-and then every child layer gets that reason.
+model, and only when the forward makes it in train and in eval mode alike (both are traced).
+Tracing runs the forward's Python code on proxies: a forward that branches on a tensor value
+cannot be traced, and then every child layer gets that reason.
 """
 from __future__ import annotations
 
