@@ -28,6 +28,8 @@ from torch import fx, nn
 _FUNCTIONAL = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu", torch.tanh: "tanh",
                F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
 _METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+_SHARED = ("the layer or its activation module is shared with another part of the model (registered twice, or "
+           "applied by another module's forward)")
 
 
 class _LeafTracer(fx.Tracer):
@@ -226,10 +228,10 @@ def _analyse(module: nn.Module, graph: fx.Graph, layer_paths: List[str], act_nam
             fed.setdefault(act, set()).update(id(n) for n in calls[path])
     out = []
     for path, (act, drop, fn) in found.items():
+        foreign_layer = shared(module.get_submodule(path)) or owner_of(module, path) is not module
         if act is None:  # a relu call: nothing becomes nn.Identity, only the layer must be this forward's own
-            if shared(module.get_submodule(path)) or owner_of(module, path) is not module:
-                reasons[path] = ("the layer is shared with another part of the model (registered twice, or applied "
-                                 "by another module's forward)")
+            if foreign_layer:
+                reasons[path] = _SHARED
             else:
                 out.append((path, None, drop, fn))
             continue
@@ -240,14 +242,12 @@ def _analyse(module: nn.Module, graph: fx.Graph, layer_paths: List[str], act_nam
                     module.get_submodule(src.target), dropouts) and src.args:
                 src = src.args[0]
             sources.add(id(src))
-        layer, act_mod = module.get_submodule(path), module.get_submodule(act)
+        act_mod = module.get_submodule(act)
         if not sources <= fed[act]:
             reasons[path] = (f"{type(act_mod).__name__} ({act}) is also applied to other values in "
                              f"{type(module).__name__}.forward(), so it cannot become nn.Identity")
-        elif (shared(layer) or shared(act_mod) or owner_of(module, act) is not module
-              or owner_of(module, path) is not module):
-            reasons[path] = ("the layer or its activation module is shared with another part of the model (registered "
-                             "twice, or applied by another module's forward)")
+        elif foreign_layer or shared(act_mod) or owner_of(module, act) is not module:
+            reasons[path] = _SHARED
         else:
             out.append((path, act, drop, None))
     # an activation module becomes nn.Identity only if every layer it follows is fused

@@ -230,17 +230,14 @@ def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
                   dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None, **kw)
     else:
         return f"{type(mod).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"
-    for name in ("weight", "bias"):  # the same Parameter objects: ties, optimizers and hooks on them still hold
-        old_p, new_p = getattr(mod, name), getattr(new, name)
-        if (old_p is None) != (new_p is None) or (old_p is not None and old_p.shape != new_p.shape):
-            raise RuntimeError(f"internal: {type(new).__name__}.{name} does not mirror {type(mod).__name__}'s")
-        if old_p is not None:
-            setattr(new, name, old_p)
+    # the same Parameter objects (the twins mirror nn's names and shapes): ties, optimizers and hooks still hold
+    new.weight = mod.weight
+    if mod.bias is not None:
+        new.bias = mod.bias
     new.train(mod.training)
     return new
 
 
-_CONVERTIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _LAYER_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                nn.ConvTranspose3d, nn.Bilinear)
 
@@ -278,10 +275,7 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
             rep.skipped.append((path, f"{type(drop).__name__} sits between the layer and {type(act_mod).__name__}, "
                                       f"and {act} does not commute with dropout (only ReLU does)"))
             continue
-        if type(mod) not in _CONVERTIBLE:
-            rep.skipped.append((path, f"{type(mod).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"))
-            continue
-        new = _energy_twin(mod, act, *opts)
+        new = _energy_twin(mod, act, *opts)  # a reason string where there is no twin
         if isinstance(new, str):
             rep.skipped.append((path, new))
             continue
@@ -327,11 +321,9 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
         swaps = []  # every pair is read before any module is replaced: an activation may serve several layers
         for path, act_path, drop, fn in pairs:
             layer = mod.get_submodule(path)
-            act = _act_name(mod.get_submodule(act_path)) if act_path is not None else "relu"
-            if type(layer) not in _CONVERTIBLE:
-                reasons[path] = f"{type(layer).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"
-                continue
-            new = _energy_twin(layer, act, *opts)
+            act_mod = mod.get_submodule(act_path) if act_path is not None else None
+            act = _act_name(act_mod) if act_mod is not None else "relu"
+            new = _energy_twin(layer, act, *opts)  # a reason string where there is no twin
             if isinstance(new, str):
                 reasons[path] = new
                 continue
@@ -341,7 +333,7 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
                         "output that is already rectified (the same values and gradients, one extra pass; drop "
                         "the call for the fused speed)")
             else:
-                desc = (f"{type(layer).__name__}+{type(mod.get_submodule(act_path)).__name__} -> "
+                desc = (f"{type(layer).__name__}+{type(act_mod).__name__} -> "
                         f"{type(new).__name__}(activation={act!r}), paired in {type(mod).__name__}.forward(); "
                         f"{prefix}{act_path} is now nn.Identity")
             if drop is not None:

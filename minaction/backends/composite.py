@@ -60,7 +60,7 @@ def act_grad(y: torch.Tensor, z: torch.Tensor, act: str) -> torch.Tensor:
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
     if act == "gelu_tanh":  # torch's gelu_backward(approximate="tanh") formula
-        zf = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        zf = _up(z)
         t = torch.tanh(_SQRT_2_OVER_PI * (zf + 0.044715 * zf * zf * zf))
         d = 0.5 * (1 + t) + 0.5 * zf * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * zf * zf)
         return d.to(z.dtype)

@@ -162,7 +162,7 @@ class _EnergyConvNd(EnergyLayer):
             spatial = 'x'.join('*' * self._dims)
             unbatched = (f" or [channels, {spatial}] ({self._dims + 1}-D)" if self.num_models is None
                          else f" (a layer of {self.num_models} models needs the batch dimension)")
-            raise ValueError(f"{type(self).__name__} expects input [batch, channels, {'x'.join('*' * self._dims)}]"
+            raise ValueError(f"{type(self).__name__} expects input [batch, channels, {spatial}]"
                              f" ({self._dims + 2}-D){unbatched}, got shape {tuple(x.shape)}")
         G = self.num_models
         if G is None:
@@ -214,7 +214,7 @@ class _EnergyConvNd(EnergyLayer):
             return max_pool2(z, self._dims) if pool else z
         # rows = (sample, member) pairs: the fused pass gives one sum per row, the energy is their batch mean
         # the penalty on last_energy = the mean of each member's B rows: lam / B on each row's energy
-        penalty = self.penalty / B if B else 0.0
+        penalty = self.penalty / B
         if pool:  # [B*G, 1, out, *spatial]: the same rows, the spatial dims kept for the pooling
             y, e = activation_energy_max_pool2(z.reshape((B * G, 1, self.out_channels) + tuple(z.shape[2:])),
                                                self.activation, self.energy, self.energy_reduction, groups=B * G,

@@ -83,6 +83,13 @@ def _energy(outs):
                for o in outs)
 
 
+def _unconverted(model: nn.Module) -> dict:
+    """``convert`` on a model where nothing can be fused: it warns so, and the report's reasons by path."""
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(model, return_report=True)
+    return dict(rep.skipped)
+
+
 def test_nanogpt_mlp_converts_and_trains_as_plain_pytorch():
     torch.manual_seed(0)
     model = NanoGPT().double()
@@ -203,9 +210,7 @@ def test_relu_calls_fuse_and_stay_and_other_functions_are_named_with_the_fix():
             x = F.relu(self.b(x), inplace=True)  # in place on the output the energy layer keeps
             return F.gelu(self.c(x), approximate="tanh")
 
-    with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(Other(), return_report=True)
-    skipped = dict(rep.skipped)
+    skipped = _unconverted(Other())
     assert "torch.tanh" in skipped["a"] and "activation='tanh'" in skipped["a"]
     assert "in-place relu" in skipped["b"]
     assert "activation='gelu_tanh'" in skipped["c"]
@@ -229,9 +234,7 @@ def test_a_relu_module_also_applied_after_a_residual_add_stays():
     model = ResBlock()
     x = torch.randn(2, 3, 5, 5)
     before = model(x)
-    with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(model, return_report=True)
-    skipped = dict(rep.skipped)
+    skipped = _unconverted(model)
     assert "also applied to other values" in skipped["conv1"]
     assert "operator.add" in skipped["conv2"]
     torch.testing.assert_close(model(x), before)
@@ -251,9 +254,8 @@ def test_an_activation_module_registered_twice_stays_and_a_single_one_converts_a
     torch.manual_seed(0)
     shared = nn.SiLU()
     model = nn.ModuleDict({"a": Pair(shared), "b": Pair(shared)})
-    with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(model, return_report=True)
-    assert all("shared" in why for _, why in rep.skipped) and len(rep.skipped) == 2
+    skipped = _unconverted(model)
+    assert all("shared" in why for why in skipped.values()) and len(skipped) == 2
 
     one = Pair(nn.SiLU())
     x = torch.randn(2, 2, 6, 6)
@@ -351,9 +353,7 @@ def test_an_activation_shared_with_an_unconvertible_layer_stays():
     model = SharedWithUnconvertible()
     x = torch.randn(2, 1, 4, 4)
     before = model(x)
-    with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(model, return_report=True)
-    skipped = dict(rep.skipped)
+    skipped = _unconverted(model)
     assert "padding_mode='reflect'" in skipped["conv"]
     assert "also follows conv, which cannot be converted" in skipped["fc"]
     assert type(model.relu) is nn.ReLU and type(model.fc) is nn.Linear
@@ -379,9 +379,7 @@ def test_an_activation_that_also_follows_a_shared_layer_stays():
     model = nn.ModuleDict({"net": TwoLayersOneTanh(fc), "other": fc})
     x = torch.randn(3, 4)
     before = model["net"](x)
-    with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(model, return_report=True)
-    skipped = dict(rep.skipped)
+    skipped = _unconverted(model)
     assert "shared" in skipped["net.b"] and "also follows b, which cannot be converted" in skipped["net.a"]
     torch.testing.assert_close(model["net"](x), before)
 
@@ -413,9 +411,8 @@ def test_an_activation_a_parent_forward_also_applies_stays():
     model = Outer()
     x = torch.randn(3, 4)
     before = model(x)
-    with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(model, return_report=True)
-    assert "shared" in dict(rep.skipped)["inner.fc"]
+    skipped = _unconverted(model)
+    assert "shared" in skipped["inner.fc"]
     torch.testing.assert_close(model(x), before)
 
 
@@ -432,9 +429,8 @@ class Placeholders(nn.Module):
 
 
 def test_an_identity_placeholder_in_forward_is_not_an_activation():
-    with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(Placeholders(), return_report=True)
-    assert "placeholder" in dict(rep.skipped)["proj"]
+    skipped = _unconverted(Placeholders())
+    assert "placeholder" in skipped["proj"]
 
 
 class NewGELU(nn.Module):
@@ -460,9 +456,7 @@ class MinGPTBlock(nn.Module):
 
 
 def test_mingpt_block_newgelu_says_what_to_use_and_tanh_gelu_converts():
-    with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(MinGPTBlock(NewGELU()), return_report=True)
-    skipped = dict(rep.skipped)
+    skipped = _unconverted(MinGPTBlock(NewGELU()))
     assert "nn.GELU(approximate='tanh')" in skipped["mlp.c_fc"] and "gelu_tanh" in skipped["mlp.c_fc"]
     assert "operator.add" in skipped["mlp.c_proj"] and "projection" in skipped["mlp.c_proj"]
 
