@@ -56,7 +56,8 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     0-dim for ordinary models; ``[G]`` for batched models of G members. Layers built
     with ``energy=None`` (by default the logits layer) are not counted. The sum runs in
     module order (``model.modules()``). A layer called more than once in a forward counts
-    with its last call only: record such a forward with :func:`record_energy`.
+    with its last call only: record such a forward with :func:`record_energy` (a backward that
+    runs through an earlier call whose energy nothing read warns, naming the layer).
     """
     if not _compiling():
         total = _fast_total(model)
@@ -81,6 +82,8 @@ def total_energy(model: nn.Module) -> torch.Tensor:
                                "(a forward inside a torch.func transform leaves none after the transform returns: "
                                "call total_energy inside the transformed function)")
         total = e if total is None else total + e
+        if m.__dict__.get("_unread"):
+            m.__dict__["_unread"] = False
     if not _compiling() and not total.requires_grad and _grad_enabled():
         _warn_if_reentrant_checkpoint(model)
     return total
@@ -172,10 +175,13 @@ def _fast_total(model: nn.Module):
             continue
         seen.add(id(m))
         if isinstance(m, EnergyLayer) and m.p:
-            e = m.__dict__.get("_last_energy")
+            d = m.__dict__
+            e = d.get("_last_energy")
             if e is None or _wrapped(e):
                 return None
             total = e if total is None else total + e
+            if d.get("_unread"):  # read: a next call replacing it is not a lost energy (nn.layers._replaced_unread)
+                d["_unread"] = False
         sub = m._modules
         if sub:
             stack.extend(reversed(sub.values()))

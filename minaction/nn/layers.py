@@ -12,8 +12,11 @@ transform reads as None once that transform has returned.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
+import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -54,6 +57,64 @@ _TAPES: list = []
 def _record(layer: nn.Module, e: torch.Tensor) -> None:
     for tape in _TAPES:
         tape._add(layer, e)
+
+
+_graph_task = torch._C._current_graph_task_id  # -1 outside a backward
+# what the energy's autograd node may be reached through from the energy tensor: reductions and views
+# applied to the energy only (a batched layer's mean over samples, the reference backend's sums)
+_ENERGY_ONLY_NODES = frozenset({"MeanBackward0", "MeanBackward1", "ViewBackward0", "SumBackward0", "SumBackward1",
+                                "MulBackward0", "DivBackward0", "PowBackward0", "AbsBackward0"})
+_LOST_CHECKS = 16  # forwards per layer that replace an unread energy and are checked (_replaced_unread)
+
+
+def _replaced_unread(layer: nn.Module, old: Optional[torch.Tensor]) -> None:
+    """A differentiable forward is about to replace an energy that nothing read (``total_energy``,
+    ``last_energy``): if a backward later runs through that earlier call, its output went into a
+    loss while its energy went into none, which is what ``total_energy`` does to a layer called
+    twice per step (a Siamese tower, a layer in a loop). Hook the earlier call's autograd node
+    (where the output's and the energy's graphs meet) to say so then; an earlier call that no
+    backward reaches (an evaluation run with autograd on) costs nothing more. The first
+    ``_LOST_CHECKS`` such forwards of a layer are checked (~2.5 us each; a layer called twice per
+    step shows at its first step): a model whose energies nobody reads pays nothing after them."""
+    d = layer.__dict__
+    checks = d.get("_lost_checks", 0)
+    if checks >= _LOST_CHECKS:
+        return
+    d["_lost_checks"] = checks + 1
+    node = getattr(old, "grad_fn", None)
+    for _ in range(8):
+        if node is None:
+            return
+        name = node.name()
+        if name not in _ENERGY_ONLY_NODES:
+            break
+        node = node.next_functions[0][0] if node.next_functions else None
+    if name != "torch::autograd::AccumulateGrad":
+        node.register_prehook(functools.partial(_warn_lost_energy, weakref.ref(layer)))
+
+
+def _warn_lost_energy(layer_ref, grad_outputs) -> None:
+    lay = layer_ref()
+    name = f"{type(lay).__name__}({lay.extra_repr()})" if lay is not None else "(since deleted)"
+    warnings.warn(
+        f"this backward runs through an earlier call of energy layer {name} whose energy is counted nowhere: a "
+        "later call of the layer replaced it before total_energy or last_energy read it (both hold each layer's "
+        "last call only). If the layer runs more than once per step (weights shared between inputs, as in a "
+        "Siamese network; a layer applied in a loop; a discriminator run on real and on generated samples), count "
+        "every call: run the forward inside `with minaction.record_energy(model) as tape:` and add "
+        "lam * tape.total(), or put the term in the layers with minaction.set_penalty(model, lam)",
+        UserWarning, stacklevel=2)
+
+
+def _count_call(layer: nn.Module, old: Optional[torch.Tensor]) -> None:
+    """Mark a differentiable forward's energy unread when only ``last_energy`` keeps it (no tape
+    records it, no in-layer penalty counts it); ``old`` is the energy it replaces. A
+    recomputation inside a backward (``torch.utils.checkpoint``) is not a new call."""
+    if not _TAPES and not layer.penalty and _graph_task() < 0:
+        d = layer.__dict__
+        if d.get("_unread"):
+            _replaced_unread(layer, old)
+        d["_unread"] = True
 
 
 _REENTRANT_FORWARD = []  # [code object of torch.utils.checkpoint.CheckpointFunction.forward], found lazily
@@ -105,7 +166,10 @@ class EnergyLayer(nn.Module):
     @property
     def last_energy(self) -> Optional[torch.Tensor]:
         """``E_l`` of the last forward (on the autograd graph), or None before the first one."""
-        e = self.__dict__.get("_last_energy")
+        d = self.__dict__
+        e = d.get("_last_energy")
+        if d.get("_unread"):
+            d["_unread"] = False
         if e is not None and not torch.compiler.is_compiling() and _dead_functorch_tensor(e):
             # a vmap/grad transform's wrapper is meaningless after the transform returned
             self.__dict__["_last_energy"] = e = None
@@ -122,6 +186,8 @@ class EnergyLayer(nn.Module):
         state = super().__getstate__()
         state["_last_energy"] = None
         state.pop("_reentrant_energy", None)
+        state.pop("_unread", None)
+        state.pop("_lost_checks", None)
         state.pop("_plan", None)  # a cached call plan refers to this copy's tensors: rebuilt on first forward
         return state
 
@@ -247,21 +313,32 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                 except (RuntimeError, ValueError, TypeError, IndexError):
                     pass
                 else:
-                    self.__dict__["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
+                    d = self.__dict__
                     if _TAPES:
                         _record(self, e)
                     if not _grad_enabled():
+                        d["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
                         _note_no_grad_energy(self, e)
+                        return y
+                    if not (_TAPES or plan.penalty) and _graph_task() < 0:  # _count_call, inlined
+                        if d.get("_unread"):
+                            _replaced_unread(self, d["_last_energy"])
+                        d["_unread"] = True
+                    d["_last_energy"] = e
                     return y
         # the full path: validation, autocast, backend choice; then remember the decision
         w, b = self.weight, self.bias
         y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend,
                              penalty=self.penalty)
+        old = None if _compiling() else self.__dict__.get("_last_energy")  # dynamo would trace the old graph's tensor
         self.__dict__["_last_energy"] = e
         if _TAPES:
             _record(self, e)
-        if not _grad_enabled() and not _compiling():
-            _note_no_grad_energy(self, e)
+        if not _compiling():
+            if not _grad_enabled():
+                _note_no_grad_energy(self, e)
+            elif _interpreter_stack() is None:  # a torch.func transform's wrapped energy lives only inside it
+                _count_call(self, old)
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             # compiled: the plain function; torch.jit.trace: no plan made while tracing, so the trace's
             # check run (a second trace) takes this same path and records the same graph

@@ -741,6 +741,93 @@ def test_record_energy_scoping_nesting_convs_and_errors():
         empty.total()
 
 
+def _lost_energy_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if "whose energy is counted nowhere" in str(w.message)]
+
+
+@pytest.mark.parametrize("num_models", [None, 2])
+def test_a_layer_called_twice_warns_in_backward_unless_every_call_is_counted(num_models):
+    """A Siamese tower (converted from plain PyTorch) run on two inputs: total_energy holds each layer's
+    last call only, so the backward that runs through the first call says which layer lost its energy
+    (also for batched layers, whose energy is a mean over samples). A tape or the in-layer penalty
+    counts every call, and nothing is said."""
+    torch.manual_seed(0)
+    if num_models is None:
+        tower = minaction.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 4),
+                                                nn.ReLU()))
+        a, b = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    else:
+        tower = nn.Sequential(EnergyConv2d(1, 2, 3, num_models=2))  # last_energy [G]: a mean over the samples
+        a, b = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+
+    def total_energy_form():
+        d = tower(a) - tower(b)
+        (d.square().mean() + 0.1 * minaction.total_energy(tower).sum()).backward()
+
+    def tape_form():
+        with minaction.record_energy(tower) as tape:
+            d = tower(a) - tower(b)
+        (d.square().mean() + 0.1 * tape.total().sum()).backward()
+
+    lost = _lost_energy_warnings(total_energy_form)
+    layers = [m for m in tower.modules() if isinstance(m, EnergyLayer)]
+    assert len(lost) == len(layers)
+    for m in layers:
+        assert sum(f"energy layer {type(m).__name__}({m.extra_repr()})" in w for w in lost) == 1
+    assert "record_energy" in lost[0] and "set_penalty" in lost[0] and "Siamese" in lost[0]
+    assert _lost_energy_warnings(tape_form) == []
+    minaction.set_penalty(tower, 0.1)
+    assert _lost_energy_warnings(lambda: (tower(a) - tower(b)).square().mean().backward()) == []
+
+
+def test_calls_that_no_backward_reaches_or_that_were_read_do_not_warn():
+    """No word where every energy that went into a backward was counted: an evaluation run with autograd
+    on before the step, checkpoint's recomputation in backward, energies read through last_energy,
+    energies never read by a net that runs each layer once per step, and a layer unrolled in a loop
+    under record_energy. A loop read with total_energy does warn."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    net = nn.Sequential(EnergyLinear(5, 6), EnergyLinear(6, 6), nn.Linear(6, 2))
+    x = torch.randn(4, 5, requires_grad=True)
+
+    def steps():
+        keep = net(x)  # an evaluation with autograd on: its graph never reaches a backward
+        for _ in range(3):
+            (net(x).sum() + 0.1 * minaction.total_energy(net)).backward()
+        for _ in range(3):
+            y = checkpoint(net, x, use_reentrant=False)
+            (y.sum() + 0.1 * minaction.total_energy(net)).backward()
+        for _ in range(3):
+            (net(x).sum() + net[0].last_energy + net[1].last_energy).backward()
+        for _ in range(3):
+            net(x).sum().backward()
+        return keep
+
+    assert _lost_energy_warnings(steps) == []
+    for _ in range(20):  # energies never read: each layer checks its first 16 replacements, then nothing
+        net(x).sum().backward()
+    assert net[0].__dict__["_lost_checks"] == minaction.nn.layers._LOST_CHECKS == 16
+    cell = EnergyLinear(6, 6)
+
+    def unrolled(tape):
+        h = net[0](x)
+        for _ in range(3):
+            h = cell(h)
+        return h.sum() + (tape.total() if tape is not None else minaction.total_energy(cell))
+
+    def with_tape():
+        with minaction.record_energy() as tape:
+            loss = unrolled(tape)
+        loss.backward()
+
+    assert _lost_energy_warnings(with_tape) == []
+    assert len(_lost_energy_warnings(lambda: unrolled(None).backward())) == 2  # calls 1 and 2 of 3
+
+
 # ----------------------------------------------------------------------------- TorchScript
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript for torch.export
 @pytest.mark.parametrize("which", ["quickstart", "mnist"])
