@@ -109,6 +109,96 @@ def _functional_act(node: fx.Node, arg: fx.Node) -> Optional[str]:
     return None
 
 
+def _trace(module: nn.Module, flip: bool = False) -> fx.Graph:
+    """``module.forward`` as an fx graph, every submodule a leaf; with ``flip``, in the other of train /
+    eval mode. Optional arguments at their defaults: the path a model takes when called on its input
+    alone. The module's attributes are restored afterwards (a forward that stores an intermediate
+    would keep a proxy)."""
+    saved = _snapshot(module)
+    try:
+        if flip:
+            module.train(not module.training)  # undone by _restore: every submodule's flag is in its __dict__
+        params = list(inspect.signature(module.forward).parameters.values())
+        concrete = {p.name: p.default for p in params[1:]
+                    if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _LeafTracer().trace(module, concrete_args=concrete or None)
+    finally:
+        _restore(saved)
+
+
+# what passes a value on to the module's output unchanged in content: shape changes, copies, dropout
+_PASS_METHODS = frozenset({"view", "reshape", "squeeze", "unsqueeze", "flatten", "contiguous", "permute",
+                           "transpose", "view_as", "reshape_as", "float", "double", "to", "clone", "t"})
+_PASS_FUNCTIONS = {torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, torch.permute, torch.transpose,
+                   F.dropout, torch.clone}
+_PASS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.AlphaDropout)
+
+
+def _passes(node: fx.Node, module: nn.Module) -> bool:
+    if node.op == "call_method":
+        return node.target in _PASS_METHODS
+    if node.op == "call_function":
+        import operator
+        return node.target in _PASS_FUNCTIONS or node.target is operator.getitem
+    if node.op == "call_module":
+        return isinstance(module.get_submodule(node.target), _PASS_MODULES)
+    return False
+
+
+def _only_to_output(node: fx.Node, module: nn.Module, depth: int = 0) -> bool:
+    """Every use of ``node`` ends in the forward's output, through ops that change no value
+    (views, copies, dropout, indexing): its value is (part of) what the module returns."""
+    if not node.users or depth > 16:
+        return False
+    return all(u.op == "output" or (_passes(u, module) and _only_to_output(u, module, depth + 1))
+               for u in node.users)
+
+
+def output_modules(model: nn.Module) -> Tuple[set, set]:
+    """What gives ``model``'s output: ``(ids of modules whose output is returned as the model's output,
+    or part of it, unchanged in value; ids of layers whose relu call's output is)``. Found from the
+    root down: an ``nn.Sequential``'s last module and the value-preserving modules after it
+    (Identity, Flatten, Dropout); in any other module, the calls whose results flow only into the
+    forward's output (read with torch.fx; a forward fx cannot read ends the walk there)."""
+    modules, relu_layers = {id(model)}, set()
+    todo = [model]
+    while todo:
+        m = todo.pop()
+        if isinstance(m, nn.Sequential):
+            children = list(m._modules.values())
+            for child in reversed(children):  # the trailing value-preserving modules, then the last real one
+                if child is None:
+                    continue
+                modules.add(id(child))
+                todo.append(child)
+                if not isinstance(child, _PASS_MODULES):
+                    break
+            continue
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) or not m._modules or type(m).__module__.startswith(
+                "torch.nn.modules"):
+            continue  # a leaf, or torch's own module (its forward is known: its output is not a child's)
+        try:
+            graph = _trace(m)
+        except Exception:  # noqa: BLE001 - unreadable: nothing below is known to be the output
+            continue
+        for node in graph.nodes:
+            if not _only_to_output(node, m):
+                continue
+            if node.op == "call_module":
+                child = m.get_submodule(node.target)
+                if id(child) not in modules:
+                    modules.add(id(child))
+                    todo.append(child)
+            elif _functional_act(node, node.args[0] if node.args else None) == "relu":
+                src = node.args[0]
+                if isinstance(src, fx.Node) and src.op == "call_module":
+                    relu_layers.add(id(m.get_submodule(src.target)))
+    return modules, relu_layers
+
+
 def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dropouts: tuple,
                shared: Callable[[nn.Module], bool], unsupported: Callable = lambda m: None, supported: str = "",
                called: Optional[List[str]] = None) -> Tuple[List[tuple], Dict[str, str]]:
@@ -122,25 +212,14 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
     appended to ``called`` when given."""
     graphs = []
     for flip in (False, True):  # the forward as it runs now, and in the other of train / eval mode
-        saved = _snapshot(module)  # a forward that stores an intermediate would keep a proxy
         try:
-            if flip:
-                module.train(not module.training)  # undone by _restore: every submodule's flag is in its __dict__
-            params = list(inspect.signature(module.forward).parameters.values())
-            # optional arguments at their defaults: the path a model takes when called on its input alone
-            concrete = {p.name: p.default for p in params[1:]
-                        if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graphs.append(_LeafTracer().trace(module, concrete_args=concrete or None))
+            graphs.append(_trace(module, flip))
         except Exception as exc:  # noqa: BLE001 - any failure means: no pairs can be read from this forward
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             mode = f" in {'eval' if module.training else 'train'} mode" if flip else ""
             why = (f"{type(module).__name__}.forward() could not be traced by torch.fx{mode} ({msg[:160]}), so "
                    "its activations cannot be seen")
             return [], {p: why for p in layer_paths}
-        finally:
-            _restore(saved)
     (out, reasons), (out_flipped, reasons_flipped) = (
         _analyse(module, g, layer_paths, act_name, dropouts, shared, unsupported, supported, called) for g in graphs)
     # a pair holds only if the forward makes it in train and in eval mode alike

@@ -248,8 +248,15 @@ _LAYER_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, n
                nn.ConvTranspose3d, nn.Bilinear)
 
 
-def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, opts) -> set:
-    """Convert the (layer, [dropout,] activation) runs of one Sequential; return the ids of the layers looked at."""
+def _output_reason(model: nn.Module, act: str) -> str:
+    return (f"its {act} gives {type(model).__name__}'s output (a prediction, not a hidden activation): left as is, as "
+            "the logits layer is (convert(model, include_output=True) converts it too, for a model that is part of a "
+            "larger one)")
+
+
+def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, opts, outputs=None) -> set:
+    """Convert the (layer, [dropout,] activation) runs of one Sequential; return the ids of the layers looked at.
+    ``outputs``: (the model, ids of the modules that give its output) to leave the output layer plain."""
     keys = list(seq._modules.keys())
     seen = set()
     for i, k in enumerate(keys):
@@ -285,6 +292,9 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
         if isinstance(new, str):
             rep.skipped.append((path, new))
             continue
+        if outputs is not None and id(act_mod) in outputs[1]:
+            rep.skipped.append((path, _output_reason(outputs[0], type(act_mod).__name__)))
+            continue
         seq._modules[k] = new
         seq._modules[keys[act_idx]] = nn.Identity().train(act_mod.training)
         desc = f"{type(mod).__name__}+{type(act_mod).__name__} -> {type(new).__name__}(activation={act!r})"
@@ -295,9 +305,11 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
     return seen
 
 
-def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) -> set:
+def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, outputs=None) -> set:
     """Convert the layer + activation pairs that modules other than ``nn.Sequential`` apply in their
-    ``forward()`` (read with torch.fx, see ``_fx_pairs``); return the ids of the layers decided."""
+    ``forward()`` (read with torch.fx, see ``_fx_pairs``); return the ids of the layers decided.
+    ``outputs``: (ids of the modules that give the model's output, ids of the layers whose relu call
+    does) to leave the output layer plain."""
     from ._fx_pairs import find_pairs, owner_of
 
     uses: dict = {}
@@ -332,6 +344,9 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts) ->
             new = _energy_twin(layer, act, *opts)  # a reason string where there is no twin
             if isinstance(new, str):
                 reasons[path] = new
+                continue
+            if outputs is not None and (id(act_mod) in outputs[0] if act_mod is not None else id(layer) in outputs[1]):
+                reasons[path] = _output_reason(model, type(act_mod).__name__ if act_mod is not None else f"{fn} call")
                 continue
             if act_path is None:
                 desc = (f"{type(layer).__name__}+{fn} -> {type(new).__name__}(activation='relu'), paired in "
@@ -394,7 +409,7 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backend=None, *,
-            return_report: bool = False):
+            include_output: bool = False, return_report: bool = False):
     """Replace layer + activation-module pairs with energy layers, in place.
 
     ``nn.Linear`` -> :class:`~minaction.nn.EnergyLinear`, ``nn.Conv1d`` / ``nn.Conv2d`` ->
@@ -419,6 +434,13 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     idempotent, so the call, which stays in ``forward()``, leaves the fused output unchanged (the
     same values and gradients; one extra pass, which dropping the call saves).
 
+    The output layer stays plain, as the logits layer does (the energy is that of the hidden
+    layers): a layer whose activation gives the model's output (``nn.Sequential(..., nn.Linear(8, 1),
+    nn.Sigmoid())``, a GAN discriminator's last conv + sigmoid, a decoder's last layer), found from
+    the model's own ``forward()`` down through the modules whose output it returns unchanged in
+    value (views, ``nn.Flatten``, dropout). ``include_output=True`` converts it too: for a model that
+    is a part of a larger one (a backbone converted on its own).
+
     Left unchanged, each with its reason in the report: layers with no activation after them
     (the logits layer), ``LeakyReLU``, custom GELU modules and other activations the
     kernels do not implement, layers followed by another activation *function* (``torch.tanh``,
@@ -432,14 +454,18 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     the model has no energy layers, a warning says why. Returns ``model``, or
     ``(model, ConversionReport)`` with ``return_report=True``.
     """
+    from ._fx_pairs import output_modules
+
     rep = ConversionReport()
     opts = (energy, energy_reduction, backend)
     _order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     seen: set = set()
+    outputs = None if include_output else output_modules(model)  # read before any module is replaced
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Sequential):
-            seen |= _convert_sequential(mod, f"{name}." if name else "", rep, opts)
-    seen |= _convert_traced(model, seen, rep, opts)
+            seen |= _convert_sequential(mod, f"{name}." if name else "", rep, opts,
+                                        None if outputs is None else (model, outputs[0]))
+    seen |= _convert_traced(model, seen, rep, opts, outputs)
     for name, mod in model.named_modules():
         if isinstance(mod, _LAYER_LIKE) and not isinstance(mod, EnergyLayer) and id(mod) not in seen:
             rep.skipped.append((name or type(mod).__name__,

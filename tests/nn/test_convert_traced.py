@@ -83,10 +83,10 @@ def _energy(outs):
                for o in outs)
 
 
-def _unconverted(model: nn.Module) -> dict:
+def _unconverted(model: nn.Module, **kw) -> dict:
     """``convert`` on a model where nothing can be fused: it warns so, and the report's reasons by path."""
     with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(model, return_report=True)
+        _, rep = minaction.convert(model, return_report=True, **kw)
     return dict(rep.skipped)
 
 
@@ -260,7 +260,7 @@ def test_an_activation_module_registered_twice_stays_and_a_single_one_converts_a
     one = Pair(nn.SiLU())
     x = torch.randn(2, 2, 6, 6)
     before = one(x)
-    minaction.convert(one)
+    minaction.convert(one, include_output=True)  # the pair gives the model's output
     assert isinstance(one.conv, EnergyConv2d) and one.conv.activation == "silu"
     torch.testing.assert_close(one(x), before)
 
@@ -353,7 +353,7 @@ def test_an_activation_shared_with_an_unconvertible_layer_stays():
     model = SharedWithUnconvertible()
     x = torch.randn(2, 1, 4, 4)
     before = model(x)
-    skipped = _unconverted(model)
+    skipped = _unconverted(model, include_output=True)  # fc's relu gives the output: not the point here
     assert "padding_mode='reflect'" in skipped["conv"]
     assert "also follows conv, which cannot be converted" in skipped["fc"]
     assert type(model.relu) is nn.ReLU and type(model.fc) is nn.Linear
@@ -493,7 +493,7 @@ class Mixed(nn.Module):
 
 
 def test_the_report_is_in_module_order():
-    _, rep = minaction.convert(Mixed(), return_report=True)
+    _, rep = minaction.convert(Mixed(), include_output=True, return_report=True)
     assert [n for n, _ in rep.converted] == ["fc", "seq.0"]
 
 
@@ -521,7 +521,7 @@ def test_tracing_leaves_no_proxy_in_lists_or_child_attributes():
     maps = model.maps
     model(torch.randn(2, 4))
     first = model.maps[0]
-    minaction.convert(model)
+    minaction.convert(model, include_output=True)
     assert isinstance(model.fc, EnergyLinear)
     assert model.maps is maps and len(maps) == 1 and maps[0] is first  # the same list, unchanged
     assert model.inner.last is not None and type(model.inner.last) is torch.Tensor
@@ -551,7 +551,7 @@ def test_a_layer_whose_activation_depends_on_the_mode_stays(train):
     x = torch.randn(3, 4)
     before = {mode: model.train(mode)(x) for mode in (True, False)}
     model.train(train)
-    _, rep = minaction.convert(model, return_report=True)
+    _, rep = minaction.convert(model, include_output=True, return_report=True)
     assert [n for n, _ in rep.converted] == ["same"]  # the same pairing in both modes
     assert "train and in eval mode" in dict(rep.skipped)["fc"]
     assert model.training is train and all(m.training is train for m in model.modules())
@@ -561,6 +561,74 @@ def test_a_layer_whose_activation_depends_on_the_mode_stays(train):
 
 def test_converted_modules_keep_the_models_mode():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Inner()).eval()
-    minaction.convert(model)
+    minaction.convert(model, include_output=True)
     assert isinstance(model[0], EnergyLinear) and isinstance(model[2].fc, EnergyLinear)
     assert not any(m.training for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- the output layer
+class Discriminator(nn.Module):
+    """DCGAN's discriminator shape (pytorch/examples): an nn.Sequential ending in Conv2d + Sigmoid, whose
+    output the forward returns reshaped."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Sequential(nn.Conv2d(1, 2, 4, 2, 1), nn.ReLU(), nn.Conv2d(2, 1, 4, 1, 0), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.main(x).view(-1, 1).squeeze(1)
+
+
+class Decoder(nn.Module):
+    """An autoencoder: a hidden relu call, an output relu call, and a head returned in a tuple with a
+    hidden activation (which, used by the next layer too, is hidden)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 5), nn.Linear(5, 4), nn.Linear(4, 6)
+        self.sig = nn.Sigmoid()
+        self.drop = nn.Dropout(0.0)
+
+    def forward(self, z):
+        h = F.relu(self.fc1(z))
+        g = F.relu(self.fc2(h))
+        return self.drop(self.sig(self.fc3(g))), h
+
+
+def test_the_layer_that_gives_the_models_output_stays_plain_unless_asked():
+    """The energy is that of the hidden layers: a layer whose activation gives the model's output (a
+    sigmoid head, a GAN discriminator's last conv, a decoder's last layer) stays plain, as the logits
+    layer does, and the report says why and what converts it; include_output=True converts it."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1), nn.Sigmoid(), nn.Flatten(0))
+    _, rep = minaction.convert(head, return_report=True)
+    assert [n for n, _ in rep.converted] == ["0"]
+    why = dict(rep.skipped)["2"]
+    assert "Sigmoid gives Sequential's output" in why and "include_output=True" in why
+    assert type(head[2]) is nn.Linear and type(head[3]) is nn.Sigmoid
+
+    disc = Discriminator()
+    x = torch.randn(3, 1, 8, 8)
+    before = disc(x)
+    _, rep = minaction.convert(disc, return_report=True)
+    assert [n for n, _ in rep.converted] == ["main.0"]
+    assert "Sigmoid gives Discriminator's output" in dict(rep.skipped)["main.2"]
+    torch.testing.assert_close(disc(x), before)
+
+    dec = Decoder()
+    z = torch.randn(2, 3)
+    before = dec(z)
+    _, rep = minaction.convert(dec, return_report=True)
+    assert [n for n, _ in rep.converted] == ["fc1", "fc2"]  # fc1's output is returned, but fc2 uses it too
+    assert "Sigmoid gives Decoder's output" in dict(rep.skipped)["fc3"]
+    for a, b in zip(dec(z), before):
+        torch.testing.assert_close(a, b)
+
+    relu_out = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Inner())  # Inner: fc + SiLU, returned
+    _, rep = minaction.convert(relu_out, return_report=True)
+    assert [n for n, _ in rep.converted] == ["0"] and "SiLU gives Sequential's output" in dict(rep.skipped)["2.fc"]
+
+    for model in (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1), nn.Sigmoid()), Discriminator(),
+                  Decoder()):
+        _, rep = minaction.convert(model, include_output=True, return_report=True)
+        assert not rep.skipped and len(rep.converted) in (2, 3)
