@@ -403,6 +403,80 @@ def _custom_gelu_hint(mod: nn.Module):
     return None
 
 
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _identity(x):
+    """The activation of a converted transformer layer's feed-forward block (its linear1 applies it)."""
+    return x
+
+
+def _function_act(fn) -> Optional[str]:
+    """The fused activation a feed-forward block's ``activation`` (a function or a module) computes."""
+    if isinstance(fn, nn.Module):
+        return _act_name(fn)
+    import torch.nn.functional as F
+    return {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh",
+            F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}.get(fn)
+
+
+def _convert_transformer_layers(model: nn.Module, rep: ConversionReport, opts) -> set:
+    """torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``, whose forward fx cannot
+    read (it branches on its inputs): their feed-forward block is ``linear2(dropout(activation(
+    linear1(x))))``, so ``linear1`` + ``activation`` is a pair. ``activation`` becomes ``nn.Identity``
+    and torch's fused inference path for the layer is turned off (``activation_relu_or_gelu = 0``):
+    it reads ``linear1``'s weights directly, so it would compute no energy. Returns the ids of the
+    layers decided."""
+    from ._fx_pairs import _SHARED
+
+    uses: dict = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    decided = set()
+    for name, blk in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(blk, nn.MultiheadAttention) and isinstance(blk.out_proj, nn.Linear):
+            decided.add(id(blk.out_proj))
+            rep.skipped.append((prefix + "out_proj", "the attention's output projection (MultiheadAttention applies it "
+                                                     "itself, with no activation): left as is"))
+            continue
+        if not isinstance(blk, _TRANSFORMER_LAYERS) or type(blk)._ff_block is not _TRANSFORMER_LAYERS[
+                isinstance(blk, nn.TransformerDecoderLayer)]._ff_block:
+            continue
+        lin, fn = blk._modules.get("linear1"), blk.__dict__.get("activation", blk._modules.get("activation"))
+        if isinstance(blk._modules.get("linear2"), nn.Linear) and not isinstance(blk.linear2, EnergyLayer):
+            decided.add(id(blk.linear2))
+            rep.skipped.append((prefix + "linear2", f"the output projection of {type(blk).__name__}'s feed-forward "
+                                                    "block (dropout and the residual add follow): left as is"))
+        if not isinstance(lin, nn.Linear) or isinstance(lin, EnergyLayer):
+            continue
+        decided.add(id(lin))
+        act = _function_act(fn)
+        if act is None or act == "identity":
+            why = _unsupported_act_reason(fn) if isinstance(fn, nn.Module) else None
+            rep.skipped.append((prefix + "linear1", why or f"{type(blk).__name__}'s activation {fn!r} is not one the "
+                                                          f"fused kernels implement ({_SUPPORTED})"))
+            continue
+        if uses.get(id(lin), 0) > 1 or (isinstance(fn, nn.Module) and uses.get(id(fn), 0) > 1):
+            rep.skipped.append((prefix + "linear1", _SHARED))
+            continue
+        new = _energy_twin(lin, act, *opts)
+        if isinstance(new, str):
+            rep.skipped.append((prefix + "linear1", new))
+            continue
+        blk.linear1 = new
+        # a module-level function, not nn.Identity: torch's __setstate__ (deepcopy, pickle) replaces an activation
+        # that is not in the instance's __dict__ by F.relu
+        blk._modules.pop("activation", None)
+        blk.activation = _identity
+        blk.activation_relu_or_gelu = 0  # torch's fused inference path would bypass linear1 (and its energy)
+        rep.converted.append((prefix + "linear1", (
+            f"Linear+{act} (the feed-forward block of {type(blk).__name__}) -> EnergyLinear(activation={act!r}); "
+            f"{prefix}activation is now the identity, and torch's fused inference path is off for this layer (it "
+            "would bypass linear1 and compute no energy)")))
+    return decided
+
+
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     (root.get_submodule(parent) if parent else root)._modules[leaf] = new
@@ -434,6 +508,9 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     idempotent, so the call, which stays in ``forward()``, leaves the fused output unchanged (the
     same values and gradients; one extra pass, which dropping the call saves).
 
+    torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (whose forward fx cannot
+    read) convert their feed-forward ``linear1`` + ``activation``; see docs/core.md.
+
     The output layer stays plain, as the logits layer does (the energy is that of the hidden
     layers): a layer whose activation gives the model's output (``nn.Sequential(..., nn.Linear(8, 1),
     nn.Sigmoid())``, a GAN discriminator's last conv + sigmoid, a decoder's last layer), found from
@@ -459,8 +536,8 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     rep = ConversionReport()
     opts = (energy, energy_reduction, backend)
     _order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    seen: set = set()
     outputs = None if include_output else output_modules(model)  # read before any module is replaced
+    seen: set = _convert_transformer_layers(model, rep, opts)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Sequential):
             seen |= _convert_sequential(mod, f"{name}." if name else "", rep, opts,

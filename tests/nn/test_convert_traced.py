@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -632,3 +633,71 @@ def test_the_layer_that_gives_the_models_output_stays_plain_unless_asked():
                   Decoder()):
         _, rep = minaction.convert(model, include_output=True, return_report=True)
         assert not rep.skipped and len(rep.converted) in (2, 3)
+
+
+# ----------------------------------------------------------------------------- torch's transformer layers
+@pytest.mark.parametrize("activation,name", [("relu", "relu"), ("gelu", "gelu"), (nn.GELU(approximate="tanh"),
+                                                                                 "gelu_tanh")])
+def test_torch_transformer_layers_feed_forward_converts_and_trains_as_plain_pytorch(activation, name):
+    """nn.TransformerEncoderLayer / DecoderLayer (word_language_model's TransformerModel): fx cannot read
+    their forward, but their feed-forward block is linear2(dropout(activation(linear1(x)))), so linear1
+    converts. The outputs stay the same in training and in evaluation (torch's fused inference path,
+    which would compute no energy, is off for converted layers) and in deep copies and pickles, the
+    energy is the hand-computed one,
+    and three steps train as plain PyTorch with the penalty written by hand."""
+    def build():
+        torch.manual_seed(0)
+        act = copy.deepcopy(activation)
+        enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, activation=act,
+                                                               batch_first=True), 2, enable_nested_tensor=False)
+        dec = nn.TransformerDecoderLayer(8, 2, 12, dropout=0.0, activation=act, batch_first=True)
+        return nn.ModuleDict({"enc": enc, "dec": dec}).double()
+
+    def run(m, x):
+        return m["dec"](x, m["enc"](x))
+
+    # built twice, not deep-copied: torch's TransformerDecoderLayer.__setstate__ turns an activation *module*
+    # into F.relu on a copy (its state has no "activation" key: the module is in _modules)
+    model, plain = build(), build()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    before_eval = run(model.eval(), x).detach()  # with autograd on: torch's own (not the fused inference) path,
+    model.train()  # which for GELU(approximate="tanh") computes exact gelu
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["enc.layers.0.linear1", "enc.layers.1.linear1", "dec.linear1"]
+    skipped = dict(rep.skipped)
+    assert "feed-forward block" in skipped["dec.linear2"] and "output projection" in skipped["enc.layers.0.linear2"]
+    assert "MultiheadAttention applies it itself" in skipped["dec.multihead_attn.out_proj"]
+    blocks = [model["enc"].layers[0], model["enc"].layers[1], model["dec"]]
+    for blk in blocks:
+        assert isinstance(blk.linear1, EnergyLinear) and blk.linear1.activation == name
+        assert blk.activation(x) is x and blk.activation_relu_or_gelu == 0
+    with torch.no_grad():
+        torch.testing.assert_close(run(model.eval(), x), before_eval)
+        assert minaction.total_energy(model).item() > 0  # evaluation computes the energy too
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # EMA / best-model copies
+            torch.testing.assert_close(run(copied, x), before_eval)
+    model.train()
+
+    acts, act_fn = [], plain["dec"].activation  # the same activation in every block
+
+    def keep(mod, inp, out):
+        acts.append(act_fn(out))
+
+    hooks = [blk.linear1.register_forward_hook(keep)
+             for blk in (plain["enc"].layers[0], plain["enc"].layers[1], plain["dec"])]
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.1)
+    opt_m = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        acts.clear()
+        out_p = run(plain, x)
+        loss_p = out_p.square().mean() + LAM * sum(a.square().sum(-1).mean() for a in acts)
+        loss_m = run(model, x).square().mean() + LAM * minaction.total_energy(model)
+        torch.testing.assert_close(loss_m, loss_p)
+        for opt, loss in ((opt_p, loss_p), (opt_m, loss_m)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for hook in hooks:
+        hook.remove()
+    for (n, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, msg=n)
