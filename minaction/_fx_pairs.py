@@ -133,8 +133,8 @@ _PASS_METHODS = frozenset({"view", "reshape", "squeeze", "unsqueeze", "flatten",
                            "transpose", "view_as", "reshape_as", "float", "double", "to", "clone", "t"})
 _PASS_FUNCTIONS = {torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, torch.permute, torch.transpose,
                    F.dropout, torch.clone}
-_PASS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-                 nn.AlphaDropout)
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_PASS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten) + _DROPOUT_MODULES
 
 
 def _passes(node: fx.Node, module: nn.Module) -> bool:
@@ -159,23 +159,29 @@ def _only_to_output(node: fx.Node, module: nn.Module, depth: int = 0) -> bool:
 
 def output_modules(model: nn.Module) -> Tuple[set, set]:
     """What gives ``model``'s output: ``(ids of modules whose output is returned as the model's output,
-    or part of it, unchanged in value; ids of layers whose relu call's output is)``. Found from the
-    root down: an ``nn.Sequential``'s last module and the value-preserving modules after it
-    (Identity, Flatten, Dropout); in any other module, the calls whose results flow only into the
-    forward's output (read with torch.fx; a forward fx cannot read ends the walk there)."""
-    modules, relu_layers = {id(model)}, set()
+    or part of it, unchanged in value; ids of the layers whose activation's result is)``. A layer
+    counts by the call after it, not by the activation module, which may also serve hidden layers.
+    Found from the root down: an ``nn.Sequential``'s last module and the value-preserving modules
+    after it (Identity, Flatten, Dropout); in any other module, the calls whose results flow only
+    into the forward's output (read with torch.fx; a forward fx cannot read ends the walk there)."""
+    modules, layers = {id(model)}, set()
     todo = [model]
     while todo:
         m = todo.pop()
         if isinstance(m, nn.Sequential):
-            children = list(m._modules.values())
-            for child in reversed(children):  # the trailing value-preserving modules, then the last real one
-                if child is None:
-                    continue
-                modules.add(id(child))
-                todo.append(child)
-                if not isinstance(child, _PASS_MODULES):
-                    break
+            children = [c for c in m._modules.values() if c is not None]
+            last = len(children) - 1
+            while last > 0 and isinstance(children[last], _PASS_MODULES):  # trailing value-preserving modules
+                modules.add(id(children[last]))
+                last -= 1
+            if last >= 0:
+                modules.add(id(children[last]))
+                todo.append(children[last])
+                before = last - 1
+                while before >= 0 and isinstance(children[before], _DROPOUT_MODULES):
+                    before -= 1
+                if before >= 0:  # the layer that the last module (an activation, if a pair) follows
+                    layers.add(id(children[before]))
             continue
         if isinstance(m, (nn.ModuleList, nn.ModuleDict)) or not m._modules or type(m).__module__.startswith(
                 "torch.nn.modules"):
@@ -192,11 +198,25 @@ def output_modules(model: nn.Module) -> Tuple[set, set]:
                 if id(child) not in modules:
                     modules.add(id(child))
                     todo.append(child)
-            elif _functional_act(node, node.args[0] if node.args else None) == "relu":
-                src = node.args[0]
-                if isinstance(src, fx.Node) and src.op == "call_module":
-                    relu_layers.add(id(m.get_submodule(src.target)))
-    return modules, relu_layers
+            elif _functional_act(node, node.args[0] if node.args else None) is None:
+                continue
+            src = node.args[0] if node.args else None  # the layer this call follows (through a dropout)
+            if (isinstance(src, fx.Node) and src.op == "call_module" and src.args
+                    and isinstance(m.get_submodule(src.target), _DROPOUT_MODULES)):
+                src = src.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_module":
+                layers.add(id(m.get_submodule(src.target)))
+    return modules, layers
+
+
+def keeps_relu(module: nn.Module, act_path: Optional[str]) -> bool:
+    """An ``nn.ReLU`` module (not in place) may stay after a layer fused with relu: relu is idempotent,
+    so applying it again changes nothing. Used where it cannot become ``nn.Identity`` (it is shared,
+    or applied to other values too, or follows a layer that stays plain)."""
+    if act_path is None:
+        return False
+    m = module.get_submodule(act_path)
+    return type(m) is nn.ReLU and not m.inplace
 
 
 def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dropouts: tuple,
@@ -204,9 +224,9 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
                called: Optional[List[str]] = None) -> Tuple[List[tuple], Dict[str, str]]:
     """Pairs ``(layer, activation module, dropout, relu call)`` among ``layer_paths`` (paths relative
     to ``module``; the activation module is None where a relu *call* follows the layer, and the call
-    is named instead), and ``{layer path: reason}`` for the rest of those that ``forward()`` calls.
-    ``act_name(m)``
-    names a supported activation module (or None); ``shared(m)`` says ``m`` is used elsewhere in
+    is named instead, or where an ``nn.ReLU`` module that cannot become ``nn.Identity`` stays after
+    the layer, named as ``(its description, why it stays)``), and ``{layer path: reason}`` for the
+    rest of those that ``forward()`` calls. ``act_name(m)`` names a supported activation module (or None); ``shared(m)`` says ``m`` is used elsewhere in
     the model; ``unsupported(m)`` says why an activation-like module cannot be fused, and
     ``supported`` lists the modules that can. The paths of every submodule this forward calls are
     appended to ``called`` when given."""
@@ -322,10 +342,18 @@ def _analyse(module: nn.Module, graph: fx.Graph, layer_paths: List[str], act_nam
                 src = src.args[0]
             sources.add(id(src))
         act_mod = module.get_submodule(act)
+        relu_mod = _describe(calls[act][0], module)
         if not sources <= fed[act]:
+            if keeps_relu(module, act) and not foreign_layer:
+                out.append((path, None, drop, (relu_mod, f"it is also applied to other values in "
+                                                         f"{type(module).__name__}.forward()")))
+                continue
             reasons[path] = (f"{type(act_mod).__name__} ({act}) is also applied to other values in "
                              f"{type(module).__name__}.forward(), so it cannot become nn.Identity")
         elif foreign_layer or shared(act_mod) or owner_of(module, act) is not module:
+            if keeps_relu(module, act) and not foreign_layer:
+                out.append((path, None, drop, (relu_mod, "it is shared with another part of the model")))
+                continue
             reasons[path] = _SHARED
         else:
             out.append((path, act, drop, None))
@@ -334,6 +362,10 @@ def _analyse(module: nn.Module, graph: fx.Graph, layer_paths: List[str], act_nam
     for path, act, drop, fn in list(out):
         if act is not None and act in failed:
             out.remove((path, act, drop, fn))
+            if keeps_relu(module, act):
+                out.append((path, None, drop, (_describe(calls[act][0], module),
+                                               f"it also follows {failed[act]}, which stays plain")))
+                continue
             reasons[path] = (f"{act} also follows {failed[act]}, which cannot be converted, so it cannot become "
                              "nn.Identity")
     return out, reasons

@@ -256,7 +256,8 @@ def _output_reason(model: nn.Module, act: str) -> str:
 
 def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, opts, outputs=None) -> set:
     """Convert the (layer, [dropout,] activation) runs of one Sequential; return the ids of the layers looked at.
-    ``outputs``: (the model, ids of the modules that give its output) to leave the output layer plain."""
+    ``outputs``: (the model, ids of the layers whose activation gives its output) to leave the output layer
+    plain."""
     keys = list(seq._modules.keys())
     seen = set()
     for i, k in enumerate(keys):
@@ -292,7 +293,7 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
         if isinstance(new, str):
             rep.skipped.append((path, new))
             continue
-        if outputs is not None and id(act_mod) in outputs[1]:
+        if outputs is not None and id(mod) in outputs[1]:
             rep.skipped.append((path, _output_reason(outputs[0], type(act_mod).__name__)))
             continue
         seq._modules[k] = new
@@ -308,9 +309,9 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
 def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, outputs=None) -> set:
     """Convert the layer + activation pairs that modules other than ``nn.Sequential`` apply in their
     ``forward()`` (read with torch.fx, see ``_fx_pairs``); return the ids of the layers decided.
-    ``outputs``: (ids of the modules that give the model's output, ids of the layers whose relu call
-    does) to leave the output layer plain."""
-    from ._fx_pairs import find_pairs, owner_of
+    ``outputs``: (ids of the modules that give the model's output, ids of the layers whose activation
+    does; see ``_fx_pairs.output_modules``) to leave the output layer plain."""
+    from ._fx_pairs import find_pairs, keeps_relu, owner_of
 
     uses: dict = {}
     for _, m in model.named_modules(remove_duplicate=False):
@@ -345,10 +346,16 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, ou
             if isinstance(new, str):
                 reasons[path] = new
                 continue
-            if outputs is not None and (id(act_mod) in outputs[0] if act_mod is not None else id(layer) in outputs[1]):
-                reasons[path] = _output_reason(model, type(act_mod).__name__ if act_mod is not None else f"{fn} call")
+            if outputs is not None and id(layer) in outputs[1]:
+                reasons[path] = _output_reason(model, type(act_mod).__name__ if act_mod is not None else
+                                               fn[0] if isinstance(fn, tuple) else f"{fn} call")
                 continue
-            if act_path is None:
+            if isinstance(fn, tuple):  # an nn.ReLU module that cannot become nn.Identity stays after the layer
+                desc = (f"{type(layer).__name__}+{fn[0]} -> {type(new).__name__}(activation='relu'), paired in "
+                        f"{type(mod).__name__}.forward(); {prefix}{fn[0].split('(')[-1].rstrip(')')} stays, since "
+                        f"{fn[1]}, and re-applies relu to an output that is already rectified (the same values and "
+                        "gradients, one extra pass)")
+            elif act_path is None:
                 desc = (f"{type(layer).__name__}+{fn} -> {type(new).__name__}(activation='relu'), paired in "
                         f"{type(mod).__name__}.forward(); the {fn} call stays and now re-applies relu to an "
                         "output that is already rectified (the same values and gradients, one extra pass; drop "
@@ -365,9 +372,15 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, ou
         blocked = {act_path: path for path, act_path, _, _ in pairs if path in reasons and act_path is not None}
         for path, act_path, layer, new, desc in swaps:
             if act_path in blocked:
-                reasons[path] = (f"{act_path} also follows {prefix}{blocked[act_path]}, which cannot be converted, "
-                                 "so it cannot become nn.Identity")
-                continue
+                if not keeps_relu(mod, act_path):
+                    reasons[path] = (f"{act_path} also follows {prefix}{blocked[act_path]}, which cannot be converted, "
+                                     "so it cannot become nn.Identity")
+                    continue
+                desc = (f"{type(layer).__name__}+ReLU ({act_path}) -> {type(new).__name__}(activation='relu'), paired "
+                        f"in {type(mod).__name__}.forward(); {prefix}{act_path} stays, since it also follows "
+                        f"{prefix}{blocked[act_path]}, which stays plain, and re-applies relu to an output that is "
+                        "already rectified (the same values and gradients, one extra pass)")
+                act_path = None
             _set_submodule(mod, path, new)
             if act_path is not None:
                 _set_submodule(mod, act_path, nn.Identity().train(mod.get_submodule(act_path).training))
@@ -423,7 +436,7 @@ def _function_act(fn) -> Optional[str]:
 def _convert_transformer_layers(model: nn.Module, rep: ConversionReport, opts) -> set:
     """torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``, whose forward fx cannot
     read (it branches on its inputs): their feed-forward block is ``linear2(dropout(activation(
-    linear1(x))))``, so ``linear1`` + ``activation`` is a pair. ``activation`` becomes ``nn.Identity``
+    linear1(x))))``, so ``linear1`` + ``activation`` is a pair. ``activation`` becomes the identity
     and torch's fused inference path for the layer is turned off (``activation_relu_or_gelu = 0``):
     it reads ``linear1``'s weights directly, so it would compute no energy. Returns the ids of the
     layers decided."""
@@ -440,8 +453,8 @@ def _convert_transformer_layers(model: nn.Module, rep: ConversionReport, opts) -
             rep.skipped.append((prefix + "out_proj", "the attention's output projection (MultiheadAttention applies it "
                                                      "itself, with no activation): left as is"))
             continue
-        if not isinstance(blk, _TRANSFORMER_LAYERS) or type(blk)._ff_block is not _TRANSFORMER_LAYERS[
-                isinstance(blk, nn.TransformerDecoderLayer)]._ff_block:
+        base = next((c for c in _TRANSFORMER_LAYERS if isinstance(blk, c)), None)
+        if base is None or type(blk)._ff_block is not base._ff_block:  # a subclass may change the block
             continue
         lin, fn = blk._modules.get("linear1"), blk.__dict__.get("activation", blk._modules.get("activation"))
         if isinstance(blk._modules.get("linear2"), nn.Linear) and not isinstance(blk.linear2, EnergyLayer):
@@ -495,7 +508,8 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     - in any other module's ``forward()``, read with ``torch.fx`` (each submodule a leaf), as
       nanoGPT's MLP ``x = self.c_fc(x); x = self.gelu(x); x = self.c_proj(x)``. The activation
       module must be applied only to such layers in that forward and be used nowhere else in
-      the model (a ResNet's ``self.relu``, applied after a residual add too, cannot go).
+      the model (a ResNet's ``self.relu``, applied after a residual add too, cannot go; a
+      non-in-place ``nn.ReLU`` then stays in place and its layer still converts: relu is idempotent).
 
     The new layer holds the same ``Parameter`` objects (weight ties and optimizers that hold them
     stay valid) and training flag; the activation module becomes ``nn.Identity``.
@@ -541,7 +555,7 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Sequential):
             seen |= _convert_sequential(mod, f"{name}." if name else "", rep, opts,
-                                        None if outputs is None else (model, outputs[0]))
+                                        None if outputs is None else (model, outputs[1]))
     seen |= _convert_traced(model, seen, rep, opts, outputs)
     for name, mod in model.named_modules():
         if isinstance(mod, _LAYER_LIKE) and not isinstance(mod, EnergyLayer) and id(mod) not in seen:

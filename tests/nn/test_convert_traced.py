@@ -257,6 +257,11 @@ def test_an_activation_module_registered_twice_stays_and_a_single_one_converts_a
     model = nn.ModuleDict({"a": Pair(shared), "b": Pair(shared)})
     skipped = _unconverted(model)
     assert all("shared" in why for why in skipped.values()) and len(skipped) == 2
+    relu = nn.ReLU()  # a shared ReLU stays where it is (relu is idempotent), and both convs convert
+    model = nn.ModuleDict({"a": Pair(relu), "b": Pair(relu)})
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["a.conv", "b.conv"] and "shared with another part" in rep.converted[0][1]
+    assert model["a"].act is relu and model["b"].act is relu
 
     one = Pair(nn.SiLU())
     x = torch.randn(2, 2, 6, 6)
@@ -337,27 +342,38 @@ def test_tanh_gelu_module_converts_and_the_function_is_named():
 
 
 class SharedWithUnconvertible(nn.Module):
-    """One ReLU module after a Linear and after a reflect-padded conv (which has no energy twin)."""
+    """One activation module after a Linear and after a reflect-padded conv (which has no energy twin)."""
 
-    def __init__(self):
+    def __init__(self, act=None):
         super().__init__()
         self.conv = nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")
         self.fc = nn.Linear(2 * 4 * 4, 3)
-        self.relu = nn.ReLU()
+        self.relu = act if act is not None else nn.ReLU()
+        self.head = nn.Linear(3, 2)
 
     def forward(self, x):
-        return self.relu(self.fc(self.relu(self.conv(x)).flatten(1)))
+        return self.head(self.relu(self.fc(self.relu(self.conv(x)).flatten(1))))
 
 
 def test_an_activation_shared_with_an_unconvertible_layer_stays():
+    """The activation after fc also follows a conv that stays plain, so it cannot become nn.Identity:
+    a SiLU keeps fc plain; a ReLU (idempotent) stays in place and fc converts with a fused relu."""
     torch.manual_seed(0)
-    model = SharedWithUnconvertible()
+    model = SharedWithUnconvertible(nn.SiLU())
     x = torch.randn(2, 1, 4, 4)
     before = model(x)
-    skipped = _unconverted(model, include_output=True)  # fc's relu gives the output: not the point here
+    skipped = _unconverted(model)
     assert "padding_mode='reflect'" in skipped["conv"]
     assert "also follows conv, which cannot be converted" in skipped["fc"]
-    assert type(model.relu) is nn.ReLU and type(model.fc) is nn.Linear
+    assert type(model.relu) is nn.SiLU and type(model.fc) is nn.Linear
+    torch.testing.assert_close(model(x), before)
+
+    model = SharedWithUnconvertible()
+    before = model(x)
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["fc"]
+    assert "relu stays, since it also follows conv, which stays plain" in rep.converted[0][1]
+    assert type(model.relu) is nn.ReLU and isinstance(model.fc, EnergyLinear) and model.fc.activation == "relu"
     torch.testing.assert_close(model(x), before)
 
 
@@ -701,3 +717,56 @@ def test_torch_transformer_layers_feed_forward_converts_and_trains_as_plain_pyto
         hook.remove()
     for (n, p), q in zip(plain.named_parameters(), model.parameters()):
         torch.testing.assert_close(q, p, msg=n)
+
+
+class ResidualNoNorm(nn.Module):
+    """A residual block without normalisation: one ReLU module after conv1 and after the residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        out = self.conv2(self.relu(self.conv1(x)))
+        return self.head(self.relu(out + x).flatten(1))
+
+
+class ReluAtBothEnds(nn.Module):
+    """One ReLU module after a hidden layer and after the output layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.fc2(self.act(self.fc1(x))))
+
+
+def test_a_relu_module_that_cannot_become_identity_stays_and_its_layer_converts():
+    """relu is idempotent, so a ReLU module that must keep working (applied after a residual add too,
+    or after the output layer) stays where it is, and the layer before it
+    converts with a fused relu: the same outputs, the energy of that layer. The output layer's own
+    pair is decided by its call, not by the module it shares."""
+    torch.manual_seed(0)
+    for model, x, converted, kept, reason in (
+            (ResidualNoNorm(), torch.randn(2, 2, 4, 4), ["conv1"], "relu", "also applied to other values"),
+            (ReluAtBothEnds(), torch.randn(2, 3), ["fc1"], "act", "also follows fc2, which stays plain")):
+        before = model(x)
+        _, rep = minaction.convert(model, return_report=True)
+        assert [n for n, _ in rep.converted] == converted
+        desc = rep.converted[0][1]
+        assert f"{kept} stays, since" in desc and reason in desc and "already rectified" in desc
+        assert type(getattr(model, kept)) is nn.ReLU
+        layer = getattr(model, converted[0])
+        assert isinstance(layer, EnergyLayer) and layer.activation == "relu"
+        torch.testing.assert_close(model(x), before)
+    model = ReluAtBothEnds()
+    x = torch.randn(5, 3)
+    minaction.convert(model)
+    model(x)
+    torch.testing.assert_close(minaction.total_energy(model), F.relu(x @ model.fc1.weight.T + model.fc1.bias)
+                               .square().sum(1).mean())
+    assert "fc2" in dict(minaction.convert(ReluAtBothEnds(), return_report=True)[1].skipped)
