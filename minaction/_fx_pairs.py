@@ -226,8 +226,8 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
     to ``module``; the activation module is None where a relu *call* follows the layer, and the call
     is named instead, or where an ``nn.ReLU`` module that cannot become ``nn.Identity`` stays after
     the layer, named as ``(its description, why it stays)``), and ``{layer path: reason}`` for the
-    rest of those that ``forward()`` calls. ``act_name(m)`` names a supported activation module (or None); ``shared(m)`` says ``m`` is used elsewhere in
-    the model; ``unsupported(m)`` says why an activation-like module cannot be fused, and
+    rest of those that ``forward()`` calls. ``act_name(m)`` names a supported activation module (or
+    None); ``shared(m)`` says ``m`` is used elsewhere in the model; ``unsupported(m)`` says why an activation-like module cannot be fused, and
     ``supported`` lists the modules that can. The paths of every submodule this forward calls are
     appended to ``called`` when given."""
     graphs = []

@@ -216,7 +216,7 @@ class ConversionReport:
     skipped: List[Tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} layer(s)"] + [f"  {n}: {d}" for n, d in self.converted]
+        lines = [f"converted {len(self.converted)} module(s)"] + [f"  {n}: {d}" for n, d in self.converted]
         if self.skipped:
             lines += [f"left {len(self.skipped)} layer(s) unchanged"] + [f"  {n}: {d}" for n, d in self.skipped]
         return "\n".join(lines)
@@ -277,8 +277,8 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
             after = seq._modules[keys[act_idx + 1]] if act_idx + 1 < len(keys) else None
             if why is None and after is not None and _act_name(after) is not None:
                 why = (f"{type(act_mod).__name__} sits between the layer and {type(after).__name__}: the fused layer "
-                       "applies the activation right after the affine map (Conv-BatchNorm-ReLU stays plain; "
-                       "an energy layer after the norm needs the model written with minaction.nn layers)")
+                       "applies the activation right after the affine map, so the layer stays plain (the activation "
+                       "after the norm becomes a minaction.nn.EnergyActivation, unless wrap_activations=False)")
             if why is None:
                 what = "nothing" if act_mod is None else type(act_mod).__name__
                 why = (f"followed by {what}, not by an activation module ({_SUPPORTED}): left as is "
@@ -402,9 +402,17 @@ def _traced_act_name(mod: nn.Module):
     return None if isinstance(mod, nn.Identity) else _act_name(mod)
 
 
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.InstanceNorm1d,
+          nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
 def _traced_unsupported_reason(mod: nn.Module):
     if isinstance(mod, nn.Identity):
         return "an nn.Identity in forward() is a placeholder, not an activation: left as is"
+    if isinstance(mod, _NORMS):
+        return ("a norm, not an activation: the fused layer applies its activation right after the affine map, so "
+                "the layer stays plain (an activation module after the norm becomes a minaction.nn.EnergyActivation, "
+                "unless wrap_activations=False)")
     return _unsupported_act_reason(mod)
 
 
@@ -490,13 +498,111 @@ def _convert_transformer_layers(model: nn.Module, rep: ConversionReport, opts) -
     return decided
 
 
+# what an activation module may follow, by what a sample's units are: a feature map [B, C, *spatial] (its units
+# are every dim after the batch) or features [..., C] (every leading dim a row, as EnergyLinear counts tokens)
+_FEATURE_MAP_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d,
+                        nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                        nn.ConvTranspose2d, nn.ConvTranspose3d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
+_ROW_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Linear, nn.Embedding, nn.Bilinear)
+
+
+def _rows_after(prev: Optional[nn.Module]) -> str:
+    return "leading" if isinstance(prev, _ROW_MODULES) else "batch"
+
+
+def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs) -> None:
+    """Activation modules that no energy layer absorbed (Conv → BatchNorm → ReLU, Linear → LayerNorm →
+    GELU) become :class:`~minaction.nn.EnergyActivation`, which computes the same activation and the
+    energy of its output, when each is registered once and does not give the model's output. One
+    applied several times in a forward (a ResNet block's ``self.relu``) sums the energies of its
+    calls in each forward of the module that applies it (``EnergyActivation.accumulate_in``). One
+    that follows an energy layer (whose energy already counts it) stays."""
+    from ._fx_pairs import _trace, owner_of
+    from .nn.activation import EnergyActivation
+
+    energy, energy_reduction, backend = opts
+    uses: dict = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    graphs: dict = {}
+    names = {id(m): n for n, m in model.named_modules()}  # the owners: never replaced below
+
+    def replace(path, mod, prev, where):
+        act = _act_name(mod)
+        rows = _rows_after(prev)
+        new = EnergyActivation(act, energy, energy_reduction, rows=rows, backend=backend).train(mod.training)
+        _set_submodule(model, path, new)
+        after = f" after {type(prev).__name__}" if prev is not None else ""
+        rep.converted.append((path, f"{type(mod).__name__}{after} -> EnergyActivation(activation={act!r}, "
+                                    f"rows={rows!r}){where}: the same activation, and the energy of its output"))
+        return new
+
+    for path, mod in list(model.named_modules()):
+        act = _act_name(mod) if path else None
+        if act is None or act == "identity" or uses.get(id(mod), 0) != 1:
+            continue
+        if outputs is not None and id(mod) in outputs[0]:
+            continue  # the model's output (its layer, if any, is reported as the output layer)
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if isinstance(parent, nn.Sequential):
+            keys = list(parent._modules.keys())
+            i = keys.index(leaf)
+            prev = parent._modules[keys[i - 1]] if i > 0 else None
+            if isinstance(prev, _DROPOUTS) and i > 1:
+                prev = parent._modules[keys[i - 2]]
+            if isinstance(prev, EnergyLayer):
+                continue
+            replace(path, mod, prev, "")
+            continue
+        owner = owner_of(model, path)
+        if isinstance(owner, (_TRANSFORMER_LAYERS, nn.MultiheadAttention)):
+            continue
+        owner_path = names[id(owner)]
+        if id(owner) not in graphs:
+            try:  # in train and in eval mode: a module applied in one mode only would keep a stale energy
+                graphs[id(owner)] = (_trace(owner), _trace(owner, flip=True))
+            except Exception:  # noqa: BLE001 - unreadable: nothing known about how often the module runs
+                graphs[id(owner)] = None
+        if graphs[id(owner)] is None:
+            continue
+        rel = path[len(owner_path) + 1:] if owner_path else path
+        nodes, flipped = ([n for n in g.nodes if n.op == "call_module" and n.target == rel] for g in graphs[id(owner)])
+        if not nodes or len(nodes) != len(flipped):
+            if nodes or flipped:
+                rep.skipped.append((path, f"{type(owner).__name__}.forward() applies {type(mod).__name__} in one of "
+                                          "train and eval mode only (its energy would go stale in the other): it "
+                                          "stays a plain activation"))
+            continue
+        prevs = []
+        for node in nodes:  # the module each call follows (through a dropout)
+            src = node.args[0] if node.args else None
+            prev = owner.get_submodule(src.target) if getattr(src, "op", None) == "call_module" else None
+            if isinstance(prev, _DROPOUTS) and src.args and getattr(src.args[0], "op", None) == "call_module":
+                prev = owner.get_submodule(src.args[0].target)
+            prevs.append(prev)
+        if any(isinstance(prev, EnergyLayer) for prev in prevs):
+            if len(nodes) > 1:
+                rep.skipped.append((path, f"{type(mod).__name__} is applied {len(nodes)} times in "
+                                          f"{type(owner).__name__}.forward(), once after an energy layer whose energy "
+                                          "already counts that call: it stays a plain activation"))
+            continue
+        where = f", applied in {type(owner).__name__}.forward()"
+        if len(nodes) > 1:
+            where = (f", applied {len(nodes)} times in {type(owner).__name__}.forward(), every call counted (the "
+                     f"sum restarts at each forward of {owner_path or type(owner).__name__})")
+        new = replace(path, mod, prevs[0], where)
+        if len(nodes) > 1:
+            new.accumulate_in(owner, rel)
+
+
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     (root.get_submodule(parent) if parent else root)._modules[leaf] = new
 
 
 def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backend=None, *,
-            include_output: bool = False, return_report: bool = False):
+            include_output: bool = False, wrap_activations: bool = True, return_report: bool = False):
     """Replace layer + activation-module pairs with energy layers, in place.
 
     ``nn.Linear`` -> :class:`~minaction.nn.EnergyLinear`, ``nn.Conv1d`` / ``nn.Conv2d`` ->
@@ -532,6 +638,11 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     value (views, ``nn.Flatten``, dropout). ``include_output=True`` converts it too: for a model that
     is a part of a larger one (a backbone converted on its own).
 
+    An activation module that follows no layer directly (Conv → BatchNorm → ReLU, a ReLU after a
+    residual add) becomes a :class:`~minaction.nn.EnergyActivation` (the same activation and the
+    energy of its output; one applied several times per forward, as a ResNet block's
+    ``self.relu``, counts every call); ``wrap_activations=False`` leaves them alone.
+
     Left unchanged, each with its reason in the report: layers with no activation after them
     (the logits layer), ``LeakyReLU``, custom GELU modules and other activations the
     kernels do not implement, layers followed by another activation *function* (``torch.tanh``,
@@ -557,6 +668,8 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
             seen |= _convert_sequential(mod, f"{name}." if name else "", rep, opts,
                                         None if outputs is None else (model, outputs[1]))
     seen |= _convert_traced(model, seen, rep, opts, outputs)
+    if wrap_activations:
+        _convert_activations(model, rep, opts, outputs)
     for name, mod in model.named_modules():
         if isinstance(mod, _LAYER_LIKE) and not isinstance(mod, EnergyLayer) and id(mod) not in seen:
             rep.skipped.append((name or type(mod).__name__,
@@ -605,7 +718,7 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
             xs = inp[0].shape if inp else ()
             weights = [
                 p for n, p in mod.named_parameters(recurse=False) if n.endswith("weight")]
-            e = mod.last_energy
+            e = mod.__dict__.get("_call_energy", mod.last_energy)  # an accumulating EnergyActivation: this call's
             rows.append({
                 "layer": name, "type": type(mod).__name__, "activation": getattr(mod, "activation", None),
                 "energy": float(e.sum()) if e is not None else float("nan"),

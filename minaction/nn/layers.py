@@ -186,8 +186,8 @@ class EnergyLayer(nn.Module):
         state = super().__getstate__()
         state["_last_energy"] = None
         state.pop("_reentrant_energy", None)
-        state.pop("_unread", None)
-        state.pop("_lost_checks", None)
+        for transient in ("_unread", "_lost_checks", "_call_energy", "_fresh"):  # the last steps' bookkeeping
+            state.pop(transient, None)
         state.pop("_plan", None)  # a cached call plan refers to this copy's tensors: rebuilt on first forward
         return state
 

@@ -272,7 +272,7 @@ def test_convert_quickstart_reports_and_logs(caplog):
     assert "linear_relu_stack.0" in caplog.text and "EnergyLinear" in caplog.text
     assert isinstance(model.linear_relu_stack[0], EnergyLinear)
     torch.testing.assert_close(model(x), before)
-    assert "converted 2 layer(s)" in str(rep)
+    assert "converted 2 module(s)" in str(rep)
 
 
 def test_convert_functional_relu_net_converts_and_trains_as_the_hand_written_penalty():
@@ -1052,6 +1052,12 @@ def test_torch_compile_conv_nets_one_graph_for_every_size(dynamic):
 
 
 def test_convert_conv_batchnorm_relu_says_why():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+    """The conv stays plain (the norm sits between it and its activation), and the ReLU after the norm
+    takes the energy as an EnergyActivation; as the model's last module it stays plain too."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+    _, rep = minaction.convert(model, return_report=True)
+    why = dict(rep.skipped)["0"]
+    assert "BatchNorm2d sits between the layer and ReLU" in why and "EnergyActivation" in why
+    assert [n for n, _ in rep.converted] == ["2"] and type(model[2]).__name__ == "EnergyActivation"
     with pytest.warns(UserWarning, match="BatchNorm2d sits between the layer and ReLU"):
-        minaction.convert(model)
+        minaction.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()))

@@ -1,0 +1,233 @@
+"""EnergyActivation (an activation module with its output's energy) and convert's use of it for the
+activations that follow a norm (Conv → BatchNorm → ReLU, Linear → LayerNorm → GELU) or a residual
+add, as in a ResNet block."""
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import gradcheck
+
+import minaction
+from minaction.nn import EnergyActivation, EnergyConv2d, EnergyLinear
+
+torch.set_num_threads(1)
+LAM = 0.05
+ACTS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu,
+        "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda z: z}
+
+
+def _energy(y, rows):
+    return (y.reshape(-1, y.shape[-1]) if rows == "leading" else y.reshape(y.shape[0], -1)).square().sum(1).mean()
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("rows,shape", [("batch", (3, 4, 5, 2)), ("leading", (3, 5, 7)), ("batch", (4, 7)),
+                                        ("leading", (4, 7)), ("batch", (6,))])
+def test_values_energy_and_every_gradient_match_plain_pytorch(act, rows, shape):
+    torch.manual_seed(0)
+    m = EnergyActivation(act, rows=rows)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    want = ACTS[act](x)
+    e_want = _energy(want if len(shape) > 1 else want.unsqueeze(1), rows)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(m.last_energy, e_want)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad((y * g).sum() + LAM * m.last_energy, x)[0]
+    ref = torch.autograd.grad((want * g).sum() + LAM * e_want, x)[0]
+    torch.testing.assert_close(got, ref)
+    assert gradcheck(lambda t: (m(t), m.last_energy), (torch.randn(*shape, dtype=torch.float64, requires_grad=True),))
+
+
+def test_float32_channels_last_non_contiguous_penalty_l1_and_errors():
+    torch.manual_seed(0)
+    m = EnergyActivation("relu")
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    y = m(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.relu(x))
+    torch.testing.assert_close(m.last_energy, _energy(F.relu(x), "batch"))
+    xt = torch.randn(5, 3).t()  # not contiguous
+    torch.testing.assert_close(m(xt), F.relu(xt))
+    l1 = EnergyActivation("tanh", energy="l1", energy_reduction="mean")
+    z = torch.randn(4, 6)
+    l1(z)
+    torch.testing.assert_close(l1.last_energy, torch.tanh(z).abs().mean(1).mean())
+    pen = EnergyActivation("silu", penalty=LAM)  # the in-layer penalty: the gradient of y + LAM * E
+    z = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(pen(z).sum(), z)[0]
+    ref = torch.autograd.grad(F.silu(z).sum() + LAM * _energy(F.silu(z), "batch"), z)[0]
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match="rows must be one of"):
+        EnergyActivation(rows="tokens")
+    with pytest.raises(ValueError, match="batch dimension"):
+        m(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="activation"):
+        EnergyActivation("leaky_relu")
+
+
+class Block(nn.Module):
+    """torchvision's ResNet BasicBlock, shrunk: one ReLU module after bn1 and after the residual add."""
+
+    def __init__(self, c=2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+class ResNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2), nn.ReLU(inplace=True))
+        self.layer1 = nn.Sequential(Block(), Block())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.layer1(self.stem(x))), 1))
+
+
+def _hand_penalty(model):
+    """Forward hooks on every ReLU module of the plain model: the outputs the energy is taken on."""
+    outs = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: outs.append(o.clone()))
+             for m in model.modules() if isinstance(m, nn.ReLU)]
+    return outs, hooks
+
+
+def test_a_resnet_converts_its_activations_and_trains_as_plain_pytorch():
+    """Conv-BatchNorm-ReLU everywhere, and a block's self.relu applied twice: no layer can fuse, so
+    every ReLU becomes an EnergyActivation; the block's sums both of its calls. The energy is the
+    hand-written penalty over every ReLU output, and three SGD steps (BatchNorm in training mode)
+    give the same parameters as plain PyTorch with that penalty."""
+    torch.manual_seed(0)
+    model = ResNetish().double()
+    plain = copy.deepcopy(model)
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["stem.2", "layer1.0.relu", "layer1.1.relu"]
+    assert "applied 2 times in Block.forward(), every call counted" in dict(rep.converted)["layer1.0.relu"]
+    assert all(type(m) is not nn.ReLU for m in model.modules())
+    assert model.layer1[0].relu.accumulate and model.layer1[0].relu.rows == "batch"
+    outs, hooks = _hand_penalty(plain)
+    x, y = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    opt_p = torch.optim.SGD(plain.parameters(), lr=0.1)
+    opt_m = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no call's energy is lost
+        for _ in range(3):
+            outs.clear()
+            loss_p = F.cross_entropy(plain(x), y) + LAM * sum(_energy(o, "batch") for o in outs)
+            loss_m = F.cross_entropy(model(x), y) + LAM * minaction.total_energy(model)
+            assert len(outs) == 5
+            torch.testing.assert_close(loss_m, loss_p)
+            for opt, loss in ((opt_p, loss_p), (opt_m, loss_m)):
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    for hook in hooks:
+        hook.remove()
+    for (n, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, msg=n)
+    # copies (EMA, best-model) reset their own sums, evaluation counts every call too
+    model.eval()
+    plain.eval()
+    outs, hooks = _hand_penalty(plain)
+    with torch.no_grad():
+        for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), model):
+            outs.clear()
+            torch.testing.assert_close(copied(x), plain(x))
+            torch.testing.assert_close(minaction.total_energy(copied), sum(_energy(o, "batch") for o in outs))
+    for hook in hooks:
+        hook.remove()
+    with minaction.record_energy(model) as tape:  # a tape sees each call once
+        model(x)
+    assert len(tape) == 5
+    torch.testing.assert_close(tape.total(), minaction.total_energy(model))
+
+
+class NormMLP(nn.Module):
+    """A token MLP with a norm before its activation, an activation applied in train mode only, and a
+    sigmoid head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.gelu = nn.Linear(4, 6), nn.LayerNorm(6), nn.GELU()
+        self.fc2, self.drop_act = nn.Linear(6, 6), nn.Tanh()
+        self.head, self.sig = nn.Linear(6, 1), nn.Sigmoid()
+
+    def forward(self, x):
+        h = self.gelu(self.ln(self.fc1(x)))
+        h = self.fc2(h)
+        if self.training:
+            h = self.drop_act(h)
+        return self.sig(self.head(h))
+
+
+def test_norm_then_activation_rows_modes_and_what_stays_plain():
+    torch.manual_seed(0)
+    model = NormMLP()
+    x = torch.randn(2, 5, 4)  # [B, T, C] tokens
+    before = model(x)
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["gelu"]
+    gelu = model.gelu
+    assert isinstance(gelu, EnergyActivation) and gelu.rows == "leading" and gelu.activation == "gelu"
+    skipped = dict(rep.skipped)
+    assert "train and eval mode only" in skipped["drop_act"] and type(model.drop_act) is nn.Tanh
+    assert "Sigmoid gives NormMLP's output" in skipped["head"] and type(model.sig) is nn.Sigmoid
+    torch.testing.assert_close(model(x), before)
+    h = F.gelu(model.ln(model.fc1(x)))
+    torch.testing.assert_close(minaction.total_energy(model), h.square().sum(-1).mean())  # per token
+
+    plain = NormMLP()
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(plain, wrap_activations=False, return_report=True)
+    assert rep.converted == [] and type(plain.gelu) is nn.GELU
+    why = dict(rep.skipped)["fc1"]
+    assert "followed by LayerNorm (ln)" in why and "a norm, not an activation" in why and "EnergyActivation" in why
+
+
+def test_an_activation_after_an_energy_layer_stays_and_sequential_norms_convert():
+    torch.manual_seed(0)
+    seq = nn.Sequential(EnergyLinear(4, 5, activation="identity"), nn.ReLU(),  # its energy counts that output
+                        nn.Linear(5, 5), nn.BatchNorm1d(5), nn.Dropout(0.0), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(3, 4)
+    before = seq(x)
+    _, rep = minaction.convert(seq, return_report=True)
+    assert [n for n, _ in rep.converted] == ["5"]
+    assert type(seq[1]) is nn.ReLU and isinstance(seq[5], EnergyActivation) and seq[5].rows == "batch"
+    assert "ReLU after BatchNorm1d" in dict(rep.converted)["5"]
+    torch.testing.assert_close(seq(x), before)
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.SiLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    minaction.convert(conv)
+    assert isinstance(conv[2], EnergyActivation) and type(conv[0]) is nn.Conv2d
+    assert not isinstance(conv[0], EnergyConv2d)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "composite", "reference"])
+@pytest.mark.parametrize("act", ["relu", "gelu_tanh", "sigmoid"])
+def test_every_cpu_backend_gives_the_same_module(backend, act):
+    torch.manual_seed(0)
+    m = EnergyActivation(act, rows="leading", backend=backend)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    want = ACTS[act](x)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(m.last_energy, _energy(want, "leading"))
+    got = torch.autograd.grad(y.sum() + LAM * m.last_energy, x)[0]
+    ref = torch.autograd.grad(want.sum() + LAM * _energy(want, "leading"), x)[0]
+    torch.testing.assert_close(got, ref)
