@@ -300,7 +300,9 @@ def _analyse(module: nn.Module, graph: fx.Graph, layer_paths: List[str], act_nam
                 where = f"in {type(module).__name__}.forward()"
                 if b.op == "output":
                     reasons[path] = f"its output is returned by {type(module).__name__}.forward(): left as is " \
-                                    "(a logits or projection layer stays a plain layer)"
+                                    "(a logits or projection layer stays a plain layer; an activation module that " \
+                                    "another forward applies to it cannot be fused, and becomes an EnergyActivation " \
+                                    "instead)"
                 elif b.op != "call_module":
                     reasons[path] = (f"its output goes to {_describe(b, module)} {where}, not to an activation: "
                                      "left as is (a logits or projection layer stays a plain layer)")
