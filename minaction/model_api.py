@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from .nn.activation import UNFUSED_ACTIVATIONS, EnergyActivation
 from .nn.conv import EnergyConv1d, EnergyConv2d
 from .nn.layers import EnergyLayer, EnergyLinear
 
@@ -203,8 +204,10 @@ def _unsupported_act_reason(mod: nn.Module):
     if hint:
         return hint
     if type(mod).__module__ == "torch.nn.modules.activation" and _act_name(mod) is None:
+        also = (" (the layer stays plain, and the activation becomes an EnergyActivation that computes its energy "
+                "with plain PyTorch ops, unless wrap_activations=False)" if type(mod) in UNFUSED_ACTIVATIONS else "")
         return (f"{type(mod).__name__} is not an activation the fused kernels implement (they do relu, gelu (exact "
-                "and tanh-approximated), silu, tanh, sigmoid, identity)")
+                f"and tanh-approximated), silu, tanh, sigmoid, identity){also}")
     return None
 
 
@@ -275,7 +278,8 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
         if act is None:
             why = _unsupported_act_reason(act_mod) if act_mod is not None else None
             after = seq._modules[keys[act_idx + 1]] if act_idx + 1 < len(keys) else None
-            if why is None and after is not None and _act_name(after) is not None:
+            if why is None and after is not None and (_act_name(after) is not None or
+                                                      type(after) in UNFUSED_ACTIVATIONS):
                 why = (f"{type(act_mod).__name__} sits between the layer and {type(after).__name__}: the fused layer "
                        "applies the activation right after the affine map, so the layer stays plain (the activation "
                        "after the norm becomes a minaction.nn.EnergyActivation, unless wrap_activations=False)")
@@ -518,7 +522,6 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
     calls in each forward of the module that applies it (``EnergyActivation.accumulate_in``). One
     that follows an energy layer (whose energy already counts it) stays."""
     from ._fx_pairs import _trace, owner_of
-    from .nn.activation import EnergyActivation
 
     energy, energy_reduction, backend = opts
     uses: dict = {}
@@ -530,16 +533,21 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
     def replace(path, mod, prev, where):
         act = _act_name(mod)
         rows = _rows_after(prev)
-        new = EnergyActivation(act, energy, energy_reduction, rows=rows, backend=backend).train(mod.training)
+        new = EnergyActivation(act if act is not None else mod, energy, energy_reduction, rows=rows,
+                               backend=backend).train(mod.training)
         _set_submodule(model, path, new)
         after = f" after {type(prev).__name__}" if prev is not None else ""
-        rep.converted.append((path, f"{type(mod).__name__}{after} -> EnergyActivation(activation={act!r}, "
-                                    f"rows={rows!r}){where}: the same activation, and the energy of its output"))
+        how = ("the same activation, and the energy of its output" if act is not None else
+               f"the same module, and the energy of its output computed with plain PyTorch ops (the fused kernels "
+               f"have no {type(mod).__name__}: this pass costs what the hand-written penalty does)")
+        rep.converted.append((path, f"{type(mod).__name__}{after} -> EnergyActivation(activation={new.activation!r}, "
+                                    f"rows={rows!r}){where}: {how}"))
         return new
 
     for path, mod in list(model.named_modules()):
         act = _act_name(mod) if path else None
-        if act is None or act == "identity" or uses.get(id(mod), 0) != 1:
+        if (act is None and (not path or type(mod) not in UNFUSED_ACTIVATIONS)) or act == "identity" \
+                or uses.get(id(mod), 0) != 1:
             continue
         if outputs is not None and id(mod) in outputs[0]:
             continue  # the model's output (its layer, if any, is reported as the output layer)

@@ -9,24 +9,36 @@ costs.
 """
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..backends import energy_dtype
 from ..ops import activation_energy
+from ..ops.energy import with_penalty
 from . import layers as _layers
 from .layers import EnergyLayer
 
 _ROWS = ("batch", "leading")
+# elementwise activation modules without parameters or randomness that the fused kernels do not have: an
+# EnergyActivation applies them as they are and computes the energy with plain PyTorch ops
+UNFUSED_ACTIVATIONS = (nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+                       nn.Mish, nn.Softplus, nn.Softsign, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.LogSigmoid,
+                       nn.Threshold)
 
 
 class EnergyActivation(EnergyLayer):
     """``act(x)``, with ``last_energy`` the energy of its output.
 
     Args:
-        activation: "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid" or "identity".
+        activation: "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid" or "identity" (the fused
+            activation + energy pass), or an elementwise activation module the kernels do not have
+            (``nn.LeakyReLU(0.2)``, ``nn.ReLU6()``, ``nn.ELU()``, ``nn.Hardswish()``, ... see
+            ``UNFUSED_ACTIVATIONS``): applied as it is, with the energy computed by plain PyTorch ops
+            (unfused: it costs what the hand-written penalty costs).
         energy, energy_reduction, backend, penalty: as :class:`~minaction.nn.EnergyLinear`.
         rows: what a sample is. ``"batch"`` (default): dim 0, every other dim a unit, as
             ``EnergyConv`` counts a feature map ``[B, C, *spatial]`` (after a ``BatchNorm2d``);
@@ -44,7 +56,21 @@ class EnergyActivation(EnergyLayer):
         super().__init__()
         if rows not in _ROWS:
             raise ValueError(f"rows must be one of {_ROWS}, got {rows!r}")
+        fn = None
+        if isinstance(activation, nn.Module):
+            if type(activation) not in UNFUSED_ACTIVATIONS:
+                raise ValueError(f"activation module {type(activation).__name__} is not one EnergyActivation applies "
+                                 "(an elementwise activation without parameters or randomness: "
+                                 f"{', '.join(c.__name__ for c in UNFUSED_ACTIVATIONS)}); for relu, gelu, silu, tanh, "
+                                 "sigmoid pass the name, which runs the fused kernels")
+            fn = copy.deepcopy(activation)
+            if getattr(fn, "inplace", False):
+                fn.inplace = False  # the energy reads the output: the input is not overwritten
+            activation = "identity"  # validates the energy options; the name is set below
         self._init_energy(activation, energy, energy_reduction, penalty)
+        if fn is not None:
+            self.__dict__["_fn"] = fn  # not a submodule: nothing in state_dict, as the module it replaces
+            self.activation = repr(fn)
         self.rows = rows
         self.backend = backend
         self.accumulate = False
@@ -64,7 +90,10 @@ class EnergyActivation(EnergyLayer):
                              f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-dim tensor'}")
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")
         kw = dict(backend=self.backend, penalty=self.penalty)
-        if self.rows == "leading" and x.dim() > 2:
+        fn = self.__dict__.get("_fn")
+        if fn is not None:
+            y, e = self._unfused(fn, x)
+        elif self.rows == "leading" and x.dim() > 2:
             y, e = activation_energy(x.reshape(-1, x.shape[-1]), self.activation, self.energy, self.energy_reduction,
                                      **kw)
             y = y.view(x.shape)
@@ -94,6 +123,19 @@ class EnergyActivation(EnergyLayer):
         elif _layers._grad_enabled() and not _layers._compiling() and _layers._interpreter_stack() is None:
             _layers._count_call(self, old)
         return y
+
+    def _unfused(self, fn: nn.Module, x: torch.Tensor):
+        """An activation the kernels do not have: the module itself, then the energy of its output in
+        plain PyTorch ops (the same definition: a mean over rows of a sum or mean over units)."""
+        y = fn(x)
+        if not self.p:
+            return y, torch.zeros((), dtype=energy_dtype(y.dtype), device=y.device)
+        t = y.to(energy_dtype(y.dtype))
+        t = t.reshape(-1, t.shape[-1]) if self.rows == "leading" and t.dim() > 1 else t.reshape(t.shape[0], -1)
+        t = t.abs() if self.p == 1 else t.square()
+        per_row = t.mean(1) if self.energy_reduction == "mean" else t.sum(1)
+        e = per_row.sum() / max(t.shape[0], 1)  # an empty batch: 0, as the fused pass gives
+        return with_penalty(y, e, self.penalty), e
 
     def extra_repr(self) -> str:
         s = f"activation={self.activation!r}, energy={self.energy!r}"

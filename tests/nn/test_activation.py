@@ -253,3 +253,76 @@ def test_a_converted_resnet_under_torch_compile_fullgraph():
         want.backward()
     for a, b in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("module", [nn.LeakyReLU(0.2), nn.ReLU6(), nn.ELU(), nn.SELU(), nn.CELU(0.5), nn.Hardswish(),
+                                    nn.Hardsigmoid(), nn.Hardtanh(-2, 2), nn.Mish(), nn.Softplus(beta=2),
+                                    nn.Softsign(), nn.Softshrink(), nn.Hardshrink(), nn.Tanhshrink(), nn.LogSigmoid(),
+                                    nn.Threshold(0.1, -1.0)], ids=lambda m: type(m).__name__)
+def test_activations_the_kernels_do_not_have_run_unfused_with_the_same_energy(module):
+    """Any elementwise activation module without parameters: applied as it is, the energy from plain ops
+    (the same definition), every gradient as plain PyTorch's, no state_dict entry."""
+    torch.manual_seed(0)
+    for rows, shape in (("batch", (3, 2, 4, 4)), ("leading", (3, 5, 6))):
+        m = EnergyActivation(module, rows=rows)
+        assert m.state_dict() == {} and m.activation == repr(module)
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        y = m(x)
+        want = module(x)
+        torch.testing.assert_close(y, want)
+        torch.testing.assert_close(m.last_energy, _energy(want, rows))
+        got = torch.autograd.grad(y.sum() + LAM * m.last_energy, x)[0]
+        ref = torch.autograd.grad(want.sum() + LAM * _energy(want, rows), x)[0]
+        torch.testing.assert_close(got, ref)
+    pen = EnergyActivation(module, energy="l1", penalty=LAM)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(pen(x).sum(), x)[0]
+    ref = torch.autograd.grad(module(x).sum() + LAM * module(x).abs().sum(1).mean(), x)[0]
+    torch.testing.assert_close(got, ref)
+
+
+def test_unfused_activation_leaves_its_input_alone_and_refuses_what_it_cannot_apply():
+    m = EnergyActivation(nn.LeakyReLU(0.1, inplace=True))
+    x = torch.randn(4, 5)
+    keep = x.clone()
+    m(x)
+    torch.testing.assert_close(x, keep)  # in place in the original module, not here: the energy reads the output
+    for bad in (nn.PReLU(), nn.Softmax(dim=1), nn.RReLU(), nn.GLU()):
+        with pytest.raises(ValueError, match="is not one EnergyActivation applies"):
+            EnergyActivation(bad)
+    for copied in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        torch.testing.assert_close(copied(keep), F.leaky_relu(keep, 0.1))
+
+
+def test_a_dcgan_discriminator_converts_its_leaky_relus_and_trains_as_plain_pytorch():
+    """pytorch/examples' DCGAN discriminator, shrunk: Conv + LeakyReLU(0.2) and Conv + BatchNorm + LeakyReLU,
+    ending in Conv + Sigmoid. The LeakyReLUs become unfused EnergyActivations, the output stays plain, and
+    three Adam steps equal plain PyTorch with the penalty written by hand."""
+    torch.manual_seed(0)
+
+    def disc():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 2, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+                             nn.Conv2d(2, 4, 4, 2, 1, bias=False), nn.BatchNorm2d(4), nn.LeakyReLU(0.2, inplace=True),
+                             nn.Conv2d(4, 1, 4, 1, 0, bias=False), nn.Sigmoid(), nn.Flatten(0)).double()
+
+    model, plain = disc(), disc()
+    _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["1", "4"] and type(model[6]) is nn.Sigmoid
+    outs = []
+    for i in (1, 4):
+        plain[i].inplace = False
+        plain[i].register_forward_hook(lambda mod, inp, o: outs.append(o))
+    x, y = torch.randn(3, 1, 16, 16, dtype=torch.float64), torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    opt_p, opt_m = torch.optim.Adam(plain.parameters(), lr=1e-2), torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        outs.clear()
+        loss_p = F.binary_cross_entropy(plain(x), y) + LAM * sum(_energy(o, "batch") for o in outs)
+        loss_m = F.binary_cross_entropy(model(x), y) + LAM * minaction.total_energy(model)
+        torch.testing.assert_close(loss_m, loss_p)
+        for opt, loss in ((opt_p, loss_p), (opt_m, loss_m)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (n, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, msg=n)

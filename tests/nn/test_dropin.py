@@ -351,10 +351,17 @@ def test_convert_conv1d_pair():
 def test_convert_says_why_for_unsupported_activations():
     model = nn.Sequential(nn.Linear(4, 4), nn.Hardswish(), nn.Linear(4, 4), nn.LeakyReLU())
     with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(model, return_report=True)
+        _, rep = minaction.convert(copy.deepcopy(model), wrap_activations=False, return_report=True)
     why = dict(rep.skipped)
     assert "Hardswish" in why["0"] and "not an activation the fused kernels implement" in why["0"]
     assert "LeakyReLU" in why["2"] and "not an activation the fused kernels implement" in why["2"]
+    x = torch.randn(3, 4)
+    before = model(x)
+    _, rep = minaction.convert(model, return_report=True)  # the Hardswish takes the energy, unfused
+    assert [n for n, _ in rep.converted] == ["1"] and "plain PyTorch ops" in rep.converted[0][1]
+    assert "becomes an EnergyActivation" in dict(rep.skipped)["0"] and type(model[3]) is nn.LeakyReLU  # the output
+    torch.testing.assert_close(model(x), before)
+    torch.testing.assert_close(minaction.total_energy(model), F.hardswish(model[0](x)).square().sum(1).mean())
     reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.ReLU())
     with pytest.warns(UserWarning, match="padding_mode='reflect'"):
         minaction.convert(reflect)
