@@ -63,7 +63,8 @@ _graph_task = torch._C._current_graph_task_id  # -1 outside a backward
 # what the energy's autograd node may be reached through from the energy tensor: reductions and views
 # applied to the energy only (a batched layer's mean over samples, the reference backend's sums)
 _ENERGY_ONLY_NODES = frozenset({"MeanBackward0", "MeanBackward1", "ViewBackward0", "SumBackward0", "SumBackward1",
-                                "MulBackward0", "DivBackward0", "PowBackward0", "AbsBackward0"})
+                                "MulBackward0", "DivBackward0", "PowBackward0", "AbsBackward0", "ToCopyBackward0",
+                                "UnsafeViewBackward0", "CloneBackward0"})
 _LOST_CHECKS = 16  # forwards per layer that replace an unread energy and are checked (_replaced_unread)
 
 

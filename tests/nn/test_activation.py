@@ -326,3 +326,32 @@ def test_a_dcgan_discriminator_converts_its_leaky_relus_and_trains_as_plain_pyto
             opt.step()
     for (n, p), q in zip(plain.named_parameters(), model.parameters()):
         torch.testing.assert_close(q, p, msg=n)
+
+
+@pytest.mark.parametrize("activation", ["relu", nn.LeakyReLU(0.2)], ids=["fused", "unfused"])
+def test_an_activation_module_called_twice_warns_unless_it_accumulates(activation):
+    """As for layers: total_energy holds the last call, and the backward through the first one says so;
+    a module set to accumulate in its owner counts both calls and says nothing."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = EnergyActivation(activation)
+
+        def forward(self, x):
+            return self.act(x) - self.act(2 * x)
+
+    model = Twice()
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def step():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (model(x).sum() + minaction.total_energy(model)).backward()
+        return [w for w in caught if "counted nowhere" in str(w.message)]
+
+    assert len(step()) == 1
+    model.act.accumulate_in(model, "act")
+    assert step() == []
+    act = activation if isinstance(activation, nn.Module) else F.relu
+    model(x)
+    torch.testing.assert_close(minaction.total_energy(model), _energy(act(x), "batch") + _energy(act(2 * x), "batch"))
