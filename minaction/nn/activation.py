@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ class EnergyActivation(EnergyLayer):
     over the calls made since that module's forward began.
     """
 
-    def __init__(self, activation: str = "relu", energy: Optional[str] = "l2", energy_reduction: str = "sum",
+    def __init__(self, activation: Union[str, nn.Module] = "relu", energy: Optional[str] = "l2", energy_reduction: str = "sum",
                  rows: str = "batch", backend: Optional[str] = None, penalty: float = 0.0):
         super().__init__()
         if rows not in _ROWS:
