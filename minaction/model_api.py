@@ -415,8 +415,9 @@ def _traced_unsupported_reason(mod: nn.Module):
         return "an nn.Identity in forward() is a placeholder, not an activation: left as is"
     if isinstance(mod, _NORMS):
         return ("a norm, not an activation: the fused layer applies its activation right after the affine map, so "
-                "the layer stays plain (an activation module after the norm becomes a minaction.nn.EnergyActivation, "
-                "unless wrap_activations=False)")
+                "the layer stays plain (an activation module after the norm, such as nn.ReLU(), becomes a "
+                "minaction.nn.EnergyActivation unless wrap_activations=False; a call such as F.relu cannot be "
+                "replaced: apply a module there to count that energy)")
     return _unsupported_act_reason(mod)
 
 
