@@ -16,7 +16,9 @@ cannot be traced, and then every child layer gets that reason.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import operator
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -109,11 +111,42 @@ def _functional_act(node: fx.Node, arg: fx.Node) -> Optional[str]:
     return None
 
 
+_CACHES: list = []  # the traces of the convert call in progress: {(id(module), flip): (module, graph or error)}
+
+
+@contextlib.contextmanager
+def cached_traces():
+    """Within the block each forward is traced once per mode: ``convert`` reads the same forwards for
+    the output layer, the pairs and the activations. The modules it traces (the ones that apply
+    others) are never the ones it replaces, so their graphs stay valid while it works."""
+    _CACHES.append({})
+    try:
+        yield
+    finally:
+        _CACHES.pop()
+
+
 def _trace(module: nn.Module, flip: bool = False) -> fx.Graph:
     """``module.forward`` as an fx graph, every submodule a leaf; with ``flip``, in the other of train /
     eval mode. Optional arguments at their defaults: the path a model takes when called on its input
     alone. The module's attributes are restored afterwards (a forward that stores an intermediate
-    would keep a proxy)."""
+    would keep a proxy). Inside :func:`cached_traces`, a forward traced before is not traced again."""
+    if not _CACHES:
+        return _trace_now(module, flip)
+    cache, key = _CACHES[-1], (id(module), flip)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not module:
+        try:
+            hit = (module, _trace_now(module, flip))
+        except Exception as exc:  # noqa: BLE001 - remembered and raised again, as a second trace would
+            hit = (module, exc)
+        cache[key] = hit
+    if isinstance(hit[1], Exception):
+        raise hit[1]
+    return hit[1]
+
+
+def _trace_now(module: nn.Module, flip: bool) -> fx.Graph:
     saved = _snapshot(module)
     try:
         if flip:
@@ -141,7 +174,6 @@ def _passes(node: fx.Node, module: nn.Module) -> bool:
     if node.op == "call_method":
         return node.target in _PASS_METHODS
     if node.op == "call_function":
-        import operator
         return node.target in _PASS_FUNCTIONS or node.target is operator.getitem
     if node.op == "call_module":
         return isinstance(module.get_submodule(node.target), _PASS_MODULES)
@@ -227,9 +259,9 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
     is named instead, or where an ``nn.ReLU`` module that cannot become ``nn.Identity`` stays after
     the layer, named as ``(its description, why it stays)``), and ``{layer path: reason}`` for the
     rest of those that ``forward()`` calls. ``act_name(m)`` names a supported activation module (or
-    None); ``shared(m)`` says ``m`` is used elsewhere in the model; ``unsupported(m)`` says why an activation-like module cannot be fused, and
-    ``supported`` lists the modules that can. The paths of every submodule this forward calls are
-    appended to ``called`` when given."""
+    None); ``shared(m)`` says ``m`` is used elsewhere in the model; ``unsupported(m)`` says why an
+    activation-like module cannot be fused, and ``supported`` lists the modules that can. The paths
+    of every submodule this forward calls are appended to ``called`` when given."""
     graphs = []
     for flip in (False, True):  # the forward as it runs now, and in the other of train / eval mode
         try:

@@ -310,6 +310,14 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
     return seen
 
 
+def _use_counts(model: nn.Module) -> dict:
+    """``{id(module): the number of places it is registered in model}`` (a module registered twice is shared)."""
+    uses: dict = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    return uses
+
+
 def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, outputs=None) -> set:
     """Convert the layer + activation pairs that modules other than ``nn.Sequential`` apply in their
     ``forward()`` (read with torch.fx, see ``_fx_pairs``); return the ids of the layers decided.
@@ -317,9 +325,7 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, ou
     does; see ``_fx_pairs.output_modules``) to leave the output layer plain."""
     from ._fx_pairs import find_pairs, keeps_relu, owner_of
 
-    uses: dict = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    uses = _use_counts(model)
 
     foreign: set = set()  # modules that a forward other than their owner's applies (parent.forward: self.block.act)
 
@@ -439,11 +445,9 @@ def _identity(x):
 
 def _function_act(fn) -> Optional[str]:
     """The fused activation a feed-forward block's ``activation`` (a function or a module) computes."""
-    if isinstance(fn, nn.Module):
-        return _act_name(fn)
-    import torch.nn.functional as F
-    return {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh",
-            F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}.get(fn)
+    from ._fx_pairs import _FUNCTIONAL
+
+    return _act_name(fn) if isinstance(fn, nn.Module) else _FUNCTIONAL.get(fn)
 
 
 def _convert_transformer_layers(model: nn.Module, rep: ConversionReport, opts) -> set:
@@ -455,9 +459,7 @@ def _convert_transformer_layers(model: nn.Module, rep: ConversionReport, opts) -
     layers decided."""
     from ._fx_pairs import _SHARED
 
-    uses: dict = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    uses = _use_counts(model)
     decided = set()
     for name, blk in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -503,11 +505,8 @@ def _convert_transformer_layers(model: nn.Module, rep: ConversionReport, opts) -
     return decided
 
 
-# what an activation module may follow, by what a sample's units are: a feature map [B, C, *spatial] (its units
-# are every dim after the batch) or features [..., C] (every leading dim a row, as EnergyLinear counts tokens)
-_FEATURE_MAP_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d,
-                        nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-                        nn.ConvTranspose2d, nn.ConvTranspose3d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
+# what an activation module may follow where every leading dim is a row ([..., C] features, as EnergyLinear counts
+# tokens); after anything else (a BatchNorm, conv, pooling, a residual add) a sample is dim 0: a feature map
 _ROW_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Linear, nn.Embedding, nn.Bilinear)
 
 
@@ -525,9 +524,7 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
     from ._fx_pairs import _trace, owner_of
 
     energy, energy_reduction, backend = opts
-    uses: dict = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
+    uses = _use_counts(model)
     graphs: dict = {}
     names = {id(m): n for n, m in model.named_modules()}  # the owners: never replaced below
 
@@ -665,6 +662,22 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     the model has no energy layers, a warning says why. Returns ``model``, or
     ``(model, ConversionReport)`` with ``return_report=True``.
     """
+    from ._fx_pairs import cached_traces
+
+    with cached_traces():
+        rep = _convert(model, energy, energy_reduction, backend, include_output, wrap_activations)
+    for path, desc in rep.converted:
+        _log.info("minaction.convert: %s: %s", path, desc)
+    if not rep.converted and not any(isinstance(m, EnergyLayer) for m in model.modules()):
+        reasons = "; ".join(f"{n}: {d}" for n, d in rep.skipped[:6]) or "it has no Linear or Conv layers"
+        more = f" (and {len(rep.skipped) - 6} more)" if len(rep.skipped) > 6 else ""
+        warnings.warn(f"minaction.convert converted nothing in {type(model).__name__}: {reasons}{more}. "
+                      f"Note: {_FUNCTIONAL_HINT}.", UserWarning, stacklevel=2)
+    return (model, rep) if return_report else model
+
+
+def _convert(model, energy, energy_reduction, backend, include_output, wrap_activations) -> ConversionReport:
+    """``convert``'s work: the report of what was replaced and what stayed."""
     from ._fx_pairs import output_modules
 
     rep = ConversionReport()
@@ -686,14 +699,7 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
                                 "(nor inside an nn.Sequential), so no activation could be paired with it"))
     for entries in (rep.converted, rep.skipped):  # module order, whichever way each layer was read
         entries.sort(key=lambda item: _order.get(item[0], len(_order)))
-    for path, desc in rep.converted:
-        _log.info("minaction.convert: %s: %s", path, desc)
-    if not rep.converted and not any(isinstance(m, EnergyLayer) for m in model.modules()):
-        reasons = "; ".join(f"{n}: {d}" for n, d in rep.skipped[:6]) or "it has no Linear or Conv layers"
-        more = f" (and {len(rep.skipped) - 6} more)" if len(rep.skipped) > 6 else ""
-        warnings.warn(f"minaction.convert converted nothing in {type(model).__name__}: {reasons}{more}. "
-                      f"Note: {_FUNCTIONAL_HINT}.", UserWarning, stacklevel=2)
-    return (model, rep) if return_report else model
+    return rep
 
 
 def weight_density(w: torch.Tensor, rel_tol: float = 1e-3) -> float:

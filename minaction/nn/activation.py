@@ -51,8 +51,9 @@ class EnergyActivation(EnergyLayer):
     over the calls made since that module's forward began.
     """
 
-    def __init__(self, activation: Union[str, nn.Module] = "relu", energy: Optional[str] = "l2", energy_reduction: str = "sum",
-                 rows: str = "batch", backend: Optional[str] = None, penalty: float = 0.0):
+    def __init__(self, activation: Union[str, nn.Module] = "relu", energy: Optional[str] = "l2",
+                 energy_reduction: str = "sum", rows: str = "batch", backend: Optional[str] = None,
+                 penalty: float = 0.0):
         super().__init__()
         if rows not in _ROWS:
             raise ValueError(f"rows must be one of {_ROWS}, got {rows!r}")
@@ -118,10 +119,7 @@ class EnergyActivation(EnergyLayer):
         if self.accumulate:
             d["_fresh"] = False
         self.last_energy = e
-        if _layers._TAPES:
-            _layers._record(self, e)
-        elif _layers._grad_enabled() and not _layers._compiling() and _layers._interpreter_stack() is None:
-            _layers._count_call(self, old)
+        _layers._after_forward(self, e, old)
         return y
 
     def _unfused(self, fn: nn.Module, x: torch.Tensor):

@@ -116,10 +116,7 @@ class _EnergyConvNd(EnergyLayer):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")
         y = self._run(x, pool=False)
-        if _layers._TAPES:
-            _layers._record(self, self.__dict__["_last_energy"])
-        elif _layers._grad_enabled() and not _layers._compiling() and _layers._interpreter_stack() is None:
-            _layers._count_call(self, old)
+        _layers._after_forward(self, self.__dict__["_last_energy"], old)
         return y
 
     def forward_max_pool2(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,10 +134,7 @@ class _EnergyConvNd(EnergyLayer):
             return max_pool2(self(x), self._dims)
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")
         y = self._run(x, pool=True)
-        if _layers._TAPES:
-            _layers._record(self, self.__dict__["_last_energy"])
-        elif _layers._grad_enabled() and not _layers._compiling() and _layers._interpreter_stack() is None:
-            _layers._count_call(self, old)
+        _layers._after_forward(self, self.__dict__["_last_energy"], old)
         for hook in self._forward_hooks.values():  # energy-only hooks (see _hooks_allow_fusion)
             hook(self, (x,), y)
         return y

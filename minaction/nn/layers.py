@@ -107,11 +107,16 @@ def _warn_lost_energy(layer_ref, grad_outputs) -> None:
         UserWarning, stacklevel=2)
 
 
-def _count_call(layer: nn.Module, old: Optional[torch.Tensor]) -> None:
-    """Mark a differentiable forward's energy unread when only ``last_energy`` keeps it (no tape
-    records it, no in-layer penalty counts it); ``old`` is the energy it replaces. A
-    recomputation inside a backward (``torch.utils.checkpoint``) is not a new call."""
-    if not _TAPES and not layer.penalty and _graph_task() < 0:
+def _after_forward(layer: nn.Module, e: torch.Tensor, old: Optional[torch.Tensor]) -> None:
+    """What an energy module does with its forward's energy ``e`` (``old``: the one it replaced): hand
+    it to the active ``record_energy`` tapes, or, for a differentiable forward outside
+    ``torch.compile`` and ``torch.func``, mark it unread where only ``last_energy`` keeps it (no
+    in-layer penalty counts it). A recomputation inside a backward (``torch.utils.checkpoint``) is
+    not a new call. (EnergyLinear's fast path inlines this.)"""
+    if _TAPES:
+        _record(layer, e)
+    elif (_grad_enabled() and not _compiling() and _interpreter_stack() is None and not layer.penalty
+          and _graph_task() < 0):
         d = layer.__dict__
         if d.get("_unread"):
             _replaced_unread(layer, old)
@@ -321,7 +326,7 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                         d["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
                         _note_no_grad_energy(self, e)
                         return y
-                    if not (_TAPES or plan.penalty) and _graph_task() < 0:  # _count_call, inlined
+                    if not (_TAPES or plan.penalty) and _graph_task() < 0:  # _after_forward, inlined
                         if d.get("_unread"):
                             _replaced_unread(self, d["_last_energy"])
                         d["_unread"] = True
@@ -333,13 +338,9 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                              penalty=self.penalty)
         old = None if _compiling() else self.__dict__.get("_last_energy")  # dynamo would trace the old graph's tensor
         self.__dict__["_last_energy"] = e
-        if _TAPES:
-            _record(self, e)
-        if not _compiling():
-            if not _grad_enabled():
-                _note_no_grad_energy(self, e)
-            elif _interpreter_stack() is None:  # a torch.func transform's wrapped energy lives only inside it
-                _count_call(self, old)
+        _after_forward(self, e, old)
+        if not _grad_enabled() and not _compiling():
+            _note_no_grad_energy(self, e)
         if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             # compiled: the plain function; torch.jit.trace: no plan made while tracing, so the trace's
             # check run (a second trace) takes this same path and records the same graph

@@ -14,6 +14,7 @@ from torch import nn
 from torch.autograd import gradcheck
 
 import minaction
+from doubles.lockstep import keep_outputs, train_in_lockstep
 from minaction.nn import EnergyActivation, EnergyConv2d, EnergyLinear
 
 torch.set_num_threads(1)
@@ -103,10 +104,7 @@ class ResNetish(nn.Module):
 
 def _hand_penalty(model):
     """Forward hooks on every ReLU module of the plain model: the outputs the energy is taken on."""
-    outs = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: outs.append(o.clone()))
-             for m in model.modules() if isinstance(m, nn.ReLU)]
-    return outs, hooks
+    return keep_outputs((m for m in model.modules() if isinstance(m, nn.ReLU)), clone=True)
 
 
 def test_a_resnet_converts_its_activations_and_trains_as_plain_pytorch():
@@ -124,24 +122,19 @@ def test_a_resnet_converts_its_activations_and_trains_as_plain_pytorch():
     assert model.layer1[0].relu.accumulate and model.layer1[0].relu.rows == "batch"
     outs, hooks = _hand_penalty(plain)
     x, y = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
-    opt_p = torch.optim.SGD(plain.parameters(), lr=0.1)
-    opt_m = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def plain_loss():
+        outs.clear()
+        loss = F.cross_entropy(plain(x), y) + LAM * sum(_energy(o, "batch") for o in outs)
+        assert len(outs) == 5
+        return loss
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no call's energy is lost
-        for _ in range(3):
-            outs.clear()
-            loss_p = F.cross_entropy(plain(x), y) + LAM * sum(_energy(o, "batch") for o in outs)
-            loss_m = F.cross_entropy(model(x), y) + LAM * minaction.total_energy(model)
-            assert len(outs) == 5
-            torch.testing.assert_close(loss_m, loss_p)
-            for opt, loss in ((opt_p, loss_p), (opt_m, loss_m)):
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        train_in_lockstep(plain, model, plain_loss,
+                          lambda: F.cross_entropy(model(x), y) + LAM * minaction.total_energy(model), lr=0.1)
     for hook in hooks:
         hook.remove()
-    for (n, p), q in zip(plain.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q, p, msg=n)
     # copies (EMA, best-model) reset their own sums, evaluation counts every call too
     model.eval()
     plain.eval()
@@ -309,23 +302,18 @@ def test_a_dcgan_discriminator_converts_its_leaky_relus_and_trains_as_plain_pyto
     model, plain = disc(), disc()
     _, rep = minaction.convert(model, return_report=True)
     assert [n for n, _ in rep.converted] == ["1", "4"] and type(model[6]) is nn.Sigmoid
-    outs = []
     for i in (1, 4):
         plain[i].inplace = False
-        plain[i].register_forward_hook(lambda mod, inp, o: outs.append(o))
+    outs, _ = keep_outputs((plain[1], plain[4]))
     x, y = torch.randn(3, 1, 16, 16, dtype=torch.float64), torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
-    opt_p, opt_m = torch.optim.Adam(plain.parameters(), lr=1e-2), torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(3):
+
+    def plain_loss():
         outs.clear()
-        loss_p = F.binary_cross_entropy(plain(x), y) + LAM * sum(_energy(o, "batch") for o in outs)
-        loss_m = F.binary_cross_entropy(model(x), y) + LAM * minaction.total_energy(model)
-        torch.testing.assert_close(loss_m, loss_p)
-        for opt, loss in ((opt_p, loss_p), (opt_m, loss_m)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    for (n, p), q in zip(plain.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q, p, msg=n)
+        return F.binary_cross_entropy(plain(x), y) + LAM * sum(_energy(o, "batch") for o in outs)
+
+    train_in_lockstep(plain, model, plain_loss,
+                      lambda: F.binary_cross_entropy(model(x), y) + LAM * minaction.total_energy(model),
+                      torch.optim.Adam, lr=1e-2)
 
 
 @pytest.mark.parametrize("activation", ["relu", nn.LeakyReLU(0.2)], ids=["fused", "unfused"])

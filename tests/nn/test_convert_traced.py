@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minaction
+from doubles.lockstep import keep_outputs, train_in_lockstep
 from minaction.nn import EnergyConv2d, EnergyLayer, EnergyLinear
 
 torch.set_num_threads(1)
@@ -73,10 +74,7 @@ class NanoGPT(nn.Module):
 def _hand_penalty(model: nn.Module, act_type):
     """Plain PyTorch: record every output of the activation modules of ``act_type``; the energy is
     sum over units of y^2, mean over rows (every leading dimension a row)."""
-    outs = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: outs.append(o)) for m in model.modules()
-             if isinstance(m, act_type)]
-    return outs, hooks
+    return keep_outputs(m for m in model.modules() if isinstance(m, act_type))
 
 
 def _energy(outs):
@@ -118,23 +116,15 @@ def test_nanogpt_mlp_converts_and_trains_as_plain_pytorch():
 
     # training: the converted model's loss + lam*E equals plain PyTorch's hand-written penalty
     outs, hooks = _hand_penalty(plain, nn.GELU)
-    opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-2)
-    opt_m = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(3):
+
+    def plain_loss():
         outs.clear()
-        _, loss_p = plain(idx, targets)
-        loss_p = loss_p + LAM * _energy(outs)
-        _, loss_m = model(idx, targets)
-        loss_m = loss_m + LAM * minaction.total_energy(model)
-        torch.testing.assert_close(loss_m, loss_p)
-        for opt, loss in ((opt_p, loss_p), (opt_m, loss_m)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        return plain(idx, targets)[1] + LAM * _energy(outs)
+
+    train_in_lockstep(plain, model, plain_loss, lambda: model(idx, targets)[1] + LAM * minaction.total_energy(model),
+                      torch.optim.AdamW, lr=1e-2)
     for hook in hooks:
         hook.remove()
-    for (n, p), q in zip(plain.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q, p, msg=n)
 
 
 class Loop(nn.Module):
@@ -694,29 +684,18 @@ def test_torch_transformer_layers_feed_forward_converts_and_trains_as_plain_pyto
             torch.testing.assert_close(run(copied, x), before_eval)
     model.train()
 
-    acts, act_fn = [], plain["dec"].activation  # the same activation in every block
+    act_fn = plain["dec"].activation  # the same activation in every block
+    pre, hooks = keep_outputs(blk.linear1 for blk in (plain["enc"].layers[0], plain["enc"].layers[1], plain["dec"]))
 
-    def keep(mod, inp, out):
-        acts.append(act_fn(out))
-
-    hooks = [blk.linear1.register_forward_hook(keep)
-             for blk in (plain["enc"].layers[0], plain["enc"].layers[1], plain["dec"])]
-    opt_p = torch.optim.SGD(plain.parameters(), lr=0.1)
-    opt_m = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        acts.clear()
+    def plain_loss():
+        pre.clear()
         out_p = run(plain, x)
-        loss_p = out_p.square().mean() + LAM * sum(a.square().sum(-1).mean() for a in acts)
-        loss_m = run(model, x).square().mean() + LAM * minaction.total_energy(model)
-        torch.testing.assert_close(loss_m, loss_p)
-        for opt, loss in ((opt_p, loss_p), (opt_m, loss_m)):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        return out_p.square().mean() + LAM * sum(act_fn(z).square().sum(-1).mean() for z in pre)
+
+    train_in_lockstep(plain, model, plain_loss,
+                      lambda: run(model, x).square().mean() + LAM * minaction.total_energy(model), lr=0.1)
     for hook in hooks:
         hook.remove()
-    for (n, p), q in zip(plain.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q, p, msg=n)
 
 
 class ResidualNoNorm(nn.Module):
