@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from ._custom_act import ELEMENTWISE, FUSED, describe, read_activation
 from .nn.activation import UNFUSED_ACTIVATIONS, EnergyActivation
 from .nn.conv import EnergyConv1d, EnergyConv2d
 from .nn.layers import EnergyLayer, EnergyLinear
@@ -195,11 +196,25 @@ def _act_name(mod: nn.Module):
     for cls, name in _ACT_MODULES.items():
         if type(mod) is cls:
             return name
-    return None
+    act = read_activation(mod)  # a library's own class (timm's GELU, transformers' GELUActivation, NewGELU)
+    return act if act in FUSED else None
+
+
+def _unfused_ok(mod: nn.Module) -> bool:
+    """An activation module EnergyActivation applies as it is, the energy from plain ops."""
+    return type(mod) in UNFUSED_ACTIVATIONS or read_activation(mod) == ELEMENTWISE
+
+
+def _custom_note(mod: nn.Module, act: str) -> str:
+    return f" ({describe(mod, act)})" if read_activation(mod) is not None else ""
 
 
 def _unsupported_act_reason(mod: nn.Module):
     """Why an activation-like module cannot be fused (None if it does not look like an activation)."""
+    if read_activation(mod) == ELEMENTWISE:
+        return (f"{describe(mod, ELEMENTWISE)}: the layer stays plain, and the module becomes an EnergyActivation "
+                "that applies it as it is and computes its energy with plain PyTorch ops, unless "
+                "wrap_activations=False")
     hint = _custom_gelu_hint(mod)
     if hint:
         return hint
@@ -278,8 +293,7 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
         if act is None:
             why = _unsupported_act_reason(act_mod) if act_mod is not None else None
             after = seq._modules[keys[act_idx + 1]] if act_idx + 1 < len(keys) else None
-            if why is None and after is not None and (_act_name(after) is not None or
-                                                      type(after) in UNFUSED_ACTIVATIONS):
+            if why is None and after is not None and (_act_name(after) is not None or _unfused_ok(after)):
                 why = (f"{type(act_mod).__name__} sits between the layer and {type(after).__name__}: the fused layer "
                        "applies the activation right after the affine map, so the layer stays plain (the activation "
                        "after the norm becomes a minaction.nn.EnergyActivation, unless wrap_activations=False)")
@@ -302,7 +316,8 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
             continue
         seq._modules[k] = new
         seq._modules[keys[act_idx]] = nn.Identity().train(act_mod.training)
-        desc = f"{type(mod).__name__}+{type(act_mod).__name__} -> {type(new).__name__}(activation={act!r})"
+        desc = (f"{type(mod).__name__}+{type(act_mod).__name__} -> {type(new).__name__}(activation={act!r})"
+                f"{_custom_note(act_mod, act)}")
         if drop is not None:
             desc += (f"; the {type(drop).__name__} now follows the activation (identical output: dropout commutes "
                      "with ReLU), so the energy is that of the activation before dropout")
@@ -373,7 +388,7 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, ou
             else:
                 desc = (f"{type(layer).__name__}+{type(act_mod).__name__} -> "
                         f"{type(new).__name__}(activation={act!r}), paired in {type(mod).__name__}.forward(); "
-                        f"{prefix}{act_path} is now nn.Identity")
+                        f"{prefix}{act_path} is now nn.Identity{_custom_note(act_mod, act)}")
             if drop is not None:
                 desc += (f"; {prefix}{drop} now follows the activation (identical output: dropout commutes with "
                          "ReLU), so the energy is that of the activation before dropout")
@@ -429,9 +444,10 @@ def _traced_unsupported_reason(mod: nn.Module):
 
 def _custom_gelu_hint(mod: nn.Module):
     if "gelu" in type(mod).__name__.lower() and not isinstance(mod, nn.GELU):
-        return (f"{type(mod).__name__} is a custom module the kernels cannot see into; if it computes GELU's tanh "
-                "approximation (as minGPT's NewGELU does), nn.GELU(approximate='tanh') computes the same function "
-                "and converts to activation='gelu_tanh'")
+        return (f"{type(mod).__name__} is a custom module whose forward() torch.fx could not read as elementwise "
+                "ops on its input alone (custom GELUs such as minGPT's NewGELU or timm's GELU are read and convert); "
+                "if it computes GELU, nn.GELU() or nn.GELU(approximate='tanh') computes the same function and "
+                "converts to activation='gelu' / 'gelu_tanh'")
     return None
 
 
@@ -511,7 +527,13 @@ _ROW_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.Linear, nn.Embedding, nn.Bilinear)
 
 
 def _rows_after(prev: Optional[nn.Module]) -> str:
-    return "leading" if isinstance(prev, _ROW_MODULES) else "batch"
+    if isinstance(prev, _ROW_MODULES):
+        return "leading"
+    # a library's own linear layer (transformers' Conv1D of GPT-2, a quantized linear): a 2-D weight, not a conv
+    w = getattr(prev, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(prev, nn.modules.conv._ConvNd):
+        return "leading"
+    return "batch"
 
 
 def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs) -> None:
@@ -535,7 +557,7 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
                                backend=backend).train(mod.training)
         _set_submodule(model, path, new)
         after = f" after {type(prev).__name__}" if prev is not None else ""
-        how = ("the same activation, and the energy of its output" if act is not None else
+        how = (f"the same activation, and the energy of its output{_custom_note(mod, act)}" if act is not None else
                f"the same module, and the energy of its output computed with plain PyTorch ops (the fused kernels "
                f"have no {type(mod).__name__}: this pass costs what the hand-written penalty does)")
         rep.converted.append((path, f"{type(mod).__name__}{after} -> EnergyActivation(activation={new.activation!r}, "
@@ -544,7 +566,7 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
 
     for path, mod in list(model.named_modules()):
         act = _act_name(mod) if path else None
-        if (act is None and (not path or type(mod) not in UNFUSED_ACTIVATIONS)) or act == "identity" \
+        if (act is None and (not path or not _unfused_ok(mod))) or act == "identity" \
                 or uses.get(id(mod), 0) != 1:
             continue
         if outputs is not None and id(mod) in outputs[0]:
@@ -649,9 +671,17 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     energy of its output; one applied several times per forward, as a ResNet block's
     ``self.relu``, counts every call); ``wrap_activations=False`` leaves them alone.
 
+    A library's own activation class (timm's ``GELU``, transformers' ``GELUActivation`` /
+    ``NewGELUActivation``, minGPT's ``NewGELU``) counts as the activation it computes: its
+    ``forward()`` is read with ``torch.fx`` (only elementwise, deterministic ops on its input, no
+    parameters or buffers, the same in train and eval mode) and its values are compared in float64
+    with relu, gelu, gelu_tanh, silu, tanh and sigmoid; another elementwise function (CLIP's
+    ``QuickGELU``) becomes an unfused ``EnergyActivation``, as ``LeakyReLU`` does.
+
     Left unchanged, each with its reason in the report: layers with no activation after them
-    (the logits layer), ``LeakyReLU``, custom GELU modules and other activations the
-    kernels do not implement, layers followed by another activation *function* (``torch.tanh``,
+    (the logits layer), ``LeakyReLU`` and other activations the kernels do not implement
+    (their module becomes an unfused ``EnergyActivation``), custom modules whose forward is not
+    such an elementwise function, layers followed by another activation *function* (``torch.tanh``,
     ``F.gelu``: applied twice, it would change the output; an in-place ``F.relu(..., inplace=True)``
     would modify the output the layer keeps for backward; the report says what to write instead),
     layers in a ``forward()`` that ``torch.fx`` cannot trace (Python control flow on tensor

@@ -38,7 +38,10 @@ class EnergyActivation(EnergyLayer):
             activation + energy pass), or an elementwise activation module the kernels do not have
             (``nn.LeakyReLU(0.2)``, ``nn.ReLU6()``, ``nn.ELU()``, ``nn.Hardswish()``, ... see
             ``UNFUSED_ACTIVATIONS``): applied as it is, with the energy computed by plain PyTorch ops
-            (unfused: it costs what the hand-written penalty costs).
+            (unfused: it costs what the hand-written penalty costs). A custom module (a library's own
+            class) is read from its ``forward()``: one computing a fused activation (timm's ``GELU``,
+            transformers' ``NewGELUActivation``) runs the fused pass; another elementwise function of
+            its input alone (``QuickGELUActivation``) is applied as it is, like ``nn.LeakyReLU``.
         energy, energy_reduction, backend, penalty: as :class:`~minaction.nn.EnergyLinear`.
         rows: what a sample is. ``"batch"`` (default): dim 0, every other dim a unit, as
             ``EnergyConv`` counts a feature map ``[B, C, *spatial]`` (after a ``BatchNorm2d``);
@@ -59,11 +62,18 @@ class EnergyActivation(EnergyLayer):
             raise ValueError(f"rows must be one of {_ROWS}, got {rows!r}")
         fn = None
         if isinstance(activation, nn.Module):
-            if type(activation) not in UNFUSED_ACTIVATIONS:
+            from .._custom_act import FUSED, read_activation
+
+            read = read_activation(activation) if type(activation) not in UNFUSED_ACTIVATIONS else None
+            if read in FUSED:  # a library's own class computing a fused activation (timm's GELU, NewGELU)
+                activation = read
+            elif type(activation) not in UNFUSED_ACTIVATIONS and read is None:
                 raise ValueError(f"activation module {type(activation).__name__} is not one EnergyActivation applies "
                                  "(an elementwise activation without parameters or randomness: "
-                                 f"{', '.join(c.__name__ for c in UNFUSED_ACTIVATIONS)}); for relu, gelu, silu, tanh, "
-                                 "sigmoid pass the name, which runs the fused kernels")
+                                 f"{', '.join(c.__name__ for c in UNFUSED_ACTIVATIONS)}, or a custom module whose "
+                                 "forward() torch.fx reads as elementwise ops on its input alone); for relu, gelu, "
+                                 "silu, tanh, sigmoid pass the name, which runs the fused kernels")
+        if isinstance(activation, nn.Module):
             fn = copy.deepcopy(activation)
             if getattr(fn, "inplace", False):
                 fn.inplace = False  # the energy reads the output: the input is not overwritten

@@ -5,6 +5,7 @@ objects, and trains as plain PyTorch with the hand-written penalty."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import pickle
 import warnings
@@ -462,19 +463,28 @@ class MinGPTBlock(nn.Module):
         return x + self.mlpf(self.ln_2(x))
 
 
-def test_mingpt_block_newgelu_says_what_to_use_and_tanh_gelu_converts():
-    skipped = _unconverted(MinGPTBlock(NewGELU()))
+class OpaqueGELU(nn.Module):
+    """A GELU-named module whose forward torch.fx cannot read as elementwise ops (it reads a shape)."""
+
+    def forward(self, x):
+        return NewGELU()(x.reshape(-1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("act", ["newgelu", "tanh_gelu"])
+def test_mingpt_block_newgelu_and_tanh_gelu_convert(act):
+    skipped = _unconverted(MinGPTBlock(OpaqueGELU()))
     assert "nn.GELU(approximate='tanh')" in skipped["mlp.c_fc"] and "gelu_tanh" in skipped["mlp.c_fc"]
     assert "operator.add" in skipped["mlp.c_proj"] and "projection" in skipped["mlp.c_proj"]
 
+    make = NewGELU if act == "newgelu" else functools.partial(nn.GELU, approximate="tanh")
     torch.manual_seed(0)
-    block = MinGPTBlock(nn.GELU(approximate="tanh")).double()
+    block = MinGPTBlock(make()).double()
     torch.manual_seed(0)
-    plain = MinGPTBlock(nn.GELU(approximate="tanh")).double()  # not deepcopy: mlpf's closure would be shared
+    plain = MinGPTBlock(make()).double()  # not deepcopy: mlpf's closure would be shared
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     _, rep = minaction.convert(block, return_report=True)
     assert [n for n, _ in rep.converted] == ["mlp.c_fc"] and block.mlp.c_fc.activation == "gelu_tanh"
-    outs, hooks = _hand_penalty(plain, nn.GELU)
+    outs, hooks = _hand_penalty(plain, (nn.GELU, NewGELU))
     loss_p = plain(x).square().mean() + LAM * _energy(outs)
     loss_m = block(x).square().mean() + LAM * minaction.total_energy(block)
     torch.testing.assert_close(loss_m, loss_p)
