@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._custom_act import ELEMENTWISE, FUSED, describe, read_activation
-from .nn.activation import UNFUSED_ACTIVATIONS, EnergyActivation
+from .nn.activation import UNFUSED_ACTIVATIONS, ActivationObserver, EnergyActivation
 from .nn.conv import EnergyConv1d, EnergyConv2d
 from .nn.layers import EnergyLayer, EnergyLinear
 
@@ -22,11 +22,12 @@ _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "
 # dropout commutes with ReLU (it multiplies by a mask >= 0), so Linear-Dropout-ReLU can run as EnergyLinear-Dropout
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _SUPPORTED = "nn.ReLU, nn.GELU() and nn.GELU(approximate='tanh'), nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity"
-_FUNCTIONAL_HINT = ("activation functions called in forward() (torch.tanh(self.fc1(x)), F.gelu; relu calls are fused, "
-                    "since relu is idempotent) cannot be removed by module conversion: build those layers as "
-                    "minaction.nn.EnergyLinear / EnergyConv2d(..., activation='tanh') (they take nn.Linear's / "
-                    "nn.Conv2d's arguments and state_dict), or apply an activation module (nn.Tanh()) instead of "
-                    "the function")
+_FUNCTIONAL_HINT = ("activation functions called in forward() (torch.tanh(self.fc1(x)), F.relu(self.bn(x))) cannot be "
+                    "removed by module conversion: after a layer, a relu call is fused (relu is idempotent), and any "
+                    "other call on a module's output gets an ActivationObserver that counts its energy (one extra "
+                    "pass); for the fused speed build those layers as minaction.nn.EnergyLinear / EnergyConv2d(..., "
+                    "activation='tanh') (they take nn.Linear's / nn.Conv2d's arguments and state_dict), or apply an "
+                    "activation module (nn.Tanh()) instead of the function")
 _log = logging.getLogger("minaction")
 
 
@@ -437,8 +438,8 @@ def _traced_unsupported_reason(mod: nn.Module):
     if isinstance(mod, _NORMS):
         return ("a norm, not an activation: the fused layer applies its activation right after the affine map, so "
                 "the layer stays plain (an activation module after the norm, such as nn.ReLU(), becomes a "
-                "minaction.nn.EnergyActivation unless wrap_activations=False; a call such as F.relu cannot be "
-                "replaced: apply a module there to count that energy)")
+                "minaction.nn.EnergyActivation, and a call such as F.relu(norm(...)) gets an ActivationObserver "
+                "that counts its energy, unless wrap_activations=False)")
     return _unsupported_act_reason(mod)
 
 
@@ -624,6 +625,136 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
             new.accumulate_in(owner, rel)
 
 
+def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, outputs) -> None:
+    """Activation *calls* that no module conversion can replace (``F.relu(self.bn1(self.conv1(x)))``,
+    ``torch.tanh(self.fc(x))``, a block returning ``F.relu(out)``) get an
+    :class:`~minaction.nn.ActivationObserver` on the module whose output they activate, or on the
+    block whose returned value they are: it counts the energy of the activation and leaves the
+    model's values alone. A call after an energy layer (a relu after a layer fused with relu) is
+    counted already; one giving the model's output is not a hidden activation."""
+    from ._fx_pairs import _functional_act, _inplace, _trace
+
+    energy, energy_reduction, backend = opts
+    uses = _use_counts(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    skipped = {p: i for i, (p, _) in enumerate(rep.skipped)}
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer) + _TRANSFORMER_LAYERS
+    for owner_path, owner in list(model.named_modules()):
+        if not owner._modules or isinstance(owner, containers) or type(owner).__module__.startswith("torch."):
+            continue
+        try:
+            graphs = (_trace(owner), _trace(owner, flip=True))
+        except Exception:  # noqa: BLE001 - unreadable: reported by the pairs already
+            continue
+        found = []
+        for g in graphs:
+            calls, out = {}, next(n for n in g.nodes if n.op == "output").args[0]
+            counts: dict = {}
+            for node in g.nodes:
+                if node.op == "call_module":
+                    counts[node.target] = counts.get(node.target, 0) + 1
+            for node in g.nodes:
+                src = node.args[0] if node.args else None
+                act = _functional_act(node, src) if isinstance(src, torch.fx.Node) else None
+                if act is None:
+                    continue
+                if src.op == "call_module":
+                    key = (src.target, counts[src.target] == 1)
+                elif node is out:
+                    key = ("", True)  # the owner's returned value
+                else:
+                    key = (None, False)
+                calls[(key, act, _inplace(node))] = node
+            found.append(calls)
+        where = f"in {type(owner).__name__}.forward()"
+        for key, act, inplace in found[0].keys() & found[1].keys():
+            target, once = key
+            if target is None:  # an activation of a computed value mid-forward: nothing to attach an observer to
+                call = found[0][(key, act, inplace)]
+                src = call.args[0]
+                rep.skipped.append((owner_path or type(owner).__name__,
+                                    f"the {act} call ({_describe_call(call)}) on a computed value ({src.name}) "
+                                    f"{where} is not counted: no module gives that value and the forward goes on "
+                                    "after it; apply an activation module there (it becomes an EnergyActivation)"))
+                continue
+            observed = owner if target == "" else owner.get_submodule(target)
+            path = owner_path if target == "" else (f"{owner_path}.{target}" if owner_path else target)
+            while isinstance(observed, nn.Sequential) and len(observed) and uses.get(id(observed), 0) == 1:
+                # a Sequential's output is its last module's (a child there would be applied as a layer)
+                key_last = list(observed._modules)[-1]
+                observed, path = observed._modules[key_last], f"{path}.{key_last}"
+            if isinstance(observed, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+                continue
+            if isinstance(observed, EnergyLayer) or not owner_path and target == "":
+                continue  # counted by the layer; or the model's own output
+            if target == "" and id(owner) in (outputs[0] if outputs is not None else ()):
+                continue  # the block's value is the model's output
+            if target != "" and outputs is not None and id(observed) in outputs[1]:
+                continue  # the activation gives the model's output
+            if "activation_energy" in observed._modules or uses.get(id(observed), 0) != 1 or not once:
+                continue  # observed already (a second convert), shared, or called more than once
+            if target == "":
+                node = found[0][(key, act, inplace)]
+                up = node.args[0]
+                while isinstance(up, torch.fx.Node) and up.op != "call_module" and up.args:
+                    up = up.args[0]
+                prev = owner.get_submodule(up.target) if isinstance(up, torch.fx.Node) and up.op == "call_module" \
+                    else None
+            else:
+                prev = observed
+            rows = _rows_after(prev)
+            obs = ActivationObserver(act, energy, energy_reduction, rows=rows, backend=backend,
+                                     copy=inplace and target != "").train(observed.training)
+            if not _attach_observer(observed, obs):
+                rep.skipped.append((path, f"{type(observed).__name__}'s forward() applies its children generically "
+                                          "(or could not be read to rule that out), so an observer child would "
+                                          f"change it: the {act} call {where} is not counted"))
+                continue
+            call = found[0][(key, act, inplace)]
+            what = f"the {act} call ({_describe_call(call)}) {where}"
+            of = (f"the value {type(owner).__name__}.forward() returns" if target == "" else
+                  f"{type(observed).__name__} ({target})'s output")
+            extra = (" The call is in place, so the hook passes on a copy for it to overwrite." if obs.copy else "")
+            rep.converted.append((f"{path}.activation_energy" if path else "activation_energy",
+                                  f"{what} cannot be replaced by a module, so an ActivationObserver (rows={rows!r}) "
+                                  f"hooked on {of} counts its energy: the model's values and gradients are unchanged, "
+                                  "at the cost of one more activation pass (apply an activation module there, or "
+                                  f"build the layer as an energy layer, for the fused speed).{extra}"))
+            if path in skipped:
+                p, why = rep.skipped[skipped[path]]
+                rep.skipped[skipped[path]] = (p, f"{why} (its {act}'s energy is counted by an observer: "
+                                                 f"{path}.activation_energy)")
+
+
+def _attach_observer(observed: nn.Module, obs: ActivationObserver) -> bool:
+    """Attach ``obs`` to ``observed`` unless its new child could change what ``observed`` computes: torch's
+    own leaf modules never apply their children; another forward is read again after attaching (one that
+    applies every child, such as a loop over ``self.children()``, would now apply the observer)."""
+    from ._fx_pairs import _trace_now
+
+    handle = obs.attach(observed)
+    if type(observed).__module__.startswith("torch.nn.modules"):
+        return True
+    try:
+        graphs = (_trace_now(observed, False), _trace_now(observed, True))
+        ok = not any(n.op == "call_module" and n.target.split(".")[0] == "activation_energy"
+                     for g in graphs for n in g.nodes)
+    except Exception:  # noqa: BLE001 - unreadable: the child's effect cannot be ruled out
+        ok = False
+    if not ok:
+        handle.remove()
+        del observed._modules["activation_energy"]
+    return ok
+
+
+def _describe_call(node) -> str:
+    if node.op == "call_method":
+        return f".{node.target}()"
+    name = getattr(node.target, "__name__", str(node.target))
+    mod = getattr(node.target, "__module__", "") or ""
+    return f"F.{name}" if mod in ("torch.nn.functional", "torch._C._nn") else f"torch.{name}"
+
+
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     (root.get_submodule(parent) if parent else root)._modules[leaf] = new
@@ -722,6 +853,7 @@ def _convert(model, energy, energy_reduction, backend, include_output, wrap_acti
     seen |= _convert_traced(model, seen, rep, opts, outputs)
     if wrap_activations:
         _convert_activations(model, rep, opts, outputs)
+        _observe_activation_calls(model, rep, opts, outputs)
     for name, mod in model.named_modules():
         if isinstance(mod, _LAYER_LIKE) and not isinstance(mod, EnergyLayer) and id(mod) not in seen:
             rep.skipped.append((name or type(mod).__name__,
@@ -760,6 +892,8 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
     def hook(name):
         def fn(mod, inp, out):
             y = out[0] if isinstance(out, tuple) else out
+            if isinstance(mod, ActivationObserver):  # its output is not the model's: the activation of its input
+                y = mod._apply_activation(inp[0], 0.0)
             xs = inp[0].shape if inp else ()
             weights = [
                 p for n, p in mod.named_parameters(recurse=False) if n.endswith("weight")]

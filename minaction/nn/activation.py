@@ -96,14 +96,17 @@ class EnergyActivation(EnergyLayer):
         return owner.register_forward_pre_hook(functools.partial(_start_accumulating, path))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_activation(x, self.penalty)
+
+    def _apply_activation(self, x: torch.Tensor, penalty: float) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise ValueError(f"{type(self).__name__} expects a tensor with a batch dimension, got "
                              f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-dim tensor'}")
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")
-        kw = dict(backend=self.backend, penalty=self.penalty)
+        kw = dict(backend=self.backend, penalty=penalty)
         fn = self.__dict__.get("_fn")
         if fn is not None:
-            y, e = self._unfused(fn, x)
+            y, e = self._unfused(fn, x, penalty)
         elif self.rows == "leading" and x.dim() > 2:
             y, e = activation_energy(x.reshape(-1, x.shape[-1]), self.activation, self.energy, self.energy_reduction,
                                      **kw)
@@ -132,7 +135,7 @@ class EnergyActivation(EnergyLayer):
         _layers._after_forward(self, e, old)
         return y
 
-    def _unfused(self, fn: nn.Module, x: torch.Tensor):
+    def _unfused(self, fn: nn.Module, x: torch.Tensor, penalty: float):
         """An activation the kernels do not have: the module itself, then the energy of its output in
         plain PyTorch ops (the same definition: a mean over rows of a sum or mean over units)."""
         y = fn(x)
@@ -143,7 +146,7 @@ class EnergyActivation(EnergyLayer):
         t = t.abs() if self.p == 1 else t.square()
         per_row = t.mean(1) if self.energy_reduction == "mean" else t.sum(1)
         e = per_row.sum() / max(t.shape[0], 1)  # an empty batch: 0, as the fused pass gives
-        return with_penalty(y, e, self.penalty), e
+        return with_penalty(y, e, penalty), e
 
     def extra_repr(self) -> str:
         s = f"activation={self.activation!r}, energy={self.energy!r}"
@@ -156,6 +159,61 @@ class EnergyActivation(EnergyLayer):
         if self.accumulate:
             s += ", accumulate=True"
         return s
+
+
+class ActivationObserver(EnergyActivation):
+    """Counts the energy of ``activation(t)`` for a tensor ``t`` that a model passes through an
+    activation *call*, which no module conversion can replace: ``F.relu(self.bn1(self.conv1(x)))``
+    (kuangliu's CIFAR ResNets, torchvision's GoogLeNet and Inception), ``torch.tanh(self.fc(x))``, a
+    block that returns ``F.relu(out + shortcut)``.
+
+    :meth:`attach` makes it a child of the module whose output ``t`` is (``bn1``; the block itself
+    for its returned value) and registers a forward hook there: each forward of that module
+    computes the activation of its output with the fused activation + energy pass and keeps the
+    energy; the model's own call then applies the activation as before, so every value and every
+    gradient of the model is unchanged (the extra pass costs about what the activation costs). With
+    a ``penalty`` (``minaction.set_penalty``) the hook passes the output on as a view whose backward
+    adds the penalty's gradient. ``copy=True`` (the call is in place, ``F.relu(x, inplace=True)``):
+    the hook passes on a copy, which the call may overwrite, since the energy pass saved the output.
+    It has no parameters or buffers: ``state_dict`` is that of the model without it.
+    """
+
+    def __init__(self, activation: str = "relu", energy: Optional[str] = "l2", energy_reduction: str = "sum",
+                 rows: str = "batch", backend: Optional[str] = None, penalty: float = 0.0, copy: bool = False):
+        if not isinstance(activation, str):
+            raise ValueError("ActivationObserver takes an activation name (the fused kernels' activations)")
+        super().__init__(activation, energy, energy_reduction, rows, backend, penalty)
+        self.copy = bool(copy)
+
+    def forward(self, t: torch.Tensor) -> Optional[torch.Tensor]:
+        """Count the energy of ``activation(t)``; return what the observed module should output instead
+        of ``t`` (None: ``t`` itself)."""
+        self._apply_activation(t, 0.0)
+        out = t
+        if self.penalty:
+            out = with_penalty(t, self.__dict__["_call_energy"], self.penalty)
+        if self.copy:
+            out = out.clone()
+        return None if out is t else out
+
+    def attach(self, module: nn.Module, name: str = "activation_energy"):
+        """Make this observer ``module.<name>`` and observe ``module``'s output. Returns the hook's handle."""
+        if name in module._modules:
+            raise ValueError(f"{type(module).__name__} already has a submodule {name!r}")
+        module.add_module(name, self)
+        # a module-level function and a name, not a closure: copies and pickles observe with their own child
+        return module.register_forward_hook(functools.partial(_observe, name))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", copy=True" if self.copy else "")
+
+
+def _observe(name: str, module: nn.Module, args, output):
+    """Forward hook of an observed module: its observer counts the energy of its output's activation."""
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}'s output is a {type(output).__name__}: its ActivationObserver "
+                        "observes a tensor output")
+    return module._modules[name](output)
 
 
 def _start_accumulating(path: str, owner: nn.Module, args) -> None:

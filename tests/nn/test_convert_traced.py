@@ -202,10 +202,22 @@ def test_relu_calls_fuse_and_stay_and_other_functions_are_named_with_the_fix():
             x = F.relu(self.b(x), inplace=True)  # in place on the output the energy layer keeps
             return F.gelu(self.c(x), approximate="tanh")
 
-    skipped = _unconverted(Other())
+    other = Other()
+    x = torch.randn(3, 4)
+    before = other(x)
+    _, rep = minaction.convert(other, return_report=True)
+    skipped = dict(rep.skipped)
     assert "torch.tanh" in skipped["a"] and "activation='tanh'" in skipped["a"]
     assert "in-place relu" in skipped["b"]
     assert "activation='gelu_tanh'" in skipped["c"]
+    # the layers stay plain; observers count the tanh and the in-place relu (the gelu gives the output)
+    assert "counted by an observer: a.activation_energy" in skipped["a"] and "b.activation_energy" in skipped["b"]
+    assert other.a.activation_energy.activation == "tanh" and other.b.activation_energy.copy
+    assert not hasattr(other.c, "activation_energy")
+    torch.testing.assert_close(other(x), before)
+    ha = torch.tanh(other.a(x))
+    hb = F.relu(other.b(ha))
+    torch.testing.assert_close(minaction.total_energy(other), ha.square().sum(1).mean() + hb.square().sum(1).mean())
 
 
 class ResBlock(nn.Module):
@@ -325,11 +337,14 @@ def test_tanh_gelu_module_converts_and_the_function_is_named():
     x = torch.randn(5, 3, 6, dtype=torch.float64)
     before = model(x)
     _, rep = minaction.convert(model, return_report=True)
-    assert [n for n, _ in rep.converted] == ["c_fc"] and model.c_fc.activation == "gelu_tanh"
-    assert "activation='gelu_tanh'" in dict(rep.skipped)["c_mid"]
+    assert [n for n, _ in rep.converted] == ["c_fc", "c_mid.activation_energy"]
+    assert model.c_fc.activation == "gelu_tanh" and model.c_mid.activation_energy.activation == "gelu_tanh"
+    assert "activation='gelu_tanh'" in dict(rep.skipped)["c_mid"]  # the fused form, for speed
     torch.testing.assert_close(model(x), before)
     hidden = F.gelu(F.linear(x, model.c_fc.weight, model.c_fc.bias), approximate="tanh")
-    torch.testing.assert_close(minaction.total_energy(model), hidden.pow(2).sum(-1).mean())
+    mid = F.gelu(model.c_mid(hidden), approximate="tanh")
+    torch.testing.assert_close(minaction.total_energy(model),
+                               hidden.pow(2).sum(-1).mean() + mid.pow(2).sum(-1).mean())
 
 
 class SharedWithUnconvertible(nn.Module):

@@ -315,7 +315,7 @@ def test_convert_functional_relu_net_converts_and_trains_as_the_hand_written_pen
 
 
 def test_total_energy_on_a_model_without_energy_layers_says_what_to_do():
-    with pytest.raises(ValueError, match=r"QuickstartNet has no energy layers.*convert.*relu calls are fused"):
+    with pytest.raises(ValueError, match=r"QuickstartNet has no energy layers.*convert.*a relu call is fused"):
         minaction.total_energy(QuickstartNet())
 
 

@@ -1,0 +1,313 @@
+"""Activation *calls* that no module conversion can replace — ``F.relu(self.bn1(self.conv1(x)))`` in
+kuangliu's CIFAR ResNets, torchvision's GoogLeNet/Inception ``BasicConv2d`` (in place), a block
+returning ``F.relu(out)`` after its residual add, ``torch.tanh(self.fc(x))`` — get an
+``ActivationObserver``: a forward hook that counts the activation's energy and leaves the model's
+values and gradients as they were."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import minaction
+from doubles.lockstep import train_in_lockstep
+from minaction.nn import ActivationObserver, EnergyActivation, EnergyLinear
+
+torch.set_num_threads(1)
+LAM = 0.05
+
+
+class KBlock(nn.Module):
+    """kuangliu/pytorch-cifar's BasicBlock, verbatim in structure."""
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        out = F.relu(out)
+        return out
+
+
+class KResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer1 = nn.Sequential(KBlock(4, 4), KBlock(4, 6, 2))
+        self.linear = nn.Linear(6, 5)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer1(out)
+        out = F.adaptive_avg_pool2d(out, 1).view(out.size(0), -1)
+        return self.linear(out)
+
+
+class BasicConv2d(nn.Module):
+    """torchvision's GoogLeNet / Inception unit: an in-place relu call after the norm."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class Inceptionish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = BasicConv2d(3, 4)
+        self.b = BasicConv2d(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.b(self.a(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _relu_outputs(monkeypatch):
+    """Plain PyTorch's hand-written penalty needs every relu call's output: record them."""
+    outs, relu = [], F.relu
+
+    def recording(t, inplace=False):
+        r = relu(t, inplace=inplace)
+        outs.append(r.clone() if inplace else r)  # an in-place result may be overwritten later
+        return r
+
+    monkeypatch.setattr(F, "relu", recording)
+    return outs
+
+
+def _hand_energy(outs):
+    return sum(o.flatten(1).square().sum(1).mean() for o in outs)
+
+
+@pytest.mark.parametrize("make", [KResNet, Inceptionish], ids=["kuangliu", "inception"])
+def test_relu_calls_after_norms_and_residual_adds_are_counted_and_train_as_plain_pytorch(make, monkeypatch):
+    torch.manual_seed(0)
+    model = make().double()
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5 if make is KResNet else 3, (4,))
+    keys = list(model.state_dict())
+    _, rep = minaction.convert(model, return_report=True)
+    observers = {n: m for n, m in model.named_modules() if isinstance(m, ActivationObserver)}
+    if make is KResNet:  # the stem's relu, and each block's two: after bn1, and the returned value
+        assert set(observers) == {"bn1.activation_energy", "layer1.0.bn1.activation_energy",
+                                  "layer1.0.activation_energy", "layer1.1.bn1.activation_energy",
+                                  "layer1.1.activation_energy"}
+        assert not any(o.copy for o in observers.values())
+        assert "returns" in dict(rep.converted)["layer1.0.activation_energy"]
+    else:
+        assert set(observers) == {"a.bn.activation_energy", "b.bn.activation_energy"}
+        assert all(o.copy for o in observers.values()) and "in place" in dict(rep.converted)["a.bn.activation_energy"]
+    assert all(o.rows == "batch" and o.activation == "relu" for o in observers.values())
+    assert list(model.state_dict()) == keys  # observers hold nothing
+    model.load_state_dict(plain.state_dict())
+    outs = _relu_outputs(monkeypatch)
+
+    def plain_loss():
+        outs.clear()
+        ce = F.cross_entropy(plain(x), y)
+        return ce + LAM * _hand_energy(outs)
+
+    train_in_lockstep(plain, model, plain_loss,
+                      lambda: F.cross_entropy(model(x), y) + LAM * minaction.total_energy(model), lr=0.1)
+
+
+def test_the_in_layer_penalty_trains_as_the_explicit_loss():
+    torch.manual_seed(0)
+    a = minaction.convert(KResNet().double())
+    b = copy.deepcopy(a)
+    minaction.set_penalty(b, LAM)
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+    train_in_lockstep(a, b, lambda: F.cross_entropy(a(x), y) + LAM * minaction.total_energy(a),
+                      lambda: F.cross_entropy(b(x), y) + LAM * minaction.total_energy(b).detach(), lr=0.1)
+
+
+def test_copies_pickles_a_second_convert_and_compile():
+    torch.manual_seed(0)
+    model = minaction.convert(KResNet())
+    n = sum(isinstance(m, ActivationObserver) for m in model.modules())
+    assert n == 5
+    minaction.convert(model)
+    assert sum(isinstance(m, ActivationObserver) for m in model.modules()) == n  # not observed twice
+    x = torch.randn(3, 3, 8, 8)
+    model.eval()
+    model(x)
+    want = minaction.total_energy(model)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        clone.bn1.activation_energy.last_energy = None
+        clone(x)
+        torch.testing.assert_close(minaction.total_energy(clone), want)
+        assert clone.bn1.activation_energy is not model.bn1.activation_energy
+    report = minaction.energy_report(model, x)  # a row per observer: the activation of what it observes
+    assert list(report.layer[:-1]) == [n for n, m in model.named_modules() if isinstance(m, ActivationObserver)]
+    assert report.units.iloc[0] == 4 * 8 * 8 and 0 < report.active_fraction.iloc[0] < 1
+    torch.testing.assert_close(float(report.energy.iloc[-1]), want.detach().item(), rtol=1e-5, atol=0)
+    model.train()
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(x).square().mean() + LAM * minaction.total_energy(model)
+    loss_r = ref(x).square().mean() + LAM * minaction.total_energy(ref)
+    torch.testing.assert_close(loss_c, loss_r)
+    loss_c.backward()
+    loss_r.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+class TanhMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 7)
+        self.fc2 = nn.Linear(7, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_a_layer_followed_by_a_tanh_call_stays_plain_and_its_energy_is_counted_per_token():
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    x = torch.randn(3, 4, 6, dtype=torch.float64)  # tokens: every leading dim is a row
+    _, rep = minaction.convert(model, return_report=True)
+    assert type(model.fc1) is nn.Linear
+    assert "counted by an observer: fc1.activation_energy" in dict(rep.skipped)["fc1"]
+    obs = model.fc1.activation_energy
+    assert obs.activation == "tanh" and obs.rows == "leading"
+    model(x)
+    h = torch.tanh(model.fc1(x))
+    torch.testing.assert_close(minaction.total_energy(model), h.flatten(0, 1).square().sum(1).mean())
+
+
+class Chain(nn.Module):
+    """A forward that applies every child: an observer child would be applied too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        for m in self.children():
+            x = m(x)
+        return x
+
+
+class UsesChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.chain = Chain()
+        self.mid = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = F.relu(self.chain(x))
+        z = F.relu(self.mid(h) + h)  # a computed value, not a module's output
+        return self.out(z * 2)
+
+
+def test_what_cannot_be_observed_is_named():
+    torch.manual_seed(0)
+    model = UsesChain()
+    x = torch.randn(5, 4)
+    before = model(x)
+    with pytest.warns(UserWarning, match="converted nothing"):
+        _, rep = minaction.convert(model, return_report=True)
+    skipped = rep.skipped
+    assert "activation_energy" not in model.chain._modules
+    assert any(p == "chain" and "applies its children generically" in why for p, why in skipped)
+    assert any("computed value" in why and "not counted" in why for _, why in skipped)
+    torch.testing.assert_close(model(x), before)
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x))
+
+
+class ReluBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.fc(x)) + x)
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = ReluBlock()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+@pytest.mark.parametrize("make", [Head, Wrapper])
+def test_the_models_output_is_not_observed(make):
+    with pytest.warns(UserWarning, match="converted nothing"):
+        model = minaction.convert(make())
+    assert not any(isinstance(m, ActivationObserver) for m in model.modules())
+
+
+def test_wrap_activations_false_adds_no_observer_and_observer_errors():
+    with pytest.warns(UserWarning, match="converted nothing"):
+        model = minaction.convert(KResNet(), wrap_activations=False)
+    assert not any(isinstance(m, (ActivationObserver, EnergyActivation)) for m in model.modules())
+    with pytest.raises(ValueError, match="activation name"):
+        ActivationObserver(nn.ReLU())
+    obs = ActivationObserver("gelu")
+    lin = nn.Linear(3, 3)
+    obs.attach(lin)
+    with pytest.raises(ValueError, match="already has a submodule"):
+        ActivationObserver("gelu").attach(lin)
+    x = torch.randn(2, 3)
+    y = lin(x)
+    torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias))  # the output is left as it is
+    torch.testing.assert_close(obs.last_energy, F.gelu(y).square().sum(1).mean())
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    p = Pair()
+    ActivationObserver("relu").attach(p)
+    with pytest.raises(TypeError, match="observes a tensor output"):
+        p(x)
+
+
+def test_a_relu_call_after_a_fused_layer_is_not_counted_twice():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 5)
+            self.fc2 = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1(x)))
+
+    model = minaction.convert(Net())
+    assert isinstance(model.fc1, EnergyLinear)
+    assert not any(isinstance(m, ActivationObserver) for m in model.modules())
