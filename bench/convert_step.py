@@ -10,7 +10,12 @@ Variants, one SGD step each (forward, loss, backward, step):
   the loss adds ``lam * sum(mean_batch sum_units y^2)``), as a careful user would;
 - ``converted``: ``minaction.convert(model)``, loss ``CE + lam * total_energy(model)``.
 
-    python bench/convert_step.py --rounds 40 --threads 1
+``--style functional``: the same network written as kuangliu/pytorch-cifar writes it, with relu
+*calls* (``F.relu(self.bn1(self.conv1(x)))``, ``return F.relu(out + x)``): ``convert`` cannot replace a
+call, so it attaches ``ActivationObserver`` hooks (the stem's norm, each block's ``bn1`` and each block's
+returned value); the hand-written penalty keeps the relu calls' outputs.
+
+    python bench/convert_step.py --rounds 40 --threads 1 [--style functional]
 
 Prints the medians of interleaved rounds and the ratios to ``plain``.
 """
@@ -64,15 +69,55 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
-def make_steps(width=16, blocks=2):
+class FunctionalBlock(nn.Module):
+    """kuangliu's BasicBlock: relu calls; ``keep`` (a list, for the hand-written penalty) gets their outputs."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.keep = None
+
+    def _keep(self, t):
+        if self.keep is not None:
+            self.keep.append(t)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        self._keep(out)
+        out = F.relu(self.bn2(self.conv2(out)) + x)
+        self._keep(out)
+        return out
+
+
+class FunctionalResNet(nn.Module):
+    def __init__(self, width=16, blocks=2, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.blocks = nn.Sequential(*[FunctionalBlock(width) for _ in range(blocks)])
+        self.fc = nn.Linear(width, classes)
+        self.keep = None
+
+    def forward(self, x):
+        out = F.relu(self.stem(x))
+        if self.keep is not None:
+            self.keep.append(out)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(out), 1), 1))
+
+
+def make_steps(width=16, blocks=2, style="modules"):
     torch.manual_seed(0)
-    base = SmallResNet(width, blocks)
+    base = (SmallResNet if style == "modules" else FunctionalResNet)(width, blocks)
     plain, hand, conv = base, copy.deepcopy(base), copy.deepcopy(base)
     outs = []
     for m in hand.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False  # the hook keeps the output, which the next in-place op must not overwrite
             m.register_forward_hook(lambda mod, i, o: outs.append(o))
+        if hasattr(m, "keep"):
+            m.keep = outs
     minaction.convert(conv)
 
     def stepper(model, energy):
@@ -92,9 +137,9 @@ def make_steps(width=16, blocks=2):
             "converted": stepper(conv, lambda: minaction.total_energy(conv))}
 
 
-def run(rounds=40, batch=64, size=32, width=16, blocks=2, threads=1, warmup=3):
+def run(rounds=40, batch=64, size=32, width=16, blocks=2, threads=1, warmup=3, style="modules"):
     torch.set_num_threads(threads)
-    steps = make_steps(width, blocks)
+    steps = make_steps(width, blocks, style)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)
     for step in steps.values():
@@ -119,11 +164,13 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--style", choices=("modules", "functional"), default="modules",
+                    help="activation modules (EnergyActivation) or relu calls (ActivationObserver)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     info = machine_info()
-    res = run(a.rounds, a.batch, a.size, a.width, a.blocks, a.threads)
-    info.update(shape=[a.batch, 3, a.size, a.size], width=a.width, blocks=a.blocks,
+    res = run(a.rounds, a.batch, a.size, a.width, a.blocks, a.threads, style=a.style)
+    info.update(shape=[a.batch, 3, a.size, a.size], width=a.width, blocks=a.blocks, style=a.style,
                 loadavg_after=" ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(json.dumps(info))
     print(f"{'variant':10} {'step ms':>9} {'x plain':>8}")

@@ -165,17 +165,18 @@ def test_readme_python_examples_run():
         assert r.returncode == 0, f"README example failed:\n{code}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
 
 
-def test_convert_step_runs_every_variant_on_the_same_objective(bench_path):
+@pytest.mark.parametrize("style", ["modules", "functional"])
+def test_convert_step_runs_every_variant_on_the_same_objective(bench_path, style):
     """bench/convert_step.py: the hand-written penalty and the converted model train the same loss."""
     import torch
 
     import convert_step
 
-    steps = convert_step.make_steps(width=4, blocks=1)
+    steps = convert_step.make_steps(width=4, blocks=1, style=style)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 3, 6, 6, generator=g), torch.randint(0, 10, (3,), generator=g)
     losses = {k: [float(step(x, y)) for _ in range(2)] for k, step in steps.items()}
     assert losses["hand"] == pytest.approx(losses["converted"], rel=1e-5)
     assert losses["plain"][0] < losses["hand"][0]  # the energy term is there
-    res = convert_step.run(rounds=2, batch=2, size=6, width=4, blocks=1, warmup=1)
+    res = convert_step.run(rounds=2, batch=2, size=6, width=4, blocks=1, warmup=1, style=style)
     assert set(res) == {"plain", "hand", "converted"} and res["plain"]["ratio"] == 1.0
