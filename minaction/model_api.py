@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._custom_act import ELEMENTWISE, FUSED, describe, read_activation
@@ -418,6 +419,10 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, ou
                 continue
             if "could not be traced" in why and owner_of(mod, path) is not mod:
                 continue  # a layer inside a child module: that module's own forward may still be readable
+            if outputs is not None and id(m) in outputs[1] and "and drop that call" in why:
+                call = why.split(" in ")[0].replace("followed by ", "")
+                why = (f"its {call} call gives {type(model).__name__}'s output (a prediction, not a hidden "
+                       "activation): left as is, as the logits layer is")
             decided.add(id(m))
             rep.skipped.append((prefix + path, why))
     return decided
@@ -636,7 +641,6 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
 
     energy, energy_reduction, backend = opts
     uses = _use_counts(model)
-    names = {id(m): n for n, m in model.named_modules()}
     skipped = {p: i for i, (p, _) in enumerate(rep.skipped)}
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer) + _TRANSFORMER_LAYERS
     for owner_path, owner in list(model.named_modules()):
@@ -655,16 +659,20 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                     counts[node.target] = counts.get(node.target, 0) + 1
             for node in g.nodes:
                 src = node.args[0] if node.args else None
-                act = _functional_act(node, src) if isinstance(src, torch.fx.Node) else None
-                if act is None:
+                if not isinstance(src, torch.fx.Node):
                     continue
+                act, inplace = _functional_act(node, src), _inplace(node)
+                if act is None:  # F.leaky_relu(x, 0.2), F.elu, F.relu6, ...: observed unfused, as the module
+                    act, inplace = _unfused_call(node)
+                    if act is None:
+                        continue
                 if src.op == "call_module":
                     key = (src.target, counts[src.target] == 1)
                 elif node is out:
                     key = ("", True)  # the owner's returned value
                 else:
                     key = (None, False)
-                calls[(key, act, _inplace(node))] = node
+                calls[(key, act, inplace)] = node
             found.append(calls)
         where = f"in {type(owner).__name__}.forward()"
         for key, act, inplace in found[0].keys() & found[1].keys():
@@ -703,7 +711,8 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
             else:
                 prev = observed
             rows = _rows_after(prev)
-            obs = ActivationObserver(act, energy, energy_reduction, rows=rows, backend=backend,
+            fn = _unfused_call(found[0][(key, act, inplace)], build=True) if act not in _FUSED_NAMES else act
+            obs = ActivationObserver(fn, energy, energy_reduction, rows=rows, backend=backend,
                                      copy=inplace and target != "").train(observed.training)
             if not _attach_observer(observed, obs):
                 rep.skipped.append((path, f"{type(observed).__name__}'s forward() applies its children generically "
@@ -712,18 +721,52 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                 continue
             call = found[0][(key, act, inplace)]
             what = f"the {act} call ({_describe_call(call)}) {where}"
+            unfused = act not in _FUSED_NAMES
             of = (f"the value {type(owner).__name__}.forward() returns" if target == "" else
                   f"{type(observed).__name__} ({target})'s output")
             extra = (" The call is in place, so the hook passes on a copy for it to overwrite." if obs.copy else "")
             rep.converted.append((f"{path}.activation_energy" if path else "activation_energy",
                                   f"{what} cannot be replaced by a module, so an ActivationObserver (rows={rows!r}) "
                                   f"hooked on {of} counts its energy: the model's values and gradients are unchanged, "
-                                  "at the cost of one more activation pass (apply an activation module there, or "
-                                  f"build the layer as an energy layer, for the fused speed).{extra}"))
+                                  + ("at the cost of the activation and its energy in plain PyTorch ops (the fused "
+                                     "kernels do not have it), what the hand-written penalty costs." if unfused else
+                                     "at the cost of one more activation pass (apply an activation module there, or "
+                                     "build the layer as an energy layer, for the fused speed).") + extra))
             if path in skipped:
                 p, why = rep.skipped[skipped[path]]
+                if unfused:
+                    why = (f"followed by the {_describe_call(call)} call {where}, an activation the fused kernels "
+                           "do not have: the layer stays plain")
                 rep.skipped[skipped[path]] = (p, f"{why} (its {act}'s energy is counted by an observer: "
                                                  f"{path}.activation_energy)")
+
+
+_FUSED_NAMES = frozenset(FUSED)
+# functional activations the kernels do not have: (the module an observer applies, its arguments after the input)
+_UNFUSED_CALLS = {
+    F.leaky_relu: (nn.LeakyReLU, ("negative_slope", "inplace")), F.elu: (nn.ELU, ("alpha", "inplace")),
+    F.relu6: (nn.ReLU6, ("inplace",)), F.hardswish: (nn.Hardswish, ("inplace",)),
+    F.hardsigmoid: (nn.Hardsigmoid, ("inplace",)), F.mish: (nn.Mish, ("inplace",)),
+    F.softplus: (nn.Softplus, ("beta", "threshold")), F.selu: (nn.SELU, ("inplace",)),
+    F.celu: (nn.CELU, ("alpha", "inplace")), F.hardtanh: (nn.Hardtanh, ("min_val", "max_val", "inplace")),
+}
+
+
+def _unfused_call(node, build: bool = False):
+    """For a call of an activation the kernels do not have (``F.leaky_relu(x, 0.2)``): ``(its description,
+    whether it is in place)``, or the equivalent module with ``build``; ``(None, False)`` for any other node."""
+    spec = _UNFUSED_CALLS.get(node.target) if node.op == "call_function" else None
+    if spec is None:
+        return None if build else (None, False)
+    cls, params = spec
+    given = dict(zip(params, node.args[1:]))
+    given.update(node.kwargs)
+    if set(given) - set(params) or any(isinstance(v, torch.fx.Node) for v in given.values()):
+        return None if build else (None, False)  # an argument computed in forward(): not a fixed module
+    inplace = bool(given.pop("inplace", False))
+    if build:
+        return cls(**given)
+    return f"{node.target.__name__}({', '.join(f'{k}={v!r}' for k, v in given.items())})", inplace
 
 
 def _attach_observer(observed: nn.Module, obs: ActivationObserver) -> bool:

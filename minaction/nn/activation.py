@@ -178,10 +178,12 @@ class ActivationObserver(EnergyActivation):
     It has no parameters or buffers: ``state_dict`` is that of the model without it.
     """
 
-    def __init__(self, activation: str = "relu", energy: Optional[str] = "l2", energy_reduction: str = "sum",
-                 rows: str = "batch", backend: Optional[str] = None, penalty: float = 0.0, copy: bool = False):
-        if not isinstance(activation, str):
-            raise ValueError("ActivationObserver takes an activation name (the fused kernels' activations)")
+    def __init__(self, activation: Union[str, nn.Module] = "relu", energy: Optional[str] = "l2",
+                 energy_reduction: str = "sum", rows: str = "batch", backend: Optional[str] = None,
+                 penalty: float = 0.0, copy: bool = False):
+        if not isinstance(activation, (str, nn.Module)):
+            raise ValueError("ActivationObserver takes an activation name (the fused kernels' activations) or an "
+                             "activation module EnergyActivation applies unfused (nn.LeakyReLU(0.2), ...)")
         super().__init__(activation, energy, energy_reduction, rows, backend, penalty)
         self.copy = bool(copy)
 

@@ -276,8 +276,10 @@ def test_wrap_activations_false_adds_no_observer_and_observer_errors():
     with pytest.warns(UserWarning, match="converted nothing"):
         model = minaction.convert(KResNet(), wrap_activations=False)
     assert not any(isinstance(m, (ActivationObserver, EnergyActivation)) for m in model.modules())
-    with pytest.raises(ValueError, match="activation name"):
+    with pytest.raises(ValueError, match="pass the name"):
         ActivationObserver(nn.ReLU())
+    with pytest.raises(ValueError, match="activation name"):
+        ActivationObserver(F.relu)
     obs = ActivationObserver("gelu")
     lin = nn.Linear(3, 3)
     obs.attach(lin)
@@ -311,3 +313,43 @@ def test_a_relu_call_after_a_fused_layer_is_not_counted_twice():
     model = minaction.convert(Net())
     assert isinstance(model.fc1, EnergyLinear)
     assert not any(isinstance(m, ActivationObserver) for m in model.modules())
+
+
+class FunctionalDiscriminator(nn.Module):
+    """A GAN discriminator written with functional leaky relus (one in place), and an ELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, 2, 1)
+        self.conv2 = nn.Conv2d(4, 6, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 2 * 2, 5)
+        self.out = nn.Linear(5, 1)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.conv1(x), 0.2, inplace=True)
+        x = F.leaky_relu(self.bn2(self.conv2(x)), negative_slope=0.2)
+        x = F.elu(self.fc(x.flatten(1)))
+        return torch.sigmoid(self.out(x))
+
+
+def test_activations_the_kernels_do_not_have_are_observed_unfused():
+    torch.manual_seed(0)
+    model = FunctionalDiscriminator().double()
+    plain = copy.deepcopy(model)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    _, rep = minaction.convert(model, return_report=True)
+    obs = {n: m for n, m in model.named_modules() if isinstance(m, ActivationObserver)}
+    assert set(obs) == {"conv1.activation_energy", "bn2.activation_energy", "fc.activation_energy"}
+    assert obs["conv1.activation_energy"].copy and "LeakyReLU(negative_slope=0.2)" in obs["bn2.activation_energy"].activation
+    assert "ELU" in obs["fc.activation_energy"].activation and obs["fc.activation_energy"].rows == "leading"
+    assert not hasattr(model.out, "activation_energy")  # the sigmoid gives the output
+
+    def hand(m):
+        h1 = F.leaky_relu(m.conv1(x), 0.2)
+        h2 = F.leaky_relu(m.bn2(m.conv2(h1)), 0.2)
+        h3 = F.elu(m.fc(h2.flatten(1)))
+        return torch.sigmoid(m.out(h3)).mean() + LAM * sum(h.flatten(1).square().sum(1).mean() for h in (h1, h2, h3))
+
+    train_in_lockstep(plain, model, lambda: hand(plain),
+                      lambda: model(x).mean() + LAM * minaction.total_energy(model), lr=0.1)
