@@ -121,7 +121,9 @@ class EnergyActivation(EnergyLayer):
                                      self.energy_reduction, **kw)
             y = y.view(x.shape)
         d = self.__dict__
-        d["_call_energy"] = e  # this call's own (energy_report's rows)
+        if _layers._exporting():
+            return y  # torch.export: the energy is no output of the exported program, and no attribute is set
+        d["_call_energy"] = e  # this call's own (energy_report's rows, an observer's penalty)
         if self.accumulate and not d.get("_fresh", True) and d.get("_last_energy") is not None:
             # a later call in the same forward of the owner: every call counts (the first one set the sum in this
             # forward, so reading it is safe under torch.compile too)
@@ -192,7 +194,7 @@ class ActivationObserver(EnergyActivation):
         of ``t`` (None: ``t`` itself)."""
         self._apply_activation(t, 0.0)
         out = t
-        if self.penalty:
+        if self.penalty and not _layers._exporting():
             out = with_penalty(t, self.__dict__["_call_energy"], self.penalty)
         if self.copy:
             out = out.clone()

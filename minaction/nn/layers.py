@@ -183,6 +183,8 @@ class EnergyLayer(nn.Module):
 
     @last_energy.setter
     def last_energy(self, value: Optional[torch.Tensor]) -> None:
+        if _exporting():
+            return  # torch.export: the energy is no output of the program; a tensor attribute set now would warn
         self.__dict__["_last_energy"] = value
         if value is not None and not _grad_enabled() and not _compiling():
             _note_no_grad_energy(self, value)
@@ -337,6 +339,8 @@ class EnergyLinear(EnergyLayer, nn.Linear):
         y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend,
                              penalty=self.penalty)
         old = None if _compiling() else self.__dict__.get("_last_energy")  # dynamo would trace the old graph's tensor
+        if _exporting():
+            return y  # the energy is no output of an exported program; a tensor attribute set now would warn
         self.__dict__["_last_energy"] = e
         _after_forward(self, e, old)
         if not _grad_enabled() and not _compiling():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -353,3 +354,24 @@ def test_activations_the_kernels_do_not_have_are_observed_unfused():
 
     train_in_lockstep(plain, model, lambda: hand(plain),
                       lambda: model(x).mean() + LAM * minaction.total_energy(model), lr=0.1)
+
+
+def test_export_and_torch_func_see_the_observers():
+    torch.manual_seed(0)
+    model = minaction.convert(KResNet()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ep = torch.export.export(model, (x,))
+    assert not [str(w.message) for w in caught if "assigned during export" in str(w.message)]
+    torch.testing.assert_close(ep.module()(x), model(x))
+    params, bufs = dict(model.named_parameters()), dict(model.named_buffers())
+
+    def loss(p):
+        return torch.func.functional_call(model, (p, bufs), (x,)).square().mean() + LAM * minaction.total_energy(model)
+
+    got = torch.func.grad(loss)(params)
+    (model(x).square().mean() + LAM * minaction.total_energy(model)).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, msg=name)
