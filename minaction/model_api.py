@@ -637,7 +637,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
     block whose returned value they are: it counts the energy of the activation and leaves the
     model's values alone. A call after an energy layer (a relu after a layer fused with relu) is
     counted already; one giving the model's output is not a hidden activation."""
-    from ._fx_pairs import _functional_act, _inplace, _trace
+    from ._fx_pairs import _trace
 
     energy, energy_reduction, backend = opts
     uses = _use_counts(model)
@@ -650,30 +650,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
             graphs = (_trace(owner), _trace(owner, flip=True))
         except Exception:  # noqa: BLE001 - unreadable: reported by the pairs already
             continue
-        found = []
-        for g in graphs:
-            calls, out = {}, next(n for n in g.nodes if n.op == "output").args[0]
-            counts: dict = {}
-            for node in g.nodes:
-                if node.op == "call_module":
-                    counts[node.target] = counts.get(node.target, 0) + 1
-            for node in g.nodes:
-                src = node.args[0] if node.args else None
-                if not isinstance(src, torch.fx.Node):
-                    continue
-                act, inplace = _functional_act(node, src), _inplace(node)
-                if act is None:  # F.leaky_relu(x, 0.2), F.elu, F.relu6, ...: observed unfused, as the module
-                    act, inplace = _unfused_call(node)
-                    if act is None:
-                        continue
-                if src.op == "call_module":
-                    key = (src.target, counts[src.target] == 1)
-                elif node is out:
-                    key = ("", True)  # the owner's returned value
-                else:
-                    key = (None, False)
-                calls[(key, act, inplace)] = node
-            found.append(calls)
+        found = [_activation_calls(g) for g in graphs]
         where = f"in {type(owner).__name__}.forward()"
         for key, act, inplace in found[0].keys() & found[1].keys():
             target, once = key
@@ -687,18 +664,18 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                 continue
             observed = owner if target == "" else owner.get_submodule(target)
             path = owner_path if target == "" else (f"{owner_path}.{target}" if owner_path else target)
-            while isinstance(observed, nn.Sequential) and len(observed) and uses.get(id(observed), 0) == 1:
-                # a Sequential's output is its last module's (a child there would be applied as a layer)
-                key_last = list(observed._modules)[-1]
-                observed, path = observed._modules[key_last], f"{path}.{key_last}"
-            if isinstance(observed, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-                continue
-            if isinstance(observed, EnergyLayer) or not owner_path and target == "":
-                continue  # counted by the layer; or the model's own output
+            if not owner_path and target == "":
+                continue  # the model's own output
             if target == "" and id(owner) in (outputs[0] if outputs is not None else ()):
                 continue  # the block's value is the model's output
             if target != "" and outputs is not None and id(observed) in outputs[1]:
                 continue  # the activation gives the model's output
+            while isinstance(observed, nn.Sequential) and len(observed) and uses.get(id(observed), 0) == 1:
+                # a Sequential's output is its last module's (a child there would be applied as a layer)
+                key_last = list(observed._modules)[-1]
+                observed, path = observed._modules[key_last], f"{path}.{key_last}"
+            if isinstance(observed, (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)):
+                continue  # a container; or an energy layer, which counts the activation already
             if "activation_energy" in observed._modules or uses.get(id(observed), 0) != 1 or not once:
                 continue  # observed already (a second convert), shared, or called more than once
             if target == "":
@@ -739,6 +716,36 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                            "do not have: the layer stays plain")
                 rep.skipped[skipped[path]] = (p, f"{why} (its {act}'s energy is counted by an observer: "
                                                  f"{path}.activation_energy)")
+
+
+def _activation_calls(graph) -> dict:
+    """The activation calls in one traced forward: ``{((what they activate, applied once), activation,
+    in place): node}``. What they activate: a submodule's output (its target), the returned value
+    (``""``), or a computed value (None)."""
+    from ._fx_pairs import _functional_act, _inplace
+
+    calls, out = {}, next(n for n in graph.nodes if n.op == "output").args[0]
+    counts: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    for node in graph.nodes:
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node):
+            continue
+        act, inplace = _functional_act(node, src), _inplace(node)
+        if act is None:  # F.leaky_relu(x, 0.2), F.elu, F.relu6, ...: observed unfused, as the module
+            act, inplace = _unfused_call(node)
+            if act is None:
+                continue
+        if src.op == "call_module":
+            key = (src.target, counts[src.target] == 1)
+        elif node is out:
+            key = ("", True)
+        else:
+            key = (None, False)
+        calls[(key, act, inplace)] = node
+    return calls
 
 
 _FUSED_NAMES = frozenset(FUSED)

@@ -375,3 +375,40 @@ def test_export_and_torch_func_see_the_observers():
     (model(x).square().mean() + LAM * minaction.total_energy(model)).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.grad, msg=name)
+
+
+class SeqStem(nn.Module):
+    def __init__(self, squash=False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.squash = squash
+
+    def forward(self, x):
+        return torch.sigmoid(self.body(x)) if self.squash else F.relu(self.body(x))
+
+
+class SeqNet(nn.Module):
+    def __init__(self, squash=False):
+        super().__init__()
+        self.stem = SeqStem(squash)
+        self.head = nn.Linear(4, 2)
+        self.squash = squash
+
+    def forward(self, x):
+        if self.squash:
+            return self.stem(x)
+        return self.head(F.adaptive_avg_pool2d(self.stem(x), 1).flatten(1))
+
+
+def test_a_sequentials_output_is_observed_at_its_last_module_unless_it_is_the_models_output():
+    torch.manual_seed(0)
+    model = minaction.convert(SeqNet())
+    assert isinstance(model.stem.body[1].activation_energy, ActivationObserver)
+    assert len(model.stem.body) == 2  # nothing added to the Sequential itself
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    h = F.relu(model.stem.body(x))
+    torch.testing.assert_close(minaction.total_energy(model), h.flatten(1).square().sum(1).mean())
+    with pytest.warns(UserWarning, match="converted nothing"):
+        out = minaction.convert(SeqNet(squash=True))
+    assert not any(isinstance(m, ActivationObserver) for m in out.modules())
