@@ -241,6 +241,33 @@ def output_modules(model: nn.Module) -> Tuple[set, set]:
     return modules, layers
 
 
+_SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+
+
+def feeds_softmax(node: fx.Node, module: nn.Module, depth: int = 6) -> bool:
+    """Whether ``node``'s value reaches a softmax through functions alone (masking with ``torch.where``,
+    scaling, dropout), no module in between: an attention score, such as GAT's ``leakyrelu(e)``,
+    not a hidden representation. A module on the way (a layer that consumes it) ends the search."""
+    if depth == 0:
+        return False
+    for user in node.users:
+        if user.op == "call_function" and user.target in _SOFTMAX_FUNCTIONS:
+            return True
+        if user.op == "call_method" and user.target in ("softmax", "log_softmax"):
+            return True
+        if user.op == "call_module":
+            sub = module.get_submodule(user.target)
+            if isinstance(sub, (nn.Softmax, nn.LogSoftmax)):
+                return True
+            if not isinstance(sub, _DROPOUT_MODULES):
+                continue
+        elif user.op not in ("call_function", "call_method"):
+            continue
+        if feeds_softmax(user, module, depth - 1):
+            return True
+    return False
+
+
 def keeps_relu(module: nn.Module, act_path: Optional[str]) -> bool:
     """An ``nn.ReLU`` module (not in place) may stay after a layer fused with relu: relu is idempotent,
     so applying it again changes nothing. Used where it cannot become ``nn.Identity`` (it is shared,

@@ -549,7 +549,7 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
     applied several times in a forward (a ResNet block's ``self.relu``) sums the energies of its
     calls in each forward of the module that applies it (``EnergyActivation.accumulate_in``). One
     that follows an energy layer (whose energy already counts it) stays."""
-    from ._fx_pairs import _trace, owner_of
+    from ._fx_pairs import _trace, feeds_softmax, owner_of
 
     energy, energy_reduction, backend = opts
     uses = _use_counts(model)
@@ -608,6 +608,11 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
                                           "train and eval mode only (its energy would go stale in the other): it "
                                           "stays a plain activation"))
             continue
+        if any(feeds_softmax(node, owner) for node in nodes + flipped):
+            rep.skipped.append((path, f"{type(mod).__name__}'s output reaches a softmax in {type(owner).__name__}."
+                                      "forward(): an attention score, not a hidden representation, so it is not "
+                                      "counted"))
+            continue
         prevs = []
         for node in nodes:  # the module each call follows (through a dropout)
             src = node.args[0] if node.args else None
@@ -637,7 +642,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
     block whose returned value they are: it counts the energy of the activation and leaves the
     model's values alone. A call after an energy layer (a relu after a layer fused with relu) is
     counted already; one giving the model's output is not a hidden activation."""
-    from ._fx_pairs import _trace
+    from ._fx_pairs import _trace, feeds_softmax
 
     energy, energy_reduction, backend = opts
     uses = _use_counts(model)
@@ -654,8 +659,10 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
         where = f"in {type(owner).__name__}.forward()"
         for key, act, inplace in found[0].keys() & found[1].keys():
             target, once = key
+            call = found[0][(key, act, inplace)]
+            if feeds_softmax(call, owner):
+                continue  # an attention score, not a hidden representation
             if target is None:  # an activation of a computed value mid-forward: nothing to attach an observer to
-                call = found[0][(key, act, inplace)]
                 src = call.args[0]
                 rep.skipped.append((owner_path or type(owner).__name__,
                                     f"the {act} call ({_describe_call(call)}) on a computed value ({src.name}) "

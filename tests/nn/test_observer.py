@@ -412,3 +412,48 @@ def test_a_sequentials_output_is_observed_at_its_last_module_unless_it_is_the_mo
     with pytest.warns(UserWarning, match="converted nothing"):
         out = minaction.convert(SeqNet(squash=True))
     assert not any(isinstance(m, ActivationObserver) for m in out.modules())
+
+
+class GraphAttention(nn.Module):
+    """pytorch/examples' GAT layer, shrunk: a LeakyReLU on the attention logits, then a softmax."""
+
+    def __init__(self, fin, fout):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(fin, fout) * 0.3)
+        self.a = nn.Parameter(torch.randn(2 * fout, 1) * 0.3)
+        self.leakyrelu = nn.LeakyReLU(0.2)
+
+    def _scores(self, h):
+        n = h.shape[-1]
+        e = h @ self.a[:n] + (h @ self.a[n:]).transpose(-1, -2)
+        return self.leakyrelu(e)
+
+    def forward(self, x, adj):
+        h = x @ self.W
+        e = torch.where(adj > 0, self._scores(h), -9e15 * torch.ones_like(adj))
+        return F.softmax(e, dim=-1) @ h
+
+
+class GAT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gat1 = GraphAttention(5, 6)
+        self.gat2 = GraphAttention(6, 3)
+
+    def forward(self, x, adj):
+        return self.gat2(F.elu(self.gat1(x, adj)), adj)
+
+
+def test_an_activation_feeding_a_softmax_is_an_attention_score_and_not_counted():
+    torch.manual_seed(0)
+    model = GAT().double()
+    x, adj = torch.randn(7, 5, dtype=torch.float64), (torch.rand(7, 7) > 0.4).double()
+    before = model(x, adj)
+    _, rep = minaction.convert(model, return_report=True)
+    skipped = dict(rep.skipped)
+    for name in ("gat1.leakyrelu", "gat2.leakyrelu"):
+        assert "attention score" in skipped[name] and type(model.get_submodule(name)) is nn.LeakyReLU
+    assert [n for n, _ in rep.converted] == ["gat1.activation_energy"]  # the hidden node features' ELU
+    torch.testing.assert_close(model(x, adj), before)
+    h = F.elu(model.gat1(x, adj))
+    torch.testing.assert_close(minaction.total_energy(model), h.square().sum(1).mean())
