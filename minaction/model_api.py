@@ -912,6 +912,12 @@ def _convert(model, energy, energy_reduction, backend, include_output, wrap_acti
         _convert_activations(model, rep, opts, outputs)
         _observe_activation_calls(model, rep, opts, outputs)
     for name, mod in model.named_modules():
+        if isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
+            rep.skipped.append((name or type(mod).__name__,
+                                f"{type(mod).__name__}: its hidden states are computed inside torch's recurrent "
+                                "kernel, so their energy is not counted (write the cell from EnergyLinear layers and "
+                                "step it in forward(), with record_energy counting every step, to count it)"))
+            continue
         if isinstance(mod, _LAYER_LIKE) and not isinstance(mod, EnergyLayer) and id(mod) not in seen:
             rep.skipped.append((name or type(mod).__name__,
                                 f"{type(mod).__name__} is not called by a forward() that torch.fx could read "

@@ -457,3 +457,20 @@ def test_an_activation_feeding_a_softmax_is_an_attention_score_and_not_counted()
     torch.testing.assert_close(model(x, adj), before)
     h = F.elu(model.gat1(x, adj))
     torch.testing.assert_close(minaction.total_energy(model), h.square().sum(1).mean())
+
+
+def test_recurrent_modules_are_reported_as_not_counted():
+    class Net(nn.Module):  # pytorch/examples' mnist_rnn, shrunk
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(input_size=4, hidden_size=6, batch_first=True)
+            self.fc1 = nn.Linear(6, 5)
+            self.fc2 = nn.Linear(5, 2)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return F.log_softmax(self.fc2(F.relu(self.fc1(out[:, -1, :]))), dim=1)
+
+    model, rep = minaction.convert(Net(), return_report=True)
+    assert isinstance(model.fc1, EnergyLinear)
+    assert "recurrent kernel" in dict(rep.skipped)["rnn"]
