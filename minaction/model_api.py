@@ -741,6 +741,9 @@ def _activation_calls(graph) -> dict:
         if not isinstance(src, torch.fx.Node):
             continue
         act, inplace = _functional_act(node, src), _inplace(node)
+        if act is None and node.args[0] is src and len(node.args) == 1 and not node.kwargs:
+            act = _INPLACE_CALLS.get((node.op, node.target))  # F.relu_(x), x.relu_(), x.tanh_(), ...
+            inplace = act is not None
         if act is None:  # F.leaky_relu(x, 0.2), F.elu, F.relu6, ...: observed unfused, as the module
             act, inplace = _unfused_call(node)
             if act is None:
@@ -756,6 +759,10 @@ def _activation_calls(graph) -> dict:
 
 
 _FUSED_NAMES = frozenset(FUSED)
+_INPLACE_CALLS = {("call_function", F.relu_): "relu", ("call_function", torch.relu_): "relu",
+                  ("call_method", "relu_"): "relu", ("call_function", torch.tanh_): "tanh",
+                  ("call_method", "tanh_"): "tanh", ("call_function", torch.sigmoid_): "sigmoid",
+                  ("call_method", "sigmoid_"): "sigmoid"}
 # functional activations the kernels do not have: (the module an observer applies, its arguments after the input)
 _UNFUSED_CALLS = {
     F.leaky_relu: (nn.LeakyReLU, ("negative_slope", "inplace")), F.elu: (nn.ELU, ("alpha", "inplace")),

@@ -474,3 +474,33 @@ def test_recurrent_modules_are_reported_as_not_counted():
     model, rep = minaction.convert(Net(), return_report=True)
     assert isinstance(model.fc1, EnergyLinear)
     assert "recurrent kernel" in dict(rep.skipped)["rnn"]
+
+
+@pytest.mark.parametrize("call", ["F.relu_", "method"])
+def test_in_place_relu_spellings_are_observed(call):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.bn = nn.BatchNorm2d(3)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            h = F.relu_(h) if call == "F.relu_" else h.relu_()
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    plain = copy.deepcopy(model)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    minaction.convert(model)
+    obs = model.bn.activation_energy
+    assert obs.copy and obs.activation == "relu"
+
+    def hand():
+        h = F.relu(plain.bn(plain.conv(x)))
+        return plain.fc(h.mean((2, 3))).square().mean() + LAM * h.flatten(1).square().sum(1).mean()
+
+    train_in_lockstep(plain, model, hand, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
+                      lr=0.1)
