@@ -180,3 +180,37 @@ def test_convert_step_runs_every_variant_on_the_same_objective(bench_path, style
     assert losses["plain"][0] < losses["hand"][0]  # the energy term is there
     res = convert_step.run(rounds=2, batch=2, size=6, width=4, blocks=1, warmup=1, style=style)
     assert set(res) == {"plain", "hand", "converted"} and res["plain"]["ratio"] == 1.0
+
+
+def test_zoo_convert_reports_each_model_and_names_missing_libraries(bench_path):
+    """bench/zoo_convert.py on a stand-in zoo (the real zoos are not dependencies): a row per model."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import zoo_convert
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    def stand_in():
+        yield "local/net", Net, lambda: (torch.randn(2, 3, 8, 8),)
+        yield "local/broken", lambda: 1 / 0, lambda: ()
+
+    def missing():
+        import not_a_library_here  # noqa: F401
+        yield from ()
+
+    rows = zoo_convert.run(["local", "missing"], {"local": stand_in, "missing": missing})
+    assert rows[0]["kinds"] == {"ActivationObserver": 1} and rows[0]["max_rel_diff"] == 0.0
+    assert rows[0]["energy"] > 0 and rows[0]["converted"] == 1
+    assert "ZeroDivisionError" in rows[1]["error"] and "not installed" in rows[2]["error"]
+    text = zoo_convert.table(rows)
+    assert "local/net" in text and "ActivationObserver 1" in text and "**" in text
