@@ -159,12 +159,13 @@ def _read(mod: nn.Module) -> Optional[str]:
     if not all(_elementwise_graph(g, mod) for g in graphs):
         return None
     y = _probe(mod)
-    was = mod.training
-    mod.train(not was)
+    modes = [(m, m.training) for m in mod.modules()]
+    mod.train(not mod.training)
     try:
         y_other = _probe(mod)
     finally:
-        mod.train(was)
+        for m, training in modes:  # each as it was (a child may be in another mode than its parent)
+            m.training = training
     if y is None or y_other is None or not torch.equal(y, y_other):
         return None  # not the same function in train and in eval mode
     x = _points()
