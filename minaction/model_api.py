@@ -666,8 +666,11 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                 src = call.args[0]
                 rep.skipped.append((owner_path or type(owner).__name__,
                                     f"the {act} call ({_describe_call(call)}) on a computed value ({src.name}) "
-                                    f"{where} is not counted: no module gives that value and the forward goes on "
-                                    "after it; apply an activation module there (it becomes an EnergyActivation)"))
+                                    f"{where} is not counted: no module gives that value or takes it; apply an "
+                                    "activation module there (it becomes an EnergyActivation)"))
+                continue
+            if target.startswith(">"):
+                _observe_input_of(owner, owner_path, target[1:], once, call, act, rep, opts, uses)
                 continue
             observed = owner if target == "" else owner.get_submodule(target)
             path = owner_path if target == "" else (f"{owner_path}.{target}" if owner_path else target)
@@ -725,6 +728,37 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                                                  f"{path}.activation_energy)")
 
 
+def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, uses) -> None:
+    """An activation call on a computed value that one module takes (``self.conv2(F.relu(out + x))``): an
+    observer on that module's input counts the energy of the value as it is (it is the activation's output)."""
+    energy, energy_reduction, backend = opts
+    taker = owner.get_submodule(target)
+    path = f"{owner_path}.{target}" if owner_path else target
+    while isinstance(taker, nn.Sequential) and len(taker) and uses.get(id(taker), 0) == 1:
+        first = next(iter(taker._modules))  # a Sequential's input is its first module's
+        taker, path = taker._modules[first], f"{path}.{first}"
+    where = f"in {type(owner).__name__}.forward()"
+    what = f"the {act} call ({_describe_call(call)}) on a computed value ({call.args[0].name}) {where}"
+    if (isinstance(taker, (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)) or not once
+            or uses.get(id(taker), 0) != 1 or getattr(taker, "inplace", False)
+            or "activation_energy" in taker._modules):
+        rep.skipped.append((path, f"{what} is not counted: {type(taker).__name__} ({target}), which takes it, is "
+                                  "shared, called more than once, in place or a container; apply an activation "
+                                  "module there (it becomes an EnergyActivation)"))
+        return
+    rows = _rows_after(taker)  # a Linear or LayerNorm takes token rows; a conv or BatchNorm takes samples
+    obs = ActivationObserver("identity", energy, energy_reduction, rows=rows, backend=backend).train(taker.training)
+    if not _attach_observer(taker, obs, input=True):
+        rep.skipped.append((path, f"{what} is not counted: {type(taker).__name__}'s forward() applies its children "
+                                  "generically (or could not be read to rule that out)"))
+        return
+    rep.converted.append((f"{path}.activation_energy",
+                          f"{what} goes into {type(taker).__name__} ({target}), so an ActivationObserver (rows="
+                          f"{rows!r}) on that module's input counts the energy of the {act}'s output: the model's "
+                          "values and gradients are unchanged, at the cost of one energy pass (an activation module "
+                          "there would be faster)"))
+
+
 def _activation_calls(graph) -> dict:
     """The activation calls in one traced forward: ``{((what they activate, applied once), activation,
     in place): node}``. What they activate: a submodule's output (its target), the returned value
@@ -752,8 +786,9 @@ def _activation_calls(graph) -> dict:
             key = (src.target, counts[src.target] == 1)
         elif node is out:
             key = ("", True)
-        else:
-            key = (None, False)
+        else:  # a computed value: observed at the input of the one module that takes it, if there is one
+            takers = [u for u in node.users if u.op == "call_module" and u.args and u.args[0] is node]
+            key = (">" + takers[0].target, counts[takers[0].target] == 1) if len(takers) == 1 else (None, False)
         calls[(key, act, inplace)] = node
     return calls
 
@@ -790,13 +825,13 @@ def _unfused_call(node, build: bool = False):
     return f"{node.target.__name__}({', '.join(f'{k}={v!r}' for k, v in given.items())})", inplace
 
 
-def _attach_observer(observed: nn.Module, obs: ActivationObserver) -> bool:
+def _attach_observer(observed: nn.Module, obs: ActivationObserver, input: bool = False) -> bool:
     """Attach ``obs`` to ``observed`` unless its new child could change what ``observed`` computes: torch's
     own leaf modules never apply their children; another forward is read again after attaching (one that
     applies every child, such as a loop over ``self.children()``, would now apply the observer)."""
     from ._fx_pairs import _trace_now
 
-    handle = obs.attach(observed)
+    handle = obs.attach(observed, input=input)
     if type(observed).__module__.startswith("torch.nn.modules"):
         return True
     try:

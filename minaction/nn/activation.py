@@ -200,12 +200,15 @@ class ActivationObserver(EnergyActivation):
             out = out.clone()
         return None if out is t else out
 
-    def attach(self, module: nn.Module, name: str = "activation_energy"):
-        """Make this observer ``module.<name>`` and observe ``module``'s output. Returns the hook's handle."""
+    def attach(self, module: nn.Module, name: str = "activation_energy", input: bool = False):
+        """Make this observer ``module.<name>`` and observe ``module``'s output (``input=True``: its first
+        input, for an activation's output that the module takes). Returns the hook's handle."""
         if name in module._modules:
             raise ValueError(f"{type(module).__name__} already has a submodule {name!r}")
         module.add_module(name, self)
         # a module-level function and a name, not a closure: copies and pickles observe with their own child
+        if input:
+            return module.register_forward_pre_hook(functools.partial(_observe_input, name))
         return module.register_forward_hook(functools.partial(_observe, name))
 
     def extra_repr(self) -> str:
@@ -218,6 +221,14 @@ def _observe(name: str, module: nn.Module, args, output):
         raise TypeError(f"{type(module).__name__}'s output is a {type(output).__name__}: its ActivationObserver "
                         "observes a tensor output")
     return module._modules[name](output)
+
+
+def _observe_input(name: str, module: nn.Module, args):
+    """Forward pre-hook of a module that takes an activation's output: its observer counts that input."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise TypeError(f"{type(module).__name__}'s first input is not a tensor: its ActivationObserver observes one")
+    new = module._modules[name](args[0])
+    return None if new is None else (new,) + tuple(args[1:])
 
 
 def _start_accumulating(path: str, owner: nn.Module, args) -> None:

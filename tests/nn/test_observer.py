@@ -220,7 +220,7 @@ class UsesChain(nn.Module):
 
     def forward(self, x):
         h = F.relu(self.chain(x))
-        z = F.relu(self.mid(h) + h)  # a computed value, not a module's output
+        z = F.relu(self.mid(h) + h)  # a computed value, not a module's output, and no module takes it
         return self.out(z * 2)
 
 
@@ -504,3 +504,57 @@ def test_in_place_relu_spellings_are_observed(call):
 
     train_in_lockstep(plain, model, hand, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
                       lr=0.1)
+
+
+class TakenBy(nn.Module):
+    """Activations of computed values that a module takes: a residual relu into the next conv, a tanh of a
+    sum into a Sequential, a LayerNorm'd GELU into a Linear (tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.seq = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv2(F.relu(self.conv1(x) + x))
+        h = self.seq(torch.tanh(h * 0.5))
+        t = h.flatten(2).transpose(1, 2)  # [B, HW, C] tokens
+        t = self.fc(F.gelu(self.ln(t) + t))
+        return self.head(t.mean(1))
+
+
+def test_an_activation_of_a_computed_value_is_observed_at_the_module_that_takes_it():
+    torch.manual_seed(0)
+    model = TakenBy().double()
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    _, rep = minaction.convert(model, return_report=True)
+    obs = {n: m for n, m in model.named_modules() if isinstance(m, ActivationObserver)}
+    assert set(obs) == {"conv2.activation_energy", "seq.0.activation_energy", "fc.activation_energy"}
+    assert all(o.activation == "identity" for o in obs.values())
+    assert obs["fc.activation_energy"].rows == "leading" and obs["conv2.activation_energy"].rows == "batch"
+    assert "goes into Conv2d (conv2)" in dict(rep.converted)["conv2.activation_energy"]
+
+    def hand():
+        a = F.relu(plain.conv1(x) + x)
+        b = torch.tanh(plain.conv2(a) * 0.5)
+        h = plain.seq(b)
+        t = h.flatten(2).transpose(1, 2)
+        c = F.gelu(plain.ln(t) + t)
+        out = plain.head(plain.fc(c).mean(1))
+        e = a.flatten(1).square().sum(1).mean() + b.flatten(1).square().sum(1).mean()
+        return out.square().mean() + LAM * (e + c.flatten(0, 1).square().sum(1).mean())
+
+    train_in_lockstep(plain, model, hand, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
+                      lr=0.1)
+    minaction.set_penalty(model, LAM)  # the penalty form adds the same gradient through the input's view
+    model.zero_grad()
+    plain.zero_grad()
+    model(x).square().mean().backward()
+    hand().backward()
+    for (n, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)
