@@ -642,7 +642,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
     block whose returned value they are: it counts the energy of the activation and leaves the
     model's values alone. A call after an energy layer (a relu after a layer fused with relu) is
     counted already; one giving the model's output is not a hidden activation."""
-    from ._fx_pairs import _trace, feeds_softmax
+    from ._fx_pairs import _describe, _trace, feeds_softmax
 
     energy, energy_reduction, backend = opts
     uses = _use_counts(model)
@@ -665,7 +665,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
             if target is None:  # an activation of a computed value mid-forward: nothing to attach an observer to
                 src = call.args[0]
                 rep.skipped.append((owner_path or type(owner).__name__,
-                                    f"the {act} call ({_describe_call(call)}) on a computed value ({src.name}) "
+                                    f"the {act} call ({_describe(call, owner)}) on a computed value ({src.name}) "
                                     f"{where} is not counted: no module gives that value or takes it; apply an "
                                     "activation module there (it becomes an EnergyActivation)"))
                 continue
@@ -707,7 +707,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                                           f"change it: the {act} call {where} is not counted"))
                 continue
             call = found[0][(key, act, inplace)]
-            what = f"the {act} call ({_describe_call(call)}) {where}"
+            what = f"the {act} call ({_describe(call, owner)}) {where}"
             unfused = act not in _FUSED_NAMES
             of = (f"the value {type(owner).__name__}.forward() returns" if target == "" else
                   f"{type(observed).__name__} ({target})'s output")
@@ -722,7 +722,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
             if path in skipped:
                 p, why = rep.skipped[skipped[path]]
                 if unfused:
-                    why = (f"followed by the {_describe_call(call)} call {where}, an activation the fused kernels "
+                    why = (f"followed by the {_describe(call, owner)} call {where}, an activation the fused kernels "
                            "do not have: the layer stays plain")
                 rep.skipped[skipped[path]] = (p, f"{why} (its {act}'s energy is counted by an observer: "
                                                  f"{path}.activation_energy)")
@@ -731,6 +731,8 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
 def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, uses) -> None:
     """An activation call on a computed value that one module takes (``self.conv2(F.relu(out + x))``): an
     observer on that module's input counts the energy of the value as it is (it is the activation's output)."""
+    from ._fx_pairs import _describe
+
     energy, energy_reduction, backend = opts
     taker = owner.get_submodule(target)
     path = f"{owner_path}.{target}" if owner_path else target
@@ -738,11 +740,11 @@ def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, use
         first = next(iter(taker._modules))  # a Sequential's input is its first module's
         taker, path = taker._modules[first], f"{path}.{first}"
     where = f"in {type(owner).__name__}.forward()"
-    what = f"the {act} call ({_describe_call(call)}) on a computed value ({call.args[0].name}) {where}"
+    what = f"the {act} call ({_describe(call, owner)}) on a computed value ({call.args[0].name}) {where}"
     if (isinstance(taker, (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)) or not once
             or uses.get(id(taker), 0) != 1 or getattr(taker, "inplace", False)
             or "activation_energy" in taker._modules):
-        rep.skipped.append((path, f"{what} is not counted: {type(taker).__name__} ({target}), which takes it, is "
+        rep.skipped.append((path, f"{what} is not counted: {type(taker).__name__} ({path}), which takes it, is "
                                   "shared, called more than once, in place or a container; apply an activation "
                                   "module there (it becomes an EnergyActivation)"))
         return
@@ -753,7 +755,7 @@ def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, use
                                   "generically (or could not be read to rule that out)"))
         return
     rep.converted.append((f"{path}.activation_energy",
-                          f"{what} goes into {type(taker).__name__} ({target}), so an ActivationObserver (rows="
+                          f"{what} goes into {type(taker).__name__} ({path}), so an ActivationObserver (rows="
                           f"{rows!r}) on that module's input counts the energy of the {act}'s output: the model's "
                           "values and gradients are unchanged, at the cost of one energy pass (an activation module "
                           "there would be faster)"))
@@ -844,14 +846,6 @@ def _attach_observer(observed: nn.Module, obs: ActivationObserver, input: bool =
         handle.remove()
         del observed._modules["activation_energy"]
     return ok
-
-
-def _describe_call(node) -> str:
-    if node.op == "call_method":
-        return f".{node.target}()"
-    name = getattr(node.target, "__name__", str(node.target))
-    mod = getattr(node.target, "__module__", "") or ""
-    return f"F.{name}" if mod in ("torch.nn.functional", "torch._C._nn") else f"torch.{name}"
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
