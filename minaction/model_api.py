@@ -686,7 +686,8 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                 observed, path = observed._modules[key_last], f"{path}.{key_last}"
             if isinstance(observed, (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)):
                 continue  # a container; or an energy layer, which counts the activation already
-            if "activation_energy" in observed._modules or uses.get(id(observed), 0) != 1 or not once:
+            rel = path[len(owner_path) + 1:] if owner_path else path  # relative to the owner ("": its own value)
+            if _observed_already(observed, owner, rel) or uses.get(id(observed), 0) != 1 or not once:
                 continue  # observed already (a second convert), shared, or called more than once
             if target == "":
                 node = found[0][(key, act, inplace)]
@@ -701,19 +702,21 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
             fn = _unfused_call(found[0][(key, act, inplace)], build=True) if act not in _FUSED_NAMES else act
             obs = ActivationObserver(fn, energy, energy_reduction, rows=rows, backend=backend,
                                      copy=inplace and target != "").train(observed.training)
-            if not _attach_observer(observed, obs):
+            at = _attach_observer(observed, obs, owner, rel)
+            if at is None:
                 rep.skipped.append((path, f"{type(observed).__name__}'s forward() applies its children generically "
-                                          "(or could not be read to rule that out), so an observer child would "
-                                          f"change it: the {act} call {where} is not counted"))
+                                          "(or could not be read to rule that out), and so does "
+                                          f"{type(owner).__name__}'s, so an observer child would change them: the "
+                                          f"{act} call {where} is not counted"))
                 continue
+            at = f"{owner_path}.{at}" if owner_path else at
             call = found[0][(key, act, inplace)]
             what = f"the {act} call ({_describe(call, owner)}) {where}"
             unfused = act not in _FUSED_NAMES
             of = (f"the value {type(owner).__name__}.forward() returns" if target == "" else
                   f"{type(observed).__name__} ({target})'s output")
             extra = (" The call is in place, so the hook passes on a copy for it to overwrite." if obs.copy else "")
-            rep.converted.append((f"{path}.activation_energy" if path else "activation_energy",
-                                  f"{what} cannot be replaced by a module, so an ActivationObserver (rows={rows!r}) "
+            rep.converted.append((at, f"{what} cannot be replaced by a module, so an ActivationObserver (rows={rows!r}) "
                                   f"hooked on {of} counts its energy: the model's values and gradients are unchanged, "
                                   + ("at the cost of the activation and its energy in plain PyTorch ops (the fused "
                                      "kernels do not have it), what the hand-written penalty costs." if unfused else
@@ -724,8 +727,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                 if unfused:
                     why = (f"followed by the {_describe(call, owner)} call {where}, an activation the fused kernels "
                            "do not have: the layer stays plain")
-                rep.skipped[skipped[path]] = (p, f"{why} (its {act}'s energy is counted by an observer: "
-                                                 f"{path}.activation_energy)")
+                rep.skipped[skipped[path]] = (p, f"{why} (its {act}'s energy is counted by an observer: {at})")
 
 
 def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, uses) -> None:
@@ -741,20 +743,23 @@ def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, use
         taker, path = taker._modules[first], f"{path}.{first}"
     where = f"in {type(owner).__name__}.forward()"
     what = f"the {act} call ({_describe(call, owner)}) on a computed value ({call.args[0].name}) {where}"
+    rel = path[len(owner_path) + 1:] if owner_path else path
     if (isinstance(taker, (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)) or not once
             or uses.get(id(taker), 0) != 1 or getattr(taker, "inplace", False)
-            or "activation_energy" in taker._modules):
+            or _observed_already(taker, owner, rel)):
         rep.skipped.append((path, f"{what} is not counted: {type(taker).__name__} ({path}), which takes it, is "
                                   "shared, called more than once, in place or a container; apply an activation "
                                   "module there (it becomes an EnergyActivation)"))
         return
     rows = _rows_after(taker)  # a Linear or LayerNorm takes token rows; a conv or BatchNorm takes samples
     obs = ActivationObserver("identity", energy, energy_reduction, rows=rows, backend=backend).train(taker.training)
-    if not _attach_observer(taker, obs, input=True):
-        rep.skipped.append((path, f"{what} is not counted: {type(taker).__name__}'s forward() applies its children "
-                                  "generically (or could not be read to rule that out)"))
+    at = _attach_observer(taker, obs, owner, rel, input=True)
+    if at is None:
+        rep.skipped.append((path, f"{what} is not counted: {type(taker).__name__}'s and {type(owner).__name__}'s "
+                                  "forward() apply their children generically (or could not be read to rule that "
+                                  "out)"))
         return
-    rep.converted.append((f"{path}.activation_energy",
+    rep.converted.append((f"{owner_path}.{at}" if owner_path else at,
                           f"{what} goes into {type(taker).__name__} ({path}), so an ActivationObserver (rows="
                           f"{rows!r}) on that module's input counts the energy of the {act}'s output: the model's "
                           "values and gradients are unchanged, at the cost of one energy pass (an activation module "
@@ -827,25 +832,44 @@ def _unfused_call(node, build: bool = False):
     return f"{node.target.__name__}({', '.join(f'{k}={v!r}' for k, v in given.items())})", inplace
 
 
-def _attach_observer(observed: nn.Module, obs: ActivationObserver, input: bool = False) -> bool:
-    """Attach ``obs`` to ``observed`` unless its new child could change what ``observed`` computes: torch's
-    own leaf modules never apply their children; another forward is read again after attaching (one that
-    applies every child, such as a loop over ``self.children()``, would now apply the observer)."""
+def _observed_already(observed: nn.Module, owner: nn.Module, rel: str) -> bool:
+    """Whether an earlier ``convert`` attached an observer there (at ``observed`` or at its owner)."""
+    return "activation_energy" in observed._modules or \
+        ("activation_energy_" + rel.replace(".", "_")) in owner._modules
+
+
+def _attach_observer(observed: nn.Module, obs: ActivationObserver, owner: nn.Module, target: str,
+                     input: bool = False) -> Optional[str]:
+    """Attach ``obs``, hooked on ``observed``, where its being a child changes nothing: ``observed`` itself
+    (torch's own leaf modules never apply their children; another forward is read again after attaching:
+    one that applies every child, such as a loop over ``self.children()``, would now apply the observer),
+    else ``owner``, whose forward applies ``observed`` at ``target`` (read again the same way: a layer
+    library's module whose forward fx cannot read, such as PyTorch Geometric's convolutions). Returns the
+    observer's path relative to ``owner``, or None where neither home is safe."""
     from ._fx_pairs import _trace_now
 
-    handle = obs.attach(observed, input=input)
-    if type(observed).__module__.startswith("torch.nn.modules"):
-        return True
-    try:
-        graphs = (_trace_now(observed, False), _trace_now(observed, True))
-        ok = not any(n.op == "call_module" and n.target.split(".")[0] == "activation_energy"
-                     for g in graphs for n in g.nodes)
-    except Exception:  # noqa: BLE001 - unreadable: the child's effect cannot be ruled out
-        ok = False
-    if not ok:
+    def unchanged(home, name):
+        if type(home).__module__.startswith("torch.nn.modules"):
+            return True
+        try:
+            graphs = (_trace_now(home, False), _trace_now(home, True))
+        except Exception:  # noqa: BLE001 - unreadable: the child's effect cannot be ruled out
+            return False
+        return not any(n.op == "call_module" and n.target.split(".")[0] == name for g in graphs for n in g.nodes)
+
+    homes = [(observed, "activation_energy", f"{target}.activation_energy" if target else "activation_energy")]
+    if observed is not owner:
+        name = "activation_energy_" + target.replace(".", "_")
+        homes.append((owner, name, name))
+    for home, name, rel in homes:
+        if name in home._modules:
+            continue
+        handle = obs.attach(observed, name, input=input, home=home)
+        if unchanged(home, name):
+            return rel
         handle.remove()
-        del observed._modules["activation_energy"]
-    return ok
+        del home._modules[name]
+    return None
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

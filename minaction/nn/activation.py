@@ -200,34 +200,39 @@ class ActivationObserver(EnergyActivation):
             out = out.clone()
         return None if out is t else out
 
-    def attach(self, module: nn.Module, name: str = "activation_energy", input: bool = False):
-        """Make this observer ``module.<name>`` and observe ``module``'s output (``input=True``: its first
-        input, for an activation's output that the module takes). Returns the hook's handle."""
-        if name in module._modules:
-            raise ValueError(f"{type(module).__name__} already has a submodule {name!r}")
-        module.add_module(name, self)
-        # a module-level function and a name, not a closure: copies and pickles observe with their own child
+    def attach(self, module: nn.Module, name: str = "activation_energy", input: bool = False,
+               home: Optional[nn.Module] = None):
+        """Observe ``module``'s output (``input=True``: its first input, for an activation's output that
+        the module takes), as the submodule ``<home>.<name>`` (``home`` defaults to ``module``; it must
+        hold ``module``, so that ``total_energy`` and copies of it find this observer). Returns the
+        hook's handle."""
+        home = module if home is None else home
+        if name in home._modules:
+            raise ValueError(f"{type(home).__name__} already has a submodule {name!r}")
+        home.add_module(name, self)
+        # a module-level function holding this observer: a deep copy or pickle of the model maps it to the
+        # copy's own observer (one memo for the whole model)
         if input:
-            return module.register_forward_pre_hook(functools.partial(_observe_input, name))
-        return module.register_forward_hook(functools.partial(_observe, name))
+            return module.register_forward_pre_hook(functools.partial(_observe_input, self))
+        return module.register_forward_hook(functools.partial(_observe, self))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", copy=True" if self.copy else "")
 
 
-def _observe(name: str, module: nn.Module, args, output):
+def _observe(observer: nn.Module, module: nn.Module, args, output):
     """Forward hook of an observed module: its observer counts the energy of its output's activation."""
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"{type(module).__name__}'s output is a {type(output).__name__}: its ActivationObserver "
                         "observes a tensor output")
-    return module._modules[name](output)
+    return observer(output)
 
 
-def _observe_input(name: str, module: nn.Module, args):
+def _observe_input(observer: nn.Module, module: nn.Module, args):
     """Forward pre-hook of a module that takes an activation's output: its observer counts that input."""
     if not args or not isinstance(args[0], torch.Tensor):
         raise TypeError(f"{type(module).__name__}'s first input is not a tensor: its ActivationObserver observes one")
-    new = module._modules[name](args[0])
+    new = observer(args[0])
     return None if new is None else (new,) + tuple(args[1:])
 
 

@@ -224,18 +224,54 @@ class UsesChain(nn.Module):
         return self.out(z * 2)
 
 
-def test_what_cannot_be_observed_is_named():
+def test_a_module_that_cannot_hold_the_observer_is_observed_from_its_owner_and_the_rest_is_named():
     torch.manual_seed(0)
     model = UsesChain()
     x = torch.randn(5, 4)
     before = model(x)
-    with pytest.warns(UserWarning, match="converted nothing"):
-        _, rep = minaction.convert(model, return_report=True)
-    skipped = rep.skipped
+    _, rep = minaction.convert(model, return_report=True)
+    # Chain applies every child, so the observer lives in UsesChain, whose forward names its children
     assert "activation_energy" not in model.chain._modules
-    assert any(p == "chain" and "applies its children generically" in why for p, why in skipped)
-    assert any("computed value" in why and "not counted" in why for _, why in skipped)
+    assert isinstance(model.activation_energy_chain, ActivationObserver)
+    assert "activation_energy_chain" in dict(rep.converted)
+    assert any("computed value" in why and "not counted" in why for _, why in rep.skipped)
     torch.testing.assert_close(model(x), before)
+    h = F.relu(model.chain(x))
+    torch.testing.assert_close(minaction.total_energy(model), h.square().sum(1).mean())
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # the hook finds the copy's observer
+        clone.activation_energy_chain.last_energy = None
+        clone(x)
+        torch.testing.assert_close(clone.activation_energy_chain.last_energy, model.activation_energy_chain.last_energy)
+        assert model.activation_energy_chain.last_energy is not clone.activation_energy_chain.last_energy
+
+    class Generic(nn.Module):  # applies its children generically too: no home for the observers
+        def __init__(self):
+            super().__init__()
+            self.chain = Chain()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            for m in self.children():
+                x = F.relu(m(x))
+            return x
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = Generic()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.g(x))
+
+    outer = Outer()
+    before = outer(x)
+    _, rep = minaction.convert(outer, return_report=True)
+    skipped = dict(rep.skipped)
+    assert "apply their children generically" in skipped["g.chain"] or "and so does Generic" in skipped["g.chain"]
+    assert not any(isinstance(m, ActivationObserver) for m in outer.modules())
+    assert isinstance(outer.g.lin, EnergyLinear)  # the layer before a relu call still fuses
+    torch.testing.assert_close(outer(x), before)
 
 
 class Head(nn.Module):
