@@ -1,6 +1,6 @@
 """``minaction.convert`` over other libraries' model zoos: what it converts, and that nothing changes.
 
-For each model of timm, torchvision and transformers that is installed here (none of them is a
+For each model of timm, torchvision, transformers and PyTorch Geometric that is installed here (none of them is a
 dependency of minaction; the script skips what is missing): build it with random weights, run it in
 eval mode, convert it, run it again, and report the largest output difference, how many modules of each
 minaction kind it now holds, the energy of that forward, and how long ``convert`` took.
@@ -69,7 +69,30 @@ def _transformers():
                     num_labels=10)), lambda: (torch.randn(2, 3, 32, 32),)
 
 
-LIBS = {"timm": _timm, "torchvision": _torchvision, "transformers": _transformers}
+def _pyg():
+    import torch.nn.functional as F
+    from torch import nn
+    from torch_geometric.nn import GATConv, GCNConv, SAGEConv
+
+    class Net(nn.Module):  # PyTorch Geometric's two-layer node classifier, as its examples write it
+        def __init__(self, conv, act):
+            super().__init__()
+            self.conv1, self.conv2, self.act = conv(16, 32), conv(32, 4), act
+
+        def forward(self, x, edge_index):
+            x = self.act(self.conv1(x, edge_index))
+            x = F.dropout(x, p=0.5, training=self.training)
+            return F.log_softmax(self.conv2(x, edge_index), dim=1)
+
+    def graph():
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(20, 16, generator=g), torch.randint(0, 20, (2, 60), generator=g)
+
+    for conv, act in ((GCNConv, F.relu), (SAGEConv, F.relu), (GATConv, F.elu)):
+        yield f"torch_geometric/{conv.__name__}", lambda c=conv, a=act: Net(c, a), graph
+
+
+LIBS = {"timm": _timm, "torchvision": _torchvision, "transformers": _transformers, "torch_geometric": _pyg}
 
 
 def _output(out):
