@@ -680,18 +680,15 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                 continue  # the block's value is the model's output
             if target != "" and outputs is not None and id(observed) in outputs[1]:
                 continue  # the activation gives the model's output
-            while isinstance(observed, nn.Sequential) and len(observed) and uses.get(id(observed), 0) == 1:
-                # a Sequential's output is its last module's (a child there would be applied as a layer)
-                key_last = list(observed._modules)[-1]
-                observed, path = observed._modules[key_last], f"{path}.{key_last}"
+            # a Sequential's output is its last module's (a child there would be applied as a layer)
+            observed, path = _into_sequential(observed, path, uses, last=True)
             if isinstance(observed, (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)):
                 continue  # a container; or an energy layer, which counts the activation already
             rel = path[len(owner_path) + 1:] if owner_path else path  # relative to the owner ("": its own value)
             if _observed_already(observed, owner, rel) or uses.get(id(observed), 0) != 1 or not once:
                 continue  # observed already (a second convert), shared, or called more than once
             if target == "":
-                node = found[0][(key, act, inplace)]
-                up = node.args[0]
+                up = call.args[0]
                 while isinstance(up, torch.fx.Node) and up.op != "call_module" and up.args:
                     up = up.args[0]
                 prev = owner.get_submodule(up.target) if isinstance(up, torch.fx.Node) and up.op == "call_module" \
@@ -699,7 +696,8 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
             else:
                 prev = observed
             rows = _rows_after(prev)
-            fn = _unfused_call(found[0][(key, act, inplace)], build=True) if act not in _FUSED_NAMES else act
+            unfused = act not in FUSED
+            fn = _unfused_module(call) if unfused else act
             obs = ActivationObserver(fn, energy, energy_reduction, rows=rows, backend=backend,
                                      copy=inplace and target != "").train(observed.training)
             at = _attach_observer(observed, obs, owner, rel)
@@ -710,9 +708,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
                                           f"{act} call {where} is not counted"))
                 continue
             at = f"{owner_path}.{at}" if owner_path else at
-            call = found[0][(key, act, inplace)]
             what = f"the {act} call ({_describe(call, owner)}) {where}"
-            unfused = act not in _FUSED_NAMES
             of = (f"the value {type(owner).__name__}.forward() returns" if target == "" else
                   f"{type(observed).__name__} ({target})'s output")
             extra = (" The call is in place, so the hook passes on a copy for it to overwrite." if obs.copy else "")
@@ -738,9 +734,7 @@ def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, use
     energy, energy_reduction, backend = opts
     taker = owner.get_submodule(target)
     path = f"{owner_path}.{target}" if owner_path else target
-    while isinstance(taker, nn.Sequential) and len(taker) and uses.get(id(taker), 0) == 1:
-        first = next(iter(taker._modules))  # a Sequential's input is its first module's
-        taker, path = taker._modules[first], f"{path}.{first}"
+    taker, path = _into_sequential(taker, path, uses, last=False)  # a Sequential's input is its first module's
     where = f"in {type(owner).__name__}.forward()"
     what = f"the {act} call ({_describe(call, owner)}) on a computed value ({call.args[0].name}) {where}"
     rel = path[len(owner_path) + 1:] if owner_path else path
@@ -766,6 +760,15 @@ def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, use
                           "there would be faster)"))
 
 
+def _into_sequential(mod: nn.Module, path: str, uses: dict, last: bool):
+    """The module inside (nested) Sequentials, registered once, whose output (``last``) or input is theirs,
+    and its path."""
+    while isinstance(mod, nn.Sequential) and len(mod) and uses.get(id(mod), 0) == 1:
+        key = list(mod._modules)[-1 if last else 0]
+        mod, path = mod._modules[key], f"{path}.{key}"
+    return mod, path
+
+
 def _activation_calls(graph) -> dict:
     """The activation calls in one traced forward: ``{((what they activate, applied once), activation,
     in place): node}``. What they activate: a submodule's output (its target), the returned value
@@ -786,9 +789,11 @@ def _activation_calls(graph) -> dict:
             act = _INPLACE_CALLS.get((node.op, node.target))  # F.relu_(x), x.relu_(), x.tanh_(), ...
             inplace = act is not None
         if act is None:  # F.leaky_relu(x, 0.2), F.elu, F.relu6, ...: observed unfused, as the module
-            act, inplace = _unfused_call(node)
-            if act is None:
+            spec = _unfused_call(node)
+            if spec is None:
                 continue
+            cls, kwargs, inplace = spec
+            act = f"{node.target.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
         if src.op == "call_module":
             key = (src.target, counts[src.target] == 1)
         elif node is out:
@@ -800,7 +805,6 @@ def _activation_calls(graph) -> dict:
     return calls
 
 
-_FUSED_NAMES = frozenset(FUSED)
 _INPLACE_CALLS = {("call_function", F.relu_): "relu", ("call_function", torch.relu_): "relu",
                   ("call_method", "relu_"): "relu", ("call_function", torch.tanh_): "tanh",
                   ("call_method", "tanh_"): "tanh", ("call_function", torch.sigmoid_): "sigmoid",
@@ -815,21 +819,26 @@ _UNFUSED_CALLS = {
 }
 
 
-def _unfused_call(node, build: bool = False):
-    """For a call of an activation the kernels do not have (``F.leaky_relu(x, 0.2)``): ``(its description,
-    whether it is in place)``, or the equivalent module with ``build``; ``(None, False)`` for any other node."""
+def _unfused_call(node):
+    """For a call of an activation the kernels do not have (``F.leaky_relu(x, 0.2)``): ``(the module class,
+    its arguments, whether the call is in place)``; None for any other node, or arguments computed in
+    forward() (not a fixed module)."""
     spec = _UNFUSED_CALLS.get(node.target) if node.op == "call_function" else None
     if spec is None:
-        return None if build else (None, False)
+        return None
     cls, params = spec
     given = dict(zip(params, node.args[1:]))
     given.update(node.kwargs)
     if set(given) - set(params) or any(isinstance(v, torch.fx.Node) for v in given.values()):
-        return None if build else (None, False)  # an argument computed in forward(): not a fixed module
+        return None
     inplace = bool(given.pop("inplace", False))
-    if build:
-        return cls(**given)
-    return f"{node.target.__name__}({', '.join(f'{k}={v!r}' for k, v in given.items())})", inplace
+    return cls, given, inplace
+
+
+def _unfused_module(node) -> nn.Module:
+    """The module computing what the unfused activation call ``node`` computes."""
+    cls, kwargs, _ = _unfused_call(node)
+    return cls(**kwargs)
 
 
 def _observed_already(observed: nn.Module, owner: nn.Module, rel: str) -> bool:

@@ -61,13 +61,13 @@ class EnergyActivation(EnergyLayer):
         if rows not in _ROWS:
             raise ValueError(f"rows must be one of {_ROWS}, got {rows!r}")
         fn = None
-        if isinstance(activation, nn.Module):
+        if isinstance(activation, nn.Module) and type(activation) not in UNFUSED_ACTIVATIONS:
             from .._custom_act import FUSED, read_activation
 
-            read = read_activation(activation) if type(activation) not in UNFUSED_ACTIVATIONS else None
+            read = read_activation(activation)
             if read in FUSED:  # a library's own class computing a fused activation (timm's GELU, NewGELU)
                 activation = read
-            elif type(activation) not in UNFUSED_ACTIVATIONS and read is None:
+            elif read is None:
                 raise ValueError(f"activation module {type(activation).__name__} is not one EnergyActivation applies "
                                  "(an elementwise activation without parameters or randomness: "
                                  f"{', '.join(c.__name__ for c in UNFUSED_ACTIVATIONS)}, or a custom module whose "
