@@ -79,6 +79,8 @@ def total_energy(model: nn.Module) -> torch.Tensor:
             f"{type(model).__name__} has no energy layers, so there is no activation energy to sum. "
             "minaction.convert(model) replaces nn.Linear / nn.Conv1d / nn.Conv2d followed by an activation "
             f"module ({_SUPPORTED}) in an nn.Sequential or a forward() that torch.fx can read; {_FUNCTIONAL_HINT}")
+    if not _compiling():
+        _check_observers(model)
     for name, m in layers:
         e = m.last_energy
         if e is None:
@@ -166,6 +168,24 @@ _compiling = torch.compiler.is_compiling
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def _check_observers(model: nn.Module) -> None:
+    """Raise for an ActivationObserver of ``model`` that no longer runs (a module swap dropped its hook)."""
+    named = None
+    for name, m in model.named_modules():
+        if not isinstance(m, ActivationObserver) or "_hooked" not in m.__dict__:
+            continue
+        if named is None:
+            named = dict(model.named_modules())
+        why = m.detached(named[name.rpartition(".")[0]] if name else None)
+        if why is not None:
+            raise RuntimeError(
+                f"the ActivationObserver {name!r} no longer runs: {why}. Module swaps after minaction.convert "
+                "(nn.SyncBatchNorm.convert_sync_batchnorm, a frozen-BatchNorm swap, assigning a new module) build new "
+                "modules without the observers' forward hooks, so this energy would be missing, or left from an "
+                "earlier forward. Call minaction.convert(model) again after replacing modules: it hooks each observer "
+                "on the module now in its place")
+
+
 def _fast_total(model: nn.Module):
     """The sum in the common case, without ``named_modules``' bookkeeping: every counting layer
     has a plain (not ``torch.func``-wrapped) energy. None sends the caller to the full path,
@@ -183,6 +203,10 @@ def _fast_total(model: nn.Module):
             e = d.get("_last_energy")
             if e is None or _wrapped(e):
                 return None
+            on = d.get("_hooked")  # an ActivationObserver: its home and the module it hooks are still in the model
+            if on is not None and not (id(on[3]) in seen and id(on[0]) in seen
+                                       and on[1] in (on[0]._forward_pre_hooks if on[2] else on[0]._forward_hooks)):
+                return None  # the full path says why (pre-order visits both before the observer)
             total = e if total is None else total + e
             if d.get("_unread"):  # read: a next call replacing it is not a lost energy (nn.layers._replaced_unread)
                 d["_unread"] = False
@@ -685,7 +709,7 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
             if isinstance(observed, (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)):
                 continue  # a container; or an energy layer, which counts the activation already
             rel = path[len(owner_path) + 1:] if owner_path else path  # relative to the owner ("": its own value)
-            if _observed_already(observed, owner, rel) or uses.get(id(observed), 0) != 1 or not once:
+            if _observed_already(observed, owner, rel, owner_path, rep) or uses.get(id(observed), 0) != 1 or not once:
                 continue  # observed already (a second convert), shared, or called more than once
             if target == "":
                 up = call.args[0]
@@ -738,9 +762,10 @@ def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, use
     where = f"in {type(owner).__name__}.forward()"
     what = f"the {act} call ({_describe(call, owner)}) on a computed value ({call.args[0].name}) {where}"
     rel = path[len(owner_path) + 1:] if owner_path else path
+    if _observed_already(taker, owner, rel, owner_path, rep):
+        return  # a second convert
     if (isinstance(taker, (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)) or not once
-            or uses.get(id(taker), 0) != 1 or getattr(taker, "inplace", False)
-            or _observed_already(taker, owner, rel)):
+            or uses.get(id(taker), 0) != 1 or getattr(taker, "inplace", False)):
         rep.skipped.append((path, f"{what} is not counted: {type(taker).__name__} ({path}), which takes it, is "
                                   "shared, called more than once, in place or a container; apply an activation "
                                   "module there (it becomes an EnergyActivation)"))
@@ -841,10 +866,25 @@ def _unfused_module(node) -> nn.Module:
     return cls(**kwargs)
 
 
-def _observed_already(observed: nn.Module, owner: nn.Module, rel: str) -> bool:
-    """Whether an earlier ``convert`` attached an observer there (at ``observed`` or at its owner)."""
-    return "activation_energy" in observed._modules or \
-        ("activation_energy_" + rel.replace(".", "_")) in owner._modules
+def _observed_already(observed: nn.Module, owner: nn.Module, rel: str, owner_path: str, rep: ConversionReport) -> bool:
+    """Whether an earlier ``convert`` attached an observer there (at ``observed`` or at its owner). One that
+    no longer runs, because a module swap since then copied it into a new module without its hook
+    (``nn.SyncBatchNorm.convert_sync_batchnorm``), is hooked on ``observed`` again."""
+    path = f"{owner_path}.{rel}" if owner_path and rel else (owner_path or rel)
+    for home, name, at in ((observed, "activation_energy", f"{path}.activation_energy" if path else "activation_energy"),
+                           (owner, "activation_energy_" + rel.replace(".", "_"),
+                            f"{owner_path}.activation_energy_{rel.replace('.', '_')}" if owner_path
+                            else "activation_energy_" + rel.replace(".", "_"))):
+        obs = home._modules.get(name)
+        if obs is None:
+            continue
+        why = obs.detached(home) if isinstance(obs, ActivationObserver) else None
+        if why is not None:
+            obs.reattach(observed, home)
+            rep.converted.append((at, f"the ActivationObserver no longer ran ({why}): hooked again on the "
+                                      f"{type(observed).__name__} now at {path or 'the model'}"))
+        return True
+    return False
 
 
 def _attach_observer(observed: nn.Module, obs: ActivationObserver, owner: nn.Module, target: str,
@@ -1019,6 +1059,7 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
 
     import pandas as pd
 
+    _check_observers(model)  # an observer a module swap detached would have no row
     rows, hooks = [], []
 
     def hook(name):

@@ -209,15 +209,66 @@ class ActivationObserver(EnergyActivation):
         home = module if home is None else home
         if name in home._modules:
             raise ValueError(f"{type(home).__name__} already has a submodule {name!r}")
+        rel = _path_in(home, module)
         home.add_module(name, self)
+        return self._hook(module, home, rel, input)
+
+    def _hook(self, module: nn.Module, home: nn.Module, rel: str, input: bool):
         # a module-level function holding this observer: a deep copy or pickle of the model maps it to the
         # copy's own observer (one memo for the whole model)
         if input:
-            return module.register_forward_pre_hook(functools.partial(_observe_input, self))
-        return module.register_forward_hook(functools.partial(_observe, self))
+            handle = module.register_forward_pre_hook(functools.partial(_observe_input, self))
+        else:
+            handle = module.register_forward_hook(functools.partial(_observe, self))
+        # where the hook is, for detached(): plain attributes (not submodules); copies map them to the copy's
+        self.__dict__["_hooked"] = (module, handle.id, bool(input), home, rel)
+        return handle
+
+    def detached(self, parent: Optional[nn.Module]) -> Optional[str]:
+        """Why this observer no longer runs, or None while it does. ``parent``: the module that holds it
+        in the model now (None: not known). A module swap after :meth:`attach`
+        (``nn.SyncBatchNorm.convert_sync_batchnorm``, a frozen-BatchNorm swap, ``model.bn1 = ...``)
+        builds a new module, which may copy this child but never the forward hook that runs it."""
+        on = self.__dict__.get("_hooked")
+        if on is None:  # not attached (a user calling the observer directly)
+            return None
+        module, hid, input, home, rel = on
+        if parent is not None and parent is not home:
+            return (f"it was attached in a {type(home).__name__} that is no longer in the model: the "
+                    f"{type(parent).__name__} holding it now is a replacement, which copied it but not the hook")
+        try:
+            now = home.get_submodule(rel) if rel else home
+        except AttributeError:
+            now = None
+        if now is not module:
+            return (f"the {type(module).__name__} it observed ({rel}) was replaced by "
+                    f"{type(now).__name__ if now is not None else 'nothing'}, which has no hook")
+        if hid not in (module._forward_pre_hooks if input else module._forward_hooks):
+            return f"its hook on the {type(module).__name__} it observes was removed"
+        return None
+
+    def reattach(self, module: nn.Module, home: nn.Module) -> None:
+        """Hook this observer, a child of ``home``, on ``module`` again (``minaction.convert`` does this for
+        an observer that :meth:`detached` finds no longer running); the old hook is removed."""
+        module_old, hid, input, _, _ = self.__dict__["_hooked"]
+        (module_old._forward_pre_hooks if input else module_old._forward_hooks).pop(hid, None)
+        if self not in home._modules.values():
+            raise ValueError(f"{type(home).__name__} does not hold this observer")
+        self._hook(module, home, _path_in(home, module), input)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", copy=True" if self.copy else "")
+
+
+def _path_in(home: nn.Module, module: nn.Module) -> str:
+    """``module``'s path in ``home`` ("" for ``home`` itself)."""
+    if module is home:
+        return ""
+    for path, m in home.named_modules():
+        if m is module:
+            return path
+    raise ValueError(f"{type(module).__name__} is not in {type(home).__name__}: an observer's home holds the module "
+                     "it observes")
 
 
 def _observe(observer: nn.Module, module: nn.Module, args, output):

@@ -594,3 +594,69 @@ def test_an_activation_of_a_computed_value_is_observed_at_the_module_that_takes_
     hand().backward()
     for (n, p), q in zip(plain.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, msg=n)
+
+
+def test_a_module_swap_after_convert_is_named_and_a_second_convert_hooks_the_observers_again(monkeypatch):
+    """Module swaps build new modules: ``nn.SyncBatchNorm.convert_sync_batchnorm`` copies each BatchNorm's
+    children (the observer) but not its forward hooks, so the observer stops running and its energy would be
+    missing or stale. ``total_energy`` and ``energy_report`` name it; a second ``convert`` hooks it again."""
+    torch.manual_seed(0)
+    model = minaction.convert(KResNet().double())
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+    model(x)  # an energy from before the swap: it must not be summed afterwards
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # without a process group it trains as BatchNorm
+    assert isinstance(model.bn1, nn.SyncBatchNorm) and isinstance(model.bn1.activation_energy, ActivationObserver)
+    model(x)
+    with pytest.raises(RuntimeError, match=r"'bn1.activation_energy' no longer runs: it was attached in a "
+                                           r"BatchNorm2d.*SyncBatchNorm.*convert\(model\) again"):
+        minaction.total_energy(model)
+    with pytest.raises(RuntimeError, match="no longer runs"):
+        minaction.energy_report(model, x)
+    _, rep = minaction.convert(model, return_report=True)
+    hooked = {p for p, why in rep.converted if "hooked again on the SyncBatchNorm" in why}
+    assert hooked == {"bn1.activation_energy", "layer1.0.bn1.activation_energy", "layer1.1.bn1.activation_energy"}
+    assert sum(isinstance(m, ActivationObserver) for m in model.modules()) == 5  # none added, none lost
+    plain = KResNet().double()
+    plain.load_state_dict(model.state_dict())
+    outs = _relu_outputs(monkeypatch)
+
+    def plain_loss():
+        outs.clear()
+        return F.cross_entropy(plain(x), y) + LAM * _hand_energy(outs)
+
+    train_in_lockstep(plain, model, plain_loss,
+                      lambda: F.cross_entropy(model(x), y) + LAM * minaction.total_energy(model), lr=0.1)
+
+
+def test_an_observed_module_replaced_or_unhooked_is_named_and_convert_restores_it():
+    torch.manual_seed(0)
+    model = minaction.convert(UsesChain())  # the observer lives in UsesChain, hooked on chain
+    x = torch.randn(5, 4)
+    model.chain = Chain()  # a new module at the observed place: no hook
+    model(x)
+    with pytest.raises(RuntimeError, match=r"'activation_energy_chain' no longer runs: the Chain it observed "
+                                           r"\(chain\) was replaced by Chain"):
+        minaction.total_energy(model)
+    _, rep = minaction.convert(model, return_report=True)
+    assert "hooked again on the Chain now at chain" in dict(rep.converted)["activation_energy_chain"]
+    model(x)
+    torch.testing.assert_close(minaction.total_energy(model), F.relu(model.chain(x)).square().sum(1).mean())
+
+    copied = copy.deepcopy(model)  # a deep copy keeps its observers running (hooks and homes map to the copy's)
+    copied(x)
+    torch.testing.assert_close(minaction.total_energy(copied), minaction.total_energy(model))
+    copied.chain._forward_hooks.clear()  # a tool that drops hooks
+    with pytest.raises(RuntimeError, match="its hook on the Chain it observes was removed"):
+        minaction.total_energy(copied)
+    minaction.convert(copied)
+    copied(x)
+    torch.testing.assert_close(minaction.total_energy(copied), minaction.total_energy(model))
+
+    taken = minaction.convert(TakenBy())  # an input observer's module replaced by a fresh one: a new observer
+    taken.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+    _, rep = minaction.convert(taken, return_report=True)
+    assert "conv2.activation_energy" in dict(rep.converted)
+    xi = torch.randn(2, 3, 5, 5)
+    taken(xi)
+    torch.testing.assert_close(taken.conv2.activation_energy.last_energy,
+                               F.relu(taken.conv1(xi) + xi).flatten(1).square().sum(1).mean())
