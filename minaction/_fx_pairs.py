@@ -296,7 +296,10 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
         except Exception as exc:  # noqa: BLE001 - any failure means: no pairs can be read from this forward
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             mode = f" in {'eval' if module.training else 'train'} mode" if flip else ""
-            why = (f"{type(module).__name__}.forward() could not be traced by torch.fx{mode} ({msg[:160]}), so "
+            cls = type(module)  # a library's class by its full name: peft's lora "Linear" is not nn.Linear
+            name = cls.__name__ if cls.__module__.split(".")[0] in ("torch", "__main__") else \
+                f"{cls.__module__}.{cls.__qualname__}"
+            why = (f"{name}.forward() could not be traced by torch.fx{mode} ({msg[:160]}), so "
                    "its activations cannot be seen")
             return [], {p: why for p in layer_paths}
     (out, reasons), (out_flipped, reasons_flipped) = (

@@ -44,6 +44,7 @@ def set_penalty(model: nn.Module, lam: float) -> int:
     from .ops import validate_penalty
 
     value = validate_penalty(lam, 1) if lam else 0.0
+    _check_model(model)
     for _, m in layers:
         m.penalty = value
     return len(layers)
@@ -80,7 +81,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
             "minaction.convert(model) replaces nn.Linear / nn.Conv1d / nn.Conv2d followed by an activation "
             f"module ({_SUPPORTED}) in an nn.Sequential or a forward() that torch.fx can read; {_FUNCTIONAL_HINT}")
     if not _compiling():
-        _check_observers(model)
+        _check_model(model, loss_form=_grad_enabled())
     for name, m in layers:
         e = m.last_energy
         if e is None:
@@ -168,11 +169,34 @@ _compiling = torch.compiler.is_compiling
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _check_observers(model: nn.Module) -> None:
-    """Raise for an ActivationObserver of ``model`` that no longer runs (a module swap dropped its hook)."""
+def _check_model(model: nn.Module, loss_form: bool = False, observers: bool = True) -> None:
+    """Raise where the energy of ``model`` would be wrong without a word: an ActivationObserver that a
+    module swap stopped; an energy layer that peft wraps as a ``base_layer``; and, for the loss form
+    (``loss_form``: ``total_energy`` with grad enabled), an energy layer whose per-sample gradients Opacus
+    takes from its output's gradient."""
     named = None
     for name, m in model.named_modules():
-        if not isinstance(m, ActivationObserver) or "_hooked" not in m.__dict__:
+        base = m._modules.get("base_layer")
+        if isinstance(base, EnergyLayer) and _is_peft(m):
+            where = f"{name}.base_layer" if name else "base_layer"
+            raise RuntimeError(
+                f"{type(base).__name__} {where!r} is the base_layer of peft's {type(m).__name__}, which adds its "
+                "adapter's term to the layer's output, already activated: act(W x + b) + B A x instead of "
+                "act(W x + b + B A x), so the model computes something other than the adapted plain model. Apply "
+                "peft (get_peft_model) to the plain model first, then minaction.convert(model): the adapted layers "
+                "stay as they are, and their activations are counted by EnergyActivation modules or observers "
+                "with the model's values unchanged")
+        if loss_form and isinstance(m, (EnergyLinear, EnergyConv1d, EnergyConv2d)) and m.p and not m.penalty \
+                and _opacus_hooked(m):
+            raise RuntimeError(
+                f"{type(m).__name__} {name!r} has Opacus's per-sample gradient hooks, which compute each sample's "
+                "gradient from the gradient of the layer's output; the gradient of total_energy(model) in the loss "
+                "reaches the weights another way, into p.grad, which Opacus replaces with its clipped per-sample "
+                "gradients: the energy term would be dropped without a word. Use the penalty form: "
+                "minaction.set_penalty(model, lam) and a loss without total_energy (each layer's backward adds "
+                "lam * dE/dz, which Opacus's per-sample gradients include). To log the energy, call total_energy "
+                "under torch.no_grad()")
+        if not observers or not isinstance(m, ActivationObserver) or "_hooked" not in m.__dict__:
             continue
         if named is None:
             named = dict(model.named_modules())
@@ -184,6 +208,17 @@ def _check_observers(model: nn.Module) -> None:
                 "modules without the observers' forward hooks, so this energy would be missing, or left from an "
                 "earlier forward. Call minaction.convert(model) again after replacing modules: it hooks each observer "
                 "on the module now in its place")
+
+
+def _is_peft(module: nn.Module) -> bool:
+    """Whether ``module`` is a peft tuner layer (LoRA, IA3, ...), which wraps its ``base_layer``."""
+    return any(c.__module__.startswith("peft.") for c in type(module).__mro__)
+
+
+def _opacus_hooked(module: nn.Module) -> bool:
+    """Whether Opacus's GradSampleModule hooks ``module`` (its per-sample gradient hooks are bound methods)."""
+    return any(type(getattr(h, "__self__", None)).__module__.startswith("opacus.")
+               for h in module._forward_hooks.values())
 
 
 def _fast_total(model: nn.Module):
@@ -210,8 +245,12 @@ def _fast_total(model: nn.Module):
             total = e if total is None else total + e
             if d.get("_unread"):  # read: a next call replacing it is not a lost energy (nn.layers._replaced_unread)
                 d["_unread"] = False
+            if m._forward_hooks:  # energy layers have none of their own: Opacus's? (the full path checks)
+                return None
         sub = m._modules
         if sub:
+            if isinstance(sub.get("base_layer"), EnergyLayer):  # a peft adapter around it? (the full path checks)
+                return None
             stack.extend(reversed(sub.values()))
     return total
 
@@ -991,6 +1030,7 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     """
     from ._fx_pairs import cached_traces
 
+    _check_model(model, observers=False)  # a stopped observer is hooked again below
     with cached_traces():
         rep = _convert(model, energy, energy_reduction, backend, include_output, wrap_activations)
     for path, desc in rep.converted:
@@ -1059,7 +1099,7 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
 
     import pandas as pd
 
-    _check_observers(model)  # an observer a module swap detached would have no row
+    _check_model(model)  # an observer a module swap detached would have no row
     rows, hooks = [], []
 
     def hook(name):

@@ -21,6 +21,7 @@ import operator
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import ACTIVATIONS, NEEDS_Z, composite, energy_dtype, library, select as _select
@@ -361,7 +362,7 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
             with torch.autocast(x.device.type, enabled=False):
                 return energy_linear(x, weight, bias, activation, energy, reduction, backend, penalty)
     _validate_linear(x, weight, bias)
-    name = _route(x, backend)
+    name = "reference" if _subclass(x, weight, bias) else _route(x, backend)
     mean = reduction == "mean"
     if name == "cpu":
         return _cpu_linear(x, weight, bias, activation, p, mean, penalty)
@@ -370,6 +371,15 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     else:
         y, e = _routed_linear(x, weight, bias, activation, p, mean, name)
     return (with_penalty(y, e, penalty), e) if penalty else (y, e)
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _subclass(*ts) -> bool:
+    """Whether a tensor is of a subclass that implements torch's ops but not minaction's (torchao's
+    quantized weights, DTensor): such calls run the ``reference`` path, ``F.linear`` and plain ops."""
+    return any(t is not None and type(t) not in _PLAIN_TYPES for t in ts)
 
 
 def _route(t: Tensor, backend: Optional[str]) -> str:
@@ -427,7 +437,7 @@ _env_backend = _select.env_backend
 def make_plan(x, weight, bias, activation, energy, reduction, backend, penalty=0.0) -> Optional[LinearPlan]:
     """A :class:`LinearPlan` when this call (already validated by :func:`energy_linear`) took
     the ``cpu`` path with a plain ``[M, K]`` or grouped ``[G, M, K]`` input, else None."""
-    if not (type(x) is Tensor and x.is_cpu and _fast_world()) or _cpu.OPS is None:
+    if not (type(x) is Tensor and x.is_cpu and _fast_world()) or _cpu.OPS is None or _subclass(weight, bias):
         return None
     if weight.dim() == 2 and x.dim() != 2 or weight.dim() == 3 and x.dim() != 3:
         return None
@@ -462,7 +472,15 @@ def _ungrouped(y, e, out_shape):
 
 
 def _reference_linear(x, weight, bias, act, p, mean):
-    """The ``reference`` path: plain PyTorch ops under PyTorch's own autograd."""
+    """The ``reference`` path: plain PyTorch ops under PyTorch's own autograd. The plain layer is
+    ``F.linear``, as in ``nn.Linear``: graphs traced or exported from it hold ``aten::linear`` (an ONNX
+    Gemm; what FLOP counters that read traces, such as fvcore's, count as a linear layer)."""
+    if weight.dim() == 2:
+        y = composite.apply_act(F.linear(x, weight, bias), act)
+        n = weight.shape[0]
+        rows = math.prod(y.shape[:-1])  # not -1: an empty batch has no size to infer
+        e = composite.energy_of(y.reshape(1, rows, n), p, _scale(rows, n, mean))
+        return y, e.reshape(())
     x3, w3, b2, out_shape = _grouped(x, weight, bias)
     z = torch.baddbmm(b2.unsqueeze(1), x3, w3.transpose(1, 2)) if b2 is not None else torch.bmm(
         x3, w3.transpose(1, 2))

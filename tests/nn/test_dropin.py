@@ -855,7 +855,11 @@ def test_jit_trace_records_standard_ops_and_loads_without_minaction(which, tmp_p
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(model, x)  # check_trace on: a second trace must record the same graph
-        assert not any("minaction" in n.kind() for n in traced.inlined_graph.nodes())
+        kinds = [n.kind() for n in traced.inlined_graph.nodes()]
+        assert not any("minaction" in k for k in kinds)
+        # a layer is aten::linear, as nn.Linear's: FLOP counters that read traces (fvcore) count it as one
+        assert kinds.count("aten::linear") == sum(isinstance(m, nn.Linear) for m in model.modules())
+        assert "aten::baddbmm" not in kinds and "aten::bmm" not in kinds
         x2 = torch.cat([x, x[:1] * 0.5]).requires_grad_()
         a, b = traced(x2), model(x2)
         torch.testing.assert_close(a, b)
