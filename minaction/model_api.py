@@ -83,7 +83,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     if not _compiling():
         _check_model(model, loss_form=_grad_enabled())
     for name, m in layers:
-        e = m.last_energy
+        e = _full(m.last_energy) if m.last_energy is not None else None
         if e is None:
             raise RuntimeError(f"energy layer {name or type(m).__name__!r} has no energy yet: run a forward first "
                                "(a forward inside a torch.func transform leaves none after the transform returns: "
@@ -117,9 +117,9 @@ class EnergyTape:
             raise ValueError("no energy layer that counts energy ran while recording: run the model's forward "
                              "inside `with minaction.record_energy(...) as tape:` (layers built with energy=None, "
                              "and layers outside the model given to record_energy, are not recorded)")
-        total = self.records[0][1]
+        total = _full(self.records[0][1])
         for _, e in self.records[1:]:
-            total = total + e
+            total = total + _full(e)
         return total
 
     def clear(self) -> None:
@@ -167,6 +167,14 @@ def _warn_if_reentrant_checkpoint(model: nn.Module) -> None:
 _grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_Tensor = torch.Tensor
+
+
+def _full(e: torch.Tensor) -> torch.Tensor:
+    """A layer's energy as a plain tensor: a tensor-parallel layer's (DTensor weights sharded by
+    ``parallelize_module``) is a DTensor holding each rank's part; its differentiable ``full_tensor()``
+    sums them, so ``ce + lam * E`` mixes no DTensor into a plain loss."""
+    return e.full_tensor() if type(e) is not _Tensor and hasattr(e, "full_tensor") else e
 
 
 def _check_model(model: nn.Module, loss_form: bool = False, observers: bool = True) -> None:
@@ -236,7 +244,7 @@ def _fast_total(model: nn.Module):
         if isinstance(m, EnergyLayer) and m.p:
             d = m.__dict__
             e = d.get("_last_energy")
-            if e is None or _wrapped(e):
+            if e is None or _wrapped(e) or type(e) is not _Tensor:  # functorch-wrapped, or a DTensor
                 return None
             on = d.get("_hooked")  # an ActivationObserver: its home and the module it hooks are still in the model
             if on is not None and not (id(on[3]) in seen and id(on[0]) in seen

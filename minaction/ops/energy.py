@@ -80,6 +80,8 @@ def with_penalty(y: Tensor, e: Tensor, penalty: float) -> Tensor:
     is refused by autograd."""
     if not penalty or not e.requires_grad:
         return y
+    if type(e) is not Tensor and hasattr(e, "full_tensor"):  # a tensor-parallel layer's DTensor: its ranks' sum
+        e = e.full_tensor()
     return _Penalty.apply(y, e, penalty)
 
 

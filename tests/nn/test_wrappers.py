@@ -1,12 +1,17 @@
-"""Third-party tools that wrap or hook layers, which would make the energy wrong without a word:
-peft's adapters (LoRA) around a layer that is already an energy layer, and Opacus's per-sample
-gradients with the energy in the loss. Neither library is a dependency: stand-ins with their
+"""Third-party tools that wrap, hook, quantize or shard layers. Two would make the energy wrong
+without a word, and are refused: peft's adapters (LoRA) around a layer that is already an energy
+layer, and Opacus's per-sample gradients with the energy in the loss. Two work: a weight of a tensor
+subclass (torchao's quantization), and tensor parallelism (DTensor, ``parallelize_module``). Neither library is a dependency: stand-ins with their
 structure (a class of a ``peft.`` module holding ``base_layer``; a forward hook bound to an object
 of an ``opacus.`` module) stand for them, and the per-sample gradients are computed the way
 Opacus's functorch path computes them (the real libraries were tried by hand: docs/core.md)."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -150,3 +155,84 @@ def test_a_weight_of_a_tensor_subclass_runs_torchs_own_ops():
     gx, = torch.autograd.grad((y.sum() + layer.last_energy).as_subclass(torch.Tensor), x)
     gref, = torch.autograd.grad(ref.sum() + ref.square().sum(1).mean(), x)
     torch.testing.assert_close(gx, gref)
+
+
+_TP_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist, torch.nn.functional as F
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    import minaction
+    rank, init, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+
+    class MLP(nn.Module):  # a transformer's MLP: the hidden layer sharded by columns, the next by rows
+        def __init__(self):
+            super().__init__()
+            self.w1, self.act, self.w2, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.w2(self.act(self.w1(x))))
+
+    torch.manual_seed(0)
+    model = minaction.convert(MLP())
+    if mode == "penalty":
+        minaction.set_penalty(model, 0.1)
+    parallelize_module(model, mesh, {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    for _ in range(3):
+        loss = F.cross_entropy(model(x), y)
+        if mode == "loss":
+            e = minaction.total_energy(model)
+            assert type(e) is torch.Tensor, type(e)  # the ranks' parts summed, not a DTensor
+            loss = loss + 0.1 * e
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save(full, out)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("mode", ["loss", "penalty"])
+def test_tensor_parallel_layers_train_as_one_process(mode, tmp_path):
+    """``parallelize_module`` shards an ``EnergyLinear``'s weight as an ``nn.Linear``'s (a DTensor): the layer
+    runs the reference path on it, each rank holds its shard's part of the energy, ``total_energy`` sums
+    them into a plain tensor, and the penalty form adds the whole layer's penalty. Two gloo ranks train three
+    SGD steps to the parameters of one process training the unsharded model."""
+    init = "file://" + str(tmp_path / "rendezvous")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _TP_WORKER, str(r), init, mode, str(tmp_path / "rank0.pt")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    got = torch.load(tmp_path / "rank0.pt")
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.act, self.w2, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.w2(self.act(self.w1(x))))
+
+    torch.manual_seed(0)
+    plain = MLP()
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    for _ in range(3):
+        h = F.relu(plain.w1(x))
+        loss = F.cross_entropy(plain.head(plain.w2(h)), y) + 0.1 * h.square().sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(got) == set(plain.state_dict())
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(got[k], v, msg=k)
