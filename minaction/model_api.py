@@ -62,7 +62,10 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     with ``energy=None`` (by default the logits layer) are not counted. The sum runs in
     module order (``model.modules()``). A layer called more than once in a forward counts
     with its last call only: record such a forward with :func:`record_energy` (a backward that
-    runs through an earlier call whose energy nothing read warns, naming the layer).
+    runs through an earlier call whose energy nothing read warns, naming the layer). A layer that
+    has never run, or not since its last ``train()`` / ``eval()`` switch, while others have (an
+    auxiliary head that runs only in training, as GoogLeNet's and Inception v3's, read after an
+    evaluation forward) did not run in the last forward and is left out.
     """
     if not _compiling():
         total = _fast_total(model)
@@ -82,6 +85,11 @@ def total_energy(model: nn.Module) -> torch.Tensor:
             f"module ({_SUPPORTED}) in an nn.Sequential or a forward() that torch.fx can read; {_FUNCTIONAL_HINT}")
     if not _compiling():
         _check_model(model, loss_form=_grad_enabled())
+        # layers that did not run in the last forward while others did: never run (a head the model calls in
+        # training only, evaluated first), or not since the last train()/eval() switch
+        ran = [m.last_energy is not None and not m.stale() for _, m in layers]
+        if any(ran) and not all(ran):
+            layers = [nm for nm, r in zip(layers, ran) if r]
     for name, m in layers:
         e = _full(m.last_energy) if m.last_energy is not None else None
         if e is None:
@@ -245,6 +253,9 @@ def _fast_total(model: nn.Module):
             d = m.__dict__
             e = d.get("_last_energy")
             if e is None or _wrapped(e) or type(e) is not _Tensor:  # functorch-wrapped, or a DTensor
+                return None
+            at = d.get("_energy_at_switch")
+            if at is not None and at() is e:  # from before a train()/eval() switch: the full path decides
                 return None
             on = d.get("_hooked")  # an ActivationObserver: its home and the module it hooks are still in the model
             if on is not None and not (id(on[3]) in seen and id(on[0]) in seen

@@ -189,10 +189,30 @@ class EnergyLayer(nn.Module):
         if value is not None and not _grad_enabled() and not _compiling():
             _note_no_grad_energy(self, value)
 
+    def train(self, mode: bool = True):
+        was = self.training
+        out = super().train(mode)
+        if self.training != was:
+            # which energy was current at the switch (a weak reference: it holds no graph): one this layer has
+            # not replaced since is from the other mode, and total_energy leaves it out once other layers have
+            # run in this mode (an auxiliary head that runs in training only, read after an evaluation forward)
+            e = self.__dict__.get("_last_energy")
+            self.__dict__["_energy_at_switch"] = None if e is None else weakref.ref(e)
+        return out
+
+    def stale(self) -> bool:
+        """Whether this layer's ``last_energy`` is from before its last ``train()`` / ``eval()`` switch: it
+        has not run since."""
+        d = self.__dict__
+        at = d.get("_energy_at_switch")
+        e = d.get("_last_energy")
+        return at is not None and e is not None and at() is e
+
     def __getstate__(self):
         # deepcopy, pickle and torch.save(model) copy the layer, never the last step's graph
         state = super().__getstate__()
         state["_last_energy"] = None
+        state.pop("_energy_at_switch", None)  # a weak reference: it cannot be pickled, and the copy has no energy
         state.pop("_reentrant_energy", None)
         for transient in ("_unread", "_lost_checks", "_call_energy", "_fresh"):  # the last steps' bookkeeping
             state.pop(transient, None)

@@ -220,6 +220,71 @@ def test_backward_frees_the_saved_activations_last_energy_pins_only_a_scalar():
     assert _energy_of(model).item() > 0  # the value stays readable for logging
 
 
+class AuxHead(nn.Module):
+    """torchvision's InceptionAux in what matters here: a relu call after a norm (an observer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.out = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+
+    def forward(self, h):
+        return self.out(F.relu(self.bn(self.fc(h))))
+
+
+class AuxNet(nn.Module):
+    """GoogLeNet / Inception v3 in what matters here: auxiliary heads that run in training only, one of
+    fused layers, one observed."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.aux1 = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.aux2 = AuxHead()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        out = self.head(h)
+        if self.training:
+            return out, self.aux1(h), self.aux2(h)
+        return out
+
+
+def test_a_head_that_runs_in_training_only_is_left_out_of_an_evaluations_energy():
+    """After ``eval()`` and an evaluation forward, the auxiliary head's energies are from the last training
+    forward: total_energy leaves them out (they did not run), and counts them again once training resumes.
+    With no forward since the switch, every layer's last energy counts, as before."""
+    torch.manual_seed(0)
+    model = minaction.convert(AuxNet())
+    assert isinstance(model.aux1[0], EnergyLinear) and hasattr(model.aux2.bn, "activation_energy")
+    x = torch.randn(5, 8)
+
+    def hand(train):
+        h1 = model.body[0](x)  # the fused layers' outputs are activated
+        h2 = model.body(x)
+        e = h1.square().sum(1).mean() + h2.square().sum(1).mean()
+        if train:
+            e = e + model.aux1[0](h2).square().sum(1).mean()
+            e = e + F.relu(model.aux2.bn(model.aux2.fc(h2))).square().sum(1).mean()
+        return e
+
+    model(x)
+    e_train = minaction.total_energy(model)
+    torch.testing.assert_close(e_train, hand(True))
+    model.eval()
+    torch.testing.assert_close(minaction.total_energy(model), e_train)  # no forward since the switch
+    with torch.no_grad():
+        model(x)
+        assert model.aux1[0].stale() and model.aux2.bn.activation_energy.stale() and not model.body[0].stale()
+        torch.testing.assert_close(minaction.total_energy(model), hand(False))
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # the switch record is dropped
+            clone(x)
+            torch.testing.assert_close(minaction.total_energy(clone), hand(False))
+    model.train()
+    model(x)
+    torch.testing.assert_close(minaction.total_energy(model), hand(True))
+
+
 # ----------------------------------------------------------------------------- autocast
 def test_autocast_bf16_two_layers_close_to_nn_linear():
     torch.manual_seed(0)
