@@ -264,7 +264,7 @@ def _fast_total(model: nn.Module):
             total = e if total is None else total + e
             if d.get("_unread"):  # read: a next call replacing it is not a lost energy (nn.layers._replaced_unread)
                 d["_unread"] = False
-            if m._forward_hooks:  # energy layers have none of their own: Opacus's? (the full path checks)
+            if m._forward_hooks and _opacus_hooked(m):  # the full path decides (the loss form is refused)
                 return None
         sub = m._modules
         if sub:
