@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,27 +158,31 @@ def test_a_weight_of_a_tensor_subclass_runs_torchs_own_ops():
     torch.testing.assert_close(gx, gref)
 
 
+class TPMLP(nn.Module):
+    """A transformer's MLP: the hidden layer sharded by columns, the next by rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.act, self.w2, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.w2(self.act(self.w1(x))))
+
+
 _TP_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist, torch.nn.functional as F
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     import minaction
-    rank, init, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    rank, init, mode, out, tests = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+    sys.path.insert(0, tests)
+    from nn.test_wrappers import TPMLP
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
-
-    class MLP(nn.Module):  # a transformer's MLP: the hidden layer sharded by columns, the next by rows
-        def __init__(self):
-            super().__init__()
-            self.w1, self.act, self.w2, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.head(self.w2(self.act(self.w1(x))))
-
     torch.manual_seed(0)
-    model = minaction.convert(MLP())
+    model = minaction.convert(TPMLP())
     if mode == "penalty":
         minaction.set_penalty(model, 0.1)
     parallelize_module(model, mesh, {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
@@ -208,22 +213,14 @@ def test_tensor_parallel_layers_train_as_one_process(mode, tmp_path):
     SGD steps to the parameters of one process training the unsharded model."""
     init = "file://" + str(tmp_path / "rendezvous")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", _TP_WORKER, str(r), init, mode, str(tmp_path / "rank0.pt")],
+    tests = str(Path(__file__).resolve().parents[1])
+    procs = [subprocess.Popen([sys.executable, "-c", _TP_WORKER, str(r), init, mode, str(tmp_path / "rank0.pt"), tests],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     got = torch.load(tmp_path / "rank0.pt")
-
-    class MLP(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w1, self.act, self.w2, self.head = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.head(self.w2(self.act(self.w1(x))))
-
     torch.manual_seed(0)
-    plain = MLP()
+    plain = TPMLP()
     opt = torch.optim.SGD(plain.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen)
