@@ -4,6 +4,7 @@ Linear/Conv + activation pairs for energy layers), ``total_energy``, ``energy_re
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import warnings
@@ -63,9 +64,10 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     module order (``model.modules()``). A layer called more than once in a forward counts
     with its last call only: record such a forward with :func:`record_energy` (a backward that
     runs through an earlier call whose energy nothing read warns, naming the layer). A layer that
-    has never run, or not since its last ``train()`` / ``eval()`` switch, while others have (an
-    auxiliary head that runs only in training, as GoogLeNet's and Inception v3's, read after an
-    evaluation forward) did not run in the last forward and is left out.
+    has never run, or not since its last ``train()`` / ``eval()`` switch, or not since an earlier
+    ``total_energy(model)`` summed its energy, while others have, did not run in the last forward
+    and is left out: an auxiliary head run in training only (GoogLeNet's, Inception v3's) read
+    after an evaluation forward; a layer that LayerDrop skipped this step.
     """
     if not _compiling():
         total = _fast_total(model)
@@ -85,11 +87,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
             f"module ({_SUPPORTED}) in an nn.Sequential or a forward() that torch.fx can read; {_FUNCTIONAL_HINT}")
     if not _compiling():
         _check_model(model, loss_form=_grad_enabled())
-        # layers that did not run in the last forward while others did: never run (a head the model calls in
-        # training only, evaluated first), or not since the last train()/eval() switch
-        ran = [m.last_energy is not None and not m.stale() for _, m in layers]
-        if any(ran) and not all(ran):
-            layers = [nm for nm, r in zip(layers, ran) if r]
+        layers = _current(model, layers)
     for name, m in layers:
         e = _full(m.last_energy) if m.last_energy is not None else None
         if e is None:
@@ -99,8 +97,10 @@ def total_energy(model: nn.Module) -> torch.Tensor:
         total = e if total is None else total + e
         if m.__dict__.get("_unread"):
             m.__dict__["_unread"] = False
-    if not _compiling() and not total.requires_grad and _grad_enabled():
-        _warn_if_reentrant_checkpoint(model)
+    if not _compiling():
+        _mark_read([m.__dict__ for _, m in layers], id(model))
+        if not total.requires_grad and _grad_enabled():
+            _warn_if_reentrant_checkpoint(model)
     return total
 
 
@@ -244,6 +244,7 @@ def _fast_total(model: nn.Module):
     total = None
     seen = set()
     stack = [model]
+    rid, dicts, fresh, last_read = id(model), [], False, None
     while stack:  # pre-order, as model.modules(): a module shared twice is counted once
         m = stack.pop()
         if m is None or id(m) in seen:
@@ -251,6 +252,17 @@ def _fast_total(model: nn.Module):
         seen.add(id(m))
         if isinstance(m, EnergyLayer) and m.p:
             d = m.__dict__
+            r = d.get("_read", _NOT_SET)  # the total_energy calls that summed this energy (see _current)
+            if r is _NOT_SET:
+                return None  # a layer of an older pickle: the full path
+            k = None if r is None else r.get(rid)
+            if k is None:
+                fresh = True
+            elif last_read is None:
+                last_read = k
+            elif k != last_read:
+                return None
+            dicts.append(d)
             e = d.get("_last_energy")
             if e is None or _wrapped(e) or type(e) is not _Tensor:  # functorch-wrapped, or a DTensor
                 return None
@@ -271,7 +283,53 @@ def _fast_total(model: nn.Module):
             if isinstance(sub.get("base_layer"), EnergyLayer):  # a peft adapter around it? (the full path checks)
                 return None
             stack.extend(reversed(sub.values()))
+    if last_read is not None:
+        if fresh:
+            return None  # some layers did not run since this model's last sum: the full path leaves them out
+        return total  # every layer as this model's last sum read it (a second read of one forward)
+    k = next(_READS)  # _mark_read, inlined: every energy is new since this model's last sum
+    for d in dicts:
+        r = d["_read"]
+        if r is None:
+            d["_read"] = {rid: k}
+        else:
+            r[rid] = k
     return total
+
+
+_READS = itertools.count(1)
+_NOT_SET = object()
+
+
+def _mark_read(dicts, rid: int) -> None:
+    """Record that this call of ``total_energy(model)`` (``rid = id(model)``) summed these layers' energies."""
+    k = next(_READS)
+    for d in dicts:
+        r = d.get("_read")
+        if r is None:
+            d["_read"] = {rid: k}
+        else:
+            r[rid] = k
+
+
+def _current(model: nn.Module, layers):
+    """The layers whose energy is from ``model``'s last forward, when some are not. A layer keeps the
+    energy of its last call, so one the last forward did not run would add an old energy (whose graph
+    a backward may have freed already): a layer that has never run; one that has not run since its
+    ``train()``/``eval()`` switch (an auxiliary head run in training only, read in evaluation); one
+    whose energy an earlier ``total_energy(model)`` summed already, while others are new (a layer a
+    LayerDrop skipped this step). With every layer in one of these, the layers of the most recent
+    sum count (``total_energy`` called twice after one forward gives the same value)."""
+    rid = id(model)
+    layers = [nm for nm in layers if nm[1].last_energy is not None] or layers
+    switched = [nm[1].stale() for nm in layers]
+    if any(switched) and not all(switched):
+        layers = [nm for nm, s in zip(layers, switched) if not s]
+    reads = [(nm[1].__dict__.get("_read") or {}).get(rid) for nm in layers]
+    if None in reads:
+        return [nm for nm, k in zip(layers, reads) if k is None]
+    last = max(reads, default=None)
+    return [nm for nm, k in zip(layers, reads) if k == last]
 
 
 def _act_name(mod: nn.Module):

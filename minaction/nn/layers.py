@@ -186,6 +186,7 @@ class EnergyLayer(nn.Module):
         if _exporting():
             return  # torch.export: the energy is no output of the program; a tensor attribute set now would warn
         self.__dict__["_last_energy"] = value
+        self.__dict__["_read"] = None  # which total_energy calls summed it (model_api._current): none yet
         if value is not None and not _grad_enabled() and not _compiling():
             _note_no_grad_energy(self, value)
 
@@ -214,7 +215,7 @@ class EnergyLayer(nn.Module):
         state["_last_energy"] = None
         state.pop("_energy_at_switch", None)  # a weak reference: it cannot be pickled, and the copy has no energy
         state.pop("_reentrant_energy", None)
-        for transient in ("_unread", "_lost_checks", "_call_energy", "_fresh"):  # the last steps' bookkeeping
+        for transient in ("_unread", "_lost_checks", "_call_energy", "_fresh", "_read"):  # the last steps' bookkeeping
             state.pop(transient, None)
         state.pop("_plan", None)  # a cached call plan refers to this copy's tensors: rebuilt on first forward
         return state
@@ -344,6 +345,7 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                     d = self.__dict__
                     if _TAPES:
                         _record(self, e)
+                    d["_read"] = None  # a new energy: no total_energy call has summed it (model_api._current)
                     if not _grad_enabled():
                         d["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
                         _note_no_grad_energy(self, e)
@@ -362,6 +364,7 @@ class EnergyLinear(EnergyLayer, nn.Linear):
         if _exporting():
             return y  # the energy is no output of an exported program; a tensor attribute set now would warn
         self.__dict__["_last_energy"] = e
+        self.__dict__["_read"] = None
         _after_forward(self, e, old)
         if not _grad_enabled() and not _compiling():
             _note_no_grad_energy(self, e)

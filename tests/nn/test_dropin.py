@@ -285,6 +285,60 @@ def test_a_head_that_runs_in_training_only_is_left_out_of_an_evaluations_energy(
     torch.testing.assert_close(minaction.total_energy(model), hand(True))
 
 
+class LayerDropNet(nn.Module):
+    """fairseq's / transformers' LayerDrop (BART, wav2vec2 ``layerdrop``): a block skipped at random in
+    training; ``skip`` picks the blocks to skip in the next forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.ReLU()) for _ in range(3))
+        self.head = nn.Linear(6, 2)
+        self.skip = set()
+
+    def forward(self, x):
+        for i, block in enumerate(self.blocks):
+            if i not in self.skip:
+                x = x + block(x)
+        return self.head(x)
+
+
+def test_a_layer_skipped_this_step_is_left_out_and_every_read_of_one_forward_agrees():
+    """A layer that LayerDrop skipped keeps the energy of an earlier step, whose graph that step's backward
+    freed: summing it raised "Trying to backward through the graph a second time" at the first skip. It
+    did not run in the last forward and is left out; the loss form then trains as plain PyTorch with the
+    penalty of the blocks that ran. A second read after one forward gives the first's value, and a read of a
+    part of the model (logging one block) does not change what the whole model's read counts."""
+    torch.manual_seed(0)
+    model = minaction.convert(LayerDropNet().double())
+    plain = LayerDropNet().double()
+    plain.load_state_dict(model.state_dict())
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 2, (5,))
+    opt, popt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(plain.parameters(), lr=0.1)
+    for skip in ({1}, set(), {0, 2}, {2}, {1}):
+        model.skip = plain.skip = skip
+        out = model(x)
+        minaction.total_energy(model.blocks[0])  # logging a part first
+        e = minaction.total_energy(model)
+        torch.testing.assert_close(minaction.total_energy(model), e)  # a second read: the same sum
+        loss = F.cross_entropy(out, y) + 0.1 * e
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        h, pe = x, 0.0
+        for i, block in enumerate(plain.blocks):
+            if i not in skip:
+                a = block(h)
+                pe = pe + a.square().sum(1).mean()
+                h = h + a
+        ploss = F.cross_entropy(plain.head(h), y) + 0.1 * pe
+        torch.testing.assert_close(e, pe)
+        popt.zero_grad()
+        ploss.backward()
+        popt.step()
+        for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p, q, msg=n)
+
+
 # ----------------------------------------------------------------------------- autocast
 def test_autocast_bf16_two_layers_close_to_nn_linear():
     torch.manual_seed(0)
