@@ -64,6 +64,13 @@ def _transformers():
         T.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=1000, n_positions=64, bos_token_id=0,
                      eos_token_id=0)), ids
     yield "transformers/llama", lambda: T.LlamaForCausalLM(T.LlamaConfig(**small, num_key_value_heads=2)), ids
+    yield "transformers/opt", lambda: T.OPTForCausalLM(
+        T.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128, vocab_size=1000,
+                    word_embed_proj_dim=64, max_position_embeddings=64)), ids
+    yield "transformers/bart", lambda: T.BartForConditionalGeneration(
+        T.BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000,
+                     max_position_embeddings=64)), ids
     yield "transformers/vit", lambda: T.ViTForImageClassification(
         T.ViTConfig(**{k: v for k, v in small.items() if k != "vocab_size"}, image_size=32, patch_size=8,
                     num_labels=10)), lambda: (torch.randn(2, 3, 32, 32),)

@@ -148,17 +148,54 @@ def _trace(module: nn.Module, flip: bool = False) -> fx.Graph:
 
 def _trace_now(module: nn.Module, flip: bool) -> fx.Graph:
     saved = _snapshot(module)
+    cls = type(module)
     try:
         if flip:
             module.train(not module.training)  # undone by _restore: every submodule's flag is in its __dict__
-        params = list(inspect.signature(module.forward).parameters.values())
+        inner = inspect.unwrap(cls.forward)
+        explicit = _explicit_args(inner)
+        if explicit is not cls.forward:
+            # a forward wrapped by a decorator (functools.wraps), such as transformers' gradient-checkpointing
+            # wrapper `forward_with_checkpointing(self, *args, **kwargs)`, or one taking **kwargs (transformers'
+            # layers pass them on: `self.self_attn(..., **kwargs)`), which fx cannot expand: read the function it
+            # wraps, called with its named arguments only, through a subclass for this trace only (its forward
+            # set after class creation: an __init_subclass__ that wraps forwards runs first)
+            reader = type(cls.__name__, (cls,), {"__module__": cls.__module__})
+            reader.forward = explicit
+            module.__class__ = reader
+        params = list(inspect.signature(explicit).parameters.values())
         concrete = {p.name: p.default for p in params[1:]
                     if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _LeafTracer().trace(module, concrete_args=concrete or None)
     finally:
+        module.__class__ = cls
         _restore(saved)
+
+
+def _explicit_args(fn):
+    """``fn`` itself when it takes no ``*args`` / ``**kwargs``; else a function of its named parameters
+    alone (same names and defaults) that calls it with them: the call a model makes with no extra
+    arguments, which fx can trace (it cannot expand a proxy of ``**kwargs``)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn
+    named = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if len(named) == len(sig.parameters) or not all(p.name.isidentifier() for p in named):
+        return fn
+    env, params, args, star = {"_fn": fn}, [], [], False
+    for i, p in enumerate(named):
+        if p.kind is p.KEYWORD_ONLY and not star:
+            params.append("*")
+            star = True
+        params.append(p.name if p.default is p.empty else f"{p.name}=_d{i}")
+        if p.default is not p.empty:
+            env[f"_d{i}"] = p.default
+        args.append(p.name if p.kind is p.POSITIONAL_ONLY or i == 0 else f"{p.name}={p.name}")
+    exec(f"def forward({', '.join(params)}):\n    return _fn({', '.join(args)})\n", env)  # noqa: S102
+    return env["forward"]
 
 
 # what passes a value on to the module's output unchanged in content: shape changes, copies, dropout

@@ -774,3 +774,79 @@ def test_a_relu_module_that_cannot_become_identity_stays_and_its_layer_converts(
     torch.testing.assert_close(minaction.total_energy(model), F.relu(x @ model.fc1.weight.T + model.fc1.bias)
                                .square().sum(1).mean())
     assert "fc2" in dict(minaction.convert(ReluAtBothEnds(), return_report=True)[1].skipped)
+
+
+class CheckpointingLayer(nn.Module):
+    """transformers 5's ``GradientCheckpointingLayer``: every subclass's ``forward`` is wrapped, through
+    ``functools.wraps``, by ``forward_with_checkpointing(self, *args, **kwargs)``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        forward = cls.forward
+
+        @functools.wraps(forward)
+        def forward_with_checkpointing(self, *args, **kw):
+            return forward(self, *args, **kw)
+
+        cls.forward = forward_with_checkpointing
+
+
+class Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, h, mask=None, **kwargs):
+        q, k, v = self.qkv(h).chunk(3, -1)
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+
+
+class OPTStyleLayer(CheckpointingLayer):
+    """OPT's / BART's decoder layer: the feed-forward inline, and **kwargs passed on to the attention."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.self_attn = Attention(d)
+        self.fc1, self.activation_fn, self.fc2 = nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)
+
+    def forward(self, hidden_states, attention_mask=None, *, use_cache=False, **kwargs):
+        hidden_states = hidden_states + self.self_attn(hidden_states, mask=attention_mask, **kwargs)
+        return hidden_states + self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class OPTStyle(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.layers = nn.ModuleList(OPTStyleLayer(d) for _ in range(2))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x, attention_mask=None)
+        return self.head(x)
+
+
+def test_a_wrapped_forward_taking_kwargs_is_read_and_its_feed_forward_converts():
+    """transformers 5 wraps each layer's forward (``*args, **kwargs``) and its layers pass ``**kwargs`` on:
+    fx could read neither, so OPT's and BART's decoder layers converted nothing. The function the wrapper
+    wraps is read, with its named arguments only; the model trains as plain PyTorch with the penalty."""
+    torch.manual_seed(0)
+    model = OPTStyle().double()
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    before = model(x)
+    _, rep = minaction.convert(model, return_report=True)
+    assert all(isinstance(layer.fc1, EnergyLinear) and layer.fc1.activation == "gelu" for layer in model.layers)
+    assert all(isinstance(layer.activation_fn, nn.Identity) for layer in model.layers)
+    assert type(model.layers[0]) is OPTStyleLayer  # the class is the model's own again after reading
+    assert "layers.0.self_attn.qkv" not in dict(rep.converted)
+    torch.testing.assert_close(model(x), before)
+    outs, _ = keep_outputs([layer.activation_fn for layer in plain.layers])
+
+    def plain_loss():
+        outs.clear()
+        out = plain(x)
+        return out.square().mean() + LAM * sum(o.flatten(0, 1).square().sum(1).mean() for o in outs)
+
+    train_in_lockstep(plain, model, plain_loss, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
+                      lr=0.1)
