@@ -1099,7 +1099,8 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     would modify the output the layer keeps for backward; the report says what to write instead),
     layers in a ``forward()`` that ``torch.fx`` cannot trace (Python control flow on tensor
     values; tracing runs the forward's Python code on proxies, with optional arguments at their
-    defaults, in train and in eval mode: a pair must hold in both).
+    defaults and no ``**kwargs``, in train and in eval mode: a pair must hold in both; a forward
+    wrapped by a decorator, as transformers 5 wraps its layers', is read from the function it wraps).
 
     Each conversion is logged (logger ``"minaction"``, INFO); when nothing was converted and
     the model has no energy layers, a warning says why. Returns ``model``, or
