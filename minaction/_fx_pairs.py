@@ -35,10 +35,37 @@ _SHARED = ("the layer or its activation module is shared with another part of th
 
 
 class _LeafTracer(fx.Tracer):
-    """Reads only the traced module's own forward: every submodule call is one node."""
+    """Reads only the traced module's own forward: every submodule call is one node. A value's
+    ``dtype`` and ``device`` are those of the module's parameters (a forward that tests
+    ``x.dtype == torch.float16``, as transformers' BART encoder layer does before a clamp, reads as it
+    runs for inputs like its weights; fx alone cannot branch on them)."""
+
+    def __init__(self, dtype=None, device=None):
+        super().__init__()
+        self.value_dtype, self.value_device = dtype or torch.get_default_dtype(), device or torch.device("cpu")
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ReadProxy(node, self)
+
+
+class _ReadProxy(fx.Proxy):
+    def __getattr__(self, k):
+        if k == "dtype":
+            return self.tracer.value_dtype
+        if k == "device":
+            return self.tracer.value_device
+        return super().__getattr__(k)
+
+
+def _value_type(module: nn.Module):
+    """The dtype and device of ``module``'s first floating-point parameter (None, None without one)."""
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return None, None
 
 
 def owner_of(root: nn.Module, path: str) -> nn.Module:
@@ -168,7 +195,7 @@ def _trace_now(module: nn.Module, flip: bool) -> fx.Graph:
                     if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _LeafTracer().trace(module, concrete_args=concrete or None)
+            return _LeafTracer(*_value_type(module)).trace(module, concrete_args=concrete or None)
     finally:
         module.__class__ = cls
         _restore(saved)

@@ -802,7 +802,8 @@ class Attention(nn.Module):
 
 
 class OPTStyleLayer(CheckpointingLayer):
-    """OPT's / BART's decoder layer: the feed-forward inline, and **kwargs passed on to the attention."""
+    """OPT's / BART's layers: the feed-forward inline, **kwargs passed on to the attention, and (BART's
+    encoder) a test of the value's dtype, which fx cannot branch on: values read as the weights' dtype."""
 
     def __init__(self, d):
         super().__init__()
@@ -811,7 +812,10 @@ class OPTStyleLayer(CheckpointingLayer):
 
     def forward(self, hidden_states, attention_mask=None, *, use_cache=False, **kwargs):
         hidden_states = hidden_states + self.self_attn(hidden_states, mask=attention_mask, **kwargs)
-        return hidden_states + self.fc2(self.activation_fn(self.fc1(hidden_states)))
+        hidden_states = hidden_states + self.fc2(self.activation_fn(self.fc1(hidden_states)))
+        if hidden_states.dtype == torch.float16:  # BART's encoder layer: a clamp in half precision
+            hidden_states = hidden_states.clamp(-1e4, 1e4)
+        return hidden_states
 
 
 class OPTStyle(nn.Module):
@@ -829,7 +833,8 @@ class OPTStyle(nn.Module):
 def test_a_wrapped_forward_taking_kwargs_is_read_and_its_feed_forward_converts():
     """transformers 5 wraps each layer's forward (``*args, **kwargs``) and its layers pass ``**kwargs`` on:
     fx could read neither, so OPT's and BART's decoder layers converted nothing. The function the wrapper
-    wraps is read, with its named arguments only; the model trains as plain PyTorch with the penalty."""
+    wraps is read, with its named arguments only, and a value's dtype as the weights'; the model trains as
+    plain PyTorch with the penalty."""
     torch.manual_seed(0)
     model = OPTStyle().double()
     plain = copy.deepcopy(model)
