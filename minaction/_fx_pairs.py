@@ -212,16 +212,18 @@ def _explicit_args(fn):
     named = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if len(named) == len(sig.parameters) or not all(p.name.isidentifier() for p in named):
         return fn
-    env, params, args, star = {"_fn": fn}, [], [], False
+    if any(p.name.startswith("_minaction_") for p in named):
+        return fn
+    env, params, args, star = {"_minaction_fn": fn}, [], [], False  # names no parameter can shadow
     for i, p in enumerate(named):
         if p.kind is p.KEYWORD_ONLY and not star:
             params.append("*")
             star = True
-        params.append(p.name if p.default is p.empty else f"{p.name}=_d{i}")
+        params.append(p.name if p.default is p.empty else f"{p.name}=_minaction_d{i}")
         if p.default is not p.empty:
-            env[f"_d{i}"] = p.default
+            env[f"_minaction_d{i}"] = p.default
         args.append(p.name if p.kind is p.POSITIONAL_ONLY or i == 0 else f"{p.name}={p.name}")
-    exec(f"def forward({', '.join(params)}):\n    return _fn({', '.join(args)})\n", env)  # noqa: S102
+    exec(f"def forward({', '.join(params)}):\n    return _minaction_fn({', '.join(args)})\n", env)  # noqa: S102
     return env["forward"]
 
 
