@@ -202,16 +202,17 @@ def _trace_now(module: nn.Module, flip: bool) -> fx.Graph:
 
 
 def _explicit_args(fn):
-    """``fn`` itself when it takes no ``*args`` / ``**kwargs``; else a function of its named parameters
-    alone (same names and defaults) that calls it with them: the call a model makes with no extra
-    arguments, which fx can trace (it cannot expand a proxy of ``**kwargs``)."""
+    """For a ``fn`` taking ``**kwargs`` (and no ``*args``): a function of its named parameters alone (same
+    names and defaults) that calls it with them, the call a model makes with no extra keyword
+    arguments, which fx can trace (it cannot expand a proxy of ``**kwargs``); else ``fn`` itself."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return fn
-    named = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if len(named) == len(sig.parameters) or not all(p.name.isidentifier() for p in named):
-        return fn
+    kinds = [p.kind for p in sig.parameters.values()]
+    if inspect.Parameter.VAR_KEYWORD not in kinds or inspect.Parameter.VAR_POSITIONAL in kinds:
+        return fn  # nothing to drop; or inputs passed as *args, which a call without them would not read
+    named = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
     if any(p.name.startswith("_minaction_") for p in named):
         return fn
     env, params, args, star = {"_minaction_fn": fn}, [], [], False  # names no parameter can shadow
