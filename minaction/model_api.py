@@ -19,6 +19,7 @@ from ._custom_act import ELEMENTWISE, FUSED, describe, read_activation
 from .nn.activation import UNFUSED_ACTIVATIONS, ActivationObserver, EnergyActivation
 from .nn.conv import EnergyConv1d, EnergyConv2d
 from .nn.layers import EnergyLayer, EnergyLinear
+from .ops.energy import full_energy
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
 # dropout commutes with ReLU (it multiplies by a mask >= 0), so Linear-Dropout-ReLU can run as EnergyLinear-Dropout
@@ -89,7 +90,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
         _check_model(model, loss_form=_grad_enabled())
         layers = _current(model, layers)
     for name, m in layers:
-        e = _full(m.last_energy) if m.last_energy is not None else None
+        e = full_energy(m.last_energy) if m.last_energy is not None else None
         if e is None:
             raise RuntimeError(f"energy layer {name or type(m).__name__!r} has no energy yet: run a forward first "
                                "(a forward inside a torch.func transform leaves none after the transform returns: "
@@ -125,9 +126,9 @@ class EnergyTape:
             raise ValueError("no energy layer that counts energy ran while recording: run the model's forward "
                              "inside `with minaction.record_energy(...) as tape:` (layers built with energy=None, "
                              "and layers outside the model given to record_energy, are not recorded)")
-        total = _full(self.records[0][1])
+        total = full_energy(self.records[0][1])
         for _, e in self.records[1:]:
-            total = total + _full(e)
+            total = total + full_energy(e)
         return total
 
     def clear(self) -> None:
@@ -178,20 +179,14 @@ _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _Tensor = torch.Tensor
 
 
-def _full(e: torch.Tensor) -> torch.Tensor:
-    """A layer's energy as a plain tensor: a tensor-parallel layer's (DTensor weights sharded by
-    ``parallelize_module``) is a DTensor holding each rank's part; its differentiable ``full_tensor()``
-    sums them, so ``ce + lam * E`` mixes no DTensor into a plain loss."""
-    return e.full_tensor() if type(e) is not _Tensor and hasattr(e, "full_tensor") else e
-
-
 def _check_model(model: nn.Module, loss_form: bool = False, observers: bool = True) -> None:
     """Raise where the energy of ``model`` would be wrong without a word: an ActivationObserver that a
     module swap stopped; an energy layer that peft wraps as a ``base_layer``; and, for the loss form
     (``loss_form``: ``total_energy`` with grad enabled), an energy layer whose per-sample gradients Opacus
     takes from its output's gradient."""
-    named = None
+    named = {}
     for name, m in model.named_modules():
+        named[name] = m  # pre-order: a module's parent is in already
         base = m._modules.get("base_layer")
         if isinstance(base, EnergyLayer) and _is_peft(m):
             where = f"{name}.base_layer" if name else "base_layer"
@@ -214,8 +209,6 @@ def _check_model(model: nn.Module, loss_form: bool = False, observers: bool = Tr
                 "under torch.no_grad()")
         if not observers or not isinstance(m, ActivationObserver) or "_hooked" not in m.__dict__:
             continue
-        if named is None:
-            named = dict(model.named_modules())
         why = m.detached(named[name.rpartition(".")[0]] if name else None)
         if why is not None:
             raise RuntimeError(
@@ -287,13 +280,7 @@ def _fast_total(model: nn.Module):
         if fresh:
             return None  # some layers did not run since this model's last sum: the full path leaves them out
         return total  # every layer as this model's last sum read it (a second read of one forward)
-    k = next(_READS)  # _mark_read, inlined: every energy is new since this model's last sum
-    for d in dicts:
-        r = d["_read"]
-        if r is None:
-            d["_read"] = {rid: k}
-        else:
-            r[rid] = k
+    _mark_read(dicts, rid)
     return total
 
 
@@ -987,10 +974,8 @@ def _observed_already(observed: nn.Module, owner: nn.Module, rel: str, owner_pat
     no longer runs, because a module swap since then copied it into a new module without its hook
     (``nn.SyncBatchNorm.convert_sync_batchnorm``), is hooked on ``observed`` again."""
     path = f"{owner_path}.{rel}" if owner_path and rel else (owner_path or rel)
-    for home, name, at in ((observed, "activation_energy", f"{path}.activation_energy" if path else "activation_energy"),
-                           (owner, "activation_energy_" + rel.replace(".", "_"),
-                            f"{owner_path}.activation_energy_{rel.replace('.', '_')}" if owner_path
-                            else "activation_energy_" + rel.replace(".", "_"))):
+    for home, name, at in _observer_homes(observed, owner, rel, always_owner=True):
+        at = f"{owner_path}.{at}" if owner_path else at
         obs = home._modules.get(name)
         if obs is None:
             continue
@@ -1022,11 +1007,7 @@ def _attach_observer(observed: nn.Module, obs: ActivationObserver, owner: nn.Mod
             return False
         return not any(n.op == "call_module" and n.target.split(".")[0] == name for g in graphs for n in g.nodes)
 
-    homes = [(observed, "activation_energy", f"{target}.activation_energy" if target else "activation_energy")]
-    if observed is not owner:
-        name = "activation_energy_" + target.replace(".", "_")
-        homes.append((owner, name, name))
-    for home, name, rel in homes:
+    for home, name, rel in _observer_homes(observed, owner, target):
         if name in home._modules:
             continue
         handle = obs.attach(observed, name, input=input, home=home)
@@ -1035,6 +1016,16 @@ def _attach_observer(observed: nn.Module, obs: ActivationObserver, owner: nn.Mod
         handle.remove()
         del home._modules[name]
     return None
+
+
+def _observer_homes(observed: nn.Module, owner: nn.Module, target: str, always_owner: bool = False):
+    """Where an observer of ``observed`` (at ``target`` in ``owner``; "" for the owner itself) may live:
+    (home, child name, path relative to ``owner``), the observed module first, then the owner."""
+    homes = [(observed, "activation_energy", f"{target}.activation_energy" if target else "activation_energy")]
+    if observed is not owner or always_owner:
+        name = "activation_energy_" + target.replace(".", "_")
+        homes.append((owner, name, name))
+    return homes
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

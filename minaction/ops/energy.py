@@ -80,9 +80,14 @@ def with_penalty(y: Tensor, e: Tensor, penalty: float) -> Tensor:
     is refused by autograd."""
     if not penalty or not e.requires_grad:
         return y
-    if type(e) is not Tensor and hasattr(e, "full_tensor"):  # a tensor-parallel layer's DTensor: its ranks' sum
-        e = e.full_tensor()
-    return _Penalty.apply(y, e, penalty)
+    return _Penalty.apply(y, full_energy(e), penalty)
+
+
+def full_energy(e: Tensor) -> Tensor:
+    """A layer's energy as a plain tensor: a tensor-parallel layer's (DTensor weights sharded by
+    ``parallelize_module``) is a DTensor holding each rank's part; its differentiable ``full_tensor()``
+    sums them, so a plain loss or penalty mixes no DTensor in."""
+    return e.full_tensor() if type(e) is not Tensor and hasattr(e, "full_tensor") else e
 
 
 def validate_energy(activation: str, energy, reduction: str) -> int:
