@@ -376,11 +376,10 @@ def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
     if type(mod) is nn.Linear:
         new = EnergyLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, **kw)
     elif type(mod) in (nn.Conv1d, nn.Conv2d):
-        if mod.padding_mode != "zeros":
-            return (f"padding_mode={mod.padding_mode!r}: EnergyConv{type(mod).__name__[-2:]} pads with zeros only")
         cls = EnergyConv1d if type(mod) is nn.Conv1d else EnergyConv2d
         new = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride, padding=mod.padding,
-                  dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None, **kw)
+                  dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None,
+                  padding_mode=mod.padding_mode, **kw)
     else:
         return f"{type(mod).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"
     # the same Parameter objects (the twins mirror nn's names and shapes): ties, optimizers and hooks still hold

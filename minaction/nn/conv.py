@@ -39,6 +39,21 @@ from .layers import EnergyLayer
 _IntOrTuple = Union[int, Tuple[int, ...]]
 
 
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _reversed_padding(padding, kernel_size, dilation) -> list:
+    """``F.pad``'s argument for ``padding`` (last dim first, each side), as nn.Conv*d computes it for a padding
+    mode other than zeros: 'same' puts the odd extra element on the right."""
+    if padding == "valid":
+        return [0, 0] * len(kernel_size)
+    if padding == "same":
+        sides = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(dilation, kernel_size)]
+    else:
+        sides = [(p, p) for p in padding]
+    return [v for pair in reversed(sides) for v in pair]
+
+
 def _tuple(v, n: int, name: str) -> Tuple[int, ...]:
     if isinstance(v, int):
         out = (v,) * n
@@ -51,13 +66,14 @@ def _tuple(v, n: int, name: str) -> Tuple[int, ...]:
 
 class _EnergyConvNd(EnergyLayer):
     _dims = 0
+    padding_mode = "zeros"  # layers pickled before padding_mode existed padded with zeros
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _IntOrTuple, stride: _IntOrTuple = 1,
                  padding: Union[_IntOrTuple, str] = 0, dilation: _IntOrTuple = 1, groups: int = 1, bias: bool = True,
                  activation: str = "relu", energy: Optional[str] = "l2", energy_reduction: str = "sum",
                  backend: Optional[str] = None, num_models: Optional[int] = None, device=None, dtype=None,
-                 penalty: float = 0.0):
-        super().__init__()
+                 penalty: float = 0.0, padding_mode: str = "zeros"):
+        nn.Module.__init__(self)  # not nn.Conv*d.__init__: the parameters are built below (and batched)
         n = self._dims
         if num_models is not None and int(num_models) <= 0:
             raise ValueError(f"num_models must be positive, got {num_models}")
@@ -79,6 +95,14 @@ class _EnergyConvNd(EnergyLayer):
             self.padding = _tuple(padding, n, "padding")
         if min(self.kernel_size) <= 0 or min(self.stride) <= 0 or min(self.dilation) <= 0:
             raise ValueError("kernel_size, stride and dilation must be positive")
+        if padding == "same" and max(self.stride) != 1:
+            raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv*d)")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        # nn.Conv*d's attributes, so code written for nn.Conv*d reads this layer as one
+        self.transposed, self.output_padding = False, (0,) * n
+        self._reversed_padding_repeated_twice = _reversed_padding(self.padding, self.kernel_size, self.dilation)
         self.backend = backend
         kw = {"device": device, "dtype": dtype}
         lead = () if self.num_models is None else (self.num_models,)
@@ -154,8 +178,16 @@ class _EnergyConvNd(EnergyLayer):
         groups (a CNN's first block on images): :func:`conv2d_act_energy_max_pool2` applies."""
         k = self.kernel_size
         return (self._dims == 2 and self.in_channels == 1 and self.groups == 1 and k[0] == k[1] and k[0] % 2 == 1
+                and self.padding_mode == "zeros"
                 and tuple(self.padding) == (k[0] // 2,) * 2 and tuple(self.stride) == (1, 1)
                 and tuple(self.dilation) == (1, 1))
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+        """The convolution, padded as ``nn.Conv*d`` pads for ``padding_mode``."""
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return self._convfn(x, w, b, self.stride, 0, self.dilation, groups)
+        return self._convfn(x, w, b, self.stride, self.padding, self.dilation, groups)
 
     def _run(self, x: torch.Tensor, pool: bool) -> torch.Tensor:
         if x.dim() != self._dims + 2:
@@ -174,7 +206,7 @@ class _EnergyConvNd(EnergyLayer):
                                                    self.energy_reduction, backend=self.backend, penalty=self.penalty)
                 self.last_energy = e
                 return y
-            z = self._convfn(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            z = self._conv(x, self.weight, self.bias, self.groups)
             channels_last = z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(
                 memory_format=torch.channels_last)
             if pool:
@@ -207,7 +239,7 @@ class _EnergyConvNd(EnergyLayer):
                              f"got {C} (input shape {tuple(x.shape)})")
         w = self.weight.reshape((G * self.out_channels,) + tuple(self.weight.shape[2:]))
         b = self.bias.reshape(-1) if self.bias is not None else None
-        z = self._convfn(x, w, b, self.stride, self.padding, self.dilation, groups)
+        z = self._conv(x, w, b, groups)
         B = z.shape[0]
         if B == 0:  # no samples (groups=B*G would read as "no groups"): an empty output, each member's energy 0
             self.last_energy = torch.zeros(G, dtype=energy_dtype(z.dtype), device=z.device)
@@ -240,6 +272,8 @@ class _EnergyConvNd(EnergyLayer):
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
              f"padding={self.padding}")
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         if max(self.dilation) != 1:
             s += f", dilation={self.dilation}"
         if self.groups != 1:
@@ -254,8 +288,11 @@ class _EnergyConvNd(EnergyLayer):
         return s
 
 
-class EnergyConv1d(_EnergyConvNd):
-    """``act(conv1d(x))`` with its activation energy; parameters as ``nn.Conv1d``.
+class EnergyConv1d(_EnergyConvNd, nn.Conv1d):
+    """``act(conv1d(x))`` with its activation energy; parameters as ``nn.Conv1d`` (``padding_mode`` included).
+
+    A subclass of ``nn.Conv1d``, as ``EnergyLinear`` is of ``nn.Linear``: ``isinstance(m, nn.Conv1d)`` init
+    loops and parameter splits treat it as one; its ``forward`` also applies the activation.
 
     Input ``[B, C_in, L]`` -> output ``[B, C_out, L_out]``; ``last_energy`` is 0-dim. With
     ``num_models=G``: input ``[B, C_in, L]`` (shared) or ``[B, G*C_in, L]`` -> ``[B, G*C_out, L_out]``,
@@ -266,8 +303,11 @@ class EnergyConv1d(_EnergyConvNd):
     _convfn = staticmethod(F.conv1d)
 
 
-class EnergyConv2d(_EnergyConvNd):
-    """``act(conv2d(x))`` with its activation energy; parameters as ``nn.Conv2d``.
+class EnergyConv2d(_EnergyConvNd, nn.Conv2d):
+    """``act(conv2d(x))`` with its activation energy; parameters as ``nn.Conv2d`` (``padding_mode`` included).
+
+    A subclass of ``nn.Conv2d``, as ``EnergyLinear`` is of ``nn.Linear``: ``isinstance(m, nn.Conv2d)`` init
+    loops and parameter splits treat it as one; its ``forward`` also applies the activation.
 
     Input ``[B, C_in, H, W]`` -> output ``[B, C_out, H_out, W_out]``; ``last_energy`` is 0-dim. With
     ``num_models=G``: input ``[B, C_in, H, W]`` (shared) or ``[B, G*C_in, H, W]`` ->

@@ -206,3 +206,90 @@ def test_channels_last_stays_channels_last(backend, penalty):
     ((ref_pooled * gp).sum() + (0.7 + penalty) * e4).backward()
     for a, b in zip(got, [x4.grad] + [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(a, b)
+
+
+PAD_CASES = [
+    (EnergyConv1d, torch.nn.Conv1d, dict(kernel_size=3, padding=2), (2, 3, 9)),
+    (EnergyConv1d, torch.nn.Conv1d, dict(kernel_size=4, padding="same", dilation=2), (2, 3, 10)),
+    (EnergyConv2d, torch.nn.Conv2d, dict(kernel_size=3, padding=(1, 2), stride=(2, 1)), (2, 3, 9, 8)),
+    (EnergyConv2d, torch.nn.Conv2d, dict(kernel_size=(4, 3), padding="same"), (2, 3, 7, 6)),
+    (EnergyConv2d, torch.nn.Conv2d, dict(kernel_size=3, padding="valid"), (2, 3, 7, 6)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own, for zeros
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("cls,plain,kw,shape", PAD_CASES)
+def test_padding_mode_as_nn_conv(backend, mode, cls, plain, kw, shape):
+    """padding_mode pads as nn.Conv*d does: values, energy and every gradient equal nn.Conv*d + ReLU in float64."""
+    torch.manual_seed(0)
+    ref = plain(3, 4, **kw, padding_mode=mode).double()
+    layer = cls(3, 4, **kw, padding_mode=mode, backend=backend).double()
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y2 = torch.relu(ref(x2))
+    e2 = y2.pow(2).reshape(shape[0], -1).sum(1).mean()
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.last_energy, e2, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    ((y * gy).sum() + 0.3 * layer.last_energy).backward()
+    ((y2 * gy).sum() + 0.3 * e2).backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-12)
+    if mode != "zeros":
+        assert f"padding_mode={mode!r}" in repr(layer)
+
+
+def test_padding_mode_gradcheck_and_batched_members():
+    torch.manual_seed(1)
+    layer = EnergyConv2d(2, 3, 3, padding=1, padding_mode="reflect", activation="tanh").double()
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: layer._conv(x, w, b, 1), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x: (layer(x), layer.last_energy), (x,))
+    # num_models=G with a padding mode: member g is the single layer built with member g's weights
+    G = 3
+    bat = EnergyConv1d(2, 4, 3, padding=1, padding_mode="circular", num_models=G).double()
+    xs = torch.randn(5, 2, 7, dtype=torch.float64)
+    y = bat.member_view(bat(xs))
+    for g in range(G):
+        one = EnergyConv1d(2, 4, 3, padding=1, padding_mode="circular").double()
+        one.load_state_dict({"weight": bat.weight[g].detach(), "bias": bat.bias[g].detach()})
+        torch.testing.assert_close(y[g], one(xs), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bat.last_energy[g], one.last_energy, rtol=1e-12, atol=1e-12)
+
+
+def test_padding_mode_bad_values():
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        EnergyConv2d(2, 3, 3, padding_mode="mirror")
+    with pytest.raises(ValueError, match="'same' is not supported for strided"):
+        EnergyConv1d(2, 3, 3, padding="same", stride=2)
+
+
+def test_energy_convs_are_nn_convs():
+    """EnergyConv1d/2d subclass nn.Conv1d/2d as EnergyLinear subclasses nn.Linear: an init loop over
+    ``isinstance(m, nn.Conv2d)`` (torchvision's ResNet, most training scripts) reaches them, and nn.Conv's
+    attributes and ``_conv_forward`` (the convolution alone) read as for nn.Conv."""
+    model = torch.nn.Sequential(EnergyConv2d(3, 8, 3, padding=1), EnergyConv1d(8, 4, 1))
+    assert isinstance(model[0], torch.nn.Conv2d) and isinstance(model[1], torch.nn.Conv1d)
+    assert not isinstance(model[0], torch.nn.Conv1d)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            torch.nn.init.constant_(m.weight, 0.5)
+            torch.nn.init.zeros_(m.bias)
+    assert bool((model[0].weight == 0.5).all()) and bool((model[1].weight == 0.5).all())
+    plain = torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+    layer = EnergyConv2d(3, 8, 3, padding=1, padding_mode="reflect")
+    layer.load_state_dict(plain.state_dict())
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+        a, b = getattr(layer, attr), getattr(plain, attr)
+        assert (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b), attr
+    x = torch.randn(2, 3, 6, 5)
+    torch.testing.assert_close(layer._conv_forward(x, layer.weight, layer.bias), plain(x))
+    torch.testing.assert_close(layer(x), torch.relu(plain(x)))
+    plain.load_state_dict(layer.state_dict())

@@ -348,11 +348,11 @@ def test_tanh_gelu_module_converts_and_the_function_is_named():
 
 
 class SharedWithUnconvertible(nn.Module):
-    """One activation module after a Linear and after a reflect-padded conv (which has no energy twin)."""
+    """One activation module after a Linear and after a transposed conv (which has no energy twin)."""
 
     def __init__(self, act=None):
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")
+        self.conv = nn.ConvTranspose2d(1, 2, 3, padding=1)
         self.fc = nn.Linear(2 * 4 * 4, 3)
         self.relu = act if act is not None else nn.ReLU()
         self.head = nn.Linear(3, 2)
@@ -369,7 +369,7 @@ def test_an_activation_shared_with_an_unconvertible_layer_stays():
     x = torch.randn(2, 1, 4, 4)
     before = model(x)
     skipped = _unconverted(model, wrap_activations=False)
-    assert "padding_mode='reflect'" in skipped["conv"]
+    assert "ConvTranspose2d has no energy counterpart" in skipped["conv"]
     assert "also follows conv, which cannot be converted" in skipped["fc"]
     assert type(model.relu) is nn.SiLU and type(model.fc) is nn.Linear
     torch.testing.assert_close(model(x), before)

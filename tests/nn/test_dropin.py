@@ -481,9 +481,13 @@ def test_convert_says_why_for_unsupported_activations():
     assert "becomes an EnergyActivation" in dict(rep.skipped)["0"] and type(model[3]) is nn.LeakyReLU  # the output
     torch.testing.assert_close(model(x), before)
     torch.testing.assert_close(minaction.total_energy(model), F.hardswish(model[0](x)).square().sum(1).mean())
-    reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.ReLU())
-    with pytest.warns(UserWarning, match="padding_mode='reflect'"):
-        minaction.convert(reflect)
+    # a padding mode other than zeros converts too (EnergyConv*d pads as nn.Conv*d does)
+    reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(2, 1, 1))
+    x = torch.randn(2, 1, 5, 5)
+    before = reflect(x)
+    minaction.convert(reflect)
+    assert type(reflect[0]).__name__ == "EnergyConv2d" and reflect[0].padding_mode == "reflect"
+    torch.testing.assert_close(reflect(x), before)
 
 
 def test_convert_linear_dropout_relu_keeps_the_output_and_says_where_energy_is_taken():
