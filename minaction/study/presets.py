@@ -61,6 +61,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def load_preset(preset) -> dict:
         v = spec.get(key)
         if not isinstance(v, list) or not v:
             raise PresetError(f"preset {src}: {key!r} must be a non-empty list")
-    spec["lams"] = [float(x) for x in spec["lams"]]
+    spec["lams"] = _lams(spec["lams"], src)
     for s in spec["seeds"]:
         if not isinstance(s, int):
             raise PresetError(f"preset {src}: seeds must be integers, got {s!r}")
@@ -133,7 +134,7 @@ def load_preset(preset) -> dict:
             if key in blk and (not isinstance(blk[key], list) or not blk[key]):
                 raise PresetError(f"preset {src}: extra block {key!r} must be a non-empty list")
         if "lams" in blk:
-            blk["lams"] = [float(x) for x in blk["lams"]]
+            blk["lams"] = _lams(blk["lams"], f"{src}, extra block")
     spec.setdefault("group_by", "seed")
     if spec["group_by"] not in GROUP_MODES:
         raise PresetError(f"preset {src}: group_by must be one of {GROUP_MODES}, got {spec['group_by']!r}")
@@ -156,8 +157,28 @@ def load_preset(preset) -> dict:
     return spec
 
 
+def _lams(values: list, src: str) -> list:
+    """The lambdas as floats: numbers, finite, >= 0 (a quoted "1e-3" is a TOML string, not a number)."""
+    out = []
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise PresetError(f"preset {src}: lams must be numbers, got {x!r}"
+                              + (" (a string: write it without quotes)" if isinstance(x, str) else ""))
+        if not math.isfinite(x) or x < 0:
+            raise PresetError(f"preset {src}: lams must be finite and >= 0 (the weight of the energy in the loss), "
+                              f"got {x!r}")
+        out.append(float(x))
+    return out
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_budget(budget: dict, where: str = "budget") -> None:
-    """Raise :class:`PresetError` naming the key when a budget value is out of range."""
+    """Raise :class:`PresetError` naming the key when a budget value is out of range. (The model options
+    ``activation``, ``energy`` and ``energy_reduction`` are checked against the layers' own lists by the study
+    driver and the planner before anything runs: ``runner.check_config``.)"""
     for key in ("epochs", "batch_size"):
         if not isinstance(budget[key], int) or budget[key] < 1:
             raise PresetError(f"{where}: {key} must be an integer >= 1, got {budget[key]!r}")
@@ -178,6 +199,22 @@ def check_budget(budget: dict, where: str = "budget") -> None:
     for key in ("train_subset", "val_subset", "test_subset"):
         if not isinstance(budget[key], int) or budget[key] < 0:
             raise PresetError(f"{where}: {key} must be an integer >= 0 (0 = the whole split), got {budget[key]!r}")
+    if not _number(budget["lr"]) or budget["lr"] <= 0:
+        raise PresetError(f"{where}: lr must be a number > 0, got {budget['lr']!r}")
+    if not _number(budget["weight_decay"]) or budget["weight_decay"] < 0:
+        raise PresetError(f"{where}: weight_decay must be a number >= 0, got {budget['weight_decay']!r}")
+    for key, what in (("width", "0 = the architecture's default"), ("depth", "0 = the default, 2")):
+        if isinstance(budget[key], bool) or not isinstance(budget[key], int) or budget[key] < 0:
+            raise PresetError(f"{where}: {key} must be an integer >= 0 ({what}), got {budget[key]!r}")
+    if isinstance(budget["eval_batch_size"], bool) or not isinstance(budget["eval_batch_size"], int) \
+            or budget["eval_batch_size"] < 1:
+        raise PresetError(f"{where}: eval_batch_size must be an integer >= 1, got {budget['eval_batch_size']!r}")
+    if isinstance(budget["data_seed"], bool) or not isinstance(budget["data_seed"], int):
+        raise PresetError(f"{where}: data_seed must be an integer, got {budget['data_seed']!r}")
+    for key in ("activation", "energy", "energy_reduction", "name"):
+        if not isinstance(budget[key], str) and not (key == "energy" and budget[key] is None):
+            raise PresetError(f"{where}: {key} must be a string, got {budget[key]!r}"
+                              + (' (energy = "none" for no energy)' if key == "energy" else ""))
 
 
 def run_config(spec: dict, arch: str, dataset: str, lam: float, seed: int) -> dict:

@@ -61,13 +61,24 @@ def check_backend() -> str:
     return forced
 
 
-def check_inputs(runs) -> None:
-    """Every architecture and dataset of ``runs`` exists, and every real dataset's files can
-    be had on this machine (found in the decoded cache, or fetched and decoded once now)."""
+def check_config(runs) -> dict:
+    """Every architecture and dataset of ``runs`` exists and every budget's model options
+    (``activation``, ``energy``, ``energy_reduction``) are ones the layers take: a typo is one clear
+    error before anything runs, not a failed run per configuration in the store. Returns the
+    real (not registered) datasets with their data options."""
     archs = sorted({r["config"]["arch"] for r in runs})
     datasets = {}
     for r in runs:
         datasets.setdefault(r["config"]["dataset"], r["config"].get("data_opts") or {})
+    options = {(b["activation"], b["energy"], b["energy_reduction"]) for b in (r["config"]["budget"] for r in runs)}
+    if options:
+        from ..ops.energy import validate_energy
+
+        for act, energy, reduction in sorted(options):
+            try:
+                validate_energy(act, energy, reduction)
+            except ValueError as exc:
+                raise StudyConfigError(f"budget: {exc}") from None
     if archs:
         try:
             from .. import models
@@ -79,10 +90,9 @@ def check_inputs(runs) -> None:
             raise StudyConfigError(f"unknown architecture(s) {unknown}; choose from {list(models.ARCHITECTURES)} "
                                    f"(or register one: minaction.models.register_architecture)")
     if not datasets:
-        return
+        return {}
     try:
-        from .. import data
-        from ..data import cache, catalogue
+        from ..data import catalogue
     except ImportError as exc:
         raise StudyConfigError(f"datasets {sorted(datasets)} need minaction.data, which cannot be imported: "
                                f"{_first_line(exc)}") from None
@@ -91,6 +101,18 @@ def check_inputs(runs) -> None:
     if unknown:
         raise StudyConfigError(f"unknown dataset(s) {unknown}; choose from {list(catalogue.SPECS)} "
                                f"(or register one: minaction.data.register_dataset)")
+    return real
+
+
+def check_inputs(runs) -> None:
+    """:func:`check_config`, and every real dataset's files can be had on this machine (found in
+    the decoded cache, or fetched and decoded once now)."""
+    real = check_config(runs)
+    if not real:
+        return
+    from .. import data
+    from ..data import cache, catalogue
+
     for name, opts in real.items():
         family = catalogue.SPECS[name].family
         if any(c.cache_path(family).is_file() for c in catalogue.FAMILIES[family].candidates):

@@ -314,10 +314,21 @@ def test_plan_counts_match_training():
 
 
 def test_plan_reports_what_it_cannot_measure():
-    sp = presets.load_preset({"name": "x", "archs": ["tiny_mlp"], "datasets": ["no_such_dataset"], "lams": [0.0],
+    """A block that cannot be measured (its data cannot be had here) is a row saying why; a name that does not
+    exist is an error before anything is measured."""
+    from minaction.study.runner import StudyConfigError
+
+    sp = presets.load_preset({"name": "x", "archs": ["tiny_mlp"], "datasets": ["synthetic"], "lams": [0.0],
                               "seeds": [0]})
-    p = _plan.plan(sp, workers=1, refresh=True)
-    assert "error" in p["rows"][0] and "not measured" in _plan.format_plan(p)
+
+    def unavailable(group, steps):
+        raise FileNotFoundError("no source could provide its files")
+
+    p = _plan.plan(sp, workers=1, refresh=True, measure_fn=unavailable)
+    assert "no source could provide" in p["rows"][0]["error"] and "not measured" in _plan.format_plan(p)
+    sp = presets.load_preset({**sp, "datasets": ["no_such_dataset"]})
+    with pytest.raises(StudyConfigError, match=r"unknown dataset\(s\) \['no_such_dataset'\]"):
+        _plan.plan(sp, workers=1, refresh=True, measure_fn=unavailable)
 
 
 def test_evals_per_epoch():

@@ -252,6 +252,24 @@ def test_unknown_or_unavailable_dataset_is_refused(tmp_path, monkeypatch, capsys
     assert study_status(db)["done"] + study_status(db)["failed"] == 0  # nothing recorded
 
 
+@pytest.mark.parametrize("over, needle", [
+    ({"archs": ["tiny_mlp", "mlpp"]}, "unknown architecture(s) ['mlpp']"),
+    ({"budget": {"epochs": 1, "width": 16, "activation": "swish"}}, "budget: activation must be one of"),
+    ({"budget": {"epochs": 1, "width": 16, "energy": "l3"}}, "budget: energy must be 'l2', 'l1' or None"),
+    ({"budget": {"epochs": 1, "width": 16, "energy_reduction": "max"}}, "budget: energy_reduction must be"),
+])
+def test_misspelt_model_options_and_names_are_refused_by_run_and_plan(tmp_path, capsys, over, needle):
+    """A typo in the preset is one error (exit 2) from `study run` and `study plan`, before anything is
+    measured or recorded; it used to record every run as failed (run) or print a table of errors (plan)."""
+    db = tmp_path / "d.sqlite"
+    preset = _preset(tmp_path, **over)
+    assert main(["study", "plan", "--preset", str(preset)]) == 2
+    _one_line_error(capsys.readouterr().err, "minaction study plan: error:", needle)
+    assert main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress"]) == 2
+    _one_line_error(capsys.readouterr().err, "minaction study run: error:", needle)
+    assert study_status(db)["done"] + study_status(db)["failed"] == 0  # nothing recorded
+
+
 def test_resume_reports_failed_runs_and_retry_failed(tmp_path, capsys):
     preset = _preset(tmp_path, archs=["tiny_fail", "tiny_mlp"], lams=[0.0], seeds=[0, 1])
     db = tmp_path / "f.sqlite"

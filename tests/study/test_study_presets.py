@@ -80,6 +80,19 @@ def test_budget_by_dataset_and_extra():
     ({"budget": {"restore_best": "yes"}}, "restore_best"),
     ({"budget": {"epochs": 0}}, "epochs"),
     ({"budget_by_dataset": {"d": {"eval_every": 1.5}}}, "budget_by_dataset.d: eval_every"),
+    ({"lams": [0.0, "1e-3"]}, r"lams must be numbers, got '1e-3' \(a string: write it without quotes\)"),
+    ({"lams": [True]}, "lams must be numbers"),
+    ({"lams": [-1e-3]}, "lams must be finite and >= 0"),
+    ({"lams": [float("nan")]}, "lams must be finite and >= 0"),
+    ({"extra": [{"lams": ["x"]}]}, "extra block: lams must be numbers"),
+    ({"budget": {"lr": 0}}, "lr must be a number > 0"),
+    ({"budget": {"lr": "1e-3"}}, "lr must be a number > 0"),
+    ({"budget": {"weight_decay": -0.1}}, "weight_decay must be a number >= 0"),
+    ({"budget": {"width": 32.0}}, "width must be an integer >= 0"),
+    ({"budget": {"depth": -1}}, "depth must be an integer >= 0"),
+    ({"budget": {"eval_batch_size": 0}}, "eval_batch_size must be an integer >= 1"),
+    ({"budget": {"data_seed": 1.5}}, "data_seed must be an integer"),
+    ({"budget": {"energy": False}}, r'energy must be a string, got False \(energy = "none" for no energy\)'),
 ])
 def test_bad_presets(bad, msg):
     spec = {"name": "x", "archs": ["a"], "datasets": ["d"], "lams": [0], "seeds": [0]}
