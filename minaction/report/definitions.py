@@ -3,6 +3,32 @@ from __future__ import annotations
 
 from .context import P_FLOOR
 from .render import fmt
+from .store import _flat
+
+
+def _energy_text(energy, reduction, activation) -> str:
+    if energy in (None, "none"):
+        return f"none (energy = none: no energy term; {activation} units)"
+    p = {"l2": 2, "l1": 1}.get(energy, energy)
+    over = "mean" if reduction == "mean" else "sum"
+    return (f"sum over hidden layers of mean over samples of {over} over units of |a|^p, p = {p}"
+            + ("" if activation == "relu" else f"; {activation} units"))
+
+
+def energy_definition(rep) -> str:
+    """E as the analysed runs' budgets define it (``energy``, ``energy_reduction``, ``activation``): the
+    project's default is p = 2, summed over units, ReLU; a custom preset's runs are described as trained."""
+    runs, budgets = rep.store.runs, rep.store.budgets
+    per = {}
+    for bid, g in runs.groupby("budget_id", sort=True) if "budget_id" in runs else ():
+        b = _flat(budgets.get(bid))
+        text = _energy_text(b.get("energy", "l2"), b.get("energy_reduction", "sum"), b.get("activation", "relu"))
+        per.setdefault(text, set()).update(str(d) for d in g["dataset"].unique())
+    if not per:
+        return _energy_text("l2", "sum", "relu")
+    if len(per) == 1:
+        return next(iter(per))
+    return "; ".join(f"{', '.join(sorted(ds))}: {text}" for text, ds in sorted(per.items(), key=lambda kv: sorted(kv[1])))
 
 
 def section(rep) -> None:
@@ -10,7 +36,7 @@ def section(rep) -> None:
     opt = rep.opt
     rep.define("paper", "Frasch, minAction.net, arXiv 2604.24805",
                 "only its abstract (v1 and v2) is public; its numbers are labelled paper")
-    rep.define("energy E", "sum over hidden layers of mean over samples of sum over units of |a|^p, p = 2",
+    rep.define("energy E", energy_definition(rep),
                 "measured on the test split after training; the logits layer is not counted")
     rep.define("rescaled energy", "each hidden unit's activation times the L2 norm of the weights reading it",
                 "invariant to the ReLU rescaling symmetry (models module documents it per architecture)")

@@ -150,6 +150,8 @@ def _flat(budget: dict | None) -> dict:
 #: Budget fields shown in the report's budget table (all of them are in the CSV).
 SHOWN_BUDGET_KEYS = ("epochs", "batch_size", "lr", "optimizer", "train_subset", "val_subset", "test_subset",
                      "width", "data_seed")
+#: Model options shown in the budget table where a budget differs from the project's default.
+MODEL_DEFAULTS = {"activation": "relu", "energy": "l2", "energy_reduction": "sum"}
 
 
 def budget_table(runs: pd.DataFrame, budgets: dict) -> pd.DataFrame:
@@ -159,6 +161,7 @@ def budget_table(runs: pd.DataFrame, budgets: dict) -> pd.DataFrame:
     for bid, g in runs.groupby("budget_id", sort=True):
         flat = _flat(budgets.get(bid))
         shown = {k: flat[k] for k in SHOWN_BUDGET_KEYS if k in flat}
+        shown.update({k: flat[k] for k, default in MODEL_DEFAULTS.items() if flat.get(k, default) != default})
         rest = {k: v for k, v in flat.items() if k not in SHOWN_BUDGET_KEYS}
         text = ", ".join(f"{k}={v}" for k, v in shown.items()) if flat else "unknown (no budget recorded)"
         rows.append({"budget_id": bid, "presets": ", ".join(sorted(str(p) for p in g["preset"].dropna().unique())),

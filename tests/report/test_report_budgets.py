@@ -168,3 +168,25 @@ def test_design_flag_names_the_missing_runs(tmp_path):
     build_report(db, tmp_path / "out2", n_boot=5, design=str(small))
     md = (tmp_path / "out2" / "report.md").read_text()
     assert "PARTIAL" not in md and f"Complete: all 4 runs of the design `{small}` have finished" in md
+
+
+def test_energy_definition_and_budget_text_follow_the_runs_model_options(tmp_path):
+    """A custom preset's energy options (energy="l1", energy_reduction="mean", activation="tanh") are what the
+    report's definition of E and its budget table say; the report said p = 2 and ReLU whatever the runs used."""
+    db = tmp_path / "l1.sqlite"
+    make_synthetic_store(db, preset="mine", budget={**SWEEP, "energy": "l1", "energy_reduction": "mean",
+                                                    "activation": "tanh"}, seed=1, **SMALL)
+    build_report(db, tmp_path / "o", n_boot=5)
+    md = (tmp_path / "o" / "report.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| energy E |"))
+    assert "mean over units of \\|a\\|^p, p = 1; tanh units" in row
+    budgets = pd.read_csv(tmp_path / "o" / "tables" / "budgets.csv")
+    assert "activation=tanh, energy=l1, energy_reduction=mean" in budgets["budget"][0]
+
+    db = tmp_path / "default.sqlite"
+    make_synthetic_store(db, preset="lambda-sweep", budget=SWEEP, seed=1, **SMALL)
+    build_report(db, tmp_path / "d", n_boot=5)
+    md = (tmp_path / "d" / "report.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| energy E |"))
+    assert "sum over units of \\|a\\|^p, p = 2 |" in row
+    assert "activation=" not in pd.read_csv(tmp_path / "d" / "tables" / "budgets.csv")["budget"][0]
