@@ -1006,6 +1006,31 @@ std::vector<Tensor> recomputed_grads(const Tensor& yv, const Tensor& gy, const T
 }
 
 
+// The gradient with respect to z of <gy, y> + <ge, E(y)> for y = act(z) where act' is a function of y (relu,
+// tanh, sigmoid, identity), in differentiable ATen ops of gy, ge and y: the create_graph backward of an epilogue
+// that kept y only. E = scale * the sum of |y|^p over every dim after the first (groups > 0: E [G]) or over all.
+// An undefined gy or ge leaves its term out; both undefined: an undefined gradient.
+Tensor grads_from_output(const Tensor& y, const Tensor& gy, const Tensor& ge, int64_t act, int64_t p, int64_t groups,
+                         double scale) {
+  Tensor u = gy.defined() ? gy.reshape_symint(y.sym_sizes()) : Tensor();
+  if (p != 0 && ge.defined()) {
+    Tensor yf = y.to(energy_dtype(y.scalar_type()));
+    std::vector<int64_t> shape(y.dim(), 1);
+    if (groups > 0) shape[0] = -1;
+    Tensor g = ge.to(yf.scalar_type()).reshape(shape) * scale;  // groups 0: one element, broadcast
+    Tensor t = ((p == 2 ? yf * 2.0 : yf.sign()) * g).to(y.scalar_type());
+    u = u.defined() ? u + t : t;
+  }
+  if (!u.defined()) return Tensor();
+  switch (act) {
+    case IDENTITY: return u;
+    case RELU: return at::where(y <= 0, at::zeros_like(u), u);  // as threshold_backward: 0 where y <= 0
+    case TANH: return u * (1 - y * y);
+    case SIGMOID: return u * (y * (1 - y));
+    default: TORCH_CHECK(false, "minaction: activation code ", act, " takes its derivative from z, not y");
+  }
+}
+
 class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& z_in, int64_t act, int64_t p, bool mean,
@@ -1016,8 +1041,10 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
     Tensor y = view_like(y3, z_in);
     if (groups == 0) e = e.view(c10::IntArrayRef{});  // ({} alone would pick view(ScalarType))
     if (s.symbolic) e = e.div(c10::Scalar(s.denom));
-    // z itself: read by the gelu/silu derivative and by a create_graph backward
-    ctx->save_for_backward({z_in, y});
+    // z itself: read by the gelu/silu derivative and by their create_graph backward. relu, tanh, sigmoid and
+    // identity take their derivative from y (a create_graph backward too, through y's own node, as torch's
+    // relu does), so they keep y only: an activation module costs what nn.ReLU's saved output costs
+    ctx->save_for_backward({needs_z(act) ? z_in : Tensor(), y});
     ctx->set_materialize_grads(false);  // an unused energy output must stay "undefined", not zeros
     ctx->saved_data["act"] = act;
     ctx->saved_data["p"] = p;
@@ -1062,17 +1089,20 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
       return symbolic && g.defined() ? g.div(c10::Scalar(denom)) : g;
     };
     if (at::GradMode::is_enabled()) {
-      // backward(create_graph=True): differentiable recomputation from z (gradient penalties, gradgradcheck)
-      Tensor gz = recomputed_grads(apply_act_composite(z_in, act), grads[0], p != 0 ? energy_grad() : Tensor(), p,
-                                   groups, scale, {z_in}, /*create_graph=*/true)[0];
-      return with(gz.defined() ? gz : at::zeros_like(z_in));
+      // backward(create_graph=True): differentiable, from z (gelu, silu: recomputed) or from the saved output y
+      // (its node is this one, so a further derivative comes back here): gradient penalties, gradgradcheck
+      Tensor gz = needs_z(act)
+          ? recomputed_grads(apply_act_composite(z_in, act), grads[0], p != 0 ? energy_grad() : Tensor(), p, groups,
+                             scale, {z_in}, /*create_graph=*/true)[0]
+          : grads_from_output(y, grads[0], p != 0 ? energy_grad() : Tensor(), act, p, groups, scale);
+      return with(gz.defined() ? gz : at::zeros_like(y));
     }
     const std::vector<c10::SymInt> gmn = {c10::SymInt(G), M, N};
     Tensor gy = grads[0].defined() ? grads[0].contiguous().view_symint(gmn) : at::zeros_symint(gmn, y.options());
     Tensor ge = p != 0 ? energy_grad() : at::zeros({G}, e_options);
     Tensor z3 = needs_z(act) ? z_in.contiguous().view_symint(gmn) : at::empty({0}, y.options());
     Tensor gz = call_act_bwd(gy, ge, y.view_symint(gmn), z3, act, p, scale);
-    return with(view_like(gz, z_in));
+    return with(view_like(gz, y));
   }
 };
 

@@ -191,10 +191,9 @@ torch.library.register_autograd("minaction::energy_linear", _el_backward, setup_
 
 # ----------------------------------------------------------------------------- minaction::activation_energy
 def _activation_energy_impl(z, act, p, mean, backend):
+    # no copy of z is kept (zs empty): the autograd formula saves the input z itself where the derivative needs it
     scale = _scale(z.shape[1], z.shape[2], mean)
-    y, zs, e = _select.module(backend).act_forward(z, act, p, scale, act in NEEDS_Z)
-    if zs.numel() and zs.data_ptr() == z.data_ptr():
-        zs = zs.clone()  # an op may not return an alias of its input
+    y, zs, e = _select.module(backend).act_forward(z, act, p, scale, False)
     return y, e, zs
 
 
@@ -212,7 +211,9 @@ _activation_energy_backward = torch.ops.minaction.activation_energy_backward.def
 def _ae_setup(ctx, inputs, output):
     z, act, p, mean, backend = inputs
     y, _, zs = output
-    ctx.save_for_backward(y, zs, z)  # z: only read by a create_graph backward
+    # z (the input): read by the gelu/silu derivative and their create_graph backward; relu, tanh, sigmoid and
+    # identity take both from y (a create_graph backward through y's own node), so y alone is kept
+    ctx.save_for_backward(y, zs, z if act in NEEDS_Z else None)
     ctx.set_materialize_grads(False)  # an unused energy output arrives as None, not zeros (0 * inf = NaN)
     ctx.cfg = (act, p, mean, backend)
 
@@ -222,6 +223,11 @@ def _ae_backward(ctx, gy, ge, _gz):
     act, p, mean, backend = ctx.cfg
     if ge is None:
         p = 0  # the energy did not reach the loss: no 0 * d|y|^p term (NaN at y = inf)
+    if torch.is_grad_enabled() and z is None:  # create_graph: differentiable in gy, ge and y (y's node is this op)
+        scale = _scale(y.shape[1], y.shape[2], mean)
+        g = gy if gy is not None else torch.zeros_like(y)
+        e = ge if ge is not None else torch.zeros(y.shape[0], dtype=energy_dtype(y.dtype), device=y.device)
+        return composite.act_backward(g, e, y, y.new_empty(0), act, p, scale), None, None, None, None
     if torch.is_grad_enabled():
         scale = _scale(z.shape[1], z.shape[2], mean)
 
@@ -235,8 +241,8 @@ def _ae_backward(ctx, gy, ge, _gz):
         gy = torch.zeros_like(y)
     if ge is None:
         ge = torch.zeros(y.shape[0], dtype=energy_dtype(y.dtype), device=y.device)
-    return _activation_energy_backward(gy.contiguous(), ge.contiguous(), y, zs, act, p, mean, backend), \
-        None, None, None, None
+    return _activation_energy_backward(gy.contiguous(), ge.contiguous(), y, z if z is not None else zs, act, p, mean,
+                                       backend), None, None, None, None
 
 
 torch.library.register_autograd("minaction::activation_energy", _ae_backward, setup_context=_ae_setup,
