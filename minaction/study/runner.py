@@ -74,7 +74,7 @@ def check_config(runs) -> dict:
     if options:
         from ..ops.energy import validate_energy
 
-        for act, energy, reduction in sorted(options):
+        for act, energy, reduction in sorted(options, key=str):  # energy may be None (a dict preset)
             try:
                 validate_energy(act, energy, reduction)
             except ValueError as exc:
