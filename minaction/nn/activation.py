@@ -163,6 +163,10 @@ class EnergyActivation(EnergyLayer):
         return s
 
 
+#: activations whose fused energy pass keeps its own output for the backward, never its input (on every path)
+_FROM_OUTPUT = frozenset({"relu", "tanh", "sigmoid"})
+
+
 class ActivationObserver(EnergyActivation):
     """Counts the energy of ``activation(t)`` for a tensor ``t`` that a model passes through an
     activation *call*, which no module conversion can replace: ``F.relu(self.bn1(self.conv1(x)))``
@@ -176,7 +180,9 @@ class ActivationObserver(EnergyActivation):
     gradient of the model is unchanged (the extra pass costs about what the activation costs). With
     a ``penalty`` (``minaction.set_penalty``) the hook passes the output on as a view whose backward
     adds the penalty's gradient. ``copy=True`` (the call is in place, ``F.relu(x, inplace=True)``):
-    the hook passes on a copy, which the call may overwrite, since the energy pass saved the output.
+    the hook passes on a copy for the call to overwrite where the energy pass kept the output for its
+    backward (gelu, silu, an unfused module) or passes on the penalty's view; relu, tanh and sigmoid keep
+    their own result, so the call overwrites the output itself, as in the plain model.
     It has no parameters or buffers: ``state_dict`` is that of the model without it.
     """
 
@@ -196,7 +202,9 @@ class ActivationObserver(EnergyActivation):
         out = t
         if self.penalty and not _layers._exporting():
             out = with_penalty(t, self.__dict__["_call_energy"], self.penalty)
-        if self.copy:
+        if self.copy and (out is not t or self.__dict__.get("_fn") is not None or self.activation not in _FROM_OUTPUT):
+            # the call overwrites what it gets: a copy where that is the penalty's view, or where the energy pass
+            # kept t for its backward (gelu, silu, an unfused module); relu, tanh, sigmoid kept their own output
             out = out.clone()
         return None if out is t else out
 

@@ -660,3 +660,46 @@ def test_an_observed_module_replaced_or_unhooked_is_named_and_convert_restores_i
     taken(xi)
     torch.testing.assert_close(taken.conv2.activation_energy.last_energy,
                                F.relu(taken.conv1(xi) + xi).flatten(1).square().sum(1).mean())
+
+
+@pytest.mark.parametrize("call", ["relu", "tanh", "silu"])
+def test_in_place_calls_train_as_plain_in_the_loss_and_the_penalty_form(call):
+    """An in-place call after a norm: relu and tanh keep their own output for the energy's backward, so the call
+    overwrites the module's output itself (no copy); silu keeps its input, so the call gets a copy; the penalty
+    form's view always gets one. Both forms train as plain PyTorch with the penalty by hand."""
+    apply = {"relu": lambda h: F.relu(h, inplace=True), "tanh": lambda h: h.tanh_(),
+             "silu": lambda h: F.silu(h, inplace=True)}[call]
+    plain_act = {"relu": F.relu, "tanh": torch.tanh, "silu": F.silu}[call]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.bn = nn.BatchNorm2d(3)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(apply(self.bn(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    plain = Net().double()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    model = minaction.convert(copy.deepcopy(plain))
+    obs = model.bn.activation_energy
+    assert obs.copy and obs.activation == call
+    # relu / tanh: the hook passes the BatchNorm's output itself on (None), for the call to overwrite as in the
+    # plain model; silu: a copy
+    probe = torch.randn(3, 3, 4, 4, dtype=torch.float64, requires_grad=True) * 1.0
+    assert (obs(probe) is None) == (call != "silu")
+
+    def hand():
+        h = plain_act(plain.bn(plain.conv(x)))
+        return plain.fc(h.mean((2, 3))).square().mean() + LAM * h.flatten(1).square().sum(1).mean()
+
+    pen, ref = copy.deepcopy(model), copy.deepcopy(plain)
+    train_in_lockstep(plain, model, hand, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
+                      lr=0.1)
+    minaction.set_penalty(pen, LAM)
+    train_in_lockstep(ref, pen, lambda: (lambda h: ref.fc(h.mean((2, 3))).square().mean()
+                                         + LAM * h.flatten(1).square().sum(1).mean())(plain_act(ref.bn(ref.conv(x)))),
+                      lambda: pen(x).square().mean() + LAM * minaction.total_energy(pen).detach(), lr=0.1)
