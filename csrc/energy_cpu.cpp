@@ -1098,6 +1098,16 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
       return with(gz.defined() ? gz : at::zeros_like(y));
     }
     const std::vector<c10::SymInt> gmn = {c10::SymInt(G), M, N};
+    if (!grads[0].defined() && p != 0 && !needs_z(act)) {
+      // the output reached no loss (an ActivationObserver's pass): dE/dz from y alone, in two passes, with no
+      // zero gradient of y materialised and read (the kernel's four)
+      Tensor y3 = y.view_symint(gmn).to(e_options.dtype());
+      Tensor c = energy_grad().view({G, 1, 1}) * (p == 2 ? 2.0 * scale : scale);
+      Tensor gz = p == 2 ? y3 * c : y3.sign() * c;
+      if (act == TANH) gz = gz * (1 - y3 * y3);
+      if (act == SIGMOID) gz = gz * (y3 * (1 - y3));
+      return with(view_like(gz.to(y.scalar_type()).contiguous(), y));
+    }
     Tensor gy = grads[0].defined() ? grads[0].contiguous().view_symint(gmn) : at::zeros_symint(gmn, y.options());
     Tensor ge = p != 0 ? energy_grad() : at::zeros({G}, e_options);
     Tensor z3 = needs_z(act) ? z_in.contiguous().view_symint(gmn) : at::empty({0}, y.options());

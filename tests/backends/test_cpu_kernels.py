@@ -498,3 +498,31 @@ def test_activation_energy_cpu_under_compile():
     ref = f(z)
     g0, = torch.autograd.grad(ref, z)
     torch.testing.assert_close((out, g), (ref, g0))
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid", "identity", "gelu"])
+@pytest.mark.parametrize("energy", ["l2", "l1"])
+@pytest.mark.parametrize("groups", [0, 2])
+def test_activation_energy_gradient_of_the_energy_alone(act, energy, groups):
+    """The energy's gradient when the activation's output reaches no loss (an ActivationObserver's pass): relu,
+    tanh, sigmoid and identity take it from y in two passes, with no zero gradient of y; equal to the reference
+    backend's (float64, gradcheck) and to it within rounding in bfloat16."""
+    g = torch.Generator().manual_seed(3)
+    shape = (groups, 4, 3, 5) if groups else (4, 3, 5)
+    z = torch.randn(shape, generator=g, dtype=torch.float64)
+    z = (z + 0.1 * z.sign()).requires_grad_(True)  # away from relu's kink
+    gs = []
+    for backend in ("cpu", "reference"):
+        e = activation_energy(z, act, energy, groups=groups, backend=backend)[1]
+        w = torch.arange(1.0, e.numel() + 1, dtype=e.dtype).reshape(e.shape)
+        gs.append(torch.autograd.grad((e * w).sum(), z)[0])
+    torch.testing.assert_close(gs[0], gs[1], rtol=1e-12, atol=1e-14)
+    e = activation_energy(z, act, energy, groups=groups, backend="cpu")[1]
+    bwd = _profiled_ops(lambda: e.sum().backward())
+    assert ("minaction::act_bwd" in bwd) == (act == "gelu"), bwd  # gelu reads z: the kernel
+    assert torch.autograd.gradcheck(lambda t: activation_energy(t, act, energy, groups=groups, backend="cpu")[1], (z,))
+    zb = z.detach().to(torch.bfloat16).requires_grad_(True)
+    gb = torch.autograd.grad(activation_energy(zb, act, energy, groups=groups, backend="cpu")[1].sum(), zb)[0]
+    zr = z.detach().to(torch.bfloat16).requires_grad_(True)
+    gr = torch.autograd.grad(activation_energy(zr, act, energy, groups=groups, backend="reference")[1].sum(), zr)[0]
+    torch.testing.assert_close(gb.float(), gr.float(), rtol=2e-2, atol=2e-2)
