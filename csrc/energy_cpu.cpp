@@ -1007,28 +1007,35 @@ std::vector<Tensor> recomputed_grads(const Tensor& yv, const Tensor& gy, const T
 
 
 // The gradient with respect to z of <gy, y> + <ge, E(y)> for y = act(z) where act' is a function of y (relu,
-// tanh, sigmoid, identity), in differentiable ATen ops of gy, ge and y: the create_graph backward of an epilogue
-// that kept y only. E = scale * the sum of |y|^p over every dim after the first (groups > 0: E [G]) or over all.
-// An undefined gy or ge leaves its term out; both undefined: an undefined gradient.
+// tanh, sigmoid, identity), in differentiable ATen ops of gy, ge and y, computed in the energy dtype: the
+// create_graph backward of an epilogue that kept y only, and the backward of one whose output reached no loss
+// (gy undefined: an ActivationObserver's pass, two passes over y, no zero gy). E = scale * the sum of |y|^p over
+// every dim after the first (groups > 0: E [G]) or over all. An undefined gy or ge leaves its term out; both
+// undefined: an undefined gradient.
 Tensor grads_from_output(const Tensor& y, const Tensor& gy, const Tensor& ge, int64_t act, int64_t p, int64_t groups,
                          double scale) {
-  Tensor u = gy.defined() ? gy.reshape_symint(y.sym_sizes()) : Tensor();
+  Tensor yf = y.to(energy_dtype(y.scalar_type()));
+  Tensor u;  // dL/dy
   if (p != 0 && ge.defined()) {
-    Tensor yf = y.to(energy_dtype(y.scalar_type()));
     std::vector<int64_t> shape(y.dim(), 1);
     if (groups > 0) shape[0] = -1;
-    Tensor g = ge.to(yf.scalar_type()).reshape(shape) * scale;  // groups 0: one element, broadcast
-    Tensor t = ((p == 2 ? yf * 2.0 : yf.sign()) * g).to(y.scalar_type());
-    u = u.defined() ? u + t : t;
+    Tensor c = ge.to(yf.scalar_type()).reshape(shape) * (p == 2 ? 2.0 * scale : scale);  // groups 0: broadcast
+    u = p == 2 ? yf * c : yf.sign() * c;
+  }
+  if (gy.defined()) {
+    Tensor g = gy.reshape_symint(y.sym_sizes()).to(yf.scalar_type());
+    u = u.defined() ? u + g : g;
   }
   if (!u.defined()) return Tensor();
   switch (act) {
-    case IDENTITY: return u;
-    case RELU: return at::where(y <= 0, at::zeros_like(u), u);  // as threshold_backward: 0 where y <= 0
-    case TANH: return u * (1 - y * y);
-    case SIGMOID: return u * (y * (1 - y));
+    case IDENTITY: break;
+    // as threshold_backward: 0 where y <= 0 (the energy's term alone is 0 there already)
+    case RELU: if (gy.defined()) u = u.masked_fill(yf <= 0, 0); break;
+    case TANH: u = u * (1 - yf * yf); break;
+    case SIGMOID: u = u * (yf * (1 - yf)); break;
     default: TORCH_CHECK(false, "minaction: activation code ", act, " takes its derivative from z, not y");
   }
+  return u.to(y.scalar_type());
 }
 
 class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
@@ -1099,14 +1106,10 @@ class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
     }
     const std::vector<c10::SymInt> gmn = {c10::SymInt(G), M, N};
     if (!grads[0].defined() && p != 0 && !needs_z(act)) {
-      // the output reached no loss (an ActivationObserver's pass): dE/dz from y alone, in two passes, with no
-      // zero gradient of y materialised and read (the kernel's four)
-      Tensor y3 = y.view_symint(gmn).to(e_options.dtype());
-      Tensor c = energy_grad().view({G, 1, 1}) * (p == 2 ? 2.0 * scale : scale);
-      Tensor gz = p == 2 ? y3 * c : y3.sign() * c;
-      if (act == TANH) gz = gz * (1 - y3 * y3);
-      if (act == SIGMOID) gz = gz * (y3 * (1 - y3));
-      return with(view_like(gz.to(y.scalar_type()).contiguous(), y));
+      // the output reached no loss (an ActivationObserver's pass): dE/dz from y alone, with no zero gradient of
+      // y materialised and read by the kernel
+      Tensor gz = grads_from_output(y.view_symint(gmn), Tensor(), energy_grad(), act, p, /*groups=*/1, scale);
+      return with(view_like(gz.contiguous(), y));
     }
     Tensor gy = grads[0].defined() ? grads[0].contiguous().view_symint(gmn) : at::zeros_symint(gmn, y.options());
     Tensor ge = p != 0 ? energy_grad() : at::zeros({G}, e_options);

@@ -175,6 +175,10 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_budget(budget: dict, where: str = "budget") -> None:
     """Raise :class:`PresetError` naming the key when a budget value is out of range. (The model options
     ``activation``, ``energy`` and ``energy_reduction`` are checked against the layers' own lists by the study
@@ -204,12 +208,11 @@ def check_budget(budget: dict, where: str = "budget") -> None:
     if not _number(budget["weight_decay"]) or budget["weight_decay"] < 0:
         raise PresetError(f"{where}: weight_decay must be a number >= 0, got {budget['weight_decay']!r}")
     for key, what in (("width", "0 = the architecture's default"), ("depth", "0 = the default, 2")):
-        if isinstance(budget[key], bool) or not isinstance(budget[key], int) or budget[key] < 0:
+        if not _integer(budget[key]) or budget[key] < 0:
             raise PresetError(f"{where}: {key} must be an integer >= 0 ({what}), got {budget[key]!r}")
-    if isinstance(budget["eval_batch_size"], bool) or not isinstance(budget["eval_batch_size"], int) \
-            or budget["eval_batch_size"] < 1:
+    if not _integer(budget["eval_batch_size"]) or budget["eval_batch_size"] < 1:
         raise PresetError(f"{where}: eval_batch_size must be an integer >= 1, got {budget['eval_batch_size']!r}")
-    if isinstance(budget["data_seed"], bool) or not isinstance(budget["data_seed"], int):
+    if not _integer(budget["data_seed"]):
         raise PresetError(f"{where}: data_seed must be an integer, got {budget['data_seed']!r}")
     for key in ("activation", "energy", "energy_reduction", "name"):
         if not isinstance(budget[key], str) and not (key == "energy" and budget[key] is None):

@@ -512,34 +512,37 @@ def test_recurrent_modules_are_reported_as_not_counted():
     assert "recurrent kernel" in dict(rep.skipped)["rnn"]
 
 
+class InPlaceAfterNorm(nn.Module):
+    """conv -> BatchNorm -> an in-place activation call ``apply`` -> mean -> fc."""
+
+    def __init__(self, apply):
+        super().__init__()
+        self.apply_ = apply
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.apply_(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _hand_in_place_loss(net, act, x):
+    """The plain net's loss with the penalty by hand, the activation applied out of place."""
+    h = act(net.bn(net.conv(x)))
+    return net.fc(h.mean((2, 3))).square().mean() + LAM * h.flatten(1).square().sum(1).mean()
+
+
 @pytest.mark.parametrize("call", ["F.relu_", "method"])
 def test_in_place_relu_spellings_are_observed(call):
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(2, 3, 3)
-            self.bn = nn.BatchNorm2d(3)
-            self.fc = nn.Linear(3, 2)
-
-        def forward(self, x):
-            h = self.bn(self.conv(x))
-            h = F.relu_(h) if call == "F.relu_" else h.relu_()
-            return self.fc(h.mean((2, 3)))
-
     torch.manual_seed(0)
-    model = Net().double()
+    model = InPlaceAfterNorm(F.relu_ if call == "F.relu_" else lambda h: h.relu_()).double()
     plain = copy.deepcopy(model)
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
     minaction.convert(model)
     obs = model.bn.activation_energy
     assert obs.copy and obs.activation == "relu"
-
-    def hand():
-        h = F.relu(plain.bn(plain.conv(x)))
-        return plain.fc(h.mean((2, 3))).square().mean() + LAM * h.flatten(1).square().sum(1).mean()
-
-    train_in_lockstep(plain, model, hand, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
-                      lr=0.1)
+    train_in_lockstep(plain, model, lambda: _hand_in_place_loss(plain, F.relu, x),
+                      lambda: model(x).square().mean() + LAM * minaction.total_energy(model), lr=0.1)
 
 
 class TakenBy(nn.Module):
@@ -670,19 +673,8 @@ def test_in_place_calls_train_as_plain_in_the_loss_and_the_penalty_form(call):
     apply = {"relu": lambda h: F.relu(h, inplace=True), "tanh": lambda h: h.tanh_(),
              "silu": lambda h: F.silu(h, inplace=True)}[call]
     plain_act = {"relu": F.relu, "tanh": torch.tanh, "silu": F.silu}[call]
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(2, 3, 3)
-            self.bn = nn.BatchNorm2d(3)
-            self.fc = nn.Linear(3, 2)
-
-        def forward(self, x):
-            return self.fc(apply(self.bn(self.conv(x))).mean((2, 3)))
-
     torch.manual_seed(0)
-    plain = Net().double()
+    plain = InPlaceAfterNorm(apply).double()
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
     model = minaction.convert(copy.deepcopy(plain))
     obs = model.bn.activation_energy
@@ -692,14 +684,9 @@ def test_in_place_calls_train_as_plain_in_the_loss_and_the_penalty_form(call):
     probe = torch.randn(3, 3, 4, 4, dtype=torch.float64, requires_grad=True) * 1.0
     assert (obs(probe) is None) == (call != "silu")
 
-    def hand():
-        h = plain_act(plain.bn(plain.conv(x)))
-        return plain.fc(h.mean((2, 3))).square().mean() + LAM * h.flatten(1).square().sum(1).mean()
-
     pen, ref = copy.deepcopy(model), copy.deepcopy(plain)
-    train_in_lockstep(plain, model, hand, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
-                      lr=0.1)
+    train_in_lockstep(plain, model, lambda: _hand_in_place_loss(plain, plain_act, x),
+                      lambda: model(x).square().mean() + LAM * minaction.total_energy(model), lr=0.1)
     minaction.set_penalty(pen, LAM)
-    train_in_lockstep(ref, pen, lambda: (lambda h: ref.fc(h.mean((2, 3))).square().mean()
-                                         + LAM * h.flatten(1).square().sum(1).mean())(plain_act(ref.bn(ref.conv(x)))),
+    train_in_lockstep(ref, pen, lambda: _hand_in_place_loss(ref, plain_act, x),
                       lambda: pen(x).square().mean() + LAM * minaction.total_energy(pen).detach(), lr=0.1)
