@@ -1038,16 +1038,46 @@ Tensor grads_from_output(const Tensor& y, const Tensor& gy, const Tensor& ge, in
   return u.to(y.scalar_type());
 }
 
+// The epilogue's forward while torch.compile traces with symbolic sizes: y = act(z) and E in ATen ops, not
+// the kernel. The kernel works on a [G, M, N] view, and its y seen with z's sizes is a view (an as_strided with
+// product strides, or a view whose strides are floor divisions): inductor then asks for a channels-last order
+// of that view's symbolic strides when a convolution reads it (conv -> norm -> activation -> conv) and fails
+// ("cannot determine truth value of Relational"). In ATen ops y is a fresh tensor of z's sizes, and inductor
+// fuses the activation and the sum into its own kernel. E in the energy dtype, divided by `denom` (the
+// symbolic shape's scale is 1, see sym_epilogue_shape).
+std::tuple<Tensor, Tensor> symbolic_epilogue(const Tensor& z_in, int64_t act, int64_t p, int64_t groups,
+                                             const c10::SymInt& denom) {
+  Tensor z = z_in.contiguous();
+  Tensor y = act == IDENTITY ? z.clone() : apply_act_composite(z, act);
+  const auto et = energy_dtype(z.scalar_type());
+  std::vector<int64_t> dims;
+  for (int64_t d = groups > 0 ? 1 : 0; d < z.dim(); ++d) dims.push_back(d);
+  Tensor e;
+  if (p == 0) {
+    e = groups > 0 ? at::zeros({groups}, z.options().dtype(et)) : at::zeros({}, z.options().dtype(et));
+  } else {
+    Tensor yf = y.to(et);
+    e = (p == 2 ? yf * yf : yf.abs()).sum(dims).div(c10::Scalar(denom));
+  }
+  return {y, e};
+}
+
 class ActEnergyFn : public torch::autograd::Function<ActEnergyFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& z_in, int64_t act, int64_t p, bool mean,
                                int64_t groups, double penalty) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const SymEpiShape s = sym_epilogue_shape(z_in, mean, groups);
-    auto [y3, unused, e] = call_act_fwd(z_in.contiguous().view_symint({c10::SymInt(s.G), s.M, s.N}), act, p, s.scale, false);
-    Tensor y = view_like(y3, z_in);
-    if (groups == 0) e = e.view(c10::IntArrayRef{});  // ({} alone would pick view(ScalarType))
-    if (s.symbolic) e = e.div(c10::Scalar(s.denom));
+    Tensor y, e;
+    if (s.symbolic || !s.M.maybe_as_int() || !s.N.maybe_as_int()) {
+      std::tie(y, e) = symbolic_epilogue(z_in, act, p, groups, s.denom);
+    } else {
+      Tensor y3, unused;
+      std::tie(y3, unused, e) = call_act_fwd(z_in.contiguous().view({s.G, *s.M.maybe_as_int(), *s.N.maybe_as_int()}),
+                                             act, p, s.scale, false);
+      y = y3.view(z_in.sizes());
+      if (groups == 0) e = e.view(c10::IntArrayRef{});  // ({} alone would pick view(ScalarType))
+    }
     // z itself: read by the gelu/silu derivative and by their create_graph backward. relu, tanh, sigmoid and
     // identity take their derivative from y (a create_graph backward too, through y's own node, as torch's
     // relu does), so they keep y only: an activation module costs what nn.ReLU's saved output costs
@@ -1128,10 +1158,11 @@ std::tuple<Tensor, Tensor> epilogue_autograd(const Tensor& z, int64_t act, int64
 std::tuple<Tensor, Tensor> epilogue_noautograd(const Tensor& z, int64_t act, int64_t p, bool mean, int64_t groups,
                                                double /*penalty*/) {
   const SymEpiShape s = sym_epilogue_shape(z, mean, groups);
-  auto [y3, unused, e] = call_act_fwd(z.contiguous().view_symint({c10::SymInt(s.G), s.M, s.N}), act, p, s.scale, false);
+  if (s.symbolic || !s.M.maybe_as_int() || !s.N.maybe_as_int()) return symbolic_epilogue(z, act, p, groups, s.denom);
+  auto [y3, unused, e] = call_act_fwd(z.contiguous().view({s.G, *s.M.maybe_as_int(), *s.N.maybe_as_int()}), act, p,
+                                      s.scale, false);
   if (groups == 0) e = e.view(c10::IntArrayRef{});
-  if (s.symbolic) e = e.div(c10::Scalar(s.denom));
-  return {view_like(y3, z), e};
+  return {y3.view(z.sizes()), e};
 }
 
 // ------------------------------------------------------------------ max-pool by 2 (the cnn's pooling)

@@ -119,7 +119,8 @@ class EnergyActivation(EnergyLayer):
         else:
             y, e = activation_energy(x if x.dim() > 1 else x.unsqueeze(1), self.activation, self.energy,
                                      self.energy_reduction, **kw)
-            y = y.view(x.shape)
+            if x.dim() == 1:
+                y = y.view(x.shape)  # no view otherwise: inductor cannot order a view's symbolic strides
         d = self.__dict__
         if _layers._exporting():
             return y  # torch.export: the energy is no output of the exported program, and no attribute is set

@@ -405,3 +405,34 @@ def test_a_gradient_penalty_through_converted_activations_matches_plain(backend)
 
     for a, b in zip(grads(plain, by_hand), grads(ours, lambda m, xx: minaction.total_energy(m))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("act,energy,reduction,groups,penalty", [
+    ("gelu", "l1", "mean", 0, 0.0), ("identity", "l2", "sum", 0, 0.0), ("sigmoid", None, "sum", 0, 0.0),
+    ("relu", "l2", "mean", 2, 0.05)])
+def test_epilogue_under_symbolic_sizes_equals_eager(act, energy, reduction, groups, penalty):
+    """While torch.compile traces with every size symbolic, the epilogue's forward is ATen ops (y fresh, E in the
+    energy dtype divided by the traced batch (and unit) count): y, E and the input's gradient, the penalty's
+    included, equal the eager kernel's over sizes that share the one graph."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from minaction.ops import activation_energy
+
+    def f(z):
+        y, e = activation_energy(z, act, energy, reduction, groups=groups, penalty=penalty)
+        return y, e
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, dynamic=True)
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        for shape in ((3, 4, 5, 6), (5, 2, 7, 3)):
+            lead = (groups,) if groups else ()
+            z = torch.randn(lead + shape, dtype=torch.float64, requires_grad=True)
+            out = {}
+            for name, fn in (("compiled", compiled), ("eager", f)):
+                y, e = fn(z)
+                loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum() + 0.3 * e.sum()
+                out[name] = (y, e, torch.autograd.grad(loss, z)[0])
+            for a, b in zip(out["compiled"], out["eager"]):
+                torch.testing.assert_close(a, b)

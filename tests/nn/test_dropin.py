@@ -1190,6 +1190,76 @@ def test_torch_compile_conv_nets_one_graph_for_every_size(dynamic):
             torch.testing.assert_close(a, b)
 
 
+class _ObservedBlock(nn.Module):
+    """kuangliu's ResNet pattern: conv -> norm -> functional relu (an observer after convert) -> conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.n2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.n1(self.c1(x)))
+        h = F.relu(self.n2(self.c2(h)))
+        return self.out(h.mean((2, 3)))
+
+
+def _module_block():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.BatchNorm2d(4), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("build", [_module_block, _ObservedBlock], ids=["modules", "observers"])
+def test_torch_compile_dynamic_true_conv_norm_activation_conv(build):
+    """torch.compile(model, dynamic=True) makes the spatial sizes symbolic too. A conv reading an
+    EnergyActivation's (or an observer's) output made inductor ask for a channels-last order of the epilogue's
+    output, a view of the kernel's [G, M, N] result whose symbolic strides it cannot order ("cannot determine
+    truth value of Relational: 8*s**2 < 8*s"). Under symbolic sizes the epilogue's forward is ATen ops now (a
+    fresh tensor, which inductor fuses): values, energies and every gradient equal eager's in float64 over batch
+    and image sizes, in training and in evaluation."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    model, rep = minaction.convert(build().double(), return_report=True)
+    assert len(rep.converted) >= 2
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True)
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        # no cached graph: a hit (an earlier run's graph, compiled with the sizes specialised) hid the failure
+        _check_compiled_dynamic(model, compiled)
+
+
+def _check_compiled_dynamic(model, compiled):
+    for b, h, w in ((4, 8, 8), (3, 10, 12)):
+        x = torch.randn(b, 3, h, w, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out_g = compiled(x)
+        e_g = minaction.total_energy(model)
+        gg = torch.autograd.grad(out_g.square().mean() + 0.1 * e_g, list(model.parameters()))
+        out_w = model(x)
+        e_w = minaction.total_energy(model)
+        gw = torch.autograd.grad(out_w.square().mean() + 0.1 * e_w, list(model.parameters()))
+        torch.testing.assert_close(out_g, out_w)
+        torch.testing.assert_close(e_g, e_w)
+        for a, c in zip(gg, gw):
+            torch.testing.assert_close(a, c)
+    # evaluation under no_grad: the epilogue's op without autograd, the same ATen forward
+    model.eval()
+    with torch.no_grad():
+        for b, h, w in ((2, 9, 9), (6, 11, 8)):
+            x = torch.randn(b, 3, h, w, dtype=torch.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = compiled(x), minaction.total_energy(model)
+            want = model(x), minaction.total_energy(model)
+            torch.testing.assert_close(got, want)
+
+
 def test_convert_conv_batchnorm_relu_says_why():
     """The conv stays plain (the norm sits between it and its activation), and the ReLU after the norm
     takes the energy as an EnergyActivation; as the model's last module it stays plain too."""
