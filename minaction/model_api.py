@@ -71,9 +71,10 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     after an evaluation forward; a layer that LayerDrop skipped this step.
     """
     if not _compiling():
-        total = _fast_total(model)
-        if total is not None:
-            if not total.requires_grad and _grad_enabled():
+        fast = _fast_total(model)
+        if fast is not None:
+            total, reentrant = fast
+            if reentrant and _grad_enabled():
                 _warn_if_reentrant_checkpoint(model)
             return total
     total = None
@@ -100,7 +101,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
             m.__dict__["_unread"] = False
     if not _compiling():
         _mark_read([m.__dict__ for _, m in layers], id(model))
-        if not total.requires_grad and _grad_enabled():
+        if _grad_enabled():  # each layer is asked: one outside the checkpoint gives the sum a gradient
             _warn_if_reentrant_checkpoint(model)
     return total
 
@@ -167,8 +168,9 @@ def _warn_if_reentrant_checkpoint(model: nn.Module) -> None:
         warnings.warn(
             f"the energy of {len(names)} layer(s) ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) was "
             "computed inside torch.utils.checkpoint(..., use_reentrant=True) (torch's default when use_reentrant is "
-            "not given), whose forward runs without autograd: lam * total_energy(model) has no gradient, and a loss "
-            "that adds it trains without the energy term. Checkpoint with use_reentrant=False, or put the term in "
+            "not given), whose forward runs without autograd: that energy has no gradient, and a loss that adds "
+            "lam * total_energy(model) trains without those layers' energy term (the other layers' still trains, "
+            "so the sum may have a gradient). Checkpoint with use_reentrant=False, or put the term in "
             "the layers with minaction.set_penalty(model, lam) (the recomputation in backward applies it)",
             UserWarning, stacklevel=3)
 
@@ -232,9 +234,11 @@ def _opacus_hooked(module: nn.Module) -> bool:
 
 def _fast_total(model: nn.Module):
     """The sum in the common case, without ``named_modules``' bookkeeping: every counting layer
-    has a plain (not ``torch.func``-wrapped) energy. None sends the caller to the full path,
-    which explains what is missing."""
+    has a plain (not ``torch.func``-wrapped) energy. Returns (the sum, whether some layer's energy
+    came from a reentrant checkpoint's autograd-free forward: see ``_warn_if_reentrant_checkpoint``),
+    or None, which sends the caller to the full path, which explains what is missing."""
     total = None
+    reentrant = False
     seen = set()
     stack = [model]
     rid, dicts, fresh, last_read = id(model), [], False, None
@@ -267,6 +271,8 @@ def _fast_total(model: nn.Module):
                                        and on[1] in (on[0]._forward_pre_hooks if on[2] else on[0]._forward_hooks)):
                 return None  # the full path says why (pre-order visits both before the observer)
             total = e if total is None else total + e
+            if d.get("_reentrant_energy") is e and not m.penalty:
+                reentrant = True
             if d.get("_unread"):  # read: a next call replacing it is not a lost energy (nn.layers._replaced_unread)
                 d["_unread"] = False
             if m._forward_hooks and _opacus_hooked(m):  # the full path decides (the loss form is refused)
@@ -279,9 +285,9 @@ def _fast_total(model: nn.Module):
     if last_read is not None:
         if fresh:
             return None  # some layers did not run since this model's last sum: the full path leaves them out
-        return total  # every layer as this model's last sum read it (a second read of one forward)
+        return total, reentrant  # every layer as this model's last sum read it (a second read of one forward)
     _mark_read(dicts, rid)
-    return total
+    return total, reentrant
 
 
 _READS = itertools.count(1)

@@ -781,6 +781,29 @@ def test_checkpoint_reentrant_warns_for_the_loss_term_and_the_penalty_form_train
         torch.testing.assert_close(g, w)
 
 
+def test_checkpoint_sequential_reentrant_warns_for_the_checkpointed_layers():
+    """checkpoint_sequential leaves its last segment out of the checkpoint: that layer's energy has a gradient,
+    so the sum has one too, and the checkpointed layers' energy term was lost without a word. Each layer is asked
+    now: the warning names the checkpointed ones only (fast and full paths), and the loss indeed lacks their term."""
+    torch.manual_seed(0)
+    model = nn.Sequential(EnergyLinear(6, 8), EnergyLinear(8, 8), EnergyLinear(8, 8), EnergyLinear(8, 3, energy=None))
+    x, y = torch.randn(5, 6, requires_grad=True), torch.arange(5) % 3
+    want = _grads_of(model, x, y, 0.1)
+    run = lambda m, t: torch.utils.checkpoint.checkpoint_sequential(m, 2, t, use_reentrant=True)
+    for full_path in (False, True):
+        model.zero_grad()
+        out = run(model, x)
+        if full_path:  # an unread older sum of this model sends total_energy down the full path
+            model[0].__dict__["_read"] = {id(model): -1}
+        with pytest.warns(UserWarning, match=r"the energy of 2 layer\(s\) \(0, 1\).*use_reentrant=True.*no gradient"):
+            e = minaction.total_energy(model)
+        assert e.requires_grad  # layer 2 ran outside the checkpoint
+        (F.nll_loss(F.log_softmax(out.flatten(1)[:, :3], 1), y) + 0.1 * e).backward()
+        lost = [p.grad.clone() for p in model.parameters()]
+        assert not torch.allclose(lost[0], want[0])  # the term the warning is about
+        torch.testing.assert_close(lost[4], want[4])  # layer 2's own term trained
+
+
 def test_evaluation_without_autograd_does_not_warn():
     """A no_grad / inference_mode evaluation followed by total_energy (for logging, with grad mode
     on) is not a checkpoint: no warning, in training mode too; in eval mode (even inside a
