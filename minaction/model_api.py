@@ -377,8 +377,10 @@ class ConversionReport:
 
 def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
     """The energy layer replacing ``mod`` + ``act`` with the same weights, or a reason string why none can."""
+    # built on the meta device: no init draws from the global RNG (a converted model trained from the same seed
+    # as the plain one shuffled and dropped out differently) and no init pass over weights about to be replaced
     kw = dict(activation=act, energy=energy, energy_reduction=energy_reduction, backend=backend,
-              device=mod.weight.device, dtype=mod.weight.dtype)
+              device="meta", dtype=mod.weight.dtype)
     if type(mod) is nn.Linear:
         new = EnergyLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, **kw)
     elif type(mod) in (nn.Conv1d, nn.Conv2d):
@@ -392,6 +394,9 @@ def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
     new.weight = mod.weight
     if mod.bias is not None:
         new.bias = mod.bias
+    left = [n for n, t in itertools.chain(new.named_parameters(), new.named_buffers()) if t.is_meta]
+    if left and not mod.weight.is_meta:
+        raise RuntimeError(f"minaction.convert: {type(new).__name__} kept meta tensors {left} (a bug: please report)")
     new.train(mod.training)
     return new
 

@@ -1293,3 +1293,45 @@ def test_convert_conv_batchnorm_relu_says_why():
     assert [n for n, _ in rep.converted] == ["2"] and type(model[2]).__name__ == "EnergyActivation"
     with pytest.warns(UserWarning, match="BatchNorm2d sits between the layer and ReLU"):
         minaction.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()))
+
+
+def test_convert_draws_nothing_from_the_global_rng():
+    """convert built each energy twin with its default init (normal draws) before putting the model's own
+    parameters in: a converted model trained from the same seed as the plain one shuffled and dropped out
+    differently. The twins are built on the meta device now: the RNG state is untouched, and a lam = 0 run
+    with shuffling and dropout equals the plain run exactly."""
+    class Custom(nn.Module):  # read through torch.fx
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(self.act(self.a(x)))
+
+    models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)),
+              nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding_mode="reflect", padding=1),
+                            nn.SiLU(), nn.Flatten(), nn.Linear(4, 2)),
+              Custom()]
+    for m in models:
+        state = torch.get_rng_state()
+        n = len(minaction.convert(m, return_report=True)[1].converted)
+        assert n >= 1 and torch.equal(torch.get_rng_state(), state)
+        assert not any(t.is_meta for t in m.parameters())
+
+    X, Y = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 2, (64,))
+
+    def train(convert):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2)).double()
+        if convert:
+            minaction.convert(m)
+        opt = torch.optim.SGD(m.parameters(), 0.1)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=8, shuffle=True)
+        for xb, yb in loader:
+            opt.zero_grad()
+            F.cross_entropy(m(xb), yb).backward()
+            opt.step()
+        return list(m.parameters())
+
+    for a, b in zip(train(False), train(True)):  # the fused kernel's sums round apart only (0.04 apart before)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
