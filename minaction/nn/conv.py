@@ -198,7 +198,7 @@ class _EnergyConvNd(EnergyLayer):
                              f" ({self._dims + 2}-D){unbatched}, got shape {tuple(x.shape)}")
         G = self.num_models
         if G is None:
-            if x.shape[1] != self.in_channels:
+            if not torch.jit.is_tracing() and x.shape[1] != self.in_channels:  # traced sizes: the conv checks
                 raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
                                  f"(input shape {tuple(x.shape)})")
             if pool and self._first_block_shape(x):  # one input channel: conv, epilogue and pooling in one op

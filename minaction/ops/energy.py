@@ -104,6 +104,14 @@ def validate_energy(activation: str, energy, reduction: str) -> int:
 def _scale(rows: int, cols: int, mean: bool) -> float:
     # E = mean over rows (samples) of sum (or mean) over units of |y|^p. No int(): under torch.export
     # with a dynamic batch the sizes are SymInts, which int() would specialise
+    if isinstance(rows, Tensor) or isinstance(cols, Tensor):
+        # torch.jit.trace: the sizes are traced 0-dim int64 tensors. max() would freeze the traced batch's
+        # choice (an empty batch then divides by 0), and 1.0 / rows would be a float32 reciprocal (3e-8 off in
+        # a float64 energy): clamp in the graph, in float64 (a 0-dim factor keeps the energy's dtype)
+        def count(n):
+            return n.to(torch.float64).clamp(min=1) if isinstance(n, Tensor) else float(max(n, 1))
+
+        return 1.0 / (count(rows) * count(cols) if mean else count(rows))
     return 1.0 / (max(rows, 1) * (max(cols, 1) if mean else 1))  # zero units: no energy to scale (p = 0)
 
 
@@ -284,6 +292,8 @@ def _validate_linear(x, weight, bias):
         _check_tensor("bias", bias, x)
     if weight.dim() not in (2, 3):
         raise ValueError(f"weight must be [out, in] or [models, out, in], got shape {tuple(weight.shape)}")
+    if torch.jit.is_tracing():  # the sizes are traced tensors: comparing them warns and freezes the traced batch's
+        return  # answer into the trace (nn.Linear checks nothing in Python either; the matmul still does)
     K = weight.shape[-1]
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"input has shape {tuple(x.shape)} but the layer expects {K} input features (last dim)")
@@ -545,9 +555,10 @@ def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str]
         groups = _groups_arg(groups)
     if z.dim() < (2 if groups else 1):
         raise ValueError(f"input of shape {tuple(z.shape)} has no batch dimension")
-    if groups and z.shape[0] != groups:
+    # (under torch.jit.trace the sizes are traced tensors: comparing them would warn and freeze the answer)
+    if groups and not torch.jit.is_tracing() and z.shape[0] != groups:
         raise ValueError(f"expected {groups} models in dim 0, got shape {tuple(z.shape)}")
-    if p and reduction == "mean" and math.prod(z.shape[(2 if groups else 1):]) == 0:
+    if p and reduction == "mean" and not torch.jit.is_tracing() and math.prod(z.shape[(2 if groups else 1):]) == 0:
         raise ValueError(f"energy_reduction='mean' averages over a sample's units, and the input of shape "
                          f"{tuple(z.shape)} has none: the mean is undefined (use reduction='sum', which is 0 here)")
     name = _route(z, backend)

@@ -998,9 +998,11 @@ def test_jit_trace_records_standard_ops_and_loads_without_minaction(which, tmp_p
     for warm in (False, True):
         if warm:
             model(x)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
             traced = torch.jit.trace(model, x)  # check_trace on: a second trace must record the same graph
+        # the layers' Python shape checks compared traced sizes ("might not generalize"), 12 warnings a trace
+        assert not [str(w.message)[:80] for w in rec if "minaction" in w.filename], [w.filename for w in rec]
         kinds = [n.kind() for n in traced.inlined_graph.nodes()]
         assert not any("minaction" in k for k in kinds)
         # a layer is aten::linear, as nn.Linear's: FLOP counters that read traces (fvcore) count it as one
@@ -1020,6 +1022,51 @@ def test_jit_trace_records_standard_ops_and_loads_without_minaction(which, tmp_p
                "torch.testing.assert_close(m(x), y)\n"
                "assert 'minaction' not in sys.modules\n"
                "print('ok')")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_jit_trace_energy_output_equals_eager_at_every_batch_size():
+    """A traced module that returns the energy too: the 1/M was a float32 reciprocal of the traced batch size
+    (3e-8 off in float64) and max(M, 1) was frozen at the traced batch (an empty batch gave NaN, eager 0). Now
+    the count is clamped in the graph, in float64: equal to eager, gradients too, at batch sizes 1, 7 and 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(EnergyLinear(6, 8), EnergyLinear(8, 8, activation="silu", energy_reduction="mean"),
+                        EnergyConv1dAsLinear(8), nn.Linear(8, 3)).double()
+
+    class WithEnergy(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x), minaction.total_energy(self.m)
+
+    wrapped = WithEnergy(net)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        traced = torch.jit.trace(wrapped, torch.randn(5, 6, dtype=torch.float64))
+    assert not [w for w in rec if "minaction" in w.filename], [(w.filename, w.lineno, str(w.message)[:60]) for w in rec]
+    for B in (1, 7, 0):
+        x = torch.randn(B, 6, dtype=torch.float64)
+        (ya, ea), (yb, eb) = traced(x), wrapped(x)
+        torch.testing.assert_close(ya, yb, rtol=0, atol=1e-15)
+        torch.testing.assert_close(ea, eb, rtol=1e-15, atol=0)
+        assert ea.dtype == torch.float64 and (B or float(ea) == 0.0)
+        params = list(net.parameters())
+        for ga, gb in zip(torch.autograd.grad(ea, params, allow_unused=True, materialize_grads=True),
+                          torch.autograd.grad(eb, params, allow_unused=True, materialize_grads=True)):
+            torch.testing.assert_close(ga, gb, rtol=1e-14, atol=1e-15)
+
+
+class EnergyConv1dAsLinear(nn.Module):
+    """An EnergyConv1d with kernel 1 over a length-1 sequence, in a linear net: the conv layer's trace too."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = minaction.nn.EnergyConv1d(c, c, 1, energy_reduction="mean")
+
+    def forward(self, x):
+        return self.conv(x.unsqueeze(-1)).squeeze(-1)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
