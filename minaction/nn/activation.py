@@ -100,6 +100,8 @@ class EnergyActivation(EnergyLayer):
 
     def _apply_activation(self, x: torch.Tensor, penalty: float) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            if isinstance(x, torch.fx.Proxy):
+                return _layers._fx_leaf(self, x)
             raise ValueError(f"{type(self).__name__} expects a tensor with a batch dimension, got "
                              f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-dim tensor'}")
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")
@@ -199,6 +201,9 @@ class ActivationObserver(EnergyActivation):
     def forward(self, t: torch.Tensor) -> Optional[torch.Tensor]:
         """Count the energy of ``activation(t)``; return what the observed module should output instead
         of ``t`` (None: ``t`` itself)."""
+        if isinstance(t, torch.fx.Proxy):  # fx traced the observed module's forward: the call, as a leaf's
+            _layers._fx_leaf(self, t)
+            return None
         self._apply_activation(t, 0.0)
         out = t
         if self.penalty and not _layers._exporting():

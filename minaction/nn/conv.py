@@ -136,6 +136,8 @@ class _EnergyConvNd(EnergyLayer):
     _convfn = None  # staticmethod(F.conv1d) / staticmethod(F.conv2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _layers._fx_leaf(self, x)
         if x.dim() == self._dims + 1 and self.num_models is None:  # unbatched [C, *spatial], as nn.Conv accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")

@@ -153,6 +153,15 @@ def _note_no_grad_energy(layer: nn.Module, e: torch.Tensor) -> None:
         f = f.f_back
 
 
+def _fx_leaf(module: nn.Module, x) -> "torch.fx.Proxy":
+    """torch.fx traced into this layer: fx's tracers treat only torch.nn's own modules as leaves, so
+    ``symbolic_trace`` (torchvision's ``create_feature_extractor``, FX quantization) called this forward with
+    a Proxy, and the layer's checks and op failed on it. Record the call as one ``call_module`` node, as fx
+    records ``nn.Linear``: the traced module calls the layer itself, which runs its fused op and keeps its energy."""
+    tracer = x.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (x,), {})
+
+
 class EnergyLayer(nn.Module):
     """Base of every layer whose activation energy ``minaction.total_energy`` sums.
 
@@ -357,6 +366,8 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                     d["_last_energy"] = e
                     return y
         # the full path: validation, autocast, backend choice; then remember the decision
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         w, b = self.weight, self.bias
         y, e = energy_linear(x, w, b, self.activation, self.energy, self.energy_reduction, backend=self.backend,
                              penalty=self.penalty)

@@ -1342,6 +1342,53 @@ def test_convert_conv_batchnorm_relu_says_why():
         minaction.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()))
 
 
+@pytest.mark.parametrize("build", ["mlp", "conv", "observers"])
+def test_fx_symbolic_trace_records_energy_layers_as_leaves(build):
+    """torch.fx.symbolic_trace (torchvision's create_feature_extractor, FX quantization) treats only torch.nn's
+    own modules as leaves and called the energy layers' forward with a Proxy: "input must be a torch.Tensor,
+    got Proxy" (EnergyLinear), a TraceError (EnergyConv2d), a ValueError (EnergyActivation). Each layer now
+    records itself as one call_module node: the traced module equals the model in values, energy (its layers are
+    the model's) and gradients, float64."""
+    torch.manual_seed(0)
+    if build == "mlp":
+        plain, x = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3)), (5, 6)
+    elif build == "conv":
+        plain, x = _module_block(), (2, 3, 6, 6)
+    else:
+        plain, x = _ObservedBlock(), (2, 3, 6, 6)
+    model, rep = minaction.convert(plain.double(), return_report=True)
+    assert len(rep.converted) >= 2
+    model.eval()  # batch norm's running statistics stay as they are between the two runs
+    gm = torch.fx.symbolic_trace(model)
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {name for name, _ in minaction.model_api.energy_layers(model)} <= called | {
+        name for name, m in model.named_modules() if type(m).__name__ == "ActivationObserver"}
+    x = torch.randn(*x, dtype=torch.float64)
+    outs = {}
+    for name, fn in (("traced", gm), ("model", model)):
+        y = fn(x)
+        e = minaction.total_energy(model)
+        outs[name] = (y, e, torch.autograd.grad(y.square().mean() + 0.1 * e, list(model.parameters())))
+    torch.testing.assert_close(outs["traced"][:2], outs["model"][:2], rtol=1e-14, atol=1e-15)
+    for a, b in zip(outs["traced"][2], outs["model"][2]):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_create_feature_extractor_on_a_converted_resnet():
+    feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    plain = models.resnet18(num_classes=10).double().eval()
+    model = minaction.convert(copy.deepcopy(plain)).eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    nodes = {"layer1": "l1", "layer4": "l4"}
+    got = feature_extraction.create_feature_extractor(model, return_nodes=nodes)(x)
+    want = feature_extraction.create_feature_extractor(plain, return_nodes=nodes)(x)
+    for k in ("l1", "l4"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-13, atol=1e-14)
+    assert float(minaction.total_energy(model)) > 0
+
+
 def test_convert_draws_nothing_from_the_global_rng():
     """convert built each energy twin with its default init (normal draws) before putting the model's own
     parameters in: a converted model trained from the same seed as the plain one shuffled and dropped out
