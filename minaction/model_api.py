@@ -381,6 +381,11 @@ def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
     # as the plain one shuffled and dropped out differently) and no init pass over weights about to be replaced
     kw = dict(activation=act, energy=energy, energy_reduction=energy_reduction, backend=backend,
               device="meta", dtype=mod.weight.dtype)
+    sizes = ((getattr(mod, "in_features", None), getattr(mod, "out_features", None)) if type(mod) is nn.Linear
+             else (getattr(mod, "in_channels", None), getattr(mod, "out_channels", None)))
+    if 0 in sizes:
+        return (f"{type(mod).__name__} has a zero-size {'feature' if type(mod) is nn.Linear else 'channel'} "
+                f"dimension {sizes} (nn.Linear and nn.Conv*d allow one; the energy layers do not): left as is")
     if type(mod) is nn.Linear:
         new = EnergyLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, **kw)
     elif type(mod) in (nn.Conv1d, nn.Conv2d):

@@ -1389,6 +1389,19 @@ def test_create_feature_extractor_on_a_converted_resnet():
     assert float(minaction.total_energy(model)) > 0
 
 
+def test_convert_skips_a_zero_width_layer_with_its_reason():
+    """nn.Linear(0, 4) and nn.Conv2d(3, 0, 1) are legal (torch allows zero features); convert raised the energy
+    layer's "must be positive" error on them. It leaves them as they are and says why."""
+    model = nn.Sequential(nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    _, rep = minaction.convert(model, return_report=True)
+    assert "zero-size feature dimension (0, 4)" in dict(rep.skipped)["0"]
+    assert [n for n, _ in rep.converted] == ["1", "2"]  # its ReLU still counts, as an EnergyActivation
+    conv = nn.Sequential(nn.Conv2d(3, 0, 1), nn.ReLU(), nn.Flatten(), nn.Linear(0, 2))
+    _, rep = minaction.convert(conv, return_report=True)
+    assert "zero-size channel dimension (3, 0)" in dict(rep.skipped)["0"]
+    assert model(torch.randn(2, 0)).shape == (2, 2)
+
+
 def test_convert_draws_nothing_from_the_global_rng():
     """convert built each energy twin with its default init (normal draws) before putting the model's own
     parameters in: a converted model trained from the same seed as the plain one shuffled and dropped out
