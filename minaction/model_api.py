@@ -377,6 +377,9 @@ class ConversionReport:
 
 def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
     """The energy layer replacing ``mod`` + ``act`` with the same weights, or a reason string why none can."""
+    if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
+        return (f"{type(mod).__name__} has no weights yet (a lazy module takes its input size from its first "
+                "forward): run one forward (a dummy batch) before minaction.convert, and it fuses with its activation")
     # built on the meta device: no init draws from the global RNG (a converted model trained from the same seed
     # as the plain one shuffled and dropped out differently) and no init pass over weights about to be replaced
     kw = dict(activation=act, energy=energy, energy_reduction=energy_reduction, backend=backend,
@@ -679,7 +682,8 @@ def _rows_after(prev: Optional[nn.Module]) -> str:
         return "leading"
     # a library's own linear layer (transformers' Conv1D of GPT-2, a quantized linear): a 2-D weight, not a conv
     w = getattr(prev, "weight", None)
-    if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(prev, nn.modules.conv._ConvNd):
+    if (isinstance(w, torch.Tensor) and not isinstance(prev, nn.modules.conv._ConvNd)
+            and not torch.nn.parameter.is_lazy(w) and w.dim() == 2):
         return "leading"
     return "batch"
 

@@ -1402,6 +1402,28 @@ def test_convert_skips_a_zero_width_layer_with_its_reason():
     assert model(torch.randn(2, 0)).shape == (2, 2)
 
 
+def test_convert_lazy_modules_before_and_after_their_first_forward():
+    """nn.LazyLinear / nn.LazyConv2d before their first forward have no weights: convert crashed on a LazyConv2d
+    (UninitializedParameter.dim()) and said "LazyLinear has no energy counterpart". It now says to run a forward
+    first; the activations still count (EnergyActivation, the energy as by hand), and after a forward they fuse."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(8), nn.GELU(), nn.LazyLinear(2))
+    _, rep = minaction.convert(conv, return_report=True)
+    why = dict(rep.skipped)
+    assert "LazyConv2d has no weights yet" in why["0"] and "run one forward" in why["0"]
+    assert "LazyLinear has no weights yet" in why["3"]
+    assert [n for n, _ in rep.converted] == ["1", "4"]
+    x = torch.randn(2, 3, 6, 6)
+    conv(x)
+    h = F.relu(conv[0](x))
+    want = h.square().sum((1, 2, 3)).mean() + F.gelu(conv[3](h.flatten(1))).square().sum(1).mean()
+    torch.testing.assert_close(minaction.total_energy(conv), want)
+    mlp = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.LazyLinear(2))
+    mlp(torch.randn(3, 5))  # materialised: a plain Linear now
+    _, rep = minaction.convert(mlp, return_report=True)
+    assert [n for n, _ in rep.converted] == ["0"] and isinstance(mlp[0], EnergyLinear)
+
+
 def test_convert_draws_nothing_from_the_global_rng():
     """convert built each energy twin with its default init (normal draws) before putting the model's own
     parameters in: a converted model trained from the same seed as the plain one shuffled and dropped out
