@@ -74,6 +74,7 @@ class _EnergyConvNd(EnergyLayer):
                  backend: Optional[str] = None, num_models: Optional[int] = None, device=None, dtype=None,
                  penalty: float = 0.0, padding_mode: str = "zeros"):
         nn.Module.__init__(self)  # not nn.Conv*d.__init__: the parameters are built below (and batched)
+        _layers._check_dtype(type(self), dtype)
         n = self._dims
         if num_models is not None and int(num_models) <= 0:
             raise ValueError(f"num_models must be positive, got {num_models}")

@@ -153,6 +153,13 @@ def _note_no_grad_energy(layer: nn.Module, e: torch.Tensor) -> None:
         f = f.f_back
 
 
+def _check_dtype(cls: type, dtype) -> None:
+    """A layer built for a dtype the kernels do not compute in (complex, integer) refuses at construction,
+    rather than at its first forward."""
+    if dtype is not None and dtype not in _energy._FLOAT_DTYPES:
+        raise TypeError(f"{cls.__name__} computes in float32, float64, bfloat16 or float16; got dtype={dtype}")
+
+
 def _fx_leaf(module: nn.Module, x) -> "torch.fx.Proxy":
     """torch.fx traced into this layer: fx's tracers treat only torch.nn's own modules as leaves, so
     ``symbolic_trace`` (torchvision's ``create_feature_extractor``, FX quantization) called this forward with
@@ -305,6 +312,7 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                  energy: Optional[str] = "l2", energy_reduction: str = "sum", num_models: Optional[int] = None,
                  backend: Optional[str] = None, device=None, dtype=None, penalty: float = 0.0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are built below (and batched)
+        _check_dtype(type(self), dtype)
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         if num_models is not None and num_models <= 0:

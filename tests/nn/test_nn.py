@@ -330,3 +330,15 @@ def test_an_empty_batch_works_as_in_nn_linear_and_nn_conv(backend):
         if isinstance(layer, EnergyConv2d):
             pooled = layer.forward_max_pool2(x.detach())
             assert tuple(pooled.shape) == y_shape[:2] + (2, 2) and not layer.last_energy.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_layers_refuse_a_dtype_the_kernels_do_not_compute_in_at_construction(dtype):
+    """EnergyLinear(..., dtype=torch.complex64) was built and refused only at its first forward."""
+    for build in (lambda: minaction.nn.EnergyLinear(3, 4, dtype=dtype),
+                  lambda: minaction.nn.EnergyConv2d(3, 4, 3, dtype=dtype),
+                  lambda: minaction.nn.EnergyConv1d(3, 4, 3, dtype=dtype)):
+        with pytest.raises(TypeError, match=r"computes in float32, float64, bfloat16 or float16; got dtype=torch\."):
+            build()
+    for dt in (torch.float16, torch.bfloat16, torch.float64):
+        assert minaction.nn.EnergyLinear(3, 4, dtype=dt).weight.dtype == dt
