@@ -282,6 +282,8 @@ def _fast_total(model: nn.Module):
             if isinstance(sub.get("base_layer"), EnergyLayer):  # a peft adapter around it? (the full path checks)
                 return None
             stack.extend(reversed(sub.values()))
+    if total is None:
+        return None  # no counting layer: the full path says why
     if last_read is not None:
         if fresh:
             return None  # some layers did not run since this model's last sum: the full path leaves them out
