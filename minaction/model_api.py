@@ -99,6 +99,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
         total = e if total is None else total + e
         if m.__dict__.get("_unread"):
             m.__dict__["_unread"] = False
+            m.__dict__["_ever_read"] = True
     if not _compiling():
         _mark_read([m.__dict__ for _, m in layers], id(model))
         if _grad_enabled():  # each layer is asked: one outside the checkpoint gives the sum a gradient
@@ -275,6 +276,7 @@ def _fast_total(model: nn.Module):
                 reentrant = True
             if d.get("_unread"):  # read: a next call replacing it is not a lost energy (nn.layers._replaced_unread)
                 d["_unread"] = False
+                d["_ever_read"] = True
             if m._forward_hooks and _opacus_hooked(m):  # the full path decides (the loss form is refused)
                 return None
         sub = m._modules

@@ -96,6 +96,8 @@ def _replaced_unread(layer: nn.Module, old: Optional[torch.Tensor]) -> None:
 
 def _warn_lost_energy(layer_ref, grad_outputs) -> None:
     lay = layer_ref()
+    if lay is not None and not lay.__dict__.get("_ever_read"):
+        return  # nothing ever read this layer's energy (a lam = 0 baseline, a model trained without the term)
     name = f"{type(lay).__name__}({lay.extra_repr()})" if lay is not None else "(since deleted)"
     warnings.warn(
         f"this backward runs through an earlier call of energy layer {name} whose energy is counted nowhere: a "
@@ -192,6 +194,7 @@ class EnergyLayer(nn.Module):
         e = d.get("_last_energy")
         if d.get("_unread"):
             d["_unread"] = False
+            d["_ever_read"] = True
         if e is not None and not torch.compiler.is_compiling() and _dead_functorch_tensor(e):
             # a vmap/grad transform's wrapper is meaningless after the transform returned
             self.__dict__["_last_energy"] = e = None
@@ -231,7 +234,7 @@ class EnergyLayer(nn.Module):
         state["_last_energy"] = None
         state.pop("_energy_at_switch", None)  # a weak reference: it cannot be pickled, and the copy has no energy
         state.pop("_reentrant_energy", None)
-        for transient in ("_unread", "_lost_checks", "_call_energy", "_fresh", "_read"):  # the last steps' bookkeeping
+        for transient in ("_unread", "_lost_checks", "_call_energy", "_fresh", "_read", "_ever_read"):  # the last steps' bookkeeping
             state.pop(transient, None)
         state.pop("_plan", None)  # a cached call plan refers to this copy's tensors: rebuilt on first forward
         return state

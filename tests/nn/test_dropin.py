@@ -941,6 +941,19 @@ def test_a_layer_called_twice_warns_in_backward_unless_every_call_is_counted(num
     assert _lost_energy_warnings(lambda: (tower(a) - tower(b)).square().mean().backward()) == []
 
 
+def test_a_layer_called_twice_does_not_warn_where_no_energy_is_ever_read():
+    """A lam = 0 baseline (or a script that trains the converted model without the term) never reads an energy:
+    a Siamese tower or an actor-critic stepping one forward per environment step warned at every backward that an
+    energy was counted nowhere (5 warnings an episode). It warns once something reads the energies."""
+    torch.manual_seed(0)
+    tower = minaction.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU()))
+    a, b = torch.randn(3, 6), torch.randn(3, 6)
+    plain = lambda: (tower(a) - tower(b)).square().mean().backward()
+    assert _lost_energy_warnings(plain) == [] and _lost_energy_warnings(plain) == []
+    float(minaction.total_energy(tower))  # the energies are read from now on (logged)
+    assert len(_lost_energy_warnings(plain)) == 1
+
+
 def test_calls_that_no_backward_reaches_or_that_were_read_do_not_warn():
     """No word where every energy that went into a backward was counted: an evaluation run with autograd
     on before the step, checkpoint's recomputation in backward, energies read through last_energy,
