@@ -57,6 +57,8 @@ class _ReadProxy(fx.Proxy):
             return self.tracer.value_dtype
         if k == "device":
             return self.tracer.value_device
+        if k in ("is_cuda", "is_cpu"):  # DCGAN's `if input.is_cuda and self.ngpu > 1:` (data_parallel or not)
+            return self.tracer.value_device.type == k[3:]
         return super().__getattr__(k)
 
 
@@ -228,11 +230,13 @@ def _explicit_args(fn):
     return env["forward"]
 
 
-# what passes a value on to the module's output unchanged in content: shape changes, copies, dropout
+# what passes a value on to the module's output unchanged in content: shape changes, copies, dropout, and the
+# clipping of a prediction to its range (a VAE's `torch.clamp(torch.sigmoid(self.fc4(h)), eps, 1 - eps)`)
 _PASS_METHODS = frozenset({"view", "reshape", "squeeze", "unsqueeze", "flatten", "contiguous", "permute",
-                           "transpose", "view_as", "reshape_as", "float", "double", "to", "clone", "t"})
+                           "transpose", "view_as", "reshape_as", "float", "double", "to", "clone", "t",
+                           "clamp", "clip", "clamp_min", "clamp_max"})
 _PASS_FUNCTIONS = {torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, torch.permute, torch.transpose,
-                   F.dropout, torch.clone}
+                   F.dropout, torch.clone, torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max}
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _PASS_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten) + _DROPOUT_MODULES
 
@@ -256,14 +260,18 @@ def _only_to_output(node: fx.Node, module: nn.Module, depth: int = 0) -> bool:
                for u in node.users)
 
 
-def output_modules(model: nn.Module) -> Tuple[set, set]:
+def output_modules(model: nn.Module, notes: Optional[list] = None) -> Tuple[set, set]:
     """What gives ``model``'s output: ``(ids of modules whose output is returned as the model's output,
     or part of it, unchanged in value; ids of the layers whose activation's result is)``. A layer
     counts by the call after it, not by the activation module, which may also serve hidden layers.
     Found from the root down: an ``nn.Sequential``'s last module and the value-preserving modules
     after it (Identity, Flatten, Dropout); in any other module, the calls whose results flow only
-    into the forward's output (read with torch.fx; a forward fx cannot read ends the walk there)."""
+    into the forward's output (read with torch.fx). A forward fx cannot read (a branch on a tensor's
+    value) says nothing about its output: its last registered submodule, where a model's head is by
+    convention, is taken as the output, and ``notes`` gets (path, why) for the report. The guess errs
+    towards leaving a hidden layer plain rather than counting the model's prediction as hidden energy."""
     modules, layers = {id(model)}, set()
+    names = {id(m): n for n, m in model.named_modules()}
     todo = [model]
     while todo:
         m = todo.pop()
@@ -287,7 +295,20 @@ def output_modules(model: nn.Module) -> Tuple[set, set]:
             continue  # a leaf, or torch's own module (its forward is known: its output is not a child's)
         try:
             graph = _trace(m)
-        except Exception:  # noqa: BLE001 - unreadable: nothing below is known to be the output
+        except Exception as exc:  # noqa: BLE001 - unreadable: guess the last submodule
+            named = [(n, c) for n, c in m._modules.items() if c is not None]
+            if named:
+                name, child = named[-1]
+                modules.add(id(child))
+                todo.append(child)
+                path = names.get(id(m), "")
+                if notes is not None:
+                    why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                    notes.append((path or type(m).__name__,
+                                  f"{type(m).__name__}.forward could not be read with torch.fx ({why}), so what gives "
+                                  f"its output is not known: its last submodule {(path + '.' if path else '') + name!r}"
+                                  " is taken as the output and its final layer and activation are left plain "
+                                  "(convert(model, include_output=True) converts them too)"))
             continue
         for node in graph.nodes:
             if not _only_to_output(node, m):

@@ -371,11 +371,14 @@ class ConversionReport:
 
     converted: List[Tuple[str, str]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    notes: List[Tuple[str, str]] = field(default_factory=list)  # (module path, what convert had to assume)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} module(s)"] + [f"  {n}: {d}" for n, d in self.converted]
         if self.skipped:
             lines += [f"left {len(self.skipped)} layer(s) unchanged"] + [f"  {n}: {d}" for n, d in self.skipped]
+        if self.notes:
+            lines += ["notes"] + [f"  {n}: {d}" for n, d in self.notes]
         return "\n".join(lines)
 
 
@@ -834,6 +837,16 @@ def _observe_activation_calls(model: nn.Module, rep: ConversionReport, opts, out
             observed, path = _into_sequential(observed, path, uses, last=True)
             if isinstance(observed, (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)):
                 continue  # a container; or an energy layer, which counts the activation already
+            if isinstance(observed, _DROPOUTS) and target != "":
+                # layer -> dropout module -> act call (reinforce.py's affine1 -> dropout -> F.relu): the layer was
+                # fused with the activation (relu commutes with dropout) and counts it; an observer would count the
+                # same activation twice
+                d_call = call.args[0] if call.args else None
+                src = d_call.args[0] if isinstance(d_call, torch.fx.Node) and d_call.args else None
+                if isinstance(src, torch.fx.Node) and src.op == "call_module":
+                    layer = owner.get_submodule(src.target)
+                    if isinstance(layer, EnergyLayer) and getattr(layer, "activation", None) == act:
+                        continue
             rel = path[len(owner_path) + 1:] if owner_path else path  # relative to the owner ("": its own value)
             if _observed_already(observed, owner, rel, owner_path, rep) or uses.get(id(observed), 0) != 1 or not once:
                 continue  # observed already (a second convert), shared, or called more than once
@@ -1127,6 +1140,9 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
         rep = _convert(model, energy, energy_reduction, backend, include_output, wrap_activations)
     for path, desc in rep.converted:
         _log.info("minaction.convert: %s: %s", path, desc)
+    if not return_report:
+        for path, note in rep.notes:  # an assumption about the model that the user should check
+            warnings.warn(f"minaction.convert: {path}: {note}", UserWarning, stacklevel=2)
     if not rep.converted and not any(isinstance(m, EnergyLayer) for m in model.modules()):
         reasons = "; ".join(f"{n}: {d}" for n, d in rep.skipped[:6]) or "it has no Linear or Conv layers"
         more = f" (and {len(rep.skipped) - 6} more)" if len(rep.skipped) > 6 else ""
@@ -1142,7 +1158,7 @@ def _convert(model, energy, energy_reduction, backend, include_output, wrap_acti
     rep = ConversionReport()
     opts = (energy, energy_reduction, backend)
     _order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    outputs = None if include_output else output_modules(model)  # read before any module is replaced
+    outputs = None if include_output else output_modules(model, rep.notes)  # read before any module is replaced
     seen: set = _convert_transformer_layers(model, rep, opts)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Sequential):

@@ -855,3 +855,112 @@ def test_a_wrapped_forward_taking_kwargs_is_read_and_its_feed_forward_converts()
 
     train_in_lockstep(plain, model, plain_loss, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
                       lr=0.1)
+
+
+# ----------------------------------------------------------------------------- pytorch/examples (session 18)
+def _dcgan_main():
+    return nn.Sequential(nn.Conv2d(3, 4, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 3, 1, 1), nn.ReLU(),
+                         nn.Conv2d(4, 1, 4, 1, 0), nn.Sigmoid())
+
+
+class _DcganD(nn.Module):
+    """pytorch/examples dcgan's Discriminator forward: a branch on input.is_cuda, which fx could not read."""
+
+    def __init__(self):
+        super().__init__()
+        self.ngpu, self.main = 1, _dcgan_main()
+
+    def forward(self, input):
+        if input.is_cuda and self.ngpu > 1:
+            output = nn.parallel.data_parallel(self.main, input, range(self.ngpu))
+        else:
+            output = self.main(input)
+        return output.view(-1, 1).squeeze(1)
+
+
+class _ValueBranch(nn.Module):
+    """A forward fx cannot read at all (a branch on a tensor's value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = _dcgan_main()
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = x * 0
+        return self.main(x).view(-1, 1).squeeze(1)
+
+
+@pytest.mark.parametrize("cls", [_DcganD, _ValueBranch])
+def test_output_layer_of_a_forward_fx_reads_badly_stays_plain(cls):
+    """DCGAN's `if input.is_cuda and ...` made fx give up on the forward; the output walk then stopped, and the
+    discriminator's Conv2d+Sigmoid output (and the generator's Tanh image) were counted as hidden energy. A value's
+    is_cuda / is_cpu now read as its parameters' device; a forward fx cannot read at all takes its last submodule as
+    the output and says so in the report's notes (and in a warning without return_report)."""
+    torch.manual_seed(0)
+    model, rep = minaction.convert(cls(), return_report=True)
+    assert "its Sigmoid gives" in dict(rep.skipped)["main.4"] and type(model.main[4]) is nn.Conv2d
+    assert [n for n, _ in rep.converted] == ["main.1", "main.2"]
+    if cls is _ValueBranch:
+        note = dict(rep.notes)["_ValueBranch"]
+        assert "could not be read with torch.fx" in note and "'main' is taken as the output" in note
+        with pytest.warns(UserWarning, match="'main' is taken as the output"):
+            minaction.convert(cls())
+    else:
+        assert rep.notes == []
+    x = torch.randn(2, 3, 8, 8)
+    h = F.leaky_relu(model.main[0](x), 0.2)
+    want = h.square().sum((1, 2, 3)).mean() + F.relu(model.main[2](h)).square().sum((1, 2, 3)).mean()
+    model(x)
+    torch.testing.assert_close(minaction.total_energy(model), want)
+
+
+class _Vae(nn.Module):
+    """pytorch/examples vae: the decoder's sigmoid output, clamped (a later version of the example)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22, self.fc3, self.fc4 = (nn.Linear(12, 8), nn.Linear(8, 3), nn.Linear(8, 3),
+                                                              nn.Linear(3, 8), nn.Linear(8, 12))
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.clamp(torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), 1e-6, 1 - 1e-6), mu, logvar
+
+
+def test_a_clamped_sigmoid_output_is_the_models_output():
+    """The VAE's clamp(sigmoid(fc4(h))) output got an observer, which counted the 784-unit reconstruction as hidden
+    energy; clamp / clip now pass the output on, as views do."""
+    model, rep = minaction.convert(_Vae(), return_report=True)
+    assert sorted(n for n, _ in rep.converted) == ["fc1", "fc3"]
+    assert "gives _Vae's output" in dict(rep.skipped)["fc4"]
+    assert not any(type(m).__name__ == "ActivationObserver" for m in model.modules())
+
+
+class _Reinforce(nn.Module):
+    """pytorch/examples reinforcement_learning/reinforce.py's Policy."""
+
+    def __init__(self):
+        super().__init__()
+        self.affine1, self.dropout, self.affine2 = nn.Linear(4, 16), nn.Dropout(p=0.6), nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = self.affine1(x)
+        x = self.dropout(x)
+        x = F.relu(x)
+        return F.softmax(self.affine2(x), dim=1)
+
+
+def test_layer_dropout_module_relu_call_counts_once():
+    """affine1 -> nn.Dropout -> F.relu: affine1 fuses with relu (which commutes with dropout) and counts it, and an
+    observer on the dropout counted the same activation again (total_energy twice the true value in eval mode)."""
+    torch.manual_seed(0)
+    model, rep = minaction.convert(_Reinforce(), return_report=True)
+    assert [n for n, _ in rep.converted] == ["affine1"]
+    assert not any(type(m).__name__ == "ActivationObserver" for m in model.modules())
+    s = torch.randn(8, 4)
+    model.eval()
+    model(s)
+    torch.testing.assert_close(minaction.total_energy(model), F.relu(model.affine1(s)).square().sum(1).mean())
