@@ -453,8 +453,8 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
                        "after the norm becomes a minaction.nn.EnergyActivation, unless wrap_activations=False)")
             if why is None:
                 what = "nothing" if act_mod is None else type(act_mod).__name__
-                why = (f"followed by {what}, not by an activation module ({_SUPPORTED}): left as is "
-                       "(a logits layer stays a plain layer)")
+                why = (f"followed by {what}, not by an activation module ({_SUPPORTED}): left as is"
+                       + (" (a logits layer stays a plain layer)" if act_mod is None else ""))
             rep.skipped.append((path, why))
             continue
         if drop is not None and act not in ("relu", "identity"):
