@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import definitions, finding1, finding2, finding3, overview
+from . import definitions, finding1, finding2, finding3, limitations, overview
 from . import efficiency as _eff
 from .context import ReportContext
 from .render import to_html, to_markdown
@@ -39,6 +39,7 @@ class ReportOptions:
     sweep_min_orders: float = 2.5  # "about three orders of magnitude"
     sweep_moderate_lam: float = 1e-3  # v1's "moderate lambda" (E "to 6% of baseline")
     target_frac: float = 0.95  # target accuracy = target_frac x best final val accuracy on the dataset
+    target_by: str = "dataset"  # whose best: "dataset" (any architecture there, MISSION) or "arch" (its own)
     efficiency_metric: str = "flops"  # headline metric of Finding 3: steps, samples or flops (time: secondary)
     energy_first: tuple = ENERGY_FIRST
     conventional: tuple = CONVENTIONAL
@@ -47,19 +48,14 @@ class ReportOptions:
     design: str | None = None  # the preset this store is measured against: the report names its missing runs
     quick_preset_words: tuple = ("smoke", "quick")  # a preset whose name has one of these is a quick look
     eta_kind: str = "partial"  # the eta squared the Finding 1 verdict reads: partial or plain (both are shown)
+    eta_reading_margin: float = 1.0  # log10 distances closer than this do not tell which eta^2 the paper reports
     min_replicates: int = 2  # runs (seeds) every cell of a design needs before a verdict ...
     max_thin_frac: float = 0.25  # ... except this fraction of Finding 1's cells (e.g. one failed run)
     finding1_min_modalities: int = 2  # Finding 1 needs datasets of this many modalities (and every architecture)
     tost_alpha: float = 0.05  # TOST level of Finding 2 (each one-sided test; margin: sweep_max_acc_pp)
+    noisy_test_se_pp: float = 1.0  # Limitations names datasets whose one-run binomial SE is at least this (pp)
+    source: str | None = None  # what the report names as the runs' source (None: the store path as given)
     extra: dict = field(default_factory=dict)
-
-
-def choose_main_lam(runs: pd.DataFrame) -> float:
-    """The lambda with the most finished runs (ties: the smallest)."""
-    if runs.empty:
-        raise ValueError("no finished runs in the store")
-    counts = runs.groupby("lam").size()
-    return float(counts[counts == counts.max()].index.min())
 
 
 def choose_main_lam(runs: pd.DataFrame) -> float:
@@ -91,6 +87,7 @@ def _build(rep) -> dict:
     defs_rel = rep.csv("definitions", defs)
     rep.doc.h(1, "Definitions (this project's, where the paper is silent)")
     rep.doc.table(defs, defs_rel, "Definitions and options")
+    limitations.section(rep)
     rep.doc.blocks += body
     (rep.out / "report.md").write_text(to_markdown(rep.doc, rep.out), encoding="utf-8")
     (rep.out / "report.html").write_text(to_html(rep.doc), encoding="utf-8")
@@ -120,6 +117,8 @@ def build_report(db, out_dir, options: ReportOptions | None = None, **kwargs) ->
         raise ValueError(f"min_replicates must be >= 2 (a cell needs replicates for a residual), got {opt.min_replicates}")
     if opt.anova_type not in (2, 3):
         raise ValueError(f"anova_type must be 2 or 3, got {opt.anova_type}")
+    if opt.target_by not in ("dataset", "arch"):
+        raise ValueError(f"target_by must be 'dataset' or 'arch', got {opt.target_by!r}")
     if opt.efficiency_metric not in _eff.METRICS:
         raise ValueError(f"efficiency_metric must be one of {sorted(_eff.METRICS)}, got {opt.efficiency_metric!r}")
     store = select_budget(load_store(db), preset=opt.preset, budget=tuple(opt.budget or ()))

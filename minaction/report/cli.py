@@ -16,6 +16,12 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
                    help="lambda of Findings 1 and 3 (default: the lambda with the most finished runs)")
     g.add_argument("--target-frac", type=float, default=0.95,
                    help="target accuracy = this x best final validation accuracy on the dataset (default 0.95)")
+    g.add_argument("--target-by", choices=("dataset", "arch"), default="dataset",
+                   help="whose best final validation accuracy the target is a fraction of: any architecture's on "
+                        "the dataset (default) or the run's own architecture's")
+    g.add_argument("--source", default=None, metavar="TEXT",
+                   help="what the report names as the runs' source, e.g. the archive a store was imported from "
+                        "(default: the --db path as given)")
     g.add_argument("--efficiency-metric", choices=("flops", "steps", "samples"), default="flops",
                    help="headline metric of Finding 3: training FLOPs, optimizer steps or training samples to "
                         "the target (default flops; wall time is always a secondary column)")
@@ -25,7 +31,8 @@ def _options(args):
     from .build import ReportOptions
 
     return ReportOptions(n_boot=args.n_boot, seed=args.seed, ci=args.ci, anova_type=args.anova_type, lam=args.lam,
-                         target_frac=args.target_frac, efficiency_metric=args.efficiency_metric,
+                         target_frac=args.target_frac, target_by=args.target_by,
+                         efficiency_metric=args.efficiency_metric, source=args.source,
                          preset=getattr(args, "preset", None), budget=tuple(getattr(args, "budget", None) or ()),
                          design=getattr(args, "design", None))
 

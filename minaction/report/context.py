@@ -25,6 +25,11 @@ def fmt_p(v, with_op: bool = False) -> str:
     return ("= " if with_op else "") + fmt(v, 3)
 
 
+def sentence(text: str) -> str:
+    """``text`` with its first letter capitalised (a verdict's reason follows a bold sentence)."""
+    return text[:1].upper() + text[1:]
+
+
 def span(n) -> str:
     lo, hi = int(n.min()), int(n.max())
     return str(lo) if lo == hi else f"{lo} to {hi}"
@@ -55,6 +60,7 @@ class ReportContext:
         self.definitions.append({"name": name, "value": value, "meaning": meaning})
 
     def verdict(self, finding, claim, paper, ours, verdict, why):
+        why = sentence(why)
         self.comparison.append({"finding": finding, "claim": claim, "paper": paper, "ours": ours,
                                 "verdict": verdict, "why": why})
         return f"**Finding {finding}: {verdict}.** {why}"

@@ -48,7 +48,11 @@ def section(rep) -> None:
                          f"{'II' if opt.anova_type == 2 else 'III'}",
                 "partial η² = SS_effect / (SS_effect + SS_residual)")
     rep.define("η² of the Finding 1 verdict", f"{opt.eta_kind} η²",
-                "plain η² = SS_effect / SS_total (corrected total); both are shown with bootstrap CIs")
+                "plain η² = SS_effect / SS_total (corrected total); both are shown with bootstrap CIs, and the "
+                "verdict under the other reading is given too")
+    rep.define("which η² the paper reports", f"the closer reading, when the two log10 distances differ by ≥ {fmt(opt.eta_reading_margin)}",
+                "summed |log10(ours / paper)| over the two terms (option `eta_reading_margin`); closer than that, "
+                "or on a store without the paper's design, no reading is inferred")
     rep.define("negligible / large η²", f"< {fmt(opt.negligible_np2)} / ≥ {fmt(opt.large_np2)}",
                 "Cohen's small and large effects; interaction p threshold " + fmt(opt.alpha))
     rep.define("design needed for a verdict", f"≥ {opt.min_replicates} seeds per cell",
@@ -61,17 +65,29 @@ def section(rep) -> None:
                 "paired t on per-seed differences when every λ run has its λ = 0 seed, else Welch t")
     rep.define("training budget", "the run configuration without arch, dataset, λ and seed",
                 "runs of one dataset under different budgets are never pooled (tables/budgets.csv)")
-    rep.define("λ of Findings 1 and 3", fmt(rep.main_lam),
-                "the λ with the most finished runs unless set (λ is a factor when fully crossed)")
+    f1 = getattr(rep, "finding1_lam", None)
+    if f1 is None or f1 == fmt(rep.main_lam):
+        rep.define("λ of Findings 1 and 3", fmt(rep.main_lam),
+                    "the λ with the most finished runs unless set (option `lam`)")
+    else:
+        rep.define("λ of Finding 1", f1, "λ is a further factor of the ANOVA when it is fully crossed with "
+                                        "architecture and dataset; otherwise the runs at the λ of Finding 3")
+        rep.define("λ of Finding 3", fmt(rep.main_lam), "the λ with the most finished runs unless set (option `lam`)")
     rep.define("about three orders of magnitude", f"≥ {fmt(opt.sweep_min_orders)} orders",
                 f"at a λ whose accuracy is TOST-equivalent within ±{fmt(opt.sweep_max_acc_pp)} pp on "
                 f"{', '.join(opt.sweep_datasets)}; "
                 "reproduced when more than half the (dataset, arch) combinations meet it")
     rep.define("moderate λ", fmt(opt.sweep_moderate_lam), "where v1's 'to 6% of baseline' is compared")
-    rep.define("target accuracy", f"{fmt(100 * opt.target_frac)}% of the best final validation accuracy",
-                "per dataset and λ")
+    whose = "on the dataset (any architecture)" if opt.target_by == "dataset" else "of the run's own architecture"
+    rep.define("target accuracy", f"{fmt(100 * opt.target_frac)}% of the best final validation accuracy {whose}",
+                f"per dataset and λ; option `target_by` = {opt.target_by} (`dataset`: the best of any architecture "
+                "there, the mission's default; `arch`: of the same architecture)")
     rep.define("headline efficiency metric", opt.efficiency_metric,
-                "steps, samples or FLOPs to the first evaluation at the target; wall time is secondary")
+                "steps, samples or FLOPs to the first evaluation at the target; wall time to the target and "
+                "accuracy per training second are secondary")
     rep.define("energy-first / conventional", f"{', '.join(opt.energy_first)} / {', '.join(opt.conventional)}",
-                "the paper's Figure 1 names")
+                "the paper's Figure 1 names; the architectures are this project's reconstructions from its "
+                "caption (docs/models.md)")
+    rep.define("small test set", f"binomial SE of one run's accuracy ≥ {fmt(opt.noisy_test_se_pp)} pp",
+                "named under Limitations (option `noisy_test_se_pp`); test sizes inferred from the accuracies")
     rep.define("λ-sweep pairing", "same seed at λ = 0", "the λ = 0 mean when that seed is missing")

@@ -9,9 +9,11 @@ Definitions (the project's; the paper does not publish its own):
   and convolution layers per sample) consumed so far, and the member's training time. Stores
   written before the evals table existed fall back to the per-epoch rows (epochs and time
   only);
-* **target accuracy** of an (architecture, dataset, lambda): ``target_frac`` (0.95) times the
-  best final validation accuracy of that architecture's runs there (final = the accuracy of
-  the weights that were tested: the best-validation checkpoint under early stopping);
+* **target accuracy** of a (dataset, lambda): ``target_frac`` (0.95) times the best final
+  validation accuracy of any architecture's runs there (``target_by="dataset"``, the report's
+  default, the mission's definition), or of the run's own architecture (``target_by="arch"``);
+  final = the accuracy of the weights that were tested (the best-validation checkpoint under
+  early stopping);
 * **steps / samples / FLOPs / epochs / time to target**: at the first evaluation whose
   validation accuracy reaches the target (headline: steps, samples, FLOPs; wall time is a
   secondary column: on a shared machine it measures the machine as much as the model, and a
@@ -77,9 +79,10 @@ def per_run_efficiency(runs: pd.DataFrame, epochs: pd.DataFrame | None, target_f
                        evals: pd.DataFrame | None = None, target_by: str = "arch") -> pd.DataFrame:
     """One row per finished run with a learning curve (columns :data:`_RUN_COLS`).
 
-    ``target_by="arch"``: the target is ``target_frac`` x the best final validation accuracy
-    of the run's architecture on its dataset and lambda (the definition of the headline);
-    ``"dataset"``: of any architecture there.
+    ``target_by="dataset"``: the target is ``target_frac`` x the best final validation accuracy
+    of any architecture's runs on the run's dataset at its lambda (the report's default,
+    ``ReportOptions.target_by``); ``"arch"``: of the run's own architecture there. (This
+    function's own default stays ``"arch"``, its definition before the option existed.)
     """
     if not 0 < target_frac <= 1:
         raise ValueError(f"target_frac must be in (0, 1], got {target_frac}")

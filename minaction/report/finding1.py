@@ -56,6 +56,29 @@ def paper_design_gaps(data, opt) -> list:
     return gaps
 
 
+def _judge(a, i, kind: str, opt) -> tuple:
+    """``(reproduced, [reasons])`` of Finding 1 on ``kind`` ("partial" or "plain") η² of the architecture
+    row ``a`` and the interaction row ``i`` of the ANOVA table."""
+    k, name = ("np2" if kind == "partial" else "eta2"), f"{kind} η²"
+    parts, ok = [], True
+    if a[k] < opt.negligible_np2:
+        parts.append(f"architecture alone explains a negligible share ({name} = {fmt(a[k])}, "
+                     f"CI {fmt(a[k + '_lo'])} to {fmt(a[k + '_hi'])}; paper {PAPER['np2_arch']})")
+    else:
+        ok = False
+        parts.append(f"architecture alone is not negligible ({name} = {fmt(a[k])} ≥ "
+                     f"{fmt(opt.negligible_np2)}; paper {PAPER['np2_arch']})")
+    if i[k] >= opt.large_np2 and i["p"] < opt.alpha:
+        parts.append(f"the arch × dataset interaction is large ({name} = {fmt(i[k])}, CI "
+                     f"{fmt(i[k + '_lo'])} to {fmt(i[k + '_hi'])}, p {fmt_p(i['p'], True)}; paper "
+                     f"{PAPER['np2_interaction']}, p < {fmt(opt.alpha)})")
+    else:
+        ok = False
+        parts.append(f"the arch × dataset interaction is not large and significant ({name} = "
+                     f"{fmt(i[k])}, p {fmt_p(i['p'], True)}; paper {PAPER['np2_interaction']})")
+    return ok, parts
+
+
 def section(rep) -> None:
     """Write Finding 1 (factorial ANOVA of test accuracy) into ``rep``."""
     opt, runs = rep.opt, rep.store.runs
@@ -80,6 +103,9 @@ def section(rep) -> None:
     data, dropped = complete_design(data, [f for f in factors])
     if dropped:
         lam_note += f" Datasets left out because an architecture has no finished run there: {', '.join(dropped)}."
+    lams_used = sorted(data["lam"].unique())
+    rep.finding1_lam = ("a factor: " + ", ".join(fmt(v) for v in lams_used) if "lam" in factors
+                        else ", ".join(fmt(v) for v in lams_used))
     data = data.assign(lam=data["lam"].map(lambda v: f"{v:g}"))
     formula = "test_acc ~ " + " * ".join(f"C({f}, Sum)" for f in factors)
     d.p(f"Model: OLS `{formula}` (sum-to-zero contrasts), Type II and Type III sums of squares; "
@@ -137,51 +163,54 @@ def section(rep) -> None:
             "Which η² are the paper's numbers? The paper's pair beside ours, both ways")
     r = reading.set_index("reading")
     plain_d, part_d = r.loc["ours, plain η²", "log_distance"], r.loc["ours, partial η²", "log_distance"]
-    likely = "plain" if plain_d < part_d else "partial"
-    d.p(f"**Which η² the paper reports.** Its abstract calls both numbers partial η². Read that way, its "
-        f"interaction {PAPER['np2_interaction']} fixes SS_interaction / SS_residual = "
-        f"{fmt(r.iloc[0]['ss_int_over_ss_res'])}: the seed-to-seed variance would exceed the whole "
-        f"architecture × dataset interaction. In this store SS_interaction / SS_residual = "
-        f"{fmt(r.loc['ours, partial η²', 'ss_int_over_ss_res'])} and the residual is "
-        f"{fmt(r.loc['ours, partial η²', 'residual_share'])} of the total variance: the smaller that share, the "
-        f"closer to 1 every real effect's partial η² is, while plain η² keeps each effect's share of all the "
-        f"variance. The paper's pair is closer to our "
-        f"**{likely} η²** (log10 distance {fmt(plain_d)} for plain, {fmt(part_d)} for partial), so its numbers "
-        f"are most plausibly {likely} η²{'' if likely == 'partial' else ' despite the label'}. The verdict "
-        f"below reads {opt.eta_kind} η² (option `eta_kind`); both are shown.")
+    t = tab[tab["typ"] == opt.anova_type].set_index("term")
+    a, i = t.loc["arch"], t.loc["arch:dataset"]
+    judged = {kind: _judge(a, i, kind, opt) for kind in ("partial", "plain")}
+    text = (f"**Which η² the paper reports.** Its abstract calls both numbers partial η². Read that way, its "
+            f"interaction {PAPER['np2_interaction']} fixes SS_interaction / SS_residual = "
+            f"{fmt(r.iloc[0]['ss_int_over_ss_res'])}: the seed-to-seed variance would exceed the whole "
+            f"architecture × dataset interaction. In this store SS_interaction / SS_residual = "
+            f"{fmt(r.loc['ours, partial η²', 'ss_int_over_ss_res'])} and the residual is "
+            f"{fmt(r.loc['ours, partial η²', 'residual_share'])} of the total variance: the smaller that share, the "
+            f"closer to 1 every real effect's partial η² is, while plain η² keeps each effect's share of all the "
+            f"variance. ")
+    if paper_gaps:
+        text += ("This store lacks the paper's design (see the verdict below), so it is not used to infer which "
+                 "η² the paper reports; the table only sets the numbers side by side.")
+    elif abs(plain_d - part_d) < opt.eta_reading_margin:
+        text += (f"The paper's pair is about as far from our plain η² (log10 distance {fmt(plain_d)}) as from our "
+                 f"partial η² ({fmt(part_d)}): closer than `eta_reading_margin` = {fmt(opt.eta_reading_margin)} "
+                 f"apart, so the distances do not tell which η² the paper reports.")
+    else:
+        likely = "plain" if plain_d < part_d else "partial"
+        text += (f"The paper's pair is closer to our **{likely} η²** (log10 distance {fmt(plain_d)} for plain, "
+                 f"{fmt(part_d)} for partial, at least `eta_reading_margin` = {fmt(opt.eta_reading_margin)} "
+                 f"apart), so its numbers are most plausibly {likely} η²"
+                 f"{'' if likely == 'partial' else ' despite the label'}.")
+    if not paper_gaps:
+        res = {kind: "reproduced" if judged[kind][0] else "not reproduced" for kind in judged}
+        text += (f" Under either reading the claim is {res['partial']}" if res["partial"] == res["plain"] else
+                 f" The readings disagree: {res['partial']} on partial η², {res['plain']} on plain η²")
+        text += " (the verdict below gives the reasons for both)."
+    d.p(text + f" The verdict below reads {opt.eta_kind} η² (option `eta_kind`); both are shown.")
     cells = cell_stats(data, opt.ci)
     rel_cells = rep.csv("accuracy_by_cell", cells)
     d.figure(_fig.interaction_plot(cells, rep.fig_dir / "interaction.png"),
              f"Interaction plot: mean test accuracy per dataset and architecture (table {rel_cells}).")
-    t = tab[tab["typ"] == opt.anova_type].set_index("term")
-    inter = "arch:dataset"
-    a, i = t.loc["arch"], t.loc[inter]
     typ_name = "II" if opt.anova_type == 2 else "III"
-    k = "np2" if opt.eta_kind == "partial" else "eta2"
     name = f"{opt.eta_kind} η²"
     ours = (f"partial: arch {fmt(a['np2'])}, arch × dataset {fmt(i['np2'])}; plain: arch {fmt(a['eta2'])}, "
             f"arch × dataset {fmt(i['eta2'])} (p {fmt_p(i['p'], True)})")
-    parts, ok = [], True
-    if a[k] < opt.negligible_np2:
-        parts.append(f"architecture alone explains a negligible share ({name} = {fmt(a[k])}, "
-                     f"CI {fmt(a[k + '_lo'])} to {fmt(a[k + '_hi'])}; paper {PAPER['np2_arch']})")
-    else:
-        ok = False
-        parts.append(f"architecture alone is not negligible ({name} = {fmt(a[k])} ≥ "
-                     f"{fmt(opt.negligible_np2)}; paper {PAPER['np2_arch']})")
-    if i[k] >= opt.large_np2 and i["p"] < opt.alpha:
-        parts.append(f"the arch × dataset interaction is large ({name} = {fmt(i[k])}, CI "
-                     f"{fmt(i[k + '_lo'])} to {fmt(i[k + '_hi'])}, p {fmt_p(i['p'], True)}; paper "
-                     f"{PAPER['np2_interaction']}, p < {fmt(opt.alpha)})")
-    else:
-        ok = False
-        parts.append(f"the arch × dataset interaction is not large and significant ({name} = "
-                     f"{fmt(i[k])}, p {fmt_p(i['p'], True)}; paper {PAPER['np2_interaction']})")
+    ok, parts = judged[opt.eta_kind]
     n_cells = counts["n"]
     why = (f"Type {typ_name}, {name}: " + "; ".join(parts) + f". Ours from {int(n_cells.sum())} runs, "
            f"{span(n_cells)} per cell (paper: {PAPER['n_experiments']} "
            f"experiments, {PAPER['seeds']} seeds per configuration).")
     thin = [g for g in _anova.factorial_design_gaps(data, factors, 2, opt.min_replicates) if "fewer than" in g]
+    other = "plain" if opt.eta_kind == "partial" else "partial"
+    o_ok, o_parts = judged[other]
+    why += (f" Under {other} η² the claim is {'also ' if o_ok == ok else ''}"
+            f"{'reproduced' if o_ok else 'not reproduced'}: " + "; ".join(o_parts) + ".")
     if thin:
         why += " Allowed but noted: " + "; ".join(thin) + "."
     if paper_gaps:

@@ -106,7 +106,8 @@ def section(rep) -> None:
     rep.doc.h(1, "The store")
     presets = ", ".join(sorted(str(p) for p in ra["preset"].dropna().unique())) or "n/a"
     sel = f" (selected: `{rep.store.selection}`)" if rep.store.selection else ""
-    rep.doc.p(f"Store `{rep.store.path}`, preset(s) `{presets}`{sel}. Only finished runs (status `done`) are "
+    source = (f"Source `{rep.opt.source}`" if rep.opt.source else f"Store `{rep.store.path}`")
+    rep.doc.p(f"{source}, preset(s) `{presets}`{sel}. Only finished runs (status `done`) are "
                "analysed; failed and diverged runs are counted here and nowhere else. Every dataset's runs "
                "share one training budget (runs of different budgets are never pooled; a store that mixes "
                "them is refused unless `--preset` or `--budget` picks one).")

@@ -1,5 +1,10 @@
 """Read a study store (SQLite, the schema of ``minaction.study.store``) into data frames.
 
+Runs are loaded in ``run_id`` order, epochs and evaluations in ``(run_id, epoch)`` and
+``(run_id, step)`` order, whatever order the store holds them in: the report's bootstraps
+draw runs by position, so a store imported from an archive gives the same tables as the
+store the study wrote.
+
 The report only reads: it opens the database read-only (``mode=ro`` URI), so it can run
 while the study is still writing (WAL mode lets readers see the last committed runs).
 """
@@ -84,12 +89,24 @@ def load_store(db) -> Store:
         epochs = (pd.read_sql_query("SELECT * FROM epochs", con) if "epochs" in tables
                   else pd.DataFrame(columns=["run_id", "epoch", "val_acc", "wall_time_s"]))
         evals = pd.read_sql_query("SELECT * FROM evals", con) if "evals" in tables else None
+        # A defined row order (without ORDER BY SQLite gives no order; in practice insertion order, which
+        # differs between the store a study wrote and one imported from its archive): the bootstraps
+        # draw runs by position.
+        runs = _sorted(runs, ["run_id"])
+        epochs = _sorted(epochs, ["run_id", "epoch"])
+        evals = _sorted(evals, ["run_id", "step", "epoch"]) if evals is not None else None
         meta = (dict(con.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {})
     finally:
         con.close()
     runs["lam"] = runs["lam"].astype(float)
     runs["budget_id"], budgets = _budget_ids(runs)
     return Store(path=str(path), runs_all=runs, epochs=epochs, meta=meta, budgets=budgets, evals=evals)
+
+
+def _sorted(frame: pd.DataFrame, keys) -> pd.DataFrame:
+    """``frame`` in the order of ``keys`` (those it has; stable), index reset."""
+    keys = [k for k in keys if k in frame.columns]
+    return frame.sort_values(keys, kind="mergesort").reset_index(drop=True) if keys else frame
 
 
 # --- training budgets ------------------------------------------------------------------

@@ -256,7 +256,12 @@ def test_complete_design_gets_verdicts_and_both_etas(tmp_path):
     assert res["verdicts"][1] != "not comparable" and res["verdicts"][2] != "not comparable"
     md = (tmp_path / "o" / "report.md").read_text()
     assert "plain η² [95% CI]" in md and "partial η² [95% CI]" in md
-    assert "Which η² the paper reports" in md and "most plausibly" in md
+    assert "Which η² the paper reports" in md
+    # a reading is named only when the paper's pair is at least eta_reading_margin (1) closer to it
+    r = pd.read_csv(tmp_path / "o" / "tables" / "eta_reading.csv").set_index("reading")["log_distance"]
+    apart = abs(r["ours, plain η²"] - r["ours, partial η²"]) >= 1.0
+    assert ("most plausibly" in md) == apart and ("do not tell which η²" in md) == (not apart)
+    assert "Under either reading the claim is" in md or "The readings disagree" in md
     tost = pd.read_csv(tmp_path / "o" / "tables" / "lambda_sweep_tost.csv")
     assert set(tost["test"]) == {"paired t"} and len(tost) == 2 * 2  # 2 datasets x 2 archs x one λ > 0
     assert check_traceable(tmp_path / "o") == []

@@ -1,0 +1,103 @@
+"""The report's Limitations section: what this store can and cannot say, from its own data
+(scale, λ values, test-set sizes, seed-to-seed spread per dataset) plus the facts every
+replication of a paper without public code shares (the architectures are reconstructions)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .paper import PAPER
+from .render import fmt
+
+#: what a dataset's "whole split" is where that is not the dataset everyone knows by its name
+DATASET_NOTES = {
+    "nmnist": "the whole split of N-MNIST small (slayerPytorch's NMNISTsmall: 1,000 train / 100 test recordings), "
+              "a subset of N-MNIST (60,000 / 10,000)",
+}
+
+
+def inferred_test_size(acc, max_n: int = 100_000, rel_tol: float = 1e-7):
+    """The test-set size the accuracies ``acc`` imply: the smallest n for which every accuracy is a
+    whole number of samples out of n (within ``rel_tol`` of a sample), or None (none up to ``max_n``,
+    e.g. accuracies stored in single precision or averaged)."""
+    a = np.asarray(acc, float)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return None
+    a = np.unique(a)[:64]  # enough to pin n; bounds the work
+    for start in range(1, max_n + 1, 4096):
+        n = np.arange(start, min(start + 4096, max_n + 1), dtype=float)
+        x = a[:, None] * n[None, :]
+        ok = np.all(np.abs(x - np.round(x)) <= rel_tol * n[None, :], axis=0)
+        if ok.any():
+            return int(n[int(np.argmax(ok))])
+    return None
+
+
+def dataset_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset: ``dataset, modality, runs, test_n`` (inferred, :func:`inferred_test_size`), ``mean_test_acc``,
+    ``binomial_se_pp`` (sqrt(p (1 - p) / n) at the mean, in percentage points), ``within_cell_sd`` (the
+    seed-to-seed SD of test accuracy, pooled over the dataset's (architecture, λ) cells) and ``note``."""
+    rows = []
+    for (mod, ds), g in runs.groupby(["modality", "dataset"], sort=True):
+        n = inferred_test_size(g["test_acc"])
+        p = float(g["test_acc"].mean())
+        se = 100 * float(np.sqrt(p * (1 - p) / n)) if n else np.nan
+        dev = g.groupby(["arch", "lam"])["test_acc"].agg(["var", "size"])
+        dev = dev[dev["size"] > 1]
+        dof = float((dev["size"] - 1).sum())
+        sd = float(np.sqrt(((dev["size"] - 1) * dev["var"]).sum() / dof)) if dof > 0 else np.nan
+        rows.append({"dataset": ds, "modality": mod, "runs": int(len(g)), "test_n": n, "mean_test_acc": p,
+                     "binomial_se_pp": se, "within_cell_sd": sd, "note": DATASET_NOTES.get(ds, "")})
+    return pd.DataFrame(rows, columns=["dataset", "modality", "runs", "test_n", "mean_test_acc", "binomial_se_pp",
+                                       "within_cell_sd", "note"])
+
+
+def section(rep) -> None:
+    """Write the Limitations section into ``rep``."""
+    opt, runs, d = rep.opt, rep.store.runs, rep.doc
+    table = dataset_table(runs)
+    rel = rep.csv("limitations", table)
+    d.h(1, "Limitations")
+    items = []
+    backends = sorted(str(b) for b in rep.store.runs_all.get("backend", pd.Series(dtype=str)).dropna().unique())
+    cpu_only = bool(backends) and set(backends) == {"cpu"}
+    items.append(f"Scale: {len(runs)} finished runs of {runs['dataset'].nunique()} datasets and "
+                 f"{runs['arch'].nunique()} architectures against the paper's {PAPER['n_experiments']} experiments"
+                 + (f"; trained with the `{'`, `'.join(backends)}` backend" + ("s" if len(backends) > 1 else "")
+                    + (" (CPU only, no GPU)" if cpu_only else "") if backends else "") + ".")
+    lams = sorted(runs["lam"].unique())
+    if len(lams) == 1:
+        items.append(f"Every run is at λ = {fmt(lams[0])}: Findings 1 and 3 describe that λ only, not λ = 0 and "
+                     "not the other λ values of the paper's grid.")
+    noisy = table[table["binomial_se_pp"] >= opt.noisy_test_se_pp]
+    if len(noisy):
+        parts = [f"{r.dataset} ({fmt(int(r.test_n))} test samples, ±{fmt(r.binomial_se_pp, 2)} pp at its mean accuracy "
+                 f"{fmt(r.mean_test_acc, 3)})" for r in noisy.itertuples()]
+        items.append("Small test sets: " + "; ".join(parts) + ". The binomial standard error of one run's test "
+                     "accuracy is that large there, so differences of 1–2 pp between architectures on these "
+                     "datasets are within the noise of a single run (test sizes inferred from the accuracies: "
+                     "the smallest n for which each is a whole number of samples out of n).")
+    sd = table.dropna(subset=["within_cell_sd"])
+    if len(sd) > 1:
+        lo, hi = sd.loc[sd["within_cell_sd"].idxmin()], sd.loc[sd["within_cell_sd"].idxmax()]
+        items.append(f"The seed-to-seed SD of test accuracy within a cell ranges from {fmt(lo['within_cell_sd'])} "
+                     f"({lo['dataset']}) to {fmt(hi['within_cell_sd'])} ({hi['dataset']}), while the ANOVA of "
+                     "Finding 1 pools one residual variance over all cells: its F tests, p-values and partial η² "
+                     "assume that every cell has the same seed-to-seed variance.")
+    notes = table[table["note"] != ""]
+    for r in notes.itertuples():
+        items.append(f"{r.dataset}: its training and test splits (\"full splits\", `train_subset = 0`) are "
+                     f"{r.note}.")
+    items.append("The architectures are this project's reconstructions of the paper's Figure 1 (the caption names "
+                 "bimodal_true and physics_lagrangian; the paper's code and equations are not public, "
+                 "docs/models.md): a verdict on them is a verdict on our reading of the paper.")
+    d.bullets(items)
+    disp = pd.DataFrame({"dataset": table["dataset"], "modality": table["modality"], "runs": table["runs"],
+                         "test n": table["test_n"].map(lambda v: "n/a" if v is None or pd.isna(v) else str(int(v))),
+                         "mean test acc": table["mean_test_acc"].map(lambda v: fmt(v)),
+                         "binomial SE (pp)": table["binomial_se_pp"].map(lambda v: fmt(v, 2)),
+                         "seed-to-seed SD": table["within_cell_sd"].map(fmt)})
+    d.table(disp, rel, "Per dataset: test-set size (inferred), the binomial standard error of one run's test "
+                       "accuracy at the dataset's mean, and the seed-to-seed SD of test accuracy pooled over the "
+                       "dataset's (architecture, λ) cells")
