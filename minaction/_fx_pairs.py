@@ -318,6 +318,8 @@ def output_modules(model: nn.Module, notes: Optional[list] = None) -> Tuple[set,
                 if id(child) not in modules:
                     modules.add(id(child))
                     todo.append(child)
+                if next(child.parameters(), None) is not None:
+                    continue  # a layer or block, not an activation: what it takes is not the output's activation
             elif _functional_act(node, node.args[0] if node.args else None) is None:
                 continue
             src = node.args[0] if node.args else None  # the layer this call follows (through a dropout)

@@ -964,3 +964,35 @@ def test_layer_dropout_module_relu_call_counts_once():
     model.eval()
     model(s)
     torch.testing.assert_close(minaction.total_energy(model), F.relu(model.affine1(s)).square().sum(1).mean())
+
+
+class _InplaceStatement(nn.Module):
+    """An in-place activation written as a statement: `x = self.fc3(x); x.relu_()`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc3, self.fc4 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.fc3(x)
+        x.relu_()
+        return self.fc4(x)
+
+
+def test_an_in_place_activation_statement_is_observed():
+    """fc4 takes fc3's node directly (relu_ mutates it): the output walk took fc3's activation for the model's
+    output, and nothing was counted (total_energy then raised). An observer counts it now, and the model computes
+    exactly what the plain one does, gradients included (float64)."""
+    torch.manual_seed(0)
+    plain = _InplaceStatement().double()
+    model, rep = minaction.convert(copy.deepcopy(plain), return_report=True)
+    assert [n for n, _ in rep.converted] == ["fc3.activation_energy"]
+    x = torch.randn(4, 8, dtype=torch.float64)
+    y = model(x)
+    e = minaction.total_energy(model)
+    torch.testing.assert_close(y, plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(e, F.relu(plain.fc3(x)).square().sum(1).mean())
+    g = torch.autograd.grad(y.square().sum(), list(model.parameters()))
+    gp = torch.autograd.grad(plain(x).square().sum(), list(plain.parameters()))
+    for a, b in zip(g, gp):
+        torch.testing.assert_close(a, b)
