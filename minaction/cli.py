@@ -85,7 +85,14 @@ def console_main() -> int:
     and closes its store before returning). Only for the process's last act: a script that
     calls :func:`main` and goes on keeps its collector as it was."""
     try:
-        return main()
+        rc = main()
+        sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit
+        return rc
+    except BrokenPipeError:  # `minaction study status --db X | head`: the reader left; no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        return 1
     finally:
         import gc
 

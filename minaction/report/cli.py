@@ -86,7 +86,7 @@ def _replicate(args) -> int:
         return 2
     try:
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
-                            progress=not args.no_progress, retry_failed=args.retry_failed)
+                            progress=not args.no_progress, retry_failed=args.retry_failed, max_group=args.max_group)
     except (FileNotFoundError, ValueError) as exc:
         print(f"minaction replicate: error: {exc}", file=sys.stderr)
         return 2
@@ -123,6 +123,15 @@ def register(subparsers) -> None:
     p.add_argument("--executor", default="local", help="study executor (default local)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: the study's choice)")
     p.add_argument("--retry-failed", action="store_true", help="train again the runs recorded as failed")
+    p.add_argument("--max-group", type=_positive_int, default=None, metavar="N",
+                   help="train at most N runs per batched group (default: the preset's max_group); smaller groups "
+                        "lose less work when the machine is taken away, results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_report_options(p)
     p.set_defaults(func=_replicate)
+
+
+def _positive_int(text: str) -> int:
+    from minaction.study.cli import positive_int
+
+    return positive_int(text)

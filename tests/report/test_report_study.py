@@ -31,7 +31,7 @@ def test_replicate_cli_on_runner_store(tmp_path, capsys):
     preset.write_text(_toml(spec))
     db, out = tmp_path / "r.sqlite", tmp_path / "rep"
     rc = main(["replicate", "--preset", str(preset), "--db", str(db), "--out", str(out), "--n-boot", "10",
-               "--workers", "1", "--no-progress"])
+               "--workers", "1", "--no-progress", "--max-group", "2"])  # as the README advises
     assert rc == 0, capsys.readouterr().err
     assert (out / "report.html").is_file()
     st = pd.read_csv(out / "tables" / "runs_by_status.csv").set_index("status")["runs"]

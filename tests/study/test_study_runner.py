@@ -471,3 +471,20 @@ def test_the_console_command_freezes_the_collector_only_on_its_way_out(tmp_path)
     r = subprocess.run([sys.executable, "-m", "minaction.cli", "study", "status", "--db", str(tmp_path / "none.sqlite")],
                        capture_output=True, text=True, timeout=HANG_GUARD)
     assert r.returncode == 2 and "minaction study status: error" in r.stderr, (r.returncode, r.stderr[-2000:])
+
+
+def test_the_console_command_exits_quietly_when_its_reader_leaves():
+    """`minaction study status --db X | head -2` ended in a BrokenPipeError traceback: the reader had closed the
+    pipe. The command now exits with status 1 and nothing on stderr (a pipe whose read end is closed, in a child)."""
+    code = textwrap.dedent("""
+        import os, sys
+        from minaction import cli
+        r, w = os.pipe()
+        os.close(r)  # the reader is gone: every write to w fails with EPIPE
+        sys.stdout = os.fdopen(w, "w")
+        sys.argv = ["minaction", "info"]
+        rc = cli.console_main()
+        sys.stderr.write(f"rc={rc}\\n")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD)
+    assert r.stderr.strip() == "rc=1", r.stderr[-2000:]
