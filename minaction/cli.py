@@ -88,6 +88,10 @@ def console_main() -> int:
         rc = main()
         sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit
         return rc
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a study commits each group as it finishes)
+        print("minaction: interrupted. A study's finished runs are in its store: the same command resumes after them",
+              file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `minaction study status --db X | head`: the reader left; no traceback
         import os
 

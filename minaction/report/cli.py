@@ -85,6 +85,13 @@ def _replicate(args) -> int:
         print(f"minaction replicate: error: {err}", file=sys.stderr)
         return 2
     try:
+        from minaction.study.cli import load_plugins
+
+        load_plugins(args.plugin)
+    except RuntimeError as exc:
+        print(f"minaction replicate: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                             progress=not args.no_progress, retry_failed=args.retry_failed, max_group=args.max_group)
     except (FileNotFoundError, ValueError) as exc:
@@ -127,6 +134,9 @@ def register(subparsers) -> None:
                    help="train at most N runs per batched group (default: the preset's max_group); smaller groups "
                         "lose less work when the machine is taken away, results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module (or .py file) first (repeatable): it registers your own "
+                        "architectures/datasets; the workers import it too")
     _add_report_options(p)
     p.set_defaults(func=_replicate)
 

@@ -37,8 +37,15 @@ def load_plugins(modules) -> None:
     from .plugins import import_plugins
 
     for name in modules or ():
+        root = os.getcwd()
+        if name.endswith(".py") or os.sep in name:  # a file path (./myplug.py): its folder on the path, its stem
+            path = os.path.abspath(name if name.endswith(".py") else name + ".py")
+            if not os.path.isfile(path):
+                raise RuntimeError(f"--plugin {name!r}: no such file {path!r} (give a module name, or the path of "
+                                   f"a .py file)")
+            root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
         try:
-            import_plugins([(name, os.getcwd())])
+            import_plugins([(name, root)])
         except Exception as exc:  # any failure of a user's module: one line, rc 2
             raise RuntimeError(f"--plugin {name!r} could not be imported ({type(exc).__name__}: {exc}); it must be "
                                f"an importable module (on PYTHONPATH or in the current folder) that registers its "
@@ -60,8 +67,8 @@ def _run(args) -> int:
         summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                             scheduler=args.scheduler, progress=not args.no_progress, limit=args.limit,
                             retry_failed=args.retry_failed,
-                            on_start=lambda: announce(args.preset, args.db, args.workers,
-                                                     max_group=args.max_group), balance=cost_lookup,
+                            on_start=lambda: announce(args.preset, args.db, args.workers, max_group=args.max_group,
+                                                     retry_failed=args.retry_failed), balance=cost_lookup,
                             max_group=args.max_group)
     except (PresetError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         return _error("run", exc)
@@ -130,7 +137,7 @@ def register(subparsers) -> None:
                         "lose less work when the machine is taken away, results do not depend on it")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                   help="import this module first (repeatable): it registers your own architectures/datasets "
+                   help="import this module (or .py file) first (repeatable): it registers your own architectures/datasets "
                         "(minaction.models.register_architecture, minaction.data.register_dataset); the workers "
                         "import it too")
     r.set_defaults(func=_run)

@@ -208,12 +208,13 @@ def evals_per_epoch(steps_per_epoch: int, eval_every: int) -> float:
 
 
 def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool = False, measure_fn=None,
-         max_group=None) -> dict:
+         max_group=None, retry_failed: bool = False) -> dict:
     """The plan of ``preset``: runs, groups and the estimated wall time on this machine.
 
     ``db``: count only runs not yet recorded there (a resumed study). ``workers``: parallel
     worker processes (default: the CPUs this process may use). ``max_group``: as ``study run
-    --max-group`` (smaller groups than the preset's). Returns ``{"preset", "runs",
+    --max-group`` (smaller groups than the preset's). ``retry_failed``: as ``study run --retry-failed``
+    (runs recorded as failed are pending again). Returns ``{"preset", "runs",
     "pending", "groups", "workers", "est_wall_s", "rows": [...]}`` with one row per
     (arch, dataset): ``runs, groups, group_size, n_train, steps_per_epoch, epochs_cap,
     evals_per_epoch, t_step_s, t_eval_s, member_epoch_s, est_s`` (``est_s``: that block's
@@ -227,7 +228,7 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
 
         con = store.connect(db, readonly=True)
         try:
-            done = store.finished_ids(con)
+            done = store.finished_ids(con, tuple(s for s in store.STATUSES if not (retry_failed and s == "failed")))
         finally:
             con.close()
     todo = [r for r in runs if r["run_id"] not in done]
@@ -316,12 +317,12 @@ GPU_NOTE = ("minaction study: note: a CUDA GPU is visible, but the study trains 
             "processes); the GPU kernels serve the layers in your own training code")
 
 
-def announce(preset, db=None, workers=None, file=None, max_group=None) -> None:
+def announce(preset, db=None, workers=None, file=None, max_group=None, retry_failed: bool = False) -> None:
     """Print the number of runs and the estimated wall time before a study starts (never raises:
     a plan that cannot be made is reported, and the study goes on)."""
     file = file or sys.stderr
     try:
-        p = plan(preset, db=db, workers=workers, max_group=max_group)
+        p = plan(preset, db=db, workers=workers, max_group=max_group, retry_failed=retry_failed)
         print(format_plan(p, per_block=False), file=file, flush=True)
     except Exception as exc:  # the study itself reports bad presets; the estimate is a courtesy
         print(f"minaction study: no time estimate ({type(exc).__name__}: {exc})", file=file, flush=True)

@@ -87,8 +87,9 @@ def check_config(runs) -> dict:
                                    f"{_first_line(exc)}") from None
         unknown = [a for a in archs if a not in models.architecture_names()]
         if unknown:
-            raise StudyConfigError(f"unknown architecture(s) {unknown}; choose from {list(models.ARCHITECTURES)} "
-                                   f"(or register one: minaction.models.register_architecture)")
+            raise StudyConfigError(f"unknown architecture(s) {unknown}; choose from {list(models.architecture_names())} "
+                                   f"(or register one with minaction.models.register_architecture in a module that "
+                                   f"`study run` / `replicate` imports with --plugin MODULE)")
     if not datasets:
         return {}
     try:
@@ -99,8 +100,10 @@ def check_config(runs) -> dict:
     real = {d: o for d, o in datasets.items() if d not in catalogue.REGISTERED}  # registered ones own their data
     unknown = [d for d in real if d not in catalogue.SPECS]
     if unknown:
-        raise StudyConfigError(f"unknown dataset(s) {unknown}; choose from {list(catalogue.SPECS)} "
-                               f"(or register one: minaction.data.register_dataset)")
+        raise StudyConfigError(f"unknown dataset(s) {unknown}; choose from "
+                               f"{list(catalogue.SPECS) + [d for d in catalogue.REGISTERED if d not in catalogue.SPECS]} "
+                               f"(or register one with minaction.data.register_dataset in a module that "
+                               f"`study run` / `replicate` imports with --plugin MODULE)")
     return real
 
 

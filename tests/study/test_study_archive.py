@@ -183,3 +183,25 @@ def test_plan_counts_max_group(tmp_path, monkeypatch):
     p = plan(synth(), workers=1, measure_fn=fake, max_group=2)
     assert p["groups"] == 4  # two lambdas x (2 + 1) seeds
     assert plan(synth(), workers=1, measure_fn=fake)["groups"] == 2
+
+
+def test_plan_with_retry_failed_counts_the_failed_runs_as_pending(tmp_path, monkeypatch):
+    """`study run --retry-failed` printed '0 pending in 0 groups' and a 0 s estimate, then trained the failed
+    runs: its header's plan counted them as finished. plan(..., retry_failed=True) counts them as pending."""
+    from minaction.study.plan import plan
+
+    monkeypatch.setenv("MINACTION_CACHE", str(tmp_path))
+
+    def fake(group, steps):
+        return {"n_train": 10, "steps_per_epoch": 1, "t_step": 0.01, "t_eval": 0.01}
+
+    spec = synth(archs=["tiny_fail"])
+    db = tmp_path / "f.sqlite"
+    run_study(spec, db, workers=1, progress=False)
+    con = sqlite3.connect(db)
+    failed = con.execute("SELECT count(*) FROM runs WHERE status = 'failed'").fetchone()[0]
+    con.close()
+    assert failed > 0
+    assert plan(spec, db=db, workers=1, measure_fn=fake)["pending"] == 0
+    p = plan(spec, db=db, workers=1, measure_fn=fake, retry_failed=True)
+    assert p["pending"] == failed and p["groups"] > 0

@@ -447,12 +447,25 @@ def test_cli_plugin_registers_user_architectures_in_a_fresh_process(tmp_path):
     assert not db.exists()
     without = subprocess.run(base, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert without.returncode == 2 and "tiny_mlp" in without.stderr  # unknown without the plugin
+    assert "--plugin MODULE" in without.stderr  # the way to register one from the command line
     ok = subprocess.run(base + ["--plugin", "doubles.study"], env=env, capture_output=True, text=True,
                         timeout=HANG_GUARD)
     assert ok.returncode == 0, ok.stderr[-2000:]
     con = sqlite3.connect(db)
     assert con.execute("select count(*) from runs where status = 'done'").fetchone()[0] == 1
     con.close()
+    # a .py path works too (its folder goes on the path), and replicate takes --plugin as study run does
+    plug = tmp_path / "myplug.py"
+    plug.write_text("from doubles.study import *  # noqa: F401,F403  (registers tiny_mlp and synthetic)\n")
+    rep = subprocess.run([sys.executable, "-m", "minaction.cli", "replicate", "--preset", str(preset), "--db",
+                          str(tmp_path / "rep.sqlite"), "--out", str(tmp_path / "rep"), "--workers", "1",
+                          "--no-progress", "--n-boot", "10", "--plugin", str(plug)],
+                         env=env, capture_output=True, text=True, timeout=HANG_GUARD)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert (tmp_path / "rep" / "report.md").is_file()
+    missing = subprocess.run(base + ["--plugin", str(tmp_path / "nope.py")], env=env, capture_output=True,
+                             text=True, timeout=HANG_GUARD)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
 def test_the_console_command_freezes_the_collector_only_on_its_way_out(tmp_path):
@@ -471,6 +484,23 @@ def test_the_console_command_freezes_the_collector_only_on_its_way_out(tmp_path)
     r = subprocess.run([sys.executable, "-m", "minaction.cli", "study", "status", "--db", str(tmp_path / "none.sqlite")],
                        capture_output=True, text=True, timeout=HANG_GUARD)
     assert r.returncode == 2 and "minaction study status: error" in r.stderr, (r.returncode, r.stderr[-2000:])
+
+
+def test_the_console_command_says_how_to_resume_when_interrupted():
+    """Ctrl-C on `minaction study run` printed a KeyboardInterrupt traceback; it is one line saying how to resume."""
+    code = textwrap.dedent("""
+        import sys
+        from minaction import cli
+
+        def interrupted():
+            raise KeyboardInterrupt
+
+        cli.main = interrupted
+        sys.exit(cli.console_main())
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "the same command resumes" in r.stderr
 
 
 def test_the_console_command_exits_quietly_when_its_reader_leaves():
