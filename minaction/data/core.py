@@ -46,6 +46,18 @@ class Dataset:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, meta: DataMeta, split: str, vocab=None):
+        # the contract a registered dataset's load() must meet, checked here rather than as a failed run per
+        # (architecture, seed) later (numpy arrays, float labels, labels outside [0, C))
+        for what, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"dataset {meta.name!r} ({split}): {what} must be a torch.Tensor, got "
+                                f"{type(t).__module__}.{type(t).__name__} (torch.from_numpy / torch.as_tensor)")
+        if y.dtype != torch.int64 or y.dim() != 1:
+            raise ValueError(f"dataset {meta.name!r} ({split}): y must be int64 class labels of shape [N], got "
+                             f"{y.dtype} of shape {tuple(y.shape)}")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= meta.num_classes):
+            raise ValueError(f"dataset {meta.name!r} ({split}): labels must lie in [0, {meta.num_classes}) "
+                             f"(num_classes = {meta.num_classes}), got {int(y.min())} .. {int(y.max())}")
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
         self.x, self.y, self.meta, self.split = x, y, meta, split

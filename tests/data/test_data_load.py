@@ -508,3 +508,20 @@ def test_spikes_from_the_cpu_kernels_equal_torch_rand(monkeypatch):
             assert torch.equal(fast, slow), (shape, seed, b)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.minaction.rate_spikes(torch.rand(2, 3, dtype=torch.float64), 1, 2)
+
+
+@pytest.mark.parametrize("x,y,match", [
+    (np.zeros((4, 1, 2, 2), np.float32), torch.zeros(4, dtype=torch.int64), r"x must be a torch.Tensor, got numpy"),
+    (torch.zeros(4, 1, 2, 2), np.zeros(4, np.int64), r"y must be a torch.Tensor, got numpy"),
+    (torch.zeros(4, 1, 2, 2), torch.zeros(4), r"y must be int64 class labels of shape \[N\], got torch.float32"),
+    (torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 2, 1]), r"labels must lie in \[0, 2\).*got 0 \.\. 2"),
+    (torch.zeros(4, 1, 2, 2), torch.tensor([0, -1, 1, 1]), r"labels must lie in \[0, 2\)"),
+])
+def test_a_dataset_refuses_what_would_fail_every_run(x, y, match):
+    """A registered dataset whose load() returned numpy arrays, float labels or labels outside [0, C) was
+    accepted, and every run of the study then failed with torch's own error (index_select on an ndarray,
+    'Target 3 is out of bounds'); the Dataset names the contract instead."""
+    meta = data.DataMeta("mine", "vision", 2, (1, 2, 2), torch.float32)
+    with pytest.raises((TypeError, ValueError), match=match):
+        data.Dataset(x, y, meta, "train")
+    assert len(data.Dataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 1, 0]), meta, "train")) == 4
