@@ -183,12 +183,27 @@ def study_status(db, preset=None) -> dict:
             out["presets"] = per
         row = con.execute("SELECT SUM(wall_time_s * 1.0) FROM runs WHERE status = 'done'").fetchone()
         out["done_wall_time_s"] = row[0] or 0.0
+        out["failures"] = _failures(con, planned if preset is not None else None)  # why, without SQLite
         out["running"] = store.writer(db)
         return out
     except sqlite3.Error as exc:
         raise store.diagnose(db, exc, "read") from None
     finally:
         con.close()
+
+
+def _failures(con, only=None, most: int = 10) -> list:
+    """Why runs failed, without opening SQLite: the last line of each failed run's recorded error (the
+    exception), counted per (arch, dataset, reason), most frequent first (at most ``most`` rows)."""
+    counts: dict = {}
+    for run_id, arch, ds, err in con.execute("SELECT run_id, arch, dataset, error FROM runs WHERE status = 'failed'"):
+        if only is not None and run_id not in only:
+            continue
+        lines = [ln.strip() for ln in (err or "").splitlines() if ln.strip()]
+        key = (arch, ds, lines[-1][:300] if lines else "(no error recorded)")
+        counts[key] = counts.get(key, 0) + 1
+    rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:most]
+    return [{"arch": a, "dataset": d, "runs": n, "error": e} for (a, d, e), n in rows]
 
 
 class _Progress:

@@ -205,3 +205,18 @@ def test_plan_with_retry_failed_counts_the_failed_runs_as_pending(tmp_path, monk
     assert plan(spec, db=db, workers=1, measure_fn=fake)["pending"] == 0
     p = plan(spec, db=db, workers=1, measure_fn=fake, retry_failed=True)
     assert p["pending"] == failed and p["groups"] > 0
+
+
+def test_status_says_why_runs_failed(tmp_path):
+    """The reasons of failed runs were in SQLite only: `study status` lists them, per (arch, dataset, exception),
+    with and without --preset."""
+    from minaction.study.runner import study_status
+
+    spec = synth(archs=["tiny_fail", "tiny_mlp"])
+    db = tmp_path / "f.sqlite"
+    run_study(spec, db, workers=1, progress=False)
+    for st in (study_status(db), study_status(db, spec)):
+        (row,) = st["failures"]
+        assert row["arch"] == "tiny_fail" and row["dataset"] == "synthetic" and row["runs"] == st["failed"] == 6
+        assert row["error"] and "Traceback" not in row["error"]
+    assert study_status(db, synth())["failures"] == []  # tiny_mlp's runs: none failed
