@@ -22,6 +22,11 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source", default=None, metavar="TEXT",
                    help="what the report names as the runs' source, e.g. the archive a store was imported from "
                         "(default: the --db path as given)")
+    g.add_argument("--energy-first", default=None, metavar="A,B",
+                   help="the energy-first architectures of Finding 3, comma-separated (default: bimodal_true,"
+                        "physics_lagrangian); name your own registered architectures here")
+    g.add_argument("--conventional", default=None, metavar="A,B",
+                   help="the conventional baselines of Finding 3, comma-separated (default: mlp,cnn)")
     g.add_argument("--efficiency-metric", choices=("flops", "steps", "samples"), default="flops",
                    help="headline metric of Finding 3: training FLOPs, optimizer steps or training samples to "
                         "the target (default flops; wall time is always a secondary column)")
@@ -30,8 +35,16 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
 def _options(args):
     from .build import ReportOptions
 
+    groups = {}
+    for key in ("energy_first", "conventional"):
+        text = getattr(args, key, None)
+        if text is not None:
+            names = tuple(n.strip() for n in text.split(",") if n.strip())
+            if not names:
+                raise ValueError(f"--{key.replace('_', '-')} needs at least one architecture name")
+            groups[key] = names
     return ReportOptions(n_boot=args.n_boot, seed=args.seed, ci=args.ci, anova_type=args.anova_type, lam=args.lam,
-                         target_frac=args.target_frac, target_by=args.target_by,
+                         target_frac=args.target_frac, target_by=args.target_by, **groups,
                          efficiency_metric=args.efficiency_metric, source=args.source,
                          preset=getattr(args, "preset", None), budget=tuple(getattr(args, "budget", None) or ()),
                          design=getattr(args, "design", None))
@@ -81,6 +94,11 @@ def _replicate(args) -> int:
               file=sys.stderr)
         return 2
     err = _out_error(args.out)  # before training, not after
+    if err is None:
+        try:
+            _options(args)
+        except ValueError as exc:
+            err = str(exc)
     if err:
         print(f"minaction replicate: error: {err}", file=sys.stderr)
         return 2

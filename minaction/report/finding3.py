@@ -77,6 +77,10 @@ def section(rep) -> None:
         f" with the lowest value there, only where both reached the target; a modality's gain is the mean over "
         f"its compared datasets; {fmt(100 * opt.ci)}% percentile bootstrap CI over seeds ({opt.n_boot} resamples). "
         f"λ = {fmt(lam)}. Headline metric: {NAMES[metric]}.")
+    other = sorted(set(runs["arch"]) - set(opt.energy_first) - set(opt.conventional)) if "arch" in runs else []
+    if other:
+        d.p(f"Not compared (neither energy-first nor conventional): {', '.join(other)}. `--energy-first` / "
+            f"`--conventional` (ReportOptions.energy_first / conventional) assign an architecture to a group.")
     if not has_steps:
         d.p("This store has no evals table (written before the trainer recorded evaluations every N steps): "
             "steps, samples and FLOPs to target are unknown; only epochs and time are shown.")

@@ -39,6 +39,13 @@ def test_replicate_cli_on_runner_store(tmp_path, capsys):
     sw = pd.read_csv(out / "tables" / "lambda_sweep.csv")
     assert set(sw["lam"]) == {0.0, 1e-3} and (sw["n"] == 2).all()
     assert check_traceable(out) == []
+    # a registered architecture in neither group of Finding 3 is named as not compared, and the flags assign it
+    assert "Not compared (neither energy-first nor conventional): tiny_mlp" in (out / "report.md").read_text()
+    out2 = tmp_path / "rep2"
+    assert main(["report", "--db", str(db), "--out", str(out2), "--n-boot", "10", "--conventional", "tiny_mlp",
+                 "--energy-first", "bimodal_true"]) == 0
+    assert "Not compared" not in (out2 / "report.md").read_text()
+    assert main(["report", "--db", str(db), "--out", str(out2), "--conventional", " , "]) == 2
     # one architecture and one dataset: the factorial analysis is honestly not comparable
     comp = pd.read_csv(out / "tables" / "paper_comparison.csv")
     assert comp.loc[0, "verdict"] == "not comparable"
