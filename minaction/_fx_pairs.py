@@ -271,7 +271,6 @@ def output_modules(model: nn.Module, notes: Optional[list] = None) -> Tuple[set,
     convention, is taken as the output, and ``notes`` gets (path, why) for the report. The guess errs
     towards leaving a hidden layer plain rather than counting the model's prediction as hidden energy."""
     modules, layers = {id(model)}, set()
-    names = {id(m): n for n, m in model.named_modules()}
     todo = [model]
     while todo:
         m = todo.pop()
@@ -301,8 +300,8 @@ def output_modules(model: nn.Module, notes: Optional[list] = None) -> Tuple[set,
                 name, child = named[-1]
                 modules.add(id(child))
                 todo.append(child)
-                path = names.get(id(m), "")
                 if notes is not None:
+                    path = next((n for n, sub in model.named_modules() if sub is m), "")
                     why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
                     notes.append((path or type(m).__name__,
                                   f"{type(m).__name__}.forward could not be read with torch.fx ({why}), so what gives "

@@ -78,7 +78,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
                 _warn_if_reentrant_checkpoint(model)
             return total
     total = None
-    layers = energy_layers(model)
+    layers = found = energy_layers(model)
     if not layers:
         if any(isinstance(m, EnergyLayer) for m in model.modules()):
             raise ValueError(f"every energy layer of {type(model).__name__} was built with energy=None: "
@@ -103,7 +103,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     if not _compiling():
         _mark_read([m.__dict__ for _, m in layers], id(model))
         if _grad_enabled():  # each layer is asked: one outside the checkpoint gives the sum a gradient
-            _warn_if_reentrant_checkpoint(model)
+            _warn_if_reentrant_checkpoint(model, found)
     return total
 
 
@@ -160,11 +160,13 @@ def record_energy(model: Optional[nn.Module] = None):
         _layers._TAPES.remove(tape)
 
 
-def _warn_if_reentrant_checkpoint(model: nn.Module) -> None:
+def _warn_if_reentrant_checkpoint(model: nn.Module, layers=None) -> None:
     """Warn when the energy about to go into a loss was computed in the first, autograd-free
-    forward of ``torch.utils.checkpoint(..., use_reentrant=True)`` (see nn.layers._note_no_grad_energy)."""
-    names = [n or type(m).__name__ for n, m in energy_layers(model)  # a layer with its own penalty trains
-             if m.__dict__.get("_reentrant_energy") is m.__dict__.get("_last_energy") and not m.penalty]
+    forward of ``torch.utils.checkpoint(..., use_reentrant=True)`` (see nn.layers._note_no_grad_energy).
+    ``layers``: ``energy_layers(model)``, where the caller has it already (else found again)."""
+    names = [n or type(m).__name__ for n, m in (energy_layers(model) if layers is None else layers)
+             if m.__dict__.get("_reentrant_energy") is m.__dict__.get("_last_energy")
+             and not m.penalty]  # a layer with its own penalty trains
     if names:
         warnings.warn(
             f"the energy of {len(names)} layer(s) ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) was "

@@ -10,6 +10,7 @@ its checkpoint, and deletes a group's checkpoint once its runs are recorded.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import json
 import os
@@ -195,13 +196,11 @@ def study_status(db, preset=None) -> dict:
 def _failures(con, only=None, most: int = 10) -> list:
     """Why runs failed, without opening SQLite: the last line of each failed run's recorded error (the
     exception), counted per (arch, dataset, reason), most frequent first (at most ``most`` rows)."""
-    counts: dict = {}
+    counts = collections.Counter()
     for run_id, arch, ds, err in con.execute("SELECT run_id, arch, dataset, error FROM runs WHERE status = 'failed'"):
-        if only is not None and run_id not in only:
-            continue
-        lines = [ln.strip() for ln in (err or "").splitlines() if ln.strip()]
-        key = (arch, ds, lines[-1][:300] if lines else "(no error recorded)")
-        counts[key] = counts.get(key, 0) + 1
+        if only is None or run_id in only:
+            lines = [ln.strip() for ln in (err or "").splitlines() if ln.strip()]
+            counts[(arch, ds, lines[-1][:300] if lines else "(no error recorded)")] += 1
     rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:most]
     return [{"arch": a, "dataset": d, "runs": n, "error": e} for (a, d, e), n in rows]
 
