@@ -178,7 +178,7 @@ class LoopEnsemble(nn.Module):
 
     batched = False
 
-    def __init__(self, members: Sequence[nn.Module]):
+    def __init__(self, members: Sequence[nn.Module], meta=None):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.num_models = len(self.members)
@@ -186,7 +186,11 @@ class LoopEnsemble(nn.Module):
         if rows:
             self.eval_rows = rows  # the trainer's evaluation pieces, as the members ask
         self.arch = getattr(self.members[0], "arch", "")
-        self.meta = getattr(self.members[0], "meta", None)
+        self.meta = meta if meta is not None else getattr(self.members[0], "meta", None)
+        if getattr(self.meta, "input_shape", None) is None:
+            raise ValueError("LoopEnsemble needs the dataset's meta (its input_shape tells a per-member input "
+                             "[G, B, ...] from a shared one [B, ...]): pass LoopEnsemble(members, meta=meta), "
+                             "or give the members a .meta attribute")
         G = self.num_models
         self._active = None  # None: every member runs; else a list of G bools
         for g, m in enumerate(self.members):

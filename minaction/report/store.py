@@ -263,12 +263,21 @@ def select_budget(store: "Store", preset: str | None = None, budget=()) -> "Stor
     sub = runs[keep].reset_index(drop=True)
     mixed = mixed_budgets(sub, store.budgets)
     if mixed:
-        presets = ", ".join(sorted(str(p) for p in sub["preset"].dropna().unique()))
+        names = sorted(str(p) for p in sub["preset"].dropna().unique())
+        # a name whose own runs mix budgets (a preset edited, or two files of one stem) selects nothing apart
+        itself = [n for n in names if mixed_budgets(sub[sub["preset"].astype(str) == n], store.budgets)]
+        clean = [n for n in names if n not in itself]
         scope = f" after selecting {' and '.join(what)}" if what else ""
+        how = [f"--preset NAME (presets here: {', '.join(clean)})"] if clean else []
+        if itself:
+            how.append(f"--preset FILE.toml (the file of the version to report: the "
+                       f"name{'s' if len(itself) > 1 else ''} {', '.join(itself)} recorded runs of more than one "
+                       f"budget)")
+        how.append("--budget ID (repeatable, one per dataset)")
         raise MixedBudgetError(
             f"{store.path}: runs of different training budgets would be pooled{scope}: "
-            f"{describe_mixed(sub, store.budgets, mixed)}. Report one budget at a time: pass --preset NAME "
-            f"(presets here: {presets}) or --budget ID (repeatable, one per dataset).")
+            f"{describe_mixed(sub, store.budgets, mixed)}. Report one budget at a time: pass "
+            + " or ".join(how) + ".")
     ids = set(sub["run_id"])
     epochs = store.epochs[store.epochs["run_id"].isin(ids)].reset_index(drop=True)
     evals = store.evals

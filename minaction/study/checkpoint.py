@@ -106,10 +106,27 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
+def plugin_version(runs) -> str:
+    """A hash of the source files of the modules that registered the architectures and datasets of
+    ``runs`` ('' when every name is built in): a checkpoint written before a plugin was edited
+    is not resumed with the edited code."""
+    from .plugins import plugins_for
+
+    h = hashlib.sha256()
+    mods = plugins_for(runs)
+    for module, _root in mods:
+        f = getattr(sys.modules.get(module), "__file__", None)
+        try:
+            h.update(module.encode() + b"\0" + Path(f).read_bytes())
+        except (OSError, TypeError):
+            h.update(module.encode())  # no readable source: the module's name alone
+    return h.hexdigest()[:16] if mods else ""
+
+
 def group_key(runs) -> str:
     """What must match for a checkpoint to be resumed: runs and configurations in member
-    order, the checkpoint format and the code version."""
-    body = json.dumps({"format": FORMAT, "code": code_version(),
+    order, the checkpoint format and the code version (with the plugins' sources)."""
+    body = json.dumps({"format": FORMAT, "code": code_version(), "plugins": plugin_version(runs),
                        "runs": [[str(r["run_id"]), r["config"]] for r in runs]}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
 

@@ -234,7 +234,7 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
     todo = [r for r in runs if r["run_id"] not in done]
     from .runner import check_config
 
-    check_config(todo)  # a misspelt architecture, dataset or activation: one error (exit 2), not a table of them
+    check_config(todo, spec)  # a misspelt architecture, dataset or activation: one error (exit 2), not a table of them
     groups = _presets.make_groups(todo, spec["group_by"], spec["max_group"])
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

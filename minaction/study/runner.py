@@ -62,11 +62,15 @@ def check_backend() -> str:
     return forced
 
 
-def check_config(runs) -> dict:
+def check_config(runs, spec=None) -> dict:
     """Every architecture and dataset of ``runs`` exists and every budget's model options
     (``activation``, ``energy``, ``energy_reduction``) are ones the layers take: a typo is one clear
-    error before anything runs, not a failed run per configuration in the store. Returns the
-    real (not registered) datasets with their data options."""
+    error before anything runs, not a failed run per configuration in the store. With ``spec`` (the
+    preset), the datasets named in its ``[budget_by_dataset.*]`` and ``[data_opts.*]`` tables are known
+    ones too (a misspelt name there would be ignored silently, and its runs train with the default
+    budget). Returns the real (not registered) datasets with their data options."""
+    if spec is not None:
+        _check_dataset_tables(spec)
     archs = sorted({r["config"]["arch"] for r in runs})
     datasets = {}
     for r in runs:
@@ -106,6 +110,23 @@ def check_config(runs) -> dict:
                                f"(or register one with minaction.data.register_dataset in a module that "
                                f"`study run` / `replicate` imports with --plugin MODULE)")
     return real
+
+
+def _check_dataset_tables(spec) -> None:
+    named = {f"{table}.{ds}": ds for table in ("budget_by_dataset", "data_opts") for ds in spec.get(table, {})}
+    if not named:
+        return
+    try:
+        from ..data import catalogue
+    except ImportError:  # pragma: no cover - minaction.data is part of minaction
+        return
+    known = list(catalogue.SPECS) + [d for d in catalogue.REGISTERED if d not in catalogue.SPECS]
+    bad = sorted(t for t, ds in named.items() if ds not in known)
+    if bad:
+        raise StudyConfigError(f"preset {spec.get('name')!r}: {', '.join('[' + t + ']' for t in bad)} "
+                               f"name{'s' if len(bad) == 1 else ''} no known dataset, so "
+                               f"{'it' if len(bad) == 1 else 'they'} would be ignored; datasets: {known} "
+                               f"(a dataset registered by a plugin needs --plugin MODULE)")
 
 
 def check_inputs(runs) -> None:
@@ -304,6 +325,7 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
     spec = with_max_group(load_preset(preset), max_group)
     runs = expand(spec)
     check_backend()
+    check_config(runs, spec)  # before the store exists: a refused preset leaves no empty store behind
     con = store.connect(db)
     lock = None
     try:
@@ -323,6 +345,27 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         store.release_writer_lock(lock)
 
 
+def _warn_renamed_budget(con, spec) -> None:
+    """A preset of the same name but another budget already ran into this store (an edited preset, or
+    another file with the same stem): its runs stay, recorded under the same name, and a report of
+    the store will refuse to pool the two budgets. Say so now, and how to keep them apart."""
+    row = con.execute("SELECT value FROM meta WHERE key = ?", (f"preset:{spec['name']}",)).fetchone()
+    if row is None:
+        return
+    try:
+        old = json.loads(row[0])
+    except ValueError:
+        return
+    keys = ("budget", "budget_by_dataset", "data_opts")
+    new = json.loads(json.dumps({k: spec.get(k, {}) for k in keys}, sort_keys=True, default=str))
+    if {k: old.get(k, {}) for k in keys} != new:
+        changed = [k for k in keys if old.get(k, {}) != new[k]]
+        checkpoint.warn(f"this store already holds runs of a preset named {spec['name']!r} with another "
+                        f"{' / '.join(changed)}; they stay recorded under that name, beside this preset's runs. "
+                        f"A report of the store pools no two budgets: select with `report --preset FILE.toml` "
+                        f"or `--budget ID`, or give this preset its own `name = ...`")
+
+
 def _group_label(runs) -> str:
     """'arch x dataset (n runs)' for a group's log lines."""
     c = runs[0]["config"]
@@ -339,6 +382,7 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
         todo = todo[:max(0, int(limit))]
     check_inputs(todo)
     groups = make_groups(todo, spec["group_by"], spec["max_group"])
+    _warn_renamed_budget(con, spec)
     try:
         store.set_meta(con, f"preset:{spec['name']}", json.dumps(spec, sort_keys=True, default=str))
     except sqlite3.Error as exc:
