@@ -45,6 +45,8 @@ class Dataset:
     ``to(device)`` moves the tensors (batches are then cut on that device).
     """
 
+    _x_is_input = True  # x holds the model's inputs as they are (a SpikeDataset's are generated from it)
+
     def __init__(self, x: torch.Tensor, y: torch.Tensor, meta: DataMeta, split: str, vocab=None):
         # the contract a registered dataset's load() must meet, checked here rather than as a failed run per
         # (architecture, seed) later (numpy arrays, float labels, labels outside [0, C))
@@ -60,6 +62,13 @@ class Dataset:
                              f"(num_classes = {meta.num_classes}), got {int(y.min())} .. {int(y.max())}")
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        if self._x_is_input:  # x is what batches yield: its sample shape and dtype are the meta's
+            if tuple(x.shape[1:]) != tuple(meta.input_shape):
+                raise ValueError(f"dataset {meta.name!r} ({split}): x has samples of shape {tuple(x.shape[1:])} but "
+                                 f"its meta.input_shape is {tuple(meta.input_shape)} (x is [N, *input_shape])")
+            if x.dtype != meta.input_dtype:
+                raise TypeError(f"dataset {meta.name!r} ({split}): x has dtype {x.dtype} but its meta.input_dtype "
+                                f"is {meta.input_dtype}")
         self.x, self.y, self.meta, self.split = x, y, meta, split
         self.vocab = vocab  # text: list of tokens, index = id
         self.sample_ids: Optional[torch.Tensor] = None  # per-sample source ids where known (nmnist)
@@ -183,6 +192,7 @@ class SpikeDataset(Dataset):
     """
 
     _steps = None  # T of a time-averaged copy (its meta says 1); None: meta.input_shape[0]
+    _x_is_input = False  # x: images [N, *input_shape[1:]], drawn as T frames per batch
 
     def time_steps(self) -> int:
         return int(self._steps or self.meta.input_shape[0])

@@ -516,6 +516,10 @@ def test_spikes_from_the_cpu_kernels_equal_torch_rand(monkeypatch):
     (torch.zeros(4, 1, 2, 2), torch.zeros(4), r"y must be int64 class labels of shape \[N\], got torch.float32"),
     (torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 2, 1]), r"labels must lie in \[0, 2\).*got 0 \.\. 2"),
     (torch.zeros(4, 1, 2, 2), torch.tensor([0, -1, 1, 1]), r"labels must lie in \[0, 2\)"),
+    (torch.zeros(4, 4), torch.zeros(4, dtype=torch.int64), r"samples of shape \(4,\) but its meta.input_shape is "
+                                                         r"\(1, 2, 2\)"),
+    (torch.zeros(4, 1, 2, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.int64),
+     r"x has dtype torch.float64 but its meta.input_dtype is torch.float32"),
 ])
 def test_a_dataset_refuses_what_would_fail_every_run(x, y, match):
     """A registered dataset whose load() returned numpy arrays, float labels or labels outside [0, C) was
@@ -525,3 +529,5 @@ def test_a_dataset_refuses_what_would_fail_every_run(x, y, match):
     with pytest.raises((TypeError, ValueError), match=match):
         data.Dataset(x, y, meta, "train")
     assert len(data.Dataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 1, 0]), meta, "train")) == 4
+    spikes = data.DataMeta("mine", "neuromorphic", 2, (5, 1, 2, 2), torch.float32, spike_encoded=True)
+    assert len(data.SpikeDataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 1, 0]), spikes, "train")) == 4
