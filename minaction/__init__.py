@@ -66,8 +66,8 @@ if "torch" in __import__("sys").modules:
     _load_core()
 
 # submodules imported on first attribute access (they pull pandas, statsmodels, matplotlib, ...)
-_LAZY_SUBMODULES = frozenset({"backends", "cli", "data", "energy_meter", "models", "model_api", "ops", "report",
-                              "study"})
+_LAZY_SUBMODULES = frozenset({"backends", "cli", "data", "energy_meter", "errors", "models", "model_api", "ops",
+                              "report", "study"})
 
 
 def __getattr__(name: str):

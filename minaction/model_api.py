@@ -384,11 +384,53 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _hook_kinds(mod) -> List[str]:
+    """The kinds of module hooks registered on ``mod`` (forward pre-hook, forward hook, ...)."""
+    if not isinstance(mod, nn.Module):
+        return []
+    return [k.strip("_").replace("_", " ")[:-1] for k in _HOOK_DICTS if getattr(mod, k, None)]
+
+
+def _hooked_reason(mod: nn.Module, act_mod=None) -> Optional[str]:
+    """Why a layer (or its activation module) with module hooks stays plain, or None."""
+    for m, role in ((mod, "the layer"), (act_mod, "its activation module")):
+        kinds = _hook_kinds(m)
+        if not kinds:
+            continue
+        computed = [n for n in ("weight_orig", "weight_g", "weight_v", "weight_u") if hasattr(m, n)]
+        what = (f" (its weight is recomputed by a {kinds[0]}: torch.nn.utils.prune or the old "
+                f"torch.nn.utils.weight_norm / spectral_norm)" if computed else "")
+        return (f"{role} ({type(m).__name__}) has module hooks ({', '.join(kinds)}){what}: a fused energy layer "
+                "applies the activation inside the layer, so the hooks would see other values or no call at all; "
+                "left as is (the activation's energy is still counted, by an EnergyActivation that keeps the "
+                "activation module's hooks, unless wrap_activations=False). To fuse it, convert before registering "
+                "hooks, or use torch.nn.utils.parametrize / parametrizations, which the energy layers run")
+    return None
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` (an EnergyActivation computing what ``old`` computed, from the same input) runs ``old``'s module
+    hooks: the same dicts, so a handle that ``old.register_*_hook`` returned still removes its hook."""
+    for k in _HOOK_DICTS + ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                            "_forward_pre_hooks_with_kwargs"):
+        d = getattr(old, k, None)
+        if d:
+            setattr(new, k, d)
+    if getattr(old, "_backward_hooks", None):
+        new._is_full_backward_hook = getattr(old, "_is_full_backward_hook", None)
+
+
+def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend, act_mod=None):
     """The energy layer replacing ``mod`` + ``act`` with the same weights, or a reason string why none can."""
     if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
         return (f"{type(mod).__name__} has no weights yet (a lazy module takes its input size from its first "
                 "forward): run one forward (a dummy batch) before minaction.convert, and it fuses with its activation")
+    hooked = _hooked_reason(mod, act_mod)  # (after the lazy check: an uninitialised lazy module has its own pre-hook)
+    if hooked is not None:
+        return hooked
     # built on the meta device: no init draws from the global RNG (a converted model trained from the same seed
     # as the plain one shuffled and dropped out differently) and no init pass over weights about to be replaced
     kw = dict(activation=act, energy=energy, energy_reduction=energy_reduction, backend=backend,
@@ -405,6 +447,14 @@ def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend):
         new = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride, padding=mod.padding,
                   dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None,
                   padding_mode=mod.padding_mode, **kw)
+    elif torch.nn.utils.parametrize.is_parametrized(mod):
+        base = next((c.__name__ for c in (nn.Linear, nn.Conv1d, nn.Conv2d) if isinstance(mod, c)), None)
+        if base is None:
+            return f"{type(mod).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"
+        return (f"this {base} has parametrizations ({', '.join(mod.parametrizations)}; torch.nn.utils.parametrize), "
+                f"which convert does not move: left as is (the activation's energy is still counted, by an "
+                f"EnergyActivation, unless wrap_activations=False). To fuse it, convert first and register the "
+                f"parametrization on the energy layer, which runs it")
     else:
         return f"{type(mod).__name__} has no energy counterpart (Linear, Conv1d and Conv2d do)"
     # the same Parameter objects (the twins mirror nn's names and shapes): ties, optimizers and hooks still hold
@@ -463,7 +513,7 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
             rep.skipped.append((path, f"{type(drop).__name__} sits between the layer and {type(act_mod).__name__}, "
                                       f"and {act} does not commute with dropout (only ReLU does)"))
             continue
-        new = _energy_twin(mod, act, *opts)  # a reason string where there is no twin
+        new = _energy_twin(mod, act, *opts, act_mod=act_mod)  # a reason string where there is no twin
         if isinstance(new, str):
             rep.skipped.append((path, new))
             continue
@@ -523,7 +573,7 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, ou
             layer = mod.get_submodule(path)
             act_mod = mod.get_submodule(act_path) if act_path is not None else None
             act = _act_name(act_mod) if act_mod is not None else "relu"
-            new = _energy_twin(layer, act, *opts)  # a reason string where there is no twin
+            new = _energy_twin(layer, act, *opts, act_mod=act_mod)  # a reason string where there is no twin
             if isinstance(new, str):
                 reasons[path] = new
                 continue
@@ -664,7 +714,7 @@ def _convert_transformer_layers(model: nn.Module, rep: ConversionReport, opts) -
         if uses.get(id(lin), 0) > 1 or (isinstance(fn, nn.Module) and uses.get(id(fn), 0) > 1):
             rep.skipped.append((prefix + "linear1", _SHARED))
             continue
-        new = _energy_twin(lin, act, *opts)
+        new = _energy_twin(lin, act, *opts, act_mod=fn if isinstance(fn, nn.Module) else None)
         if isinstance(new, str):
             rep.skipped.append((prefix + "linear1", new))
             continue
@@ -716,6 +766,7 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
         rows = _rows_after(prev)
         new = EnergyActivation(act if act is not None else mod, energy, energy_reduction, rows=rows,
                                backend=backend).train(mod.training)
+        _carry_hooks(mod, new)  # the same input and output: its hooks see what they saw
         _set_submodule(model, path, new)
         after = f" after {type(prev).__name__}" if prev is not None else ""
         how = (f"the same activation, and the energy of its output{_custom_note(mod, act)}" if act is not None else

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..backends import energy_dtype
+from ..errors import InputShapeError
 from ..ops import activation_energy
 from ..ops.energy import with_penalty
 from . import layers as _layers
@@ -102,8 +103,8 @@ class EnergyActivation(EnergyLayer):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             if isinstance(x, torch.fx.Proxy):
                 return _layers._fx_leaf(self, x)
-            raise ValueError(f"{type(self).__name__} expects a tensor with a batch dimension, got "
-                             f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-dim tensor'}")
+            raise InputShapeError(f"{type(self).__name__} expects a tensor with a batch dimension, got "
+                                  f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-dim tensor'}")
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")
         kw = dict(backend=self.backend, penalty=penalty)
         fn = self.__dict__.get("_fn")
@@ -113,7 +114,8 @@ class EnergyActivation(EnergyLayer):
             y, e = activation_energy(x.reshape(-1, x.shape[-1]), self.activation, self.energy, self.energy_reduction,
                                      **kw)
             y = y.view(x.shape)
-        elif x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        elif x.dim() == 4 and not x.is_contiguous() and _layers._interpreter_stack() is None \
+                and x.is_contiguous(memory_format=torch.channels_last):  # (vmap's tensors cannot answer this)
             # channels-last (after a conv + BatchNorm2d in that format): the sample's units are one block of the
             # [B, H, W, C] view, and the output keeps the format, as nn.ReLU's does
             y, e = activation_energy(x.permute(0, 2, 3, 1), self.activation, self.energy, self.energy_reduction, **kw)

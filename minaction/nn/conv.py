@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from ..backends import energy_dtype
+from ..errors import InputShapeError
 from ..ops import activation_energy, activation_energy_max_pool2, conv2d_act_energy_max_pool2, max_pool2
 from . import layers as _layers
 from .layers import EnergyLayer
@@ -120,7 +121,7 @@ class _EnergyConvNd(EnergyLayer):
         """``nn.ConvNd``'s initialisation: weight and bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``;
         for G members each member (or only ``model``) in turn, weight then bias, so member g
         drawn from a generator gets exactly what a one-model layer drawn from it gets."""
-        bound = 1.0 / math.sqrt(self.fan_in)
+        wbound, bound = _layers._kaiming_bound(self.fan_in), 1.0 / math.sqrt(self.fan_in)
         if self.num_models is None:
             if model is not None:
                 raise ValueError("this EnergyConv layer holds one model; reset_parameters(model=...) must be None")
@@ -130,7 +131,7 @@ class _EnergyConvNd(EnergyLayer):
                 raise ValueError(f"model={model} is outside 0..{self.num_models - 1}")
             members = [int(model)] if model is not None else range(self.num_models)
         for g in members:
-            (self.weight if g is None else self.weight[g]).uniform_(-bound, bound, generator=generator)
+            (self.weight if g is None else self.weight[g]).uniform_(-wbound, wbound, generator=generator)
             if self.bias is not None:
                 (self.bias if g is None else self.bias[g]).uniform_(-bound, bound, generator=generator)
 
@@ -140,6 +141,7 @@ class _EnergyConvNd(EnergyLayer):
         if isinstance(x, torch.fx.Proxy):
             return _layers._fx_leaf(self, x)
         if x.dim() == self._dims + 1 and self.num_models is None:  # unbatched [C, *spatial], as nn.Conv accepts
+            self._check_unbatched(x)
             return self.forward(x.unsqueeze(0)).squeeze(0)
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")
         y = self._run(x, pool=False)
@@ -156,6 +158,7 @@ class _EnergyConvNd(EnergyLayer):
         hooks observe ``self(x)`` itself, so while any is registered this runs ``self(x)`` then
         the pooling, and the hooks see what they always see."""
         if x.dim() == self._dims + 1 and self.num_models is None:  # unbatched [C, *spatial]
+            self._check_unbatched(x)
             return self.forward_max_pool2(x.unsqueeze(0)).squeeze(0)
         if not self._hooks_allow_fusion():
             return max_pool2(self(x), self._dims)
@@ -192,26 +195,34 @@ class _EnergyConvNd(EnergyLayer):
             return self._convfn(x, w, b, self.stride, 0, self.dilation, groups)
         return self._convfn(x, w, b, self.stride, self.padding, self.dilation, groups)
 
+    def _check_unbatched(self, x: torch.Tensor) -> None:
+        """An unbatched input's channel count, named with the shape the caller passed."""
+        if not torch.jit.is_tracing() and x.shape[0] != self.in_channels:
+            raise InputShapeError(f"{type(self).__name__} expects {self.in_channels} input channels, "
+                                  f"got {x.shape[0]} (unbatched input shape {tuple(x.shape)})")
+
     def _run(self, x: torch.Tensor, pool: bool) -> torch.Tensor:
         if x.dim() != self._dims + 2:
-            spatial = 'x'.join('*' * self._dims)
+            spatial = "length" if self._dims == 1 else "height, width"
             unbatched = (f" or [channels, {spatial}] ({self._dims + 1}-D)" if self.num_models is None
                          else f" (a layer of {self.num_models} models needs the batch dimension)")
-            raise ValueError(f"{type(self).__name__} expects input [batch, channels, {spatial}]"
-                             f" ({self._dims + 2}-D){unbatched}, got shape {tuple(x.shape)}")
+            raise InputShapeError(f"{type(self).__name__} expects input [batch, channels, {spatial}]"
+                                  f" ({self._dims + 2}-D){unbatched}, got shape {tuple(x.shape)}")
         G = self.num_models
         if G is None:
             if not torch.jit.is_tracing() and x.shape[1] != self.in_channels:  # traced sizes: the conv checks
-                raise ValueError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]} "
-                                 f"(input shape {tuple(x.shape)})")
+                raise InputShapeError(f"{type(self).__name__} expects {self.in_channels} input channels, "
+                                      f"got {x.shape[1]} (input shape {tuple(x.shape)})")
             if pool and self._first_block_shape(x):  # one input channel: conv, epilogue and pooling in one op
                 y, e = conv2d_act_energy_max_pool2(x, self.weight, self.bias, self.activation, self.energy,
                                                    self.energy_reduction, backend=self.backend, penalty=self.penalty)
                 self.last_energy = e
                 return y
             z = self._conv(x, self.weight, self.bias, self.groups)
-            channels_last = z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(
-                memory_format=torch.channels_last)
+            # (inside a torch.func transform, vmap's batched tensors cannot answer the channels-last query: the
+            # transforms run the reference path on whatever layout, so the plain branch below is right there)
+            channels_last = z.dim() == 4 and not z.is_contiguous() and _layers._interpreter_stack() is None \
+                and z.is_contiguous(memory_format=torch.channels_last)
             if pool:
                 y, e = activation_energy_max_pool2(z, self.activation, self.energy, self.energy_reduction,
                                                    dims=self._dims, backend=self.backend, penalty=self.penalty)
@@ -237,9 +248,9 @@ class _EnergyConvNd(EnergyLayer):
             else:
                 x, groups = x.repeat((1, G) + (1,) * self._dims), G * self.groups
         else:
-            raise ValueError(f"{type(self).__name__} with {G} models expects {self.in_channels} input channels "
-                             f"(shared by all models) or {G}x{self.in_channels}={G * self.in_channels} (member-major), "
-                             f"got {C} (input shape {tuple(x.shape)})")
+            raise InputShapeError(f"{type(self).__name__} with {G} models expects {self.in_channels} input channels "
+                                  f"(shared by all models) or {G}x{self.in_channels}={G * self.in_channels} "
+                                  f"(member-major), got {C} (input shape {tuple(x.shape)})")
         w = self.weight.reshape((G * self.out_channels,) + tuple(self.weight.shape[2:]))
         b = self.bias.reshape(-1) if self.bias is not None else None
         z = self._conv(x, w, b, groups)

@@ -155,6 +155,14 @@ def _note_no_grad_energy(layer: nn.Module, e: torch.Tensor) -> None:
         f = f.f_back
 
 
+def _kaiming_bound(fan_in: int) -> float:
+    """The weight bound of ``nn.init.kaiming_uniform_(w, a=sqrt(5))`` (nn.Linear's and nn.ConvNd's init),
+    computed as torch computes it: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) in exact arithmetic, and the same
+    float64 draws bit for bit (1/sqrt(fan_in) itself differs from it in the last bit)."""
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+    return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+
+
 def _check_dtype(cls: type, dtype) -> None:
     """A layer built for a dtype the kernels do not compute in (complex, integer) refuses at construction,
     rather than at its first forward."""
@@ -335,12 +343,11 @@ class EnergyLinear(EnergyLayer, nn.Linear):
     @torch.no_grad()
     def reset_parameters(self, generator: Optional[torch.Generator] = None, model: Optional[int] = None) -> None:
         """``nn.Linear``'s initialisation; for a batched layer, each model (or only ``model``) in turn."""
-        bound = 1.0 / math.sqrt(self.in_features)
+        wbound, bound = _kaiming_bound(self.in_features), 1.0 / math.sqrt(self.in_features)
         models = [None] if self.num_models is None else ([model] if model is not None else range(self.num_models))
         for g in models:
             w = self.weight if g is None else self.weight[g]
-            # kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as nn.Linear
-            w.uniform_(-bound, bound, generator=generator)
+            w.uniform_(-wbound, wbound, generator=generator)
             if self.bias is not None:
                 (self.bias if g is None else self.bias[g]).uniform_(-bound, bound, generator=generator)
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..backends import ACTIVATIONS, NEEDS_Z, composite, energy_dtype, library, select as _select
 from ..backends import cpu as _cpu  # importing builds nothing: the C++ extension is built on first use
+from ..errors import InputShapeError, InputTypeError
 
 ENERGIES = {"l2": 2, "l1": 1, None: 0, "none": 0}
 REDUCTIONS = ("sum", "mean")
@@ -260,14 +261,14 @@ torch.library.register_autograd("minaction::activation_energy", _ae_backward, se
 # ----------------------------------------------------------------------------- public functions
 def _check_tensor(name, t, like=None):
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; minaction supports float32, float64, bfloat16, float16")
+        raise InputTypeError(f"{name} has dtype {t.dtype}; minaction supports float32, float64, bfloat16, float16")
     if like is not None:
         if t.dtype != like.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}; cast one of them")
+            raise InputTypeError(f"{name} has dtype {t.dtype} but the input has {like.dtype}; cast one of them")
         if t.device != like.device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
+            raise InputShapeError(f"{name} is on {t.device} but the input is on {like.device}")
 
 
 # every valid combination, filled once: a dict that never changes keeps torch.compile's guard on it
@@ -291,21 +292,22 @@ def _validate_linear(x, weight, bias):
     if bias is not None:
         _check_tensor("bias", bias, x)
     if weight.dim() not in (2, 3):
-        raise ValueError(f"weight must be [out, in] or [models, out, in], got shape {tuple(weight.shape)}")
+        raise InputShapeError(f"weight must be [out, in] or [models, out, in], got shape {tuple(weight.shape)}")
     if torch.jit.is_tracing():  # the sizes are traced tensors: comparing them warns and freezes the traced batch's
         return  # answer into the trace (nn.Linear checks nothing in Python either; the matmul still does)
     K = weight.shape[-1]
     if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"input has shape {tuple(x.shape)} but the layer expects {K} input features (last dim)")
+        raise InputShapeError(f"input has shape {tuple(x.shape)} but the layer expects {K} input features (last dim)")
     if weight.dim() == 3:
         G, N = weight.shape[0], weight.shape[1]
         if bias is not None and tuple(bias.shape) != (G, N):
-            raise ValueError(f"bias must have shape {(G, N)} for weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+            raise InputShapeError(f"bias must have shape {(G, N)} for weight {tuple(weight.shape)}, "
+                                  f"got {tuple(bias.shape)}")
         if not (x.dim() == 2 or (x.dim() == 3 and x.shape[0] == G)):
-            raise ValueError(f"batched layer with {G} models expects input [{G}, M, {K}] or [M, {K}], "
-                             f"got {tuple(x.shape)}")
+            raise InputShapeError(f"batched layer with {G} models expects input [{G}, M, {K}] or [M, {K}], "
+                                  f"got {tuple(x.shape)}")
     elif bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        raise InputShapeError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # a cheap first test (private API)
@@ -554,13 +556,14 @@ def activation_energy(z: Tensor, activation: str = "relu", energy: Optional[str]
     if type(groups) is not int or groups < 0:
         groups = _groups_arg(groups)
     if z.dim() < (2 if groups else 1):
-        raise ValueError(f"input of shape {tuple(z.shape)} has no batch dimension")
+        raise InputShapeError(f"input of shape {tuple(z.shape)} has no batch dimension")
     # (under torch.jit.trace the sizes are traced tensors: comparing them would warn and freeze the answer)
     if groups and not torch.jit.is_tracing() and z.shape[0] != groups:
-        raise ValueError(f"expected {groups} models in dim 0, got shape {tuple(z.shape)}")
+        raise InputShapeError(f"expected {groups} models in dim 0, got shape {tuple(z.shape)}")
     if p and reduction == "mean" and not torch.jit.is_tracing() and math.prod(z.shape[(2 if groups else 1):]) == 0:
-        raise ValueError(f"energy_reduction='mean' averages over a sample's units, and the input of shape "
-                         f"{tuple(z.shape)} has none: the mean is undefined (use reduction='sum', which is 0 here)")
+        raise InputShapeError(f"energy_reduction='mean' averages over a sample's units, and the input of shape "
+                              f"{tuple(z.shape)} has none: the mean is undefined (use reduction='sum', which is 0 "
+                              f"here)")
     name = _route(z, backend)
     if name == "cpu":
         return _cpu.epilogue(z, activation, p, reduction == "mean", groups, penalty)

@@ -107,7 +107,7 @@ def test_flops_and_repr():
 def test_bad_input_errors():
     with pytest.raises(ValueError, match="input channels"):
         EnergyConv2d(3, 4, 3)(torch.randn(2, 2, 5, 5))
-    with pytest.raises(ValueError, match=r"4-D\) or \[channels, \*x\*\] \(3-D\)"):
+    with pytest.raises(ValueError, match=r"4-D\) or \[channels, height, width\] \(3-D\)"):
         EnergyConv2d(3, 4, 3)(torch.randn(3, 5))
     with pytest.raises(ValueError, match="input channels"):  # unbatched [C, H, W] with the wrong C
         EnergyConv2d(3, 4, 3)(torch.randn(2, 3, 5))
