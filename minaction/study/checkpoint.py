@@ -94,11 +94,11 @@ def path_for(ckpt_dir, runs) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """A hash of the code that defines what a checkpoint means (the trainer and this module)
-    and of the torch version."""
+    """A hash of the code that defines what a checkpoint means (the trainer, its optimizers and this
+    module) and of the torch version."""
     h = hashlib.sha256(torch.__version__.encode())
     here = Path(__file__).resolve().parent
-    for name in ("trainer.py", "checkpoint.py"):
+    for name in ("trainer.py", "checkpoint.py", "optim.py"):
         try:
             h.update((here / name).read_bytes())
         except OSError:  # pragma: no cover - a zipped install: fall back to the format alone

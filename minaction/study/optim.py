@@ -77,7 +77,8 @@ class Adam(_Base):
     decay added to the gradient, no amsgrad); every parameter floating point, on a device with a
     fused kernel (CPU, CUDA)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 members: int = 0):
         if not lr >= 0.0 or not eps >= 0.0 or not weight_decay >= 0.0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid Adam settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
@@ -86,6 +87,25 @@ class Adam(_Base):
         for p in self.param_groups[0]["params"]:
             if not p.is_floating_point():
                 raise ValueError(f"Adam needs floating-point parameters, got {p.dtype}")
+        # members = G > 1: every parameter is G members' tensors stacked on dim 0 (a batched model), and the update
+        # runs on each member's own view. On the whole [G, ...] tensor the CPU kernel rounds an element
+        # differently (1 ulp) depending on where it falls in the tensor (the vector loop or its tail), so a
+        # member's weights would depend on how many members share its tensor: its results on its group.
+        self.members = int(members) if members and int(members) > 1 else 0
+        self._views = {}  # id(param) -> (exp_avg, exp_avg_sq, the member views of param, exp_avg, exp_avg_sq, ptr)
+
+    def _split(self, p, s):
+        """(params, exp_avgs, exp_avg_sqs) as the lists the kernel takes: [p] or p's member views."""
+        G = self.members
+        if not G or p.dim() == 0 or p.shape[0] != G:
+            return [p], [s["exp_avg"]], [s["exp_avg_sq"]]
+        got = self._views.get(id(p))
+        if got is None or got[0] is not s["exp_avg"] or got[1] is not s["exp_avg_sq"] or got[5] != p.data_ptr():
+            # new (or loaded) state, or a parameter given new storage
+            got = (s["exp_avg"], s["exp_avg_sq"], p.unbind(0), s["exp_avg"].unbind(0), s["exp_avg_sq"].unbind(0),
+                   p.data_ptr())
+            self._views[id(p)] = got
+        return got[2], got[3], got[4]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -101,12 +121,17 @@ class Adam(_Base):
                     s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                b = batches.setdefault((p.device, p.dtype), ([], [], [], [], []))
-                for lst, t in zip(b, (p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"])):
-                    lst.append(t)
+                b = batches.setdefault((p.device, p.dtype), ([], [], [], [], [], []))
+                ps, ms, vs = self._split(p, s)
+                b[0].extend(ps)
+                b[1].extend(p.grad.unbind(0) if len(ps) > 1 else (p.grad,))
+                b[2].extend(ms)
+                b[3].extend(vs)
+                b[4].extend((s["step"],) * len(ps))  # read by the kernel: each view counts its parameter's steps
+                b[5].append(s["step"])
             b1, b2 = g["betas"]
-            for ps, gs, m, v, steps in batches.values():
-                torch._foreach_add_(steps, 1)
+            for ps, gs, m, v, steps, own in batches.values():
+                torch._foreach_add_(own, 1)
                 torch._fused_adam_(ps, gs, m, v, [], steps, amsgrad=False, lr=g["lr"], beta1=b1, beta2=b2,
                                    weight_decay=g["weight_decay"], eps=g["eps"], maximize=False)
 
@@ -132,13 +157,15 @@ class SGD(_Base):
                 p.add_(d, alpha=-lr)
 
 
-def make(name: str, params, lr: float, weight_decay: float = 0.0):
+def make(name: str, params, lr: float, weight_decay: float = 0.0, members: int = 0):
     """The trainer's optimizer ``name`` ("adam" or "sgd") over ``params``; ``torch.optim``'s where
-    this torch has no fused Adam kernel or a parameter sits on a device without one."""
+    this torch has no fused Adam kernel or a parameter sits on a device without one. ``members``:
+    G when every parameter stacks G members on dim 0 (each member is then updated on its own view,
+    so that its weights do not depend on G; see :class:`Adam`)."""
     params = list(params)
     if name == "adam":
         if hasattr(torch, "_fused_adam_") and all(p.device.type in ("cpu", "cuda") for p in params):
-            return Adam(params, lr=lr, weight_decay=weight_decay)
+            return Adam(params, lr=lr, weight_decay=weight_decay, members=members)
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return SGD(params, lr=lr, weight_decay=weight_decay)

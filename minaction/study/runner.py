@@ -291,7 +291,8 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
             Python exception: those are recorded as ``failed`` at once with their traceback).
             Groups that were in flight when a pool broke rerun one at a time, so only the group
             that really kills its worker is blamed.
-        threads: torch threads per worker (1 is steadiest on small machines).
+        threads: torch threads per worker (1 is steadiest on small machines; another count rounds some
+            reductions differently, so results are reproducible bit for bit at the same count).
         on_start: called with no arguments after every check below passed and before any
             training starts (the CLI prints the run count and time estimate there, so a
             refused study prints one error line and nothing else).

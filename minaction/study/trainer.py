@@ -456,7 +456,12 @@ def train_group(runs: list, ckpt=None) -> list:
         if dtype is not None:
             m = m.to(dtype)
         ps = [p for p in m.parameters() if p.requires_grad]
-        o = optim.make(budget["optimizer"], ps, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0))
+        # a batched model (every tensor [G, ...]): the optimizer updates each member on its own view, so that a
+        # run's weights, and so its results, do not depend on the other runs in its group
+        G_m = len(live)
+        batched = G_m > 1 and not hasattr(m, "members") and not hasattr(m, "member_parameters")
+        o = optim.make(budget["optimizer"], ps, lr=budget["lr"], weight_decay=budget.get("weight_decay", 0.0),
+                       members=G_m if batched else 0)
         return m, o, ps
 
     live = list(range(G))  # the runs the model holds, in its member order (see _compact)

@@ -119,8 +119,12 @@ def test_zero_grad_and_bad_settings():
                                                     ("tiny_mlp", "synthetic", "sgd")])
 def test_a_group_trains_as_with_torch_optim(tmp_path, monkeypatch, arch, dataset, opt_name):
     """The whole group (early stopping, compaction, evaluations) records the same numbers with
-    torch.optim's fused Adam / SGD as with the trainer's own."""
+    torch.optim's fused Adam / SGD as with the trainer's own, both updating whole [G, ...] tensors (the
+    trainer's per-member update, optim.Adam(members=G), is checked against torch.optim per member in
+    test_study_group_invariance.py)."""
     monkeypatch.setenv("MINACTION_CACHE", str(tmp_path / "cache"))
+    real_make = optim.make
+    monkeypatch.setattr(optim, "make", lambda *a, members=0, **kw: real_make(*a, **kw))
     monkeypatch.setattr(checkpoint, "after_save", None)
     spec = presets.load_preset({
         "name": "optim-test", "archs": [arch], "datasets": [dataset], "lams": [0.0, 1e-2], "seeds": [0, 1],
@@ -130,7 +134,7 @@ def test_a_group_trains_as_with_torch_optim(tmp_path, monkeypatch, arch, dataset
                    "weight_decay": 1e-3}})
     ours = doubles.study.without_timings(trainer.train_group(doubles.study.one_group(spec)))
 
-    def torch_make(name, params, lr, weight_decay=0.0):
+    def torch_make(name, params, lr, weight_decay=0.0, members=0):
         params = list(params)
         if name == "adam":
             return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
