@@ -31,15 +31,42 @@ def quick_reasons(rep, budgets: pd.DataFrame) -> list:
     return list(dict.fromkeys(reasons))
 
 
-def coverage(rep):
-    """Against ``rep.opt.design`` (a preset name or path): the design's runs per dataset x arch,
-    how many of them finished, and the total (planned, done); None without a design."""
-    if not rep.opt.design:
+def stored_design(rep):
+    """``(label, [spec, ...])``: without ``--design``, the specifications the store keeps of the presets its
+    (selected) runs were recorded under, so a store that is still being filled says PARTIAL on its own;
+    None where some preset's specification is not in the store."""
+    names = sorted({str(p) for p in rep.store.runs_all["preset"].dropna()})
+    specs = []
+    for n in names:
+        raw = rep.store.meta.get(f"preset:{n}")
+        if raw is None:
+            return None
+        try:
+            specs.append(json.loads(raw))
+        except ValueError:
+            return None
+    if not specs:
+        return None
+    return ", ".join(names) + " (the preset specification" + ("s" if len(names) > 1 else "") + \
+        " kept in the store)", specs
+
+
+def coverage(rep, specs=None):
+    """Against ``rep.opt.design`` (a preset name or path), or the preset specifications ``specs``: the
+    design's runs per dataset x arch, how many of them finished, and the total (planned, done); None
+    without a design."""
+    if not rep.opt.design and not specs:
         return None
     from ..study.presets import expand
 
+    try:
+        runs = expand(rep.opt.design) if rep.opt.design else [r for sp in specs for r in expand(sp)]
+    except ValueError:  # a stored specification of another version of the runner
+        if rep.opt.design:
+            raise
+        return None
     planned = pd.DataFrame([{k: r["config"][k] for k in ("arch", "dataset", "lam", "seed")}
-                            for r in expand(rep.opt.design)])
+                            for r in runs]).drop_duplicates()
     planned["lam"] = planned["lam"].astype(float).round(12)
     done = rep.store.runs[["arch", "dataset", "lam", "seed"]].copy()
     done["lam"] = done["lam"].astype(float).round(12)
@@ -90,12 +117,19 @@ def section(rep) -> None:
                    "gain accuracy with λ and reach the target in fewer epochs for the wrong reasons. Use a "
                    "faithful preset (full training split, full official test split, trained to convergence) "
                    "before comparing with the paper.")
-    cov = coverage(rep)
+    cov, label = coverage(rep), rep.opt.design
+    if cov is None and not rep.opt.design:
+        stored = stored_design(rep)
+        if stored is not None:
+            label, specs = stored
+            cov = coverage(rep, specs)
+            if cov is not None and int(cov["done"].sum()) >= int(cov["planned"].sum()):
+                cov = None  # complete: a report without --design says nothing more than before
     if cov is not None:
         planned, done = int(cov["planned"].sum()), int(cov["done"].sum())
         rel_cov = rep.csv("coverage", _with_totals(cov))
         if done < planned:
-            rep.doc.p(f"**PARTIAL: {done} of the {planned} runs of the design `{rep.opt.design}` have finished.** "
+            rep.doc.p(f"**PARTIAL: {done} of the {planned} runs of the design `{label}` have finished.** "
                       f"Missing: {_missing_text(cov)}. Every verdict below reads the finished runs only; a "
                       f"finding whose design lacks a cell says *not comparable* and names it (table: `{rel_cov}`).")
         else:

@@ -46,7 +46,9 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
 
     Reads the store read-only (safe while a ``study run`` writes it: only committed runs are
     seen). The file is written to a temporary name and renamed, so an interrupted export never
-    leaves a truncated archive in place of a good one. Returns ``{"runs": n, "path": out}``."""
+    leaves a truncated archive in place of a good one. Returns ``{"runs": n, "path": out,
+    "not_exported": {status: n}}`` (the runs of other statuses, e.g. failed ones, which an import's
+    store then plans again)."""
     db, out = Path(db), Path(out)
     if not db.exists():
         raise FileNotFoundError(f"no study store at {str(db)!r}")
@@ -59,6 +61,8 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
         marks = ", ".join("?" * len(statuses))
         runs = _rows(con, f"SELECT {', '.join(store.RUN_COLUMNS)} FROM runs WHERE status IN ({marks}) "
                           f"ORDER BY run_id", tuple(statuses))
+        left = dict(con.execute(f"SELECT status, COUNT(*) FROM runs WHERE status NOT IN ({marks}) GROUP BY status "
+                                f"ORDER BY status", tuple(statuses)).fetchall())
         meta = {k: v for k, v in con.execute("SELECT key, value FROM meta ORDER BY key")
                 if k.startswith("preset:")}
         epochs: dict = {}
@@ -81,7 +85,7 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
             line = {"run": r, "epochs": epochs.get(rid, []), "evals": evals.get(rid, [])}
             f.write((json.dumps(line, sort_keys=True, allow_nan=False) + "\n").encode())
     tmp.replace(out)
-    return {"runs": len(runs), "path": str(out)}
+    return {"runs": len(runs), "path": str(out), "not_exported": left}
 
 
 def read_archive(path):

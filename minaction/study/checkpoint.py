@@ -79,7 +79,7 @@ after_save = None
 
 def directory(db) -> Path:
     """The folder holding the checkpoints of the groups trained into store ``db``."""
-    return Path(os.path.abspath(os.fspath(db)) + ".ckpt")
+    return Path(os.path.realpath(os.fspath(db)) + ".ckpt")  # (every path to the store: the same folder)
 
 
 def group_name(runs) -> str:

@@ -99,6 +99,10 @@ def _export(args) -> int:
         out = export_runs(args.db, args.out)
     except (FileNotFoundError, ValueError, OSError) as exc:
         return _error("export", exc)
+    if out["not_exported"]:
+        left = ", ".join(f"{n} {st}" for st, n in out["not_exported"].items())
+        print(f"minaction study export: {out['runs']} finished run(s) exported; not exported: {left} (an archive "
+              f"holds finished runs only: a store that imports it plans these again)", file=sys.stderr)
     print(json.dumps(out, indent=2))
     return 0
 

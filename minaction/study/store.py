@@ -300,8 +300,9 @@ class StoreBusyError(StoreError):
 
 
 def lock_path(path) -> Path:
-    """The writer lock file next to the store: ``<db>.lock``."""
-    path = Path(path)
+    """The writer lock file next to the store: ``<db>.lock``, beside the file itself (a symlink to a store, or
+    another path to it, finds the same lock: a driver given the link was not stopped by one given the file)."""
+    path = Path(os.path.realpath(os.fspath(path)))
     return path.with_name(path.name + ".lock")
 
 

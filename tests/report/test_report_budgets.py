@@ -190,3 +190,30 @@ def test_energy_definition_and_budget_text_follow_the_runs_model_options(tmp_pat
     row = next(ln for ln in md.splitlines() if ln.startswith("| energy E |"))
     assert "sum over units of \\|a\\|^p, p = 2 |" in row
     assert "activation=" not in pd.read_csv(tmp_path / "d" / "tables" / "budgets.csv")["budget"][0]
+
+
+def test_a_partial_store_says_so_without_design(tmp_path):
+    """A store whose preset specification is in its meta table (every `study run` keeps it) and that holds part
+    of that preset's runs is reported PARTIAL without --design; a reviewer's report of a store filled with
+    `--limit` printed Finding 3's numbers with no word that 20 of 32 runs were missing."""
+    from minaction.study.presets import load_preset
+
+    spec = load_preset("factorial")
+    spec = {**spec, "datasets": ["ecg200", "nmnist"]}
+    db = tmp_path / "slice.sqlite"
+    make_synthetic_store(db, archs=tuple(spec["archs"]), datasets={"ecg200": "physiological", "nmnist": "neuromorphic"},
+                         seeds=len(spec["seeds"]), lams=tuple(spec["lams"]), main_lam=spec["lams"][0],
+                         sweep_datasets=(), unbalanced=False, n_failed=0)
+    with sqlite3.connect(db) as con:
+        (name,), = con.execute("SELECT DISTINCT preset FROM runs").fetchall()
+        con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"preset:{name}", json.dumps({**spec, "name": name})))
+    build_report(db, tmp_path / "complete", n_boot=5)
+    assert "PARTIAL" not in (tmp_path / "complete" / "report.md").read_text()  # complete: nothing added
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM runs WHERE arch = 'cnn' AND dataset = 'nmnist' AND seed = 3")
+    build_report(db, tmp_path / "out", n_boot=5)
+    head = (tmp_path / "out" / "report.md").read_text().split("# The store")[0]
+    n = len(spec["archs"]) * 2 * len(spec["seeds"])
+    assert f"**PARTIAL: {n - 1} of the {n} runs of the design `{name} (the preset specification kept in the store)`" \
+           in head and "nmnist: cnn (1 runs)" in head

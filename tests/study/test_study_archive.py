@@ -38,7 +38,7 @@ def source_db(tmp_path_factory):
 def test_round_trip_keeps_every_row(source_db, tmp_path):
     arc = tmp_path / "runs.jsonl.gz"
     out = export_runs(source_db, arc)
-    assert out["runs"] == 6
+    assert out["runs"] == 6 and out["not_exported"] == {"failed": 1}  # said, not dropped silently
     header, recs = read_archive(arc)
     recs = list(recs)
     assert header["runs"] == 6 and "preset:synth" in header["meta"]

@@ -133,6 +133,28 @@ def test_writer_lock(tmp_path):
     store.release_writer_lock(store.acquire_writer_lock(db))
 
 
+def test_writer_lock_follows_links(tmp_path):
+    """A symlink to the store (or another path to it) finds the same lock and checkpoint folder: two drivers,
+    one given the link, trained the same runs at once before."""
+    from minaction.study import checkpoint
+
+    db = tmp_path / "r.sqlite"
+    store.connect(db).close()
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "link.sqlite"
+    link.symlink_to(db)
+    other = tmp_path / "sub" / ".." / "r.sqlite"
+    assert store.lock_path(link) == store.lock_path(other) == store.lock_path(db)
+    assert checkpoint.directory(link) == checkpoint.directory(db)
+    f = store.acquire_writer_lock(db)
+    try:
+        with pytest.raises(store.StoreBusyError):
+            store.acquire_writer_lock(link)
+        assert store.writer(link) is not None
+    finally:
+        store.release_writer_lock(f)
+
+
 def _other_process_reads(db, key):
     """A separate process opens the store with plain sqlite3, reads one meta value, closes (as
     `study status`, a report or the sqlite3 shell do while a study runs)."""
