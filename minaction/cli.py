@@ -33,7 +33,10 @@ def _info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minaction", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="minaction", description=__doc__.splitlines()[0].replace("``", ""))
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"minaction {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="which kernel backend is active, and why")
     p.set_defaults(func=_info)

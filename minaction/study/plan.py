@@ -44,7 +44,10 @@ from . import trainer as _trainer
 
 
 def cost_table_path() -> Path:
-    root = Path(os.environ.get("MINACTION_CACHE") or Path.home() / ".cache" / "minaction")
+    """In the data's cache folder (``$MINACTION_CACHE``, else ``$XDG_CACHE_HOME/minaction``, else
+    ``~/.cache/minaction``)."""
+    env, xdg = os.environ.get("MINACTION_CACHE"), os.environ.get("XDG_CACHE_HOME")
+    root = Path(env).expanduser() if env else (Path(xdg) if xdg else Path.home() / ".cache") / "minaction"
     return root / "study_plan_costs.json"
 
 

@@ -62,8 +62,12 @@ import hashlib
 import itertools
 import json
 import math
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 #: Bumped whenever the trainer changes in a way that changes results (part of every run_id).
 TRAINER_VERSION = 2  # 2: per-seed data order, early stopping, evaluation every N steps

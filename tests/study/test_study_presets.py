@@ -154,3 +154,24 @@ def test_every_run_records_its_budget_and_data_order():
             assert {"name", "epochs", "patience_epochs", "eval_every", "restore_best", "data_order", "data_seed",
                     "train_subset", "test_subset"} <= set(b)
             assert r["config"]["trainer_version"] == presets.TRAINER_VERSION >= 2
+
+
+def test_presets_read_toml_without_tomllib():
+    """Python 3.10 (which pyproject allows) has no tomllib: the presets then read TOML with tomli, a
+    dependency there (every `study` command failed to import on 3.10)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, types, tomllib as real
+        sys.modules["tomllib"] = None  # as on Python 3.10
+        fake = types.ModuleType("tomli")
+        fake.loads, fake.TOMLDecodeError = real.loads, real.TOMLDecodeError
+        sys.modules["tomli"] = fake
+        from minaction.study import presets
+        assert presets.tomllib is fake
+        print(len(presets.expand("smoke")) > 0)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
