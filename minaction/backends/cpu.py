@@ -20,13 +20,13 @@ build is valid on every CPU with its ISA. ``MINACTION_CPU_CFLAGS`` replaces the 
 target this CPU only.
 
 **The build cache.** The extension name is ``minaction_cpu_<isa>_<key>`` where ``key`` hashes the
-source, the flags, the ISA and the torch version, in ``TORCH_EXTENSIONS_DIR`` (default
+source, the flags, the ISA, the torch version and the Python version, in ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions/...``). A finished build writes ``minaction_build.json`` next to its
 ``.so``; when that file matches, the library is loaded directly with ``torch.ops.load_library``,
 without taking torch's build lock, so a read-only cache folder works. Otherwise the build runs
-(``minaction: building the CPU kernels (first use, ~1-2 min) in <dir>`` is printed once on
-stderr). A ``lock`` file left by a killed build is waited on for at most
-``MINACTION_BUILD_LOCK_TIMEOUT`` seconds (default 600); then the load fails with an error naming
+(``minaction: building the CPU kernels (first use: a few minutes ...) in <dir>`` is printed once on
+stderr). A ``lock`` file left by a killed build is waited on, saying so at once, for at most
+``MINACTION_BUILD_LOCK_TIMEOUT`` seconds (default 900); then the load fails with an error naming
 the file to delete, and the automatic backend choice falls back to ``reference`` with a warning
 that says so.
 """
@@ -61,7 +61,7 @@ _ISA_FLAGS = {
 _ISA_CPU_FLAGS = {"default": set(), "avx2": {"avx2", "fma", "f16c"},
                   "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}}
 MARKER = "minaction_build.json"
-DEFAULT_LOCK_TIMEOUT = 600.0  # a first build on a loaded 2-core machine took 8-9 min
+DEFAULT_LOCK_TIMEOUT = 900.0  # a first build on a loaded 2-core machine took 8-9 min
 
 
 class BuildLockTimeout(RuntimeError):
@@ -130,7 +130,10 @@ def build_spec(isa: str | None = None) -> dict:
     flags = _flags(isa)
     h = hashlib.sha1()
     h.update(src.read_bytes())
-    h.update(("\0".join(flags) + "\0" + isa + "\0" + torch.__version__).encode())
+    # the Python version too: the extension links against libpython's API (a 3.11 build does not load under 3.13),
+    # and one cache folder may serve several Pythons with the same torch version
+    py = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    h.update(("\0".join(flags) + "\0" + isa + "\0" + torch.__version__ + "\0" + py).encode())
     if os.environ.get("MINACTION_CPU_CFLAGS"):  # custom flags may target this very CPU (-march=native)
         h.update(_cpu_fingerprint().encode())
     key = h.hexdigest()[:12]
@@ -183,8 +186,8 @@ def _marker_ok(spec: dict) -> bool:
 def _say_building(spec: dict) -> None:
     if not _state.get("announced"):
         _state["announced"] = True
-        print(f"minaction: building the CPU kernels (first use, ~1-2 min) in {spec['dir']}", file=sys.stderr,
-              flush=True)
+        print(f"minaction: building the CPU kernels (first use: a few minutes, 3-5 min on 2 cores) in "
+              f"{spec['dir']}", file=sys.stderr, flush=True)
 
 
 def _build(spec: dict) -> None:
@@ -192,9 +195,19 @@ def _build(spec: dict) -> None:
     from torch.utils import cpp_extension
 
     timeout = lock_timeout()
-    spec["dir"].mkdir(parents=True, exist_ok=True)
-    wait_for_lock(spec["dir"] / "lock", timeout)
+    try:
+        spec["dir"].mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the CPU kernels' build folder {spec['dir']} ({exc.strerror or exc}): set "
+                      f"TORCH_EXTENSIONS_DIR to a writable folder") from None
+    lock = spec["dir"] / "lock"
+    if lock.exists():
+        print(f"minaction: waiting for another process's build of the CPU kernels (lock {lock}; at most "
+              f"{timeout:.0f} s, MINACTION_BUILD_LOCK_TIMEOUT; if no other process is building, a killed build "
+              f"left it: delete it)", file=sys.stderr, flush=True)
+    wait_for_lock(lock, timeout)
     _say_building(spec)
+    _ninja_on_path()
     # cpp_extension waits on its lock without a limit; give the baton it creates our time-out
     base = getattr(cpp_extension, "FileBaton", None)
     patched = False
@@ -216,6 +229,24 @@ def _build(spec: dict) -> None:
                                                       "torch": torch.__version__}))
     except OSError:
         pass
+
+
+def _ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH. pip installs it into the environment's ``bin`` folder, which is not on
+    PATH when the environment is not activated (``.venv/bin/python ...``, as the README runs it): put that folder
+    (and the ninja package's own) on PATH for the build, where no ninja is found otherwise."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension.is_ninja_available():
+        return
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # the PyPI package: its BIN_DIR holds the binary
+
+        dirs.insert(0, str(getattr(ninja, "BIN_DIR", "")))
+    except ImportError:
+        pass
+    os.environ["PATH"] = os.pathsep.join([d for d in dirs if d] + [os.environ.get("PATH", "")])
 
 
 def _load():

@@ -58,13 +58,15 @@ def cache_dir() -> Path:
 
 
 def shared_data_dirs() -> List[Path]:
-    """``$MINACTION_SHARED_DATA`` and the repository's sibling ``shared/data`` folder."""
+    """``$MINACTION_SHARED_DATA`` and, in a checkout of the repository, its sibling ``shared/data`` folder
+    (an installed package has no repository: its parent folder is site-packages' own)."""
     out = []
     env = os.environ.get("MINACTION_SHARED_DATA")
     if env:
         out.append(Path(env).expanduser())
     repo = Path(__file__).resolve().parents[2]  # minaction/data/sources.py -> repository root
-    out.append(repo.parent / "shared" / "data")
+    if (repo / "pyproject.toml").is_file():
+        out.append(repo.parent / "shared" / "data")
     return out
 
 

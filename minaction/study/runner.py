@@ -17,6 +17,7 @@ import os
 import sqlite3
 import time
 import traceback
+import warnings
 from concurrent.futures.process import BrokenProcessPool
 
 from . import checkpoint, schedule, store
@@ -25,7 +26,7 @@ from .plugins import plugins_for
 from .presets import expand, load_preset, make_groups, with_max_group
 from .trainer import failed_records, run_group
 
-STARTING = "starting workers (the first start builds the C++ kernels: minutes)"
+STARTING = "starting workers"
 
 
 class StudyConfigError(ValueError):
@@ -53,6 +54,19 @@ def check_backend() -> str:
         raise StudyConfigError(f"MINACTION_BACKEND={env!r}: {_first_line(exc)} (or unset it for the automatic "
                                f"choice)") from None
     if forced is None:
+        # the driver loads (on first use: builds) the CPU kernels itself, before any worker starts: the build
+        # message shows here, the workers load the finished build, and a build that fails is said once. The
+        # workers keep quiet about the fallback, so without this a study trained every run on the slow
+        # reference backend with nothing on screen (an installation without a compiler or ninja)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name = _backend.select("cpu")
+        if name == "reference":
+            ok, why = _backend.available("cpu", "cpu")
+            checkpoint.warn(f"the CPU kernels cannot be used ({_first_line(why) if why else 'unavailable'}): every "
+                            f"run will train on the slow 'reference' backend (the same results, several times "
+                            f"slower). Fix the build (`minaction info` says why) or set "
+                            f"MINACTION_BACKEND=reference to train that way without this warning")
         return "auto"
     ok, why = _backend.available(forced, "cpu")
     if not ok:
@@ -145,7 +159,8 @@ def check_inputs(runs) -> None:
         try:
             cache.family_arrays(family, data_dir=opts.get("data_dir"))
         except data.DataError as exc:
-            raise StudyConfigError(f"dataset {name!r} is not available on this machine: {_first_line(exc)} "
+            why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # every source tried
+            raise StudyConfigError(f"dataset {name!r} is not available on this machine: {why} "
                                    f"(run `minaction data fetch {name}` to see every source tried, or set "
                                    f"MINACTION_DATA; docs/data.md)") from None
         finally:

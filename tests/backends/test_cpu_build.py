@@ -80,6 +80,46 @@ def test_stale_lock_falls_back_with_a_warning_naming_it(tmp_path):
     warn = "\n".join(line for line in r.stdout.splitlines() if line.startswith("WARN"))
     assert lock in warn and "delete" in warn, r.stdout
     assert "building the CPU kernels" not in r.stderr  # nothing was built
+    # said at once, not after the wait: a process behind a stale lock printed nothing for 10 minutes
+    assert f"waiting for another process's build of the CPU kernels (lock {lock}" in r.stderr, r.stderr[-2000:]
+
+
+def test_the_build_key_names_the_python_version(monkeypatch):
+    """The extension links against the Python API: a build made under one Python must not be loaded by
+    another (a 3.11 build under 3.13 failed with an undefined symbol, and its marker kept it from rebuilding)."""
+    import types
+
+    key = cpu_backend.build_spec("default")["key"]
+    fake = types.SimpleNamespace(version_info=(3, 99, 0), stderr=sys.stderr)
+    monkeypatch.setattr(cpu_backend, "sys", fake)
+    assert cpu_backend.build_spec("default")["key"] != key
+
+
+def test_ninja_of_an_unactivated_environment_is_found(monkeypatch):
+    """`.venv/bin/python` without activation: pip's ninja is in .venv/bin, which is not on PATH, and torch
+    refused to build ("Ninja is required"). The build puts that folder on PATH first."""
+    import os
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cpu_backend._ninja_on_path()
+    parts = os.environ["PATH"].split(os.pathsep)
+    assert os.path.dirname(sys.executable) in parts and parts[-1] == "/nonexistent"
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cpu_backend._ninja_on_path()
+    assert os.environ["PATH"] == "/nonexistent"  # a ninja on PATH: untouched
+
+
+def test_an_unwritable_build_folder_names_torch_extensions_dir(tmp_path, monkeypatch):
+    spec = cpu_backend.build_spec("default")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    spec = {**spec, "dir": blocker / "sub"}  # a folder under a regular file: mkdir fails for any user
+    with pytest.raises(OSError, match="TORCH_EXTENSIONS_DIR"):
+        cpu_backend._build(spec)
 
 
 def test_lock_taken_during_the_build_call_also_times_out(tmp_path, monkeypatch):
@@ -175,7 +215,7 @@ def test_incomplete_build_is_not_loaded_directly(real_build, tmp_path, monkeypat
     r = _sub(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path)}, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "CALLS 1" in r.stdout
-    assert r.stderr.count("minaction: building the CPU kernels (first use, ~1-2 min) in") == 1
+    assert r.stderr.count("minaction: building the CPU kernels (first use: a few minutes") == 1
     assert str(folder) in r.stderr
     assert (folder / cpu_backend.MARKER).exists()
     # and the next process loads it directly, silently

@@ -540,3 +540,20 @@ def test_out_pointing_at_a_file(tmp_path, capsys):
     rc = main(["report", "--db", str(db), "--out", str(out / "sub")])
     assert rc == 2
     _one_line_error(capsys.readouterr().err, str(out), "is a file")
+
+
+def test_a_study_says_when_its_runs_fall_back_to_reference(monkeypatch, capsys):
+    """Workers keep quiet about the reference fallback; with no compiler (or no ninja on PATH) a whole study
+    trained on the slow backend with nothing on screen. The driver loads the kernels first and says so."""
+    from minaction.backends import select as _backend
+    from minaction.study import runner
+
+    monkeypatch.delenv("MINACTION_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "select", lambda device: "reference")
+    monkeypatch.setattr(_backend, "available", lambda name, device="cpu": (False, "RuntimeError: no C++ compiler"))
+    assert runner.check_backend() == "auto"
+    err = capsys.readouterr().err
+    assert "every run will train on the slow 'reference' backend" in err and "no C++ compiler" in err
+    monkeypatch.setattr(_backend, "select", lambda device: "cpu")
+    runner.check_backend()
+    assert capsys.readouterr().err == ""
