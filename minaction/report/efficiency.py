@@ -49,7 +49,17 @@ NAMES = {"steps": "optimizer steps to target", "samples": "training samples to t
          "acc_per_s": "accuracy per second"}
 _RUN_COLS = ["run_id", "dataset", "modality", "arch", "lam", "seed", "target", "final_val", "reached",
              "steps_to_target", "samples_to_target", "flops_to_target", "epochs_to_target", "time_to_target_s",
-             "acc_per_s"]
+             "acc_per_s", "at_first_eval"]
+
+
+def first_eval_datasets(eff: pd.DataFrame, lam: float) -> list:
+    """The datasets at ``lam`` where every run that reached the target reached it at its first evaluation
+    (a gain there compares FLOPs per evaluation interval, not learning speed)."""
+    e = eff[(eff["lam"] == lam) & eff["reached"].astype(bool)]
+    if e.empty:
+        return []
+    per = e.groupby("dataset")["at_first_eval"].all()
+    return sorted(per[per].index)
 
 
 def curves(runs: pd.DataFrame, epochs: pd.DataFrame | None, evals: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -99,6 +109,11 @@ def per_run_efficiency(runs: pd.DataFrame, epochs: pd.DataFrame | None, target_f
     c = cur.merge(r[["run_id", "target"]], on="run_id")
     hit = c[c["val_acc"] >= c["target"] - 1e-12].groupby("run_id").first()
     r["reached"] = r["run_id"].isin(hit.index)
+    # reached at the run's first evaluation: its count to target is the evaluation interval, whatever the model
+    first = c.groupby("run_id").first()
+    r["at_first_eval"] = r["reached"] & r["run_id"].map(
+        lambda i: i in hit.index and bool((hit.loc[i, ["step", "epoch"]].fillna(-1) ==
+                                           first.loc[i, ["step", "epoch"]].fillna(-1)).all()))
     for col, src in (("steps_to_target", "step"), ("samples_to_target", "samples"), ("flops_to_target", "flops"),
                      ("epochs_to_target", "epoch"), ("time_to_target_s", "wall_time_s")):
         r[col] = r["run_id"].map(hit[src]).astype(float)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .efficiency import (HEADLINE, NAMES, arch_summary, dataset_gains, efficiency_gains, per_run_efficiency,
-                         verdict)
+from .efficiency import (HEADLINE, NAMES, arch_summary, dataset_gains, efficiency_gains, first_eval_datasets,
+                         per_run_efficiency, verdict)
 from .context import sentence
 from .paper import PAPER
 from .render import ci as _ci
@@ -102,6 +102,13 @@ def section(rep) -> None:
                                  h["gain_pct"], h["gain_pct_lo"], h["gain_pct_hi"])],
                          "why none": h["reason"].fillna("")})
     d.table(disp, rel_d, f"Gain per dataset ({NAMES[metric]}; all metrics in the CSV)")
+    early = first_eval_datasets(eff, lam)
+    if early:
+        d.p(f"**Reached at the first evaluation:** on {', '.join(early)} every run that reached the target did so "
+            f"at its first evaluation, so its count to target is one evaluation interval for every architecture: a "
+            f"gain there compares the architectures' cost per interval (FLOPs per step), not how fast they learn. "
+            f"Read those rows as uninformative; a higher `target_frac` or a smaller `eval_every` would separate "
+            f"them (column `at_first_eval` in `{rel_runs}`).")
     gains = pd.concat([efficiency_gains(eff, lam, m, **kw) for m in HEADLINE + SECONDARY], ignore_index=True)
     rel_g = rep.csv("efficiency_gains", gains)
     disp = pd.DataFrame({"modality": gains["modality"], "arch": gains["arch"],

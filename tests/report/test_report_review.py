@@ -184,3 +184,27 @@ def test_lambda_definitions_and_sentences(tmp_path):
     defs = pd.read_csv(tmp_path / "o1" / "tables" / "definitions.csv").set_index("name")["value"]
     assert defs["λ of Findings 1 and 3"] == "0"
     assert "Every run is at λ = 0: Findings 1 and 3 describe that λ only" in (tmp_path / "o1" / "report.md").read_text()
+
+
+def test_datasets_reached_at_the_first_evaluation_are_flagged():
+    """A reviewer's store: every ECG run reached the target at its first evaluation, and Finding 3 printed
+    the ratio of the two architectures' FLOPs per step as a 'gain' with a zero-width CI. Such datasets are
+    named (and their runs marked at_first_eval)."""
+    import pandas as pd
+
+    from minaction.report.efficiency import first_eval_datasets, per_run_efficiency
+
+    runs, evals = [], []
+    for ds, early in (("easy", True), ("hard", False)):
+        for arch in ("mlp", "bimodal_true"):
+            for seed in range(2):
+                rid = f"{ds}-{arch}-{seed}"
+                runs.append(dict(run_id=rid, dataset=ds, modality="physiological", arch=arch, lam=0.0, seed=seed,
+                                 val_acc=0.9, test_acc=0.9, wall_time_s=1.0))
+                accs = [0.9, 0.9, 0.9] if early else [0.3, 0.6, 0.9]
+                for k, a in enumerate(accs, 1):
+                    evals.append(dict(run_id=rid, step=5 * k, samples=320 * k, flops=1e6 * k, epoch=k / 3,
+                                      val_acc=a, wall_time_s=0.1 * k))
+    eff = per_run_efficiency(pd.DataFrame(runs), None, 0.95, evals=pd.DataFrame(evals), target_by="dataset")
+    assert first_eval_datasets(eff, 0.0) == ["easy"]
+    assert eff.set_index("run_id")["at_first_eval"].to_dict() == {r["run_id"]: r["dataset"] == "easy" for r in runs}
