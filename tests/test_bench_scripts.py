@@ -214,3 +214,15 @@ def test_zoo_convert_reports_each_model_and_names_missing_libraries(bench_path):
     assert "ZeroDivisionError" in rows[1]["error"] and "not installed" in rows[2]["error"]
     text = zoo_convert.table(rows)
     assert "local/net" in text and "ActivationObserver 1" in text and "**" in text
+
+
+def test_group_invariance_cost_runs():
+    """bench/group_invariance_cost.py (the per-member Adam and embedding backward against the whole-tensor
+    ones): two rounds, every row printed with a ratio."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(BENCH / "group_invariance_cost.py"), "2"], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 5 and all(float(line.rstrip(" |").rsplit("|", 1)[1]) > 0 for line in rows), r.stdout

@@ -232,6 +232,9 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
         con = store.connect(db, readonly=True)
         try:
             done = store.finished_ids(con, tuple(s for s in store.STATUSES if not (retry_failed and s == "failed")))
+            from .runner import _warn_renamed_budget
+
+            _warn_renamed_budget(con, spec)  # as `study run` will say it
         finally:
             con.close()
     todo = [r for r in runs if r["run_id"] not in done]
@@ -292,7 +295,8 @@ def _hms(s: float) -> str:
 def format_plan(p: dict, per_block: bool = True) -> str:
     """The plan as text (a table per architecture x dataset, then the total)."""
     lines = [f"preset {p['preset']} (budget {p['budget']}): {p['runs']} runs, {p['pending']} pending in "
-             f"{p['groups']} groups"]
+             f"{p['groups']} groups" + (" (`study run` may split a large one between idle workers)"
+                                        if p.get("workers", 1) > 1 and p["groups"] > 0 else "")]
     if per_block and p["rows"]:
         hdr = (f"{'arch':<19} {'dataset':<21} {'runs':>5} {'grp':>4} {'G':>3} {'n_train':>7} {'steps/ep':>8} "
                f"{'ep cap':>6} {'evals/ep':>8} {'s/step':>8} {'s/eval':>8} {'s/member-ep':>11} {'time':>8}")
