@@ -17,6 +17,8 @@ from pathlib import Path
 
 POWERCAP = Path("/sys/class/powercap")
 
+__all__ = ["EnergyMeter", "POWERCAP"]
+
 
 def _rapl_domains(root: Path):
     """Top-level RAPL package domains: (energy_uj path, max_energy_range_uj)."""
@@ -51,6 +53,8 @@ class EnergyMeter:
         self.seconds = None
 
     def __enter__(self):
+        # each `with` block measures afresh: a reused meter showed the last block's joules or reasons
+        self.joules, self.reasons, self.seconds = {"rapl": None, "nvml": None}, {}, None
         self._t0 = time.perf_counter()
         self._rapl = _rapl_domains(self.root)
         self._rapl0 = None

@@ -34,11 +34,17 @@ _FUNCTIONAL_HINT = ("activation functions called in forward() (torch.tanh(self.f
 _log = logging.getLogger("minaction")
 
 
+def _need_module(model, fn: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"minaction.{fn} takes the model (an nn.Module), got {type(model).__name__}")
+
+
 def set_penalty(model: nn.Module, lam: float) -> int:
     """Give every energy layer of ``model`` that counts energy the in-layer penalty ``lam``
     (``EnergyLinear``'s ``penalty``): ``loss.backward()`` then trains ``loss + lam * E``
     without ``E`` in the loss. ``lam = 0`` turns it off. Returns the number of layers set;
     a model without counting energy layers is an error (as for :func:`total_energy`)."""
+    _need_module(model, "set_penalty")
     layers = energy_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no energy layers that count energy: nothing to penalise "
@@ -70,6 +76,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     and is left out: an auxiliary head run in training only (GoogLeNet's, Inception v3's) read
     after an evaluation forward; a layer that LayerDrop skipped this step.
     """
+    _need_module(model, "total_energy")
     if not _compiling():
         fast = _fast_total(model)
         if fast is not None:
@@ -150,6 +157,8 @@ def record_energy(model: Optional[nn.Module] = None):
     ``model`` limits the recording to its layers (None: every energy layer). Tapes nest; each keeps
     the energies on the autograd graph until the tape is dropped. The in-layer penalty
     (``set_penalty``) already counts every call and needs no tape."""
+    if model is not None:
+        _need_module(model, "record_energy")
     from .nn import layers as _layers
 
     tape = EnergyTape(model)
@@ -1186,6 +1195,7 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     the model has no energy layers, a warning says why. Returns ``model``, or
     ``(model, ConversionReport)`` with ``return_report=True``.
     """
+    _need_module(model, "convert")
     from ._fx_pairs import cached_traces
 
     _check_model(model, observers=False)  # a stopped observer is hooked again below
@@ -1254,8 +1264,11 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
     a pandas DataFrame with one row per energy layer and a final ``total`` row. The joules
     measured over that forward (RAPL / NVML where the hardware exposes them, see
     :class:`minaction.energy_meter.EnergyMeter`) are in ``df.attrs["measured_joules"]``, with
-    ``df.attrs["measured_reasons"]`` saying why a source gave no number.
+    ``df.attrs["measured_reasons"]`` saying why a source gave no number. For a batched layer
+    (``num_models=G``) a row's ``energy`` is the sum over its G members (``total_energy`` gives them
+    one by one, ``[G]``).
     """
+    _need_module(model, "energy_report")
     from .energy_meter import EnergyMeter
 
     import pandas as pd

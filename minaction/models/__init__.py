@@ -1,6 +1,7 @@
 """Architectures of the study: two conventional baselines and two energy-first designs.
 
->>> from minaction import models
+>>> from minaction import data, models
+>>> ds = data.load("mnist", "train")
 >>> net = models.build("bimodal_true", ds.meta)              # one member, logits [B, C]
 >>> nets = models.build("mlp", ds.meta, num_models=10, seeds=range(10))  # logits [10, B, C]
 

@@ -180,6 +180,8 @@ class LoopEnsemble(nn.Module):
 
     def __init__(self, members: Sequence[nn.Module], meta=None):
         super().__init__()
+        if len(members) == 0:
+            raise ValueError("LoopEnsemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.num_models = len(self.members)
         rows = getattr(self.members[0], "eval_rows", None)

@@ -31,12 +31,25 @@ UNFUSED_ACTIVATIONS = (nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.Hard
                        nn.Threshold)
 
 
+_TORCH_FUSED = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+
+
+def fused_name(module) -> Optional[str]:
+    """The fused kernels' name of torch's own activation module ``module`` (``nn.ReLU()`` -> "relu",
+    ``nn.GELU(approximate="tanh")`` -> "gelu_tanh"), or None."""
+    if type(module) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+    return _TORCH_FUSED.get(type(module))
+
+
 class EnergyActivation(EnergyLayer):
     """``act(x)``, with ``last_energy`` the energy of its output.
 
     Args:
         activation: "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid" or "identity" (the fused
-            activation + energy pass), or an elementwise activation module the kernels do not have
+            activation + energy pass; torch's modules of these, ``nn.ReLU()``, ``nn.GELU(approximate=...)``,
+            ``nn.SiLU()``, ``nn.Tanh()``, ``nn.Sigmoid()``, ``nn.Identity()``, run it too), or an
+            elementwise activation module the kernels do not have
             (``nn.LeakyReLU(0.2)``, ``nn.ReLU6()``, ``nn.ELU()``, ``nn.Hardswish()``, ... see
             ``UNFUSED_ACTIVATIONS``): applied as it is, with the energy computed by plain PyTorch ops
             (unfused: it costs what the hand-written penalty costs). A custom module (a library's own
@@ -62,6 +75,8 @@ class EnergyActivation(EnergyLayer):
         if rows not in _ROWS:
             raise ValueError(f"rows must be one of {_ROWS}, got {rows!r}")
         fn = None
+        if isinstance(activation, nn.Module):  # torch's own modules of the fused activations run the fused pass
+            activation = fused_name(activation) or activation
         if isinstance(activation, nn.Module) and type(activation) not in UNFUSED_ACTIVATIONS:
             from .._custom_act import FUSED, read_activation
 
@@ -72,8 +87,9 @@ class EnergyActivation(EnergyLayer):
                 raise ValueError(f"activation module {type(activation).__name__} is not one EnergyActivation applies "
                                  "(an elementwise activation without parameters or randomness: "
                                  f"{', '.join(c.__name__ for c in UNFUSED_ACTIVATIONS)}, or a custom module whose "
-                                 "forward() torch.fx reads as elementwise ops on its input alone); for relu, gelu, "
-                                 "silu, tanh, sigmoid pass the name, which runs the fused kernels")
+                                 "forward() torch.fx reads as elementwise ops on its input alone), nor one of the "
+                                 "fused activations (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity or "
+                                 "their names)")
         if isinstance(activation, nn.Module):
             fn = copy.deepcopy(activation)
             if getattr(fn, "inplace", False):
@@ -82,7 +98,7 @@ class EnergyActivation(EnergyLayer):
         self._init_energy(activation, energy, energy_reduction, penalty)
         if fn is not None:
             self.__dict__["_fn"] = fn  # not a submodule: nothing in state_dict, as the module it replaces
-            self.activation = repr(fn)
+            self.__dict__["activation"] = repr(fn)
         self.rows = rows
         self.backend = backend
         self.accumulate = False
@@ -121,8 +137,10 @@ class EnergyActivation(EnergyLayer):
             y, e = activation_energy(x.permute(0, 2, 3, 1), self.activation, self.energy, self.energy_reduction, **kw)
             y = y.permute(0, 3, 1, 2)
         else:
-            y, e = activation_energy(x if x.dim() > 1 else x.unsqueeze(1), self.activation, self.energy,
-                                     self.energy_reduction, **kw)
+            # a 1-D input: samples of one unit each ("batch": dim 0 is the sample), or one sample ("leading": the
+            # last dim holds the units, as EnergyLinear counts an unbatched input)
+            x2 = x if x.dim() > 1 else (x.unsqueeze(0) if self.rows == "leading" else x.unsqueeze(1))
+            y, e = activation_energy(x2, self.activation, self.energy, self.energy_reduction, **kw)
             if x.dim() == 1:
                 y = y.view(x.shape)  # no view otherwise: inductor cannot order a view's symbolic strides
         d = self.__dict__
@@ -149,7 +167,7 @@ class EnergyActivation(EnergyLayer):
         if not self.p:
             return y, torch.zeros((), dtype=energy_dtype(y.dtype), device=y.device)
         t = y.to(energy_dtype(y.dtype))
-        t = t.reshape(-1, t.shape[-1]) if self.rows == "leading" and t.dim() > 1 else t.reshape(t.shape[0], -1)
+        t = t.reshape(-1, t.shape[-1]) if self.rows == "leading" else t.reshape(t.shape[0], -1)
         t = t.abs() if self.p == 1 else t.square()
         per_row = t.mean(1) if self.energy_reduction == "mean" else t.sum(1)
         e = per_row.sum() / max(t.shape[0], 1)  # an empty batch: 0, as the fused pass gives

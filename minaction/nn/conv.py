@@ -24,6 +24,7 @@ member g's parameters, so a non-finite member cannot leak into the others.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from ..backends import energy_dtype
-from ..errors import InputShapeError
+from ..errors import InputShapeError, InputTypeError
 from ..ops import activation_energy, activation_energy_max_pool2, conv2d_act_energy_max_pool2, max_pool2
 from . import layers as _layers
 from .layers import EnergyLayer
@@ -77,13 +78,20 @@ class _EnergyConvNd(EnergyLayer):
         nn.Module.__init__(self)  # not nn.Conv*d.__init__: the parameters are built below (and batched)
         _layers._check_dtype(type(self), dtype)
         n = self._dims
-        if num_models is not None and int(num_models) <= 0:
-            raise ValueError(f"num_models must be positive, got {num_models}")
-        self.num_models = None if num_models is None else int(num_models)
+        try:  # an integer (numpy's too); 2.7 or "2" were truncated or parsed before
+            G = None if num_models is None or isinstance(num_models, bool) else operator.index(num_models)
+        except TypeError:
+            G = None
+        if num_models is not None and (G is None or G <= 0):
+            raise ValueError(f"num_models must be a positive int (or None for one model), got {num_models!r}")
+        self.num_models = G
         if in_channels <= 0 or out_channels <= 0:
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
         if groups <= 0 or in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        if isinstance(activation, str) and activation in _PADDING_MODES:  # nn.Conv*d's 9th positional argument
+            raise ValueError(f"activation={activation!r} is a padding mode: nn.Conv{n}d's 9th positional argument is "
+                             f"padding_mode, this layer's is activation; pass padding_mode={activation!r} by keyword")
         self._init_energy(activation, energy, energy_reduction, penalty)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = _tuple(kernel_size, n, "kernel_size")
@@ -140,6 +148,8 @@ class _EnergyConvNd(EnergyLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _layers._fx_leaf(self, x)
+        if not isinstance(x, torch.Tensor):
+            raise InputTypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == self._dims + 1 and self.num_models is None:  # unbatched [C, *spatial], as nn.Conv accepts
             self._check_unbatched(x)
             return self.forward(x.unsqueeze(0)).squeeze(0)
@@ -157,6 +167,8 @@ class _EnergyConvNd(EnergyLayer):
         is never stored. The layer's own forward (pre-)hooks, backward hooks and global module
         hooks observe ``self(x)`` itself, so while any is registered this runs ``self(x)`` then
         the pooling, and the hooks see what they always see."""
+        if not isinstance(x, torch.Tensor):
+            raise InputTypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == self._dims + 1 and self.num_models is None:  # unbatched [C, *spatial]
             self._check_unbatched(x)
             return self.forward_max_pool2(x.unsqueeze(0)).squeeze(0)
@@ -299,6 +311,10 @@ class _EnergyConvNd(EnergyLayer):
         s += f", activation={self.activation!r}, energy={self.energy!r}"
         if self.energy_reduction != "sum":
             s += f", energy_reduction={self.energy_reduction!r}"
+        if self.penalty:
+            s += f", penalty={self.penalty:g}"
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
         return s
 
 

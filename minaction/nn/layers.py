@@ -36,6 +36,7 @@ _interpreter_stack = _energy._interpreter_stack
 _env_backend = _energy._env_backend
 _grad_enabled = torch.is_grad_enabled
 # attributes whose assignment invalidates a layer's cached plan
+_ENERGY_OPTIONS = ("activation", "energy", "energy_reduction")
 _PLAN_FACTS = frozenset({"activation", "energy", "energy_reduction", "backend", "p", "weight", "bias",
                          "num_models", "in_features", "out_features", "penalty"})
 
@@ -182,16 +183,19 @@ def _fx_leaf(module: nn.Module, x) -> "torch.fx.Proxy":
 class EnergyLayer(nn.Module):
     """Base of every layer whose activation energy ``minaction.total_energy`` sums.
 
-    Subclasses store the energy of each forward with ``self.__dict__["_last_energy"] = e``
-    (or ``self.last_energy = e``); ``counts_energy`` is False when the layer was built with
-    ``energy=None``.
+    A subclass calls ``self._init_energy(activation, energy, energy_reduction, penalty=0.0)`` in its
+    ``__init__`` (it validates the options and sets the exponent ``p``) and stores the energy of each
+    forward with ``self.last_energy = e``; ``counts_energy`` is False when the layer was built with
+    ``energy=None``. Assigning ``activation``, ``energy`` or ``energy_reduction`` later validates the new
+    value and updates ``p``.
     """
 
     def _init_energy(self, activation, energy, energy_reduction, penalty=0.0):
+        """Validate and set the energy options (``activation``, ``energy``, ``energy_reduction``, ``penalty``)
+        and the exponent ``p`` they give. A subclass of :class:`EnergyLayer` calls this in its ``__init__``."""
         self.p = validate_energy(activation, energy, energy_reduction)
-        self.activation = activation
-        self.energy = energy
-        self.energy_reduction = energy_reduction
+        self.__dict__.update(activation=activation, energy=energy, energy_reduction=energy_reduction)
+        self.__dict__.pop("_plan", None)
         self.penalty = penalty
         self.__dict__["_last_energy"] = None
 
@@ -252,7 +256,38 @@ class EnergyLayer(nn.Module):
             self.__dict__.pop("_plan", None)
             if name == "penalty":  # checked on every assignment: layer.penalty = lam is the scheduling API
                 value = validate_penalty(value, self.p) if value else 0.0
+            elif name == "backend" and value is not None:
+                from ..backends.select import _check_name
+
+                value = _check_name(value)  # an unknown name now, not at the first forward 15 frames deep
+            elif name in _ENERGY_OPTIONS and all(k in self.__dict__ for k in _ENERGY_OPTIONS):
+                self._reset_energy_option(name, value)  # layer.energy = "l1": p follows (it was left stale)
+                return
         super().__setattr__(name, value)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _ENERGY_OPTIONS or name in ("p", "penalty", "counts_energy"):
+                raise AttributeError(f"{type(self).__name__} has no {name!r}: a subclass of EnergyLayer calls "
+                                     f"self._init_energy(activation, energy, energy_reduction) in its __init__ "
+                                     f"(see EnergyLayer's docstring)") from None
+            raise
+
+    def _reset_energy_option(self, name, value) -> None:
+        d = self.__dict__
+        opts = {k: d[k] for k in _ENERGY_OPTIONS}
+        opts[name] = value
+        unfused = "_fn" in d and name != "activation"  # an EnergyActivation applying a module keeps it
+        p = validate_energy("identity" if unfused else opts["activation"], opts["energy"], opts["energy_reduction"])
+        if p == 0 and d.get("penalty"):
+            raise ValueError(f"{type(self).__name__}.{name} = {value!r} leaves no energy, but the layer's penalty is "
+                             f"{d['penalty']}: set layer.penalty = 0 first")
+        if name == "activation":
+            d.pop("_fn", None)  # a fused activation by name replaces an applied module
+        d[name] = value
+        d["p"] = p
 
     def __delattr__(self, name):
         if name in _PLAN_FACTS:
@@ -344,6 +379,10 @@ class EnergyLinear(EnergyLayer, nn.Linear):
     def reset_parameters(self, generator: Optional[torch.Generator] = None, model: Optional[int] = None) -> None:
         """``nn.Linear``'s initialisation; for a batched layer, each model (or only ``model``) in turn."""
         wbound, bound = _kaiming_bound(self.in_features), 1.0 / math.sqrt(self.in_features)
+        if model is not None and (self.num_models is None or not 0 <= int(model) < self.num_models):
+            raise ValueError(f"reset_parameters(model={model}): this layer holds "
+                             + ("one model (model must be None)" if self.num_models is None
+                                else f"models 0..{self.num_models - 1}"))
         models = [None] if self.num_models is None else ([model] if model is not None else range(self.num_models))
         for g in models:
             w = self.weight if g is None else self.weight[g]
@@ -418,4 +457,6 @@ class EnergyLinear(EnergyLayer, nn.Linear):
             s += f", num_models={self.num_models}"
         if self.penalty:
             s += f", penalty={self.penalty:g}"
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
         return s

@@ -412,7 +412,14 @@ def _route(t: Tensor, backend: Optional[str]) -> str:
     layer's forced one, else ``backends.select``'s choice for the device."""
     if _plain_path(backend):
         return "reference"
-    return backend if backend is not None else _select.select(t.device)
+    if backend is None:
+        return _select.select(t.device)
+    if backend not in ("reference", "composite"):  # a layer's own backend= (the names are checked when set)
+        ok, why = _select.available(backend, t.device)
+        if not ok:
+            raise RuntimeError(f"this layer's backend={backend!r} cannot run on {t.device.type}: {why} "
+                               f"(backend=None lets minaction choose)")
+    return backend
 
 
 def _cpu_linear(x, weight, bias, act, p, mean, penalty=0.0):

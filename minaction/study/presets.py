@@ -92,6 +92,7 @@ class PresetError(ValueError):
 
 
 def available_presets() -> list:
+    """The names of the presets shipped with minaction (``minaction/study/presets/*.toml``)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
@@ -282,7 +283,13 @@ def with_max_group(spec: dict, max_group) -> dict:
 
 
 def make_groups(runs: list, group_by: str = "seed", max_group: int = 10) -> list:
-    """Split ``runs`` into lists of runs trained together (each at most ``max_group`` long)."""
+    """Split ``runs`` into lists of runs trained together (each at most ``max_group`` long). ``group_by``:
+    one of :data:`GROUP_MODES` ("seed": runs differing only in their seed share a batched model;
+    "seed+lam": in seed or lambda; "none": every run alone)."""
+    if group_by not in GROUP_MODES:
+        raise ValueError(f"group_by must be one of {GROUP_MODES}, got {group_by!r}")
+    if isinstance(max_group, bool) or not isinstance(max_group, int) or max_group < 1:
+        raise ValueError(f"max_group must be a positive integer, got {max_group!r}")
     by: dict = {}
     for r in runs:
         by.setdefault(group_key(r["config"], group_by), []).append(r)

@@ -336,6 +336,12 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
     """
     t0 = time.perf_counter()
     check_workers(workers)
+    from .executors import EXECUTORS
+
+    if executor not in EXECUTORS:  # before the store exists (a bad name left an empty store and its lock)
+        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if scheduler and executor == "local":
+        raise ValueError("--scheduler applies to the dask and ray executors, not local")
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     spec = with_max_group(load_preset(preset), max_group)

@@ -209,7 +209,7 @@ def test_layer_num_models_init_and_errors():
         a.reset_parameters(model=2)
     with pytest.raises(ValueError, match="must be None"):
         b.reset_parameters(model=0)
-    with pytest.raises(ValueError, match="num_models must be positive"):
+    with pytest.raises(ValueError, match="num_models must be a positive int"):
         EnergyConv1d(1, 1, 1, num_models=0)
 
 

@@ -26,7 +26,7 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 import minaction
-from minaction.nn import EnergyConv2d, EnergyLayer, EnergyLinear
+from minaction.nn import EnergyActivation, EnergyConv2d, EnergyLayer, EnergyLinear
 
 torch.set_num_threads(1)
 
@@ -1615,3 +1615,105 @@ def test_initialisation_is_torchs_bit_for_bit(dtype):
         torch.manual_seed(3)
         b = energy()
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_assigning_an_energy_option_updates_the_exponent():
+    """`layer.energy = ...` after construction left p stale: a layer built with energy=None and switched on
+    stayed out of total_energy, and one switched from l2 to l1 kept p = 2. Now p follows, a bad value is
+    refused at the assignment, and a layer with a penalty cannot lose its energy."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    m = nn.Sequential(EnergyLinear(4, 8).double(), EnergyLinear(8, 8, energy=None).double(), nn.Linear(8, 2).double())
+    m[1].energy = "l2"
+    m(x)
+    assert m[1].counts_energy and m[1].p == 2
+    torch.testing.assert_close(minaction.total_energy(m), m[0].last_energy + m[1].last_energy)
+    m[1].penalty = 0.1  # allowed now that it has an energy
+    with pytest.raises(ValueError, match="set layer.penalty = 0 first"):
+        m[1].energy = None
+    m[1].penalty = 0.0
+    m[1].energy = None
+    assert not m[1].counts_energy
+    layer = EnergyLinear(4, 8).double()
+    layer.energy = "l1"
+    y = layer(x)
+    assert layer.p == 1
+    torch.testing.assert_close(layer.last_energy, y.abs().sum(1).mean())
+    with pytest.raises(ValueError, match="energy_reduction"):
+        layer.energy_reduction = "avg"
+    assert layer.energy_reduction == "sum"
+    layer.activation = "tanh"
+    torch.testing.assert_close(layer(x), torch.tanh(F.linear(x, layer.weight, layer.bias)))
+    act = EnergyActivation(nn.LeakyReLU(0.1))
+    act.energy = "l1"  # an unfused activation keeps its module
+    xa = torch.randn(3, 4)
+    torch.testing.assert_close(act(xa), F.leaky_relu(xa, 0.1))
+    act.activation = "relu"  # a fused name replaces the module
+    torch.testing.assert_close(act(xa), torch.relu(xa))
+
+
+def test_energy_layer_subclass_without_init_energy_names_it():
+    class Mine(EnergyLayer):
+        def forward(self, x):
+            self.last_energy = x.pow(2).sum(-1).mean()
+            return x
+
+    m = nn.Sequential(nn.Linear(3, 3), Mine())
+    m(torch.randn(2, 3))
+    with pytest.raises(AttributeError, match=r"calls self._init_energy\(activation, energy, energy_reduction\)"):
+        minaction.total_energy(m)
+
+    class Good(Mine):
+        def __init__(self):
+            super().__init__()
+            self._init_energy("identity", "l2", "sum")
+
+    g = nn.Sequential(nn.Linear(3, 3), Good())
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(minaction.total_energy(g) if g(x) is not None else None, g[0](x).pow(2).sum(-1).mean())
+
+
+def test_energy_activation_takes_torchs_activation_modules_and_one_dim_rows():
+    x = torch.tensor([1.0, -2.0, 3.0])
+    for mod, fn in ((nn.ReLU(), torch.relu), (nn.GELU(approximate="tanh"), lambda t: F.gelu(t, approximate="tanh")),
+                    (nn.SiLU(), F.silu), (nn.Identity(), lambda t: t)):
+        a = EnergyActivation(mod)
+        torch.testing.assert_close(a(x.view(1, 3)), fn(x.view(1, 3)))
+        assert "_fn" not in a.__dict__  # the fused pass, not the module applied
+    lead = EnergyActivation("relu", rows="leading")
+    lead(x)  # one sample of three units, as EnergyLinear counts an unbatched input
+    torch.testing.assert_close(lead.last_energy, torch.tensor(10.0))
+    batch = EnergyActivation("relu")
+    batch(x)  # three samples of one unit
+    torch.testing.assert_close(batch.last_energy, torch.tensor(10.0 / 3))
+    unf = EnergyActivation(nn.LeakyReLU(0.5), rows="leading")
+    unf(x)
+    torch.testing.assert_close(unf.last_energy, torch.tensor(1.0 + 1.0 + 9.0))
+
+
+def test_a_layers_backend_is_checked():
+    with pytest.raises(ValueError, match="unknown minaction backend 'bogus'"):
+        EnergyLinear(4, 3, backend="bogus")
+    with pytest.raises(ValueError, match="unknown minaction backend"):
+        EnergyConv2d(1, 2, 3, backend="bogus")
+    with pytest.raises(ValueError, match="unknown minaction backend"):
+        minaction.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)), backend="bogus")
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu"):
+        EnergyLinear(4, 3, backend="cuda")(torch.randn(2, 4))
+    layer = EnergyLinear(4, 3, backend="reference")
+    layer(torch.randn(2, 4))
+
+
+def test_the_model_argument_is_checked_and_conv_inputs_too():
+    for fn in (minaction.convert, minaction.total_energy, lambda m: minaction.set_penalty(m, 0.1)):
+        with pytest.raises(TypeError, match="takes the model \\(an nn.Module\\), got NoneType"):
+            fn(None)
+    with pytest.raises(RuntimeError, match="input must be a torch.Tensor, got NoneType"):
+        EnergyConv2d(1, 2, 3)(None)
+    for bad in (2.7, "2", True, 0):
+        with pytest.raises(ValueError, match="num_models must be a positive int"):
+            EnergyConv2d(1, 2, 3, num_models=bad)
+    with pytest.raises(ValueError, match="holds one model"):
+        EnergyLinear(4, 3).reset_parameters(model=5)
+    with pytest.raises(ValueError, match="models 0..1"):
+        EnergyLinear(4, 3, num_models=2).reset_parameters(model=-1)

@@ -313,8 +313,9 @@ def test_wrap_activations_false_adds_no_observer_and_observer_errors():
     with pytest.warns(UserWarning, match="converted nothing"):
         model = minaction.convert(KResNet(), wrap_activations=False)
     assert not any(isinstance(m, (ActivationObserver, EnergyActivation)) for m in model.modules())
-    with pytest.raises(ValueError, match="pass the name"):
-        ActivationObserver(nn.ReLU())
+    assert ActivationObserver(nn.ReLU()).activation == "relu"  # torch's module of a fused activation: accepted
+    with pytest.raises(ValueError, match="nor one of the fused activations"):
+        ActivationObserver(nn.Softmax(-1))
     with pytest.raises(ValueError, match="activation name"):
         ActivationObserver(F.relu)
     obs = ActivationObserver("gelu")

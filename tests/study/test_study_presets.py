@@ -175,3 +175,24 @@ def test_presets_read_toml_without_tomllib():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
+
+
+def test_make_groups_refuses_what_would_drop_runs(tmp_path):
+    """max_group=-1 returned no group (every run vanished), 0 raised a range() error, and an unknown group_by
+    grouped as "seed". run_study refuses an unknown executor before it creates the store."""
+    import pytest
+
+    from minaction.study import presets as P
+    from minaction.study import run_study
+
+    runs = P.expand("smoke")
+    for bad in (-1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="max_group must be a positive integer"):
+            P.make_groups(runs, "seed", bad)
+    with pytest.raises(ValueError, match="group_by must be one of"):
+        P.make_groups(runs, "bogus", 10)
+    assert sum(len(g) for g in P.make_groups(runs, "none", 10)) == len(runs)
+    db = tmp_path / "s.sqlite"
+    with pytest.raises(ValueError, match="unknown executor 'bogus'"):
+        run_study("smoke", db, executor="bogus", progress=False)
+    assert not db.exists()
