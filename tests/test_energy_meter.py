@@ -26,3 +26,16 @@ def test_missing_sources_give_reasons_not_numbers(tmp_path):
         pass
     assert m.joules["rapl"] is None and "no RAPL" in m.reasons["rapl"]
     assert m.joules["nvml"] is None and m.reasons["nvml"]
+
+
+def test_a_reused_meter_measures_each_block_afresh(tmp_path):
+    """joules and reasons were set in __init__ only: a second block showed the first one's reading."""
+    p0 = _domain(tmp_path, "intel-rapl:0", 100)
+    m = EnergyMeter(powercap_root=tmp_path)
+    with m:
+        p0.write_text(str(2_000_100))
+    assert abs(m.joules["rapl"] - 2.0) < 1e-9 and "rapl" not in m.reasons
+    m.root = tmp_path / "gone"  # the counters disappear before the second block
+    with m:
+        pass
+    assert m.joules["rapl"] is None and "no RAPL" in m.reasons["rapl"]
