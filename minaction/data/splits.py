@@ -2,6 +2,9 @@
 name as a :class:`~minaction.data.Dataset`, and :func:`load`, which picks the builder."""
 from __future__ import annotations
 
+import numbers
+import operator
+
 import numpy as np
 import torch
 
@@ -18,10 +21,19 @@ def _check_split(split):
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+def _nonempty(tr, va, split, val_fraction):
+    """A split that carve_val left empty is an error that says why (an empty train split made every
+    standardised value NaN)."""
+    if split == "val" and len(va) == 0:
+        raise ValueError("split 'val' is empty: " + ("val_fraction is 0" if not val_fraction else
+                         f"val_fraction={val_fraction} of {len(tr)} training samples rounds to none"))
+    if len(tr) == 0:
+        raise ValueError(f"val_fraction={val_fraction} leaves no training samples (all {len(va)} went to val)")
+
+
 def _train_val(y_train, split, seed, val_fraction):
     tr, va = carve_val(y_train, val_fraction, seed)
-    if split == "val" and len(va) == 0:
-        raise ValueError("split 'val' is empty: val_fraction is 0")
+    _nonempty(tr, va, split, val_fraction)
     return tr if split == "train" else va
 
 
@@ -119,8 +131,7 @@ def _build_nmnist(name, split, seed, data_dir, progress, val_fraction, T, durati
 def _build_ucr(name, split, seed, data_dir, progress, val_fraction, standardize):
     a, origin = family_arrays(name, data_dir, progress)
     tr, va = carve_val(a["y_train"], val_fraction, seed)
-    if split == "val" and len(va) == 0:
-        raise ValueError("split 'val' is empty: val_fraction is 0")
+    _nonempty(tr, va, split, val_fraction)
     x_train = a["x_train"][tr]
     mean, std = float(x_train.mean()), float(x_train.std())
     x, y = {"train": (x_train, a["y_train"][tr]), "val": (a["x_train"][va], a["y_train"][va]),
@@ -145,7 +156,11 @@ def load(name: str, split: str, data_dir=None, seed: int = 0, progress: bool = F
     (:func:`minaction.data.register_dataset`) by its own loader."""
     if name in REGISTERED:
         _check_split(split)
-        return REGISTERED[name].load(name, split, data_dir=data_dir, seed=seed, **opts)
+        ds = REGISTERED[name].load(name, split, data_dir=data_dir, seed=seed, **opts)
+        if not isinstance(ds, Dataset) and not all(hasattr(ds, a) for a in ("x", "y", "meta")):
+            raise TypeError(f"the loader registered for dataset {name!r} returned a {type(ds).__name__}, not a "
+                            f"minaction.data.Dataset (Dataset(x, y, meta, split); docs/data.md)")
+        return ds
     if name not in SPECS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list(SPECS) + list(REGISTERED))}")
     _check_split(split)
@@ -153,5 +168,37 @@ def load(name: str, split: str, data_dir=None, seed: int = 0, progress: bool = F
     unknown = set(opts) - set(spec.defaults)
     if unknown:
         raise TypeError(f"dataset {name!r} takes no option(s) {sorted(unknown)}; its options: {sorted(spec.defaults)}")
+    _check_option_values(name, seed, opts, spec.defaults)
     kw = {**spec.defaults, **opts}
     return BUILDERS[spec.builder](name, split, seed, data_dir, progress, **kw)
+
+
+def _check_option_values(name, seed, opts, defaults) -> None:
+    """Each option of the type its default has: T=2.7 became 2, standardize="False" standardised, seed=1.5 was
+    recorded as given, and val_fraction="0.1" failed deep inside with a comparison error."""
+    def integral(v):
+        if isinstance(v, bool):
+            return False
+        try:
+            operator.index(v)
+            return True
+        except TypeError:
+            return False
+
+    if not integral(seed):
+        raise TypeError(f"dataset {name!r}: seed must be an integer, got {seed!r}")
+    for k, v in opts.items():
+        d = defaults.get(k)
+        if v is None and d is None:
+            continue
+        if isinstance(d, bool):
+            ok, what = isinstance(v, bool), "True or False"
+        elif isinstance(d, int):
+            ok, what = integral(v), "an integer"
+        else:  # a float, or None standing for one (val_fraction, duration_us)
+            ok, what = isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"
+        if not ok:
+            raise TypeError(f"dataset {name!r}: option {k} must be {what}, got {v!r}")
+    if name == "sst2" and opts.get("val_fraction") is not None:
+        raise ValueError("dataset 'sst2': its val split is the official dev set, so val_fraction must stay None, "
+                         f"got {opts['val_fraction']!r}")

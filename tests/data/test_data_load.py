@@ -531,3 +531,61 @@ def test_a_dataset_refuses_what_would_fail_every_run(x, y, match):
     assert len(data.Dataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 1, 0]), meta, "train")) == 4
     spikes = data.DataMeta("mine", "neuromorphic", 2, (5, 1, 2, 2), torch.float32, spike_encoded=True)
     assert len(data.SpikeDataset(torch.zeros(4, 1, 2, 2), torch.tensor([0, 1, 1, 0]), spikes, "train")) == 4
+
+
+def test_a_truncated_or_garbled_gzip_is_a_checksum_error_naming_the_file():
+    """verify() let gzip's EOFError / BadGzipFile through (no file name, not a DataError), so a truncated
+    download in the cache was never deleted and fetched again."""
+    import os
+
+    spec = sources.FileSpec("train_images", ["train-images-idx3-ubyte.gz"], "0" * 64, content_hash=True)
+    for data in (gzip.compress(os.urandom(20000))[:3000], b"\x1f\x8b", gzip.compress(b"abc")[:-3] + b"zzz"):
+        with pytest.raises(sources.ChecksumError, match=r"train_images at /x/f.gz is not a whole gzip file"):
+            sources.verify(data, spec, "/x/f.gz")
+
+
+def test_a_url_download_works_with_an_unwritable_cache(tmp_path, monkeypatch):
+    """A cache folder that cannot be written (read-only, or a file in the way) raised a bare OSError from
+    the download source; the file is now downloaded into a temporary folder and read from there."""
+    payload = b"some bytes of a dataset file"
+    src_file = tmp_path / "upstream.bin"
+    src_file.write_bytes(payload)
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setattr(sources, "cache_dir", lambda: blocker / "minaction")
+    spec = sources.FileSpec("f", ["upstream.bin"], hashlib.sha256(payload).hexdigest())
+    got = sources.UrlSource(urls={"f": src_file.as_uri()}, folder="t").fetch([spec], progress=False)
+    assert got == {"f": payload}
+
+
+def test_option_values_have_their_defaults_types():
+    """T=2.7 became 2, standardize="False" standardised, seed=1.5 was recorded as given, val_fraction="0.1" failed
+    inside with a comparison error, and sst2 ignored a val_fraction. Checked before any file is read."""
+    cases = [("mnist_spikes", dict(T=2.7), TypeError, "option T must be an integer, got 2.7"),
+             ("ecg200", dict(standardize="False"), TypeError, "option standardize must be True or False"),
+             ("ecg200", dict(val_fraction="0.1"), TypeError, "option val_fraction must be a number"),
+             ("nmnist", dict(fold_time=1), TypeError, "option fold_time must be True or False"),
+             ("sst2", dict(val_fraction=0.2), ValueError, "val_fraction must stay None"),
+             ("mnist", dict(seed=1.5), TypeError, "seed must be an integer, got 1.5")]
+    for name, opts, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            data.load(name, "train", **opts)
+
+
+def test_a_split_left_empty_by_val_fraction_is_an_error():
+    from minaction.data.splits import _nonempty
+
+    with pytest.raises(ValueError, match="leaves no training samples"):
+        _nonempty(np.array([], dtype=np.int64), np.arange(5), "train", 0.995)
+    with pytest.raises(ValueError, match="val_fraction=0.001 of 90 training samples rounds to none"):
+        _nonempty(np.arange(90), np.array([], dtype=np.int64), "val", 0.001)
+    _nonempty(np.arange(90), np.arange(10), "train", 0.1)
+
+
+def test_a_registered_loader_must_return_a_dataset():
+    data.register_dataset("returns_tuple", lambda name, split, data_dir=None, seed=0: (1, 2))
+    try:
+        with pytest.raises(TypeError, match="returned a tuple, not a minaction.data.Dataset"):
+            data.load("returns_tuple", "train")
+    finally:
+        catalogue.REGISTERED.pop("returns_tuple", None)
