@@ -37,25 +37,27 @@ _bind_checkout_sources()
 
 __version__ = "0.1.0"
 __all__ = ["nn", "total_energy", "record_energy", "convert", "energy_report", "set_penalty", "backend_info", "set_backend",
-           "use_backend", "keep_freed_memory"]
+           "use_backend", "keep_freed_memory", "ConversionReport", "EnergyTape"]
 
 from ._alloc import keep_freed_memory  # noqa: E402,F401  (ctypes only: no torch)
 
 # the core's names and where they live
 _CORE = {"backend_info": "backends.select", "set_backend": "backends.select", "use_backend": "backends.select",
          "convert": "model_api", "energy_report": "model_api", "set_penalty": "model_api",
-         "total_energy": "model_api", "record_energy": "model_api"}
+         "total_energy": "model_api", "record_energy": "model_api",
+         "ConversionReport": "model_api", "EnergyTape": "model_api"}  # what convert / record_energy return
 
 
 def _load_core() -> None:
     from .backends.select import backend_info, set_backend, use_backend  # noqa: F401
-    from .model_api import convert, energy_report, record_energy, set_penalty, total_energy  # noqa: F401
+    from .model_api import (ConversionReport, EnergyTape, convert, energy_report, record_energy,  # noqa: F401
+                            set_penalty, total_energy)
     from . import nn  # noqa: F401
 
     g = globals()
     g.update(backend_info=backend_info, set_backend=set_backend, use_backend=use_backend, convert=convert,
              energy_report=energy_report, set_penalty=set_penalty, total_energy=total_energy,
-             record_energy=record_energy, nn=nn)
+             record_energy=record_energy, nn=nn, ConversionReport=ConversionReport, EnergyTape=EnergyTape)
 
 
 # With torch already imported (`import torch; import minaction`, any script or test) the core loads

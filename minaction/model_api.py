@@ -1197,6 +1197,13 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     """
     _need_module(model, "convert")
     from ._fx_pairs import cached_traces
+    from .ops.energy import validate_energy
+
+    validate_energy("relu", energy, energy_reduction)  # a bad option is an error even where nothing converts
+    if backend is not None:
+        from .backends.select import _check_name
+
+        _check_name(backend)
 
     _check_model(model, observers=False)  # a stopped observer is hooked again below
     with cached_traces():

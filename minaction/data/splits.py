@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
 
 import numpy as np
 import torch
@@ -169,6 +170,9 @@ def load(name: str, split: str, data_dir=None, seed: int = 0, progress: bool = F
     if unknown:
         raise TypeError(f"dataset {name!r} takes no option(s) {sorted(unknown)}; its options: {sorted(spec.defaults)}")
     _check_option_values(name, seed, opts, spec.defaults)
+    if data_dir is not None and not os.path.isdir(os.path.expanduser(os.fspath(data_dir))):
+        # a typo was ignored silently wherever another source (or the decoded cache) had the data
+        raise FileNotFoundError(f"dataset {name!r}: data_dir {str(data_dir)!r} is not a folder")
     kw = {**spec.defaults, **opts}
     return BUILDERS[spec.builder](name, split, seed, data_dir, progress, **kw)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import sys
 import warnings
 import weakref
@@ -359,6 +360,9 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                  backend: Optional[str] = None, device=None, dtype=None, penalty: float = 0.0):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are built below (and batched)
         _check_dtype(type(self), dtype)
+        for what, v in (("in_features", in_features), ("out_features", out_features), ("num_models", num_models)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise TypeError(f"{type(self).__name__}: {what} must be an int, got {v!r}")
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         if num_models is not None and num_models <= 0:

@@ -121,6 +121,13 @@ def build_report(db, out_dir, options: ReportOptions | None = None, **kwargs) ->
         raise ValueError(f"target_by must be 'dataset' or 'arch', got {opt.target_by!r}")
     if opt.efficiency_metric not in _eff.METRICS:
         raise ValueError(f"efficiency_metric must be one of {sorted(_eff.METRICS)}, got {opt.efficiency_metric!r}")
+    for name, hi, closed in (("ci", 1.0, False), ("target_frac", 1.0, True), ("tost_alpha", 0.5, False),
+                             ("alpha", 1.0, False)):
+        v = getattr(opt, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < hi or (closed and v == hi)):
+            raise ValueError(f"{name} must be a number in (0, {hi:g}{']' if closed else ')'}, got {v!r}")
+    if isinstance(opt.n_boot, bool) or not isinstance(opt.n_boot, int) or opt.n_boot < 2:
+        raise ValueError(f"n_boot must be an integer >= 2 (bootstrap resamples), got {opt.n_boot!r}")
     store = select_budget(load_store(db), preset=opt.preset, budget=tuple(opt.budget or ()))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

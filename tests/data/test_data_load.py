@@ -589,3 +589,8 @@ def test_a_registered_loader_must_return_a_dataset():
             data.load("returns_tuple", "train")
     finally:
         catalogue.REGISTERED.pop("returns_tuple", None)
+
+
+def test_a_data_dir_that_is_no_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_dir .*typo.* is not a folder"):
+        data.load("ecg200", "train", data_dir=tmp_path / "typo")

@@ -1717,3 +1717,18 @@ def test_the_model_argument_is_checked_and_conv_inputs_too():
         EnergyLinear(4, 3).reset_parameters(model=5)
     with pytest.raises(ValueError, match="models 0..1"):
         EnergyLinear(4, 3, num_models=2).reset_parameters(model=-1)
+
+
+def test_smaller_api_checks():
+    """From a review of the public API: sizes that are not ints, bad convert options where nothing
+    converts, the types convert / record_energy return exported, bad report options refused up front."""
+    with pytest.raises(TypeError, match="in_features must be an int, got '4'"):
+        EnergyLinear("4", 3)
+    with pytest.raises(ValueError, match="energy must be 'l2', 'l1' or None, got 'l3'"):
+        minaction.convert(nn.Sequential(nn.Linear(2, 2)), energy="l3")
+    assert minaction.ConversionReport.__name__ == "ConversionReport" and "EnergyTape" in minaction.__all__
+    from minaction.report import build_report
+
+    for bad in (dict(ci=2), dict(n_boot=-5), dict(target_frac=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            build_report("/nonexistent.sqlite", "/tmp/unused", **bad)
