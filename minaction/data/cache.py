@@ -37,9 +37,13 @@ def _read_cache(path: Path) -> Optional[Dict[str, np.ndarray]]:
 def _write_cache(path: Path, arrays: Dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)  # atomic: a killed writer leaves no half file under the real name
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)  # atomic: a killed writer leaves no half file under the real name
+    except OSError:
+        tmp.unlink(missing_ok=True)  # (a directory in the cache file's place, a full disk): no leftover
+        raise
 
 
 class _FileLock:

@@ -61,7 +61,7 @@ class Dataset:
             raise ValueError(f"dataset {meta.name!r} ({split}): labels must lie in [0, {meta.num_classes}) "
                              f"(num_classes = {meta.num_classes}), got {int(y.min())} .. {int(y.max())}")
         if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+            raise ValueError(f"dataset {meta.name!r} ({split}): x has {len(x)} samples but y has {len(y)}")
         if self._x_is_input:  # x is what batches yield: its sample shape and dtype are the meta's
             if tuple(x.shape[1:]) != tuple(meta.input_shape):
                 raise ValueError(f"dataset {meta.name!r} ({split}): x has samples of shape {tuple(x.shape[1:])} but "

@@ -67,7 +67,9 @@ def shared_data_dirs() -> List[Path]:
         out.append(Path(env).expanduser())
     repo = Path(__file__).resolve().parents[2]  # minaction/data/sources.py -> repository root
     if (repo / "pyproject.toml").is_file():
-        out.append(repo.parent / "shared" / "data")
+        sibling = repo.parent / "shared" / "data"
+        if not any(p.resolve() == sibling.resolve() for p in out):  # the same folder once in the sources' list
+            out.append(sibling)
     return out
 
 
@@ -188,12 +190,16 @@ class DirSource(Source):
             given = self.dirs()
             raise SourceUnavailable("no such folder" if given else
                                     ("no data_dir given and MINACTION_DATA unset" if self.kind == "user"
-                                     else "no folder"))
+                                     else "MINACTION_SHARED_DATA unset" if self.kind == "shared" else "no folder"))
         out = {}
         for spec in specs:
             p = _find_in_dirs(dirs, spec, self.subdirs, self.search_root)
             if p is None:
-                raise SourceUnavailable(f"{spec.names[0]} not found in {', '.join(map(str, dirs))}")
+                subs = [s for s in self.subdirs if s]
+                where = ", ".join(map(str, dirs)) + (f" (in {'/, '.join(subs)}/ below it"
+                                                     + (" or in it itself" if self.search_root else "") + ")"
+                                                     if subs else "")
+                raise SourceUnavailable(f"{spec.names[0]} not found in {where}")
             out[spec.key] = verify(p.read_bytes(), spec, str(p))
         return out
 
