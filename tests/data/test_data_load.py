@@ -179,6 +179,7 @@ def test_nothing_works_lists_every_source(monkeypatch, tmp_path):
              Candidate(UrlSource(urls={"k": (tmp_path / "absent.bin").as_uri()}, folder="t"), [spec],
                        decoders._decode_idx4)]
     monkeypatch.setitem(catalogue.FAMILIES, "mnist", Family("mnist", cands))
+    (tmp_path / "nowhere").mkdir()  # a folder without the files (one that does not exist is refused at once)
     with pytest.raises(data.DataUnavailableError) as err:
         data.load("mnist", "train", data_dir=tmp_path / "nowhere")
     msg = str(err.value)
