@@ -35,7 +35,7 @@ class DataMeta:
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+            raise ValueError(f"dataset {self.name!r}: modality must be one of {MODALITIES}, got {self.modality!r}")
 
 
 class Dataset:

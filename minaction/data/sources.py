@@ -354,7 +354,10 @@ def download(url: str, dest: Path, progress: bool = True, timeout: float = 60.0)
     tqdm progress bar when ``progress``."""
     import urllib.request
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # an unwritable cache: this source cannot work; the next ones are tried
+        raise SourceUnavailable(f"cannot write the download folder {dest.parent} ({exc.strerror or exc})") from None
     tmp = dest.with_name(dest.name + ".part")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
@@ -394,6 +397,9 @@ class UrlSource(Source):
         folder = cache_dir() / "downloads" / "urls" / self.folder
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
         except OSError:  # a read-only cache: download into a temporary folder (deleted when the process ends)
             folder = Path(tempfile.mkdtemp(prefix="minaction-url-"))
             import atexit

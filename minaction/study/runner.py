@@ -123,7 +123,24 @@ def check_config(runs, spec=None) -> dict:
                                f"{list(catalogue.SPECS) + [d for d in catalogue.REGISTERED if d not in catalogue.SPECS]} "
                                f"(or register one with minaction.data.register_dataset in a module that "
                                f"`study run` / `replicate` imports with --plugin MODULE)")
+    for name, opts in real.items():
+        _check_data_opts(name, opts, catalogue.SPECS[name].defaults)
     return real
+
+
+def _check_data_opts(name, opts, defaults) -> None:
+    """A real dataset's ``[data_opts.NAME]``: options it takes, of their types (an unknown key or a string
+    for a number failed every run of the dataset, each with the loader's error)."""
+    from ..data.splits import _check_option_values
+
+    unknown = sorted(set(opts) - set(defaults) - {"data_dir", "seed"})
+    if unknown:
+        raise StudyConfigError(f"[data_opts.{name}]: dataset {name!r} takes no option(s) {unknown}; its options: "
+                               f"{sorted(defaults)} and data_dir")
+    try:
+        _check_option_values(name, opts.get("seed", 0), {k: v for k, v in opts.items() if k in defaults}, defaults)
+    except (TypeError, ValueError) as exc:
+        raise StudyConfigError(f"[data_opts.{name}]: {exc}") from None
 
 
 def _check_dataset_tables(spec) -> None:

@@ -57,12 +57,12 @@ def _isolate(tmp_path, monkeypatch):
     monkeypatch.setenv("MINACTION_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("arch,dataset", [("mlp", "images8"), ("bimodal_true", "images8"),
-                                          ("physics_lagrangian", "synthetic_text"), ("mlp", "synthetic_text")])
+@pytest.mark.parametrize("dataset", ["images8", "synthetic_text"])
+@pytest.mark.parametrize("arch", ["mlp", "bimodal_true", "physics_lagrangian"])
 def test_a_run_records_the_same_bits_in_any_group(arch, dataset):
     strip = doubles.study.without_timings
     group = strip(trainer.train_group(doubles.study.one_group(_spec(arch, dataset, (0, 1, 2, 3)))))
-    for seed in (0, 2, 3):
+    for seed in (0, 1, 2, 3):
         alone = strip(trainer.train_group(doubles.study.one_group(_spec(arch, dataset, (seed,)))))[0]
         run, rows = group[seed]
         for k in ("test_acc", "test_loss", "test_energy", "val_acc", "train_loss", "epochs"):

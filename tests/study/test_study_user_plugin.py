@@ -146,3 +146,18 @@ def test_the_checkpoint_key_follows_the_plugin_source(plugin, tmp_path, monkeypa
     monkeypatch.setattr(sys.modules["user_plain_plugin"], "__file__", str(copy))
     assert checkpoint.group_key(runs) != key
     assert checkpoint.plugin_version(doubles.study.one_group(spec("tiny_mlp"))) != ""
+
+
+@pytest.mark.parametrize("opts, match", [({"T": 3}, r"takes no option\(s\) \['T'\]"),
+                                         ({"val_fraction": "0.2"}, "option val_fraction must be a number")])
+def test_a_bad_option_inside_data_opts_is_refused_before_a_store_exists(tmp_path, opts, match):
+    """[data_opts.mnist] T = 3 (a key mnist does not take) or a string for a number: every run of the
+    dataset was recorded failed with the loader's error; now one error before anything runs."""
+    spec = presets.load_preset({"name": "dopt", "archs": ["mlp"], "datasets": ["mnist"], "lams": [0.0],
+                                "seeds": [0], "budget": {"epochs": 1}, "data_opts": {"mnist": opts}})
+    with pytest.raises(StudyConfigError, match=rf"\[data_opts.mnist\]: .*{match}"):
+        check_config(presets.expand(spec), spec)
+    db = tmp_path / "s.sqlite"
+    with pytest.raises(StudyConfigError):
+        run_study(spec, db, workers=1, progress=False)
+    assert not db.exists()
