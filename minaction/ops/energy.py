@@ -414,8 +414,11 @@ def _route(t: Tensor, backend: Optional[str]) -> str:
         return "reference"
     if backend is None:
         return _select.select(t.device)
-    if backend not in ("reference", "composite"):  # a layer's own backend= (the names are checked when set)
-        ok, why = _select.available(backend, t.device)
+    if backend not in ("reference", "composite") and not torch.compiler.is_compiling():
+        # a layer's own backend= (the names are checked when set) against the device: from the cache without its
+        # lock where it is known (one dict read per call)
+        hit = _select._avail_cache.get((backend, t.device.type))
+        ok, why = hit if hit is not None else _select.available(backend, t.device)
         if not ok:
             raise RuntimeError(f"this layer's backend={backend!r} cannot run on {t.device.type}: {why} "
                                f"(backend=None lets minaction choose)")
