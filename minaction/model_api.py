@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._custom_act import ELEMENTWISE, FUSED, describe, read_activation
-from .nn.activation import UNFUSED_ACTIVATIONS, ActivationObserver, EnergyActivation
+from .nn.activation import GELU_NAMES, UNFUSED_ACTIVATIONS, ActivationObserver, EnergyActivation, fused_name
 from .nn.conv import EnergyConv1d, EnergyConv2d
 from .nn.layers import EnergyLayer, EnergyLinear
 from .ops.energy import full_energy
 
-_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
 # dropout commutes with ReLU (it multiplies by a mask >= 0), so Linear-Dropout-ReLU can run as EnergyLinear-Dropout
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _SUPPORTED = "nn.ReLU, nn.GELU() and nn.GELU(approximate='tanh'), nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity"
@@ -341,11 +340,11 @@ def _current(model: nn.Module, layers):
 
 
 def _act_name(mod: nn.Module):
-    if isinstance(mod, nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(mod.approximate)
-    for cls, name in _ACT_MODULES.items():
-        if type(mod) is cls:
-            return name
+    if isinstance(mod, nn.GELU):  # subclasses too
+        return GELU_NAMES.get(mod.approximate)
+    name = fused_name(mod)
+    if name is not None:
+        return name
     act = read_activation(mod)  # a library's own class (timm's GELU, transformers' GELUActivation, NewGELU)
     return act if act in FUSED else None
 

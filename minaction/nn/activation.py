@@ -32,13 +32,14 @@ UNFUSED_ACTIVATIONS = (nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.Hard
 
 
 _TORCH_FUSED = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+GELU_NAMES = {"none": "gelu", "tanh": "gelu_tanh"}  # nn.GELU(approximate=...) -> the fused kernels' name
 
 
 def fused_name(module) -> Optional[str]:
     """The fused kernels' name of torch's own activation module ``module`` (``nn.ReLU()`` -> "relu",
     ``nn.GELU(approximate="tanh")`` -> "gelu_tanh"), or None."""
     if type(module) is nn.GELU:
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+        return GELU_NAMES.get(module.approximate)
     return _TORCH_FUSED.get(type(module))
 
 

@@ -148,10 +148,7 @@ class _EnergyConvNd(EnergyLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy):
             return _layers._fx_leaf(self, x)
-        if not isinstance(x, torch.Tensor):
-            raise InputTypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == self._dims + 1 and self.num_models is None:  # unbatched [C, *spatial], as nn.Conv accepts
-            self._check_unbatched(x)
+        if self._unbatched(x):  # [C, *spatial], as nn.Conv accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")
         y = self._run(x, pool=False)
@@ -167,10 +164,7 @@ class _EnergyConvNd(EnergyLayer):
         is never stored. The layer's own forward (pre-)hooks, backward hooks and global module
         hooks observe ``self(x)`` itself, so while any is registered this runs ``self(x)`` then
         the pooling, and the hooks see what they always see."""
-        if not isinstance(x, torch.Tensor):
-            raise InputTypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == self._dims + 1 and self.num_models is None:  # unbatched [C, *spatial]
-            self._check_unbatched(x)
+        if self._unbatched(x):
             return self.forward_max_pool2(x.unsqueeze(0)).squeeze(0)
         if not self._hooks_allow_fusion():
             return max_pool2(self(x), self._dims)
@@ -207,11 +201,17 @@ class _EnergyConvNd(EnergyLayer):
             return self._convfn(x, w, b, self.stride, 0, self.dilation, groups)
         return self._convfn(x, w, b, self.stride, self.padding, self.dilation, groups)
 
-    def _check_unbatched(self, x: torch.Tensor) -> None:
-        """An unbatched input's channel count, named with the shape the caller passed."""
+    def _unbatched(self, x) -> bool:
+        """Whether ``x`` is one unbatched sample ``[C, *spatial]`` (a one-model layer takes it, as nn.Conv*d
+        does), its channel count checked and named with the shape the caller passed; a non-tensor is refused."""
+        if not isinstance(x, torch.Tensor):
+            raise InputTypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != self._dims + 1 or self.num_models is not None:
+            return False
         if not torch.jit.is_tracing() and x.shape[0] != self.in_channels:
             raise InputShapeError(f"{type(self).__name__} expects {self.in_channels} input channels, "
                                   f"got {x.shape[0]} (unbatched input shape {tuple(x.shape)})")
+        return True
 
     def _run(self, x: torch.Tensor, pool: bool) -> torch.Tensor:
         if x.dim() != self._dims + 2:

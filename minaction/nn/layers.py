@@ -195,8 +195,8 @@ class EnergyLayer(nn.Module):
         """Validate and set the energy options (``activation``, ``energy``, ``energy_reduction``, ``penalty``)
         and the exponent ``p`` they give. A subclass of :class:`EnergyLayer` calls this in its ``__init__``."""
         self.p = validate_energy(activation, energy, energy_reduction)
-        self.__dict__.update(activation=activation, energy=energy, energy_reduction=energy_reduction)
-        self.__dict__.pop("_plan", None)
+        self.__dict__.update(activation=activation, energy=energy, energy_reduction=energy_reduction)  # (p: the plan
+        # was dropped when it was set above)
         self.penalty = penalty
         self.__dict__["_last_energy"] = None
 

@@ -414,11 +414,8 @@ def _route(t: Tensor, backend: Optional[str]) -> str:
         return "reference"
     if backend is None:
         return _select.select(t.device)
-    if backend not in ("reference", "composite") and not torch.compiler.is_compiling():
-        # a layer's own backend= (the names are checked when set) against the device: from the cache without its
-        # lock where it is known (one dict read per call)
-        hit = _select._avail_cache.get((backend, t.device.type))
-        ok, why = hit if hit is not None else _select.available(backend, t.device)
+    if not torch.compiler.is_compiling():  # (available() may take a lock, which dynamo cannot trace)
+        ok, why = _select.available(backend, t.device)  # a layer's own backend= against the device
         if not ok:
             raise RuntimeError(f"this layer's backend={backend!r} cannot run on {t.device.type}: {why} "
                                f"(backend=None lets minaction choose)")

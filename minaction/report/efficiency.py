@@ -110,10 +110,9 @@ def per_run_efficiency(runs: pd.DataFrame, epochs: pd.DataFrame | None, target_f
     hit = c[c["val_acc"] >= c["target"] - 1e-12].groupby("run_id").first()
     r["reached"] = r["run_id"].isin(hit.index)
     # reached at the run's first evaluation: its count to target is the evaluation interval, whatever the model
-    first = c.groupby("run_id").first()
-    r["at_first_eval"] = r["reached"] & r["run_id"].map(
-        lambda i: i in hit.index and bool((hit.loc[i, ["step", "epoch"]].fillna(-1) ==
-                                           first.loc[i, ["step", "epoch"]].fillna(-1)).all()))
+    first = c.groupby("run_id").first().loc[hit.index, ["step", "epoch"]].fillna(-1)
+    same = (hit[["step", "epoch"]].fillna(-1) == first).all(axis=1)
+    r["at_first_eval"] = r["run_id"].map(same).fillna(False).astype(bool)
     for col, src in (("steps_to_target", "step"), ("samples_to_target", "samples"), ("flops_to_target", "flops"),
                      ("epochs_to_target", "epoch"), ("time_to_target_s", "wall_time_s")):
         r[col] = r["run_id"].map(hit[src]).astype(float)

@@ -247,15 +247,20 @@ class RayExecutor:
         pass  # leave a user's Ray session to them
 
 
+def check_executor(name: str, scheduler=None) -> None:
+    """``name`` is one of :data:`EXECUTORS`, and a scheduler address goes with dask or ray only."""
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
+    if scheduler and name == "local":
+        raise ValueError("--scheduler applies to the dask and ray executors, not local")
+
+
 def make_executor(name: str, workers=None, scheduler=None, threads: int = 1):
     """An executor by name (see :data:`EXECUTORS`)."""
     check_workers(workers)
+    check_executor(name, scheduler)
     if name == "local":
-        if scheduler:
-            raise ValueError("--scheduler applies to the dask and ray executors, not local")
         return LocalExecutor(workers, threads)
     if name == "dask":
         return DaskExecutor(workers, scheduler, threads)
-    if name == "ray":
-        return RayExecutor(workers, scheduler, threads)
-    raise ValueError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
+    return RayExecutor(workers, scheduler, threads)

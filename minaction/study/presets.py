@@ -269,13 +269,17 @@ def group_key(config: dict, group_by: str) -> str:
     return run_id(c)
 
 
+def _check_max_group(max_group) -> None:
+    if isinstance(max_group, bool) or not isinstance(max_group, int) or max_group < 1:
+        raise ValueError(f"max_group must be a positive integer, got {max_group!r}")
+
+
 def with_max_group(spec: dict, max_group) -> dict:
     """``spec`` with at most ``max_group`` runs per batched group (None: unchanged). Groups can only
     be made smaller than the preset's; a run's identity does not depend on its group."""
     if max_group is None:
         return spec
-    if isinstance(max_group, bool) or not isinstance(max_group, int) or max_group < 1:
-        raise ValueError(f"max_group must be a positive integer, got {max_group!r}")
+    _check_max_group(max_group)
     if max_group > spec["max_group"]:
         raise ValueError(f"max_group {max_group} exceeds the preset's max_group {spec['max_group']} "
                          f"(groups can only be made smaller)")
@@ -288,8 +292,7 @@ def make_groups(runs: list, group_by: str = "seed", max_group: int = 10) -> list
     "seed+lam": in seed or lambda; "none": every run alone)."""
     if group_by not in GROUP_MODES:
         raise ValueError(f"group_by must be one of {GROUP_MODES}, got {group_by!r}")
-    if isinstance(max_group, bool) or not isinstance(max_group, int) or max_group < 1:
-        raise ValueError(f"max_group must be a positive integer, got {max_group!r}")
+    _check_max_group(max_group)
     by: dict = {}
     for r in runs:
         by.setdefault(group_key(r["config"], group_by), []).append(r)

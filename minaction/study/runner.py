@@ -21,7 +21,7 @@ import warnings
 from concurrent.futures.process import BrokenProcessPool
 
 from . import checkpoint, schedule, store
-from .executors import check_workers, make_executor
+from .executors import check_executor, check_workers, make_executor
 from .plugins import plugins_for
 from .presets import expand, load_preset, make_groups, with_max_group
 from .trainer import failed_records, run_group
@@ -120,27 +120,24 @@ def check_config(runs, spec=None) -> dict:
     unknown = [d for d in real if d not in catalogue.SPECS]
     if unknown:
         raise StudyConfigError(f"unknown dataset(s) {unknown}; choose from "
-                               f"{list(catalogue.SPECS) + [d for d in catalogue.REGISTERED if d not in catalogue.SPECS]} "
+                               f"{catalogue.known_names()} "
                                f"(or register one with minaction.data.register_dataset in a module that "
                                f"`study run` / `replicate` imports with --plugin MODULE)")
     for name, opts in real.items():
-        _check_data_opts(name, opts, catalogue.SPECS[name].defaults)
+        _check_data_opts(name, opts)
     return real
 
 
-def _check_data_opts(name, opts, defaults) -> None:
+def _check_data_opts(name, opts) -> None:
     """A real dataset's ``[data_opts.NAME]``: options it takes, of their types (an unknown key or a string
     for a number failed every run of the dataset, each with the loader's error)."""
-    from ..data.splits import _check_option_values
+    from ..data.splits import check_options
 
-    unknown = sorted(set(opts) - set(defaults) - {"data_dir", "seed"})
-    if unknown:
-        raise StudyConfigError(f"[data_opts.{name}]: dataset {name!r} takes no option(s) {unknown}; its options: "
-                               f"{sorted(defaults)} and data_dir")
-    try:
-        _check_option_values(name, opts.get("seed", 0), {k: v for k, v in opts.items() if k in defaults}, defaults)
+    try:  # data_dir and seed are load()'s own arguments
+        check_options(name, {k: v for k, v in opts.items() if k not in ("data_dir", "seed")}, opts.get("seed", 0))
     except (TypeError, ValueError) as exc:
-        raise StudyConfigError(f"[data_opts.{name}]: {exc}") from None
+        also = " (and data_dir)" if "takes no option" in str(exc) else ""
+        raise StudyConfigError(f"[data_opts.{name}]: {exc}{also}") from None
 
 
 def _check_dataset_tables(spec) -> None:
@@ -151,7 +148,7 @@ def _check_dataset_tables(spec) -> None:
         from ..data import catalogue
     except ImportError:  # pragma: no cover - minaction.data is part of minaction
         return
-    known = list(catalogue.SPECS) + [d for d in catalogue.REGISTERED if d not in catalogue.SPECS]
+    known = catalogue.known_names()
     bad = sorted(t for t, ds in named.items() if ds not in known)
     if bad:
         raise StudyConfigError(f"preset {spec.get('name')!r}: {', '.join('[' + t + ']' for t in bad)} "
@@ -353,12 +350,7 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
     """
     t0 = time.perf_counter()
     check_workers(workers)
-    from .executors import EXECUTORS
-
-    if executor not in EXECUTORS:  # before the store exists (a bad name left an empty store and its lock)
-        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if scheduler and executor == "local":
-        raise ValueError("--scheduler applies to the dask and ray executors, not local")
+    check_executor(executor, scheduler)  # before the store exists (a bad name left an empty store and its lock)
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     spec = with_max_group(load_preset(preset), max_group)
