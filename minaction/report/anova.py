@@ -296,6 +296,14 @@ def factorial_analysis(df: pd.DataFrame, dv: str, factors: Sequence[str], n_boot
 
     Columns: ``typ, term, sum_sq, df, F, p, np2, eta2, np2_lo, np2_hi, eta2_lo, eta2_hi``.
     """
+    y = df[dv].to_numpy(float)
+    total = float(((y - y.mean()) ** 2).sum())
+    if not total > 1e-12 * max(1.0, float((y ** 2).sum())):
+        raise ValueError(f"every run has the same {dv} ({y[0]:.6g}): there is no variance to apportion")
+    within = float(df.groupby(list(factors))[dv].transform(lambda v: (v - v.mean()) ** 2).sum())
+    if not within > 1e-12 * total:
+        raise ValueError(f"the runs within every cell have the same {dv} (no seed-to-seed variance): there is no "
+                         f"residual to test the effects against, and every partial eta squared would read 1")
     parts = []
     for t in (2, 3):
         tab = anova_table(df, dv, factors, t).reset_index()

@@ -19,7 +19,7 @@ Definitions (the project's; the paper does not publish its own):
   secondary column: on a shared machine it measures the machine as much as the model, and a
   batched step's time is shared equally by the members trained in it);
 * an architecture's value on a dataset is the mean over its runs that reached the target;
-  when fewer than half of its runs reached it, it has none ("did not reach");
+  when fewer than half of its runs, or fewer than ``MIN_REACHED`` (2), reached it, it has none;
 * **gain** of an energy-first arch on a dataset, against the conventional arch with the best
   (lowest) value there: ``(base - ef) / base`` (positive = fewer steps/samples/FLOPs). It is
   computed only on datasets where both reached the target; every other dataset is listed
@@ -27,7 +27,10 @@ Definitions (the project's; the paper does not publish its own):
 * CIs: percentile bootstrap over seeds (runs resampled within each dataset x arch cell, the
   baseline picked again in each resample);
 * **verdict**: none ("not comparable") unless every modality has both an energy-first and a
-  conventional architecture in the store; the missing ones are named.
+  conventional architecture in the store; the missing ones are named. "reproduced" when in every
+  modality the best energy-first architecture's gain has a CI above zero; "not reproduced" when
+  in some modality every energy-first architecture's CI lies below the paper's 5%; else
+  "inconclusive".
 """
 from __future__ import annotations
 
@@ -125,10 +128,14 @@ def _cell_value(vals: np.ndarray, reached: np.ndarray, col: str) -> float:
     if col == "acc_per_s":
         v = vals[np.isfinite(vals)]
         return float(v.mean()) if len(v) else np.nan
-    if reached.sum() * 2 < len(reached):
+    if reached.sum() * 2 < len(reached) or reached.sum() < MIN_REACHED:
         return np.nan
     v = vals[reached & np.isfinite(vals)]
     return float(v.mean()) if len(v) else np.nan
+
+
+#: the fewest runs of a cell that must reach the target for the cell to have a value (and a CI)
+MIN_REACHED = 2
 
 
 def arch_summary(eff: pd.DataFrame) -> pd.DataFrame:
@@ -155,6 +162,9 @@ def _cell_reason(g: pd.DataFrame, col: str) -> str | None:
     n, k = len(g), int(g["reached"].sum())
     if 2 * k < n:
         return f"{g['arch'].iloc[0]} reached the target in {k} of {n} runs (fewer than half)"
+    if k < MIN_REACHED:
+        return (f"{g['arch'].iloc[0]} reached the target in {k} run (at least {MIN_REACHED} are needed: one run has "
+                f"no seed-to-seed spread, and its bootstrap CI would have zero width)")
     if col != "acc_per_s" and not np.isfinite(g.loc[g["reached"], col].to_numpy(float)).any():
         return f"{g['arch'].iloc[0]} has no {col} recorded (a store without the evals table)"
     return None
@@ -309,6 +319,9 @@ def verdict(gains: pd.DataFrame, runs: pd.DataFrame, energy_first=ENERGY_FIRST, 
     best = head.loc[head.groupby("modality")["gain_pct"].idxmax()]
     pos = best[best["gain_pct_lo"] > 0]
     in_band = best[(best["gain_pct"] >= band[0]) & (best["gain_pct"] <= band[1])]
+    # a modality where no energy-first architecture's CI reaches the paper's lower bound rules the claim out there
+    top = head.groupby("modality")["gain_pct_hi"].max()
+    excluded = sorted(top[top < band[0]].index)
     per_mod = "; ".join(f"{r.modality}: {r.arch} {r.gain_pct:.3g}% [{r.gain_pct_lo:.3g}, {r.gain_pct_hi:.3g}] "
                         f"on {r.datasets}" for r in best.itertuples())
     why = (f"The best energy-first architecture needs less with a CI above zero in {len(pos)} of {len(best)} "
@@ -317,4 +330,13 @@ def verdict(gains: pd.DataFrame, runs: pd.DataFrame, energy_first=ENERGY_FIRST, 
     if none:
         why += f" Not compared (no dataset where both reached the target): {reasons}."
         return "not comparable", why
-    return ("reproduced" if len(pos) == len(best) else "not reproduced"), why
+    if len(pos) == len(best):
+        return "reproduced", why
+    if excluded:
+        why += (f" In {', '.join(excluded)} every energy-first architecture's CI lies below the paper's "
+                f"{band[0]:g}%: the claimed gain is ruled out there.")
+        return "not reproduced", why
+    open_ = sorted(set(best["modality"]) - set(pos["modality"]))
+    why += (f" In {', '.join(open_)} the CI includes zero but also reaches the paper's {band[0]:g}%: the data "
+            f"neither show the gain nor rule it out there.")
+    return "inconclusive", why

@@ -57,26 +57,47 @@ def paper_design_gaps(data, opt) -> list:
 
 
 def _judge(a, i, kind: str, opt) -> tuple:
-    """``(reproduced, [reasons])`` of Finding 1 on ``kind`` ("partial" or "plain") η² of the architecture
-    row ``a`` and the interaction row ``i`` of the ANOVA table."""
+    """``(verdict, [reasons])`` of Finding 1 on ``kind`` ("partial" or "plain") η² of the architecture
+    row ``a`` and the interaction row ``i`` of the ANOVA table. Each half of the claim is decided by
+    its CI, not by the point estimate: "reproduced" when both CIs lie on the paper's side of their
+    thresholds (and the interaction's p < alpha), "not reproduced" when either lies wholly on the
+    other side (or p >= alpha), "inconclusive" when a CI straddles its threshold and neither fails."""
     k, name = ("np2" if kind == "partial" else "eta2"), f"{kind} η²"
-    parts, ok = [], True
-    if a[k] < opt.negligible_np2:
-        parts.append(f"architecture alone explains a negligible share ({name} = {fmt(a[k])}, "
-                     f"CI {fmt(a[k + '_lo'])} to {fmt(a[k + '_hi'])}; paper {PAPER['np2_arch']})")
+    neg, large = opt.negligible_np2, opt.large_np2
+    a_lo, a_hi, i_lo, i_hi = a[k + "_lo"], a[k + "_hi"], i[k + "_lo"], i[k + "_hi"]
+    a_ci = f"CI {fmt(a_lo)} to {fmt(a_hi)}"
+    i_ci = f"CI {fmt(i_lo)} to {fmt(i_hi)}"
+    no_ci = not (np.isfinite(a_lo) and np.isfinite(a_hi) and np.isfinite(i_lo) and np.isfinite(i_hi))
+    if no_ci:  # no bootstrap (n_boot = 0): the point estimates decide
+        a_lo = a_hi = a[k]
+        i_lo = i_hi = i[k]
+    parts, states = [], []
+    if a_hi < neg:
+        states.append("yes")
+        parts.append(f"architecture alone explains a negligible share ({name} = {fmt(a[k])}, {a_ci}, below "
+                     f"{fmt(neg)}; paper {PAPER['np2_arch']})")
+    elif a_lo >= neg:
+        states.append("no")
+        parts.append(f"architecture alone is not negligible ({name} = {fmt(a[k])}, {a_ci}, at or above "
+                     f"{fmt(neg)}; paper {PAPER['np2_arch']})")
     else:
-        ok = False
-        parts.append(f"architecture alone is not negligible ({name} = {fmt(a[k])} ≥ "
-                     f"{fmt(opt.negligible_np2)}; paper {PAPER['np2_arch']})")
-    if i[k] >= opt.large_np2 and i["p"] < opt.alpha:
-        parts.append(f"the arch × dataset interaction is large ({name} = {fmt(i[k])}, CI "
-                     f"{fmt(i[k + '_lo'])} to {fmt(i[k + '_hi'])}, p {fmt_p(i['p'], True)}; paper "
-                     f"{PAPER['np2_interaction']}, p < {fmt(opt.alpha)})")
+        states.append("open")
+        parts.append(f"whether architecture alone is negligible is undecided ({name} = {fmt(a[k])}, {a_ci} "
+                     f"spans {fmt(neg)}; paper {PAPER['np2_arch']})")
+    if i["p"] >= opt.alpha or i_hi < large:
+        states.append("no")
+        parts.append(f"the arch × dataset interaction is not large and significant ({name} = {fmt(i[k])}, {i_ci}, "
+                     f"p {fmt_p(i['p'], True)}; large means ≥ {fmt(large)}; paper {PAPER['np2_interaction']})")
+    elif i_lo >= large:
+        states.append("yes")
+        parts.append(f"the arch × dataset interaction is large ({name} = {fmt(i[k])}, {i_ci}, p "
+                     f"{fmt_p(i['p'], True)}; paper {PAPER['np2_interaction']}, p < {fmt(opt.alpha)})")
     else:
-        ok = False
-        parts.append(f"the arch × dataset interaction is not large and significant ({name} = "
-                     f"{fmt(i[k])}, p {fmt_p(i['p'], True)}; paper {PAPER['np2_interaction']})")
-    return ok, parts
+        states.append("open")
+        parts.append(f"whether the arch × dataset interaction is large is undecided ({name} = {fmt(i[k])}, "
+                     f"{i_ci} spans {fmt(large)}, p {fmt_p(i['p'], True)}; paper {PAPER['np2_interaction']})")
+    v = ("not reproduced" if "no" in states else "inconclusive" if "open" in states else "reproduced")
+    return v, parts
 
 
 def section(rep) -> None:
@@ -100,6 +121,11 @@ def section(rep) -> None:
             data = runs[runs["lam"] == rep.main_lam]
             lam_note = (f"λ is not crossed with every arch and dataset, so the analysis uses the runs at "
                         f"λ = {fmt(rep.main_lam)} (the λ with the most runs).")
+    bad = data[~np.isfinite(data["test_acc"].to_numpy(float))]
+    if len(bad):
+        data = data[np.isfinite(data["test_acc"].to_numpy(float))]
+        lam_note += (f" Left out: {len(bad)} finished run(s) without a finite test accuracy ("
+                     + ", ".join(f"{a} × {ds}" for a, ds in sorted(set(zip(bad['arch'], bad['dataset'])))) + ").")
     data, dropped = complete_design(data, [f for f in factors])
     if dropped:
         lam_note += f" Datasets left out because an architecture has no finished run there: {', '.join(dropped)}."
@@ -188,7 +214,7 @@ def section(rep) -> None:
                  f"apart), so its numbers are most plausibly {likely} η²"
                  f"{'' if likely == 'partial' else ' despite the label'}.")
     if not paper_gaps:
-        res = {kind: "reproduced" if judged[kind][0] else "not reproduced" for kind in judged}
+        res = {kind: judged[kind][0] for kind in judged}
         text += (f" Under either reading the claim is {res['partial']}" if res["partial"] == res["plain"] else
                  f" The readings disagree: {res['partial']} on partial η², {res['plain']} on plain η²")
         text += " (the verdict below gives the reasons for both)."
@@ -209,8 +235,7 @@ def section(rep) -> None:
     thin = [g for g in _anova.factorial_design_gaps(data, factors, 2, opt.min_replicates) if "fewer than" in g]
     other = "plain" if opt.eta_kind == "partial" else "partial"
     o_ok, o_parts = judged[other]
-    why += (f" Under {other} η² the claim is {'also ' if o_ok == ok else ''}"
-            f"{'reproduced' if o_ok else 'not reproduced'}: " + "; ".join(o_parts) + ".")
+    why += (f" Under {other} η² the claim is {'also ' if o_ok == ok else ''}{o_ok}: " + "; ".join(o_parts) + ".")
     if thin:
         why += " Allowed but noted: " + "; ".join(thin) + "."
     if paper_gaps:
@@ -219,4 +244,4 @@ def section(rep) -> None:
                          f"conventional and energy-first architecture × datasets of at least "
                          f"{opt.finding1_min_modalities} modalities): " + "; ".join(paper_gaps) + "."))
         return
-    d.p(rep.verdict(1, claim, paper, ours, "reproduced" if ok else "not reproduced", why))
+    d.p(rep.verdict(1, claim, paper, ours, ok, why))

@@ -10,6 +10,7 @@ from .efficiency import (HEADLINE, NAMES, arch_summary, dataset_gains, efficienc
                          per_run_efficiency, verdict)
 from .context import sentence
 from .paper import PAPER
+from .store import FLOPS_META
 from .render import ci as _ci
 from .render import fmt
 
@@ -43,6 +44,10 @@ def eval_interval_text(rep) -> str:
     return "; ".join(parts)
 
 
+def has_flops_rows(evals) -> bool:
+    return evals is not None and "flops" in evals and bool(evals["flops"].notna().any())
+
+
 def section(rep) -> None:
     """Write Finding 3 (steps, samples, FLOPs to target: energy-first against conventional) into ``rep``."""
     opt, d = rep.opt, rep.doc
@@ -66,7 +71,8 @@ def section(rep) -> None:
     when = (f"evaluated every `eval_every` optimizer steps ({interval}) and at each epoch end" if interval
             else "evaluated at each epoch end")
     d.p(f"Target accuracy: {target_text(opt)} (option `target_by` = {opt.target_by}). Per run: optimizer steps, "
-        f"training samples and training FLOPs (3 × the forward FLOPs of the dense and convolution layers) until "
+        f"training samples and training FLOPs (per sample, measured on one training step: every matrix product "
+        f"and convolution of the forward and backward, elementwise work not counted) until "
         f"the validation accuracy, {when}, first reaches the target (per-run table `{rel_runs}`). A count to the "
         f"target is a multiple of the evaluation interval, so where runs reach it within a few evaluations one "
         f"seed needing one evaluation more moves an architecture's mean by the interval / the number of seeds. "
@@ -77,6 +83,11 @@ def section(rep) -> None:
         f" with the lowest value there, only where both reached the target; a modality's gain is the mean over "
         f"its compared datasets; {fmt(100 * opt.ci)}% percentile bootstrap CI over seeds ({opt.n_boot} resamples). "
         f"λ = {fmt(lam)}. Headline metric: {NAMES[metric]}.")
+    if has_flops_rows(evals) and rep.store.meta.get(FLOPS_META) != "step":
+        d.p(f"**These FLOPs are counted by an older rule** (3 × the forward FLOPs of the energy layers, before "
+            f"minaction counted a training step): it missed physics_lagrangian's force product and charged first "
+            f"layers an input gradient they do not compute, which favours physics_lagrangian by up to 1.25× against "
+            f"the MLP. `minaction study recount-flops --db STORE` recounts them without retraining.")
     other = sorted(set(runs["arch"]) - set(opt.energy_first) - set(opt.conventional)) if "arch" in runs else []
     if other:
         d.p(f"Not compared (neither energy-first nor conventional): {', '.join(other)}. `--energy-first` / "

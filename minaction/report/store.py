@@ -65,6 +65,11 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
         return sqlite3.connect(f"{base}?mode=ro&immutable=1", uri=True)
 
 
+#: the store's meta key that says how its training FLOPs were counted ("step": on a training step;
+#: minaction.study.recount writes it)
+FLOPS_META = "flops_count"
+
+
 def load_store(db) -> Store:
     """Load ``db`` (a path to a study store). Raises ``FileNotFoundError`` / ``ValueError``
     with the problem named when the file is missing or is not a study store."""

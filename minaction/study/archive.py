@@ -7,6 +7,8 @@ not something to commit to a repository. An archive carries exactly the finished
 gzip-compressed JSON lines:
 
 * line 1: ``{"format": "minaction-runs/1", "exported_at": ..., "meta": {key: value}, "runs": N}``
+  (``meta``: the presets' specifications, ``preset:NAME``, and how the runs' FLOPs were counted,
+  ``flops_count``, see :mod:`minaction.study.recount`)
 * then one line per run: ``{"run": {...}, "epochs": [...], "evals": [...]}``
 
 ``study import`` writes an archive's runs into a store (created if missing) under the store's
@@ -25,6 +27,7 @@ import math
 from pathlib import Path
 
 from . import store
+from .recount import FLOPS_META
 
 FORMAT = "minaction-runs/1"
 
@@ -64,7 +67,7 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
         left = dict(con.execute(f"SELECT status, COUNT(*) FROM runs WHERE status NOT IN ({marks}) GROUP BY status "
                                 f"ORDER BY status", tuple(statuses)).fetchall())
         meta = {k: v for k, v in con.execute("SELECT key, value FROM meta ORDER BY key")
-                if k.startswith("preset:")}
+                if k.startswith("preset:") or k == FLOPS_META}
         epochs: dict = {}
         for e in _rows(con, f"SELECT {', '.join(store.EPOCH_COLUMNS)} FROM epochs ORDER BY run_id, epoch"):
             epochs.setdefault(e.pop("run_id"), []).append(e)
@@ -156,6 +159,12 @@ def import_runs(db, archive) -> dict:
         if expected is not None and seen != expected:
             raise ValueError(f"{str(archive)!r} holds {seen} run records but its header says {expected}: the archive "
                              f"is truncated or damaged ({counts['imported']} runs were imported; they are kept)")
+        theirs = (header.get("meta") or {}).get(FLOPS_META)
+        if counts["imported"] or counts["replaced_failed"]:  # how the store's FLOPs were counted, now
+            if not any(st in ("done", "diverged") for st in recorded.values()) and theirs is not None:
+                store.set_meta(con, FLOPS_META, theirs)
+            elif store.get_meta(con, FLOPS_META) != theirs:
+                store.delete_meta(con, FLOPS_META)
         store.set_meta(con, f"imported:{Path(archive).name}", json.dumps(
             {"at": store.now_utc(), "exported_at": header.get("exported_at"), **counts}, sort_keys=True))
         return {**counts, "archive": str(archive), "db": str(db)}

@@ -118,6 +118,18 @@ def _import(args) -> int:
     return 0
 
 
+def _recount(args) -> int:
+    from .recount import recount_flops
+
+    try:
+        load_plugins(args.plugin)
+        out = recount_flops(args.db, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+        return _error("recount-flops", exc)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def register(subparsers) -> None:
     """Add ``study run`` and ``study status`` to the ``minaction`` command line."""
     from .executors import EXECUTORS
@@ -168,5 +180,16 @@ def register(subparsers) -> None:
     i.add_argument("--db", required=True)
     i.add_argument("archive", help="a file written by `minaction study export`")
     i.set_defaults(func=_import)
+    c = sub.add_parser("recount-flops", help="recount the training FLOPs of a store's runs on a measured training step",
+                       description="Rewrite every finished run's training FLOPs (evals.flops) as its samples times "
+                                   "the FLOPs of one training step of its configuration per sample, counted by "
+                                   "torch.utils.flop_counter (docs/study.md, 'Training FLOPs'). For stores written "
+                                   "before minaction counted FLOPs that way (3 x the forward FLOPs of the energy "
+                                   "layers); nothing is retrained. Needs the runs' datasets. Refused while a "
+                                   "`study run` writes the store.")
+    c.add_argument("--db", required=True)
+    c.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module (or .py file) first: it registers the architectures/datasets of the runs")
+    c.set_defaults(func=_recount)
     from .plan import register as _register_plan
     _register_plan(sub)  # study plan --preset NAME

@@ -20,7 +20,7 @@ import traceback
 import warnings
 from concurrent.futures.process import BrokenProcessPool
 
-from . import checkpoint, schedule, store
+from . import checkpoint, recount, schedule, store
 from .executors import check_executor, check_workers, make_executor
 from .plugins import plugins_for
 from .presets import expand, load_preset, make_groups, with_max_group
@@ -418,6 +418,11 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
         store.set_meta(con, f"preset:{spec['name']}", json.dumps(spec, sort_keys=True, default=str))
     except sqlite3.Error as exc:
         raise store.diagnose(db, exc, "write to") from None
+    if not any(st in ("done", "diverged") for st in recorded_status.values()):
+        store.set_meta(con, recount.FLOPS_META, "step")  # a new store: every run's FLOPs counted on a step
+    elif todo and not recount.counted_by_step(con):
+        checkpoint.warn(f"the runs already in {db} have FLOPs counted by an older rule (3 x the forward); the "
+                        f"report's FLOPs mix the two until `minaction study recount-flops --db {db}` recounts them")
     ckpt = ckpt or {}
     if ckpt:  # stale files of a killed driver (the writer lock is held: no other driver writes here)
         checkpoint.clean(ckpt["checkpoint_dir"], [i for i, st in recorded_status.items() if st in skip])

@@ -468,6 +468,10 @@ def set_meta(con: sqlite3.Connection, key: str, value: str) -> None:
     con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value)))
 
 
+def delete_meta(con: sqlite3.Connection, key: str) -> None:
+    con.execute("DELETE FROM meta WHERE key = ?", (key,))
+
+
 def get_meta(con: sqlite3.Connection, key: str, default: Optional[str] = None) -> Optional[str]:
     r = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return default if r is None else r[0]

@@ -340,28 +340,63 @@ def member_tensors(model, G: int) -> list:
     return [[t[g] for t in tensors] for g in range(G)]
 
 
-def _forward_flops_per_sample(model, x, G: int) -> float:
-    """Forward FLOPs of one member on one sample, summed over the energy layers (the dense and
-    convolution layers, logits included; stems and pooling not counted)."""
-    from ..nn.layers import EnergyLayer
+FLOPS_COUNT = "step"  # evals.flops: measured on one training step (see training_flops_per_sample)
 
-    tot = [0]
-    hooks = []
 
-    def hook(mod, inp, out):
-        y = out[0] if isinstance(out, tuple) else out
-        tot[0] += int(mod.forward_flops(tuple(inp[0].shape) if inp else (), tuple(y.shape)))
+def training_flops_per_sample(model, x, y, G: int) -> float:
+    """Training FLOPs of one member on one sample: ``torch.utils.flop_counter.FlopCounterMode``'s
+    count of one training step of the model on the batch ``x`` (shared by its ``G`` members; labels
+    ``y``) -- the forward, the objective ``cross_entropy + E`` and its backward -- divided by
+    ``G * len(x)``.
 
-    for m in model.modules():
-        if isinstance(m, EnergyLayer):
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return tot[0] / (G * len(x))
+    What it counts: every matrix product and convolution of the step, as torch counts them
+    (``2 * multiply-adds``): the dense and convolution layers, the logits, and any other product in
+    the forward such as physics_lagrangian's force ``-W_V^T r``; their backward, the input gradient
+    only where one is needed (the first layer of an image, event or series model needs none: its
+    backward costs one forward, the others' two). Not counted: elementwise work (bias, activations,
+    the energy), embedding lookups, pooling and the optimizer update. The step changes nothing: the
+    gradients it leaves are removed and the RNG state is restored."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.grad for p in params]
+    with torch.random.fork_rng(devices=[]):
+        with FlopCounterMode(display=False) as fc:
+            logits = _as_group(model(x), G)
+            C = logits.shape[-1]
+            ce = F.cross_entropy(logits.reshape(-1, C), y.repeat(G), reduction="none").view(G, len(y)).mean(1)
+            (ce + _energy(model, G).to(ce.dtype)).sum().backward()
+    for p, g in zip(params, before):
+        p.grad = g
+    return fc.get_total_flops() / (G * len(x))
+
+
+def _count_flops(model, ds, dtype, G: int) -> float:
+    """:func:`training_flops_per_sample` on the first (up to 8) samples of ``ds``."""
+    n = min(len(ds), 8)
+    x0 = ds.encode(ds.x[:n]) if hasattr(ds, "encode") else ds.x[:n]
+    x0 = x0.to(dtype) if dtype and x0.is_floating_point() else x0
+    return training_flops_per_sample(model, x0, ds.y[:n], G)
+
+
+def _build(arch, meta, budget, seeds, dtype):
+    """The batched model of ``len(seeds)`` members of one configuration, as the study trains it."""
+    m = _model_module(arch).build(arch, meta, width=budget.get("width") or None, depth=budget.get("depth") or None,
+                                  energy=budget["energy"], activation=budget["activation"],
+                                  energy_reduction=budget["energy_reduction"], num_models=len(seeds),
+                                  seeds=list(seeds))
+    return m.to(dtype) if dtype is not None else m
+
+
+def config_training_flops(config: dict) -> float:
+    """:func:`training_flops_per_sample` of one run's configuration (``runs.config_json``): one
+    member built as :func:`train_group` builds it, counted on its validation split's first samples."""
+    arch, dataset, budget = config["arch"], config["dataset"], config["budget"]
+    dtype = torch.float64 if budget.get("dtype") == "float64" else None
+    val = _load_split(dataset, "val", json.dumps(config["data_opts"], sort_keys=True))
+    m = _build(arch, val.meta, budget, [int(config["seed"])], dtype)
+    (val,) = inputs_for(m, val)
+    return _count_flops(m, val, dtype, 1)
 
 
 def _set_active(model, active) -> None:
@@ -449,12 +484,7 @@ def train_group(runs: list, ckpt=None) -> list:
 
     def make(live):
         """The model of the members ``live`` (run indices, in order) and its optimizer."""
-        m = mm.build(arch, meta, width=budget.get("width") or None, depth=budget.get("depth") or None,
-                     energy=budget["energy"], activation=budget["activation"],
-                     energy_reduction=budget["energy_reduction"], num_models=len(live),
-                     seeds=[seeds[g] for g in live])
-        if dtype is not None:
-            m = m.to(dtype)
+        m = _build(arch, meta, budget, [seeds[g] for g in live], dtype)
         ps = [p for p in m.parameters() if p.requires_grad]
         # a batched model (every tensor [G, ...]): the optimizer updates each member on its own view, so that a
         # run's weights, and so its results, do not depend on the other runs in its group
@@ -482,7 +512,7 @@ def train_group(runs: list, ckpt=None) -> list:
     patience = float(budget.get("patience_epochs") or 0.0)
     patience_steps = math.ceil(patience * steps_per_epoch) if patience > 0 else None
     restore = bool(budget.get("restore_best", True))
-    flops_fwd = None
+    flops_step = None  # training FLOPs per member and sample, counted at the first evaluation
 
     skips = hasattr(model, "set_active_members")
     compacts = not skips and _compactable(model, G)
@@ -504,21 +534,18 @@ def train_group(runs: list, ckpt=None) -> list:
     win = {"ce": torch.zeros(G, dtype=torch.float64), "n": 0}  # training CE since the last evaluation
 
     def do_eval(epoch):
-        nonlocal flops_fwd
+        nonlocal flops_step
         active = alive & ~stopped
-        if flops_fwd is None:
-            x0 = val.x[:min(len(val), 8)]
-            x0 = val.encode(x0) if hasattr(val, "encode") else x0
+        if flops_step is None:
             _set_active(model, None)  # every member's layers counted
-            flops_fwd = _forward_flops_per_sample(model, x0.to(dtype) if dtype and x0.is_floating_point() else x0,
-                                                  len(live))
+            flops_step = _count_flops(model, val, dtype, len(live))
             _set_active(model, active[live])
         v = {k: _spread(t, live, G) for k, t in evaluate(model, val, len(live), ebs, dtype=dtype).items()}
         for g in active.nonzero().flatten().tolist():
             acc = _f(v["acc"][g])
             eval_rows[g].append({
                 "step": step, "epoch": samples / n_train, "samples": samples,
-                "flops": 3.0 * flops_fwd * samples,  # forward + backward ~ 3x forward
+                "flops": flops_step * samples,
                 "train_loss": _f(win["ce"][g] / win["n"]) if win["n"] else None,
                 "val_loss": _f(v["loss"][g]), "val_acc": acc, "val_energy": _f(v["energy"][g]),
                 "wall_time_s": float(member_time[g]), "best": 0,
@@ -540,7 +567,7 @@ def train_group(runs: list, ckpt=None) -> list:
                 "alive": alive.clone(), "stopped": stopped.clone(), "diverged_at": list(diverged_at),
                 "state_bad": list(state_bad), "epoch_rows": epoch_rows, "eval_rows": eval_rows,
                 "best_acc": list(best_acc), "best_step": list(best_step), "best_w": best_w,
-                "member_time": member_time.clone(), "last_epoch": list(last_epoch), "flops_fwd": flops_fwd,
+                "member_time": member_time.clone(), "last_epoch": list(last_epoch), "flops_step": flops_step,
                 "live": list(live), "dropped_w": dropped_w,
                 "win_ce": win["ce"].clone(), "win_n": win["n"], "elapsed_s": time.perf_counter() - t_start,
                 "torch_rng": torch.get_rng_state()}
@@ -578,7 +605,7 @@ def train_group(runs: list, ckpt=None) -> list:
             saved = ckpt.load(model, opt)
     if saved is not None:
         dropped_w.update(saved.get("dropped_w") or {})
-        step, samples, flops_fwd = saved["step"], saved["samples"], saved["flops_fwd"]
+        step, samples, flops_step = saved["step"], saved["samples"], saved["flops_step"]
         alive.copy_(saved["alive"])
         stopped.copy_(saved["stopped"])
         member_time.copy_(saved["member_time"])

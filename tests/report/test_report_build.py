@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from minaction.report import build_report, check_traceable, lambda_sweep, load_store
-from minaction.report.efficiency import efficiency_gains, per_run_efficiency
+from minaction.report.efficiency import dataset_gains, efficiency_gains, per_run_efficiency
 from doubles.stores import make_synthetic_store
 
 N_BOOT = 60
@@ -138,13 +138,17 @@ def test_efficiency_definitions():
     assert eff.loc["a", "epochs_to_target"] == 2 and eff.loc["a", "time_to_target_s"] == 6
     assert eff.loc["b", "epochs_to_target"] == 1 and eff.loc["b", "time_to_target_s"] == 1.5
     assert eff.loc["b", "acc_per_s"] == pytest.approx(0.2)
-    g = efficiency_gains(eff.reset_index(), 0.0, "time", n_boot=10).iloc[0]
+    # one run per cell: no value (no seed-to-seed spread; its CI would have zero width), and the reason says so
+    g = dataset_gains(eff.reset_index(), 0.0, "time", n_boot=10).iloc[0]
+    assert np.isnan(g["gain_pct"]) and "at least 2" in g["reason"]
+    twice = pd.concat([eff.reset_index(), eff.reset_index().assign(run_id=["a2", "b2"], seed=1)], ignore_index=True)
+    g = efficiency_gains(twice, 0.0, "time", n_boot=10).iloc[0]
     assert g["gain_pct"] == pytest.approx(100 * (6 - 1.5) / 6) and g["baseline"] == "d: mlp"
-    g = efficiency_gains(eff.reset_index(), 0.0, "acc_per_s", n_boot=10).iloc[0]
+    g = efficiency_gains(twice, 0.0, "acc_per_s", n_boot=10).iloc[0]
     assert g["gain_pct"] == pytest.approx(100 * (0.2 - 0.09) / 0.09)
     # bootstrap draws that pick only runs that never reached the target have no gain: dropped, without a
     # RuntimeWarning from averaging them (the smoke preset's report printed 15)
-    two = pd.concat([eff.reset_index(), eff.reset_index().assign(run_id=["c", "d"], seed=1)], ignore_index=True)
+    two = pd.concat([twice, eff.reset_index().assign(run_id=["c", "d"], seed=2)], ignore_index=True)
     two.loc[two["run_id"] == "d", "reached"] = False
     import warnings
 

@@ -1,0 +1,68 @@
+"""The report's verdicts follow the evidence's uncertainty: a CI that straddles a threshold gives
+"inconclusive", a degenerate ANOVA (no variance, no residual) gives no numbers, and NaN accuracies
+are left out and named."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from minaction.report import anova
+from minaction.report.build import ReportOptions
+from minaction.report.efficiency import verdict
+from minaction.report.finding1 import _judge
+
+
+def _row(v, lo, hi, p=1e-9):
+    return pd.Series({"np2": v, "np2_lo": lo, "np2_hi": hi, "eta2": v, "eta2_lo": lo, "eta2_hi": hi, "p": p})
+
+
+@pytest.mark.parametrize("arch, inter, want", [
+    (_row(0.004, 0.002, 0.008), _row(0.5, 0.3, 0.7), "reproduced"),
+    (_row(0.05, 0.03, 0.12), _row(0.5, 0.3, 0.7), "not reproduced"),     # arch CI wholly above 0.01
+    (_row(0.004, 0.002, 0.008), _row(0.1, 0.05, 0.12), "not reproduced"),  # interaction CI wholly below 0.14
+    (_row(0.004, 0.002, 0.008), _row(0.5, 0.3, 0.7, p=0.2), "not reproduced"),  # not significant
+    (_row(0.008, 0.003, 0.02), _row(0.5, 0.3, 0.7), "inconclusive"),      # arch CI spans 0.01
+    (_row(0.004, 0.002, 0.008), _row(0.11, 0.05, 0.82), "inconclusive"),  # interaction CI spans 0.14
+    (_row(0.03, 0.02, 0.04), _row(0.11, 0.05, 0.82), "not reproduced"),   # one half fails: the claim fails
+])
+def test_finding1_is_judged_on_its_cis(arch, inter, want):
+    v, parts = _judge(arch, inter, "partial", ReportOptions())
+    assert v == want and len(parts) == 2
+    if want == "inconclusive":
+        assert any("undecided" in p for p in parts)
+
+
+def _design(acc):
+    rows = [{"arch": a, "dataset": d, "test_acc": acc(a, d, s)} for a in ("x", "y") for d in ("p", "q")
+            for s in range(3)]
+    return pd.DataFrame(rows)
+
+
+def test_anova_refuses_degenerate_designs():
+    with pytest.raises(ValueError, match="same test_acc"):
+        anova.factorial_analysis(_design(lambda a, d, s: 0.9), "test_acc", ["arch", "dataset"], n_boot=0)
+    with pytest.raises(ValueError, match="no seed-to-seed variance"):
+        anova.factorial_analysis(_design(lambda a, d, s: 0.5 + 0.1 * (a == "x") + 0.2 * (d == "p")), "test_acc",
+                                 ["arch", "dataset"], n_boot=0)
+    ok = anova.factorial_analysis(_design(lambda a, d, s: 0.5 + 0.1 * (a == "x") + 0.01 * s), "test_acc",
+                                  ["arch", "dataset"], n_boot=0)
+    assert np.isfinite(ok["np2"]).any()
+
+
+def _gains(rows):
+    return pd.DataFrame([{"modality": m, "arch": a, "metric": "flops", "gain_pct": g, "gain_pct_lo": lo,
+                          "gain_pct_hi": hi, "datasets": "d", "not_compared": ""} for m, a, g, lo, hi in rows])
+
+
+RUNS = pd.DataFrame({"modality": ["vision", "vision", "text", "text"], "arch": ["mlp", "bimodal_true"] * 2})
+
+
+@pytest.mark.parametrize("rows, want", [
+    ([("vision", "bimodal_true", 12, 4, 20), ("text", "bimodal_true", 30, 20, 40)], "reproduced"),
+    ([("vision", "bimodal_true", 3, -4, 10), ("text", "bimodal_true", 30, 20, 40)], "inconclusive"),
+    ([("vision", "bimodal_true", -3, -10, 2), ("text", "bimodal_true", 30, 20, 40)], "not reproduced"),
+])
+def test_finding3_verdict_reads_the_cis(rows, want):
+    v, why = verdict(_gains(rows), RUNS, modalities=("vision", "text"))
+    assert v == want
+    if want == "inconclusive":
+        assert "neither show the gain nor rule it out" in why

@@ -1,0 +1,119 @@
+"""Training FLOPs: counted on a measured training step (not 3 x the forward), the same for a run in
+any group, and recounted in stores written by the older rule without retraining."""
+import sqlite3
+
+import pytest
+import torch
+
+import doubles.study  # noqa: F401  (registers the dataset "synthetic" and the tiny_* architectures)
+from minaction import models
+from minaction.data import DataMeta
+from minaction.study import run_study
+from minaction.study.archive import export_runs, import_runs
+from minaction.study.recount import FLOPS_META, recount_flops
+from minaction.study.trainer import training_flops_per_sample
+
+from test_study_runner import synth
+
+
+def _flops(db):
+    con = sqlite3.connect(db)
+    try:
+        return dict(((r, s), f) for r, s, f in con.execute("SELECT run_id, step, flops FROM evals"))
+    finally:
+        con.close()
+
+
+def _meta(db):
+    con = sqlite3.connect(db)
+    try:
+        return dict(con.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        con.close()
+
+
+IMAGE = DataMeta("img", "vision", 10, (1, 12, 12), torch.float32)
+SERIES = DataMeta("ser", "physiological", 3, (1, 40), torch.float32)
+
+
+@pytest.mark.parametrize("meta", [IMAGE, SERIES], ids=["image", "series"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "bimodal_true", "physics_lagrangian"])
+def test_step_count_is_per_member_and_leaves_no_trace(arch, meta):
+    x = torch.rand((5,) + tuple(meta.input_shape))
+    y = torch.randint(0, meta.num_classes, (5,))
+    counts = []
+    for G in (1, 3):
+        m = models.build(arch, meta, width=24, num_models=G, seeds=list(range(G)))
+        rng = torch.get_rng_state()
+        c = training_flops_per_sample(m, x, y, G)
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(p.grad is None for p in m.parameters())
+        counts.append(c)
+    assert counts[0] > 0 and counts[0] == counts[1]
+
+
+def test_physics_lagrangian_force_product_is_counted():
+    """The force -W_V^T r is a matrix product outside the energy layers: the old rule (forward hooks on
+    the layers) missed it; the step count includes its forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = models.build("physics_lagrangian", SERIES, width=24, num_models=1, seeds=[0])
+    x = torch.rand(4, 1, 40)
+    y = torch.randint(0, 3, (4,))
+    with FlopCounterMode(display=False) as fc:
+        m(x)
+    fwd_all = fc.get_total_flops() / 4
+    layers = [0]
+    hooks = [mod.register_forward_hook(lambda mod, i, o: layers.__setitem__(0, layers[0] + mod.forward_flops(
+        tuple(i[0].shape), tuple((o[0] if isinstance(o, tuple) else o).shape))))
+        for mod in m.modules() if hasattr(mod, "forward_flops")]
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    assert fwd_all > layers[0] / 4 * 1.02  # the force product: more than the layers' own (bias-including) count
+    assert training_flops_per_sample(m, x, y, 1) > 2 * fwd_all
+
+
+def test_recount_restores_the_step_count_and_import_tracks_how_flops_were_counted(tmp_path):
+    db = tmp_path / "s.sqlite"
+    assert run_study(synth(seeds=[0, 1]), db, workers=1, progress=False)["done"] == 4
+    assert _meta(db)[FLOPS_META] == "step"  # a new store is counted on a step
+    good = _flops(db)
+    con = sqlite3.connect(db)
+    con.execute("UPDATE evals SET flops = flops * 1.7")  # what the older rule would have left
+    con.execute("DELETE FROM meta WHERE key = ?", (FLOPS_META,))
+    con.commit()
+    con.close()
+    arch_old = tmp_path / "old.jsonl.gz"
+    export_runs(db, arch_old)
+    out = recount_flops(db)
+    assert out["runs"] == 4 and out["configurations"] == 1
+    assert _flops(db) == pytest.approx(good) and _meta(db)[FLOPS_META] == "step"
+    # archives carry the marker: an empty store takes the archive's; an unmarked archive unmarks a store
+    arch_new = tmp_path / "new.jsonl.gz"
+    export_runs(db, arch_new)
+    fresh = tmp_path / "fresh.sqlite"
+    import_runs(fresh, arch_new)
+    assert _meta(fresh)[FLOPS_META] == "step"
+    other = tmp_path / "other.sqlite"
+    assert run_study(synth(seeds=[5]), other, workers=1, progress=False)["done"] == 2
+    import_runs(other, arch_old)
+    assert FLOPS_META not in _meta(other)
+    recount_flops(other)
+    assert _meta(other)[FLOPS_META] == "step"
+
+
+def test_report_says_when_flops_are_counted_by_the_older_rule(tmp_path):
+    from minaction.report import build_report
+
+    db = tmp_path / "s.sqlite"
+    run_study(synth(seeds=[0, 1]), db, workers=1, progress=False)
+    build_report(db, tmp_path / "r1", n_boot=10)
+    assert "older rule" not in (tmp_path / "r1" / "report.md").read_text()
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM meta WHERE key = ?", (FLOPS_META,))
+    con.commit()
+    con.close()
+    build_report(db, tmp_path / "r2", n_boot=10)
+    assert "recount-flops" in (tmp_path / "r2" / "report.md").read_text()
