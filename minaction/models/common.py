@@ -60,6 +60,10 @@ def check_input(x: torch.Tensor, meta, num_models: Optional[int] = None, time_me
                          f"got {tuple(x.shape)}")
     if meta.modality == "text" and x.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{meta.name}: text input must be integer token ids, got {x.dtype}")
+    if meta.modality != "text" and not x.is_floating_point():
+        raise TypeError(f"{meta.name}: {meta.modality} input must be floating point, scaled as the dataset gives it "
+                        f"(e.g. pixels in [0, 1]), got {x.dtype}; a uint8 image cast as it is would be 255x that "
+                        f"scale (divide by 255 first)")
     return per_member
 
 

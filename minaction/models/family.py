@@ -62,7 +62,7 @@ class BimodalTrue(EnergyNet):
     Block l, input ``h`` (``h_0 = stem(x)``):
 
     * neuronal pathway (fast, wide, sparse): ``n = act(W_n h + b_n)``, ``width`` units;
-    * glial pathway (slow, narrow, dense): ``g = sigma(W_g h + b_g)``,
+    * glial pathway (narrow, dense, saturating): ``g = sigma(W_g h + b_g)``,
       ``ceil(width / glia_domain)`` units; glial unit k supplies the "domain" of neurons
       ``j`` with ``j // glia_domain == k`` (astrocytic domains);
     * coupling (metabolic supply): ``h' = n * ((1 - coupling) + 2 * coupling * expand(g))``

@@ -327,6 +327,9 @@ def test_bad_arguments():
     m = models.build("mlp", meta, width=8)
     with pytest.raises(ValueError, match="expected input"):
         m(torch.randn(2, 784))
+    for arch in models.ARCHITECTURES:  # a uint8 image would be 255x the scale the model was built for
+        with pytest.raises(TypeError, match="floating point"):
+            models.build(arch, meta, width=8)(torch.randint(0, 255, (2,) + tuple(meta.input_shape), dtype=torch.uint8))
     t = models.build("cnn", LAYOUTS["sst2"], width=8)
     with pytest.raises(ValueError, match="token ids"):
         t(torch.full((2, 64), 10 ** 6))
