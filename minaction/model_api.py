@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -120,9 +121,19 @@ class EnergyTape:
     def __init__(self, model: Optional[nn.Module] = None):
         self.records: List[Tuple[nn.Module, torch.Tensor]] = []
         self._only = None if model is None else {id(m) for m in model.modules()}
+        self._thread = threading.get_ident()
+        self._warned = False
 
     def _add(self, layer: nn.Module, e: torch.Tensor) -> None:
         if layer.p and (self._only is None or id(layer) in self._only):
+            if self._only is None and not self._warned and threading.get_ident() != self._thread:
+                self._warned = True
+                warnings.warn(
+                    "minaction.record_energy() without a model recorded an energy-layer call made in another thread: "
+                    "a tape records every thread's layer calls, so a thread training its own model adds its energy "
+                    "(and its graph) to this tape. Give the tape the model, record_energy(model), to record only its "
+                    "layers (nn.DataParallel's replicas run in threads on purpose: there this is expected)",
+                    UserWarning, stacklevel=4)
             self.records.append((layer, e))
 
     def __len__(self) -> int:
@@ -181,8 +192,10 @@ def _warn_if_reentrant_checkpoint(model: nn.Module, layers=None) -> None:
             "computed inside torch.utils.checkpoint(..., use_reentrant=True) (torch's default when use_reentrant is "
             "not given), whose forward runs without autograd: that energy has no gradient, and a loss that adds "
             "lam * total_energy(model) trains without those layers' energy term (the other layers' still trains, "
-            "so the sum may have a gradient). Checkpoint with use_reentrant=False, or put the term in "
-            "the layers with minaction.set_penalty(model, lam) (the recomputation in backward applies it)",
+            "so the sum may have a gradient). Checkpoint with use_reentrant=False, return the energy from inside "
+            "the checkpointed function (def f(x): out = block(x); return out, minaction.total_energy(block)), or "
+            "put the term in the layers with minaction.set_penalty(model, lam) (the recomputation in backward "
+            "applies it)",
             UserWarning, stacklevel=3)
 
 

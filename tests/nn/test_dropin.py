@@ -1732,3 +1732,40 @@ def test_smaller_api_checks():
     for bad in (dict(ci=2), dict(n_boot=-5), dict(target_frac=0.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             build_report("/nonexistent.sqlite", "/tmp/unused", **bad)
+
+
+def test_a_tape_without_a_model_warns_when_another_thread_adds_to_it():
+    """record_energy() records every thread's layer calls; a thread training its own model would add its energy
+    to another thread's tape without a word (a trial: 39 of 50 totals wrong). It warns; with the model given
+    the tape holds only that model's calls."""
+    import threading
+
+    a, b = EnergyLinear(4, 3), EnergyLinear(4, 3)
+    x = torch.randn(2, 4)
+    inside, done = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait()
+        b(x)
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with pytest.warns(UserWarning, match="another thread"):
+        with minaction.record_energy() as tape:
+            a(x)
+            inside.set()
+            done.wait()
+    t.join()
+    assert len(tape) == 2
+    inside.clear(), done.clear()
+    t = threading.Thread(target=other)
+    t.start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with minaction.record_energy(a) as tape:
+            a(x)
+            inside.set()
+            done.wait()
+    t.join()
+    assert len(tape) == 1
