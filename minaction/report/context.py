@@ -15,7 +15,7 @@ from .store import Store
 if TYPE_CHECKING:  # the options live with the builder, which imports this module
     from .build import ReportOptions
 
-P_FLOOR = 1e-16  # p-values below this are shown as "< 1e-16" (double precision cannot resolve them)
+P_FLOOR = 1e-16  # p-values below this are shown as "< 1e-16" (beyond it they measure the assumed tails, not the data)
 
 
 def fmt_p(v, with_op: bool = False) -> str:

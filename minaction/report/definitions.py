@@ -41,7 +41,8 @@ def section(rep) -> None:
     rep.define("rescaled energy", "each hidden unit's activation times the L2 norm of the weights reading it",
                 "invariant to the ReLU rescaling symmetry (models module documents it per architecture)")
     rep.define("p-values", f"shown with 3 significant digits; below {fmt(P_FLOOR)} as < {fmt(P_FLOOR)}",
-                "double precision cannot resolve smaller p-values")
+                "smaller values depend on the model's assumed tails more than on the data (and statsmodels reports "
+                "some as 0)")
     rep.define("confidence level", f"{fmt(100 * opt.ci)}%", "all intervals")
     rep.define("bootstrap", f"{opt.n_boot} resamples, seed {opt.seed}", "runs resampled within cells")
     rep.define("ANOVA", f"OLS, sum-to-zero contrasts, Type II and III; verdict on Type "

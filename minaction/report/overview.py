@@ -148,6 +148,13 @@ def section(rep) -> None:
     rep.doc.table(budgets.drop(columns="all_fields"), rel_b,
                    "Training budgets: one per dataset, never pooled (every field in the CSV's all_fields column)")
     rep.doc.table(st, rel, "Runs by status")
+    bad = ra[ra["status"].isin(["diverged", "failed"])]
+    if len(bad):  # excluded runs could bias a comparison if one architecture loses more of them
+        per = bad.groupby(["status", "arch"]).size()
+        rep.doc.p("**Runs left out of every analysis, by architecture:** "
+                  + "; ".join(f"{st} {a}: {n}" for (st, a), n in per.items())
+                  + ". An architecture that diverges or fails more often than the others is compared on its "
+                    "surviving runs only, which flatters it; read its numbers with that in mind.")
     design = (runs.groupby(["modality", "dataset"])
               .agg(archs=("arch", "nunique"), lambdas=("lam", "nunique"), seeds=("seed", "nunique"),
                    runs=("run_id", "size")).reset_index())

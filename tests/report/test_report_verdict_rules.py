@@ -66,3 +66,25 @@ def test_finding3_verdict_reads_the_cis(rows, want):
     assert v == want
     if want == "inconclusive":
         assert "neither show the gain nor rule it out" in why
+
+
+def test_left_out_runs_are_named(tmp_path):
+    """Failed or diverged runs are named per architecture (an architecture that loses more of them is
+    compared on its survivors), and a finished run without a finite test accuracy is left out of
+    Finding 1 by name, not silently dropped by the fit."""
+    import sqlite3
+
+    from doubles.stores import make_synthetic_store
+    from minaction.report import build_report
+
+    db = make_synthetic_store(tmp_path / "s.sqlite", n_failed=2, seed=3)
+    con = sqlite3.connect(db)
+    rid, arch, ds = con.execute("SELECT run_id, arch, dataset FROM runs WHERE status = 'done' ORDER BY run_id "
+                                "LIMIT 1").fetchone()
+    con.execute("UPDATE runs SET test_acc = NULL WHERE run_id = ?", (rid,))
+    con.commit()
+    con.close()
+    build_report(db, tmp_path / "r", n_boot=10)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Runs left out of every analysis, by architecture:** diverged mlp: 1; failed mlp: 1." in md
+    assert f"Left out: 1 finished run(s) without a finite test accuracy ({arch} × {ds})" in md
