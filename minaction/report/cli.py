@@ -88,7 +88,7 @@ def _report(args) -> int:
 
 def _replicate(args) -> int:
     try:
-        from minaction.study import run_study
+        from minaction.study.cli import RUN_ERRORS, run_from_args
     except ImportError as exc:
         print(f"minaction replicate: error: the study runner (minaction.study) is not available: {exc}",
               file=sys.stderr)
@@ -109,11 +109,10 @@ def _replicate(args) -> int:
     except RuntimeError as exc:
         print(f"minaction replicate: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
-                            progress=not args.no_progress, retry_failed=args.retry_failed, max_group=args.max_group)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"minaction replicate: error: {exc}", file=sys.stderr)
+    try:  # as `study run` starts it: the plan's estimate printed first, groups balanced by measured cost
+        summary = run_from_args(args)
+    except RUN_ERRORS as exc:
+        print(f"minaction replicate: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(f"study finished: {summary}")
     args.design = args.preset  # the report says which of the preset's runs are missing (failed ones)

@@ -53,24 +53,33 @@ def load_plugins(modules) -> None:
                                f"minaction.data.register_dataset") from None
 
 
-def _run(args) -> int:
-    from .presets import PresetError
+#: what a study run started from the command line reports as one line (rc 2) rather than a traceback
+RUN_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
+
+
+def run_from_args(args):
+    """``run_study`` as ``study run`` and ``replicate`` start it: the runs and the estimated wall time
+    printed once the environment and the store have been checked, groups balanced by their measured
+    cost. Raises one of :data:`RUN_ERRORS` (PresetError is a ValueError)."""
+    from .plan import announce, cost_lookup
     from .runner import run_study
 
-    from .plan import announce, cost_lookup
+    return run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
+                     scheduler=getattr(args, "scheduler", None), progress=not args.no_progress,
+                     limit=getattr(args, "limit", None), retry_failed=args.retry_failed,
+                     on_start=lambda: announce(args.preset, args.db, args.workers, max_group=args.max_group,
+                                               retry_failed=args.retry_failed),
+                     balance=cost_lookup, max_group=args.max_group)
 
+
+def _run(args) -> int:
     try:
         load_plugins(args.plugin)
     except RuntimeError as exc:
         return _error("run", exc)
-    try:  # runs and estimated wall time, printed once the environment and the store have been checked
-        summary = run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
-                            scheduler=args.scheduler, progress=not args.no_progress, limit=args.limit,
-                            retry_failed=args.retry_failed,
-                            on_start=lambda: announce(args.preset, args.db, args.workers, max_group=args.max_group,
-                                                     retry_failed=args.retry_failed), balance=cost_lookup,
-                            max_group=args.max_group)
-    except (PresetError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+    try:
+        summary = run_from_args(args)
+    except RUN_ERRORS as exc:
         return _error("run", exc)
     print(json.dumps(summary, indent=2))
     if summary.get("failed_skipped"):

@@ -33,6 +33,8 @@ def test_replicate_cli_on_runner_store(tmp_path, capsys):
     rc = main(["replicate", "--preset", str(preset), "--db", str(db), "--out", str(out), "--n-boot", "10",
                "--workers", "1", "--no-progress", "--max-group", "2"])  # as the README advises
     assert rc == 0, capsys.readouterr().err
+    cap = capsys.readouterr()
+    assert "estimated wall time" in cap.out + cap.err  # as `study run` does, before training
     assert (out / "report.html").is_file()
     st = pd.read_csv(out / "tables" / "runs_by_status.csv").set_index("status")["runs"]
     assert st["done"] == 4 and st["failed"] == 4
