@@ -336,3 +336,20 @@ def test_strided_inputs_need_no_copy():
     ry, _, re = composite.linear_forward(x.contiguous(), w.contiguous(), None, "relu", 2, 0.5, False)
     _close(y, ry, dtype, "y")
     _close(e, re, dtype, "energy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([] if GPU else [torch.float64]))
+def test_tanh_is_accurate_near_zero(dtype):
+    """tanh from exp(-2|z|) cancelled for small |z| (tanh(1e-8) came out 0 in float32, and the l1 energy's
+    gradient, sign(y), vanished with it); the series branch keeps the relative error at rounding level."""
+    z = torch.tensor([[0.3, 0.0625, 0.06, 1e-2, 1e-4, 1e-6, 1e-7, 2e-8, 1e-9, 1e-17, 1e-30, 0.0]], dtype=dtype)
+    z = torch.cat([z, -z]).unsqueeze(0).to(DEV)  # [G=1, M=2, N]
+    y, _, _ = tb.act_forward(z, "tanh", 1, 1.0, False)
+    ref = torch.tanh(z.double())
+    rel = ((y.double() - ref).abs() / ref.abs().clamp_min(1e-300)).max().item()
+    assert rel < (4e-7 if dtype == torch.float32 else 1e-15), rel
+    assert torch.equal(torch.signbit(y), torch.signbit(ref.to(dtype)))  # -0.0 stays -0.0
+    gz = tb.act_backward(torch.zeros_like(z), torch.ones(1, device=DEV, dtype=dtype), y,
+                         torch.empty(0, device=DEV, dtype=dtype), "tanh", 1, 1.0)
+    nz = z != 0
+    assert torch.all(gz[nz].abs() > 0.5)  # d|tanh z|/dz = sign(z)(1 - tanh^2) ~ +-1
