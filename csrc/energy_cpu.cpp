@@ -655,16 +655,13 @@ std::tuple<Tensor, Tensor, Tensor> linear_fwd(const Tensor& x_in, const Tensor& 
                 " does not match input ", x_in.sizes());
     z = has_b ? at::addmm(*b, x_in, w_in.t()) : at::mm(x_in, w_in.t());
   } else {
-    const int64_t G = x_in.size(0), M = x_in.size(1), K = x_in.size(2), N = w_in.size(1);
+    const int64_t G = x_in.size(0), K = x_in.size(2);
     TORCH_CHECK(w_in.dim() == 3 && w_in.size(0) == G && w_in.size(2) == K, "minaction: weight ", w_in.sizes(),
                 " does not match input ", x_in.sizes());
-    if (G == 1) {
-      Tensor x2 = x_in.select(0, 0), w2 = w_in.select(0, 0);
-      z = has_b ? at::addmm(b->select(0, 0), x2, w2.t()) : at::mm(x2, w2.t());
-      z = z.view({1, M, N});
-    } else {
-      z = has_b ? at::baddbmm(b->unsqueeze(1), x_in, w_in.transpose(1, 2)) : at::bmm(x_in, w_in.transpose(1, 2));
-    }
+    // bmm even for one member (not mm): torch's mm and bmm round differently (bmm's small-size loop, BLAS
+    // paths), and a member's arithmetic must not depend on how many members share its module (the study
+    // trains a lone run as a group of one); bmm's members are computed independently of the batch size
+    z = has_b ? at::baddbmm(b->unsqueeze(1), x_in, w_in.transpose(1, 2)) : at::bmm(x_in, w_in.transpose(1, 2));
   }
   if (!z.is_contiguous()) z = z.contiguous();
   if (keep_z) {
@@ -681,7 +678,6 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& ge
                                               bool need_x, bool need_w, bool need_b) {
   check23(y, "y");
   const bool plain = y.dim() == 2;
-  const int64_t G = plain ? 1 : y.size(0);
   Tensor gz, gb;
   if (act == IDENTITY && p == 0) {
     gz = gy.contiguous();
@@ -693,11 +689,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_bwd(const Tensor& gy, const Tensor& ge
   if (plain) {
     if (need_x) gx = at::mm(gz, w);
     if (need_w) gw = at::mm(gz.t(), x);
-  } else if (G == 1) {
-    Tensor gz2 = gz.select(0, 0);
-    if (need_x) gx = at::mm(gz2, w.select(0, 0)).unsqueeze(0);
-    if (need_w) gw = at::mm(gz2.t(), x.select(0, 0)).unsqueeze(0);
-  } else {
+  } else {  // bmm for every G, one member included (see linear_fwd)
     if (need_x) gx = at::bmm(gz, w);
     if (need_w) gw = at::bmm(gz.transpose(1, 2), x);
   }

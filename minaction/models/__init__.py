@@ -29,7 +29,7 @@ from torch import nn
 
 from ..registration import check_registration
 from .cnn import ConvNet, LoopEnsemble
-from .common import check_meta
+from .common import KEEP_MEMBER_DIM, check_meta
 from .family import MLP, BimodalTrue, PhysicsLagrangian
 from .stats import activation_stats
 
@@ -172,7 +172,7 @@ def default_width(arch: str, meta, depth: Optional[int] = None, **arch_knobs) ->
 def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = None, energy: Optional[str] = "l2",
           activation: str = "relu", energy_reduction: str = "sum", num_models: int = 1,
           seeds: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None, device=None,
-          batched: Optional[bool] = None, **arch_knobs) -> nn.Module:
+          batched: Optional[bool] = None, member_dim: bool = False, **arch_knobs) -> nn.Module:
     """Build ``num_models`` members of architecture ``arch`` for the dataset described by ``meta``.
 
     Args:
@@ -190,6 +190,11 @@ def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = N
             built-in is batched, except ``cnn`` on a CPU, whose members run faster one by one
             there (idle 2-core AVX2, after the uint8 max-pool: 37-38 against 46-50 ms per member-step
             on images, 0.88-0.90x for series and text; bench/RESULTS.md); on a GPU it is batched.
+        member_dim: with ``num_models=1``, a batched model keeps its member dimension (weights
+            ``[1, out, in]``, logits ``[1, B, C]``) and runs the batched kernels, so that its arithmetic
+            is exactly a member's inside a group (the study trains a lone run this way: torch's
+            ``mm`` and ``bmm`` round differently); ignored by a loop of members and by registered
+            architectures.
         **arch_knobs: architecture options, see :func:`knobs`.
 
     Returns a module with ``forward(x [B, *meta.input_shape])`` -> logits ``[B, C]`` (one
@@ -233,7 +238,11 @@ def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = N
     elif batched and not cls.batched:
         raise ValueError(f"{arch} cannot be built as one batched module (batched=True); it runs as a loop")
     if batched:
-        model = cls(meta, int(width), depth, num_models=G, **kw)
+        token = KEEP_MEMBER_DIM.set(bool(member_dim))
+        try:
+            model = cls(meta, int(width), depth, num_models=G, **kw)
+        finally:
+            KEEP_MEMBER_DIM.reset(token)
         model.init_members(seeds)
     else:
         members = []

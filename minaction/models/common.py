@@ -5,10 +5,13 @@ The "MLP family" (``mlp``, ``bimodal_true``, ``physics_lagrangian``) is built on
 G members: every :class:`~minaction.nn.EnergyLinear` holds ``[G, out, in]`` weights,
 the same input batch feeds all members, and the logits come out ``[G, B, C]``. With
 ``G == 1`` the same classes build ordinary un-batched layers (``[out, in]``), output
-``[B, C]``.
+``[B, C]``, unless built with ``member_dim=True`` (:func:`minaction.models.build`): then one
+member keeps the leading member dimension (``[1, out, in]``, logits ``[1, B, C]``) and computes
+with the batched kernels, exactly as it would inside a group.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Iterable, List, Optional, Sequence
 
@@ -270,7 +273,9 @@ class EnergyNet(nn.Module):
         check_meta(meta)
         self.meta = meta
         self.num_models = int(num_models)
-        self._G = None if self.num_models == 1 else self.num_models  # EnergyLinear's num_models
+        # EnergyLinear's num_models: None (ordinary layers) for one member, unless built to keep the member dimension
+        self._G = None if self.num_models == 1 and not KEEP_MEMBER_DIM.get() else self.num_models
+        self.member_dim = self._G is not None  # inputs [G, B, ...] / logits [G, B, C], one member included
 
     def param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
@@ -305,6 +310,11 @@ class EnergyNet(nn.Module):
             gen = torch.Generator().manual_seed(int(s))
             for m in layers:
                 m.reset_parameters(generator=gen, model=None if self._G is None else g)
+
+
+#: set (by :func:`minaction.models.build` with ``member_dim=True``) while a one-member model is built that keeps
+#: its member dimension
+KEEP_MEMBER_DIM: contextvars.ContextVar = contextvars.ContextVar("minaction_keep_member_dim", default=False)
 
 
 def column_norms(*weights: torch.Tensor) -> torch.Tensor:

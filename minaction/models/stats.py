@@ -74,7 +74,7 @@ def activation_stats(model: nn.Module, x: torch.Tensor, output: bool = False) ->
             y = captured.get(id(lay))
             if y is None:
                 continue
-            batched = g is None and G > 1  # [G, B, ...]
+            batched = g is None and (G > 1 or getattr(mod, "member_dim", False))  # [G, B, ...]
             yg = (getattr(lay, "member_view", None) or (lambda t: t))(y) if batched else y.unsqueeze(0)  # [G', B..]
             Gp, B = yg.shape[0], yg.shape[1]
             units = yg[0, 0].numel()

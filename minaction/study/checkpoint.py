@@ -251,8 +251,8 @@ class GroupCheckpoint:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
             _fsync_dir(self.dir)
-        except OSError as exc:
-            try:
+        except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write (a full disk, a file
+            try:                                  # size limit) as RuntimeError "unexpected pos", not as OSError
                 tmp.unlink()
             except OSError:
                 pass

@@ -414,6 +414,10 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
     check_inputs(todo)
     groups = make_groups(todo, spec["group_by"], spec["max_group"])
     _warn_renamed_budget(con, spec)
+    ckpt = ckpt or {}
+    if ckpt:  # stale files of a killed driver (the writer lock is held: no other driver writes here), removed
+        # before the first write to the store: on a full disk they may be what fills it
+        checkpoint.clean(ckpt["checkpoint_dir"], [i for i, st in recorded_status.items() if st in skip])
     try:
         store.set_meta(con, f"preset:{spec['name']}", json.dumps(spec, sort_keys=True, default=str))
     except sqlite3.Error as exc:
@@ -423,9 +427,6 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
     elif todo and not recount.counted_by_step(con):
         checkpoint.warn(f"the runs already in {db} have FLOPs counted by an older rule (3 x the forward); the "
                         f"report's FLOPs mix the two until `minaction study recount-flops --db {db}` recounts them")
-    ckpt = ckpt or {}
-    if ckpt:  # stale files of a killed driver (the writer lock is held: no other driver writes here)
-        checkpoint.clean(ckpt["checkpoint_dir"], [i for i, st in recorded_status.items() if st in skip])
     if on_start is not None and todo:
         on_start()
     counts = {s: 0 for s in store.STATUSES}

@@ -381,10 +381,15 @@ def _count_flops(model, ds, dtype, G: int) -> float:
 
 def _build(arch, meta, budget, seeds, dtype):
     """The batched model of ``len(seeds)`` members of one configuration, as the study trains it."""
+    import minaction.models as models
+
+    # a built-in batched model keeps its member dimension for one member, so that a lone run (a group of one,
+    # the last member after compaction) computes with the batched kernels exactly as inside a group
+    extra = {"member_dim": True} if arch in models.ARCHITECTURES else {}
     m = _model_module(arch).build(arch, meta, width=budget.get("width") or None, depth=budget.get("depth") or None,
                                   energy=budget["energy"], activation=budget["activation"],
                                   energy_reduction=budget["energy_reduction"], num_models=len(seeds),
-                                  seeds=list(seeds))
+                                  seeds=list(seeds), **extra)
     return m.to(dtype) if dtype is not None else m
 
 
@@ -503,7 +508,7 @@ def train_group(runs: list, ckpt=None) -> list:
     backend_name = _backend.select("cpu")
 
     # each member's training set and (per epoch) order
-    shared = budget.get("data_order", "seed") == "shared" or G == 1
+    shared = budget.get("data_order", "seed") == "shared" or (G == 1 and not getattr(model, "member_dim", False))
     indices = [member_train_indices(len(train), budget, s) for s in seeds]
     n_train = len(indices[0])
     bs, ebs = int(budget["batch_size"]), int(budget.get("eval_batch_size") or 512)
@@ -643,7 +648,8 @@ def train_group(runs: list, ckpt=None) -> list:
             nb = y.shape[-1]
             if dtype is not None and x.is_floating_point():
                 x = x.to(dtype)
-            logits = _as_group(model(x[0] if Gm == 1 and not shared else x), Gm)
+            logits = _as_group(model(x[0] if Gm == 1 and not shared and not getattr(model, "member_dim", False)
+                                     else x), Gm)
             C = logits.shape[-1]
             yy = y.repeat(Gm) if y.dim() == 1 else y.reshape(-1)
             ce = F.cross_entropy(logits.reshape(-1, C), yy, reduction="none").view(Gm, nb).mean(1)

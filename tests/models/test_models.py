@@ -403,3 +403,22 @@ def test_register_architecture_bad_input(clean_registry):
     models.register_architecture("x", _tiny)
     with pytest.raises(ValueError, match="registered"):
         models.knobs("x")  # no knobs or matched widths for a registered architecture
+
+
+@pytest.mark.parametrize("arch", ["mlp", "bimodal_true", "physics_lagrangian"])
+def test_member_dim_keeps_one_member_batched_and_equal(arch):
+    """member_dim=True: one member keeps [1, ...] weights and runs the batched kernels (the study trains a lone
+    run this way, so it computes as inside a group); its values equal the ordinary one-member model's."""
+    meta = LAYOUTS["ecg5000"]
+    m1 = models.build(arch, meta, width=8, seeds=[4], member_dim=True)
+    m0 = models.build(arch, meta, width=8, seeds=[4])
+    assert m1.member_dim and not m0.member_dim
+    assert all(p.shape[0] == 1 and p.dim() == q.dim() + 1 for p, q in zip(m1.parameters(), m0.parameters()))
+    x = torch.rand((3,) + tuple(meta.input_shape))
+    y1, y0 = m1(x.unsqueeze(0)), m0(x)
+    assert y1.shape == (1,) + tuple(y0.shape)
+    torch.testing.assert_close(y1[0], y0)
+    torch.testing.assert_close(minaction.total_energy(m1)[0], minaction.total_energy(m0))
+    st = models.activation_stats(m1, x.unsqueeze(0))
+    st0 = models.activation_stats(m0, x)
+    torch.testing.assert_close(st["energy_rescaled"], st0["energy_rescaled"])

@@ -353,3 +353,20 @@ def test_save_failure_warns_once_and_training_goes_on(tmp_path, capfd, reference
     err = [ln for ln in capfd.readouterr().err.splitlines() if "checkpoint" in ln]
     assert len(err) == 1 and "cannot write the checkpoint" in err[0]
     assert strip(out) == reference
+
+
+def test_a_write_error_torch_reports_as_runtimeerror_is_a_failed_save(tmp_path, capfd, monkeypatch, reference):
+    """torch's zip writer reports a failed write (a full disk, `ulimit -f`) as RuntimeError ("unexpected pos"),
+    not OSError: that escaped the save's handler and recorded the whole trained group as failed."""
+    runs = group(spec())
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    out = trainer.train_group(runs, ckpt=checkpoint.GroupCheckpoint(tmp_path / "ck", runs, every_s=0))
+    err = [ln for ln in capfd.readouterr().err.splitlines() if "checkpoint" in ln]
+    assert len(err) == 1 and "cannot write the checkpoint" in err[0] and "unexpected pos" in err[0]
+    assert strip(out) == reference
+    assert not any((tmp_path / "ck").glob("*tmp*"))  # the partial file is removed
