@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Optional, Union
 
 import torch
@@ -168,7 +169,9 @@ class EnergyActivation(EnergyLayer):
         if not self.p:
             return y, torch.zeros((), dtype=energy_dtype(y.dtype), device=y.device)
         t = y.to(energy_dtype(y.dtype))
-        t = t.reshape(-1, t.shape[-1]) if self.rows == "leading" else t.reshape(t.shape[0], -1)
+        # explicit sizes, not -1: an empty batch (0 rows) cannot infer one
+        sh = tuple(t.shape)
+        t = t.reshape(math.prod(sh[:-1]), sh[-1]) if self.rows == "leading" else t.reshape(sh[0], math.prod(sh[1:]))
         t = t.abs() if self.p == 1 else t.square()
         per_row = t.mean(1) if self.energy_reduction == "mean" else t.sum(1)
         e = per_row.sum() / max(t.shape[0], 1)  # an empty batch: 0, as the fused pass gives

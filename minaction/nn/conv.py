@@ -57,13 +57,18 @@ def _reversed_padding(padding, kernel_size, dilation) -> list:
 
 
 def _tuple(v, n: int, name: str) -> Tuple[int, ...]:
-    if isinstance(v, int):
-        out = (v,) * n
-    else:
-        out = tuple(int(a) for a in v)
-        if len(out) != n:
-            raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {v!r}")
-    return out
+    """``v`` as n ints; anything else (a float, a string, a tuple holding one) raises TypeError, as
+    ``nn.Conv*d`` does (``int()`` would truncate 2.7 to 2 and read '3' as 3 without a word)."""
+    def whole(a):
+        return isinstance(a, int) and not isinstance(a, bool) or (torch.is_tensor(a) and a.dim() == 0
+                                                                   and not a.is_floating_point())
+    if whole(v):
+        return (int(v),) * n
+    if not isinstance(v, (tuple, list)) or not all(whole(a) for a in v):
+        raise TypeError(f"{name} must be an int or a tuple of {n} ints, got {v!r}")
+    if len(v) != n:
+        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {v!r}")
+    return tuple(int(a) for a in v)
 
 
 class _EnergyConvNd(EnergyLayer):

@@ -64,8 +64,8 @@ def check_backend() -> str:
         if name == "reference":
             ok, why = _backend.available("cpu", "cpu")
             checkpoint.warn(f"the CPU kernels cannot be used ({_first_line(why) if why else 'unavailable'}): every "
-                            f"run will train on the slow 'reference' backend (the same results, several times "
-                            f"slower). Fix the build (`minaction info` says why) or set "
+                            f"run will train on the slow 'reference' backend (the same results to rounding, not bit for "
+                            f"bit, several times slower; the store's backend column says which). Fix the build (`minaction info` says why) or set "
                             f"MINACTION_BACKEND=reference to train that way without this warning")
         return "auto"
     ok, why = _backend.available(forced, "cpu")
@@ -438,8 +438,11 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
     recorded = 0
     completed = False
 
+    identity = store.file_identity(db)
+
     def record(records):
         nonlocal recorded
+        store.check_same_file(db, identity)
         for rec in records:
             row = dict(rec["run"], preset=spec["name"])
             try:

@@ -68,6 +68,13 @@ def _cause(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _read_only_fs(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs
+        return False
+
+
 def _writable(p: Path) -> bool:
     return os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0))
 
@@ -88,6 +95,8 @@ def diagnose(path, exc: BaseException, action: str = "open") -> StoreError:
     elif "readonly" in low or "read-only" in low or "unable to open" in low or isinstance(exc, PermissionError):
         if not folder.is_dir():
             why = f"its folder {str(folder)!r} does not exist ({msg})"
+        elif _read_only_fs(folder):
+            why = f"{str(folder)!r} is on a read-only file system ({msg}); copy the store to a writable place"
         elif path.exists() and not _writable(path):
             why = f"the file is not writable ({msg}); check its permissions"
         elif not _writable(folder):
@@ -312,6 +321,27 @@ def _lock_info(f) -> str:
         return f.read().strip()
     except OSError:
         return ""
+
+
+def file_identity(path):
+    """``(device, inode)`` of the store file, or None where it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_same_file(path, identity) -> None:
+    """Raise :class:`StoreError` when the file at ``path`` is no longer the one a driver opened (deleted,
+    or another file moved over it): SQLite would go on writing into the open, unlinked file, whose runs
+    are then lost, or leave a write-ahead log that the next process applies to the new file."""
+    now = file_identity(path)
+    if identity is not None and now != identity:
+        what = "deleted" if now is None else "replaced by another file"
+        raise StoreError(f"the study store {path} was {what} while this study ran; stopping before recording "
+                         f"more runs into a file no one can open. Restore it (or start a new store): the runs "
+                         f"recorded before are in the file that was there, the ones in flight train again")
 
 
 def acquire_writer_lock(path):

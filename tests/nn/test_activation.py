@@ -267,6 +267,9 @@ def test_activations_the_kernels_do_not_have_run_unfused_with_the_same_energy(mo
         got = torch.autograd.grad(y.sum() + LAM * m.last_energy, x)[0]
         ref = torch.autograd.grad(want.sum() + LAM * _energy(want, rows), x)[0]
         torch.testing.assert_close(got, ref)
+    for rows, shape in (("batch", (0, 3, 4)), ("batch", (0, 3)), ("leading", (0, 3)), ("leading", (2, 0, 3))):
+        y = EnergyActivation(module, rows=rows)(torch.randn(shape))  # an empty batch: energy 0, as fused ones give
+        assert y.shape == shape
     pen = EnergyActivation(module, energy="l1", penalty=LAM)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     got = torch.autograd.grad(pen(x).sum(), x)[0]

@@ -117,6 +117,11 @@ def test_bad_input_errors():
         EnergyConv1d(3, 4, 3, groups=2)
     with pytest.raises(ValueError, match="kernel_size"):
         EnergyConv2d(3, 4, (3, 3, 3))
+    # nn.Conv2d refuses non-integers; int() used to truncate 2.7 to 2 and read '3' as 3 without a word
+    for kw in ({"kernel_size": (2.7, 3)}, {"kernel_size": 3, "stride": 1.5}, {"kernel_size": ("3", "3")},
+               {"kernel_size": 3, "padding": (0.9, 0.9)}, {"kernel_size": 3, "dilation": (1.99, 1)}):
+        with pytest.raises(TypeError, match="ints"):
+            EnergyConv2d(3, 4, **kw)
     with pytest.raises(ValueError, match="activation"):
         EnergyConv1d(3, 4, 3, activation="softmax")
 

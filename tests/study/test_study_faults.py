@@ -515,6 +515,31 @@ def test_full_disk_stops_with_one_line_and_resumes(tmp_path, monkeypatch, capsys
     con.close()
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_store_deleted_or_replaced_while_running_stops_the_study(tmp_path, monkeypatch, capsys, how):
+    """SQLite writes on into an open file that was deleted (every later run lost, rc 0) or leaves a WAL that
+    the next process applies to a file moved over it (an operations trial lost a whole other store)."""
+    preset = _preset(tmp_path, lams=[0.0, 1e-3, 1e-2, 1e-1], seeds=[0, 1, 2])
+    db = tmp_path / "s.sqlite"
+    real = store.record_run
+    done = []
+
+    def record_then_lose(con, run, *a, **k):
+        real(con, run, *a, **k)
+        if not done:
+            done.append(run["run_id"])
+            os.unlink(db)
+            if how == "replaced":
+                store.connect(tmp_path / "other.sqlite").close()
+                os.replace(tmp_path / "other.sqlite", db)
+
+    monkeypatch.setattr(store, "record_run", record_then_lose)
+    rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"was {how if how == 'deleted' else 'replaced by another file'} while this study ran" in err, err
+
+
 # ----------------------------------------------------------------------------- papercut: progress
 def test_progress_says_what_happens_before_the_first_group(tmp_path, capsys):
     run_study(synth(lams=[0.0], seeds=[0, 1, 2]), tmp_path / "p.sqlite", workers=1, progress=True)
