@@ -25,10 +25,13 @@ source, the flags, the ISA, the torch version and the Python version, in ``TORCH
 ``.so``; when that file matches, the library is loaded directly with ``torch.ops.load_library``,
 without taking torch's build lock, so a read-only cache folder works. Otherwise the build runs
 (``minaction: building the CPU kernels (first use: a few minutes ...) in <dir>`` is printed once on
-stderr). A ``lock`` file left by a killed build is waited on, saying so at once, for at most
+stderr). Every build holds an ``fcntl.flock`` on ``lock.owner`` in its folder for as long as it
+runs (the kernel drops it when the process dies, even by ``kill -9``). So a torch ``lock`` file
+found while that flock is free was left by a killed build: it is removed, saying so, and the
+build goes on. A build that finds the flock held waits for it, saying so at once, for at most
 ``MINACTION_BUILD_LOCK_TIMEOUT`` seconds (default 900); then the load fails with an error naming
-the file to delete, and the automatic backend choice falls back to ``reference`` with a warning
-that says so.
+the file, and the automatic backend choice falls back to ``reference`` with a warning that says
+so. Where ``fcntl`` does not exist, a ``lock`` file is waited on the same way.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ _ISA_FLAGS = {
 _ISA_CPU_FLAGS = {"default": set(), "avx2": {"avx2", "fma", "f16c"},
                   "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}}
 MARKER = "minaction_build.json"
+OWNER = "lock.owner"  # flock-ed by every build for as long as it runs (see the module docstring)
 DEFAULT_LOCK_TIMEOUT = 900.0  # a first build on a loaded 2-core machine took 8-9 min
 
 
@@ -190,17 +194,67 @@ def _say_building(spec: dict) -> None:
               f"{spec['dir']}", file=sys.stderr, flush=True)
 
 
-def _build(spec: dict) -> None:
-    """Build with ``torch.utils.cpp_extension`` (ninja); never wait on its lock for ever."""
-    from torch.utils import cpp_extension
+def _hold_owner(spec: dict, timeout: float):
+    """The open ``lock.owner`` file of the build folder with an exclusive ``flock`` on it, taken within
+    ``timeout`` seconds (saying at once when another process holds it); None where there is no fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    path = spec["dir"] / OWNER
+    f = open(path, "a+")
+    t0 = time.monotonic()
+    said = False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            waited = time.monotonic() - t0
+            if not said:
+                said = True
+                print(f"minaction: waiting for another process's build of the CPU kernels (it holds {path}; at "
+                      f"most {timeout:.0f} s, MINACTION_BUILD_LOCK_TIMEOUT)", file=sys.stderr, flush=True)
+            if waited >= timeout:
+                f.close()
+                raise BuildLockTimeout(
+                    f"minaction: another process has been building the CPU kernels for {waited:.0f} s (it holds "
+                    f"the flock on {path}; MINACTION_BUILD_LOCK_TIMEOUT): wait for it to finish, or raise the "
+                    f"time-out") from None
+            time.sleep(min(0.2, max(timeout - waited, 0.01)))
 
+
+def _build(spec: dict) -> None:
+    """Build with ``torch.utils.cpp_extension`` (ninja) while holding the folder's owner flock; a
+    torch ``lock`` left by a killed build is removed, and no lock is waited on for ever."""
     timeout = lock_timeout()
     try:
         spec["dir"].mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(f"cannot create the CPU kernels' build folder {spec['dir']} ({exc.strerror or exc}): set "
                       f"TORCH_EXTENSIONS_DIR to a writable folder") from None
+    owner = _hold_owner(spec, timeout)
+    try:
+        if owner is not None and _marker_ok(spec):  # another process built it while we waited
+            load_library(spec["so"])
+            return
+        _build_locked(spec, timeout, stale_ok=owner is not None)
+    finally:
+        if owner is not None:
+            owner.close()  # releases the flock
+
+
+def _build_locked(spec: dict, timeout: float, stale_ok: bool) -> None:
+    from torch.utils import cpp_extension
+
     lock = spec["dir"] / "lock"
+    if lock.exists() and stale_ok:  # every live build holds the owner flock, which we hold: a killed build left it
+        print(f"minaction: removing {lock}, left by a build of the CPU kernels that was killed", file=sys.stderr,
+              flush=True)
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass
     if lock.exists():
         print(f"minaction: waiting for another process's build of the CPU kernels (lock {lock}; at most "
               f"{timeout:.0f} s, MINACTION_BUILD_LOCK_TIMEOUT; if no other process is building, a killed build "

@@ -55,16 +55,23 @@ def test_lock_timeout_env(monkeypatch):
         cpu_backend.lock_timeout()
 
 
-def test_stale_lock_falls_back_with_a_warning_naming_it(tmp_path):
-    """A `lock` left by a killed build: the layer runs on `reference` with a warning that names the
-    lock file, instead of waiting for ever (the old behaviour: FileBaton.wait without limit)."""
+def test_a_build_in_progress_elsewhere_is_waited_for_then_falls_back_naming_it(tmp_path, monkeypatch):
+    """Another process building (it holds the owner flock): the layer waits, says so at once, and after the
+    time-out runs on `reference` with a warning that names the lock, instead of waiting for ever (the old
+    behaviour: FileBaton.wait without limit)."""
+    import fcntl
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    spec = cpu_backend.build_spec()
+    spec["dir"].mkdir(parents=True)
+    (spec["dir"] / "lock").write_text("")  # the live build's torch baton
+    holder = open(spec["dir"] / cpu_backend.OWNER, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)  # this process plays the other builder
     code = """
         import warnings, torch, minaction
         from minaction.backends import cpu
         spec = cpu.build_spec()
-        spec["dir"].mkdir(parents=True)
-        (spec["dir"] / "lock").write_text("")
-        print("LOCK", spec["dir"] / "lock")
+        print("LOCK", spec["dir"] / cpu.OWNER)
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             layer = minaction.nn.EnergyLinear(8, 4)
@@ -73,15 +80,39 @@ def test_stale_lock_falls_back_with_a_warning_naming_it(tmp_path):
         for m in w:
             print("WARN", m.message)
     """
-    r = _sub(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path), "MINACTION_BUILD_LOCK_TIMEOUT": "1"}, timeout=300)
+    try:
+        r = _sub(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path), "MINACTION_BUILD_LOCK_TIMEOUT": "1"}, timeout=300)
+    finally:
+        holder.close()
     assert r.returncode == 0, r.stderr[-3000:]
     lock = next(line[5:] for line in r.stdout.splitlines() if line.startswith("LOCK "))
     assert "BACKEND reference" in r.stdout
     warn = "\n".join(line for line in r.stdout.splitlines() if line.startswith("WARN"))
-    assert lock in warn and "delete" in warn, r.stdout
-    assert "building the CPU kernels" not in r.stderr  # nothing was built
+    assert lock in warn and "another process" in warn, r.stdout
+    assert "building the CPU kernels (first use" not in r.stderr  # nothing was built
     # said at once, not after the wait: a process behind a stale lock printed nothing for 10 minutes
-    assert f"waiting for another process's build of the CPU kernels (lock {lock}" in r.stderr, r.stderr[-2000:]
+    assert f"waiting for another process's build of the CPU kernels (it holds {lock}" in r.stderr, r.stderr[-2000:]
+    assert (spec["dir"] / "lock").exists()  # a live build's baton is left alone
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_the_build_goes_on(tmp_path, monkeypatch, capsys):
+    """torch's `lock` baton is a plain file: a build killed mid-way (Ctrl-C, a CI job cancelled) left it, and the
+    next process waited 15 minutes and fell back to the slow backend. Every build now holds the owner flock, which
+    dies with its process: a `lock` found with the flock free is stale, and is removed."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("MINACTION_BUILD_LOCK_TIMEOUT", "0.5")
+    spec = cpu_backend.build_spec()
+    spec["dir"].mkdir(parents=True)
+    (spec["dir"] / "lock").write_text("")
+    seen = []
+
+    def fake_load(name, sources, extra_cflags, build_directory, **kw):
+        seen.append(os.path.exists(os.path.join(build_directory, "lock")))
+
+    monkeypatch.setattr(cpu_backend, "load_extension", fake_load)
+    cpu_backend._build(spec)
+    assert seen == [False]
+    assert "left by a build of the CPU kernels that was killed" in capsys.readouterr().err
 
 
 def test_the_build_key_names_the_python_version(monkeypatch):
