@@ -179,6 +179,11 @@ class PhysicsLagrangian(EnergyNet):
                 self.constraints.append(self.linear(w, w, constraint_activation, energy, energy_reduction))
         self.out = self.logits_layer(w)
 
+    def weight_products(self):
+        """Layers whose weight also enters a matrix product outside the layer, of the layer's own size: the
+        force ``-W_V^T r`` (read by the study's FLOP count, minaction.study.trainer.training_flops_per_sample)."""
+        return list(self.potential)
+
     def forward(self, x):
         q = self.encoder(self.stem(x, self.param_dtype()))
         tau = self.step

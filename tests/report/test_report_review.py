@@ -176,8 +176,9 @@ def test_lambda_definitions_and_sentences(tmp_path):
     assert "so it is not used to infer which η² the paper reports" in md and "most plausibly" not in md
     s = pd.read_csv(tmp_path / "o" / "tables" / "lambda_sweep_summary.csv").iloc[0]
     assert s["min_rescaling_share"] <= s["median_rescaling_share"] <= s["max_rescaling_share"]
-    met = "met" if s["moderate_E_pct_median"] <= 6 else "not met"
+    met = "met on energy" if s["moderate_E_pct_median"] <= 6 else "not met"
     assert f"v1's 'to 6% of baseline' is {met} there" in md
+    assert re.search(r"TOST-equivalent to λ = 0 within ±0.5 pp in \d of \d combinations there", md)
     # a store with one λ: one row for both findings
     db1 = make_synthetic_store(tmp_path / "one.sqlite", seed=12, sweep_datasets=(), **SMALL)
     build_report(db1, tmp_path / "o1", n_boot=10)
