@@ -275,7 +275,11 @@ class EnergyNet(nn.Module):
         self.num_models = int(num_models)
         # EnergyLinear's num_models: None (ordinary layers) for one member, unless built to keep the member dimension
         self._G = None if self.num_models == 1 and not KEEP_MEMBER_DIM.get() else self.num_models
-        self.member_dim = self._G is not None  # inputs [G, B, ...] / logits [G, B, C], one member included
+
+    @property
+    def member_dim(self) -> bool:
+        """Inputs ``[G, B, ...]`` and logits ``[G, B, C]``, one member included."""
+        return self._G is not None
 
     def param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

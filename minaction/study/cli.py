@@ -133,7 +133,7 @@ def _recount(args) -> int:
     try:
         load_plugins(args.plugin)
         out = recount_flops(args.db, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+    except RUN_ERRORS as exc:
         return _error("recount-flops", exc)
     print(json.dumps(out, indent=2))
     return 0
@@ -191,10 +191,10 @@ def register(subparsers) -> None:
     i.set_defaults(func=_import)
     c = sub.add_parser("recount-flops", help="recount the training FLOPs of a store's runs on a measured training step",
                        description="Rewrite every finished run's training FLOPs (evals.flops) as its samples times "
-                                   "the FLOPs of one training step of its configuration per sample, counted by "
-                                   "torch.utils.flop_counter (docs/study.md, 'Training FLOPs'). For stores written "
-                                   "before minaction counted FLOPs that way (3 x the forward FLOPs of the energy "
-                                   "layers); nothing is retrained. Needs the runs' datasets. Refused while a "
+                                   "the FLOPs of one training step of its configuration per sample, counted as "
+                                   "torch.utils.flop_counter counts them (docs/study.md, 'Training FLOPs'). For "
+                                   "stores written before minaction counted FLOPs that way (3 x the forward FLOPs "
+                                   "of the energy layers); nothing is retrained. Needs the runs' datasets. Refused while a "
                                    "`study run` writes the store.")
     c.add_argument("--db", required=True)
     c.add_argument("--plugin", action="append", default=[], metavar="MODULE",

@@ -18,13 +18,9 @@ from __future__ import annotations
 import json
 
 from . import store
+from .presets import group_key
 
 FLOPS_META = "flops_count"
-
-
-def _group_key(config: dict) -> str:
-    c = {k: v for k, v in config.items() if k not in ("seed", "lam")}
-    return json.dumps(c, sort_keys=True, default=str)
 
 
 def recount_flops(db, progress=None) -> dict:
@@ -42,7 +38,7 @@ def recount_flops(db, progress=None) -> dict:
         groups: dict = {}
         for run_id, cj in rows:
             cfg = json.loads(cj)
-            groups.setdefault(_group_key(cfg), (cfg, []))[1].append(run_id)
+            groups.setdefault(group_key(cfg, "seed+lam"), (cfg, []))[1].append(run_id)  # one count per configuration
         per_sample = {}
         for i, (cfg, ids) in enumerate(groups.values()):
             c = config_training_flops(cfg)

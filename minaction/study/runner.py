@@ -64,9 +64,10 @@ def check_backend() -> str:
         if name == "reference":
             ok, why = _backend.available("cpu", "cpu")
             checkpoint.warn(f"the CPU kernels cannot be used ({_first_line(why) if why else 'unavailable'}): every "
-                            f"run will train on the slow 'reference' backend (the same results to rounding, not bit for "
-                            f"bit, several times slower; the store's backend column says which). Fix the build (`minaction info` says why) or set "
-                            f"MINACTION_BACKEND=reference to train that way without this warning")
+                            f"run will train on the slow 'reference' backend (the same results to rounding, not bit "
+                            f"for bit, several times slower; the store's backend column says which). Fix the build "
+                            f"(`minaction info` says why) or set MINACTION_BACKEND=reference to train that way "
+                            f"without this warning")
         return "auto"
     ok, why = _backend.available(forced, "cpu")
     if not ok:

@@ -340,10 +340,10 @@ def member_tensors(model, G: int) -> list:
     return [[t[g] for t in tensors] for g in range(G)]
 
 
-def training_flops_per_sample(model, x, y, G: int) -> float:
+def training_flops_per_sample(model, x, G: int) -> float:
     """Training FLOPs of one member on one sample: one training step of the model on the batch ``x``
-    (shared by its ``G`` members; labels ``y``) -- the forward, the objective ``cross_entropy + E`` and its
-    backward -- divided by ``G * len(x)``, counted as ``torch.utils.flop_counter.FlopCounterMode`` counts it.
+    (shared by its ``G`` members) -- the forward, the objective ``cross_entropy + E`` and its backward --
+    divided by ``G * len(x)``, counted as ``torch.utils.flop_counter.FlopCounterMode`` counts it.
 
     What it counts: every matrix product and convolution of the step (``2 * multiply-adds``): the dense and
     convolution layers, the logits, and any other product in the forward such as physics_lagrangian's
@@ -398,7 +398,7 @@ def _count_flops(model, ds, dtype, G: int) -> float:
     n = min(len(ds), 8)
     x0 = ds.encode(ds.x[:n]) if hasattr(ds, "encode") else ds.x[:n]
     x0 = x0.to(dtype) if dtype and x0.is_floating_point() else x0
-    return training_flops_per_sample(model, x0, ds.y[:n], G)
+    return training_flops_per_sample(model, x0, G)
 
 
 def _build(arch, meta, budget, seeds, dtype):

@@ -74,7 +74,7 @@ def test_step_count_equals_torchs_flop_counter_per_member_and_leaves_no_trace(ar
     for G, kw in ((1, {"member_dim": True}), (1, {}), (3, {}), (2, {"batched": True} if arch == "cnn" else {})):
         m = models.build(arch, meta, width=12, num_models=G, seeds=list(range(G)), **kw)
         rng = torch.get_rng_state()
-        c = training_flops_per_sample(m, x, y, G)
+        c = training_flops_per_sample(m, x, G)
         assert torch.equal(torch.get_rng_state(), rng)
         assert all(p.grad is None for p in m.parameters())
         if not (arch == "cnn" and kw.get("batched")):
@@ -106,7 +106,7 @@ def test_physics_lagrangian_force_product_is_counted():
     for h in hooks:
         h.remove()
     assert fwd_all > layers[0] / 4 * 1.02  # the force product: more than the layers' own (bias-including) count
-    assert training_flops_per_sample(m, x, y, 1) > 2 * fwd_all
+    assert training_flops_per_sample(m, x, 1) > 2 * fwd_all
 
 
 def test_recount_restores_the_step_count_and_import_tracks_how_flops_were_counted(tmp_path):
