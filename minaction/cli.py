@@ -78,6 +78,33 @@ def main(argv=None) -> int:
     return int(args.func(args) or 0)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread where the signal arrives: a KeyboardInterrupt, so
+    every path that stops cleanly on Ctrl-C (worker pools shut down, the store closed) does on these too."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def _stop_on_signals() -> None:
+    """The ``minaction`` command stops on SIGTERM and SIGHUP as on Ctrl-C, with one line naming the
+    signal, rather than dying silently (rc 143). A signal the caller set to be ignored (``nohup``) or
+    handled stays as it was."""
+    import signal
+
+    def stop(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)  # a second one while stopping ends the process at once
+        raise _Terminated(signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, stop)
+
+
 def console_main() -> int:
     """The ``minaction`` command: :func:`main`, then a quicker interpreter exit. With torch
     loaded, Python's shutdown spends 0.3-0.5 s (2-core AMD EPYC) in full garbage collections
@@ -87,10 +114,15 @@ def console_main() -> int:
     alone keeps is left to the OS (nothing of ours needs it: the study commits every record
     and closes its store before returning). Only for the process's last act: a script that
     calls :func:`main` and goes on keeps its collector as it was."""
+    _stop_on_signals()
     try:
         rc = main()
         sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit
         return rc
+    except _Terminated as exc:  # `kill`, a scheduler's time limit, a closed terminal: as Ctrl-C, named
+        print(f"minaction: stopped by {exc.name}. A study's finished runs are in its store: the same command "
+              "resumes after them", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (a study commits each group as it finishes)
         print("minaction: interrupted. A study's finished runs are in its store: the same command resumes after them",
               file=sys.stderr)

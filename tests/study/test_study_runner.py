@@ -216,6 +216,42 @@ def test_ctrl_c_stops_promptly(tmp_path):
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_stops_with_one_line(tmp_path, sig):
+    """`kill` (a scheduler's time limit, a closed terminal) stops the `minaction` command as Ctrl-C
+    does, with one line naming the signal and rc 128 + signal, rather than a silent death; the
+    store stays whole."""
+    spec = synth(lams=[0.0], seeds=[0, 1], group_by="none", budget={"epochs": 5000, "batch_size": 32, "width": 16})
+    preset = tmp_path / "slow.toml"
+    preset.write_text(toml_text(spec))
+    db = tmp_path / "term.sqlite"
+    code = (DRIVER_PRELUDE + "from minaction.cli import console_main; "
+            "sys.argv = ['minaction', 'study', 'run', '--preset', sys.argv[1], '--db', sys.argv[2], "
+            "'--workers', '2', '--no-progress']; sys.exit(console_main())")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True,
+                            stderr=subprocess.PIPE)
+    signum = getattr(signal, sig)
+    try:
+        guard = time.monotonic() + HANG_GUARD
+        while len(_grandchildren(proc.pid)) < 2:  # an event: both workers are training
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < guard, f"hang guard: the workers did not start in {HANG_GUARD} s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signum)
+        rc = proc.wait(HANG_GUARD)
+        err = proc.stderr.read().decode()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc == 128 + signum, err[-2000:]
+    assert f"minaction: stopped by {sig}" in err and "resumes" in err and "Traceback" not in err, err[-2000:]
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+
+
 def test_failure_is_recorded_and_study_continues(tmp_path):
     spec = synth(archs=["tiny_fail", "tiny_mlp"], lams=[0.0], seeds=[0, 1])
     db = tmp_path / "f.sqlite"
