@@ -315,6 +315,24 @@ def lock_path(path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def _inode_lock_path(path) -> Optional[Path]:
+    """A second lock file for the store, named by the file's (device, inode) in the temporary folder:
+    a hard link to a store is another name for the same file, with its own ``<db>.lock`` beside it, and
+    a driver given the link was not stopped by one given the other name. None while the store does not
+    exist yet, or where no such folder can be made."""
+    ident = file_identity(path)
+    if ident is None:
+        return None
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"minaction-store-locks-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return folder / f"{ident[0]}-{ident[1]}.lock"
+
+
 def _lock_info(f) -> str:
     try:
         f.seek(0)
@@ -381,13 +399,40 @@ def acquire_writer_lock(path):
     except OSError as exc:  # pragma: no cover - a filesystem without flock
         f.close()
         raise StoreError(f"cannot lock the study store {str(path)!r} ({str(lp)!r}): {exc}") from None
+    note = f"pid {os.getpid()} on {os.uname().nodename}, since {now_utc()}\n"
     try:
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}, since {now_utc()}\n")
+        f.write(note)
         f.flush()
     except OSError:
         pass  # the lock holds even if its note cannot be written
+    ip = _inode_lock_path(path)
+    if ip is not None:
+        try:
+            g = open(ip, "a+")
+        except OSError:
+            g = None  # the lock beside the file still holds for every name but a hard link
+        if g is not None:
+            try:
+                fcntl.flock(g, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                who = _lock_info(g) or "another process"
+                g.close()
+                release_writer_lock(f)
+                if isinstance(exc, BlockingIOError):
+                    raise StoreBusyError(f"the study store {str(path)!r} is being written by another `minaction study "
+                                         f"run` under another name of the same file (a hard link; {who}); wait for "
+                                         f"it to finish or stop it, then run this again (lock: {str(ip)!r})") from None
+            else:
+                try:
+                    g.seek(0)
+                    g.truncate()
+                    g.write(note)
+                    g.flush()
+                except OSError:
+                    pass
+                f._minaction_inode_lock = g
     return f
 
 
@@ -396,10 +441,13 @@ def release_writer_lock(f) -> None:
         return
     import fcntl
 
+    g = getattr(f, "_minaction_inode_lock", None)
     try:
         fcntl.flock(f, fcntl.LOCK_UN)
     finally:
         f.close()
+        if g is not None:
+            g.close()  # closing drops its flock
 
 
 def writer(path) -> Optional[str]:
@@ -408,21 +456,24 @@ def writer(path) -> Optional[str]:
         import fcntl
     except ImportError:  # pragma: no cover
         return None
-    try:
-        f = open(lock_path(path), "r")
-    except OSError:
-        return None
-    try:
+    for lp in (lock_path(path), _inode_lock_path(path)):  # the second: a driver given a hard link's name
+        if lp is None:
+            continue
         try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _lock_info(f) or "another process"
-        except OSError:  # pragma: no cover
-            return None
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return None
-    finally:
-        f.close()
+            f = open(lp, "r")
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _lock_info(f) or "another process"
+            except OSError:  # pragma: no cover
+                continue
+            fcntl.flock(f, fcntl.LOCK_UN)
+        finally:
+            f.close()
+    return None
 
 
 def _clean(v):

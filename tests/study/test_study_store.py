@@ -155,6 +155,33 @@ def test_writer_lock_follows_links(tmp_path):
         store.release_writer_lock(f)
 
 
+def test_writer_lock_follows_hard_links(tmp_path):
+    """A hard link is another name for the same file, with its own ``<db>.lock`` beside it: the lock
+    named by the file's inode stops a second driver given it (an operations trial trained into one
+    store from two drivers this way), and `writer` sees the driver under either name."""
+    db = tmp_path / "r.sqlite"
+    store.connect(db).close()
+    (tmp_path / "other").mkdir()
+    link = tmp_path / "other" / "hard.sqlite"
+    os.link(db, link)
+    assert store.lock_path(link) != store.lock_path(db)
+    f = store.acquire_writer_lock(db)
+    try:
+        with pytest.raises(store.StoreBusyError, match="hard link"):
+            store.acquire_writer_lock(link)
+        assert f"pid {os.getpid()}" in store.writer(link)
+    finally:
+        store.release_writer_lock(f)
+    assert store.writer(link) is None and store.writer(db) is None
+    g = store.acquire_writer_lock(link)  # released: either name can take it, and the refusal left nothing held
+    try:
+        with pytest.raises(store.StoreBusyError):
+            store.acquire_writer_lock(db)
+    finally:
+        store.release_writer_lock(g)
+    store.release_writer_lock(store.acquire_writer_lock(db))
+
+
 def _other_process_reads(db, key):
     """A separate process opens the store with plain sqlite3, reads one meta value, closes (as
     `study status`, a report or the sqlite3 shell do while a study runs)."""
