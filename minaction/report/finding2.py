@@ -67,8 +67,10 @@ def section(rep) -> None:
         "n": tost["n"], f"Δacc pp [{fmt(100 * (1 - 2 * opt.tost_alpha))}% CI]":
             [ci(v, lo, hi) for v, lo, hi in zip(tost["d_acc_pp"], tost["ci_lo"], tost["ci_hi"])],
         "p (TOST)": tost["p_tost"].map(fmt_p),
-        f"within ±{m} pp": [("not tested" if not isinstance(e, (bool, np.bool_)) and pd.isna(e)
-                             else ("equivalent" if e else "not shown")) for e in tost["equivalent"]]}),
+        f"within ±{m} pp": [(("not tested (no spread)" if note.startswith("no spread") else "not tested")
+                             if not isinstance(e, (bool, np.bool_)) and pd.isna(e)
+                             else ("equivalent" if e else "not shown"))
+                            for e, note in zip(tost["equivalent"], tost["note"])]}),
         rel_t, f"TOST equivalence per dataset, architecture and λ (margin ±{m} pp)")
     if gaps:
         d.p(rep.verdict(2, claim, paper, "n/a", "not comparable", lacks))

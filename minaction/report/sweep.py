@@ -120,11 +120,9 @@ def _tost_row(d_pp, margin_pp: float, alpha: float, se: float, df: float) -> dic
     if not (np.isfinite(se) and np.isfinite(df)) or df <= 0:
         return {"se_pp": se, "df": df, "t_lower": np.nan, "p_lower": np.nan, "t_upper": np.nan, "p_upper": np.nan,
                 "p_tost": np.nan, "ci_lo": np.nan, "ci_hi": np.nan}
-    if se == 0:  # no spread at all: the difference is known exactly
-        inside = abs(d_pp) < margin_pp
-        p = 0.0 if inside else 1.0
-        return {"se_pp": 0.0, "df": df, "t_lower": np.nan, "p_lower": p, "t_upper": np.nan, "p_upper": p,
-                "p_tost": p, "ci_lo": d_pp, "ci_hi": d_pp}
+    if se == 0:  # no spread at all: t is undefined, and a zero-width CI would claim a certainty 10 seeds lack
+        return {"se_pp": 0.0, "df": df, "t_lower": np.nan, "p_lower": np.nan, "t_upper": np.nan, "p_upper": np.nan,
+                "p_tost": np.nan, "ci_lo": np.nan, "ci_hi": np.nan}
     t_lo = (d_pp + margin_pp) / se
     t_hi = (d_pp - margin_pp) / se
     p_lo = float(stats.t.sf(t_lo, df))  # H0: diff <= -margin
@@ -181,6 +179,9 @@ def tost_equivalence(runs: pd.DataFrame, margin_pp: float = 0.5, alpha: float = 
                 row.update(test="none", d_acc_pp=m, **_tost_row(m, margin_pp, alpha, np.nan, np.nan))
                 row["note"] = (f"fewer than {min_replicates} seeds (λ: {len(x1)}, λ = 0: {len(b_seed)}): "
                                "no equivalence test")
+            if row["se_pp"] == 0:
+                row["note"] = (f"no spread: every {'pair' if paired else 'run'} gives the same difference "
+                               f"({row['d_acc_pp']:+.3g} pp), so the t test is undefined: no equivalence test")
             row["equivalent"] = (bool(row["p_tost"] < alpha) if np.isfinite(row["p_tost"]) else np.nan)
             rows.append(row)
     cols = ["dataset", "arch", "lam", "test", "n", "n0", "d_acc_pp", "se_pp", "df", "t_lower", "p_lower", "t_upper",

@@ -173,10 +173,15 @@ def test_tost_not_shown_when_noisy_and_none_without_replicates():
     assert abs(noisy["d_acc_pp"]) < 0.5 and not noisy["equivalent"]  # a small mean is not equivalence
     one = tost_equivalence(_runs([0.90], [0.90])).iloc[0]
     assert one["test"] == "none" and pd.isna(one["equivalent"]) and "fewer than 2 seeds" in one["note"]
-    exact = tost_equivalence(_runs([0.9, 0.8], [0.9, 0.8])).iloc[0]  # identical pairs: se = 0
-    assert exact["p_tost"] == 0 and bool(exact["equivalent"])
+    # no spread (se = 0): t is undefined; no test rather than "equivalent" with a zero-width CI (a
+    # statistician's review: two collapsed models at chance were called equivalent with certainty)
+    exact = tost_equivalence(_runs([0.9, 0.8], [0.9, 0.8])).iloc[0]  # identical pairs
+    assert pd.isna(exact["p_tost"]) and pd.isna(exact["equivalent"]) and pd.isna(exact["ci_lo"])
+    assert "no spread" in exact["note"] and "+0 pp" in exact["note"] and "pair" in exact["note"]
     off = tost_equivalence(_runs([0.9, 0.8], [0.91, 0.81])).iloc[0]  # exactly +1 pp every seed
-    assert off["p_tost"] == 1 and not off["equivalent"]
+    assert pd.isna(off["equivalent"]) and "+1 pp" in off["note"]
+    flat = tost_equivalence(_runs([0.9, 0.9], [0.9, 0.9], seeds1=[5, 6])).iloc[0]  # Welch, no spread either side
+    assert flat["test"] == "Welch t" and pd.isna(flat["equivalent"]) and "no spread" in flat["note"]
 
 
 # --- "not comparable" for each missing design ---------------------------------------------
