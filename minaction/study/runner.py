@@ -399,9 +399,18 @@ def _warn_renamed_budget(con, spec) -> None:
 
 
 def _group_label(runs) -> str:
-    """'arch x dataset (n runs)' for a group's log lines."""
+    """'arch x dataset, λ ..., seed(s) ... (n runs)' for a group's log lines: arch x dataset alone
+    named ten groups alike, and two losses read as one repeated."""
     c = runs[0]["config"]
-    return f"{c.get('arch')} x {c.get('dataset')} ({len(runs)} run{'s' if len(runs) != 1 else ''})"
+
+    def values(key):
+        vs = sorted({r["config"].get(key) for r in runs}, key=lambda v: (v is None, v if v is not None else 0))
+        return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in vs)
+
+    n = len(runs)
+    lams, seeds = values("lam"), values("seed")
+    return (f"{c.get('arch')} x {c.get('dataset')}, λ {lams}, seed{'s' if ',' in seeds else ''} {seeds} "
+            f"({n} run{'s' if n != 1 else ''})")
 
 
 def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress, limit,

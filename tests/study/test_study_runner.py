@@ -277,6 +277,8 @@ def test_lost_worker_is_retried_then_recorded(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "the worker training tiny_crash x synthetic" in err and "runs again, alone (attempt" in err
     assert "was lost in 2 attempts" in err and "recorded as failed" in err
+    # each group is named apart (arch x dataset alone read as one loss repeated)
+    assert "tiny_crash x synthetic, λ 0, seed 0 (1 run)" in err and "tiny_crash x synthetic, λ 0.001, seed 0" in err
     con = sqlite3.connect(db)
     rows = con.execute("SELECT arch, status, error FROM runs").fetchall()
     assert {(a, st) for a, st, _ in rows} == {("tiny_crash", "failed"), ("tiny_mlp", "done")}
