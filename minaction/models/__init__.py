@@ -193,8 +193,9 @@ def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = N
         member_dim: with ``num_models=1``, a batched model keeps its member dimension (weights
             ``[1, out, in]``, logits ``[1, B, C]``) and runs the batched kernels, so that its arithmetic
             is exactly a member's inside a group (the study trains a lone run this way: torch's
-            ``mm`` and ``bmm`` round differently); ignored by a loop of members and by registered
-            architectures.
+            ``mm`` and ``bmm`` round differently). A loop layout (``cnn`` on a CPU) then gives a
+            one-member :class:`~minaction.models.cnn.LoopEnsemble`: the same shapes, and the member
+            computes as it does inside a loop of G. Ignored by registered architectures.
         **arch_knobs: architecture options, see :func:`knobs`.
 
     Returns a module with ``forward(x [B, *meta.input_shape])`` -> logits ``[B, C]`` (one
@@ -250,7 +251,7 @@ def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = N
             m = cls(meta, int(width), depth, **kw)
             m.init_members([s])
             members.append(m)
-        model = members[0] if G == 1 else LoopEnsemble(members)
+        model = members[0] if G == 1 and not member_dim else LoopEnsemble(members)
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model

@@ -139,10 +139,10 @@ class ConvNet(EnergyNet):
         else:
             h = F.adaptive_avg_pool1d(h, self.grid)
         B = h.shape[0]
-        if self._G is None:
-            h = h.reshape(B, -1)
+        if self._G is None:  # explicit sizes, not -1: an empty batch has nothing to infer it from
+            h = h.reshape(B, self.flat)
         else:  # [B, G*C, *grid] -> [G, B, C*prod(grid)]: each member flattens its own channels
-            h = h.reshape(B, self._G, -1).transpose(0, 1).contiguous()
+            h = h.reshape(B, self._G, self.flat).transpose(0, 1).contiguous()
         h = self.dense(h)
         return self.out(h)
 
@@ -167,8 +167,10 @@ class ConvNet(EnergyNet):
 class LoopEnsemble(nn.Module):
     """G independent one-member models run one after another; output ``[G, B, C]``.
 
-    So that :func:`minaction.total_energy` returns ``[G]``, each member's energy layers
-    record ``last_energy`` as a length-G vector that is zero except at the member's index.
+    So that :func:`minaction.total_energy` returns ``[G]``, the ensemble's forward turns each
+    member's ``last_energy`` into a length-G vector that is zero except at the member's index.
+    A member called on its own (``ensemble.members[g](x)``, or a copy of it) is an ordinary
+    one-member model: its energies are 0-dim, and it pickles.
 
     :meth:`set_active_members` leaves members out of the following forwards (a training loop
     whose members stop at different times): a member left out costs nothing, its logits are
@@ -193,21 +195,24 @@ class LoopEnsemble(nn.Module):
             raise ValueError("LoopEnsemble needs the dataset's meta (its input_shape tells a per-member input "
                              "[G, B, ...] from a shared one [B, ...]): pass LoopEnsemble(members, meta=meta), "
                              "or give the members a .meta attribute")
-        G = self.num_models
         self._active = None  # None: every member runs; else a list of G bools
-        for g, m in enumerate(self.members):
-            for lay in m.modules():
-                if isinstance(lay, EnergyLayer):
-                    lay.register_forward_hook(self._spread_hook(g, G))
 
-    @staticmethod
-    def _spread_hook(g: int, G: int):
-        def hook(mod, inp, out):
-            e = mod.last_energy
-            if e is not None and e.dim() == 0:
-                mod.last_energy = F.pad(e.reshape(1), (g, G - g - 1))
-        hook._minaction_energy_only = True  # reads last_energy only: a conv block may still fuse its pooling
-        return hook
+    #: inputs ``[G, B, ...]`` (or a shared ``[B, ...]``) and logits ``[G, B, C]``, one member included
+    member_dim = True
+
+    def _run(self, g: int, x):
+        """Member g's logits; its energy layers' ``last_energy`` spread to length G. The ensemble does
+        this rather than hooks on the members' layers: hooks went with a member taken out of the
+        ensemble (its energy stayed ``[G]``) and, being closures, stopped ``torch.save`` of the model."""
+        m = self.members[g]
+        out = m(x)
+        G = self.num_models
+        for lay in m.modules():
+            if isinstance(lay, EnergyLayer):
+                e = lay.last_energy
+                if e is not None and e.dim() == 0:
+                    lay.last_energy = F.pad(e.reshape(1), (g, G - g - 1))
+        return out
 
     def set_active_members(self, mask=None):
         """Run only the members where ``mask`` (G bools, a list or a bool tensor) is true in the
@@ -240,8 +245,8 @@ class LoopEnsemble(nn.Module):
         else:
             xs = [x] * G
         if self._active is None:
-            return torch.stack([m(xg) for m, xg in zip(self.members, xs)])
-        outs = [m(xg) if on else None for m, xg, on in zip(self.members, xs, self._active)]
+            return torch.stack([self._run(g, xg) for g, xg in enumerate(xs)])
+        outs = [self._run(g, xg) if on else None for g, (xg, on) in enumerate(zip(xs, self._active))]
         ref = next(o for o in outs if o is not None)
         zeros = torch.zeros_like(ref, requires_grad=False)
         for g, o in enumerate(outs):

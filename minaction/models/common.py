@@ -252,9 +252,9 @@ class FeatureStem(nn.Module):
         if per_member:  # [G, B, ...] -> [G, B, d]
             G, B = x.shape[:2]
             x = time_mean(x.to(dtype).flatten(0, 1), self.has_time)
-            return x.reshape(G, B, -1)
+            return x.reshape(G, B, self.out_features)  # explicit sizes: an empty batch has no -1 to infer
         x = time_mean(x.to(dtype), self.has_time)
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], self.out_features)
 
 
 # ----------------------------------------------------------------------------- model bases

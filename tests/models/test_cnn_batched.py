@@ -299,3 +299,84 @@ def test_evaluation_with_stats_runs_the_model_once_per_piece():
     for k in one:
         torch.testing.assert_close(one[k], two[k], rtol=1e-12, atol=1e-12)
     assert models.activation_stats(model, x[:2], output=True)["output"].shape == (G, 2, meta.num_classes)
+
+
+# --- a loop of members (the CPU's cnn layout) as a user's own module -----------------------------
+
+def _loop(meta, seeds, **kw):
+    kw = dict(dict(width=8, depth=2, channels=[3, 4]), **kw)
+    return models.build("cnn", meta, num_models=len(seeds), seeds=seeds, batched=False, **kw)
+
+
+@pytest.mark.parametrize("stem", ["vision", "series", "text"])
+def test_loop_member_taken_out_is_a_lone_model_and_pickles(stem, tmp_path):
+    """A member of a loop ensemble called on its own is a one-member model (its energy was [0, E, 0]
+    from the ensemble's hooks, so `ce + lam * E` became a vector), and the ensemble pickles (the hooks
+    were closures: torch.save of a CPU cnn group failed)."""
+    import copy
+    import pickle
+
+    from minaction.models.stats import activation_stats
+
+    meta = STEMS[stem]
+    x, _ = batch(meta, B=4)
+    x = x if meta.modality == "text" else x.float()
+    grp = _loop(meta, [3, 4, 5])
+    lone = models.build("cnn", meta, seeds=[4], width=8, depth=2, channels=[3, 4])
+    out = grp(x)
+    e_grp = minaction.total_energy(grp)
+    assert out.shape[:2] == (3, 4) and e_grp.shape == (3,)
+    m1 = grp.members[1]
+    for m in (m1, copy.deepcopy(m1)):
+        assert torch.equal(m(x), lone(x))
+        e = minaction.total_energy(m)
+        assert e.dim() == 0 and torch.equal(e, minaction.total_energy(lone)) and torch.equal(e, e_grp[1])
+        assert activation_stats(m, x)["energy"].dim() == 0
+    path = tmp_path / "grp.pt"
+    torch.save(grp, path)
+    back = torch.load(path, weights_only=False)
+    assert torch.equal(back(x), grp(x)) and torch.equal(minaction.total_energy(back), minaction.total_energy(grp))
+    assert torch.equal(pickle.loads(pickle.dumps(grp))(x), out)
+
+
+@pytest.mark.parametrize("stem", ["vision", "events", "series", "bare_series", "text"])
+@pytest.mark.parametrize("kind", ["lone", "member_dim", "batched", "loop"])
+def test_empty_batch(stem, kind):
+    """An empty batch gives empty logits and E = 0, as nn.Linear / nn.Conv2d do (the flatten's
+    reshape(B, -1) raised torch's 'cannot reshape tensor of 0 elements')."""
+    meta = STEMS[stem]
+    kw = dict(width=8, depth=2)
+    for arch in ("cnn", "mlp", "physics_lagrangian", "bimodal_true"):
+        if kind == "lone":
+            m = models.build(arch, meta, **kw)
+        elif kind == "member_dim":
+            m = models.build(arch, meta, member_dim=True, **kw)
+        elif kind == "loop":
+            if arch != "cnn":
+                continue
+            m = models.build(arch, meta, num_models=2, batched=False, **kw)
+        else:
+            m = models.build(arch, meta, num_models=2, **kw)
+        x = batch(meta, B=2)[0][:0]
+        x = x if meta.modality == "text" else x.float()
+        out = m(x)
+        G = getattr(m, "num_models", 1) if kind != "lone" else None
+        assert out.shape == ((G,) if G else ()) + (0, meta.num_classes), (arch, out.shape)
+        e = minaction.total_energy(m)
+        assert torch.all(e == 0), (arch, e)
+
+
+def test_member_dim_one_member_loop_layout():
+    """member_dim=True with one member of a loop layout (cnn on a CPU) keeps the documented shapes
+    ([1, B, C] logits, [1] energy; it was silently ignored) and computes as the lone member."""
+    meta = STEMS["vision"]
+    x, _ = batch(meta, B=3)
+    x = x.float()
+    m = models.build("cnn", meta, member_dim=True, seeds=[7], width=8, depth=2)
+    lone = models.build("cnn", meta, seeds=[7], width=8, depth=2)
+    assert m.member_dim and not m.batched and m.num_models == 1
+    out, e = m(x), None
+    e = minaction.total_energy(m)
+    assert out.shape == (1, 3, 4) and e.shape == (1,)
+    assert torch.equal(out[0], lone(x)) and torch.equal(e[0], minaction.total_energy(lone))
+    assert torch.equal(m(x.unsqueeze(0)), out)  # the per-member form [1, B, ...] too
