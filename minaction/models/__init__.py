@@ -31,6 +31,7 @@ from ..registration import check_registration
 from .cnn import ConvNet, LoopEnsemble
 from .common import KEEP_MEMBER_DIM, check_meta
 from .family import MLP, BimodalTrue, PhysicsLagrangian
+from .members import load_member, member_state_dict
 from .stats import activation_stats
 
 ARCHITECTURES = ("mlp", "cnn", "bimodal_true", "physics_lagrangian")
@@ -43,7 +44,8 @@ _WIDTH_RANGE = (8, 8192)
 
 __all__ = ["ARCHITECTURES", "BASELINES", "ENERGY_FIRST", "build", "activation_stats", "count_parameters",
            "default_width", "knobs", "MLP", "ConvNet", "BimodalTrue", "PhysicsLagrangian", "LoopEnsemble",
-           "Architecture", "register_architecture", "architecture", "architecture_names"]
+           "Architecture", "register_architecture", "architecture", "architecture_names", "member_state_dict",
+           "load_member"]
 
 
 @dataclass(frozen=True)

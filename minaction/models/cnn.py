@@ -214,6 +214,13 @@ class LoopEnsemble(nn.Module):
                     lay.last_energy = F.pad(e.reshape(1), (g, G - g - 1))
         return out
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module``'s; a batched model's state (the GPU's cnn layout, ``[G, ...]`` tensors) is
+        taken too, each member its slice (:mod:`minaction.models.members`)."""
+        from .members import from_other_layout
+
+        return super().load_state_dict(from_other_layout(self, state_dict), strict=strict, assign=assign)
+
     def set_active_members(self, mask=None):
         """Run only the members where ``mask`` (G bools, a list or a bool tensor) is true in the
         forwards that follow; ``None`` (or all true) runs every member again. At least one

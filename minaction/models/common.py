@@ -281,6 +281,13 @@ class EnergyNet(nn.Module):
         """Inputs ``[G, B, ...]`` and logits ``[G, B, C]``, one member included."""
         return self._G is not None
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module``'s; a loop ensemble's state (``members.<g>.*``, the CPU's cnn layout) is taken
+        too, its members stacked (:mod:`minaction.models.members`)."""
+        from .members import from_other_layout
+
+        return super().load_state_dict(from_other_layout(self, state_dict), strict=strict, assign=assign)
+
     def param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 

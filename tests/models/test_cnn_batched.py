@@ -380,3 +380,53 @@ def test_member_dim_one_member_loop_layout():
     assert out.shape == (1, 3, 4) and e.shape == (1,)
     assert torch.equal(out[0], lone(x)) and torch.equal(e[0], minaction.total_energy(lone))
     assert torch.equal(m(x.unsqueeze(0)), out)  # the per-member form [1, B, ...] too
+
+
+# --- one member in and out, and the two layouts of a group ---------------------------------------
+
+@pytest.mark.parametrize("arch", ["cnn", "mlp", "physics_lagrangian", "bimodal_true"])
+@pytest.mark.parametrize("stem", ["vision", "text"])
+def test_member_state_in_and_out(arch, stem):
+    """member_state_dict(g) is what a lone model of seed g holds, load_member puts one back into member
+    g only, and a cnn group's state loads into the other layout (a GPU-trained batched cnn evaluated
+    on a CPU, where build makes a loop: load_state_dict raised on every key)."""
+    meta = STEMS[stem]
+    kw = dict(width=8, depth=2)
+    seeds = [3, 4, 5]
+    lone = [models.build(arch, meta, seeds=[s], **kw) for s in seeds]
+    layouts = [dict(batched=True)] + ([dict(batched=False)] if arch == "cnn" else [])
+    x = batch(meta, B=4)[0]
+    x = x if meta.modality == "text" else x.float()
+    for lay in layouts:
+        grp = models.build(arch, meta, num_models=3, seeds=seeds, **kw, **lay)
+        for g in range(3):
+            st = models.member_state_dict(grp, g)
+            assert st.keys() == lone[g].state_dict().keys()
+            assert all(torch.equal(st[k], v) for k, v in lone[g].state_dict().items())
+        new = models.build(arch, meta, seeds=[9], **kw)
+        before = [models.member_state_dict(grp, g) for g in range(3)]
+        models.load_member(grp, 1, new.state_dict())
+        after = [models.member_state_dict(grp, g) for g in range(3)]
+        assert all(torch.equal(after[1][k], v) for k, v in new.state_dict().items())
+        for g in (0, 2):
+            assert all(torch.equal(after[g][k], before[g][k]) for k in before[g])
+        with pytest.raises(IndexError, match="out of range"):
+            models.member_state_dict(grp, 3)
+        with pytest.raises(ValueError, match="does not fit|shape"):
+            models.load_member(grp, 0, {k: v[..., :1] for k, v in new.state_dict().items()})
+    if arch == "cnn":
+        b = models.build(arch, meta, num_models=3, seeds=seeds, batched=True, **kw)
+        loop = models.build(arch, meta, num_models=3, seeds=[0, 1, 2], batched=False, **kw)
+        loop.load_state_dict(b.state_dict())
+        assert all(torch.equal(loop.members[g].state_dict()[k], v)
+                   for g in range(3) for k, v in lone[g].state_dict().items())
+        b2 = models.build(arch, meta, num_models=3, seeds=[0, 1, 2], batched=True, **kw)
+        b2.load_state_dict(loop.state_dict())
+        assert all(torch.equal(b2.state_dict()[k], v) for k, v in b.state_dict().items())
+        torch.testing.assert_close(b2(x), loop(x), rtol=1e-5, atol=1e-6)
+        one = models.build(arch, meta, seeds=[0], **kw)
+        one.load_state_dict(models.build(arch, meta, num_models=1, member_dim=True, seeds=[4], batched=False,
+                                         **kw).state_dict())  # a loop of one: members.0.*
+        assert all(torch.equal(one.state_dict()[k], v) for k, v in lone[1].state_dict().items())
+        with pytest.raises(ValueError, match="members"):
+            models.build(arch, meta, num_models=2, batched=False, **kw).load_state_dict(b.state_dict())
