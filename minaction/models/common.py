@@ -163,8 +163,9 @@ class TokenEmbedding(nn.Module):
         ids = ids.long()
         mask = (ids != 0).to(self.weight.dtype)
         w = mask / mask.sum(-1, keepdim=True).clamp_min(1.0)
-        if torch.is_grad_enabled() and self.weight.requires_grad and \
+        if torch.is_grad_enabled() and self.weight.requires_grad and not torch.jit.is_tracing() and \
                 torch._C._functorch.peek_interpreter_stack() is None:  # training: G-independent gradients
+            # (not while tracing: jit.trace's check reruns the model without grad, and two paths failed it)
             if self.num_models is None:
                 return _MemberBag.apply(ids.unsqueeze(0), self.weight.unsqueeze(0), w.unsqueeze(0))[0]
             G = self.num_models

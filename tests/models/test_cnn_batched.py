@@ -430,3 +430,19 @@ def test_member_state_in_and_out(arch, stem):
         assert all(torch.equal(one.state_dict()[k], v) for k, v in lone[1].state_dict().items())
         with pytest.raises(ValueError, match="members"):
             models.build(arch, meta, num_models=2, batched=False, **kw).load_state_dict(b.state_dict())
+
+
+@pytest.mark.parametrize("arch", ["mlp", "bimodal_true", "physics_lagrangian", "cnn"])
+def test_text_models_trace(arch):
+    """torch.jit.trace with its default check: the text stem took one path with grad enabled and another
+    without, and the trace checker (which reruns without grad) failed with 'Graphs differed'."""
+    import warnings
+
+    meta = STEMS["text"]
+    for G in (1, 3):
+        m = models.build(arch, meta, num_models=G, width=8, depth=2)
+        x = batch(meta, B=4)[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            t = torch.jit.trace(m, (x,))
+        torch.testing.assert_close(t(x), m(x), rtol=1e-5, atol=1e-6)
