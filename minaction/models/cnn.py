@@ -243,6 +243,8 @@ class LoopEnsemble(nn.Module):
 
     def forward(self, x):
         """``x [B, *input_shape]`` feeds every member; ``[G, B, *input_shape]`` gives member g ``x[g]``."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         shape = tuple(getattr(self.meta, "input_shape", ()))
         G = self.num_models
         if shape and x.dim() == len(shape) + 2:

@@ -380,6 +380,8 @@ def test_member_dim_one_member_loop_layout():
     assert out.shape == (1, 3, 4) and e.shape == (1,)
     assert torch.equal(out[0], lone(x)) and torch.equal(e[0], minaction.total_energy(lone))
     assert torch.equal(m(x.unsqueeze(0)), out)  # the per-member form [1, B, ...] too
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got list"):
+        m(x.tolist())  # as every other model says (an AttributeError on .dim() before)
 
 
 # --- one member in and out, and the two layouts of a group ---------------------------------------
