@@ -28,8 +28,12 @@ def recount_flops(db, progress=None) -> dict:
     count of one training step of its configuration; needs the runs' datasets (for the input
     shapes) and their architectures (plugins imported first). Takes the writer lock. Returns
     ``{"runs", "configurations", "per_sample": {"arch x dataset": flops}}``."""
+    from pathlib import Path
+
     from .trainer import config_training_flops
 
+    if not Path(db).is_file():  # a mistyped path made a new, empty store and marked it recounted
+        raise FileNotFoundError(f"no study store at {str(db)!r} (recount-flops rewrites an existing store)")
     con = store.connect(db)
     lock = None
     try:

@@ -233,8 +233,12 @@ def study_status(db, preset=None) -> dict:
             out.update({s: counts.get(s, 0) for s in store.STATUSES})
             out["pending"] = len(planned - recorded)
             out["presets"] = per
-        row = con.execute("SELECT SUM(wall_time_s * 1.0) FROM runs WHERE status = 'done'").fetchone()
-        out["done_wall_time_s"] = row[0] or 0.0
+        if preset is not None:  # the preset's runs only (the whole store's sum sat beside the preset's counts)
+            walls = con.execute("SELECT run_id, wall_time_s * 1.0 FROM runs WHERE status = 'done'").fetchall()
+            out["done_wall_time_s"] = float(sum(w or 0.0 for r, w in walls if r in planned))
+        else:
+            row = con.execute("SELECT SUM(wall_time_s * 1.0) FROM runs WHERE status = 'done'").fetchone()
+            out["done_wall_time_s"] = row[0] or 0.0
         out["failures"] = _failures(con, planned if preset is not None else None)  # why, without SQLite
         out["running"] = store.writer(db)
         return out

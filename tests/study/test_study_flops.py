@@ -136,6 +136,23 @@ def test_recount_restores_the_step_count_and_import_tracks_how_flops_were_counte
     assert FLOPS_META not in _meta(other)
     recount_flops(other)
     assert _meta(other)[FLOPS_META] == "step"
+    typo = tmp_path / "typo.sqlite"  # a mistyped path: refused, not a new store marked as recounted
+    with pytest.raises(FileNotFoundError, match="no study store"):
+        recount_flops(typo)
+    assert not typo.exists()
+
+
+def test_status_of_one_preset_sums_its_own_wall_time(tmp_path):
+    """`study status --preset P` gave the whole store's done_wall_time_s beside P's counts (0 done)."""
+    from minaction.study import study_status
+
+    db = tmp_path / "s.sqlite"
+    run_study(synth(seeds=[0, 1]), db, workers=1, progress=False)
+    whole = study_status(db)["done_wall_time_s"]
+    assert whole > 0
+    assert study_status(db, preset=synth(seeds=[0, 1]))["done_wall_time_s"] == pytest.approx(whole)
+    other = study_status(db, preset=synth(seeds=[7]))
+    assert other["done"] == 0 and other["done_wall_time_s"] == 0
 
 
 def test_report_says_when_flops_are_counted_by_the_older_rule(tmp_path):
