@@ -133,10 +133,12 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
     nr = max(1, len(datasets))
     fig, axes = plt.subplots(nr, 3, figsize=(13, 3.2 * nr), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    archs = sorted(sw["arch"].unique())  # one colour per architecture in every row (a row's own order shifted them)
+    color_of = {a: colors[k % len(colors)] for k, a in enumerate(archs)}
     for j, ds in enumerate(datasets):
         g = sw[sw["dataset"] == ds]
-        for k, (arch, ga) in enumerate(g.groupby("arch", sort=True)):
-            c = colors[k % len(colors)]
+        for arch, ga in g.groupby("arch", sort=True):
+            c = color_of[arch]
             ga = ga.sort_values("lam")
             lam = ga["lam"].to_numpy(float)
             ax = axes[j, 0]
@@ -169,7 +171,8 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
     if datasets:  # one legend for the whole figure, above the panels (never over the data)
         from matplotlib.lines import Line2D
 
-        handles, labels = axes[0, 0].get_legend_handles_labels()
+        handles = [Line2D([], [], color=color_of[a], ls="-", marker="o") for a in archs]  # every row's archs
+        labels = list(archs)
         handles += [Line2D([], [], color="0.3", ls="-", marker="o"), Line2D([], [], color="0.3", ls="--", marker="s",
                                                                              ms=4),
                     Line2D([], [], color="r", ls="--", lw=0.6), Line2D([], [], color="0.3", ls=":", lw=0.8)]
@@ -179,8 +182,9 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
     # fixed margins: tight_layout costs seconds per figure on a tall grid of log axes
     height = 3.2 * nr + 0.5
     fig.set_size_inches(13, height)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.6 / height, top=1 - 0.75 / height, wspace=0.3,
-                        hspace=0.3)
+    longest = max((len(d) for d in datasets), default=4)  # the row label is the dataset's name: room for it
+    fig.subplots_adjust(left=min(0.16, 0.045 + 0.0055 * longest), right=0.98, bottom=0.6 / height,
+                        top=1 - 0.75 / height, wspace=0.3, hspace=0.3)
     _save(fig, path, 80)
     return path
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from minaction.report import build_report
@@ -120,3 +121,40 @@ def test_layout_check_catches_bad_figures():
     plt.close(fig)
     text = " | ".join(probs)
     assert "empty panel" in text and "overlaps" in text and "smallest text" in text and "cut off" in text
+
+
+def test_sweep_plot_colours_each_architecture_alike_in_every_row(tmp_path):
+    """Rows with different architectures (a partial store: cnn swept on one dataset only) keep one colour per
+    architecture and a legend naming every one (the legend came from the first row, colours from each row's
+    own order: bimodal_true was drawn in cnn's colour and two architectures had no entry)."""
+    import matplotlib.figure
+
+    from minaction.report import figures
+
+    rows = []
+    for ds, archs in (("a_first", ["cnn"]), ("b_second", ["bimodal_true", "mlp", "physics_lagrangian"])):
+        for arch in archs:
+            for lam in (1e-4, 1e-3):
+                rows.append({"dataset": ds, "arch": arch, "lam": lam, "E_ratio": 0.5, "E_ratio_lo": 0.4,
+                             "E_ratio_hi": 0.6, "Eresc_ratio": 0.7, "d_acc_pp": 0.1, "d_acc_pp_lo": 0.0,
+                             "d_acc_pp_hi": 0.2, "active_frac": 0.5, "active_frac_0": 0.6})
+    seen = {}
+    orig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                if not line.get_label().startswith("_"):
+                    seen.setdefault(line.get_label(), set()).add(line.get_color())
+        seen["legend"] = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+        return orig(fig, *a, **k)
+
+    matplotlib.figure.Figure.savefig = spy
+    try:
+        figures.sweep_plot(pd.DataFrame(rows), tmp_path / "lambda_sweep.png")
+    finally:
+        matplotlib.figure.Figure.savefig = orig
+    archs = ["bimodal_true", "cnn", "mlp", "physics_lagrangian"]
+    assert all(a in seen["legend"] for a in archs)
+    colours = [seen[a] for a in archs]
+    assert all(len(c) == 1 for c in colours) and len(set().union(*colours)) == 4
