@@ -103,10 +103,15 @@ def compile_all(ccs=(90, 80), limit=None, stream=sys.stdout, full=False):
 
 
 def main(argv=None):
-    args = sys.argv[1:] if argv is None else argv
-    full = "--full" in args
-    ccs = tuple(int(a) for a in args if a != "--full") or (90, 80)
-    fails = compile_all(ccs, full=full)
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m minaction.kernels.aot",
+                                description="Compile the Triton kernels ahead of time for CUDA targets, without a "
+                                            "GPU (a covering set of variants; --full: every one).")
+    p.add_argument("--full", action="store_true", help="compile every variant, not a covering set")
+    p.add_argument("cc", nargs="*", type=int, help="compute capabilities, e.g. 90 80 (default: 90 80)")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    fails = compile_all(tuple(a.cc) or (90, 80), full=a.full)
     print(f"{len(fails)} failure(s)")
     return 1 if fails else 0
 

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import definitions, finding1, finding2, finding3, limitations, overview
@@ -71,6 +72,10 @@ def _build(rep) -> dict:
     if runs.empty:
         raise ValueError(f"{rep.store.path}: no finished runs (status 'done') to report on")
     rep.main_lam = float(rep.opt.lam) if rep.opt.lam is not None else choose_main_lam(runs)
+    if not np.isclose(runs["lam"].astype(float), rep.main_lam, rtol=1e-9, atol=0.0).any():
+        have = ", ".join(f"{v:g}" for v in sorted(runs["lam"].astype(float).unique()))
+        raise ValueError(f"--lam {rep.main_lam:g}: no finished run at that λ (the store's finished runs have λ in "
+                         f"{{{have}}})")
     overview.section(rep)
     body_start = len(rep.doc.blocks)
     finding1.section(rep)
@@ -95,7 +100,7 @@ def _build(rep) -> dict:
     return {"out_dir": str(rep.out), "report_md": str(rep.out / "report.md"),
             "report_html": str(rep.out / "report.html"), "tables": list(rep.csvs),
             "figures": sorted(str(p) for p in rep.fig_dir.glob("*.png")),
-            "verdicts": {int(c["finding"]): c["verdict"] for c in rep.comparison}}
+            "verdicts": {int(c["finding"]): c["verdict"] for c in rep.comparison}, "notices": list(rep.notices)}
 
 
 def build_report(db, out_dir, options: ReportOptions | None = None, **kwargs) -> dict:

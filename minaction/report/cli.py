@@ -79,6 +79,8 @@ def _build(db, out, args) -> int:
     print(f"report written: {res['report_md']} and {res['report_html']}")
     for k, v in sorted(res["verdicts"].items()):
         print(f"  Finding {k}: {v}")
+    for n in res.get("notices", []):  # what the report says first, not only inside it
+        print(f"  note: {n}")
     return 0
 
 

@@ -49,6 +49,8 @@ class ReportContext:
         self.comparison = []
         self.definitions = []
         self.csvs = []
+        self.notices = []  # one-line cautions the command prints beside the verdicts (PARTIAL, the FLOPs rule)
+        self.coverage = None  # the design's runs per dataset x arch (overview.coverage), when there is a design
 
     def csv(self, name: str, frame: pd.DataFrame) -> str:
         rel = f"tables/{name}.csv"

@@ -126,4 +126,19 @@ def section(rep) -> None:
                 f"{'met on energy' if met else 'not met'} there"
                 f"{', not at equal accuracy everywhere' if met and len(eq) < len(t_mod) else ''}.")
     verdict = "reproduced" if 2 * k > n else "not reproduced"
+    missing = _unfinished(rep, opt.sweep_datasets)
+    if missing:  # the banner's promise: a finding whose design is not all finished gives no verdict yet
+        verdict = "not comparable"
+        why = (f"the design's runs on the λ-sweep's datasets have not all finished ({missing}); on the finished "
+               f"runs so far: " + why[:1].lower() + why[1:])
     d.p(rep.verdict(2, claim, paper, ours, verdict, why))
+
+
+def _unfinished(rep, datasets) -> str:
+    """'mnist: cnn (40 runs); ...' for the design's unfinished runs on ``datasets`` (empty: none, or no design)."""
+    cov = getattr(rep, "coverage", None)
+    if cov is None or cov.empty:
+        return ""
+    miss = cov[cov["dataset"].isin(datasets) & (cov["missing"] > 0)]
+    return "; ".join(f"{ds}: " + ", ".join(f"{r.arch} ({r.missing} runs)" for r in sub.itertuples())
+                     for ds, sub in miss.groupby("dataset", sort=True))

@@ -52,7 +52,8 @@ def section(rep) -> None:
     """Write Finding 3 (steps, samples, FLOPs to target: energy-first against conventional) into ``rep``."""
     opt, d = rep.opt, rep.doc
     d.h(1, "Finding 3: training efficiency, energy-first against the best conventional baseline")
-    claim = "5–33% within-modality training-efficiency gains (bimodal_true, physics_lagrangian vs mlp, cnn)"
+    claim = (f"5–33% within-modality training-efficiency gains ({', '.join(opt.energy_first)} vs "
+             f"{', '.join(opt.conventional)})")
     paper = f"{PAPER['gain_lo_pct']}–{PAPER['gain_hi_pct']}%"
     runs = rep.store.runs
     evals = getattr(rep.store, "evals", None)
@@ -86,8 +87,9 @@ def section(rep) -> None:
     if has_flops_rows(evals) and rep.store.meta.get(FLOPS_META) != "step":
         d.p(f"**These FLOPs are counted by an older rule** (3 × the forward FLOPs of the energy layers, before "
             f"minaction counted a training step): it missed physics_lagrangian's force product and charged first "
-            f"layers an input gradient they do not compute, which favours physics_lagrangian by up to 1.25× against "
-            f"the MLP. `minaction study recount-flops --db STORE` recounts them without retraining.")
+            f"layers an input gradient they do not compute, which favours physics_lagrangian against the MLP "
+            f"(bench/RESULTS.md, 'Training FLOPs'). `minaction study recount-flops --db STORE` recounts them "
+            f"without retraining.")
     other = sorted(set(runs["arch"]) - set(opt.energy_first) - set(opt.conventional)) if "arch" in runs else []
     if other:
         d.p(f"Not compared (neither energy-first nor conventional): {', '.join(other)}. `--energy-first` / "
@@ -139,7 +141,8 @@ def section(rep) -> None:
                  "(bars: ours with CI; band: the paper's 5–33%).")
     d.figure(_fig.curves_plot(runs, rep.store.epochs, lam, rep.fig_dir / "learning_curves.png"),
              f"Mean validation accuracy against cumulative training time, λ = {fmt(lam)}.")
-    v, why = verdict(gains[gains["metric"] == metric], runs, opt.energy_first, opt.conventional)
+    at_lam = runs[np.isclose(runs["lam"].astype(float), lam, rtol=1e-9, atol=0.0)]  # the design at the λ read
+    v, why = verdict(gains[gains["metric"] == metric], at_lam, opt.energy_first, opt.conventional)
     head = gains[(gains["metric"] == metric) & gains["gain_pct"].notna()]
     ours = ("; ".join(f"{r.modality}: {r.arch} {_ci(r.gain_pct, r.gain_pct_lo, r.gain_pct_hi, 3)}%"
                       for r in head.itertuples()) or "n/a")

@@ -5,7 +5,8 @@ import json
 
 import pandas as pd
 
-from .store import budget_table
+from .render import fmt
+from .store import FLOPS_META, budget_table
 
 
 def quick_reasons(rep, budgets: pd.DataFrame) -> list:
@@ -125,16 +126,32 @@ def section(rep) -> None:
             cov = coverage(rep, specs)
             if cov is not None and int(cov["done"].sum()) >= int(cov["planned"].sum()):
                 cov = None  # complete: a report without --design says nothing more than before
+    rep.coverage = cov
     if cov is not None:
         planned, done = int(cov["planned"].sum()), int(cov["done"].sum())
         rel_cov = rep.csv("coverage", _with_totals(cov))
         if done < planned:
+            moving = ("" if rep.opt.lam is not None else
+                      f" The main λ (the λ with the most finished runs, which Finding 3 reads, and Finding 1 where λ "
+                      f"is not a factor) is λ = {fmt(rep.main_lam)} now; it may change as the study fills in "
+                      f"(`--lam` fixes it).")
             rep.doc.p(f"**PARTIAL: {done} of the {planned} runs of the design `{label}` have finished.** "
                       f"Missing: {_missing_text(cov)}. Every verdict below reads the finished runs only; a "
-                      f"finding whose design lacks a cell says *not comparable* and names it (table: `{rel_cov}`).")
+                      f"finding whose design lacks a cell says *not comparable* and names it (table: `{rel_cov}`)."
+                      + moving)
+            rep.notices.append(f"PARTIAL: {done} of the {planned} runs of the design have finished; see the report's "
+                               f"first paragraph")
         else:
             rep.doc.p(f"Complete: all {planned} runs of the design `{rep.opt.design}` have finished (table: "
                       f"`{rel_cov}`).")
+    ev = getattr(rep.store, "evals", None)
+    if ev is not None and "flops" in ev and bool(ev["flops"].notna().any()) \
+            and rep.store.meta.get(FLOPS_META) != "step":
+        rep.doc.p("**This store's FLOPs are counted by an older rule**, which favours physics_lagrangian against the "
+                  "MLP; every FLOPs figure below (Finding 3, the summary, the efficiency figure) uses it. "
+                  "`minaction study recount-flops --db STORE` recounts them without retraining.")
+        rep.notices.append("FLOPs counted by an older rule: run `minaction study recount-flops --db STORE` "
+                           "before reading Finding 3")
     st = ra.groupby("status").size().rename("runs").reset_index()
     rel = rep.csv("runs_by_status", st)
     rep.doc.h(1, "The store")

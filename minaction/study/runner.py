@@ -353,6 +353,13 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
     the cause in one line; a store write that fails later (a full disk) raises ``StoreError``
     after stopping the workers, and every run recorded before it is kept.
     """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # a worker process importing the user's script again (forkserver / spawn): without the guard every
+        # worker started the study too, hit the writer lock, and its runs were recorded as lost workers
+        raise RuntimeError("run_study was called while a worker process imported the main script: put the call "
+                           "under `if __name__ == \"__main__\":` in your script (docs/study.md)")
     t0 = time.perf_counter()
     check_workers(workers)
     check_executor(executor, scheduler)  # before the store exists (a bad name left an empty store and its lock)

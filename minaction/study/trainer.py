@@ -51,6 +51,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import optim
 from .plugins import import_plugins
@@ -352,8 +353,10 @@ def training_flops_per_sample(model, x, G: int) -> float:
     counted: elementwise work (bias, activations, the energy), embedding lookups, pooling and the
     optimizer update. Nothing of the model changes (no backward is run, the RNG state is restored).
 
-    The count comes from one forward with hooks on the energy layers: each layer's products times 1 + the
-    gradients its backward computes, plus the products a model declares with ``weight_products()`` (layers
+    The count comes from one forward with hooks on the product layers (energy layers, and plain
+    ``nn.Linear`` / ``nn.Conv*d`` that a registered model keeps, such as converted logits): each layer's
+    products times 1 + the gradients its backward computes, plus the products a model declares with
+    ``weight_products()`` (layers
     whose weight enters a product of the layer's own size outside it: physics_lagrangian's force). A
     registered architecture with other products outside its energy layers declares them the same way.
     Not FlopCounterMode: a dispatch mode imports ``torch._dynamo`` (1.1-1.6 s in every fresh worker), and
@@ -367,14 +370,26 @@ def _hooked_flops(model, x) -> float:
     from ..nn.layers import EnergyLayer
 
     calls = []
+    plain = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def hook(mod, inp, out):
         y = out[0] if isinstance(out, tuple) else out
+        if not inp or not torch.is_tensor(inp[0]) or not torch.is_tensor(y):
+            return
         xs, ys = tuple(inp[0].shape), tuple(y.shape)
-        fwd = mod.forward_flops(xs, ys) - (math.prod(ys) if mod.bias is not None else 0)  # products only
+        if isinstance(mod, EnergyLayer):
+            fwd = mod.forward_flops(xs, ys) - (math.prod(ys) if mod.bias is not None else 0)  # products only
+        elif isinstance(mod, nn.Linear):  # a layer convert left plain (a registered model's logits)
+            fwd = 2 * math.prod(ys) * mod.in_features
+        else:
+            fwd = 2 * math.prod(ys) * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
         calls.append((mod, fwd, bool(inp[0].requires_grad)))
 
-    layers = [m for m in model.modules() if isinstance(m, EnergyLayer)]
+    # the product layers: energy ones (an EnergyActivation or an ActivationObserver computes no product) and
+    # the plain ones a registered architecture may keep, as FlopCounterMode counts every product of the step
+    layers = [m for m in model.modules()
+              if (isinstance(m, EnergyLayer) and hasattr(m, "forward_flops") and getattr(m, "weight", None) is not None)
+              or (isinstance(m, plain) and not isinstance(m, EnergyLayer))]
     hooks = [m.register_forward_hook(hook) for m in layers]
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():

@@ -217,3 +217,46 @@ def test_a_partial_store_says_so_without_design(tmp_path):
     n = len(spec["archs"]) * 2 * len(spec["seeds"])
     assert f"**PARTIAL: {n - 1} of the {n} runs of the design `{name} (the preset specification kept in the store)`" \
            in head and "nmnist: cnn (1 runs)" in head
+
+
+def test_partial_sweep_gives_finding2_no_verdict_and_the_command_prints_the_notices(tmp_path, capsys):
+    """The PARTIAL banner promised that a finding whose design is not finished says *not comparable*; Finding 2
+    gave 'not reproduced, 0 of 6' on a live full study whose cnn sweep had not run (a trial). The command also
+    printed only the verdicts, without the PARTIAL line or the older-FLOPs-rule warning."""
+    from minaction.cli import main as minaction_main
+    from minaction.study.presets import load_preset
+
+    spec = load_preset("lambda-sweep")
+    db = tmp_path / "sweep.sqlite"
+    make_synthetic_store(db, archs=tuple(spec["archs"]), datasets={"mnist": "vision", "fashion_mnist": "vision"},
+                         seeds=len(spec["seeds"]), lams=tuple(spec["lams"]), main_lam=0.0,
+                         sweep_datasets=("mnist", "fashion_mnist"), unbalanced=False, n_failed=0)
+    with sqlite3.connect(db) as con:
+        (name,), = con.execute("SELECT DISTINCT preset FROM runs").fetchall()
+        con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"preset:{name}", json.dumps({**spec, "name": name})))
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('flops_count', 'step')")
+    res = build_report(db, tmp_path / "complete", n_boot=5)
+    assert res["verdicts"][2] != "not comparable" and res["notices"] == []
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM runs WHERE arch = 'mlp' AND dataset = 'mnist' AND lam > 0.005 AND seed = 3")
+        con.execute("DELETE FROM meta WHERE key = 'flops_count'")
+    res = build_report(db, tmp_path / "partial", n_boot=5)
+    md = (tmp_path / "partial" / "report.md").read_text()
+    assert res["verdicts"][2] == "not comparable"
+    assert "have not all finished (mnist: mlp (1 runs)); on the finished runs so far:" in md
+    assert "the main λ" in md.split("# The store")[0].lower()
+    assert len(res["notices"]) == 1 and res["notices"][0].startswith("PARTIAL")
+    assert minaction_main(["report", "--db", str(db), "--out", str(tmp_path / "cli"), "--n-boot", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "note: PARTIAL" in out
+    assert check_traceable(tmp_path / "partial") == []
+
+
+def test_lam_without_runs_is_refused(tmp_path):
+    """`--lam 0.5` where no run has λ = 0.5 wrote a report (rc 0) whose reasons were empty ('neuromorphic: ;
+    physiological: ; ...'); it is one error naming the λ values the store has."""
+    db = tmp_path / "s.sqlite"
+    make_synthetic_store(db, seed=1, **SMALL)
+    with pytest.raises(ValueError, match=r"--lam 0.5: no finished run at that λ .*\{0, 0.001\}"):
+        build_report(db, tmp_path / "o", n_boot=5, lam=0.5)
