@@ -6,7 +6,7 @@ import json
 import pandas as pd
 
 from .render import fmt
-from .store import FLOPS_META, budget_table
+from .store import DESIGN_KEYS, FLOPS_META, budget_of, budget_table
 
 
 def quick_reasons(rep, budgets: pd.DataFrame) -> list:
@@ -32,6 +32,20 @@ def quick_reasons(rep, budgets: pd.DataFrame) -> list:
     return list(dict.fromkeys(reasons))
 
 
+def _preset_design(rep, preset):
+    """``(label, [spec])`` of the preset ``--preset`` names: its specification kept in the store, else its
+    file; None where neither can be read."""
+    raw = rep.store.meta.get(f"preset:{preset}")
+    try:
+        if raw is not None:
+            return f"{preset} (the preset specification kept in the store)", [json.loads(raw)]
+        from ..study.presets import load_preset
+
+        return str(preset), [load_preset(preset)]
+    except ValueError:
+        return None
+
+
 def stored_design(rep):
     """``(label, [spec, ...])``: without ``--design``, the specifications the store keeps of the presets its
     (selected) runs were recorded under, so a store that is still being filled says PARTIAL on its own;
@@ -52,6 +66,10 @@ def stored_design(rep):
         " kept in the store)", specs
 
 
+def _budget_key(budget):
+    return None if budget is None else json.dumps(budget, sort_keys=True, separators=(",", ":"))
+
+
 def coverage(rep, specs=None):
     """Against ``rep.opt.design`` (a preset name or path), or the preset specifications ``specs``: the
     design's runs per dataset x arch, how many of them finished, and the total (planned, done); None
@@ -66,13 +84,24 @@ def coverage(rep, specs=None):
         if rep.opt.design:
             raise
         return None
-    planned = pd.DataFrame([{k: r["config"][k] for k in ("arch", "dataset", "lam", "seed")}
+    keys = ["arch", "dataset", "lam", "seed"]
+    # a design run is finished when a run of the same cell *and the same training budget* is (a smoke store
+    # measured against `full` counted its runs as the design's); a run without a recorded budget (an old
+    # archive) matches on its cell alone
+    planned = pd.DataFrame([{**{k: r["config"][k] for k in keys},
+                             "budget": _budget_key({k: v for k, v in r["config"].items() if k not in DESIGN_KEYS})}
                             for r in runs]).drop_duplicates()
     planned["lam"] = planned["lam"].astype(float).round(12)
-    done = rep.store.runs[["arch", "dataset", "lam", "seed"]].copy()
+    st = rep.store.runs
+    done = st[keys].copy()
     done["lam"] = done["lam"].astype(float).round(12)
-    done = done.drop_duplicates().assign(done=1)
-    cells = planned.merge(done, on=["arch", "dataset", "lam", "seed"], how="left").fillna({"done": 0})
+    done["budget"] = [_budget_key(budget_of(c)) for c in (st["config_json"] if "config_json" in st
+                                                          else [None] * len(st))]
+    exact = done[done["budget"].notna()].drop_duplicates().assign(done=1)
+    loose = done[done["budget"].isna()][keys].drop_duplicates().assign(loose=1)
+    cells = (planned.merge(exact, on=keys + ["budget"], how="left").merge(loose, on=keys, how="left")
+             .fillna({"done": 0, "loose": 0}))
+    cells["done"] = ((cells["done"] > 0) | (cells["loose"] > 0)).astype(int)
     table = (cells.groupby(["dataset", "arch"], sort=False)
              .agg(planned=("seed", "size"), done=("done", "sum")).reset_index())
     table["done"] = table["done"].astype(int)
@@ -119,7 +148,14 @@ def section(rep) -> None:
                    "faithful preset (full training split, full official test split, trained to convergence) "
                    "before comparing with the paper.")
     cov, label = coverage(rep), rep.opt.design
-    if cov is None and not rep.opt.design:
+    if cov is None and not rep.opt.design and rep.opt.preset:  # --preset P: P's own design, not every preset's
+        stored = _preset_design(rep, rep.opt.preset)
+        if stored is not None:
+            label, specs = stored
+            cov = coverage(rep, specs)
+            if cov is not None and int(cov["done"].sum()) >= int(cov["planned"].sum()):
+                cov = None  # complete: as without --preset, nothing more to say
+    if cov is None and not rep.opt.design and not rep.opt.preset:
         stored = stored_design(rep)
         if stored is not None:
             label, specs = stored
@@ -142,7 +178,7 @@ def section(rep) -> None:
             rep.notices.append(f"PARTIAL: {done} of the {planned} runs of the design have finished; see the report's "
                                f"first paragraph")
         else:
-            rep.doc.p(f"Complete: all {planned} runs of the design `{rep.opt.design}` have finished (table: "
+            rep.doc.p(f"Complete: all {planned} runs of the design `{label}` have finished (table: "
                       f"`{rel_cov}`).")
     ev = getattr(rep.store, "evals", None)
     if ev is not None and "flops" in ev and bool(ev["flops"].notna().any()) \

@@ -87,7 +87,7 @@ def make_synthetic_store(path, *, archs: Sequence[str] = ARCHS, datasets: dict |
                          energy_drop: float = 3.0, rescale_share: float = 0.4, acc_cost_pp: float = 0.3,
                          ef_speedup: float = 0.25, epochs: int = 8, unbalanced: bool = True,
                          n_failed: int = 2, seed: int = 0, preset: str = "synthetic", budget: dict | None = None,
-                         append: bool = False) -> Path:
+                         append: bool = False, design: str | dict | None = None) -> Path:
     """Write a synthetic store at ``path`` (overwritten) and return its path.
 
     The design: every (arch, dataset) at ``main_lam`` with ``seeds`` seeds (one seed
@@ -101,8 +101,17 @@ def make_synthetic_store(path, *, archs: Sequence[str] = ARCHS, datasets: dict |
 
     Every run's ``config_json`` holds ``budget`` (default: :data:`SYNTHETIC_BUDGET` with
     ``epochs``), as the study runner records it. ``append=True`` adds the runs to an existing
-    store (run ids prefixed with ``preset``): a store mixing two budgets.
+    store (run ids prefixed with ``preset``): a store mixing two budgets. ``design`` (a preset name or
+    specification): every run's configuration outside its cell is that preset's for the run's dataset (its
+    budget, data options and trainer version), as if the study had trained it.
     """
+    rest_of = {}
+    if design is not None:
+        from minaction.report.store import DESIGN_KEYS
+        from minaction.study.presets import expand
+
+        for r in expand(design):
+            rest_of.setdefault(r["config"]["dataset"], {k: v for k, v in r["config"].items() if k not in DESIGN_KEYS})
     datasets = dict(DATASETS if datasets is None else datasets)
     budget = {**SYNTHETIC_BUDGET, "epochs": epochs, **(budget or {})}
     path = Path(path)
@@ -163,8 +172,9 @@ def make_synthetic_store(path, *, archs: Sequence[str] = ARCHS, datasets: dict |
         if k < n_failed:
             status = "failed" if k % 2 == 0 else "diverged"
         run_rows.append((run_id, preset, arch, ds, datasets[ds], float(lam), s,
-                         json.dumps({"arch": arch, "dataset": ds, "lam": lam, "seed": s, "budget": budget,
-                                    "data_opts": {}, "trainer_version": 1}), status,
+                         json.dumps({"arch": arch, "dataset": ds, "lam": lam, "seed": s,
+                                     **rest_of.get(ds, {"budget": budget, "data_opts": {}, "trainer_version": 1})}),
+                         status,
                          "synthetic failure" if status != "done" else None, epochs, 0.1,
                          float(np.clip(curve[-1], 0, 1)), acc, 0.3, energy, active, energy_resc, 10000,
                          per_epoch * epochs, "composite", 1, "2026-01-01T00:00:00"))

@@ -138,7 +138,7 @@ def test_design_flag_names_the_missing_runs(tmp_path):
     # the factorial's design on two of its datasets, one run short on one cell
     make_synthetic_store(db, archs=tuple(spec["archs"]), datasets={"ecg200": "physiological", "nmnist": "neuromorphic"},
                          seeds=len(spec["seeds"]), lams=tuple(spec["lams"]), main_lam=spec["lams"][0],
-                         sweep_datasets=(), unbalanced=False, n_failed=0)
+                         sweep_datasets=(), unbalanced=False, n_failed=0, design="factorial")
     with sqlite3.connect(db) as con:
         con.execute("DELETE FROM runs WHERE arch = 'cnn' AND dataset = 'nmnist' AND seed = 3")
     build_report(db, tmp_path / "out", n_boot=5, design="factorial")
@@ -156,7 +156,7 @@ def test_design_flag_names_the_missing_runs(tmp_path):
     assert check_traceable(tmp_path / "out") == []
     # the whole design finished: it says so, and there is no banner
     make_synthetic_store(db, archs=("mlp", "cnn"), datasets={"ecg200": "physiological"}, seeds=2, lams=(1e-4,),
-                         main_lam=1e-4, sweep_datasets=(), unbalanced=False, n_failed=0)
+                         main_lam=1e-4, sweep_datasets=(), unbalanced=False, n_failed=0, design="factorial")
     small = tmp_path / "small.toml"
     text = (Path(load_preset.__globals__["preset_path"]("factorial")).read_text()
             .replace('name = "factorial"', 'name = "small"'))
@@ -203,7 +203,7 @@ def test_a_partial_store_says_so_without_design(tmp_path):
     db = tmp_path / "slice.sqlite"
     make_synthetic_store(db, archs=tuple(spec["archs"]), datasets={"ecg200": "physiological", "nmnist": "neuromorphic"},
                          seeds=len(spec["seeds"]), lams=tuple(spec["lams"]), main_lam=spec["lams"][0],
-                         sweep_datasets=(), unbalanced=False, n_failed=0)
+                         sweep_datasets=(), unbalanced=False, n_failed=0, design=spec)
     with sqlite3.connect(db) as con:
         (name,), = con.execute("SELECT DISTINCT preset FROM runs").fetchall()
         con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -230,7 +230,7 @@ def test_partial_sweep_gives_finding2_no_verdict_and_the_command_prints_the_noti
     db = tmp_path / "sweep.sqlite"
     make_synthetic_store(db, archs=tuple(spec["archs"]), datasets={"mnist": "vision", "fashion_mnist": "vision"},
                          seeds=len(spec["seeds"]), lams=tuple(spec["lams"]), main_lam=0.0,
-                         sweep_datasets=("mnist", "fashion_mnist"), unbalanced=False, n_failed=0)
+                         sweep_datasets=("mnist", "fashion_mnist"), unbalanced=False, n_failed=0, design=spec)
     with sqlite3.connect(db) as con:
         (name,), = con.execute("SELECT DISTINCT preset FROM runs").fetchall()
         con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -260,3 +260,39 @@ def test_lam_without_runs_is_refused(tmp_path):
     make_synthetic_store(db, seed=1, **SMALL)
     with pytest.raises(ValueError, match=r"--lam 0.5: no finished run at that λ .*\{0, 0.001\}"):
         build_report(db, tmp_path / "o", n_boot=5, lam=0.5)
+
+
+def test_design_counts_only_runs_of_its_budget(tmp_path):
+    """A design's run is finished only where a run of its cell *and its budget* is: a smoke-budget store
+    measured with `--design factorial` said '79 of the 400 runs have finished' (a trial)."""
+    db = tmp_path / "other_budget.sqlite"
+    make_synthetic_store(db, archs=("mlp", "cnn", "bimodal_true", "physics_lagrangian"),
+                         datasets={"ecg200": "physiological"}, seeds=10, lams=(1e-4,), main_lam=1e-4,
+                         sweep_datasets=(), unbalanced=False, n_failed=0)  # the synthetic budget
+    build_report(db, tmp_path / "o", n_boot=5, design="factorial")
+    head = (tmp_path / "o" / "report.md").read_text().split("# The store")[0]
+    assert "**PARTIAL: 0 of the 400 runs of the design `factorial` have finished.**" in head
+
+
+def test_preset_flag_measures_against_that_preset_only(tmp_path):
+    """`report --preset A` on a store holding presets A and B: the design is A's, not A's and B's (the
+    trial's `--preset lambda-sweep` on the full store listed 60 runs of another preset as missing)."""
+    from minaction.study.presets import load_preset
+
+    spec = load_preset("lambda-sweep")
+    db = tmp_path / "two.sqlite"
+    make_synthetic_store(db, archs=tuple(spec["archs"]), datasets={"mnist": "vision", "fashion_mnist": "vision"},
+                         seeds=len(spec["seeds"]), lams=tuple(spec["lams"]), main_lam=0.0, preset="lambda-sweep",
+                         sweep_datasets=("mnist", "fashion_mnist"), unbalanced=False, n_failed=0, design=spec)
+    make_synthetic_store(db, archs=("mlp",), datasets={"ecg200": "physiological"}, seeds=2, lams=(1e-4,),
+                         main_lam=1e-4, sweep_datasets=(), unbalanced=False, n_failed=0, preset="other", append=True)
+    other = {**spec, "name": "other", "archs": ["mlp", "cnn"], "datasets": ["ecg200"], "lams": [1e-4],
+             "seeds": [0, 1]}
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("preset:lambda-sweep", json.dumps(spec)))
+        con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("preset:other", json.dumps(other)))
+    build_report(db, tmp_path / "a", n_boot=5, preset="lambda-sweep")
+    assert "PARTIAL" not in (tmp_path / "a" / "report.md").read_text()
+    build_report(db, tmp_path / "b", n_boot=5)  # every preset of the store: other's cnn runs are missing
+    assert "PARTIAL" in (tmp_path / "b" / "report.md").read_text()
