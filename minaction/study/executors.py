@@ -253,6 +253,14 @@ def check_executor(name: str, scheduler=None) -> None:
         raise ValueError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
     if scheduler and name == "local":
         raise ValueError("--scheduler applies to the dask and ray executors, not local")
+    import importlib.util
+
+    # installed? asked before the store exists (a missing Ray was found after the store and its plan were written)
+    if name == "ray" and importlib.util.find_spec("ray") is None:
+        raise RuntimeError("the ray executor needs Ray, which is not installed: "
+                           "pip install 'minaction[ray]' (or use --executor local or dask)")
+    if name == "dask" and importlib.util.find_spec("distributed") is None:
+        raise RuntimeError("the dask executor needs dask.distributed: pip install 'minaction[dask]'")
 
 
 def make_executor(name: str, workers=None, scheduler=None, threads: int = 1):

@@ -430,6 +430,7 @@ def test_ray_missing_is_a_clear_error(tmp_path):
         pass
     with pytest.raises(RuntimeError, match="pip install 'minaction\\[ray\\]'"):
         run_study(synth(), tmp_path / "r.sqlite", executor="ray", progress=False)
+    assert not (tmp_path / "r.sqlite").exists()  # refused before the store was made (it held 32 pending runs)
 
 
 def test_bad_executor(tmp_path):
