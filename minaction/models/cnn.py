@@ -205,13 +205,14 @@ class LoopEnsemble(nn.Module):
         this rather than hooks on the members' layers: hooks went with a member taken out of the
         ensemble (its energy stayed ``[G]``) and, being closures, stopped ``torch.save`` of the model."""
         m = self.members[g]
+        layers = [lay for lay in m.modules() if isinstance(lay, EnergyLayer)]
+        before = [lay.last_energy for lay in layers]
         out = m(x)
         G = self.num_models
-        for lay in m.modules():
-            if isinstance(lay, EnergyLayer):
-                e = lay.last_energy
-                if e is not None and e.dim() == 0:
-                    lay.last_energy = F.pad(e.reshape(1), (g, G - g - 1))
+        for lay, old in zip(layers, before):
+            e = lay.last_energy
+            if e is not None and e is not old and e.dim() == 0:  # the layers this forward ran, as a hook saw them
+                lay.last_energy = F.pad(e.reshape(1), (g, G - g - 1))
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
