@@ -225,7 +225,10 @@ def test_sigterm_stops_with_one_line(tmp_path, sig):
     preset = tmp_path / "slow.toml"
     preset.write_text(toml_text(spec))
     db = tmp_path / "term.sqlite"
-    code = (DRIVER_PRELUDE + "from minaction.cli import console_main; "
+    # the default disposition, as in a terminal: a CI started under nohup hands SIGHUP down ignored, and an
+    # ignored signal is left as it is (the run then simply finished)
+    code = (f"import signal; signal.signal(signal.{sig}, signal.SIG_DFL); " + DRIVER_PRELUDE +
+            "from minaction.cli import console_main; "
             "sys.argv = ['minaction', 'study', 'run', '--preset', sys.argv[1], '--db', sys.argv[2], "
             "'--workers', '2', '--no-progress']; sys.exit(console_main())")
     proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True,
