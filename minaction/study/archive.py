@@ -165,7 +165,9 @@ def import_runs(db, archive) -> dict:
                 store.set_meta(con, FLOPS_META, theirs)
             elif store.get_meta(con, FLOPS_META) != theirs:
                 store.delete_meta(con, FLOPS_META)
-        store.set_meta(con, f"imported:{Path(archive).name}", json.dumps(
+        # keyed by the archive's full path: two archives of one name (every published slice is runs.jsonl.gz)
+        # overwrote each other's record
+        store.set_meta(con, f"imported:{Path(archive).resolve()}", json.dumps(
             {"at": store.now_utc(), "exported_at": header.get("exported_at"), **counts}, sort_keys=True))
         return {**counts, "archive": str(archive), "db": str(db)}
     finally:

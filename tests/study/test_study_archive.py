@@ -74,6 +74,14 @@ def test_study_resumes_after_an_import(source_db, tmp_path):
     assert export_runs(part, arc)["runs"] == 3
     db = tmp_path / "resumed.sqlite"
     import_runs(db, arc)
+    (tmp_path / "other").mkdir()  # a second archive of the same name elsewhere keeps its own import record
+    same_name = tmp_path / "other" / "part.jsonl.gz"
+    export_runs(part, same_name)
+    import_runs(db, same_name)
+    con = sqlite3.connect(db)
+    keys = {k for (k,) in con.execute("SELECT key FROM meta WHERE key LIKE 'imported:%'")}
+    con.close()
+    assert keys == {f"imported:{arc.resolve()}", f"imported:{same_name.resolve()}"}
     s = run_study(synth(), db, workers=1, progress=False)
     assert s["already_finished"] == 3 and s["recorded"] == 3
     ref = {k: v for k, v in results(source_db).items() if v[0] == "done"}
