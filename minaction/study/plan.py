@@ -118,6 +118,10 @@ def measure(group_runs: list, calibrate_steps: int = 3) -> dict:
     (seconds; ``t_step`` is one optimizer step of the whole group).
     """
     _trainer.init_worker(MEASURE_THREADS)
+    try:  # how busy the machine was: a cost measured under load is high, and it is kept in the table
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not POSIX
+        load = None
     runs = group_runs
     cfg0 = runs[0]["config"]
     budget = dict(cfg0["budget"])
@@ -171,7 +175,7 @@ def measure(group_runs: list, calibrate_steps: int = 3) -> dict:
     _trainer.evaluate(model, test, G, ebs, stats_fn=stats_fn, dtype=dtype)
     t_test = time.perf_counter() - t
     return {"t_step": min(times), "t_eval": t_eval, "t_test": t_test, "t_setup": t_setup, "n_train": n_train,
-            "n_val": len(val), "steps_per_epoch": steps_per_epoch}
+            "n_val": len(val), "steps_per_epoch": steps_per_epoch, "load": load, "cpus": os.cpu_count()}
 
 
 def _group_seconds(m: dict, budget: dict) -> float:
@@ -254,6 +258,7 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
         blocks.setdefault((c["arch"], c["dataset"]), []).append(g)
     rows = []
     total = 0.0
+    busiest = 0.0  # the highest load average per CPU any cost used here was measured under
     for (arch, ds), gs in blocks.items():
         row = {"arch": arch, "dataset": ds, "runs": sum(len(g) for g in gs), "groups": len(gs),
                "group_size": max(len(g) for g in gs)}
@@ -267,6 +272,8 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
                 if m is None:
                     m = measure_fn(g, calibrate_steps)
                     table[k] = m
+                if m.get("load") is not None and m.get("cpus"):
+                    busiest = max(busiest, float(m["load"]) / float(m["cpus"]))
                 epochs = int(budget["epochs"])
                 epe = evals_per_epoch(m["steps_per_epoch"], int(budget.get("eval_every") or 0))
                 est += _group_seconds(m, budget)
@@ -282,7 +289,7 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
     return {"preset": spec["name"], "budget": spec["budget"].get("name"), "runs": len(runs), "pending": len(todo),
             "groups": len(groups), "workers": workers, "est_wall_s": total / max(workers, 1),
             "est_serial_s": total, "rows": rows, "upper_bound": any(float(r["config"]["budget"].get(
-                "patience_epochs") or 0) > 0 for r in todo), "machine": _machine()}
+                "patience_epochs") or 0) > 0 for r in todo), "machine": _machine(), "measured_load_per_cpu": busiest}
 
 
 def _hms(s: float) -> str:
@@ -316,7 +323,15 @@ def format_plan(p: dict, per_block: bool = True) -> str:
                  f"{_hms(p['est_wall_s'])} ({_hms(p['est_serial_s'])} of single-worker time"
                  + (", at the epoch caps; early stopping ends runs sooner" if p.get("upper_bound") else "")
                  + (f"; {len(missing)} block(s) not measured, not included" if missing else "") + ")")
+    if p.get("measured_load_per_cpu", 0.0) > BUSY_LOAD_PER_CPU:
+        lines.append(f"note: some of these costs were measured while the machine was busy (load average up to "
+                     f"{p['measured_load_per_cpu']:.1f} per CPU), so the estimate may be high; `study plan --refresh` "
+                     f"measures them again")
     return "\n".join(lines)
+
+
+#: a load average per CPU above this when a cost was measured makes the plan say its estimate may be high
+BUSY_LOAD_PER_CPU = 0.75
 
 
 #: said at the start of a study on a machine with a CUDA GPU (the trainer has no device option yet)

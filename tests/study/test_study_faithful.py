@@ -312,6 +312,23 @@ def test_plan_counts_match_training():
     assert row["est_s"] > 0 and p["est_wall_s"] == pytest.approx(row["est_s"])
     text = _plan.format_plan(p)
     assert "tiny_mlp" in text and "estimated wall time" in text
+    assert p["measured_load_per_cpu"] >= 0  # the load it was measured under is kept with the costs
+
+
+def test_plan_says_when_costs_were_measured_on_a_busy_machine():
+    """A cost measured under load is cached and read again: the plan says so (a trial's plan said 61 h
+    where the driver, measured on a quieter machine, said 19 h 40 min)."""
+    sp = spec(epochs=3, eval_every=5, patience_epochs=0, train_subset=70)
+
+    def busy(g, steps):
+        return {"t_step": 0.01, "t_eval": 0.01, "t_test": 0.01, "t_setup": 0.0, "n_train": 70, "n_val": 10,
+                "steps_per_epoch": 5, "load": 3.0, "cpus": 2}
+
+    p = _plan.plan(sp, workers=1, refresh=True, measure_fn=busy)
+    assert p["measured_load_per_cpu"] == pytest.approx(1.5)
+    assert "measured while the machine was busy (load average up to 1.5 per CPU)" in _plan.format_plan(p)
+    quiet = dict(p, measured_load_per_cpu=0.2)
+    assert "busy" not in _plan.format_plan(quiet)
 
 
 def test_plan_reports_what_it_cannot_measure():
