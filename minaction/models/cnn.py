@@ -206,7 +206,7 @@ class LoopEnsemble(nn.Module):
         ensemble (its energy stayed ``[G]``) and, being closures, stopped ``torch.save`` of the model."""
         m = self.members[g]
         layers = [lay for lay in m.modules() if isinstance(lay, EnergyLayer)]
-        before = [lay.last_energy for lay in layers]
+        before = [lay.__dict__.get("_last_energy") for lay in layers]  # not the getter: that marks it read
         out = m(x)
         G = self.num_models
         for lay, old in zip(layers, before):
