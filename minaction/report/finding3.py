@@ -97,6 +97,11 @@ def section(rep) -> None:
     if not has_steps:
         d.p("This store has no evals table (written before the trainer recorded evaluations every N steps): "
             "steps, samples and FLOPs to target are unknown; only epochs and time are shown.")
+    blind = eff[np.isclose(eff["lam"].astype(float), lam, rtol=1e-9, atol=0.0) & eff["final_val"].isna()]
+    if len(blind):  # named, not silently "did not reach" (a statistician's review)
+        where = ", ".join(f"{a} on {ds} ({n})" for (a, ds), n in blind.groupby(["arch", "dataset"]).size().items())
+        d.p(f"**{len(blind)} finished run(s) have no finite validation accuracy on their learning curve** ({where}): "
+            f"they count as not reaching the target in the `reached` column below.")
     s = summ[summ["lam"] == lam]
     disp = pd.DataFrame({"dataset": s["dataset"], "arch": s["arch"], "reached": [f"{a}/{n}" for a, n in zip(
         s["n_reached"], s["n"])], "target": s["target"].map(fmt), "steps": s["steps_to_target"].map(fmt),

@@ -88,3 +88,27 @@ def test_left_out_runs_are_named(tmp_path):
     md = (tmp_path / "r" / "report.md").read_text()
     assert "Runs left out of every analysis, by architecture:** diverged mlp: 1; failed mlp: 1." in md
     assert f"Left out: 1 finished run(s) without a finite test accuracy ({arch} × {ds})" in md
+
+
+def test_runs_without_a_finite_learning_curve_are_named_in_finding3(tmp_path):
+    """A finished run whose every validation accuracy is NaN counted silently as 'did not reach the target';
+    Finding 3 now names such runs (a statistician's review)."""
+    import sqlite3
+
+    from doubles.stores import make_synthetic_store
+    from minaction.report import build_report
+
+    db = make_synthetic_store(tmp_path / "s.sqlite", n_failed=0, seed=3, main_lam=0.0)
+    con = sqlite3.connect(db)
+    rid, arch, ds = con.execute("SELECT run_id, arch, dataset FROM runs WHERE status = 'done' AND lam = 0 "
+                                "ORDER BY run_id LIMIT 1").fetchone()
+    con.execute("UPDATE runs SET val_acc = NULL WHERE run_id = ?", (rid,))
+    con.execute("UPDATE epochs SET val_acc = NULL WHERE run_id = ?", (rid,))
+    for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'evals'").fetchall():
+        con.execute("UPDATE evals SET val_acc = NULL WHERE run_id = ?", (rid,))
+    con.commit()
+    con.close()
+    build_report(db, tmp_path / "r", n_boot=10)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert (f"**1 finished run(s) have no finite validation accuracy on their learning curve** ({arch} on {ds} (1))"
+            in md.split("# Finding 3")[1])
