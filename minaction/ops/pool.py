@@ -46,14 +46,27 @@ def max_pool2(x: Tensor, dims: int = 2) -> Tensor:
     padding, floor): equal to ``F.max_pool1d(x, 2)`` (dims 1) or ``F.max_pool2d(x, 2)`` (dims 2)."""
     if dims not in (1, 2):
         raise ValueError(f"max_pool2 pools the last 1 or 2 dims, got dims={dims!r}")
-    torch_pool = F.max_pool2d if dims == 2 else F.max_pool1d
     if (type(x) is not Tensor or not x.is_cpu or x.dtype not in _FLOATS or x.dim() < dims + 1
             or min(x.shape[-dims:]) < 2 or torch.compiler.is_compiling() or _is_exporting()
             or _jit_tracing() is not None
             or _interpreter_stack() is not None or (_any_autocast is not None and _any_autocast())):
-        return torch_pool(x, 2)
+        return _torch_pool2(x, dims)
     op = _fused_op()
-    return torch_pool(x, 2) if op is None else op(x, dims)
+    return _torch_pool2(x, dims) if op is None else op(x, dims)
+
+
+def _torch_pool2(x: Tensor, dims: int) -> Tensor:
+    """torch's max-pool by 2 over the last ``dims`` dims of a tensor of any leading shape: torch's own takes
+    only ``(N,) C, *spatial`` and no empty batch, and the batched conv blocks pool ``[B*G, 1, C, *spatial]``
+    (outside the fused CPU op: on a GPU, traced, compiled or under autocast, they failed)."""
+    torch_pool = F.max_pool2d if dims == 2 else F.max_pool1d
+    if x.numel() == 0:  # the output's shape, still on the graph
+        return x[(...,) + tuple(slice(0, 2 * (s // 2), 2) for s in x.shape[-dims:])]
+    if x.dim() <= dims + 2:
+        return torch_pool(x, 2)
+    lead, sp = x.shape[:-dims], x.shape[-dims:]
+    y = torch_pool(x.reshape((-1,) + tuple(sp)), 2)
+    return y.reshape(tuple(lead) + tuple(y.shape[-dims:]))
 
 
 def _fused_cpu_path(t: Tensor, backend) -> bool:

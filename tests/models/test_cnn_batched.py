@@ -448,3 +448,32 @@ def test_text_models_trace(arch):
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             t = torch.jit.trace(m, (x,))
         torch.testing.assert_close(t(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stem", ["vision", "events", "series", "text"])
+def test_batched_cnn_outside_the_fused_cpu_op(stem):
+    """The batched cnn pools [B*G, 1, C, *spatial]: only the fused CPU op took that shape, so the model
+    failed traced, compiled, under autocast, and (suspected by a trial, from the meta device) on a GPU,
+    the layout the GPU study uses. torch's pooling path now takes any leading shape, empty included."""
+    import warnings
+
+    from minaction.ops.pool import _torch_pool2, max_pool2
+
+    meta = STEMS[stem]
+    m = models.build("cnn", meta, num_models=3, batched=True, width=8, depth=2)
+    x = batch(meta, B=5)[0]
+    x = x if meta.modality == "text" else x.float()
+    ref = m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        t = torch.jit.trace(m, (x,))
+    torch.testing.assert_close(t(x), ref, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x).shape == ref.shape
+    dims = 1 if meta.modality in ("physiological", "text") else 2
+    z = torch.randn((15, 1, 3) + ((6, 4) if dims == 2 else (9,)), requires_grad=True)
+    assert torch.equal(_torch_pool2(z, dims), max_pool2(z, dims))  # torch's path equals the fused op
+    assert max_pool2(z.detach().to("meta"), dims).shape == max_pool2(z, dims).shape  # a non-CPU tensor
+    empty = _torch_pool2(z[:0], dims)
+    assert empty.shape == (0,) + max_pool2(z, dims).shape[1:]
+    empty.sum().backward()  # still on the graph
