@@ -204,15 +204,30 @@ class LoopEnsemble(nn.Module):
         """Member g's logits; its energy layers' ``last_energy`` spread to length G. The ensemble does
         this rather than hooks on the members' layers: hooks went with a member taken out of the
         ensemble (its energy stayed ``[G]``) and, being closures, stopped ``torch.save`` of the model."""
+        from ..nn import layers as _layers
+
         m = self.members[g]
         layers = [lay for lay in m.modules() if isinstance(lay, EnergyLayer)]
         before = [lay.__dict__.get("_last_energy") for lay in layers]  # not the getter: that marks it read
+        tapes = list(_layers._TAPES)  # record_energy tapes: their records of this member are spread too
+        starts = [len(t.records) for t in tapes]
         out = m(x)
         G = self.num_models
+
+        def spread(e):
+            return F.pad(e.reshape(1), (g, G - g - 1))
+
         for lay, old in zip(layers, before):
-            e = lay.last_energy
+            e = lay.__dict__.get("_last_energy")
             if e is not None and e is not old and e.dim() == 0:  # the layers this forward ran, as a hook saw them
-                lay.last_energy = F.pad(e.reshape(1), (g, G - g - 1))
+                lay.last_energy = spread(e)
+        if tapes:
+            mine = {id(lay) for lay in layers}
+            for t, n0 in zip(tapes, starts):
+                for i in range(n0, len(t.records)):
+                    lay, e = t.records[i]
+                    if id(lay) in mine and e.dim() == 0:
+                        t.records[i] = (lay, spread(e))
         return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

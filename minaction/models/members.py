@@ -10,6 +10,7 @@ so member g of a batched state is ``{name: t[g]}``.
 """
 from __future__ import annotations
 
+import operator
 import re
 from typing import Dict, Mapping
 
@@ -27,11 +28,17 @@ def _layout(model: nn.Module) -> str:
     return "lone"
 
 
-def _check_member(model: nn.Module, g: int) -> int:
+def _check_member(model: nn.Module, g) -> int:
     G = int(getattr(model, "num_models", 1))
-    if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < G:
-        raise IndexError(f"member index {g!r} out of range for a model of {G} member(s)")
-    return g
+    if isinstance(g, bool):
+        raise TypeError(f"member index must be an integer, got {g!r}")
+    try:
+        i = operator.index(g)  # a numpy integer or a one-element integer tensor (argmax's) too
+    except TypeError:
+        raise TypeError(f"member index must be an integer, got {type(g).__name__}") from None
+    if not 0 <= i < G:
+        raise IndexError(f"member index {i} out of range for a model of {G} member(s)")
+    return i
 
 
 def member_state_dict(model: nn.Module, g: int) -> Dict[str, torch.Tensor]:
@@ -56,12 +63,16 @@ def load_member(model: nn.Module, g: int, state: Mapping[str, torch.Tensor]) -> 
     naming the first difference."""
     g = _check_member(model, g)
     kind = _layout(model)
+    if state and all((m := _MEMBER_KEY.match(k)) is not None and m.group(1) == "0" for k in state):
+        state = {_MEMBER_KEY.match(k).group(2): v for k, v in state.items()}  # a loop of one's state
     own = (model.members[g] if kind == "loop" else model).state_dict(keep_vars=True)
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
         raise ValueError(f"load_member: the state does not fit member {g}: missing {missing[:5]}, "
                          f"unexpected {extra[:5]} (give a one-member model's state_dict)")
     dsts = {k: t[g] if kind == "batched" else t for k, t in own.items()}
+    if all(tuple(state[k].shape) == (1,) + tuple(d.shape) for k, d in dsts.items()):
+        state = {k: v[0] for k, v in state.items()}  # a one-member model that keeps its member dimension
     for k, dst in dsts.items():
         if tuple(state[k].shape) != tuple(dst.shape):
             raise ValueError(f"load_member: {k!r} has shape {tuple(state[k].shape)}, member {g} needs "
@@ -110,6 +121,13 @@ def from_other_layout(model: nn.Module, state: Mapping[str, torch.Tensor]):
     G = int(getattr(model, "num_models", 1))
     if kind == "batched" and looped:
         return loop_to_batched(state, G)
+    if G == 1 and kind in ("batched", "loop") and not looped:  # a lone model's state into a group of one
+        own = model.state_dict()
+        member = {k[len("members.0."):]: v for k, v in own.items()} if kind == "loop" else \
+            {k: v[0] for k, v in own.items()}
+        if set(member) == set(keys) and all(tuple(state[k].shape) == tuple(v.shape) for k, v in member.items()):
+            return ({f"members.0.{k}": v for k, v in state.items()} if kind == "loop"
+                    else {k: v.unsqueeze(0) for k, v in state.items()})
     if kind == "loop" and not any(_MEMBER_KEY.match(k) for k in keys):
         return batched_to_loop(state, G)
     if kind == "lone" and looped and {_MEMBER_KEY.match(k).group(1) for k in keys} == {"0"}:

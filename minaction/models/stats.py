@@ -1,6 +1,8 @@
 """``activation_stats``: energy, active fraction and rescaling-invariant energy of a model."""
 from __future__ import annotations
 
+import math
+
 from typing import Dict
 
 import torch
@@ -77,7 +79,7 @@ def activation_stats(model: nn.Module, x: torch.Tensor, output: bool = False) ->
             batched = g is None and (G > 1 or getattr(mod, "member_dim", False))  # [G, B, ...]
             yg = (getattr(lay, "member_view", None) or (lambda t: t))(y) if batched else y.unsqueeze(0)  # [G', B..]
             Gp, B = yg.shape[0], yg.shape[1]
-            units = yg[0, 0].numel()
+            units = math.prod(yg.shape[2:])  # not yg[0, 0]: an empty batch has no row 0
             sl = slice(None) if g is None else slice(g, g + 1)
             tot[sl] += float(yg[0].numel())
             p = ENERGIES[lay.energy] or 2
@@ -91,7 +93,7 @@ def activation_stats(model: nn.Module, x: torch.Tensor, output: bool = False) ->
             if f is not None:
                 f = f.to(yg.dtype)
                 per = per * f.reshape(-1 if f.dim() == 2 else 1, f.shape[-1]).pow(p)
-            e = per.sum(1).double() / B
+            e = per.sum(1).double() / max(B, 1)  # an empty batch: 0, as its energy
             if lay.energy_reduction == "mean":
                 e = e / units
             if resc is None:

@@ -66,7 +66,8 @@ _graph_task = torch._C._current_graph_task_id  # -1 outside a backward
 # applied to the energy only (a batched layer's mean over samples, the reference backend's sums)
 _ENERGY_ONLY_NODES = frozenset({"MeanBackward0", "MeanBackward1", "ViewBackward0", "SumBackward0", "SumBackward1",
                                 "MulBackward0", "DivBackward0", "PowBackward0", "AbsBackward0", "ToCopyBackward0",
-                                "UnsafeViewBackward0", "CloneBackward0"})
+                                "UnsafeViewBackward0", "CloneBackward0",
+                                "ConstantPadNdBackward0"})  # a loop ensemble's member energy spread to [G]
 _LOST_CHECKS = 16  # forwards per layer that replace an unread energy and are checked (_replaced_unread)
 
 

@@ -364,6 +364,8 @@ def test_empty_batch(stem, kind):
         assert out.shape == ((G,) if G else ()) + (0, meta.num_classes), (arch, out.shape)
         e = minaction.total_energy(m)
         assert torch.all(e == 0), (arch, e)
+        st = models.activation_stats(m, x)  # it indexed row 0 (IndexError)
+        assert all(torch.all(v == 0) for v in st.values()), (arch, st)
 
 
 def test_member_dim_one_member_loop_layout():
@@ -477,3 +479,24 @@ def test_batched_cnn_outside_the_fused_cpu_op(stem):
     empty = _torch_pool2(z[:0], dims)
     assert empty.shape == (0,) + max_pool2(z, dims).shape[1:]
     empty.sum().backward()  # still on the graph
+
+
+def test_group_of_one_takes_a_lone_state_and_indices_of_any_integer_type():
+    """The study's one-member models (member_dim=True: a batched model with [1, ...] tensors, or a loop of one)
+    take a lone model's state, load_member takes a member_dim model's state, and a numpy or tensor member index
+    works (they were refused as 'not a batched state' / 'out of range'; a trial)."""
+    import numpy as np
+
+    meta = STEMS["vision"]
+    kw = dict(width=8, depth=2)
+    for arch, lay in (("cnn", dict(batched=False)), ("cnn", dict(batched=True)), ("mlp", {})):
+        lone = models.build(arch, meta, seeds=[5], **kw)
+        one = models.build(arch, meta, seeds=[0], member_dim=True, **kw, **lay)
+        one.load_state_dict(lone.state_dict())
+        assert all(torch.equal(models.member_state_dict(one, 0)[k], v) for k, v in lone.state_dict().items())
+        grp = models.build(arch, meta, num_models=3, **kw, **lay)
+        models.load_member(grp, np.int64(2), one.state_dict())  # a member_dim state: [1, ...]
+        assert all(torch.equal(models.member_state_dict(grp, torch.tensor(2))[k], v)
+                   for k, v in lone.state_dict().items())
+    with pytest.raises(TypeError, match="integer"):
+        models.member_state_dict(grp, 1.0)
