@@ -500,3 +500,29 @@ def test_group_of_one_takes_a_lone_state_and_indices_of_any_integer_type():
                    for k, v in lone.state_dict().items())
     with pytest.raises(TypeError, match="integer"):
         models.member_state_dict(grp, 1.0)
+
+
+def test_loop_ensemble_tape_and_unread_warning_as_the_other_layouts():
+    """record_energy on a loop ensemble gives [G] (its tape summed the members' 0-dim energies into one), and a
+    loop ensemble called twice with only the second energy read warns as the batched and lone models do (it
+    never warned; a trial)."""
+    import warnings
+
+    meta = STEMS["vision"]
+    kw = dict(width=8, depth=2)
+    xa, xb = batch(meta, B=4, seed=1)[0].float(), batch(meta, B=4, seed=2)[0].float()
+    loop = models.build("cnn", meta, num_models=3, seeds=[1, 2, 3], batched=False, **kw)
+    with minaction.record_energy(loop) as tape:
+        loop(xa)
+    torch.testing.assert_close(tape.total(), minaction.total_energy(loop))
+    assert tape.total().shape == (3,)
+    counts = {}
+    for name, lay in (("loop", dict(batched=False)), ("batched", dict(batched=True))):
+        m = models.build("cnn", meta, num_models=3, seeds=[1, 2, 3], **kw, **lay)
+        m(xa)
+        minaction.total_energy(m).sum().backward()  # read once: the layers' energies count
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            (m(xa).sum() + m(xb).sum() + minaction.total_energy(m).sum()).backward()
+        counts[name] = sum("counted nowhere" in str(x.message) for x in w)
+    assert counts["loop"] > 0 and counts["batched"] > 0
