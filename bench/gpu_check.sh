@@ -4,13 +4,15 @@
 #
 #   bash bench/gpu_check.sh            # PYTHON=... to pick the interpreter, OUT=dir for results
 #
-# Steps (each bounded by `timeout`, 12 minutes at most in all; expected well under 8 on an H100/H200):
+# Steps (each bounded by `timeout`, 13.5 minutes at most in all; expected well under 8 on an H100/H200):
 #   1. environment report (GPU, torch/triton/nvcc versions)
 #   2. build the CUDA extension (torch.utils.cpp_extension, cached in TORCH_EXTENSIONS_DIR)
 #   3. the GPU tests: tests/backends/test_triton.py + tests/backends/test_cuda.py (bfloat16 included), with a
 #      size heuristic instead of Triton autotuning so that compiles stay few
 #   3b. NaN/Inf propagation on the GPU (tests/backends/test_gpu_nan.py: triton and cuda against
 #      torch autograd, forward and backward)
+#   3c. the study's four architectures (batched; the cnn in its grouped-convolution layout), one training
+#      step each on image, events, series and text stems, against the CPU (bench/gpu_models_check.py)
 #   4. the benchmark table (bench/gpu_bench.py, autotuned): fused vs plain F.linear+ReLU vs
 #      naive energy vs torch.compile at 4096x4096 bf16 and at the study's MLP sizes, the
 #      batched G=10 form vs a loop of 10 models, and the batched CNN's conv epilogue
@@ -91,6 +93,10 @@ MINACTION_TRITON_AUTOTUNE=0 timeout 180 "$PYTHON" -m pytest -q -x -p no:cachepro
 stamp "NaN/Inf tests"
 MINACTION_TRITON_AUTOTUNE=0 timeout 150 "$PYTHON" -m pytest -q -x -p no:cacheprovider \
   tests/backends/test_gpu_nan.py --durations=3 2>&1 | tail -12
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+stamp "the study's architectures on the GPU (one training step each, batched, against the CPU)"
+timeout 90 "$PYTHON" bench/gpu_models_check.py --device cuda 2>&1 | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stamp "benchmark"

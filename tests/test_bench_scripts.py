@@ -226,3 +226,15 @@ def test_group_invariance_cost_runs():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 5 and all(float(line.rstrip(" |").rsplit("|", 1)[1]) > 0 for line in rows), r.stdout
+
+
+def test_gpu_models_check_runs_on_the_cpu(bench_path, capsys):
+    """bench/gpu_models_check.py (run by gpu_check.sh with --device cuda) works: here on the CPU against itself."""
+    import gpu_models_check
+
+    try:
+        assert gpu_models_check.main(["--device", "cpu"]) == 0
+    finally:
+        sys.modules.pop("gpu_models_check", None)
+    out = capsys.readouterr().out
+    assert out.count("ok   ") == 16 and "0 problem(s)" in out
