@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.conv import EnergyConv1d, EnergyConv2d
+from ..nn import layers as _layers
 from ..nn.layers import EnergyLayer
 from .common import EnergyNet, TokenEmbedding, check_input, column_norms, image_layout, time_mean
 from .family import _check_act
@@ -204,8 +205,6 @@ class LoopEnsemble(nn.Module):
         """Member g's logits; its energy layers' ``last_energy`` spread to length G. The ensemble does
         this rather than hooks on the members' layers: hooks went with a member taken out of the
         ensemble (its energy stayed ``[G]``) and, being closures, stopped ``torch.save`` of the model."""
-        from ..nn import layers as _layers
-
         m = self.members[g]
         layers = [lay for lay in m.modules() if isinstance(lay, EnergyLayer)]
         before = [lay.__dict__.get("_last_energy") for lay in layers]  # not the getter: that marks it read

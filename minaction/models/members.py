@@ -63,8 +63,7 @@ def load_member(model: nn.Module, g: int, state: Mapping[str, torch.Tensor]) -> 
     naming the first difference."""
     g = _check_member(model, g)
     kind = _layout(model)
-    if state and all((m := _MEMBER_KEY.match(k)) is not None and m.group(1) == "0" for k in state):
-        state = {_MEMBER_KEY.match(k).group(2): v for k, v in state.items()}  # a loop of one's state
+    state = _unwrap_loop_of_one(state)
     own = (model.members[g] if kind == "loop" else model).state_dict(keep_vars=True)
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
@@ -130,6 +129,14 @@ def from_other_layout(model: nn.Module, state: Mapping[str, torch.Tensor]):
                     else {k: v.unsqueeze(0) for k, v in state.items()})
     if kind == "loop" and not any(_MEMBER_KEY.match(k) for k in keys):
         return batched_to_loop(state, G)
-    if kind == "lone" and looped and {_MEMBER_KEY.match(k).group(1) for k in keys} == {"0"}:
-        return {_MEMBER_KEY.match(k).group(2): v for k, v in state.items()}  # a loop of one
+    if kind == "lone":
+        return _unwrap_loop_of_one(state)
+    return state
+
+
+def _unwrap_loop_of_one(state):
+    """A loop of one's state (every key ``members.0.*``) as its member's; any other state as it is."""
+    keys = [_MEMBER_KEY.match(k) for k in state]
+    if keys and all(m is not None and m.group(1) == "0" for m in keys):
+        return {m.group(2): v for m, v in zip(keys, state.values())}
     return state

@@ -14,7 +14,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from . import definitions, finding1, finding2, finding3, limitations, overview
@@ -72,7 +71,7 @@ def _build(rep) -> dict:
     if runs.empty:
         raise ValueError(f"{rep.store.path}: no finished runs (status 'done') to report on")
     rep.main_lam = float(rep.opt.lam) if rep.opt.lam is not None else choose_main_lam(runs)
-    if not np.isclose(runs["lam"].astype(float), rep.main_lam, rtol=1e-9, atol=0.0).any():
+    if not (runs["lam"] == rep.main_lam).any():  # selected as the findings select it
         have = ", ".join(f"{v:g}" for v in sorted(runs["lam"].astype(float).unique()))
         raise ValueError(f"--lam {rep.main_lam:g}: no finished run at that λ (the store's finished runs have λ in "
                          f"{{{have}}})")

@@ -10,7 +10,7 @@ from .efficiency import (HEADLINE, NAMES, arch_summary, dataset_gains, efficienc
                          per_run_efficiency, verdict)
 from .context import sentence
 from .paper import PAPER
-from .store import FLOPS_META
+from .store import old_flops_rule
 from .render import ci as _ci
 from .render import fmt
 
@@ -42,10 +42,6 @@ def eval_interval_text(rep) -> str:
         return ""
     parts = [f"{ev} on {', '.join(sorted(ds))}" for ev, ds in sorted(per.items(), reverse=True)]
     return "; ".join(parts)
-
-
-def has_flops_rows(evals) -> bool:
-    return evals is not None and "flops" in evals and bool(evals["flops"].notna().any())
 
 
 def section(rep) -> None:
@@ -84,7 +80,7 @@ def section(rep) -> None:
         f" with the lowest value there, only where both reached the target; a modality's gain is the mean over "
         f"its compared datasets; {fmt(100 * opt.ci)}% percentile bootstrap CI over seeds ({opt.n_boot} resamples). "
         f"λ = {fmt(lam)}. Headline metric: {NAMES[metric]}.")
-    if has_flops_rows(evals) and rep.store.meta.get(FLOPS_META) != "step":
+    if old_flops_rule(rep.store):
         d.p(f"**These FLOPs are counted by an older rule** (3 × the forward FLOPs of the energy layers, before "
             f"minaction counted a training step): it missed physics_lagrangian's force product and charged first "
             f"layers an input gradient they do not compute, which favours physics_lagrangian against the MLP "
@@ -97,7 +93,7 @@ def section(rep) -> None:
     if not has_steps:
         d.p("This store has no evals table (written before the trainer recorded evaluations every N steps): "
             "steps, samples and FLOPs to target are unknown; only epochs and time are shown.")
-    blind = eff[np.isclose(eff["lam"].astype(float), lam, rtol=1e-9, atol=0.0) & eff["final_val"].isna()]
+    blind = eff[(eff["lam"] == lam) & eff["final_val"].isna()]
     if len(blind):  # named, not silently "did not reach" (a statistician's review)
         where = ", ".join(f"{a} on {ds} ({n})" for (a, ds), n in blind.groupby(["arch", "dataset"]).size().items())
         d.p(f"**{len(blind)} finished run(s) have no finite validation accuracy on their learning curve** ({where}): "
@@ -146,7 +142,7 @@ def section(rep) -> None:
                  "(bars: ours with CI; band: the paper's 5–33%).")
     d.figure(_fig.curves_plot(runs, rep.store.epochs, lam, rep.fig_dir / "learning_curves.png"),
              f"Mean validation accuracy against cumulative training time, λ = {fmt(lam)}.")
-    at_lam = runs[np.isclose(runs["lam"].astype(float), lam, rtol=1e-9, atol=0.0)]  # the design at the λ read
+    at_lam = runs[runs["lam"] == lam]  # the design at the λ read
     v, why = verdict(gains[gains["metric"] == metric], at_lam, opt.energy_first, opt.conventional)
     head = gains[(gains["metric"] == metric) & gains["gain_pct"].notna()]
     ours = ("; ".join(f"{r.modality}: {r.arch} {_ci(r.gain_pct, r.gain_pct_lo, r.gain_pct_hi, 3)}%"

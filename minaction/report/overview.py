@@ -6,7 +6,7 @@ import json
 import pandas as pd
 
 from .render import fmt
-from .store import DESIGN_KEYS, FLOPS_META, budget_of, budget_table
+from .store import DESIGN_KEYS, budget_of, budget_table, old_flops_rule
 
 
 def quick_reasons(rep, budgets: pd.DataFrame) -> list:
@@ -148,15 +148,9 @@ def section(rep) -> None:
                    "faithful preset (full training split, full official test split, trained to convergence) "
                    "before comparing with the paper.")
     cov, label = coverage(rep), rep.opt.design
-    if cov is None and not rep.opt.design and rep.opt.preset:  # --preset P: P's own design, not every preset's
-        stored = _preset_design(rep, rep.opt.preset)
-        if stored is not None:
-            label, specs = stored
-            cov = coverage(rep, specs)
-            if cov is not None and int(cov["done"].sum()) >= int(cov["planned"].sum()):
-                cov = None  # complete: as without --preset, nothing more to say
-    if cov is None and not rep.opt.design and not rep.opt.preset:
-        stored = stored_design(rep)
+    if cov is None and not rep.opt.design:
+        # --preset P: P's own design, not every preset's; else the presets the store keeps for its runs
+        stored = _preset_design(rep, rep.opt.preset) if rep.opt.preset else stored_design(rep)
         if stored is not None:
             label, specs = stored
             cov = coverage(rep, specs)
@@ -180,9 +174,7 @@ def section(rep) -> None:
         else:
             rep.doc.p(f"Complete: all {planned} runs of the design `{label}` have finished (table: "
                       f"`{rel_cov}`).")
-    ev = getattr(rep.store, "evals", None)
-    if ev is not None and "flops" in ev and bool(ev["flops"].notna().any()) \
-            and rep.store.meta.get(FLOPS_META) != "step":
+    if old_flops_rule(rep.store):
         rep.doc.p("**This store's FLOPs are counted by an older rule**, which favours physics_lagrangian against the "
                   "MLP; every FLOPs figure below (Finding 3, the summary, the efficiency figure) uses it. "
                   "`minaction study recount-flops --db STORE` recounts them without retraining.")

@@ -70,6 +70,14 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
 FLOPS_META = "flops_count"
 
 
+def old_flops_rule(store: "Store") -> bool:
+    """Whether the store has training FLOPs and they were counted by the rule before a training step was
+    counted (its meta table lacks ``FLOPS_META = "step"``): the report says so, and how to recount."""
+    ev = getattr(store, "evals", None)
+    return (ev is not None and "flops" in ev and bool(ev["flops"].notna().any())
+            and store.meta.get(FLOPS_META) != "step")
+
+
 def load_store(db) -> Store:
     """Load ``db`` (a path to a study store). Raises ``FileNotFoundError`` / ``ValueError``
     with the problem named when the file is missing or is not a study store."""

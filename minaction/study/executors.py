@@ -185,7 +185,7 @@ class DaskExecutor:
         try:
             from dask.distributed import Client, LocalCluster
         except ImportError as exc:  # pragma: no cover - dask is a test dependency
-            raise RuntimeError("the dask executor needs dask.distributed: pip install 'minaction[dask]'") from exc
+            raise RuntimeError(_MISSING["dask"]) from exc
         self.threads = threads
         self._cluster = None
         if scheduler:
@@ -222,8 +222,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError as exc:
-            raise RuntimeError("the ray executor needs Ray, which is not installed: "
-                               "pip install 'minaction[ray]' (or use --executor local or dask)") from exc
+            raise RuntimeError(_MISSING["ray"]) from exc
         self._ray = ray
         self.threads = threads
         if not ray.is_initialized():
@@ -256,11 +255,15 @@ def check_executor(name: str, scheduler=None) -> None:
     import importlib.util
 
     # installed? asked before the store exists (a missing Ray was found after the store and its plan were written)
-    if name == "ray" and importlib.util.find_spec("ray") is None:
-        raise RuntimeError("the ray executor needs Ray, which is not installed: "
-                           "pip install 'minaction[ray]' (or use --executor local or dask)")
-    if name == "dask" and importlib.util.find_spec("distributed") is None:
-        raise RuntimeError("the dask executor needs dask.distributed: pip install 'minaction[dask]'")
+    if name in _MISSING and importlib.util.find_spec(_PACKAGE[name]) is None:
+        raise RuntimeError(_MISSING[name])
+
+
+#: the package each distributed executor imports, and what to say when it is not installed
+_PACKAGE = {"dask": "distributed", "ray": "ray"}
+_MISSING = {"dask": "the dask executor needs dask.distributed: pip install 'minaction[dask]'",
+            "ray": "the ray executor needs Ray, which is not installed: pip install 'minaction[ray]' (or use "
+                   "--executor local or dask)"}
 
 
 def make_executor(name: str, workers=None, scheduler=None, threads: int = 1):

@@ -333,6 +333,17 @@ def _inode_lock_path(path) -> Optional[Path]:
     return folder / f"{ident[0]}-{ident[1]}.lock"
 
 
+def _write_note(f, note: str) -> None:
+    """Who holds a lock file, written into it for the next driver's refusal and `study status`."""
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(note)
+        f.flush()
+    except OSError:
+        pass  # the lock holds even if its note cannot be written
+
+
 def _lock_info(f) -> str:
     try:
         f.seek(0)
@@ -400,13 +411,7 @@ def acquire_writer_lock(path):
         f.close()
         raise StoreError(f"cannot lock the study store {str(path)!r} ({str(lp)!r}): {exc}") from None
     note = f"pid {os.getpid()} on {os.uname().nodename}, since {now_utc()}\n"
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(note)
-        f.flush()
-    except OSError:
-        pass  # the lock holds even if its note cannot be written
+    _write_note(f, note)
     ip = _inode_lock_path(path)
     if ip is not None:
         try:
@@ -425,13 +430,7 @@ def acquire_writer_lock(path):
                                          f"run` under another name of the same file (a hard link; {who}); wait for "
                                          f"it to finish or stop it, then run this again (lock: {str(ip)!r})") from None
             else:
-                try:
-                    g.seek(0)
-                    g.truncate()
-                    g.write(note)
-                    g.flush()
-                except OSError:
-                    pass
+                _write_note(g, note)
                 f._minaction_inode_lock = g
     return f
 
