@@ -3,4 +3,5 @@ import sys
 
 from .cli import console_main
 
-sys.exit(console_main())
+if __name__ == "__main__":
+    sys.exit(console_main())

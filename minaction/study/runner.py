@@ -41,6 +41,62 @@ def _first_line(exc) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _is_main_test(test) -> bool:
+    """An ``if`` test that reads ``__name__`` and the string "__main__" (``==``, reversed, or
+    inside a larger condition)."""
+    import ast
+    names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
+    consts = {n.value for n in ast.walk(test) if isinstance(n, ast.Constant)}
+    return "__name__" in names and "__main__" in consts
+
+
+def check_main_guard(executor) -> None:
+    """Refuse a script that calls :func:`run_study` outside ``if __name__ == "__main__":``.
+
+    The local executor's worker processes import the main script again (``forkserver`` /
+    ``spawn``); without the guard each of them started the study too, died on it, and every
+    run of the call was recorded as failed by a lost worker. The call's line in the main
+    script is found from the stack and looked up in the script's syntax tree; anything that is
+    not a plain script (an interactive session, a notebook, ``python -c``, code built by
+    ``exec``) is let through, since no worker can import it again."""
+    if executor != "local":
+        return
+    import ast
+    import sys
+    import tokenize
+
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    if spec_name == "__main__" or spec_name.endswith(".__main__"):
+        return  # `python -m package`: multiprocessing does not import a package's __main__ again
+    path = getattr(main, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return
+    path = os.path.abspath(path)
+    frame, line = sys._getframe(1), None
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__" \
+                and os.path.abspath(code.co_filename) == path:
+            line = frame.f_lineno
+        frame = frame.f_back
+    if line is None:
+        return
+    try:
+        with tokenize.open(path) as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_test(node.test) \
+                and node.lineno <= line <= (node.end_lineno or node.lineno):
+            return
+    raise StudyConfigError(
+        f"{path}, line {line}: run_study is called outside `if __name__ == \"__main__\":`; the local "
+        "executor's worker processes import the main script again and each would start the study too. "
+        "Put the call under the guard (docs/study.md)")
+
+
 def check_backend() -> str:
     """The kernel backend the workers will use on CPU, checked in the driver: an unknown or
     unusable ``MINACTION_BACKEND`` raises :class:`StudyConfigError`. Returns its name, or
@@ -363,6 +419,7 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
     t0 = time.perf_counter()
     check_workers(workers)
     check_executor(executor, scheduler)  # before the store exists (a bad name left an empty store and its lock)
+    check_main_guard(executor)  # before the store exists: workers would re-run an unguarded call
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     spec = with_max_group(load_preset(preset), max_group)

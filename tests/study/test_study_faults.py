@@ -582,3 +582,52 @@ def test_a_study_says_when_its_runs_fall_back_to_reference(monkeypatch, capsys):
     monkeypatch.setattr(_backend, "select", lambda device: "cpu")
     runner.check_backend()
     assert capsys.readouterr().err == ""
+
+
+def _script_run(tmp_path, body, *args, module=None):
+    """Run ``body`` as a main script (or, with ``module``, as ``python -m module`` from tmp_path)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__)))), os.environ.get("PYTHONPATH")])))
+    if module is None:
+        script = tmp_path / "script.py"
+        script.write_text(body)
+        cmd = [sys.executable, str(script), *args]
+    else:
+        pkg = tmp_path / module.split(".")[0]
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("")
+        (tmp_path / (module.replace(".", "/") + ".py")).write_text(body)
+        cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
+
+
+def test_run_study_outside_the_main_guard_is_refused_before_the_store_exists(tmp_path):
+    """A script calling run_study at its top level: its workers import it again and each started the
+    study too, so every run was recorded failed by a lost worker. Now refused before any store exists."""
+    preset = _preset(tmp_path, lams=[0.0], seeds=[0])
+    body = (DRIVER_PRELUDE.replace("; ", "\n") + "from minaction.study import run_study\n"
+            "run_study(sys.argv[1], sys.argv[2], workers=1, progress=False)\n")
+    for module in (None, "mypkg.run"):  # a script, and `python -m package.module` (imported again by name)
+        db = tmp_path / f"{module}.sqlite"
+        r = _script_run(tmp_path, body, str(preset), str(db), module=module)
+        assert r.returncode != 0
+        assert "StudyConfigError" in r.stderr and 'outside `if __name__ == "__main__":`' in r.stderr, r.stderr
+        assert "line " in r.stderr and "lost" not in r.stderr
+        assert not db.exists() and not os.path.exists(str(db) + ".lock")
+
+
+@pytest.mark.parametrize("guard", ['if __name__ == "__main__":', "if '__main__' == __name__ and True:"])
+def test_run_study_under_the_main_guard_passes_the_check(tmp_path, guard):
+    """The check reads the script's syntax tree: a call under the guard (any spelling), or in a
+    function called under it, passes; python -m on a package's __main__ is never imported again."""
+    from minaction.study.runner import check_main_guard  # noqa: F401  (the name the script uses)
+    body = ("from minaction.study.runner import check_main_guard\n"
+            "def main():\n    check_main_guard('local')\n    print('passed')\n"
+            f"{guard}\n    main()\n")
+    r = _script_run(tmp_path, body)
+    assert r.returncode == 0 and r.stdout.strip() == "passed", r.stderr
+    r = _script_run(tmp_path, body.replace(guard + "\n    main()", "main()"))
+    assert r.returncode != 0 and "StudyConfigError" in r.stderr
+    r = _script_run(tmp_path, "from minaction.study.runner import check_main_guard\n"
+                    "check_main_guard('local')\nprint('passed')\n", module="tool.__main__")
+    assert r.returncode == 0 and r.stdout.strip() == "passed", r.stderr
