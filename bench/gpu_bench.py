@@ -268,7 +268,7 @@ def main(argv=None):
     mdtype = getattr(torch, args.mlp_dtype)
     name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke test)"
     lines = [f"device: {name} | torch {torch.__version__} | "
-             f"triton {__import__('triton').__version__} | TF32 matmul {torch.backends.cuda.matmul.allow_tf32}", "",
+             f"triton {__import__('triton').__version__} | TF32 matmul {torch.backends.cuda.matmul.fp32_precision}", "",
              "| case | variant | forward ms | full step ms | vs plain (step) | x loop |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     t0 = time.time()

@@ -1,7 +1,9 @@
 """The study's architectures on a device: one training step of each (batched members: the cnn in its
 grouped-convolution layout, the GPU's), on image, series, events and text stems, against the same model
-on the CPU (float64 on both, so the comparison is tight). A check, not a benchmark: the batched cnn once
-failed off the fused CPU pooling op, which a GPU never takes (6200b18).
+on the CPU in float64. Two passes: float64 on the device (a tight comparison; on a GPU the triton backend hands
+float64 to its plain-PyTorch specification, so this pass checks the models' routing and layouts), and float32
+on the device (the GPU kernels themselves; a tolerance for float32 rounding). A check, not a benchmark: the
+batched cnn once failed off the fused CPU pooling op, which a GPU never takes (6200b18).
 
     python bench/gpu_models_check.py --device cuda     # bench/gpu_check.sh runs it
     python bench/gpu_models_check.py --device cpu      # the same code path but the fused CPU ops (CI)
@@ -47,29 +49,34 @@ def _step(model, x, y, G):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tol", type=float, default=1e-8, help="relative tolerance against the CPU (float64)")
+    ap.add_argument("--tol", type=float, default=1e-8, help="relative tolerance of the float64 pass")
+    ap.add_argument("--tol32", type=float, default=1e-4, help="relative tolerance of the float32 pass")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
+    if dev.type == "cuda":  # the float32 pass checks the kernels, not TF32 (cuDNN's convolutions default to it)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     bad = 0
     G = 3
-    for stem, meta in STEMS.items():
-        for arch in models.ARCHITECTURES:
-            what = f"{arch:<19} {stem:<7} G={G}"
-            try:
-                cpu = models.build(arch, meta, num_models=G, width=8, depth=2, dtype=torch.float64,
-                                   batched=True)
-                on = copy.deepcopy(cpu).to(dev)
-                x, y = _batch(meta)
-                ref = _step(cpu, x, y, G)
-                got = _step(on, x.to(dev), y.to(dev), G)
-                err = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30))
-                          for g, r in zip([got[0], got[1]] + got[2], [ref[0], ref[1]] + ref[2]))
-                ok = err <= a.tol
-                bad += not ok
-                print(f"{'ok  ' if ok else 'DIFF'} {what} max relative difference {err:.2e}")
-            except Exception as exc:  # report every failure, not only the first
-                bad += 1
-                print(f"FAIL {what} {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    for dtype, tol in ((torch.float64, a.tol), (torch.float32, a.tol32)):
+        for stem, meta in STEMS.items():
+            for arch in models.ARCHITECTURES:
+                what = f"{arch:<19} {stem:<7} G={G} {str(dtype)[6:]:<7}"
+                try:
+                    cpu = models.build(arch, meta, num_models=G, width=8, depth=2, dtype=torch.float64,
+                                       batched=True)
+                    on = copy.deepcopy(cpu).to(dev, dtype)
+                    x, y = _batch(meta)
+                    ref = _step(cpu, x, y, G)
+                    got = _step(on, (x.to(dtype) if x.is_floating_point() else x).to(dev), y.to(dev), G)
+                    err = max(float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                              for g, r in zip([got[0], got[1]] + got[2], [ref[0], ref[1]] + ref[2]))
+                    ok = err <= tol
+                    bad += not ok
+                    print(f"{'ok  ' if ok else 'DIFF'} {what} max relative difference {err:.2e}")
+                except Exception as exc:  # report every failure, not only the first
+                    bad += 1
+                    print(f"FAIL {what} {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     print(f"{bad} problem(s)")
     return 1 if bad else 0
 

@@ -161,7 +161,8 @@ __global__ void act_fwd_kernel(const T* z, T* y,  // y may alias z: no __restric
 }
 
 // ----------------------------------------------------------------------------- backward elementwise
-// block (kBwdCols, kBwdRowsThreads); grid (ceil(N/kBwdCols), ceil(M/kBwdRows), G).
+// block (kBwdCols, kBwdRowsThreads); grid (ceil(M/kBwdRows), ceil(N/kBwdCols), G): the row tiles on x, the only
+// grid axis past 65535 blocks (flattened [B, T, K] inputs reach millions of rows).
 template <typename T>
 __global__ void act_bwd_kernel(const T* __restrict__ gy, const typename Tr<T>::E* __restrict__ ge,
                                const T* __restrict__ y, const T* __restrict__ z, T* __restrict__ gz,
@@ -171,8 +172,8 @@ __global__ void act_bwd_kernel(const T* __restrict__ gy, const typename Tr<T>::E
   using E = typename Tr<T>::E;
   __shared__ E shm[kBwdRowsThreads][kBwdCols];
   const int64_t g = blockIdx.z;
-  const int64_t n = (int64_t)blockIdx.x * kBwdCols + threadIdx.x;
-  const int64_t m0 = (int64_t)blockIdx.y * kBwdRows;
+  const int64_t n = (int64_t)blockIdx.y * kBwdCols + threadIdx.x;
+  const int64_t m0 = (int64_t)blockIdx.x * kBwdRows;
   const C c = p != 0 ? (C)ge[g] * (C)scale : C(0);
   const bool need_z = act == 2 || act == 3 || act == 6;
   E col = E(0);
@@ -196,7 +197,7 @@ __global__ void act_bwd_kernel(const T* __restrict__ gy, const typename Tr<T>::E
     if (threadIdx.y == 0 && n < N) {
       E s = E(0);
       for (int i = 0; i < kBwdRowsThreads; ++i) s += shm[i][threadIdx.x];  // fixed order
-      gb_part[(g * gridDim.y + blockIdx.y) * N + n] = s;
+      gb_part[(g * gridDim.x + blockIdx.x) * N + n] = s;
     }
   }
 }
@@ -214,7 +215,7 @@ template <typename T>
 int launch_bwd(const void* gy, const void* ge, const void* y, const void* z, void* gz, void* gb_part, double scale,
                int64_t G, int64_t M, int64_t N, int act, int p, cudaStream_t s) {
   if (G == 0 || M == 0 || N == 0) return 0;
-  dim3 grid((unsigned)((N + kBwdCols - 1) / kBwdCols), (unsigned)minaction_act_bwd_row_tiles(M), (unsigned)G);
+  dim3 grid((unsigned)minaction_act_bwd_row_tiles(M), (unsigned)((N + kBwdCols - 1) / kBwdCols), (unsigned)G);
   dim3 block(kBwdCols, kBwdRowsThreads);
   using E = typename Tr<T>::E;
   act_bwd_kernel<T><<<grid, block, 0, s>>>(static_cast<const T*>(gy), static_cast<const E*>(ge),

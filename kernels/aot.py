@@ -40,7 +40,7 @@ def variants(full=False):
         sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "z_ptr": f"*{dt}",
                "part_ptr": "*fp32"}
         for n in ("M", "N", "K", "stride_xg", "stride_xm", "stride_xk", "stride_wg", "stride_wn", "stride_wk",
-                  "stride_bg", "stride_yg", "stride_ym"):
+                  "stride_bg", "stride_yg", "stride_ym", "M_BUCKET"):
             sig[n] = "i32"
         const = {"HAS_BIAS": has_b, "ACT": act, "P": p, "KEEP_Z": act in keep_z, "ALLOW_TF32": tf32 and dt == "fp32",
                  "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64 if dt != "fp32" else 32, "GROUP_M": 8}

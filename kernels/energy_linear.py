@@ -24,7 +24,7 @@ Activation codes (constexpr ``ACT``, ``minaction.backends.ACT_CODES``): 0 identi
 2 gelu (erf), 3 silu, 4 tanh, 5 sigmoid, 6 gelu_tanh (gelu's tanh approximation). NaN and Inf
 behave exactly as in torch, forward and backward (``relu(nan) = nan``; relu's backward is a
 select on the output like torch's ``threshold_backward``; see ``_act_bwd`` and
-``tests/test_gpu_nan.py``). ``P``: 0 no energy, 1 L1, 2 L2. Arithmetic is float32 (float64 for float64
+``tests/backends/test_gpu_nan.py``). ``P``: 0 no energy, 1 L1, 2 L2. Arithmetic is float32 (float64 for float64
 inputs); outputs are rounded to the input dtype and the energy is computed from the
 rounded ``y`` like the reference backend does.
 
@@ -137,7 +137,7 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, part_ptr,
                       stride_xg, stride_xm, stride_xk,
                       stride_wg, stride_wn, stride_wk,
                       stride_bg,
-                      stride_yg, stride_ym,
+                      stride_yg, stride_ym, M_BUCKET,
                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, P: tl.constexpr, KEEP_Z: tl.constexpr,
                       ALLOW_TF32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -145,7 +145,8 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, part_ptr,
 
     Grid: (tiles_m * tiles_n, G). Tiles are visited in GROUP_M-row super-groups so that
     neighbouring programs share rows of x and columns of w in L2. ``part`` is
-    [G, tiles_m * tiles_n], contiguous, in the energy dtype. y and z share strides.
+    [G, tiles_m * tiles_n], contiguous, in the energy dtype. y and z share strides. ``M_BUCKET``
+    (M rounded up to a power of two) is read only by the autotuner's key.
     """
     pid = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
@@ -207,7 +208,8 @@ def act_fwd_kernel(z_ptr, y_ptr, part_ptr, L,
     """
     pid = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    # 64-bit offsets: one group's L = M*N may pass 2**31 values (a large conv output)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
     base = g * L
     z = tl.load(z_ptr + base + offs, mask=mask, other=0.0)
@@ -232,10 +234,11 @@ def act_bwd_kernel(gy_ptr, ge_ptr, y_ptr, z_ptr, gz_ptr, gb_ptr, scale,
 
     All of gy, y, z, gz are contiguous [G, M, N] (z is read only for gelu/silu/gelu_tanh). With
     NEED_B the tile's column sums of gz go to gb[g, pid_m, :] ([G, tiles_m, N]).
-    Grid: (tiles_n, tiles_m, G).
+    Grid: (tiles_m, tiles_n, G): the row tiles on axis 0, the only one a GPU lets pass 65535
+    programs (flattened [B, T, K] inputs reach millions of rows).
     """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -268,7 +271,7 @@ def act_bwd_kernel(gy_ptr, ge_ptr, y_ptr, z_ptr, gz_ptr, gb_ptr, scale,
     if NEED_B:
         # column sums of the rounded gz, like the reference's gz.sum(1)
         col = tl.sum(gzo.to(gb_ptr.dtype.element_ty), axis=0)
-        tl.store(gb_ptr + (g * tl.num_programs(1) + pid_m) * N + rn, col, mask=mask_n)
+        tl.store(gb_ptr + (g * tl.num_programs(0) + pid_m) * N + rn, col, mask=mask_n)
 
 
 # ----------------------------------------------------------------------------- autotuning (GPU only)
@@ -300,13 +303,34 @@ def heuristic_blocks(M, N, K, dtype):
 
 
 if not INTERPRET:
-    _linear_fwd_tuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "ACT", "P", "KEEP_Z"])(
+    _linear_fwd_tuned = triton.autotune(configs=_mm_configs(), key=["M_BUCKET", "N", "K", "ACT", "P", "KEEP_Z"])(
         linear_fwd_kernel)
 else:  # pragma: no cover - autotuning needs a GPU driver
     _linear_fwd_tuned = None
 
 
 # ----------------------------------------------------------------------------- launchers
+def m_bucket(M: int) -> int:
+    """The autotuner's key for the row count: M rounded up to a power of two, so that a new batch
+    size, the last partial batch or an evaluation batch reuses a tuned configuration instead of
+    benchmarking all of them again (~1-2 s per layer and size)."""
+    return triton.next_power_of_2(max(int(M), 1))
+
+
+def tf32_matmul() -> bool:
+    """Whether float32 matmuls may use TF32, as cuBLAS decides it. Read through torch's newer
+    ``fp32_precision`` (which also reflects the legacy setters): reading the legacy
+    ``matmul.allow_tf32`` raises once a program has set the new one (torch >= 2.9)."""
+    m = torch.backends.cuda.matmul
+    try:
+        prec = getattr(m, "fp32_precision", None)
+        if prec is not None:
+            return prec == "tf32"
+        return bool(m.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def _finish_energy(part, p, scale, G, device, edt):
     if p == 0:
         return torch.zeros(G, dtype=edt, device=device)
@@ -322,11 +346,11 @@ def linear_forward(x, w, b, act, p, scale, keep_z):
     z = torch.empty((G, M, N), dtype=x.dtype, device=x.device) if keep_z else x.new_empty(0)
     if y.numel() == 0:
         return y, z, torch.zeros(G, dtype=edt, device=x.device)
-    allow_tf32 = bool(x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    allow_tf32 = bool(x.dtype == torch.float32 and x.is_cuda and tf32_matmul())
     common = dict(HAS_BIAS=b is not None, ACT=ACT_CODES[act], P=p, KEEP_Z=keep_z, ALLOW_TF32=allow_tf32)
     args = [x, w, b if b is not None else y, y, z if keep_z else y]
     strides = [M, N, K, x.stride(0), x.stride(1), x.stride(2), w.stride(0), w.stride(1), w.stride(2),
-               b.stride(0) if b is not None else 0, y.stride(0), y.stride(1)]
+               b.stride(0) if b is not None else 0, y.stride(0), y.stride(1), m_bucket(M)]
     if INTERPRET or _linear_fwd_tuned is None:
         bm, bn, bk = INTERPRET_BLOCKS["BLOCK_M"], INTERPRET_BLOCKS["BLOCK_N"], INTERPRET_BLOCKS["BLOCK_K"]
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
@@ -399,7 +423,7 @@ def act_backward(gy, ge, y, z, act, p, scale, need_b=False):
     tm, tn = triton.cdiv(M, bm), triton.cdiv(N, bn)
     gbp = torch.empty((G, tm, N), dtype=edt, device=y.device) if need_b else y
     ge_t = ge.contiguous() if ge.numel() else torch.zeros(G, dtype=edt, device=y.device)
-    act_bwd_kernel[(tn, tm, G)](gy, ge_t, y, zz, gz, gbp, float(scale), M, N,
+    act_bwd_kernel[(tm, tn, G)](gy, ge_t, y, zz, gz, gbp, float(scale), M, N,
                                 ACT=ACT_CODES[act], P=p, NEED_B=need_b, BLOCK_M=bm, BLOCK_N=bn)
     if need_b:
         return gz, gbp.sum(1).to(y.dtype)

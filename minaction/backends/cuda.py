@@ -29,6 +29,13 @@ def _load():
 
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("nvcc / CUDA_HOME not found: install the CUDA toolkit or set CUDA_HOME")
+    home = cpp_extension.CUDA_HOME
+    if not os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+        # torch takes the folder above nvcc's bin/ when CUDA_HOME is unset: a wrapper script such as
+        # /usr/local/bin/nvcc makes that /usr/local, and the build then fails on a missing cuda_runtime.h
+        raise RuntimeError(f"the CUDA toolkit folder {home!r} has no include/cuda_runtime_api.h (torch takes the folder "
+                           "above the nvcc on PATH when CUDA_HOME is unset, and that nvcc may be a wrapper): set "
+                           "CUDA_HOME to the toolkit, e.g. /usr/local/cuda")
     src = source_dir()
     sources = [src / "energy_cuda.cpp", src / "energy_cuda.cu"]
     for s in sources:

@@ -9,6 +9,7 @@ contract and ``docs/kernels.md`` for the design.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -61,28 +62,39 @@ def _native(t: torch.Tensor) -> bool:
     return t.dtype in (_DTYPES_GPU if t.is_cuda else _DTYPES_INTERP)
 
 
+def _on(t: torch.Tensor):
+    """Launch on ``t``'s GPU. Triton launches on torch's *current* device and its stream, so a
+    model on ``cuda:1`` while the current device is 0 ran in GPU 0's context on GPU 1's memory;
+    the CUDA backend takes the same guard (``CUDAGuard``)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- backend primitives
 def linear_forward(x, w, b, act, p, scale, keep_z):
     if not _native(x):
         return composite.linear_forward(x, w, b, act, p, scale, keep_z)
     # the matmul kernel reads x and w through their strides: a shared input expanded over the
     # G models (stride 0) or a transposed weight needs no copy
-    return _kernels().linear_forward(x, w, None if b is None else b.contiguous(), act, p, scale, keep_z)
+    with _on(x):
+        return _kernels().linear_forward(x, w, None if b is None else b.contiguous(), act, p, scale, keep_z)
 
 
 def linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b):
     if not _native(y):
         return composite.linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b)
-    return _kernels().linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b)
+    with _on(y):
+        return _kernels().linear_backward(gy, ge, x, w, y, z, act, p, scale, need_x, need_w, need_b)
 
 
 def act_forward(z, act, p, scale, keep_z):
     if not _native(z):
         return composite.act_forward(z, act, p, scale, keep_z)
-    return _kernels().act_forward(z, act, p, scale, keep_z)
+    with _on(z):
+        return _kernels().act_forward(z, act, p, scale, keep_z)
 
 
 def act_backward(gy, ge, y, z, act, p, scale):
     if not _native(y):
         return composite.act_backward(gy, ge, y, z, act, p, scale)
-    return _kernels().act_backward(gy, ge, y, z, act, p, scale)
+    with _on(y):
+        return _kernels().act_backward(gy, ge, y, z, act, p, scale)
