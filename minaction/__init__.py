@@ -80,6 +80,13 @@ def __getattr__(name: str):
         module = _importlib.import_module(f".{name}", __name__)
         globals()[name] = module
         return module
+    if name in ("kernels", "_csrc"):  # bound by _bind_checkout_sources or an install's import hook
+        try:
+            module = _importlib.import_module(f".{name}", __name__)
+        except ImportError as exc:  # no triton: hasattr() and tools that walk attributes see a missing one
+            raise AttributeError(f"module 'minaction' has no attribute {name!r} ({exc})") from exc
+        globals()[name] = module
+        return module
     raise AttributeError(f"module 'minaction' has no attribute {name!r}")
 
 

@@ -1111,6 +1111,15 @@ def test_submodules_load_lazily_like_torch():
     _prints_ok(code)
 
 
+def test_kernel_folders_are_attributes_after_import():
+    """`import minaction.kernels` then `minaction.kernels` raised AttributeError: the checkout binding puts
+    the two folders in sys.modules, which the import system then never sets on the package."""
+    _prints_ok("import sys, minaction._csrc, minaction.kernels, minaction\n"
+               "assert minaction.kernels is sys.modules['minaction.kernels']\n"
+               "assert minaction._csrc is sys.modules['minaction._csrc']\n"
+               "print('ok')\n")
+
+
 def test_import_before_torch_loads_the_core_on_first_use():
     """Imported before torch (as the `minaction` command is), the core waits for its first use; every
     name is there all the same. Imported after torch, it loads at once (its ops registered)."""
