@@ -237,4 +237,4 @@ def test_gpu_models_check_runs_on_the_cpu(bench_path, capsys):
     finally:
         sys.modules.pop("gpu_models_check", None)
     out = capsys.readouterr().out
-    assert out.count("ok   ") == 16 and "0 problem(s)" in out
+    assert out.count("ok   ") == 32 and "0 problem(s)" in out  # 4 archs x 4 stems x (float64, float32)
