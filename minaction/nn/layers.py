@@ -364,8 +364,8 @@ class EnergyLinear(EnergyLayer, nn.Linear):
         for what, v in (("in_features", in_features), ("out_features", out_features), ("num_models", num_models)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
                 raise TypeError(f"{type(self).__name__}: {what} must be an int, got {v!r}")
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        if in_features < 0 or out_features < 0:  # zero is allowed, as nn.Linear allows it
+            raise ValueError(f"in_features and out_features must be >= 0, got {in_features}, {out_features}")
         if num_models is not None and num_models <= 0:
             raise ValueError(f"num_models must be positive, got {num_models}")
         self._init_energy(activation, energy, energy_reduction, penalty)
@@ -383,7 +383,9 @@ class EnergyLinear(EnergyLayer, nn.Linear):
     @torch.no_grad()
     def reset_parameters(self, generator: Optional[torch.Generator] = None, model: Optional[int] = None) -> None:
         """``nn.Linear``'s initialisation; for a batched layer, each model (or only ``model``) in turn."""
-        wbound, bound = _kaiming_bound(self.in_features), 1.0 / math.sqrt(self.in_features)
+        # no inputs: nn.Linear's bias bound is 0 then (and its weight has no elements)
+        wbound, bound = ((_kaiming_bound(self.in_features), 1.0 / math.sqrt(self.in_features))
+                         if self.in_features else (0.0, 0.0))
         if model is not None and (self.num_models is None or not 0 <= int(model) < self.num_models):
             raise ValueError(f"reset_parameters(model={model}): this layer holds "
                              + ("one model (model must be None)" if self.num_models is None

@@ -123,11 +123,26 @@ def test_bad_options():
         EnergyLinear(2, 2, energy="l3")
     with pytest.raises(ValueError, match="energy_reduction"):
         EnergyLinear(2, 2, energy_reduction="max")
-    with pytest.raises(ValueError, match="positive"):
-        EnergyLinear(0, 2)
+    with pytest.raises(ValueError, match=">= 0"):
+        EnergyLinear(-1, 2)
     el = EnergyLinear(3, 2, num_models=4)
     with pytest.raises(ValueError, match="4 models"):
         el(torch.randn(3, 5, 3))
+
+
+@pytest.mark.parametrize("k, n", [(0, 5), (4, 0), (0, 0)])
+@pytest.mark.parametrize("G", [None, 2])
+def test_zero_features_as_nn_linear(k, n, G):
+    """nn.Linear(0, N) and nn.Linear(K, 0) are legal; EnergyLinear raised on them. With no inputs the output
+    is act(bias), and nn.Linear's bias bound is then 0."""
+    layer = EnergyLinear(k, n, num_models=G)
+    x = torch.randn(3, k, requires_grad=True)
+    y = layer(x)
+    assert y.shape == ((3, n) if G is None else (G, 3, n))
+    (y.sum() + layer.last_energy.sum()).backward()
+    assert x.grad.shape == x.shape and layer.weight.grad.shape == layer.weight.shape
+    if k == 0:
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias)) and not y.any()
 
 
 def test_backend_selection_and_info(monkeypatch):
