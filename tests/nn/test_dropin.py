@@ -782,6 +782,33 @@ def test_checkpoint_reentrant_warns_for_the_loss_term_and_the_penalty_form_train
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpoints_recomputation_is_not_a_new_call(reentrant):
+    """A checkpoint recomputes its layers inside the backward. That replaced the layers' energies: after
+    backward() total_energy(model) counted only the layers the recomputation reached (a non-reentrant
+    checkpoint stops once it has what the backward needs; the layers outside it were left out), and a tape
+    open across the backward recorded each checkpointed call twice. The energies read after backward are
+    now the forward's; with use_reentrant=True they are the recomputed ones (the same values, with a graph)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(EnergyLinear(6, 8, activation="gelu"), EnergyLinear(8, 8))
+    model = nn.Sequential(EnergyLinear(6, 6), nn.Identity(), EnergyLinear(8, 3, energy=None))
+    model[1] = inner
+    x, y = torch.randn(5, 6, requires_grad=True), torch.arange(5) % 3
+    run = lambda t: model[2](checkpoint(inner, model[0](t), use_reentrant=reentrant))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reentrant loss form's documented no-gradient warning
+        with minaction.record_energy(model) as tape:
+            out = run(x)
+            before = float(minaction.total_energy(model))
+            F.cross_entropy(out, y).backward()
+            after = float(minaction.total_energy(model))
+    assert after == before and len(tape) == 3 and float(tape.total()) == before
+    if reentrant:
+        assert all(layer.last_energy.requires_grad for layer in inner)
+
+
 def test_checkpoint_sequential_reentrant_warns_for_the_checkpointed_layers():
     """checkpoint_sequential leaves its last segment out of the checkpoint: that layer's energy has a gradient,
     so the sum has one too, and the checkpointed layers' energy term was lost without a word. Each layer is asked
@@ -1175,6 +1202,42 @@ def test_torch_compile_fullgraph_step_with_total_energy():
         warnings.simplefilter("ignore")
         compiled = torch.compile(step, fullgraph=True)(x)
     torch.testing.assert_close(compiled, step(x))
+
+
+def test_torch_compile_with_nonreentrant_checkpoint_and_dynamos_side_effect_flag():
+    """docs/core.md: under torch.compile, energy layers inside a use_reentrant=False checkpoint run eager
+    (dynamo refuses the energy write as a side effect of the checkpoint's HOP); with dynamo's
+    skip_fwd_side_effects_in_bwd_under_checkpoint the model compiles to one graph and trains as eager."""
+    from torch._dynamo.utils import counters
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(EnergyLinear(6, 8, activation="gelu"), EnergyLinear(8, 8))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    eager, net = Net().double(), Net().double()
+    net.load_state_dict(eager.state_dict())
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    (F.cross_entropy(eager(x), y) + 0.1 * minaction.total_energy(eager)).backward()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(net)
+        loss = F.cross_entropy(compiled(x), y) + 0.1 * minaction.total_energy(net)
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch.testing.assert_close(minaction.total_energy(net), minaction.total_energy(eager), rtol=1e-12, atol=0)
+    for (n, a), (_, r) in zip(net.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-10, atol=1e-12, msg=n)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("dynamic", [None, True])
