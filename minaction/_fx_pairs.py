@@ -289,6 +289,12 @@ def output_modules(model: nn.Module, notes: Optional[list] = None) -> Tuple[set,
                 if before >= 0:  # the layer that the last module (an activation, if a pair) follows
                     layers.add(id(children[before]))
             continue
+        if type(m).__module__.startswith("torch.nn.parallel") and isinstance(getattr(m, "module", None), nn.Module):
+            # DistributedDataParallel / DataParallel: the output is the wrapped module's (fx cannot read their
+            # forward, and the guess below warned on every rank although it guessed right)
+            modules.add(id(m.module))
+            todo.append(m.module)
+            continue
         if isinstance(m, (nn.ModuleList, nn.ModuleDict)) or not m._modules or type(m).__module__.startswith(
                 "torch.nn.modules"):
             continue  # a leaf, or torch's own module (its forward is known: its output is not a child's)

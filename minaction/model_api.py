@@ -1226,7 +1226,9 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
         for path, note in rep.notes:  # an assumption about the model that the user should check
             warnings.warn(f"minaction.convert: {path}: {note}", UserWarning, stacklevel=2)
     if not rep.converted and not any(isinstance(m, EnergyLayer) for m in model.modules()):
-        reasons = "; ".join(f"{n}: {d}" for n, d in rep.skipped[:6]) or "it has no Linear or Conv layers"
+        # reasons about the layers themselves first, fx's failures to read a forward (attention's slicing) last
+        skipped = sorted(rep.skipped, key=lambda nd: "could not be traced by torch.fx" in nd[1])
+        reasons = "; ".join(f"{n}: {d}" for n, d in skipped[:6]) or "it has no Linear or Conv layers"
         more = f" (and {len(rep.skipped) - 6} more)" if len(rep.skipped) > 6 else ""
         warnings.warn(f"minaction.convert converted nothing in {type(model).__name__}: {reasons}{more}. "
                       f"Note: {_FUNCTIONAL_HINT}.", UserWarning, stacklevel=2)

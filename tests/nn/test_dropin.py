@@ -1841,3 +1841,36 @@ def test_a_tape_without_a_model_warns_when_another_thread_adds_to_it():
             done.wait()
     t.join()
     assert len(tape) == 1
+
+
+def test_convert_reads_through_a_data_parallel_wrapper(monkeypatch):
+    """convert(DistributedDataParallel(model)) warned on every rank of a 2-process job that DDP's forward could
+    not be read with torch.fx (its *inputs), although it guessed the output right. torch.nn.parallel's wrappers
+    output their .module's output: convert reads that module, and never the wrapper's forward."""
+    from minaction import _fx_pairs
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.r, self.b, self.g, self.head = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.GELU(), \
+                nn.Linear(8, 3)
+
+        def forward(self, x, targets=None):
+            return self.head(self.g(self.b(self.r(self.a(x)))))
+
+    real = _fx_pairs._trace
+
+    def trace(m, *args, **kwargs):
+        if type(m).__module__.startswith("torch.nn.parallel"):
+            raise TypeError("Proxy object cannot be iterated")  # what DDP's forward gives fx with 2 ranks
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(_fx_pairs, "_trace", trace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, rep = minaction.convert(nn.DataParallel(Net()), return_report=True)
+    assert [n for n, _ in rep.converted] == ["module.a", "module.b"]
+    assert "module.head" in dict(rep.skipped) and not rep.notes, rep.notes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the notes are warned without return_report
+        minaction.convert(nn.DataParallel(Net()))
