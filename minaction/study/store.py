@@ -159,6 +159,10 @@ def _check_header(path: Path) -> None:
                          f"are not the SQLite header); give another --db")
 
 
+#: columns every study store's ``runs`` table has had since the first one
+_STORE_RUN_KEYS = frozenset({"run_id", "preset", "arch", "dataset", "lam", "seed", "config_json", "status"})
+
+
 def _check_contents(con: sqlite3.Connection, path: Path, require_runs: bool) -> None:
     """A damaged (e.g. truncated) file, or an SQLite file that is not a study store, is refused."""
     rows = [r[0] for r in con.execute("PRAGMA quick_check(3)")]
@@ -170,6 +174,13 @@ def _check_contents(con: sqlite3.Connection, path: Path, require_runs: bool) -> 
     if (require_runs or tables) and "runs" not in tables:
         raise StoreError(f"{str(path)!r} is an SQLite database but not a study store (no 'runs' table; tables: "
                          f"{sorted(tables)}); give another --db")
+    if "runs" in tables:
+        # another program's table of that name: refused before anything (WAL mode, our tables) is written into it
+        cols = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+        missing = sorted(_STORE_RUN_KEYS - cols)
+        if missing:
+            raise StoreError(f"{str(path)!r} is an SQLite database but not a study store (its 'runs' table lacks "
+                             f"{', '.join(missing)}; columns: {sorted(cols)}); give another --db")
 
 
 def _wal_has_changes(path: Path) -> bool:
@@ -444,9 +455,15 @@ def release_writer_lock(f) -> None:
     try:
         fcntl.flock(f, fcntl.LOCK_UN)
     finally:
-        f.close()
-        if g is not None:
-            g.close()  # closing drops its flock
+        for h in (f, g):
+            if h is None:
+                continue
+            try:
+                h.close()  # closing drops its flock
+            except OSError:
+                # a note _write_note could not write (a full disk) is flushed again by close(), which raised and
+                # hid the error that stopped the study; the file is closed all the same (io closes it in a finally)
+                pass
 
 
 def writer(path) -> Optional[str]:

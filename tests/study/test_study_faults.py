@@ -446,7 +446,7 @@ def _store_with_runs(path, n=60):
     con.close()
 
 
-@pytest.mark.parametrize("kind", ["text", "truncated", "other-sqlite", "folder"])
+@pytest.mark.parametrize("kind", ["text", "truncated", "other-sqlite", "other-runs-table", "folder"])
 def test_files_that_are_not_stores(tmp_path, capsys, kind):
     folder = tmp_path / "d"
     folder.mkdir()
@@ -465,13 +465,20 @@ def test_files_that_are_not_stores(tmp_path, capsys, kind):
         con.commit()
         con.close()
         needle = "not a study store"
+    elif kind == "other-runs-table":  # another program's `runs`: it was put in WAL mode and given our tables
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE runs (id INTEGER, name TEXT)")
+        con.commit()
+        con.close()
+        needle = "its 'runs' table lacks"
     else:
         db.mkdir()
         needle = "is a folder"
     before = _snapshot(folder)
     preset = _preset(tmp_path)
     for args in (["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress"],
-                 ["study", "status", "--db", str(db)]):
+                 ["study", "status", "--db", str(db)], ["study", "export", "--db", str(db), "--out",
+                                                         str(tmp_path / "x.jsonl.gz")]):
         assert main(args) == 2, args
         _one_line_error(capsys.readouterr().err, str(db), needle)
         assert _snapshot(folder) == before  # no byte changed, no -wal, -shm or lock file made
@@ -513,6 +520,40 @@ def test_full_disk_stops_with_one_line_and_resumes(tmp_path, monkeypatch, capsys
     con = sqlite3.connect(db)
     assert con.execute("SELECT COUNT(*), COUNT(DISTINCT run_id) FROM runs").fetchone() == (12, 12)
     con.close()
+
+
+def test_full_disk_at_the_flops_marker_and_at_the_lock_note(tmp_path, monkeypatch, capsys):
+    """Two writes a full disk reached outside the guarded ones (a trial on real tmpfs filesystems): the new
+    store's FLOPs-rule marker gave a traceback, and closing the lock file, which flushed again a note that
+    could not be written, raised ENOSPC and hid the one-line error naming the store."""
+    from minaction.study import recount
+
+    real = store.set_meta
+
+    def full(con, key, value):
+        if key == recount.FLOPS_META:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(con, key, value)
+
+    preset = _preset(tmp_path, lams=[0.0], seeds=[0])
+    db = tmp_path / "m.sqlite"
+    monkeypatch.setattr(store, "set_meta", full)
+    assert main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"]) == 2
+    _one_line_error(capsys.readouterr().err, str(db), "database or disk is full")
+
+    class NoteThatCannotBeFlushed:  # what the lock file's close() did with an unwritten note on a full disk
+        def __init__(self, fd):
+            self.fd = fd
+
+        def fileno(self):
+            return self.fd
+
+        def close(self):
+            os.close(self.fd)
+            raise OSError(28, "No space left on device")
+
+    fd = os.open(tmp_path / "x.lock", os.O_RDWR | os.O_CREAT)
+    store.release_writer_lock(NoteThatCannotBeFlushed(fd))  # no error: the lock ends with the file
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
