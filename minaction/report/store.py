@@ -44,25 +44,15 @@ class Store:
 
 
 def _open_readonly(path: Path) -> sqlite3.Connection:
-    """``mode=ro``; in a folder this process cannot write (SQLite cannot create the WAL index
-    ``-shm`` there) ``immutable=1``, unless a ``-wal`` file holds changes that would be missed."""
-    base = path.resolve().as_uri()  # as_uri: quotes ?, #, %
-    con = None
-    try:
-        con = sqlite3.connect(f"{base}?mode=ro", uri=True)
-        con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        return con
-    except sqlite3.DatabaseError as exc:
-        if con is not None:
-            con.close()
-        if "readonly" not in str(exc) and "unable to open" not in str(exc):
-            return sqlite3.connect(f"{base}?mode=ro", uri=True)  # the caller names what is wrong
-        wal = path.with_name(path.name + "-wal")
-        if wal.exists() and wal.stat().st_size > 0:
-            raise ValueError(f"cannot read {path}: its folder is not writable and {wal} holds changes not yet "
-                             f"merged into it; make the folder writable (or copy the store with its -wal file "
-                             f"to a writable folder)") from exc
-        return sqlite3.connect(f"{base}?mode=ro&immutable=1", uri=True)
+    """The study commands' read-only opener (:func:`minaction.study.store.open_readonly`): the file's
+    header, a damaged file (SQLite's quick_check) and a foreign database are refused before SQLite
+    creates anything beside it; in a folder this process cannot write, an ``immutable`` snapshot unless
+    a ``-wal`` file holds changes that would be missed. Before session 22 the report opened the file
+    itself with ``mode=ro``: it made ``-wal``/``-shm`` files beside a truncated store and reported from a
+    store with damaged pages."""
+    from minaction.study import store as study_store
+
+    return study_store.open_readonly(path)
 
 
 #: the store's meta key that says how its training FLOPs were counted ("step": on a training step;
@@ -82,6 +72,8 @@ def load_store(db) -> Store:
     """Load ``db`` (a path to a study store). Raises ``FileNotFoundError`` / ``ValueError``
     with the problem named when the file is missing or is not a study store."""
     path = Path(db)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a study store; give the .sqlite file")
     if not path.is_file():
         raise FileNotFoundError(f"study store not found: {path}")
     try:

@@ -197,6 +197,23 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="no 'runs' table"):
         build_report(empty, tmp_path / "o")
     db = make_synthetic_store(tmp_path / "s.sqlite")
+    # the study commands' checks (a guarantees trial: the report made -wal/-shm files beside a truncated store,
+    # and reported from one with damaged pages)
+    data = db.read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cut.sqlite").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="damaged"):
+        build_report(bad / "cut.sqlite", tmp_path / "o")
+    flipped = bytearray(data)
+    for i in range(len(data) // 2, len(data) // 2 + 400):
+        flipped[i] ^= 0x5A
+    (bad / "flipped.sqlite").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="damaged|malformed"):
+        build_report(bad / "flipped.sqlite", tmp_path / "o")
+    assert sorted(p.name for p in bad.iterdir()) == ["cut.sqlite", "flipped.sqlite"]  # nothing made beside them
+    with pytest.raises(ValueError, match="is a folder"):
+        build_report(bad, tmp_path / "o")
     with pytest.raises(TypeError, match="unknown report options"):
         build_report(db, tmp_path / "o", n_boots=3)
     with pytest.raises(ValueError, match="efficiency_metric"):
