@@ -24,6 +24,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
 from pathlib import Path
 
 from . import store
@@ -91,6 +92,10 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
     return {"runs": len(runs), "path": str(out), "not_exported": left}
 
 
+class ArchiveDamaged(ValueError):
+    """An archive's gzip stream ends early or is damaged (read up to there)."""
+
+
 def read_archive(path):
     """``(header, iterator of run records)`` of an archive; a file that is not one raises
     ``ValueError`` naming it and the cause."""
@@ -114,7 +119,16 @@ def read_archive(path):
 
     def records():
         with f:
-            for n, line in enumerate(f, start=2):
+            n = 1
+            while True:
+                n += 1
+                try:
+                    line = f.readline()
+                except (EOFError, OSError, zlib.error) as exc:  # a cut or damaged gzip stream (an interrupted copy)
+                    raise ArchiveDamaged(f"{str(path)!r} is truncated or damaged at line {n} "
+                                         f"({type(exc).__name__}: {exc})") from None
+                if not line:
+                    return
                 if not line.strip():
                     continue
                 try:
@@ -126,6 +140,16 @@ def read_archive(path):
                                      f"the archive is damaged") from None
                 yield rec
     return header, records()
+
+
+def _import_one(con, rec: dict, recorded: dict, counts: dict) -> None:
+    run = rec["run"]
+    before = recorded.get(run["run_id"])
+    if before in ("done", "diverged"):
+        counts["kept"] += 1
+        return
+    store.record_run(con, run, rec.get("epochs", ()), rec.get("evals", ()))
+    counts["replaced_failed" if before == "failed" else "imported"] += 1
 
 
 def import_runs(db, archive) -> dict:
@@ -147,15 +171,15 @@ def import_runs(db, archive) -> dict:
                 store.set_meta(con, key, value)
         counts = {"imported": 0, "kept": 0, "replaced_failed": 0}
         seen = 0
-        for rec in records:
-            seen += 1
-            run = rec["run"]
-            before = recorded.get(run["run_id"])
-            if before in ("done", "diverged"):
-                counts["kept"] += 1
-                continue
-            store.record_run(con, run, rec.get("epochs", ()), rec.get("evals", ()))
-            counts["replaced_failed" if before == "failed" else "imported"] += 1
+        try:
+            for rec in records:
+                seen += 1
+                _import_one(con, rec, recorded, counts)
+        except ArchiveDamaged as exc:
+            raise ValueError(f"{exc}: {seen} run records were read of the {expected} its header lists; the "
+                             f"{counts['imported'] + counts['replaced_failed']} runs imported are kept (copy the "
+                             f"archive again and import it: the runs already in the store are kept, not "
+                             f"duplicated)") from None
         if expected is not None and seen != expected:
             raise ValueError(f"{str(archive)!r} holds {seen} run records but its header says {expected}: the archive "
                              f"is truncated or damaged ({counts['imported']} runs were imported; they are kept)")

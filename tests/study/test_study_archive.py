@@ -134,6 +134,13 @@ def test_bad_archives_are_named(tmp_path, source_db):
     with pytest.raises(ValueError, match="holds 2 run records but its header says 6"):
         import_runs(db, cut)
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
+    # the gzip stream itself cut (an interrupted copy): an EOFError traceback before (a guarantees trial)
+    data = arc.read_bytes()
+    for k, n in enumerate((len(data) - 1, len(data) - 10, len(data) // 2)):
+        cut = tmp_path / f"bytes{k}.jsonl.gz"
+        cut.write_bytes(data[:n])
+        with pytest.raises(ValueError, match=r"is truncated or damaged at line \d+ .*of the 6 its header lists.*kept"):
+            import_runs(tmp_path / f"bytes{k}.sqlite", cut)
     with pytest.raises(FileNotFoundError, match="no study store"):
         export_runs(tmp_path / "nothing.sqlite", tmp_path / "x.jsonl.gz")
 
