@@ -68,9 +68,15 @@ def _epoch_every_default() -> float:
         out = float(v)
     except ValueError:
         raise ValueError(f"MINACTION_CHECKPOINT_EPOCH_S must be a number of seconds, got {v!r}") from None
-    if out < 0:
-        raise ValueError(f"MINACTION_CHECKPOINT_EPOCH_S must be >= 0, got {v!r}")
+    if not out >= 0 or out == float("inf"):  # NaN compares false
+        raise ValueError(f"MINACTION_CHECKPOINT_EPOCH_S must be a finite number of seconds >= 0, got {v!r}")
     return out
+
+
+def check_env() -> None:
+    """The checkpoint settings the workers read, checked by the driver before anything is scheduled (a bad
+    value failed every run inside its worker, recorded as failed)."""
+    _epoch_every_default()
 
 
 #: Test hook: called as ``after_save(path, loop_state)`` after every successful save.

@@ -425,6 +425,11 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
     spec = with_max_group(load_preset(preset), max_group)
     runs = expand(spec)
     check_backend()
+    if checkpoints:
+        try:
+            checkpoint.check_env()
+        except ValueError as exc:
+            raise StudyConfigError(str(exc)) from None
     check_config(runs, spec)  # before the store exists: a refused preset leaves no empty store behind
     con = store.connect(db)
     lock = None

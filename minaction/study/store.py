@@ -336,7 +336,10 @@ def _inode_lock_path(path) -> Optional[Path]:
         return None
     import tempfile
 
-    folder = Path(tempfile.gettempdir()) / f"minaction-store-locks-{os.getuid()}"
+    # /tmp itself, not $TMPDIR: batch schedulers give each job its own TMPDIR, and two jobs given two names of
+    # one store never saw each other's lock (both trained and recorded the same runs)
+    base = "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
+    folder = Path(base) / f"minaction-store-locks-{os.getuid()}"
     try:
         folder.mkdir(mode=0o700, exist_ok=True)
     except OSError:
@@ -378,10 +381,13 @@ def check_same_file(path, identity) -> None:
     are then lost, or leave a write-ahead log that the next process applies to the new file."""
     now = file_identity(path)
     if identity is not None and now != identity:
-        what = "deleted" if now is None else "replaced by another file"
+        what = "deleted or moved away" if now is None else "replaced by another file"
         raise StoreError(f"the study store {path} was {what} while this study ran; stopping before recording "
-                         f"more runs into a file no one can open. Restore it (or start a new store): the runs "
-                         f"recorded before are in the file that was there, the ones in flight train again")
+                         f"more runs into a file no one can open. The runs recorded before are in that file and "
+                         f"in its write-ahead log {path}-wal, which SQLite merges into it only when the last "
+                         f"connection closes: put the file back under its name beside that -wal file and run the "
+                         f"same command (the runs in flight train again). To move a store, stop its driver first, "
+                         f"or use `minaction study export`")
 
 
 def acquire_writer_lock(path):

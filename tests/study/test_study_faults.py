@@ -228,6 +228,19 @@ def test_bad_backend_is_refused_before_anything_is_recorded(tmp_path, monkeypatc
     assert json.loads(capsys.readouterr().out)["done"] == 6
 
 
+@pytest.mark.parametrize("value", ["abc", "-5", "nan"])
+def test_bad_checkpoint_interval_is_refused_before_anything_is_recorded(tmp_path, monkeypatch, capsys, value):
+    """MINACTION_CHECKPOINT_EPOCH_S (docs/study.md) was read in the workers only: a bad value failed every run,
+    recorded as failed (a guarantees trial), and NaN was taken silently."""
+    preset = _preset(tmp_path)
+    db = tmp_path / "c.sqlite"
+    monkeypatch.setenv("MINACTION_CHECKPOINT_EPOCH_S", value)
+    rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, "MINACTION_CHECKPOINT_EPOCH_S", repr(value))
+    assert not db.exists()
+
+
 def test_unknown_or_unavailable_dataset_is_refused(tmp_path, monkeypatch, capsys):
     pytest.importorskip("minaction.data")
     from minaction.data import DataUnavailableError, cache
@@ -578,7 +591,7 @@ def test_a_store_deleted_or_replaced_while_running_stops_the_study(tmp_path, mon
     rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"was {how if how == 'deleted' else 'replaced by another file'} while this study ran" in err, err
+    assert f"was {'deleted or moved away' if how == 'deleted' else 'replaced by another file'} while this study ran" in err, err
 
 
 # ----------------------------------------------------------------------------- papercut: progress

@@ -182,6 +182,27 @@ def test_writer_lock_follows_hard_links(tmp_path):
     store.release_writer_lock(store.acquire_writer_lock(db))
 
 
+def test_hard_link_lock_ignores_tmpdir(tmp_path, monkeypatch):
+    """Batch schedulers give each job its own TMPDIR: two jobs given two names of one store kept their inode
+    locks in two folders and both trained into it (a guarantees trial). The lock folder is /tmp itself."""
+    import tempfile
+
+    db = tmp_path / "r.sqlite"
+    store.connect(db).close()
+    link = tmp_path / "hard.sqlite"
+    os.link(db, link)
+    (tmp_path / "job1").mkdir()
+    (tmp_path / "job2").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "job1"))
+    f = store.acquire_writer_lock(db)
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "job2"))
+        with pytest.raises(store.StoreBusyError, match="hard link"):
+            store.acquire_writer_lock(link)
+    finally:
+        store.release_writer_lock(f)
+
+
 def _other_process_reads(db, key):
     """A separate process opens the store with plain sqlite3, reads one meta value, closes (as
     `study status`, a report or the sqlite3 shell do while a study runs)."""
