@@ -78,17 +78,25 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
         con.execute("COMMIT")
     finally:
         con.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     header = {"format": FORMAT, "exported_at": store.now_utc(), "runs": len(runs), "meta": meta}
-    # mtime=0: the gzip header carries no timestamp, so equal contents give equal bytes
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-        f.write((json.dumps(header, sort_keys=True) + "\n").encode())
-        for r in runs:
-            rid = r["run_id"]
-            line = {"run": r, "epochs": epochs.get(rid, []), "evals": evals.get(rid, [])}
-            f.write((json.dumps(line, sort_keys=True, allow_nan=False) + "\n").encode())
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # mtime=0: the gzip header carries no timestamp, so equal contents give equal bytes
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write((json.dumps(header, sort_keys=True) + "\n").encode())
+            for r in runs:
+                rid = r["run_id"]
+                line = {"run": r, "epochs": epochs.get(rid, []), "evals": evals.get(rid, [])}
+                f.write((json.dumps(line, sort_keys=True, allow_nan=False) + "\n").encode())
+        tmp.replace(out)
+    except OSError as exc:  # a full disk, a folder that cannot be written: say which file, leave no .partial
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise store.StoreError(f"cannot write the run archive {str(out)!r}: {exc.strerror or exc}; nothing was "
+                               f"written (the store is unchanged)") from None
     return {"runs": len(runs), "path": str(out), "not_exported": left}
 
 

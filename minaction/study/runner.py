@@ -441,8 +441,13 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         con.close()
         raise
     try:
-        ckpt = {"checkpoint_dir": str(checkpoint.directory(db)), "checkpoint_every_s": checkpoint_every_s} \
-            if checkpoints else {}
+        cdir = checkpoint.directory(db)
+        if checkpoints and (cdir.exists() or cdir.is_symlink()) and not cdir.is_dir():
+            # every group warned twice (cannot write, cannot delete) and trained without one: say it once
+            checkpoint.warn(f"{cdir} is not a folder, so this study runs without checkpoints (a killed group "
+                            f"trains again from its start); remove or rename it to have them")
+            checkpoints = False
+        ckpt = {"checkpoint_dir": str(cdir), "checkpoint_every_s": checkpoint_every_s} if checkpoints else {}
         return _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress,
                            limit, retry_failed, max_attempts, threads, on_start, ckpt, balance)
     finally:

@@ -87,7 +87,7 @@ def diagnose(path, exc: BaseException, action: str = "open") -> StoreError:
     low = msg.lower()
     if "full" in low or getattr(exc, "errno", None) == 28:
         why = (f"the disk (or the database's size limit) is full: {msg}. Free some space and run the same command "
-               f"again; the runs recorded so far are kept")
+               f"again; any runs it had recorded are kept")
     elif "not a database" in low:
         why = f"it is not an SQLite database ({msg}); give another --db"
     elif "malformed" in low or "corrupt" in low:

@@ -235,3 +235,19 @@ def test_status_says_why_runs_failed(tmp_path):
         assert row["arch"] == "tiny_fail" and row["dataset"] == "synthetic" and row["runs"] == st["failed"] == 6
         assert row["error"] and "Traceback" not in row["error"]
     assert study_status(db, synth())["failures"] == []  # tiny_mlp's runs: none failed
+
+
+def test_export_that_cannot_be_written_names_the_file_and_leaves_no_partial(source_db, tmp_path, monkeypatch):
+    """A full disk during an export gave `[Errno 28] No space left on device` naming no file, and left the
+    .partial file behind (a guarantees trial on a tmpfs)."""
+    real_open = gzip.GzipFile.write
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gzip.GzipFile, "write", full)
+    out = tmp_path / "o" / "runs.jsonl.gz"
+    with pytest.raises(store.StoreError, match=r"cannot write the run archive .*runs\.jsonl\.gz.*No space left"):
+        export_runs(source_db, out)
+    monkeypatch.setattr(gzip.GzipFile, "write", real_open)
+    assert not out.exists() and not list(out.parent.iterdir())

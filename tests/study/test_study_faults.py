@@ -685,3 +685,15 @@ def test_run_study_under_the_main_guard_passes_the_check(tmp_path, guard):
     r = _script_run(tmp_path, "from minaction.study.runner import check_main_guard\n"
                     "check_main_guard('local')\nprint('passed')\n", module="tool.__main__")
     assert r.returncode == 0 and r.stdout.strip() == "passed", r.stderr
+
+
+def test_a_checkpoint_path_that_is_a_file_is_one_warning(tmp_path, capsys):
+    """<db>.ckpt existing as a file: every group warned twice (cannot write, then cannot delete) and trained
+    without a checkpoint. Now one warning at the start, and the study runs without checkpoints."""
+    preset = _preset(tmp_path)
+    db = tmp_path / "f.sqlite"
+    (tmp_path / "f.sqlite.ckpt").write_text("not a folder")
+    assert main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    warned = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warned) == 1 and "is not a folder, so this study runs without checkpoints" in warned[0], err
