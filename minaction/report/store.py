@@ -71,6 +71,8 @@ def old_flops_rule(store: "Store") -> bool:
 def load_store(db) -> Store:
     """Load ``db`` (a path to a study store). Raises ``FileNotFoundError`` / ``ValueError``
     with the problem named when the file is missing or is not a study store."""
+    if str(db) == "":
+        raise ValueError("the study store's name is empty (--db ''): give its file name, e.g. results/study.sqlite")
     path = Path(db)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a study store; give the .sqlite file")

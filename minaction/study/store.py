@@ -227,6 +227,8 @@ def connect(path, readonly: bool = False) -> sqlite3.Connection:
     a folder that cannot be written: :class:`StoreError` naming the file and the cause, raised
     before anything in the file is changed.
     """
+    if os.fspath(path) == "":
+        raise StoreError("the study store's name is empty (--db ''): give its file name, e.g. results/study.sqlite")
     path = Path(path)
     if readonly:
         return open_readonly(path)
@@ -273,6 +275,8 @@ def open_readonly(path) -> sqlite3.Connection:
     (the file is read as a snapshot, without locks) when no ``-wal`` file holds unmerged
     changes; otherwise it says that the folder must be writable.
     """
+    if os.fspath(path) == "":
+        raise StoreError("the study store's name is empty (--db ''): give its file name, e.g. results/study.sqlite")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"study database {str(path)!r} does not exist")

@@ -697,3 +697,14 @@ def test_a_checkpoint_path_that_is_a_file_is_one_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     warned = [ln for ln in err.splitlines() if "warning" in ln]
     assert len(warned) == 1 and "is not a folder, so this study runs without checkpoints" in warned[0], err
+
+
+def test_an_empty_db_name_is_named(tmp_path, capsys, monkeypatch):
+    """`--db ''` said "the study store '.' is a folder"."""
+    monkeypatch.chdir(tmp_path)
+    preset = _preset(tmp_path)
+    for args in (["study", "run", "--preset", str(preset), "--db", "", "--no-progress"], ["study", "status", "--db", ""],
+                 ["report", "--db", "", "--out", str(tmp_path / "r")]):
+        assert main(args) == 2, args
+        _one_line_error(capsys.readouterr().err, "name is empty (--db '')")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth.toml"]
