@@ -210,24 +210,26 @@ class LoopEnsemble(nn.Module):
         before = [lay.__dict__.get("_last_energy") for lay in layers]  # not the getter: that marks it read
         tapes = list(_layers._TAPES)  # record_energy tapes: their records of this member are spread too
         starts = [len(t.records) for t in tapes]
-        out = m(x)
         G = self.num_models
 
         def spread(e):
             return F.pad(e.reshape(1), (g, G - g - 1))
 
-        for lay, old in zip(layers, before):
-            e = lay.__dict__.get("_last_energy")
-            if e is not None and e is not old and e.dim() == 0:  # the layers this forward ran, as a hook saw them
-                lay.last_energy = spread(e)
-        if tapes:
-            mine = {id(lay) for lay in layers}
-            for t, n0 in zip(tapes, starts):
-                for i in range(n0, len(t.records)):
-                    lay, e = t.records[i]
-                    if id(lay) in mine and e.dim() == 0:
-                        t.records[i] = (lay, spread(e))
-        return out
+        try:
+            return m(x)
+        finally:  # also when the forward stops early: a non-reentrant checkpoint ends its recomputation
+            # once it has what the backward needs, and the layers it ran held a member's 0-dim energy
+            for lay, old in zip(layers, before):
+                e = lay.__dict__.get("_last_energy")
+                if e is not None and e is not old and e.dim() == 0:  # the layers this forward ran
+                    lay.last_energy = spread(e)
+            if tapes:
+                mine = {id(lay) for lay in layers}
+                for t, n0 in zip(tapes, starts):
+                    for i in range(n0, len(t.records)):
+                        lay, e = t.records[i]
+                        if id(lay) in mine and e.dim() == 0:
+                            t.records[i] = (lay, spread(e))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As ``nn.Module``'s; a batched model's state (the GPU's cnn layout, ``[G, ...]`` tensors) is

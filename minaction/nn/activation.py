@@ -149,10 +149,6 @@ class EnergyActivation(EnergyLayer):
         if _layers._exporting():
             return y  # torch.export: the energy is no output of the exported program, and no attribute is set
         d["_call_energy"] = e  # this call's own (energy_report's rows, an observer's penalty)
-        if _layers._recomputing():  # a checkpoint's recomputation inside a backward: not a new call
-            if not self.accumulate:  # (an accumulated sum keeps its own)
-                _layers._adopt_recomputed(self, e)
-            return y
         if self.accumulate and not d.get("_fresh", True) and d.get("_last_energy") is not None:
             # a later call in the same forward of the owner: every call counts (the first one set the sum in this
             # forward, so reading it is safe under torch.compile too)

@@ -112,26 +112,16 @@ def _warn_lost_energy(layer_ref, grad_outputs) -> None:
         UserWarning, stacklevel=2)
 
 
-def _recomputing() -> bool:
-    """A forward running inside a backward: ``torch.utils.checkpoint`` recomputing the layer (either
-    ``use_reentrant``). It is no new call: the layer keeps the energy of the call it recomputes (see
-    :func:`_adopt_recomputed`), and tapes do not record it again. Before session 22 the recomputed energy replaced the kept one, so
-    ``total_energy(model)`` read after ``backward()`` counted only the layers the recomputation reached
-    (a non-reentrant checkpoint stops once it has what the backward needs), an accumulating activation
-    added its recomputed energy to its sum, and a tape open across the backward recorded every
-    checkpointed call twice. (A module run from a backward hook counts as a recomputation too.) Never
-    while torch.compile traces: dynamo cannot trace the query, and a compiled graph recomputes inside
-    its own backward, not through the module."""
-    return not _compiling() and _graph_task() >= 0
-
-
-def _adopt_recomputed(layer: nn.Module, e: torch.Tensor) -> None:
-    """A recomputation's energy replaces the kept one only where that has no graph: the first forward
-    of ``use_reentrant=True`` ran without autograd, and the recomputed energy (the same value) is the
-    one that trained. Which ``total_energy`` calls read it (``_read``) stays as it was."""
-    old = layer.__dict__.get("_last_energy")
-    if isinstance(e, torch.Tensor) and e.requires_grad and (old is None or not old.requires_grad):
-        layer.__dict__["_last_energy"] = e
+def _new_call() -> bool:
+    """False for a forward that runs inside a backward: ``torch.utils.checkpoint`` recomputing the layer
+    (or a module run from a backward hook). Its energy is stored as any forward's, but it is no new
+    call for ``total_energy``: which calls read the energy (``_read``) stays, so that a sum taken after
+    ``backward()`` counts every layer again, where it counted only the layers the recomputation had
+    reached (a non-reentrant checkpoint stops once it has what the backward needs; session 22). Tapes
+    open before the backward do not record it (:class:`minaction.model_api.EnergyTape`). Always True
+    while torch.compile traces (dynamo cannot trace the query; a compiled graph recomputes inside its
+    own backward)."""
+    return _compiling() or _graph_task() < 0
 
 
 def _after_forward(layer: nn.Module, e: torch.Tensor, old: Optional[torch.Tensor]) -> None:
@@ -140,11 +130,10 @@ def _after_forward(layer: nn.Module, e: torch.Tensor, old: Optional[torch.Tensor
     ``torch.compile`` and ``torch.func``, mark it unread where only ``last_energy`` keeps it (no
     in-layer penalty counts it). A recomputation inside a backward (``torch.utils.checkpoint``) is
     not a new call. (EnergyLinear's fast path inlines this.)"""
-    if _recomputing():
-        return
     if _TAPES:
         _record(layer, e)
-    elif _grad_enabled() and not _compiling() and _interpreter_stack() is None and not layer.penalty:
+    elif (_grad_enabled() and not _compiling() and _interpreter_stack() is None and not layer.penalty
+          and _graph_task() < 0):
         d = layer.__dict__
         if d.get("_unread"):
             _replaced_unread(layer, old)
@@ -241,11 +230,9 @@ class EnergyLayer(nn.Module):
     def last_energy(self, value: Optional[torch.Tensor]) -> None:
         if _exporting():
             return  # torch.export: the energy is no output of the program; a tensor attribute set now would warn
-        if value is not None and _recomputing():
-            _adopt_recomputed(self, value)
-            return
         self.__dict__["_last_energy"] = value
-        self.__dict__["_read"] = None  # which total_energy calls summed it (model_api._current): none yet
+        if _new_call():
+            self.__dict__["_read"] = None  # which total_energy calls summed it (model_api._current): none yet
         if value is not None and not _grad_enabled() and not _compiling():
             _note_no_grad_energy(self, value)
 
@@ -441,18 +428,17 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                 except (RuntimeError, ValueError, TypeError, IndexError):
                     pass
                 else:
-                    if _graph_task() >= 0:  # a recomputation inside a backward (see _recomputing)
-                        _adopt_recomputed(self, e)
-                        return y
                     d = self.__dict__
                     if _TAPES:
                         _record(self, e)
-                    d["_read"] = None  # a new energy: no total_energy call has summed it (model_api._current)
+                    task = _graph_task()
+                    if task < 0:  # not a recomputation inside a backward (see _new_call)
+                        d["_read"] = None  # a new energy: no total_energy call has summed it (model_api._current)
                     if not _grad_enabled():
                         d["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
                         _note_no_grad_energy(self, e)
                         return y
-                    if not (_TAPES or plan.penalty):  # _after_forward, inlined
+                    if not (_TAPES or plan.penalty) and task < 0:  # _after_forward, inlined
                         if d.get("_unread"):
                             _replaced_unread(self, d["_last_energy"])
                         d["_unread"] = True
@@ -467,11 +453,9 @@ class EnergyLinear(EnergyLayer, nn.Linear):
         old = None if _compiling() else self.__dict__.get("_last_energy")  # dynamo would trace the old graph's tensor
         if _exporting():
             return y  # the energy is no output of an exported program; a tensor attribute set now would warn
-        if _recomputing():
-            _adopt_recomputed(self, e)
-            return y
         self.__dict__["_last_energy"] = e
-        self.__dict__["_read"] = None
+        if _new_call():
+            self.__dict__["_read"] = None
         _after_forward(self, e, old)
         if not _grad_enabled() and not _compiling():
             _note_no_grad_energy(self, e)

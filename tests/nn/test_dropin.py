@@ -809,6 +809,72 @@ def test_a_checkpoints_recomputation_is_not_a_new_call(reentrant):
         assert all(layer.last_energy.requires_grad for layer in inner)
 
 
+_CKPT_PATTERNS = r"""
+import sys, types, torch, torch.nn as nn, torch.nn.functional as F, minaction
+from torch.utils.checkpoint import checkpoint
+from minaction.nn import EnergyLinear, EnergyActivation
+from minaction.models.cnn import LoopEnsemble
+torch.manual_seed(0)
+x = torch.randn(6, 8)
+# 1. the energy returned from inside a use_reentrant=True checkpoint (docs/core.md's pattern), one energy layer:
+#    the sum is the layer's own tensor, which the checkpoint makes its output (a hang in backward once)
+block = nn.Sequential(EnergyLinear(8, 16, activation="gelu"), nn.Linear(16, 4))
+ref = [p.detach().clone() for p in block.parameters()]
+out, E = checkpoint(lambda t: (block(t), minaction.total_energy(block)), x.requires_grad_(), use_reentrant=True)
+(out.square().mean() + 0.1 * E).backward()
+g1 = [p.grad.clone() for p in block.parameters()]
+block.zero_grad()
+out2 = block(x)
+(out2.square().mean() + 0.1 * minaction.total_energy(block)).backward()
+assert all(torch.allclose(a, b) for a, b in zip(g1, (p.grad for p in block.parameters())))
+# 2. a tape opened inside the checkpointed function records the recomputation's calls (it raised "no energy layer")
+fc = EnergyLinear(8, 8)
+for reent in (False, True):
+    def f(t):
+        with minaction.record_energy() as tape:
+            h = fc(fc(t))
+        return h, tape.total()
+    h, E = checkpoint(f, x, use_reentrant=reent)
+    (h.sum() + E).backward()
+# 3. a loop ensemble keeps its members' [G] energies through both checkpoints (the non-reentrant one stops early)
+meta = types.SimpleNamespace(input_shape=(8,))
+def member(s):
+    torch.manual_seed(s)
+    return nn.Sequential(EnergyLinear(8, 16), EnergyLinear(16, 4, activation="identity", energy=None))
+for reent in (False, True):
+    ens = LoopEnsemble([member(g) for g in range(3)], meta=meta)
+    out = checkpoint(ens, x.clone().requires_grad_(), use_reentrant=reent)
+    before = minaction.total_energy(ens).detach().clone()
+    (out.square().mean() + 0.1 * minaction.total_energy(ens).sum()).backward()
+    after = minaction.total_energy(ens)
+    assert after.shape == (3,) and torch.equal(after.detach(), before), (reent, before, after)
+# 4. a model run from a backward hook: its energy is that call's, every step
+B = nn.Sequential(EnergyLinear(8, 8))
+seen = []
+A = nn.Linear(8, 8)
+def hook(grad):
+    B(grad)
+    seen.append(float(minaction.total_energy(B)))
+for step in range(3):
+    y = A(x.detach() * (step + 1))
+    y.register_hook(hook)
+    y.square().sum().backward()  # the hook's input, 2y, changes with the step
+    assert float(minaction.total_energy(B)) == seen[-1]
+assert len(set(seen)) == 3
+print("ok")
+"""
+
+
+def test_checkpoint_patterns_that_a_narrower_recomputation_rule_broke():
+    """A first version of session 22's recomputation rule (a forward inside a backward kept the energy of the call
+    it recomputed) hung the backward of docs/core.md's pattern of returning the energy from a reentrant checkpoint,
+    made a tape opened inside the checkpointed function raise, gave a loop ensemble 0-dim energies and froze a
+    model run from a backward hook at its first call's energy (an adversarial review). In a subprocess: a hang
+    meets its timeout instead of the suite's."""
+    r = subprocess.run([sys.executable, "-c", _CKPT_PATTERNS], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 def test_checkpoint_sequential_reentrant_warns_for_the_checkpointed_layers():
     """checkpoint_sequential leaves its last segment out of the checkpoint: that layer's energy has a gradient,
     so the sum has one too, and the checkpointed layers' energy term was lost without a word. Each layer is asked
