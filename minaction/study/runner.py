@@ -41,13 +41,16 @@ def _first_line(exc) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _is_main_test(test) -> bool:
-    """An ``if`` test that reads ``__name__`` and the string "__main__" (``==``, reversed, or
-    inside a larger condition)."""
-    import ast
-    names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
-    consts = {n.value for n in ast.walk(test) if isinstance(n, ast.Constant)}
-    return "__name__" in names and "__main__" in consts
+def _process_start() -> "float | None":
+    """When this process started (seconds since the epoch; Linux), or None."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(ln.split()[1]) for ln in f if ln.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def check_main_guard(executor) -> None:
@@ -82,15 +85,22 @@ def check_main_guard(executor) -> None:
         frame = frame.f_back
     if line is None:
         return
+    started = _process_start()
     try:
+        if started is None or os.stat(path).st_mtime > started + 1:  # (btime is whole seconds)
+            return  # the script may have been edited since it started: its lines may not be the ones running
         with tokenize.open(path) as f:
             tree = ast.parse(f.read(), path)
     except (OSError, SyntaxError, ValueError):
         return
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and _is_main_test(node.test) \
-                and node.lineno <= line <= (node.end_lineno or node.lineno):
-            return
+    # the module-level statement running the call: refused only when it is a plain statement that does not
+    # read __name__ (`main()`, `summary = run_study(...)`); an if/match/try/with/loop around the call, or any
+    # test of __name__ (a conditional expression, `__name__ == "__main__" and main()`), is let through.
+    # False refusals are worse than misses: the workers' own check still catches what this lets through
+    stmt = next((n for n in tree.body if n.lineno <= line <= (n.end_lineno or n.lineno)), None)
+    if stmt is None or not isinstance(stmt, (ast.Expr, ast.Assign, ast.AnnAssign, ast.AugAssign)) \
+            or any(isinstance(n, ast.Name) and n.id == "__name__" for n in ast.walk(stmt)):
+        return
     raise StudyConfigError(
         f"{path}, line {line}: run_study is called outside `if __name__ == \"__main__\":`; the local "
         "executor's worker processes import the main script again and each would start the study too. "

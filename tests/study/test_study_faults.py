@@ -670,18 +670,29 @@ def test_run_study_outside_the_main_guard_is_refused_before_the_store_exists(tmp
         assert not db.exists() and not os.path.exists(str(db) + ".lock")
 
 
-@pytest.mark.parametrize("guard", ['if __name__ == "__main__":', "if '__main__' == __name__ and True:"])
+_GUARDED = {  # the call's statement, after `def main(): check_main_guard('local'); print('passed')`
+    "if": 'if __name__ == "__main__":\n    main()\n',
+    "reversed": "if '__main__' == __name__ and True:\n    main()\n",
+    "constant": 'MAIN = "__main__"\nif __name__ == MAIN:\n    main()\n',
+    "match": 'match __name__:\n    case "__main__":\n        main()\n',
+    "conditional": 'main() if __name__ == "__main__" else None\n',
+    "and": '__name__ == "__main__" and main()\n',
+}
+
+
+@pytest.mark.parametrize("guard", sorted(_GUARDED))
 def test_run_study_under_the_main_guard_passes_the_check(tmp_path, guard):
-    """The check reads the script's syntax tree: a call under the guard (any spelling), or in a
-    function called under it, passes; python -m on a package's __main__ is never imported again."""
-    from minaction.study.runner import check_main_guard  # noqa: F401  (the name the script uses)
+    """The check reads the module-level statement running the call: any compound statement around it or any
+    test of __name__ in it passes (a review found false refusals of match, a conditional expression, `and`,
+    and a guard through a constant); only a plain statement without one (`main()`) is refused. python -m on a
+    package's __main__ is never imported again."""
     body = ("from minaction.study.runner import check_main_guard\n"
-            "def main():\n    check_main_guard('local')\n    print('passed')\n"
-            f"{guard}\n    main()\n")
+            "def main():\n    check_main_guard('local')\n    print('passed')\n" + _GUARDED[guard])
     r = _script_run(tmp_path, body)
     assert r.returncode == 0 and r.stdout.strip() == "passed", r.stderr
-    r = _script_run(tmp_path, body.replace(guard + "\n    main()", "main()"))
-    assert r.returncode != 0 and "StudyConfigError" in r.stderr
+    if guard == "if":
+        r = _script_run(tmp_path, body.replace(_GUARDED[guard], "main()\n"))
+        assert r.returncode != 0 and "StudyConfigError" in r.stderr
     r = _script_run(tmp_path, "from minaction.study.runner import check_main_guard\n"
                     "check_main_guard('local')\nprint('passed')\n", module="tool.__main__")
     assert r.returncode == 0 and r.stdout.strip() == "passed", r.stderr
