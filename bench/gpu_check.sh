@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh [check|bench|all]   # PYTHON=... to pick the interpreter, OUT=dir for results
 #
 # `check` runs steps 1-3c (each bounded by `timeout`: 9.5 minutes at most, so it fits a 10-minute
-# command limit), `bench` runs steps 1 and 4 (5 minutes at most), `all` (the default) both in turn.
+# command limit), `bench` runs steps 1 and 4 (4.5 minutes at most), `all` (the default) both in turn.
 # On a lent machine with a 10-minute limit per command, run `check`, then `bench` as a second call.
 #   1. environment report (GPU, torch/triton/nvcc versions); CUDA_HOME from /usr/local/cuda when unset and
 #      the nvcc on PATH is a wrapper outside a toolkit (torch would take the folder above it)
@@ -23,7 +23,8 @@
 #      batched G=10 form vs a loop of 10 models, and the batched CNN's conv epilogue
 #      (grouped conv + activation_energy(groups=10) vs a loop of 10 members). Written to
 #      $OUT/gpu_table.md.
-# Exit status: non-zero if the build or the tests failed (the table is still attempted).
+# Exit status: 1 if the build, a test or the benchmark failed (the later steps still run); 2 for a bad
+# argument or where no CUDA GPU (or no torch) is visible.
 set -uo pipefail
 MODE=${1:-all}
 case "$MODE" in check|bench|all) ;; *) echo "usage: bash bench/gpu_check.sh [check|bench|all]" >&2; exit 2;; esac
@@ -47,8 +48,12 @@ status=0
 stamp() { echo "== [$(( $(date +%s) - START ))s] $*"; }
 
 stamp "environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -4
-"$PYTHON" - <<'PY' 2>&1
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -4
+else
+  echo "nvidia-smi: not on PATH"
+fi
+"$PYTHON" - <<'PY' 2>&1 | tail -3
 import torch, triton
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__,
       "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)

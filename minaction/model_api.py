@@ -463,9 +463,9 @@ def _energy_twin(mod: nn.Module, act: str, energy, energy_reduction, backend, ac
               device="meta", dtype=mod.weight.dtype)
     sizes = ((getattr(mod, "in_features", None), getattr(mod, "out_features", None)) if type(mod) is nn.Linear
              else (getattr(mod, "in_channels", None), getattr(mod, "out_channels", None)))
-    if 0 in sizes:
-        return (f"{type(mod).__name__} has a zero-size {'feature' if type(mod) is nn.Linear else 'channel'} "
-                f"dimension {sizes} (nn.Linear and nn.Conv*d allow one; the energy layers do not): left as is")
+    if 0 in sizes and type(mod) is not nn.Linear:  # EnergyLinear takes zero features (session 22); the convs do not
+        return (f"{type(mod).__name__} has a zero-size channel dimension {sizes} (nn.Conv*d allows one; the "
+                f"energy convolutions do not): left as is")
     if type(mod) is nn.Linear:
         new = EnergyLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, **kw)
     elif type(mod) in (nn.Conv1d, nn.Conv2d):

@@ -1543,11 +1543,11 @@ def test_create_feature_extractor_on_a_converted_resnet():
 
 def test_convert_skips_a_zero_width_layer_with_its_reason():
     """nn.Linear(0, 4) and nn.Conv2d(3, 0, 1) are legal (torch allows zero features); convert raised the energy
-    layer's "must be positive" error on them. It leaves them as they are and says why."""
+    layer's "must be positive" error on them. A zero-channel conv is left as it is, saying why; a zero-feature
+    Linear converts, since EnergyLinear takes zero features as nn.Linear does (session 22)."""
     model = nn.Sequential(nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     _, rep = minaction.convert(model, return_report=True)
-    assert "zero-size feature dimension (0, 4)" in dict(rep.skipped)["0"]
-    assert [n for n, _ in rep.converted] == ["1", "2"]  # its ReLU still counts, as an EnergyActivation
+    assert [n for n, _ in rep.converted] == ["0", "2"]
     conv = nn.Sequential(nn.Conv2d(3, 0, 1), nn.ReLU(), nn.Flatten(), nn.Linear(0, 2))
     _, rep = minaction.convert(conv, return_report=True)
     assert "zero-size channel dimension (3, 0)" in dict(rep.skipped)["0"]
