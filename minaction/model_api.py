@@ -150,6 +150,11 @@ class EnergyTape:
             raise ValueError("no energy layer that counts energy ran while recording: run the model's forward "
                              "inside `with minaction.record_energy(...) as tape:` (layers built with energy=None, "
                              "and layers outside the model given to record_energy, are not recorded)")
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # calls made in use_reentrant=True's autograd-free first forward: the tape's total would not train them
+            lost = [type(lay).__name__ for lay, e in self.records
+                    if lay.__dict__.get("_reentrant_energy") is e and not lay.penalty]
+            _warn_reentrant(sorted(set(lost)), stacklevel=3)
         total = full_energy(self.records[0][1])
         for _, e in self.records[1:]:
             total = total + full_energy(e)
@@ -191,6 +196,10 @@ def _warn_if_reentrant_checkpoint(model: nn.Module, layers=None) -> None:
     names = [n or type(m).__name__ for n, m in (energy_layers(model) if layers is None else layers)
              if m.__dict__.get("_reentrant_energy") is m.__dict__.get("_last_energy")
              and not m.penalty]  # a layer with its own penalty trains
+    _warn_reentrant(names, stacklevel=4)
+
+
+def _warn_reentrant(names, stacklevel: int) -> None:
     if names:
         warnings.warn(
             f"the energy of {len(names)} layer(s) ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) was "
@@ -201,7 +210,7 @@ def _warn_if_reentrant_checkpoint(model: nn.Module, layers=None) -> None:
             "the checkpointed function (def f(x): out = block(x); return out, minaction.total_energy(block)), or "
             "put the term in the layers with minaction.set_penalty(model, lam) (the recomputation in backward "
             "applies it)",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=stacklevel)
 
 
 _grad_enabled = torch.is_grad_enabled

@@ -1940,3 +1940,21 @@ def test_convert_reads_through_a_data_parallel_wrapper(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the notes are warned without return_report
         minaction.convert(nn.DataParallel(Net()))
+
+
+def test_a_tape_of_a_reentrant_checkpoints_forward_warns():
+    """A tape recording use_reentrant=True's autograd-free first forward lost the energy term without a word,
+    where total_energy warns (an adversarial review). tape.total() now warns the same way."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = nn.Sequential(EnergyLinear(4, 8), EnergyLinear(8, 3, energy=None))
+    x = torch.randn(5, 4, requires_grad=True)
+    with minaction.record_energy(model) as tape:
+        checkpoint(model, x, use_reentrant=True)
+    with pytest.warns(UserWarning, match=r"use_reentrant=True.*no gradient"):
+        assert not tape.total().requires_grad
+    with minaction.record_energy(model) as tape:
+        checkpoint(model, x, use_reentrant=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tape.total().requires_grad
