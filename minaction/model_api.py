@@ -123,13 +123,16 @@ class EnergyTape:
         self._only = None if model is None else {id(m) for m in model.modules()}
         self._thread = threading.get_ident()
         self._warned = False
-        # the backward this tape was opened in (-1: none). A layer call made inside another one (a checkpoint
-        # recomputing the forward this tape recorded) is not recorded again: it counted checkpointed calls twice
+        # the backward this tape was opened in (-1: none). A checkpoint's recomputation inside another one (of
+        # the forward this tape recorded) is not recorded again: it counted checkpointed calls twice
         self._task = -1 if torch.compiler.is_compiling() else torch._C._current_graph_task_id()
 
     def _add(self, layer: nn.Module, e: torch.Tensor) -> None:
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != self._task:
-            return
+            from .nn.layers import checkpoint_recomputing
+
+            if checkpoint_recomputing():  # (a module run from a backward hook is recorded)
+                return
         if layer.p and (self._only is None or id(layer) in self._only):
             if self._only is None and not self._warned and threading.get_ident() != self._thread:
                 self._warned = True

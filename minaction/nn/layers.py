@@ -113,15 +113,38 @@ def _warn_lost_energy(layer_ref, grad_outputs) -> None:
 
 
 def _new_call() -> bool:
-    """False for a forward that runs inside a backward: ``torch.utils.checkpoint`` recomputing the layer
-    (or a module run from a backward hook). Its energy is stored as any forward's, but it is no new
-    call for ``total_energy``: which calls read the energy (``_read``) stays, so that a sum taken after
-    ``backward()`` counts every layer again, where it counted only the layers the recomputation had
-    reached (a non-reentrant checkpoint stops once it has what the backward needs; session 22). Tapes
-    open before the backward do not record it (:class:`minaction.model_api.EnergyTape`). Always True
-    while torch.compile traces (dynamo cannot trace the query; a compiled graph recomputes inside its
-    own backward)."""
-    return _compiling() or _graph_task() < 0
+    """False for a forward that ``torch.utils.checkpoint`` runs inside a backward to recompute the layer.
+    Its energy is stored as any forward's, but it is no new call for ``total_energy``: which calls read the
+    energy (``_read``) stays, so that a sum taken after ``backward()`` counts every layer again, where it
+    counted only the layers the recomputation had reached (a non-reentrant checkpoint stops once it has
+    what the backward needs; session 22). Tapes open before the backward do not record it
+    (:class:`minaction.model_api.EnergyTape`). A module run from a backward hook is a new call. Always True
+    while torch.compile traces (dynamo cannot trace the query; a compiled graph recomputes inside its own
+    backward)."""
+    return _compiling() or _graph_task() < 0 or not checkpoint_recomputing()
+
+
+_CHECKPOINT_FILE = []  # [torch.utils.checkpoint's source file], found lazily
+
+
+def checkpoint_recomputing() -> bool:
+    """Whether ``torch.utils.checkpoint`` (either ``use_reentrant``) is on the Python stack: called only
+    inside a backward (the graph task is set), where a forward is either such a recomputation or a
+    module run from a backward hook. ~50 ns a frame, 256 frames at most, once per layer call in a backward."""
+    if not _CHECKPOINT_FILE:
+        ckpt = sys.modules.get("torch.utils.checkpoint")
+        if ckpt is None:
+            return False
+        _CHECKPOINT_FILE.append(ckpt.__file__)
+    target = _CHECKPOINT_FILE[0]
+    f = sys._getframe(1)
+    for _ in range(256):
+        if f is None:
+            return False
+        if f.f_code.co_filename == target:
+            return True
+        f = f.f_back
+    return False
 
 
 def _after_forward(layer: nn.Module, e: torch.Tensor, old: Optional[torch.Tensor]) -> None:
@@ -432,7 +455,7 @@ class EnergyLinear(EnergyLayer, nn.Linear):
                     if _TAPES:
                         _record(self, e)
                     task = _graph_task()
-                    if task < 0:  # not a recomputation inside a backward (see _new_call)
+                    if task < 0 or not checkpoint_recomputing():  # not a checkpoint's recomputation (_new_call)
                         d["_read"] = None  # a new energy: no total_energy call has summed it (model_api._current)
                     if not _grad_enabled():
                         d["_last_energy"] = e  # skips nn.Module.__setattr__'s bookkeeping (see last_energy)
