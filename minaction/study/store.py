@@ -330,6 +330,10 @@ def lock_path(path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+#: where the hard-link locks live (a folder per user inside it): /tmp itself, not $TMPDIR (see below)
+LOCK_BASE = "/tmp"
+
+
 def _inode_lock_path(path) -> Optional[Path]:
     """A second lock file for the store, named by the file's (device, inode) in the temporary folder:
     a hard link to a store is another name for the same file, with its own ``<db>.lock`` beside it, and
@@ -342,11 +346,18 @@ def _inode_lock_path(path) -> Optional[Path]:
 
     # /tmp itself, not $TMPDIR: batch schedulers give each job its own TMPDIR, and two jobs given two names of
     # one store never saw each other's lock (both trained and recorded the same runs)
-    base = "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK | os.X_OK) else tempfile.gettempdir()
+    base = LOCK_BASE if os.path.isdir(LOCK_BASE) and os.access(LOCK_BASE, os.W_OK | os.X_OK) else tempfile.gettempdir()
     folder = Path(base) / f"minaction-store-locks-{os.getuid()}"
     try:
         folder.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
     except OSError:
+        return None
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        # a folder another user made (or a link) in the shared /tmp: its files could be links that the lock's note
+        # would overwrite. No inode lock then (the lock beside the store still holds for every name but a hard link)
         return None
     return folder / f"{ident[0]}-{ident[1]}.lock"
 
@@ -435,8 +446,8 @@ def acquire_writer_lock(path):
     _write_note(f, note)
     ip = _inode_lock_path(path)
     if ip is not None:
-        try:
-            g = open(ip, "a+")
+        try:  # O_NOFOLLOW: never through a link planted in the folder
+            g = os.fdopen(os.open(ip, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600), "a+")
         except OSError:
             g = None  # the lock beside the file still holds for every name but a hard link
         if g is not None:

@@ -245,3 +245,29 @@ def test_a_side_open_keeps_the_writers_locks(tmp_path, monkeypatch, opened_check
         assert wal_exists and seen == "two"
     else:  # documents the failure the check prevents (POSIX lock semantics, Linux)
         assert not wal_exists or seen == "one"
+
+
+def test_hard_link_lock_folder_of_another_owner_or_a_planted_link_is_not_used(tmp_path, monkeypatch):
+    """The inode locks live in a shared folder (/tmp): a folder someone else made there, or one open to others,
+    is not used, and a lock file planted there as a link is never opened through it (the lock's note would have
+    overwritten the link's target; a review showed it with another user's file)."""
+    base = tmp_path / "tmp"
+    base.mkdir()
+    monkeypatch.setattr(store, "LOCK_BASE", str(base))
+    db = tmp_path / "r.sqlite"
+    store.connect(db).close()
+    folder = base / f"minaction-store-locks-{os.getuid()}"
+    folder.mkdir(mode=0o777)
+    os.chmod(folder, 0o777)  # open to others (as another user's planted folder would be to us)
+    assert store._inode_lock_path(db) is None
+    os.chmod(folder, 0o700)
+    ip = store._inode_lock_path(db)
+    assert ip is not None and ip.parent == folder
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    os.symlink(precious, ip)
+    f = store.acquire_writer_lock(db)  # the lock beside the store still holds
+    try:
+        assert precious.read_text() == "keep me"
+    finally:
+        store.release_writer_lock(f)
