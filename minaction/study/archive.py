@@ -150,6 +150,19 @@ def read_archive(path):
     return header, records()
 
 
+def _check_stream(archive) -> None:
+    """Read the whole gzip stream once, so that its CRC is checked before a run is imported: a flipped bit
+    can still decode to valid JSON (a review found one in a published archive that changed one training
+    loss), and runs imported before the check failed were kept, then kept again over a good copy."""
+    try:
+        with gzip.open(archive, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise ArchiveDamaged(f"{str(archive)!r} is truncated or damaged ({type(exc).__name__}: {exc}): nothing "
+                             f"was imported; copy the archive again") from None
+
+
 def _import_one(con, rec: dict, recorded: dict, counts: dict) -> None:
     run = rec["run"]
     before = recorded.get(run["run_id"])
@@ -169,6 +182,7 @@ def import_runs(db, archive) -> dict:
     done or diverged in the store) and ``replaced_failed``."""
     header, records = read_archive(archive)
     expected = header.get("runs")
+    _check_stream(archive)  # before anything is written: a damaged stream can decode to altered runs
     con = store.connect(db)
     lock = None
     try:
