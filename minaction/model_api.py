@@ -121,7 +121,7 @@ class EnergyTape:
     def __init__(self, model: Optional[nn.Module] = None):
         self.records: List[Tuple[nn.Module, torch.Tensor]] = []
         self._only = None if model is None else {id(m) for m in model.modules()}
-        self._thread = threading.get_ident()
+        self._thread = None if torch.compiler.is_compiling() else threading.get_ident()  # (dynamo cannot trace it)
         self._warned = False
         # the backward this tape was opened in (-1: none). A checkpoint's recomputation inside another one (of
         # the forward this tape recorded) is not recorded again: it counted checkpointed calls twice
@@ -134,7 +134,8 @@ class EnergyTape:
             if checkpoint_recomputing():  # (a module run from a backward hook is recorded)
                 return
         if layer.p and (self._only is None or id(layer) in self._only):
-            if self._only is None and not self._warned and threading.get_ident() != self._thread:
+            if self._only is None and not self._warned and self._thread is not None \
+                    and not torch.compiler.is_compiling() and threading.get_ident() != self._thread:
                 self._warned = True
                 warnings.warn(
                     "minaction.record_energy() without a model recorded an energy-layer call made in another thread: "

@@ -74,6 +74,9 @@ def load_store(db) -> Store:
     if str(db) == "":
         raise ValueError("the study store's name is empty (--db ''): give its file name, e.g. results/study.sqlite")
     path = Path(db)
+    if path.name.endswith((".jsonl.gz", ".gz")) and path.is_file():
+        raise ValueError(f"{path} is a run archive, not a study store: import it first (minaction study import "
+                         f"{path} --db study.sqlite), then report on that store")
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a study store; give the .sqlite file")
     if not path.is_file():

@@ -53,9 +53,20 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
     leaves a truncated archive in place of a good one. Returns ``{"runs": n, "path": out,
     "not_exported": {status: n}}`` (the runs of other statuses, e.g. failed ones, which an import's
     store then plans again)."""
+    if str(db) == "":
+        raise store.StoreError("the study store's name is empty (--db ''): give its file name")
+    if str(out) == "" or Path(out).name == "":
+        raise store.StoreError(f"the archive's name is empty or a folder (--out {str(out)!r}): give a file name, "
+                               f"e.g. runs.jsonl.gz")
     db, out = Path(db), Path(out)
     if not db.exists():
         raise FileNotFoundError(f"no study store at {str(db)!r}")
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise store.StoreError(f"cannot write the run archive {str(out)!r}: {str(parent)!r} is a file, "
+                                       f"not a folder")
+            break
     bad = set(statuses) - set(store.STATUSES)
     if bad:
         raise ValueError(f"unknown run statuses {sorted(bad)}; choose from {store.STATUSES}")

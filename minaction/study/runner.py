@@ -79,9 +79,11 @@ def check_main_guard(executor) -> None:
     frame, line = sys._getframe(1), None
     while frame is not None:
         code = frame.f_code
-        if code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__" \
-                and os.path.abspath(code.co_filename) == path:
-            line = frame.f_lineno
+        if os.path.abspath(code.co_filename) == path:
+            if code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__":
+                line = frame.f_lineno
+            elif "__name__" in code.co_names:
+                return  # a function of the script on the way that tests __name__ itself (`if __name__ != ...: return`)
         frame = frame.f_back
     if line is None:
         return

@@ -1981,3 +1981,24 @@ def test_a_model_run_from_a_backward_hook_is_a_new_call_layerdrop_included():
         y.register_hook(hook)
         y.square().sum().backward()
         assert got["E"] == pytest.approx(got["want"], rel=1e-6), (step, got)
+
+
+def test_record_energy_inside_a_fullgraph_compiled_step():
+    """record_energy() without a model inside torch.compile(fullgraph=True) failed on threading.get_ident, which
+    dynamo cannot trace (a review); the tape's graph-task check is skipped while compiling as well."""
+    torch.manual_seed(0)
+    m = nn.Sequential(EnergyLinear(6, 8), EnergyLinear(8, 8, activation="gelu"), nn.Linear(8, 2))
+    x = torch.randn(5, 6)
+
+    def step(inp):
+        with minaction.record_energy() as tape:
+            a, b = m(inp), m(inp * 2)
+        return a.sum() + b.sum(), tape.total()
+
+    want = step(x)[1]
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, got = torch.compile(step, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(got, want)
+    torch._dynamo.reset()

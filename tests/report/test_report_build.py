@@ -214,6 +214,9 @@ def test_bad_inputs(tmp_path):
     assert sorted(p.name for p in bad.iterdir()) == ["cut.sqlite", "flipped.sqlite"]  # nothing made beside them
     with pytest.raises(ValueError, match="is a folder"):
         build_report(bad, tmp_path / "o")
+    (bad / "runs.jsonl.gz").write_bytes(b"\x1f\x8b")  # an archive given as --db: import it first
+    with pytest.raises(ValueError, match="is a run archive, not a study store: import it first"):
+        build_report(bad / "runs.jsonl.gz", tmp_path / "o")
     with pytest.raises(TypeError, match="unknown report options"):
         build_report(db, tmp_path / "o", n_boots=3)
     with pytest.raises(ValueError, match="efficiency_metric"):

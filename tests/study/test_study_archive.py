@@ -256,3 +256,15 @@ def test_export_that_cannot_be_written_names_the_file_and_leaves_no_partial(sour
         export_runs(source_db, out)
     monkeypatch.setattr(gzip.GzipFile, "write", real_open)
     assert not out.exists() and not list(out.parent.iterdir())
+
+
+def test_export_names_empty_and_file_parent_outputs(source_db, tmp_path):
+    """`study export --db ''` said the store '.' is a folder; `--out ''` gave a raw PosixPath error; an --out under
+    a file said "File exists" without naming it (a review)."""
+    with pytest.raises(store.StoreError, match=r"name is empty \(--db ''\)"):
+        export_runs("", tmp_path / "x.jsonl.gz")
+    with pytest.raises(store.StoreError, match=r"archive's name is empty or a folder"):
+        export_runs(source_db, "")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(store.StoreError, match=r"'.*afile' is a file, not a folder"):
+        export_runs(source_db, tmp_path / "afile" / "sub" / "x.jsonl.gz")

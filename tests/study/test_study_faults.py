@@ -677,6 +677,7 @@ _GUARDED = {  # the call's statement, after `def main(): check_main_guard('local
     "match": 'match __name__:\n    case "__main__":\n        main()\n',
     "conditional": 'main() if __name__ == "__main__" else None\n',
     "and": '__name__ == "__main__" and main()\n',
+    "in the function": 'def run():\n    if __name__ != "__main__":\n        return\n    main()\nrun()\n',
 }
 
 
