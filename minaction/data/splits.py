@@ -185,6 +185,19 @@ def check_options(name: str, opts: dict, seed=0) -> None:
     _check_option_values(name, seed, opts, defaults)
 
 
+#: each option's valid values, as the builders check them when they run (T = -1 passed the type check and
+#: failed every run of a study in its worker)
+_OPTION_RANGES = {
+    "val_fraction": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "T": (lambda v: v >= 1, ">= 1"),
+    "max_prob": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "duration_us": (lambda v: v > 0, "> 0"),
+    "min_freq": (lambda v: v >= 1, ">= 1"),
+    "max_size": (lambda v: v >= 3, ">= 3 (two reserved ids and one token)"),
+    "max_len": (lambda v: v >= 1, ">= 1"),
+}
+
+
 def _check_option_values(name, seed, opts, defaults) -> None:
     """Each option of the type its default has: T=2.7 became 2, standardize="False" standardised, seed=1.5 was
     recorded as given, and val_fraction="0.1" failed deep inside with a comparison error."""
@@ -211,6 +224,10 @@ def _check_option_values(name, seed, opts, defaults) -> None:
             ok, what = isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"
         if not ok:
             raise TypeError(f"dataset {name!r}: option {k} must be {what}, got {v!r}")
+    for k, v in opts.items():  # values the builders would refuse, refused here (the study checks before it runs)
+        rule = _OPTION_RANGES.get(k)
+        if rule is not None and v is not None and not rule[0](v):
+            raise ValueError(f"dataset {name!r}: option {k} must be {rule[1]}, got {v!r}")
     if "val_fraction" in defaults and defaults["val_fraction"] is None and opts.get("val_fraction") is not None:
         raise ValueError(f"dataset {name!r}: its val split is an official one (sst2: the dev set), so val_fraction "
                          f"must stay None, got {opts['val_fraction']!r}")

@@ -567,7 +567,13 @@ def test_option_values_have_their_defaults_types():
              ("ecg200", dict(val_fraction="0.1"), TypeError, "option val_fraction must be a number"),
              ("nmnist", dict(fold_time=1), TypeError, "option fold_time must be True or False"),
              ("sst2", dict(val_fraction=0.2), ValueError, "val_fraction must stay None"),
-             ("mnist", dict(seed=1.5), TypeError, "seed must be an integer, got 1.5")]
+             ("mnist", dict(seed=1.5), TypeError, "seed must be an integer, got 1.5"),
+             # values the builders refuse, refused with the types (the study checks them before it runs: T = -1
+             # failed every run of a study in its worker; a guarantees trial)
+             ("nmnist", dict(T=-1), ValueError, "option T must be >= 1, got -1"),
+             ("mnist_spikes", dict(max_prob=0.0), ValueError, r"option max_prob must be in \(0, 1\]"),
+             ("mnist", dict(val_fraction=1.0), ValueError, r"option val_fraction must be in \[0, 1\)"),
+             ("sst2", dict(max_len=0), ValueError, "option max_len must be >= 1")]
     for name, opts, exc, match in cases:
         with pytest.raises(exc, match=match):
             data.load(name, "train", **opts)

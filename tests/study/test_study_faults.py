@@ -720,3 +720,13 @@ def test_an_empty_db_name_is_named(tmp_path, capsys, monkeypatch):
         assert main(args) == 2, args
         _one_line_error(capsys.readouterr().err, "name is empty (--db '')")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth.toml"]
+
+
+def test_a_data_option_of_an_impossible_value_is_refused_before_the_store_exists():
+    """[data_opts.nmnist] T = -1 (the right type) failed every run of the dataset in its worker (a guarantees
+    trial): the option's value is checked with its type, before anything is scheduled."""
+    from minaction.study.runner import _check_data_opts
+
+    with pytest.raises(StudyConfigError, match=r"\[data_opts.nmnist\]: dataset 'nmnist': option T must be >= 1"):
+        _check_data_opts("nmnist", {"T": -1})
+    _check_data_opts("nmnist", {"T": 4, "seed": 1})
