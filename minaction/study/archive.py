@@ -124,7 +124,7 @@ def read_archive(path):
     try:
         f = gzip.open(path, "rt", encoding="utf-8")
         first = f.readline()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"{str(path)!r} is not a minaction run archive (gzip JSON lines): {exc}") from None
     try:
         header = json.loads(first)
@@ -166,6 +166,12 @@ def _check_stream(archive) -> None:
     can still decode to valid JSON (a review found one in a published archive that changed one training
     loss), and runs imported before the check failed were kept, then kept again over a good copy."""
     try:
+        with open(archive, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return  # not gzip at all (or missing): read_archive names that
+    except OSError:
+        return
+    try:
         with gzip.open(archive, "rb") as f:
             while f.read(1 << 20):
                 pass
@@ -191,9 +197,9 @@ def import_runs(db, archive) -> dict:
     ``StoreBusyError`` at once). Each run is its own transaction, so an interrupted import keeps
     every run it wrote and a rerun finishes it. Returns counts: ``imported``, ``kept`` (already
     done or diverged in the store) and ``replaced_failed``."""
+    _check_stream(archive)  # before anything is written: a damaged stream can decode to altered runs
     header, records = read_archive(archive)
     expected = header.get("runs")
-    _check_stream(archive)  # before anything is written: a damaged stream can decode to altered runs
     con = store.connect(db)
     lock = None
     try:

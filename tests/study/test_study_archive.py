@@ -138,9 +138,14 @@ def test_bad_archives_are_named(tmp_path, source_db):
     # bit flipped inside it, which may still decode to valid JSON: the stream's CRC is checked before any run is
     # written (a review: the runs read before the check failed were kept, altered, and kept over a good copy)
     data = arc.read_bytes()
-    flipped = bytearray(data)
-    flipped[len(data) // 2] ^= 0x01
-    for k, bad in enumerate((data[:-1], data[:-10], data[:len(data) // 2], bytes(flipped))):
+    flips = []
+    # past the gzip header (its stored file name is not covered by the CRC): the first deflate block, where
+    # read_archive's header line failed with zlib.error, to the trailer's CRC
+    for at in (60, 100, len(data) // 3, len(data) // 2, len(data) - 6):
+        flipped = bytearray(data)
+        flipped[at] ^= 0x01
+        flips.append(bytes(flipped))
+    for k, bad in enumerate((data[:-1], data[:-10], data[:len(data) // 2], *flips)):
         cut = tmp_path / f"bytes{k}.jsonl.gz"
         cut.write_bytes(bad)
         with pytest.raises(ValueError, match=r"is truncated or damaged .*nothing was imported"):
