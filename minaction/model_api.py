@@ -128,14 +128,15 @@ class EnergyTape:
         self._task = -1 if torch.compiler.is_compiling() else torch._C._current_graph_task_id()
 
     def _add(self, layer: nn.Module, e: torch.Tensor) -> None:
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != self._task:
-            from .nn.layers import checkpoint_recomputing
+        eager = not torch.compiler.is_compiling()  # (dynamo traces neither query below)
+        if eager and torch._C._current_graph_task_id() != self._task:
+            from .nn.layers import checkpoint_recomputing  # (imported here: only inside a backward)
 
             if checkpoint_recomputing():  # (a module run from a backward hook is recorded)
                 return
         if layer.p and (self._only is None or id(layer) in self._only):
-            if self._only is None and not self._warned and self._thread is not None \
-                    and not torch.compiler.is_compiling() and threading.get_ident() != self._thread:
+            if self._only is None and not self._warned and self._thread is not None and eager \
+                    and threading.get_ident() != self._thread:
                 self._warned = True
                 warnings.warn(
                     "minaction.record_energy() without a model recorded an energy-layer call made in another thread: "

@@ -71,8 +71,9 @@ def old_flops_rule(store: "Store") -> bool:
 def load_store(db) -> Store:
     """Load ``db`` (a path to a study store). Raises ``FileNotFoundError`` / ``ValueError``
     with the problem named when the file is missing or is not a study store."""
-    if str(db) == "":
-        raise ValueError("the study store's name is empty (--db ''): give its file name, e.g. results/study.sqlite")
+    from minaction.study import store as study_store
+
+    study_store.check_name(db)
     path = Path(db)
     if path.name.endswith((".jsonl.gz", ".gz")) and path.is_file():
         raise ValueError(f"{path} is a run archive, not a study store: import it first (minaction study import "

@@ -53,8 +53,7 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
     leaves a truncated archive in place of a good one. Returns ``{"runs": n, "path": out,
     "not_exported": {status: n}}`` (the runs of other statuses, e.g. failed ones, which an import's
     store then plans again)."""
-    if str(db) == "":
-        raise store.StoreError("the study store's name is empty (--db ''): give its file name")
+    store.check_name(db)
     if str(out) == "" or Path(out).name == "":
         raise store.StoreError(f"the archive's name is empty or a folder (--out {str(out)!r}): give a file name, "
                                f"e.g. runs.jsonl.gz")
@@ -210,15 +209,9 @@ def import_runs(db, archive) -> dict:
                 store.set_meta(con, key, value)
         counts = {"imported": 0, "kept": 0, "replaced_failed": 0}
         seen = 0
-        try:
-            for rec in records:
-                seen += 1
-                _import_one(con, rec, recorded, counts)
-        except ArchiveDamaged as exc:
-            raise ValueError(f"{exc}: {seen} run records were read of the {expected} its header lists; the "
-                             f"{counts['imported'] + counts['replaced_failed']} runs imported are kept (copy the "
-                             f"archive again and import it: the runs already in the store are kept, not "
-                             f"duplicated)") from None
+        for rec in records:  # (the stream was read whole by _check_stream: a damaged one never gets here)
+            seen += 1
+            _import_one(con, rec, recorded, counts)
         if expected is not None and seen != expected:
             raise ValueError(f"{str(archive)!r} holds {seen} run records but its header says {expected}: the archive "
                              f"is truncated or damaged ({counts['imported']} runs were imported; they are kept)")

@@ -518,14 +518,14 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
     if ckpt:  # stale files of a killed driver (the writer lock is held: no other driver writes here), removed
         # before the first write to the store: on a full disk they may be what fills it
         checkpoint.clean(ckpt["checkpoint_dir"], [i for i, st in recorded_status.items() if st in skip])
+    finished_before = any(st in ("done", "diverged") for st in recorded_status.values())
     try:
         store.set_meta(con, f"preset:{spec['name']}", json.dumps(spec, sort_keys=True, default=str))
-        if not any(st in ("done", "diverged") for st in recorded_status.values()):
+        if not finished_before:
             store.set_meta(con, recount.FLOPS_META, "step")  # a new store: every run's FLOPs counted on a step
     except sqlite3.Error as exc:  # a full disk
         raise store.diagnose(db, exc, "write to") from None
-    if todo and any(st in ("done", "diverged") for st in recorded_status.values()) \
-            and not recount.counted_by_step(con):
+    if todo and finished_before and not recount.counted_by_step(con):
         checkpoint.warn(f"the runs already in {db} have FLOPs counted by an older rule (3 x the forward); the "
                         f"report's FLOPs mix the two until `minaction study recount-flops --db {db}` recounts them")
     if on_start is not None and todo:

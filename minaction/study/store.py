@@ -159,6 +159,12 @@ def _check_header(path: Path) -> None:
                          f"are not the SQLite header); give another --db")
 
 
+def check_name(path) -> None:
+    """An empty store name (``--db ''``) is named as such: as a path it is '.', "a folder"."""
+    if os.fspath(path) == "":
+        raise StoreError("the study store's name is empty (--db ''): give its file name, e.g. results/study.sqlite")
+
+
 #: columns every study store's ``runs`` table has had since the first one
 _STORE_RUN_KEYS = frozenset({"run_id", "preset", "arch", "dataset", "lam", "seed", "config_json", "status"})
 
@@ -227,8 +233,7 @@ def connect(path, readonly: bool = False) -> sqlite3.Connection:
     a folder that cannot be written: :class:`StoreError` naming the file and the cause, raised
     before anything in the file is changed.
     """
-    if os.fspath(path) == "":
-        raise StoreError("the study store's name is empty (--db ''): give its file name, e.g. results/study.sqlite")
+    check_name(path)
     path = Path(path)
     if readonly:
         return open_readonly(path)
@@ -275,8 +280,7 @@ def open_readonly(path) -> sqlite3.Connection:
     (the file is read as a snapshot, without locks) when no ``-wal`` file holds unmerged
     changes; otherwise it says that the folder must be writable.
     """
-    if os.fspath(path) == "":
-        raise StoreError("the study store's name is empty (--db ''): give its file name, e.g. results/study.sqlite")
+    check_name(path)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"study database {str(path)!r} does not exist")
