@@ -143,6 +143,12 @@ def warn(msg: str) -> None:
     sys.stderr.flush()
 
 
+def note(msg: str) -> None:
+    """One informational line on stderr."""
+    sys.stderr.write(f"minaction: {msg}\n")
+    sys.stderr.flush()
+
+
 def _first_line(exc) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -503,6 +503,16 @@ def _group_label(runs) -> str:
             f"({n} run{'s' if n != 1 else ''})")
 
 
+def _announce_resumes(groups, ckpt_dir) -> int:
+    """Say which groups pick up from a checkpoint a killed driver left (one line on stderr); their count."""
+    found = [g for g in groups if checkpoint.path_for(ckpt_dir, g).exists()]
+    if found:
+        names = "; ".join(_group_label(g) for g in found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
+        checkpoint.note(f"{len(found)} group(s) resume from the checkpoints in {ckpt_dir} where they were "
+                        f"stopped: {names}")
+    return len(found)
+
+
 def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress, limit,
                 retry_failed, max_attempts, threads, on_start=None, ckpt=None, balance=None) -> dict:
     skip = ("done", "diverged") if retry_failed else store.STATUSES
@@ -563,6 +573,8 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
             if balance is not None:
                 groups = schedule.arrange(groups, ex.workers, balance(), ckpt.get("checkpoint_dir"))
                 summary["groups"] = len(groups)
+            if ckpt:
+                summary["resumed_groups"] = _announce_resumes(groups, ckpt["checkpoint_dir"])
             window = 2 * ex.workers
             plugins = plugins_for(todo)  # the workers import the modules that registered these names
             queue = [dict(ckpt, group_id=i, runs=g, threads=threads, attempt=0, plugins=plugins)

@@ -297,7 +297,7 @@ def reference_db(tmp_path_factory):
 
 
 @pytest.mark.parametrize("executor", ["local", "dask", "ray"])
-def test_driver_resumes_from_checkpoint_and_deletes_it(tmp_path, reference_db, executor):
+def test_driver_resumes_from_checkpoint_and_deletes_it(tmp_path, reference_db, executor, capfd):
     if executor != "local":
         pytest.importorskip({"dask": "dask.distributed", "ray": "ray"}[executor])
     preset = _preset(tmp_path)
@@ -310,8 +310,11 @@ def test_driver_resumes_from_checkpoint_and_deletes_it(tmp_path, reference_db, e
     payload["loop"]["epoch_rows"][0][0]["train_loss"] = 123.0
     torch.save(payload, p)
     (ckpt_dir / (p.name + ".tmp999")).write_bytes(b"half a file from a killed writer")
+    capfd.readouterr()
     s = run_study(preset, db, workers=1, progress=False, executor=executor)
-    assert s["done"] == 4
+    assert s["done"] == 4 and s["resumed_groups"] == 1
+    said = [ln for ln in capfd.readouterr().err.splitlines() if "resume from the checkpoints" in ln]
+    assert len(said) == 1 and said[0].startswith(f"minaction: 1 group(s) resume from the checkpoints in {ckpt_dir}")
     assert not ckpt_dir.exists()  # deleted once the group was recorded (and the temporary file at start)
     got, ref = table(db, "epochs"), table(reference_db, "epochs")
     marked = [i for i, r in enumerate(got) if r[2] == 123.0]
