@@ -85,22 +85,32 @@ def _replaced_unread(layer: nn.Module, old: Optional[torch.Tensor]) -> None:
     if checks >= _LOST_CHECKS:
         return
     d["_lost_checks"] = checks + 1
-    node = getattr(old, "grad_fn", None)
-    for _ in range(8):
-        if node is None:
-            return
+    # a depth-first walk: an accumulating EnergyActivation's energy is a sum (AddBackward0) of its calls in
+    # one forward of its owner (a ResNet block's relu applied twice), whose own node no backward reaches:
+    # each call's node is hooked
+    todo, hooked = [(getattr(old, "grad_fn", None), 0)], 0
+    while todo and hooked < 8:
+        node, depth = todo.pop()
+        if node is None or depth > 8:
+            continue
         name = node.name()
-        if name not in _ENERGY_ONLY_NODES:
-            break
-        node = node.next_functions[0][0] if node.next_functions else None
-    if name != "torch::autograd::AccumulateGrad":
-        node.register_prehook(functools.partial(_warn_lost_energy, weakref.ref(layer)))
+        if name in _ENERGY_ONLY_NODES or name == "AddBackward0":
+            nxt = node.next_functions if name == "AddBackward0" else node.next_functions[:1]
+            todo.extend((n, depth + 1) for n, _ in reversed(nxt))
+        elif name != "torch::autograd::AccumulateGrad":
+            node.register_prehook(functools.partial(_warn_lost_energy, weakref.ref(layer)))
+            hooked += 1
 
 
 def _warn_lost_energy(layer_ref, grad_outputs) -> None:
     lay = layer_ref()
     if lay is not None and not lay.__dict__.get("_ever_read"):
         return  # nothing ever read this layer's energy (a lam = 0 baseline, a model trained without the term)
+    if lay is not None:  # once per layer and backward (an accumulating module's calls are hooked one by one)
+        task = _graph_task()
+        if lay.__dict__.get("_lost_warned") == task:
+            return
+        lay.__dict__["_lost_warned"] = task
     name = f"{type(lay).__name__}({lay.extra_repr()})" if lay is not None else "(since deleted)"
     warnings.warn(
         f"this backward runs through an earlier call of energy layer {name} whose energy is counted nowhere: a "
