@@ -19,7 +19,7 @@ from torch import nn
 from ._custom_act import ELEMENTWISE, FUSED, describe, read_activation
 from .nn.activation import GELU_NAMES, UNFUSED_ACTIVATIONS, ActivationObserver, EnergyActivation, fused_name
 from .nn.conv import EnergyConv1d, EnergyConv2d
-from .nn.layers import EnergyLayer, EnergyLinear
+from .nn.layers import EnergyLayer, EnergyLinear, refuse_under_export
 from .ops.energy import full_energy
 
 # dropout commutes with ReLU (it multiplies by a mask >= 0), so Linear-Dropout-ReLU can run as EnergyLinear-Dropout
@@ -77,6 +77,8 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     after an evaluation forward; a layer that LayerDrop skipped this step.
     """
     _need_module(model, "total_energy")
+    if torch.compiler.is_exporting():
+        refuse_under_export("total_energy")
     if not _compiling():
         fast = _fast_total(model)
         if fast is not None:
@@ -151,6 +153,8 @@ class EnergyTape:
 
     def total(self) -> torch.Tensor:
         """``sum`` of the recorded energies, every call counted (0-dim, or ``[G]`` for batched layers)."""
+        if torch.compiler.is_exporting():
+            refuse_under_export("record_energy's tape.total()")
         if not self.records:
             raise ValueError("no energy layer that counts energy ran while recording: run the model's forward "
                              "inside `with minaction.record_energy(...) as tape:` (layers built with energy=None, "

@@ -71,6 +71,17 @@ _ENERGY_ONLY_NODES = frozenset({"MeanBackward0", "MeanBackward1", "ViewBackward0
 _LOST_CHECKS = 16  # forwards per layer that replace an unread energy and are checked (_replaced_unread)
 
 
+def refuse_under_export(what: str) -> None:
+    """Raise: the energy is read inside a forward that ``torch.export`` traces. The layers record no energy
+    while exporting, so the value read would be the last eager forward's, frozen into the program."""
+    raise RuntimeError(
+        f"minaction: {what} was read inside a forward that torch.export is tracing (torch.onnx.export(..., "
+        "dynamo=True) uses it). An exported program carries no activation energy: while exporting, the layers run "
+        "plain aten ops and record none, so the value read here would be the last eager forward's energy, frozen "
+        "into the program as a constant. Export a forward that returns the model's outputs only and compute the "
+        "energy in eager PyTorch; torch.jit.trace does record a forward that returns it (docs/core.md, Export)")
+
+
 def _replaced_unread(layer: nn.Module, old: Optional[torch.Tensor]) -> None:
     """A differentiable forward is about to replace an energy that nothing read (``total_energy``,
     ``last_energy``): if a backward later runs through that earlier call, its output went into a
@@ -249,6 +260,8 @@ class EnergyLayer(nn.Module):
     @property
     def last_energy(self) -> Optional[torch.Tensor]:
         """``E_l`` of the last forward (on the autograd graph), or None before the first one."""
+        if _exporting():
+            refuse_under_export("last_energy")
         d = self.__dict__
         e = d.get("_last_energy")
         if d.get("_unread"):
