@@ -180,16 +180,23 @@ def backend_info(device=None) -> dict:
         [torch.device("cuda")] if torch.cuda.is_available() else [])
     out = {"forced": forced(), "devices": {}}
     for dev in devices:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        # the choice is made here without select's cache and without using up its one fallback warning: a
+        # backend_info() before the first forward left the forward's fallback to the reference path unsaid
+        warned = dev.type in _warned
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
-                active = select(dev)
+                active = _select(dev)
                 err = None
             except RuntimeError as exc:
                 active, err = None, str(exc)
+        if not warned:
+            _warned.discard(dev.type)
+        fallback = [str(w.message) for w in caught if "slow 'reference' backend" in str(w.message)]
         out["devices"][dev.type] = {
             "active": active,
             "error": err,
+            "fallback": fallback[0] if fallback else None,
             "available": {n: dict(zip(("ok", "why"), available(n, dev))) for n in BACKENDS},
         }
     return out

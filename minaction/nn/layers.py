@@ -406,7 +406,8 @@ class EnergyLinear(EnergyLayer, nn.Linear):
             input ``[G, B, in]`` or a shared ``[B, in]``, output ``[G, B, out]``,
             ``last_energy`` ``[G]``.
         backend: force a kernel backend for this layer (default: automatic, see
-            ``minaction.backend_info()``).
+            ``minaction.backend_info()``). It wins over ``MINACTION_BACKEND`` and
+            ``minaction.set_backend``, and a pickled layer keeps it.
         penalty: ``lam`` of an energy penalty that the layer applies itself (default 0: none).
             The backward then adds ``lam * dE_l/d(inputs)``, so ``loss.backward()`` trains
             ``loss + lam * E_l`` without ``E_l`` in the loss (no loss arithmetic per step:

@@ -177,6 +177,25 @@ def test_fallback_warns_once(monkeypatch):
     assert len(msgs) == 1 and "cuda" in msgs[0]
 
 
+def test_backend_info_first_leaves_the_fallback_warning_to_the_forward(monkeypatch):
+    """backend_info() before the first forward used up the one fallback warning and cached the choice: the
+    forward then ran on the reference path without a word. It now says why itself ("fallback") and the
+    forward still warns once."""
+    monkeypatch.setattr(mbackend, "_AUTO_ORDER", {"cpu": ("cuda",)})
+    monkeypatch.setattr(mbackend, "_select_cache", {})
+    monkeypatch.setattr(mbackend, "_warned", set())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        info = minaction.backend_info("cpu")["devices"]["cpu"]
+        assert rec == []
+        assert info["active"] == "reference" and "slow 'reference' backend" in info["fallback"]
+        EnergyLinear(3, 2)(torch.randn(4, 3))
+        minaction.backend_info("cpu")
+        EnergyLinear(3, 2)(torch.randn(4, 3))
+    msgs = [str(w.message) for w in rec if "slow 'reference' backend" in str(w.message)]
+    assert len(msgs) == 1 and "cuda" in msgs[0]
+
+
 def test_meta_device_computes_shapes_without_a_speed_warning(monkeypatch):
     """Meta tensors (shape inference, ``torch.device("meta")`` construction) take the reference
     path silently: the slow-backend warning is about speed, and meta tensors compute nothing."""
