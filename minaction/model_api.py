@@ -840,7 +840,17 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
             replace(path, mod, prev, "")
             continue
         owner = owner_of(model, path)
-        if isinstance(owner, (_TRANSFORMER_LAYERS, nn.MultiheadAttention)):
+        if isinstance(owner, _TRANSFORMER_LAYERS):
+            # an activation the kernels do not have (LeakyReLU, Mish) left linear1 plain: the feed-forward block's
+            # activation module itself counts the energy, per token as EnergyLinear does
+            base = next(c for c in _TRANSFORMER_LAYERS if isinstance(owner, c))
+            lin = owner._modules.get("linear1")
+            if (leaf == "activation" and owner._modules.get("activation") is mod and act is None
+                    and type(owner)._ff_block is base._ff_block and type(lin) is nn.Linear):
+                replace(path, mod, lin, f", the activation of {type(owner).__name__}'s feed-forward block")
+                owner.activation_relu_or_gelu = 0  # (0 already for such an activation: torch's fast path is relu/gelu)
+            continue
+        if isinstance(owner, nn.MultiheadAttention):
             continue
         owner_path = names[id(owner)]
         if id(owner) not in graphs:
@@ -1286,6 +1296,17 @@ def _convert(model, energy, energy_reduction, backend, include_output, wrap_acti
             rep.skipped.append((name or type(mod).__name__,
                                 f"{type(mod).__name__} is not called by a forward() that torch.fx could read "
                                 "(nor inside an nn.Sequential), so no activation could be paired with it"))
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.TransformerEncoder) and getattr(mod, "use_nested_tensor", False) \
+                and any(isinstance(m, EnergyLayer) for m in mod.layers.modules()):
+            # its evaluation fast path packs a padded batch (src_key_padding_mask) into a nested tensor, which the
+            # energy layers cannot take; off, the layers see the padded batch, as in training
+            mod.use_nested_tensor = False
+            rep.converted.append((name, "TransformerEncoder: use_nested_tensor is now False (with a "
+                                        "src_key_padding_mask in evaluation, torch would pass its energy layers a "
+                                        "nested tensor; now the outputs at padded positions are computed, not zero, "
+                                        "the valid positions are unchanged, and the energy counts every position, "
+                                        "padded or not, as in training)"))
     for entries in (rep.converted, rep.skipped):  # module order, whichever way each layer was read
         entries.sort(key=lambda item: _order.get(item[0], len(_order)))
     return rep

@@ -17,7 +17,7 @@ from torch import nn
 
 import minaction
 from doubles.lockstep import keep_outputs, train_in_lockstep
-from minaction.nn import EnergyConv2d, EnergyLayer, EnergyLinear
+from minaction.nn import EnergyActivation, EnergyConv2d, EnergyLayer, EnergyLinear
 
 torch.set_num_threads(1)
 LAM = 0.05
@@ -721,6 +721,59 @@ def test_torch_transformer_layers_feed_forward_converts_and_trains_as_plain_pyto
                       lambda: run(model, x).square().mean() + LAM * minaction.total_energy(model), lr=0.1)
     for hook in hooks:
         hook.remove()
+
+
+@pytest.mark.parametrize("activation", [nn.LeakyReLU(0.1), nn.Mish()], ids=["leaky_relu", "mish"])
+def test_a_transformer_layer_with_an_unfused_activation_module_counts_it(activation):
+    """An activation module the kernels do not have (LeakyReLU, Mish) leaves linear1 plain; the block's
+    activation module becomes an EnergyActivation per token, as the report always said (it stayed as it was,
+    convert warned that it converted nothing, and total_energy raised: session 23). Three steps train as
+    plain PyTorch with the penalty written by hand."""
+    def build():
+        torch.manual_seed(0)
+        return nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, activation=copy.deepcopy(
+            activation), batch_first=True), 2, enable_nested_tensor=False).double()
+
+    model, plain = build(), build()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, rep = minaction.convert(model, return_report=True)
+    assert [n for n, _ in rep.converted] == ["layers.0.activation", "layers.1.activation"]
+    for blk in model.layers:
+        assert isinstance(blk.activation, EnergyActivation) and blk.activation.rows == "leading"
+        assert type(blk.linear1) is nn.Linear and blk.activation_relu_or_gelu == 0
+    assert "becomes an EnergyActivation" in dict(rep.skipped)["layers.0.linear1"]
+    pre, hooks = keep_outputs(blk.linear1 for blk in plain.layers)
+
+    def plain_loss():
+        pre.clear()
+        return plain(x).square().mean() + LAM * sum(activation(z).square().sum(-1).mean() for z in pre)
+
+    train_in_lockstep(plain, model, plain_loss, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
+                      lr=0.1)
+    for hook in hooks:
+        hook.remove()
+
+
+def test_a_converted_encoder_runs_a_padded_batch_in_evaluation():
+    """A batch_first TransformerEncoder (enable_nested_tensor defaults to True) in evaluation with a
+    src_key_padding_mask packed the batch into a nested tensor, which the energy layers cannot take:
+    "NestedTensorImpl doesn't support sizes" (session 23). convert turns the packing off; the valid
+    positions equal the plain model's."""
+    torch.manual_seed(0)
+    plain = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True), 2).eval()
+    model = copy.deepcopy(plain)
+    x = torch.randn(3, 6, 8)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, 4:], pad[1, 2:] = True, True
+    with torch.no_grad():
+        want = plain(x, src_key_padding_mask=pad)
+        _, rep = minaction.convert(model, return_report=True)
+        assert model.use_nested_tensor is False and "use_nested_tensor is now False" in dict(rep.converted)[""]
+        got = model(x, src_key_padding_mask=pad)
+        assert minaction.total_energy(model).item() > 0
+    torch.testing.assert_close(got[~pad], want[~pad])
 
 
 class ResidualNoNorm(nn.Module):
