@@ -129,7 +129,9 @@ def _warn_lost_energy(layer_ref, grad_outputs) -> None:
         "last call only). If the layer runs more than once per step (weights shared between inputs, as in a "
         "Siamese network; a layer applied in a loop; a discriminator run on real and on generated samples), count "
         "every call: run the forward inside `with minaction.record_energy(model) as tape:` and add "
-        "lam * tape.total(), or put the term in the layers with minaction.set_penalty(model, lam)",
+        "lam * tape.total(), or put the term in the layers with minaction.set_penalty(model, lam) (which also "
+        "adds it to any other loss differentiated through the model: a GAN's generator step through its "
+        "discriminator; there use the tape)",
         UserWarning, stacklevel=2)
 
 
