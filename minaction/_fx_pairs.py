@@ -260,7 +260,12 @@ def _only_to_output(node: fx.Node, module: nn.Module, depth: int = 0) -> bool:
                for u in node.users)
 
 
-def output_modules(model: nn.Module, notes: Optional[list] = None) -> Tuple[set, set]:
+#: child names that hold a model's prediction by convention (a head may be registered before the body it reads)
+_HEAD_NAMES = frozenset({"head", "classifier", "fc", "decoder", "out", "output", "logits", "lm_head", "readout",
+                         "predictor", "final"})
+
+
+def output_modules(model: nn.Module, notes: Optional[list] = None, guessed: Optional[set] = None) -> Tuple[set, set]:
     """What gives ``model``'s output: ``(ids of modules whose output is returned as the model's output,
     or part of it, unchanged in value; ids of the layers whose activation's result is)``. A layer
     counts by the call after it, not by the activation module, which may also serve hidden layers.
@@ -268,72 +273,95 @@ def output_modules(model: nn.Module, notes: Optional[list] = None) -> Tuple[set,
     after it (Identity, Flatten, Dropout); in any other module, the calls whose results flow only
     into the forward's output (read with torch.fx). A forward fx cannot read (a branch on a tensor's
     value) says nothing about its output: its last registered submodule, where a model's head is by
-    convention, is taken as the output, and ``notes`` gets (path, why) for the report. The guess errs
-    towards leaving a hidden layer plain rather than counting the model's prediction as hidden energy."""
+    convention, is taken as the output (the last one named like a head, ``head``, ``classifier``, ``fc``,
+    ``decoder``, ``lm_head``, ..., if there is one: word_language_model registers ``decoder`` before
+    ``input_emb``), and ``notes`` gets (path, why) for the report; ``guessed`` (if given) gets the ids of
+    the modules and layers found below such a guess. The guess errs towards leaving a hidden layer plain
+    rather than counting the model's prediction as hidden energy."""
     modules, layers = {id(model)}, set()
     todo = [model]
+    below = set()  # ids of the modules reached through a guess
     while todo:
         m = todo.pop()
-        if isinstance(m, nn.Sequential):
-            children = [c for c in m._modules.values() if c is not None]
-            last = len(children) - 1
-            while last > 0 and isinstance(children[last], _PASS_MODULES):  # trailing value-preserving modules
-                modules.add(id(children[last]))
-                last -= 1
-            if last >= 0:
-                modules.add(id(children[last]))
-                todo.append(children[last])
-                before = last - 1
-                while before >= 0 and isinstance(children[before], _DROPOUT_MODULES):
-                    before -= 1
-                if before >= 0:  # the layer that the last module (an activation, if a pair) follows
-                    layers.add(id(children[before]))
+        if guessed is not None and id(m) in below:
+            # what this module adds is a guess too (the walk is pre-order: a guessed module's children follow it)
+            before_m, before_l = set(modules), set(layers)
+            _output_step(m, model, modules, layers, todo, notes, below)
+            found = (modules - before_m) | (layers - before_l)
+            below |= modules - before_m
+            guessed |= found
+        else:
+            _output_step(m, model, modules, layers, todo, notes, below)
+    if guessed is not None:
+        guessed |= below
+    return modules, layers
+
+
+def _output_step(m, model, modules, layers, todo, notes, below) -> None:
+    """One module of :func:`output_modules`' walk: what of it gives its output, added to ``modules`` /
+    ``layers``, its contributing children pushed on ``todo``; a guessed child's id goes into ``below``."""
+    if isinstance(m, nn.Sequential):
+        children = [c for c in m._modules.values() if c is not None]
+        last = len(children) - 1
+        while last > 0 and isinstance(children[last], _PASS_MODULES):  # trailing value-preserving modules
+            modules.add(id(children[last]))
+            last -= 1
+        if last >= 0:
+            modules.add(id(children[last]))
+            todo.append(children[last])
+            before = last - 1
+            while before >= 0 and isinstance(children[before], _DROPOUT_MODULES):
+                before -= 1
+            if before >= 0:  # the layer that the last module (an activation, if a pair) follows
+                layers.add(id(children[before]))
+        return
+    if type(m).__module__.startswith("torch.nn.parallel") and isinstance(getattr(m, "module", None), nn.Module):
+        # DistributedDataParallel / DataParallel: the output is the wrapped module's (fx cannot read their
+        # forward, and the guess below warned on every rank although it guessed right)
+        modules.add(id(m.module))
+        todo.append(m.module)
+        return
+    if isinstance(m, (nn.ModuleList, nn.ModuleDict)) or not m._modules or type(m).__module__.startswith(
+            "torch.nn.modules"):
+        return  # a leaf, or torch's own module (its forward is known: its output is not a child's)
+    try:
+        graph = _trace(m)
+    except Exception as exc:  # noqa: BLE001 - unreadable: guess the last submodule
+        named = [(n, c) for n, c in m._modules.items() if c is not None]
+        if named:
+            name, child = ([nc for nc in named if nc[0].lower() in _HEAD_NAMES] or named)[-1]
+            modules.add(id(child))
+            todo.append(child)
+            below.add(id(child))
+            if notes is not None:
+                path = next((n for n, sub in model.named_modules() if sub is m), "")
+                why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                which = "submodule named like a head" if name.lower() in _HEAD_NAMES else "last submodule"
+                notes.append((path or type(m).__name__,
+                              f"{type(m).__name__}.forward could not be read with torch.fx ({why}), so what gives "
+                              f"its output is not known: its {which} {(path + '.' if path else '') + name!r} is "
+                              "taken as the output (a guess) and its "
+                              "final layer and activation are left plain "
+                              "(convert(model, include_output=True) converts them too)"))
+        return
+    for node in graph.nodes:
+        if not _only_to_output(node, m):
             continue
-        if type(m).__module__.startswith("torch.nn.parallel") and isinstance(getattr(m, "module", None), nn.Module):
-            # DistributedDataParallel / DataParallel: the output is the wrapped module's (fx cannot read their
-            # forward, and the guess below warned on every rank although it guessed right)
-            modules.add(id(m.module))
-            todo.append(m.module)
-            continue
-        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) or not m._modules or type(m).__module__.startswith(
-                "torch.nn.modules"):
-            continue  # a leaf, or torch's own module (its forward is known: its output is not a child's)
-        try:
-            graph = _trace(m)
-        except Exception as exc:  # noqa: BLE001 - unreadable: guess the last submodule
-            named = [(n, c) for n, c in m._modules.items() if c is not None]
-            if named:
-                name, child = named[-1]
+        if node.op == "call_module":
+            child = m.get_submodule(node.target)
+            if id(child) not in modules:
                 modules.add(id(child))
                 todo.append(child)
-                if notes is not None:
-                    path = next((n for n, sub in model.named_modules() if sub is m), "")
-                    why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-                    notes.append((path or type(m).__name__,
-                                  f"{type(m).__name__}.forward could not be read with torch.fx ({why}), so what gives "
-                                  f"its output is not known: its last submodule {(path + '.' if path else '') + name!r}"
-                                  " is taken as the output and its final layer and activation are left plain "
-                                  "(convert(model, include_output=True) converts them too)"))
+            if next(child.parameters(), None) is not None:
+                continue  # a layer or block, not an activation: what it takes is not the output's activation
+        elif _functional_act(node, node.args[0] if node.args else None) is None:
             continue
-        for node in graph.nodes:
-            if not _only_to_output(node, m):
-                continue
-            if node.op == "call_module":
-                child = m.get_submodule(node.target)
-                if id(child) not in modules:
-                    modules.add(id(child))
-                    todo.append(child)
-                if next(child.parameters(), None) is not None:
-                    continue  # a layer or block, not an activation: what it takes is not the output's activation
-            elif _functional_act(node, node.args[0] if node.args else None) is None:
-                continue
-            src = node.args[0] if node.args else None  # the layer this call follows (through a dropout)
-            if (isinstance(src, fx.Node) and src.op == "call_module" and src.args
-                    and isinstance(m.get_submodule(src.target), _DROPOUT_MODULES)):
-                src = src.args[0]
-            if isinstance(src, fx.Node) and src.op == "call_module":
-                layers.add(id(m.get_submodule(src.target)))
-    return modules, layers
+        src = node.args[0] if node.args else None  # the layer this call follows (through a dropout)
+        if (isinstance(src, fx.Node) and src.op == "call_module" and src.args
+                and isinstance(m.get_submodule(src.target), _DROPOUT_MODULES)):
+            src = src.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_module":
+            layers.add(id(m.get_submodule(src.target)))
 
 
 _SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}

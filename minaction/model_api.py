@@ -418,6 +418,8 @@ class ConversionReport:
     converted: List[Tuple[str, str]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     notes: List[Tuple[str, str]] = field(default_factory=list)  # (module path, what convert had to assume)
+    # ids of the modules and layers taken as the model's output by a guess (a forward fx could not read)
+    guessed: set = field(default_factory=set, repr=False, compare=False)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} module(s)"] + [f"  {n}: {d}" for n, d in self.converted]
@@ -516,8 +518,11 @@ _LAYER_LIKE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, n
                nn.ConvTranspose3d, nn.Bilinear)
 
 
-def _output_reason(model: nn.Module, act: str) -> str:
-    return (f"its {act} gives {type(model).__name__}'s output (a prediction, not a hidden activation): left as is, as "
+def _output_reason(model: nn.Module, act: str, guessed: bool = False) -> str:
+    gives = (f"is taken to give {type(model).__name__}'s output (a prediction, not a hidden activation; a guess, "
+             "since torch.fx could not read a forward: see the report's notes)" if guessed
+             else f"gives {type(model).__name__}'s output (a prediction, not a hidden activation)")
+    return (f"its {act} {gives}: left as is, as "
             "the logits layer is (convert(model, include_output=True) converts it too, for a model that is part of a "
             "larger one)")
 
@@ -562,7 +567,7 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, rep: ConversionReport, 
             rep.skipped.append((path, new))
             continue
         if outputs is not None and id(mod) in outputs[1]:
-            rep.skipped.append((path, _output_reason(outputs[0], type(act_mod).__name__)))
+            rep.skipped.append((path, _output_reason(outputs[0], type(act_mod).__name__, id(mod) in rep.guessed)))
             continue
         seq._modules[k] = new
         seq._modules[keys[act_idx]] = nn.Identity().train(act_mod.training)
@@ -623,7 +628,7 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, ou
                 continue
             if outputs is not None and id(layer) in outputs[1]:
                 reasons[path] = _output_reason(model, type(act_mod).__name__ if act_mod is not None else
-                                               fn[0] if isinstance(fn, tuple) else f"{fn} call")
+                                               fn[0] if isinstance(fn, tuple) else f"{fn} call", id(layer) in rep.guessed)
                 continue
             if isinstance(fn, tuple):  # an nn.ReLU module that cannot become nn.Identity stays after the layer
                 desc = (f"{type(layer).__name__}+{fn[0]} -> {type(new).__name__}(activation='relu'), paired in "
@@ -1275,7 +1280,7 @@ def _convert(model, energy, energy_reduction, backend, include_output, wrap_acti
     rep = ConversionReport()
     opts = (energy, energy_reduction, backend)
     _order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    outputs = None if include_output else output_modules(model, rep.notes)  # read before any module is replaced
+    outputs = None if include_output else output_modules(model, rep.notes, rep.guessed)  # before any module is replaced
     seen: set = _convert_transformer_layers(model, rep, opts)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Sequential):

@@ -952,20 +952,43 @@ def test_output_layer_of_a_forward_fx_reads_badly_stays_plain(cls):
     the output and says so in the report's notes (and in a warning without return_report)."""
     torch.manual_seed(0)
     model, rep = minaction.convert(cls(), return_report=True)
-    assert "its Sigmoid gives" in dict(rep.skipped)["main.4"] and type(model.main[4]) is nn.Conv2d
+    reason = dict(rep.skipped)["main.4"]
+    assert type(model.main[4]) is nn.Conv2d
     assert [n for n, _ in rep.converted] == ["main.1", "main.2"]
     if cls is _ValueBranch:
+        assert "its Sigmoid is taken to give _ValueBranch's output" in reason and "a guess" in reason
         note = dict(rep.notes)["_ValueBranch"]
         assert "could not be read with torch.fx" in note and "'main' is taken as the output" in note
         with pytest.warns(UserWarning, match="'main' is taken as the output"):
             minaction.convert(cls())
     else:
-        assert rep.notes == []
+        assert "its Sigmoid gives" in reason and rep.notes == []
     x = torch.randn(2, 3, 8, 8)
     h = F.leaky_relu(model.main[0](x), 0.2)
     want = h.square().sum((1, 2, 3)).mean() + F.relu(model.main[2](h)).square().sum((1, 2, 3)).mean()
     model(x)
     torch.testing.assert_close(minaction.total_energy(model), want)
+
+
+def test_a_forward_fx_cannot_read_takes_a_head_named_child_as_the_output():
+    """A model whose head is registered before its body (word_language_model registers `decoder` before
+    `input_emb`) and whose forward fx cannot read (`len(x)`): the last registered submodule was taken as
+    the output, so the hidden body's last layer stayed plain with a reason stated as fact, and the real
+    output head was converted (its sigmoid counted as hidden energy; session 23). A child named like a
+    head is taken instead, and the report says the output was guessed."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Sequential(nn.Linear(16, 1), nn.Sigmoid())
+            self.body = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+
+        def forward(self, x):
+            return self.head(self.body(x)) * (len(x) > 0)
+
+    model, rep = minaction.convert(M(), return_report=True)
+    assert [n for n, _ in rep.converted] == ["body.0", "body.2"] and type(model.head[0]) is nn.Linear
+    assert "is taken to give M's output" in dict(rep.skipped)["head.0"]
+    assert "submodule named like a head 'head' is taken as the output (a guess)" in dict(rep.notes)["M"]
 
 
 class _Vae(nn.Module):
