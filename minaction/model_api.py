@@ -1294,8 +1294,10 @@ def _convert(model, energy, energy_reduction, backend, include_output, wrap_acti
         if isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
             rep.skipped.append((name or type(mod).__name__,
                                 f"{type(mod).__name__}: its hidden states are computed inside torch's recurrent "
-                                "kernel, so their energy is not counted (write the cell from EnergyLinear layers and "
-                                "step it in forward(), with record_energy counting every step, to count it)"))
+                                "kernel, so their energy is not counted (to count the hidden states it returns, pass its "
+                                "output through minaction.nn.EnergyActivation('identity', rows='leading'); to count "
+                                "the gates too, write the cell from EnergyLinear layers and step it in forward(), with "
+                                "record_energy counting every step)"))
             continue
         if isinstance(mod, _LAYER_LIKE) and not isinstance(mod, EnergyLayer) and id(mod) not in seen:
             rep.skipped.append((name or type(mod).__name__,
