@@ -75,6 +75,14 @@ def _build(rep) -> dict:
         have = ", ".join(f"{v:g}" for v in sorted(runs["lam"].astype(float).unique()))
         raise ValueError(f"--lam {rep.main_lam:g}: no finished run at that λ (the store's finished runs have λ in "
                          f"{{{have}}})")
+    archs = set(runs["arch"])
+    for key, default in (("energy_first", ENERGY_FIRST), ("conventional", CONVENTIONAL)):
+        named = tuple(getattr(rep.opt, key))
+        absent = [a for a in named if a not in archs]
+        if named != tuple(default) and absent:  # a name given by hand that no run has: a typo, or another store's
+            rep.notices.append(f"--{key.replace('_', '-')} names {', '.join(map(repr, absent))}, of which no run has "
+                               f"finished (the finished runs are of {', '.join(sorted(archs))}): Finding 3 reads "
+                               f"without {'it' if len(absent) == 1 else 'them'}")
     overview.section(rep)
     body_start = len(rep.doc.blocks)
     finding1.section(rep)
@@ -115,6 +123,19 @@ def build_report(db, out_dir, options: ReportOptions | None = None, **kwargs) ->
         if unknown:
             raise TypeError(f"unknown report options: {sorted(unknown)}")
         opt = ReportOptions(**{**asdict(opt), **kwargs})
+    check_options(opt)
+    store = select_budget(load_store(db), preset=opt.preset, budget=tuple(opt.budget or ()))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _build(ReportContext(store, out, opt))
+
+
+def check_options(opt: ReportOptions) -> None:
+    """Raise ValueError naming the first option out of its range (before any store is read: ``replicate``
+    checks them before it trains)."""
+    if opt.lam is not None and (isinstance(opt.lam, bool) or not isinstance(opt.lam, (int, float))
+                                or not opt.lam >= 0):
+        raise ValueError(f"lam must be a number >= 0 (a λ of the study), got {opt.lam!r}")
     if opt.eta_kind not in ("partial", "plain"):
         raise ValueError(f"eta_kind must be 'partial' or 'plain', got {opt.eta_kind!r}")
     if opt.min_replicates < 2:
@@ -132,7 +153,3 @@ def build_report(db, out_dir, options: ReportOptions | None = None, **kwargs) ->
             raise ValueError(f"{name} must be a number in (0, {hi:g}{']' if closed else ')'}, got {v!r}")
     if isinstance(opt.n_boot, bool) or not isinstance(opt.n_boot, int) or opt.n_boot < 2:
         raise ValueError(f"n_boot must be an integer >= 2 (bootstrap resamples), got {opt.n_boot!r}")
-    store = select_budget(load_store(db), preset=opt.preset, budget=tuple(opt.budget or ()))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return _build(ReportContext(store, out, opt))

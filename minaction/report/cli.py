@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -33,7 +34,8 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args):
-    from .build import ReportOptions
+    """The report's options from the command line, checked (ValueError names the first bad one)."""
+    from .build import ReportOptions, check_options
 
     groups = {}
     for key in ("energy_first", "conventional"):
@@ -43,11 +45,13 @@ def _options(args):
             if not names:
                 raise ValueError(f"--{key.replace('_', '-')} needs at least one architecture name")
             groups[key] = names
-    return ReportOptions(n_boot=args.n_boot, seed=args.seed, ci=args.ci, anova_type=args.anova_type, lam=args.lam,
-                         target_frac=args.target_frac, target_by=args.target_by, **groups,
-                         efficiency_metric=args.efficiency_metric, source=args.source,
-                         preset=getattr(args, "preset", None), budget=tuple(getattr(args, "budget", None) or ()),
-                         design=getattr(args, "design", None))
+    opt = ReportOptions(n_boot=args.n_boot, seed=args.seed, ci=args.ci, anova_type=args.anova_type, lam=args.lam,
+                        target_frac=args.target_frac, target_by=args.target_by, **groups,
+                        efficiency_metric=args.efficiency_metric, source=args.source,
+                        preset=getattr(args, "preset", None), budget=tuple(getattr(args, "budget", None) or ()),
+                        design=getattr(args, "design", None))
+    check_options(opt)
+    return opt
 
 
 def _out_error(out):
@@ -61,20 +65,20 @@ def _out_error(out):
     return None
 
 
-def _build(db, out, args) -> int:
+def _build(db, out, args, cmd: str = "report") -> int:
     from .build import build_report
 
     err = _out_error(out)
     if err:
-        print(f"minaction report: error: {err}", file=sys.stderr)
+        print(f"minaction {cmd}: error: {err}", file=sys.stderr)
         return 2
     try:
         res = build_report(db, out, _options(args))
     except (FileNotFoundError, ValueError) as exc:
-        print(f"minaction report: error: {exc}", file=sys.stderr)
+        print(f"minaction {cmd}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the output folder cannot be created or written
-        print(f"minaction report: error: cannot write the report to {str(out)!r}: {exc}", file=sys.stderr)
+        print(f"minaction {cmd}: error: cannot write the report to {str(out)!r}: {exc}", file=sys.stderr)
         return 2
     print(f"report written: {res['report_md']} and {res['report_html']}")
     for k, v in sorted(res["verdicts"].items()):
@@ -99,6 +103,13 @@ def _replicate(args) -> int:
     if err is None:
         try:
             _options(args)
+            if args.lam is not None:  # a λ the preset does not train would fail the report after the whole study
+                from minaction.study.presets import load_preset
+
+                lams = load_preset(args.preset)["lams"]
+                if not any(math.isclose(args.lam, v, rel_tol=1e-9, abs_tol=0.0) for v in lams):
+                    err = (f"--lam {args.lam:g}: preset {args.preset!r} trains λ in "
+                           f"{{{', '.join(f'{v:g}' for v in lams)}}}")
         except ValueError as exc:
             err = str(exc)
     if err:
@@ -118,7 +129,7 @@ def _replicate(args) -> int:
         return 2
     print(f"study finished: {summary}")
     args.design = args.preset  # the report says which of the preset's runs are missing (failed ones)
-    return _build(args.db, args.out, args)
+    return _build(args.db, args.out, args, "replicate")
 
 
 def register(subparsers) -> None:

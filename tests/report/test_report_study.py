@@ -44,10 +44,23 @@ def test_replicate_cli_on_runner_store(tmp_path, capsys):
     # a registered architecture in neither group of Finding 3 is named as not compared, and the flags assign it
     assert "Not compared (neither energy-first nor conventional): tiny_mlp" in (out / "report.md").read_text()
     out2 = tmp_path / "rep2"
+    capsys.readouterr()
     assert main(["report", "--db", str(db), "--out", str(out2), "--n-boot", "10", "--conventional", "tiny_mlp",
                  "--energy-first", "bimodal_true"]) == 0
     assert "Not compared" not in (out2 / "report.md").read_text()
+    # a name no finished run has (a typo) is said beside the verdicts
+    assert "note: --energy-first names 'bimodal_true', of which no run has finished" in capsys.readouterr().out
     assert main(["report", "--db", str(db), "--out", str(out2), "--conventional", " , "]) == 2
+    # report options are checked before the study trains: a bad --ci, or a λ the preset does not train
+    db3 = tmp_path / "never.sqlite"
+    for bad, says in ((["--ci", "1.5"], "ci must be a number in (0, 1)"), (["--lam", "-1"], "lam must be a number"),
+                      (["--lam", "0.5"], "--lam 0.5: preset"), (["--n-boot", "0"], "n_boot must be an integer")):
+        capsys.readouterr()
+        assert main(["replicate", "--preset", str(preset), "--db", str(db3), "--out", str(tmp_path / "rep3"),
+                     "--workers", "1", "--no-progress", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("minaction replicate: error:") and says in err, err
+        assert not db3.exists()
     # one architecture and one dataset: the factorial analysis is honestly not comparable
     comp = pd.read_csv(out / "tables" / "paper_comparison.csv")
     assert comp.loc[0, "verdict"] == "not comparable"
