@@ -32,6 +32,7 @@ from torch import nn
 
 from ..nn.conv import EnergyConv1d, EnergyConv2d
 from ..nn import layers as _layers
+from ..errors import InputShapeError, InputTypeError
 from ..nn.layers import EnergyLayer
 from .common import EnergyNet, TokenEmbedding, check_input, column_norms, image_layout, time_mean
 from .family import _check_act
@@ -261,12 +262,12 @@ class LoopEnsemble(nn.Module):
     def forward(self, x):
         """``x [B, *input_shape]`` feeds every member; ``[G, B, *input_shape]`` gives member g ``x[g]``."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+            raise InputTypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         shape = tuple(getattr(self.meta, "input_shape", ()))
         G = self.num_models
         if shape and x.dim() == len(shape) + 2:
             if x.shape[0] != G:
-                raise ValueError(f"a per-member input [G, B, ...] needs G = {G}, got {tuple(x.shape)}")
+                raise InputShapeError(f"a per-member input [G, B, ...] needs G = {G}, got {tuple(x.shape)}")
             xs = x.unbind(0)
         else:
             xs = [x] * G

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.core import MODALITIES
+from ..errors import InputShapeError, InputTypeError
 from ..nn.layers import EnergyLinear
 
 
@@ -51,22 +52,22 @@ def check_input(x: torch.Tensor, meta, num_models: Optional[int] = None, time_me
     with length 1 (``Dataset.time_averaged``), for a stem that reads only its time mean."""
     shape = tuple(meta.input_shape)
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     shapes = (shape, (1,) + shape[1:]) if time_mean_ok and image_layout(meta)[2] else (shape,)
     per_member = bool(num_models) and x.dim() == len(shape) + 2 and tuple(x.shape[2:]) in shapes
     if per_member and x.shape[0] != num_models:
-        raise ValueError(f"{meta.name}: a per-member input [G, B, ...] needs G = {num_models} (the model's "
-                         f"members), got {tuple(x.shape)}")
+        raise InputShapeError(f"{meta.name}: a per-member input [G, B, ...] needs G = {num_models} (the model's "
+                              f"members), got {tuple(x.shape)}")
     if not per_member and tuple(x.shape[1:]) not in shapes:
         more = (f" or one batch per member [{num_models}, B, {', '.join(map(str, shape))}]" if num_models else "")
-        raise ValueError(f"{meta.name}: expected input [B, {', '.join(map(str, shape))}]{more}, "
-                         f"got {tuple(x.shape)}")
+        raise InputShapeError(f"{meta.name}: expected input [B, {', '.join(map(str, shape))}]{more}, "
+                              f"got {tuple(x.shape)}")
     if meta.modality == "text" and x.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{meta.name}: text input must be integer token ids, got {x.dtype}")
+        raise InputTypeError(f"{meta.name}: text input must be integer token ids, got {x.dtype}")
     if meta.modality != "text" and not x.is_floating_point():
-        raise TypeError(f"{meta.name}: {meta.modality} input must be floating point, scaled as the dataset gives it "
-                        f"(e.g. pixels in [0, 1]), got {x.dtype}; a uint8 image cast as it is would be 255x that "
-                        f"scale (divide by 255 first)")
+        raise InputTypeError(f"{meta.name}: {meta.modality} input must be floating point, scaled as the dataset "
+                             f"gives it (e.g. pixels in [0, 1]), got {x.dtype}; a uint8 image cast as it is would be "
+                             f"255x that scale (divide by 255 first)")
     return per_member
 
 
@@ -151,10 +152,10 @@ class TokenEmbedding(nn.Module):
 
     def _check(self, ids):
         if ids.dim() != 2:
-            raise ValueError(f"token ids must be [B, L], got {tuple(ids.shape)}")
+            raise InputShapeError(f"token ids must be [B, L], got {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got range "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+            raise InputShapeError(f"token ids must lie in [0, {self.vocab_size}), got range "
+                                  f"[{int(ids.min())}, {int(ids.max())}]")
 
     def bag(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids [B, L]`` (shared by the members) or ``[G, B, L]`` (one batch per member)."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..backends import energy_dtype
-from ..errors import InputShapeError
+from ..errors import InputShapeError, InputTypeError
 from ..ops import activation_energy
 from ..ops.energy import with_penalty
 from . import layers as _layers
@@ -121,8 +121,10 @@ class EnergyActivation(EnergyLayer):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             if isinstance(x, torch.fx.Proxy):
                 return _layers._fx_leaf(self, x)
-            raise InputShapeError(f"{type(self).__name__} expects a tensor with a batch dimension, got "
-                                  f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-dim tensor'}")
+            if not isinstance(x, torch.Tensor):
+                raise InputTypeError(f"{type(self).__name__} expects a tensor with a batch dimension, got "
+                                     f"{type(x).__name__}")
+            raise InputShapeError(f"{type(self).__name__} expects a tensor with a batch dimension, got a 0-dim tensor")
         old = None if _layers._compiling() else self.__dict__.get("_last_energy")
         kw = dict(backend=self.backend, penalty=penalty)
         fn = self.__dict__.get("_fn")

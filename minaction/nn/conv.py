@@ -35,6 +35,7 @@ from torch.nn.modules import module as _module_hooks
 from ..backends import energy_dtype
 from ..errors import InputShapeError, InputTypeError
 from ..ops import activation_energy, activation_energy_max_pool2, conv2d_act_energy_max_pool2, max_pool2
+from ..ops.energy import _check_tensor
 from . import layers as _layers
 from .layers import EnergyLayer
 
@@ -221,10 +222,18 @@ class _EnergyConvNd(EnergyLayer):
     def _run(self, x: torch.Tensor, pool: bool) -> torch.Tensor:
         if x.dim() != self._dims + 2:
             spatial = "length" if self._dims == 1 else "height, width"
-            unbatched = (f" or [channels, {spatial}] ({self._dims + 1}-D)" if self.num_models is None
-                         else f" (a layer of {self.num_models} models needs the batch dimension)")
+            G = self.num_models
+            unbatched = (f" or [channels, {spatial}] ({self._dims + 1}-D)" if G is None
+                         else f" (a layer of {G} models needs the batch dimension: it takes a batch [batch, "
+                              f"{self.in_channels}, {spatial}] shared by "
+                              f"every model, or one per model stacked member-major along the channels, [batch, "
+                              f"{G}x{self.in_channels}, {spatial}]: x.transpose(0, 1).flatten(1, 2) of a [{G}, batch, "
+                              f"{self.in_channels}, {spatial}] stack)")
             raise InputShapeError(f"{type(self).__name__} expects input [batch, channels, {spatial}]"
                                   f" ({self._dims + 2}-D){unbatched}, got shape {tuple(x.shape)}")
+        if x.dtype != self.weight.dtype and not _layers._any_autocast():  # (autocast casts them for the conv)
+            _check_tensor("input", x)  # named as EnergyLinear names it, where torch's conv said "bias type"
+            _check_tensor("weight", self.weight, x)
         G = self.num_models
         if G is None:
             if not torch.jit.is_tracing() and x.shape[1] != self.in_channels:  # traced sizes: the conv checks

@@ -113,6 +113,17 @@ def test_bad_input_errors():
         EnergyConv2d(3, 4, 3)(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="needs the batch dimension"):
         EnergyConv2d(3, 4, 3, num_models=2)(torch.randn(3, 5, 5))
+    with pytest.raises(ValueError, match=r"member-major along the channels, \[batch, 2x3, height, width\]"):
+        EnergyConv2d(3, 4, 3, num_models=2)(torch.randn(2, 4, 3, 5, 5))  # a [G, B, C, H, W] stack
+    # a dtype the layer does not compute in, or another than its weight's: named as EnergyLinear names it (torch's
+    # conv said "Input type (long int) and bias type (float) should be the same"); both TypeError and RuntimeError
+    for dtype, says in ((torch.int64, "minaction supports float32"), (torch.bool, "minaction supports float32"),
+                        (torch.float64, "weight has dtype torch.float32 but the input has torch.float64")):
+        for err in (TypeError, RuntimeError):
+            with pytest.raises(err, match=says):
+                EnergyConv2d(3, 4, 3)(torch.ones(2, 3, 5, 5, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts them: no error
+        assert EnergyConv2d(3, 4, 3)(torch.ones(2, 3, 5, 5)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="groups"):
         EnergyConv1d(3, 4, 3, groups=2)
     with pytest.raises(ValueError, match="kernel_size"):
