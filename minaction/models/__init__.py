@@ -29,7 +29,7 @@ from torch import nn
 
 from ..registration import check_registration
 from .cnn import ConvNet, LoopEnsemble
-from .common import KEEP_MEMBER_DIM, check_meta
+from .common import KEEP_MEMBER_DIM, as_int, check_meta
 from .family import MLP, BimodalTrue, PhysicsLagrangian
 from .members import load_member, member_state_dict
 from .stats import activation_stats
@@ -221,18 +221,21 @@ def build(arch: str, meta, width: Optional[int] = None, depth: Optional[int] = N
     if unknown:
         raise TypeError(f"{arch} has no option(s) {', '.join(unknown)}; its options: "
                         f"{', '.join(f'{k}={v!r}' for k, v in cls.KNOBS.items())}")
-    if int(num_models) < 1:
+    G = as_int("num_models", num_models)
+    if G < 1:
         raise ValueError(f"num_models must be >= 1, got {num_models}")
-    G = int(num_models)
-    seeds = list(range(G)) if seeds is None else [int(s) for s in seeds]
+    seeds = list(range(G)) if seeds is None else [as_int("seeds", s) for s in seeds]
     if len(seeds) != G:
         raise ValueError(f"seeds must list num_models={G} ints, got {len(seeds)}")
-    depth = DEFAULT_DEPTH[arch] if depth is None else int(depth)
+    bad = [s for s in seeds if not -2 ** 63 <= s < 2 ** 64]  # torch.manual_seed's range
+    if bad:
+        raise ValueError(f"seeds must lie in [-2**63, 2**64) (torch.manual_seed's range), got {bad[0]}")
+    depth = DEFAULT_DEPTH[arch] if depth is None else as_int("depth", depth)
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     if width is None:
         width = default_width(arch, meta, depth, **arch_knobs)
-    if int(width) < 1:
+    if as_int("width", width) < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     kw = dict(energy=energy, activation=activation, energy_reduction=energy_reduction, **arch_knobs)
     if batched is None:

@@ -34,7 +34,7 @@ from ..nn.conv import EnergyConv1d, EnergyConv2d
 from ..nn import layers as _layers
 from ..errors import InputShapeError, InputTypeError
 from ..nn.layers import EnergyLayer
-from .common import EnergyNet, TokenEmbedding, check_input, column_norms, image_layout, time_mean
+from .common import EnergyNet, TokenEmbedding, as_int, check_input, column_norms, image_layout, time_mean
 from .family import _check_act
 
 
@@ -73,8 +73,9 @@ class ConvNet(EnergyNet):
                  kernel_size: Optional[int] = None):
         super().__init__(meta, num_models)
         _check_act("activation", activation)
-        self.width, self.depth = int(width), int(depth)
-        channels = default_channels(meta.modality, self.depth) if channels is None else [int(c) for c in channels]
+        self.width, self.depth = as_int("width", width), as_int("depth", depth)
+        channels = (default_channels(meta.modality, self.depth) if channels is None
+                    else [as_int("channels", c) for c in channels])
         if len(channels) != self.depth or min(channels) < 1:
             raise ValueError(f"channels must list {self.depth} positive ints (one per conv block), got {channels}")
         self.channels = channels
@@ -88,7 +89,7 @@ class ConvNet(EnergyNet):
         self.dims = len(spatial)
         if self.dims not in (1, 2):
             raise ValueError(f"cnn supports 1-D (C, L) and 2-D (C, H, W) inputs, got input_shape {meta.input_shape}")
-        k = int(kernel_size) if kernel_size is not None else (3 if self.dims == 2 else 5)
+        k = as_int("kernel_size", kernel_size) if kernel_size is not None else (3 if self.dims == 2 else 5)
         if k < 1 or k % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {k}")
         Conv = EnergyConv2d if self.dims == 2 else EnergyConv1d

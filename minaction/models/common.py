@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextvars
 import math
+import numbers
+import operator
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -338,5 +340,20 @@ def column_norms(*weights: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(sum((w.detach() ** 2).sum(-2) for w in weights))
 
 
-def as_int_list(v: Iterable) -> List[int]:
-    return [int(a) for a in v]
+def as_int(name: str, v) -> int:
+    """``v`` as an int, or TypeError naming ``name``: an integral number only (numpy and 0-dim integer
+    tensors too), never a float, a string or a bool, which ``int()`` truncated or read silently (2.7 -> 2)."""
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an integer, got {v!r}")
+
+
+def as_number(name: str, v) -> float:
+    """``v`` as a float, or TypeError naming ``name`` (a string or a bool is refused, not read)."""
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)) or (
+            isinstance(v, torch.Tensor) and (v.dim() != 0 or v.is_complex())):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    return float(v)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..ops import validate_energy
-from .common import EnergyNet, FeatureStem, column_norms
+from .common import EnergyNet, FeatureStem, as_int, as_number, column_norms
 
 
 def _check_act(name, act):
@@ -36,7 +36,7 @@ class MLP(EnergyNet):
                  num_models: int = 1, embed_dim: int = 64, embed_init_std: float = 0.1):
         super().__init__(meta, num_models)
         _check_act("activation", activation)
-        self.width, self.depth = int(width), int(depth)
+        self.width, self.depth = as_int("width", width), as_int("depth", depth)
         self.stem = FeatureStem(meta, embed_dim, self._G, embed_init_std)
         d = self.stem.out_features
         self.layers = nn.ModuleList()
@@ -85,12 +85,12 @@ class BimodalTrue(EnergyNet):
         super().__init__(meta, num_models)
         _check_act("activation", activation)
         _check_act("glia_activation", glia_activation)
-        if int(glia_domain) < 1:
+        if as_int("glia_domain", glia_domain) < 1:
             raise ValueError(f"glia_domain must be >= 1 neurons per glial unit, got {glia_domain}")
-        if not 0.0 <= float(coupling) <= 1.0:
+        if not 0.0 <= as_number("coupling", coupling) <= 1.0:
             raise ValueError(f"coupling must lie in [0, 1], got {coupling}")
-        self.width, self.depth = int(width), int(depth)
-        self.glia_domain, self.coupling = int(glia_domain), float(coupling)
+        self.width, self.depth = as_int("width", width), as_int("depth", depth)
+        self.glia_domain, self.coupling = as_int("glia_domain", glia_domain), float(coupling)
         self.glia_width = math.ceil(self.width / self.glia_domain)
         self.stem = FeatureStem(meta, embed_dim, self._G, embed_init_std)
         d = self.stem.out_features
@@ -161,11 +161,11 @@ class PhysicsLagrangian(EnergyNet):
         for n, a in (("activation", activation), ("kinetic_activation", kinetic_activation),
                      ("constraint_activation", constraint_activation)):
             _check_act(n, a)
-        if not float(step) > 0:
+        if not as_number("step", step) > 0:
             raise ValueError(f"step must be positive, got {step}")
-        if not float(potential_ratio) > 0:
+        if not as_number("potential_ratio", potential_ratio) > 0:
             raise ValueError(f"potential_ratio must be positive, got {potential_ratio}")
-        self.width, self.depth = int(width), int(depth)
+        self.width, self.depth = as_int("width", width), as_int("depth", depth)
         self.step, self.constraint = float(step), bool(constraint)
         self.potential_width = max(1, round(float(potential_ratio) * self.width))
         self.stem = FeatureStem(meta, embed_dim, self._G, embed_init_std)

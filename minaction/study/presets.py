@@ -132,7 +132,7 @@ def load_preset(preset) -> dict:
             raise PresetError(f"preset {src}: {key!r} must be a non-empty list")
     spec["lams"] = _lams(spec["lams"], src)
     for s in spec["seeds"]:
-        if not isinstance(s, int):
+        if not _integer(s):  # (true is an int to Python: it was recorded as seed 1)
             raise PresetError(f"preset {src}: seeds must be integers, got {s!r}")
     for blk in spec.get("extra", []):
         for key in ("archs", "datasets", "lams", "seeds"):

@@ -325,6 +325,23 @@ def test_bad_arguments():
         models.build("mlp", object())
     with pytest.raises(ValueError, match="vocab_size"):
         models.build("mlp", DataMeta("t", "text", 2, (8,), torch.int64))
+    # int() truncated or read these silently (num_models=2.5 built 2 members, seeds=[0.5, 1.9] became [0, 1])
+    for arch, kw, says in (("mlp", {"num_models": 2.5}, "num_models must be an integer"),
+                           ("mlp", {"num_models": "2"}, "num_models must be an integer"),
+                           ("mlp", {"width": 64.5}, "width must be an integer"),
+                           ("mlp", {"width": True}, "width must be an integer"),
+                           ("mlp", {"depth": 2.7}, "depth must be an integer"),
+                           ("mlp", {"num_models": 2, "seeds": [0.5, 1.9]}, "seeds must be an integer"),
+                           ("physics_lagrangian", {"step": "0.5"}, "step must be a number"),
+                           ("bimodal_true", {"glia_domain": 2.5}, "glia_domain must be an integer"),
+                           ("cnn", {"kernel_size": "3"}, "kernel_size must be an integer"),
+                           ("cnn", {"channels": [8.5, 16]}, "channels must be an integer")):
+        with pytest.raises(TypeError, match=says):
+            models.build(arch, meta, **kw)
+    with pytest.raises(ValueError, match="torch.manual_seed's range"):
+        models.build("mlp", meta, num_models=2, seeds=[0, 2 ** 70])
+    import numpy as np
+    assert models.build("mlp", meta, num_models=np.int64(2), width=np.int64(8), seeds=np.array([3, 4])).num_models == 2
     m = models.build("mlp", meta, width=8)
     for err in (ValueError, RuntimeError):  # as the layers: a RuntimeError too, as nn.Linear raises
         with pytest.raises(err, match="expected input"):
