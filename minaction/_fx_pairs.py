@@ -195,9 +195,16 @@ def _trace_now(module: nn.Module, flip: bool) -> fx.Graph:
         params = list(inspect.signature(explicit).parameters.values())
         concrete = {p.name: p.default for p in params[1:]
                     if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _LeafTracer(*_value_type(module)).trace(module, concrete_args=concrete or None)
+        tracer = _LeafTracer(*_value_type(module))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return tracer.trace(module, concrete_args=concrete or None)
+        finally:
+            # the tracer is left in reference cycles (its proxies point back at it): without its root the model is
+            # freed at `del`, not at the next full garbage collection (a GPU model's memory stayed held)
+            tracer.root = None
+            tracer.__dict__.pop("submodule_paths", None)
     finally:
         module.__class__ = cls
         _restore(saved)

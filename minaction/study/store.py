@@ -273,10 +273,11 @@ def connect(path, readonly: bool = False) -> sqlite3.Connection:
 
 
 def open_readonly(path) -> sqlite3.Connection:
-    """Open an existing study store for reading only, never creating or changing a file.
+    """Open an existing study store for reading only, never changing its data.
 
     SQLite reads a WAL database through its ``-shm`` index, which it must be able to create
-    next to the file. In a folder that is not writable this falls back to ``immutable=1``
+    next to the file (with an empty ``-wal``: both may stay after the reader closes; they hold
+    no runs). In a folder that is not writable this falls back to ``immutable=1``
     (the file is read as a snapshot, without locks) when no ``-wal`` file holds unmerged
     changes; otherwise it says that the folder must be writable.
     """

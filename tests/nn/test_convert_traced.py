@@ -1072,3 +1072,30 @@ def test_an_in_place_activation_statement_is_observed():
     gp = torch.autograd.grad(plain(x).square().sum(), list(plain.parameters()))
     for a, b in zip(g, gp):
         torch.testing.assert_close(a, b)
+
+
+def test_a_converted_model_is_freed_at_del_without_a_garbage_collection():
+    """convert reads forward() with torch.fx, whose tracer stays in reference cycles holding the model: the
+    model was freed only by the next full garbage collection, so `del model` (before torch.cuda.empty_cache)
+    kept its memory (session 23). The tracer lets go of the model once read."""
+    import gc
+    import weakref
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc3(torch.tanh(self.fc2(F.relu(self.fc1(x)))))
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = minaction.convert(Net())
+        assert isinstance(model.fc1, EnergyLinear)  # read with fx (a forward, not an nn.Sequential)
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
