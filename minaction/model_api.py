@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import math
+import numbers
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ def set_penalty(model: nn.Module, lam: float) -> int:
                          "(minaction.convert(model) swaps Linear/Conv + activation pairs for energy layers)")
     from .ops import validate_penalty
 
-    value = validate_penalty(lam, 1) if lam else 0.0
+    value = 0.0 if type(lam) in (int, float) and lam == 0 else validate_penalty(lam, 1)
     _check_model(model)
     for _, m in layers:
         m.penalty = value
@@ -1329,10 +1330,11 @@ def weight_density(w: torch.Tensor, rel_tol: float = 1e-3) -> float:
 
 
 @torch.no_grad()
-def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
+def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     """Per energy layer: E, units, active-unit fraction, weight density and forward FLOPs.
 
-    Runs one forward of ``model`` on ``x`` (in eval mode, restored afterwards) and returns
+    Runs one forward ``model(x, *args, **kwargs)`` (in eval mode, restored afterwards: a Siamese
+    net's two inputs, an LSTM language model's hidden state) and returns
     a pandas DataFrame with one row per energy layer and a final ``total`` row. The joules
     measured over that forward (RAPL / NVML where the hardware exposes them, see
     :class:`minaction.energy_meter.EnergyMeter`) are in ``df.attrs["measured_joules"]``, with
@@ -1341,6 +1343,14 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
     one by one, ``[G]``).
     """
     _need_module(model, "energy_report")
+    if args and not isinstance(args[0], torch.Tensor) and isinstance(args[0], float) and not kwargs and len(args) == 1:
+        raise TypeError("energy_report(model, x, rel_tol): rel_tol is keyword-only (further positional arguments "
+                        "are the model's inputs): pass rel_tol=...")
+    if isinstance(rel_tol, bool) or not isinstance(rel_tol, numbers.Real):
+        raise TypeError(f"rel_tol must be a number, got {rel_tol!r}")
+    if not 0 <= rel_tol < 1:
+        raise ValueError(f"rel_tol must be a number in [0, 1) (a weight counts when |w| > rel_tol * max|w|), got "
+                         f"{rel_tol!r}")
     from .energy_meter import EnergyMeter
 
     import pandas as pd
@@ -1374,7 +1384,7 @@ def energy_report(model: nn.Module, x: torch.Tensor, rel_tol: float = 1e-3):
     model.eval()
     try:
         with EnergyMeter() as meter:
-            model(x)
+            model(x, *args, **kwargs)
     finally:
         model.train(was_training)
         for h in hooks:

@@ -228,7 +228,8 @@ def _check_dtype(cls: type, dtype) -> None:
     """A layer built for a dtype the kernels do not compute in (complex, integer) refuses at construction,
     rather than at its first forward."""
     if dtype is not None and dtype not in _energy._FLOAT_DTYPES:
-        raise TypeError(f"{cls.__name__} computes in float32, float64, bfloat16 or float16; got dtype={dtype}")
+        raise TypeError(f"{cls.__name__} computes in float32, float64, bfloat16 or float16; got dtype={dtype!r}"
+                        + (" (a string: pass torch.float32, ...)" if isinstance(dtype, str) else ""))
 
 
 def _fx_leaf(module: nn.Module, x) -> "torch.fx.Proxy":
@@ -318,7 +319,8 @@ class EnergyLayer(nn.Module):
         if name in _PLAN_FACTS:
             self.__dict__.pop("_plan", None)
             if name == "penalty":  # checked on every assignment: layer.penalty = lam is the scheduling API
-                value = validate_penalty(value, self.p) if value else 0.0
+                # (a falsy None, '' or [] was read as 0, and a 1-D tensor's truth value raised torch's own error)
+                value = 0.0 if type(value) in (int, float) and value == 0 else validate_penalty(value, self.p)
             elif name == "backend" and value is not None:
                 from ..backends.select import _check_name
 
@@ -424,7 +426,7 @@ class EnergyLinear(EnergyLayer, nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are built below (and batched)
         _check_dtype(type(self), dtype)
         for what, v in (("in_features", in_features), ("out_features", out_features), ("num_models", num_models)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            if (v is not None or what != "num_models") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
                 raise TypeError(f"{type(self).__name__}: {what} must be an int, got {v!r}")
         if in_features < 0 or out_features < 0:  # zero is allowed, as nn.Linear allows it
             raise ValueError(f"in_features and out_features must be >= 0, got {in_features}, {out_features}")

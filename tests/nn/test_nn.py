@@ -91,6 +91,51 @@ def test_energy_report_columns_and_values():
     assert df.loc[0, "active_fraction"] == pytest.approx(float((h != 0).float().mean()))
 
 
+def test_energy_report_of_a_model_with_several_inputs_and_its_argument_checks():
+    """A Siamese net's forward takes two inputs: the report passes every input on (it took one tensor, so such
+    models could not be reported), one row per call; rel_tol is keyword-only and checked."""
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower = nn.Sequential(EnergyLinear(4, 8), nn.Linear(8, 2))
+
+        def forward(self, a, b, scale=1.0):
+            return scale * (self.tower(a) - self.tower(b))
+
+    torch.manual_seed(0)
+    model, a, b = Siamese(), torch.randn(3, 4), torch.randn(3, 4)
+    df = minaction.energy_report(model, a, b, scale=2.0)
+    assert list(df.layer) == ["tower.0", "tower.0", "total"]
+    for i, x in enumerate((a, b)):
+        h = torch.relu(F.linear(x, model.tower[0].weight, model.tower[0].bias))
+        assert df.loc[i, "energy"] == pytest.approx(float(h.detach().square().sum(1).mean()), rel=1e-5)
+    with pytest.raises(TypeError, match="rel_tol is keyword-only"):
+        minaction.energy_report(nn.Sequential(EnergyLinear(4, 8)), a, 1e-2)
+    for bad, err in (("x", TypeError), (True, TypeError), (-1, ValueError), (5, ValueError)):
+        with pytest.raises(err, match="rel_tol must be a number"):
+            minaction.energy_report(model, a, b, rel_tol=bad)
+
+
+def test_penalty_and_size_arguments_are_checked_not_read_loosely():
+    """A falsy None / '' / [] penalty was read as 0 and a 1-D tensor raised torch's "Boolean value of Tensor
+    ... ambiguous"; EnergyLinear(None, 4) raised "'<' not supported"; a dtype given as a string read as if
+    float32 were refused. Each now names the argument."""
+    model = nn.Sequential(EnergyLinear(2, 3))
+    for bad in (None, "", [], torch.tensor([1.0, 2.0])):
+        with pytest.raises(TypeError, match="penalty must be a"):
+            EnergyLinear(2, 3, penalty=bad)
+        with pytest.raises(TypeError, match="penalty must be a"):
+            model[0].penalty = bad
+        with pytest.raises(TypeError, match="penalty must be a"):
+            minaction.set_penalty(model, bad)
+    for ok in (0, 0.0, 1e-3):
+        assert minaction.set_penalty(model, ok) == 1 and model[0].penalty == float(ok)
+    with pytest.raises(TypeError, match="in_features must be an int, got None"):
+        EnergyLinear(None, 4)
+    with pytest.raises(TypeError, match="a string: pass torch.float32"):
+        EnergyLinear(2, 4, dtype="float32")
+
+
 def test_batched_layer_shapes_and_reset():
     el = EnergyLinear(4, 3, num_models=5)
     assert el.weight.shape == (5, 3, 4) and el.bias.shape == (5, 3)
