@@ -25,7 +25,7 @@ from .catalogue import FAMILIES, SPECS, register_dataset
 from .core import DataMeta, Dataset, SpikeDataset
 from .formats import FormatError
 from .sources import ChecksumError, DataError, DataUnavailableError, cache_dir
-from .splits import SPLITS
+from .splits import SPLITS, check_data_dir
 from .splits import load as _load
 
 __all__ = ["load", "DataMeta", "Dataset", "SpikeDataset", "list_datasets", "fetch", "cache_dir",
@@ -84,6 +84,10 @@ def fetch(*names: str, data_dir=None, progress: bool = True, refresh: bool = Fal
     :func:`register_dataset` is checked by loading its splits through its loader (which
     owns its data: nothing is cached here)."""
     registered = _catalogue.REGISTERED
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"fetch takes dataset names as separate strings (fetch('mnist', 'sst2')), got "
+                        f"{type(bad[0]).__name__} {bad[0]!r}")
     names = names or tuple(_known_names())
     out = {}
     for n in names:
@@ -95,6 +99,7 @@ def fetch(*names: str, data_dir=None, progress: bool = True, refresh: bool = Fal
             continue
         if n not in SPECS:
             raise ValueError(f"unknown dataset {n!r}; known: {', '.join(_known_names())}")
+        check_data_dir(n, data_dir)
         _, origin = family_arrays(SPECS[n].family, data_dir=data_dir, progress=progress, refresh=refresh)
         out[n] = origin
     return out

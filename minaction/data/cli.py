@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -29,7 +30,11 @@ def _fetch(args) -> int:
     names = args.names or known
     unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"unknown dataset(s): {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
+        print(f"minaction data fetch: error: unknown dataset(s): {', '.join(unknown)}; known: {', '.join(known)}",
+              file=sys.stderr)
+        return 2
+    if args.data_dir is not None and not os.path.isdir(os.path.expanduser(args.data_dir)):
+        print(f"minaction data fetch: error: --data-dir {args.data_dir!r} is not a folder", file=sys.stderr)
         return 2
     failed = 0
     for n in names:

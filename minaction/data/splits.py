@@ -167,11 +167,16 @@ def load(name: str, split: str, data_dir=None, seed: int = 0, progress: bool = F
     _check_split(split)
     spec = SPECS[name]
     check_options(name, opts, seed)
-    if data_dir is not None and not os.path.isdir(os.path.expanduser(os.fspath(data_dir))):
-        # a typo was ignored silently wherever another source (or the decoded cache) had the data
-        raise FileNotFoundError(f"dataset {name!r}: data_dir {str(data_dir)!r} is not a folder")
+    check_data_dir(name, data_dir)
     kw = {**spec.defaults, **opts}
     return BUILDERS[spec.builder](name, split, seed, data_dir, progress, **kw)
+
+
+def check_data_dir(name: str, data_dir) -> None:
+    """A ``data_dir`` that is not a folder is an error: a typo was ignored silently wherever another source
+    (or the decoded cache) had the data."""
+    if data_dir is not None and not os.path.isdir(os.path.expanduser(os.fspath(data_dir))):
+        raise FileNotFoundError(f"dataset {name!r}: data_dir {str(data_dir)!r} is not a folder")
 
 
 def check_options(name: str, opts: dict, seed=0) -> None:
@@ -212,6 +217,8 @@ def _check_option_values(name, seed, opts, defaults) -> None:
 
     if not integral(seed):
         raise TypeError(f"dataset {name!r}: seed must be an integer, got {seed!r}")
+    if seed < 0:  # numpy's generators take none (it failed after the files were read, and only where a split is carved)
+        raise ValueError(f"dataset {name!r}: seed must be >= 0, got {seed!r}")
     for k, v in opts.items():
         d = defaults.get(k)
         if v is None and d is None:

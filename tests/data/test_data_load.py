@@ -598,6 +598,23 @@ def test_a_registered_loader_must_return_a_dataset():
         catalogue.REGISTERED.pop("returns_tuple", None)
 
 
-def test_a_data_dir_that_is_no_folder_is_an_error(tmp_path):
+def test_a_data_dir_that_is_no_folder_is_an_error(tmp_path, capsys):
+    """load, fetch and `data fetch` alike (fetch succeeded from the decoded cache with a mistyped folder)."""
     with pytest.raises(FileNotFoundError, match="data_dir .*typo.* is not a folder"):
         data.load("ecg200", "train", data_dir=tmp_path / "typo")
+    with pytest.raises(FileNotFoundError, match="data_dir .*typo.* is not a folder"):
+        data.fetch("ecg200", data_dir=tmp_path / "typo")
+    from minaction.cli import main
+
+    assert main(["data", "fetch", "ecg200", "--data-dir", str(tmp_path / "typo")]) == 2
+    assert capsys.readouterr().err.startswith("minaction data fetch: error: --data-dir")
+    assert main(["data", "fetch", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("minaction data fetch: error: unknown dataset(s): nope")
+
+
+def test_bad_names_and_seeds_are_named_before_any_file_is_read():
+    with pytest.raises(TypeError, match=r"separate strings \(fetch\('mnist', 'sst2'\)\), got list"):
+        data.fetch(["ecg200"])
+    for name in ("ecg200", "mnist"):  # (ecg200 failed in numpy after reading its files; mnist took it)
+        with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+            data.load(name, "train", seed=-1)
