@@ -18,7 +18,18 @@ def positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n} (omit --workers for one per available CPU)")
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {n}")
     return n
 
 
@@ -154,7 +165,7 @@ def register(subparsers) -> None:
     r.add_argument("--workers", type=positive_int, default=None,
                    help="worker processes, >= 1 (default: one per available CPU)")
     r.add_argument("--scheduler", default=None, help="dask/ray scheduler address, e.g. tcp://host:8786")
-    r.add_argument("--limit", type=int, default=None, help="train at most this many pending runs")
+    r.add_argument("--limit", type=nonnegative_int, default=None, help="train at most this many pending runs")
     r.add_argument("--retry-failed", action="store_true",
                    help="train again the runs recorded as failed (by default they count as finished)")
     r.add_argument("--max-group", type=positive_int, default=None, metavar="N",

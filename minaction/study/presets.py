@@ -119,9 +119,12 @@ def load_preset(preset) -> dict:
         path = preset_path(preset)
         src = str(path)
         try:
-            spec = tomllib.loads(path.read_text())
+            spec = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale says
         except tomllib.TOMLDecodeError as exc:
             raise PresetError(f"preset {src}: invalid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise PresetError(f"preset {src}: not UTF-8 text, as TOML must be ({exc.reason} at byte {exc.start})") \
+                from None
         spec.setdefault("name", path.stem)
     unknown = set(spec) - _TOP_KEYS
     if unknown:

@@ -166,7 +166,8 @@ def check_config(runs, spec=None) -> dict:
             try:
                 validate_energy(act, energy, reduction)
             except ValueError as exc:
-                raise StudyConfigError(f"budget: {exc}") from None
+                text = str(exc).replace("'l1' or None", "'l1' or \"none\" (no energy; a preset's TOML has no None)")
+                raise StudyConfigError(f"budget: {text}") from None
     if archs:
         try:
             from .. import models

@@ -268,7 +268,7 @@ def test_unknown_or_unavailable_dataset_is_refused(tmp_path, monkeypatch, capsys
 @pytest.mark.parametrize("over, needle", [
     ({"archs": ["tiny_mlp", "mlpp"]}, "unknown architecture(s) ['mlpp']"),
     ({"budget": {"epochs": 1, "width": 16, "activation": "swish"}}, "budget: activation must be one of"),
-    ({"budget": {"epochs": 1, "width": 16, "energy": "l3"}}, "budget: energy must be 'l2', 'l1' or None"),
+    ({"budget": {"epochs": 1, "width": 16, "energy": "l3"}}, "budget: energy must be 'l2', 'l1' or \"none\" (no energy"),
     ({"budget": {"epochs": 1, "width": 16, "energy_reduction": "max"}}, "budget: energy_reduction must be"),
 ])
 def test_misspelt_model_options_and_names_are_refused_by_run_and_plan(tmp_path, capsys, over, needle):
@@ -281,6 +281,23 @@ def test_misspelt_model_options_and_names_are_refused_by_run_and_plan(tmp_path, 
     assert main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress"]) == 2
     _one_line_error(capsys.readouterr().err, "minaction study run: error:", needle)
     assert not db.exists() and not (tmp_path / "d.sqlite.lock").exists()  # refused before the store was created
+
+
+def test_a_preset_that_is_not_utf8_and_a_negative_limit_are_refused(tmp_path, capsys):
+    """A preset file in another encoding said only "'utf-8' codec can't decode ...", naming no file; --limit -1
+    scheduled nothing and exited 0; --max-group 0 advised on --workers."""
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(_preset(tmp_path).read_bytes() + b'\n# caf\xe9\n')
+    assert main(["study", "plan", "--preset", str(bad)]) == 2
+    _one_line_error(capsys.readouterr().err, "minaction study plan: error:", f"preset {bad}: not UTF-8 text")
+    db = tmp_path / "l.sqlite"
+    for flag, value, says in (("--limit", "-1", "must be at least 0, got -1"),
+                              ("--max-group", "0", "must be at least 1, got 0")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["study", "run", "--preset", str(_preset(tmp_path)), "--db", str(db), flag, value])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and "--workers for one" not in err
+    assert not db.exists()
 
 
 def test_resume_reports_failed_runs_and_retry_failed(tmp_path, capsys):
