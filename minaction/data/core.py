@@ -3,6 +3,7 @@ and :class:`SpikeDataset` (rate-coded spikes generated per batch)."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -133,9 +134,9 @@ class Dataset:
         seed); without it, batches are contiguous views (no copy). Spike datasets draw the
         spikes of batch ``i`` from a generator seeded by ``(seed, i)``.
         """
-        if int(batch_size) < 1:
+        batch_size, n = _count("batch_size", batch_size), len(self)
+        if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        batch_size, n = int(batch_size), len(self)
         stop = n - n % batch_size if drop_last else n
         if shuffle:
             g = torch.Generator().manual_seed(int(seed))
@@ -174,7 +175,8 @@ class Dataset:
     def subset(self, n: int, seed: int = 0) -> "Dataset":
         """``n`` samples drawn without replacement by a generator seeded by ``seed`` (kept in
         their original order); ``n >= len(self)`` returns the whole split."""
-        if int(n) < 0:
+        n = _count("subset size", n)
+        if n < 0:
             raise ValueError(f"subset size must be >= 0, got {n}")
         if n >= len(self):
             return self
@@ -237,6 +239,16 @@ def _loaded_cpu_ops():
     from ..backends import cpu
 
     return cpu.OPS
+
+
+def _count(what: str, v) -> int:
+    """``v`` as an int, refusing a float, a string or a bool (int() truncated batches(2.5) to 2)."""
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} must be an integer, got {v!r}")
 
 
 def carve_val(y: np.ndarray, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -119,6 +119,8 @@ def count_parameters(model: nn.Module, exclude_stem: bool = False) -> int:
 
     ``exclude_stem=True`` leaves out the modality stem (the text embedding table).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_parameters takes an nn.Module, got {type(model).__name__}")
     G = int(getattr(model, "num_models", 1))
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if exclude_stem and hasattr(model, "stem_parameters"):

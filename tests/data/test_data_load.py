@@ -612,6 +612,18 @@ def test_a_data_dir_that_is_no_folder_is_an_error(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("minaction data fetch: error: unknown dataset(s): nope")
 
 
+def test_batch_and_subset_sizes_must_be_integers():
+    """int() truncated batches(2.5) to 2 and read batches('32') as 32."""
+    ds = data.Dataset(torch.randn(10, 3), torch.randint(0, 2, (10,)),
+                      data.DataMeta("t", "physiological", 2, (3,), torch.float32), "train")
+    for bad in (2.5, "32", True):
+        with pytest.raises(TypeError, match="batch_size must be an integer"):
+            next(ds.batches(bad))
+        with pytest.raises(TypeError, match="subset size must be an integer"):
+            ds.subset(bad)
+    assert [len(y) for _, y in ds.batches(np.int64(4), shuffle=False)] == [4, 4, 2] and len(ds.subset(np.int64(3))) == 3
+
+
 def test_bad_names_and_seeds_are_named_before_any_file_is_read():
     with pytest.raises(TypeError, match=r"separate strings \(fetch\('mnist', 'sst2'\)\), got list"):
         data.fetch(["ecg200"])
