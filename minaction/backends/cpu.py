@@ -190,8 +190,8 @@ def _marker_ok(spec: dict) -> bool:
 def _say_building(spec: dict) -> None:
     if not _state.get("announced"):
         _state["announced"] = True
-        print(f"minaction: building the CPU kernels (first use: a few minutes, 3-5 min on 2 cores) in "
-              f"{spec['dir']}", file=sys.stderr, flush=True)
+        print(f"minaction: building the CPU kernels (first use: a few minutes; 3-10 min on 2 cores, longer under "
+              f"load) in {spec['dir']}", file=sys.stderr, flush=True)
 
 
 def _hold_owner(spec: dict, timeout: float):

@@ -127,7 +127,9 @@ def _fetch_and_decode(fam: Family, family: str, data_dir, progress: bool):
         return arrays, src.describe()
     raise DataUnavailableError(
         f"dataset {family!r}: no source could provide its files. Tried, in order:\n" + "\n".join(tried)
-        + "\nPass data_dir= (or set MINACTION_DATA) to a folder holding the files, or see docs/data.md.")
+        + "\nPut the files in a folder and pass data_dir= (or set MINACTION_DATA to it, for the command line and the "
+          "study), or set MINACTION_SHARED_DATA to a shared data folder; docs/data.md, 'Sources', lists each "
+          "dataset's sources and files.")
 
 
 def clear_memo() -> None:

@@ -11,8 +11,8 @@ from .render import fmt
 
 #: what a dataset's "whole split" is where that is not the dataset everyone knows by its name
 DATASET_NOTES = {
-    "nmnist": "the whole split of N-MNIST small (slayerPytorch's NMNISTsmall: 1,000 train / 100 test recordings), "
-              "a subset of N-MNIST (60,000 / 10,000)",
+    "nmnist": "N-MNIST small (slayerPytorch's NMNISTsmall: 1,000 train / 100 test recordings), a subset of "
+              "N-MNIST (60,000 / 10,000)",
 }
 
 
@@ -87,8 +87,8 @@ def section(rep) -> None:
                      "assume that every cell has the same seed-to-seed variance.")
     notes = table[table["note"] != ""]
     for r in notes.itertuples():
-        items.append(f"{r.dataset}: its training and test splits (\"full splits\", `train_subset = 0`) are "
-                     f"{r.note}.")
+        items.append(f"{r.dataset}: its data is {r.note}. A budget's full split (`train_subset = 0`) is the whole "
+                     f"of it; a smaller `train_subset` draws from it.")
     items.append("The architectures are this project's reconstructions of the paper's Figure 1 (the caption names "
                  "bimodal_true and physics_lagrangian; the paper's code and equations are not public, "
                  "docs/models.md): a verdict on them is a verdict on our reading of the paper.")

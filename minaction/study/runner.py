@@ -26,7 +26,7 @@ from .plugins import plugins_for
 from .presets import expand, load_preset, make_groups, with_max_group
 from .trainer import failed_records, run_group
 
-STARTING = "starting workers"
+STARTING = "training the first groups (a rate and an ETA once one is recorded)"
 
 
 class StudyConfigError(ValueError):
@@ -109,10 +109,12 @@ def check_main_guard(executor) -> None:
         "Put the call under the guard (docs/study.md)")
 
 
-def check_backend() -> str:
+def check_backend(build: bool = True) -> str:
     """The kernel backend the workers will use on CPU, checked in the driver: an unknown or
     unusable ``MINACTION_BACKEND`` raises :class:`StudyConfigError`. Returns its name, or
-    ``"auto"`` (the workers choose, falling back to ``reference`` with a warning)."""
+    ``"auto"`` (the workers choose, falling back to ``reference`` with a warning). ``build=False``
+    checks the forced name only and leaves the automatic choice's build (minutes on first use) for
+    later: the driver builds after it has checked that the datasets can be had."""
     from ..backends import select as _backend
 
     env = os.environ.get("MINACTION_BACKEND")
@@ -121,6 +123,8 @@ def check_backend() -> str:
     except ValueError as exc:
         raise StudyConfigError(f"MINACTION_BACKEND={env!r}: {_first_line(exc)} (or unset it for the automatic "
                                f"choice)") from None
+    if forced is None and not build:
+        return "auto"
     if forced is None:
         # the driver loads (on first use: builds) the CPU kernels itself, before any worker starts: the build
         # message shows here, the workers load the finished build, and a build that fails is said once. The
@@ -245,8 +249,7 @@ def check_inputs(runs) -> None:
         except data.DataError as exc:
             why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # every source tried
             raise StudyConfigError(f"dataset {name!r} is not available on this machine: {why} "
-                                   f"(run `minaction data fetch {name}` to see every source tried, or set "
-                                   f"MINACTION_DATA; docs/data.md)") from None
+                                   f"(`minaction data fetch {name}` shows every source tried)") from None
         finally:
             data.clear_memo()  # the driver does not keep the arrays
 
@@ -330,8 +333,8 @@ def _failures(con, only=None, most: int = 10) -> list:
 
 
 class _Progress:
-    """The tqdm bar over runs. Until the first group comes back it says what is happening
-    (workers starting, kernels building) and shows no rate or ETA: those would be computed
+    """The tqdm bar over runs. Until the first group comes back it says that the first groups
+    are training and shows no rate or ETA: those would be computed
     from a start-up that can take minutes and then promise days. The bar with its ETA starts
     when the first group is recorded."""
 
@@ -339,12 +342,15 @@ class _Progress:
         self.total, self.n, self.bar = total, initial, None
         self.enabled = enabled
         self.started = False
+        self._tty = False
         if enabled:
             from tqdm.auto import tqdm
 
             self._tqdm = tqdm
             self.bar = tqdm(total=total, initial=initial, unit="run", dynamic_ncols=True, desc=STARTING,
                             bar_format="{desc}: {n_fmt}/{total_fmt} runs [{elapsed}]", leave=False)
+            isatty = getattr(self.bar.fp, "isatty", None)
+            self._tty = bool(isatty and isatty())
 
     @property
     def waiting(self) -> bool:
@@ -352,8 +358,9 @@ class _Progress:
         return self.bar is not None and not self.started
 
     def tick(self):
-        """Redraw while waiting (the elapsed time shows that start-up is under way)."""
-        if self.bar is not None and not self.started:
+        """Redraw while waiting (the elapsed time shows that training is under way); on a terminal only: into a
+        log file each redraw was another line, every second, for the hours a first group can take."""
+        if self.bar is not None and not self.started and self._tty:
             self.bar.refresh()
 
     def update(self, n, postfix):
@@ -437,7 +444,7 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     spec = with_max_group(load_preset(preset), max_group)
     runs = expand(spec)
-    check_backend()
+    check_backend(build=False)  # the kernels are built once the data is known to be there (_run_locked)
     if checkpoints:
         try:
             checkpoint.check_env()
@@ -523,6 +530,8 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
     if limit is not None:
         todo = todo[:max(0, int(limit))]
     check_inputs(todo)
+    if todo:  # after the data: a dataset that cannot be had failed after a first build of ~10 minutes
+        check_backend()
     groups = make_groups(todo, spec["group_by"], spec["max_group"])
     _warn_renamed_budget(con, spec)
     ckpt = ckpt or {}

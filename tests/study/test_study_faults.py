@@ -655,6 +655,24 @@ def test_a_study_says_when_its_runs_fall_back_to_reference(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_the_data_is_checked_before_the_kernels_are_built(tmp_path, monkeypatch):
+    """On a fresh machine the driver built the C++ kernels (~10 minutes on 2 loaded cores) and only then found
+    that a dataset could not be had (a fresh-clone trial, session 23). The build now waits for the data check."""
+    from minaction.study import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "check_backend", lambda build=True: calls.append(("backend", build)) or "auto")
+
+    def no_data(runs):
+        calls.append(("inputs", len(runs)))
+        raise runner.StudyConfigError("dataset 'synthetic' is not available on this machine")
+
+    monkeypatch.setattr(runner, "check_inputs", no_data)
+    with pytest.raises(runner.StudyConfigError, match="not available"):
+        runner.run_study(_preset(tmp_path), tmp_path / "d.sqlite", workers=1, progress=False)
+    assert calls[0] == ("backend", False) and calls[1][0] == "inputs" and len(calls) == 2
+
+
 def _script_run(tmp_path, body, *args, module=None):
     """Run ``body`` as a main script (or, with ``module``, as ``python -m module`` from tmp_path)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
