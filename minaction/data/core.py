@@ -134,7 +134,7 @@ class Dataset:
         seed); without it, batches are contiguous views (no copy). Spike datasets draw the
         spikes of batch ``i`` from a generator seeded by ``(seed, i)``.
         """
-        batch_size, n = _count("batch_size", batch_size), len(self)
+        batch_size, n = as_int("batch_size", batch_size), len(self)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         stop = n - n % batch_size if drop_last else n
@@ -175,7 +175,7 @@ class Dataset:
     def subset(self, n: int, seed: int = 0) -> "Dataset":
         """``n`` samples drawn without replacement by a generator seeded by ``seed`` (kept in
         their original order); ``n >= len(self)`` returns the whole split."""
-        n = _count("subset size", n)
+        n = as_int("subset size", n)
         if n < 0:
             raise ValueError(f"subset size must be >= 0, got {n}")
         if n >= len(self):
@@ -241,8 +241,10 @@ def _loaded_cpu_ops():
     return cpu.OPS
 
 
-def _count(what: str, v) -> int:
-    """``v`` as an int, refusing a float, a string or a bool (int() truncated batches(2.5) to 2)."""
+def as_int(what: str, v) -> int:
+    """``v`` as an int, or TypeError naming ``what``: an integral number only (numpy and 0-dim integer
+    tensors too), never a float, a string or a bool, which ``int()`` truncated or read silently
+    (batches(2.5) ran batches of 2; models.build(num_models=2.5) built 2 members)."""
     if not isinstance(v, bool):
         try:
             return operator.index(v)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import contextvars
 import math
 import numbers
-import operator
 from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.core import MODALITIES
+from ..data.core import MODALITIES, as_int  # noqa: F401  (as_int: the models' too)
 from ..errors import InputShapeError, InputTypeError
 from ..nn.layers import EnergyLinear
 
@@ -338,17 +337,6 @@ def column_norms(*weights: torch.Tensor) -> torch.Tensor:
     Each weight is ``[out, in]`` or ``[G, out, in]``; returns ``[in]`` or ``[G, in]``.
     """
     return torch.sqrt(sum((w.detach() ** 2).sum(-2) for w in weights))
-
-
-def as_int(name: str, v) -> int:
-    """``v`` as an int, or TypeError naming ``name``: an integral number only (numpy and 0-dim integer
-    tensors too), never a float, a string or a bool, which ``int()`` truncated or read silently (2.7 -> 2)."""
-    if not isinstance(v, bool):
-        try:
-            return operator.index(v)
-        except TypeError:
-            pass
-    raise TypeError(f"{name} must be an integer, got {v!r}")
 
 
 def as_number(name: str, v) -> float:
