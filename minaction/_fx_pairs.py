@@ -168,10 +168,13 @@ def _trace(module: nn.Module, flip: bool = False) -> fx.Graph:
         try:
             hit = (module, _trace_now(module, flip))
         except Exception as exc:  # noqa: BLE001 - remembered and raised again, as a second trace would
-            hit = (module, exc)
+            # without its traceback: the frames it holds (this one among them, whose `hit` holds it) made a
+            # reference cycle that kept the model alive after convert until a full garbage collection
+            hit = (module, exc.with_traceback(None))
         cache[key] = hit
     if isinstance(hit[1], Exception):
-        raise hit[1]
+        del hit, cache  # no local of the frame the traceback will hold refers to the exception
+        raise _CACHES[-1][key][1]
     return hit[1]
 
 
@@ -267,9 +270,10 @@ def _only_to_output(node: fx.Node, module: nn.Module, depth: int = 0) -> bool:
                for u in node.users)
 
 
-#: child names that hold a model's prediction by convention (a head may be registered before the body it reads)
-_HEAD_NAMES = frozenset({"head", "classifier", "fc", "decoder", "out", "output", "logits", "lm_head", "readout",
-                         "predictor", "final"})
+#: child names that hold a model's prediction by convention (a head may be registered before the body it reads).
+#: Not `fc`, `out` or `final`: a GAN generator's `fc` is its noise projection, registered first, and taking it
+#: as the output counted the generator's real output layer as hidden energy
+_HEAD_NAMES = frozenset({"head", "classifier", "decoder", "output", "logits", "lm_head"})
 
 
 def output_modules(model: nn.Module, notes: Optional[list] = None, guessed: Optional[set] = None) -> Tuple[set, set]:
@@ -280,9 +284,9 @@ def output_modules(model: nn.Module, notes: Optional[list] = None, guessed: Opti
     after it (Identity, Flatten, Dropout); in any other module, the calls whose results flow only
     into the forward's output (read with torch.fx). A forward fx cannot read (a branch on a tensor's
     value) says nothing about its output: its last registered submodule, where a model's head is by
-    convention, is taken as the output (the last one named like a head, ``head``, ``classifier``, ``fc``,
-    ``decoder``, ``lm_head``, ..., if there is one: word_language_model registers ``decoder`` before
-    ``input_emb``), and ``notes`` gets (path, why) for the report; ``guessed`` (if given) gets the ids of
+    convention, is taken as the output (the last one named like a head, ``head``, ``classifier``,
+    ``decoder``, ``output``, ``logits``, ``lm_head``, if there is one: word_language_model registers
+    ``decoder`` before ``input_emb``), and ``notes`` gets (path, why) for the report; ``guessed`` (if given) gets the ids of
     the modules and layers found below such a guess. The guess errs towards leaving a hidden layer plain
     rather than counting the model's prediction as hidden energy."""
     modules, layers = {id(model)}, set()

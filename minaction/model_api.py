@@ -4,6 +4,7 @@ Linear/Conv + activation pairs for energy layers), ``total_energy``, ``energy_re
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import math
@@ -853,8 +854,12 @@ def _convert_activations(model: nn.Module, rep: ConversionReport, opts, outputs)
             lin = owner._modules.get("linear1")
             if (leaf == "activation" and owner._modules.get("activation") is mod and act is None
                     and type(owner)._ff_block is base._ff_block and type(lin) is nn.Linear):
-                replace(path, mod, lin, f", the activation of {type(owner).__name__}'s feed-forward block")
+                new = replace(path, mod, lin, f", the activation of {type(owner).__name__}'s feed-forward block")
                 owner.activation_relu_or_gelu = 0  # (0 already for such an activation: torch's fast path is relu/gelu)
+                if isinstance(owner, nn.TransformerDecoderLayer):
+                    # torch's TransformerDecoderLayer.__setstate__ (deepcopy, pickle) puts F.relu over an activation
+                    # that is not in the instance's __dict__: the module goes there too (one module, two references)
+                    object.__setattr__(owner, "activation", new)
             continue
         if isinstance(owner, nn.MultiheadAttention):
             continue
@@ -1310,11 +1315,15 @@ def _convert(model, energy, energy_reduction, backend, include_output, wrap_acti
             # its evaluation fast path packs a padded batch (src_key_padding_mask) into a nested tensor, which the
             # energy layers cannot take; off, the layers see the padded batch, as in training
             mod.use_nested_tensor = False
-            rep.converted.append((name, "TransformerEncoder: use_nested_tensor is now False (with a "
-                                        "src_key_padding_mask in evaluation, torch would pass its energy layers a "
-                                        "nested tensor; now the outputs at padded positions are computed, not zero, "
-                                        "the valid positions are unchanged, and the energy counts every position, "
-                                        "padded or not, as in training)"))
+            prefix = f"{name}.layers." if name else "layers."
+            i = next((i for i, (p, _) in enumerate(rep.converted) if p.startswith(prefix)), None)
+            if i is not None:  # said with its first converted layer: the encoder itself is no converted module
+                p, desc = rep.converted[i]
+                rep.converted[i] = (p, desc + f"; {name or type(mod).__name__}.use_nested_tensor is now False (with a "
+                                    "src_key_padding_mask in evaluation, torch would pass its energy layers a nested "
+                                    "tensor; now the outputs at padded positions are computed, not zero, the valid "
+                                    "positions are unchanged, and the energy counts every position, padded or not, "
+                                    "as in training)")
     for entries in (rep.converted, rep.skipped):  # module order, whichever way each layer was read
         entries.sort(key=lambda item: _order.get(item[0], len(_order)))
     return rep
@@ -1330,6 +1339,24 @@ def weight_density(w: torch.Tensor, rel_tol: float = 1e-3) -> float:
 
 
 @torch.no_grad()
+def _scalar(v) -> bool:
+    """A Python, numpy or 0-dim tensor number (not a bool)."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _takes(model: nn.Module, *args) -> bool:
+    """Whether ``model``'s forward accepts these positional arguments (True where its signature is unknown)."""
+    try:
+        inspect.signature(model.forward).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
 def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     """Per energy layer: E, units, active-unit fraction, weight density and forward FLOPs.
 
@@ -1343,7 +1370,8 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     one by one, ``[G]``).
     """
     _need_module(model, "energy_report")
-    if args and not isinstance(args[0], torch.Tensor) and isinstance(args[0], float) and not kwargs and len(args) == 1:
+    if len(args) == 1 and not kwargs and _scalar(args[0]) and not _takes(model, x, *args):
+        # the old signature energy_report(model, x, rel_tol), where the model takes no second input
         raise TypeError("energy_report(model, x, rel_tol): rel_tol is keyword-only (further positional arguments "
                         "are the model's inputs): pass rel_tol=...")
     if isinstance(rel_tol, bool) or not isinstance(rel_tol, numbers.Real):
@@ -1369,7 +1397,7 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
             e = mod.__dict__.get("_call_energy", mod.last_energy)  # an accumulating EnergyActivation: this call's
             rows.append({
                 "layer": name, "type": type(mod).__name__, "activation": getattr(mod, "activation", None),
-                "energy": float(e.sum()) if e is not None else float("nan"),
+                "energy": float(e.detach().sum()) if e is not None else float("nan"),
                 "units": int(math.prod(y.shape[1:])) if y.dim() > 1 else 1,
                 "active_fraction": float((y != 0).float().mean()),
                 "weight_density": weight_density(weights[0], rel_tol) if weights else float("nan"),

@@ -183,8 +183,8 @@ def backend_info(device=None) -> dict:
         # the choice is made here without select's cache and without using up its one fallback warning: a
         # backend_info() before the first forward left the forward's fallback to the reference path unsaid
         warned = dev.type in _warned
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             try:
                 active = _select(dev)
                 err = None
@@ -192,11 +192,14 @@ def backend_info(device=None) -> dict:
                 active, err = None, str(exc)
         if not warned:
             _warned.discard(dev.type)
-        fallback = [str(w.message) for w in caught if "slow 'reference' backend" in str(w.message)]
+        fallback = None
+        if active == "reference" and forced() is None:  # why each fused backend cannot run (as the warning says)
+            fallback = "; ".join(f"{n}: {available(n, dev)[1]}" for n in _AUTO_ORDER.get(dev.type, ())) or \
+                f"no fused backend exists for device type {dev.type!r}"
         out["devices"][dev.type] = {
             "active": active,
             "error": err,
-            "fallback": fallback[0] if fallback else None,
+            "fallback": fallback,
             "available": {n: dict(zip(("ok", "why"), available(n, dev))) for n in BACKENDS},
         }
     return out

@@ -96,18 +96,21 @@ def _replaced_unread(layer: nn.Module, old: Optional[torch.Tensor]) -> None:
     if checks >= _LOST_CHECKS:
         return
     d["_lost_checks"] = checks + 1
-    # a depth-first walk: an accumulating EnergyActivation's energy is a sum (AddBackward0) of its calls in
-    # one forward of its owner (a ResNet block's relu applied twice), whose own node no backward reaches:
-    # each call's node is hooked
-    todo, hooked = [(getattr(old, "grad_fn", None), 0)], 0
+    # a depth-first walk. An accumulating EnergyActivation's energy is a sum (AddBackward0) of its calls in
+    # one forward of its owner (a ResNet block's relu applied twice), whose own node no backward reaches: the
+    # Adds at the top of the energy's graph are walked through, and each call's node is hooked. Below a call's
+    # energy an Add is the model's own (an identity activation of `h + p`): the walk stops there
+    todo, hooked = [(getattr(old, "grad_fn", None), 0, bool(d.get("accumulate")))], 0
     while todo and hooked < 8:
-        node, depth = todo.pop()
+        node, depth, in_sum = todo.pop()
         if node is None or depth > 8:
             continue
         name = node.name()
-        if name in _ENERGY_ONLY_NODES or name == "AddBackward0":
-            nxt = node.next_functions if name == "AddBackward0" else node.next_functions[:1]
-            todo.extend((n, depth + 1) for n, _ in reversed(nxt))
+        if in_sum and name == "AddBackward0":
+            todo.extend((n, depth + 1, True) for n, _ in reversed(node.next_functions))
+        elif name in _ENERGY_ONLY_NODES:
+            if node.next_functions:
+                todo.append((node.next_functions[0][0], depth + 1, False))
         elif name != "torch::autograd::AccumulateGrad":
             node.register_prehook(functools.partial(_warn_lost_energy, weakref.ref(layer)))
             hooked += 1

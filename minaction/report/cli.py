@@ -104,9 +104,9 @@ def _replicate(args) -> int:
         try:
             _options(args)
             if args.lam is not None:  # a λ the preset does not train would fail the report after the whole study
-                from minaction.study.presets import load_preset
+                from minaction.study.presets import expand, load_preset
 
-                lams = load_preset(args.preset)["lams"]
+                lams = sorted({float(r["config"]["lam"]) for r in expand(load_preset(args.preset))})  # extra blocks too
                 if not any(math.isclose(args.lam, v, rel_tol=1e-9, abs_tol=0.0) for v in lams):
                     err = (f"--lam {args.lam:g}: preset {args.preset!r} trains λ in "
                            f"{{{', '.join(f'{v:g}' for v in lams)}}}")

@@ -190,6 +190,17 @@ class GroupCheckpoint:
         self._last = time.monotonic()
         self._save_failed = False
 
+    def matches(self) -> bool:
+        """Whether there is a checkpoint that :meth:`load` will take (its tensors' shapes aside): readable,
+        of this format and of this group's key (read through a memory map: cheap)."""
+        if not self.path.exists():
+            return False
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # load() says what is wrong with the file
+            return False
+        return isinstance(payload, dict) and payload.get("format") == FORMAT and payload.get("key") == self.key
+
     def due(self) -> bool:
         """Whether a mid-epoch save is due (``every_s`` elapsed since the start or the last save)."""
         return time.monotonic() - self._last >= self.every_s

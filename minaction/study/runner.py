@@ -123,8 +123,8 @@ def check_backend(build: bool = True) -> str:
     except ValueError as exc:
         raise StudyConfigError(f"MINACTION_BACKEND={env!r}: {_first_line(exc)} (or unset it for the automatic "
                                f"choice)") from None
-    if forced is None and not build:
-        return "auto"
+    if not build and forced in (None, "cpu"):
+        return forced or "auto"  # (the cpu backend's availability is its build: checked with build=True)
     if forced is None:
         # the driver loads (on first use: builds) the CPU kernels itself, before any worker starts: the build
         # message shows here, the workers load the finished build, and a build that fails is said once. The
@@ -349,8 +349,9 @@ class _Progress:
             self._tqdm = tqdm
             self.bar = tqdm(total=total, initial=initial, unit="run", dynamic_ncols=True, desc=STARTING,
                             bar_format="{desc}: {n_fmt}/{total_fmt} runs [{elapsed}]", leave=False)
-            isatty = getattr(self.bar.fp, "isatty", None)
-            self._tty = bool(isatty and isatty())
+            isatty = getattr(getattr(self.bar, "fp", None), "isatty", None)
+            # a terminal, or a notebook's widget bar (tqdm.auto's choice there; its stream is no terminal)
+            self._tty = bool(isatty and isatty()) or type(self.bar).__module__.startswith("tqdm.notebook")
 
     @property
     def waiting(self) -> bool:
@@ -512,13 +513,22 @@ def _group_label(runs) -> str:
 
 
 def _announce_resumes(groups, ckpt_dir) -> int:
-    """Say which groups pick up from a checkpoint a killed driver left (one line on stderr); their count."""
+    """Say which groups pick up from a checkpoint a killed driver left (one line on stderr), and which have
+    one that does not fit and start over; the count of the first."""
     found = [g for g in groups if checkpoint.path_for(ckpt_dir, g).exists()]
-    if found:
-        names = "; ".join(_group_label(g) for g in found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
-        checkpoint.note(f"{len(found)} group(s) resume from the checkpoints in {ckpt_dir} where they were "
-                        f"stopped: {names}")
-    return len(found)
+    fits = [g for g in found if checkpoint.GroupCheckpoint(ckpt_dir, g).matches()]
+
+    def names(gs):
+        return "; ".join(_group_label(g) for g in gs[:3]) + (f"; and {len(gs) - 3} more" if len(gs) > 3 else "")
+
+    if fits:
+        checkpoint.note(f"{len(fits)} group(s) resume from the checkpoints in {ckpt_dir} where they were "
+                        f"stopped: {names(fits)}")
+    if len(fits) < len(found):
+        stale = [g for g in found if not any(g is f for f in fits)]
+        checkpoint.note(f"{len(stale)} group(s) have a checkpoint in {ckpt_dir} that is unreadable or from another "
+                        f"code version or configuration, and start over: {names(stale)}")
+    return len(fits)
 
 
 def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, scheduler, progress, limit,

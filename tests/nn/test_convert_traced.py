@@ -754,6 +754,22 @@ def test_a_transformer_layer_with_an_unfused_activation_module_counts_it(activat
                       lr=0.1)
     for hook in hooks:
         hook.remove()
+    # a decoder layer too, and its copies: torch's TransformerDecoderLayer.__setstate__ put F.relu over the wrapped
+    # module on a deepcopy or pickle (the copy computed relu and had no energy)
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(8, 2, 12, dropout=0.0, activation=copy.deepcopy(activation),
+                                     batch_first=True).double()
+    mem = torch.randn(3, 4, 8, dtype=torch.float64)
+    want = dec(x, mem)
+    minaction.convert(dec)
+    assert isinstance(dec.activation, EnergyActivation)
+    torch.testing.assert_close(dec(x, mem), want)
+    e = minaction.total_energy(dec)
+    for copied in (copy.deepcopy(dec), pickle.loads(pickle.dumps(dec))):
+        assert isinstance(copied.activation, EnergyActivation)
+        assert copied.activation is copied._modules["activation"]
+        torch.testing.assert_close(copied(x, mem), want)
+        torch.testing.assert_close(minaction.total_energy(copied), e)
 
 
 def test_a_converted_encoder_runs_a_padded_batch_in_evaluation():
@@ -770,7 +786,8 @@ def test_a_converted_encoder_runs_a_padded_batch_in_evaluation():
     with torch.no_grad():
         want = plain(x, src_key_padding_mask=pad)
         _, rep = minaction.convert(model, return_report=True)
-        assert model.use_nested_tensor is False and "use_nested_tensor is now False" in dict(rep.converted)[""]
+        assert model.use_nested_tensor is False and "use_nested_tensor is now False" in dict(rep.converted)[
+            "layers.0.linear1"] and [n for n, _ in rep.converted] == ["layers.0.linear1", "layers.1.linear1"]
         got = model(x, src_key_padding_mask=pad)
         assert minaction.total_energy(model).item() > 0
     torch.testing.assert_close(got[~pad], want[~pad])
@@ -1089,13 +1106,18 @@ def test_a_converted_model_is_freed_at_del_without_a_garbage_collection():
         def forward(self, x):
             return self.fc3(torch.tanh(self.fc2(F.relu(self.fc1(x)))))
 
+    class Unreadable(Net):  # a forward fx cannot read: the remembered trace error held the model the same way
+        def forward(self, x):
+            return super().forward(x * 2 if x.sum() > 0 else x)
+
     gc.collect()
     gc.disable()
     try:
-        model = minaction.convert(Net())
-        assert isinstance(model.fc1, EnergyLinear)  # read with fx (a forward, not an nn.Sequential)
-        ref = weakref.ref(model)
-        del model
-        assert ref() is None
+        for cls in (Net, Unreadable):
+            model = minaction.convert(cls())
+            assert isinstance(model.fc1, EnergyLinear) == (cls is Net)  # read with fx (not an nn.Sequential)
+            ref = weakref.ref(model)
+            del model
+            assert ref() is None, cls.__name__
     finally:
         gc.enable()

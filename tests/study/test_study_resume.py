@@ -325,6 +325,23 @@ def test_driver_resumes_from_checkpoint_and_deletes_it(tmp_path, reference_db, e
     assert table(db, "evals") == table(reference_db, "evals")
 
 
+def test_driver_announces_only_the_checkpoints_it_will_resume_from(tmp_path, capfd):
+    """A checkpoint file the group cannot take (garbage here) was announced as a resume, and then ignored by the
+    worker: the driver says the group starts over."""
+    preset = _preset(tmp_path)
+    db = tmp_path / "study.sqlite"
+    runs = group(spec())
+    ckpt_dir = checkpoint.directory(db)
+    ckpt_dir.mkdir()
+    checkpoint.path_for(ckpt_dir, runs).write_bytes(b"not a checkpoint")
+    capfd.readouterr()
+    s = run_study(preset, db, workers=1, progress=False)
+    err = capfd.readouterr().err
+    assert s["done"] == 4 and s["resumed_groups"] == 0
+    assert "resume from the checkpoints" not in err
+    assert "1 group(s) have a checkpoint in" in err and "start over" in err
+
+
 def test_driver_cleans_stale_checkpoints(tmp_path, monkeypatch, reference_db):
     """A driver killed between recording a group and deleting its checkpoint leaves a file whose
     runs are all recorded: the next start deletes it; a checkpoint of unrecorded runs is kept."""
