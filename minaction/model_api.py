@@ -1264,6 +1264,9 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     _check_model(model, observers=False)  # a stopped observer is hooked again below
     with cached_traces():
         rep = _convert(model, energy, energy_reduction, backend, include_output, wrap_activations)
+    for path, m in model.named_modules():  # the name a warning gives the layer (it cannot find it at that time)
+        if isinstance(m, EnergyLayer):
+            m.__dict__["_path"] = path or type(model).__name__
     for path, desc in rep.converted:
         _log.info("minaction.convert: %s: %s", path, desc)
     if not return_report:

@@ -126,6 +126,8 @@ def _warn_lost_energy(layer_ref, grad_outputs) -> None:
             return
         lay.__dict__["_lost_warned"] = task
     name = f"{type(lay).__name__}({lay.extra_repr()})" if lay is not None else "(since deleted)"
+    if lay is not None and lay.__dict__.get("_path"):  # named by convert: where it is in the model
+        name = f"{name} (at {lay.__dict__['_path']!r} in the model it was converted in)"
     warnings.warn(
         f"this backward runs through an earlier call of energy layer {name} whose energy is counted nowhere: a "
         "later call of the layer replaced it before total_energy or last_energy read it (both hold each layer's "
