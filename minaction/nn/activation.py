@@ -141,9 +141,10 @@ class EnergyActivation(EnergyLayer):
             y, e = activation_energy(x.permute(0, 2, 3, 1), self.activation, self.energy, self.energy_reduction, **kw)
             y = y.permute(0, 3, 1, 2)
         else:
-            # a 1-D input: samples of one unit each ("batch": dim 0 is the sample), or one sample ("leading": the
-            # last dim holds the units, as EnergyLinear counts an unbatched input)
-            x2 = x if x.dim() > 1 else (x.unsqueeze(0) if self.rows == "leading" else x.unsqueeze(1))
+            # a 1-D input is one sample, its units in the last dim, for either `rows`: an unbatched input, as
+            # EnergyLinear and the conv layers count theirs (an RL policy's state vector; reading it as samples of
+            # one unit each under "batch" gave an energy N units times too small, session 23)
+            x2 = x if x.dim() > 1 else x.unsqueeze(0)
             y, e = activation_energy(x2, self.activation, self.energy, self.energy_reduction, **kw)
             if x.dim() == 1:
                 y = y.view(x.shape)  # no view otherwise: inductor cannot order a view's symbolic strides
@@ -173,7 +174,8 @@ class EnergyActivation(EnergyLayer):
         t = y.to(energy_dtype(y.dtype))
         # explicit sizes, not -1: an empty batch (0 rows) cannot infer one
         sh = tuple(t.shape)
-        t = t.reshape(math.prod(sh[:-1]), sh[-1]) if self.rows == "leading" else t.reshape(sh[0], math.prod(sh[1:]))
+        t = t.reshape(math.prod(sh[:-1]), sh[-1]) if self.rows == "leading" or len(sh) == 1 else \
+            t.reshape(sh[0], math.prod(sh[1:]))  # (1-D: one sample, as above)
         t = t.abs() if self.p == 1 else t.square()
         per_row = t.mean(1) if self.energy_reduction == "mean" else t.sum(1)
         e = per_row.sum() / max(t.shape[0], 1)  # an empty batch: 0, as the fused pass gives

@@ -36,7 +36,7 @@ def test_values_energy_and_every_gradient_match_plain_pytorch(act, rows, shape):
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     y = m(x)
     want = ACTS[act](x)
-    e_want = _energy(want if len(shape) > 1 else want.unsqueeze(1), rows)
+    e_want = _energy(want if len(shape) > 1 else want.unsqueeze(0), rows)  # 1-D: one unbatched sample
     torch.testing.assert_close(y, want)
     torch.testing.assert_close(m.last_energy, e_want)
     g = torch.randn_like(y)
@@ -44,6 +44,25 @@ def test_values_energy_and_every_gradient_match_plain_pytorch(act, rows, shape):
     ref = torch.autograd.grad((want * g).sum() + LAM * e_want, x)[0]
     torch.testing.assert_close(got, ref)
     assert gradcheck(lambda t: (m(t), m.last_energy), (torch.randn(*shape, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("act", ["relu", nn.LeakyReLU(0.1)], ids=["fused", "unfused"])
+@pytest.mark.parametrize("rows", ["batch", "leading"])
+def test_a_1d_input_is_one_sample_as_the_layers_count_it(act, rows):
+    """An unbatched input (an RL policy's state vector) is one sample, as EnergyLinear counts it: under
+    rows="batch" each unit was read as a sample, an energy N units times too small (0.0578 against 1.851 in a
+    trial's actor-critic, session 23). The same vector as a [1, N] batch gives the same energy."""
+    x = torch.randn(7, dtype=torch.float64)
+    m = EnergyActivation(act, rows=rows)
+    m(x)
+    e1 = m.last_energy
+    m(x.unsqueeze(0))
+    torch.testing.assert_close(e1, m.last_energy)
+    lin = EnergyLinear(3, 7, activation="relu", dtype=torch.float64)
+    z = torch.randn(3, dtype=torch.float64)
+    lin(z)
+    torch.testing.assert_close(EnergyActivation("relu", rows=rows)(F.linear(z, lin.weight, lin.bias)).square().sum(),
+                               lin.last_energy)
 
 
 def test_float32_channels_last_non_contiguous_penalty_l1_and_errors():
