@@ -1027,7 +1027,7 @@ def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, use
                                   "shared, called more than once, in place or a container; apply an activation "
                                   "module there (it becomes an EnergyActivation)"))
         return
-    rows = _rows_after(taker)  # a Linear or LayerNorm takes token rows; a conv or BatchNorm takes samples
+    rows = _rows_after(_past_pass_modules(taker, owner, rel, call))  # a Linear takes token rows; a conv, samples
     obs = ActivationObserver("identity", energy, energy_reduction, rows=rows, backend=backend).train(taker.training)
     at = _attach_observer(taker, obs, owner, rel, input=True)
     if at is None:
@@ -1040,6 +1040,34 @@ def _observe_input_of(owner, owner_path, target, once, call, act, rep, opts, use
                           f"{rows!r}) on that module's input counts the energy of the {act}'s output: the model's "
                           "values and gradients are unchanged, at the cost of one energy pass (an activation module "
                           "there would be faster)"))
+
+
+def _past_pass_modules(taker: nn.Module, owner: nn.Module, rel: str, call) -> nn.Module:
+    """The module that decides what a row of ``taker``'s input is: ``taker`` itself, or, for a dropout or
+    identity that passes the value on unchanged, the module it goes into next (in its Sequential, or in
+    ``owner``'s traced forward). A dropout said nothing, and its "batch" rows made a per-token activation
+    count one row per sample: an energy T tokens times too large (session 23)."""
+    passes = _DROPOUTS + (nn.Identity,)
+    parent_path, _, leaf = rel.rpartition(".")
+    parent = owner.get_submodule(parent_path) if parent_path else None
+    mod, node = taker, None
+    if isinstance(parent, nn.Sequential):  # the next child in taker's Sequential
+        keys = list(parent._modules)
+        for k in keys[keys.index(leaf) + 1:]:
+            mod = parent._modules[k]
+            if not isinstance(mod, passes):
+                return mod
+        return taker
+    node = next((n for n in call.graph.nodes if n.op == "call_module" and n.target == rel), None)
+    for _ in range(8):
+        if not isinstance(mod, passes) or node is None:
+            break
+        users = [u for u in node.users if u.op == "call_module"]
+        if len(users) != 1 or len(node.users) != 1:
+            return taker  # it goes on to more than one place, or through functions: nothing known
+        node = users[0]
+        mod = owner.get_submodule(node.target)
+    return mod if not isinstance(mod, passes) else taker
 
 
 def _into_sequential(mod: nn.Module, path: str, uses: dict, last: bool):
