@@ -495,10 +495,11 @@ def _analyse(module: nn.Module, graph: fx.Graph, layer_paths: List[str], act_nam
             if act is None or b.args != (arg,) or b.kwargs:
                 where = f"in {type(module).__name__}.forward()"
                 if b.op == "output":
-                    reasons[path] = f"its output is returned by {type(module).__name__}.forward(): left as is " \
-                                    "(a logits or projection layer stays a plain layer; an activation module that " \
-                                    "another forward applies to it cannot be fused, and becomes an EnergyActivation " \
-                                    "instead)"
+                    reasons[path] = f"its output is returned by {type(module).__name__}.forward(), with no " \
+                                    "activation there: left as is (an activation module that another forward " \
+                                    "applies to it, after a norm for instance, cannot be fused and becomes an " \
+                                    "EnergyActivation that counts it; with none, it is a logits or projection " \
+                                    "layer, which stays plain)"
                 elif b.op != "call_module":
                     reasons[path] = (f"its output goes to {_describe(b, module)} {where}, not to an activation: "
                                      "left as is (a logits or projection layer stays a plain layer)")
