@@ -1850,8 +1850,8 @@ def test_energy_activation_takes_torchs_activation_modules_and_one_dim_rows():
     lead(x)  # one sample of three units, as EnergyLinear counts an unbatched input
     torch.testing.assert_close(lead.last_energy, torch.tensor(10.0))
     batch = EnergyActivation("relu")
-    batch(x)  # three samples of one unit
-    torch.testing.assert_close(batch.last_energy, torch.tensor(10.0 / 3))
+    batch(x)  # one sample too (until session 23: three samples of one unit, 10 / 3)
+    torch.testing.assert_close(batch.last_energy, torch.tensor(10.0))
     unf = EnergyActivation(nn.LeakyReLU(0.5), rows="leading")
     unf(x)
     torch.testing.assert_close(unf.last_energy, torch.tensor(1.0 + 1.0 + 9.0))
