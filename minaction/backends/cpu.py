@@ -315,6 +315,14 @@ def _load():
     return OPS
 
 
+def built() -> bool:
+    """Whether the extension this process would load is built already (nothing is built or loaded here)."""
+    try:
+        return _marker_ok(build_spec())
+    except Exception:  # noqa: BLE001 - no source, an unreadable cache: not built
+        return False
+
+
 def load():
     """Build (once) and load the C++ extension; return ``torch.ops.minaction`` (whose CPU kernels it holds).
     A failure is remembered: one failed build is not retried in this process."""

@@ -30,8 +30,14 @@ for _mod in ("minaction.data", "minaction.models"):
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     try:
+        from ..backends import cpu as _cpu
         from ..backends import select as _backend
 
-        _backend.select("cpu")  # builds or loads the cpu backend's extension once
+        # loads the cpu backend's extension once, if it is built. The first build is the driver's, after it has
+        # checked the datasets: `study run` starts this server at once, and a build here ran beside the data
+        # check (its message next to a missing dataset's error, and the driver "waiting for another process's
+        # build" on a first start). Workers forked before then load the finished build themselves
+        if _cpu.built():
+            _backend.select("cpu")
     except Exception:  # a failure here is reported again, properly, inside the run
         pass

@@ -5,6 +5,7 @@ Timeouts here are hang guards, not speed assertions.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -182,6 +183,19 @@ def _copy_build(spec, root: Path) -> Path:
 
 def _snapshot(folder: Path):
     return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_built_says_whether_a_build_is_there_without_building(tmp_path, monkeypatch):
+    """The study's forkserver loads the kernels only if they are built (the driver builds them after its data
+    check): built() answers from the build marker, and neither builds nor locks."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert cpu_backend.built() is False
+    assert list(tmp_path.iterdir()) == []  # nothing built, no lock
+    spec = cpu_backend.build_spec()
+    spec["dir"].mkdir()
+    spec["so"].write_bytes(b"")
+    (spec["dir"] / cpu_backend.MARKER).write_text(json.dumps({"name": spec["name"], "key": spec["key"]}))
+    assert cpu_backend.built() is True
 
 
 def test_existing_build_loads_without_lock_or_writes(real_build, tmp_path):
