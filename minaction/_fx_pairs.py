@@ -286,51 +286,50 @@ def output_modules(model: nn.Module, notes: Optional[list] = None, guessed: Opti
     value) says nothing about its output: its last registered submodule, where a model's head is by
     convention, is taken as the output (the last one named like a head, ``head``, ``classifier``,
     ``decoder``, ``output``, ``logits``, ``lm_head``, if there is one: word_language_model registers
-    ``decoder`` before ``input_emb``), and ``notes`` gets (path, why) for the report; ``guessed`` (if given) gets the ids of
-    the modules and layers found below such a guess. The guess errs towards leaving a hidden layer plain
-    rather than counting the model's prediction as hidden energy."""
+    ``decoder`` before ``input_emb``), and ``notes`` gets (path, why) for the report; ``guessed`` (if
+    given) gets the ids of the modules and layers found through such a guess. The guess errs towards
+    leaving a hidden layer plain rather than counting the model's prediction as hidden energy."""
     modules, layers = {id(model)}, set()
-    todo = [model]
-    below = set()  # ids of the modules reached through a guess
+    todo = [(model, False)]  # (module, reached through a guess)
     while todo:
-        m = todo.pop()
-        if guessed is not None and id(m) in below:
-            # what this module adds is a guess too (the walk is pre-order: a guessed module's children follow it)
-            before_m, before_l = set(modules), set(layers)
-            _output_step(m, model, modules, layers, todo, notes, below)
-            found = (modules - before_m) | (layers - before_l)
-            below |= modules - before_m
-            guessed |= found
-        else:
-            _output_step(m, model, modules, layers, todo, notes, below)
-    if guessed is not None:
-        guessed |= below
+        m, guess = todo.pop()
+        _output_step(m, guess, model, modules, layers, todo, notes, guessed)
     return modules, layers
 
 
-def _output_step(m, model, modules, layers, todo, notes, below) -> None:
+def _output_step(m, guess, model, modules, layers, todo, notes, guessed) -> None:
     """One module of :func:`output_modules`' walk: what of it gives its output, added to ``modules`` /
-    ``layers``, its contributing children pushed on ``todo``; a guessed child's id goes into ``below``."""
+    ``layers`` (and to ``guessed``, where given), its contributing children pushed on ``todo``."""
+    def keep(child, walk=True, by_guess=guess):
+        modules.add(id(child))
+        if walk:
+            todo.append((child, by_guess))
+        if by_guess and guessed is not None:
+            guessed.add(id(child))
+
+    def keep_layer(layer):
+        layers.add(id(layer))
+        if guess and guessed is not None:
+            guessed.add(id(layer))
+
     if isinstance(m, nn.Sequential):
         children = [c for c in m._modules.values() if c is not None]
         last = len(children) - 1
         while last > 0 and isinstance(children[last], _PASS_MODULES):  # trailing value-preserving modules
-            modules.add(id(children[last]))
+            keep(children[last], walk=False)
             last -= 1
         if last >= 0:
-            modules.add(id(children[last]))
-            todo.append(children[last])
+            keep(children[last])
             before = last - 1
             while before >= 0 and isinstance(children[before], _DROPOUT_MODULES):
                 before -= 1
             if before >= 0:  # the layer that the last module (an activation, if a pair) follows
-                layers.add(id(children[before]))
+                keep_layer(children[before])
         return
     if type(m).__module__.startswith("torch.nn.parallel") and isinstance(getattr(m, "module", None), nn.Module):
         # DistributedDataParallel / DataParallel: the output is the wrapped module's (fx cannot read their
         # forward, and the guess below warned on every rank although it guessed right)
-        modules.add(id(m.module))
-        todo.append(m.module)
+        keep(m.module)
         return
     if isinstance(m, (nn.ModuleList, nn.ModuleDict)) or not m._modules or type(m).__module__.startswith(
             "torch.nn.modules"):
@@ -341,9 +340,7 @@ def _output_step(m, model, modules, layers, todo, notes, below) -> None:
         named = [(n, c) for n, c in m._modules.items() if c is not None]
         if named:
             name, child = ([nc for nc in named if nc[0].lower() in _HEAD_NAMES] or named)[-1]
-            modules.add(id(child))
-            todo.append(child)
-            below.add(id(child))
+            keep(child, by_guess=True)
             if notes is not None:
                 path = next((n for n, sub in model.named_modules() if sub is m), "")
                 why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -361,8 +358,7 @@ def _output_step(m, model, modules, layers, todo, notes, below) -> None:
         if node.op == "call_module":
             child = m.get_submodule(node.target)
             if id(child) not in modules:
-                modules.add(id(child))
-                todo.append(child)
+                keep(child)
             if next(child.parameters(), None) is not None:
                 continue  # a layer or block, not an activation: what it takes is not the output's activation
         elif _functional_act(node, node.args[0] if node.args else None) is None:
@@ -372,7 +368,7 @@ def _output_step(m, model, modules, layers, todo, notes, below) -> None:
                 and isinstance(m.get_submodule(src.target), _DROPOUT_MODULES)):
             src = src.args[0]
         if isinstance(src, fx.Node) and src.op == "call_module":
-            layers.add(id(m.get_submodule(src.target)))
+            keep_layer(m.get_submodule(src.target))
 
 
 _SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}

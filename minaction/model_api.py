@@ -629,8 +629,9 @@ def _convert_traced(model: nn.Module, seen: set, rep: ConversionReport, opts, ou
                 reasons[path] = new
                 continue
             if outputs is not None and id(layer) in outputs[1]:
-                reasons[path] = _output_reason(model, type(act_mod).__name__ if act_mod is not None else
-                                               fn[0] if isinstance(fn, tuple) else f"{fn} call", id(layer) in rep.guessed)
+                act_text = (type(act_mod).__name__ if act_mod is not None else
+                            fn[0] if isinstance(fn, tuple) else f"{fn} call")
+                reasons[path] = _output_reason(model, act_text, id(layer) in rep.guessed)
                 continue
             if isinstance(fn, tuple):  # an nn.ReLU module that cannot become nn.Identity stays after the layer
                 desc = (f"{type(layer).__name__}+{fn[0]} -> {type(new).__name__}(activation='relu'), paired in "
@@ -1050,7 +1051,7 @@ def _past_pass_modules(taker: nn.Module, owner: nn.Module, rel: str, call) -> nn
     passes = _DROPOUTS + (nn.Identity,)
     parent_path, _, leaf = rel.rpartition(".")
     parent = owner.get_submodule(parent_path) if parent_path else None
-    mod, node = taker, None
+    mod = taker
     if isinstance(parent, nn.Sequential):  # the next child in taker's Sequential
         keys = list(parent._modules)
         for k in keys[keys.index(leaf) + 1:]:
@@ -1331,10 +1332,10 @@ def _convert(model, energy, energy_reduction, backend, include_output, wrap_acti
         if isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
             rep.skipped.append((name or type(mod).__name__,
                                 f"{type(mod).__name__}: its hidden states are computed inside torch's recurrent "
-                                "kernel, so their energy is not counted (to count the hidden states it returns, pass its "
-                                "output through minaction.nn.EnergyActivation('identity', rows='leading'); to count "
-                                "the gates too, write the cell from EnergyLinear layers and step it in forward(), with "
-                                "record_energy counting every step)"))
+                                "kernel, so their energy is not counted (to count the hidden states it returns, pass "
+                                "its output through minaction.nn.EnergyActivation('identity', rows='leading'); to "
+                                "count the gates too, write the cell from EnergyLinear layers and step it in "
+                                "forward(), with record_energy counting every step)"))
             continue
         if isinstance(mod, _LAYER_LIKE) and not isinstance(mod, EnergyLayer) and id(mod) not in seen:
             rep.skipped.append((name or type(mod).__name__,
@@ -1369,7 +1370,6 @@ def weight_density(w: torch.Tensor, rel_tol: float = 1e-3) -> float:
     return float((a > rel_tol * m).float().mean())
 
 
-@torch.no_grad()
 def _scalar(v) -> bool:
     """A Python, numpy or 0-dim tensor number (not a bool)."""
     if isinstance(v, torch.Tensor):
@@ -1388,6 +1388,7 @@ def _takes(model: nn.Module, *args) -> bool:
     return True
 
 
+@torch.no_grad()
 def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     """Per energy layer: E, units, active-unit fraction, weight density and forward FLOPs.
 
@@ -1428,7 +1429,7 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
             e = mod.__dict__.get("_call_energy", mod.last_energy)  # an accumulating EnergyActivation: this call's
             rows.append({
                 "layer": name, "type": type(mod).__name__, "activation": getattr(mod, "activation", None),
-                "energy": float(e.detach().sum()) if e is not None else float("nan"),
+                "energy": float(e.sum()) if e is not None else float("nan"),
                 "units": int(math.prod(y.shape[1:])) if y.dim() > 1 else 1,
                 "active_fraction": float((y != 0).float().mean()),
                 "weight_density": weight_density(weights[0], rel_tol) if weights else float("nan"),

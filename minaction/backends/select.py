@@ -161,17 +161,20 @@ def _select(dev: torch.device) -> str:
         if not ok:
             raise RuntimeError(f"minaction backend {f!r} was forced but cannot run on {dev.type}: {why}")
         return f
-    reasons = []
     for name in _AUTO_ORDER.get(dev.type, ()):
-        ok, why = available(name, dev)
-        if ok:
+        if available(name, dev)[0]:
             return name
-        reasons.append(f"{name}: {why}")
     if dev.type not in _warned and dev.type != "meta":  # meta tensors compute shapes only: no speed to lose
         _warned.add(dev.type)
-        msg = "; ".join(reasons) if reasons else f"no fused backend exists for device type {dev.type!r}"
-        warnings.warn(f"minaction: using the slow 'reference' backend on {dev.type} ({msg})", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"minaction: using the slow 'reference' backend on {dev.type} ({_why_no_fused(dev)})",
+                      RuntimeWarning, stacklevel=3)
     return "reference"
+
+
+def _why_no_fused(dev: torch.device) -> str:
+    """Why no fused backend runs on ``dev`` (each one's reason; ``available`` answers from its cache)."""
+    return "; ".join(f"{n}: {available(n, dev)[1]}" for n in _AUTO_ORDER.get(dev.type, ())) or \
+        f"no fused backend exists for device type {dev.type!r}"
 
 
 def backend_info(device=None) -> dict:
@@ -192,14 +195,10 @@ def backend_info(device=None) -> dict:
                 active, err = None, str(exc)
         if not warned:
             _warned.discard(dev.type)
-        fallback = None
-        if active == "reference" and forced() is None:  # why each fused backend cannot run (as the warning says)
-            fallback = "; ".join(f"{n}: {available(n, dev)[1]}" for n in _AUTO_ORDER.get(dev.type, ())) or \
-                f"no fused backend exists for device type {dev.type!r}"
         out["devices"][dev.type] = {
             "active": active,
             "error": err,
-            "fallback": fallback,
+            "fallback": _why_no_fused(dev) if active == "reference" and forced() is None else None,
             "available": {n: dict(zip(("ok", "why"), available(n, dev))) for n in BACKENDS},
         }
     return out

@@ -515,8 +515,10 @@ def _group_label(runs) -> str:
 def _announce_resumes(groups, ckpt_dir) -> int:
     """Say which groups pick up from a checkpoint a killed driver left (one line on stderr), and which have
     one that does not fit and start over; the count of the first."""
-    found = [g for g in groups if checkpoint.path_for(ckpt_dir, g).exists()]
-    fits = [g for g in found if checkpoint.GroupCheckpoint(ckpt_dir, g).matches()]
+    fits, stale = [], []
+    for g in groups:
+        if checkpoint.path_for(ckpt_dir, g).exists():
+            (fits if checkpoint.GroupCheckpoint(ckpt_dir, g).matches() else stale).append(g)
 
     def names(gs):
         return "; ".join(_group_label(g) for g in gs[:3]) + (f"; and {len(gs) - 3} more" if len(gs) > 3 else "")
@@ -524,8 +526,7 @@ def _announce_resumes(groups, ckpt_dir) -> int:
     if fits:
         checkpoint.note(f"{len(fits)} group(s) resume from the checkpoints in {ckpt_dir} where they were "
                         f"stopped: {names(fits)}")
-    if len(fits) < len(found):
-        stale = [g for g in found if not any(g is f for f in fits)]
+    if stale:
         checkpoint.note(f"{len(stale)} group(s) have a checkpoint in {ckpt_dir} that is unreadable or from another "
                         f"code version or configuration, and start over: {names(stale)}")
     return len(fits)
