@@ -12,7 +12,7 @@ import time
 import pytest
 
 import doubles.study  # noqa: F401  (registers the dataset "synthetic" and the tiny_* architectures)
-from minaction.study import run_study, study_status
+from minaction.study import checkpoint, run_study, study_status
 from minaction.study.presets import expand
 
 #: The start of a driver run in a fresh process (python -c): like any user script it registers the
@@ -231,12 +231,17 @@ def test_sigterm_stops_with_one_line(tmp_path, sig):
             "from minaction.cli import console_main; "
             "sys.argv = ['minaction', 'study', 'run', '--preset', sys.argv[1], '--db', sys.argv[2], "
             "'--workers', '2', '--no-progress']; sys.exit(console_main())")
+    # each group saves a checkpoint at every epoch end: both files there are the event "both workers are
+    # training" (two worker processes alone were not: one still unpickling its start-up state when the driver died
+    # printed multiprocessing's traceback)
+    env = dict(os.environ, MINACTION_CHECKPOINT_EPOCH_S="0")
+    saved = checkpoint.directory(db)
     proc = subprocess.Popen([sys.executable, "-c", code, str(preset), str(db)], start_new_session=True,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env=env)
     signum = getattr(signal, sig)
     try:
         guard = time.monotonic() + HANG_GUARD
-        while len(_grandchildren(proc.pid)) < 2:  # an event: both workers are training
+        while len(list(saved.glob("*.pt"))) < 2:  # an event: both workers are training
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.monotonic() < guard, f"hang guard: the workers did not start in {HANG_GUARD} s"
             time.sleep(0.05)
