@@ -34,6 +34,7 @@ _exporting = _energy._is_exporting
 _jit_tracing = _energy._jit_tracing
 _any_autocast = _energy._any_autocast or (lambda: True)
 _interpreter_stack = _energy._interpreter_stack
+_fwad = _energy._fwad
 _env_backend = _energy._env_backend
 _grad_enabled = torch.is_grad_enabled
 # attributes whose assignment invalidates a layer's cached plan
@@ -473,6 +474,7 @@ class EnergyLinear(EnergyLayer, nn.Linear):
         plan = self.__dict__.get("_plan")
         if (plan is not None and type(x) is Tensor and x.is_cpu
                 and not (_compiling() or _any_autocast() or _interpreter_stack() is not None or _exporting()
+                         or _fwad._current_level >= 0
                          or _jit_tracing() is not None)):
             params = self._parameters  # not self.weight: nn.Module.__getattr__ costs ~0.5 us per lookup
             w = params.get("weight")  # None under parametrize / weight_norm: the full path below

@@ -73,6 +73,10 @@ class _Penalty(torch.autograd.Function):
             return gy, None, None
         return gy, torch.full(shape, penalty, dtype=dtype, device=device), None
 
+    @staticmethod
+    def jvp(ctx, ty, te, tp):  # forward mode: y passes through (the penalty acts on the backward only)
+        return ty.view_as(ty) if ty is not None else None
+
 
 def with_penalty(y: Tensor, e: Tensor, penalty: float) -> Tensor:
     """``y``, whose backward also gives ``e`` the gradient ``penalty``: the generic form of a
@@ -335,10 +339,10 @@ def _autocast_cast(t: Optional[Tensor], dtype) -> Optional[Tensor]:
 def _plain_path(backend: Optional[str]) -> bool:
     """Whether to run plain PyTorch ops (the ``reference`` path) instead of a fused op.
 
-    - inside a ``torch.func`` transform (grad, jacrev, jvp, vmap, ...): the fused ops carry
-      no vmap batching rule and no forward-mode formula, and their C++ autograd formula
-      cannot run under a transform; the reference path is plain PyTorch and composes with
-      every transform;
+    - inside a ``torch.func`` transform (grad, jacrev, jvp, vmap, ...) or a forward-mode AD
+      level (``torch.autograd.forward_ad.dual_level``): the fused ops carry no vmap batching
+      rule and no forward-mode formula, and their C++ autograd formula cannot run under a
+      transform; the reference path is plain PyTorch and composes with every transform;
     - while ``torch.export`` (or ``torch.onnx.export(..., dynamo=True)``) or ``torch.jit.trace``
       traces: the exported graph then holds standard aten ops that any runtime executes (a
       traced module loads and runs without minaction), not minaction's custom ops.
@@ -347,12 +351,18 @@ def _plain_path(backend: Optional[str]) -> bool:
     """
     if _is_exporting() or _jit_tracing() is not None:
         return True
-    if _interpreter_stack() is None:  # no torch.func transform: the eager fast exit
+    if _interpreter_stack() is None and _fwad._current_level < 0:  # no transform: the eager fast exit
         return False
     return not torch.compiler.is_compiling()
 
 
 _interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_fwad = torch.autograd.forward_ad  # its _current_level is >= 0 inside a dual_level (dual tensors exist only there)
+
+
+def _transformed() -> bool:
+    """A ``torch.func`` transform or a forward-mode AD level is active (see :func:`_plain_path`)."""
+    return _interpreter_stack() is not None or _fwad._current_level >= 0
 _is_exporting = torch.compiler.is_exporting
 _jit_tracing = torch._C._get_tracing_state  # None unless torch.jit.trace is recording
 
@@ -485,7 +495,7 @@ def make_plan(x, weight, bias, activation, energy, reduction, backend, penalty=0
 def _fast_world() -> bool:
     """No autocast, no torch.func transform, not exporting (the caller, ``EnergyLinear.forward``,
     has checked that it is not being compiled)."""
-    return not ((_any_autocast is None or _any_autocast()) or _interpreter_stack() is not None or _is_exporting()
+    return not ((_any_autocast is None or _any_autocast()) or _transformed() or _is_exporting()
                 or _jit_tracing() is not None)
 
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .energy import (_any_autocast, _exponent, _groups_arg, _interpreter_stack, _is_exporting, _jit_tracing,
-                     _route, activation_energy, validate_penalty)
+from .energy import (_any_autocast, _exponent, _groups_arg, _is_exporting, _jit_tracing,
+                     _route, _transformed, activation_energy, validate_penalty)
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _PLAIN = (Tensor, torch.nn.Parameter)  # a layer's weights are Parameters; any other subclass takes the two ops
@@ -49,7 +49,7 @@ def max_pool2(x: Tensor, dims: int = 2) -> Tensor:
     if (type(x) is not Tensor or not x.is_cpu or x.dtype not in _FLOATS or x.dim() < dims + 1
             or min(x.shape[-dims:]) < 2 or torch.compiler.is_compiling() or _is_exporting()
             or _jit_tracing() is not None
-            or _interpreter_stack() is not None or (_any_autocast is not None and _any_autocast())):
+            or _transformed() or (_any_autocast is not None and _any_autocast())):
         return _torch_pool2(x, dims)
     op = _fused_op()
     return _torch_pool2(x, dims) if op is None else op(x, dims)

@@ -660,6 +660,45 @@ def test_hessian_through_torch_func_matches_plain_pytorch():
     torch.testing.assert_close(hessian(f)(x), hessian(plain)(x))
 
 
+@pytest.mark.parametrize("penalty", [0.0, 0.3])
+def test_forward_mode_ad_dual_tensors_match_plain_pytorch(penalty):
+    """torch.autograd.forward_ad (dual inputs or dual parameters, the forward-AD tutorial's patterns): the
+    fused ops have no forward formula, so a dual level runs the plain path; tangents of y and of the energy
+    equal plain PyTorch's."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    el = EnergyLinear(5, 4, activation="tanh", penalty=penalty).double()
+    conv = EnergyConv2d(2, 3, 3, activation="gelu", penalty=penalty).double()
+    act = EnergyActivation("silu", penalty=penalty)
+    cases = [(el, lambda v: torch.tanh(F.linear(v, el.weight, el.bias)), (3, 5)),
+             (conv, lambda v: F.gelu(F.conv2d(v, conv.weight, conv.bias)), (2, 2, 6, 5)),
+             (act, F.silu, (3, 7))]
+    for mod, plain, shape in cases:
+        x, t = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+        with fwAD.dual_level():
+            y = mod(fwAD.make_dual(x, t))
+            ty, te = fwAD.unpack_dual(y).tangent, fwAD.unpack_dual(mod.last_energy).tangent
+        with fwAD.dual_level():
+            yr = plain(fwAD.make_dual(x, t))
+            er = yr.square().flatten(1).sum(1).mean()
+            torch.testing.assert_close(ty, fwAD.unpack_dual(yr).tangent)
+            torch.testing.assert_close(te, fwAD.unpack_dual(er).tangent)
+        if y.requires_grad:  # the graph built under the dual level still trains (the penalty's backward too)
+            y.sum().backward()
+    # dual parameters through functional_call
+    x = torch.randn(3, 5, dtype=torch.float64)
+    tw = {k: torch.randn_like(v) for k, v in el.named_parameters()}
+    with fwAD.dual_level():
+        params = {k: fwAD.make_dual(v.detach(), tw[k]) for k, v in el.named_parameters()}
+        ty = fwAD.unpack_dual(functional_call(el, params, (x,))).tangent
+        yr = torch.tanh(F.linear(x, params["weight"], params["bias"]))
+        torch.testing.assert_close(ty, fwAD.unpack_dual(yr).tangent)
+    y = el(x)  # after the level: the fused path again
+    torch.testing.assert_close(y, torch.tanh(F.linear(x, el.weight, el.bias)))
+
+
 def test_double_backward_on_the_reference_backend():
     """create_graph=True through the plain path (the CPU kernels' double backward is tested with them)."""
     torch.manual_seed(0)
