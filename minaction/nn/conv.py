@@ -287,16 +287,22 @@ class _EnergyConvNd(EnergyLayer):
         # rows = (sample, member) pairs: the fused pass gives one sum per row, the energy is their batch mean
         # the penalty on last_energy = the mean of each member's B rows: lam / B on each row's energy
         penalty = self.penalty / B
+        # a channels-last z (member-major channels are not one block per member in it): the epilogue reads a
+        # contiguous copy, and the output is given back channels-last, as nn.Conv2d + ReLU (+ max_pool2d) keep it
+        channels_last = z.dim() == 4 and not z.is_contiguous() and _layers._interpreter_stack() is None \
+            and z.is_contiguous(memory_format=torch.channels_last)
         if pool:  # [B*G, 1, out, *spatial]: the same rows, the spatial dims kept for the pooling
             y, e = activation_energy_max_pool2(z.reshape((B * G, 1, self.out_channels) + tuple(z.shape[2:])),
                                                self.activation, self.energy, self.energy_reduction, groups=B * G,
                                                dims=self._dims, backend=self.backend, penalty=penalty)
             self.last_energy = e.view(B, G).mean(0)
-            return y.reshape((B, G * self.out_channels) + tuple(y.shape[3:]))
-        y, e = activation_energy(z.reshape(B * G, 1, -1), self.activation, self.energy, self.energy_reduction,
-                                 groups=B * G, backend=self.backend, penalty=penalty)
-        self.last_energy = e.view(B, G).mean(0)
-        return y.view(z.shape)
+            y = y.reshape((B, G * self.out_channels) + tuple(y.shape[3:]))
+        else:
+            y, e = activation_energy(z.reshape(B * G, 1, -1), self.activation, self.energy, self.energy_reduction,
+                                     groups=B * G, backend=self.backend, penalty=penalty)
+            self.last_energy = e.view(B, G).mean(0)
+            y = y.view(z.shape)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
     def member_view(self, y: torch.Tensor) -> torch.Tensor:
         """This layer's output ``[B, G*out, *spatial]`` seen as ``[G, B, out, *spatial]`` (a view)."""

@@ -92,6 +92,25 @@ def test_float32_channels_last_non_contiguous_penalty_l1_and_errors():
         EnergyActivation("leaky_relu")
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "permuted", "sliced"])
+def test_rows_leading_keeps_the_input_layout_as_torch_activations_do(layout):
+    """rows='leading' on a non-contiguous input: the output has the input's strides where the input is dense (as
+    F.gelu's), contiguous where it is not (a slice, as torch gives too); values, energy and gradient as plain."""
+    torch.manual_seed(0)
+    base = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x = {"channels_last": base.to(memory_format=torch.channels_last),
+         "permuted": base.permute(0, 2, 3, 1), "sliced": base[:, :, :, ::2]}[layout].requires_grad_(True)
+    m = EnergyActivation("gelu", rows="leading")
+    y = m(x)
+    ref = F.gelu(x)
+    assert y.stride() == ref.stride()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(m.last_energy, ref.square().sum(-1).mean())
+    g, = torch.autograd.grad((y * y.detach()).sum() + m.last_energy, x)
+    gr, = torch.autograd.grad((ref * ref.detach()).sum() + ref.square().sum(-1).mean(), x)
+    torch.testing.assert_close(g, gr)
+
+
 class Block(nn.Module):
     """torchvision's ResNet BasicBlock, shrunk: one ReLU module after bn1 and after the residual add."""
 

@@ -279,6 +279,28 @@ def test_padding_mode_gradcheck_and_batched_members():
         torch.testing.assert_close(bat.last_energy[g], one.last_energy, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("pool", [False, True])
+def test_batched_members_keep_channels_last(pool):
+    """num_models=G on a channels-last input (shared or member-major): the output is channels-last too, as
+    nn.Conv2d + ReLU (+ max_pool2d) keep it, with each member's values and energy those of the member alone."""
+    torch.manual_seed(2)
+    G = 2
+    bat = EnergyConv2d(3, 4, 3, padding=1, activation="relu", num_models=G).double()
+    for C in (3, G * 3):
+        x = torch.randn(2, C, 6, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+        y = bat.forward_max_pool2(x) if pool else bat(x)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        yc = bat.forward_max_pool2(x.contiguous()) if pool else bat(x.contiguous())
+        torch.testing.assert_close(y, yc)
+        for g in range(G):
+            one = EnergyConv2d(3, 4, 3, padding=1, activation="relu").double()
+            one.load_state_dict({"weight": bat.weight[g].detach(), "bias": bat.bias[g].detach()})
+            xg = x if C == 3 else x[:, 3 * g:3 * g + 3]
+            yg = one.forward_max_pool2(xg) if pool else one(xg)
+            torch.testing.assert_close(bat.member_view(y)[g], yg)
+            torch.testing.assert_close(bat.last_energy[g], one.last_energy)
+
+
 def test_padding_mode_bad_values():
     with pytest.raises(ValueError, match="padding_mode must be one of"):
         EnergyConv2d(2, 3, 3, padding_mode="mirror")
