@@ -9,6 +9,7 @@ import itertools
 import logging
 import math
 import numbers
+import operator
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -1110,10 +1111,52 @@ def _activation_calls(graph) -> dict:
         elif node is out:
             key = ("", True)
         else:  # a computed value: observed at the input of the one module that takes it, if there is one
-            takers = [u for u in node.users if u.op == "call_module" and u.args and u.args[0] is node]
+            takers = _takers(node)
+            values = [u for u in node.users if not _size_query(u, node)]
+            if not takers and len(values) == 1 and _keeps_rows(values[0], node):
+                takers = _takers(values[0])  # F.relu(...) -> flatten(1) -> fc: fc's input, flattened
             key = (">" + takers[0].target, counts[takers[0].target] == 1) if len(takers) == 1 else (None, False)
         calls[(key, act, inplace)] = node
     return calls
+
+
+def _takers(node) -> list:
+    """The module calls that take ``node`` as their first argument."""
+    return [u for u in node.users if u.op == "call_module" and u.args and u.args[0] is node]
+
+
+def _keeps_rows(u, node) -> bool:
+    """Whether ``u`` only reshapes ``node`` within each sample (``flatten(1)``, ``view(x.size(0), -1)``,
+    ``reshape(x.shape[0], ...)``) and ``node`` is its only tensor: each sample's units keep their values, so
+    the energy of ``u``'s output is ``node``'s (a sum over a sample's units, a mean over samples)."""
+    if u.op == "call_function" and u.target is torch.flatten or u.op == "call_method" and u.target == "flatten":
+        if not u.args or u.args[0] is not node:
+            return False
+        start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0)
+        return isinstance(start, int) and start >= 1
+    if not (u.op == "call_method" and u.target in ("view", "reshape")
+            or u.op == "call_function" and u.target is torch.reshape):
+        return False
+    if not u.args or u.args[0] is not node:
+        return False
+    sizes = u.args[1:] if u.op == "call_method" else u.args[1:2]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    if len(sizes) < 2 or any(isinstance(a, torch.fx.Node) for a in sizes[1:]):
+        return False
+    first = sizes[0]  # node.size(0), or node.shape[0]
+    if not isinstance(first, torch.fx.Node):
+        return False
+    if first.op == "call_method" and first.target == "size":
+        return first.args == (node, 0)
+    return (first.op == "call_function" and first.target is operator.getitem and first.args[1:] == (0,)
+            and isinstance(first.args[0], torch.fx.Node) and _size_query(first.args[0], node))
+
+
+def _size_query(u, node) -> bool:
+    """Whether ``u`` reads ``node``'s sizes only (``node.shape``, ``node.size()``, ``node.size(0)``)."""
+    return (u.op == "call_function" and u.target is getattr and u.args == (node, "shape")
+            or u.op == "call_method" and u.target == "size" and u.args[:1] == (node,))
 
 
 _INPLACE_CALLS = {("call_function", F.relu_): "relu", ("call_function", torch.relu_): "relu",

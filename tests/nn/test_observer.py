@@ -630,6 +630,55 @@ def test_an_activation_of_a_computed_value_is_observed_at_the_module_that_takes_
         torch.testing.assert_close(q.grad, p.grad, msg=n)
 
 
+FLATTENS = {"flatten(1)": lambda h: h.flatten(1), "torch.flatten(h, 1)": lambda h: torch.flatten(h, 1),
+            "view(size(0), -1)": lambda h: h.view(h.size(0), -1),
+            "reshape(shape[0], -1)": lambda h: h.reshape(h.shape[0], -1),
+            "torch.flatten(h)": lambda h: torch.flatten(h).view(-1, 36),
+            "view(-1, 36)": lambda h: h.view(-1, 36)}
+
+
+class FlatHead(nn.Module):
+    """A residual relu that reaches the classifier through a flatten (a hand-written ResNet's last block)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.fc = nn.Linear(36, 2)
+        self.how = FLATTENS[how]
+
+    def forward(self, x):
+        return self.fc(self.how(F.relu(self.conv(x) + x)))
+
+
+@pytest.mark.parametrize("how", list(FLATTENS))
+def test_an_activation_reaching_a_module_through_a_per_sample_flatten_is_observed_there(how):
+    """flatten(1), view(x.size(0), -1), reshape(x.shape[0], ...) keep each sample's units: the module that
+    takes the flattened value is observed and counts the activation's energy. A flatten over the samples, or
+    a view whose rows cannot be read (-1 first), is not: it stays named as not counted."""
+    torch.manual_seed(0)
+    model = FlatHead(how).double()
+    plain = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _, rep = minaction.convert(model, return_report=True)
+    obs = [n for n, m in model.named_modules() if isinstance(m, ActivationObserver)]
+    if how in ("torch.flatten(h)", "view(-1, 36)"):
+        assert obs == []
+        assert any("computed value" in why and "not counted" in why for _, why in rep.skipped)
+        assert any("converted nothing" in str(w.message) for w in seen)
+        return
+    assert not seen
+    assert obs == ["fc.activation_energy"]
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+
+    def hand():
+        a = F.relu(plain.conv(x) + x)
+        return plain.fc(a.flatten(1)).square().mean() + LAM * a.flatten(1).square().sum(1).mean()
+
+    train_in_lockstep(plain, model, hand, lambda: model(x).square().mean() + LAM * minaction.total_energy(model),
+                      lr=0.1)
+
+
 def test_a_module_swap_after_convert_is_named_and_a_second_convert_hooks_the_observers_again(monkeypatch):
     """Module swaps build new modules: ``nn.SyncBatchNorm.convert_sync_batchnorm`` copies each BatchNorm's
     children (the observer) but not its forward hooks, so the observer stops running and its energy would be
