@@ -287,7 +287,7 @@ def _exponent(activation, energy, reduction) -> int:
 
 def _unit_scale(weight: Tensor, mean: bool) -> float:
     """``minaction::layer``'s ``unit_scale``: 1, or 1/N for the mean over units (the op divides by the rows)."""
-    return 1.0 / weight.shape[-2] if mean else 1.0
+    return 1.0 / max(weight.shape[-2], 1) if mean else 1.0  # no units: no energy to scale (see energy_linear)
 
 
 def _validate_linear(x, weight, bias):
@@ -397,6 +397,10 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
             with torch.autocast(x.device.type, enabled=False):
                 return energy_linear(x, weight, bias, activation, energy, reduction, backend, penalty)
     _validate_linear(x, weight, bias)
+    if p and reduction == "mean" and weight.shape[-2] == 0 and not torch.jit.is_tracing():
+        raise InputShapeError(f"energy_reduction='mean' averages over a layer's output units, and this weight of "
+                              f"shape {tuple(weight.shape)} has none: the mean is undefined (use "
+                              f"energy_reduction='sum', which is 0 here)")
     name = "reference" if _subclass(x, weight, bias) else _route(x, backend)
     mean = reduction == "mean"
     if name == "cpu":

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import minaction
 from minaction.backends import select as mbackend
 from minaction.backends import ACTIVATIONS
+from minaction.nn import EnergyLinear
 from minaction.ops import activation_energy, energy_linear
 
 # backends that go through the fused operators on CPU tensors in CI
@@ -271,3 +272,13 @@ def test_mean_energy_over_zero_units_is_a_clear_error(backend):
     assert y.shape == (4, 0) and float(e) == 0.0
     y, e = activation_energy(z, "relu", None, "mean", backend=backend)  # no energy asked: nothing to average
     assert y.shape == (4, 0)
+    # a layer of no output units, as EnergyLinear(4, 0, energy_reduction="mean") makes (a ZeroDivisionError, session 24)
+    for w in (torch.randn(0, 4), torch.randn(2, 0, 4)):
+        with pytest.raises(ValueError, match="mean is undefined"):
+            energy_linear(torch.randn(3, 4), w, None, "tanh", "l2", "mean", backend=backend)
+        y, e = energy_linear(torch.randn(3, 4), w, None, "tanh", "l2", "sum", backend=backend)
+        assert y.shape[-1] == 0 and not e.any()
+        y, e = energy_linear(torch.randn(3, 4), w, None, "tanh", None, "mean", backend=backend)
+        assert y.shape[-1] == 0
+    with pytest.raises(ValueError, match="mean is undefined"):
+        EnergyLinear(4, 0, energy_reduction="mean", backend=backend)(torch.randn(3, 4))
