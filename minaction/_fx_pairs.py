@@ -86,14 +86,27 @@ def _snapshot(module: nn.Module) -> list:
     the forward's Python code, and one that stores an intermediate (``self.cache = x``,
     ``self.attn_maps.append(att)``, ``self.block.last = x``) would leave an fx proxy there. Dicts
     are not copied: nn.Module's own (``_modules``, the hook dicts, which hook handles refer to)
-    must stay the same objects."""
-    return [(m, {k: (type(v)(v) if type(v) in (list, set) else v) for k, v in m.__dict__.items()},
-             {k: v for k, v in m.__dict__.items() if type(v) in (list, set)})
-            for m in module.modules()]
+    must stay the same objects. The contents of buffers and tensor attributes are copied too: an
+    in-place update with constant arguments runs for real while fx traces (timm's ``BatchNormAct2d``
+    counts ``num_batches_tracked.add_(1)``, a forward may anneal a buffer), and it is undone."""
+    out, seen = [], set()
+    for m in module.modules():
+        tensors = []
+        for t in list(m._buffers.values()) + [v for v in m.__dict__.values() if type(v) is torch.Tensor]:
+            if t is None or id(t) in seen or isinstance(t, nn.Parameter):
+                continue
+            seen.add(id(t))
+            try:
+                tensors.append((t, t._version, t.detach().clone()))
+            except RuntimeError:  # an inference tensor (no version counter): it cannot be updated in place anyway
+                continue
+        out.append((m, {k: (type(v)(v) if type(v) in (list, set) else v) for k, v in m.__dict__.items()},
+                    {k: v for k, v in m.__dict__.items() if type(v) in (list, set)}, tensors, dict(m._buffers)))
+    return out
 
 
 def _restore(saved: list) -> None:
-    for m, state, containers in saved:
+    for m, state, containers, tensors, buffers in saved:
         for k, v in containers.items():  # the original list/set objects, with their original contents
             v.clear()
             if isinstance(v, set):
@@ -103,6 +116,13 @@ def _restore(saved: list) -> None:
             state[k] = v
         m.__dict__.clear()
         m.__dict__.update(state)
+        if m._buffers != buffers:  # `self.steps = self.steps + 1` rebinds the buffer (its dict is nn.Module's own)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+        for t, version, copy in tensors:
+            if t._version != version:
+                with torch.no_grad():
+                    t.copy_(copy)
 
 
 def _inplace(node: fx.Node) -> bool:

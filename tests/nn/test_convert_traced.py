@@ -301,6 +301,43 @@ def test_tracing_leaves_the_module_state_as_it_was_and_an_earlier_optimizer_stil
     assert not torch.equal(model.fc.weight, w0)
 
 
+class Annealing(nn.Module):
+    """A forward that updates buffers and a tensor attribute (a step counter, an annealed factor), as timm's
+    BatchNormAct2d counts num_batches_tracked: tracing runs such updates for real."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.act = nn.GELU()
+        self.out = nn.Linear(8, 2)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("decay", torch.ones(()))
+        self.plain = torch.zeros(3)
+        self.bn = nn.BatchNorm1d(8, momentum=None)  # cumulative averaging reads num_batches_tracked
+
+    def forward(self, x):
+        self.steps = self.steps + 1
+        self.decay.mul_(0.5)
+        self.plain.add_(1)
+        self.bn.num_batches_tracked.add_(1)
+        return self.out(self.act(self.fc(x)) * self.decay)
+
+
+def test_convert_leaves_buffers_and_tensor_attributes_as_they_were():
+    """convert reads each forward twice (train and eval) and runs its Python code: updates of buffers and
+    tensor attributes made then are undone (timm's BatchNormAct2d models gained one num_batches_tracked per
+    convert, and with momentum=None their running statistics differed from the plain model's, session 24)."""
+    model = Annealing()
+    steps = model.steps
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, rep = minaction.convert(model, return_report=True)
+    assert [p for p, _ in rep.converted] == ["fc"]
+    assert model.steps is steps and model.steps.item() == 0 and model.decay.item() == 1.0
+    assert model.plain.tolist() == [0.0, 0.0, 0.0] and model.bn.num_batches_tracked.item() == 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k in after)
+
+
 def test_a_wrapper_module_does_not_hide_the_model_inside():
     """A module whose forward fx cannot read (here torch.compile's OptimizedModule, never run) reports
     nothing for the layers of the model it wraps: that model's own forward decides them."""
