@@ -47,6 +47,15 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
 
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:
+            # a module the traced one calls but does not hold (transformers' ClippedGELUActivation calls a
+            # module-level GELUActivation instance): no node can name it, so its forward's code is read inline
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ReadProxy(node, self)
 

@@ -90,13 +90,25 @@ class QuickGELU(nn.Module):  # transformers' QuickGELUActivation (CLIP): not a f
         return input * torch.sigmoid(1.702 * input)
 
 
+class GELUActivation(nn.Module):  # transformers' GELUActivation
+    def __init__(self):
+        super().__init__()
+        self.act = F.gelu
+
+    def forward(self, input):
+        return self.act(input)
+
+
+gelu = GELUActivation()  # a module-level instance, as transformers.activations' `gelu = get_activation("gelu")`
+
+
 class ClippedGELU(nn.Module):  # transformers' ClippedGELUActivation: gelu, clipped at +-10
     def __init__(self, lo=-10.0, hi=10.0):
         super().__init__()
         self.lo, self.hi = lo, hi
 
     def forward(self, x):
-        return torch.clip(F.gelu(x), self.lo, self.hi)
+        return torch.clip(gelu(x), self.lo, self.hi)  # (a module it calls but does not hold: read inline)
 
 
 class ReLUSquared(nn.Module):
