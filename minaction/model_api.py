@@ -191,6 +191,8 @@ def record_energy(model: Optional[nn.Module] = None):
     (``set_penalty``) already counts every call and needs no tape."""
     if model is not None:
         _need_module(model, "record_energy")
+        if not _compiling():  # what total_energy refuses (peft over an energy layer, a stopped observer) the tape does
+            _check_model(model, loss_form=_grad_enabled())
     from .nn import layers as _layers
 
     tape = EnergyTape(model)

@@ -55,8 +55,13 @@ def test_an_energy_layer_inside_a_peft_adapter_is_refused_and_the_order_that_wor
     wrong = minaction.convert(_mlp())
     wrong[0] = LoraLinear(wrong[0])  # get_peft_model after convert: relu(W x + b) + B A x
     wrong(x)
+    def tape():
+        with minaction.record_energy(wrong) as t:
+            wrong(x)
+        return t.total()
+
     for call in (lambda: minaction.total_energy(wrong), lambda: minaction.set_penalty(wrong, LAM),
-                 lambda: minaction.convert(wrong), lambda: minaction.energy_report(wrong, x)):
+                 lambda: minaction.convert(wrong), lambda: minaction.energy_report(wrong, x), tape):
         with pytest.raises(RuntimeError, match=r"EnergyLinear '0.base_layer' is the base_layer of peft's LoraLinear"
                                                r".*Apply peft \(get_peft_model\) to the plain model first"):
             call()
