@@ -1346,6 +1346,20 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     if not return_report:
         for path, note in rep.notes:  # an assumption about the model that the user should check
             warnings.warn(f"minaction.convert: {path}: {note}", UserWarning, stacklevel=2)
+    from ._fx_pairs import owner_of
+
+    unread = [(n, d) for n, d in rep.skipped if "could not be traced by torch.fx" in d
+              and isinstance(_submodule_or_none(model, n), (nn.Linear, nn.Conv1d, nn.Conv2d))
+              and _holds_activation(owner_of(model, n))]
+    if rep.converted and unread and not return_report:
+        # something converted, so no 'converted nothing' warning: the layers a forward fx cannot read applies
+        # (ALBERT's pooler + tanh, written inline in AlbertModel.forward()) would stay plain with no word
+        names = ", ".join(n for n, _ in unread[:6]) + (f" (and {len(unread) - 6} more)" if len(unread) > 6 else "")
+        warnings.warn(f"minaction.convert left {len(unread)} layer(s) plain because the forward that applies them "
+                      f"could not be read by torch.fx: {names} ({unread[0][1]}); an activation applied to them "
+                      "there is not counted. Build those layers as EnergyLinear / EnergyConv*d, or apply an "
+                      "activation module (return_report=True lists every layer with its reason)", UserWarning,
+                      stacklevel=2)
     if not rep.converted and not any(isinstance(m, EnergyLayer) for m in model.modules()):
         # reasons about the layers themselves first, fx's failures to read a forward (attention's slicing) last
         skipped = sorted(rep.skipped, key=lambda nd: "could not be traced by torch.fx" in nd[1])
@@ -1354,6 +1368,19 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
         warnings.warn(f"minaction.convert converted nothing in {type(model).__name__}: {reasons}{more}. "
                       f"Note: {_FUNCTIONAL_HINT}.", UserWarning, stacklevel=2)
     return (model, rep) if return_report else model
+
+
+def _holds_activation(owner: nn.Module) -> bool:
+    """Whether ``owner`` holds an activation module of its own (a sign that its forward activates a layer)."""
+    return any(not isinstance(c, EnergyLayer) and (_act_name(c) is not None or _unfused_ok(c))
+               for c in owner.children())
+
+
+def _submodule_or_none(model: nn.Module, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _convert(model, energy, energy_reduction, backend, include_output, wrap_activations) -> ConversionReport:
