@@ -48,11 +48,11 @@ METRICS = {"steps": ("steps_to_target", "lower"), "samples": ("samples_to_target
            "time": ("time_to_target_s", "lower"), "acc_per_s": ("acc_per_s", "higher")}
 HEADLINE = ("steps", "samples", "flops")
 NAMES = {"steps": "optimizer steps to target", "samples": "training samples to target",
-         "flops": "training FLOPs to target", "epochs": "epochs to target", "time": "wall time to target (s)",
-         "acc_per_s": "accuracy per second"}
+         "flops": "training FLOPs to target", "epochs": "epochs to target", "time": "training time to target (s)",
+         "acc_per_s": "accuracy per training second"}
 _RUN_COLS = ["run_id", "dataset", "modality", "arch", "lam", "seed", "target", "final_val", "reached",
              "steps_to_target", "samples_to_target", "flops_to_target", "epochs_to_target", "time_to_target_s",
-             "acc_per_s", "at_first_eval"]
+             "train_time_s", "acc_per_s", "at_first_eval"]
 
 
 def first_eval_datasets(eff: pd.DataFrame, lam: float) -> list:
@@ -119,8 +119,13 @@ def per_run_efficiency(runs: pd.DataFrame, epochs: pd.DataFrame | None, target_f
     for col, src in (("steps_to_target", "step"), ("samples_to_target", "samples"), ("flops_to_target", "flops"),
                      ("epochs_to_target", "epoch"), ("time_to_target_s", "wall_time_s")):
         r[col] = r["run_id"].map(hit[src]).astype(float)
+    # per *training* second: the member's own step time at its last evaluation (the trainer's member clock, its
+    # share of a batched group's steps), not runs.wall_time_s, which adds data loading, building and evaluation
+    # (1.03-10x the training time, by architecture; session 24's audit)
+    train_s = cur.groupby("run_id")["wall_time_s"].max()
+    r["train_time_s"] = r["run_id"].map(train_s).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r["acc_per_s"] = r["test_acc"] / r["wall_time_s"].where(r["wall_time_s"] > 0)
+        r["acc_per_s"] = r["test_acc"] / r["train_time_s"].where(r["train_time_s"] > 0)
     return r.reindex(columns=_RUN_COLS).reset_index(drop=True)
 
 

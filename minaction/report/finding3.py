@@ -103,8 +103,10 @@ def section(rep) -> None:
         s["n_reached"], s["n"])], "target": s["target"].map(fmt), "steps": s["steps_to_target"].map(fmt),
         "samples": s["samples_to_target"].map(fmt), "FLOPs": s["flops_to_target"].map(fmt),
         "time (s)": s["time_to_target_s"].map(fmt), "acc / s": s["acc_per_s"].map(fmt)})
-    d.table(disp, rel_s, f"Per architecture at λ = {fmt(lam)}: means to target (runs that reached it); acc / s: "
-                         f"mean final test accuracy per training second (all runs)")
+    d.table(disp, rel_s, f"Per architecture at λ = {fmt(lam)}: means to target (runs that reached it); time: "
+                         f"training time (a run's optimizer steps only, its equal share of its batched group's step "
+                         f"time, so the runs of one group share one clock); acc / s: mean final test accuracy per "
+                         f"training second (all runs)")
     kw = dict(n_boot=opt.n_boot, seed=opt.seed, ci=opt.ci, energy_first=opt.energy_first,
               conventional=opt.conventional)
     per_ds = pd.concat([dataset_gains(eff, lam, m, **kw) for m in HEADLINE + SECONDARY], ignore_index=True)

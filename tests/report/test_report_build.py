@@ -130,14 +130,15 @@ def test_verdicts_follow_the_data(tmp_path):
 def test_efficiency_definitions():
     runs = pd.DataFrame({"run_id": ["a", "b"], "dataset": "d", "modality": "m", "arch": ["mlp", "bimodal_true"],
                          "lam": 0.0, "seed": 0, "val_acc": [0.9, 0.8], "test_acc": [0.9, 0.8],
-                         "wall_time_s": [10.0, 4.0]})
+                         "wall_time_s": [20.0, 8.0]})  # the whole run's (evaluation, data): not per training second
     epochs = pd.DataFrame({"run_id": ["a"] * 3 + ["b"] * 3, "epoch": [1, 2, 3] * 2,
                            "val_acc": [0.5, 0.86, 0.9, 0.86, 0.7, 0.8], "wall_time_s": [3.0, 6, 10, 1.5, 3, 4]})
     eff = per_run_efficiency(runs, epochs, target_frac=0.95).set_index("run_id")
     assert eff.loc["a", "target"] == pytest.approx(0.855)
     assert eff.loc["a", "epochs_to_target"] == 2 and eff.loc["a", "time_to_target_s"] == 6
     assert eff.loc["b", "epochs_to_target"] == 1 and eff.loc["b", "time_to_target_s"] == 1.5
-    assert eff.loc["b", "acc_per_s"] == pytest.approx(0.2)
+    assert eff.loc["b", "acc_per_s"] == pytest.approx(0.2)  # per training second: the last curve point's clock, 4 s
+    assert eff.loc["a", "train_time_s"] == 10
     # one run per cell: no value (no seed-to-seed spread; its CI would have zero width), and the reason says so
     g = dataset_gains(eff.reset_index(), 0.0, "time", n_boot=10).iloc[0]
     assert np.isnan(g["gain_pct"]) and "at least 2" in g["reason"]
