@@ -69,11 +69,11 @@ def section(rep) -> None:
     f1 = getattr(rep, "finding1_lam", None)
     if f1 is None or f1 == fmt(rep.main_lam):
         rep.define("λ of Findings 1 and 3", fmt(rep.main_lam),
-                    "the λ with the most finished runs unless set (option `lam`)")
+                    "the λ with the most finished runs (ties: the smallest) unless set (option `lam`)")
     else:
         rep.define("λ of Finding 1", f1, "λ is a further factor of the ANOVA when it is fully crossed with "
                                         "architecture and dataset; otherwise the runs at the λ of Finding 3")
-        rep.define("λ of Finding 3", fmt(rep.main_lam), "the λ with the most finished runs unless set (option `lam`)")
+        rep.define("λ of Finding 3", fmt(rep.main_lam), "the λ with the most finished runs (ties: the smallest) unless set (option `lam`)")
     rep.define("about three orders of magnitude", f"≥ {fmt(opt.sweep_min_orders)} orders",
                 f"at a λ whose accuracy is TOST-equivalent within ±{fmt(opt.sweep_max_acc_pp)} pp on "
                 f"{', '.join(opt.sweep_datasets)}; "

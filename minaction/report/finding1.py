@@ -119,8 +119,10 @@ def section(rep) -> None:
             lam_note = "λ varies over a fully crossed design, so it is a further factor."
         else:
             data = runs[runs["lam"] == rep.main_lam]
+            why = ("set with the `lam` option" if opt.lam is not None
+                   else "the λ with the most finished runs; ties: the smallest")
             lam_note = (f"λ is not crossed with every arch and dataset, so the analysis uses the runs at "
-                        f"λ = {fmt(rep.main_lam)} (the λ with the most runs).")
+                        f"λ = {fmt(rep.main_lam)} ({why}).")
     bad = data[~np.isfinite(data["test_acc"].to_numpy(float))]
     if len(bad):
         data = data[np.isfinite(data["test_acc"].to_numpy(float))]
