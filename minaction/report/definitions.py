@@ -39,7 +39,8 @@ def section(rep) -> None:
     rep.define("energy E", energy_definition(rep),
                 "measured on the test split after training; the logits layer is not counted")
     rep.define("rescaled energy", "each hidden unit's activation times the L2 norm of the weights reading it",
-                "invariant to the ReLU rescaling symmetry (models module documents it per architecture)")
+                "invariant to the ReLU rescaling symmetry in mlp, cnn and bimodal_true; not in physics_lagrangian, "
+                "whose residual state update breaks the symmetry (docs/models.md, per architecture)")
     rep.define("p-values", f"shown with 3 significant digits; below {fmt(P_FLOOR)} as < {fmt(P_FLOOR)}",
                 "smaller values depend on the model's assumed tails more than on the data (and statsmodels reports "
                 "some as 0)")

@@ -33,10 +33,13 @@ def section(rep) -> None:
     d.p("Per dataset, architecture and λ, against the λ = 0 runs of the same seed: the test-split energy ratio "
         "E(λ)/E(0) (geometric mean over seeds), the same ratio for the rescaled energy (each hidden unit's "
         "activation multiplied by the L2 norm of the weights that read it, which the ReLU rescaling "
-        "symmetry cannot change), the accuracy change in percentage points (pp), and the fraction of active "
+        "symmetry cannot change in mlp, cnn and bimodal_true; physics_lagrangian's residual state update breaks "
+        "that symmetry, so there it is the same formula but not an invariant, and its rescaling share is only "
+        "indicative), the accuracy change in percentage points (pp), and the fraction of active "
         f"units. Intervals are {fmt(100 * opt.ci)}% t intervals over seeds (on the log scale for ratios). "
         "*orders* = -log10 of a ratio; *rescaling share* = 1 - orders(rescaled E) / orders(E) is the part of "
-        "the energy drop that rescaling alone explains; *orders(active)* = -log10 of the active-fraction ratio "
+        "the energy drop that rescaling alone explains (negative where the rescaled energy fell by more than E "
+        "itself: the weights reading the units shrank too); *orders(active)* = -log10 of the active-fraction ratio "
         "is the part explained by units switching off.")
     sw = sw[sw["lam"] > 0]  # the λ = 0 rows are 1 and 0 by construction (they stay in the CSV)
     disp = pd.DataFrame({
@@ -113,7 +116,9 @@ def section(rep) -> None:
            f"survive rescaling by the next layer's weights (median rescaling share "
            f"{fmt(s['median_rescaling_share'], 3)}, from {fmt(s['min_rescaling_share'], 3)} to "
            f"{fmt(s['max_rescaling_share'], 3)} over the {n} combinations: that part of the drop is weight "
-           f"rescaling, not sparsity).")
+           f"rescaling, not sparsity"
+           + ("; physics_lagrangian's shares are only indicative, its rescaled energy being no invariant"
+              if (ver["arch"] == "physics_lagrangian").any() else "") + ").")
     if len(mod):
         met = s["moderate_E_pct_median"] <= PAPER["sweep_v1_pct"]
         t_mod = tost[tost["dataset"].isin(opt.sweep_datasets) & np.isclose(tost["lam"], opt.sweep_moderate_lam)]
