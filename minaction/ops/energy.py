@@ -397,7 +397,7 @@ def energy_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
             with torch.autocast(x.device.type, enabled=False):
                 return energy_linear(x, weight, bias, activation, energy, reduction, backend, penalty)
     _validate_linear(x, weight, bias)
-    if p and reduction == "mean" and weight.shape[-2] == 0 and not torch.jit.is_tracing():
+    if p and reduction == "mean" and not torch.jit.is_tracing() and weight.shape[-2] == 0:  # (traced sizes warn)
         raise InputShapeError(f"energy_reduction='mean' averages over a layer's output units, and this weight of "
                               f"shape {tuple(weight.shape)} has none: the mean is undefined (use "
                               f"energy_reduction='sum', which is 0 here)")

@@ -22,7 +22,7 @@ def fmt_p(v, with_op: bool = False) -> str:
     """A p-value as shown: 3 significant digits, '< 1e-16' below the floor."""
     if v is not None and np.isfinite(v) and v < P_FLOOR:
         return f"< {fmt(P_FLOOR)}"
-    return ("= " if with_op else "") + fmt(v, 3)
+    return ("= " if with_op else "") + fmt(v, 3, zeros=True)  # 0.9999999 reads '1.00', a rounded p, not '1'
 
 
 def sentence(text: str) -> str:

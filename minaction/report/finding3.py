@@ -73,8 +73,9 @@ def section(rep) -> None:
         f"the validation accuracy, {when}, first reaches the target (per-run table `{rel_runs}`). A count to the "
         f"target is a multiple of the evaluation interval, so where runs reach it within a few evaluations one "
         f"seed needing one evaluation more moves an architecture's mean by the interval / the number of seeds. "
-        f"Wall time and accuracy per second (final test accuracy / training wall time) are secondary columns (a "
-        f"batched step's time is shared by its members, and the machine was shared). An architecture's value is the "
+        f"Training time and accuracy per training second (final test accuracy / training time, the optimizer "
+        f"steps only) are secondary columns (a batched step's time is shared by its members, and the machine was "
+        f"shared). An architecture's value is the "
         f"mean over its runs that reached the target, none when fewer than half did. Gain on a dataset: "
         f"(baseline − energy-first) / baseline against the conventional architecture ({', '.join(opt.conventional)})"
         f" with the lowest value there, only where both reached the target; a modality's gain is the mean over "
@@ -133,8 +134,8 @@ def section(rep) -> None:
                                                                for m, lo, hi in zip(gains["gain_pct"],
                                                                                     gains["gain_pct_lo"],
                                                                                     gains["gain_pct_hi"])]})
-    d.table(disp, rel_g, "Gain per modality (mean over the compared datasets); wall time and accuracy per "
-                         "second are secondary (for accuracy per second a gain is a higher value)")
+    d.table(disp, rel_g, "Gain per modality (mean over the compared datasets); training time and accuracy per "
+                         "training second are secondary (for accuracy per second a gain is a higher value)")
     from . import figures as _fig
 
     plot = gains[gains["metric"].isin([metric, "time"]) & gains["gain_pct"].notna()]
@@ -150,4 +151,6 @@ def section(rep) -> None:
     ours = ("; ".join(f"{r.modality}: {r.arch} {_ci(r.gain_pct, r.gain_pct_lo, r.gain_pct_hi, 3)}%"
                       for r in head.itertuples()) or "n/a")
     defn = f"{NAMES[metric]}, target {target_text(opt)}"
-    d.p(rep.verdict(3, claim, paper, f"{defn}: {ours}", v, f"Headline: {defn}. {sentence(why)}"))
+    stale = (" The FLOPs are counted by an older rule (see above): recount them (`minaction study recount-flops`) "
+             "before citing this verdict." if metric == "flops" and old_flops_rule(rep.store) else "")
+    d.p(rep.verdict(3, claim, paper, f"{defn}: {ours}", v, f"Headline: {defn}. {sentence(why)}{stale}"))

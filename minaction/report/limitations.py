@@ -72,8 +72,8 @@ def section(rep) -> None:
                      "not the other λ values of the paper's grid.")
     noisy = table[table["binomial_se_pp"] >= opt.noisy_test_se_pp]
     if len(noisy):
-        parts = [f"{r.dataset} ({fmt(int(r.test_n))} test samples, ±{fmt(r.binomial_se_pp, 2)} pp at its mean accuracy "
-                 f"{fmt(r.mean_test_acc, 3)})" for r in noisy.itertuples()]
+        parts = [f"{r.dataset} ({fmt(int(r.test_n))} test samples, ±{fmt(r.binomial_se_pp, 2, zeros=True)} pp at its mean "
+                 f"accuracy {fmt(r.mean_test_acc, 3, zeros=True)})" for r in noisy.itertuples()]
         items.append("Small test sets: " + "; ".join(parts) + ". The binomial standard error of one run's test "
                      "accuracy is that large there, so differences of 1–2 pp between architectures on these "
                      "datasets are within the noise of a single run (test sizes inferred from the accuracies: "
@@ -95,8 +95,8 @@ def section(rep) -> None:
     d.bullets(items)
     disp = pd.DataFrame({"dataset": table["dataset"], "modality": table["modality"], "runs": table["runs"],
                          "test n": table["test_n"].map(lambda v: "n/a" if v is None or pd.isna(v) else str(int(v))),
-                         "mean test acc": table["mean_test_acc"].map(lambda v: fmt(v)),
-                         "binomial SE (pp)": table["binomial_se_pp"].map(lambda v: fmt(v, 2)),
+                         "mean test acc": table["mean_test_acc"].map(lambda v: fmt(v, zeros=True)),
+                         "binomial SE (pp)": table["binomial_se_pp"].map(lambda v: fmt(v, 2, zeros=True)),
                          "seed-to-seed SD": table["within_cell_sd"].map(fmt)})
     d.table(disp, rel, "Per dataset: test-set size (inferred), the binomial standard error of one run's test "
                        "accuracy at the dataset's mean, and the seed-to-seed SD of test accuracy pooled over the "

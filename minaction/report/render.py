@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 
-def fmt(v, digits: int = 4) -> str:
+def fmt(v, digits: int = 4, zeros: bool = False) -> str:
     """A number as shown in the report: integers as they are, floats with ``digits``
-    significant digits, NaN/None as 'n/a', booleans as yes/no."""
+    significant digits, NaN/None as 'n/a', booleans as yes/no. ``zeros``: a measured value keeps
+    its trailing zeros (10.951 at 3 digits is '11.0', not '11', beside '21.1'; 0.90025 at 2 is '0.90')."""
     if v is None:
         return "n/a"
     if isinstance(v, (bool, np.bool_)):
@@ -31,6 +32,9 @@ def fmt(v, digits: int = 4) -> str:
     if isinstance(v, (float, np.floating)):
         if not math.isfinite(v):
             return "n/a"
+        if zeros:
+            out = f"{v:#.{digits}g}"
+            return out if "e" in out else out.rstrip(".")
         if v == int(v) and abs(v) < 1e6 and digits >= len(str(int(abs(v)))):
             return str(int(v))
         return f"{v:.{digits}g}"
@@ -38,10 +42,10 @@ def fmt(v, digits: int = 4) -> str:
 
 
 def ci(m, lo, hi, digits: int = 4) -> str:
-    """'m [lo, hi]' (or just m where the interval is undefined)."""
+    """'m [lo, hi]' (or just m where the interval is undefined), each with its trailing zeros."""
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
-        return fmt(m, digits)
-    return f"{fmt(m, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
+        return fmt(m, digits, zeros=True)
+    return f"{fmt(m, digits, zeros=True)} [{fmt(lo, digits, zeros=True)}, {fmt(hi, digits, zeros=True)}]"
 
 
 @dataclass
