@@ -327,11 +327,14 @@ def verdict(gains: pd.DataFrame, runs: pd.DataFrame, energy_first=ENERGY_FIRST, 
     # a modality where no energy-first architecture's CI reaches the paper's lower bound rules the claim out there
     top = head.groupby("modality")["gain_pct_hi"].max()
     excluded = sorted(top[top < band[0]].index)
-    per_mod = "; ".join(f"{r.modality}: {r.arch} {r.gain_pct:.3g}% [{r.gain_pct_lo:.3g}, {r.gain_pct_hi:.3g}] "
+    from .render import ci as _ci
+
+    per_mod = "; ".join(f"{r.modality}: {r.arch} {_ci(r.gain_pct, r.gain_pct_lo, r.gain_pct_hi, 3)}% "
                         f"on {r.datasets}" for r in best.itertuples())
-    why = (f"The best energy-first architecture needs less with a CI above zero in {len(pos)} of {len(best)} "
-           f"compared modalities, and lies inside the paper's {band[0]:g}–{band[1]:g}% in {len(in_band)} "
-           f"({per_mod}).")
+    named = lambda t: f" ({', '.join(t['modality'])})" if 0 < len(t) < len(best) else ""  # noqa: E731
+    why = (f"The best energy-first architecture needs less with a CI above zero in {len(pos)}{named(pos)} of "
+           f"{len(best)} compared modalities, and lies inside the paper's {band[0]:g}–{band[1]:g}% in "
+           f"{len(in_band)}{named(in_band)}. Per modality: {per_mod}.")
     if none:
         why += f" Not compared (no dataset where both reached the target): {reasons}."
         return "not comparable", why

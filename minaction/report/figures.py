@@ -227,17 +227,23 @@ def curves_plot(runs: pd.DataFrame, epochs: pd.DataFrame, lam: float, path: Path
     r = runs[runs["lam"] == lam][["run_id", "dataset", "arch"]]
     ep = epochs.merge(r, on="run_id")
     datasets = sorted(ep["dataset"].unique())
-    nc = max(1, len(datasets))
-    fig, axes = plt.subplots(1, nc, figsize=(3.6 * nc, 3.4), squeeze=False)
+    # a grid of at most 4 panels per row: one row of 10 panels was 2880 px wide, and report.html (figures at
+    # most ~1070 px wide) showed it 100 px tall, its text unreadable (session 24's audit)
+    nc = max(1, min(4, len(datasets)))
+    nr = max(1, -(-len(datasets) // nc))
+    fig, axes = plt.subplots(nr, nc, figsize=(3.6 * nc, 3.0 * nr), squeeze=False)
     for j, ds in enumerate(datasets):
-        ax = axes[0, j]
+        ax = axes[j // nc, j % nc]
         for arch, g in ep[ep["dataset"] == ds].groupby("arch", sort=True):
             m = g.groupby("epoch")[["wall_time_s", "val_acc"]].mean()
             ax.plot(m["wall_time_s"], 100 * m["val_acc"], "-o", ms=3, label=arch)
         ax.set_title(ds)
         ax.set_xlabel("training time (s)")
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("validation accuracy (%)")
+        if j % nc == 0:
+            ax.set_ylabel("validation accuracy (%)")
+    for j in range(len(datasets), nr * nc):
+        axes[j // nc, j % nc].axis("off")
     if datasets:
         axes[0, 0].legend(fontsize=7)
     fig.tight_layout()

@@ -180,8 +180,10 @@ def section(rep) -> None:
                                                        zip(t["np2"], t["np2_lo"], t["np2_hi"])],
             f"plain η² [{fmt(100 * opt.ci)}% CI]": [ci(m, lo, hi) for m, lo, hi in
                                                      zip(t["eta2"], t["eta2_lo"], t["eta2_hi"])]})
+        same = (" In a balanced design such as this one, Type II and Type III coincide." if typ == 3
+                and not counts.empty and counts["n"].nunique() == 1 else "")
         d.table(disp, rel, f"Type {'II' if typ == 2 else 'III'} ANOVA (plain η² of the residual row: its share "
-                           "of the total variance)")
+                           f"of the total variance).{same}")
     reading = _anova.eta_reading(tab, opt.anova_type)
     rel_r = rep.csv("eta_reading", reading)
     d.table(pd.DataFrame({"reading": reading["reading"], "arch": reading["arch"].map(fmt),
@@ -229,7 +231,7 @@ def section(rep) -> None:
     typ_name = "II" if opt.anova_type == 2 else "III"
     name = f"{opt.eta_kind} η²"
     ours = (f"partial: arch {fmt(a['np2'])}, arch × dataset {fmt(i['np2'])}; plain: arch {fmt(a['eta2'])}, "
-            f"arch × dataset {fmt(i['eta2'])} (p {fmt_p(i['p'], True)})")
+            f"arch × dataset {fmt(i['eta2'])} (interaction p {fmt_p(i['p'], True)})")
     ok, parts = judged[opt.eta_kind]
     n_cells = counts["n"]
     why = (f"Type {typ_name}, {name}: " + "; ".join(parts) + f". Ours from {int(n_cells.sum())} runs, "

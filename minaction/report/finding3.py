@@ -117,7 +117,7 @@ def section(rep) -> None:
                          f"gain % [{fmt(100 * opt.ci)}% CI]": [
                              _ci(m, lo, hi, 3) if np.isfinite(m) else "—" for m, lo, hi in zip(
                                  h["gain_pct"], h["gain_pct_lo"], h["gain_pct_hi"])],
-                         "why none": h["reason"].fillna("")})
+                         **({"why none": h["reason"].fillna("")} if h["reason"].fillna("").ne("").any() else {})})
     d.table(disp, rel_d, f"Gain per dataset ({NAMES[metric]}; all metrics in the CSV)")
     early = first_eval_datasets(eff, lam)
     if early:

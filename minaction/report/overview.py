@@ -66,6 +66,12 @@ def stored_design(rep):
         " kept in the store)", specs
 
 
+def _code_names(label: str) -> str:
+    """A design label as shown: its preset names as code, its parenthetical note as prose."""
+    names, sep, note = label.partition(" (")
+    return ", ".join(f"`{n.strip()}`" for n in names.split(",")) + (f" ({note}" if sep else "")
+
+
 def _budget_key(budget):
     return None if budget is None else json.dumps(budget, sort_keys=True, separators=(",", ":"))
 
@@ -165,14 +171,14 @@ def section(rep) -> None:
                       f" The main λ (the λ with the most finished runs, which Finding 3 reads, and Finding 1 where λ "
                       f"is not a factor) is λ = {fmt(rep.main_lam)} now; it may change as the study fills in "
                       f"(`--lam` fixes it).")
-            rep.doc.p(f"**PARTIAL: {done} of the {planned} runs of the design `{label}` have finished.** "
+            rep.doc.p(f"**PARTIAL: {done} of the {planned} runs of the design {_code_names(label)} have finished.** "
                       f"Missing: {_missing_text(cov)}. Every verdict below reads the finished runs only; a "
                       f"finding whose design lacks a cell says *not comparable* and names it (table: `{rel_cov}`)."
                       + moving)
             rep.notices.append(f"PARTIAL: {done} of the {planned} runs of the design have finished; see the report's "
                                f"first paragraph")
         else:
-            rep.doc.p(f"Complete: all {planned} runs of the design `{label}` have finished (table: "
+            rep.doc.p(f"Complete: all {planned} runs of the design {_code_names(label)} have finished (table: "
                       f"`{rel_cov}`).")
     if old_flops_rule(rep.store):
         rep.doc.p("**This store's FLOPs are counted by an older rule**, which favours physics_lagrangian against the "

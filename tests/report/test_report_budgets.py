@@ -215,7 +215,7 @@ def test_a_partial_store_says_so_without_design(tmp_path):
     build_report(db, tmp_path / "out", n_boot=5)
     head = (tmp_path / "out" / "report.md").read_text().split("# The store")[0]
     n = len(spec["archs"]) * 2 * len(spec["seeds"])
-    assert f"**PARTIAL: {n - 1} of the {n} runs of the design `{name} (the preset specification kept in the store)`" \
+    assert f"**PARTIAL: {n - 1} of the {n} runs of the design `{name}` (the preset specification kept in the store)" \
            in head and "nmnist: cnn (1 runs)" in head
 
 
