@@ -1465,7 +1465,8 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     """Per energy layer: E, units, active-unit fraction, weight density and forward FLOPs.
 
     Runs one forward ``model(x, *args, **kwargs)`` (in eval mode, restored afterwards: a Siamese
-    net's two inputs, an LSTM language model's hidden state) and returns
+    net's two inputs, an LSTM language model's hidden state; for a ``DistributedDataParallel`` or
+    ``DataParallel`` wrapper, the forward of the module it wraps, so one rank alone can report) and returns
     a pandas DataFrame with one row per energy layer and a final ``total`` row. The joules
     measured over that forward (RAPL / NVML where the hardware exposes them, see
     :class:`minaction.energy_meter.EnergyMeter`) are in ``df.attrs["measured_joules"]``, with
@@ -1512,11 +1513,14 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     for name, m in model.named_modules():
         if isinstance(m, EnergyLayer):
             hooks.append(m.register_forward_hook(hook(name)))
+    # a DDP / DataParallel wrapper: its own forward would broadcast buffers (a collective, which hangs a report made
+    # on one rank) or replicate the model; the wrapped module computes the same values
+    run = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
     was_training = model.training
     model.eval()
     try:
         with EnergyMeter() as meter:
-            model(x, *args, **kwargs)
+            run(x, *args, **kwargs)
     finally:
         model.train(was_training)
         for h in hooks:

@@ -153,3 +153,39 @@ def test_ddp_two_processes_train_as_one_process_over_the_whole_batch(mode, tmp_p
             (F.cross_entropy(model(xs), ys) / world + LAM * minaction.total_energy(model) / world).backward()
         opt.step()
     _close(ranks[0], [p.detach() for p in model.parameters()])
+
+
+_REPORT_WORKER = textwrap.dedent("""
+    import datetime, sys, torch, torch.distributed as dist
+    from torch import nn
+    import minaction
+    rank, world, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.manual_seed(0)
+    model = minaction.convert(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)))
+    ddp = nn.parallel.DistributedDataParallel(model)  # buffers: its forward broadcasts them, a collective
+    x = torch.randn(5, 6)
+    if rank == 0:  # one rank alone logs the report
+        df = minaction.energy_report(ddp, x)
+        ref = minaction.energy_report(model, x)
+        assert df["energy"].tolist() == ref["energy"].tolist(), (df, ref)
+        print("report ok", float(df["energy"].iloc[-1]))
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def test_energy_report_on_one_ddp_rank_does_not_wait_for_the_others(tmp_path):
+    """energy_report runs a forward: through the DDP wrapper that forward broadcasts the buffers, a collective
+    that one rank alone would wait on until the process group's time-out (a DDP trial, session 24). It runs the
+    wrapped module's forward instead."""
+    world = 2
+    init = "file://" + str(tmp_path / "rendezvous")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _REPORT_WORKER, str(r), str(world), init], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    assert "report ok" in logs[0]
