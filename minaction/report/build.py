@@ -105,7 +105,7 @@ def _build(rep) -> dict:
     (rep.out / "report.html").write_text(to_html(rep.doc), encoding="utf-8")
     (rep.out / "tables" / "options.json").write_text(json.dumps(asdict(rep.opt), indent=2, default=str))
     return {"out_dir": str(rep.out), "report_md": str(rep.out / "report.md"),
-            "report_html": str(rep.out / "report.html"), "tables": list(rep.csvs),
+            "report_html": str(rep.out / "report.html"), "tables": [str(rep.out / c) for c in rep.csvs],
             "figures": sorted(str(p) for p in rep.fig_dir.glob("*.png")),
             "verdicts": {int(c["finding"]): c["verdict"] for c in rep.comparison}, "notices": list(rep.notices)}
 
@@ -115,7 +115,8 @@ def build_report(db, out_dir, options: ReportOptions | None = None, **kwargs) ->
 
     ``options`` (or keyword overrides of :class:`ReportOptions` fields, e.g. ``n_boot=200``)
     sets every choice the paper leaves open. Returns a dict with the paths written and the
-    verdict of each finding ("reproduced", "not reproduced" or "not comparable").
+    verdict of each finding ("reproduced", "not reproduced", "inconclusive" or "not comparable"); every
+    path in it includes ``out_dir`` (the tables' too).
     """
     opt = options or ReportOptions()
     if kwargs:

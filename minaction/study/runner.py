@@ -407,8 +407,9 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         on_start: called with no arguments after every check below passed and before any
             training starts (the CLI prints the run count and time estimate there, so a
             refused study prints one error line and nothing else).
-        checkpoints: let each group save its training state to ``<db>.ckpt/`` (end of every
-            epoch, and mid-epoch every ``checkpoint_every_s`` seconds, default
+        checkpoints: let each group save its training state to ``<db>.ckpt/`` (at an epoch end once
+            30 s have passed since the last save, :data:`minaction.study.checkpoint.DEFAULT_EPOCH_EVERY_S`,
+            and mid-epoch every ``checkpoint_every_s`` seconds, default
             :data:`minaction.study.checkpoint.DEFAULT_EVERY_S`) and resume from it after a kill;
             a group's checkpoint is deleted once its runs are recorded
             (:mod:`minaction.study.checkpoint`).
