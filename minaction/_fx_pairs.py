@@ -52,8 +52,10 @@ class _LeafTracer(fx.Tracer):
             self.path_of_module(m)
         except NameError:
             # a module the traced one calls but does not hold (transformers' ClippedGELUActivation calls a
-            # module-level GELUActivation instance): no node can name it, so its forward's code is read inline
-            return forward(*args, **kwargs)
+            # module-level GELUActivation instance): no node can name it, so the forward of one without parameters
+            # or buffers is read inline (one with them keeps fx's own error, which says it is not a submodule)
+            if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
+                return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -90,25 +92,37 @@ def owner_of(root: nn.Module, path: str) -> nn.Module:
     return owner
 
 
+#: a buffer or tensor attribute up to this size is copied before a trace (up to 8x this in all, the traced
+#: module's own first), so that an in-place update made while tracing can be undone; a larger one is only
+#: watched, and a change to it is named in a warning
+SNAPSHOT_COPY_BYTES = 8 << 20
+
+
 def _snapshot(module: nn.Module) -> list:
     """The attributes of ``module`` and its submodules, with their lists and sets copied: tracing runs
     the forward's Python code, and one that stores an intermediate (``self.cache = x``,
     ``self.attn_maps.append(att)``, ``self.block.last = x``) would leave an fx proxy there. Dicts
     are not copied: nn.Module's own (``_modules``, the hook dicts, which hook handles refer to)
-    must stay the same objects. The contents of buffers and tensor attributes are copied too: an
-    in-place update with constant arguments runs for real while fx traces (timm's ``BatchNormAct2d``
-    counts ``num_batches_tracked.add_(1)``, a forward may anneal a buffer), and it is undone."""
+    must stay the same objects. The values of buffers and tensor attributes are copied too (up to
+    :data:`SNAPSHOT_COPY_BYTES` each): an in-place update with constant arguments runs for real while fx
+    traces (timm's ``BatchNormAct2d`` counts ``num_batches_tracked.add_(1)``), and it is undone."""
     out, seen = [], set()
+    budget = 8 * SNAPSHOT_COPY_BYTES  # copies in all, module first (its own forward is the one traced)
     for m in module.modules():
         tensors = []
-        for t in list(m._buffers.values()) + [v for v in m.__dict__.values() if type(v) is torch.Tensor]:
+        for name, t in list(m._buffers.items()) + [(k, v) for k, v in m.__dict__.items() if type(v) is torch.Tensor]:
             if t is None or id(t) in seen or isinstance(t, nn.Parameter):
                 continue
             seen.add(id(t))
             try:
-                tensors.append((t, t._version, t.detach().clone()))
+                version = t._version
             except RuntimeError:  # an inference tensor (no version counter): it cannot be updated in place anyway
                 continue
+            size = t.numel() * t.element_size()
+            small = size <= SNAPSHOT_COPY_BYTES and budget >= size and t.device.type != "meta"
+            if small:
+                budget -= size
+            tensors.append((name, t, version, t.detach().clone() if small else None))
         out.append((m, {k: (type(v)(v) if type(v) in (list, set) else v) for k, v in m.__dict__.items()},
                     {k: v for k, v in m.__dict__.items() if type(v) in (list, set)}, tensors, dict(m._buffers)))
     return out
@@ -125,13 +139,22 @@ def _restore(saved: list) -> None:
             state[k] = v
         m.__dict__.clear()
         m.__dict__.update(state)
-        if m._buffers != buffers:  # `self.steps = self.steps + 1` rebinds the buffer (its dict is nn.Module's own)
+        # `self.steps = self.steps + 1` rebinds the buffer (its dict is nn.Module's own): compared by identity
+        if m._buffers.keys() != buffers.keys() or any(m._buffers[k] is not v for k, v in buffers.items()):
             m._buffers.clear()
             m._buffers.update(buffers)
-        for t, version, copy in tensors:
-            if t._version != version:
+        for name, t, version, copy in tensors:
+            if t._version == version:
+                continue
+            if copy is not None:
                 with torch.no_grad():
                     t.copy_(copy)
+            else:
+                warnings.warn(f"minaction.convert: reading {type(saved[0][0]).__name__}.forward() with torch.fx "
+                              f"updated {type(m).__name__}'s tensor {name!r} in place, which was not copied beforehand "
+                              f"(over {SNAPSHOT_COPY_BYTES} bytes, or past the copies' total: "
+                              "minaction._fx_pairs.SNAPSHOT_COPY_BYTES), so the update stays: check it",
+                              UserWarning, stacklevel=2)
 
 
 def _inplace(node: fx.Node) -> bool:

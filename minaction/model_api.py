@@ -191,8 +191,8 @@ def record_energy(model: Optional[nn.Module] = None):
     (``set_penalty``) already counts every call and needs no tape."""
     if model is not None:
         _need_module(model, "record_energy")
-        if not _compiling():  # what total_energy refuses (peft over an energy layer, a stopped observer) the tape does
-            _check_model(model, loss_form=_grad_enabled())
+        if not _compiling():  # what total_energy refuses (peft over an energy layer, a stopped observer) the tape does;
+            _check_model(model)  # not the loss-form check (Opacus): a tape opened under grad may only log
     from .nn import layers as _layers
 
     tape = EnergyTape(model)
@@ -1128,14 +1128,17 @@ def _takers(node) -> list:
 
 
 def _keeps_rows(u, node) -> bool:
-    """Whether ``u`` only reshapes ``node`` within each sample (``flatten(1)``, ``view(x.size(0), -1)``,
-    ``reshape(x.shape[0], ...)``) and ``node`` is its only tensor: each sample's units keep their values, so
-    the energy of ``u``'s output is ``node``'s (a sum over a sample's units, a mean over samples)."""
+    """Whether ``u`` only flattens each sample of ``node`` to one row (``flatten(1)``, ``view(x.size(0), -1)``,
+    ``reshape(x.shape[0], n)``) and ``node`` is its only tensor: each sample's units keep their values in one
+    row, so the energy of ``u``'s output is ``node``'s (a sum over a sample's units, a mean over samples). A
+    reshape to more dims (``flatten(2)``, ``view(B, -1, 8)``) is not followed: a Linear taking it reads one row
+    per position, and its input observer would split each sample's energy over them."""
     if u.op == "call_function" and u.target is torch.flatten or u.op == "call_method" and u.target == "flatten":
         if not u.args or u.args[0] is not node:
             return False
         start = u.args[1] if len(u.args) > 1 else u.kwargs.get("start_dim", 0)
-        return isinstance(start, int) and start >= 1
+        end = u.args[2] if len(u.args) > 2 else u.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1  # [B, units]: a flatten(2) keeps rows a Linear would read per position
     if not (u.op == "call_method" and u.target in ("view", "reshape")
             or u.op == "call_function" and u.target is torch.reshape):
         return False
@@ -1144,7 +1147,7 @@ def _keeps_rows(u, node) -> bool:
     sizes = u.args[1:] if u.op == "call_method" else u.args[1:2]
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
         sizes = tuple(sizes[0])
-    if len(sizes) < 2 or any(isinstance(a, torch.fx.Node) for a in sizes[1:]):
+    if len(sizes) != 2 or isinstance(sizes[1], torch.fx.Node):  # [B, units] only (see flatten above)
         return False
     first = sizes[0]  # node.size(0), or node.shape[0]
     if not isinstance(first, torch.fx.Node):
@@ -1465,8 +1468,8 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     """Per energy layer: E, units, active-unit fraction, weight density and forward FLOPs.
 
     Runs one forward ``model(x, *args, **kwargs)`` (in eval mode, restored afterwards: a Siamese
-    net's two inputs, an LSTM language model's hidden state; for a ``DistributedDataParallel`` or
-    ``DataParallel`` wrapper, the forward of the module it wraps, so one rank alone can report) and returns
+    net's two inputs, an LSTM language model's hidden state; for a ``DistributedDataParallel`` wrapper,
+    the forward of the module it wraps, so one rank alone can report) and returns
     a pandas DataFrame with one row per energy layer and a final ``total`` row. The joules
     measured over that forward (RAPL / NVML where the hardware exposes them, see
     :class:`minaction.energy_meter.EnergyMeter`) are in ``df.attrs["measured_joules"]``, with
@@ -1513,9 +1516,15 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     for name, m in model.named_modules():
         if isinstance(m, EnergyLayer):
             hooks.append(m.register_forward_hook(hook(name)))
-    # a DDP / DataParallel wrapper: its own forward would broadcast buffers (a collective, which hangs a report made
-    # on one rank) or replicate the model; the wrapped module computes the same values
-    run = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+    # a DDP wrapper: its own forward would broadcast buffers, a collective that hangs a report made on one rank; the
+    # wrapped module computes the same values (DataParallel's forward, which only scatters, runs as it is)
+    run = model
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        run = model.module
+        if model.device_ids:  # DDP's forward would move the inputs to its device: so does the report
+            dev = model.device
+            x, args, kwargs = torch.utils._pytree.tree_map(
+                lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, (x, args, kwargs))
     was_training = model.training
     model.eval()
     try:

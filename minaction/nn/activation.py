@@ -44,18 +44,6 @@ def fused_name(module) -> Optional[str]:
     return _TORCH_FUSED.get(type(module))
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill its storage span without gaps or overlaps in some dimension order (the
-    layouts an elementwise torch op gives its output: ``empty_like`` keeps them)."""
-    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1)
-    expect = 1
-    for st, n in dims:
-        if st != expect:
-            return False
-        expect *= n
-    return True
-
-
 class EnergyActivation(EnergyLayer):
     """``act(x)``, with ``last_energy`` the energy of its output.
 
@@ -145,10 +133,8 @@ class EnergyActivation(EnergyLayer):
         elif self.rows == "leading" and x.dim() > 2:
             y, e = activation_energy(x.reshape(-1, x.shape[-1]), self.activation, self.energy, self.energy_reduction,
                                      **kw)
-            y = y.view(x.shape)
-            if not x.is_contiguous() and _layers._interpreter_stack() is None and _dense(x):
-                y = torch.empty_like(x).copy_(y)  # the input's layout (channels-last, a permuted view), as F.gelu's
-        elif x.dim() == 4 and not x.is_contiguous() and _layers._interpreter_stack() is None \
+            y = y.view(x.shape)  # contiguous: each row's units must be one block for the pass (see the docs)
+        elif x.dim() == 4 and not x.is_contiguous() and _layers._no_transform() \
                 and x.is_contiguous(memory_format=torch.channels_last):  # (vmap's tensors cannot answer this)
             # channels-last (after a conv + BatchNorm2d in that format): the sample's units are one block of the
             # [B, H, W, C] view, and the output keeps the format, as nn.ReLU's does

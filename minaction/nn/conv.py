@@ -247,7 +247,7 @@ class _EnergyConvNd(EnergyLayer):
             z = self._conv(x, self.weight, self.bias, self.groups)
             # (inside a torch.func transform, vmap's batched tensors cannot answer the channels-last query: the
             # transforms run the reference path on whatever layout, so the plain branch below is right there)
-            channels_last = z.dim() == 4 and not z.is_contiguous() and _layers._interpreter_stack() is None \
+            channels_last = z.dim() == 4 and not z.is_contiguous() and _layers._no_transform() \
                 and z.is_contiguous(memory_format=torch.channels_last)
             if pool:
                 y, e = activation_energy_max_pool2(z, self.activation, self.energy, self.energy_reduction,
@@ -289,7 +289,7 @@ class _EnergyConvNd(EnergyLayer):
         penalty = self.penalty / B
         # a channels-last z (member-major channels are not one block per member in it): the epilogue reads a
         # contiguous copy, and the output is given back channels-last, as nn.Conv2d + ReLU (+ max_pool2d) keep it
-        channels_last = z.dim() == 4 and not z.is_contiguous() and _layers._interpreter_stack() is None \
+        channels_last = z.dim() == 4 and not z.is_contiguous() and _layers._no_transform() \
             and z.is_contiguous(memory_format=torch.channels_last)
         if pool:  # [B*G, 1, out, *spatial]: the same rows, the spatial dims kept for the pooling
             y, e = activation_energy_max_pool2(z.reshape((B * G, 1, self.out_channels) + tuple(z.shape[2:])),

@@ -34,6 +34,14 @@ _exporting = _energy._is_exporting
 _jit_tracing = _energy._jit_tracing
 _any_autocast = _energy._any_autocast or (lambda: True)
 _interpreter_stack = _energy._interpreter_stack
+
+
+def _no_transform() -> bool:
+    """No torch.func transform (vmap's batched tensors cannot answer a memory-format query); under
+    torch.compile dynamo's own interpreter is on the stack, and its fake tensors can."""
+    return _interpreter_stack() is None or _compiling()
+
+
 _fwad = _energy._fwad
 _env_backend = _energy._env_backend
 _grad_enabled = torch.is_grad_enabled

@@ -68,8 +68,8 @@ def stored_design(rep):
 
 def _code_names(label: str) -> str:
     """A design label as shown: its preset names as code, its parenthetical note as prose."""
-    names, sep, note = label.partition(" (")
-    return ", ".join(f"`{n.strip()}`" for n in names.split(",")) + (f" ({note}" if sep else "")
+    names, sep, note = label.partition(" (the preset specification")  # (a --design path may hold commas)
+    return f"`{names}`" + (f"{sep}{note}" if sep else "")
 
 
 def _budget_key(budget):

@@ -33,7 +33,7 @@ def fmt(v, digits: int = 4, zeros: bool = False) -> str:
         if not math.isfinite(v):
             return "n/a"
         if zeros:
-            out = f"{v:#.{digits}g}"
+            out = f"{v + 0.0:#.{digits}g}"  # (+ 0.0: -0.0 reads 0.00)
             return out if "e" in out else out.rstrip(".")
         if v == int(v) and abs(v) < 1e6 and digits >= len(str(int(abs(v)))):
             return str(int(v))

@@ -634,7 +634,10 @@ FLATTENS = {"flatten(1)": lambda h: h.flatten(1), "torch.flatten(h, 1)": lambda 
             "view(size(0), -1)": lambda h: h.view(h.size(0), -1),
             "reshape(shape[0], -1)": lambda h: h.reshape(h.shape[0], -1),
             "torch.flatten(h)": lambda h: torch.flatten(h).view(-1, 36),
-            "view(-1, 36)": lambda h: h.view(-1, 36)}
+            "view(-1, 36)": lambda h: h.view(-1, 36),
+            # more than [B, units]: a Linear over the last dim reads rows per position, not per sample
+            "flatten(2)": lambda h: h.flatten(2).flatten(1), "view(size(0), -1, 6)": lambda h: h.view(h.size(0), -1, 6)
+            .flatten(1)}
 
 
 class FlatHead(nn.Module):
@@ -662,7 +665,7 @@ def test_an_activation_reaching_a_module_through_a_per_sample_flatten_is_observe
         warnings.simplefilter("always")
         _, rep = minaction.convert(model, return_report=True)
     obs = [n for n, m in model.named_modules() if isinstance(m, ActivationObserver)]
-    if how in ("torch.flatten(h)", "view(-1, 36)"):
+    if how in ("torch.flatten(h)", "view(-1, 36)", "flatten(2)", "view(size(0), -1, 6)"):
         assert obs == []
         assert any("computed value" in why and "not counted" in why for _, why in rep.skipped)
         assert any("converted nothing" in str(w.message) for w in seen)
