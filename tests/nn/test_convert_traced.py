@@ -348,7 +348,7 @@ def test_a_large_buffer_updated_while_tracing_is_named_not_copied(monkeypatch):
 
     monkeypatch.setattr(_fx_pairs, "SNAPSHOT_COPY_BYTES", 4)  # one float: the 3-element ones are "large"
     model = Annealing()
-    with pytest.warns(UserWarning, match=r"updated its tensor 'plain' in place, which was not copied"):
+    with pytest.warns(UserWarning, match=r"updated Annealing's tensor 'plain' in place, which was not copied"):
         minaction.convert(model)
     assert model.steps.item() == 0 and model.decay.item() == 1.0  # the small ones were undone
 
