@@ -1464,13 +1464,29 @@ def _takes(model: nn.Module, *args) -> bool:
 
 
 @torch.no_grad()
+def _units(mod: nn.Module, y: torch.Tensor) -> int:
+    """The units one row of ``mod``'s energy sums over (what ``energy_reduction='mean'`` divides by): a Linear's
+    (and a per-token activation's) last dim, whatever the tokens; a conv's or a per-sample activation's units of
+    one sample (one member's, for a layer of ``num_models`` members)."""
+    if y.dim() <= 1:
+        return int(y.shape[0]) if y.dim() == 1 else 1
+    if isinstance(mod, EnergyLinear) or getattr(mod, "rows", None) == "leading":
+        return int(y.shape[-1])
+    return int(math.prod(y.shape[1:])) // (getattr(mod, "num_models", None) or 1)
+
+
 def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     """Per energy layer: E, units, active-unit fraction, weight density and forward FLOPs.
 
     Runs one forward ``model(x, *args, **kwargs)`` (in eval mode, restored afterwards: a Siamese
     net's two inputs, an LSTM language model's hidden state; for a ``DistributedDataParallel`` wrapper,
     the forward of the module it wraps, so one rank alone can report) and returns
-    a pandas DataFrame with one row per energy layer and a final ``total`` row. The joules
+    a pandas DataFrame with one row per energy layer and a final ``total`` row. Per row: ``energy`` (this
+    call's E), ``units`` (what one row of E sums over: a Linear's outputs per token, a conv's C·H·W per
+    sample), ``active_fraction`` (the share of nonzero outputs: a sparsity measure for relu, 1.0 for smooth
+    activations), ``weight_density`` and ``flops`` (the layer's forward); the ``total`` row sums the energy
+    layers' rows only, so its FLOPs are not the whole model's (attention products, norms and plain layers are
+    not in it). The joules
     measured over that forward (RAPL / NVML where the hardware exposes them, see
     :class:`minaction.energy_meter.EnergyMeter`) are in ``df.attrs["measured_joules"]``, with
     ``df.attrs["measured_reasons"]`` saying why a source gave no number. For a batched layer
@@ -1506,7 +1522,7 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
             rows.append({
                 "layer": name, "type": type(mod).__name__, "activation": getattr(mod, "activation", None),
                 "energy": float(e.sum()) if e is not None else float("nan"),
-                "units": int(math.prod(y.shape[1:])) if y.dim() > 1 else 1,
+                "units": _units(mod, y),
                 "active_fraction": float((y != 0).float().mean()),
                 "weight_density": weight_density(weights[0], rel_tol) if weights else float("nan"),
                 "flops": int(mod.forward_flops(xs, tuple(y.shape))),

@@ -11,7 +11,7 @@ from torch import nn
 
 import minaction
 from minaction.backends import select as mbackend
-from minaction.nn import EnergyLinear
+from minaction.nn import EnergyActivation, EnergyLinear
 
 
 def test_state_dict_round_trip_with_nn_linear():
@@ -90,6 +90,25 @@ def test_energy_report_columns_and_values():
     assert df.loc[0, "energy"] == pytest.approx(float((h.detach() ** 2).sum(1).mean()), rel=1e-5)
     assert df.loc[2, "energy"] == pytest.approx(df.loc[0, "energy"])  # the logits layer is not counted
     assert df.loc[0, "active_fraction"] == pytest.approx(float((h != 0).float().mean()))
+    assert df.loc[0, "units"] == 8
+
+
+def test_energy_report_units_are_what_one_row_of_the_energy_sums_over():
+    """A Linear's units are its outputs per token, whatever the context length (a GPT's c_fc read 4096 units at
+    T = 32 and 2048 at T = 16, session 24); a conv's are C·H·W of one sample, one member's for num_models."""
+    from minaction.nn import EnergyConv2d
+
+    gpt = nn.Sequential(EnergyLinear(32, 128, activation="gelu", energy_reduction="mean"),
+                        EnergyActivation("gelu", rows="leading"))
+    for T in (32, 16):
+        df = minaction.energy_report(gpt, torch.randn(8, T, 32))
+        assert df.loc[0, "units"] == 128 and df.loc[1, "units"] == 128
+    conv = nn.Sequential(EnergyConv2d(1, 4, 3, padding=1))
+    assert minaction.energy_report(conv, torch.randn(2, 1, 5, 6)).loc[0, "units"] == 4 * 5 * 6
+    batched = nn.Sequential(EnergyConv2d(1, 4, 3, padding=1, num_models=3))
+    assert minaction.energy_report(batched, torch.randn(2, 1, 5, 6)).loc[0, "units"] == 4 * 5 * 6
+    per_sample = nn.Sequential(EnergyActivation("relu"))
+    assert minaction.energy_report(per_sample, torch.randn(2, 3, 4)).loc[0, "units"] == 12
 
 
 def test_energy_report_of_a_model_with_several_inputs_and_its_argument_checks():
