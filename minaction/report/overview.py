@@ -199,6 +199,7 @@ def section(rep) -> None:
     rep.doc.table(budgets.drop(columns="all_fields"), rel_b,
                    "Training budgets: one per dataset, never pooled (every field in the CSV's all_fields column)")
     rep.doc.table(st, rel, "Runs by status")
+    _provenance(rep, ra)
     bad = ra[ra["status"].isin(["diverged", "failed"])]
     if len(bad):  # excluded runs could bias a comparison if one architecture loses more of them
         per = bad.groupby(["status", "arch"]).size()
@@ -214,3 +215,29 @@ def section(rep) -> None:
     rep.doc.p("Numbers from the paper are labelled *paper*; every other number is ours, measured on this "
                "store. The paper's methods, code and tables are not public: where it is silent, the "
                "definitions this project adopts are listed under *Definitions* and named beside the numbers.")
+
+
+def _provenance(rep, ra) -> None:
+    """Where the runs came from: per code version, torch, ISA and thread count (runs are reproducible bit for bit
+    only within one), and how many runs were recorded before the store kept it."""
+    prov = rep.store.provenance
+    rows = []
+    for rid in ra["run_id"]:
+        p = prov.get(rid)
+        rows.append({k: (p or {}).get(k) for k in ("commit", "code", "torch", "isa", "threads")} | {"known": p is not None})
+    df = pd.DataFrame(rows)
+    known = df[df["known"]]
+    missing = int((~df["known"]).sum())
+    if known.empty:
+        rep.doc.p(f"**Provenance:** none of these {len(df)} runs records the code, torch build, kernel ISA or thread "
+                  "count that trained it (stores written before session 24 keep none; a run is reproducible bit for "
+                  "bit only with all of them the same, docs/study.md).")
+        return
+    cols = ["commit", "code", "torch", "isa", "threads"]
+    tab = known.fillna("n/a").astype(str).groupby(cols).size().rename("runs").reset_index()
+    rel = rep.csv("provenance", tab)
+    more = (f" {missing} run(s) were recorded before the store kept it (before session 24, or imported from such "
+            "an archive) and are not in the table." if missing else "")
+    rep.doc.table(tab, rel, "Where the runs came from: code (commit, and a hash of the sources that define a run's "
+                            "numbers), torch build, kernel ISA and torch threads. Runs are reproducible bit for bit "
+                            "only within one row." + more)

@@ -36,6 +36,7 @@ class Store:
     budgets: dict = field(default_factory=dict)  # budget_id -> the budget (None: not recorded)
     selection: str = ""  # how the runs were selected (preset / budget), empty: all
     evals: pd.DataFrame | None = None  # validation every N steps (study trainer v2); None in older stores
+    provenance: dict = field(default_factory=dict)  # run_id -> where it came from (stores of session 24 on)
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -107,11 +108,14 @@ def load_store(db) -> Store:
         epochs = _sorted(epochs, ["run_id", "epoch"])
         evals = _sorted(evals, ["run_id", "step", "epoch"]) if evals is not None else None
         meta = (dict(con.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {})
+        prov = ({r: json.loads(j) for r, j in con.execute("SELECT run_id, json FROM provenance")}
+                if "provenance" in tables else {})
     finally:
         con.close()
     runs["lam"] = runs["lam"].astype(float)
     runs["budget_id"], budgets = _budget_ids(runs)
-    return Store(path=str(path), runs_all=runs, epochs=epochs, meta=meta, budgets=budgets, evals=evals)
+    return Store(path=str(path), runs_all=runs, epochs=epochs, meta=meta, budgets=budgets, evals=evals,
+                 provenance=prov)
 
 
 def _sorted(frame: pd.DataFrame, keys) -> pd.DataFrame:
@@ -295,4 +299,5 @@ def select_budget(store: "Store", preset: str | None = None, budget=()) -> "Stor
     if evals is not None:
         evals = evals[evals["run_id"].isin(ids)].reset_index(drop=True)
     return Store(path=store.path, runs_all=sub, epochs=epochs, meta=store.meta, budgets=store.budgets,
-                 selection="; ".join(what), evals=evals)
+                 selection="; ".join(what), evals=evals,
+                 provenance={r: p for r, p in store.provenance.items() if r in ids})

@@ -9,7 +9,9 @@ gzip-compressed JSON lines:
 * line 1: ``{"format": "minaction-runs/1", "exported_at": ..., "meta": {key: value}, "runs": N}``
   (``meta``: the presets' specifications, ``preset:NAME``, and how the runs' FLOPs were counted,
   ``flops_count``, see :mod:`minaction.study.recount`)
-* then one line per run: ``{"run": {...}, "epochs": [...], "evals": [...]}``
+* then one line per run: ``{"run": {...}, "epochs": [...], "evals": [...]}``, with ``"provenance": {...}``
+  (the code, torch, ISA, threads and host that trained it, :mod:`minaction.study.provenance`) where the store
+  has it
 
 ``study import`` writes an archive's runs into a store (created if missing) under the store's
 writer lock, so ``study run`` on that store resumes after them: a run's identity is the hash
@@ -85,6 +87,7 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
         evals: dict = {}
         for e in _rows(con, f"SELECT {', '.join(store.EVAL_COLUMNS)} FROM evals ORDER BY run_id, step"):
             evals.setdefault(e.pop("run_id"), []).append(e)
+        prov = store.provenance_of(con)
         con.execute("COMMIT")
     finally:
         con.close()
@@ -98,6 +101,8 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
             for r in runs:
                 rid = r["run_id"]
                 line = {"run": r, "epochs": epochs.get(rid, []), "evals": evals.get(rid, [])}
+                if rid in prov:  # (runs recorded before provenance existed export as they always did)
+                    line["provenance"] = prov[rid]
                 f.write((json.dumps(line, sort_keys=True, allow_nan=False) + "\n").encode())
         tmp.replace(out)
     except OSError as exc:  # a full disk, a folder that cannot be written: say which file, leave no .partial
@@ -179,13 +184,21 @@ def _check_stream(archive) -> None:
                              f"was imported; copy the archive again") from None
 
 
+#: the results compared when an archive's run is already in the store (kept): a difference means another code
+#: version, thread count or machine produced one of the two (their provenance may say which)
+_COMPARED = ("status", "epochs", "test_acc", "test_loss", "test_energy")
+
+
 def _import_one(con, rec: dict, recorded: dict, counts: dict) -> None:
     run = rec["run"]
     before = recorded.get(run["run_id"])
     if before in ("done", "diverged"):
         counts["kept"] += 1
+        ours = con.execute(f"SELECT {', '.join(_COMPARED)} FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()
+        if ours is not None and any(_value(a) != _value(run.get(c)) for a, c in zip(ours, _COMPARED)):
+            counts["kept_differ"] += 1
         return
-    store.record_run(con, run, rec.get("epochs", ()), rec.get("evals", ()))
+    store.record_run(con, run, rec.get("epochs", ()), rec.get("evals", ()), provenance=rec.get("provenance"))
     counts["replaced_failed" if before == "failed" else "imported"] += 1
 
 
@@ -195,7 +208,9 @@ def import_runs(db, archive) -> dict:
     Takes the store's writer lock (a running ``study run`` on ``db`` makes this raise
     ``StoreBusyError`` at once). Each run is its own transaction, so an interrupted import keeps
     every run it wrote and a rerun finishes it. Returns counts: ``imported``, ``kept`` (already
-    done or diverged in the store) and ``replaced_failed``."""
+    done or diverged in the store; ``kept_differ`` of them with other results in the archive: status, epochs,
+    test accuracy, loss or energy, which another code version, thread count or machine gives; the store's are
+    kept) and ``replaced_failed``. A record's ``provenance`` (where the run came from) is imported with it."""
     _check_stream(archive)  # before anything is written: a damaged stream can decode to altered runs
     header, records = read_archive(archive)
     expected = header.get("runs")
@@ -207,7 +222,7 @@ def import_runs(db, archive) -> dict:
         for key, value in (header.get("meta") or {}).items():
             if key.startswith("preset:") and store.get_meta(con, key) is None:
                 store.set_meta(con, key, value)
-        counts = {"imported": 0, "kept": 0, "replaced_failed": 0}
+        counts = {"imported": 0, "kept": 0, "kept_differ": 0, "replaced_failed": 0}
         seen = 0
         for rec in records:  # (the stream was read whole by _check_stream: a damaged one never gets here)
             seen += 1

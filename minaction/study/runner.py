@@ -547,6 +547,9 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
         tb = time.perf_counter()
         check_backend()
         build_s = time.perf_counter() - tb  # minutes on first use: not training, kept out of runs_per_hour
+    from . import provenance as _provenance
+
+    prov = _provenance.collect(threads) if todo else None  # (the code, torch, ISA, threads and host: docs/study.md)
     groups = make_groups(todo, spec["group_by"], spec["max_group"])
     _warn_renamed_budget(con, spec)
     ckpt = ckpt or {}
@@ -582,7 +585,7 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
         for rec in records:
             row = dict(rec["run"], preset=spec["name"])
             try:
-                store.record_run(con, row, rec["epochs"], rec.get("evals", ()))
+                store.record_run(con, row, rec["epochs"], rec.get("evals", ()), provenance=prov)
             except sqlite3.Error as exc:
                 raise store.diagnose(db, exc, f"record run {row['run_id']} in") from None
             counts[row["status"]] += 1

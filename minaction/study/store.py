@@ -19,6 +19,7 @@ Schema (fixed by the project's cross-module contract)::
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import sqlite3
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS evals (run_id TEXT, step INTEGER, epoch REAL, samples INTEGER, flops REAL,
   train_loss REAL, val_loss REAL, val_acc REAL, val_energy REAL, wall_time_s REAL, best INTEGER,
   PRIMARY KEY (run_id, step));
+CREATE TABLE IF NOT EXISTS provenance (run_id TEXT PRIMARY KEY, json TEXT);
 """
 
 RUN_COLUMNS = ("run_id", "preset", "arch", "dataset", "modality", "lam", "seed", "config_json", "status", "error",
@@ -49,7 +51,7 @@ RUN_COLUMNS = ("run_id", "preset", "arch", "dataset", "modality", "lam", "seed",
                "test_energy_rescaled", "n_params", "wall_time_s", "backend", "group_size", "finished_at")
 EPOCH_COLUMNS = ("run_id", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "energy", "val_energy",
                  "wall_time_s")
-OUR_TABLES = {"runs", "epochs", "evals", "meta"}
+OUR_TABLES = {"runs", "epochs", "evals", "meta", "provenance"}
 
 
 class StoreError(ValueError):
@@ -540,12 +542,14 @@ def _child_rows(run_id, items: Iterable[dict], columns: tuple, table: str) -> li
     return rows
 
 
-def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), evals: Iterable[dict] = ()) -> None:
+def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), evals: Iterable[dict] = (),
+               provenance: Optional[dict] = None) -> None:
     """Write one finished run (its ``runs`` row and its ``epochs`` rows) in one transaction.
 
     ``run`` maps column names of ``runs`` to values (missing ones are NULL); ``status``
     must be one of :data:`STATUSES`. A previous record of the same ``run_id`` (e.g. a
-    failed run retried) is replaced together with its epochs.
+    failed run retried) is replaced together with its epochs. ``provenance``: where the run
+    came from (:func:`minaction.study.provenance.collect`), kept as JSON in ``provenance``.
     """
     if run.get("status") not in STATUSES:
         raise ValueError(f"run status must be one of {STATUSES}, got {run.get('status')!r}")
@@ -561,6 +565,10 @@ def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), 
     try:
         con.execute("DELETE FROM epochs WHERE run_id = ?", (row["run_id"],))
         con.execute("DELETE FROM evals WHERE run_id = ?", (row["run_id"],))
+        con.execute("DELETE FROM provenance WHERE run_id = ?", (row["run_id"],))
+        if provenance is not None:
+            con.execute("INSERT INTO provenance (run_id, json) VALUES (?, ?)",
+                        (row["run_id"], json.dumps(provenance, sort_keys=True)))
         if vrows:
             con.executemany(f"INSERT INTO evals ({', '.join(EVAL_COLUMNS)}) VALUES "
                             f"({', '.join('?' * len(EVAL_COLUMNS))})", vrows)
@@ -579,6 +587,15 @@ def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), 
             except sqlite3.Error:
                 pass
         raise
+
+
+def provenance_of(con: sqlite3.Connection) -> dict:
+    """``{run_id: provenance dict}`` of the runs that have one (runs recorded before session 24 have none)."""
+    try:
+        rows = con.execute("SELECT run_id, json FROM provenance").fetchall()
+    except sqlite3.OperationalError:  # a store opened read-only that predates the table
+        return {}
+    return {r: json.loads(j) for r, j in rows}
 
 
 def finished_ids(con: sqlite3.Connection, statuses=STATUSES) -> set:

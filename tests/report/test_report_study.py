@@ -94,3 +94,6 @@ def test_report_from_smoke_preset(tmp_path):
     assert set(res["verdicts"].values()) <= {"reproduced", "not reproduced", "not comparable"}
     a = pd.read_csv(out / "tables" / "anova.csv")
     assert {"arch", "dataset", "arch:dataset"} <= set(a["term"])
+    prov = pd.read_csv(out / "tables" / "provenance.csv")  # one code version, thread count and ISA: one row
+    assert len(prov) == 1 and prov["runs"].sum() == summary["recorded"] and prov["threads"].tolist() == [1]
+    assert "Where the runs came from" in (out / "report.md").read_text()

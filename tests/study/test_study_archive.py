@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import doubles.study  # noqa: F401  (registers the dataset "synthetic" and the tiny_* architectures)
 from minaction.study import run_study, store
@@ -49,6 +50,13 @@ def test_round_trip_keeps_every_row(source_db, tmp_path):
     src, dst = _all_rows(source_db), _all_rows(db)
     assert dst["runs"] == [r for r in src["runs"] if r[8] == "done"]  # column 9: status
     assert dst["epochs"] == src["epochs"] and dst["evals"] == src["evals"]
+    # where each run came from travels with it: the code, torch, ISA, threads and host of the driver
+    prov = store.provenance_of(sqlite3.connect(source_db))
+    assert len(prov) == 7 - 1  # the hand-recorded failed run has none
+    p = next(iter(prov.values()))
+    assert p["threads"] == 1 and len(p["code"]) == 16 and p["torch"] == torch.__version__ and p["isa"]
+    assert all(r["provenance"] == prov[r["run"]["run_id"]] for r in recs)
+    assert store.provenance_of(sqlite3.connect(db)) == prov
     # the importing store knows the preset, so status counts pending runs without --preset
     from minaction.study import study_status
     assert study_status(db)["pending"] == 0
@@ -102,13 +110,14 @@ def test_done_kept_failed_replaced(source_db, tmp_path):
         con.close()
     got = import_runs(db, arc)
     assert (got["imported"], got["kept"], got["replaced_failed"]) == (4, 1, 1)
+    assert got["kept_differ"] == 1  # the store's test_acc 0.123 is not the archive's: said, and the store's kept
     con = sqlite3.connect(db)
     st = dict(con.execute("SELECT run_id, status FROM runs").fetchall())
     acc = con.execute("SELECT test_acc FROM runs WHERE run_id = ?", (ids[1],)).fetchone()[0]
     con.close()
     assert st[ids[0]] == "done" and acc == 0.123  # the store's own finished record wins
     again = import_runs(db, arc)  # idempotent
-    assert (again["imported"], again["kept"]) == (0, 6)
+    assert (again["imported"], again["kept"], again["kept_differ"]) == (0, 6, 1)
 
 
 def test_bad_archives_are_named(tmp_path, source_db):

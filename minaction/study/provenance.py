@@ -1,0 +1,113 @@
+"""Where a recorded run came from: the code, the libraries and the machine that trained it.
+
+Runs are reproducible bit for bit only with the same code, torch build, kernel ISA and thread count
+(docs/study.md, "Determinism"). A store used to keep none of these, so a reviewer could not tell which
+code version produced a run, and a store mixing imported archives with new runs of other code could
+not be split (a reproduction trial, session 24). The driver now writes one ``provenance`` row per run
+it records (:func:`collect`, once per ``run_study`` call), and export/import carry it.
+
+``code`` is a hash of every file that can change a run's numbers: the package's Python sources except
+the report and command-line modules, and the C++/CUDA sources of the kernels. ``commit`` is the git
+commit of the checkout the package was imported from, when it is one (with ``+dirty`` when its files
+differ from that commit), else None.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+#: package folders whose files never change a run's numbers
+_NOT_RESULTS = {"report"}
+_NOT_RESULTS_FILES = {"cli.py", "__main__.py"}
+
+
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """sha256 (first 16 hex digits) of the sources that define a run's numbers."""
+    import minaction
+    from ..backends import source_dir
+
+    pkg = Path(minaction.__file__).resolve().parent
+    files = sorted(p for p in pkg.rglob("*.py")
+                   if p.relative_to(pkg).parts[0] not in _NOT_RESULTS and p.name not in _NOT_RESULTS_FILES)
+    try:
+        src = Path(source_dir())
+        files += sorted(p for p in src.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh"))
+    except Exception:  # noqa: BLE001 - no kernel sources beside this install: the Python sources alone
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        try:
+            h.update(str(p.name).encode() + b"\0" + p.read_bytes())
+        except OSError:
+            h.update(str(p.name).encode())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> Optional[str]:
+    """The git commit of the checkout the package lives in (``+dirty`` when files differ), or None."""
+    import minaction
+
+    root = Path(minaction.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                "minaction", "csrc", "kernels"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _isa() -> Optional[str]:
+    try:
+        from ..backends import cpu
+
+        return cpu.chosen_isa()
+    except Exception:  # noqa: BLE001 - a bad MINACTION_CPU_ISA is the backend check's to report
+        return None
+
+
+def collect(threads: int) -> dict:
+    """The provenance of the runs a ``run_study`` call records."""
+    import torch
+
+    import minaction
+
+    return {
+        "minaction": getattr(minaction, "__version__", None),
+        "commit": git_commit(),
+        "code": code_hash(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "isa": _isa(),
+        "cpu": _cpu_model(),
+        "threads": int(threads),
+        "host": platform.node() or None,
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "pid": os.getpid(),
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
