@@ -230,14 +230,14 @@ def _provenance(rep, ra) -> None:
     missing = int((~df["known"]).sum())
     if known.empty:
         rep.doc.p(f"**Provenance:** none of these {len(df)} runs records the code, torch build, kernel ISA or thread "
-                  "count that trained it (stores written before session 24 keep none; a run is reproducible bit for "
-                  "bit only with all of them the same, docs/study.md).")
+                  "count that trained it (stores written by earlier versions of minaction keep none; a run is "
+                  "reproducible bit for bit only with all of them the same, docs/study.md).")
         return
     cols = ["commit", "code", "torch", "isa", "threads"]
     tab = known.fillna("n/a").astype(str).groupby(cols).size().rename("runs").reset_index()
     rel = rep.csv("provenance", tab)
-    more = (f" {missing} run(s) were recorded before the store kept it (before session 24, or imported from such "
-            "an archive) and are not in the table." if missing else "")
+    more = (" Runs recorded before the store kept it (by earlier versions of minaction, or imported from their "
+            "archives) are not in the table." if missing else "")
     rep.doc.table(tab, rel, "Where the runs came from: code (commit, and a hash of the sources that define a run's "
                             "numbers), torch build, kernel ISA and torch threads. Runs are reproducible bit for bit "
                             "only within one row." + more)
