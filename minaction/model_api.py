@@ -1341,6 +1341,7 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     _check_model(model, observers=False)  # a stopped observer is hooked again below
     with cached_traces():
         rep = _convert(model, energy, energy_reduction, backend, include_output, wrap_activations)
+        _note_repeated_calls(model, rep)
     for path, m in model.named_modules():  # the name a warning gives the layer (it cannot find it at that time)
         if isinstance(m, EnergyLayer):
             m.__dict__["_path"] = path or type(model).__name__
@@ -1371,6 +1372,37 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
         warnings.warn(f"minaction.convert converted nothing in {type(model).__name__}: {reasons}{more}. "
                       f"Note: {_FUNCTIONAL_HINT}.", UserWarning, stacklevel=2)
     return (model, rep) if return_report else model
+
+
+def _note_repeated_calls(model: nn.Module, rep: ConversionReport) -> None:
+    """A converted layer inside a module that its owner's forward applies several times (ALBERT's one shared
+    layer group at every depth): its report line says that ``total_energy`` counts the last call only."""
+    from ._fx_pairs import _trace
+
+    if not rep.converted:
+        return
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)
+    notes: dict = {}
+    for owner_path, owner in model.named_modules():
+        if not owner._modules or isinstance(owner, containers) or type(owner).__module__.startswith("torch."):
+            continue
+        try:
+            graph = _trace(owner)
+        except Exception:  # noqa: BLE001 - an unreadable forward is reported by the pairs already
+            continue
+        calls: dict = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for target, n in calls.items():
+            prefix = f"{owner_path}.{target}" if owner_path else target
+            for path, _ in rep.converted:  # (a module applied twice itself is an accumulating one, said already)
+                if n > 1 and path.startswith(prefix + ".") and path not in notes:
+                    notes[path] = (f"; {type(owner).__name__}.forward() applies {target} {n} times, and "
+                                   "total_energy counts each energy layer's last call: record_energy(model) or "
+                                   "set_penalty(model, lam) counts every call")
+    if notes:
+        rep.converted = [(p, d + notes.get(p, "")) for p, d in rep.converted]
 
 
 def _holds_activation(owner: nn.Module) -> bool:

@@ -408,6 +408,32 @@ def test_layers_left_plain_by_an_unreadable_forward_that_holds_an_activation_are
         minaction.convert(nn.Sequential(UnreadableAttention(), nn.Linear(8, 2)))
 
 
+class SharedDepth(nn.Module):
+    """ALBERT in structure: one block (Linear + GELU) applied at every depth by its owner's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.GELU())])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.groups[0](x)
+        return self.head(x)
+
+
+def test_a_layer_its_owner_applies_several_times_says_what_total_energy_counts():
+    """convert saw the three calls but its report said nothing (session 24): the converted layer's line says that
+    total_energy counts its last call and names the forms that count every call."""
+    _, rep = minaction.convert(SharedDepth(), return_report=True)
+    (path, desc), = rep.converted
+    assert path == "groups.0.0"
+    assert "SharedDepth.forward() applies groups.0 3 times, and total_energy counts each energy layer's last call" \
+        in desc and "record_energy(model)" in desc
+    _, rep = minaction.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), return_report=True)
+    assert all("times" not in d for _, d in rep.converted)
+
+
 def test_a_wrapper_module_does_not_hide_the_model_inside():
     """A module whose forward fx cannot read (here torch.compile's OptimizedModule, never run) reports
     nothing for the layers of the model it wraps: that model's own forward decides them."""
