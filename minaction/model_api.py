@@ -1382,10 +1382,13 @@ def _note_repeated_calls(model: nn.Module, rep: ConversionReport) -> None:
     if not rep.converted:
         return
     containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict, EnergyLayer)
+    converted = [p for p, _ in rep.converted]
     notes: dict = {}
     for owner_path, owner in model.named_modules():
         if not owner._modules or isinstance(owner, containers) or type(owner).__module__.startswith("torch."):
             continue
+        if owner_path and not any(p.startswith(owner_path + ".") for p in converted):
+            continue  # no converted layer below it: nothing to say (and no trace to pay for)
         try:
             graph = _trace(owner)
         except Exception:  # noqa: BLE001 - an unreadable forward is reported by the pairs already
