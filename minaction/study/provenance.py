@@ -91,6 +91,28 @@ def _isa() -> Optional[str]:
         return None
 
 
+def machine() -> dict:
+    """What the worker process that trained a group ran on (with ``--executor dask`` or ``ray`` it may not be the
+    driver's machine): its kernel ISA, CPU, host, torch build and torch threads."""
+    import torch
+
+    return {"isa": _isa(), "cpu": _cpu_model(), "host": platform.node() or None, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def run_group(task: dict) -> dict:
+    """:func:`minaction.study.trainer.run_group` with the worker's :func:`machine` added to its result
+    (``"machine"``), which the driver writes into the group's provenance rows."""
+    from .trainer import run_group as _run_group
+
+    res = _run_group(task)
+    try:
+        res["machine"] = machine()
+    except Exception:  # noqa: BLE001 - provenance never fails a trained group
+        pass
+    return res
+
+
 def collect(threads: int) -> dict:
     """The provenance of the runs a ``run_study`` call records."""
     import torch

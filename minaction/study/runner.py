@@ -24,7 +24,7 @@ from . import checkpoint, recount, schedule, store
 from .executors import check_executor, check_workers, make_executor
 from .plugins import plugins_for
 from .presets import expand, load_preset, make_groups, with_max_group
-from .trainer import failed_records, run_group
+from .trainer import failed_records
 
 STARTING = "training the first groups (a rate and an ETA once one is recorded)"
 
@@ -579,13 +579,14 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
 
     identity = store.file_identity(db)
 
-    def record(records):
+    def record(records, machine=None):
         nonlocal recorded
         store.check_same_file(db, identity)
+        run_prov = dict(prov, **machine) if prov is not None and machine else prov  # the worker's machine wins
         for rec in records:
             row = dict(rec["run"], preset=spec["name"])
             try:
-                store.record_run(con, row, rec["epochs"], rec.get("evals", ()), provenance=prov)
+                store.record_run(con, row, rec["epochs"], rec.get("evals", ()), provenance=run_prov)
             except sqlite3.Error as exc:
                 raise store.diagnose(db, exc, f"record run {row['run_id']} in") from None
             counts[row["status"]] += 1
@@ -617,7 +618,7 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
                         break  # wait until the pool is empty, then run the suspect alone
                     task = queue.pop()
                     isolated = bool(task.get("suspect"))
-                    inflight[ex.submit(run_group, task)] = (task, generation)
+                    inflight[ex.submit(_provenance.run_group, task)] = (task, generation)  # (+ its machine)
                 done, _ = cf.wait(list(inflight), timeout=1.0 if bar.waiting else None,
                                   return_when=cf.FIRST_COMPLETED)
                 if not done:
@@ -653,7 +654,7 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
                             if ckpt:
                                 checkpoint.remove(ckpt["checkpoint_dir"], task["runs"])
                         continue
-                    record(res["records"])
+                    record(res["records"], res.get("machine"))
                     if ckpt:  # the group's runs are committed: its checkpoint is no longer needed
                         checkpoint.remove(ckpt["checkpoint_dir"], task["runs"])
         completed = True

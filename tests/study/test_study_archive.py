@@ -55,6 +55,7 @@ def test_round_trip_keeps_every_row(source_db, tmp_path):
     assert len(prov) == 7 - 1  # the hand-recorded failed run has none
     p = next(iter(prov.values()))
     assert p["threads"] == 1 and len(p["code"]) == 16 and p["torch"] == torch.__version__ and p["isa"]
+    assert "cpu" in p and "host" in p  # the worker's machine (the driver's, with the local pool)
     assert all(r["provenance"] == prov[r["run"]["run_id"]] for r in recs)
     assert store.provenance_of(sqlite3.connect(db)) == prov
     # the importing store knows the preset, so status counts pending runs without --preset
