@@ -1329,7 +1329,7 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     ``(model, ConversionReport)`` with ``return_report=True``.
     """
     _need_module(model, "convert")
-    from ._fx_pairs import cached_traces
+    from ._fx_pairs import cached_traces, owner_of
     from .ops.energy import validate_energy
 
     validate_energy("relu", energy, energy_reduction)  # a bad option is an error even where nothing converts
@@ -1342,6 +1342,11 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     with cached_traces():
         rep = _convert(model, energy, energy_reduction, backend, include_output, wrap_activations)
         _note_repeated_calls(model, rep)
+        # (inside the cache: _holds_activation reads custom activation modules the conversion has read already)
+        unread = [] if return_report or not rep.converted else [
+            (n, d) for n, d in rep.skipped if "could not be traced by torch.fx" in d
+            and isinstance(_submodule_or_none(model, n), (nn.Linear, nn.Conv1d, nn.Conv2d))
+            and _holds_activation(owner_of(model, n))]
     for path, m in model.named_modules():  # the name a warning gives the layer (it cannot find it at that time)
         if isinstance(m, EnergyLayer):
             m.__dict__["_path"] = path or type(model).__name__
@@ -1350,12 +1355,7 @@ def convert(model: nn.Module, energy="l2", energy_reduction: str = "sum", backen
     if not return_report:
         for path, note in rep.notes:  # an assumption about the model that the user should check
             warnings.warn(f"minaction.convert: {path}: {note}", UserWarning, stacklevel=2)
-    from ._fx_pairs import owner_of
-
-    unread = [(n, d) for n, d in rep.skipped if "could not be traced by torch.fx" in d
-              and isinstance(_submodule_or_none(model, n), (nn.Linear, nn.Conv1d, nn.Conv2d))
-              and _holds_activation(owner_of(model, n))]
-    if rep.converted and unread and not return_report:
+    if unread:
         # something converted, so no 'converted nothing' warning: the layers a forward fx cannot read applies
         # (ALBERT's pooler + tanh, written inline in AlbertModel.forward()) would stay plain with no word
         names = ", ".join(n for n, _ in unread[:6]) + (f" (and {len(unread) - 6} more)" if len(unread) > 6 else "")

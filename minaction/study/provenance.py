@@ -115,20 +115,15 @@ def run_group(task: dict) -> dict:
 
 def collect(threads: int) -> dict:
     """The provenance of the runs a ``run_study`` call records."""
-    import torch
-
     import minaction
 
     return {
+        **machine(),  # the driver's: each group's worker replaces these with its own (run_group)
         "minaction": getattr(minaction, "__version__", None),
         "commit": git_commit(),
         "code": code_hash(),
-        "torch": torch.__version__,
         "python": platform.python_version(),
-        "isa": _isa(),
-        "cpu": _cpu_model(),
         "threads": int(threads),
-        "host": platform.node() or None,
         "platform": f"{sys.platform}-{platform.machine()}",
         "pid": os.getpid(),
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
