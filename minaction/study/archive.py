@@ -47,14 +47,17 @@ def _rows(con, sql, args=()):
     return [{k: _value(v) for k, v in zip(names, r)} for r in cur.fetchall()]
 
 
-def export_runs(db, out, statuses=("done", "diverged")) -> dict:
+def export_runs(db, out, statuses=("done", "diverged"), skip=()) -> dict:
     """Write the runs of ``db`` with one of ``statuses`` to the archive ``out`` (``.jsonl.gz``).
+
+    ``skip``: archives whose runs are left out (by run id): a store that imported published archives
+    exports only what it trained since, and the next store imports all of them.
 
     Reads the store read-only (safe while a ``study run`` writes it: only committed runs are
     seen). The file is written to a temporary name and renamed, so an interrupted export never
     leaves a truncated archive in place of a good one. Returns ``{"runs": n, "path": out,
-    "not_exported": {status: n}}`` (the runs of other statuses, e.g. failed ones, which an import's
-    store then plans again)."""
+    "not_exported": {status: n}, "skipped": n}`` (the runs of other statuses, e.g. failed ones, which an
+    import's store then plans again; the runs left out because a ``skip`` archive holds them)."""
     store.check_name(db)
     if str(out) == "" or Path(out).name == "":
         raise store.StoreError(f"the archive's name is empty or a folder (--out {str(out)!r}): give a file name, "
@@ -71,6 +74,14 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
     bad = set(statuses) - set(store.STATUSES)
     if bad:
         raise ValueError(f"unknown run statuses {sorted(bad)}; choose from {store.STATUSES}")
+    if Path(out).resolve() in {Path(a).resolve() for a in skip}:
+        raise ValueError(f"the archive to write, {str(out)!r}, is also one whose runs are skipped: export to "
+                         f"another file")
+    skipped_ids = set()
+    for a in skip:
+        _check_stream(a)
+        _, recs = read_archive(a)
+        skipped_ids.update(rec["run"]["run_id"] for rec in recs)
     con = store.connect(db, readonly=True)
     try:
         con.execute("BEGIN")  # one snapshot: a run committed meanwhile is either wholly in or out
@@ -91,6 +102,8 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
         con.execute("COMMIT")
     finally:
         con.close()
+    n_all = len(runs)
+    runs = [r for r in runs if r["run_id"] not in skipped_ids]
     tmp = out.with_name(out.name + ".partial")
     header = {"format": FORMAT, "exported_at": store.now_utc(), "runs": len(runs), "meta": meta}
     try:
@@ -112,7 +125,7 @@ def export_runs(db, out, statuses=("done", "diverged")) -> dict:
             pass
         raise store.StoreError(f"cannot write the run archive {str(out)!r}: {exc.strerror or exc}; nothing was "
                                f"written (the store is unchanged)") from None
-    return {"runs": len(runs), "path": str(out), "not_exported": left}
+    return {"runs": len(runs), "path": str(out), "not_exported": left, "skipped": n_all - len(runs)}
 
 
 class ArchiveDamaged(ValueError):

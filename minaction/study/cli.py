@@ -113,7 +113,7 @@ def _export(args) -> int:
     from .archive import export_runs
 
     try:
-        out = export_runs(args.db, args.out)
+        out = export_runs(args.db, args.out, skip=args.skip)
     except (FileNotFoundError, ValueError, OSError) as exc:
         return _error("export", exc)
     if out["not_exported"]:
@@ -189,6 +189,9 @@ def register(subparsers) -> None:
                                    "study can move between machines and resume there.")
     e.add_argument("--db", required=True)
     e.add_argument("--out", required=True, help="archive file to write, e.g. runs.jsonl.gz")
+    e.add_argument("--skip", action="append", default=[], metavar="ARCHIVE",
+                   help="leave out the runs this archive holds (repeatable): export only what a store trained after "
+                        "importing it")
     e.set_defaults(func=_export)
     i = sub.add_parser("import", help="write an archive's finished runs into a store, so `study run` resumes after them",
                        description="Import the runs of a `study export` archive into a store (created if missing). "

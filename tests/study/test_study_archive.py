@@ -283,3 +283,29 @@ def test_export_names_empty_and_file_parent_outputs(source_db, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(store.StoreError, match=r"'.*afile' is a file, not a folder"):
         export_runs(source_db, tmp_path / "afile" / "sub" / "x.jsonl.gz")
+
+
+def test_export_skip_leaves_out_the_runs_of_given_archives(source_db, tmp_path):
+    """A store that imported published archives exports only what it trained since (the in-progress archive a
+    reset machine's next session imports beside them); importing both gives back every run."""
+    part = tmp_path / "part.sqlite"
+    run_study(synth(), part, workers=1, progress=False, limit=2)
+    first = tmp_path / "first.jsonl.gz"
+    assert export_runs(part, first)["runs"] == 2
+    rest = tmp_path / "rest.jsonl.gz"
+    out = export_runs(source_db, rest, skip=[first])
+    assert (out["runs"], out["skipped"]) == (4, 2)
+    ids = {r["run"]["run_id"] for r in read_archive(rest)[1]}
+    assert not ids & {r["run"]["run_id"] for r in read_archive(first)[1]}
+    db = tmp_path / "both.sqlite"
+    import_runs(db, first)
+    import_runs(db, rest)
+    # every finished run once (the two trained by `part` with its own wall times)
+    assert sorted(r[0] for r in _all_rows(db)["runs"]) == sorted(r[0] for r in _all_rows(source_db)["runs"]
+                                                                  if r[8] == "done")
+    with pytest.raises(ValueError, match="also one whose runs are skipped"):
+        export_runs(source_db, first, skip=[first])
+    r = subprocess.run([sys.executable, "-m", "minaction.cli", "study", "export", "--db", str(source_db),
+                        "--out", str(tmp_path / "cli.jsonl.gz"), "--skip", str(first)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["skipped"] == 2
