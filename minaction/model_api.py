@@ -1556,7 +1556,7 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
             e = mod.__dict__.get("_call_energy", mod.last_energy)  # an accumulating EnergyActivation: this call's
             rows.append({
                 "layer": name, "type": type(mod).__name__, "activation": getattr(mod, "activation", None),
-                "energy": float(e.sum()) if e is not None else float("nan"),
+                "energy": float(e.detach().sum()) if e is not None else float("nan"),
                 "units": _units(mod, y),
                 "active_fraction": float((y != 0).float().mean()),
                 "weight_density": weight_density(weights[0], rel_tol) if weights else float("nan"),
@@ -1579,7 +1579,9 @@ def energy_report(model: nn.Module, x, *args, rel_tol: float = 1e-3, **kwargs):
     was_training = model.training
     model.eval()
     try:
-        with EnergyMeter() as meter:
+        # no graph: the report only reads values (a graph would cost memory, and float() of a tensor that requires
+        # grad warns)
+        with EnergyMeter() as meter, torch.no_grad():
             run(x, *args, **kwargs)
     finally:
         model.train(was_training)

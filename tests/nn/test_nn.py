@@ -81,7 +81,10 @@ def test_energy_report_columns_and_values():
     with torch.no_grad():
         model[0].weight[0].zero_()
     x = torch.randn(11, 6)
-    df = minaction.energy_report(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it builds no graph: float() of an energy that requires grad warned
+        df = minaction.energy_report(model, x)
+    assert model[0].last_energy.grad_fn is None
     assert list(df.layer) == ["0", "1", "total"]
     assert {"energy", "units", "active_fraction", "weight_density", "flops", "counted"} <= set(df.columns)
     assert df.loc[0, "flops"] == 2 * 11 * 6 * 8 + 11 * 8
