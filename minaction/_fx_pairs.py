@@ -482,7 +482,7 @@ def find_pairs(module: nn.Module, layer_paths: List[str], act_name: Callable, dr
             name = cls.__name__ if cls.__module__.split(".")[0] in ("torch", "__main__") else \
                 f"{cls.__module__}.{cls.__qualname__}"
             why = (f"{name}.forward() could not be traced by torch.fx{mode} ({msg[:160]}), so "
-                   "its activations cannot be seen")
+                   "whether an activation follows its layers cannot be read")
             return [], {p: why for p in layer_paths}
     (out, reasons), (out_flipped, reasons_flipped) = (
         _analyse(module, g, layer_paths, act_name, dropouts, shared, unsupported, supported, called) for g in graphs)
