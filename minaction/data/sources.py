@@ -195,12 +195,8 @@ class DirSource(Source):
         out = {}
         for spec in specs:
             p = _find_in_dirs(dirs, spec, self.subdirs, self.search_root)
-            if p is None:
-                subs = [s for s in self.subdirs if s]
-                where = ", ".join(map(str, dirs)) + (f" (in {'/, '.join(subs)}/ below it"
-                                                     + (" or in it itself" if self.search_root else "") + ")"
-                                                     if subs else "")
-                raise SourceUnavailable(f"{spec.names[0]} not found in {where}")
+            if p is None:  # (describe(), printed before this reason, names the folders and subfolders searched)
+                raise SourceUnavailable(f"{spec.names[0]} not found there")
             out[spec.key] = verify(p.read_bytes(), spec, str(p))
         return out
 
@@ -451,7 +447,9 @@ class TreeSource(Source):
     def describe(self) -> str:
         if self.base_url:
             return f"upstream {self.base_url}<file> ({len(self.names)} files)"
-        return f"extracted folder {self.folder_name}/ in data_dir / $MINACTION_DATA"
+        dirs = user_data_dirs(self.data_dir)
+        return (f"extracted folder {self.folder_name}/ in data_dir / $MINACTION_DATA: "
+                + (", ".join(map(str, dirs)) if dirs else "(none set)"))
 
     def _check(self, members, spec, where):
         got = tree_digest(members)
@@ -465,7 +463,8 @@ class TreeSource(Source):
         if not self.base_url:
             dirs = [d / self.folder_name for d in user_data_dirs(self.data_dir) if (d / self.folder_name).is_dir()]
             if not dirs:
-                raise SourceUnavailable(f"no folder {self.folder_name}/ in data_dir / $MINACTION_DATA")
+                raise SourceUnavailable(f"no folder {self.folder_name}/ there" if user_data_dirs(self.data_dir) else
+                                        "no data_dir given and MINACTION_DATA unset")
             missing = [n for n in self.names if not (dirs[0] / n).is_file()]
             if missing:
                 raise SourceUnavailable(f"{dirs[0]} lacks {len(missing)} file(s), e.g. {missing[0]}")

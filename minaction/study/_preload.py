@@ -6,9 +6,15 @@ Only imports and library loading happen here: no parallel region runs before the
 (and no thread is started: the parent-death signal needs none).
 """
 import os
+import signal
 import warnings
 
 from .executors import DRIVER_ENV, die_with_parent
+
+# Ctrl-C in a terminal reaches the whole process group: during these imports (seconds) the server printed a
+# KeyboardInterrupt traceback beside the driver's one-line "interrupted" (the driver stops, and the server dies
+# with it). Ignored while preloading; restored after, for the workers it forks.
+_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 # The forkserver dies with the driver that started it (even after kill -9 of the driver), and
 # with it, through their own parent-death signal, every worker it forked.
@@ -41,3 +47,5 @@ with warnings.catch_warnings():
             _backend.select("cpu")
     except Exception:  # a failure here is reported again, properly, inside the run
         pass
+if _sigint is not None:  # (None: a handler not set from Python, which cannot be put back)
+    signal.signal(signal.SIGINT, _sigint)

@@ -19,6 +19,7 @@ import time
 import traceback
 import warnings
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from . import checkpoint, recount, schedule, store
 from .executors import check_executor, check_workers, make_executor
@@ -240,18 +241,28 @@ def check_inputs(runs) -> None:
     from .. import data
     from ..data import cache, catalogue
 
+    missing = {}  # every dataset that cannot be had, not the first only (a user fixed one per try)
     for name, opts in real.items():
         family = catalogue.SPECS[name].family
         if any(c.cache_path(family).is_file() for c in catalogue.FAMILIES[family].candidates):
             continue  # decoded arrays are in the cache: a worker loads them in milliseconds
         try:
             cache.family_arrays(family, data_dir=opts.get("data_dir"))
+        except data.DataUnavailableError as exc:
+            tried = getattr(exc, "tried", None)
+            missing[name] = "; ".join(tried) if tried else " ".join(str(exc).split())
         except data.DataError as exc:
-            why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # every source tried
-            raise StudyConfigError(f"dataset {name!r} is not available on this machine: {why} "
-                                   f"(`minaction data fetch {name}` shows every source tried)") from None
+            missing[name] = " ".join(str(exc).split())
         finally:
             data.clear_memo()  # the driver does not keep the arrays
+    if missing:
+        names = " ".join(missing)
+        what = "; ".join(f"{n!r} (tried: {why})" for n, why in missing.items())
+        raise StudyConfigError(
+            f"{len(missing)} dataset{'s' if len(missing) > 1 else ''} cannot be had on this machine: {what}. Put "
+            f"the files in a folder and set MINACTION_DATA to it, or set MINACTION_SHARED_DATA to a shared data "
+            f"folder (docs/data.md, 'Sources', lists each dataset's files); `minaction data fetch {names}` lists "
+            f"the sources one per line")
 
 
 def _planned(spec) -> list:
@@ -453,6 +464,8 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         except ValueError as exc:
             raise StudyConfigError(str(exc)) from None
     check_config(runs, spec)  # before the store exists: a refused preset leaves no empty store behind
+    if not Path(db).exists():  # every run is pending: a dataset that cannot be had leaves no empty store either
+        check_inputs(runs if limit is None else runs[:max(0, int(limit))])
     con = store.connect(db)
     lock = None
     try:
