@@ -92,13 +92,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
     total = None
     layers = found = energy_layers(model)
     if not layers:
-        if any(isinstance(m, EnergyLayer) for m in model.modules()):
-            raise ValueError(f"every energy layer of {type(model).__name__} was built with energy=None: "
-                             "nothing to sum; give the hidden layers energy='l2' or 'l1'")
-        raise ValueError(
-            f"{type(model).__name__} has no energy layers, so there is no activation energy to sum. "
-            "minaction.convert(model) replaces nn.Linear / nn.Conv1d / nn.Conv2d followed by an activation "
-            f"module ({_SUPPORTED}) in an nn.Sequential or a forward() that torch.fx can read; {_FUNCTIONAL_HINT}")
+        _refuse_no_energy_layers(model)
     if not _compiling():
         _check_model(model, loss_form=_grad_enabled())
         layers = _current(model, layers)
@@ -117,6 +111,17 @@ def total_energy(model: nn.Module) -> torch.Tensor:
         if _grad_enabled():  # each layer is asked: one outside the checkpoint gives the sum a gradient
             _warn_if_reentrant_checkpoint(model, found)
     return total
+
+
+def _refuse_no_energy_layers(model: nn.Module) -> None:
+    """The error for a model none of whose layers counts energy (a plain model: convert it first)."""
+    if any(isinstance(m, EnergyLayer) for m in model.modules()):
+        raise ValueError(f"every energy layer of {type(model).__name__} was built with energy=None: "
+                         "nothing to sum; give the hidden layers energy='l2' or 'l1'")
+    raise ValueError(
+        f"{type(model).__name__} has no energy layers, so there is no activation energy to sum. "
+        "minaction.convert(model) replaces nn.Linear / nn.Conv1d / nn.Conv2d followed by an activation "
+        f"module ({_SUPPORTED}) in an nn.Sequential or a forward() that torch.fx can read; {_FUNCTIONAL_HINT}")
 
 
 class EnergyTape:
@@ -193,6 +198,8 @@ def record_energy(model: Optional[nn.Module] = None):
         _need_module(model, "record_energy")
         if not _compiling():  # what total_energy refuses (peft over an energy layer, a stopped observer) the tape does;
             _check_model(model)  # not the loss-form check (Opacus): a tape opened under grad may only log
+            if not energy_layers(model):  # a plain model: its forward would record nothing, and tape.total() said
+                _refuse_no_energy_layers(model)  # to run the forward inside the block, which it was
     from .nn import layers as _layers
 
     tape = EnergyTape(model)

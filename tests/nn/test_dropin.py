@@ -1058,6 +1058,12 @@ def test_record_energy_scoping_nesting_convs_and_errors():
         quiet(v)
     with pytest.raises(ValueError, match="no energy layer that counts energy ran while recording"):
         empty.total()
+    # a plain model (not converted): refused at the block with the way out, as total_energy and set_penalty are;
+    # the tape's total said to run the forward inside the block, which a trial had done
+    with pytest.raises(ValueError, match="has no energy layers.*minaction.convert"):
+        with minaction.record_energy(nn.Sequential(nn.Linear(3, 4), nn.ReLU())):
+            pass
+    assert not minaction.nn.layers._TAPES
 
 
 def _lost_energy_warnings(fn):
