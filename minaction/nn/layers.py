@@ -487,7 +487,7 @@ class EnergyLinear(EnergyLayer, nn.Linear):
             params = self._parameters  # not self.weight: nn.Module.__getattr__ costs ~0.5 us per lookup
             w = params.get("weight")  # None under parametrize / weight_norm: the full path below
             b = params.get("bias")
-            if w is plan.weight and b is plan.bias and (
+            if w is plan.weight and b is plan.bias and (plan.units < 0 or w.shape[-2] == plan.units) and (
                     not plan.auto or (_select._forced is plan.forced and _env_backend() == plan.env)):
                 try:
                     y, e = plan.op(x, w, b, plan.code, plan.p, plan.inv, plan.penalty)

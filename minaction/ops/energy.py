@@ -465,13 +465,17 @@ class LinearPlan:
     full path, which validates and raises the clear error.
     """
 
-    __slots__ = ("weight", "bias", "G", "code", "p", "inv", "auto", "forced", "env", "op", "penalty")
+    __slots__ = ("weight", "bias", "G", "units", "code", "p", "inv", "auto", "forced", "env", "op", "penalty")
 
     def __init__(self, x, weight, bias, act, p, mean, backend, penalty=0.0):
         self.weight, self.bias, self.penalty = weight, bias, float(penalty)
         self.G = weight.shape[0] if weight.dim() == 3 else 0
         self.code, self.p = _cpu.ACT_CODES[act], p
         self.inv = _unit_scale(weight, mean)
+        # the unit count 1/N was taken from (-1: no mean, any shape will do). The same weight object can change
+        # shape in place (`weight.data = ...`, `set_`, `swap_tensors`: pruning units by slicing): the call then
+        # checks N again, or the mean's energy was the old N's (a trial's 8 -> 3 units gave 3/8 of it)
+        self.units = weight.shape[-2] if mean else -1
         self.auto = backend is None  # chosen by backends.select: valid while the forcing is unchanged
         self.forced, self.env = _select._forced, _env_backend()
         self.op = _cpu.OPS.layer

@@ -455,3 +455,25 @@ def test_layers_refuse_a_dtype_the_kernels_do_not_compute_in_at_construction(dty
             build()
     for dt in (torch.float16, torch.bfloat16, torch.float64):
         assert minaction.nn.EnergyLinear(3, 4, dtype=dt).weight.dtype == dt
+
+
+@pytest.mark.parametrize("change", ["data", "set_"])
+def test_mean_energy_follows_a_weight_whose_shape_changed_in_place(change):
+    """energy_reduction='mean' divides by the unit count; the layer's cached call plan kept the first N while
+    the same weight object changed shape (pruning units by `.data` slicing gave 3/8 of the energy, silently)."""
+    torch.manual_seed(0)
+    lay = EnergyLinear(5, 8, activation="tanh", energy_reduction="mean", dtype=torch.float64)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    lay(x)
+    assert lay.__dict__.get("_plan") is not None or not minaction.backends.select.available("cpu")[0]  # cached
+    new_w, new_b = lay.weight.detach()[:3].clone(), lay.bias.detach()[:3].clone()
+    if change == "data":
+        lay.weight.data, lay.bias.data = new_w, new_b
+    else:
+        with torch.no_grad():
+            lay.weight.set_(new_w)
+            lay.bias.set_(new_b)
+    y = lay(x)
+    ref = torch.tanh(F.linear(x, new_w, new_b))
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(lay.last_energy, (ref ** 2).sum(1).mean() / 3)
