@@ -178,6 +178,47 @@ def measure(group_runs: list, calibrate_steps: int = 3) -> dict:
             "n_val": len(val), "steps_per_epoch": steps_per_epoch, "load": load, "cpus": os.cpu_count()}
 
 
+def _measure_task(plugins, group_runs, calibrate_steps):
+    from .plugins import import_plugins
+
+    import_plugins(plugins)
+    return measure(group_runs, calibrate_steps)
+
+
+class _IsolatedMeasure:
+    """:func:`measure` in a child process of the study's forkserver. A model that ends its process (a
+    plugin's ``os._exit``, a crash, the OOM killer) while it was timed ended the driver of ``study run``
+    with its exit code and no word, before any run was scheduled (the workers' retries never came); now
+    that block's row says so, the rest of the plan goes on, and the study schedules its runs as usual."""
+
+    def __init__(self):
+        self._pool = None
+
+    def __call__(self, group_runs, calibrate_steps):
+        import concurrent.futures as cf
+        from concurrent.futures.process import BrokenProcessPool
+
+        from .executors import _init_local_worker, start_forkserver
+        from .plugins import plugins_for
+
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(1, mp_context=start_forkserver(), initializer=_init_local_worker,
+                                                initargs=(MEASURE_THREADS, os.getpid()))
+        try:
+            return self._pool.submit(_measure_task, plugins_for(group_runs), group_runs, calibrate_steps).result()
+        except BrokenProcessPool:
+            self.close()
+            c = group_runs[0]["config"]
+            raise RuntimeError(f"the process that timed {c['arch']} x {c['dataset']} ended while training it "
+                               f"(a crash, os._exit or the OOM killer); its runs are scheduled without an "
+                               f"estimate") from None
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
 def _group_seconds(m: dict, budget: dict) -> float:
     """A group's time at the epoch cap from its measured costs ``m``."""
     epe = evals_per_epoch(m["steps_per_epoch"], int(budget.get("eval_every") or 0))
@@ -251,7 +292,8 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
     workers = int(workers)
     path = cost_table_path()
     table = {} if refresh else _load_table(path)
-    measure_fn = measure_fn or measure
+    isolated = _IsolatedMeasure() if measure_fn is None else None
+    measure_fn = measure_fn or isolated
     blocks: dict = {}
     for g in groups:
         c = g[0]["config"]
@@ -272,6 +314,7 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
                 if m is None:
                     m = measure_fn(g, calibrate_steps)
                     table[k] = m
+                    _save_table(path, table)  # each as it is measured: a plan stopped midway keeps the rest
                 if m.get("load") is not None and m.get("cpus"):
                     busiest = max(busiest, float(m["load"]) / float(m["cpus"]))
                 epochs = int(budget["epochs"])
@@ -285,6 +328,8 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
         except Exception as exc:  # missing data, a model that cannot be built: say which, keep going
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         rows.append(row)
+    if isolated is not None:
+        isolated.close()
     _save_table(path, table)
     return {"preset": spec["name"], "budget": spec["budget"].get("name"), "runs": len(runs), "pending": len(todo),
             "groups": len(groups), "workers": workers, "est_wall_s": total / max(workers, 1),
@@ -323,6 +368,10 @@ def format_plan(p: dict, per_block: bool = True) -> str:
                  f"{_hms(p['est_wall_s'])} ({_hms(p['est_serial_s'])} of single-worker time"
                  + (", at the epoch caps; early stopping ends runs sooner" if p.get("upper_bound") else "")
                  + (f"; {len(missing)} block(s) not measured, not included" if missing else "") + ")")
+    if missing and not per_block:  # the table that names them is not shown: say which, and why
+        first = missing[0]
+        lines.append(f"not measured: {first['arch']} x {first['dataset']} ({first['error']})"
+                     + (f", and {len(missing) - 1} more (`study plan` lists them)" if len(missing) > 1 else ""))
     if p.get("measured_load_per_cpu", 0.0) > BUSY_LOAD_PER_CPU:
         lines.append(f"note: some of these costs were measured while the machine was busy (load average up to "
                      f"{p['measured_load_per_cpu']:.1f} per CPU), so the estimate may be high; `study plan --refresh` "

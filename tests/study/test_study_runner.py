@@ -569,3 +569,28 @@ def test_the_console_command_exits_quietly_when_its_reader_leaves():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD)
     assert r.stderr.strip() == "rc=1", r.stderr[-2000:]
+
+
+def test_a_model_that_ends_its_process_while_timed_does_not_end_the_driver(tmp_path):
+    """`study run` times each block before it schedules (its estimate, and the balancing of groups): that timing
+    trained the model in the driver, so a plugin model that ends its process (os._exit here) ended the driver with
+    its exit code, no word and no run recorded, every time. It runs in a child now: the row says so, the study
+    runs, and the worker retries record the crashing runs as failed."""
+    import os
+
+    from test_study_faults import _preset
+
+    preset = _preset(tmp_path, archs=["tiny_crash", "tiny_mlp"], lams=[0.0], seeds=[0])
+    db = tmp_path / "c.sqlite"
+    env = dict(os.environ, MINACTION_CACHE=str(tmp_path / "cache"))  # an empty cost table: everything is timed
+    tests = __import__("pathlib").Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "minaction.cli", "study", "run", "--preset", str(preset), "--db", str(db),
+                        "--workers", "1", "--no-progress", "--plugin", "doubles.study"],
+                       cwd=tests, env=env, capture_output=True, text=True)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])  # (1: some runs failed)
+    assert "not measured: tiny_crash x synthetic (RuntimeError: the process that timed tiny_crash x synthetic " \
+           "ended while training it" in r.stderr
+    con = sqlite3.connect(db)
+    rows = dict(con.execute("SELECT arch, status FROM runs").fetchall())
+    con.close()
+    assert rows == {"tiny_crash": "failed", "tiny_mlp": "done"}
