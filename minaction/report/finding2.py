@@ -181,10 +181,11 @@ def _moderate(rep, mod: pd.DataFrame, tost: pd.DataFrame) -> str:
                      "d_acc_pp": r.d_acc_pp, "equivalent": e, "E_at_or_below_v1": below,
                      "meets_v1": bool(below and e)})
     t = pd.DataFrame(rows)
-    rep.csv("lambda_sweep_moderate", t)
     n = len(t)
     k_below, k_eq, k_both = int(t["E_at_or_below_v1"].sum()), int((t["equivalent"] == True).sum()), \
         int(t["meets_v1"].sum())  # noqa: E712
+    t = t.assign(combinations=n, n_at_or_below_v1=k_below, n_equivalent=k_eq, n_meets_v1=k_both)  # the prose's counts
+    rep.csv("lambda_sweep_moderate", t)
     name = lambda x: f"{x.arch} on {x.dataset} ({fmt(x.E_pct, 3)}%)"  # noqa: E731
     above = [name(x) for x in t.itertuples() if not x.E_at_or_below_v1]
     both = [name(x) for x in t.itertuples() if x.meets_v1]
@@ -215,6 +216,7 @@ def _tost_sensitivity(rep, sw: pd.DataFrame, tost: pd.DataFrame, ver: pd.DataFra
     best = lambda v: float(v.loc[v["equivalent"], "orders_E"].max()) if v["equivalent"].any() else np.nan  # noqa: E731
     combos = tested.groupby(["dataset", "arch"])["prefix"].first()
     row = {**tsum, "equivalent": int(eq.sum()), "welch_equivalent": int(welch.sum()), "differ": len(differ),
+           "agree": len(tested) - len(differ),
            "differ_rows": "; ".join(f"{r.dataset}/{r.arch}/λ={r.lam:g}" for r in differ.itertuples()),
            "holm_equivalent": int(holm.sum()), "holm_removed": int((eq & ~holm).sum()),
            "fixed_seq_equivalent": int(fseq.sum()), "combinations": len(combos),
@@ -229,7 +231,7 @@ def _tost_sensitivity(rep, sw: pd.DataFrame, tost: pd.DataFrame, ver: pd.DataFra
                          f"unpaired)" for r, w in zip(rows.itertuples(), welch[rows.index]))
 
     text = (f"**Sensitivity of the equivalence tests** (`lambda_sweep_tost_summary.csv`). Welch's unpaired TOST "
-            f"agrees with the primary test in {row['tested'] - row['differ']} of {row['tested']} rows"
+            f"agrees with the primary test in {row['agree']} of {row['tested']} rows"
             + (f" and differs in {row['differ']}: {which(differ)}" if row["differ"] else "") + ". ")
     same = row["meeting"] == row["meeting_welch"] and (row["meeting"] == 0) == (row["meeting_welch"] == 0)
     if np.isfinite(row["max_orders"]) and np.isfinite(row["max_orders_welch"]):
