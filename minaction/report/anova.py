@@ -23,9 +23,15 @@ Two implementations agree (tested to 1e-10 against statsmodels and ``pingouin.an
   nested models by least squares on row subsets, which makes a bootstrap of a few thousand
   refits cost seconds (:func:`bootstrap_partial_eta`).
 
-The bootstrap resamples runs *within cells* (each combination of the factors keeps its
-size), so an unbalanced design stays exactly as unbalanced as the study made it, and no
-cell ever becomes empty.
+The primary CI of partial eta^2 is exact (:func:`ncf_partial_eta_ci`, Steiger 2004): the
+noncentral F distribution's cdf is inverted for the noncentrality lambda at the observed F,
+and ``eta_p^2 = lambda / (lambda + df1 + df2 + 1)``. It can reach 0, which a percentile
+bootstrap cannot: resampling adds noise to every effect, so bootstrap intervals of partial
+eta^2 lean upwards and exclude 0 even for null effects.
+
+The bootstrap (a robustness column for partial eta^2, the only CI of plain eta^2) resamples
+runs *within cells* (each combination of the factors keeps its size), so an unbalanced
+design stays exactly as unbalanced as the study made it, and no cell ever becomes empty.
 """
 from __future__ import annotations
 
@@ -284,6 +290,53 @@ def bootstrap_partial_eta(df: pd.DataFrame, dv: str, factors: Sequence[str], typ
     return pd.DataFrame(out)
 
 
+def _ncp_at(F: float, df1: float, df2: float, q: float) -> float:
+    """The noncentrality lambda >= 0 at which the noncentral F cdf at ``F`` equals ``q`` (0 when even
+    lambda = 0 gives a cdf below ``q``). The cdf falls as lambda grows."""
+    from scipy import optimize, stats
+
+    f = lambda nc: float(stats.ncf.cdf(F, df1, df2, nc)) - q  # noqa: E731
+    if f(0.0) <= 0:
+        return 0.0
+    hi = max(10.0, 2.0 * F * df1)
+    while f(hi) > 0:
+        hi *= 2.0
+        if hi > 1e12:
+            return np.nan
+    return float(optimize.brentq(f, 0.0, hi, xtol=1e-10 * max(1.0, hi), rtol=1e-12, maxiter=500))
+
+
+def ncf_partial_eta_ci(F: float, df1: float, df2: float, ci: float = 0.95) -> tuple:
+    """Exact CI of partial eta squared from an ANOVA F test (Steiger 2004): the noncentrality
+    bounds solve ``ncf.cdf(F; df1, df2, lambda) = 1 - a/2`` (lower) and ``= a/2`` (upper), and each
+    becomes ``lambda / (lambda + df1 + df2 + 1)``. A bound is 0 where even lambda = 0 cannot reach
+    it (a small F: the interval then starts, or lies, at 0). NaN for a non-finite F."""
+    if not (np.isfinite(F) and np.isfinite(df1) and np.isfinite(df2)) or df1 <= 0 or df2 <= 0:
+        return np.nan, np.nan
+    a = (1 - ci) / 2
+    conv = lambda nc: nc / (nc + df1 + df2 + 1)  # noqa: E731
+    return conv(_ncp_at(F, df1, df2, 1 - a)), conv(_ncp_at(F, df1, df2, a))
+
+
+def null_upper_bound(df1: float, df2: float, ci: float = 0.95, F: float = 1.0) -> float:
+    """The exact CI's upper bound of partial eta squared at ``F`` (default 1, what an effect of
+    nothing gives on average): the smallest upper bound a null effect typically gets at these df."""
+    return ncf_partial_eta_ci(F, df1, df2, ci)[1]
+
+
+def f_for_upper_bound(bound: float, df1: float, df2: float, ci: float = 0.95) -> float:
+    """The F below which the exact CI's upper bound of partial eta squared lies below ``bound``."""
+    from scipy import optimize
+
+    g = lambda F: null_upper_bound(df1, df2, ci, F) - bound  # noqa: E731
+    if g(1e-12) >= 0:
+        return 0.0
+    hi = 1.0
+    while g(hi) < 0:
+        hi *= 2.0
+    return float(optimize.brentq(g, 1e-12, hi, xtol=1e-10))
+
+
 def cell_counts(df: pd.DataFrame, factors: Sequence[str]) -> pd.DataFrame:
     """Number of runs in each cell of the design (long form: factors..., n)."""
     return df.groupby(list(factors), observed=True).size().rename("n").reset_index()
@@ -291,10 +344,12 @@ def cell_counts(df: pd.DataFrame, factors: Sequence[str]) -> pd.DataFrame:
 
 def factorial_analysis(df: pd.DataFrame, dv: str, factors: Sequence[str], n_boot: int = 1000, seed: int = 0,
                        ci: float = 0.95) -> pd.DataFrame:
-    """Type II and Type III tables with partial and plain eta squared and their bootstrap
-    CIs, long form.
+    """Type II and Type III tables with partial and plain eta squared and their CIs, long form.
 
-    Columns: ``typ, term, sum_sq, df, F, p, np2, eta2, np2_lo, np2_hi, eta2_lo, eta2_hi``.
+    Columns: ``typ, term, sum_sq, df, F, p, np2, eta2, np2_lo, np2_hi, np2_boot_lo, np2_boot_hi,
+    eta2_lo, eta2_hi``: ``np2_lo/hi`` is the exact noncentral-F CI (:func:`ncf_partial_eta_ci`, the
+    primary one), ``np2_boot_lo/hi`` the within-cell bootstrap's (stretched, a robustness column) and
+    ``eta2_lo/hi`` the bootstrap CI of plain eta squared.
     """
     y = df[dv].to_numpy(float)
     total = float(((y - y.mean()) ** 2).sum())
@@ -310,13 +365,21 @@ def factorial_analysis(df: pd.DataFrame, dv: str, factors: Sequence[str], n_boot
         tab.insert(0, "typ", t)
         parts.append(tab)
     tab = pd.concat(parts, ignore_index=True)
+    res_df = tab.set_index(["typ", "term"])["df"]
+    exact = [ncf_partial_eta_ci(f, d1, res_df[(t, "Residual")], ci) if term != "Residual" else (np.nan, np.nan)
+             for t, term, f, d1 in zip(tab["typ"], tab["term"], tab["F"], tab["df"])]
+    tab["np2_lo"] = [e[0] for e in exact]
+    tab["np2_hi"] = [e[1] for e in exact]
     if n_boot:
         boot = bootstrap_partial_eta(df, dv, factors, n_boot=n_boot, seed=seed, ci=ci)
-        tab = tab.merge(boot.drop(columns="n_boot"), on=["typ", "term"], how="left")
+        boot = boot.drop(columns="n_boot").rename(columns={"np2_lo": "np2_boot_lo", "np2_hi": "np2_boot_hi"})
+        tab = tab.merge(boot, on=["typ", "term"], how="left")
     else:
-        for c in ("np2_lo", "np2_hi", "eta2_lo", "eta2_hi"):
+        for c in ("np2_boot_lo", "np2_boot_hi", "eta2_lo", "eta2_hi"):
             tab[c] = np.nan
-    return tab
+    cols = ["typ", "term", "sum_sq", "df", "F", "p", "np2", "eta2", "np2_lo", "np2_hi", "np2_boot_lo",
+            "np2_boot_hi", "eta2_lo", "eta2_hi"]
+    return tab[cols + [c for c in tab.columns if c not in cols]]
 
 
 def _names(items, limit: int = 8) -> str:

@@ -55,7 +55,8 @@ class ReportContext:
     def csv(self, name: str, frame: pd.DataFrame) -> str:
         rel = f"tables/{name}.csv"
         frame.to_csv(self.out / rel, index=False)
-        self.csvs.append(rel)
+        if rel not in self.csvs:  # a table may be written again, completed
+            self.csvs.append(rel)
         return rel
 
     def define(self, name, value, meaning):

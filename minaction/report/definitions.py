@@ -45,12 +45,17 @@ def section(rep) -> None:
                 "smaller values depend on the model's assumed tails more than on the data (and statsmodels reports "
                 "some as 0)")
     rep.define("confidence level", f"{fmt(100 * opt.ci)}%", "all intervals")
-    rep.define("bootstrap", f"{opt.n_boot} resamples, seed {opt.seed}", "runs resampled within cells")
+    rep.define("bootstrap", f"{opt.n_boot} resamples, seed {opt.seed}",
+                "runs resampled within cells; for η², each resampled cell's deviations from its mean stretched by "
+                "√(n/(n−1))")
+    rep.define("CI of partial η²", "exact, noncentral F (Steiger 2004)",
+                "the noncentrality λ_nc that puts the observed F at the interval's quantiles, as λ_nc / (λ_nc + "
+                "df_effect + df_residual + 1); the verdict reads it; the bootstrap CI is a robustness column")
     rep.define("ANOVA", f"OLS, sum-to-zero contrasts, Type II and III; verdict on Type "
                          f"{'II' if opt.anova_type == 2 else 'III'}",
                 "partial η² = SS_effect / (SS_effect + SS_residual)")
     rep.define("η² of the Finding 1 verdict", f"{opt.eta_kind} η²",
-                "plain η² = SS_effect / SS_total (corrected total); both are shown with bootstrap CIs, and the "
+                "plain η² = SS_effect / SS_total (corrected total), with a bootstrap CI; both are shown, and the "
                 "verdict under the other reading is given too")
     rep.define("which η² the paper reports", f"the closer reading, when the two log10 distances differ by ≥ {fmt(opt.eta_reading_margin)}",
                 "summed |log10(ours / paper)| over the two terms (option `eta_reading_margin`); closer than that, "
@@ -64,7 +69,9 @@ def section(rep) -> None:
                 "architecture with seeds at λ = 0 and at a λ > 0; otherwise the finding is not comparable")
     rep.define("TOST equivalence", f"margin ±{fmt(opt.sweep_max_acc_pp)} pp, α = {fmt(opt.tost_alpha)} per side "
                 f"({fmt(100 * (1 - 2 * opt.tost_alpha))}% CI)",
-                "paired t on per-seed differences when every λ run has its λ = 0 seed, else Welch t")
+                "paired t on per-seed differences when every λ run has its λ = 0 seed, else Welch t; Welch's "
+                "unpaired TOST beside it as a sensitivity column; unadjusted for multiplicity (Holm and "
+                "fixed-sequence shown)")
     rep.define("training budget", "the run configuration without arch, dataset, λ and seed",
                 "runs of one dataset under different budgets are never pooled (tables/budgets.csv)")
     f1 = getattr(rep, "finding1_lam", None)
@@ -87,6 +94,12 @@ def section(rep) -> None:
     rep.define("headline efficiency metric", opt.efficiency_metric,
                 "steps, samples or FLOPs to the first evaluation at the target; wall time to the target and "
                 "accuracy per training second are secondary")
+    rep.define("training time", "steps × the run's median seconds per step over its evaluation intervals",
+                "to target: steps to target × that median; robust to a stall of the shared machine; no CI, since "
+                "the seeds of one batched group share one clock")
+    rep.define("Finding 3 verdict", "per modality, the energy-first architecture with the larger gain",
+                "not reproduced when some modality's CI lies wholly below the paper's lower bound; reproduced when "
+                "every modality's CI lies above 0 and none wholly below it; else inconclusive")
     rep.define("energy-first / conventional", f"{', '.join(opt.energy_first)} / {', '.join(opt.conventional)}",
                 "the paper's Figure 1 names; the architectures are this project's reconstructions from its "
                 "caption (docs/models.md)")

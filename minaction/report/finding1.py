@@ -138,10 +138,14 @@ def section(rep) -> None:
     formula = "test_acc ~ " + " * ".join(f"C({f}, Sum)" for f in factors)
     d.p(f"Model: OLS `{formula}` (sum-to-zero contrasts), Type II and Type III sums of squares; "
         f"partial η² = SS_effect / (SS_effect + SS_residual) and plain η² = SS_effect / SS_total (SS_total = "
-        f"the corrected total sum of squares), each with a {fmt(100 * opt.ci)}% percentile bootstrap "
-        f"CI ({opt.n_boot} resamples of the runs within each cell). {lam_note} Near zero the percentile "
-        "interval can lie above the estimate: η² cannot be negative and resampling adds noise to "
-        "every effect.")
+        f"the corrected total sum of squares). Partial η²'s {fmt(100 * opt.ci)}% CI is exact (Steiger 2004: the "
+        f"noncentral F distribution inverted at the observed F for its noncentrality λ_nc, and partial η² = "
+        f"λ_nc / (λ_nc + df_effect + df_residual + 1)); it can reach 0, and the verdict reads it. A percentile "
+        f"bootstrap ({opt.n_boot} resamples of the runs within each cell, each resampled cell's deviations from its "
+        f"mean stretched by √(n/(n−1)), since a resample of n runs keeps on average (n−1)/n of the cell's residual sum "
+        f"of squares) gives partial η² a robustness column and plain η² its only CI. The bootstrap intervals lean "
+        f"upwards and exclude 0 even for a null effect: η² cannot be negative and resampling adds noise to every "
+        f"effect. {lam_note}")
     counts = _anova.cell_counts(data, factors)
     rel_counts = rep.csv("anova_cell_counts", counts)
     if not counts.empty:  # datasets down, architectures across (the CSV has every cell, long form)
@@ -176,10 +180,13 @@ def section(rep) -> None:
         disp = pd.DataFrame({
             "term": t["term"], "SS": t["sum_sq"].map(fmt), "df": t["df"].map(fmt), "F": t["F"].map(fmt),
             "p": t["p"].map(fmt_p),
-            f"partial η² [{fmt(100 * opt.ci)}% CI]": [ci(m, lo, hi) for m, lo, hi in
-                                                       zip(t["np2"], t["np2_lo"], t["np2_hi"])],
-            f"plain η² [{fmt(100 * opt.ci)}% CI]": [ci(m, lo, hi) for m, lo, hi in
-                                                     zip(t["eta2"], t["eta2_lo"], t["eta2_hi"])]})
+            f"partial η² [{fmt(100 * opt.ci)}% CI, exact]": [ci(m, lo, hi) for m, lo, hi in
+                                                              zip(t["np2"], t["np2_lo"], t["np2_hi"])],
+            "partial η² bootstrap CI": ["n/a" if not (np.isfinite(lo) and np.isfinite(hi)) else
+                                        f"[{fmt(lo, zeros=True)}, {fmt(hi, zeros=True)}]"
+                                        for lo, hi in zip(t["np2_boot_lo"], t["np2_boot_hi"])],
+            f"plain η² [{fmt(100 * opt.ci)}% CI, bootstrap]": [ci(m, lo, hi) for m, lo, hi in
+                                                                zip(t["eta2"], t["eta2_lo"], t["eta2_hi"])]})
         same = (" In a balanced design such as this one, Type II and Type III coincide." if typ == 3
                 and not counts.empty and counts["n"].nunique() == 1 else "")
         d.table(disp, rel, f"Type {'II' if typ == 2 else 'III'} ANOVA (plain η² of the residual row: its share "
@@ -225,9 +232,14 @@ def section(rep) -> None:
     d.p(text + f" The verdict below reads {opt.eta_kind} η² (option `eta_kind`); both are shown.")
     cells = cell_stats(data, opt.ci)
     rel_cells = rep.csv("accuracy_by_cell", cells)
+    pooled = (f"; with λ a factor, each mean pools the runs of all {data['lam'].nunique()} λ values"
+              if "lam" in factors else "")
     d.figure(_fig.interaction_plot(cells, rep.fig_dir / "interaction.png"),
-             f"Interaction plot: mean test accuracy per dataset and architecture (table {rel_cells}).")
-    d.p(_datasets_as_a_sample(rep, t, counts))
+             f"Interaction plot: mean test accuracy per dataset and architecture (table {rel_cells}{pooled}).")
+    rep.finding1_diag = _diagnostics(rep, data, factors)
+    d.p(_null_bound(rep, t))
+    sample_text, sample = _datasets_as_a_sample(rep, t, counts, data, factors)
+    d.p(sample_text)
     typ_name = "II" if opt.anova_type == 2 else "III"
     name = f"{opt.eta_kind} η²"
     ours = (f"partial: arch {fmt(a['np2'])}, arch × dataset {fmt(i['np2'])}; plain: arch {fmt(a['eta2'])}, "
@@ -243,6 +255,14 @@ def section(rep) -> None:
     why += (f" Under {other} η² the claim is {'also ' if o_ok == ok else ''}{o_ok}: " + "; ".join(o_parts) + ".")
     if thin:
         why += " Allowed but noted: " + "; ".join(thin) + "."
+    why += (f" With datasets a random factor (a sample of datasets), the architecture effect is "
+            f"{'not ' if sample['p'] >= 0.05 else ''}significant: F({fmt(sample['df_num'])}, {fmt(sample['df_den'])}) = "
+            f"{fmt(sample['F'])}, p = {fmt_p(sample['p'])}; the verdict describes these datasets.")
+    bound = rep.finding1_bound
+    if opt.eta_kind == "partial" and bound["np2_hi_at_F1"] >= opt.negligible_np2:
+        why += (f" At df ({fmt(bound['df1'])}, {fmt(bound['df2'])}) the rule cannot return reproduced for a null "
+                f"architecture effect: at F = 1 the exact CI reaches {fmt(bound['np2_hi_at_F1'], 3)} ≥ "
+                f"{fmt(opt.negligible_np2)}.")
     if paper_gaps:
         d.p(rep.verdict(1, claim, paper, ours, "not comparable",
                          "the ANOVA (Finding 1 section) describes this store, but the store lacks the paper's design (every "
@@ -252,22 +272,116 @@ def section(rep) -> None:
     d.p(rep.verdict(1, claim, paper, ours, ok, why))
 
 
-def _datasets_as_a_sample(rep, t: pd.DataFrame, counts: pd.DataFrame) -> str:
+def _random_f(data: pd.DataFrame, factors, typ: int) -> dict:
+    """F(df_arch, df_int) = MS_arch / MS_(arch x dataset) of the Type ``typ`` table of ``data``."""
+    from scipy import stats
+
+    t = _anova.anova_table(data, "test_acc", factors, typ)
+    a, i = t.loc["arch"], t.loc["arch:dataset"]
+    f = float((a["sum_sq"] / a["df"]) / (i["sum_sq"] / i["df"]))
+    return {"F": f, "df_num": float(a["df"]), "df_den": float(i["df"]), "p": float(stats.f.sf(f, a["df"], i["df"]))}
+
+
+def derived_datasets(datasets) -> dict:
+    """``{derived: source}`` for the datasets among ``datasets`` that are another encoding of one also among
+    them (the catalogue's family: mnist_spikes and fashion_mnist_spikes re-encode mnist and fashion_mnist)."""
+    from ..data.catalogue import SPECS
+
+    have = set(datasets)
+    return {ds: SPECS[ds].family for ds in sorted(have)
+            if ds in SPECS and SPECS[ds].family != ds and SPECS[ds].family in have}
+
+
+def _datasets_as_a_sample(rep, t: pd.DataFrame, counts: pd.DataFrame, data: pd.DataFrame, factors) -> tuple:
     """The architecture effect with the datasets read as a sample of datasets (a random factor): tested against
     the architecture x dataset interaction, F(df_arch, df_int) = MS_arch / MS_int (a reviewer's reading that the
-    seed-resampling CIs above do not give)."""
+    seed-resampling CIs above do not give); again without the datasets that re-encode another one of the panel
+    (they are not independent draws of a dataset). Returns ``(text, the full panel's row)``."""
     from scipy import stats
 
     a, i = t.loc["arch"], t.loc["arch:dataset"]
     f = (a["sum_sq"] / a["df"]) / (i["sum_sq"] / i["df"])
     p = float(stats.f.sf(f, a["df"], i["df"]))
     balanced = counts["n"].nunique() == 1 if not counts.empty else False
-    rep.csv("anova_datasets_random", pd.DataFrame([{"term": "arch", "F": f, "df_num": a["df"], "df_den": i["df"],
-                                                     "p": p, "balanced": balanced}]))
-    return (f"**Datasets as a sample.** The intervals above resample seeds within cells: they hold for these "
+    rows = [{"panel": "all datasets", "left_out": "", "term": "arch", "F": f, "df_num": a["df"], "df_den": i["df"],
+             "p": p, "balanced": balanced, "profile_r": np.nan}]
+    derived = derived_datasets(data["dataset"].unique())
+    dup_text = ""
+    if derived:
+        means = data.groupby(["dataset", "arch"])["test_acc"].mean().unstack("arch")
+        r = {ds: float(np.corrcoef(means.loc[ds], means.loc[src])[0, 1]) for ds, src in derived.items()}
+        rest = data[~data["dataset"].isin(list(derived))]
+        if rest["dataset"].nunique() >= 2:
+            s = _random_f(rest, factors, rep.opt.anova_type)
+            rows.append({"panel": "without re-encoded datasets", "left_out": ", ".join(derived), "term": "arch",
+                         **s, "balanced": balanced, "profile_r": min(r.values())})
+            pairs = ", ".join(f"{ds} of {src} (r = {fmt(r[ds], 3)})" for ds, src in derived.items())
+            rows[-1].update({f"profile_r_{ds}": r[ds] for ds in derived})
+            rep.finding1_derived = {**s, "text": f"{', '.join(derived)} re-encode {', '.join(derived.values())} "
+                                                 f"(the same images as spikes), and their architecture profiles "
+                                                 f"(mean test accuracy per architecture) correlate with their "
+                                                 f"sources' at r = " + ", ".join(fmt(r[ds], 3) for ds in derived)
+                                                 + "."}
+            dup_text = (f" Not every dataset is an independent draw: {pairs} are other encodings of datasets in the "
+                        f"panel, whose architecture profiles (mean test accuracy per architecture) they repeat (r: "
+                        f"the profiles' correlation). Without them: F({fmt(s['df_num'])}, {fmt(s['df_den'])}) = "
+                        f"{fmt(s['F'], 3)}, p = {fmt_p(s['p'])}.")
+    rep.csv("anova_datasets_random", pd.DataFrame(rows))
+    text = (f"**Datasets as a sample.** The intervals above resample seeds within cells: they hold for these "
             f"datasets. Read as a sample of datasets (dataset a random factor), the architecture effect is tested "
             f"against the architecture × dataset interaction instead of the residual: F({fmt(a['df'])}, "
             f"{fmt(i['df'])}) = {fmt(f)}, p = {fmt_p(p)} (Type {'II' if rep.opt.anova_type == 2 else 'III'} mean "
             f"squares; {'exact, the design being balanced' if balanced else 'approximate, the design being unbalanced'}"
             f"). Whether architecture matters *in general* rests on this test, which has {fmt(i['df'])} "
-            f"denominator degrees of freedom, not on the residual's.")
+            f"denominator degrees of freedom, not on the residual's.{dup_text}")
+    return text, rows[0]
+
+
+def _null_bound(rep, t: pd.DataFrame) -> str:
+    """What the exact CI of the architecture's partial eta squared can show at this design's df: its upper bound
+    when the architecture does nothing (F = 1), the F below which it would fall under ``negligible_np2``, and how
+    often a null effect gets such an F (``finding1_null_bound.csv``)."""
+    from scipy import stats
+
+    opt = rep.opt
+    a = t.loc["arch"]
+    df1, df2 = float(a["df"]), float(t.loc["Residual", "df"])
+    hi1 = _anova.null_upper_bound(df1, df2, opt.ci)
+    f_need = _anova.f_for_upper_bound(opt.negligible_np2, df1, df2, opt.ci)
+    p_null = float(stats.f.cdf(f_need, df1, df2))
+    row = {"term": "arch", "df1": df1, "df2": df2, "F_observed": float(a["F"]), "F_null": 1.0, "np2_hi_at_F1": hi1,
+           "negligible": opt.negligible_np2, "F_for_negligible_ci": f_need, "p_negligible_if_null": p_null,
+           "p_negligible_if_null_pct": 100 * p_null}
+    rep.finding1_bound = row
+    rep.csv("finding1_null_bound", pd.DataFrame([row]))
+    can = hi1 < opt.negligible_np2
+    return (f"**What the architecture's CI can show at this N.** With df ({fmt(df1)}, {fmt(df2)}), an F of 1 (what "
+            f"an architecture effect of nothing gives on average) has an exact {fmt(100 * opt.ci)}% CI of partial η² "
+            f"reaching {fmt(hi1, 3)}, " + ("below" if can else "above") + f" the {fmt(opt.negligible_np2)} that "
+            f"\"negligible\" needs. The upper bound falls below {fmt(opt.negligible_np2)} only when F < "
+            f"{fmt(f_need, 3)}, which a truly null effect gives in {fmt(100 * p_null, 3)}% of studies"
+            + ("" if can else ": the rule that the whole CI must lie below it cannot, in practice, return "
+               "\"reproduced\" at this number of runs") + " (`finding1_null_bound.csv`).")
+
+
+def _diagnostics(rep, data: pd.DataFrame, factors) -> dict:
+    """The ANOVA's residual checks (``anova_diagnostics.csv``): Shapiro-Wilk on the residuals (deviations from the
+    cell means, the full factorial's residuals) and Levene's test (median-centred, Brown-Forsythe) of equal
+    variances over the cells, with the smallest and largest cell SD."""
+    from scipy import stats
+
+    g = data.groupby(list(factors))["test_acc"]
+    res = (data["test_acc"] - g.transform("mean")).to_numpy(float)
+    groups = [v.to_numpy(float) for _, v in g if len(v) > 1]
+    sd = g.std(ddof=1).dropna()
+    w, p_w = (stats.shapiro(res) if 3 <= len(res) else (np.nan, np.nan))
+    p_lev = (float(stats.levene(*groups, center="median").pvalue) if len(groups) > 1 and
+             any(np.ptp(x) > 0 for x in groups) else np.nan)
+    name = lambda k: "/".join(str(x) for x in (k if isinstance(k, tuple) else (k,)))  # noqa: E731
+    row = {"n_residuals": len(res), "shapiro_w": float(w), "shapiro_p": float(p_w), "levene_p": p_lev,
+           "cells": len(sd), "cell_sd_min": float(sd.min()) if len(sd) else np.nan,
+           "cell_sd_min_cell": name(sd.idxmin()) if len(sd) else "",
+           "cell_sd_max": float(sd.max()) if len(sd) else np.nan,
+           "cell_sd_max_cell": name(sd.idxmax()) if len(sd) else ""}
+    rep.csv("anova_diagnostics", pd.DataFrame([row]))
+    return row

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .context import fmt_p
 from .paper import PAPER
 from .render import fmt
 
@@ -37,7 +38,8 @@ def inferred_test_size(acc, max_n: int = 100_000, rel_tol: float = 1e-7):
 def dataset_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per dataset: ``dataset, modality, runs, test_n`` (inferred, :func:`inferred_test_size`), ``mean_test_acc``,
     ``binomial_se_pp`` (sqrt(p (1 - p) / n) at the mean, in percentage points), ``within_cell_sd`` (the
-    seed-to-seed SD of test accuracy, pooled over the dataset's (architecture, λ) cells) and ``note``."""
+    seed-to-seed SD of test accuracy, pooled over the dataset's (architecture, λ) cells), the smallest and
+    largest SD of one cell (``cell_sd_min``, ``cell_sd_max``, with the cell) and ``note``."""
     rows = []
     for (mod, ds), g in runs.groupby(["modality", "dataset"], sort=True):
         n = inferred_test_size(g["test_acc"])
@@ -47,10 +49,19 @@ def dataset_table(runs: pd.DataFrame) -> pd.DataFrame:
         dev = dev[dev["size"] > 1]
         dof = float((dev["size"] - 1).sum())
         sd = float(np.sqrt(((dev["size"] - 1) * dev["var"]).sum() / dof)) if dof > 0 else np.nan
+        cell_sd = g.groupby(["arch", "lam"])["test_acc"].std(ddof=1).dropna()
+        several = g["lam"].nunique() > 1
+        cell = lambda k: f"{ds}/{k[0]}" + (f"/λ={k[1]:g}" if several else "")  # noqa: E731
         rows.append({"dataset": ds, "modality": mod, "runs": int(len(g)), "test_n": n, "mean_test_acc": p,
-                     "binomial_se_pp": se, "within_cell_sd": sd, "note": DATASET_NOTES.get(ds, "")})
+                     "binomial_se_pp": se, "within_cell_sd": sd,
+                     "cell_sd_min": float(cell_sd.min()) if len(cell_sd) else np.nan,
+                     "cell_sd_min_cell": cell(cell_sd.idxmin()) if len(cell_sd) else "",
+                     "cell_sd_max": float(cell_sd.max()) if len(cell_sd) else np.nan,
+                     "cell_sd_max_cell": cell(cell_sd.idxmax()) if len(cell_sd) else "",
+                     "note": DATASET_NOTES.get(ds, "")})
     return pd.DataFrame(rows, columns=["dataset", "modality", "runs", "test_n", "mean_test_acc", "binomial_se_pp",
-                                       "within_cell_sd", "note"])
+                                       "within_cell_sd", "cell_sd_min", "cell_sd_min_cell", "cell_sd_max",
+                                       "cell_sd_max_cell", "note"])
 
 
 def section(rep) -> None:
@@ -78,13 +89,51 @@ def section(rep) -> None:
                      "accuracy is that large there, so differences of 1–2 pp between architectures on these "
                      "datasets are within the noise of a single run (test sizes inferred from the accuracies: "
                      "the smallest n for which each is a whole number of samples out of n).")
-    sd = table.dropna(subset=["within_cell_sd"])
+    sd = table.dropna(subset=["within_cell_sd", "cell_sd_min", "cell_sd_max"])
     if len(sd) > 1:
-        lo, hi = sd.loc[sd["within_cell_sd"].idxmin()], sd.loc[sd["within_cell_sd"].idxmax()]
-        items.append(f"The seed-to-seed SD of test accuracy within a cell ranges from {fmt(lo['within_cell_sd'])} "
-                     f"({lo['dataset']}) to {fmt(hi['within_cell_sd'])} ({hi['dataset']}), while the ANOVA of "
+        lo, hi = sd.loc[sd["cell_sd_min"].idxmin()], sd.loc[sd["cell_sd_max"].idxmax()]
+        plo, phi = sd.loc[sd["within_cell_sd"].idxmin()], sd.loc[sd["within_cell_sd"].idxmax()]
+        diag = getattr(rep, "finding1_diag", None)
+        checks = ""
+        if diag is not None and np.isfinite(diag["shapiro_w"]):
+            checks = (f" The residuals of Finding 1's model fail both checks of its assumptions: Levene's test of "
+                      f"equal variances over its {diag['cells']} cells gives p {fmt_p(diag['levene_p'], True)}, and "
+                      f"Shapiro–Wilk gives W = {fmt(diag['shapiro_w'], 3)} (p {fmt_p(diag['shapiro_p'], True)}; 1 for "
+                      f"normal residuals) (`anova_diagnostics.csv`)."
+                      if diag["levene_p"] < 0.05 and diag["shapiro_p"] < 0.05 else
+                      f" Levene's test of equal variances over Finding 1's {diag['cells']} cells gives p "
+                      f"{fmt_p(diag['levene_p'], True)}; Shapiro–Wilk on its residuals W = {fmt(diag['shapiro_w'], 3)} "
+                      f"(p {fmt_p(diag['shapiro_p'], True)}) (`anova_diagnostics.csv`).")
+        items.append(f"The seed-to-seed SD of test accuracy in one cell (architecture × dataset × λ) ranges from "
+                     f"{fmt(lo['cell_sd_min'], 3)} ({lo['cell_sd_min_cell']}) to {fmt(hi['cell_sd_max'], 3)} "
+                     f"({hi['cell_sd_max_cell']}); pooled per dataset, from {fmt(plo['within_cell_sd'], 3)} "
+                     f"({plo['dataset']}) to {fmt(phi['within_cell_sd'], 3)} ({phi['dataset']}). The ANOVA of "
                      "Finding 1 pools one residual variance over all cells: its F tests, p-values and partial η² "
-                     "assume that every cell has the same seed-to-seed variance.")
+                     "(and the exact CIs) assume that every cell has the same seed-to-seed variance and normal "
+                     "residuals." + checks)
+    judged = any(int(c["finding"]) == 1 and c["verdict"] != "not comparable" for c in rep.comparison)
+    bound = getattr(rep, "finding1_bound", None)
+    if judged and bound is not None and opt.eta_kind == "partial" and bound["np2_hi_at_F1"] >= opt.negligible_np2:
+        items.append(f"Finding 1's rule cannot, in practice, return \"reproduced\" at this number of runs: with df "
+                     f"({fmt(bound['df1'])}, {fmt(bound['df2'])}) an architecture effect of nothing (F = "
+                     f"{fmt(bound['F_null'])}) has an exact CI of partial η² reaching {fmt(bound['np2_hi_at_F1'], 3)}, "
+                     f"above the {fmt(bound['negligible'])} that \"negligible\" needs (`finding1_null_bound.csv`). "
+                     f"A \"not reproduced\" is informative; a null architecture effect would read \"inconclusive\".")
+    dup = getattr(rep, "finding1_derived", None)
+    if judged and dup:
+        items.append(f"Near-duplicate datasets: {dup['text']} They weaken the independence that the test with "
+                     f"datasets as a random factor assumes; without them it gives F({fmt(dup['df_num'])}, "
+                     f"{fmt(dup['df_den'])}) = {fmt(dup['F'], 3)}, p = {fmt_p(dup['p'])} (`anova_datasets_random.csv`).")
+    if getattr(rep, "finding3_read", False):
+        items.append("Training time (to target, and per accuracy) comes from one clock per batched group: the "
+                     "seeds trained together share it, and a stall of the shared machine slows all of them at once. "
+                     "They are not independent replicates of a time, so time-based metrics get no seed-bootstrap CI; "
+                     "time to target is counted as steps to target × the run's median seconds per step, which a "
+                     "stall does not move.")
+        items.append("Finding 3's value of an architecture on a dataset is the mean over the runs that reached the "
+                     "target; runs that did not are left out (censored), not counted as slow, so an architecture "
+                     "that misses the target in some seeds looks as fast as its successful seeds (the `reached` "
+                     "column says how many did; fewer than half gives no value).")
     notes = table[table["note"] != ""]
     for r in notes.itertuples():
         items.append(f"{r.dataset}: its data is {r.note}. A budget's full split (`train_subset = 0`) is the whole "

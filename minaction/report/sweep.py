@@ -161,7 +161,11 @@ def tost_equivalence(runs: pd.DataFrame, margin_pp: float = 0.5, alpha: float = 
             row = {"dataset": ds, "arch": arch, "lam": float(lam), "n": int(len(x1)), "n0": int(len(b_seed)),
                    "margin_pp": margin_pp, "alpha": alpha, "note": ""}
             paired = x1.index.isin(b_seed.index).all() and len(x1) >= min_replicates
+            row.update(_welch_tost(x1, b_seed, margin_pp, alpha, min_replicates))
             if paired:
+                pa, pb = x1.to_numpy(float), b_seed.reindex(x1.index).to_numpy(float)
+                row["seed_corr"] = (float(np.corrcoef(pa, pb)[0, 1]) if len(pa) > 2 and np.ptp(pa) > 0
+                                    and np.ptp(pb) > 0 else np.nan)
                 dd = 100.0 * (x1.to_numpy(float) - b_seed.reindex(x1.index).to_numpy(float))
                 m = float(dd.mean())
                 se = float(dd.std(ddof=1) / np.sqrt(len(dd)))
@@ -185,8 +189,63 @@ def tost_equivalence(runs: pd.DataFrame, margin_pp: float = 0.5, alpha: float = 
             row["equivalent"] = (bool(row["p_tost"] < alpha) if np.isfinite(row["p_tost"]) else np.nan)
             rows.append(row)
     cols = ["dataset", "arch", "lam", "test", "n", "n0", "d_acc_pp", "se_pp", "df", "t_lower", "p_lower", "t_upper",
-            "p_upper", "p_tost", "ci_lo", "ci_hi", "margin_pp", "alpha", "equivalent", "note"]
+            "p_upper", "p_tost", "ci_lo", "ci_hi", "margin_pp", "alpha", "equivalent", "note", "seed_corr",
+            "welch_d_acc_pp", "welch_se_pp", "welch_df", "welch_p_tost", "welch_ci_lo", "welch_ci_hi",
+            "welch_equivalent"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def _welch_tost(x1: pd.Series, x0: pd.Series, margin_pp: float, alpha: float, min_replicates: int) -> dict:
+    """The unpaired TOST (Welch t) of the seeds at lambda against those at lambda = 0, as ``welch_*`` columns:
+    the sensitivity column beside a paired test (pairing on seed helps only in so far as same-seed accuracies
+    correlate)."""
+    out = {"welch_d_acc_pp": np.nan, "welch_se_pp": np.nan, "welch_df": np.nan, "welch_p_tost": np.nan,
+           "welch_ci_lo": np.nan, "welch_ci_hi": np.nan, "welch_equivalent": np.nan}
+    if len(x1) < min_replicates or len(x0) < min_replicates:
+        return out
+    a1, a0 = 100.0 * x1.to_numpy(float), 100.0 * x0.to_numpy(float)
+    v1, v0 = a1.var(ddof=1) / len(a1), a0.var(ddof=1) / len(a0)
+    se = float(np.sqrt(v1 + v0))
+    df = (v1 + v0) ** 2 / (v1 ** 2 / (len(a1) - 1) + v0 ** 2 / (len(a0) - 1)) if se > 0 else np.nan
+    m = float(a1.mean() - a0.mean())
+    r = _tost_row(m, margin_pp, alpha, se, df)
+    out.update(welch_d_acc_pp=m, welch_se_pp=r["se_pp"], welch_df=r["df"], welch_p_tost=r["p_tost"],
+               welch_ci_lo=r["ci_lo"], welch_ci_hi=r["ci_hi"],
+               welch_equivalent=bool(r["p_tost"] < alpha) if np.isfinite(r["p_tost"]) else np.nan)
+    return out
+
+
+def tost_multiplicity(tost: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """``tost`` with two adjusted readings of its (unadjusted, per-row) equivalences: ``holm_equivalent`` (Holm
+    over every tested row: the family-wise error over all of them) and ``fixed_seq_equivalent`` (per (dataset,
+    arch), the lambdas tested in increasing order, each at ``alpha``, stopping at the first not shown: a
+    fixed-sequence procedure, which controls the family-wise error of each combination without a penalty).
+    ``prefix``: whether the combination's equivalent lambdas are a prefix of its lambdas in increasing order
+    (then fixed-sequence gives the unadjusted result)."""
+    out = tost.copy()
+    tested = out["p_tost"].notna()
+    nan_col = lambda: pd.Series([np.nan] * len(out), index=out.index, dtype=object)  # noqa: E731
+    out["holm_equivalent"] = nan_col()
+    if tested.any():
+        p = out.loc[tested, "p_tost"].to_numpy(float)
+        order = np.argsort(p, kind="stable")
+        m = len(p)
+        rej = np.zeros(m, bool)
+        for k, i in enumerate(order):  # Holm: the k-th smallest p against alpha / (m - k), stop at the first failure
+            if p[i] < alpha / (m - k):
+                rej[i] = True
+            else:
+                break
+        out.loc[tested, "holm_equivalent"] = pd.Series(list(rej), index=out.index[tested], dtype=object)
+    out["fixed_seq_equivalent"] = nan_col()
+    out["prefix"] = nan_col()
+    for _, g in out[tested].groupby(["dataset", "arch"], sort=True):
+        g = g.sort_values("lam")
+        eq = g["equivalent"].astype(bool).to_numpy()
+        seq = np.cumprod(eq).astype(bool)
+        out.loc[g.index, "fixed_seq_equivalent"] = pd.Series(list(seq), index=g.index, dtype=object)
+        out.loc[g.index, "prefix"] = bool((seq == eq).all())
+    return out
 
 
 def sweep_design_gaps(runs: pd.DataFrame, datasets=("mnist", "fashion_mnist"), min_replicates: int = 2) -> list:

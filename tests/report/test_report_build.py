@@ -34,7 +34,8 @@ def test_outputs_written(synth_report):
                  "definitions", "runs_by_status"):
         assert (out / "tables" / f"{name}.csv").is_file(), name
     assert set(res["verdicts"]) == {1, 2, 3}
-    assert set(res["verdicts"].values()) <= {"reproduced", "not reproduced", "not comparable"}
+    # inconclusive: Finding 1's null architecture effect, whose exact CI cannot fall below 0.01 at this N
+    assert set(res["verdicts"].values()) <= {"reproduced", "not reproduced", "inconclusive", "not comparable"}
 
 
 def test_every_number_traceable(synth_report):
@@ -137,8 +138,10 @@ def test_efficiency_definitions():
     assert eff.loc["a", "target"] == pytest.approx(0.855)
     assert eff.loc["a", "epochs_to_target"] == 2 and eff.loc["a", "time_to_target_s"] == 6
     assert eff.loc["b", "epochs_to_target"] == 1 and eff.loc["b", "time_to_target_s"] == 1.5
-    assert eff.loc["b", "acc_per_s"] == pytest.approx(0.2)  # per training second: the last curve point's clock, 4 s
-    assert eff.loc["a", "train_time_s"] == 10
+    # training time: the run's progress x its median seconds per epoch (a: 3, 3, 4 s -> 3 s; b: 1.5, 1.5, 1 s ->
+    # 1.5 s), robust to a stall; the last curve point's clock (10 s, 4 s) stays in train_time_clock_s
+    assert eff.loc["a", "train_time_s"] == 9 and eff.loc["a", "train_time_clock_s"] == 10
+    assert eff.loc["b", "acc_per_s"] == pytest.approx(0.8 / 4.5) and eff.loc["b", "train_time_clock_s"] == 4
     # one run per cell: no value (no seed-to-seed spread; its CI would have zero width), and the reason says so
     g = dataset_gains(eff.reset_index(), 0.0, "time", n_boot=10).iloc[0]
     assert np.isnan(g["gain_pct"]) and "at least 2" in g["reason"]
@@ -146,7 +149,7 @@ def test_efficiency_definitions():
     g = efficiency_gains(twice, 0.0, "time", n_boot=10).iloc[0]
     assert g["gain_pct"] == pytest.approx(100 * (6 - 1.5) / 6) and g["baseline"] == "d: mlp"
     g = efficiency_gains(twice, 0.0, "acc_per_s", n_boot=10).iloc[0]
-    assert g["gain_pct"] == pytest.approx(100 * (0.2 - 0.09) / 0.09)
+    assert g["gain_pct"] == pytest.approx(100 * (0.8 / 4.5 - 0.1) / 0.1)
     # bootstrap draws that pick only runs that never reached the target have no gain: dropped, without a
     # RuntimeWarning from averaging them (the smoke preset's report printed 15)
     two = pd.concat([twice, eff.reset_index().assign(run_id=["c", "d"], seed=2)], ignore_index=True)

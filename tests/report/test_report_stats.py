@@ -260,7 +260,7 @@ def test_complete_design_gets_verdicts_and_both_etas(tmp_path):
     res = build_report(db, tmp_path / "o", n_boot=20, conventional=("mlp",), energy_first=("bimodal_true",))
     assert res["verdicts"][1] != "not comparable" and res["verdicts"][2] != "not comparable"
     md = (tmp_path / "o" / "report.md").read_text()
-    assert "plain η² [95% CI]" in md and "partial η² [95% CI]" in md
+    assert "plain η² [95% CI, bootstrap]" in md and "partial η² [95% CI, exact]" in md
     assert "Which η² the paper reports" in md
     # a reading is named only when the paper's pair is at least eta_reading_margin (1) closer to it
     r = pd.read_csv(tmp_path / "o" / "tables" / "eta_reading.csv").set_index("reading")["log_distance"]
