@@ -34,8 +34,23 @@ def _read_cache(path: Path) -> Optional[Dict[str, np.ndarray]]:
     return arrays
 
 
+def _remove_dead_writers_files(path: Path) -> None:
+    """``<path>.<pid>.tmp`` files of writers that are gone (killed while decoding: 8-17 MB each, never removed)."""
+    for old in path.parent.glob(f"{path.name}.*.tmp"):
+        pid = old.name[len(path.name) + 1:-len(".tmp")]
+        try:
+            os.kill(int(pid), 0)
+            continue  # (that writer still runs)
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError, OSError):
+            continue  # not ours to judge
+        old.unlink(missing_ok=True)
+
+
 def _write_cache(path: Path, arrays: Dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_writers_files(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

@@ -630,3 +630,25 @@ def test_bad_names_and_seeds_are_named_before_any_file_is_read():
     for name in ("ecg200", "mnist"):  # (ecg200 failed in numpy after reading its files; mnist took it)
         with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
             data.load(name, "train", seed=-1)
+
+
+def test_decoded_cache_write_removes_files_of_killed_writers(tmp_path):
+    """A decode killed mid-write left `<file>.<pid>.tmp` (8-17 MB) in the cache for good; the next write of that
+    file removes those of writers that are gone, and leaves a running writer's alone."""
+    import os
+    import subprocess
+
+    import numpy as np
+
+    from minaction.data import cache
+
+    p = subprocess.Popen(["true"])
+    p.wait()  # a pid that has exited
+    path = tmp_path / "decoded" / "x.npz"
+    path.parent.mkdir()
+    dead = path.with_name(f"{path.name}.{p.pid}.tmp")
+    live = path.with_name(f"{path.name}.{os.getppid()}.tmp")
+    dead.write_bytes(b"half")
+    live.write_bytes(b"in progress")
+    cache._write_cache(path, {"a": np.arange(3)})
+    assert path.is_file() and not dead.exists() and live.exists()
