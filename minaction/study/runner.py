@@ -654,11 +654,15 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
                         if attempt < max_attempts:
                             # a task that shared the pool when it broke is not blamed yet: it reruns alone
                             queue.append(dict(task, attempt=attempt, suspect=True))
-                            checkpoint.warn(f"the worker training {what} was lost ({why}); the group runs again, "
-                                            f"alone (attempt {attempt + 1} of {max_attempts})"
+                            # a group that shared the pool may only have been queued in it: it is not blamed, and
+                            # that loss is not one of its attempts (which count its runs alone)
+                            lost = (f"the worker training {what} was lost" if alone else
+                                    f"the worker pool was lost while {what} was queued or training in it")
+                            checkpoint.warn(f"{lost} ({why}); the group runs again, alone (attempt {attempt + 1} of "
+                                            f"{max_attempts} alone)"
                                             + (", from its checkpoint if it wrote one" if ckpt else ""))
                         else:
-                            checkpoint.warn(f"the worker training {what} was lost in {attempt} attempts ({why}); "
+                            checkpoint.warn(f"the worker training {what} was lost in {attempt} attempts alone ({why}); "
                                             f"its runs are recorded as failed")
                             err = (f"worker lost in {attempt} attempts (the process died: out of memory, "
                                    f"a crash in native code, or killed): "
