@@ -327,7 +327,8 @@ def _datasets_as_a_sample(rep, t: pd.DataFrame, counts: pd.DataFrame, data: pd.D
                         f"the profiles' correlation). Without them: F({fmt(s['df_num'])}, {fmt(s['df_den'])}) = "
                         f"{fmt(s['F'], 3)}, p = {fmt_p(s['p'])}.")
     rep.csv("anova_datasets_random", pd.DataFrame(rows))
-    text = (f"**Datasets as a sample.** The intervals above resample seeds within cells: they hold for these "
+    text = (f"**Datasets as a sample.** The intervals above treat these datasets as fixed (the exact CI by its model, "
+            f"the bootstrap by resampling seeds within cells): they hold for these "
             f"datasets. Read as a sample of datasets (dataset a random factor), the architecture effect is tested "
             f"against the architecture × dataset interaction instead of the residual: F({fmt(a['df'])}, "
             f"{fmt(i['df'])}) = {fmt(f)}, p = {fmt_p(p)} (Type {'II' if rep.opt.anova_type == 2 else 'III'} mean "

@@ -779,6 +779,8 @@ def test_ctrl_c_while_the_forkserver_preloads_prints_no_traceback(tmp_path):
     script = tmp_path / "preload_sigint.py"
     script.write_text(
         "import importlib.abc, os, signal, sys\n"
+        # as in a terminal (a shell's background job starts with SIGINT ignored, and Python then keeps it so)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "seen = []\n"
         "class Hook(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
