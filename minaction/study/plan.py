@@ -185,6 +185,16 @@ def _measure_task(plugins, group_runs, calibrate_steps):
     return measure(group_runs, calibrate_steps)
 
 
+def _defined_in_main(group_runs) -> bool:
+    """The group's architecture or dataset was registered by the running script (``__main__``)."""
+    from .. import data, models
+
+    c = group_runs[0]["config"]
+    reg = data.catalogue.REGISTERED.get(c["dataset"])
+    arch = models.architecture(c["arch"]) if c["arch"] in models.architecture_names() else None
+    return (arch is not None and arch.module == "__main__") or (reg is not None and reg.module == "__main__")
+
+
 class _IsolatedMeasure:
     """:func:`measure` in a child process of the study's forkserver. A model that ends its process (a
     plugin's ``os._exit``, a crash, the OOM killer) while it was timed ended the driver of ``study run``
@@ -201,6 +211,8 @@ class _IsolatedMeasure:
         from .executors import _init_local_worker, start_forkserver
         from .plugins import plugins_for
 
+        if _defined_in_main(group_runs):  # a child cannot import __main__'s registrations: timed here, as before
+            return measure(group_runs, calibrate_steps)
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(1, mp_context=start_forkserver(), initializer=_init_local_worker,
                                                 initargs=(MEASURE_THREADS, os.getpid()))

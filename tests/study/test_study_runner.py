@@ -596,3 +596,31 @@ def test_a_model_that_ends_its_process_while_timed_does_not_end_the_driver(tmp_p
     rows = dict(con.execute("SELECT arch, status FROM runs").fetchall())
     con.close()
     assert rows == {"tiny_crash": "failed", "tiny_mlp": "done"}
+
+
+def test_plan_times_an_architecture_registered_by_the_running_script(tmp_path):
+    """plan() times blocks in a child process, which cannot import what the running script (__main__)
+    registered: those are timed in the script's own process, as before."""
+    import os
+    from pathlib import Path
+
+    from test_study_faults import _preset
+
+    preset = _preset(tmp_path, archs=["main_mlp"], lams=[0.0], seeds=[0])
+    script = tmp_path / "my_script.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "import doubles.study\n"
+        "from minaction import models\n"
+        "def build(arch, meta, **kw):\n"
+        "    return doubles.study.build('tiny_mlp', meta, **kw)\n"
+        "if __name__ == '__main__':  # registered here, not at import: a child re-importing the script lacks it\n"
+        "    models.register_architecture('main_mlp', build, activation_stats=doubles.study.activation_stats)\n"
+        "    from minaction.study.plan import plan\n"
+        f"    p = plan({str(preset)!r}, workers=1)\n"
+        "    assert all('error' not in r for r in p['rows']), p['rows']\n"
+        "    print('ok', p['est_serial_s'] > 0)\n")
+    env = dict(os.environ, MINACTION_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok True", r.stderr[-2000:]
