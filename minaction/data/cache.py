@@ -128,7 +128,7 @@ def _fetch_and_decode(fam: Family, family: str, data_dir, progress: bool):
         try:
             files = src.fetch(cand.specs, progress=progress)
         except SourceUnavailable as exc:
-            tried.append(f"  - {src.describe()}: {exc}")
+            tried.append(f"{src.describe()}: {exc}")
             continue
         arrays = cand.decode(files)
         arrays["_origin"] = np.array(src.describe())
@@ -140,13 +140,12 @@ def _fetch_and_decode(fam: Family, family: str, data_dir, progress: bool):
                           RuntimeWarning, stacklevel=3)
         _MEMO[str(path)] = arrays
         return arrays, src.describe()
-    err = DataUnavailableError(
-        f"dataset {family!r}: no source could provide its files. Tried, in order:\n" + "\n".join(tried)
+    raise DataUnavailableError(
+        f"dataset {family!r}: no source could provide its files. Tried, in order:\n"
+        + "\n".join(f"  - {t}" for t in tried)
         + "\nPut the files in a folder and pass data_dir= (or set MINACTION_DATA to it, for the command line and the "
           "study), or set MINACTION_SHARED_DATA to a shared data folder; docs/data.md, 'Sources', lists each "
-          "dataset's sources and files.")
-    err.tried = [t.strip()[2:] for t in tried]  # each source and why it failed (the study's one-line error)
-    raise err
+          "dataset's sources and files.", tried=tried)
 
 
 def clear_memo() -> None:

@@ -46,7 +46,12 @@ class SourceUnavailable(DataError):
 
 
 class DataUnavailableError(DataError):
-    """No source could provide a dataset; the message lists every source tried and why."""
+    """No source could provide a dataset; the message lists every source tried and why, and ``tried``
+    holds them as a list (``"<source>: <why it failed>"``)."""
+
+    def __init__(self, message: str = "", tried=()):
+        super().__init__(message)
+        self.tried = list(tried)
 
 
 # --------------------------------------------------------------------------- locations

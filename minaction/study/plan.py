@@ -185,16 +185,6 @@ def _measure_task(plugins, group_runs, calibrate_steps):
     return measure(group_runs, calibrate_steps)
 
 
-def _defined_in_main(group_runs) -> bool:
-    """The group's architecture or dataset was registered by the running script (``__main__``)."""
-    from .. import data, models
-
-    c = group_runs[0]["config"]
-    reg = data.catalogue.REGISTERED.get(c["dataset"])
-    arch = models.architecture(c["arch"]) if c["arch"] in models.architecture_names() else None
-    return (arch is not None and arch.module == "__main__") or (reg is not None and reg.module == "__main__")
-
-
 class _IsolatedMeasure:
     """:func:`measure` in a child process of the study's forkserver. A model that ends its process (a
     plugin's ``os._exit``, a crash, the OOM killer) while it was timed ended the driver of ``study run``
@@ -209,9 +199,10 @@ class _IsolatedMeasure:
         from concurrent.futures.process import BrokenProcessPool
 
         from .executors import _init_local_worker, start_forkserver
-        from .plugins import plugins_for
+        from .plugins import plugins_for, registering_modules
 
-        if _defined_in_main(group_runs):  # a child cannot import __main__'s registrations: timed here, as before
+        if "__main__" in registering_modules(group_runs[:1]):  # a child cannot import what the running script
+            # registered under its __main__ guard: timed here, as before
             return measure(group_runs, calibrate_steps)
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(1, mp_context=start_forkserver(), initializer=_init_local_worker,
@@ -342,7 +333,6 @@ def plan(preset, db=None, workers=None, calibrate_steps: int = 3, refresh: bool 
         rows.append(row)
     if isolated is not None:
         isolated.close()
-    _save_table(path, table)
     return {"preset": spec["name"], "budget": spec["budget"].get("name"), "runs": len(runs), "pending": len(todo),
             "groups": len(groups), "workers": workers, "est_wall_s": total / max(workers, 1),
             "est_serial_s": total, "rows": rows, "upper_bound": any(float(r["config"]["budget"].get(

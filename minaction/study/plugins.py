@@ -27,9 +27,9 @@ def _root(module: str) -> Optional[str]:
     return str(p.parents[depth])
 
 
-def plugins_for(runs: Iterable[dict]) -> List[Tuple[str, Optional[str]]]:
-    """``[(module, sys.path root)]``: the modules that registered the architectures and
-    datasets of ``runs`` (built-in names need none; ``__main__`` cannot be imported elsewhere)."""
+def registering_modules(runs: Iterable[dict]) -> set:
+    """The modules that registered the architectures and datasets of ``runs`` (``__main__`` included;
+    built-in names need none)."""
     from .. import data, models
 
     mods = set()
@@ -38,9 +38,15 @@ def plugins_for(runs: Iterable[dict]) -> List[Tuple[str, Optional[str]]]:
         reg = data.catalogue.REGISTERED.get(ds)
         for m in (models.architecture(arch).module if arch in models.architecture_names() else None,
                   reg.module if reg is not None else None):
-            if m and m != "__main__":
+            if m:
                 mods.add(m)
-    return [(m, _root(m)) for m in sorted(mods)]
+    return mods
+
+
+def plugins_for(runs: Iterable[dict]) -> List[Tuple[str, Optional[str]]]:
+    """``[(module, sys.path root)]``: the modules that registered the architectures and
+    datasets of ``runs`` (built-in names need none; ``__main__`` cannot be imported elsewhere)."""
+    return [(m, _root(m)) for m in sorted(registering_modules(runs) - {"__main__"})]
 
 
 def import_plugins(plugins: Iterable) -> None:

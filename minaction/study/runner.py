@@ -248,11 +248,9 @@ def check_inputs(runs) -> None:
             continue  # decoded arrays are in the cache: a worker loads them in milliseconds
         try:
             cache.family_arrays(family, data_dir=opts.get("data_dir"))
-        except data.DataUnavailableError as exc:
+        except data.DataError as exc:  # (DataUnavailableError.tried: each source and why, for one line)
             tried = getattr(exc, "tried", None)
             missing[name] = "; ".join(tried) if tried else " ".join(str(exc).split())
-        except data.DataError as exc:
-            missing[name] = " ".join(str(exc).split())
         finally:
             data.clear_memo()  # the driver does not keep the arrays
     if missing:
