@@ -254,10 +254,8 @@ def test_unknown_or_unavailable_dataset_is_refused(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("MINACTION_CACHE", str(tmp_path / "empty-cache"))
 
     def unavailable(family, data_dir=None, **kw):
-        err = DataUnavailableError(f"dataset {family!r}: no source could provide its files. Tried, in order:\n"
-                                   f"  - somewhere: absent")
-        err.tried = [f"somewhere for {family}: absent"]
-        raise err
+        raise DataUnavailableError(f"dataset {family!r}: no source could provide its files. Tried, in order:\n"
+                                   f"  - somewhere: absent", tried=[f"somewhere for {family}: absent"])
 
     monkeypatch.setattr(cache, "family_arrays", unavailable)
     # every dataset that cannot be had is named at once (the first alone was: a user fixed one per try)
