@@ -101,7 +101,7 @@ def total_energy(model: nn.Module) -> torch.Tensor:
         if e is None:
             raise RuntimeError(f"energy layer {name or type(m).__name__!r} has no energy yet: run a forward first "
                                "(a forward inside a torch.func transform leaves none after the transform returns: "
-                               "call total_energy inside the transformed function)")
+                               "call total_energy inside the transformed function)" + _copied_hint(m))
         total = e if total is None else total + e
         if m.__dict__.get("_unread"):
             m.__dict__["_unread"] = False
@@ -111,6 +111,18 @@ def total_energy(model: nn.Module) -> torch.Tensor:
         if _grad_enabled():  # each layer is asked: one outside the checkpoint gives the sum a gradient
             _warn_if_reentrant_checkpoint(model, found)
     return total
+
+
+def _copied_hint(layer: nn.Module) -> str:
+    """For a layer that is a copy (copy.deepcopy, pickle, torch.save/load) and has not run since: why a
+    forward of the copied model may not have run it."""
+    if not layer.__dict__.get("_copied"):
+        return ""
+    return ("; this layer is a copy (copy.deepcopy, pickle or torch.save/load) that has not run since it was "
+            "copied: if the copied model did run a forward, that forward called another model's modules, e.g. "
+            "through a function that closes over the original's modules (minGPT's MLP, "
+            "self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))), which a copy keeps pointing at the "
+            "original. Make such a function a method (or rebuild it after copying)")
 
 
 def _refuse_no_energy_layers(model: nn.Module) -> None:
@@ -215,7 +227,8 @@ def _warn_if_reentrant_checkpoint(model: nn.Module, layers=None) -> None:
     forward of ``torch.utils.checkpoint(..., use_reentrant=True)`` (see nn.layers._note_no_grad_energy).
     ``layers``: ``energy_layers(model)``, where the caller has it already (else found again)."""
     names = [n or type(m).__name__ for n, m in (energy_layers(model) if layers is None else layers)
-             if m.__dict__.get("_reentrant_energy") is m.__dict__.get("_last_energy")
+             if m.__dict__.get("_last_energy") is not None  # (a copy has neither: None is None)
+             and m.__dict__.get("_reentrant_energy") is m.__dict__.get("_last_energy")
              and not m.penalty]  # a layer with its own penalty trains
     _warn_reentrant(names, stacklevel=4)
 
@@ -376,7 +389,20 @@ def _current(model: nn.Module, layers):
     LayerDrop skipped this step). With every layer in one of these, the layers of the most recent
     sum count (``total_energy`` called twice after one forward gives the same value)."""
     rid = id(model)
-    layers = [nm for nm in layers if nm[1].last_energy is not None] or layers
+    ran = [nm for nm in layers if nm[1].last_energy is not None]
+    if ran and _grad_enabled():
+        copies = [nm[0] or type(nm[1]).__name__ for nm in layers
+                  if nm[1].last_energy is None and nm[1].__dict__.get("_copied")]
+        if copies:  # the loss would train without their term and nothing would say so
+            warnings.warn(
+                f"{len(copies)} energy layer(s) ({', '.join(copies[:4])}{', ...' if len(copies) > 4 else ''}) are "
+                "copies (copy.deepcopy, pickle or torch.save/load) that have not run since they were copied, while "
+                "other layers of the model have: the sum leaves them out. If the model's forward should have run "
+                "them, it called the original's modules instead, e.g. through a function that closes over them "
+                "(minGPT's MLP, self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))), which a copy keeps "
+                "pointing at the original. Make such a function a method (or rebuild it after copying)",
+                UserWarning, stacklevel=3)
+    layers = ran or layers
     switched = [nm[1].stale() for nm in layers]
     if any(switched) and not all(switched):
         layers = [nm for nm, s in zip(layers, switched) if not s]

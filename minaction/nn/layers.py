@@ -327,6 +327,7 @@ class EnergyLayer(nn.Module):
         for transient in ("_unread", "_lost_checks", "_call_energy", "_fresh", "_read", "_ever_read"):  # the last steps' bookkeeping
             state.pop(transient, None)
         state.pop("_plan", None)  # a cached call plan refers to this copy's tensors: rebuilt on first forward
+        state["_copied"] = True  # named by total_energy's "no energy yet" (a closure may still run the original)
         return state
 
     def __setattr__(self, name, value):

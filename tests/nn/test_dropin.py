@@ -174,6 +174,53 @@ def test_deepcopy_after_forward_and_ema(which):
     assert _energy_of(ema).item() > 0  # the copy works as a model of its own
 
 
+class ClosureBlock(nn.Module):
+    """minGPT's MLP: the forward calls the layers through a lambda that closes over the ModuleDict, so a
+    copy of the block keeps calling the original's layers."""
+
+    def __init__(self, d=8, closure_attn=False):
+        super().__init__()
+        self.attn = EnergyLinear(d, d)
+        self.mlp = nn.ModuleDict(dict(c_fc=EnergyLinear(d, 4 * d, activation="gelu"), c_proj=nn.Linear(4 * d, d)))
+        m = self.mlp
+        self.mlpf = lambda x: m.c_proj(m.c_fc(x))
+        if closure_attn:
+            attn = self.attn
+            self.attnf = lambda x: attn(x)
+
+    def forward(self, x):
+        h = self.attnf(x) if hasattr(self, "attnf") else self.attn(x)
+        return x + self.mlpf(h)
+
+
+def test_a_copy_whose_forward_runs_the_originals_layers_is_named():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    block = ClosureBlock()
+    block(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the original: no word (and no checkpoint warning for the copy's None)
+        minaction.total_energy(block)
+    clone = copy.deepcopy(block)
+    clone(x)  # runs clone.attn, but block.mlp.c_fc through the lambda
+    with pytest.warns(UserWarning, match=r"mlp\.c_fc.*copies.*closes over.*self\.mlpf") as rec:
+        total = minaction.total_energy(clone)
+    assert not any("checkpoint" in str(w.message) for w in rec)  # not the reentrant-checkpoint warning
+    torch.testing.assert_close(total, clone.attn.last_energy)  # what the sum holds, as the warning says
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # logging (no grad) is not warned about
+        minaction.total_energy(clone)
+    # every energy layer behind closures: the error names the copy, not only "run a forward first"
+    only = copy.deepcopy(ClosureBlock(closure_attn=True))
+    only(x)
+    with pytest.raises(RuntimeError, match=r"no energy yet.*is a copy.*closes over"):
+        minaction.total_energy(only)
+    fresh = ClosureBlock(closure_attn=True)  # never copied, never run: the plain message
+    with pytest.raises(RuntimeError, match=r"no energy yet") as err:
+        minaction.total_energy(fresh)
+    assert "copy" not in str(err.value)
+
+
 def test_torch_save_and_pickle_never_carry_the_energy():
     name, model, x = _energy_models()[0]
     model(x)
