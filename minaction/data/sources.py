@@ -478,15 +478,17 @@ class TreeSource(Source):
         folder = cache_dir() / "downloads" / "urls" / self.cache_folder
         missing = [n for n in self.names if not (folder / n).is_file()]
         bar = None
-        if missing and progress:
-            from tqdm.auto import tqdm
+        try:
+            for n in missing:
+                download(self.base_url + n, folder / n, progress=False)
+                if bar is not None:
+                    bar.update(1)
+                elif progress and len(missing) > 1:  # drawn once a file came: no "0/1102" bar before a failure
+                    from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(missing), unit="file", desc=self.cache_folder)
-        for n in missing:
-            download(self.base_url + n, folder / n, progress=False)
+                    bar = tqdm(total=len(missing), initial=1, unit="file", desc=self.cache_folder)
+        finally:
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.close()
         members = {n: (folder / n).read_bytes() for n in self.names}
         return {spec.key: self._check(members, spec, f"{self.base_url} (saved in {folder})")}

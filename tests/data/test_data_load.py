@@ -387,6 +387,32 @@ def test_tree_source_per_file_download_and_extracted_folder(tmp_path):
         TreeSource(names=list(members), folder_name="NMNISTsmall", data_dir=tmp_path).fetch([spec])
 
 
+def test_tree_source_draws_no_bar_before_its_first_file(monkeypatch, tmp_path, capsys):
+    """Offline, the first download fails: no empty '0/N' progress bar before the error."""
+    from minaction.data.sources import TreeSource, tree_digest
+
+    monkeypatch.setenv("MINACTION_CACHE", str(tmp_path / "cache"))
+    members = {f"f{i}.bin": bytes([i]) for i in range(3)}
+    spec = FileSpec("tree", ["T"], tree_digest(members))
+
+    def offline(url, dest, progress=True, timeout=60.0):
+        raise sources.SourceUnavailable(f"cannot reach {url}")
+
+    monkeypatch.setattr(sources, "download", offline)
+    with pytest.raises(sources.SourceUnavailable, match="cannot reach"):
+        TreeSource(names=list(members), base_url="https://example.invalid/", cache_folder="t").fetch([spec], progress=True)
+    assert "0/3" not in capsys.readouterr().err
+
+    def fake(url, dest, progress=True, timeout=60.0):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(members[url.rsplit("/", 1)[1]])
+        return dest
+
+    monkeypatch.setattr(sources, "download", fake)
+    got = TreeSource(names=list(members), base_url="https://example.invalid/", cache_folder="t").fetch([spec], progress=True)
+    assert got["tree"] == members and "3/3" in capsys.readouterr().err
+
+
 def test_unwritable_cache_still_loads(monkeypatch, tmp_path):
     _vision_fixture(monkeypatch, tmp_path)
     blocker = tmp_path / "file-not-dir"
