@@ -166,14 +166,18 @@ def section(rep) -> None:
         flips = tg[tg["signs_disagree"]]
         flips_ds = ds_time[ds_time["signs_disagree"]]
         n_ds = int((ds_time["stall_robust_pct"].notna() & ds_time["raw_clock_pct"].notna()).sum())
+        n_mod = int((tg["stall_robust_pct"].notna() & tg["raw_clock_pct"].notna()).sum())
+        rel_f = rep.csv("efficiency_time_sign_flips", pd.DataFrame(
+            {"level": ["modality", "dataset"], "cells_with_both": [n_mod, n_ds],
+             "signs_disagree": [len(flips), len(flips_ds)], "table": [rel_t, rel_dt]}))
         listed = "; ".join(f"{r.modality} {r.arch}, {r.quantity}: {pct(r.stall_robust_pct)}% stall-robust against "
                            f"{pct(r.raw_clock_pct)}% raw" for r in flips.itertuples())
         d.p(f"**The two times.** {TIME_WHAT} Where they disagree in sign, the run's speed was not steady (a stall, "
             f"or a lasting change of speed as the shared machine's load changed), and neither time tells which "
-            f"architecture trains faster in seconds. They disagree in sign in {len(flips)} of "
-            f"{int((tg['stall_robust_pct'].notna() & tg['raw_clock_pct'].notna()).sum())} modality cells"
+            f"architecture trains faster in seconds. They disagree in sign in {len(flips)} of {n_mod} modality cells"
             + (f" ({listed})" if len(flips) else "") + f", and in {len(flips_ds)} of {n_ds} dataset cells "
-            f"(`{rel_dt}`, column `signs_disagree`). The headline metric and the verdict do not use either.")
+            f"(`{rel_dt}`, column `signs_disagree`; the counts: `{rel_f}`). The headline metric and the verdict do "
+            f"not use either.")
     from . import figures as _fig
 
     plot_metrics = [metric, "time", "time_clock"]

@@ -85,6 +85,9 @@ def test_report_shows_both_times_and_explains_them(tmp_path):
     tg = pd.read_csv(out / "tables" / "efficiency_time_gains.csv")
     assert {"stall_robust_pct", "raw_clock_pct", "signs_disagree"} <= set(tg.columns) and len(tg)
     assert (out / "tables" / "efficiency_time_gains_by_dataset.csv").is_file()
+    flips = pd.read_csv(out / "tables" / "efficiency_time_sign_flips.csv").set_index("level")
+    assert flips.loc["modality", "signs_disagree"] == int(tg["signs_disagree"].sum())
+    assert f"disagree in sign in {flips.loc['modality', 'signs_disagree']} of " in f3
     g = pd.read_csv(out / "tables" / "efficiency_gains.csv")
     assert {"time", "time_clock", "acc_per_s", "acc_per_s_clock"} <= set(g["metric"])
     assert "stall-robust training time" in f3  # the learning-curve caption names the tables' time
