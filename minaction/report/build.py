@@ -41,6 +41,7 @@ class ReportOptions:
     target_frac: float = 0.95  # target accuracy = target_frac x best final val accuracy on the dataset
     target_by: str = "dataset"  # whose best: "dataset" (any architecture there, MISSION) or "arch" (its own)
     efficiency_metric: str = "flops"  # headline metric of Finding 3: steps, samples or flops (time: secondary)
+    finding3_reading: str = "each"  # Finding 3's verdict reads every energy-first arch ("each") or the best per modality
     energy_first: tuple = ENERGY_FIRST
     conventional: tuple = CONVENTIONAL
     preset: str | None = None  # report only this preset's runs (needed when the store mixes budgets)
@@ -145,6 +146,8 @@ def check_options(opt: ReportOptions) -> None:
         raise ValueError(f"anova_type must be 2 or 3, got {opt.anova_type}")
     if opt.target_by not in ("dataset", "arch"):
         raise ValueError(f"target_by must be 'dataset' or 'arch', got {opt.target_by!r}")
+    if opt.finding3_reading not in _eff.READINGS:
+        raise ValueError(f"finding3_reading must be one of {list(_eff.READINGS)}, got {opt.finding3_reading!r}")
     if opt.efficiency_metric not in _eff.METRICS:
         raise ValueError(f"efficiency_metric must be one of {sorted(_eff.METRICS)}, got {opt.efficiency_metric!r}")
     for name, hi, closed in (("ci", 1.0, False), ("target_frac", 1.0, True), ("tost_alpha", 0.5, False),

@@ -31,6 +31,9 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--efficiency-metric", choices=("flops", "steps", "samples"), default="flops",
                    help="headline metric of Finding 3: training FLOPs, optimizer steps or training samples to "
                         "the target (default flops; wall time is always a secondary column)")
+    g.add_argument("--finding3-reading", choices=("each", "best"), default="each",
+                   help="how the Finding 3 verdict reads the paper's claim: every energy-first architecture in every "
+                        "modality (default; the claim names both) or, per modality, only the one with the larger gain")
 
 
 def _options(args):
@@ -47,7 +50,8 @@ def _options(args):
             groups[key] = names
     opt = ReportOptions(n_boot=args.n_boot, seed=args.seed, ci=args.ci, anova_type=args.anova_type, lam=args.lam,
                         target_frac=args.target_frac, target_by=args.target_by, **groups,
-                        efficiency_metric=args.efficiency_metric, source=args.source,
+                        efficiency_metric=args.efficiency_metric, finding3_reading=args.finding3_reading,
+                        source=args.source,
                         preset=getattr(args, "preset", None), budget=tuple(getattr(args, "budget", None) or ()),
                         design=getattr(args, "design", None))
     check_options(opt)

@@ -189,9 +189,20 @@ def sweep_plot(sweep: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def efficiency_plot(gains: pd.DataFrame, path: Path) -> Path:
-    """Relative gain (%) of each energy-first arch per modality, with CI, per metric: horizontal
-    bars, one labelled row per (modality, architecture), so the labels never overlap."""
+def efficiency_plot(gains: pd.DataFrame, path: Path, names: dict | None = None) -> Path:
+    """Relative gain (%) of each energy-first arch per modality, per metric (one panel each, in the order of
+    ``gains``): horizontal bars, one labelled row per (modality, architecture), so the labels never overlap.
+    Whiskers are the CI (``gain_pct_lo`` / ``gain_pct_hi``) and are drawn only where it exists: the time-based
+    metrics have none, and a zero-width whisker would read as a certain value. ``names``: metric -> panel label."""
+    plt = _plt()
+    fig = efficiency_figure(gains, names)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def efficiency_figure(gains: pd.DataFrame, names: dict | None = None):
+    """The figure of :func:`efficiency_plot`, not saved (tests inspect it)."""
     plt = _plt()
     metrics = list(dict.fromkeys(gains["metric"]))
     n = max((int((gains["metric"] == m).sum()) for m in metrics), default=1)
@@ -202,31 +213,52 @@ def efficiency_plot(gains: pd.DataFrame, path: Path) -> Path:
         g = gains[gains["metric"] == metric].reset_index(drop=True)
         labels = [f"{m} · {a}" for m, a in zip(g["modality"], g["arch"])]
         y = g["gain_pct"].to_numpy(float)
-        err = np.nan_to_num(np.abs(np.vstack([y - g["gain_pct_lo"], g["gain_pct_hi"] - y]).astype(float)))
+        lo, hi = g["gain_pct_lo"].to_numpy(float), g["gain_pct_hi"].to_numpy(float)
         pos = np.arange(len(g))[::-1]  # first row on top
-        ax.barh(pos, np.nan_to_num(y), xerr=err, capsize=3,
-                color=["tab:green" if v > 0 else "tab:red" for v in np.nan_to_num(y)])
+        ax.barh(pos, np.nan_to_num(y), color=["tab:green" if v > 0 else "tab:red" for v in np.nan_to_num(y)])
+        has = np.isfinite(y) & np.isfinite(lo) & np.isfinite(hi)
+        if has.any():
+            ax.errorbar(y[has], pos[has], xerr=np.abs(np.vstack([y[has] - lo[has], hi[has] - y[has]])), fmt="none",
+                        ecolor="k", capsize=3, lw=1)
         for k in np.where(~np.isfinite(y))[0]:
             ax.text(0, pos[k], " n/a", ha="left", va="center", fontsize=7, color="0.4")
         ax.axvspan(5, 33, color="tab:blue", alpha=0.12, label="paper: 5–33%")
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(pos)
         ax.set_yticklabels(labels, fontsize=8)
-        ax.set_xlabel(f"gain vs best conventional (%), {metric}")
+        what = (names or {}).get(metric, metric)
+        ax.set_xlabel(f"gain vs best conventional (%)\n{what}" + ("" if has.any() else " (no CI)"), fontsize=9)
         ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
+    return fig
+
+
+def curves_plot(runs: pd.DataFrame, epochs: pd.DataFrame, lam: float, path: Path,
+                evals: pd.DataFrame | None = None) -> Path:
+    """Validation accuracy against the *stall-robust* training time, mean per (dataset, arch): each evaluation
+    point of a run (``efficiency.curves``: every evaluation where the store has them, else every epoch) is placed
+    at its progress (optimizer steps; epochs without steps) × the run's median seconds per unit of progress, the
+    time the report's tables use, so that figure and tables measure time alike."""
+    plt = _plt()
+    fig = curves_figure(runs, epochs, lam, evals)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
 
-def curves_plot(runs: pd.DataFrame, epochs: pd.DataFrame, lam: float, path: Path) -> Path:
-    """Validation accuracy against cumulative training time, mean per (dataset, arch)."""
+def curves_figure(runs: pd.DataFrame, epochs: pd.DataFrame | None, lam: float, evals: pd.DataFrame | None = None):
+    """The figure of :func:`curves_plot`, not saved (tests inspect it)."""
+    from .efficiency import _seconds_per_unit, curves
+
     plt = _plt()
     r = runs[runs["lam"] == lam][["run_id", "dataset", "arch"]]
-    ep = epochs.merge(r, on="run_id")
-    datasets = sorted(ep["dataset"].unique())
+    cur = curves(runs[runs["lam"] == lam], epochs, evals)
+    rate = _seconds_per_unit(cur) if len(cur) else pd.Series(dtype=float)
+    cur = cur.assign(unit=cur["step"].where(cur["step"].notna(), cur["epoch"]))
+    cur = cur.assign(robust_s=cur["unit"] * cur["run_id"].map(rate)).merge(r, on="run_id")
+    cur = cur[cur["unit"].notna() & cur["robust_s"].notna()]
+    datasets = sorted(cur["dataset"].unique())
     # a grid of at most 4 panels per row: one row of 10 panels was 2880 px wide, and report.html (figures at
     # most ~1070 px wide) showed it 100 px tall, its text unreadable (session 24's audit)
     nc = max(1, min(4, len(datasets)))
@@ -234,11 +266,12 @@ def curves_plot(runs: pd.DataFrame, epochs: pd.DataFrame, lam: float, path: Path
     fig, axes = plt.subplots(nr, nc, figsize=(3.6 * nc, 3.0 * nr), squeeze=False)
     for j, ds in enumerate(datasets):
         ax = axes[j // nc, j % nc]
-        for arch, g in ep[ep["dataset"] == ds].groupby("arch", sort=True):
-            m = g.groupby("epoch")[["wall_time_s", "val_acc"]].mean()
-            ax.plot(m["wall_time_s"], 100 * m["val_acc"], "-o", ms=3, label=arch)
+        for arch, g in cur[cur["dataset"] == ds].groupby("arch", sort=True):
+            m = g.groupby("unit")[["robust_s", "val_acc"]].mean()
+            ax.plot(m["robust_s"], 100 * m["val_acc"], "-", marker="o" if len(m) <= 40 else None, ms=3, lw=1,
+                    label=arch)
         ax.set_title(ds)
-        ax.set_xlabel("training time (s)")
+        ax.set_xlabel("training time (s), stall-robust")
         ax.grid(alpha=0.3)
         if j % nc == 0:
             ax.set_ylabel("validation accuracy (%)")
@@ -247,6 +280,4 @@ def curves_plot(runs: pd.DataFrame, epochs: pd.DataFrame, lam: float, path: Path
     if datasets:
         axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return fig

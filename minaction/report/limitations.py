@@ -127,9 +127,11 @@ def section(rep) -> None:
     if getattr(rep, "finding3_read", False):
         items.append("Training time (to target, and per accuracy) comes from one clock per batched group: the "
                      "seeds trained together share it, and a stall of the shared machine slows all of them at once. "
-                     "They are not independent replicates of a time, so time-based metrics get no seed-bootstrap CI; "
-                     "time to target is counted as steps to target × the run's median seconds per step, which a "
-                     "stall does not move.")
+                     "They are not independent replicates of a time, so time-based metrics get no seed-bootstrap CI. "
+                     "Each is shown twice: stall-robust (steps × the run's median seconds per step, which a stall "
+                     "does not move, but which also hides a lasting change of speed within a run) and on the raw "
+                     "clock (which carries both); where the two disagree in sign, neither tells which architecture "
+                     "trains faster in seconds.")
         items.append("Finding 3's value of an architecture on a dataset is the mean over the runs that reached the "
                      "target; runs that did not are left out (censored), not counted as slow, so an architecture "
                      "that misses the target in some seeds looks as fast as its successful seeds (the `reached` "
