@@ -1,20 +1,24 @@
 """The study driver: expand a preset, skip finished runs, train the rest, record each result.
 
 The driver is the only process that writes the database. Groups of runs (see
-:mod:`minaction.study.trainer`) go to an executor; as each group comes back, each of its
-runs is committed in its own transaction. Killing the driver at any moment loses only the
-work of the groups in flight since their last checkpoint (``<db>.ckpt/``, written by the
-workers at every epoch end and every few minutes, :mod:`minaction.study.checkpoint`); the
-next call with the same preset and database trains exactly those groups, resuming each from
-its checkpoint, and deletes a group's checkpoint once its runs are recorded.
+:mod:`minaction.study.trainer`) go to an executor; as each group comes back, all of its
+runs are committed in one transaction, with Ctrl-C held until it is done. Killing the
+driver at any moment loses only the work of the groups in flight since their last
+checkpoint (``<db>.ckpt/``, written by the workers at every epoch end and every few minutes,
+:mod:`minaction.study.checkpoint`); the next call with the same preset and database trains
+exactly those groups, resuming each from its checkpoint, and deletes a group's checkpoint
+once its runs are recorded.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import json
 import os
+import signal
 import sqlite3
+import threading
 import time
 import traceback
 import warnings
@@ -261,6 +265,48 @@ def check_inputs(runs) -> None:
             f"the files in a folder and set MINACTION_DATA to it, or set MINACTION_SHARED_DATA to a shared data "
             f"folder (docs/data.md, 'Sources', lists each dataset's files); `minaction data fetch {names}` lists "
             f"the sources one per line")
+
+
+#: the signals the driver stops on by raising in its main thread (Ctrl-C; SIGTERM and SIGHUP under the
+#: `minaction` command), held while a group is being recorded
+_HELD_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold Ctrl-C (and SIGTERM / SIGHUP where a Python handler stops the process) until the block is done,
+    then act on it as it would have: a group's recording is short, and an interrupt inside it would roll
+    back the group's finished runs (they train again from the last checkpoint). A second signal while held acts at once (the
+    transaction then rolls back whole: the group trains again from its checkpoint). A signal left to the
+    OS's default (a plain SIGTERM outside the `minaction` command) is not held: it ends the process, and the
+    open transaction is lost whole, as after ``kill -9``. Outside the main thread nothing is held (Python
+    delivers signals there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    old = {}
+
+    def hold(signum, frame):
+        if pending:  # asked twice: stop now
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            old[signum](signum, frame)
+            return
+        pending.append(signum)
+
+    for sig in _HELD_SIGNALS:
+        h = signal.getsignal(sig)
+        if callable(h):  # a Python handler (default_int_handler, the command's SIGTERM one); not SIG_DFL/SIG_IGN
+            old[sig] = h
+            signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    if pending and pending[0] in old:
+        old[pending[0]](pending[0], None)  # as the signal would have: raises KeyboardInterrupt (or the like)
 
 
 def _planned(spec) -> list:
@@ -590,18 +636,26 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
 
     identity = store.file_identity(db)
 
-    def record(records, machine=None):
+    def record(records, runs, machine=None):
+        """A group's runs in one transaction, then its checkpoint deleted, with Ctrl-C / SIGTERM held until
+        both are done: an interrupt between two members' records left the group half recorded, and the next
+        start trained the rest again from their start (their group, and so their checkpoint, was another)."""
         nonlocal recorded
         store.check_same_file(db, identity)
         run_prov = dict(prov, **machine) if prov is not None and machine else prov  # the worker's machine wins
-        for rec in records:
-            row = dict(rec["run"], preset=spec["name"])
+        rows = [dict(rec["run"], preset=spec["name"]) for rec in records]
+        with _signals_held():
             try:
-                store.record_run(con, row, rec["epochs"], rec.get("evals", ()), provenance=run_prov)
+                store.record_runs(con, [(row, rec["epochs"], rec.get("evals", ()), run_prov)
+                                        for row, rec in zip(rows, records)])
             except sqlite3.Error as exc:
-                raise store.diagnose(db, exc, f"record run {row['run_id']} in") from None
+                ids = ", ".join(r["run_id"] for r in rows[:3]) + (", ..." if len(rows) > 3 else "")
+                raise store.diagnose(db, exc, f"record the {len(rows)} run(s) of a group ({ids}) in") from None
+            if ckpt:  # the group's runs are committed: its checkpoint is no longer needed
+                checkpoint.remove(ckpt["checkpoint_dir"], runs)
+        for row in rows:
             counts[row["status"]] += 1
-            recorded += 1
+        recorded += len(rows)
         el = time.perf_counter() - t0 - build_s
         bar.update(len(records), {"runs/h": f"{3600 * recorded / max(el, 1e-9):.0f}", "failed": counts["failed"],
                                   "diverged": counts["diverged"]})
@@ -665,13 +719,9 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
                             err = (f"worker lost in {attempt} attempts (the process died: out of memory, "
                                    f"a crash in native code, or killed): "
                                    + "".join(traceback.format_exception_only(type(exc), exc)).strip())
-                            record(failed_records(task["runs"], err))
-                            if ckpt:
-                                checkpoint.remove(ckpt["checkpoint_dir"], task["runs"])
+                            record(failed_records(task["runs"], err), task["runs"])
                         continue
-                    record(res["records"], res.get("machine"))
-                    if ckpt:  # the group's runs are committed: its checkpoint is no longer needed
-                        checkpoint.remove(ckpt["checkpoint_dir"], task["runs"])
+                    record(res["records"], task["runs"], res.get("machine"))
         completed = True
     finally:
         bar.close()

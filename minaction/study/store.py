@@ -1,9 +1,10 @@
 """The study's result store: one SQLite file in WAL mode.
 
 The driver (the process running :func:`minaction.study.run_study`) is the only writer.
-Each finished run is written in one transaction (its ``runs`` row and all its ``epochs``
-rows together), so a ``kill -9`` at any moment leaves every committed run whole and the
-file consistent; a run that was in flight is simply absent and is trained again on resume.
+Each finished group of runs is written in one transaction (every member's ``runs`` row and
+all its ``epochs`` rows together, :func:`record_runs`), so a ``kill -9`` at any moment leaves
+every committed run whole and the file consistent; a group that was in flight is simply
+absent and is trained again on resume (from its checkpoint).
 
 Schema (fixed by the project's cross-module contract)::
 
@@ -226,8 +227,8 @@ EVAL_COLUMNS = ("run_id", "step", "epoch", "samples", "flops", "train_loss", "va
 def connect(path, readonly: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) the study database at ``path`` in WAL mode with the schema.
 
-    The connection is in autocommit mode; writers use :func:`record_run`, which wraps each
-    run in its own ``BEGIN IMMEDIATE ... COMMIT``. ``readonly=True`` opens an existing file
+    The connection is in autocommit mode; writers use :func:`record_run` /
+    :func:`record_runs`, which wrap each run (each group) in one ``BEGIN IMMEDIATE ... COMMIT``. ``readonly=True`` opens an existing file
     without creating or altering anything (for ``study status`` and reports); in a folder
     that is not writable it falls back to SQLite's ``immutable`` mode (see :func:`open_readonly`).
 
@@ -551,32 +552,22 @@ def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), 
     failed run retried) is replaced together with its epochs. ``provenance``: where the run
     came from (:func:`minaction.study.provenance.collect`), kept as JSON in ``provenance``.
     """
-    if run.get("status") not in STATUSES:
-        raise ValueError(f"run status must be one of {STATUSES}, got {run.get('status')!r}")
-    unknown = set(run) - set(RUN_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown runs columns: {sorted(unknown)}")
-    row = dict(run)
-    row.setdefault("finished_at", now_utc())
-    vals = [_clean(row.get(c)) for c in RUN_COLUMNS]
-    erows = _child_rows(row["run_id"], epochs, EPOCH_COLUMNS, "epochs")
-    vrows = _child_rows(row["run_id"], evals, EVAL_COLUMNS, "evals")
+    record_runs(con, [(run, epochs, evals, provenance)])
+
+
+def record_runs(con: sqlite3.Connection, records: Iterable[tuple]) -> None:
+    """Write several finished runs, each ``(run, epochs, evals, provenance)`` as for :func:`record_run`, in
+    one transaction: all of them or none. The driver records a group's runs so: a group whose recording
+    was interrupted half-way left its first runs recorded and the rest not, and the next start regrouped
+    those (another group, so another checkpoint name) and trained them again from their start. Every
+    record is checked before the transaction begins."""
+    rows = [_run_rows(*rec) for rec in records]
+    if not rows:
+        return
     con.execute("BEGIN IMMEDIATE")
     try:
-        con.execute("DELETE FROM epochs WHERE run_id = ?", (row["run_id"],))
-        con.execute("DELETE FROM evals WHERE run_id = ?", (row["run_id"],))
-        con.execute("DELETE FROM provenance WHERE run_id = ?", (row["run_id"],))
-        if provenance is not None:
-            con.execute("INSERT INTO provenance (run_id, json) VALUES (?, ?)",
-                        (row["run_id"], json.dumps(provenance, sort_keys=True)))
-        if vrows:
-            con.executemany(f"INSERT INTO evals ({', '.join(EVAL_COLUMNS)}) VALUES "
-                            f"({', '.join('?' * len(EVAL_COLUMNS))})", vrows)
-        con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
-                    f"({', '.join('?' * len(RUN_COLUMNS))})", vals)
-        if erows:
-            con.executemany(f"INSERT INTO epochs ({', '.join(EPOCH_COLUMNS)}) VALUES "
-                            f"({', '.join('?' * len(EPOCH_COLUMNS))})", erows)
+        for r in rows:
+            _insert_run(con, *r)
         con.execute("COMMIT")
     except BaseException:
         # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR): rolling back
@@ -587,6 +578,40 @@ def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), 
             except sqlite3.Error:
                 pass
         raise
+
+
+def _run_rows(run: dict, epochs: Iterable[dict] = (), evals: Iterable[dict] = (),
+              provenance: Optional[dict] = None) -> tuple:
+    """One run's values for :func:`_insert_run`, checked (a bad status or column raises ValueError)."""
+    if run.get("status") not in STATUSES:
+        raise ValueError(f"run status must be one of {STATUSES}, got {run.get('status')!r}")
+    unknown = set(run) - set(RUN_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown runs columns: {sorted(unknown)}")
+    row = dict(run)
+    row.setdefault("finished_at", now_utc())
+    vals = [_clean(row.get(c)) for c in RUN_COLUMNS]
+    erows = _child_rows(row["run_id"], epochs, EPOCH_COLUMNS, "epochs")
+    vrows = _child_rows(row["run_id"], evals, EVAL_COLUMNS, "evals")
+    return row["run_id"], vals, erows, vrows, provenance
+
+
+def _insert_run(con: sqlite3.Connection, run_id, vals, erows, vrows, provenance) -> None:
+    """One run's rows, inside the caller's transaction (a previous record of ``run_id`` replaced)."""
+    con.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
+    con.execute("DELETE FROM evals WHERE run_id = ?", (run_id,))
+    con.execute("DELETE FROM provenance WHERE run_id = ?", (run_id,))
+    if provenance is not None:
+        con.execute("INSERT INTO provenance (run_id, json) VALUES (?, ?)",
+                    (run_id, json.dumps(provenance, sort_keys=True)))
+    if vrows:
+        con.executemany(f"INSERT INTO evals ({', '.join(EVAL_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(EVAL_COLUMNS))})", vrows)
+    con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
+                f"({', '.join('?' * len(RUN_COLUMNS))})", vals)
+    if erows:
+        con.executemany(f"INSERT INTO epochs ({', '.join(EPOCH_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(EPOCH_COLUMNS))})", erows)
 
 
 def provenance_of(con: sqlite3.Connection) -> dict:

@@ -594,21 +594,21 @@ def test_a_store_deleted_or_replaced_while_running_stops_the_study(tmp_path, mon
     the next process applies to a file moved over it (an operations trial lost a whole other store)."""
     preset = _preset(tmp_path, lams=[0.0, 1e-3, 1e-2, 1e-1], seeds=[0, 1, 2])
     db = tmp_path / "s.sqlite"
-    real = store.record_run
+    real = store.record_runs  # (the driver records a group's runs in one call)
     done = []
 
-    def record_then_lose(con, run, *a, **k):
-        real(con, run, *a, **k)
+    def record_then_lose(con, records):
+        real(con, records)
         if not done:
-            done.append(run["run_id"])
+            done.append(records[0][0]["run_id"])
             os.unlink(db)
             if how == "replaced":
                 store.connect(tmp_path / "other.sqlite").close()
                 os.replace(tmp_path / "other.sqlite", db)
 
-    monkeypatch.setattr(store, "record_run", record_then_lose)
+    monkeypatch.setattr(store, "record_runs", record_then_lose)
     rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"])
-    assert rc == 2
+    assert rc == 2 and done
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"was {'deleted or moved away' if how == 'deleted' else 'replaced by another file'} while this study ran" in err, err
 
