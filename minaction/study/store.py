@@ -82,6 +82,32 @@ def _writable(p: Path) -> bool:
     return os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0))
 
 
+def _siblings(path: Path) -> tuple:
+    """The store and the ``-wal`` and ``-shm`` files SQLite keeps beside it in WAL mode."""
+    return path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def _read_only_files(path: Path) -> list:
+    """Those of the store and its ``-wal``/``-shm`` files that exist and that this process cannot write."""
+    return [p for p in _siblings(path) if p.is_file() and not _writable(p)]
+
+
+def _read_only_why(path: Path, files: list, msg: Optional[str] = None) -> str:
+    """Which of the store's files are read-only, and the command that makes them writable."""
+    import shlex
+
+    names = " and ".join(repr(str(p)) for p in files)
+    one = len(files) == 1
+    why = f"{names} {'is' if one else 'are'} read-only" + (f" ({msg})" if msg else "")
+    if any(p != path for p in files):
+        # SQLite creates them with the store's own mode: a reader (`study status`, a report) of a store that
+        # was read-only then left them so, and they stayed read-only after the store was made writable again
+        why += (f"; SQLite gives the -wal and -shm files the mode the store had when they were made (a "
+                f"`study status` or a report of a read-only store leaves them read-only)")
+    return (why + f". Make {'it' if one else 'them'} writable (as {'its' if one else 'their'} owner): chmod u+w "
+            f"{' '.join(shlex.quote(str(p)) for p in files)}; then run the same command again")
+
+
 def diagnose(path, exc: BaseException, action: str = "open") -> StoreError:
     """A :class:`StoreError` naming ``path`` and the likely cause of the SQLite/OS error ``exc``."""
     path = Path(path)
@@ -100,8 +126,8 @@ def diagnose(path, exc: BaseException, action: str = "open") -> StoreError:
             why = f"its folder {str(folder)!r} does not exist ({msg})"
         elif _read_only_fs(folder):
             why = f"{str(folder)!r} is on a read-only file system ({msg}); copy the store to a writable place"
-        elif path.exists() and not _writable(path):
-            why = f"the file is not writable ({msg}); check its permissions"
+        elif _read_only_files(path):
+            why = _read_only_why(path, _read_only_files(path), msg)
         elif not _writable(folder):
             why = (f"its folder {str(folder)!r} is not writable ({msg}): SQLite's WAL mode creates "
                    f"{path.name}-wal and {path.name}-shm next to the file; use a writable folder")
@@ -251,6 +277,9 @@ def connect(path, readonly: bool = False) -> sqlite3.Connection:
     if not path.exists() and not _writable(folder):
         raise StoreError(f"cannot create the study store {str(path)!r}: its folder {str(folder)!r} is not writable")
     checked = _precheck(path, require_runs=False) if existed else True
+    ro = _read_only_files(path) if path.exists() and not _read_only_fs(folder) else []
+    if ro:  # SQLite opens such a store all the same and fails at the first write, naming no file
+        raise StoreError(f"cannot write to the study store {str(path)!r}: {_read_only_why(path, ro)}")
     con = None
     try:
         con = sqlite3.connect(uri(path, mode="rwc"), uri=True, timeout=30, isolation_level=None)

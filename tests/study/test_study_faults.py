@@ -461,6 +461,70 @@ def test_db_in_readonly_folder_is_refused(readonly_folder, tmp_path):
     assert os.listdir(readonly_folder) == []
 
 
+def test_store_left_read_only_by_status_names_its_files_and_the_fix(readonly_folder, tmp_path):
+    """A store of mode 444 read by `study status` gets -wal/-shm files of mode 444 (SQLite gives them the store's
+    mode); after the store itself is made writable again, `study run` failed at its first write with "attempt to
+    write a readonly database", naming no file. It now names the read-only files and the chmod that fixes them,
+    before anything is scheduled."""
+    db = readonly_folder / "s.sqlite"
+    con = store.connect(db)
+    store.record_run(con, {"run_id": "r0", "status": "done", "preset": "p", "lam": 0.0})
+    con.close()
+    os.chmod(db, 0o444)
+    r = _unprivileged(_cli("study", "status", "--db", str(db)))
+    assert r.returncode == 0, r.stderr
+    shm = str(db) + "-shm"
+    assert os.path.exists(shm) and not os.stat(shm).st_mode & 0o222  # what SQLite did
+    preset = _preset(tmp_path, archs=["mlp"], datasets=["mnist"])  # built-in names: the child needs no doubles
+    run = _cli("study", "run", "--preset", str(preset), "--db", str(db), "--no-progress")
+    r = _unprivileged(run)
+    assert r.returncode == 2
+    _one_line_error(r.stderr, repr(str(db)), repr(shm), "chmod u+w", "read-only")
+    os.chmod(db, 0o644)
+    r = _unprivileged(run)
+    assert r.returncode == 2
+    line = _one_line_error(r.stderr, repr(shm), "chmod u+w", "study status")
+    left = " ".join(p for p in (str(db) + "-wal", shm) if os.path.exists(p))
+    assert f"chmod u+w {left};" in line  # the db itself is writable now: not named
+
+
+def test_diagnose_names_the_read_only_wal_and_shm_files(tmp_path, monkeypatch):
+    """The same diagnosis without permissions (root writes any file): which of the store's files are read-only is
+    what the error names, with the chmod that fixes them."""
+    db = tmp_path / "s.sqlite"
+    for p in (db, tmp_path / "s.sqlite-wal", tmp_path / "s.sqlite-shm"):
+        p.write_bytes(b"")
+    monkeypatch.setattr(store, "_writable", lambda p: p.is_dir() or p == db)
+    err = str(store.diagnose(db, sqlite3.OperationalError("attempt to write a readonly database"), "write to"))
+    wal, shm = str(db) + "-wal", str(db) + "-shm"
+    assert err.startswith(f"cannot write to the study store {str(db)!r}: {wal!r} and {shm!r} are read-only "
+                          f"(attempt to write a readonly database)"), err
+    assert err.endswith(f"Make them writable (as their owner): chmod u+w {wal} {shm}; then run the same command "
+                        f"again"), err
+    monkeypatch.setattr(store, "_writable", lambda p: p.is_dir())
+    err = str(store.diagnose(db, sqlite3.OperationalError("attempt to write a readonly database"), "write to"))
+    assert f"chmod u+w {db} {wal} {shm};" in err
+    monkeypatch.setattr(store, "_writable", lambda p: p.is_dir() or p != db)
+    err = str(store.diagnose(db, sqlite3.OperationalError("attempt to write a readonly database"), "write to"))
+    assert f"{str(db)!r} is read-only" in err and f"chmod u+w {db};" in err and "-shm" not in err
+
+
+def test_writer_refuses_a_store_whose_shm_file_is_read_only(tmp_path, monkeypatch):
+    """SQLite opens such a store for writing without a word and fails at the first write: the writer's connect
+    refuses it at once, naming the file (before the study schedules anything)."""
+    db = tmp_path / "s.sqlite"
+    con = store.connect(db)
+    store.record_run(con, {"run_id": "r0", "status": "done"})
+    side = store.connect(db, readonly=True)  # an open reader keeps the -wal and -shm files
+    con.close()
+    shm = tmp_path / "s.sqlite-shm"
+    assert shm.exists()
+    monkeypatch.setattr(store, "_writable", lambda p: p != shm)
+    with pytest.raises(store.StoreError, match=r"'s\.sqlite-shm' is read-only.*chmod u\+w .*s\.sqlite-shm;"):
+        store.connect(db)
+    side.close()
+
+
 def test_db_under_a_file_is_refused(tmp_path, capsys):
     """Needs no privileges: the store's folder is a regular file."""
     (tmp_path / "plain").write_text("x")
