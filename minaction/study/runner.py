@@ -329,10 +329,17 @@ def study_status(db, preset=None) -> dict:
     breakdown per preset. ``running`` names the driver writing the store now, if any.
     Opens the store read-only (it works while a study is writing, and in a read-only folder).
     """
+    if _empty_file(db):  # (an SQLite reader would call it "not a study store"; `study run` takes it as new)
+        return _nothing_planned(db, preset, "the file is empty")
     con = store.connect(db, readonly=True)
     try:
         out = {"db": str(db)}
         recorded = {r[0] for r in con.execute("SELECT run_id FROM runs")}
+        if not recorded and con.execute("SELECT 1 FROM meta WHERE key LIKE 'preset:%' LIMIT 1").fetchone() is None:
+            # a driver stopped before it planned its preset (e.g. killed while the kernels were built): its planned
+            # 0 and pending 0 read as a finished study
+            return _nothing_planned(db, preset, "it holds no runs and no preset: e.g. a `study run` stopped before "
+                                                "it planned one, while the kernels were built")
         specs = {}
         if preset is not None:
             spec = load_preset(preset)
@@ -373,6 +380,43 @@ def study_status(db, preset=None) -> dict:
         raise store.diagnose(db, exc, "read") from None
     finally:
         con.close()
+
+
+def _empty_file(db) -> bool:
+    """``db`` is a 0-byte file (and no ``-wal`` beside it holds anything): a store no study has written yet."""
+    p = Path(db)
+    try:
+        wal = p.with_name(p.name + "-wal")
+        return p.is_file() and p.stat().st_size == 0 and not (wal.is_file() and wal.stat().st_size > 0)
+    except OSError:
+        return False
+
+
+def _nothing_planned(db, preset, why: str) -> dict:
+    """:func:`study_status` of a store into which no study has been planned: every count 0 (``preset``'s runs
+    pending), and a ``note`` that says so and how to start one."""
+    out = {"db": str(db)}
+    per = {}
+    if preset is not None:
+        spec = load_preset(preset)
+        out["preset"] = spec["name"]
+        ids = _planned(spec)
+        per = {"planned": len(ids), **{s: 0 for s in store.STATUSES}, "pending": len(ids)}
+        out.update(per)
+    else:
+        out.update({"planned": 0, **{s: 0 for s in store.STATUSES}, "pending": 0, "presets": {}})
+    import shlex
+
+    name = shlex.quote(os.fspath(preset)) if isinstance(preset, (str, os.PathLike)) else out.get("preset", "NAME")
+    running = store.writer(db)
+    out.update(done_wall_time_s=0.0, failures=[], running=running)
+    if running:
+        out["note"] = (f"no study has been planned in {db} yet: the `study run` writing it ({running}) is starting "
+                       f"(it plans its preset once the data are checked and the kernels built)")
+    else:
+        out["note"] = (f"no study has been planned in {db} yet ({why}); `minaction study run --preset {name} --db "
+                       f"{shlex.quote(os.fspath(db))}` starts one")
+    return out
 
 
 def _failures(con, only=None, most: int = 10) -> list:
@@ -508,7 +552,8 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         except ValueError as exc:
             raise StudyConfigError(str(exc)) from None
     check_config(runs, spec)  # before the store exists: a refused preset leaves no empty store behind
-    if not Path(db).exists():  # every run is pending: a dataset that cannot be had leaves no empty store either
+    if not Path(db).exists() or _empty_file(db):  # every run is pending: a dataset that cannot be had leaves no
+        # empty store either (and a 0-byte file stays 0 bytes, which `study status` reads as "nothing planned")
         check_inputs(runs if limit is None else runs[:max(0, int(limit))])
     con = store.connect(db)
     lock = None

@@ -206,6 +206,9 @@ def _check_contents(con: sqlite3.Connection, path: Path, require_runs: bool) -> 
                          f"(SQLite quick_check: {'; '.join(map(str, rows))}); restore it from a copy or give "
                          f"another --db")
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if require_runs and not tables:  # a 0-byte file (which `study run` takes as a new store) or a bare database
+        raise StoreError(f"no study has been written to {str(path)!r} yet (an empty database); `minaction study "
+                         f"run --preset NAME --db {path}` starts one")
     if (require_runs or tables) and "runs" not in tables:
         raise StoreError(f"{str(path)!r} is an SQLite database but not a study store (no 'runs' table; tables: "
                          f"{sorted(tables)}); give another --db")

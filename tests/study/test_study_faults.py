@@ -580,6 +580,65 @@ def test_files_that_are_not_stores(tmp_path, capsys, kind):
         assert _snapshot(folder) == before  # no byte changed, no -wal, -shm or lock file made
 
 
+def test_status_of_an_empty_file_says_no_study_is_planned_there(tmp_path, capsys):
+    """`study run` takes a 0-byte --db as a new store; `study status` called it "not a study store". It now says
+    that nothing is planned there yet and how to start, without touching the file; and `run` still takes it."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    db = folder / "s.sqlite"
+    db.write_bytes(b"")
+    preset = _preset(tmp_path, lams=[0.0], seeds=[0, 1])
+    for args, planned in ((["--db", str(db)], 0), (["--db", str(db), "--preset", str(preset)], 2)):
+        assert main(["study", "status", *args]) == 0
+        out, err = capsys.readouterr()
+        st = json.loads(out)
+        assert (st["planned"], st["pending"], st["done"]) == (planned, planned, 0)
+        assert "not a study store" not in err
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"minaction study status: note: no study has been planned in {db} yet (the file is "
+                               f"empty); `minaction study run --preset ")
+        assert line.endswith(f" --db {db}` starts one") and st["note"] in line
+        assert str(preset) in line if planned else "--preset NAME" in line
+    assert os.listdir(folder) == ["s.sqlite"] and db.stat().st_size == 0  # read without a byte written
+    assert main(["study", "export", "--db", str(db), "--out", str(tmp_path / "x.jsonl.gz")]) == 2
+    _one_line_error(capsys.readouterr().err, "no study has been written to", "study run --preset NAME")
+    assert main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["study", "status", "--db", str(db)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["done"] == 2 and "note" not in json.loads(out) and err == ""
+
+
+def test_status_of_a_store_stopped_before_it_planned_says_so(tmp_path, monkeypatch, capsys):
+    """A driver killed before it planned its preset (while the kernels were built, on first use minutes) left a
+    store with no runs and no plan: `status` showed planned 0, pending 0, as a finished study does."""
+    from minaction.study import runner
+
+    def build(build=True):
+        if build:
+            raise KeyboardInterrupt  # Ctrl-C during the kernels' build
+        return "auto"
+
+    monkeypatch.setattr(runner, "check_backend", build)
+    db = tmp_path / "s.sqlite"
+    preset = _preset(tmp_path, lams=[0.0], seeds=[0, 1])
+    with pytest.raises(KeyboardInterrupt):
+        run_study(preset, db, workers=1, progress=False)
+    st = study_status(db)
+    assert (st["planned"], st["pending"]) == (0, 0)
+    assert st["note"].startswith(f"no study has been planned in {db} yet (it holds no runs and no preset")
+    assert st["note"].endswith(f"`minaction study run --preset NAME --db {db}` starts one")
+    lock = store.acquire_writer_lock(db)  # a driver that is still starting: not "stopped"
+    try:
+        note = study_status(db)["note"]
+        assert f"the `study run` writing it (pid {os.getpid()} " in note and "is starting" in note
+    finally:
+        store.release_writer_lock(lock)
+    monkeypatch.undo()
+    assert run_study(preset, db, workers=1, progress=False)["done"] == 2
+    assert "note" not in study_status(db)
+
+
 # ----------------------------------------------------------------------------- item 12: full disk
 def test_full_disk_stops_with_one_line_and_resumes(tmp_path, monkeypatch, capsys):
     """A full disk, simulated with SQLite's own size limit (``PRAGMA max_page_count``), which
