@@ -520,7 +520,7 @@ def test_writer_refuses_a_store_whose_shm_file_is_read_only(tmp_path, monkeypatc
     shm = tmp_path / "s.sqlite-shm"
     assert shm.exists()
     monkeypatch.setattr(store, "_writable", lambda p: p != shm)
-    with pytest.raises(store.StoreError, match=r"'s\.sqlite-shm' is read-only.*chmod u\+w .*s\.sqlite-shm;"):
+    with pytest.raises(store.StoreError, match=r"/s\.sqlite-shm' is read-only.*chmod u\+w .*s\.sqlite-shm;"):
         store.connect(db)
     side.close()
 
