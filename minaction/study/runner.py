@@ -384,10 +384,14 @@ def study_status(db, preset=None) -> dict:
 
 def _empty_file(db) -> bool:
     """``db`` is a 0-byte file (and no ``-wal`` beside it holds anything): a store no study has written yet."""
+    if os.fspath(db) == "":
+        return False  # (--db '': store.check_name names it)
     p = Path(db)
     try:
+        if not p.is_file() or p.stat().st_size:
+            return False
         wal = p.with_name(p.name + "-wal")
-        return p.is_file() and p.stat().st_size == 0 and not (wal.is_file() and wal.stat().st_size > 0)
+        return not (wal.is_file() and wal.stat().st_size > 0)
     except OSError:
         return False
 
