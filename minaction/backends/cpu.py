@@ -26,7 +26,8 @@ source, the flags, the ISA, the torch version and the Python version, in ``TORCH
 without taking torch's build lock, so a read-only cache folder works. Otherwise the build runs
 (``minaction: building the CPU kernels (first use: a few minutes ...) in <dir>`` is printed once on
 stderr). Every build holds an ``fcntl.flock`` on ``lock.owner`` in its folder for as long as it
-runs (the kernel drops it when the process dies, even by ``kill -9``). So a torch ``lock`` file
+runs (the kernel drops it when the process dies, even by ``kill -9``, once ninja and its compile jobs,
+which inherit it, have exited too; they stop with the process, :func:`minaction.backends.loader.run_build`). So a torch ``lock`` file
 found while that flock is free was left by a killed build: it is removed, saying so, and the
 build goes on. A build that finds the flock held waits for it, saying so at once, for at most
 ``MINACTION_BUILD_LOCK_TIMEOUT`` seconds (default 900); then the load fails with an error naming
@@ -238,13 +239,13 @@ def _build(spec: dict) -> None:
         if owner is not None and _marker_ok(spec):  # another process built it while we waited
             load_library(spec["so"])
             return
-        _build_locked(spec, timeout, stale_ok=owner is not None)
+        _build_locked(spec, timeout, stale_ok=owner is not None, owner=owner)
     finally:
         if owner is not None:
             owner.close()  # releases the flock
 
 
-def _build_locked(spec: dict, timeout: float, stale_ok: bool) -> None:
+def _build_locked(spec: dict, timeout: float, stale_ok: bool, owner=None) -> None:
     from torch.utils import cpp_extension
 
     lock = spec["dir"] / "lock"
@@ -273,7 +274,10 @@ def _build_locked(spec: dict, timeout: float, stale_ok: bool) -> None:
         cpp_extension.FileBaton = _TimedBaton
         patched = True
     try:
-        load_extension(spec["name"], [spec["source"]], extra_cflags=spec["flags"], build_directory=str(spec["dir"]))
+        # ninja and its compile jobs inherit the owner flock: a next build waits until the last of them has exited
+        # (they stop with this process: loader.run_build), never starting a second ninja in the folder
+        load_extension(spec["name"], [spec["source"]], extra_cflags=spec["flags"], build_directory=str(spec["dir"]),
+                       keep_fds=(owner.fileno(),) if owner is not None else ())
     finally:
         if patched:
             cpp_extension.FileBaton = base

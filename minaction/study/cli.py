@@ -106,6 +106,8 @@ def _status(args) -> int:
     except (PresetError, FileNotFoundError, ValueError, OSError) as exc:
         return _error("status", exc)
     print(json.dumps(st, indent=2))
+    if st.get("note"):
+        print(f"minaction study status: note: {st['note']}", file=sys.stderr)
     return 0
 
 

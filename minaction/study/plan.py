@@ -185,14 +185,39 @@ def _measure_task(plugins, group_runs, calibrate_steps):
     return measure(group_runs, calibrate_steps)
 
 
+#: seconds one block's timing (its data loaded, its model built, a few steps, an evaluation) may take in its child
+#: process before the child is stopped and the block is left unmeasured (``MINACTION_PLAN_MEASURE_TIMEOUT_S``)
+DEFAULT_MEASURE_TIMEOUT_S = 600.0
+MEASURE_TIMEOUT_ENV = "MINACTION_PLAN_MEASURE_TIMEOUT_S"
+
+
+def measure_timeout_s() -> float:
+    """``MINACTION_PLAN_MEASURE_TIMEOUT_S`` (seconds > 0; ``inf`` waits for ever), else
+    :data:`DEFAULT_MEASURE_TIMEOUT_S`."""
+    v = os.environ.get(MEASURE_TIMEOUT_ENV)
+    if v is None or v.strip() == "":
+        return DEFAULT_MEASURE_TIMEOUT_S
+    try:
+        out = float(v)
+    except ValueError:
+        out = float("nan")
+    if not out > 0:  # (NaN compares false)
+        raise ValueError(f"{MEASURE_TIMEOUT_ENV} must be a number of seconds > 0 (or inf), got {v!r}")
+    return out
+
+
 class _IsolatedMeasure:
     """:func:`measure` in a child process of the study's forkserver. A model that ends its process (a
     plugin's ``os._exit``, a crash, the OOM killer) while it was timed ended the driver of ``study run``
     with its exit code and no word, before any run was scheduled (the workers' retries never came); now
-    that block's row says so, the rest of the plan goes on, and the study schedules its runs as usual."""
+    that block's row says so, the rest of the plan goes on, and the study schedules its runs as usual.
+    A model that hangs while it is timed (a plugin waiting on something that never comes) hung the driver
+    before it scheduled anything: after ``timeout_s`` (:func:`measure_timeout_s`) the child is killed and
+    the block is left unmeasured, named in its row."""
 
-    def __init__(self):
+    def __init__(self, timeout_s=None):
         self._pool = None
+        self.timeout_s = measure_timeout_s() if timeout_s is None else float(timeout_s)
 
     def __call__(self, group_runs, calibrate_steps):
         import concurrent.futures as cf
@@ -207,19 +232,34 @@ class _IsolatedMeasure:
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(1, mp_context=start_forkserver(), initializer=_init_local_worker,
                                                 initargs=(MEASURE_THREADS, os.getpid()))
+        c = group_runs[0]["config"]
+        fut = self._pool.submit(_measure_task, plugins_for(group_runs), group_runs, calibrate_steps)
         try:
-            return self._pool.submit(_measure_task, plugins_for(group_runs), group_runs, calibrate_steps).result()
+            return fut.result(timeout=None if math.isinf(self.timeout_s) else self.timeout_s)
         except BrokenProcessPool:
             self.close()
-            c = group_runs[0]["config"]
             raise RuntimeError(f"the process that timed {c['arch']} x {c['dataset']} ended while training it "
                                f"(a crash, os._exit or the OOM killer); its runs are scheduled without an "
                                f"estimate") from None
+        except cf.TimeoutError:
+            self.close(kill=True)
+            raise RuntimeError(f"timing {c['arch']} x {c['dataset']} did not finish in {self.timeout_s:g} s (its "
+                               f"data loaded, its model built, a few steps and an evaluation), so its process was "
+                               f"stopped and its runs are scheduled without an estimate; if the model is just slow, "
+                               f"set {MEASURE_TIMEOUT_ENV} to more seconds") from None
 
-    def close(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    def close(self, kill: bool = False):
+        """Shut the child down; ``kill=True`` kills it first (it is stuck in the timing)."""
+        if self._pool is None:
+            return
+        procs = list((getattr(self._pool, "_processes", None) or {}).values()) if kill else []
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.join(5)  # (a guard only: a killed process is gone at once)
+        self._pool = None
 
 
 def _group_seconds(m: dict, budget: dict) -> float:

@@ -1,20 +1,24 @@
 """The study driver: expand a preset, skip finished runs, train the rest, record each result.
 
 The driver is the only process that writes the database. Groups of runs (see
-:mod:`minaction.study.trainer`) go to an executor; as each group comes back, each of its
-runs is committed in its own transaction. Killing the driver at any moment loses only the
-work of the groups in flight since their last checkpoint (``<db>.ckpt/``, written by the
-workers at every epoch end and every few minutes, :mod:`minaction.study.checkpoint`); the
-next call with the same preset and database trains exactly those groups, resuming each from
-its checkpoint, and deletes a group's checkpoint once its runs are recorded.
+:mod:`minaction.study.trainer`) go to an executor; as each group comes back, all of its
+runs are committed in one transaction, with Ctrl-C held until it is done. Killing the
+driver at any moment loses only the work of the groups in flight since their last
+checkpoint (``<db>.ckpt/``, written by the workers at every epoch end and every few minutes,
+:mod:`minaction.study.checkpoint`); the next call with the same preset and database trains
+exactly those groups, resuming each from its checkpoint, and deletes a group's checkpoint
+once its runs are recorded.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import json
 import os
+import signal
 import sqlite3
+import threading
 import time
 import traceback
 import warnings
@@ -263,6 +267,48 @@ def check_inputs(runs) -> None:
             f"the sources one per line")
 
 
+#: the signals the driver stops on by raising in its main thread (Ctrl-C; SIGTERM and SIGHUP under the
+#: `minaction` command), held while a group is being recorded
+_HELD_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold Ctrl-C (and SIGTERM / SIGHUP where a Python handler stops the process) until the block is done,
+    then act on it as it would have: a group's recording is short, and an interrupt inside it would roll
+    back the group's finished runs (they train again from the last checkpoint). A second signal while held acts at once (the
+    transaction then rolls back whole: the group trains again from its checkpoint). A signal left to the
+    OS's default (a plain SIGTERM outside the `minaction` command) is not held: it ends the process, and the
+    open transaction is lost whole, as after ``kill -9``. Outside the main thread nothing is held (Python
+    delivers signals there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    old = {}
+
+    def hold(signum, frame):
+        if pending:  # asked twice: stop now
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            old[signum](signum, frame)
+            return
+        pending.append(signum)
+
+    for sig in _HELD_SIGNALS:
+        h = signal.getsignal(sig)
+        if callable(h):  # a Python handler (default_int_handler, the command's SIGTERM one); not SIG_DFL/SIG_IGN
+            old[sig] = h
+            signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    if pending and pending[0] in old:
+        old[pending[0]](pending[0], None)  # as the signal would have: raises KeyboardInterrupt (or the like)
+
+
 def _planned(spec) -> list:
     return [r["run_id"] for r in expand(spec)]
 
@@ -283,10 +329,17 @@ def study_status(db, preset=None) -> dict:
     breakdown per preset. ``running`` names the driver writing the store now, if any.
     Opens the store read-only (it works while a study is writing, and in a read-only folder).
     """
+    if _empty_file(db):  # (an SQLite reader would call it "not a study store"; `study run` takes it as new)
+        return _nothing_planned(db, preset, "the file is empty")
     con = store.connect(db, readonly=True)
     try:
         out = {"db": str(db)}
         recorded = {r[0] for r in con.execute("SELECT run_id FROM runs")}
+        if not recorded and con.execute("SELECT 1 FROM meta WHERE key LIKE 'preset:%' LIMIT 1").fetchone() is None:
+            # a driver stopped before it planned its preset (e.g. killed while the kernels were built): its planned
+            # 0 and pending 0 read as a finished study
+            return _nothing_planned(db, preset, "it holds no runs and no preset: e.g. a `study run` stopped before "
+                                                "it planned one, while the kernels were built")
         specs = {}
         if preset is not None:
             spec = load_preset(preset)
@@ -327,6 +380,47 @@ def study_status(db, preset=None) -> dict:
         raise store.diagnose(db, exc, "read") from None
     finally:
         con.close()
+
+
+def _empty_file(db) -> bool:
+    """``db`` is a 0-byte file (and no ``-wal`` beside it holds anything): a store no study has written yet."""
+    if os.fspath(db) == "":
+        return False  # (--db '': store.check_name names it)
+    p = Path(db)
+    try:
+        if not p.is_file() or p.stat().st_size:
+            return False
+        wal = p.with_name(p.name + "-wal")
+        return not (wal.is_file() and wal.stat().st_size > 0)
+    except OSError:
+        return False
+
+
+def _nothing_planned(db, preset, why: str) -> dict:
+    """:func:`study_status` of a store into which no study has been planned: every count 0 (``preset``'s runs
+    pending), and a ``note`` that says so and how to start one."""
+    out = {"db": str(db)}
+    per = {}
+    if preset is not None:
+        spec = load_preset(preset)
+        out["preset"] = spec["name"]
+        ids = _planned(spec)
+        per = {"planned": len(ids), **{s: 0 for s in store.STATUSES}, "pending": len(ids)}
+        out.update(per)
+    else:
+        out.update({"planned": 0, **{s: 0 for s in store.STATUSES}, "pending": 0, "presets": {}})
+    import shlex
+
+    name = shlex.quote(os.fspath(preset)) if isinstance(preset, (str, os.PathLike)) else out.get("preset", "NAME")
+    running = store.writer(db)
+    out.update(done_wall_time_s=0.0, failures=[], running=running)
+    if running:
+        out["note"] = (f"no study has been planned in {db} yet: the `study run` writing it ({running}) is starting "
+                       f"(it plans its preset once the data are checked and the kernels built)")
+    else:
+        out["note"] = (f"no study has been planned in {db} yet ({why}); `minaction study run --preset {name} --db "
+                       f"{shlex.quote(os.fspath(db))}` starts one")
+    return out
 
 
 def _failures(con, only=None, most: int = 10) -> list:
@@ -462,7 +556,8 @@ def run_study(preset, db, executor="local", workers=None, scheduler=None, progre
         except ValueError as exc:
             raise StudyConfigError(str(exc)) from None
     check_config(runs, spec)  # before the store exists: a refused preset leaves no empty store behind
-    if not Path(db).exists():  # every run is pending: a dataset that cannot be had leaves no empty store either
+    if not Path(db).exists() or _empty_file(db):  # every run is pending: a dataset that cannot be had leaves no
+        # empty store either (and a 0-byte file stays 0 bytes, which `study status` reads as "nothing planned")
         check_inputs(runs if limit is None else runs[:max(0, int(limit))])
     con = store.connect(db)
     lock = None
@@ -590,18 +685,26 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
 
     identity = store.file_identity(db)
 
-    def record(records, machine=None):
+    def record(records, runs, machine=None):
+        """A group's runs in one transaction, then its checkpoint deleted, with Ctrl-C / SIGTERM held until
+        both are done: an interrupt between two members' records left the group half recorded, and the next
+        start trained the rest again from their start (their group, and so their checkpoint, was another)."""
         nonlocal recorded
         store.check_same_file(db, identity)
         run_prov = dict(prov, **machine) if prov is not None and machine else prov  # the worker's machine wins
-        for rec in records:
-            row = dict(rec["run"], preset=spec["name"])
+        rows = [dict(rec["run"], preset=spec["name"]) for rec in records]
+        with _signals_held():
             try:
-                store.record_run(con, row, rec["epochs"], rec.get("evals", ()), provenance=run_prov)
+                store.record_runs(con, [(row, rec["epochs"], rec.get("evals", ()), run_prov)
+                                        for row, rec in zip(rows, records)])
             except sqlite3.Error as exc:
-                raise store.diagnose(db, exc, f"record run {row['run_id']} in") from None
+                ids = ", ".join(r["run_id"] for r in rows[:3]) + (", ..." if len(rows) > 3 else "")
+                raise store.diagnose(db, exc, f"record the {len(rows)} run(s) of a group ({ids}) in") from None
+            if ckpt:  # the group's runs are committed: its checkpoint is no longer needed
+                checkpoint.remove(ckpt["checkpoint_dir"], runs)
+        for row in rows:
             counts[row["status"]] += 1
-            recorded += 1
+        recorded += len(rows)
         el = time.perf_counter() - t0 - build_s
         bar.update(len(records), {"runs/h": f"{3600 * recorded / max(el, 1e-9):.0f}", "failed": counts["failed"],
                                   "diverged": counts["diverged"]})
@@ -665,13 +768,9 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
                             err = (f"worker lost in {attempt} attempts (the process died: out of memory, "
                                    f"a crash in native code, or killed): "
                                    + "".join(traceback.format_exception_only(type(exc), exc)).strip())
-                            record(failed_records(task["runs"], err))
-                            if ckpt:
-                                checkpoint.remove(ckpt["checkpoint_dir"], task["runs"])
+                            record(failed_records(task["runs"], err), task["runs"])
                         continue
-                    record(res["records"], res.get("machine"))
-                    if ckpt:  # the group's runs are committed: its checkpoint is no longer needed
-                        checkpoint.remove(ckpt["checkpoint_dir"], task["runs"])
+                    record(res["records"], task["runs"], res.get("machine"))
         completed = True
     finally:
         bar.close()

@@ -1,9 +1,10 @@
 """The study's result store: one SQLite file in WAL mode.
 
 The driver (the process running :func:`minaction.study.run_study`) is the only writer.
-Each finished run is written in one transaction (its ``runs`` row and all its ``epochs``
-rows together), so a ``kill -9`` at any moment leaves every committed run whole and the
-file consistent; a run that was in flight is simply absent and is trained again on resume.
+Each finished group of runs is written in one transaction (every member's ``runs`` row and
+all its ``epochs`` rows together, :func:`record_runs`), so a ``kill -9`` at any moment leaves
+every committed run whole and the file consistent; a group that was in flight is simply
+absent and is trained again on resume (from its checkpoint).
 
 Schema (fixed by the project's cross-module contract)::
 
@@ -81,6 +82,32 @@ def _writable(p: Path) -> bool:
     return os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0))
 
 
+def _siblings(path: Path) -> tuple:
+    """The store and the ``-wal`` and ``-shm`` files SQLite keeps beside it in WAL mode."""
+    return path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def _read_only_files(path: Path) -> list:
+    """Those of the store and its ``-wal``/``-shm`` files that exist and that this process cannot write."""
+    return [p for p in _siblings(path) if p.is_file() and not _writable(p)]
+
+
+def _read_only_why(path: Path, files: list, msg: Optional[str] = None) -> str:
+    """Which of the store's files are read-only, and the command that makes them writable."""
+    import shlex
+
+    names = " and ".join(repr(str(p)) for p in files)
+    one = len(files) == 1
+    why = f"{names} {'is' if one else 'are'} read-only" + (f" ({msg})" if msg else "")
+    if any(p != path for p in files):
+        # SQLite creates them with the store's own mode: a reader (`study status`, a report) of a store that
+        # was read-only then left them so, and they stayed read-only after the store was made writable again
+        why += (f"; SQLite gives the -wal and -shm files the mode the store had when they were made (a "
+                f"`study status` or a report of a read-only store leaves them read-only)")
+    return (why + f". Make {'it' if one else 'them'} writable (as {'its' if one else 'their'} owner): chmod u+w "
+            f"{' '.join(shlex.quote(str(p)) for p in files)}; then run the same command again")
+
+
 def diagnose(path, exc: BaseException, action: str = "open") -> StoreError:
     """A :class:`StoreError` naming ``path`` and the likely cause of the SQLite/OS error ``exc``."""
     path = Path(path)
@@ -99,8 +126,8 @@ def diagnose(path, exc: BaseException, action: str = "open") -> StoreError:
             why = f"its folder {str(folder)!r} does not exist ({msg})"
         elif _read_only_fs(folder):
             why = f"{str(folder)!r} is on a read-only file system ({msg}); copy the store to a writable place"
-        elif path.exists() and not _writable(path):
-            why = f"the file is not writable ({msg}); check its permissions"
+        elif _read_only_files(path):
+            why = _read_only_why(path, _read_only_files(path), msg)
         elif not _writable(folder):
             why = (f"its folder {str(folder)!r} is not writable ({msg}): SQLite's WAL mode creates "
                    f"{path.name}-wal and {path.name}-shm next to the file; use a writable folder")
@@ -179,6 +206,9 @@ def _check_contents(con: sqlite3.Connection, path: Path, require_runs: bool) -> 
                          f"(SQLite quick_check: {'; '.join(map(str, rows))}); restore it from a copy or give "
                          f"another --db")
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if require_runs and not tables:  # a 0-byte file (which `study run` takes as a new store) or a bare database
+        raise StoreError(f"no study has been written to {str(path)!r} yet (an empty database); `minaction study "
+                         f"run --preset NAME --db {path}` starts one")
     if (require_runs or tables) and "runs" not in tables:
         raise StoreError(f"{str(path)!r} is an SQLite database but not a study store (no 'runs' table; tables: "
                          f"{sorted(tables)}); give another --db")
@@ -226,8 +256,8 @@ EVAL_COLUMNS = ("run_id", "step", "epoch", "samples", "flops", "train_loss", "va
 def connect(path, readonly: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) the study database at ``path`` in WAL mode with the schema.
 
-    The connection is in autocommit mode; writers use :func:`record_run`, which wraps each
-    run in its own ``BEGIN IMMEDIATE ... COMMIT``. ``readonly=True`` opens an existing file
+    The connection is in autocommit mode; writers use :func:`record_run` /
+    :func:`record_runs`, which wrap each run (each group) in one ``BEGIN IMMEDIATE ... COMMIT``. ``readonly=True`` opens an existing file
     without creating or altering anything (for ``study status`` and reports); in a folder
     that is not writable it falls back to SQLite's ``immutable`` mode (see :func:`open_readonly`).
 
@@ -250,6 +280,9 @@ def connect(path, readonly: bool = False) -> sqlite3.Connection:
     if not path.exists() and not _writable(folder):
         raise StoreError(f"cannot create the study store {str(path)!r}: its folder {str(folder)!r} is not writable")
     checked = _precheck(path, require_runs=False) if existed else True
+    ro = _read_only_files(path) if path.exists() and not _read_only_fs(folder) else []
+    if ro:  # SQLite opens such a store all the same and fails at the first write, naming no file
+        raise StoreError(f"cannot write to the study store {str(path)!r}: {_read_only_why(path, ro)}")
     con = None
     try:
         con = sqlite3.connect(uri(path, mode="rwc"), uri=True, timeout=30, isolation_level=None)
@@ -551,32 +584,22 @@ def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), 
     failed run retried) is replaced together with its epochs. ``provenance``: where the run
     came from (:func:`minaction.study.provenance.collect`), kept as JSON in ``provenance``.
     """
-    if run.get("status") not in STATUSES:
-        raise ValueError(f"run status must be one of {STATUSES}, got {run.get('status')!r}")
-    unknown = set(run) - set(RUN_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown runs columns: {sorted(unknown)}")
-    row = dict(run)
-    row.setdefault("finished_at", now_utc())
-    vals = [_clean(row.get(c)) for c in RUN_COLUMNS]
-    erows = _child_rows(row["run_id"], epochs, EPOCH_COLUMNS, "epochs")
-    vrows = _child_rows(row["run_id"], evals, EVAL_COLUMNS, "evals")
+    record_runs(con, [(run, epochs, evals, provenance)])
+
+
+def record_runs(con: sqlite3.Connection, records: Iterable[tuple]) -> None:
+    """Write several finished runs, each ``(run, epochs, evals, provenance)`` as for :func:`record_run`, in
+    one transaction: all of them or none. The driver records a group's runs so: a group whose recording
+    was interrupted half-way left its first runs recorded and the rest not, and the next start regrouped
+    those (another group, so another checkpoint name) and trained them again from their start. Every
+    record is checked before the transaction begins."""
+    rows = [_run_rows(*rec) for rec in records]
+    if not rows:
+        return
     con.execute("BEGIN IMMEDIATE")
     try:
-        con.execute("DELETE FROM epochs WHERE run_id = ?", (row["run_id"],))
-        con.execute("DELETE FROM evals WHERE run_id = ?", (row["run_id"],))
-        con.execute("DELETE FROM provenance WHERE run_id = ?", (row["run_id"],))
-        if provenance is not None:
-            con.execute("INSERT INTO provenance (run_id, json) VALUES (?, ?)",
-                        (row["run_id"], json.dumps(provenance, sort_keys=True)))
-        if vrows:
-            con.executemany(f"INSERT INTO evals ({', '.join(EVAL_COLUMNS)}) VALUES "
-                            f"({', '.join('?' * len(EVAL_COLUMNS))})", vrows)
-        con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
-                    f"({', '.join('?' * len(RUN_COLUMNS))})", vals)
-        if erows:
-            con.executemany(f"INSERT INTO epochs ({', '.join(EPOCH_COLUMNS)}) VALUES "
-                            f"({', '.join('?' * len(EPOCH_COLUMNS))})", erows)
+        for r in rows:
+            _insert_run(con, *r)
         con.execute("COMMIT")
     except BaseException:
         # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR): rolling back
@@ -587,6 +610,40 @@ def record_run(con: sqlite3.Connection, run: dict, epochs: Iterable[dict] = (), 
             except sqlite3.Error:
                 pass
         raise
+
+
+def _run_rows(run: dict, epochs: Iterable[dict] = (), evals: Iterable[dict] = (),
+              provenance: Optional[dict] = None) -> tuple:
+    """One run's values for :func:`_insert_run`, checked (a bad status or column raises ValueError)."""
+    if run.get("status") not in STATUSES:
+        raise ValueError(f"run status must be one of {STATUSES}, got {run.get('status')!r}")
+    unknown = set(run) - set(RUN_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown runs columns: {sorted(unknown)}")
+    row = dict(run)
+    row.setdefault("finished_at", now_utc())
+    vals = [_clean(row.get(c)) for c in RUN_COLUMNS]
+    erows = _child_rows(row["run_id"], epochs, EPOCH_COLUMNS, "epochs")
+    vrows = _child_rows(row["run_id"], evals, EVAL_COLUMNS, "evals")
+    return row["run_id"], vals, erows, vrows, provenance
+
+
+def _insert_run(con: sqlite3.Connection, run_id, vals, erows, vrows, provenance) -> None:
+    """One run's rows, inside the caller's transaction (a previous record of ``run_id`` replaced)."""
+    con.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
+    con.execute("DELETE FROM evals WHERE run_id = ?", (run_id,))
+    con.execute("DELETE FROM provenance WHERE run_id = ?", (run_id,))
+    if provenance is not None:
+        con.execute("INSERT INTO provenance (run_id, json) VALUES (?, ?)",
+                    (run_id, json.dumps(provenance, sort_keys=True)))
+    if vrows:
+        con.executemany(f"INSERT INTO evals ({', '.join(EVAL_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(EVAL_COLUMNS))})", vrows)
+    con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) VALUES "
+                f"({', '.join('?' * len(RUN_COLUMNS))})", vals)
+    if erows:
+        con.executemany(f"INSERT INTO epochs ({', '.join(EPOCH_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(EPOCH_COLUMNS))})", erows)
 
 
 def provenance_of(con: sqlite3.Connection) -> dict:

@@ -311,3 +311,94 @@ def test_every_isa_build_compiles_on_any_cpu(isa):
           [f"-isystem{sysconfig.get_paths()['include']}"] + spec["flags"] + [str(spec["source"])]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)  # hang guard only
     assert r.returncode == 0, f"the {isa} build does not compile:\n" + r.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- the build tool dies with its driver
+HANG_GUARD = 300  # seconds: a guard against a hang only
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has stopped running
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _wait(cond, what):
+    import time
+
+    end = time.monotonic() + HANG_GUARD
+    while not cond():
+        assert time.monotonic() < end, f"hang guard: {what}"
+        time.sleep(0.05)
+
+
+def _ninja_driver(tmp_path):
+    """A folder whose build.ninja runs one job that records its pid, its parent's (ninja) and what its fd
+    KEEP_FD is, then waits for ever; and a driver process that runs ninja there through run_build, holding
+    a file open as keep_fds, and stops on SIGTERM by raising (as the `minaction` command does)."""
+    if not sys.platform.startswith("linux") or shutil.which("ninja") is None:
+        pytest.skip("needs Linux and ninja")
+    job = tmp_path / "job.py"
+    job.write_text(textwrap.dedent("""
+        import json, os, sys, threading
+        fd = int(os.environ["KEEP_FD"])
+        try:
+            kept = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            kept = None
+        tmp = sys.argv[1] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "ninja": os.getppid(), "kept": kept}, f)
+        os.replace(tmp, sys.argv[1])  # the event the test waits on
+        threading.Event().wait()  # a compile that takes for ever
+    """))
+    (tmp_path / "build.ninja").write_text(f"rule job\n  command = {sys.executable} {job} {tmp_path / 'started'}\n"
+                                          f"build out.txt: job\n")
+    driver = textwrap.dedent("""
+        import fcntl, os, signal, subprocess, sys
+        from minaction.backends.loader import run_build
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, stop)
+        lock = open(sys.argv[2], "a+")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.environ["KEEP_FD"] = str(lock.fileno())
+        try:
+            run_build(["ninja"], cwd=sys.argv[1], check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                      keep_fds=(lock.fileno(),))
+        except KeyboardInterrupt:
+            sys.exit(130)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", driver, str(tmp_path), str(tmp_path / "lock.owner")],
+                            stderr=subprocess.PIPE, start_new_session=True)
+    started = tmp_path / "started"
+    _wait(lambda: started.exists() or proc.poll() is not None, "the job did not start")
+    assert started.exists(), proc.stderr.read().decode()[-2000:]
+    return proc, json.loads(started.read_text())
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_killed_driver_leaves_no_build_running(tmp_path, how):
+    """Killing the driver during the first build left ninja's compile jobs running (SIGTERM: subprocess.run
+    SIGKILLed ninja alone, and its jobs, each in a process group of its own, went on) or ninja itself (kill -9),
+    and the next run started a second build in the same folder. Now ninja gets SIGTERM (passed on to its jobs)
+    when the driver stops or dies, and the jobs hold the build folder's lock (keep_fds) while they run."""
+    import signal
+
+    proc, info = _ninja_driver(tmp_path)
+    try:
+        assert info["kept"] == str(tmp_path / "lock.owner")  # the lock's fd reached the compile job
+        os.kill(proc.pid, getattr(signal, how))
+        proc.wait(HANG_GUARD)
+        assert proc.returncode == (130 if how == "SIGTERM" else -signal.SIGKILL), proc.stderr.read()[-2000:]
+        _wait(lambda: _gone(info["ninja"]), "ninja outlived its driver")
+        _wait(lambda: _gone(info["pid"]), "the compile job outlived its driver")
+    finally:
+        for pid in (info["pid"], info["ninja"]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -11,7 +11,8 @@ the study's workers import it again by name (:mod:`minaction.study.plugins`):
   ``len``, ``batches``, ``subset``). Option ``n`` (train size, default 256).
 - architectures ``"tiny_mlp"`` (a batched two-layer EnergyLinear MLP) and
   ``"tiny_fail"`` (raises ``RuntimeError`` in its first forward: a run that fails) and
-  ``"tiny_crash"`` (kills its own worker process with ``os._exit``: a lost worker).
+  ``"tiny_crash"`` (kills its own worker process with ``os._exit``: a lost worker) and
+  ``"tiny_hang"`` (its forward waits on an event that is never set: a model that hangs).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from minaction import data, models
 from minaction.nn import EnergyLinear
 
 DATASETS = ("synthetic", "synthetic_vision")  # the second: the same data, modality "vision" (for the cnn)
-ARCHITECTURES = ("tiny_mlp", "tiny_fail", "tiny_crash")
+ARCHITECTURES = ("tiny_mlp", "tiny_fail", "tiny_crash", "tiny_hang")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ class TinyMLP(nn.Module):
             import os
 
             os._exit(3)  # the worker process dies without a Python exception
+        if self.fail == "tiny_hang":
+            import threading
+
+            threading.Event().wait()  # never set: the process hangs here until it is killed
         per_member = self.num_models > 1 and x.dim() == 5  # [G, B, 1, 8, 8]: one batch per member
         h = x.reshape(x.shape[0], x.shape[1], -1) if per_member else x.reshape(x.shape[0], -1)
         y = self.out(self.l2(self.l1(h)))

@@ -461,6 +461,70 @@ def test_db_in_readonly_folder_is_refused(readonly_folder, tmp_path):
     assert os.listdir(readonly_folder) == []
 
 
+def test_store_left_read_only_by_status_names_its_files_and_the_fix(readonly_folder, tmp_path):
+    """A store of mode 444 read by `study status` gets -wal/-shm files of mode 444 (SQLite gives them the store's
+    mode); after the store itself is made writable again, `study run` failed at its first write with "attempt to
+    write a readonly database", naming no file. It now names the read-only files and the chmod that fixes them,
+    before anything is scheduled."""
+    db = readonly_folder / "s.sqlite"
+    con = store.connect(db)
+    store.record_run(con, {"run_id": "r0", "status": "done", "preset": "p", "lam": 0.0})
+    con.close()
+    os.chmod(db, 0o444)
+    r = _unprivileged(_cli("study", "status", "--db", str(db)))
+    assert r.returncode == 0, r.stderr
+    shm = str(db) + "-shm"
+    assert os.path.exists(shm) and not os.stat(shm).st_mode & 0o222  # what SQLite did
+    preset = _preset(tmp_path, archs=["mlp"], datasets=["mnist"])  # built-in names: the child needs no doubles
+    run = _cli("study", "run", "--preset", str(preset), "--db", str(db), "--no-progress")
+    r = _unprivileged(run)
+    assert r.returncode == 2
+    _one_line_error(r.stderr, repr(str(db)), repr(shm), "chmod u+w", "read-only")
+    os.chmod(db, 0o644)
+    r = _unprivileged(run)
+    assert r.returncode == 2
+    line = _one_line_error(r.stderr, repr(shm), "chmod u+w", "study status")
+    left = " ".join(p for p in (str(db) + "-wal", shm) if os.path.exists(p))
+    assert f"chmod u+w {left};" in line  # the db itself is writable now: not named
+
+
+def test_diagnose_names_the_read_only_wal_and_shm_files(tmp_path, monkeypatch):
+    """The same diagnosis without permissions (root writes any file): which of the store's files are read-only is
+    what the error names, with the chmod that fixes them."""
+    db = tmp_path / "s.sqlite"
+    for p in (db, tmp_path / "s.sqlite-wal", tmp_path / "s.sqlite-shm"):
+        p.write_bytes(b"")
+    monkeypatch.setattr(store, "_writable", lambda p: p.is_dir() or p == db)
+    err = str(store.diagnose(db, sqlite3.OperationalError("attempt to write a readonly database"), "write to"))
+    wal, shm = str(db) + "-wal", str(db) + "-shm"
+    assert err.startswith(f"cannot write to the study store {str(db)!r}: {wal!r} and {shm!r} are read-only "
+                          f"(attempt to write a readonly database)"), err
+    assert err.endswith(f"Make them writable (as their owner): chmod u+w {wal} {shm}; then run the same command "
+                        f"again"), err
+    monkeypatch.setattr(store, "_writable", lambda p: p.is_dir())
+    err = str(store.diagnose(db, sqlite3.OperationalError("attempt to write a readonly database"), "write to"))
+    assert f"chmod u+w {db} {wal} {shm};" in err
+    monkeypatch.setattr(store, "_writable", lambda p: p.is_dir() or p != db)
+    err = str(store.diagnose(db, sqlite3.OperationalError("attempt to write a readonly database"), "write to"))
+    assert f"{str(db)!r} is read-only" in err and f"chmod u+w {db};" in err and "-shm" not in err
+
+
+def test_writer_refuses_a_store_whose_shm_file_is_read_only(tmp_path, monkeypatch):
+    """SQLite opens such a store for writing without a word and fails at the first write: the writer's connect
+    refuses it at once, naming the file (before the study schedules anything)."""
+    db = tmp_path / "s.sqlite"
+    con = store.connect(db)
+    store.record_run(con, {"run_id": "r0", "status": "done"})
+    side = store.connect(db, readonly=True)  # an open reader keeps the -wal and -shm files
+    con.close()
+    shm = tmp_path / "s.sqlite-shm"
+    assert shm.exists()
+    monkeypatch.setattr(store, "_writable", lambda p: p != shm)
+    with pytest.raises(store.StoreError, match=r"/s\.sqlite-shm' is read-only.*chmod u\+w .*s\.sqlite-shm;"):
+        store.connect(db)
+    side.close()
+
+
 def test_db_under_a_file_is_refused(tmp_path, capsys):
     """Needs no privileges: the store's folder is a regular file."""
     (tmp_path / "plain").write_text("x")
@@ -514,6 +578,65 @@ def test_files_that_are_not_stores(tmp_path, capsys, kind):
         assert main(args) == 2, args
         _one_line_error(capsys.readouterr().err, str(db), needle)
         assert _snapshot(folder) == before  # no byte changed, no -wal, -shm or lock file made
+
+
+def test_status_of_an_empty_file_says_no_study_is_planned_there(tmp_path, capsys):
+    """`study run` takes a 0-byte --db as a new store; `study status` called it "not a study store". It now says
+    that nothing is planned there yet and how to start, without touching the file; and `run` still takes it."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    db = folder / "s.sqlite"
+    db.write_bytes(b"")
+    preset = _preset(tmp_path, lams=[0.0], seeds=[0, 1])
+    for args, planned in ((["--db", str(db)], 0), (["--db", str(db), "--preset", str(preset)], 2)):
+        assert main(["study", "status", *args]) == 0
+        out, err = capsys.readouterr()
+        st = json.loads(out)
+        assert (st["planned"], st["pending"], st["done"]) == (planned, planned, 0)
+        assert "not a study store" not in err
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"minaction study status: note: no study has been planned in {db} yet (the file is "
+                               f"empty); `minaction study run --preset ")
+        assert line.endswith(f" --db {db}` starts one") and st["note"] in line
+        assert str(preset) in line if planned else "--preset NAME" in line
+    assert os.listdir(folder) == ["s.sqlite"] and db.stat().st_size == 0  # read without a byte written
+    assert main(["study", "export", "--db", str(db), "--out", str(tmp_path / "x.jsonl.gz")]) == 2
+    _one_line_error(capsys.readouterr().err, "no study has been written to", "study run --preset NAME")
+    assert main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["study", "status", "--db", str(db)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["done"] == 2 and "note" not in json.loads(out) and err == ""
+
+
+def test_status_of_a_store_stopped_before_it_planned_says_so(tmp_path, monkeypatch, capsys):
+    """A driver killed before it planned its preset (while the kernels were built, on first use minutes) left a
+    store with no runs and no plan: `status` showed planned 0, pending 0, as a finished study does."""
+    from minaction.study import runner
+
+    def build(build=True):
+        if build:
+            raise KeyboardInterrupt  # Ctrl-C during the kernels' build
+        return "auto"
+
+    monkeypatch.setattr(runner, "check_backend", build)
+    db = tmp_path / "s.sqlite"
+    preset = _preset(tmp_path, lams=[0.0], seeds=[0, 1])
+    with pytest.raises(KeyboardInterrupt):
+        run_study(preset, db, workers=1, progress=False)
+    st = study_status(db)
+    assert (st["planned"], st["pending"]) == (0, 0)
+    assert st["note"].startswith(f"no study has been planned in {db} yet (it holds no runs and no preset")
+    assert st["note"].endswith(f"`minaction study run --preset NAME --db {db}` starts one")
+    lock = store.acquire_writer_lock(db)  # a driver that is still starting: not "stopped"
+    try:
+        note = study_status(db)["note"]
+        assert f"the `study run` writing it (pid {os.getpid()} " in note and "is starting" in note
+    finally:
+        store.release_writer_lock(lock)
+    monkeypatch.undo()
+    assert run_study(preset, db, workers=1, progress=False)["done"] == 2
+    assert "note" not in study_status(db)
 
 
 # ----------------------------------------------------------------------------- item 12: full disk
@@ -594,21 +717,21 @@ def test_a_store_deleted_or_replaced_while_running_stops_the_study(tmp_path, mon
     the next process applies to a file moved over it (an operations trial lost a whole other store)."""
     preset = _preset(tmp_path, lams=[0.0, 1e-3, 1e-2, 1e-1], seeds=[0, 1, 2])
     db = tmp_path / "s.sqlite"
-    real = store.record_run
+    real = store.record_runs  # (the driver records a group's runs in one call)
     done = []
 
-    def record_then_lose(con, run, *a, **k):
-        real(con, run, *a, **k)
+    def record_then_lose(con, records):
+        real(con, records)
         if not done:
-            done.append(run["run_id"])
+            done.append(records[0][0]["run_id"])
             os.unlink(db)
             if how == "replaced":
                 store.connect(tmp_path / "other.sqlite").close()
                 os.replace(tmp_path / "other.sqlite", db)
 
-    monkeypatch.setattr(store, "record_run", record_then_lose)
+    monkeypatch.setattr(store, "record_runs", record_then_lose)
     rc = main(["study", "run", "--preset", str(preset), "--db", str(db), "--no-progress", "--workers", "1"])
-    assert rc == 2
+    assert rc == 2 and done
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"was {'deleted or moved away' if how == 'deleted' else 'replaced by another file'} while this study ran" in err, err
 

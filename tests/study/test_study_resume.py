@@ -390,3 +390,86 @@ def test_a_write_error_torch_reports_as_runtimeerror_is_a_failed_save(tmp_path, 
     assert len(err) == 1 and "cannot write the checkpoint" in err[0] and "unexpected pos" in err[0]
     assert strip(out) == reference
     assert not any((tmp_path / "ck").glob("*tmp*"))  # the partial file is removed
+
+
+# ----------------------------------------------------------------------------- an interrupt while a group is recorded
+@pytest.fixture
+def sigint_raises():
+    """Python's own Ctrl-C handling, as in a terminal (a test run started in the background by a
+    non-interactive shell inherits SIGINT ignored)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def _on_insert(monkeypatch, n, act):
+    """``act()`` runs just before the ``n``-th run's rows are written inside a group's transaction."""
+    from minaction.study import store
+
+    real, calls = store._insert_run, []
+
+    def insert(*a, **k):
+        calls.append(a[1])
+        if len(calls) == n:
+            act()
+        return real(*a, **k)
+
+    monkeypatch.setattr(store, "_insert_run", insert)
+    return calls
+
+
+def test_ctrl_c_while_a_group_is_recorded_records_the_whole_group(tmp_path, monkeypatch, reference_db, sigint_raises):
+    """Ctrl-C between two members' records left the first recorded and the others not; the next start grouped
+    those anew (another checkpoint name) and trained them again from their start. The group is one transaction
+    now, and the interrupt waits for it: every run is in the store, and the next start trains nothing."""
+    db = tmp_path / "study.sqlite"
+    calls = _on_insert(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))  # (os.kill runs the handler)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(_preset(tmp_path), db, workers=1, progress=False)
+    assert len(calls) == 4  # the interrupt came after the first member and was acted on after the last
+    assert not checkpoint.directory(db).exists()  # the group's checkpoint was deleted before it too
+    monkeypatch.undo()
+    s = run_study(_preset(tmp_path), db, workers=1, progress=False)
+    assert s["scheduled"] == 0 and s["recorded"] == 0  # nothing trained again
+    for t in ("runs", "epochs", "evals"):
+        assert table(db, t) == table(reference_db, t)
+
+
+def test_a_group_whose_recording_fails_half_way_is_not_recorded_at_all(tmp_path, monkeypatch, reference_db):
+    """An interrupt that is not held (a second Ctrl-C, or an error) inside the group's transaction rolls all of it
+    back: no run of the group is recorded, its checkpoint stays, and the next start resumes the same group from it
+    and records what an uninterrupted study records."""
+    db = tmp_path / "study.sqlite"
+
+    def stop():
+        raise KeyboardInterrupt
+
+    _on_insert(monkeypatch, 2, stop)
+    with pytest.raises(KeyboardInterrupt):  # (checkpoint_every_s: the workers' forkserver may predate the env var)
+        run_study(_preset(tmp_path), db, workers=1, progress=False, checkpoint_every_s=0)
+    assert table(db, "runs") == [] and table(db, "epochs") == []
+    assert [p.name for p in checkpoint.directory(db).iterdir()] == [checkpoint.group_name(group(spec()))]
+    monkeypatch.undo()
+    monkeypatch.setenv("MINACTION_CACHE", str(tmp_path / "cache"))
+    s = run_study(_preset(tmp_path), db, workers=1, progress=False)
+    assert s["done"] == 4 and s["resumed_groups"] == 1
+    for t in ("runs", "epochs", "evals"):
+        assert table(db, t) == table(reference_db, t)
+
+
+def test_signals_held_act_after_the_block_and_a_second_one_at_once(sigint_raises):
+    from minaction.study.runner import _signals_held
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append(1)  # not interrupted: held
+    assert done == [1]
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # asked twice: stops now
+            done.append(2)
+    assert done == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

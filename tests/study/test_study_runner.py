@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -596,6 +597,60 @@ def test_a_model_that_ends_its_process_while_timed_does_not_end_the_driver(tmp_p
     rows = dict(con.execute("SELECT arch, status FROM runs").fetchall())
     con.close()
     assert rows == {"tiny_crash": "failed", "tiny_mlp": "done"}
+
+
+def test_a_model_that_hangs_while_timed_is_stopped_and_the_driver_goes_on(tmp_path, monkeypatch):
+    """A plugin model that hangs while the plan times it (its forward waits on an event never set) hung the driver
+    of `study run` before it scheduled anything. After MINACTION_PLAN_MEASURE_TIMEOUT_S the child is killed, and the
+    start-up line names the block as not measured and why; the next block is timed in a new child."""
+    import io
+
+    from minaction.study import plan as _plan
+    from test_study_faults import _preset
+
+    monkeypatch.setenv("MINACTION_CACHE", str(tmp_path / "cache"))  # an empty cost table: everything is timed
+    monkeypatch.setenv(_plan.MEASURE_TIMEOUT_ENV, "1")
+    killed = []
+    real_close = _plan._IsolatedMeasure.close
+
+    def close(self, kill=False):
+        if kill:
+            killed.extend(self._pool._processes.values())
+        real_close(self, kill)
+
+    monkeypatch.setattr(_plan._IsolatedMeasure, "close", close)
+    out = io.StringIO()
+    preset = _preset(tmp_path, archs=["tiny_hang"], lams=[0.0], seeds=[0])
+    from minaction.study.executors import start_forkserver
+
+    start_forkserver()  # from the main thread, as the driver does (a thread's exit would end the server it started)
+    t = threading.Thread(target=_plan.announce, args=(preset,), kwargs=dict(workers=1, file=out), daemon=True)
+    t.start()
+    t.join(HANG_GUARD)  # (a guard only: without the timeout, the driver waited here for ever)
+    assert not t.is_alive(), "the driver hangs on the model's timing"
+    assert "not measured: tiny_hang x synthetic (RuntimeError: timing tiny_hang x synthetic did not finish in 1 s" \
+           in out.getvalue(), out.getvalue()
+    assert "set MINACTION_PLAN_MEASURE_TIMEOUT_S to more seconds" in out.getvalue()
+    assert len(killed) == 1 and not killed[0].is_alive() and killed[0].exitcode == -signal.SIGKILL
+    monkeypatch.setenv(_plan.MEASURE_TIMEOUT_ENV, "inf")  # (a model that is timed in time is measured as before)
+    p = _plan.plan(_preset(tmp_path, archs=["tiny_mlp"], lams=[0.0], seeds=[0]), workers=1)
+    assert "error" not in p["rows"][0], p["rows"][0].get("error")
+    assert p["rows"][0]["t_step_s"] > 0
+
+
+def test_the_plan_measure_timeout_setting(monkeypatch):
+    from minaction.study import plan as _plan
+
+    env = _plan.MEASURE_TIMEOUT_ENV
+    monkeypatch.delenv(env, raising=False)
+    assert _plan.measure_timeout_s() == _plan.DEFAULT_MEASURE_TIMEOUT_S == 600.0
+    for value, want in (("", 600.0), ("2.5", 2.5), ("inf", float("inf"))):
+        monkeypatch.setenv(env, value)
+        assert _plan.measure_timeout_s() == want
+    for bad in ("0", "-1", "nan", "soon"):
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ValueError, match=f"{env} must be a number of seconds > 0"):
+            _plan.measure_timeout_s()
 
 
 def test_plan_times_an_architecture_registered_by_the_running_script(tmp_path):
