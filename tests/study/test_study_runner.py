@@ -402,10 +402,13 @@ def test_cli_study_run_starts_the_forkserver_before_importing_torch(tmp_path):
         assert seen == []
         rc = main(["study", "run", "--preset", {str(preset)!r}, "--db", {str(tmp_path / "s.sqlite")!r},
                    "--workers", "1", "--no-progress", "--plugin", "doubles.study"])
-        assert rc == 0 and seen[0] is False and seen[1:] == [True], (rc, seen)
+        # later calls (the plan timing the model in a child when its cost table lacks it, the pool) come
+        # after torch and reuse the one server
+        assert rc == 0 and seen[0] is False and seen[1:] and all(seen[1:]), (rc, seen)
         print("ok")
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(doubles.TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(doubles.TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+               MINACTION_CACHE=str(tmp_path / "cache"))  # an empty cost table, whatever the user's cache holds
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
     con = sqlite3.connect(tmp_path / "s.sqlite")
