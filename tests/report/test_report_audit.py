@@ -28,18 +28,9 @@ from doubles.stores import factorial_frame, make_synthetic_store
 def _runs_and_evals(stall_s=18.0):
     """Two architectures x 4 seeds on one dataset; every run takes 0.01 s per step and reaches the target at
     step 300; the runs of mlp seed 0 lose ``stall_s`` seconds in their second interval (a stalled machine)."""
-    runs, evals = [], []
-    for arch in ("mlp", "bimodal_true"):
-        for seed in range(4):
-            rid = f"{arch}-{seed}"
-            runs.append({"run_id": rid, "dataset": "mnist", "modality": "vision", "arch": arch, "lam": 0.0,
-                         "seed": seed, "val_acc": 0.9, "test_acc": 0.9})
-            t = 0.0
-            for k, step in enumerate((100, 200, 300, 400, 500)):
-                t += 100 * 0.01 + (stall_s if (arch, seed, k) == ("mlp", 0, 1) else 0.0)
-                evals.append({"run_id": rid, "step": step, "samples": 128 * step, "flops": 1e6 * step,
-                              "epoch": step / 500, "val_acc": min(0.9, 0.3 * (k + 1)), "wall_time_s": t})
-    return pd.DataFrame(runs), pd.DataFrame(evals)
+    from doubles.stores import timed_runs
+
+    return timed_runs(lambda arch, seed, k: 100 * 0.01 + (stall_s if (arch, seed, k) == ("mlp", 0, 1) else 0.0))
 
 
 def test_time_to_target_ignores_a_stall_and_has_no_ci():

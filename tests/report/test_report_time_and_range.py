@@ -20,19 +20,10 @@ def _uneven_runs():
     bimodal_true runs steadily at 0.012 s per step. mlp's median is 0.01 s per step, but its 2nd and 3rd intervals
     took 0.03 s per step (the machine slowed for a while): stall-robust, mlp is faster to the target (3 s against
     3.6 s); on the raw clock it is slower (7 s)."""
-    runs, evals = [], []
+    from doubles.stores import timed_runs
+
     speed = {"mlp": (0.01, 0.03, 0.03, 0.01, 0.01), "bimodal_true": (0.012,) * 5}
-    for arch in ("mlp", "bimodal_true"):
-        for seed in range(4):
-            rid = f"{arch}-{seed}"
-            runs.append({"run_id": rid, "dataset": "mnist", "modality": "vision", "arch": arch, "lam": 0.0,
-                         "seed": seed, "val_acc": 0.9, "test_acc": 0.9})
-            t = 0.0
-            for k, step in enumerate((100, 200, 300, 400, 500)):
-                t += 100 * speed[arch][k]
-                evals.append({"run_id": rid, "step": step, "samples": 128 * step, "flops": 1e6 * step,
-                              "epoch": step / 500, "val_acc": min(0.9, 0.3 * (k + 1)), "wall_time_s": t})
-    return pd.DataFrame(runs), pd.DataFrame(evals)
+    return timed_runs(lambda arch, seed, k: 100 * speed[arch][k])
 
 
 def test_time_gains_come_stall_robust_and_raw_with_sign_flips_flagged():
