@@ -412,7 +412,8 @@ def test_efficiency_not_comparable_names_what_is_missing():
 def test_efficiency_gains_per_dataset_with_exact_reasons():
     from minaction.report import efficiency as eff
 
-    fast = [[(10, 0.93), (20, 0.95)], [(10, 0.92), (20, 0.95)], [(10, 0.91), (20, 0.95)]]
+    # 16 against 20 steps: a 20% gain, inside the paper's 5-33% (a gain above 33% is "larger than claimed")
+    fast = [[(16, 0.93), (20, 0.95)], [(16, 0.92), (20, 0.95)], [(16, 0.91), (20, 0.95)]]
     slow = [[(10, 0.5), (20, 0.95)], [(10, 0.6), (20, 0.95)], [(10, 0.5), (20, 0.95)]]
     never = [[(10, 0.5), (20, 0.95)], [(10, 0.1), (20, 0.2)], [(10, 0.1), (20, 0.3)]]  # 1 of 3 reach 0.9025
     cur = {}
@@ -428,7 +429,7 @@ def test_efficiency_gains_per_dataset_with_exact_reasons():
     runs, evals = _eff_frames(cur, mods)
     e = eff.per_run_efficiency(runs, None, 0.95, evals=evals)
     per_ds = eff.dataset_gains(e, 0.0, "steps", n_boot=100).set_index("dataset")
-    assert per_ds.loc["mnist", "gain_pct"] == pytest.approx(50.0)  # 10 vs 20 steps to 0.9025
+    assert per_ds.loc["mnist", "gain_pct"] == pytest.approx(20.0)  # 16 vs 20 steps to 0.9025
     assert np.isnan(per_ds.loc["fashion_mnist", "gain_pct"])
     assert per_ds.loc["fashion_mnist", "reason"] == "mlp reached the target in 1 of 3 runs (fewer than half)"
     gains = eff.efficiency_gains(e, 0.0, "steps", n_boot=100).set_index("modality")
