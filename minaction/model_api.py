@@ -119,10 +119,13 @@ def _copied_hint(layer: nn.Module) -> str:
     if not layer.__dict__.get("_copied"):
         return ""
     return ("; this layer is a copy (copy.deepcopy, pickle or torch.save/load) that has not run since it was "
-            "copied: if the copied model did run a forward, that forward called another model's modules, e.g. "
-            "through a function that closes over the original's modules (minGPT's MLP, "
-            "self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))), which a copy keeps pointing at the "
-            "original. Make such a function a method (or rebuild it after copying)")
+            "copied: if the copied model did run a forward, " + _CLOSURE_CAUSE)
+
+
+#: why a copied model's forward can leave its own layers unrun (the warning and the error both say it)
+_CLOSURE_CAUSE = ("that forward called the original's modules instead, e.g. through a function that closes over "
+                  "them (minGPT's MLP, self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))), which a copy "
+                  "keeps pointing at the original. Make such a function a method (or rebuild it after copying)")
 
 
 def _refuse_no_energy_layers(model: nn.Module) -> None:
@@ -398,10 +401,7 @@ def _current(model: nn.Module, layers):
                 f"{len(copies)} energy layer(s) ({', '.join(copies[:4])}{', ...' if len(copies) > 4 else ''}) are "
                 "copies (copy.deepcopy, pickle or torch.save/load) that have not run since they were copied, while "
                 "other layers of the model have: the sum leaves them out. If the model's forward should have run "
-                "them, it called the original's modules instead, e.g. through a function that closes over them "
-                "(minGPT's MLP, self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))), which a copy keeps "
-                "pointing at the original. Make such a function a method (or rebuild it after copying)",
-                UserWarning, stacklevel=3)
+                "them, " + _CLOSURE_CAUSE, UserWarning, stacklevel=3)
     layers = ran or layers
     switched = [nm[1].stale() for nm in layers]
     if any(switched) and not all(switched):

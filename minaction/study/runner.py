@@ -685,7 +685,7 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
 
     identity = store.file_identity(db)
 
-    def record(records, runs, machine=None):
+    def record(records, group, machine=None):
         """A group's runs in one transaction, then its checkpoint deleted, with Ctrl-C / SIGTERM held until
         both are done: an interrupt between two members' records left the group half recorded, and the next
         start trained the rest again from their start (their group, and so their checkpoint, was another)."""
@@ -701,7 +701,7 @@ def _run_locked(spec, runs, db, con, recorded_status, t0, executor, workers, sch
                 ids = ", ".join(r["run_id"] for r in rows[:3]) + (", ..." if len(rows) > 3 else "")
                 raise store.diagnose(db, exc, f"record the {len(rows)} run(s) of a group ({ids}) in") from None
             if ckpt:  # the group's runs are committed: its checkpoint is no longer needed
-                checkpoint.remove(ckpt["checkpoint_dir"], runs)
+                checkpoint.remove(ckpt["checkpoint_dir"], group)
         for row in rows:
             counts[row["status"]] += 1
         recorded += len(rows)

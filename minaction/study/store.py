@@ -126,8 +126,8 @@ def diagnose(path, exc: BaseException, action: str = "open") -> StoreError:
             why = f"its folder {str(folder)!r} does not exist ({msg})"
         elif _read_only_fs(folder):
             why = f"{str(folder)!r} is on a read-only file system ({msg}); copy the store to a writable place"
-        elif _read_only_files(path):
-            why = _read_only_why(path, _read_only_files(path), msg)
+        elif ro := _read_only_files(path):
+            why = _read_only_why(path, ro, msg)
         elif not _writable(folder):
             why = (f"its folder {str(folder)!r} is not writable ({msg}): SQLite's WAL mode creates "
                    f"{path.name}-wal and {path.name}-shm next to the file; use a writable folder")
