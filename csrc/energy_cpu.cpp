@@ -161,19 +161,6 @@ inline Vec<float> erf_f(const Vec<float>& x) {
   return a | sign;
 }
 
-// gelu(z) = z/2 (1 + erf(z/sqrt 2)), as one fused multiply-add after erf
-template <typename F>
-inline Vec<F> gelu_v(const Vec<F>& z) {
-  const Vec<F> hz = z * Vec<F>(F(0.5));
-  if constexpr (std::is_same_v<F, float>) {
-    Vec<float> sign;
-    const Vec<float> a = erf_abs_f(z * Vec<float>(float(M_SQRT1_2)), sign);
-    return at::vec::fmadd(hz, a | sign, hz);
-  } else {
-    return at::vec::fmadd(hz, (z * Vec<F>(F(M_SQRT1_2))).erf(), hz);
-  }
-}
-
 template <typename F>
 inline Vec<F> exp_v(const Vec<F>& x) {
   if constexpr (std::is_same_v<F, float>) return exp_f(x);
@@ -185,6 +172,64 @@ inline Vec<F> erf_v(const Vec<F>& x) {
   if constexpr (std::is_same_v<F, float>) return erf_f(x);
   else return x.erf();
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Phi(-x), the normal CDF at -x, on x in [(i - 1/2)/2, (i + 1/2)/2] for i = 0..15 (0 <= x < 7.75), as
+// sum_j kPhiTab[j][i] u^j with u = 2x - i in [-1/2, 1/2]: degree-5 least-squares fits at Chebyshev
+// nodes (float64, scipy.special.ndtr), rounded to float; |error| <= 5.3e-8 in float evaluation, under
+// 1 ulp of 0.5. One vpermps per coefficient picks a lane's interval. On a full-width AVX-512 core
+// (Zen 5) torch's gelu is oneDNN's JIT kernel, 1.3x faster than the erf formula below; with the
+// table the pass takes 0.63x the erf formula's time (22 vector ops per 16 values against ~32).
+alignas(64) constexpr float kPhiTab[6][16] = {
+  {0x1.0000000000000p-1f, 0x1.3bf1460000000p-2f, 0x1.44ed0e0000000p-3f, 0x1.11a46c0000000p-4f, 0x1.74bcee0000000p-6f, 0x1.96f4d40000000p-8f, 0x1.61de2e0000000p-10f, 0x1.e7dc860000000p-13f, 0x1.09aed60000000p-15f, 0x1.c80d140000000p-19f, 0x1.33d2d80000000p-22f, 0x1.464eee0000000p-26f, 0x1.0f4c080000000p-30f, 0x1.617cd40000000p-35f, 0x1.68a1580000000p-40f, 0x1.1fe8460000000p-45f},
+  {-0x1.9884520000000p-3f, -0x1.6883d00000000p-3f, -0x1.ef8e5c0000000p-4f, -0x1.0940880000000p-4f, -0x1.ba4b420000000p-6f, -0x1.1f2efe0000000p-7f, -0x1.22720a0000000p-9f, -0x1.c989900000000p-12f, -0x1.18a9ec0000000p-14f, -0x1.0c2ac40000000p-17f, -0x1.8f1aa40000000p-21f, -0x1.ce989e0000000p-25f, -0x1.a198fe0000000p-29f, -0x1.259a6e0000000p-33f, -0x1.418cfe0000000p-38f, -0x1.12499a0000000p-43f},
+  {-0x1.b000000000000p-51f, 0x1.687cd00000000p-6f, 0x1.ef89ba0000000p-6f, 0x1.8de2420000000p-6f, 0x1.ba516e0000000p-7f, 0x1.66ff880000000p-8f, 0x1.b3a7300000000p-10f, 0x1.903dd20000000p-12f, 0x1.1878a80000000p-14f, 0x1.2d448a0000000p-17f, 0x1.f1a5680000000p-21f, 0x1.3cc0440000000p-24f, 0x1.3740c60000000p-28f, 0x1.d8be240000000p-33f, 0x1.15b27c0000000p-37f, 0x1.f908400000000p-43f},
+  {0x1.1054020000000p-7f, 0x1.68817c0000000p-8f, 0x1.5c19220000000p-22f, -0x1.ba0e3e0000000p-9f, -0x1.ba4ce60000000p-9f, -0x1.f699c40000000p-10f, -0x1.8347a60000000p-11f, -0x1.acec220000000p-13f, -0x1.5ebc9a0000000p-15f, -0x1.ade60a0000000p-18f, -0x1.8e95300000000p-21f, -0x1.1941c40000000p-24f, -0x1.2f65760000000p-28f, -0x1.f5ddd80000000p-33f, -0x1.3efe3c0000000p-37f, -0x1.382f6a0000000p-42f},
+  {0x1.3480000000000p-48f, -0x1.45cb100000000p-10f, -0x1.4749720000000p-10f, -0x1.91d7560000000p-12f, 0x1.1e9f040000000p-12f, 0x1.81ba400000000p-12f, 0x1.b4fdb20000000p-13f, 0x1.3904c40000000p-14f, 0x1.3831080000000p-16f, 0x1.c354700000000p-19f, 0x1.e30c4e0000000p-22f, 0x1.83af8a0000000p-25f, 0x1.d699d40000000p-29f, 0x1.b28af40000000p-33f, 0x1.3289080000000p-37f, 0x1.4b75840000000p-42f},
+  {-0x1.4297580000000p-12f, -0x1.2a18d00000000p-13f, 0x1.02d73c0000000p-13f, 0x1.7ca1d40000000p-13f, 0x1.2882740000000p-14f, -0x1.4e6c5e0000000p-16f, -0x1.2002ca0000000p-15f, -0x1.308e620000000p-16f, -0x1.8312860000000p-18f, -0x1.4eb0e00000000p-20f, -0x1.9d8a4c0000000p-23f, -0x1.7670440000000p-26f, -0x1.f87a020000000p-30f, -0x1.feb7ec0000000p-34f, -0x1.8736340000000p-38f, -0x1.c7c9280000000p-43f},
+};
+
+// Phi(z) = 1 - Phi(-|z|) for z > 0, else Phi(-|z|); 0 for |z| >= 7.75 (Phi(-7.75) < 5e-15) and for NaN
+inline Vec<float> phi_tab_f(const Vec<float>& z) {
+  const __m512 x = z;
+  const __m512 ax = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+  const __m512 magic = _mm512_set1_ps(12582912.f);  // 1.5 * 2^23: t's low mantissa bits hold round(2|z|)
+  const __m512 t = _mm512_fmadd_ps(ax, _mm512_set1_ps(2.f), magic);
+  const __m512 u = _mm512_fmsub_ps(ax, _mm512_set1_ps(2.f), _mm512_sub_ps(t, magic));  // 2|z| - i
+  const __m512i idx = _mm512_castps_si512(t);  // vpermps reads its low 4 bits: i (garbage past 7.75, masked)
+  __m512 q = _mm512_permutexvar_ps(idx, _mm512_load_ps(kPhiTab[5]));
+  for (int j = 4; j >= 0; --j) q = _mm512_fmadd_ps(q, u, _mm512_permutexvar_ps(idx, _mm512_load_ps(kPhiTab[j])));
+  q = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(7.75f), _CMP_LT_OQ), q);
+  return _mm512_mask_sub_ps(q, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), _mm512_set1_ps(1.f), q);
+}
+#endif
+
+// Phi(z) = (1 + erf(z/sqrt 2)) / 2, the normal CDF
+template <typename F>
+inline Vec<F> phi_v(const Vec<F>& z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<F, float>) return phi_tab_f(z);
+#endif
+  return Vec<F>(F(0.5)) * (Vec<F>(F(1)) + erf_v<F>(z * Vec<F>(F(M_SQRT1_2))));
+}
+
+// gelu(z) = z Phi(z): on AVX-512 z times the tabulated Phi (NaN and -inf give NaN, +inf gives inf, as
+// the formula); elsewhere z/2 (1 + erf(z/sqrt 2)), as one fused multiply-add after erf
+template <typename F>
+inline Vec<F> gelu_v(const Vec<F>& z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<F, float>) return z * phi_tab_f(z);
+#endif
+  const Vec<F> hz = z * Vec<F>(F(0.5));
+  if constexpr (std::is_same_v<F, float>) {
+    Vec<float> sign;
+    const Vec<float> a = erf_abs_f(z * Vec<float>(float(M_SQRT1_2)), sign);
+    return at::vec::fmadd(hz, a | sign, hz);
+  } else {
+    return at::vec::fmadd(hz, (z * Vec<F>(F(M_SQRT1_2))).erf(), hz);
+  }
+}
+
 
 // gelu's tanh approximation, torch's gelu(z, approximate="tanh") = z/2 (1 + tanh(u)) with
 // u = sqrt(2/pi) (z + 0.044715 z^3), written as z * sigmoid(2u) = z / (1 + exp(-2u)): the same
@@ -219,7 +264,7 @@ inline Vec<F> dact_mul_v(const Vec<F>& g, const Vec<F>& y, const Vec<F>& z) {
   if constexpr (ACT == IDENTITY) return g;
   if constexpr (ACT == RELU) return Vec<F>::blendv(g, Vec<F>(F(0)), y <= Vec<F>(F(0)));  // threshold_backward
   if constexpr (ACT == GELU) {
-    const Vec<F> cdf = Vec<F>(F(0.5)) * (one + erf_v<F>(z * Vec<F>(F(M_SQRT1_2))));
+    const Vec<F> cdf = phi_v<F>(z);
     const Vec<F> pdf = Vec<F>(F(M_2_SQRTPI * M_SQRT1_2 * 0.5)) * exp_v<F>(z * z * Vec<F>(F(-0.5)));
     return g * (cdf + z * pdf);
   }
