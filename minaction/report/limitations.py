@@ -35,6 +35,24 @@ def inferred_test_size(acc, max_n: int = 100_000, rel_tol: float = 1e-7):
     return None
 
 
+def machine_label(prov) -> str:
+    """A run's machine as its provenance names it: CPU model name and vendor/family/model (stores of session 27
+    on), else model name and kernel ISA; "unknown" for a run recorded without provenance."""
+    if not prov:
+        return "unknown"
+    name = prov.get("cpu") or "unknown CPU"
+    if prov.get("cpu_id"):
+        return f"{name} ({prov['cpu_id']})"
+    return f"{name} ({prov.get('isa') or 'ISA n/a'}; family not recorded)"
+
+
+def machine_table(runs: pd.DataFrame, provenance: dict) -> pd.DataFrame:
+    """``arch, dataset, machine, runs``: where each architecture's runs on each dataset were trained."""
+    df = pd.DataFrame({"arch": runs["arch"].to_numpy(), "dataset": runs["dataset"].to_numpy(),
+                       "machine": [machine_label(provenance.get(r)) for r in runs["run_id"]]})
+    return df.groupby(["arch", "dataset", "machine"]).size().rename("runs").reset_index()
+
+
 def dataset_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per dataset: ``dataset, modality, runs, test_n`` (inferred, :func:`inferred_test_size`), ``mean_test_acc``,
     ``binomial_se_pp`` (sqrt(p (1 - p) / n) at the mean, in percentage points), ``within_cell_sd`` (the
@@ -132,6 +150,15 @@ def section(rep) -> None:
                      "does not move, but which also hides a lasting change of speed within a run) and on the raw "
                      "clock (which carries both); where the two disagree in sign, neither tells which architecture "
                      "trains faster in seconds.")
+        mix = machine_table(runs, rep.store.provenance)
+        if mix["machine"].nunique() > 1:
+            mrel = rep.csv("machines", mix)
+            per = mix.groupby("machine")["runs"].sum()
+            parts = "; ".join(f"{m}: {fmt(int(n))} runs" for m, n in per.items())
+            items.append(f"The runs were trained on {len(per)} machines ({parts}; per architecture and dataset in "
+                         f"`{mrel}`). A time comparison between groups trained on different CPUs measures the CPUs "
+                         "as well as the architectures (these cloud CPUs differ 2-3x in speed), and both of its "
+                         "readings share that; accuracy, FLOPs, epochs and steps do not depend on the machine.")
         items.append("Finding 3's value of an architecture on a dataset is the mean over the runs that reached the "
                      "target; runs that did not are left out (censored), not counted as slow, so an architecture "
                      "that misses the target in some seeds looks as fast as its successful seeds (the `reached` "

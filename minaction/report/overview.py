@@ -224,7 +224,8 @@ def _provenance(rep, ra) -> None:
     rows = []
     for rid in ra["run_id"]:
         p = prov.get(rid)
-        rows.append({k: (p or {}).get(k) for k in ("commit", "code", "torch", "isa", "threads")} | {"known": p is not None})
+        rows.append({k: (p or {}).get(k) for k in ("commit", "code", "torch", "isa", "cpu", "cpu_id", "threads")}
+                    | {"known": p is not None})
     df = pd.DataFrame(rows)
     known = df[df["known"]]
     missing = int((~df["known"]).sum())
@@ -233,11 +234,12 @@ def _provenance(rep, ra) -> None:
                   "count that trained it (stores written by earlier versions of minaction keep none; a run is "
                   "reproducible bit for bit only with all of them the same, docs/study.md).")
         return
-    cols = ["commit", "code", "torch", "isa", "threads"]
+    cols = ["commit", "code", "torch", "isa", "cpu", "cpu_id", "threads"]
     tab = known.fillna("n/a").astype(str).groupby(cols).size().rename("runs").reset_index()
     rel = rep.csv("provenance", tab)
     more = (" Runs recorded before the store kept it (by earlier versions of minaction, or imported from their "
             "archives) are not in the table." if missing else "")
     rep.doc.table(tab, rel, "Where the runs came from: code (commit, and a hash of the sources that define a run's "
-                            "numbers), torch build, kernel ISA and torch threads. Runs are reproducible bit for bit "
-                            "only within one row." + more)
+                            "numbers), torch build, kernel ISA, CPU (model name, and vendor/family/model where "
+                            "recorded: `n/a` before 2026-12-08) and torch threads. Runs are reproducible bit for "
+                            "bit only within one row of the same code, torch, ISA and threads." + more)

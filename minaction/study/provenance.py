@@ -82,6 +82,27 @@ def _cpu_model() -> Optional[str]:
     return platform.processor() or None
 
 
+def _cpu_id() -> Optional[str]:
+    """Vendor, family, model and stepping from ``/proc/cpuinfo`` ("AuthenticAMD family 25 model 1 stepping 1"):
+    a cloud VM's model name ("AMD EPYC") is one string for CPUs of 2-3x different speed (Zen 3, Zen 4 and Zen 5
+    all trained this study's runs), and its training times are only comparable within one of them."""
+    keys = {"vendor_id": None, "cpu family": None, "model": None, "stepping": None}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                k, _, v = line.partition(":")
+                if k.strip() in keys:
+                    keys[k.strip()] = v.strip()
+    except OSError:
+        return None
+    if keys["vendor_id"] is None or keys["cpu family"] is None or keys["model"] is None:
+        return None
+    return (f"{keys['vendor_id']} family {keys['cpu family']} model {keys['model']}"
+            + (f" stepping {keys['stepping']}" if keys["stepping"] is not None else ""))
+
+
 def _isa() -> Optional[str]:
     try:
         from ..backends import cpu
@@ -93,11 +114,12 @@ def _isa() -> Optional[str]:
 
 def machine() -> dict:
     """What the worker process that trained a group ran on (with ``--executor dask`` or ``ray`` it may not be the
-    driver's machine): its kernel ISA, CPU, host, torch build and torch threads."""
+    driver's machine): its kernel ISA, CPU (model name, and vendor/family/model: :func:`_cpu_id`), host, torch build
+    and torch threads."""
     import torch
 
-    return {"isa": _isa(), "cpu": _cpu_model(), "host": platform.node() or None, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    return {"isa": _isa(), "cpu": _cpu_model(), "cpu_id": _cpu_id(), "host": platform.node() or None,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def run_group(task: dict) -> dict:

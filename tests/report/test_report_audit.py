@@ -232,3 +232,48 @@ def test_audit_report_finding3(audit_report):
     r = runs[runs["reached"]]
     unit = r["steps_to_target"].where(r["steps_to_target"].notna(), r["epochs_to_target"])  # epochs: no evals
     assert len(r) and np.allclose(r["time_to_target_s"], unit * r["s_per_step"])
+
+
+# ---------------------------------------------------------------- 11. training times from several machines
+def test_machine_labels_tell_cpus_of_one_model_name_apart():
+    from minaction.report.limitations import machine_label, machine_table
+
+    zen3 = {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD family 25 model 1 stepping 1", "isa": "avx2"}
+    zen5 = {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD family 26 model 2 stepping 1", "isa": "avx512"}
+    old = {"cpu": "AMD EPYC", "isa": "avx512"}  # recorded before the family was
+    assert machine_label(zen3) != machine_label(zen5)
+    assert machine_label(old) == "AMD EPYC (avx512; family not recorded)" and machine_label(None) == "unknown"
+    runs = pd.DataFrame({"run_id": ["a", "b", "c", "d"], "arch": ["mlp", "mlp", "cnn", "cnn"], "dataset": ["m"] * 4})
+    t = machine_table(runs, {"a": zen3, "b": zen5, "c": zen5})
+    assert t.set_index(["arch", "machine"])["runs"].to_dict() == {
+        ("cnn", machine_label(zen5)): 1, ("cnn", "unknown"): 1, ("mlp", machine_label(zen3)): 1,
+        ("mlp", machine_label(zen5)): 1}
+
+
+def test_a_store_trained_on_two_machines_says_so_beside_its_times(tmp_path):
+    """Cloud VMs of one model name ("AMD EPYC") were Zen 3, 4 and 5 in this study, 2-3x apart in speed: the
+    Limitations section counts the runs per machine where the time metrics are read, and names the CSV."""
+    import json
+    import sqlite3
+
+    ds = {"mnist": "vision", "fashion_mnist": "vision", "sst2": "text", "ecg5000": "physiological"}
+    db = make_synthetic_store(tmp_path / "s.sqlite", datasets=ds, seeds=3, seed=2, n_failed=0)
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE IF NOT EXISTS provenance (run_id TEXT PRIMARY KEY, json TEXT)")
+    ids = [r for (r,) in con.execute("SELECT run_id FROM runs ORDER BY run_id")]
+    for i, rid in enumerate(ids):
+        fam = 25 if i % 2 else 26
+        con.execute("INSERT INTO provenance VALUES (?, ?)", (rid, json.dumps(
+            {"cpu": "AMD EPYC", "cpu_id": f"AuthenticAMD family {fam} model 1 stepping 1", "isa": "avx2"})))
+    con.commit()
+    con.close()
+    build_report(db, tmp_path / "o", n_boot=20)
+    md = (tmp_path / "o" / "report.md").read_text()
+    lim = md.split("## Limitations")[1].split("\n## ")[0]
+    assert "one clock per batched group" in lim  # Finding 3's times were read
+    assert "The runs were trained on 2 machines" in lim and "machines.csv" in lim
+    m = pd.read_csv(tmp_path / "o" / "tables" / "machines.csv")
+    assert m["runs"].sum() == len(ids) and m["machine"].nunique() == 2
+    prov = pd.read_csv(tmp_path / "o" / "tables" / "provenance.csv")
+    assert sorted(prov["cpu_id"]) == ["AuthenticAMD family 25 model 1 stepping 1",
+                                      "AuthenticAMD family 26 model 1 stepping 1"]
