@@ -4,6 +4,7 @@ Variants (same weights, same data, Adam(fused=True)), interleaved in shuffled or
   plain      nn.Linear + ReLU, loss = CE
   fused      EnergyLinear, loss = CE + lam * total_energy(model)
   fused_noE  EnergyLinear, loss = CE (the layers' own cost, no energy term)
+  penalty    EnergyLinear(penalty=lam), loss = CE: the layers apply the energy term in their backward
   glue       nn.Linear + ReLU, loss = CE + lam * (sum of constant leaves): the energy term's arithmetic alone
 
 Phases: model (forward through the layers), ce, energy (total_energy or the leaf sum), combine (ce + lam * E),
@@ -62,6 +63,11 @@ def make(model, kind, lam, x, y):
     return step
 
 
+def with_penalty(model, lam):
+    minaction.set_penalty(model, lam)
+    return model
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="784,64,64,10")
@@ -78,6 +84,7 @@ def main(argv=None):
     steps = {"plain": make(build("plain", sizes), "plain", args.lam, x, y),
              "fused": make(fused, "fused", args.lam, x, y),
              "fused_noE": make(copy.deepcopy(fused), "fused_noE", args.lam, x, y),
+             "penalty": make(with_penalty(copy.deepcopy(fused), args.lam), "penalty", args.lam, x, y),
              "glue": make(build("plain", sizes), "glue", args.lam, x, y)}
     info = machine_info()
     for _ in range(args.warmup):

@@ -82,7 +82,7 @@ def test_step_phases_runs_every_variant(bench_path, capsys):
                                 "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
-    assert set(res) == {"plain", "fused", "fused_noE", "glue"}
+    assert set(res) == {"plain", "fused", "fused_noE", "penalty", "glue"}
     assert set(res["fused"]["phases_us"]) == set(step_phases.PHASES)
     assert "fused_noE" in capsys.readouterr().out
 

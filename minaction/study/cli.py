@@ -69,9 +69,11 @@ def run_from_args(args):
     """``run_study`` as ``study run`` and ``replicate`` start it: the runs and the estimated wall time
     printed once the environment and the store have been checked, groups balanced by their measured
     cost. Raises one of :data:`RUN_ERRORS` (PresetError is a ValueError)."""
-    from .plan import announce, cost_lookup
+    from .plan import announce, cost_lookup, measure_timeout_s
     from .runner import run_study
 
+    measure_timeout_s()  # a bad MINACTION_PLAN_MEASURE_TIMEOUT_S is refused here, before the store is touched
+    # (read later, inside the estimate, it only turned the estimate into "no time estimate" and trained on)
     return run_study(args.preset, args.db, executor=args.executor, workers=args.workers,
                      scheduler=getattr(args, "scheduler", None), progress=not args.no_progress,
                      limit=getattr(args, "limit", None), retry_failed=args.retry_failed,

@@ -663,6 +663,22 @@ def test_the_plan_measure_timeout_setting(monkeypatch):
             _plan.measure_timeout_s()
 
 
+def test_study_run_refuses_a_bad_plan_measure_timeout_before_it_trains(tmp_path, monkeypatch, capsys):
+    """A bad MINACTION_PLAN_MEASURE_TIMEOUT_S was read inside the courtesy estimate, which printed "no time
+    estimate" and trained on; now `study run` refuses it, with the setting's name, before the store exists."""
+    from minaction.cli import main
+    from minaction.study import plan as _plan
+    from test_study_faults import _preset
+
+    monkeypatch.setenv(_plan.MEASURE_TIMEOUT_ENV, "soon")
+    db = tmp_path / "s.sqlite"
+    rc = main(["study", "run", "--preset", str(_preset(tmp_path, archs=["tiny_mlp"], lams=[0.0], seeds=[0])),
+               "--db", str(db), "--no-progress", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "MINACTION_PLAN_MEASURE_TIMEOUT_S must be a number of seconds > 0 (or inf), got 'soon'" in err
+    assert not db.exists()
+
+
 def test_plan_times_an_architecture_registered_by_the_running_script(tmp_path):
     """plan() times blocks in a child process, which cannot import what the running script (__main__)
     registered: those are timed in the script's own process, as before."""
