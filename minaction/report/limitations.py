@@ -154,9 +154,12 @@ def section(rep) -> None:
         if mix["machine"].nunique() > 1:
             mrel = rep.csv("machines", mix)
             per = mix.groupby("machine")["runs"].sum()
+            unknown = int(per.pop("unknown")) if "unknown" in per.index else 0
             parts = "; ".join(f"{m}: {fmt(int(n))} runs" for m, n in per.items())
-            items.append(f"The runs were trained on {len(per)} machines ({parts}; per architecture and dataset in "
-                         f"`{mrel}`). A time comparison between groups trained on different CPUs measures the CPUs "
+            more = (f", and {fmt(unknown)} runs do not record theirs (recorded before the store kept provenance)"
+                    if unknown else "")
+            items.append(f"The runs were trained on {len(per)} machine{'s' if len(per) > 1 else ''} ({parts}){more}; "
+                         f"runs per architecture, dataset and machine are in `{mrel}`. A time comparison between groups trained on different CPUs measures the CPUs "
                          "as well as the architectures (these cloud CPUs differ 2-3x in speed), and both of its "
                          "readings share that; accuracy, FLOPs, epochs and steps do not depend on the machine.")
         items.append("Finding 3's value of an architecture on a dataset is the mean over the runs that reached the "

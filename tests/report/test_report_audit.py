@@ -271,7 +271,8 @@ def test_a_store_trained_on_two_machines_says_so_beside_its_times(tmp_path):
     md = (tmp_path / "o" / "report.md").read_text()
     lim = md.split("## Limitations")[1].split("\n## ")[0]
     assert "one clock per batched group" in lim  # Finding 3's times were read
-    assert "The runs were trained on 2 machines" in lim and "machines.csv" in lim
+    assert "The runs were trained on 2 machines (AMD EPYC (AuthenticAMD family 25" in lim and "machines.csv" in lim
+    assert "do not record theirs" not in lim
     m = pd.read_csv(tmp_path / "o" / "tables" / "machines.csv")
     assert m["runs"].sum() == len(ids) and m["machine"].nunique() == 2
     prov = pd.read_csv(tmp_path / "o" / "tables" / "provenance.csv")
