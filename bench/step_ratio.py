@@ -276,6 +276,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lam", type=float, default=1e-3)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--variants", default="",
+                    help="comma-separated variants to interleave with plain (default: all). Each variant's "
+                         "model, gradients and Adam state take cache too: at 784-64 on a Zen 5 (1 MiB L2) the "
+                         "penalty form measured 1.033-1.046 against plain alone and 1.052-1.090 in the full "
+                         "rotation (bench/RESULTS.md, session 27)")
     ap.add_argument("--json")
     ap.add_argument("--batched", type=int, default=0, metavar="G",
                     help="G models at once: EnergyLinear(num_models=G) vs torch.baddbmm + ReLU")
@@ -307,6 +312,12 @@ def main(argv=None):
         y = torch.randint(0, sizes[-1], (args.batch,))
         return _interleave(args, kinds, steps, x, y, sizes, batched=True)
     kinds = ["plain", "naive", "fused", "penalty", "glue"] + ([] if args.no_compile else ["compiled"])
+    if args.variants:
+        want = [k.strip() for k in args.variants.split(",") if k.strip()]
+        bad = [k for k in want if k not in kinds]
+        if bad:
+            ap.error(f"--variants: {', '.join(bad)} not among {', '.join(kinds)}")
+        kinds = ["plain"] + [k for k in want if k != "plain"]
     steps = {k: make_step(k, build("plain" if k == "glue" else k, sizes), args.lam) for k in kinds}
     x, y = torch.randn(args.batch, sizes[0]), torch.randint(0, sizes[-1], (args.batch,))
     return _interleave(args, kinds, steps, x, y, sizes, batched=False)

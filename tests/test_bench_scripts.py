@@ -35,6 +35,23 @@ def test_step_ratio_has_the_glue_floor(bench_path, capsys):
     assert "glue" in out and "penalty" in out
 
 
+def test_step_ratio_interleaves_only_the_variants_asked_for(bench_path, capsys):
+    import torch
+
+    import step_ratio
+
+    threads = torch.get_num_threads()
+    try:
+        res = step_ratio.main(["--sizes", "12,6,5,3", "--batch", "4", "--rounds", "3", "--warmup", "1",
+                               "--no-compile", "--threads", "1", "--variants", "penalty"])
+        assert set(res["variants"]) == {"plain", "penalty"}
+        with pytest.raises(SystemExit):
+            step_ratio.main(["--sizes", "12,6,3", "--no-compile", "--variants", "penalty,bogus"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "--variants: bogus not among plain, naive, fused, penalty, glue" in capsys.readouterr().err
+
+
 def test_step_ratio_penalty_variant_trains_the_same_objective(bench_path):
     """The bench's `penalty` step (lambda inside the layers, loss = CE) and its `fused` step (CE + lambda * E)
     compute the same gradients from the same weights: the two variants time the same training."""
