@@ -154,14 +154,16 @@ def section(rep) -> None:
         if mix["machine"].nunique() > 1:
             mrel = rep.csv("machines", mix)
             per = mix.groupby("machine")["runs"].sum()
+            rep.csv("machines_summary", per.rename("runs").reset_index())  # (the counts the text below gives)
             unknown = int(per.pop("unknown")) if "unknown" in per.index else 0
             parts = "; ".join(f"{m}: {fmt(int(n))} runs" for m, n in per.items())
             more = (f", and {fmt(unknown)} runs do not record theirs (recorded before the store kept provenance)"
                     if unknown else "")
             items.append(f"The runs were trained on {len(per)} machine{'s' if len(per) > 1 else ''} ({parts}){more}; "
-                         f"runs per architecture, dataset and machine are in `{mrel}`. A time comparison between groups trained on different CPUs measures the CPUs "
-                         "as well as the architectures (these cloud CPUs differ 2-3x in speed), and both of its "
-                         "readings share that; accuracy, FLOPs, epochs and steps do not depend on the machine.")
+                         f"runs per architecture, dataset and machine are in `{mrel}`. A time comparison between "
+                         "groups trained on different CPUs measures the CPUs as well as the architectures (cloud "
+                         "CPUs of one model name differ severalfold in speed), and both of its readings share that; "
+                         "accuracy, FLOPs, epochs and steps do not depend on the machine.")
         items.append("Finding 3's value of an architecture on a dataset is the mean over the runs that reached the "
                      "target; runs that did not are left out (censored), not counted as slow, so an architecture "
                      "that misses the target in some seeds looks as fast as its successful seeds (the `reached` "

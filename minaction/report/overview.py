@@ -241,5 +241,5 @@ def _provenance(rep, ra) -> None:
             "archives) are not in the table." if missing else "")
     rep.doc.table(tab, rel, "Where the runs came from: code (commit, and a hash of the sources that define a run's "
                             "numbers), torch build, kernel ISA, CPU (model name, and vendor/family/model where "
-                            "recorded: `n/a` before 2026-12-08) and torch threads. Runs are reproducible bit for "
+                            "recorded: `n/a` for runs of earlier versions) and torch threads. Runs are reproducible bit for "
                             "bit only within one row of the same code, torch, ISA and threads." + more)

@@ -275,6 +275,7 @@ def test_a_store_trained_on_two_machines_says_so_beside_its_times(tmp_path):
     assert "do not record theirs" not in lim
     m = pd.read_csv(tmp_path / "o" / "tables" / "machines.csv")
     assert m["runs"].sum() == len(ids) and m["machine"].nunique() == 2
+    assert check_traceable(tmp_path / "o") == []
     prov = pd.read_csv(tmp_path / "o" / "tables" / "provenance.csv")
     assert sorted(prov["cpu_id"]) == ["AuthenticAMD family 25 model 1 stepping 1",
                                       "AuthenticAMD family 26 model 1 stepping 1"]
