@@ -240,6 +240,10 @@ def efficiency_figure(gains: pd.DataFrame, names: dict | None = None):
     return fig
 
 
+#: the learning-curve figure draws a (dataset, architecture) curve while at least this share of its runs trains
+MIN_SHARE_TRAINING = 0.5
+
+
 def curves_plot(runs: pd.DataFrame, epochs: pd.DataFrame, lam: float, path: Path,
                 evals: pd.DataFrame | None = None) -> Path:
     """Validation accuracy against the *stall-robust* training time, mean per (dataset, arch): each evaluation
@@ -270,7 +274,11 @@ def curves_figure(runs: pd.DataFrame, epochs: pd.DataFrame | None, lam: float, e
     for j, ds in enumerate(datasets):
         ax = axes[j // nc, j % nc]
         for arch, g in cur[cur["dataset"] == ds].groupby("arch", sort=True):
-            m = g.groupby("unit")[["robust_s", "val_acc"]].mean()
+            m = g.groupby("unit").agg(robust_s=("robust_s", "mean"), val_acc=("val_acc", "mean"),
+                                      n=("run_id", "nunique"))
+            # drawn while at least half of the runs still train: past that a point averaged the one or two seeds
+            # that stopped last, and the tail jumped with them (MIN_SHARE_TRAINING)
+            m = m[m["n"] >= MIN_SHARE_TRAINING * g["run_id"].nunique()]
             ax.plot(m["robust_s"], 100 * m["val_acc"], "-", marker="o" if len(m) <= 40 else None, ms=3, lw=1,
                     label=arch)
         ax.set_title(ds)

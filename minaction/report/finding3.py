@@ -192,8 +192,8 @@ def section(rep) -> None:
     d.figure(_fig.curves_plot(runs, rep.store.epochs, lam, rep.fig_dir / "learning_curves.png", evals=evals),
              f"Mean validation accuracy against the stall-robust training time (each evaluation's optimizer steps × "
              f"the run's median seconds per step, the time of the tables' stall-robust columns; per epoch where a store "
-             f"has no steps), λ = {fmt(lam)}. Each point averages the runs still training there, so a curve's tail "
-             f"rests on the seeds that stopped last.")
+             f"has no steps), λ = {fmt(lam)}. Each point averages the runs still training there, and a curve ends where "
+             f"fewer than half of its runs still train (its tail would rest on the seeds that stopped last).")
     at_lam = runs[runs["lam"] == lam]  # the design at the λ read
     rep.finding3_read = True
     band = (float(PAPER["gain_lo_pct"]), float(PAPER["gain_hi_pct"]))

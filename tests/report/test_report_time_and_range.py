@@ -115,6 +115,23 @@ def test_learning_curves_fall_back_to_epochs():
         figures._plt().close(fig)
 
 
+def test_a_learning_curve_ends_where_fewer_than_half_of_its_runs_train():
+    """Three seeds stop at epoch 2, one trains to epoch 5: the curve's points at epochs 3-5 were that one seed's,
+    and its tail jumped with it; now the curve ends at epoch 2."""
+    runs = pd.DataFrame({"run_id": list("abcd"), "dataset": "d", "modality": "m", "arch": "mlp", "lam": 0.0,
+                         "seed": range(4), "val_acc": 0.9, "test_acc": 0.9})
+    rows = [(r, e) for r in "abc" for e in (1, 2)] + [("d", e) for e in range(1, 6)]
+    epochs = pd.DataFrame({"run_id": [r for r, _ in rows], "epoch": [e for _, e in rows],
+                           "val_acc": [0.5 if r != "d" else 0.2 * e for r, e in rows],
+                           "wall_time_s": [float(e) for _, e in rows]})
+    fig = figures.curves_figure(runs, epochs, 0.0)
+    try:
+        (line,) = fig.axes[0].lines
+        assert list(line.get_xdata()) == pytest.approx([1, 2])  # 4 runs, then 4; not 1, 1, 1
+    finally:
+        figures._plt().close(fig)
+
+
 # ---------------------------------------------------------------- 3. every architecture, the whole range
 def _gains(rows):
     return pd.DataFrame([{"modality": m, "arch": a, "metric": "flops", "gain_pct": g, "gain_pct_lo": lo,
