@@ -177,9 +177,10 @@ inline Vec<F> erf_v(const Vec<F>& x) {
 // Phi(-x), the normal CDF at -x, on x in [(i - 1/2)/2, (i + 1/2)/2] for i = 0..15 (0 <= x < 7.75), as
 // sum_j kPhiTab[j][i] u^j with u = 2x - i in [-1/2, 1/2]: degree-5 least-squares fits at Chebyshev
 // nodes (float64, scipy.special.ndtr), rounded to float; |error| <= 5.3e-8 in float evaluation, under
-// 1 ulp of 0.5. One vpermps per coefficient picks a lane's interval. On a full-width AVX-512 core
-// (Zen 5) torch's gelu is oneDNN's JIT kernel, 1.3x faster than the erf formula below; with the
-// table the pass takes 0.63x the erf formula's time (22 vector ops per 16 values against ~32).
+// 1 ulp of 0.5. One vpermps per coefficient picks a lane's interval: 22 vector ops per 16 values, no
+// division, no exp, against ~32 for the erf formula below. On a full-width AVX-512 core (Zen 5), where
+// torch's gelu is oneDNN's JIT kernel (~200 us on 1 M floats), the erf formula's pass took 260-273 us
+// and this one takes 120-124 us (bench/RESULTS.md, session 27). Written by csrc/tools/phi_table.py.
 alignas(64) constexpr float kPhiTab[6][16] = {
   {0x1.0000000000000p-1f, 0x1.3bf1460000000p-2f, 0x1.44ed0e0000000p-3f, 0x1.11a46c0000000p-4f, 0x1.74bcee0000000p-6f, 0x1.96f4d40000000p-8f, 0x1.61de2e0000000p-10f, 0x1.e7dc860000000p-13f, 0x1.09aed60000000p-15f, 0x1.c80d140000000p-19f, 0x1.33d2d80000000p-22f, 0x1.464eee0000000p-26f, 0x1.0f4c080000000p-30f, 0x1.617cd40000000p-35f, 0x1.68a1580000000p-40f, 0x1.1fe8460000000p-45f},
   {-0x1.9884520000000p-3f, -0x1.6883d00000000p-3f, -0x1.ef8e5c0000000p-4f, -0x1.0940880000000p-4f, -0x1.ba4b420000000p-6f, -0x1.1f2efe0000000p-7f, -0x1.22720a0000000p-9f, -0x1.c989900000000p-12f, -0x1.18a9ec0000000p-14f, -0x1.0c2ac40000000p-17f, -0x1.8f1aa40000000p-21f, -0x1.ce989e0000000p-25f, -0x1.a198fe0000000p-29f, -0x1.259a6e0000000p-33f, -0x1.418cfe0000000p-38f, -0x1.12499a0000000p-43f},
