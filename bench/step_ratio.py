@@ -116,7 +116,8 @@ def make_batched_step(kind, model, lam):
 
 
 def machine_info():
-    """CPU model, ISA of the loaded C++ build, threads, load average: printed with every result."""
+    """CPU model (and vendor/family/model: "AMD EPYC" was a Zen 3, 4 or 5), ISA of the loaded C++ build, threads,
+    load average: printed with every result."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -137,7 +138,9 @@ def machine_info():
         load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         load = "?"
-    return {"cpu": model, "isa": isa, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+    from minaction.study.provenance import _cpu_id
+
+    return {"cpu": model, "cpu_id": _cpu_id(), "isa": isa, "torch_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "loadavg_before": load}
 
 
