@@ -118,15 +118,6 @@ def make_batched_step(kind, model, lam):
 def machine_info():
     """CPU model (and vendor/family/model: "AMD EPYC" was a Zen 3, 4 or 5), ISA of the loaded C++ build, threads,
     load average: printed with every result."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     from minaction.backends import cpu as cpu_backend
 
     try:
@@ -138,10 +129,11 @@ def machine_info():
         load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         load = "?"
-    from minaction.study.provenance import _cpu_id
+    from minaction.study.provenance import _cpu_id, _cpu_model
 
-    return {"cpu": model, "cpu_id": _cpu_id(), "isa": isa, "torch_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "loadavg_before": load}
+    return {"cpu": _cpu_model() or platform.machine(), "cpu_id": _cpu_id(), "isa": isa,
+            "torch_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "loadavg_before": load}
 
 
 def pin_allocator() -> bool:

@@ -80,6 +80,19 @@ def layout_problems(fig, shown_width_px: float = SHOWN_WIDTH_PX, min_text_px: fl
     return probs
 
 
+def _panel_grid(n: int, max_cols: int, panel_w: float, panel_h: float, **kw):
+    """A figure of ``n`` panels (at least one), at most ``max_cols`` per row, each ``panel_w`` x ``panel_h``
+    inches; returns it and its panels in reading order. The grid's spare cells are hidden, not blanked with
+    ``axis("off")``, which the layout check counts as empty panels."""
+    nc = max(1, min(max_cols, n))
+    nr = max(1, -(-n // nc))
+    fig, axes = _plt().subplots(nr, nc, figsize=(panel_w * nc, panel_h * nr), squeeze=False, **kw)
+    flat = list(axes.flat)
+    for ax in flat[max(1, n):]:
+        ax.set_visible(False)
+    return fig, flat
+
+
 def _save(fig, path: Path, dpi: float):
     """Save ``fig`` at ``dpi`` and record its layout problems (at that dpi) in :data:`PROBLEMS`."""
     plt = _plt()
@@ -205,17 +218,11 @@ def efficiency_plot(gains: pd.DataFrame, path: Path, names: dict | None = None) 
 
 def efficiency_figure(gains: pd.DataFrame, names: dict | None = None):
     """The figure of :func:`efficiency_plot`, not saved (tests inspect it)."""
-    plt = _plt()
     metrics = list(dict.fromkeys(gains["metric"]))
     n = max((int((gains["metric"] == m).sum()) for m in metrics), default=1)
     # at most two panels per row: four side by side were 1,536 px wide, shown at 1,068, their 7-point text 5 px
-    nc = max(1, min(2, len(metrics)))
-    nr = max(1, -(-len(metrics) // nc))
-    fig, axes = plt.subplots(nr, nc, figsize=(5.2 * nc, (1.6 + 0.38 * n) * nr), squeeze=False, sharey=True)
-    for j in range(len(metrics), nr * nc):
-        axes[j // nc, j % nc].set_visible(False)
-    for j, metric in enumerate(metrics):
-        ax = axes[j // nc, j % nc]
+    fig, panels = _panel_grid(len(metrics), 2, 5.2, 1.6 + 0.38 * n, sharey=True)
+    for metric, ax in zip(metrics, panels):
         g = gains[gains["metric"] == metric].reset_index(drop=True)
         labels = [f"{m} · {a}" for m, a in zip(g["modality"], g["arch"])]
         y = g["gain_pct"].to_numpy(float)
@@ -258,7 +265,6 @@ def curves_figure(runs: pd.DataFrame, epochs: pd.DataFrame | None, lam: float, e
     """The figure of :func:`curves_plot`, not saved (tests inspect it)."""
     from .efficiency import _seconds_per_unit, curves
 
-    plt = _plt()
     r = runs[runs["lam"] == lam][["run_id", "dataset", "arch"]]
     cur = curves(runs[runs["lam"] == lam], epochs, evals)
     rate = _seconds_per_unit(cur) if len(cur) else pd.Series(dtype=float)
@@ -268,11 +274,8 @@ def curves_figure(runs: pd.DataFrame, epochs: pd.DataFrame | None, lam: float, e
     datasets = sorted(cur["dataset"].unique())
     # a grid of at most 4 panels per row: one row of 10 panels was 2880 px wide, and report.html (figures at
     # most ~1070 px wide) showed it 100 px tall, its text unreadable (session 24's audit)
-    nc = max(1, min(4, len(datasets)))
-    nr = max(1, -(-len(datasets) // nc))
-    fig, axes = plt.subplots(nr, nc, figsize=(3.6 * nc, 3.0 * nr), squeeze=False)
-    for j, ds in enumerate(datasets):
-        ax = axes[j // nc, j % nc]
+    fig, panels = _panel_grid(len(datasets), 4, 3.6, 3.0)
+    for ds, ax in zip(datasets, panels):
         for arch, g in cur[cur["dataset"] == ds].groupby("arch", sort=True):
             m = g.groupby("unit").agg(robust_s=("robust_s", "mean"), val_acc=("val_acc", "mean"),
                                       n=("run_id", "nunique"))
@@ -284,11 +287,9 @@ def curves_figure(runs: pd.DataFrame, epochs: pd.DataFrame | None, lam: float, e
         ax.set_title(ds)
         ax.set_xlabel("training time (s), stall-robust")
         ax.grid(alpha=0.3)
-        if j % nc == 0:
+        if ax.get_subplotspec().is_first_col():
             ax.set_ylabel("validation accuracy (%)")
-    for j in range(len(datasets), nr * nc):
-        axes[j // nc, j % nc].set_visible(False)  # (axis("off") left them as empty panels for the layout check)
     if datasets:
-        axes[0, 0].legend(fontsize=8)
+        panels[0].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -71,36 +71,35 @@ def git_commit() -> Optional[str]:
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
-def _cpu_model() -> Optional[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _cpu_id() -> Optional[str]:
-    """Vendor, family, model and stepping from ``/proc/cpuinfo`` ("AuthenticAMD family 25 model 1 stepping 1"):
-    a cloud VM's model name ("AMD EPYC") is one string for CPUs of 2-3x different speed (Zen 3, Zen 4 and Zen 5
-    all trained this study's runs), and its training times are only comparable within one of them."""
-    keys = {"vendor_id": None, "cpu family": None, "model": None, "stepping": None}
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> dict:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none), read once per process."""
+    fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip():
                     break  # the first processor's block is enough
                 k, _, v = line.partition(":")
-                if k.strip() in keys:
-                    keys[k.strip()] = v.strip()
+                fields.setdefault(k.strip(), v.strip())
     except OSError:
+        pass
+    return fields
+
+
+def _cpu_model() -> Optional[str]:
+    return _cpuinfo().get("model name") or platform.processor() or None
+
+
+def _cpu_id() -> Optional[str]:
+    """Vendor, family, model and stepping from ``/proc/cpuinfo`` ("AuthenticAMD family 25 model 1 stepping 1"):
+    a cloud VM's model name ("AMD EPYC") is one string for CPUs of 2-3x different speed (Zen 3, Zen 4 and Zen 5
+    all trained this study's runs), and its training times are only comparable within one of them."""
+    info = _cpuinfo()
+    vendor, family, model, stepping = (info.get(k) for k in ("vendor_id", "cpu family", "model", "stepping"))
+    if vendor is None or family is None or model is None:
         return None
-    if keys["vendor_id"] is None or keys["cpu family"] is None or keys["model"] is None:
-        return None
-    return (f"{keys['vendor_id']} family {keys['cpu family']} model {keys['model']}"
-            + (f" stepping {keys['stepping']}" if keys["stepping"] is not None else ""))
+    return f"{vendor} family {family} model {model}" + (f" stepping {stepping}" if stepping is not None else "")
 
 
 def _isa() -> Optional[str]:
